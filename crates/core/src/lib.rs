@@ -1,0 +1,15 @@
+//! Plexus core: the small, dependency-light vocabulary every other crate shares.
+//!
+//! - [`hash`]: sha256 digests and the identities built from them (a model's identity is the
+//!   sha256 of its weights).
+//! - [`rng`]: counter-based random numbers (Philox4x32-10). A random draw is a pure function of
+//!   `(seed, stream, counter)`, so any node can recompute any single draw without replaying a
+//!   stream: the sampler, audits and shard assignment are built on it.
+//!
+//! Nothing here reads the clock, the environment or a global RNG, and nothing depends on tokio or
+//! candle.
+
+pub mod hash;
+pub mod rng;
+
+pub use hash::{Digest, Sha256Stream};

@@ -1,0 +1,222 @@
+//! Autoregressive generation over a chain of stages (one stage = the whole model): chunked
+//! prefill, KV-cached decode, seeded sampling, streaming text, and stopping at EOS, stop strings,
+//! the token budget or the end of the context.
+
+use crate::sampler::{sample, SamplingParams};
+use crate::stage::{forward_chain, ForwardError, Logits, Stage};
+use crate::tokenizer::{TextStream, Tokenizer, TokenizerError};
+use crate::KvCache;
+use std::time::{Duration, Instant};
+
+/// Positions fed to the model per prefill call: bounds the activation memory of long prompts.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt_tokens: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+    /// The caller's callback asked to stop.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The result of a generation.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+}
+
+/// Why generation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {prompt} tokens but the context holds {context}")]
+    PromptTooLong { prompt: usize, context: usize },
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+}
+
+/// Whether the caller wants more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Holds back text that may be the start of a stop string, and finds complete stop strings.
+struct StopMatcher<'a> {
+    stops: &'a [String],
+    pending: String,
+}
+
+impl<'a> StopMatcher<'a> {
+    /// Adds `piece`; returns the text safe to emit and whether a stop string completed.
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        self.pending.push_str(piece);
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
+            let out = self.pending[..at].to_owned();
+            self.pending.clear();
+            return (out, true);
+        }
+        // Keep the longest suffix that is a prefix of some stop string.
+        let mut keep = 0;
+        for s in self.stops {
+            for (i, _) in s.char_indices().skip(1) {
+                if self.pending.ends_with(&s[..i]) {
+                    keep = keep.max(i);
+                }
+            }
+        }
+        let cut = self.pending.len() - keep;
+        let out = self.pending[..cut].to_owned();
+        self.pending.drain(..cut);
+        (out, false)
+    }
+
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+/// Runs `req` through `stages`, calling `on_text` with each new piece of text.
+///
+/// Each generated token at absolute position `p` is `sample(logits_p, tokens before p, params,
+/// p)`, so any single token can be re-derived by a verifier.
+pub fn generate(
+    stages: &[Stage],
+    tokenizer: &Tokenizer,
+    req: &GenerateRequest,
+    mut on_text: impl FnMut(&str) -> Flow,
+) -> Result<Completion, GenerateError> {
+    let context = stages
+        .first()
+        .map_or(0, |s| s.config().max_position_embeddings);
+    let prompt = &req.prompt_tokens;
+    if prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    if prompt.len() >= context {
+        return Err(GenerateError::PromptTooLong {
+            prompt: prompt.len(),
+            context,
+        });
+    }
+    let mut caches: Vec<KvCache> = stages.iter().map(Stage::new_cache).collect();
+    let started = Instant::now();
+    let mut logits = None;
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        logits = Some(forward_chain(stages, &mut caches, chunk, Logits::Last)?);
+    }
+    let prefill_time = started.elapsed();
+    let decode_started = Instant::now();
+
+    let mut history = prompt.clone();
+    let mut out = Vec::new();
+    let mut stream = TextStream::new(tokenizer);
+    let mut stops = StopMatcher {
+        stops: &req.stop,
+        pending: String::new(),
+    };
+    let mut text = String::new();
+    let mut finish = FinishReason::Length;
+    while let Some(l) = logits.take() {
+        if out.len() >= req.max_tokens {
+            break;
+        }
+        let l: Vec<f32> = l.to_vec1().map_err(ForwardError::from)?;
+        let position = history.len() as u64;
+        let token = sample(&l, &history, &req.sampling, position);
+        if tokenizer.is_eos(token) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        history.push(token);
+        out.push(token);
+        if let Some(piece) = stream.push(token)? {
+            let (emit, stopped) = stops.push(&piece);
+            if !emit.is_empty() {
+                text.push_str(&emit);
+                if on_text(&emit) == Flow::Stop {
+                    finish = FinishReason::Cancelled;
+                    break;
+                }
+            }
+            if stopped {
+                finish = FinishReason::Stop;
+                break;
+            }
+        }
+        if history.len() >= context || out.len() >= req.max_tokens {
+            break;
+        }
+        logits = Some(forward_chain(stages, &mut caches, &[token], Logits::Last)?);
+    }
+    if finish != FinishReason::Stop || stops.pending.is_empty() {
+        let tail = stops.flush();
+        if !tail.is_empty() && finish != FinishReason::Cancelled {
+            text.push_str(&tail);
+            on_text(&tail);
+        }
+    }
+    Ok(Completion {
+        tokens: out,
+        text,
+        finish,
+        prompt_tokens: prompt.len(),
+        prefill_time,
+        decode_time: decode_started.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_matcher_holds_back_prefixes() {
+        let stops = vec!["</s>".to_string()];
+        let mut m = StopMatcher {
+            stops: &stops,
+            pending: String::new(),
+        };
+        assert_eq!(m.push("hello <"), ("hello ".into(), false));
+        assert_eq!(m.push("/"), ("".into(), false));
+        assert_eq!(m.push("x"), ("</x".into(), false));
+        assert_eq!(m.push("ab</s>cd"), ("ab".into(), true));
+    }
+}

@@ -1,0 +1,210 @@
+//! The building blocks of a Llama-family block: linear projections (quantized or dense), RMSNorm,
+//! token embeddings and rotary position embeddings.
+//!
+//! Every block comes in two flavours chosen by [`Mode`]: `Infer` uses candle's fused CPU kernels,
+//! `Train` uses composed tensor ops that autograd can differentiate. Both compute the same
+//! function; checkpoints trained with one are served with the other.
+
+use crate::config::{ModelConfig, RopeLayout, RopeScaling};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use std::sync::Arc;
+
+/// Whether the forward pass must be differentiable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Infer,
+    Train,
+}
+
+/// `y = x W^T (+ b)` with `W` quantized (GGUF) or dense f32 (safetensors, training).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::new(QMatMul::Tensor(weight), bias)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Root-mean-square normalisation with a learned scale.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self { weight, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Infer => candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32),
+            Mode::Train => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32),
+        }
+    }
+}
+
+/// Token embedding table; quantized tables are dequantized row by row on lookup, so a Q4 table
+/// never costs its f32 size in memory.
+#[derive(Clone, Debug)]
+pub enum Embedding {
+    Quantized(Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl Embedding {
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Embedding::Quantized(q) => q.embedding(ids),
+            Embedding::Dense(w) => {
+                let mut dims = ids.dims().to_vec();
+                dims.push(w.dim(1)?);
+                w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+            }
+        }
+    }
+
+    /// The output projection when the model ties it to the embedding.
+    pub fn as_linear(&self) -> Result<Linear> {
+        Ok(match self {
+            Embedding::Quantized(q) => Linear::new(QMatMul::from_arc(q.clone())?, None),
+            Embedding::Dense(w) => Linear::dense(w.clone(), None),
+        })
+    }
+}
+
+/// Rotary position embedding: frequencies fixed at load, cos/sin computed for the positions of
+/// each call (a handful of values per decoded token, so no table sized by the context).
+#[derive(Clone, Debug)]
+pub struct Rope {
+    inv_freq: Vec<f64>,
+    layout: RopeLayout,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let half = cfg.head_dim / 2;
+        let mut inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
+            .collect();
+        match &cfg.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Factors(f) => {
+                for (freq, &factor) in inv_freq.iter_mut().zip(f) {
+                    *freq /= f64::from(factor);
+                }
+            }
+            RopeScaling::Llama3(s) => {
+                // transformers' `_compute_llama3_parameters`.
+                let old = s.original_max_position_embeddings as f64;
+                let low_wavelen = old / s.low_freq_factor;
+                let high_wavelen = old / s.high_freq_factor;
+                for freq in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *freq;
+                    if wavelen > low_wavelen {
+                        *freq /= s.factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (old / wavelen - s.low_freq_factor)
+                            / (s.high_freq_factor - s.low_freq_factor);
+                        *freq = (1.0 - smooth) * *freq / s.factor + smooth * *freq;
+                    }
+                }
+            }
+        }
+        Self {
+            inv_freq,
+            layout: cfg.rope_layout,
+        }
+    }
+
+    /// `(cos, sin)`, each `[len, head_dim / 2]`, for positions `start..start + len`.
+    pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in start..start + len {
+            for &f in &self.inv_freq {
+                let angle = p as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (len, half), device)?,
+            Tensor::from_vec(sin, (len, half), device)?,
+        ))
+    }
+
+    /// Rotates `x` of shape `[batch, heads, len, head_dim]`.
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> Result<Tensor> {
+        use candle_nn::rotary_emb as re;
+        match (self.layout, mode) {
+            (RopeLayout::Interleaved, Mode::Infer) => re::rope_i(x, cos, sin),
+            (RopeLayout::Interleaved, Mode::Train) => re::rope_i_slow(x, cos, sin),
+            (RopeLayout::HalfSplit, Mode::Infer) => re::rope(x, cos, sin),
+            (RopeLayout::HalfSplit, Mode::Train) => re::rope_slow(x, cos, sin),
+        }
+    }
+}
+
+/// SiLU-gated feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+/// The additive causal mask for `len` new positions after `past` cached ones, repeated `rep`
+/// times along the rows (grouped-query heads folded into the row dimension).
+pub fn causal_mask(len: usize, past: usize, rep: usize, device: &Device) -> Result<Tensor> {
+    let total = past + len;
+    let mut m = Vec::with_capacity(rep * len * total);
+    for _ in 0..rep {
+        for i in 0..len {
+            m.extend((0..total).map(|j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }));
+        }
+    }
+    Tensor::from_vec(m, (rep * len, total), device)
+}
+
+pub fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    match mode {
+        Mode::Infer => candle_nn::ops::softmax_last_dim(x),
+        Mode::Train => candle_nn::ops::softmax(x, D::Minus1),
+    }
+}
+
+/// f32 view of a tensor of any float dtype.
+pub fn to_f32(t: Tensor) -> Result<Tensor> {
+    if t.dtype() == DType::F32 {
+        Ok(t)
+    } else {
+        t.to_dtype(DType::F32)
+    }
+}

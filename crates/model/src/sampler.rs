@@ -1,0 +1,311 @@
+//! Token sampling as a pure function.
+//!
+//! `sample(logits, history, params, position)` depends on nothing else: the random number for a
+//! position is the counter-based draw `uniform(seed, Sampling, position)`, not the next value of
+//! a stream. An auditor holding the logits of position `i` recomputes the token at `i` without
+//! replaying positions `0..i`.
+//!
+//! Pipeline (llama.cpp's default order): penalties -> top-k -> top-p -> min-p -> temperature ->
+//! draw. Temperature <= 0 is greedy (argmax after penalties; ties go to the lowest id).
+
+use plexus_core::rng::{uniform, Stream};
+use serde::{Deserialize, Serialize};
+
+/// Sampling parameters. The defaults are llama.cpp's, except greedy is `temperature = 0`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// <= 0 selects greedy decoding.
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p; 1 disables.
+    pub top_p: f32,
+    /// Drop tokens whose probability is below `min_p` times the top one's; 0 disables.
+    pub min_p: f32,
+    /// Divides positive (multiplies negative) logits of recent tokens; 1 disables.
+    pub repetition_penalty: f32,
+    /// Subtracted once per occurrence of a recent token.
+    pub frequency_penalty: f32,
+    /// Subtracted once if a token occurred recently.
+    pub presence_penalty: f32,
+    /// How many of the latest tokens the penalties look at.
+    pub penalty_last_n: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            penalty_last_n: 64,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
+    }
+}
+
+/// Applies the repetition, frequency and presence penalties over the last `penalty_last_n`
+/// tokens of `history`, in place (llama.cpp's `llama_sampler_penalties_apply`).
+pub fn apply_penalties(logits: &mut [f32], history: &[u32], params: &SamplingParams) {
+    if !params.has_penalties() || params.penalty_last_n == 0 {
+        return;
+    }
+    let recent = &history[history.len().saturating_sub(params.penalty_last_n)..];
+    let mut counts: Vec<(u32, u32)> = Vec::with_capacity(recent.len());
+    for &t in recent {
+        match counts.iter_mut().find(|(id, _)| *id == t) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((t, 1)),
+        }
+    }
+    for (id, count) in counts {
+        let Some(l) = logits.get_mut(id as usize) else {
+            continue;
+        };
+        if *l <= 0.0 {
+            *l *= params.repetition_penalty;
+        } else {
+            *l /= params.repetition_penalty;
+        }
+        *l -= count as f32 * params.frequency_penalty + params.presence_penalty;
+    }
+}
+
+/// The candidate set after top-k, top-p and min-p, as `(id, probability at temperature 1)`,
+/// most likely first (ties by lower id), probabilities renormalised over the kept set.
+pub fn candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f64)> {
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut c: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| !l.is_nan())
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    if params.top_k > 0 && params.top_k < c.len() {
+        c.select_nth_unstable_by(params.top_k - 1, order);
+        c.truncate(params.top_k);
+    }
+    c.sort_unstable_by(order);
+    let Some(&(_, max)) = c.first() else {
+        return Vec::new();
+    };
+    let mut p: Vec<(u32, f64)> = c
+        .iter()
+        .map(|&(id, l)| (id, f64::from(l - max).exp()))
+        .collect();
+    normalise(&mut p);
+    if params.top_p < 1.0 {
+        let mut cum = 0.0;
+        let mut keep = p.len();
+        for (i, &(_, q)) in p.iter().enumerate() {
+            cum += q;
+            if cum >= f64::from(params.top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+        p.truncate(keep.max(1));
+        normalise(&mut p);
+    }
+    if params.min_p > 0.0 {
+        let floor = p[0].1 * f64::from(params.min_p);
+        p.retain(|&(_, q)| q >= floor);
+        normalise(&mut p);
+    }
+    p
+}
+
+fn normalise(p: &mut [(u32, f64)]) {
+    let total: f64 = p.iter().map(|x| x.1).sum();
+    if total > 0.0 {
+        for x in p.iter_mut() {
+            x.1 /= total;
+        }
+    }
+}
+
+/// Index of the largest logit; ties go to the lowest id.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The token at `position`, a pure function of its arguments.
+pub fn sample(logits: &[f32], history: &[u32], params: &SamplingParams, position: u64) -> u32 {
+    let mut logits = logits.to_vec();
+    apply_penalties(&mut logits, history, params);
+    if params.is_greedy() {
+        return argmax(&logits);
+    }
+    let mut c = candidates(&logits, params);
+    if c.is_empty() {
+        return argmax(&logits);
+    }
+    // Temperature after the filters: p_i^(1/T), renormalised.
+    let inv_t = 1.0 / f64::from(params.temperature);
+    for x in c.iter_mut() {
+        x.1 = x.1.powf(inv_t);
+    }
+    normalise(&mut c);
+    let u = uniform(params.seed, Stream::Sampling, position, 0);
+    let mut cum = 0.0;
+    for &(id, q) in &c {
+        cum += q;
+        if u < cum {
+            return id;
+        }
+    }
+    c[c.len() - 1].0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn params(t: f32) -> SamplingParams {
+        SamplingParams {
+            temperature: t,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn greedy_is_argmax_lowest_on_ties() {
+        assert_eq!(sample(&[0.0, 2.0, 2.0, 1.0], &[], &params(0.0), 0), 1);
+    }
+
+    #[test]
+    fn penalties_match_direct_formula() {
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..params(1.0)
+        };
+        let mut l = vec![4.0, -4.0, 1.0];
+        apply_penalties(&mut l, &[0, 1, 1], &p);
+        assert_eq!(l, vec![4.0 / 2.0 - 0.5 - 0.25, -4.0 * 2.0 - 1.0 - 0.25, 1.0]);
+    }
+
+    #[test]
+    fn penalty_window_is_respected() {
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            penalty_last_n: 1,
+            ..params(1.0)
+        };
+        let mut l = vec![4.0, 4.0];
+        apply_penalties(&mut l, &[0, 1], &p);
+        assert_eq!(l, vec![4.0, 2.0]);
+    }
+
+    #[test]
+    fn top_k_top_p_min_p_match_direct_computation() {
+        let logits: Vec<f32> = vec![1.0, 3.0, 2.0, 0.0, 2.5];
+        let soft: Vec<f64> = {
+            let e: Vec<f64> = logits.iter().map(|&l| f64::from(l).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.iter().map(|x| x / s).collect()
+        };
+        // top-k 2 keeps ids 1 and 4.
+        let c = candidates(&logits, &SamplingParams { top_k: 2, ..params(1.0) });
+        assert_eq!(c.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 4]);
+        let z = soft[1] + soft[4];
+        assert!((c[0].1 - soft[1] / z).abs() < 1e-12);
+        // top-p: the smallest prefix reaching p.
+        let p = (soft[1] + soft[4] + 0.5 * soft[2]) as f32;
+        let c = candidates(&logits, &SamplingParams { top_p: p, ..params(1.0) });
+        assert_eq!(c.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 4, 2]);
+        // min-p 0.5: keep p_i >= 0.5 * p_max.
+        let c = candidates(&logits, &SamplingParams { min_p: 0.5, ..params(1.0) });
+        let expect: Vec<u32> = [1u32, 4, 2]
+            .into_iter()
+            .filter(|&i| soft[i as usize] >= 0.5 * soft[1])
+            .collect();
+        assert_eq!(c.iter().map(|x| x.0).collect::<Vec<_>>(), expect);
+    }
+
+    #[test]
+    fn empirical_distribution_follows_temperature() {
+        let logits = vec![0.0f32, 1.0, 2.0];
+        let t = 2.0f32;
+        let n = 20_000;
+        let mut counts = [0usize; 3];
+        let p = SamplingParams { seed: 9, ..params(t) };
+        for pos in 0..n {
+            counts[sample(&logits, &[], &p, pos) as usize] += 1;
+        }
+        let e: Vec<f64> = logits.iter().map(|&l| (f64::from(l) / 2.0).exp()).collect();
+        let s: f64 = e.iter().sum();
+        for i in 0..3 {
+            let expected = e[i] / s;
+            let got = counts[i] as f64 / n as f64;
+            assert!((got - expected).abs() < 0.015, "token {i}: {got} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn same_inputs_same_token_on_any_thread() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
+        let p = SamplingParams { seed: 5, ..SamplingParams::default() };
+        let here: Vec<u32> = (0..64).map(|pos| sample(&logits, &[1, 2, 3], &p, pos)).collect();
+        let threads: Vec<Vec<u32>> = (0..4)
+            .map(|_| {
+                let (l, p) = (logits.clone(), p.clone());
+                std::thread::spawn(move || (0..64).map(|pos| sample(&l, &[1, 2, 3], &p, pos)).collect())
+            })
+            .map(|h| h.join().unwrap())
+            .collect();
+        for t in threads {
+            assert_eq!(t, here);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn sample_is_pure_and_in_candidates(
+            logits in proptest::collection::vec(-10.0f32..10.0, 1..200),
+            seed: u64, pos: u64, top_k in 0usize..50, top_p in 0.1f32..1.0, min_p in 0.0f32..0.5,
+        ) {
+            let p = SamplingParams { temperature: 0.7, top_k, top_p, min_p, seed, ..SamplingParams::default() };
+            let a = sample(&logits, &[], &p, pos);
+            prop_assert_eq!(a, sample(&logits, &[], &p, pos));
+            let c = candidates(&logits, &p);
+            prop_assert!(c.iter().any(|x| x.0 == a));
+            let total: f64 = c.iter().map(|x| x.1).sum();
+            prop_assert!((total - 1.0).abs() < 1e-9);
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! One module per subcommand; `run` dispatches.
+
+mod bench;
+mod chat;
+mod generate;
+mod models;
+mod train;
+
+use crate::cli::{Cli, Command, CommonArgs, ModelsCommand, SamplingArgs};
+use anyhow::Context as _;
+use plexus_model::{LoadedModel, SamplingParams};
+use std::path::PathBuf;
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Models {
+            command: ModelsCommand::Inspect { path, json },
+        } => models::inspect(&path, json),
+    }
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            penalty_last_n: 64,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Loads the model named by `--model`, with a spinner.
+pub fn load_model(common: &CommonArgs) -> anyhow::Result<LoadedModel> {
+    let pb = crate::progress::spinner(&format!("loading {}", common.model.display()));
+    let model = plexus_model::load(&common.model)
+        .with_context(|| format!("cannot load model {}", common.model.display()))?;
+    pb.finish_and_clear();
+    Ok(model)
+}
+
+/// Where derived data (identity hashes) is cached: `$PLEXUS_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/plexus`, else `~/.cache/plexus`.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("PLEXUS_CACHE_DIR") {
+        return Some(d.into());
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("plexus"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("plexus"))
+}
