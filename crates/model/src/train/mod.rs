@@ -262,8 +262,8 @@ impl Trainer {
         let (b, len) = (seqs.len(), seqs[0].len());
         let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
         let all = Tensor::from_vec(flat, (b, len), &Device::Cpu)?;
-        let inputs = all.narrow(1, 0, len - 1)?;
-        let targets = all.narrow(1, 1, len - 1)?;
+        let inputs = all.narrow(1, 0, len - 1)?.contiguous()?;
+        let targets = all.narrow(1, 1, len - 1)?.contiguous()?;
         // Loss only where the target is part of the answer (or its EOS).
         let mask: Vec<f32> = (0..len - 1).map(|t| if t + 1 >= p { 1.0 } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, (1, len - 1), &Device::Cpu)?;
