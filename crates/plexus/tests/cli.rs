@@ -1,0 +1,163 @@
+#![allow(unused_crate_dependencies)]
+//! The `plexus` binary as users run it: output contract of `generate`, determinism, clear errors
+//! on bad input (one message, non-zero exit, no panic, nothing on stdout), and training a
+//! starter model to the accuracy target.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn plexus(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args(args)
+        .env("PLEXUS_CACHE_DIR", std::env::temp_dir().join("plexus-test-cache"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run plexus")
+}
+
+fn tiny(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny")
+        .join(name)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a clean failure whose message contains `needle`.
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(o.stdout.is_empty(), "partial output on stdout: {:?}", String::from_utf8_lossy(&o.stdout));
+    assert!(err.to_lowercase().contains(&needle.to_lowercase()), "missing {needle:?} in: {err}");
+}
+
+#[test]
+fn generate_prints_only_text_and_is_seed_deterministic() {
+    let model = tiny("llama2").join("model-q8_0.gguf");
+    let m = model.to_str().unwrap();
+    let run = |seed: &str| {
+        plexus(&[
+            "generate", "--model", m, "--prompt", "The quick", "--max-tokens", "12",
+            "--temperature", "0.9", "--seed", seed, "--threads", "1",
+        ])
+    };
+    let a = run("7");
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(stderr(&a).contains("generated: 12 tokens"), "{}", stderr(&a));
+    assert!(!String::from_utf8_lossy(&a.stdout).contains("tok/s"), "timing must go to stderr");
+    let b = run("7");
+    assert_eq!(a.stdout, b.stdout, "same seed, same text");
+    let others: Vec<Vec<u8>> = ["8", "9", "10"].iter().map(|s| run(s).stdout).collect();
+    assert!(others.iter().any(|o| *o != a.stdout), "different seeds should differ somewhere");
+}
+
+#[test]
+fn inspect_reports_architecture_and_identity() {
+    let path = tiny("qwen2").join("model-f32.gguf");
+    let o = plexus(&["models", "inspect", path.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["architecture"], "qwen2");
+    assert_eq!(v["qkv_bias"], true);
+    assert_eq!(v["layers"], 2);
+    let bytes = std::fs::read(&path).unwrap();
+    let id = v["identity"].as_str().unwrap();
+    assert_eq!(id.len(), 64);
+    // The identity of a GGUF file is its sha256: check against an independent implementation.
+    let out = Command::new("sha256sum").arg(&path).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(id));
+    assert!(!bytes.is_empty());
+}
+
+fn patched(src: &Path, dir: &Path, name: &str, patch: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+    let mut b = std::fs::read(src).unwrap();
+    patch(&mut b);
+    let p = dir.join(name);
+    std::fs::write(&p, b).unwrap();
+    p
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).position(|w| w == needle).expect("needle")
+}
+
+#[test]
+fn bad_inputs_fail_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tiny("llama2").join("model-f32.gguf");
+    let gen = |model: &Path| {
+        plexus(&["generate", "--model", model.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "4"])
+    };
+
+    let truncated = patched(&src, tmp.path(), "trunc.gguf", |b| b.truncate(b.len() / 2));
+    assert_clean_failure(&gen(&truncated), "truncated");
+    let header_cut = patched(&src, tmp.path(), "cut.gguf", |b| b.truncate(100));
+    assert_clean_failure(&gen(&header_cut), "truncated");
+
+    let not_gguf = tmp.path().join("notes.gguf");
+    std::fs::write(&not_gguf, "hello, this is not a model").unwrap();
+    assert_clean_failure(&gen(&not_gguf), "not a GGUF");
+
+    let arch = patched(&src, tmp.path(), "arch.gguf", |b| {
+        // general.architecture's value: type (u32) + length (u64) + "llama".
+        let at = find(b, b"general.architecture") + "general.architecture".len() + 12;
+        b[at..at + 5].copy_from_slice(b"gpt9x");
+    });
+    assert_clean_failure(&gen(&arch), "unknown architecture \"gpt9x\"");
+
+    let quant = patched(&src, tmp.path(), "quant.gguf", |b| {
+        // token_embd.weight's tensor info: name, rank (u32), 2 dims (u64), type (u32).
+        let at = find(b, b"token_embd.weight") + "token_embd.weight".len() + 4 + 16;
+        b[at..at + 4].copy_from_slice(&16u32.to_le_bytes()); // IQ2_XXS
+    });
+    assert_clean_failure(&gen(&quant), "unsupported type IQ2_XXS");
+
+    let no_tok = tmp.path().join("no-tokenizer");
+    std::fs::create_dir(&no_tok).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer_config.json"] {
+        std::fs::copy(tiny("llama2").join(f), no_tok.join(f)).unwrap();
+    }
+    assert_clean_failure(&gen(&no_tok), "no tokenizer");
+
+    assert_clean_failure(&gen(&tmp.path().join("missing.gguf")), "does not exist");
+
+    let long = "word ".repeat(400);
+    let o = plexus(&["generate", "--model", src.to_str().unwrap(), "--prompt", &long]);
+    assert_clean_failure(&o, "context holds 256");
+
+    let out = tmp.path().join("never");
+    let o = plexus(&["train", "--task", "juggling", "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&o, "unknown task");
+    assert!(!out.exists(), "a failed run must not leave an output directory");
+}
+
+#[test]
+fn starter_model_trains_to_target_and_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("reverse");
+    let o = plexus(&[
+        "train", "--task", "reverse", "--size", "5", "--steps", "350", "--eval-every", "350",
+        "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let pct: f64 = text
+        .split("held-out exact match ")
+        .nth(1)
+        .and_then(|s| s.split('%').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no eval line in {text}"));
+    assert!(pct >= 95.0, "held-out exact match {pct}% < 95%:\n{text}");
+    for f in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let o = plexus(&[
+        "generate", "--model", out.to_str().unwrap(), "--prompt", "abcde|", "--temperature", "0",
+        "--max-tokens", "8",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "edcba");
+}
