@@ -45,7 +45,12 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// 128 random bits for `(seed, stream, position, index)`.
 pub fn bits(seed: u64, stream: Stream, position: u64, index: u32) -> [u32; 4] {
     philox4x32_10(
-        [position as u32, (position >> 32) as u32, index, stream as u32],
+        [
+            position as u32,
+            (position >> 32) as u32,
+            index,
+            stream as u32,
+        ],
         [seed as u32, (seed >> 32) as u32],
     )
 }

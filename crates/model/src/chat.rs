@@ -49,9 +49,12 @@ impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ChatTemplateError> {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         // Templates that print a date call this; a fixed date keeps rendering deterministic.
         env.add_function("strftime_now", |_fmt: String| "26 Jul 2024".to_string());
         env.add_template_owned("chat", source.to_owned())
@@ -101,7 +104,10 @@ mod tests {
     fn python_methods_and_raise() {
         let src = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0]['content'].strip().upper() }}";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        assert_eq!(t.render(&[Message::new("user", " a ")], false).unwrap(), "A");
+        assert_eq!(
+            t.render(&[Message::new("user", " a ")], false).unwrap(),
+            "A"
+        );
         let err = t.render(&[Message::new("system", "x")], false).unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
     }

@@ -142,11 +142,46 @@ fn ggml_type(id: u32) -> Result<GgmlDType, String> {
         30 => GgmlDType::BF16,
         other => {
             const NAMES: [&str; 40] = [
-                "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1",
-                "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS",
-                "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64",
-                "IQ1_M", "BF16", "Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4",
-                "IQ4_NL_4_8", "IQ4_NL_8_8", "MXFP4",
+                "F32",
+                "F16",
+                "Q4_0",
+                "Q4_1",
+                "Q4_2",
+                "Q4_3",
+                "Q5_0",
+                "Q5_1",
+                "Q8_0",
+                "Q8_1",
+                "Q2_K",
+                "Q3_K",
+                "Q4_K",
+                "Q5_K",
+                "Q6_K",
+                "Q8_K",
+                "IQ2_XXS",
+                "IQ2_XS",
+                "IQ3_XXS",
+                "IQ1_S",
+                "IQ4_NL",
+                "IQ3_S",
+                "IQ2_S",
+                "IQ4_XS",
+                "I8",
+                "I16",
+                "I32",
+                "I64",
+                "F64",
+                "IQ1_M",
+                "BF16",
+                "Q4_0_4_4",
+                "Q4_0_4_8",
+                "Q4_0_8_8",
+                "TQ1_0",
+                "TQ2_0",
+                "IQ4_NL_4_4",
+                "IQ4_NL_4_8",
+                "IQ4_NL_8_8",
+                "MXFP4",
             ];
             return Err(NAMES
                 .get(other as usize)
@@ -230,7 +265,9 @@ impl<'a> Cursor<'a> {
         match std::str::from_utf8(bytes) {
             Ok(s) => Ok(s.to_owned()),
             Err(_) if what == "array string" => Ok(String::from_utf8_lossy(bytes).into_owned()),
-            Err(_) => Err(GgufError::Corrupt(format!("{what} at byte {at} is not UTF-8"))),
+            Err(_) => Err(GgufError::Corrupt(format!(
+                "{what} at byte {at} is not UTF-8"
+            ))),
         }
     }
 
@@ -247,7 +284,9 @@ impl<'a> Cursor<'a> {
             8 => Value::String(self.string(if depth > 0 { "array string" } else { "string" })?),
             9 => {
                 if depth > 2 {
-                    return Err(GgufError::Corrupt("metadata arrays nested too deeply".into()));
+                    return Err(GgufError::Corrupt(
+                        "metadata arrays nested too deeply".into(),
+                    ));
                 }
                 let elem = self.u32("array type")?;
                 let min = match elem {
@@ -488,7 +527,9 @@ fn parse(bytes: &[u8]) -> Result<Parsed, GgufError> {
         let name = c.string("tensor name")?;
         let n_dims = c.u32("tensor rank")?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(GgufError::Corrupt(format!("tensor {name} has rank {n_dims}")));
+            return Err(GgufError::Corrupt(format!(
+                "tensor {name} has rank {n_dims}"
+            )));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -511,7 +552,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed, GgufError> {
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|&n| n > 0 && n < 1 << 40)
             .ok_or_else(|| corrupt("bad dimensions"))? as usize;
-        if dims[0] as usize % dtype.block_size() != 0 {
+        if !(dims[0] as usize).is_multiple_of(dtype.block_size()) {
             return Err(corrupt("row length is not a multiple of the block size"));
         }
         let size_in_bytes = elems / dtype.block_size() * dtype.type_size();
@@ -519,7 +560,10 @@ fn parse(bytes: &[u8]) -> Result<Parsed, GgufError> {
             .checked_add(data_start)
             .filter(|s| s % alignment == 0 || offset == 0)
             .ok_or_else(|| corrupt("bad offset"))?;
-        if start.checked_add(size_in_bytes).is_none_or(|end| end > bytes.len()) {
+        if start
+            .checked_add(size_in_bytes)
+            .is_none_or(|end| end > bytes.len())
+        {
             return Err(GgufError::Truncated {
                 what: "tensor data",
                 offset: start,
@@ -553,7 +597,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_magic_and_version() {
-        assert!(matches!(parse(b"GGML\0\0\0\0"), Err(GgufError::BadMagic(_))));
+        assert!(matches!(
+            parse(b"GGML\0\0\0\0"),
+            Err(GgufError::BadMagic(_))
+        ));
         assert!(matches!(
             parse(&header(7, 0, 0)),
             Err(GgufError::UnsupportedVersion(7))

@@ -58,7 +58,10 @@ pub fn identity(
     let key = cache_key(files)?;
     let cached = cache_dir.map(|d| d.join("identity").join(format!("{key}.sha256")));
     if let Some(c) = &cached {
-        if let Some(d) = std::fs::read_to_string(c).ok().and_then(|s| s.trim().parse().ok()) {
+        if let Some(d) = std::fs::read_to_string(c)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
             return Ok(d);
         }
     }

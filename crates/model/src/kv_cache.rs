@@ -114,7 +114,13 @@ mod tests {
         let (k, _) = c.append(0, &big, &big).unwrap();
         c.advance(100);
         assert_eq!(k.dims(), &[1, 2, 103, 4]);
-        let first: f32 = k.narrow(2, 0, 1).unwrap().sum_all().unwrap().to_scalar().unwrap();
+        let first: f32 = k
+            .narrow(2, 0, 1)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert_eq!(first, 8.0, "old rows survive growth");
         c.truncate(2);
         assert_eq!(c.len(), 2);

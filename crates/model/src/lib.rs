@@ -30,4 +30,3 @@ pub use load::{load, LoadModelError, LoadedModel, ModelFiles, ModelFormat};
 pub use sampler::SamplingParams;
 pub use stage::{LayerSpan, Logits, Stage, StageInput, StageOutput};
 pub use tokenizer::Tokenizer;
-

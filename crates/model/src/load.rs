@@ -186,9 +186,8 @@ impl ModelFiles {
         let tokenizer = self.tokenizer()?;
         let chat_template = match self.chat_template_source() {
             Some(src) => {
-                let piece = |id: Option<u32>| {
-                    id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default()
-                };
+                let piece =
+                    |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
                 let bos = piece(tokenizer.bos());
                 let eos = piece(tokenizer.eos().first().copied());
                 Some(ChatTemplate::new(&src, &bos, &eos)?)

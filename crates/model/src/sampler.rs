@@ -63,7 +63,9 @@ impl SamplingParams {
     }
 
     fn has_penalties(&self) -> bool {
-        self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
     }
 }
 
@@ -216,7 +218,10 @@ mod tests {
         };
         let mut l = vec![4.0, -4.0, 1.0];
         apply_penalties(&mut l, &[0, 1, 1], &p);
-        assert_eq!(l, vec![4.0 / 2.0 - 0.5 - 0.25, -4.0 * 2.0 - 1.0 - 0.25, 1.0]);
+        assert_eq!(
+            l,
+            vec![4.0 / 2.0 - 0.5 - 0.25, -4.0 * 2.0 - 1.0 - 0.25, 1.0]
+        );
     }
 
     #[test]
@@ -240,16 +245,34 @@ mod tests {
             e.iter().map(|x| x / s).collect()
         };
         // top-k 2 keeps ids 1 and 4.
-        let c = candidates(&logits, &SamplingParams { top_k: 2, ..params(1.0) });
+        let c = candidates(
+            &logits,
+            &SamplingParams {
+                top_k: 2,
+                ..params(1.0)
+            },
+        );
         assert_eq!(c.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 4]);
         let z = soft[1] + soft[4];
         assert!((c[0].1 - soft[1] / z).abs() < 1e-12);
         // top-p: the smallest prefix reaching p.
         let p = (soft[1] + soft[4] + 0.5 * soft[2]) as f32;
-        let c = candidates(&logits, &SamplingParams { top_p: p, ..params(1.0) });
+        let c = candidates(
+            &logits,
+            &SamplingParams {
+                top_p: p,
+                ..params(1.0)
+            },
+        );
         assert_eq!(c.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 4, 2]);
         // min-p 0.5: keep p_i >= 0.5 * p_max.
-        let c = candidates(&logits, &SamplingParams { min_p: 0.5, ..params(1.0) });
+        let c = candidates(
+            &logits,
+            &SamplingParams {
+                min_p: 0.5,
+                ..params(1.0)
+            },
+        );
         let expect: Vec<u32> = [1u32, 4, 2]
             .into_iter()
             .filter(|&i| soft[i as usize] >= 0.5 * soft[1])
@@ -263,7 +286,10 @@ mod tests {
         let t = 2.0f32;
         let n = 20_000;
         let mut counts = [0usize; 3];
-        let p = SamplingParams { seed: 9, ..params(t) };
+        let p = SamplingParams {
+            seed: 9,
+            ..params(t)
+        };
         for pos in 0..n {
             counts[sample(&logits, &[], &p, pos) as usize] += 1;
         }
@@ -272,19 +298,31 @@ mod tests {
         for i in 0..3 {
             let expected = e[i] / s;
             let got = counts[i] as f64 / n as f64;
-            assert!((got - expected).abs() < 0.015, "token {i}: {got} vs {expected}");
+            assert!(
+                (got - expected).abs() < 0.015,
+                "token {i}: {got} vs {expected}"
+            );
         }
     }
 
     #[test]
     fn same_inputs_same_token_on_any_thread() {
-        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
-        let p = SamplingParams { seed: 5, ..SamplingParams::default() };
-        let here: Vec<u32> = (0..64).map(|pos| sample(&logits, &[1, 2, 3], &p, pos)).collect();
+        let logits: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+            .collect();
+        let p = SamplingParams {
+            seed: 5,
+            ..SamplingParams::default()
+        };
+        let here: Vec<u32> = (0..64)
+            .map(|pos| sample(&logits, &[1, 2, 3], &p, pos))
+            .collect();
         let threads: Vec<Vec<u32>> = (0..4)
             .map(|_| {
                 let (l, p) = (logits.clone(), p.clone());
-                std::thread::spawn(move || (0..64).map(|pos| sample(&l, &[1, 2, 3], &p, pos)).collect())
+                std::thread::spawn(move || {
+                    (0..64).map(|pos| sample(&l, &[1, 2, 3], &p, pos)).collect()
+                })
             })
             .map(|h| h.join().unwrap())
             .collect();

@@ -66,7 +66,10 @@ impl std::str::FromStr for LayerSpan {
         let (a, b) = s
             .split_once("..")
             .ok_or_else(|| format!("expected START..END, got {s:?}"))?;
-        let a = a.trim().parse().map_err(|_| format!("bad start in {s:?}"))?;
+        let a = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad start in {s:?}"))?;
         let b = b.trim().parse().map_err(|_| format!("bad end in {s:?}"))?;
         if b <= a {
             return Err(format!("empty span {s:?}"));

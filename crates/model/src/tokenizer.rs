@@ -16,7 +16,9 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 /// Why a tokenizer could not be built or used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    #[error("the model file has no tokenizer (no tokenizer.ggml.tokens metadata and no tokenizer.json)")]
+    #[error(
+        "the model file has no tokenizer (no tokenizer.ggml.tokens metadata and no tokenizer.json)"
+    )]
     Missing,
     #[error("tokenizer model {0:?} is not supported (supported: gpt2 byte-level BPE)")]
     UnsupportedModel(String),
@@ -70,7 +72,10 @@ impl Tokenizer {
             .ok_or(TokenizerError::Missing)?;
         let tokens: Vec<&str> = tokens
             .iter()
-            .map(|v| v.as_str().ok_or_else(|| TokenizerError::Invalid("non-string token".into())))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| TokenizerError::Invalid("non-string token".into()))
+            })
             .collect::<Result<_, _>>()?;
         let types: Vec<u64> = match g.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
             Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
@@ -102,16 +107,18 @@ impl Tokenizer {
         let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
         let byte_level = ByteLevel::new(false, false, true);
         let split = |re: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-            Ok(Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(lib)?
-                .into())
+            Ok(Split::new(
+                SplitPattern::Regex(re.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(lib)?
+            .into())
         };
         let pre_tokenizer: PreTokenizerWrapper = match pre {
-            "smollm" | "starcoder" | "refact" | "codeshell" | "falcon" => Sequence::new(vec![
-                Digits::new(true).into(),
-                byte_level.into(),
-            ])
-            .into(),
+            "smollm" | "starcoder" | "refact" | "codeshell" | "falcon" => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
             "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" => Sequence::new(vec![
                 split(LLAMA3_SPLIT)?,
                 ByteLevel::new(false, false, false).into(),
@@ -144,10 +151,13 @@ impl Tokenizer {
         inner.add_special_tokens(added).map_err(lib)?;
         let id = |k: &str| g.get_u64(k).ok().map(|x| x as u32);
         let bos = id("tokenizer.ggml.bos_token_id");
-        let mut eos: Vec<u32> = [id("tokenizer.ggml.eos_token_id"), id("tokenizer.ggml.eot_token_id")]
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut eos: Vec<u32> = [
+            id("tokenizer.ggml.eos_token_id"),
+            id("tokenizer.ggml.eot_token_id"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         eos.dedup();
         let add_bos = g
             .get("tokenizer.ggml.add_bos_token")
@@ -210,7 +220,12 @@ impl Tokenizer {
     }
 
     /// Wraps a tokenizer built elsewhere (training's task tokenizer).
-    pub fn from_parts(inner: tokenizers::Tokenizer, bos: Option<u32>, add_bos: bool, eos: Vec<u32>) -> Self {
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        bos: Option<u32>,
+        add_bos: bool,
+        eos: Vec<u32>,
+    ) -> Self {
         let special = inner
             .get_added_tokens_decoder()
             .iter()

@@ -98,7 +98,10 @@ impl Weight {
     pub fn shape(self, cfg: &ModelConfig) -> Vec<usize> {
         use LayerWeight::*;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let (q, kv) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
         match self {
             Weight::Embed | Weight::Output => vec![cfg.vocab_size, h],
             Weight::OutputNorm => vec![h],
@@ -228,13 +231,14 @@ impl WeightSource<'_> {
     fn dense(&self, w: Weight, cfg: &ModelConfig) -> Result<Tensor, LoadWeightsError> {
         let name = self.name(w);
         let t = match self {
-            WeightSource::Gguf(g) => g
-                .tensor(&name)?
-                .dequantize(&Device::Cpu)
-                .map_err(|source| LoadWeightsError::Tensor {
-                    name: name.clone(),
-                    source,
-                })?,
+            WeightSource::Gguf(g) => {
+                g.tensor(&name)?
+                    .dequantize(&Device::Cpu)
+                    .map_err(|source| LoadWeightsError::Tensor {
+                        name: name.clone(),
+                        source,
+                    })?
+            }
             WeightSource::Hf(h) => h
                 .get(&name)
                 .ok_or_else(|| LoadWeightsError::Missing { name: name.clone() })?
@@ -260,7 +264,13 @@ impl WeightSource<'_> {
         }
     }
 
-    fn linear(&self, l: usize, w: LayerWeight, bias: Option<LayerWeight>, cfg: &ModelConfig) -> Result<Linear, LoadWeightsError> {
+    fn linear(
+        &self,
+        l: usize,
+        w: LayerWeight,
+        bias: Option<LayerWeight>,
+        cfg: &ModelConfig,
+    ) -> Result<Linear, LoadWeightsError> {
         let b = match bias {
             Some(b) if cfg.qkv_bias => Some(self.dense(Weight::Layer(l, b), cfg)?),
             _ => None,
@@ -341,16 +351,22 @@ impl WeightSource<'_> {
 }
 
 /// Dense f32 weights of a Hugging Face checkpoint loaded fully in memory (training).
-pub fn dense_map(source: &HfTensors, cfg: &ModelConfig) -> Result<HashMap<String, Tensor>, LoadWeightsError> {
+pub fn dense_map(
+    source: &HfTensors,
+    cfg: &ModelConfig,
+) -> Result<HashMap<String, Tensor>, LoadWeightsError> {
     let src = WeightSource::Hf(source);
     let mut out = HashMap::new();
     for w in Weight::all_for(cfg, LayerSpan::full(cfg.num_layers)) {
-        out.insert(w.hf_name(), src.dense(w, cfg)?.to_dtype(DType::F32).map_err(|source| {
-            LoadWeightsError::Tensor {
-                name: w.hf_name(),
-                source,
-            }
-        })?);
+        out.insert(
+            w.hf_name(),
+            src.dense(w, cfg)?
+                .to_dtype(DType::F32)
+                .map_err(|source| LoadWeightsError::Tensor {
+                    name: w.hf_name(),
+                    source,
+                })?,
+        );
     }
     Ok(out)
 }

@@ -1,4 +1,4 @@
-#![allow(unused_crate_dependencies)]
+#![allow(unused_crate_dependencies, clippy::unwrap_used)]
 //! Tiny random-weight models of every supported architecture (tests/fixtures/tiny, written by
 //! scripts/make_tiny_fixtures.py) against logits from an independent float64 numpy forward pass:
 //! both loaders, every stored type, stage chains, incremental decoding, tokenizers and chat
@@ -40,7 +40,13 @@ fn matrix(v: &Value) -> Vec<Vec<f32>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
         .collect()
 }
 
@@ -166,11 +172,21 @@ fn tokenizers_from_gguf_and_tokenizer_json_agree_with_reference() {
                     .iter()
                     .map(|v| v.as_u64().unwrap() as u32)
                     .collect();
-                assert_eq!(t.encode(text, false).unwrap(), want, "{} {text:?}", path.display());
+                assert_eq!(
+                    t.encode(text, false).unwrap(),
+                    want,
+                    "{} {text:?}",
+                    path.display()
+                );
                 assert_eq!(t.decode(&want).unwrap(), text);
             }
             let text = e["text"].as_str().unwrap();
-            assert_eq!(t.encode(text, true).unwrap(), tokens(&e), "{}", path.display());
+            assert_eq!(
+                t.encode(text, true).unwrap(),
+                tokens(&e),
+                "{}",
+                path.display()
+            );
         }
     }
 }
@@ -183,7 +199,10 @@ fn chat_templates_render_like_jinja2() {
         for path in [dir(name), dir(name).join("model-f32.gguf")] {
             let m = ModelFiles::open(&path).unwrap().load(None).unwrap();
             let t = m.chat_template.expect("template");
-            assert_eq!(t.render(&msgs, true).unwrap(), e["chat"]["rendered"].as_str().unwrap());
+            assert_eq!(
+                t.render(&msgs, true).unwrap(),
+                e["chat"]["rendered"].as_str().unwrap()
+            );
         }
     }
 }

@@ -4,7 +4,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "plexus", version, about = "Plexus: verified AI compute on ordinary machines")]
+#[command(
+    name = "plexus",
+    version,
+    about = "Plexus: verified AI compute on ordinary machines"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -6,6 +6,10 @@ mod cli;
 mod cmd;
 mod progress;
 
+// Dev-dependencies are for the integration tests in tests/.
+#[cfg(test)]
+use tempfile as _;
+
 use clap::Parser;
 use std::process::ExitCode;
 

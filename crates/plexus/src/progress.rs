@@ -15,7 +15,10 @@ fn target() -> ProgressDrawTarget {
 /// A spinner with a message, ticking on its own.
 pub fn spinner(msg: &str) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(None, target());
-    pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     pb.set_message(msg.to_owned());
     pb.enable_steady_tick(Duration::from_millis(100));
     pb

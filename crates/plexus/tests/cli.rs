@@ -1,4 +1,4 @@
-#![allow(unused_crate_dependencies)]
+#![allow(unused_crate_dependencies, clippy::unwrap_used)]
 //! The `plexus` binary as users run it: output contract of `generate`, determinism, clear errors
 //! on bad input (one message, non-zero exit, no panic, nothing on stdout), and training a
 //! starter model to the accuracy target.
@@ -9,7 +9,10 @@ use std::process::{Command, Output};
 fn plexus(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_plexus"))
         .args(args)
-        .env("PLEXUS_CACHE_DIR", std::env::temp_dir().join("plexus-test-cache"))
+        .env(
+            "PLEXUS_CACHE_DIR",
+            std::env::temp_dir().join("plexus-test-cache"),
+        )
         .env("RUST_BACKTRACE", "0")
         .output()
         .expect("run plexus")
@@ -30,8 +33,15 @@ fn assert_clean_failure(o: &Output, needle: &str) {
     let err = stderr(o);
     assert!(!o.status.success(), "expected failure, got success: {err}");
     assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(o.stdout.is_empty(), "partial output on stdout: {:?}", String::from_utf8_lossy(&o.stdout));
-    assert!(err.to_lowercase().contains(&needle.to_lowercase()), "missing {needle:?} in: {err}");
+    assert!(
+        o.stdout.is_empty(),
+        "partial output on stdout: {:?}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "missing {needle:?} in: {err}"
+    );
 }
 
 #[test]
@@ -40,18 +50,39 @@ fn generate_prints_only_text_and_is_seed_deterministic() {
     let m = model.to_str().unwrap();
     let run = |seed: &str| {
         plexus(&[
-            "generate", "--model", m, "--prompt", "The quick", "--max-tokens", "12",
-            "--temperature", "0.9", "--seed", seed, "--threads", "1",
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "The quick",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0.9",
+            "--seed",
+            seed,
+            "--threads",
+            "1",
         ])
     };
     let a = run("7");
     assert!(a.status.success(), "{}", stderr(&a));
-    assert!(stderr(&a).contains("generated: 12 tokens"), "{}", stderr(&a));
-    assert!(!String::from_utf8_lossy(&a.stdout).contains("tok/s"), "timing must go to stderr");
+    assert!(
+        stderr(&a).contains("generated: 12 tokens"),
+        "{}",
+        stderr(&a)
+    );
+    assert!(
+        !String::from_utf8_lossy(&a.stdout).contains("tok/s"),
+        "timing must go to stderr"
+    );
     let b = run("7");
     assert_eq!(a.stdout, b.stdout, "same seed, same text");
     let others: Vec<Vec<u8>> = ["8", "9", "10"].iter().map(|s| run(s).stdout).collect();
-    assert!(others.iter().any(|o| *o != a.stdout), "different seeds should differ somewhere");
+    assert!(
+        others.iter().any(|o| *o != a.stdout),
+        "different seeds should differ somewhere"
+    );
 }
 
 #[test]
@@ -81,7 +112,9 @@ fn patched(src: &Path, dir: &Path, name: &str, patch: impl FnOnce(&mut Vec<u8>))
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> usize {
-    hay.windows(needle.len()).position(|w| w == needle).expect("needle")
+    hay.windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle")
 }
 
 #[test]
@@ -89,7 +122,15 @@ fn bad_inputs_fail_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tiny("llama2").join("model-f32.gguf");
     let gen = |model: &Path| {
-        plexus(&["generate", "--model", model.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "4"])
+        plexus(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "4",
+        ])
     };
 
     let truncated = patched(&src, tmp.path(), "trunc.gguf", |b| b.truncate(b.len() / 2));
@@ -125,13 +166,28 @@ fn bad_inputs_fail_cleanly() {
     assert_clean_failure(&gen(&tmp.path().join("missing.gguf")), "does not exist");
 
     let long = "word ".repeat(400);
-    let o = plexus(&["generate", "--model", src.to_str().unwrap(), "--prompt", &long]);
+    let o = plexus(&[
+        "generate",
+        "--model",
+        src.to_str().unwrap(),
+        "--prompt",
+        &long,
+    ]);
     assert_clean_failure(&o, "context holds 256");
 
     let out = tmp.path().join("never");
-    let o = plexus(&["train", "--task", "juggling", "--out", out.to_str().unwrap()]);
+    let o = plexus(&[
+        "train",
+        "--task",
+        "juggling",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, "unknown task");
-    assert!(!out.exists(), "a failed run must not leave an output directory");
+    assert!(
+        !out.exists(),
+        "a failed run must not leave an output directory"
+    );
 }
 
 #[test]
@@ -139,8 +195,17 @@ fn starter_model_trains_to_target_and_generates() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("reverse");
     let o = plexus(&[
-        "train", "--task", "reverse", "--size", "5", "--steps", "350", "--eval-every", "350",
-        "--out", out.to_str().unwrap(),
+        "train",
+        "--task",
+        "reverse",
+        "--size",
+        "5",
+        "--steps",
+        "350",
+        "--eval-every",
+        "350",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
@@ -151,12 +216,24 @@ fn starter_model_trains_to_target_and_generates() {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| panic!("no eval line in {text}"));
     assert!(pct >= 95.0, "held-out exact match {pct}% < 95%:\n{text}");
-    for f in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     let o = plexus(&[
-        "generate", "--model", out.to_str().unwrap(), "--prompt", "abcde|", "--temperature", "0",
-        "--max-tokens", "8",
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        "abcde|",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "edcba");

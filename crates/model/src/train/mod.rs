@@ -124,7 +124,7 @@ pub struct Trainer {
 
 /// The model a task trains: a small Llama with tied embeddings.
 pub fn task_model_config(tc: &TrainConfig, vocab_size: usize) -> Result<ModelConfig, TrainError> {
-    if tc.hidden % 32 != 0 || tc.hidden == 0 || tc.layers == 0 {
+    if !tc.hidden.is_multiple_of(32) || tc.hidden == 0 || tc.layers == 0 {
         return Err(TrainError::Config(format!(
             "hidden size {} must be a positive multiple of 32, layers {} positive",
             tc.hidden, tc.layers
@@ -170,7 +170,12 @@ pub fn init_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tens
         } else {
             use crate::weights::LayerWeight::{Down, O};
             let residual = matches!(w, Weight::Layer(_, O) | Weight::Layer(_, Down));
-            let std = 0.02 / if residual { (2.0 * cfg.num_layers as f64).sqrt() } else { 1.0 };
+            let std = 0.02
+                / if residual {
+                    (2.0 * cfg.num_layers as f64).sqrt()
+                } else {
+                    1.0
+                };
             let mut rng = CounterRng::new(seed, Stream::Init, i as u64);
             let v: Vec<f32> = (0..n).map(|_| (rng.next_normal() * std) as f32).collect();
             Tensor::from_vec(v, shape, &Device::Cpu)?
@@ -183,7 +188,9 @@ pub fn init_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tens
 impl Trainer {
     pub fn new(config: TrainConfig) -> Result<Self, TrainError> {
         if config.batch_size == 0 || config.steps == 0 {
-            return Err(TrainError::Config("steps and batch size must be positive".into()));
+            return Err(TrainError::Config(
+                "steps and batch size must be positive".into(),
+            ));
         }
         let tokenizer = task::task_tokenizer().map_err(TrainError::Config)?;
         let eos = tokenizer
@@ -248,7 +255,9 @@ impl Trainer {
                 ids.extend(self.encode(&e.answer));
                 ids.push(self.eos);
                 if ids.len() != p + a + 1 {
-                    return Err(TrainError::Config(format!("example {e:?} did not tokenize")));
+                    return Err(TrainError::Config(format!(
+                        "example {e:?} did not tokenize"
+                    )));
                 }
                 Ok(ids)
             })
@@ -265,7 +274,9 @@ impl Trainer {
         let inputs = all.narrow(1, 0, len - 1)?.contiguous()?;
         let targets = all.narrow(1, 1, len - 1)?.contiguous()?;
         // Loss only where the target is part of the answer (or its EOS).
-        let mask: Vec<f32> = (0..len - 1).map(|t| if t + 1 >= p { 1.0 } else { 0.0 }).collect();
+        let mask: Vec<f32> = (0..len - 1)
+            .map(|t| if t + 1 >= p { 1.0 } else { 0.0 })
+            .collect();
         let mask = Tensor::from_vec(mask, (1, len - 1), &Device::Cpu)?;
         let logits = self.stage.forward_batch(&inputs)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
@@ -316,11 +327,13 @@ impl Trainer {
     /// An inference stage over the current weights.
     pub fn inference_stage(&self) -> Result<Stage, TrainError> {
         let cfg = self.model_config.clone();
-        Ok(WeightSource::Hf(&HfTensors::Map(self.weights()?)).build_stage(
-            cfg.clone(),
-            LayerSpan::full(cfg.num_layers),
-            Mode::Infer,
-        )?)
+        Ok(
+            WeightSource::Hf(&HfTensors::Map(self.weights()?)).build_stage(
+                cfg.clone(),
+                LayerSpan::full(cfg.num_layers),
+                Mode::Infer,
+            )?,
+        )
     }
 
     /// Greedy exact-match accuracy on the first `n` held-out examples.
@@ -330,7 +343,11 @@ impl Trainer {
     }
 
     /// Writes the checkpoint (see [`checkpoint::save`]).
-    pub fn save(&self, dir: &std::path::Path, metrics: serde_json::Value) -> Result<(), TrainError> {
+    pub fn save(
+        &self,
+        dir: &std::path::Path,
+        metrics: serde_json::Value,
+    ) -> Result<(), TrainError> {
         checkpoint::save(
             dir,
             &self.model_config,
@@ -422,7 +439,14 @@ mod tests {
         let a = init_weights(&cfg, 7).unwrap();
         let b = init_weights(&cfg, 7).unwrap();
         for (k, t) in &a {
-            let d: f32 = (t - &b[k]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            let d: f32 = (t - &b[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             assert_eq!(d, 0.0, "{k}");
         }
     }

@@ -27,7 +27,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         "prompt + generated tokens exceed the context of {}",
         cfg.max_position_embeddings
     );
-    anyhow::ensure!(a.prompt_tokens > 0 && a.repetitions > 0, "nothing to measure");
+    anyhow::ensure!(
+        a.prompt_tokens > 0 && a.repetitions > 0,
+        "nothing to measure"
+    );
     let vocab = cfg.vocab_size as u64;
     // Deterministic pseudo-random prompt, like llama-bench's random tokens.
     let prompt: Vec<u32> = (0..a.prompt_tokens as u64)

@@ -45,11 +45,16 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
             sampling: a.common.sampling.params(),
             stop: a.common.stop.clone(),
         };
-        let done = generate(std::slice::from_ref(&model.stage), &model.tokenizer, &req, |p| {
-            let _ = stdout.write_all(p.as_bytes());
-            let _ = stdout.flush();
-            Flow::Continue
-        });
+        let done = generate(
+            std::slice::from_ref(&model.stage),
+            &model.tokenizer,
+            &req,
+            |p| {
+                let _ = stdout.write_all(p.as_bytes());
+                let _ = stdout.flush();
+                Flow::Continue
+            },
+        );
         let done = match done {
             Ok(d) => d,
             Err(e) => {

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
-    let files = ModelFiles::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let files =
+        ModelFiles::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let cfg = &files.config;
     let tokenizer = files.tokenizer();
     let total = plexus_model::identity::total_size(&files.weight_files);
@@ -77,29 +78,56 @@ pub fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!("model         {}", path.display());
     println!("format        {}", out["format"].as_str().unwrap_or(""));
-    println!("architecture  {} ({} layers, hidden {}, ffn {}, {} heads / {} kv heads, head dim {})",
-        cfg.architecture.name(), cfg.num_layers, cfg.hidden_size, cfg.intermediate_size,
-        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    println!(
+        "architecture  {} ({} layers, hidden {}, ffn {}, {} heads / {} kv heads, head dim {})",
+        cfg.architecture.name(),
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim
+    );
     println!("vocabulary    {}", cfg.vocab_size);
     println!("context       {}", cfg.max_position_embeddings);
     println!("rope          theta {} scaling {}", cfg.rope_theta, rope);
-    println!("tied output   {}   qkv bias {}", cfg.tie_word_embeddings, cfg.qkv_bias);
+    println!(
+        "tied output   {}   qkv bias {}",
+        cfg.tie_word_embeddings, cfg.qkv_bias
+    );
     if params > 0 {
         println!("parameters    {:.1} M", params as f64 / 1e6);
     }
     for (k, (n, b)) in &types {
-        println!("tensors       {k:<5} {n:>4} tensors {:>10.1} MiB", *b as f64 / (1 << 20) as f64);
+        println!(
+            "tensors       {k:<5} {n:>4} tensors {:>10.1} MiB",
+            *b as f64 / (1 << 20) as f64
+        );
     }
     println!("size          {:.1} MiB", total as f64 / (1 << 20) as f64);
     match &tokenizer {
         Ok(t) => println!(
             "tokenizer     {} vocab, bos {:?}, eos {:?}, add_bos {}{}",
-            t.vocab_size(), t.bos(), t.eos(), t.adds_bos(),
-            files.gguf().and_then(|g| g.get_str("tokenizer.ggml.pre")).map(|p| format!(", pre {p}")).unwrap_or_default()
+            t.vocab_size(),
+            t.bos(),
+            t.eos(),
+            t.adds_bos(),
+            files
+                .gguf()
+                .and_then(|g| g.get_str("tokenizer.ggml.pre"))
+                .map(|p| format!(", pre {p}"))
+                .unwrap_or_default()
         ),
         Err(e) => println!("tokenizer     unavailable: {e}"),
     }
-    println!("chat template {}", if files.chat_template_source().is_some() { "yes" } else { "no" });
+    println!(
+        "chat template {}",
+        if files.chat_template_source().is_some() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
     println!("identity      sha256:{id}");
     Ok(())
 }

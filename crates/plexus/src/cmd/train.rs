@@ -29,7 +29,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let mut last_eval = None;
     let mut loss_ema: Option<f32> = None;
     for step in 0..a.steps {
-        let r = trainer.step(step).with_context(|| format!("training step {step} failed"))?;
+        let r = trainer
+            .step(step)
+            .with_context(|| format!("training step {step} failed"))?;
         let ema = loss_ema.map_or(r.loss, |e| 0.9 * e + 0.1 * r.loss);
         loss_ema = Some(ema);
         pb.set_position(step as u64 + 1);
