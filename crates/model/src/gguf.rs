@@ -622,6 +622,67 @@ mod tests {
     }
 
     #[test]
+    fn reads_every_supported_block_type_written_by_candle() {
+        use candle_core::quantized::gguf_file;
+        use candle_core::Tensor;
+        let src = Tensor::randn(0f32, 1.0, (4, 256), &Device::Cpu).unwrap();
+        let types = [
+            GgmlDType::F32,
+            GgmlDType::F16,
+            GgmlDType::BF16,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ];
+        let qs: Vec<(String, QTensor)> = types
+            .iter()
+            .map(|&t| {
+                (
+                    dtype_name(t).to_owned(),
+                    QTensor::quantize(&src, t).unwrap(),
+                )
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("types.gguf");
+        let mut f = File::create(&path).unwrap();
+        let md = [(
+            "general.architecture",
+            gguf_file::Value::String("llama".into()),
+        )];
+        let md: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+        let ts: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut f, &md, &ts).unwrap();
+        drop(f);
+        let g = GgufFile::open(&path).unwrap();
+        for (name, q) in &qs {
+            let info = &g.tensors[name];
+            assert_eq!(info.dtype, q.dtype(), "{name}");
+            assert_eq!(info.shape, vec![4, 256], "{name}");
+            let want: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got: Vec<f32> = g
+                .tensor(name)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    #[test]
     fn parses_metadata() {
         let mut b = header(3, 0, 1);
         b.extend(3u64.to_le_bytes());
