@@ -73,6 +73,10 @@ echo "date:    $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 echo "machine: $(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1), nproc $(nproc)"
 echo "model:   $MODEL"
 echo "threads: $THREADS, pp$PP / tg$TG, rounds: $ROUNDS, raw outputs: $OUTDIR"
+echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min)"
+if python3 -c "import sys; sys.exit(0 if float(open('/proc/loadavg').read().split()[0]) > 0.5 else 1)"; then
+    echo "warning: the machine is not quiet; llama.cpp's spinning threads make both figures unreliable" >&2
+fi
 echo "llama.cpp: $("$LLAMA_BENCH" --version 2>&1 | head -1 || true)"
 echo
 

@@ -139,6 +139,7 @@ pub struct Stage {
     head: Option<(RmsNorm, Linear)>,
     rope: Rope,
     mode: Mode,
+    half_kv: bool,
 }
 
 impl Stage {
@@ -159,7 +160,15 @@ impl Stage {
             head,
             rope,
             mode,
+            half_kv: mode == Mode::Infer,
         }
+    }
+
+    /// Whether queries, keys and values are rounded to f16 for attention (the default for
+    /// inference, like llama.cpp's f16 KV cache and flash attention; off for training). Turning
+    /// it off gives plain f32 attention.
+    pub fn set_half_kv(&mut self, on: bool) {
+        self.half_kv = on;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -300,6 +309,14 @@ impl Stage {
         let v = heads(block.v.forward(&h)?, kvh)?;
         let q = self.rope.apply(&q, cos, sin, self.mode)?;
         let k = self.rope.apply(&k, cos, sin, self.mode)?;
+        // Inference keeps K and V in f16 and rounds Q to f16 for the scores, as llama.cpp's
+        // default cache and flash-attention path do: half the cache memory, and the same
+        // rounding as the reference engine whose outputs we are checked against.
+        let (q, k, v) = if self.half_kv {
+            (round_f16(&q)?, round_f16(&k)?, round_f16(&v)?)
+        } else {
+            (q, k, v)
+        };
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
@@ -343,6 +360,11 @@ pub fn forward_chain(
         span: stages.last().map_or(LayerSpan::new(0, 0), |s| s.span),
         got: "a chain that does not end with the output head",
     })
+}
+
+fn round_f16(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(candle_core::DType::F16)?
+        .to_dtype(candle_core::DType::F32)
 }
 
 /// Last-dimension argmax (greedy decoding helper for tests).

@@ -1,0 +1,189 @@
+//! The real SmolLM2-135M-Instruct (Q4_1 GGUF, ../shared/models) against llama.cpp's own outputs,
+//! recorded by scripts/llamacpp_reference.py into tests/fixtures/llamacpp: tokenization of hard
+//! strings, chat-template rendering, and greedy generation on plain and chat prompts.
+
+#![allow(unused_crate_dependencies, clippy::unwrap_used)]
+
+use plexus_model::chat::Message;
+use plexus_model::generate::{generate, Flow, GenerateRequest};
+use plexus_model::{LoadedModel, SamplingParams};
+use serde_json::Value;
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// The bar: greedy output identical to llama.cpp for at least this many tokens.
+const MIN_IDENTICAL: usize = 32;
+/// Prompts that currently reach that bar (measured: 7 of 11; the others part at positions where
+/// the two engines' rounding differs: llama.cpp's flash attention accumulates V in f16). The
+/// target is all of them; this floor keeps the suite from sliding back while that work goes on.
+const MIN_PROMPTS_AT_BAR: usize = 7;
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+fn fixture() -> &'static Value {
+    static F: OnceLock<Value> = OnceLock::new();
+    F.get_or_init(|| {
+        let p = root().join("tests/fixtures/llamacpp/smollm2-135m-q4_1.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    })
+}
+
+fn model() -> &'static LoadedModel {
+    static M: OnceLock<LoadedModel> = OnceLock::new();
+    M.get_or_init(|| {
+        let p = root().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            p.exists(),
+            "{} is missing: these tests need ../shared beside the repo",
+            p.display()
+        );
+        plexus_model::load(&p).unwrap()
+    })
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn tokenization_matches_llama_cpp() {
+    let m = model();
+    let cases = fixture()["tokenize"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    let mut failures = Vec::new();
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let got = m.tokenizer.encode(text, false).unwrap();
+        if got != ids(&c["tokens"]) {
+            failures.push(format!(
+                "{text:?}: got {got:?}, llama.cpp {:?}",
+                ids(&c["tokens"])
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn chat_template_renders_like_llama_cpp() {
+    let m = model();
+    let t = m
+        .chat_template
+        .as_ref()
+        .expect("SmolLM2 has a chat template");
+    for c in fixture()["generate"].as_array().unwrap() {
+        if c["kind"] != "chat" {
+            continue;
+        }
+        let msgs: Vec<Message> = serde_json::from_value(c["messages"].clone()).unwrap();
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            c["prompt"].as_str().unwrap(),
+            "{}",
+            c["name"]
+        );
+    }
+}
+
+#[test]
+fn greedy_generation_matches_llama_cpp() {
+    let m = model();
+    let cases = fixture()["generate"].as_array().unwrap();
+    assert!(cases.len() >= 8);
+    let mut report = Vec::new();
+    let mut at_bar_count = 0;
+    for c in cases {
+        let name = c["name"].as_str().unwrap();
+        let prompt = m
+            .tokenizer
+            .encode(c["prompt"].as_str().unwrap(), true)
+            .unwrap();
+        assert_eq!(prompt, ids(&c["prompt_tokens"]), "{name}: prompt tokens");
+        let want = ids(&c["output_tokens"]);
+        let req = GenerateRequest {
+            prompt_tokens: prompt,
+            max_tokens: want.len(),
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+        };
+        let done = generate(std::slice::from_ref(&m.stage), &m.tokenizer, &req, |_| {
+            Flow::Continue
+        })
+        .unwrap();
+        let mut got = done.tokens.clone();
+        if done.finish == plexus_model::generate::FinishReason::Stop && got.len() < want.len() {
+            // llama.cpp lists the EOS it stopped on; we stop before emitting it.
+            got.extend(
+                want.get(got.len())
+                    .copied()
+                    .filter(|&t| m.tokenizer.is_eos(t)),
+            );
+        }
+        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        let at_bar = got == want || same >= MIN_IDENTICAL.min(want.len());
+        at_bar_count += usize::from(at_bar);
+        report.push(format!(
+            "{name}: first {same}/{} tokens identical",
+            want.len()
+        ));
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(
+        at_bar_count >= MIN_PROMPTS_AT_BAR,
+        "{at_bar_count} prompts reach {MIN_IDENTICAL} identical tokens, floor {MIN_PROMPTS_AT_BAR}:\n{}",
+        report.join("\n")
+    );
+}
+
+/// Teacher-forced on llama.cpp's own output, our log-probabilities of llama.cpp's top-5 tokens
+/// stay within this gap (measured 0.45 with Q8_1 activations and f16 K/V).
+const MAX_LOGPROB_GAP: f64 = 0.6;
+
+#[test]
+fn teacher_forced_logprobs_stay_close_to_llama_cpp() {
+    use plexus_model::stage::forward_chain;
+    let m = model();
+    let mut worst = 0f64;
+    for c in fixture()["generate"].as_array().unwrap() {
+        let prompt = ids(&c["prompt_tokens"]);
+        let out = ids(&c["output_tokens"]);
+        let mut cache = m.stage.new_cache();
+        // teacher-forced over the reference output
+        let mut logits = forward_chain(
+            std::slice::from_ref(&m.stage),
+            std::slice::from_mut(&mut cache),
+            &prompt,
+            plexus_model::Logits::Last,
+        )
+        .unwrap();
+        for (pos, &tok) in out.iter().enumerate().take(12) {
+            let l: Vec<f32> = logits.to_vec1().unwrap();
+            let mx = l.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let lse = mx + l.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
+            for pair in c["top_logprobs"][pos].as_array().unwrap() {
+                let id = pair[0].as_u64().unwrap() as usize;
+                let want = pair[1].as_f64().unwrap();
+                let got = l[id] as f64 - lse;
+                worst = worst.max((got - want).abs());
+            }
+            logits = forward_chain(
+                std::slice::from_ref(&m.stage),
+                std::slice::from_mut(&mut cache),
+                &[tok],
+                plexus_model::Logits::Last,
+            )
+            .unwrap();
+        }
+    }
+    eprintln!("worst |log p(ours) - log p(llama.cpp)| over the top-5 of 12 positions x 11 prompts: {worst:.4}");
+    assert!(
+        worst < MAX_LOGPROB_GAP,
+        "worst log-prob gap {worst} >= {MAX_LOGPROB_GAP}"
+    );
+}
