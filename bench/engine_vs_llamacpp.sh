@@ -73,8 +73,16 @@ echo "date:    $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 echo "machine: $(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1), nproc $(nproc)"
 echo "model:   $MODEL"
 echo "threads: $THREADS, pp$PP / tg$TG, rounds: $ROUNDS, raw outputs: $OUTDIR"
-echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min)"
-if python3 -c "import sys; sys.exit(0 if float(open('/proc/loadavg').read().split()[0]) > 0.5 else 1)"; then
+# Busy share of the CPUs over 2 s (the load average lags by minutes).
+BUSY=$(python3 -c "
+import time
+def snap():
+    v = [int(x) for x in open('/proc/stat').readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+t1, i1 = snap(); time.sleep(2); t2, i2 = snap()
+print(round(100 * (1 - (i2 - i1) / max(t2 - t1, 1))))")
+echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min), CPU busy over the last 2 s: $BUSY%"
+if (( BUSY > 10 )); then
     echo "warning: the machine is not quiet; llama.cpp's spinning threads make both figures unreliable" >&2
 fi
 echo "llama.cpp: $("$LLAMA_BENCH" --version 2>&1 | head -1 || true)"

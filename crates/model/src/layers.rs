@@ -5,7 +5,8 @@
 //! `Train` uses composed tensor ops that autograd can differentiate. Both compute the same
 //! function; checkpoints trained with one are served with the other.
 
-use crate::config::{ModelConfig, RopeLayout, RopeScaling};
+use crate::attention::RopeTable;
+use crate::config::{ModelConfig, RopeLayout};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use std::sync::Arc;
@@ -62,6 +63,17 @@ impl RmsNorm {
         Self { weight, eps }
     }
 
+    /// Normalises `[.., hidden]` with ggml's exact arithmetic (see [`crate::numerics`]).
+    pub fn forward_exact(&self, x: &Tensor) -> Result<Tensor> {
+        let w: Vec<f32> = self.weight.to_vec1()?;
+        let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        Tensor::from_vec(
+            crate::numerics::rms_norm(&v, &w, self.eps as f32),
+            x.shape(),
+            x.device(),
+        )
+    }
+
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
             Mode::Infer => candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32),
@@ -99,62 +111,36 @@ impl Embedding {
     }
 }
 
-/// Rotary position embedding: frequencies fixed at load, cos/sin computed for the positions of
-/// each call (a handful of values per decoded token, so no table sized by the context).
+/// Rotary position embedding for the batched (candle) path: the angles come from the same
+/// [`RopeTable`] the cached path uses, so both rotate identically.
 #[derive(Clone, Debug)]
 pub struct Rope {
-    inv_freq: Vec<f64>,
+    table: RopeTable,
     layout: RopeLayout,
 }
 
 impl Rope {
     pub fn new(cfg: &ModelConfig) -> Self {
-        let half = cfg.head_dim / 2;
-        let mut inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
-            .collect();
-        match &cfg.rope_scaling {
-            RopeScaling::None => {}
-            RopeScaling::Factors(f) => {
-                for (freq, &factor) in inv_freq.iter_mut().zip(f) {
-                    *freq /= f64::from(factor);
-                }
-            }
-            RopeScaling::Llama3(s) => {
-                // transformers' `_compute_llama3_parameters`.
-                let old = s.original_max_position_embeddings as f64;
-                let low_wavelen = old / s.low_freq_factor;
-                let high_wavelen = old / s.high_freq_factor;
-                for freq in inv_freq.iter_mut() {
-                    let wavelen = 2.0 * std::f64::consts::PI / *freq;
-                    if wavelen > low_wavelen {
-                        *freq /= s.factor;
-                    } else if wavelen >= high_wavelen {
-                        let smooth = (old / wavelen - s.low_freq_factor)
-                            / (s.high_freq_factor - s.low_freq_factor);
-                        *freq = (1.0 - smooth) * *freq / s.factor + smooth * *freq;
-                    }
-                }
-            }
-        }
         Self {
-            inv_freq,
+            table: RopeTable::new(cfg),
             layout: cfg.rope_layout,
         }
     }
 
+    pub fn table(&self) -> &RopeTable {
+        &self.table
+    }
+
     /// `(cos, sin)`, each `[len, head_dim / 2]`, for positions `start..start + len`.
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
+        let (mut c, mut s) = (Vec::new(), Vec::new());
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for p in start..start + len {
-            for &f in &self.inv_freq {
-                let angle = p as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
+            self.table.angles(p, &mut c, &mut s);
+            cos.extend_from_slice(&c);
+            sin.extend_from_slice(&s);
         }
+        let half = cos.len() / len.max(1);
         Ok((
             Tensor::from_vec(cos, (len, half), device)?,
             Tensor::from_vec(sin, (len, half), device)?,
@@ -185,6 +171,16 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
         self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+
+    /// The same function with ggml's SwiGLU arithmetic (see [`crate::numerics`]).
+    pub fn forward_exact(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate.forward(x)?;
+        let shape = g.shape().clone();
+        let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+        let u: Vec<f32> = self.up.forward(x)?.flatten_all()?.to_vec1()?;
+        let h = Tensor::from_vec(crate::numerics::swiglu(&g, &u), shape, x.device())?;
+        self.down.forward(&h)
     }
 }
 

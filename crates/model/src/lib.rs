@@ -10,6 +10,7 @@
 //!
 //! The engine is synchronous and CPU-bound; async callers reach it from a dedicated thread.
 
+pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod generate;
@@ -18,6 +19,7 @@ pub mod identity;
 pub mod kv_cache;
 pub mod layers;
 pub mod load;
+pub mod numerics;
 pub mod sampler;
 pub mod stage;
 pub mod tokenizer;

@@ -10,6 +10,7 @@
 //! - stages chained in one process give bit-identical logits to the whole model, because they
 //!   run exactly the same ops on exactly the same tensors.
 
+use crate::attention::{flash_attention, AttnShape};
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::layers::{causal_mask, softmax_last_dim, Embedding, Linear, Mlp, Mode, RmsNorm, Rope};
@@ -139,7 +140,6 @@ pub struct Stage {
     head: Option<(RmsNorm, Linear)>,
     rope: Rope,
     mode: Mode,
-    half_kv: bool,
 }
 
 impl Stage {
@@ -160,15 +160,7 @@ impl Stage {
             head,
             rope,
             mode,
-            half_kv: mode == Mode::Infer,
         }
-    }
-
-    /// Whether queries, keys and values are rounded to f16 for attention (the default for
-    /// inference, like llama.cpp's f16 KV cache and flash attention; off for training). Turning
-    /// it off gives plain f32 attention.
-    pub fn set_half_kv(&mut self, on: bool) {
-        self.half_kv = on;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -189,7 +181,11 @@ impl Stage {
 
     /// A fresh cache for one sequence through this stage.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.blocks.len(), self.cfg.max_position_embeddings)
+        KvCache::new(
+            self.blocks.len(),
+            self.cfg.num_kv_heads * self.cfg.head_dim,
+            self.cfg.max_position_embeddings,
+        )
     }
 
     /// Runs the new positions of one sequence through the stage, appending to `cache`.
@@ -233,13 +229,8 @@ impl Stage {
             });
         }
         let mut x = x;
-        let (cos, sin) = self.rope.tables(past, len, &device)?;
-        let rep = self.cfg.num_heads / self.cfg.num_kv_heads;
-        let mask = (len > 1)
-            .then(|| causal_mask(len, past, rep, &device))
-            .transpose()?;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), Some((cache, i)))?;
+            x = self.block_cached(block, &x, cache, i)?;
         }
         cache.advance(len);
         match &self.head {
@@ -249,7 +240,7 @@ impl Stage {
                     Logits::Last => x.narrow(1, len - 1, 1)?,
                     Logits::All => x,
                 };
-                let out = head.forward(&norm.forward(&x, self.mode)?)?;
+                let out = head.forward(&norm.forward_exact(&x)?)?;
                 let out = match logits {
                     Logits::Last => out.flatten_all()?,
                     Logits::All => out.squeeze(0)?,
@@ -281,19 +272,59 @@ impl Stage {
         let rep = self.cfg.num_heads / self.cfg.num_kv_heads;
         let mask = causal_mask(len, 0, rep, &device)?;
         for block in &self.blocks {
-            x = self.block_forward(block, &x, &cos, &sin, Some(&mask), None)?;
+            x = self.block_batch(block, &x, &cos, &sin, &mask)?;
         }
         Ok(head.forward(&norm.forward(&x, self.mode)?)?)
     }
 
-    fn block_forward(
+    /// One block for one sequence with a cache: projections on candle, rotary embedding and
+    /// attention on the f16 cache (see [`crate::attention`]).
+    fn block_cached(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &*self.cfg;
+        let (b, len, _) = x.dims3()?;
+        if b != 1 {
+            candle_core::bail!("cached forward takes one sequence, got a batch of {b}");
+        }
+        let (nh, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let past = cache.len();
+        let h = block.attn_norm.forward_exact(x)?;
+        let rows = |t: Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
+        let mut q = rows(block.q.forward(&h)?)?;
+        let mut k = rows(block.k.forward(&h)?)?;
+        let v = rows(block.v.forward(&h)?)?;
+        let rope = self.rope.table();
+        rope.apply(&mut q, past, nh);
+        rope.apply(&mut k, past, kvh);
+        let kv = cache.append(layer, &k, &v);
+        let shape = AttnShape {
+            heads: nh,
+            kv_heads: kvh,
+            head_dim: hd,
+            past,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let attn = flash_attention(&q, kv, shape);
+        let attn = Tensor::from_vec(attn, (1, len, nh * hd), x.device())?;
+        let x = (x + block.o.forward(&attn)?)?;
+        let h = block.ffn_norm.forward_exact(&x)?;
+        x + block.mlp.forward_exact(&h)?
+    }
+
+    /// One block for a batch of whole sequences, in candle ops (differentiable in
+    /// `Mode::Train`).
+    fn block_batch(
         &self,
         block: &Block,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: Option<(&mut KvCache, usize)>,
+        mask: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let cfg = &*self.cfg;
         let (b, len, _) = x.dims3()?;
@@ -309,26 +340,12 @@ impl Stage {
         let v = heads(block.v.forward(&h)?, kvh)?;
         let q = self.rope.apply(&q, cos, sin, self.mode)?;
         let k = self.rope.apply(&k, cos, sin, self.mode)?;
-        // Inference keeps K and V in f16 and rounds Q to f16 for the scores, as llama.cpp's
-        // default cache and flash-attention path do: half the cache memory, and the same
-        // rounding as the reference engine whose outputs we are checked against.
-        let (q, k, v) = if self.half_kv {
-            (round_f16(&q)?, round_f16(&k)?, round_f16(&v)?)
-        } else {
-            (q, k, v)
-        };
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &k, &v)?,
-            None => (k, v),
-        };
+
         // Fold the query heads that share a key/value head into the row dimension, so grouped
         // attention is one matmul per kv head without copying K and V `rep` times.
         let q = q.reshape((b, kvh, rep * len, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores, self.mode)?;
         let attn = probs
             .matmul(&v)?
@@ -360,11 +377,6 @@ pub fn forward_chain(
         span: stages.last().map_or(LayerSpan::new(0, 0), |s| s.span),
         got: "a chain that does not end with the output head",
     })
-}
-
-fn round_f16(t: &Tensor) -> candle_core::Result<Tensor> {
-    t.to_dtype(candle_core::DType::F16)?
-        .to_dtype(candle_core::DType::F32)
 }
 
 /// Last-dimension argmax (greedy decoding helper for tests).

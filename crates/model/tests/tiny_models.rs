@@ -50,14 +50,26 @@ fn matrix(v: &Value) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// A stage with plain f32 attention, to compare with the f32 reference.
 fn stage(path: &Path, span: Option<LayerSpan>) -> Stage {
-    let mut s = ModelFiles::open(path)
+    ModelFiles::open(path)
         .unwrap()
         .stage(span, plexus_model::layers::Mode::Infer)
+        .unwrap()
+}
+
+/// Logits of every position from the batched f32 path (no cache, plain f32 attention).
+fn batch_logits(stage: &Stage, ids: &[u32]) -> Vec<Vec<f32>> {
+    let t = candle_core::Tensor::new(ids, &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
         .unwrap();
-    s.set_half_kv(false);
-    s
+    stage
+        .forward_batch(&t)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
 }
 
 fn all_logits(stages: &[Stage], ids: &[u32]) -> Vec<Vec<f32>> {
@@ -86,7 +98,7 @@ fn safetensors_and_gguf_match_reference_logits() {
         let ids = tokens(&e);
         let want = matrix(&e["logits_f32"]);
         for path in [dir(name), dir(name).join("model-f32.gguf")] {
-            let got = all_logits(&[stage(&path, None)], &ids);
+            let got = batch_logits(&stage(&path, None), &ids);
             let d = max_diff(&got, &want);
             assert!(d < F32_TOLERANCE, "{}: max |diff| {d}", path.display());
         }
@@ -94,17 +106,17 @@ fn safetensors_and_gguf_match_reference_logits() {
 }
 
 #[test]
-fn half_precision_attention_stays_close_to_reference() {
+fn cached_f16_attention_stays_close_to_reference() {
     for name in MODELS {
         let e = expected(name);
         let ids = tokens(&e);
         let path = dir(name).join("model-f32.gguf");
-        let s = ModelFiles::open(&path)
-            .unwrap()
-            .stage(None, plexus_model::layers::Mode::Infer)
-            .unwrap();
-        let d = max_diff(&all_logits(&[s], &ids), &matrix(&e["logits_f32"]));
-        // f16 has 11 significant bits: ~5e-4 relative error per K/V element (measured 1e-3).
+        let d = max_diff(
+            &all_logits(&[stage(&path, None)], &ids),
+            &matrix(&e["logits_f32"]),
+        );
+        // The cached path keeps K/V in f16 and accumulates V in f16 like llama.cpp's flash
+        // attention: 11 significant bits, ~5e-4 relative error per element.
         assert!(d < 5e-3, "{name}: max |diff| {d}");
     }
 }
@@ -146,7 +158,9 @@ fn incremental_decoding_matches_full_prefill() {
             .unwrap();
             at += chunk;
             let d = max_diff(&[l], &[full[at - 1].clone()]);
-            assert!(d < 1e-4, "{name} at {at}: {d}");
+            // Projections of 5 rows and of 16 rows may differ in the last f32 bit, which can
+            // move an f16 rounding of K or V by one step (measured 5e-4).
+            assert!(d < 2e-3, "{name} at {at}: {d}");
         }
     }
 }
@@ -171,7 +185,7 @@ fn quantized_gguf_types_match_dequantized_reference() {
             .map(|x| x.as_f64().unwrap() as f32)
             .collect::<Vec<_>>();
         let path = dir("llama2").join(format!("model-{fmt}.gguf"));
-        let got = all_logits(&[stage(&path, None)], &ids);
+        let got = batch_logits(&stage(&path, None), &ids);
         let d = max_diff(&[got[ids.len() - 1].clone()], &[want]);
         assert!(d < tolerance, "{fmt}: max |diff| {d}");
     }

@@ -238,3 +238,44 @@ fn starter_model_trains_to_target_and_generates() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "edcba");
 }
+
+#[test]
+fn chat_answers_each_line_and_survives_an_oversized_turn() {
+    use std::io::Write;
+    let model = tiny("smollm2");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args([
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0",
+        ])
+        // One line per reply, whatever the random-weight model says.
+        .args(["--stop", "\n"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let long = "word ".repeat(400);
+    let input = format!("hello there\n{long}\n/reset\nsecond question\n/exit\n");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let replies = String::from_utf8_lossy(&o.stdout).lines().count();
+    assert_eq!(
+        replies,
+        2,
+        "one reply per answered turn: {:?}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(stderr(&o).contains("context holds 256"), "{}", stderr(&o));
+}
