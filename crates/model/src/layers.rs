@@ -7,6 +7,7 @@
 
 use crate::attention::RopeTable;
 use crate::config::{ModelConfig, RopeLayout};
+use crate::kernels::QuantMatrix;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use std::sync::Arc;
@@ -21,12 +22,26 @@ pub enum Mode {
 /// `y = x W^T (+ b)` with `W` quantized (GGUF) or dense f32 (safetensors, training).
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+/// How a [`Linear`] multiplies: our kernels for the GGML formats they cover (Q4_0, Q4_1, Q8_0
+/// on the CPU), candle's `QMatMul` for the rest.
+#[derive(Clone, Debug)]
+enum Weight {
+    Kernel(QuantMatrix),
+    Candle(QMatMul),
 }
 
 impl Linear {
     pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        let weight = match &weight {
+            QMatMul::QTensor(q) => {
+                QuantMatrix::new(q.clone()).map_or(Weight::Candle(weight), Weight::Kernel)
+            }
+            _ => Weight::Candle(weight),
+        };
         Self { weight, bias }
     }
 
@@ -36,19 +51,49 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match (&self.weight, x.dims()) {
+            (Weight::Kernel(q), _) => quant_forward(q, x)?,
             // Dense weights: fold batch and time into one matmul instead of candle's broadcast
             // batched matmul, which is several times slower forward and backward.
-            (QMatMul::Tensor(w), &[b, t, k]) => x
+            (Weight::Candle(QMatMul::Tensor(w)), &[b, t, k]) => x
                 .reshape((b * t, k))?
                 .matmul(&w.t()?)?
                 .reshape((b, t, w.dim(0)?))?,
-            _ => self.weight.forward(x)?,
+            (Weight::Candle(w), _) => w.forward(x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
+}
+
+/// `[.., cols] -> [.., rows]` through the kernel. The input is read in place when it is a
+/// contiguous f32 CPU tensor (the usual case), copied otherwise.
+fn quant_forward(q: &QuantMatrix, x: &Tensor) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    match dims.last_mut() {
+        Some(k) if *k == q.cols() => *k = q.rows(),
+        _ => {
+            return Err(candle_core::Error::ShapeMismatchBinaryOp {
+                lhs: x.shape().clone(),
+                rhs: candle_core::Shape::from((q.rows(), q.cols())),
+                op: "linear",
+            })
+        }
+    }
+    let x = to_f32(x.clone())?;
+    let m = x.elem_count() / q.cols();
+    let mut out = vec![0f32; m * q.rows()];
+    {
+        let (storage, layout) = x.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(cpu), Some((lo, hi))) => {
+                q.matmul(&cpu.as_slice::<f32>()?[lo..hi], &mut out)
+            }
+            _ => q.matmul(&x.flatten_all()?.to_vec1::<f32>()?, &mut out),
+        }
+    }
+    Tensor::from_vec(out, dims, x.device())
 }
 
 /// Root-mean-square normalisation with a learned scale.

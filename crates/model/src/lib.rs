@@ -7,6 +7,7 @@
 //! - [`tokenizer`] and [`chat`] turn text and conversations into tokens.
 //! - [`sampler`] picks tokens as a pure function of (logits, history, params, seed, position).
 //! - [`generate`] drives prefill and decode; [`identity`] hashes weights; [`train`] trains.
+//! - [`kernels`] multiplies by Q4_0/Q4_1/Q8_0 weights the way llama.cpp does, for [`layers`].
 //!
 //! The engine is synchronous and CPU-bound; async callers reach it from a dedicated thread.
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod generate;
 pub mod gguf;
 pub mod identity;
+pub mod kernels;
 pub mod kv_cache;
 pub mod layers;
 pub mod load;

@@ -14,12 +14,16 @@ use std::sync::OnceLock;
 /// The issue's bar: greedy output identical to llama.cpp for at least this many tokens.
 const MIN_IDENTICAL: usize = 32;
 /// Prompts that currently reach that bar (measured: 4 of 11). The rest part where the engines'
-/// rounding differs: attention, RMSNorm and SwiGLU already follow ggml's arithmetic, but
-/// candle's Q4_1 x Q8_1 dot product does not (layer 0's Q projection of "The capital of France
-/// is" differs from llama.cpp by up to 3.5e-3, while a numpy emulation of ggml's kernel matches
-/// it to the 5e-5 the debug dump prints). The target is all prompts; this floor keeps the suite
-/// from sliding back while that work goes on.
+/// rounding differs. The matmuls no longer do: `kernels` reproduces ggml's Q4_1 x Q8_1 and
+/// Q8_0 x Q8_0 dot products bit for bit (every projection of layers 0-2 on llama.cpp's own
+/// activations for "The capital of France is", and `scripts/ggml_kernel_check.sh`); switching
+/// to them left this count at 4 and raised the total below from 283 to 292, so what remains is
+/// outside the matmuls. The target is all prompts; this floor keeps the suite from sliding back
+/// while that work goes on.
 const MIN_PROMPTS_AT_BAR: usize = 4;
+/// Identical leading tokens summed over all prompts (measured 292 of 528): moves with every
+/// rounding fix even when no prompt crosses the bar.
+const MIN_TOTAL_IDENTICAL: usize = 285;
 
 fn root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
@@ -101,6 +105,7 @@ fn greedy_generation_matches_llama_cpp() {
     assert!(cases.len() >= 8);
     let mut report = Vec::new();
     let mut at_bar_count = 0;
+    let mut total_identical = 0;
     for c in cases {
         let name = c["name"].as_str().unwrap();
         let prompt = m
@@ -131,22 +136,32 @@ fn greedy_generation_matches_llama_cpp() {
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         let at_bar = got == want || same >= MIN_IDENTICAL.min(want.len());
         at_bar_count += usize::from(at_bar);
+        total_identical += same;
         report.push(format!(
             "{name}: first {same}/{} tokens identical",
             want.len()
         ));
     }
-    eprintln!("{}", report.join("\n"));
+    eprintln!(
+        "{}\ntotal: {total_identical} identical tokens",
+        report.join("\n")
+    );
     assert!(
         at_bar_count >= MIN_PROMPTS_AT_BAR,
         "{at_bar_count} prompts reach {MIN_IDENTICAL} identical tokens, floor {MIN_PROMPTS_AT_BAR}:\n{}",
         report.join("\n")
     );
+    assert!(
+        total_identical >= MIN_TOTAL_IDENTICAL,
+        "{total_identical} identical tokens over all prompts, floor {MIN_TOTAL_IDENTICAL}:\n{}",
+        report.join("\n")
+    );
 }
 
 /// Teacher-forced on llama.cpp's own output, our log-probabilities of llama.cpp's top-5 tokens
-/// stay within this gap (measured: worst 0.59, mean 0.09; see MIN_PROMPTS_AT_BAR for why).
-const MAX_LOGPROB_GAP: f64 = 0.75;
+/// stay within this gap (measured: worst 0.43, mean 0.085; 0.59 and 0.093 before the matmuls
+/// matched ggml; see MIN_PROMPTS_AT_BAR).
+const MAX_LOGPROB_GAP: f64 = 0.55;
 
 #[test]
 fn teacher_forced_logprobs_stay_close_to_llama_cpp() {
