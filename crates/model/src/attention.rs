@@ -3,7 +3,7 @@
 //! checked token for token against it.
 //!
 //! - [`RopeTable`]: angles `p * base^(-2i/d) / factor_i` accumulated in f32 as ggml's rope cache
-//!   does, `cos`/`sin` in f32.
+//!   does, `cos`/`sin` in f32, the rotation fused the way the reference build computes it.
 //! - [`flash_attention`]: per query row and head, one pass over the cached keys with an online
 //!   softmax and an f16 accumulator for V (ggml's `flash_attn_ext_f16_one_chunk`); the Q.K dot
 //!   product sums in the order of ggml's AVX-512 `ggml_vec_dot_f16`.
@@ -84,8 +84,10 @@ impl RopeTable {
                         RopeLayout::HalfSplit => (i, i + half),
                     };
                     let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * cos[i] - x1 * sin[i];
-                    head[b] = x0 * sin[i] + x1 * cos[i];
+                    // The fused forms GCC contracts ggml's `x0*cos - x1*sin` and
+                    // `x0*sin + x1*cos` into (bit-exact against llama.cpp's dump).
+                    head[a] = x0.mul_add(cos[i], -(x1 * sin[i]));
+                    head[b] = x0.mul_add(sin[i], x1 * cos[i]);
                 }
             }
         }

@@ -13,17 +13,16 @@ use std::sync::OnceLock;
 
 /// The bar: greedy output identical to llama.cpp for at least this many tokens.
 const MIN_IDENTICAL: usize = 32;
-/// Prompts that currently reach that bar (measured: 4 of 11). The rest part where the engines'
-/// rounding differs. The matmuls no longer do: `kernels` reproduces ggml's Q4_1 x Q8_1 and
-/// Q8_0 x Q8_0 dot products bit for bit (every projection of layers 0-2 on llama.cpp's own
-/// activations for "The capital of France is", and `scripts/ggml_kernel_check.sh`); switching
-/// to them left this count at 4 and raised the total below from 283 to 292, so what remains is
-/// outside the matmuls. The target is all prompts; this floor keeps the suite from sliding back
-/// while that work goes on.
-const MIN_PROMPTS_AT_BAR: usize = 4;
-/// Identical leading tokens summed over all prompts (measured 292 of 528): moves with every
-/// rounding fix even when no prompt crosses the bar.
-const MIN_TOTAL_IDENTICAL: usize = 285;
+/// Prompts that reach that bar (measured: 10 of 11, all of them for the full 48 tokens). The
+/// cached path reproduces llama.cpp's CPU arithmetic bit for bit: the Q4_1 x Q8_1 and Q8_0 x
+/// Q8_0 dot products (`kernels`, also checked by `scripts/ggml_kernel_check.sh`), RMSNorm,
+/// SwiGLU, RoPE and flash attention (each op of layer 0 compared against llama.cpp's debug dump
+/// of "The capital of France is"). The one prompt that parts (chat_two_turn, 76 tokens) is the
+/// only one of 64 tokens or more, where llama.cpp switches its prefill attention to a tiled
+/// kernel with f32 K/V that we do not reproduce yet.
+const MIN_PROMPTS_AT_BAR: usize = 10;
+/// Identical leading tokens summed over all prompts (measured 486 of 528).
+const MIN_TOTAL_IDENTICAL: usize = 480;
 
 fn root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
@@ -159,9 +158,9 @@ fn greedy_generation_matches_llama_cpp() {
 }
 
 /// Teacher-forced on llama.cpp's own output, our log-probabilities of llama.cpp's top-5 tokens
-/// stay within this gap (measured: worst 0.43, mean 0.085; 0.59 and 0.093 before the matmuls
-/// matched ggml; see MIN_PROMPTS_AT_BAR).
-const MAX_LOGPROB_GAP: f64 = 0.55;
+/// stay within these gaps (measured: worst 0.37 on chat_two_turn, mean 0.008).
+const MAX_LOGPROB_GAP: f64 = 0.45;
+const MAX_MEAN_LOGPROB_GAP: f64 = 0.02;
 
 #[test]
 fn teacher_forced_logprobs_stay_close_to_llama_cpp() {
@@ -208,5 +207,10 @@ fn teacher_forced_logprobs_stay_close_to_llama_cpp() {
     assert!(
         worst < MAX_LOGPROB_GAP,
         "worst log-prob gap {worst} >= {MAX_LOGPROB_GAP}"
+    );
+    let mean = total / count as f64;
+    assert!(
+        mean < MAX_MEAN_LOGPROB_GAP,
+        "mean log-prob gap {mean} >= {MAX_MEAN_LOGPROB_GAP}"
     );
 }
