@@ -2,8 +2,12 @@
 //! for one matrix kept hot in cache (decode, m = 1, and prefill, m = 128), then a decode "sweep"
 //! through all 211 matrices of the model, whose weights stream from memory as in real decoding.
 //!
+//! Last, the latency of one 576 x 576 mat-vec called from the main thread (outside rayon's pool,
+//! as the engine calls it) after pauses of 0, 20 and 100 us, which is what the kernels' thread
+//! hand-off (`kernels::crew`) is for.
+//!
 //! `cargo run --release -p plexus-model --example kernel_bench [threads]`
-//! (`SWEEP_ONLY=1` for the sweep alone).
+//! (`SWEEP_ONLY=1` for the sweep and latency alone).
 
 #![allow(unused_crate_dependencies)]
 
@@ -18,10 +22,23 @@ fn main() -> Result<()> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(candle_core::Error::wrap)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .map_err(candle_core::Error::wrap)?;
+    if std::env::var_os("SWEEP_ONLY").is_none() {
+        hot(&pool, threads)?;
+    }
+    sweep(&pool)?;
+    latency(threads)
+}
+
+/// One matrix at a time, kept in cache: best time per call.
+fn hot(pool: &rayon::ThreadPool, threads: usize) -> Result<()> {
     let shapes = [
         ("q/o 576x576", GgmlDType::Q4_1, 576, 576),
         ("k/v 192x576", GgmlDType::Q4_1, 192, 576),
@@ -30,9 +47,6 @@ fn main() -> Result<()> {
         ("head 49152x576", GgmlDType::Q8_0, 49152, 576),
         ("q4_0 1536x576", GgmlDType::Q4_0, 1536, 576),
     ];
-    if std::env::var_os("SWEEP_ONLY").is_some() {
-        return sweep(&pool);
-    }
     println!("threads {threads}; time per call (best of runs), weight GB/s, GMAC/s");
     for (name, dtype, rows, cols) in shapes {
         let w: Vec<f32> = (0..rows * cols)
@@ -72,7 +86,7 @@ fn main() -> Result<()> {
             }
         }
     }
-    sweep(&pool)
+    Ok(())
 }
 
 /// Decode as the model does it: every matrix of SmolLM2-135M once per token (94 MiB, more than
@@ -123,6 +137,42 @@ fn sweep(pool: &rayon::ThreadPool) -> Result<()> {
         println!(
             "decode sweep of all 211 matrices, {b:?}: {:.2} ms per token",
             best.as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
+
+/// One 576 x 576 mat-vec from this (non-pool) thread after a pause, averaged over many calls.
+fn latency(threads: usize) -> Result<()> {
+    let (rows, cols) = (576, 576);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+        .collect();
+    let q = QTensor::quantize(
+        &Tensor::from_vec(w, (rows, cols), &Device::Cpu)?,
+        GgmlDType::Q4_1,
+    )?;
+    let Some(q) = QuantMatrix::new(Arc::new(q)) else {
+        return Ok(());
+    };
+    let x = vec![0.5f32; cols];
+    let mut out = vec![0f32; rows];
+    for pause_us in [0u64, 20, 100] {
+        let n = 2000;
+        let mut total = Duration::ZERO;
+        for _ in 0..n {
+            let t = Instant::now();
+            q.matmul(&x, &mut out);
+            total += t.elapsed();
+            let p = Instant::now();
+            while p.elapsed() < Duration::from_micros(pause_us) {
+                std::hint::spin_loop();
+            }
+        }
+        println!(
+            "576x576 m=1 from the main thread, {threads} threads, after {pause_us:3} us pauses: \
+             {:.1} us per call",
+            total.as_secs_f64() * 1e6 / n as f64
         );
     }
     Ok(())

@@ -6,7 +6,8 @@
 //!   [`QTensor`] that owns them (no copy; a tied output head shares the embedding's table).
 //! - `x [m, cols]` f32 -> each row quantized once per call (`act`: Q8_1 for Q4_1 weights,
 //!   Q8_0 otherwise, exactly as ggml's x86 `quantize_row_q8_*`) into a thread-local scratch.
-//! - the weight rows are split into contiguous chunks, one per rayon thread; a chunk runs tiles
+//! - the weight rows are split into contiguous chunks, one per rayon thread (run by `crew` when
+//!   the caller is outside rayon's pool, by `rayon::join` inside it); a chunk runs tiles
 //!   of a few weight rows x up to [`ACT_ROWS`] activation rows, so each weight block is loaded and
 //!   unpacked once per [`ACT_ROWS`] rows, and for prefill a few KiB of weight rows stay in L1
 //!   while all the activation rows stream past them.
@@ -22,6 +23,7 @@ mod act;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod crew;
 mod scalar;
 
 use act::Activations;
@@ -45,10 +47,9 @@ const TILE_BYTES: usize = 16 * 1024;
 /// prefetching ~4 KiB ahead made a decode sweep over all matrices ~30% faster.
 const PREFETCH_BYTES: usize = 4096;
 
-/// Below this many weight blocks x activation rows a call runs on the calling thread: waking a
-/// second thread costs about what it saves. Measured end to end on SmolLM2-135M decode (2
-/// threads): 0 (k/v projections parallel too) and 16384 (q/o single-threaded) both decoded
-/// ~10% slower than this.
+/// Below this many weight blocks x activation rows a call runs on the calling thread (a 192 x 576
+/// k/v projection at decode is ~6 us of work). With `crew` the hand-off costs ~1-2 us, and
+/// 1024 (k/v parallel too) decoded SmolLM2-135M no faster than this.
 const PARALLEL_MIN_BLOCKS: usize = 4096;
 
 /// A GGML weight format with a kernel here.
@@ -279,7 +280,12 @@ impl QuantMatrix {
             // Chunk boundaries on multiples of 4 rows, so every backend's full tiles line up.
             let quads = self.rows.div_ceil(4);
             let bound = |i: usize| (i * quads / threads * 4).min(self.rows);
-            split(0, threads, &|i| job.rows(bound(i), bound(i + 1)));
+            let f = |i: usize| job.rows(bound(i), bound(i + 1));
+            // Inside the pool `join` is cheap; from outside, the crew avoids its wake-ups.
+            let done = rayon::current_thread_index().is_none() && crew::run(threads, threads, &f);
+            if !done {
+                split(0, threads, &f);
+            }
         }
     }
 }

@@ -393,3 +393,48 @@ fn dump_cases_for_ggml_check() {
         }
     }
 }
+
+#[test]
+fn crew_runs_every_chunk_exactly_once_under_concurrent_callers() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Four caller threads outside rayon's pool: one holds the crew at a time, the others fall
+    // back; in all cases every chunk of every job runs once.
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            s.spawn(move || {
+                for job in 0..2000 {
+                    let n = 1 + (job + t) % 5;
+                    let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                    let f = |i: usize| {
+                        hits[i].fetch_add(1, Ordering::Relaxed);
+                    };
+                    if !super::crew::run(n, 2, &f) {
+                        (0..n).for_each(f);
+                    }
+                    assert!(
+                        hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                        "job {job}"
+                    );
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn concurrent_callers_get_the_same_bits() {
+    let q = matrix(GgmlDType::Q4_1, 1030, 576, 5000);
+    let x = Rng(5001).vec(576, 1.0);
+    let want = run(&q, Backend::detect(), &x);
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                for _ in 0..200 {
+                    let mut out = vec![0f32; q.rows()];
+                    q.matmul(&x, &mut out);
+                    assert_eq!(bits(&out), bits(&want));
+                }
+            });
+        }
+    });
+}

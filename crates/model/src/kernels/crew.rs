@@ -1,0 +1,145 @@
+//! Runs the chunks of one matmul on the calling thread plus rayon workers kept spinning between
+//! calls, for callers outside rayon's pool (the engine's own thread).
+//!
+//! Why not `rayon::join`: from outside the pool it injects the job, wakes a sleeping worker,
+//! blocks the caller and wakes it again. On these VMs a wake costs ~30 us, more than a whole
+//! 576 x 576 mat-vec (measured: 50 us per call after a 100 us pause vs 19 us on one thread), and
+//! decode makes ~180 such calls per token with other work in between. llama.cpp keeps its threads
+//! polling between ops for the same reason.
+//!
+//! - the caller publishes a task (`state`: job sequence number, chunk count, next chunk, in one
+//!   word) and claims chunks itself; helpers claim the rest with a CAS on `state`, so a chunk runs
+//!   exactly once, always with the task of its own job, and the caller never waits for a chunk
+//!   nobody took;
+//! - helpers are rayon jobs (`rayon::spawn`) that poll for tasks and return to rayon after
+//!   [`IDLE`] without one, so at most `threads - 1` workers spin, and only while the engine runs;
+//! - one caller at a time: a second concurrent caller falls back to `rayon::join`.
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
+use std::time::{Duration, Instant};
+
+/// A task: `f(i)` runs chunk `i`.
+type Task<'a> = &'a (dyn Fn(usize) + Sync);
+
+/// How long a helper polls without work before handing its thread back to rayon: longer than the
+/// gaps between matmuls within a token (attention, norms: tens of us), short enough that spinning
+/// stops soon after generation does.
+const IDLE: Duration = Duration::from_millis(2);
+
+/// `state` layout: sequence number in bits 32..64, chunk count in 16..32, next chunk in 0..16.
+const FIELD: u64 = 0xFFFF;
+
+fn unpack(s: u64) -> (u64, usize, usize) {
+    (s >> 32, ((s >> 16) & FIELD) as usize, (s & FIELD) as usize)
+}
+
+struct Crew {
+    /// The current job: see [`unpack`]. Published last, so a claim validates all three at once.
+    state: AtomicU64,
+    /// Chunks of the current job finished.
+    finished: AtomicUsize,
+    /// The current task, a `Task` on the caller's stack; only dereferenced after claiming a
+    /// chunk of the job it belongs to, while its caller is still waiting for that chunk.
+    task: AtomicPtr<Task<'static>>,
+    /// Helpers alive (polling or working).
+    helpers: AtomicUsize,
+    /// Held by the one caller currently posting jobs.
+    busy: AtomicBool,
+}
+
+static CREW: Crew = Crew {
+    state: AtomicU64::new(0),
+    finished: AtomicUsize::new(0),
+    task: AtomicPtr::new(std::ptr::null_mut()),
+    helpers: AtomicUsize::new(0),
+    busy: AtomicBool::new(false),
+};
+
+/// Runs `f(i)` for `i in 0..n`, each exactly once, on this thread and up to `threads - 1`
+/// polling rayon workers. Returns `false` (having run nothing) when another caller holds the
+/// crew; the caller then uses another way.
+pub(super) fn run(n: usize, threads: usize, f: Task) -> bool {
+    if n == 0 {
+        return true;
+    }
+    if n as u64 > FIELD || CREW.busy.swap(true, Acquire) {
+        return false;
+    }
+    let crew = &CREW;
+    let want = threads.min(n).saturating_sub(1);
+    while crew.helpers.load(Acquire) < want {
+        crew.helpers.fetch_add(1, AcqRel);
+        rayon::spawn(|| CREW.help());
+    }
+    // SAFETY: the task is only called while this function waits below for every claimed chunk;
+    // the extended lifetime never outlives that wait.
+    let task: Task<'static> = unsafe { std::mem::transmute::<Task<'_>, Task<'static>>(f) };
+    crew.finished.store(0, Relaxed);
+    crew.task
+        .store(&task as *const Task<'static> as *mut Task<'static>, Relaxed);
+    let seq = (crew.state.load(Relaxed) >> 32).wrapping_add(1) & 0xFFFF_FFFF;
+    crew.state.store(seq << 32 | (n as u64) << 16, Release);
+    while crew.claim_and_run() {}
+    // Chunks claimed by helpers may still be running.
+    let mut polls = 0u32;
+    while crew.finished.load(Acquire) < n {
+        pause(&mut polls);
+    }
+    crew.busy.store(false, Release);
+    true
+}
+
+impl Crew {
+    /// Claims the next chunk of the current job and runs it; `false` if none is left.
+    fn claim_and_run(&self) -> bool {
+        loop {
+            let s = self.state.load(Acquire);
+            let (_, n, i) = unpack(s);
+            if i >= n {
+                return false;
+            }
+            let task = self.task.load(Acquire);
+            if self
+                .state
+                .compare_exchange_weak(s, s + 1, AcqRel, Relaxed)
+                .is_ok()
+            {
+                // SAFETY: the claim succeeded while `state` still named this job, so `task` is
+                // its task, and its caller waits in `run` until this chunk counts as finished.
+                unsafe { (*task)(i) };
+                self.finished.fetch_add(1, Release);
+                return true;
+            }
+        }
+    }
+
+    /// A helper's life: poll for chunks until `IDLE` passes without any.
+    fn help(&self) {
+        let mut last = Instant::now();
+        let mut polls = 0u32;
+        loop {
+            if self.claim_and_run() {
+                last = Instant::now();
+                continue;
+            }
+            pause(&mut polls);
+            if polls.is_multiple_of(256) && last.elapsed() > IDLE {
+                break;
+            }
+        }
+        self.helpers.fetch_sub(1, AcqRel);
+    }
+}
+
+/// One step of a polling loop: a spin hint, and every 64th step a `yield`, so that on a busy
+/// machine a poller gives its core to the thread it waits for (a preempted helper holding a
+/// chunk, or the engine's thread) instead of burning the time slice.
+#[inline]
+fn pause(polls: &mut u32) {
+    *polls = polls.wrapping_add(1);
+    if polls.is_multiple_of(64) {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
