@@ -186,12 +186,12 @@ pub fn generate(
         }
         logits = Some(forward_chain(stages, &mut caches, &[token], Logits::Last)?);
     }
-    if finish != FinishReason::Stop || stops.pending.is_empty() {
-        let tail = stops.flush();
-        if !tail.is_empty() && finish != FinishReason::Cancelled {
-            text.push_str(&tail);
-            on_text(&tail);
-        }
+    // Text held back as a possible stop-string prefix belongs to the answer unless the caller
+    // cancelled (a completed stop string already cleared it).
+    let tail = stops.flush();
+    if !tail.is_empty() && finish != FinishReason::Cancelled {
+        text.push_str(&tail);
+        on_text(&tail);
     }
     Ok(Completion {
         tokens: out,
