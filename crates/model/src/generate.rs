@@ -52,17 +52,69 @@ pub struct Completion {
     pub decode_time: Duration,
 }
 
-/// Why generation failed.
+/// Why generation failed. `E` is the error of the [`TokenChain`] that ran the model.
 #[derive(Debug, thiserror::Error)]
-pub enum GenerateError {
+pub enum GenerateError<E: std::error::Error + 'static = ForwardError> {
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("the prompt has {prompt} tokens but the context holds {context}")]
     PromptTooLong { prompt: usize, context: usize },
     #[error(transparent)]
-    Forward(#[from] ForwardError),
+    Forward(E),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+}
+
+/// A model that extends one token sequence: the whole model in this process ([`LocalChain`]) or
+/// a chain of stages on other machines. [`generate_with`] feeds it the prompt in chunks of
+/// [`PREFILL_CHUNK`] and then one token at a time; implementations must keep that chunking so a
+/// split model computes exactly what the whole model computes.
+pub trait TokenChain {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The context length in positions.
+    fn context(&self) -> usize;
+
+    /// Appends `tokens` to the sequence and returns the token sampled at the next position:
+    /// `sample(logits, every token fed so far, params, position)`.
+    fn feed(&mut self, tokens: &[u32]) -> Result<u32, Self::Error>;
+}
+
+/// The whole model (or a chain of stages) in this process.
+pub struct LocalChain<'a> {
+    stages: &'a [Stage],
+    caches: Vec<KvCache>,
+    history: Vec<u32>,
+    params: SamplingParams,
+}
+
+impl<'a> LocalChain<'a> {
+    pub fn new(stages: &'a [Stage], params: SamplingParams) -> Self {
+        Self {
+            stages,
+            caches: stages.iter().map(Stage::new_cache).collect(),
+            history: Vec::new(),
+            params,
+        }
+    }
+}
+
+impl TokenChain for LocalChain<'_> {
+    type Error = ForwardError;
+
+    fn context(&self) -> usize {
+        self.stages
+            .first()
+            .map_or(0, |s| s.config().max_position_embeddings)
+    }
+
+    fn feed(&mut self, tokens: &[u32]) -> Result<u32, ForwardError> {
+        let logits = forward_chain(self.stages, &mut self.caches, tokens, Logits::Last)?;
+        self.history.extend_from_slice(tokens);
+        let logits: Vec<f32> = logits.to_vec1()?;
+        let position = self.history.len() as u64;
+        Ok(sample(&logits, &self.history, &self.params, position))
+    }
 }
 
 /// Whether the caller wants more.
@@ -113,19 +165,28 @@ impl<'a> StopMatcher<'a> {
     }
 }
 
-/// Runs `req` through `stages`, calling `on_text` with each new piece of text.
-///
-/// Each generated token at absolute position `p` is `sample(logits_p, tokens before p, params,
-/// p)`, so any single token can be re-derived by a verifier.
+/// Runs `req` through `stages` in this process, calling `on_text` with each new piece of text.
 pub fn generate(
     stages: &[Stage],
     tokenizer: &Tokenizer,
     req: &GenerateRequest,
-    mut on_text: impl FnMut(&str) -> Flow,
+    on_text: impl FnMut(&str) -> Flow,
 ) -> Result<Completion, GenerateError> {
-    let context = stages
-        .first()
-        .map_or(0, |s| s.config().max_position_embeddings);
+    let mut chain = LocalChain::new(stages, req.sampling.clone());
+    generate_with(&mut chain, tokenizer, req, on_text)
+}
+
+/// Runs `req` through `chain`, calling `on_text` with each new piece of text.
+///
+/// Each generated token at absolute position `p` is `sample(logits_p, tokens before p, params,
+/// p)`, so any single token can be re-derived by a verifier.
+pub fn generate_with<C: TokenChain>(
+    chain: &mut C,
+    tokenizer: &Tokenizer,
+    req: &GenerateRequest,
+    mut on_text: impl FnMut(&str) -> Flow,
+) -> Result<Completion, GenerateError<C::Error>> {
+    let context = chain.context();
     let prompt = &req.prompt_tokens;
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
@@ -136,16 +197,15 @@ pub fn generate(
             context,
         });
     }
-    let mut caches: Vec<KvCache> = stages.iter().map(Stage::new_cache).collect();
     let started = Instant::now();
-    let mut logits = None;
+    let mut next = None;
     for chunk in prompt.chunks(PREFILL_CHUNK) {
-        logits = Some(forward_chain(stages, &mut caches, chunk, Logits::Last)?);
+        next = Some(chain.feed(chunk).map_err(GenerateError::Forward)?);
     }
     let prefill_time = started.elapsed();
     let decode_started = Instant::now();
 
-    let mut history = prompt.clone();
+    let mut fed = prompt.len();
     let mut out = Vec::new();
     let mut stream = TextStream::new(tokenizer);
     let mut stops = StopMatcher {
@@ -154,19 +214,16 @@ pub fn generate(
     };
     let mut text = String::new();
     let mut finish = FinishReason::Length;
-    while let Some(l) = logits.take() {
+    while let Some(token) = next.take() {
         if out.len() >= req.max_tokens {
             break;
         }
-        let l: Vec<f32> = l.to_vec1().map_err(ForwardError::from)?;
-        let position = history.len() as u64;
-        let token = sample(&l, &history, &req.sampling, position);
         if tokenizer.is_eos(token) {
             finish = FinishReason::Stop;
             break;
         }
-        history.push(token);
         out.push(token);
+        fed += 1;
         if let Some(piece) = stream.push(token)? {
             let (emit, stopped) = stops.push(&piece);
             if !emit.is_empty() {
@@ -181,10 +238,10 @@ pub fn generate(
                 break;
             }
         }
-        if history.len() >= context || out.len() >= req.max_tokens {
+        if fed >= context || out.len() >= req.max_tokens {
             break;
         }
-        logits = Some(forward_chain(stages, &mut caches, &[token], Logits::Last)?);
+        next = Some(chain.feed(&[token]).map_err(GenerateError::Forward)?);
     }
     // Text held back as a possible stop-string prefix belongs to the answer unless the caller
     // cancelled (a completed stop string already cleared it).

@@ -1,0 +1,246 @@
+//! Signed announcements: what a node offers, published on gossip with a time to live.
+//!
+//! A node signs the postcard bytes of its [`Announcement`] with its [`NodeKey`]; a receiver
+//! accepts it only if the embedded public key hashes to the claimed peer id, the signature
+//! verifies, and `issued_at + ttl` is still ahead of the receiver's clock (passed in, so the
+//! check is a pure function).
+
+use crate::keys::NodeKey;
+use crate::Digest;
+use libp2p_identity::{PeerId, PublicKey};
+use serde::{Deserialize, Serialize};
+
+/// Longest time to live a receiver accepts.
+pub const MAX_TTL_MS: u64 = 10 * 60 * 1000;
+/// How far in the future an announcement may claim to be issued (clock skew between nodes).
+pub const MAX_SKEW_MS: u64 = 30 * 1000;
+/// Largest encoded announcement a receiver decodes.
+pub const MAX_ANNOUNCEMENT_BYTES: usize = 64 * 1024;
+
+/// One model a node serves: which layers, how fast.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelOffer {
+    /// The model's identity: sha256 of its weight files.
+    pub model: Digest,
+    /// A human name (`SmolLM2-135M-Instruct`), for listings only.
+    pub name: String,
+    pub num_layers: u32,
+    /// The span of layers served: `start..end`.
+    pub start: u32,
+    pub end: u32,
+    /// Width of the hidden state passed between stages.
+    pub hidden: u32,
+    /// Measured seconds per layer per token: decode (one position) and prefill (per position
+    /// of a long chunk).
+    pub decode_s_per_layer: f32,
+    pub prefill_s_per_layer: f32,
+    /// Bytes of weights per layer (memory needed to take more layers).
+    pub layer_bytes: u64,
+}
+
+/// What a node publishes about itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// The protobuf-encoded public key; its peer id must be `peer`.
+    pub public_key: Vec<u8>,
+    pub peer: String,
+    /// Unix milliseconds when signed.
+    pub issued_at_ms: u64,
+    pub ttl_ms: u64,
+    /// Software version (`CARGO_PKG_VERSION`).
+    pub version: String,
+    /// Multiaddrs the node listens on.
+    pub addrs: Vec<String>,
+    pub threads: u32,
+    /// Bytes of memory available for more layers and sessions.
+    pub free_memory: u64,
+    /// Sessions open and the most this node accepts.
+    pub sessions: u32,
+    pub max_sessions: u32,
+    /// Requests waiting for the engine.
+    pub queue: u32,
+    /// Asking price in micro-credits per 1000 tokens through one layer.
+    pub price: u64,
+    pub models: Vec<ModelOffer>,
+}
+
+/// An announcement with its signature, as it travels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SignedAnnouncement {
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+/// Why an announcement was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum VerifyAnnouncementError {
+    #[error("the announcement is {0} bytes, more than {MAX_ANNOUNCEMENT_BYTES}")]
+    TooLarge(usize),
+    #[error("the announcement does not decode: {0}")]
+    Malformed(String),
+    #[error("the public key does not belong to peer {0}")]
+    WrongKey(String),
+    #[error("the signature does not verify")]
+    BadSignature,
+    #[error("the announcement expired {0} ms ago")]
+    Expired(u64),
+    #[error("the announcement claims a time {0} ms in the future")]
+    FromTheFuture(u64),
+    #[error("the time to live {0} ms is longer than {MAX_TTL_MS}")]
+    TtlTooLong(u64),
+}
+
+impl Announcement {
+    /// Signs this announcement with `key` (whose public key and peer id it must carry).
+    pub fn sign(&self, key: &NodeKey) -> SignedAnnouncement {
+        let body = postcard::to_allocvec(self).unwrap_or_default();
+        let signature = key.sign(&body);
+        SignedAnnouncement { body, signature }
+    }
+
+    pub fn peer_id(&self) -> Option<PeerId> {
+        self.peer.parse().ok()
+    }
+
+    /// When this announcement stops being valid (unix ms).
+    pub fn expires_at_ms(&self) -> u64 {
+        self.issued_at_ms.saturating_add(self.ttl_ms)
+    }
+}
+
+impl SignedAnnouncement {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Decodes the outer envelope (not yet verified).
+    pub fn decode(bytes: &[u8]) -> Result<Self, VerifyAnnouncementError> {
+        if bytes.len() > MAX_ANNOUNCEMENT_BYTES {
+            return Err(VerifyAnnouncementError::TooLarge(bytes.len()));
+        }
+        postcard::from_bytes(bytes).map_err(|e| VerifyAnnouncementError::Malformed(e.to_string()))
+    }
+
+    /// Checks the signature and validity window against `now_ms` and returns the contents.
+    pub fn verify(&self, now_ms: u64) -> Result<Announcement, VerifyAnnouncementError> {
+        if self.body.len() > MAX_ANNOUNCEMENT_BYTES {
+            return Err(VerifyAnnouncementError::TooLarge(self.body.len()));
+        }
+        let a: Announcement = postcard::from_bytes(&self.body)
+            .map_err(|e| VerifyAnnouncementError::Malformed(e.to_string()))?;
+        let key = PublicKey::try_decode_protobuf(&a.public_key)
+            .map_err(|e| VerifyAnnouncementError::Malformed(e.to_string()))?;
+        if a.peer_id() != Some(key.to_peer_id()) {
+            return Err(VerifyAnnouncementError::WrongKey(a.peer.clone()));
+        }
+        if !key.verify(&self.body, &self.signature) {
+            return Err(VerifyAnnouncementError::BadSignature);
+        }
+        if a.ttl_ms > MAX_TTL_MS {
+            return Err(VerifyAnnouncementError::TtlTooLong(a.ttl_ms));
+        }
+        if a.issued_at_ms > now_ms.saturating_add(MAX_SKEW_MS) {
+            return Err(VerifyAnnouncementError::FromTheFuture(
+                a.issued_at_ms - now_ms,
+            ));
+        }
+        if a.expires_at_ms() <= now_ms {
+            return Err(VerifyAnnouncementError::Expired(now_ms - a.expires_at_ms()));
+        }
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample(key: &NodeKey, now: u64) -> Announcement {
+        Announcement {
+            public_key: key.public().encode_protobuf(),
+            peer: key.peer_id().to_string(),
+            issued_at_ms: now,
+            ttl_ms: 30_000,
+            version: "0.1.0".into(),
+            addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            threads: 2,
+            free_memory: 1 << 30,
+            sessions: 0,
+            max_sessions: 64,
+            queue: 0,
+            price: 10,
+            models: vec![ModelOffer {
+                model: Digest::of(b"weights"),
+                name: "m".into(),
+                num_layers: 30,
+                start: 0,
+                end: 10,
+                hidden: 576,
+                decode_s_per_layer: 1e-4,
+                prefill_s_per_layer: 2e-5,
+                layer_bytes: 3 << 20,
+            }],
+        }
+    }
+
+    #[test]
+    fn signed_announcement_verifies_until_it_expires() {
+        let key = NodeKey::generate();
+        let a = sample(&key, 1_000_000);
+        let signed = SignedAnnouncement::decode(&a.sign(&key).encode()).unwrap();
+        assert_eq!(signed.verify(1_000_000).unwrap(), a);
+        assert_eq!(signed.verify(1_029_999).unwrap(), a);
+        assert_eq!(
+            signed.verify(1_030_000),
+            Err(VerifyAnnouncementError::Expired(0))
+        );
+        assert!(matches!(
+            signed.verify(900_000),
+            Err(VerifyAnnouncementError::FromTheFuture(_))
+        ));
+    }
+
+    #[test]
+    fn forged_announcements_are_refused() {
+        let key = NodeKey::generate();
+        let other = NodeKey::generate();
+        let a = sample(&key, 1_000);
+        // Signed by someone else.
+        let mut forged = a.sign(&other);
+        assert_eq!(
+            forged.verify(1_000),
+            Err(VerifyAnnouncementError::BadSignature)
+        );
+        // Claims another peer's id.
+        let mut b = a.clone();
+        b.peer = other.peer_id().to_string();
+        assert!(matches!(
+            b.sign(&key).verify(1_000),
+            Err(VerifyAnnouncementError::WrongKey(_))
+        ));
+        // Body altered after signing.
+        forged = a.sign(&key);
+        let last = forged.body.len() - 1;
+        forged.body[last] ^= 1;
+        assert!(forged.verify(1_000).is_err());
+        // Too long a TTL.
+        let mut c = a.clone();
+        c.ttl_ms = MAX_TTL_MS + 1;
+        assert!(matches!(
+            c.sign(&key).verify(1_000),
+            Err(VerifyAnnouncementError::TtlTooLong(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(s) = SignedAnnouncement::decode(&bytes) {
+                let _ = s.verify(0);
+            }
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! The stage-call protocol: what a gateway (or any chain driver) sends to a stage node and what
+//! comes back, plus activations as a compact tensor (dtype, shape, little-endian bytes).
+//!
+//! - [`Request::Forward`] feeds new positions of a session through the node's span of layers.
+//!   The first stage gets token ids, later stages get the previous stage's [`Activations`]; every
+//!   stage gets the token ids too (4 bytes a position) so the last stage can sample with the
+//!   whole history. `position` must equal what the node already holds for the session: 0 opens
+//!   (or restarts) it, anything else continues it, so a replayed or reordered call is refused
+//!   instead of corrupting the KV cache.
+//! - `chunks` splits the new positions into consecutive forward passes, so a replacement node
+//!   rebuilding a session computes with exactly the chunking of the original run.
+//! - Frames are length-prefixed postcard; [`decode_request`] / [`decode_response`] check sizes
+//!   and shapes before anything is allocated for compute, and never panic on hostile bytes.
+
+use crate::sampling::SamplingParams;
+use crate::Digest;
+use half::f16;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The libp2p protocol name of stage calls.
+pub const STAGE_PROTOCOL: &str = "/plexus/stage/1";
+/// Largest frame a node reads (a 256-position chunk of an 8192-wide model in f32 is 8 MiB).
+pub const MAX_FRAME_BYTES: usize = 32 << 20;
+/// Most positions in one call.
+pub const MAX_POSITIONS: usize = 8192;
+/// Widest hidden state accepted.
+pub const MAX_HIDDEN: usize = 65536;
+
+/// A session id, chosen at random by the chain driver. Sessions are also keyed by the caller's
+/// peer id, so one peer cannot touch another's sessions.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SessionId(pub [u8; 16]);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({self})")
+    }
+}
+
+/// Element type of activations on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+    F16,
+    /// Symmetric int8 with one f32 scale per row (rows * 4 bytes of scales, then the values).
+    I8,
+}
+
+impl DType {
+    /// Bytes of a `rows x cols` tensor of this type.
+    pub fn tensor_bytes(self, rows: usize, cols: usize) -> usize {
+        match self {
+            DType::F32 => rows * cols * 4,
+            DType::F16 => rows * cols * 2,
+            DType::I8 => rows * 4 + rows * cols,
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(DType::F32),
+            "f16" => Ok(DType::F16),
+            "int8" | "i8" => Ok(DType::I8),
+            _ => Err(format!("unknown activation type {s:?} (f32, f16 or int8)")),
+        }
+    }
+}
+
+/// A `rows x cols` matrix of activations (one row per position).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct Activations {
+    pub dtype: DType,
+    pub rows: u32,
+    pub cols: u32,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for Activations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Activations({:?}, {}x{}, {} bytes)",
+            self.dtype,
+            self.rows,
+            self.cols,
+            self.data.len()
+        )
+    }
+}
+
+impl Activations {
+    /// Encodes row-major f32 values.
+    pub fn encode(values: &[f32], rows: usize, cols: usize, dtype: DType) -> Self {
+        debug_assert_eq!(values.len(), rows * cols);
+        let mut data = Vec::with_capacity(dtype.tensor_bytes(rows, cols));
+        match dtype {
+            DType::F32 => values
+                .iter()
+                .for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
+            DType::F16 => values
+                .iter()
+                .for_each(|v| data.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            DType::I8 => {
+                let scales: Vec<f32> = values
+                    .chunks(cols.max(1))
+                    .map(|row| row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0)
+                    .collect();
+                scales
+                    .iter()
+                    .for_each(|s| data.extend_from_slice(&s.to_le_bytes()));
+                for (row, s) in values.chunks(cols.max(1)).zip(&scales) {
+                    let inv = if *s > 0.0 { 1.0 / s } else { 0.0 };
+                    data.extend(
+                        row.iter()
+                            .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+                    );
+                }
+            }
+        }
+        Self {
+            dtype,
+            rows: rows as u32,
+            cols: cols as u32,
+            data,
+        }
+    }
+
+    /// Checks that the bytes match the declared shape.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        let (rows, cols) = (self.rows as usize, self.cols as usize);
+        if rows > MAX_POSITIONS || cols > MAX_HIDDEN {
+            return Err(DecodeError::Invalid(format!(
+                "activations {rows}x{cols} exceed {MAX_POSITIONS}x{MAX_HIDDEN}"
+            )));
+        }
+        let want = self.dtype.tensor_bytes(rows, cols);
+        if self.data.len() != want {
+            return Err(DecodeError::Invalid(format!(
+                "activations {rows}x{cols} {:?} need {want} bytes, got {}",
+                self.dtype,
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Decodes to row-major f32 (call [`Self::validate`] first for untrusted input).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let (rows, cols) = (self.rows as usize, self.cols as usize);
+        match self.dtype {
+            DType::F32 => self
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            DType::F16 => self
+                .data
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::I8 => {
+                let (scales, values) = self.data.split_at((rows * 4).min(self.data.len()));
+                let mut out = Vec::with_capacity(rows * cols);
+                for (s, row) in scales.chunks_exact(4).zip(values.chunks(cols.max(1))) {
+                    let s = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                    out.extend(row.iter().map(|&q| q as i8 as f32 * s));
+                }
+                out
+            }
+        }
+    }
+
+    /// The last `rows` rows (a replay returns only the positions of its final chunk).
+    pub fn tail_rows(&self, rows: usize) -> Self {
+        let rows = rows.min(self.rows as usize);
+        let cols = self.cols as usize;
+        let skip = self.rows as usize - rows;
+        let data = match self.dtype {
+            DType::F32 | DType::F16 => {
+                let width = self.dtype.tensor_bytes(1, cols);
+                self.data[skip * width..].to_vec()
+            }
+            DType::I8 => {
+                let n = self.rows as usize;
+                let mut d = self.data[skip * 4..n * 4].to_vec();
+                d.extend_from_slice(&self.data[n * 4 + skip * cols..]);
+                d
+            }
+        };
+        Self {
+            dtype: self.dtype,
+            rows: rows as u32,
+            cols: self.cols,
+            data,
+        }
+    }
+}
+
+/// Positions through one stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Forward {
+    pub session: SessionId,
+    /// The model's identity.
+    pub model: Digest,
+    /// The span of layers the caller expects this node to run: `start..end`.
+    pub start: u32,
+    pub end: u32,
+    /// Positions the node already holds for this session (0 opens it).
+    pub position: u32,
+    /// The token ids of the new positions.
+    pub tokens: Vec<u32>,
+    /// The previous stage's output for the new positions (absent for the first stage).
+    pub hidden: Option<Activations>,
+    /// Consecutive forward passes over the new positions (sizes summing to their number);
+    /// empty means one pass. The reply covers the final pass's positions only.
+    pub chunks: Vec<u32>,
+    /// For the last stage: sample the next token with these parameters.
+    pub sampling: Option<SamplingParams>,
+    /// Element type for the returned activations.
+    pub reply_dtype: DType,
+}
+
+impl Forward {
+    /// The chunk sizes to run (one chunk of everything when `chunks` is empty).
+    pub fn chunk_sizes(&self) -> Vec<usize> {
+        if self.chunks.is_empty() {
+            vec![self.tokens.len()]
+        } else {
+            self.chunks.iter().map(|&c| c as usize).collect()
+        }
+    }
+}
+
+/// A call to a stage node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    Forward(Forward),
+    /// Forget the session's KV cache.
+    Close {
+        session: SessionId,
+    },
+}
+
+/// Why a stage refused or failed a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Malformed or inconsistent request.
+    BadRequest,
+    /// The node does not serve this model or span.
+    UnknownModel,
+    /// No such session (expired, evicted or never opened).
+    UnknownSession,
+    /// `position` does not match what the node holds.
+    PositionMismatch,
+    ContextOverflow,
+    /// Too many sessions or a full queue; try another node.
+    Busy,
+    Internal,
+}
+
+/// A stage node's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Output activations of the final chunk.
+    Hidden {
+        hidden: Activations,
+        compute_us: u64,
+    },
+    /// The sampled next token (last stage).
+    Token {
+        token: u32,
+        compute_us: u64,
+    },
+    Closed,
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Why bytes did not decode into a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    let (msg, rest) =
+        postcard::take_from_bytes(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing(rest.len()));
+    }
+    Ok(msg)
+}
+
+/// Encodes a message body (the transport adds the length prefix).
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    postcard::to_allocvec(msg).unwrap_or_default()
+}
+
+/// Decodes and validates a request from untrusted bytes.
+pub fn decode_request(bytes: &[u8]) -> Result<Request, DecodeError> {
+    let req: Request = decode(bytes)?;
+    if let Request::Forward(f) = &req {
+        validate_forward(f)?;
+    }
+    Ok(req)
+}
+
+/// Decodes and validates a response from untrusted bytes.
+pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
+    let resp: Response = decode(bytes)?;
+    if let Response::Hidden { hidden, .. } = &resp {
+        hidden.validate()?;
+    }
+    if let Response::Error { message, .. } = &resp {
+        if message.len() > 4096 {
+            return Err(DecodeError::Invalid("error message over 4096 bytes".into()));
+        }
+    }
+    Ok(resp)
+}
+
+fn validate_forward(f: &Forward) -> Result<(), DecodeError> {
+    let invalid = |m: String| Err(DecodeError::Invalid(m));
+    let n = f.tokens.len();
+    if n == 0 || n > MAX_POSITIONS {
+        return invalid(format!("{n} positions (1..={MAX_POSITIONS} allowed)"));
+    }
+    if f.start >= f.end {
+        return invalid(format!("empty span {}..{}", f.start, f.end));
+    }
+    if let Some(h) = &f.hidden {
+        h.validate()?;
+        if h.rows as usize != n {
+            return invalid(format!("{} rows of activations for {n} tokens", h.rows));
+        }
+    }
+    if !f.chunks.is_empty() {
+        if f.chunks.contains(&0) {
+            return invalid("a chunk of zero positions".into());
+        }
+        let total: u64 = f.chunks.iter().map(|&c| c as u64).sum();
+        if total != n as u64 {
+            return invalid(format!("chunks cover {total} positions, not {n}"));
+        }
+    }
+    if (f.position as usize).saturating_add(n) > u32::MAX as usize {
+        return invalid("position overflow".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn sample_forward() -> Forward {
+        Forward {
+            session: SessionId([7; 16]),
+            model: Digest::of(b"m"),
+            start: 10,
+            end: 20,
+            position: 5,
+            tokens: vec![1, 2, 3],
+            hidden: Some(Activations::encode(&[0.5; 12], 3, 4, DType::F16)),
+            chunks: vec![2, 1],
+            sampling: Some(SamplingParams::greedy()),
+            reply_dtype: DType::F16,
+        }
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let req = Request::Forward(sample_forward());
+        assert_eq!(decode_request(&encode(&req)).unwrap(), req);
+        let close = Request::Close {
+            session: SessionId([1; 16]),
+        };
+        assert_eq!(decode_request(&encode(&close)).unwrap(), close);
+    }
+
+    #[test]
+    fn inconsistent_requests_are_invalid() {
+        let mut f = sample_forward();
+        f.chunks = vec![1, 1];
+        assert!(matches!(
+            decode_request(&encode(&Request::Forward(f))),
+            Err(DecodeError::Invalid(_))
+        ));
+        let mut f = sample_forward();
+        f.hidden = Some(Activations::encode(&[0.5; 8], 2, 4, DType::F16));
+        assert!(matches!(
+            decode_request(&encode(&Request::Forward(f))),
+            Err(DecodeError::Invalid(_))
+        ));
+        let mut f = sample_forward();
+        if let Some(h) = &mut f.hidden {
+            h.data.pop();
+        }
+        assert!(matches!(
+            decode_request(&encode(&Request::Forward(f))),
+            Err(DecodeError::Invalid(_))
+        ));
+        let mut bytes = encode(&Request::Forward(sample_forward()));
+        bytes.push(0);
+        assert_eq!(decode_request(&bytes), Err(DecodeError::Trailing(1)));
+    }
+
+    #[test]
+    fn activations_round_trip_within_their_precision() {
+        let values: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) / 7.0).collect();
+        for (dtype, tol) in [(DType::F32, 0.0), (DType::F16, 2e-3), (DType::I8, 0.04)] {
+            let a = Activations::encode(&values, 4, 16, dtype);
+            a.validate().unwrap();
+            let back = a.to_f32();
+            let worst = values
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= tol, "{dtype:?}: {worst}");
+            let tail = a.tail_rows(1).to_f32();
+            assert_eq!(tail, back[48..].to_vec(), "{dtype:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes);
+        }
+
+        #[test]
+        fn decoder_never_panics_on_mutated_frames(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = encode(&Request::Forward(sample_forward()));
+            for (at, x) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] ^= x;
+            }
+            let _ = decode_request(&bytes);
+            let len = cut.index(bytes.len() + 1);
+            let _ = decode_request(&bytes[..len]);
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! What the gateway serves from: a [`Backend`] runs generations for the models it lists.
+//!
+//! - [`crate::local::LocalBackend`]: the engine in this process (one model, like llama-server).
+//! - the network backend (in `plexus-node`'s client): a chain of stage nodes over libp2p.
+//!
+//! The gateway owns everything HTTP (parsing, templates, limits, SSE); a backend only turns
+//! prompt tokens into text. `generate` is blocking and CPU- or network-bound: the gateway calls
+//! it from a blocking thread, never on the async runtime.
+
+use plexus_model::chat::ChatTemplate;
+use plexus_model::generate::{Completion, Flow, GenerateRequest};
+use plexus_model::Tokenizer;
+use std::sync::Arc;
+
+/// A model a backend can serve.
+#[derive(Clone)]
+pub struct ModelEntry {
+    /// The id clients put in `"model"` (e.g. `SmolLM2-135M-Instruct`).
+    pub id: String,
+    /// The model's identity (sha256 of its weights, hex).
+    pub identity: String,
+    /// Context length in positions.
+    pub context: usize,
+    pub tokenizer: Arc<Tokenizer>,
+    /// `None` when the model has no chat template (then only `/v1/completions` works).
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    /// Unix seconds, for `/v1/models`' `created`.
+    pub created: u64,
+}
+
+/// Why a backend could not finish a generation.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// No capacity right now (no chain covers the model, all stages busy): 429/503 upstream.
+    #[error("no capacity to serve {model}: {reason}")]
+    Unavailable { model: String, reason: String },
+    /// The request can never succeed (context overflow found late, bad token).
+    #[error("{0}")]
+    Invalid(String),
+    /// Anything else; the message is logged, not sent to clients.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Runs generations. Implementations are shared across request handlers.
+pub trait Backend: Send + Sync + 'static {
+    /// The models this backend can serve now.
+    fn models(&self) -> Vec<ModelEntry>;
+
+    /// Generates a completion of `req` with model `model_id`, calling `on_text` with each new
+    /// piece of text; when `on_text` returns [`Flow::Stop`] (the client went away) the backend
+    /// stops and releases the work on every machine involved. Blocking.
+    fn generate(
+        &self,
+        model_id: &str,
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<Completion, BackendError>;
+}
