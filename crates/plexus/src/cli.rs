@@ -196,4 +196,16 @@ pub enum ModelsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Download a known model into the cache (unless it is there) and print its path.
+    Fetch {
+        /// Which model.
+        #[arg(
+            default_value = crate::fetch::SMOLLM2_135M_INSTRUCT,
+            value_parser = [crate::fetch::SMOLLM2_135M_INSTRUCT]
+        )]
+        model: String,
+        /// Download again even if the cache has it.
+        #[arg(long)]
+        force: bool,
+    },
 }

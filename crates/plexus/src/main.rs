@@ -4,6 +4,7 @@
 
 mod cli;
 mod cmd;
+mod fetch;
 mod progress;
 
 // Dev-dependencies are for the integration tests in tests/.

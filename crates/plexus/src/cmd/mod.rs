@@ -20,6 +20,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models {
             command: ModelsCommand::Inspect { path, json },
         } => models::inspect(&path, json),
+        Command::Models {
+            command: ModelsCommand::Fetch { model, force },
+        } => models::fetch(&model, force),
     }
 }
 

@@ -1,5 +1,5 @@
 //! `plexus models inspect`: what a model file is, without loading its weights (the identity hash
-//! reads the bytes once and is cached).
+//! reads the bytes once and is cached). `plexus models fetch`: a known model into the cache.
 
 use anyhow::Context as _;
 use plexus_model::config::RopeScaling;
@@ -7,6 +7,16 @@ use plexus_model::gguf::dtype_name;
 use plexus_model::{ModelFiles, ModelFormat};
 use std::collections::BTreeMap;
 use std::path::Path;
+
+pub fn fetch(name: &str, force: bool) -> anyhow::Result<()> {
+    let spec = crate::fetch::FetchSpec::by_name(name)
+        .ok_or_else(|| anyhow::anyhow!("unknown model {name}"))?;
+    let cache = super::cache_dir()
+        .context("no cache directory: set PLEXUS_CACHE_DIR, XDG_CACHE_HOME or HOME")?;
+    let path = crate::fetch::fetch(&spec, &cache, force, true)?;
+    println!("{}", path.display());
+    Ok(())
+}
 
 pub fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     let files =
