@@ -76,16 +76,30 @@ impl ApiError {
                 Some(*param),
                 Some("context_length_exceeded"),
             ),
-            Self::ModelNotFound(_) => ("invalid_request_error", Some("model"), Some("model_not_found")),
+            Self::ModelNotFound(_) => (
+                "invalid_request_error",
+                Some("model"),
+                Some("model_not_found"),
+            ),
             Self::UnknownRoute { .. } => ("invalid_request_error", None, Some("unknown_url")),
-            Self::MethodNotAllowed { .. } => ("invalid_request_error", None, Some("method_not_allowed")),
-            Self::PayloadTooLarge { .. } => ("invalid_request_error", None, Some("request_too_large")),
+            Self::MethodNotAllowed { .. } => {
+                ("invalid_request_error", None, Some("method_not_allowed"))
+            }
+            Self::PayloadTooLarge { .. } => {
+                ("invalid_request_error", None, Some("request_too_large"))
+            }
             Self::Overloaded { .. } => ("rate_limit_error", None, Some("rate_limit_exceeded")),
-            Self::Unavailable(_) => ("service_unavailable_error", None, Some("service_unavailable")),
+            Self::Unavailable(_) => (
+                "service_unavailable_error",
+                None,
+                Some("service_unavailable"),
+            ),
             Self::Internal(_) => ("server_error", None, None),
         };
         let message = match self {
-            Self::Internal(_) => "The server had an error while processing your request.".to_owned(),
+            Self::Internal(_) => {
+                "The server had an error while processing your request.".to_owned()
+            }
             Self::ModelNotFound(m) => {
                 format!("The model `{m}` does not exist or you do not have access to it.")
             }

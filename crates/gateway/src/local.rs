@@ -135,7 +135,10 @@ mod tests {
     #[test]
     fn ids_drop_the_quant_tag() {
         let id = |p: &str| model_id(Path::new(p));
-        assert_eq!(id("/m/SmolLM2-135M-Instruct.Q4_1.gguf"), "SmolLM2-135M-Instruct");
+        assert_eq!(
+            id("/m/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "SmolLM2-135M-Instruct"
+        );
         assert_eq!(id("/m/llama-7b.Q4_K_M.gguf"), "llama-7b");
         assert_eq!(id("/m/tiny-f16.gguf"), "tiny");
         assert_eq!(id("/m/model-f32.gguf"), "model");

@@ -81,7 +81,11 @@ impl<C: Chunks> State<C> {
 
 /// The SSE response for a running generation.
 pub fn response<C: Chunks>(running: Running, chunks: C, include_usage: bool) -> Response {
-    let queue = chunks.opening().map(|v| v.to_string()).into_iter().collect();
+    let queue = chunks
+        .opening()
+        .map(|v| v.to_string())
+        .into_iter()
+        .collect();
     let state = State {
         running,
         chunks,

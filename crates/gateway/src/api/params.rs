@@ -104,7 +104,10 @@ impl Options {
         };
         if stop.len() > MAX_STOP {
             return Err(ApiError::invalid(
-                format!("at most {MAX_STOP} stop sequences are allowed, got {}", stop.len()),
+                format!(
+                    "at most {MAX_STOP} stop sequences are allowed, got {}",
+                    stop.len()
+                ),
                 Some("stop"),
             ));
         }

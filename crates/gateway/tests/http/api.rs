@@ -95,7 +95,10 @@ async fn chat_stream_matches_non_stream() {
         .map(|e| {
             assert!(e["choices"][0]["finish_reason"].is_null());
             assert!(e["usage"].is_null(), "usage is null before the usage chunk");
-            e["choices"][0]["delta"]["content"].as_str().unwrap().to_owned()
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
         })
         .collect();
     assert_eq!(streamed, whole["choices"][0]["message"]["content"]);
@@ -104,7 +107,11 @@ async fn chat_stream_matches_non_stream() {
 #[tokio::test]
 async fn stream_without_usage_has_no_usage_chunk() {
     let app = tiny_app(GatewayConfig::new());
-    let res = send(&app, post("/v1/chat/completions", &chat(json!({"stream": true})))).await;
+    let res = send(
+        &app,
+        post("/v1/chat/completions", &chat(json!({"stream": true}))),
+    )
+    .await;
     let events = sse_events(&text(res).await);
     let last = events.last().unwrap();
     assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
@@ -121,7 +128,12 @@ async fn text_completions_plain_and_streamed() {
     assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
     assert_eq!(v["object"], "text_completion");
     let tiny = tiny_backend();
-    let prompt = tiny.entry().tokenizer.encode("the cat", true).unwrap().len() as u64;
+    let prompt = tiny
+        .entry()
+        .tokenizer
+        .encode("the cat", true)
+        .unwrap()
+        .len() as u64;
     assert_eq!(v["usage"]["prompt_tokens"], prompt);
 
     let mut stream_body = body.clone();
@@ -142,9 +154,15 @@ async fn stop_strings_cut_the_text() {
     let app = tiny_app(GatewayConfig::new());
     let base = chat(json!({"max_tokens": 30}));
     let v = json(send(&app, post("/v1/chat/completions", &base)).await).await;
-    let full = v["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let full = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let chars: Vec<char> = full.chars().collect();
-    assert!(chars.len() >= 6, "the tiny model should say something: {full:?}");
+    assert!(
+        chars.len() >= 6,
+        "the tiny model should say something: {full:?}"
+    );
     let mid = chars.len() / 2;
     let stop: String = chars[mid..mid + 2].iter().collect();
     let cut = &full[..full.find(&stop).unwrap()];
@@ -157,8 +175,7 @@ async fn stop_strings_cut_the_text() {
 
         let mut sreq = req.clone();
         sreq["stream"] = json!(true);
-        let events =
-            sse_events(&text(send(&app, post("/v1/chat/completions", &sreq)).await).await);
+        let events = sse_events(&text(send(&app, post("/v1/chat/completions", &sreq)).await).await);
         let streamed: String = events
             .iter()
             .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
@@ -207,5 +224,8 @@ async fn metrics_page() {
         .find_map(|l| l.strip_prefix("plexus_gateway_prompt_tokens_total "))
         .map(|n| json!(n.parse::<u64>().unwrap()))
         .unwrap();
-    assert_eq!(prompt, json!(chat_prompt_tokens(&[("user", "hello there")])));
+    assert_eq!(
+        prompt,
+        json!(chat_prompt_tokens(&[("user", "hello there")]))
+    );
 }

@@ -24,7 +24,9 @@ async fn wait_metric(app: &Router, line: &str) {
 #[tokio::test]
 async fn saturated_gateway_queues_then_answers_429() {
     let backend = Scripted::new(Script::Gated);
-    let config = GatewayConfig::new().with_max_concurrent(1).with_max_queue(1);
+    let config = GatewayConfig::new()
+        .with_max_concurrent(1)
+        .with_max_queue(1);
     let app = scripted_app(backend.clone(), config);
     let req = post("/v1/chat/completions", &chat(json!({})));
     let running = tokio::spawn({
@@ -58,7 +60,9 @@ async fn saturated_gateway_queues_then_answers_429() {
 #[tokio::test]
 async fn leaving_the_queue_gives_the_place_back() {
     let backend = Scripted::new(Script::Gated);
-    let config = GatewayConfig::new().with_max_concurrent(1).with_max_queue(1);
+    let config = GatewayConfig::new()
+        .with_max_concurrent(1)
+        .with_max_queue(1);
     let app = scripted_app(backend.clone(), config);
     let running = tokio::spawn({
         let app = app.clone();
@@ -173,12 +177,15 @@ async fn shutdown_cancels_after_the_grace_period() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = GatewayConfig::new().with_shutdown_grace(Duration::from_millis(300));
     let state = AppState::new(backend.clone(), config);
-    let server = tokio::spawn(plexus_gateway::serve_state(listener, state.clone(), async move {
-        let _ = stopped.await;
-    }));
-    let client = tokio::spawn(async move {
-        raw_request(addr, &chat(json!({"stream": true}))).await
-    });
+    let server = tokio::spawn(plexus_gateway::serve_state(
+        listener,
+        state.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let client =
+        tokio::spawn(async move { raw_request(addr, &chat(json!({"stream": true}))).await });
     backend.wait_started(1).await;
     stop.send(()).unwrap();
     backend.wait_stopped().await;

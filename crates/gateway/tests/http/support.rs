@@ -17,7 +17,9 @@ use tower::ServiceExt;
 pub const TINY: &str = "tiny";
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny")
+        .join(name)
 }
 
 /// The tiny llama2 fixture served by the real engine (loaded once per test binary).
@@ -62,7 +64,10 @@ pub async fn json(res: Response<Body>) -> Value {
 /// Checks the SSE framing (every event is `data: ...` followed by a blank line, the last is
 /// `[DONE]`) and returns the JSON events.
 pub fn sse_events(body: &str) -> Vec<Value> {
-    assert!(body.ends_with("data: [DONE]\n\n"), "stream must end with [DONE]: {body}");
+    assert!(
+        body.ends_with("data: [DONE]\n\n"),
+        "stream must end with [DONE]: {body}"
+    );
     let mut events = Vec::new();
     for frame in body.split_terminator("\n\n") {
         let data = frame
@@ -116,7 +121,10 @@ impl Scripted {
     pub fn new(script: Script) -> Arc<Self> {
         let tiny = tiny_backend().entry().clone();
         Arc::new(Self {
-            entry: ModelEntry { id: TINY.into(), ..tiny },
+            entry: ModelEntry {
+                id: TINY.into(),
+                ..tiny
+            },
             script,
             started: tokio::sync::Semaphore::new(0),
             stopped: tokio::sync::Semaphore::new(0),
@@ -192,7 +200,9 @@ impl Backend for Scripted {
                 })
             }
             Script::Internal => {
-                return Err(BackendError::Internal("secret stage address 10.1.2.3".into()))
+                return Err(BackendError::Internal(
+                    "secret stage address 10.1.2.3".into(),
+                ))
             }
             Script::Gated => {
                 let (lock, cv) = &self.gate;
