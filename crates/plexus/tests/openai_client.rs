@@ -57,7 +57,10 @@ fn openai_python_client_against_the_real_model() {
         .args(["gateway", "--model"])
         .arg(&model)
         .args(["--port", "0"])
-        .env("PLEXUS_CACHE_DIR", std::env::temp_dir().join("plexus-test-cache"))
+        .env(
+            "PLEXUS_CACHE_DIR",
+            std::env::temp_dir().join("plexus-test-cache"),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -82,7 +85,10 @@ fn openai_python_client_against_the_real_model() {
         .strip_prefix("listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
-    assert!(url.starts_with("http://127.0.0.1:") && !url.ends_with(":0"), "{url}");
+    assert!(
+        url.starts_with("http://127.0.0.1:") && !url.ends_with(":0"),
+        "{url}"
+    );
 
     let out = Command::new(&python)
         .arg(repo().join("crates/plexus/tests/openai_client.py"))

@@ -184,6 +184,10 @@ impl Task {
             .backend()
             .generate(&self.entry.id, &req, &mut on_text);
         drop(slot);
+        if let Ok(c) = &result {
+            // Counted even when cancelled: the engine did the work.
+            metrics.completion_tokens.inc_by(c.tokens.len() as u64);
+        }
         let result = match result {
             Ok(c) if c.finish == FinishReason::Cancelled => {
                 if self.state.is_cancelled() {
@@ -194,7 +198,6 @@ impl Task {
                 }
             }
             Ok(c) => {
-                metrics.completion_tokens.inc_by(c.tokens.len() as u64);
                 metrics
                     .request_duration
                     .get_or_create(&RouteLabels {
