@@ -42,7 +42,8 @@ pub enum BackendError {
     Internal(String),
 }
 
-/// Runs generations. Implementations are shared across request handlers.
+/// Runs generations. Implementations are shared across request handlers: `generate` may be
+/// called from several blocking threads at once (up to the gateway's `max_concurrent`).
 pub trait Backend: Send + Sync + 'static {
     /// The models this backend can serve now.
     fn models(&self) -> Vec<ModelEntry>;
@@ -56,4 +57,9 @@ pub trait Backend: Send + Sync + 'static {
         req: &GenerateRequest,
         on_text: &mut dyn FnMut(&str) -> Flow,
     ) -> Result<Completion, BackendError>;
+
+    /// Appends the backend's own metrics to the gateway's `/metrics` page, in the OpenMetrics
+    /// text format (`# HELP`, `# TYPE`, then samples; counter samples end in `_total`; no
+    /// `# EOF`, the gateway writes it). Called on every scrape, so keep it cheap.
+    fn render_metrics(&self, _out: &mut String) {}
 }

@@ -1,3 +1,39 @@
 //! Plexus gateway: the OpenAI-compatible HTTP API in front of a [`backend::Backend`].
+//!
+//! ```text
+//! HTTP ─> server::app (axum router, body limit, per-route metrics)
+//!          ├─ api::chat / api::completions ─> api::generation ─> limits (slot | queue | 429)
+//!          │                                        └─ spawn_blocking: Backend::generate
+//!          │                                              └─ text pieces ─> JSON or sse
+//!          ├─ api::models (/v1/models, /health)
+//!          └─ /metrics (metrics + Backend::render_metrics)
+//! ```
+//!
+//! Start with [`serve`] (a listener, a backend, a [`GatewayConfig`], a shutdown future), or
+//! build [`app`] over an [`AppState`] to drive it without a socket.
 
+pub mod api;
 pub mod backend;
+pub mod config;
+pub mod error;
+pub mod limits;
+pub mod local;
+pub mod metrics;
+pub mod server;
+pub mod sse;
+pub mod state;
+
+pub use backend::{Backend, BackendError, ModelEntry};
+pub use config::GatewayConfig;
+pub use error::ApiError;
+pub use local::LocalBackend;
+pub use server::{app, serve, serve_state};
+pub use state::AppState;
+
+// Dependencies kept for the network backend that lands next (plexus-node's client) and
+// the core types it brings.
+use plexus_core as _;
+use plexus_node as _;
+use tokio_stream as _;
+#[cfg(test)]
+use {http_body_util as _, tempfile as _, tower as _};

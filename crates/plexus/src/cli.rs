@@ -24,6 +24,8 @@ pub enum Command {
     Train(TrainArgs),
     /// Measure prefill and decode speed and peak memory.
     Bench(BenchArgs),
+    /// Serve a model over the OpenAI-compatible HTTP API.
+    Gateway(crate::cmd::gateway::GatewayArgs),
     /// Inspect models.
     Models {
         #[command(subcommand)]
@@ -38,6 +40,7 @@ impl Command {
             Command::Chat(a) => a.common.threads,
             Command::Bench(a) => a.threads,
             Command::Train(a) => a.threads,
+            Command::Gateway(a) => a.threads,
             Command::Models { .. } => None,
         }
     }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+pub mod gateway;
 mod generate;
 mod models;
 mod train;
@@ -17,6 +18,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(a) => chat::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Train(a) => train::run(a),
+        Command::Gateway(a) => gateway::run(a),
         Command::Models {
             command: ModelsCommand::Inspect { path, json },
         } => models::inspect(&path, json),

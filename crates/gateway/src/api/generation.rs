@@ -1,0 +1,308 @@
+//! Running one generation for a handler, off the async runtime.
+//!
+//! ```text
+//! handler ──start(job)──> find model ─> admit (slot or queue or 429)
+//!                             │
+//!                 spawn_blocking: render + tokenize + check context
+//!                             │── ready: Ok(prompt tokens) / Err(400) ──> handler answers
+//!                             │── backend.generate(on_text) ──> Event::Text (bounded channel)
+//!                             └── Event::Done(completion or error)
+//! ```
+//!
+//! - The slot moves into the blocking task and is freed when the backend returns.
+//! - `on_text` never blocks the engine on a slow client: when the channel is full, pieces are
+//!   merged and sent with the next one (the text is bounded by the context anyway).
+//! - Cancellation: when the client goes away the receiver is dropped (the SSE body or the
+//!   non-stream handler future), the channel closes, and `on_text` answers [`Flow::Stop`] at
+//!   the next piece; so does [`AppState::cancel_all`] at shutdown.
+
+use crate::backend::{BackendError, ModelEntry};
+use crate::error::ApiError;
+use crate::metrics::RouteLabels;
+use crate::state::AppState;
+use plexus_model::chat::Message;
+use plexus_model::generate::{Completion, FinishReason, Flow, GenerateRequest};
+use plexus_model::SamplingParams;
+use std::time::Instant;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
+
+/// What the prompt is made of.
+pub enum Prompt {
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<Message>),
+    /// Raw text.
+    Text(String),
+}
+
+impl Prompt {
+    /// The request field a context error points at.
+    fn param(&self) -> &'static str {
+        match self {
+            Prompt::Chat(_) => "messages",
+            Prompt::Text(_) => "prompt",
+        }
+    }
+}
+
+/// One generation asked for by a handler.
+pub struct Job {
+    /// The route, for metrics.
+    pub route: &'static str,
+    pub model: String,
+    pub prompt: Prompt,
+    /// `None`: up to the end of the context.
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Whether text pieces are wanted as they come (else only the final completion).
+    pub stream: bool,
+}
+
+/// What a running generation reports after it started.
+pub enum Event {
+    Text(String),
+    Done(Result<Completion, ApiError>),
+}
+
+/// A generation that passed every check and is running.
+pub struct Running {
+    /// The served model's id (the `model` of responses).
+    pub model: String,
+    /// The model's identity, for `system_fingerprint`.
+    pub identity: String,
+    pub prompt_tokens: usize,
+    pub seed: u64,
+    pub events: mpsc::Receiver<Event>,
+}
+
+/// Admits and starts `job`; returns once its prompt is tokenized and checked, so that every
+/// request error is still an HTTP status. Cancel-safe: dropping the future while queued gives
+/// the place back; dropping it later stops the generation at its next piece of text.
+pub async fn start(state: &AppState, job: Job) -> Result<Running, ApiError> {
+    let arrived = Instant::now();
+    let entry = state
+        .backend()
+        .models()
+        .into_iter()
+        .find(|m| m.id == job.model)
+        .ok_or_else(|| ApiError::ModelNotFound(job.model.clone()))?;
+    let slot = state.limits().admit().await?;
+    let (tx, events) = mpsc::channel(state.config().stream_buffer.max(2));
+    let (ready_tx, ready) = oneshot::channel();
+    let model = entry.id.clone();
+    let identity = entry.identity.clone();
+    let seed = job.sampling.seed;
+    let task = Task {
+        state: state.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        entry,
+        job,
+        arrived,
+        tx,
+    };
+    tokio::task::spawn_blocking(move || task.run(slot, ready_tx));
+    match ready.await {
+        Ok(Ok(prompt_tokens)) => Ok(Running {
+            model,
+            identity,
+            prompt_tokens,
+            seed,
+            events,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ApiError::Internal(
+            "the generation task ended before it started".into(),
+        )),
+    }
+}
+
+/// Waits for the end of a generation started without streaming.
+pub async fn finish(mut running: Running) -> Result<Completion, ApiError> {
+    while let Some(event) = running.events.recv().await {
+        if let Event::Done(result) = event {
+            return result;
+        }
+    }
+    Err(ApiError::Internal(
+        "the generation task ended without a result".into(),
+    ))
+}
+
+/// The blocking half of a generation.
+struct Task {
+    state: AppState,
+    runtime: tokio::runtime::Handle,
+    entry: ModelEntry,
+    job: Job,
+    arrived: Instant,
+    tx: mpsc::Sender<Event>,
+}
+
+impl Task {
+    fn run(self, slot: crate::limits::Slot, ready: oneshot::Sender<Result<usize, ApiError>>) {
+        let req = match self.prepare() {
+            Ok(req) => req,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let prompt_tokens = req.prompt_tokens.len();
+        if ready.send(Ok(prompt_tokens)).is_err() {
+            return; // The client left while the prompt was prepared.
+        }
+        let metrics = self.state.metrics();
+        metrics.prompt_tokens.inc_by(prompt_tokens as u64);
+        let mut pending = String::new();
+        let mut first = true;
+        let mut on_text = |piece: &str| -> Flow {
+            if first {
+                first = false;
+                metrics
+                    .time_to_first_token
+                    .observe(self.arrived.elapsed().as_secs_f64());
+            }
+            if self.state.is_cancelled() || self.tx.is_closed() {
+                return Flow::Stop;
+            }
+            if !self.job.stream {
+                return Flow::Continue;
+            }
+            pending.push_str(piece);
+            match self.tx.try_send(Event::Text(std::mem::take(&mut pending))) {
+                Ok(()) => Flow::Continue,
+                Err(TrySendError::Full(Event::Text(t))) => {
+                    pending = t;
+                    Flow::Continue
+                }
+                Err(_) => Flow::Stop,
+            }
+        };
+        let result = self
+            .state
+            .backend()
+            .generate(&self.entry.id, &req, &mut on_text);
+        drop(slot);
+        if let Ok(c) = &result {
+            // Counted even when cancelled: the engine did the work.
+            metrics.completion_tokens.inc_by(c.tokens.len() as u64);
+        }
+        let result = match result {
+            Ok(c) if c.finish == FinishReason::Cancelled => {
+                if self.state.is_cancelled() {
+                    Err(ApiError::Unavailable("the server is shutting down".into()))
+                } else {
+                    tracing::debug!("generation cancelled: the client went away");
+                    return;
+                }
+            }
+            Ok(c) => {
+                metrics
+                    .request_duration
+                    .get_or_create(&RouteLabels {
+                        route: self.job.route,
+                    })
+                    .observe(self.arrived.elapsed().as_secs_f64());
+                Ok(c)
+            }
+            Err(e) => Err(backend_error(e)),
+        };
+        // The engine is free; hand over what is left, waiting a bounded time for a stalled
+        // client.
+        let tx = self.tx;
+        let deliver = async move {
+            if !pending.is_empty() {
+                tx.send(Event::Text(pending)).await.ok()?;
+            }
+            tx.send(Event::Done(result)).await.ok()
+        };
+        let stall = self.state.config().stall_timeout;
+        if self
+            .runtime
+            .block_on(tokio::time::timeout(stall, deliver))
+            .is_err()
+        {
+            tracing::debug!("gave up delivering the end of a generation to a stalled client");
+        }
+    }
+
+    /// Renders and tokenizes the prompt and checks it against the context.
+    fn prepare(&self) -> Result<GenerateRequest, ApiError> {
+        let tok = &self.entry.tokenizer;
+        let encoded = match &self.job.prompt {
+            Prompt::Chat(messages) => {
+                let template = self.entry.chat_template.as_ref().ok_or_else(|| {
+                    ApiError::invalid(
+                        format!(
+                            "the model `{}` has no chat template; use /v1/completions",
+                            self.entry.id
+                        ),
+                        Some("model"),
+                    )
+                })?;
+                let text = template.render(messages, true).map_err(|e| {
+                    ApiError::invalid(
+                        format!("cannot apply the chat template: {e}"),
+                        Some("messages"),
+                    )
+                })?;
+                // Templates that write the BOS token themselves must not get a second one.
+                let bos_in_text = tok
+                    .bos()
+                    .and_then(|b| tok.token_text(b))
+                    .is_some_and(|b| !b.is_empty() && text.starts_with(&b));
+                tok.encode(&text, !bos_in_text)
+            }
+            Prompt::Text(text) => tok.encode(text, true),
+        }
+        .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
+        let param = self.job.prompt.param();
+        let context = self.entry.context;
+        let n = encoded.len();
+        if n == 0 {
+            return Err(ApiError::invalid("the prompt is empty", Some(param)));
+        }
+        if n >= context {
+            return Err(ApiError::ContextLengthExceeded {
+                message: format!(
+                    "This model's maximum context length is {context} tokens. However, your \
+                     {param} resulted in {n} tokens. Please reduce the length of the {param}."
+                ),
+                param,
+            });
+        }
+        let max_tokens = match self.job.max_tokens {
+            Some(m) if m.saturating_add(n) > context => {
+                return Err(ApiError::ContextLengthExceeded {
+                    message: format!(
+                        "This model's maximum context length is {context} tokens. However, you \
+                         requested {} tokens ({n} in the {param}, {m} in the completion). \
+                         Please reduce the length of the {param} or completion.",
+                        m.saturating_add(n)
+                    ),
+                    param,
+                })
+            }
+            Some(m) => m,
+            None => context - n,
+        };
+        Ok(GenerateRequest {
+            prompt_tokens: encoded,
+            max_tokens,
+            sampling: self.job.sampling.clone(),
+            stop: self.job.stop.clone(),
+        })
+    }
+}
+
+fn backend_error(e: BackendError) -> ApiError {
+    match e {
+        BackendError::Unavailable { model, reason } => {
+            tracing::warn!(%model, %reason, "backend unavailable");
+            ApiError::Unavailable(format!("no capacity to serve `{model}` right now"))
+        }
+        BackendError::Invalid(message) => ApiError::invalid(message, None),
+        BackendError::Internal(cause) => ApiError::Internal(cause),
+    }
+}

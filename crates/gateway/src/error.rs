@@ -1,0 +1,127 @@
+//! [`ApiError`]: every way a request fails, mapped to a status and OpenAI's error body
+//! `{"error":{"message","type","param","code"}}`. Internal causes are logged, never sent.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use std::time::Duration;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or asks for something unsupported (400).
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    /// The prompt, or the prompt plus the requested completion, does not fit the context (400).
+    #[error("{message}")]
+    ContextLengthExceeded {
+        message: String,
+        param: &'static str,
+    },
+    /// No model with this id (404).
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    /// No route at this path (404).
+    #[error("invalid URL ({method} {path})")]
+    UnknownRoute { method: String, path: String },
+    /// The route exists, the method does not (405).
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    /// The body is over the configured limit (413).
+    #[error("the request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// Every generation slot and queue place is taken (429).
+    #[error("the server is busy: too many requests are running or waiting; retry later")]
+    Overloaded { retry_after: Duration },
+    /// The backend cannot serve now, or the server is shutting down (503). The message is sent.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else (500). The cause is logged; clients get a generic message.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest { .. } | Self::ContextLengthExceeded { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::ModelNotFound(_) | Self::UnknownRoute { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `error` object (also sent inside a stream that fails after it started).
+    pub fn body(&self) -> serde_json::Value {
+        let (kind, param, code) = match self {
+            Self::InvalidRequest { param, .. } => ("invalid_request_error", *param, None),
+            Self::ContextLengthExceeded { param, .. } => (
+                "invalid_request_error",
+                Some(*param),
+                Some("context_length_exceeded"),
+            ),
+            Self::ModelNotFound(_) => (
+                "invalid_request_error",
+                Some("model"),
+                Some("model_not_found"),
+            ),
+            Self::UnknownRoute { .. } => ("invalid_request_error", None, Some("unknown_url")),
+            Self::MethodNotAllowed { .. } => {
+                ("invalid_request_error", None, Some("method_not_allowed"))
+            }
+            Self::PayloadTooLarge { .. } => {
+                ("invalid_request_error", None, Some("request_too_large"))
+            }
+            Self::Overloaded { .. } => ("rate_limit_error", None, Some("rate_limit_exceeded")),
+            Self::Unavailable(_) => (
+                "service_unavailable_error",
+                None,
+                Some("service_unavailable"),
+            ),
+            Self::Internal(_) => ("server_error", None, None),
+        };
+        let message = match self {
+            Self::Internal(_) => {
+                "The server had an error while processing your request.".to_owned()
+            }
+            Self::ModelNotFound(m) => {
+                format!("The model `{m}` does not exist or you do not have access to it.")
+            }
+            other => other.to_string(),
+        };
+        json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            Self::Internal(cause) => tracing::error!(%cause, "request failed"),
+            other => tracing::debug!(error = %other, "request rejected"),
+        }
+        let mut res = (self.status(), Json(self.body())).into_response();
+        if let Self::Overloaded { retry_after } = &self {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                res.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        res
+    }
+}

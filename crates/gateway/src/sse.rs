@@ -1,0 +1,119 @@
+//! Server-sent events for streaming responses: every event is one `data: <json>\n\n` line, the
+//! last is `data: [DONE]`. No comments or keep-alives, so every line a client sees is data.
+//!
+//! - [`Chunks`] says what the chunks of one endpoint look like (chat or text completion);
+//! - [`response`] drains a [`Running`] generation into the body: the opening chunk (if any),
+//!   one chunk per text piece, a closing chunk with `finish_reason`, the usage chunk when asked
+//!   for, then `[DONE]`. A failure after the stream started is sent as OpenAI's
+//!   `{"error":{...}}` event, without `[DONE]`.
+//!
+//! Dropping the body (the client went away) drops the receiver, which stops the generation.
+
+use crate::api::generation::{Event, Running};
+use crate::error::ApiError;
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use futures::stream;
+use plexus_model::generate::Completion;
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+/// The chunk objects of one streaming endpoint.
+pub trait Chunks: Send + 'static {
+    /// The first chunk, before any text (chat's `{"role":"assistant"}` delta).
+    fn opening(&self) -> Option<Value>;
+    fn text(&self, text: &str) -> Value;
+    /// The last choice chunk, carrying `finish_reason`.
+    fn closing(&self, finish_reason: &str) -> Value;
+    /// The usage chunk (`choices: []`).
+    fn usage(&self, usage: Value) -> Value;
+}
+
+/// OpenAI's `usage` object.
+pub fn usage(prompt_tokens: usize, c: &Completion) -> Value {
+    let completion = c.tokens.len();
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    })
+}
+
+struct State<C> {
+    running: Running,
+    chunks: C,
+    include_usage: bool,
+    queue: VecDeque<String>,
+    done: bool,
+}
+
+impl<C: Chunks> State<C> {
+    fn on_event(&mut self, event: Option<Event>) {
+        match event {
+            Some(Event::Text(t)) => self.queue.push_back(self.chunks.text(&t).to_string()),
+            Some(Event::Done(Ok(c))) => {
+                self.queue
+                    .push_back(self.chunks.closing(c.finish.as_str()).to_string());
+                if self.include_usage {
+                    let u = usage(self.running.prompt_tokens, &c);
+                    self.queue.push_back(self.chunks.usage(u).to_string());
+                }
+                self.queue.push_back("[DONE]".to_owned());
+                self.done = true;
+            }
+            Some(Event::Done(Err(e))) => self.fail(e),
+            None => self.fail(ApiError::Internal(
+                "the generation task ended without a result".into(),
+            )),
+        }
+    }
+
+    fn fail(&mut self, e: ApiError) {
+        if let ApiError::Internal(cause) = &e {
+            tracing::error!(%cause, "stream failed");
+        }
+        self.queue.push_back(e.body().to_string());
+        self.done = true;
+    }
+}
+
+/// The SSE response for a running generation.
+pub fn response<C: Chunks>(running: Running, chunks: C, include_usage: bool) -> Response {
+    let queue = chunks
+        .opening()
+        .map(|v| v.to_string())
+        .into_iter()
+        .collect();
+    let state = State {
+        running,
+        chunks,
+        include_usage,
+        queue,
+        done: false,
+    };
+    let body = stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(data) = st.queue.pop_front() {
+                let frame = Bytes::from(format!("data: {data}\n\n"));
+                return Some((Ok::<_, Infallible>(frame), st));
+            }
+            if st.done {
+                return None;
+            }
+            let event = st.running.events.recv().await;
+            st.on_event(event);
+        }
+    });
+    let mut res = Body::from_stream(body).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Ask reverse proxies (nginx) not to buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    res
+}

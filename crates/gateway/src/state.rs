@@ -1,0 +1,71 @@
+//! [`AppState`]: what every handler shares (backend, config, admission, metrics, the shutdown
+//! flag). Cheap to clone.
+
+use crate::backend::Backend;
+use crate::config::GatewayConfig;
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The shared state of one gateway.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    config: GatewayConfig,
+    limits: Limits,
+    metrics: Metrics,
+    cancelled: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(backend: Arc<dyn Backend>, config: GatewayConfig) -> Self {
+        let metrics = Metrics::new();
+        let limits = Limits::new(
+            config.max_concurrent,
+            config.max_queue,
+            config.retry_after,
+            metrics.queue_depth.clone(),
+            metrics.in_flight.clone(),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                config,
+                limits,
+                metrics,
+                cancelled: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.inner.backend
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Stops every running generation at its next piece of text (shutdown after the grace
+    /// period). Their clients get a 503 or an error event.
+    pub fn cancel_all(&self) {
+        self.inner.cancelled.store(true, Ordering::Release);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancelled.load(Ordering::Acquire)
+    }
+}

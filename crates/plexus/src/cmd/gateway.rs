@@ -1,0 +1,123 @@
+//! `plexus gateway`: serves one local model over the OpenAI-compatible HTTP API
+//! (`plexus_gateway`) until SIGINT or SIGTERM, then shuts down gracefully.
+//!
+//! Prints `listening on http://HOST:PORT` (the bound port, so `--port 0` works) on stdout as
+//! soon as it accepts connections; everything else goes to stderr.
+
+use anyhow::Context as _;
+use clap::Args;
+use plexus_gateway::{GatewayConfig, LocalBackend};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Flags of `plexus gateway`.
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// A .gguf file or a Hugging Face model directory to serve.
+    #[arg(long, short)]
+    pub model: PathBuf,
+    /// The id clients put in "model" (default: the file name without .gguf and quant tag).
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (printed on stdout).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Generations running at once.
+    #[arg(long, default_value_t = 4)]
+    pub max_concurrent: usize,
+    /// Requests that may wait for a generation slot; beyond that, 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Largest request body in bytes; beyond that, 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds in-flight requests get to finish at shutdown before they are cancelled.
+    #[arg(long, default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+    /// CPU threads for the engine (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl GatewayArgs {
+    fn config(&self) -> GatewayConfig {
+        GatewayConfig::new()
+            .with_max_concurrent(self.max_concurrent)
+            .with_max_queue(self.max_queue)
+            .with_max_body_bytes(self.max_body_bytes)
+            .with_shutdown_grace(Duration::from_secs(self.shutdown_grace_secs))
+    }
+}
+
+/// Completes at the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    eprintln!("shutting down");
+}
+
+pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
+    let pb = crate::progress::spinner(&format!("loading {}", a.model.display()));
+    let cache = super::cache_dir();
+    let mut backend = LocalBackend::load(&a.model, cache.as_deref())
+        .with_context(|| format!("cannot load model {}", a.model.display()))?;
+    pb.finish_and_clear();
+    if let Some(id) = &a.model_id {
+        backend = backend.with_id(id.clone());
+    }
+    let entry = backend.entry().clone();
+    eprintln!(
+        "serving {} (context {}, identity {})",
+        entry.id, entry.context, entry.identity
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let config = a.config();
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
+        let addr = listener
+            .local_addr()
+            .context("cannot read the bound address")?;
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "listening on http://{addr}")?;
+        stdout.flush()?;
+        plexus_gateway::serve(listener, Arc::new(backend), config, shutdown_signal())
+            .await
+            .context("the server failed")
+    })?;
+    // Blocking generation threads were cancelled at shutdown; do not wait on a stray one.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    Ok(())
+}

@@ -1,0 +1,125 @@
+#![allow(unused_crate_dependencies, clippy::unwrap_used)]
+//! End to end: the real `plexus gateway` binary serving the real SmolLM2 model on a free port,
+//! driven by the official `openai` Python client (tests/openai_client.py), then stopped with
+//! SIGTERM, which must end it cleanly.
+//!
+//! Python comes from `PLEXUS_PYTHON` (default `python3`) and needs the `openai` package:
+//! `pip install -r scripts/requirements-ci.txt` (`.ci/run` sets up a venv with it).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const INSTALL: &str = "pip install -r scripts/requirements-ci.txt";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Kills the server if the test fails before stopping it.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn python() -> String {
+    std::env::var("PLEXUS_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Fails (does not skip) when the client library is missing, saying how to install it.
+fn require_openai(python: &str) {
+    let out = Command::new(python)
+        .args(["-c", "import openai; print(openai.__version__)"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python} ({e}); set PLEXUS_PYTHON to a Python 3 with the `openai` package: {INSTALL}"));
+    assert!(
+        out.status.success(),
+        "the `openai` Python package is not importable by {python}; install it with `{INSTALL}` \
+         (or point PLEXUS_PYTHON at a venv that has it):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn openai_python_client_against_the_real_model() {
+    let python = python();
+    require_openai(&python);
+    let model = repo().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(model.exists(), "missing {}", model.display());
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args(["gateway", "--model"])
+        .arg(&model)
+        .args(["--port", "0"])
+        .env(
+            "PLEXUS_CACHE_DIR",
+            std::env::temp_dir().join("plexus-test-cache"),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start plexus gateway");
+    let stdout = child.stdout.take().unwrap();
+    let server = Server(child);
+
+    // The first stdout line is `listening on URL`; read it on a thread to bound the wait.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let _ = tx.send(lines.next());
+        // Keep draining so the server never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the gateway did not print its address in time")
+        .expect("the gateway closed stdout")
+        .unwrap();
+    let url = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    assert!(
+        url.starts_with("http://127.0.0.1:") && !url.ends_with(":0"),
+        "{url}"
+    );
+
+    let out = Command::new(&python)
+        .arg(repo().join("crates/plexus/tests/openai_client.py"))
+        .arg(&url)
+        .output()
+        .expect("run the python client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the openai client checks failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+
+    // SIGTERM: the gateway stops accepting, finishes and exits 0.
+    let mut server = server;
+    let pid = server.0.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = server.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the gateway did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit after SIGTERM: {status}");
+}
