@@ -181,6 +181,36 @@ impl Activations {
         }
     }
 
+    /// Stacks row blocks of one type and width (`None` if `parts` is empty or they differ).
+    pub fn concat(parts: &[Activations]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|p| p.dtype != first.dtype || p.cols != first.cols)
+        {
+            return None;
+        }
+        let rows: u32 = parts.iter().map(|p| p.rows).sum();
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        match first.dtype {
+            DType::F32 | DType::F16 => parts.iter().for_each(|p| data.extend_from_slice(&p.data)),
+            DType::I8 => {
+                for p in parts {
+                    data.extend_from_slice(&p.data[..p.rows as usize * 4]);
+                }
+                for p in parts {
+                    data.extend_from_slice(&p.data[p.rows as usize * 4..]);
+                }
+            }
+        }
+        Some(Self {
+            dtype: first.dtype,
+            rows,
+            cols: first.cols,
+            data,
+        })
+    }
+
     /// The last `rows` rows (a replay returns only the positions of its final chunk).
     pub fn tail_rows(&self, rows: usize) -> Self {
         let rows = rows.min(self.rows as usize);
@@ -229,6 +259,9 @@ pub struct Forward {
     pub sampling: Option<SamplingParams>,
     /// Element type for the returned activations.
     pub reply_dtype: DType,
+    /// Return the activations of every new position, not only the final chunk's (a replay
+    /// through a replacement stage that feeds another replacement).
+    pub all_rows: bool,
 }
 
 impl Forward {
@@ -250,6 +283,8 @@ pub enum Request {
     Close {
         session: SessionId,
     },
+    /// Ask for the node's current signed announcement.
+    Describe,
 }
 
 /// Why a stage refused or failed a call.
@@ -283,6 +318,8 @@ pub enum Response {
         compute_us: u64,
     },
     Closed,
+    /// The node's announcement (`SignedAnnouncement` bytes).
+    Described(#[serde(with = "serde_bytes")] Vec<u8>),
     Error {
         code: ErrorCode,
         message: String,
@@ -333,6 +370,11 @@ pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
     let resp: Response = decode(bytes)?;
     if let Response::Hidden { hidden, .. } = &resp {
         hidden.validate()?;
+    }
+    if let Response::Described(bytes) = &resp {
+        if bytes.len() > crate::announce::MAX_ANNOUNCEMENT_BYTES {
+            return Err(DecodeError::Invalid("announcement too large".into()));
+        }
     }
     if let Response::Error { message, .. } = &resp {
         if message.len() > 4096 {
@@ -389,6 +431,7 @@ mod tests {
             chunks: vec![2, 1],
             sampling: Some(SamplingParams::greedy()),
             reply_dtype: DType::F16,
+            all_rows: false,
         }
     }
 
@@ -444,6 +487,12 @@ mod tests {
             assert!(worst <= tol, "{dtype:?}: {worst}");
             let tail = a.tail_rows(1).to_f32();
             assert_eq!(tail, back[48..].to_vec(), "{dtype:?}");
+            let parts = [a.tail_rows(4), a.tail_rows(2)];
+            let joined = Activations::concat(&parts).unwrap();
+            assert_eq!(joined.rows, 6);
+            let mut want = back.clone();
+            want.extend_from_slice(&back[32..]);
+            assert_eq!(joined.to_f32(), want, "{dtype:?}");
         }
     }
 

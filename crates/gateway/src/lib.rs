@@ -19,6 +19,7 @@ pub mod error;
 pub mod limits;
 pub mod local;
 pub mod metrics;
+pub mod network;
 pub mod server;
 pub mod sse;
 pub mod state;
@@ -32,8 +33,6 @@ pub use state::AppState;
 
 // Dependencies kept for the network backend that lands next (plexus-node's client) and
 // the core types it brings.
-use plexus_core as _;
-use plexus_node as _;
 use tokio_stream as _;
 #[cfg(test)]
 use {http_body_util as _, tempfile as _, tower as _};

@@ -1,8 +1,272 @@
-//! placeholder (the lead is writing this crate)
-use futures as _;
-use libp2p as _;
-use plexus_core as _;
-use serde as _;
-use thiserror as _;
-use tokio as _;
-use tracing as _;
+//! Plexus networking on rust-libp2p: one swarm per process, owned by a [`actor::NetActor`]
+//! task; everything else holds a cloneable [`NetHandle`] and reads [`NetEvent`]s.
+//!
+//! ```text
+//!  NetHandle ──Command──▶ NetActor (owns the Swarm) ──NetEvent──▶ node / gateway
+//!      ▲                        │
+//!      └──── oneshot replies ◀──┘
+//! ```
+//!
+//! Transports: TCP and QUIC, noise, yamux. Discovery: Kademlia from bootstrap peers, identify,
+//! optional mDNS. Announcements ride gossipsub; stage calls are request/response streams with
+//! length-prefixed frames ([`codec`]). Every channel is bounded; peers that send malformed
+//! frames are answered `BadRequest`, then disconnected and refused for a while.
+
+pub mod actor;
+pub mod behaviour;
+pub mod codec;
+
+pub use codec::WireCounters;
+pub use libp2p::{Multiaddr, PeerId};
+
+use libp2p::request_response::ResponseChannel;
+use plexus_core::keys::NodeKey;
+use plexus_core::wire::{Request, Response};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// How to run the network side of a process.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    pub key: NodeKey,
+    /// Addresses to listen on. Default: TCP and QUIC on all interfaces, ports chosen by the OS.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join through (`/ip4/.../tcp/.../p2p/<peer id>`).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the LAN with mDNS.
+    pub mdns: bool,
+    /// Accept stage calls (a node) or only make them (a gateway).
+    pub serve: bool,
+    /// How long a stage call may take before it fails.
+    pub request_timeout: Duration,
+    /// Concurrent inbound plus outbound stage streams per connection.
+    pub max_streams: usize,
+    /// Established connections in total.
+    pub max_connections: u32,
+    /// Malformed frames a peer may send before it is disconnected and refused.
+    pub max_strikes: u32,
+    /// How long a disconnected offender stays refused.
+    pub ban: Duration,
+}
+
+impl NetConfig {
+    pub fn new(key: NodeKey) -> Self {
+        Self {
+            key,
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr"),
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid multiaddr"),
+            ],
+            bootstrap: Vec::new(),
+            mdns: false,
+            serve: true,
+            request_timeout: Duration::from_secs(60),
+            max_streams: 64,
+            max_connections: 256,
+            max_strikes: 3,
+            ban: Duration::from_secs(60),
+        }
+    }
+
+    pub fn with_listen(mut self, listen: Vec<Multiaddr>) -> Self {
+        self.listen = listen;
+        self
+    }
+
+    pub fn with_bootstrap(mut self, bootstrap: Vec<Multiaddr>) -> Self {
+        self.bootstrap = bootstrap;
+        self
+    }
+
+    pub fn with_mdns(mut self, on: bool) -> Self {
+        self.mdns = on;
+        self
+    }
+
+    pub fn with_serve(mut self, serve: bool) -> Self {
+        self.serve = serve;
+        self
+    }
+
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+}
+
+/// What the network tells its owner.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A well-formed stage call; answer it with [`NetHandle::respond`].
+    Request {
+        peer: PeerId,
+        request: Request,
+        reply: Reply,
+    },
+    /// Bytes published on the announcement topic by `source` (not yet verified).
+    Announcement { source: Option<PeerId>, data: Vec<u8> },
+    Connected(PeerId),
+    Disconnected(PeerId),
+    Listening(Multiaddr),
+}
+
+/// Where the answer to an inbound stage call goes.
+#[derive(Debug)]
+pub struct Reply(pub(crate) ResponseChannel<Response>);
+
+/// Why a stage call failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CallError {
+    #[error("cannot reach peer {0}")]
+    Unreachable(PeerId),
+    #[error("peer {0} did not answer in time")]
+    Timeout(PeerId),
+    #[error("the connection to {0} closed")]
+    ConnectionClosed(PeerId),
+    #[error("peer {0} does not serve stage calls")]
+    Unsupported(PeerId),
+    #[error("stream to {peer} failed: {message}")]
+    Io { peer: PeerId, message: String },
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+/// Why a publish failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("no peer subscribes to announcements yet")]
+    NoPeers,
+    #[error("publish failed: {0}")]
+    Other(String),
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+/// Why the network could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartNetError {
+    #[error("cannot build the libp2p behaviour: {0}")]
+    Behaviour(String),
+    #[error("cannot set up transports: {0}")]
+    Transport(String),
+    #[error("cannot listen on {addr}: {message}")]
+    Listen { addr: Multiaddr, message: String },
+}
+
+pub(crate) enum Command {
+    Call {
+        peer: PeerId,
+        request: Request,
+        reply: oneshot::Sender<Result<Response, CallError>>,
+    },
+    Respond {
+        reply: Reply,
+        response: Response,
+    },
+    Publish {
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), PublishError>>,
+    },
+    Dial(Multiaddr),
+    AddAddress(PeerId, Multiaddr),
+    Disconnect(PeerId),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Connected(oneshot::Sender<Vec<PeerId>>),
+    Rtt(PeerId, oneshot::Sender<Option<Duration>>),
+}
+
+/// A cloneable handle to the network task. Every method is cancel-safe: dropping a call's
+/// future abandons the wait (the peer may still process the request).
+#[derive(Clone)]
+pub struct NetHandle {
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) peer_id: PeerId,
+    pub(crate) counters: Arc<WireCounters>,
+}
+
+impl NetHandle {
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Bytes on stage streams so far.
+    pub fn counters(&self) -> &WireCounters {
+        &self.counters
+    }
+
+    /// Sends a stage call and waits for the answer.
+    pub async fn call(&self, peer: PeerId, request: Request) -> Result<Response, CallError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Call {
+                peer,
+                request,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| CallError::Stopped)?;
+        rx.await.map_err(|_| CallError::Stopped)?
+    }
+
+    /// Answers an inbound stage call.
+    pub async fn respond(&self, reply: Reply, response: Response) {
+        let _ = self
+            .commands
+            .send(Command::Respond { reply, response })
+            .await;
+    }
+
+    /// Publishes bytes on the announcement topic.
+    pub async fn publish(&self, data: Vec<u8>) -> Result<(), PublishError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Publish { data, reply: tx })
+            .await
+            .map_err(|_| PublishError::Stopped)?;
+        rx.await.map_err(|_| PublishError::Stopped)?
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) {
+        let _ = self.commands.send(Command::Dial(addr)).await;
+    }
+
+    /// Remembers an address of `peer` (from its announcement) so calls can reach it.
+    pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) {
+        let _ = self.commands.send(Command::AddAddress(peer, addr)).await;
+    }
+
+    pub async fn disconnect(&self, peer: PeerId) {
+        let _ = self.commands.send(Command::Disconnect(peer)).await;
+    }
+
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::ListenAddrs(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    pub async fn connected_peers(&self) -> Vec<PeerId> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Connected(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// The latest ping round trip to `peer`.
+    pub async fn rtt(&self, peer: PeerId) -> Option<Duration> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Rtt(peer, tx)).await.ok()?;
+        rx.await.ok().flatten()
+    }
+}
+
+/// Starts the network task on the current tokio runtime.
+pub fn start(
+    config: NetConfig,
+) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), StartNetError> {
+    actor::NetActor::start(config)
+}

@@ -1,11 +1,20 @@
-//! placeholder (the lead is writing this crate)
-use futures as _;
-use half as _;
-use plexus_core as _;
-use plexus_model as _;
-use plexus_net as _;
-use serde as _;
-use serde_json as _;
-use thiserror as _;
-use tokio as _;
-use tracing as _;
+//! The Plexus node: serves a span of a model's layers to the network, and the client side that
+//! drives a chain of such nodes.
+//!
+//! - [`service`]: the daemon (`plexus node`): engine + network + announcements.
+//! - [`engine`]: the engine thread with per-session KV caches.
+//! - [`client`]: drives generations over a chain of remote stages, with failover.
+//! - [`directory`], [`discovery`]: who serves what, from verified announcements.
+//! - [`route`]: the cheapest chain for a request; [`placement`]: spans for nodes.
+//! - [`measure`]: seconds per layer and free memory.
+
+pub mod client;
+pub mod directory;
+pub mod discovery;
+pub mod engine;
+pub mod measure;
+pub mod placement;
+pub mod route;
+pub mod service;
+
+pub use service::{Node, NodeConfig, StartNodeError};

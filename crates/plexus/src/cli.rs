@@ -31,6 +31,12 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Serve a span of a model's layers to the network.
+    Node(NodeArgs),
+    /// Start a local network (nodes + gateway) on loopback and serve the OpenAI API.
+    Up(UpArgs),
+    /// Print the placement plan for a model from the nodes that announce it.
+    Placement(PlacementArgs),
 }
 
 impl Command {
@@ -42,6 +48,8 @@ impl Command {
             Command::Train(a) => a.threads,
             Command::Gateway(a) => a.threads,
             Command::Models { .. } => None,
+            Command::Node(a) => a.threads,
+            Command::Up(_) | Command::Placement(_) => None,
         }
     }
 }
@@ -211,4 +219,88 @@ pub enum ModelsCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// Flags shared by everything that joins the network.
+#[derive(Args, Debug, Clone)]
+pub struct NetArgs {
+    /// Address to listen on (repeatable). Default: TCP and QUIC on all interfaces, OS-chosen
+    /// ports.
+    #[arg(long)]
+    pub listen: Vec<String>,
+    /// Peer to join through, as a multiaddr ending in /p2p/<peer id> (repeatable).
+    #[arg(long)]
+    pub bootstrap: Vec<String>,
+    /// Find peers on the local network with mDNS.
+    #[arg(long)]
+    pub mdns: bool,
+    /// Directory for the node key (created on first start). Default: $PLEXUS_DATA_DIR, else
+    /// $XDG_DATA_HOME/plexus, else ~/.local/share/plexus.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// A .gguf file or a Hugging Face model directory.
+    #[arg(long, short)]
+    pub model: PathBuf,
+    /// Layers to serve, as start..end (default: all).
+    #[arg(long)]
+    pub span: Option<String>,
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// Most sessions (KV caches) held at once; the least recently used goes first.
+    #[arg(long, default_value_t = 64)]
+    pub max_sessions: usize,
+    /// Seconds an idle session is kept.
+    #[arg(long, default_value_t = 300)]
+    pub session_ttl: u64,
+    /// Stage calls waiting for the engine before new ones are refused as busy.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Asking price, micro-credits per 1000 tokens per layer.
+    #[arg(long, default_value_t = 0)]
+    pub price: u64,
+    /// CPU threads for the engine (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Exit when this process id is gone (used by `plexus up`).
+    #[arg(long, hide = true)]
+    pub parent_pid: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub struct PlacementArgs {
+    /// Model identity (sha256 hex or a prefix of it) or name, as announced by nodes.
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// Stages per chain (default: the fewest whose memory holds the model).
+    #[arg(long)]
+    pub stages: Option<usize>,
+    /// Seconds to listen for announcements before planning.
+    #[arg(long, default_value_t = 3.0)]
+    pub wait: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Node processes to split the model across.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Port of the OpenAI-compatible API (0: any free port).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Host to bind the API to.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Model file or directory (default: SmolLM2-135M-Instruct from the cache, fetched if
+    /// missing).
+    #[arg(long, short)]
+    pub model: Option<PathBuf>,
+    /// CPU threads per node process (default: all cores divided among the nodes, at least 1).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }

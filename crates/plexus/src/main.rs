@@ -11,7 +11,7 @@ mod progress;
 #[cfg(test)]
 use tempfile as _;
 // Declared for subcommands landing on other branches (fetch, node); silenced until they do.
-use {hex as _, plexus_core as _, plexus_net as _, plexus_node as _};
+use hex as _;
 use {serde as _, sha2 as _, ureq as _, zip as _};
 
 use clap::Parser;

@@ -1,6 +1,9 @@
 //! `plexus gateway`: serves one local model over the OpenAI-compatible HTTP API
 //! (`plexus_gateway`) until SIGINT or SIGTERM, then shuts down gracefully.
 //!
+//! With `--bootstrap` (or `--mdns`) it serves through the network instead: the model file
+//! gives the tokenizer, chat template and identity, and nodes announcing that identity run it.
+//!
 //! Prints `listening on http://HOST:PORT` (the bound port, so `--port 0` works) on stdout as
 //! soon as it accepts connections; everything else goes to stderr.
 
@@ -42,6 +45,13 @@ pub struct GatewayArgs {
     /// CPU threads for the engine (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Serve through the network instead of in this process: join through --bootstrap (or
+    /// --mdns) and route each request over a chain of nodes announcing this model.
+    #[command(flatten)]
+    pub net: crate::cli::NetArgs,
+    /// Activations between stages: f16, f32 or int8 (network mode).
+    #[arg(long, default_value = "f16")]
+    pub wire: String,
 }
 
 impl GatewayArgs {
@@ -54,36 +64,10 @@ impl GatewayArgs {
     }
 }
 
-/// Completes at the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    eprintln!("shutting down");
-}
-
 pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
+    if !a.net.bootstrap.is_empty() || a.net.mdns {
+        return run_network(a);
+    }
     let pb = crate::progress::spinner(&format!("loading {}", a.model.display()));
     let cache = super::cache_dir();
     let mut backend = LocalBackend::load(&a.model, cache.as_deref())
@@ -113,11 +97,51 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
         let mut stdout = std::io::stdout();
         writeln!(stdout, "listening on http://{addr}")?;
         stdout.flush()?;
-        plexus_gateway::serve(listener, Arc::new(backend), config, shutdown_signal())
+        plexus_gateway::serve(listener, Arc::new(backend), config, super::net::shutdown_signal())
             .await
             .context("the server failed")
     })?;
     // Blocking generation threads were cancelled at shutdown; do not wait on a stray one.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    Ok(())
+}
+
+fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
+    use plexus_gateway::network::NetworkBackend;
+    use plexus_node::client::{ClientConfig, NetworkClient};
+    let wire = a.wire.parse().map_err(anyhow::Error::msg).context("bad --wire")?;
+    let key = a.net.key()?;
+    let mut net = a.net.config(key)?;
+    if a.net.listen.is_empty() {
+        net = net.with_listen(vec!["/ip4/0.0.0.0/tcp/0".parse()?]);
+    }
+    let runtime = super::net::runtime()?;
+    let config = a.config();
+    runtime.block_on(async move {
+        let mut client_config = ClientConfig::new(net);
+        client_config.wire = wire;
+        let client = NetworkClient::start(client_config)?;
+        let mut backend = NetworkBackend::new(client);
+        let cache = super::cache_dir();
+        let entry = backend
+            .add_model(&a.model, cache.as_deref())
+            .with_context(|| format!("cannot read model {}", a.model.display()))?
+            .clone();
+        eprintln!(
+            "serving {} through the network (identity {})",
+            entry.id, entry.identity
+        );
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
+        let addr = listener.local_addr()?;
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "listening on http://{addr}")?;
+        stdout.flush()?;
+        plexus_gateway::serve(listener, Arc::new(backend), config, super::net::shutdown_signal())
+            .await
+            .context("the server failed")
+    })?;
     runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())
 }

@@ -5,6 +5,10 @@ mod chat;
 pub mod gateway;
 mod generate;
 mod models;
+mod net;
+mod node;
+mod placement;
+mod up;
 mod train;
 
 use crate::cli::{Cli, Command, CommonArgs, ModelsCommand, SamplingArgs};
@@ -25,6 +29,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models {
             command: ModelsCommand::Fetch { model, force },
         } => models::fetch(&model, force),
+        Command::Node(a) => node::run(a),
+        Command::Up(a) => up::run(a),
+        Command::Placement(a) => placement::run(a),
     }
 }
 

@@ -1,0 +1,173 @@
+//! The network backend: generations run through a chain of stage nodes found on the Plexus
+//! network ([`plexus_node::client`]), with failover. The gateway keeps the tokenizer and chat
+//! template of each model it offers (from a local copy of the model) and matches the model's
+//! identity against what nodes announce.
+
+use crate::backend::{Backend, BackendError, ModelEntry};
+use crate::local::{model_id, LoadError};
+use plexus_core::Digest;
+use plexus_model::generate::{generate_with, Completion, Flow, GenerateError, GenerateRequest};
+use plexus_model::identity::identity;
+use plexus_model::ModelFiles;
+use plexus_node::client::{ChainError, NetworkClient};
+use plexus_node::route::best_route;
+use plexus_core::wire::ErrorCode;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+struct NetModel {
+    entry: ModelEntry,
+    digest: Digest,
+    num_layers: usize,
+}
+
+/// Serves models through remote stage chains.
+pub struct NetworkBackend {
+    client: NetworkClient,
+    models: Vec<NetModel>,
+}
+
+impl NetworkBackend {
+    pub fn new(client: NetworkClient) -> Self {
+        Self {
+            client,
+            models: Vec::new(),
+        }
+    }
+
+    /// Offers the model at `path` (its tokenizer and template are read here; its layers are
+    /// served by nodes announcing the same identity).
+    pub fn add_model(&mut self, path: &Path, cache_dir: Option<&Path>) -> Result<&ModelEntry, LoadError> {
+        let files = ModelFiles::open(path)?;
+        let digest = identity(&files.weight_files, cache_dir, |_, _| {})?;
+        let num_layers = files.config.num_layers;
+        let context = files.config.max_position_embeddings;
+        let tokenizer = files.tokenizer()?;
+        let chat_template = match files.chat_template_source() {
+            Some(src) => {
+                let piece =
+                    |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
+                let bos = piece(tokenizer.bos());
+                let eos = piece(tokenizer.eos().first().copied());
+                Some(Arc::new(
+                    plexus_model::chat::ChatTemplate::new(&src, &bos, &eos)
+                        .map_err(plexus_model::LoadModelError::from)?,
+                ))
+            }
+            None => None,
+        };
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.models.push(NetModel {
+            entry: ModelEntry {
+                id: model_id(path),
+                identity: digest.to_string(),
+                context,
+                tokenizer: Arc::new(tokenizer),
+                chat_template,
+                created,
+            },
+            digest,
+            num_layers,
+        });
+        Ok(&self.models[self.models.len() - 1].entry)
+    }
+
+    pub fn client(&self) -> &NetworkClient {
+        &self.client
+    }
+
+    fn covered(&self, m: &NetModel) -> bool {
+        let dir = self.client.directory();
+        let cands: Vec<_> = dir
+            .offers(&m.digest)
+            .into_iter()
+            .map(|(peer, _, o)| plexus_node::route::Candidate {
+                peer,
+                start: o.start as usize,
+                end: o.end as usize,
+                compute_s: 0.0,
+                rtt: None,
+                load: 0.0,
+            })
+            .collect();
+        best_route(&cands, 0, m.num_layers, &[]).is_some()
+    }
+}
+
+fn map_error(e: GenerateError<ChainError>) -> BackendError {
+    match e {
+        GenerateError::EmptyPrompt | GenerateError::PromptTooLong { .. } => {
+            BackendError::Invalid(e.to_string())
+        }
+        GenerateError::Forward(ChainError::Refused {
+            code: ErrorCode::BadRequest | ErrorCode::ContextOverflow,
+            ref message,
+            ..
+        }) => BackendError::Invalid(message.clone()),
+        GenerateError::Forward(ChainError::NoRoute { ref model, .. }) => BackendError::Unavailable {
+            model: model.clone(),
+            reason: e.to_string(),
+        },
+        GenerateError::Forward(ChainError::TooManyFailovers(_)) => BackendError::Unavailable {
+            model: String::new(),
+            reason: e.to_string(),
+        },
+        other => BackendError::Internal(other.to_string()),
+    }
+}
+
+impl Backend for NetworkBackend {
+    fn models(&self) -> Vec<ModelEntry> {
+        self.models
+            .iter()
+            .filter(|m| self.covered(m))
+            .map(|m| m.entry.clone())
+            .collect()
+    }
+
+    fn generate(
+        &self,
+        model_id: &str,
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<Completion, BackendError> {
+        let m = self
+            .models
+            .iter()
+            .find(|m| m.entry.id == model_id)
+            .ok_or_else(|| BackendError::Invalid(format!("unknown model {model_id}")))?;
+        let mut chain = self
+            .client
+            .open_chain(m.digest, m.num_layers, m.entry.context, req.sampling.clone())
+            .map_err(|e| BackendError::Unavailable {
+                model: model_id.to_string(),
+                reason: e.to_string(),
+            })?;
+        generate_with(&mut chain, &m.entry.tokenizer, req, |t| on_text(t)).map_err(map_error)
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        let m = self.client.metrics();
+        let c = self.client.handle().counters();
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {v}\n"
+            );
+        };
+        counter("plexus_chain_tokens", "Tokens generated through remote chains.", m.tokens.load(Ordering::Relaxed));
+        counter("plexus_stage_calls", "Stage calls made.", m.stage_calls.load(Ordering::Relaxed));
+        counter("plexus_stage_call_microseconds", "Time spent in stage calls.", m.stage_call_micros.load(Ordering::Relaxed));
+        counter("plexus_chain_failovers", "Stages replaced mid-generation.", m.failovers.load(Ordering::Relaxed));
+        counter("plexus_chain_replayed_positions", "Positions replayed to replacement stages.", m.replayed_positions.load(Ordering::Relaxed));
+        counter("plexus_chains_opened", "Chains opened (one per generation).", m.chains_opened.load(Ordering::Relaxed));
+        counter("plexus_wire_sent_bytes", "Bytes sent on stage streams.", c.sent.load(Ordering::Relaxed));
+        counter("plexus_wire_received_bytes", "Bytes received on stage streams.", c.received.load(Ordering::Relaxed));
+        counter("plexus_wire_rejected_frames", "Frames refused as oversized or undecodable.", c.rejected.load(Ordering::Relaxed));
+    }
+}

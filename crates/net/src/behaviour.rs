@@ -1,0 +1,109 @@
+//! The composed libp2p behaviour of a Plexus peer.
+//!
+//! - `stage`: request/response stage calls ([`crate::codec::StageCodec`]).
+//! - `gossip`: gossipsub, topic [`ANNOUNCE_TOPIC`]: signed announcements.
+//! - `kad`: Kademlia peer routing from bootstrap peers; `identify` feeds it addresses.
+//! - `mdns`: LAN discovery (optional); `ping`: round-trip times for routing;
+//!   `limits`: caps on connections, so a flood of dials cannot exhaust the node.
+
+use crate::codec::StageCodec;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{
+    connection_limits, gossipsub, identify, kad, mdns, ping, request_response, StreamProtocol,
+};
+use plexus_core::wire::STAGE_PROTOCOL;
+use std::time::Duration;
+
+/// The gossipsub topic of announcements.
+pub const ANNOUNCE_TOPIC: &str = "plexus/announce/1";
+/// The identify protocol version; peers with another major version are not ours.
+pub const IDENTIFY_VERSION: &str = "/plexus/1.0.0";
+const KAD_PROTOCOL: &str = "/plexus/kad/1.0.0";
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    pub limits: connection_limits::Behaviour,
+    pub stage: request_response::Behaviour<StageCodec>,
+    pub gossip: gossipsub::Behaviour,
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// Settings the behaviour is built from (a subset of [`crate::NetConfig`]).
+pub(crate) struct BehaviourSettings {
+    pub serve: bool,
+    pub mdns: bool,
+    pub request_timeout: Duration,
+    pub max_streams: usize,
+    pub max_connections: u32,
+    pub codec: StageCodec,
+}
+
+pub(crate) fn build(
+    key: &libp2p::identity::Keypair,
+    s: BehaviourSettings,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let peer_id = key.public().to_peer_id();
+    let support = if s.serve {
+        request_response::ProtocolSupport::Full
+    } else {
+        request_response::ProtocolSupport::Outbound
+    };
+    let stage = request_response::Behaviour::with_codec(
+        s.codec,
+        [(StreamProtocol::new(STAGE_PROTOCOL), support)],
+        request_response::Config::default()
+            .with_request_timeout(s.request_timeout)
+            .with_max_concurrent_streams(s.max_streams),
+    );
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_millis(500))
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .max_transmit_size(plexus_core::announce::MAX_ANNOUNCEMENT_BYTES + 1024)
+        // Small networks: publish to every subscribed peer, not just the mesh.
+        .flood_publish(true)
+        .build()?;
+    let mut gossip = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossip_config,
+    )?;
+    gossip.subscribe(&gossipsub::IdentTopic::new(ANNOUNCE_TOPIC))?;
+    let mut kad = kad::Behaviour::with_config(
+        peer_id,
+        kad::store::MemoryStore::new(peer_id),
+        kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
+    );
+    kad.set_mode(Some(if s.serve {
+        kad::Mode::Server
+    } else {
+        kad::Mode::Client
+    }));
+    let identify = identify::Behaviour::new(identify::Config::new(
+        IDENTIFY_VERSION.to_string(),
+        key.public(),
+    ));
+    let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5)));
+    let mdns = if s.mdns {
+        Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+    } else {
+        None
+    };
+    let limits = connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(s.max_connections))
+            .with_max_established_per_peer(Some(4))
+            .with_max_pending_incoming(Some(64)),
+    );
+    Ok(Behaviour {
+        limits,
+        stage,
+        gossip,
+        kad,
+        identify,
+        ping,
+        mdns: Toggle::from(mdns),
+    })
+}

@@ -1,0 +1,54 @@
+//! Measures this node's speed on its own stage (seconds per layer per token, decode and
+//! prefill) for announcements and placement, and reads free memory.
+
+use plexus_model::{Logits, Stage, StageInput};
+use std::time::Instant;
+
+/// Seconds per layer per token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Speed {
+    pub decode_s_per_layer: f64,
+    pub prefill_s_per_layer: f64,
+}
+
+/// Runs a short prefill (32 positions) and 8 decode steps through `stage`.
+pub fn measure(stage: &Stage) -> Result<Speed, plexus_model::stage::ForwardError> {
+    let hidden = stage.config().hidden_size;
+    let layers = stage.span().len().max(1) as f64;
+    let mut cache = stage.new_cache();
+    let input = |n: usize| -> Result<StageInput<'static>, plexus_model::stage::ForwardError> {
+        if stage.is_first() {
+            static TOKENS: [u32; 32] = [1; 32];
+            Ok(StageInput::Tokens(&TOKENS[..n]))
+        } else {
+            let values: Vec<f32> = (0..n * hidden).map(|i| ((i % 17) as f32 - 8.0) / 16.0).collect();
+            Ok(StageInput::Hidden(candle_core::Tensor::from_vec(
+                values,
+                (1, n, hidden),
+                &candle_core::Device::Cpu,
+            )?))
+        }
+    };
+    let prefill = 32;
+    let t = Instant::now();
+    stage.forward(input(prefill)?, &mut cache, Logits::Last)?;
+    let prefill_s = t.elapsed().as_secs_f64() / prefill as f64 / layers;
+    let steps = 8;
+    let t = Instant::now();
+    for _ in 0..steps {
+        stage.forward(input(1)?, &mut cache, Logits::Last)?;
+    }
+    let decode_s = t.elapsed().as_secs_f64() / steps as f64 / layers;
+    Ok(Speed {
+        decode_s_per_layer: decode_s,
+        prefill_s_per_layer: prefill_s,
+    })
+}
+
+/// Bytes of memory available (`MemAvailable` of /proc/meminfo), if known.
+pub fn free_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,358 @@
+//! Placement: which contiguous span of layers each node should serve.
+//!
+//! Given nodes (speed: seconds per layer per token; memory: how many layers fit) and a model
+//! of `L` layers, the plan builds chains of `k` stages (`k` asked for, or the fewest nodes
+//! whose memory holds the model) and, inside each chain, picks spans that make the slowest
+//! stage as fast as possible (the least bottleneck `T` with `sum_i min(cap_i, T / s_i) >= L`).
+//! With more nodes than one chain needs, the rest form more chains (round-robin over nodes
+//! sorted by speed, so chains come out alike) and leftovers replicate the slowest stage of the
+//! first chain. Pure and deterministic: the same inputs give the same plan on every node, so
+//! nodes rebalance to the same answer when peers join or leave.
+
+use plexus_net::PeerId;
+use std::fmt;
+
+/// What placement knows of a node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeCapacity {
+    pub peer: PeerId,
+    /// Seconds per layer per decoded token.
+    pub decode_s_per_layer: f64,
+    /// Layers that fit in its free memory.
+    pub max_layers: usize,
+}
+
+/// One node's span in the plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assignment {
+    pub peer: PeerId,
+    pub start: usize,
+    pub end: usize,
+    /// Expected compute seconds per decoded token for the span.
+    pub seconds: f64,
+}
+
+/// A full placement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub num_layers: usize,
+    pub chains: Vec<Vec<Assignment>>,
+    /// Extra copies of busy spans (not part of a complete chain).
+    pub replicas: Vec<Assignment>,
+}
+
+/// Why no plan exists.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlacementError {
+    #[error("no nodes")]
+    NoNodes,
+    #[error("the nodes' memory holds {fits} of {needed} layers")]
+    NotEnoughMemory { fits: usize, needed: usize },
+}
+
+impl Plan {
+    /// The assignment of `peer`, if any.
+    pub fn assignment(&self, peer: &PeerId) -> Option<&Assignment> {
+        self.chains
+            .iter()
+            .flatten()
+            .chain(&self.replicas)
+            .find(|a| &a.peer == peer)
+    }
+
+    /// Expected compute seconds per token through the slowest chain (network time not
+    /// included).
+    pub fn seconds_per_token(&self) -> f64 {
+        self.chains
+            .iter()
+            .map(|c| c.iter().map(|a| a.seconds).sum::<f64>())
+            .fold(0.0, f64::max)
+    }
+
+    /// The slowest single stage: what bounds pipelined throughput.
+    pub fn bottleneck(&self) -> f64 {
+        self.chains
+            .iter()
+            .flatten()
+            .map(|a| a.seconds)
+            .fold(0.0, f64::max)
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, chain) in self.chains.iter().enumerate() {
+            writeln!(f, "chain {i}:")?;
+            for a in chain {
+                writeln!(
+                    f,
+                    "  layers {:>3}..{:<3} {}  {:.2} ms/token",
+                    a.start,
+                    a.end,
+                    a.peer,
+                    a.seconds * 1e3
+                )?;
+            }
+        }
+        for a in &self.replicas {
+            writeln!(
+                f,
+                "replica layers {:>3}..{:<3} {}  {:.2} ms/token",
+                a.start,
+                a.end,
+                a.peer,
+                a.seconds * 1e3
+            )?;
+        }
+        write!(
+            f,
+            "expected compute: {:.2} ms/token (slowest stage {:.2} ms)",
+            self.seconds_per_token() * 1e3,
+            self.bottleneck() * 1e3
+        )
+    }
+}
+
+/// Computes a plan for `num_layers` layers; `stages` fixes the chain length.
+pub fn plan(
+    nodes: &[NodeCapacity],
+    num_layers: usize,
+    stages: Option<usize>,
+) -> Result<Plan, PlacementError> {
+    let mut nodes: Vec<NodeCapacity> = nodes.iter().filter(|n| n.max_layers > 0).cloned().collect();
+    if nodes.is_empty() || num_layers == 0 {
+        return Err(PlacementError::NoNodes);
+    }
+    nodes.sort_by(|a, b| {
+        a.decode_s_per_layer
+            .total_cmp(&b.decode_s_per_layer)
+            .then_with(|| a.peer.to_bytes().cmp(&b.peer.to_bytes()))
+    });
+    let total: usize = nodes.iter().map(|n| n.max_layers).sum();
+    if total < num_layers {
+        return Err(PlacementError::NotEnoughMemory {
+            fits: total,
+            needed: num_layers,
+        });
+    }
+    let fewest = {
+        let mut caps: Vec<usize> = nodes.iter().map(|n| n.max_layers).collect();
+        caps.sort_unstable_by(|a, b| b.cmp(a));
+        let mut sum = 0;
+        caps.iter()
+            .position(|c| {
+                sum += c;
+                sum >= num_layers
+            })
+            .map_or(nodes.len(), |i| i + 1)
+    };
+    let mut k = stages
+        .unwrap_or(fewest)
+        .clamp(fewest, nodes.len())
+        .min(num_layers);
+    loop {
+        let r = nodes.len() / k;
+        let groups: Vec<Vec<&NodeCapacity>> = (0..r)
+            .map(|j| (0..k).map(|i| &nodes[i * r + j]).collect())
+            .collect();
+        let chains: Option<Vec<Vec<Assignment>>> =
+            groups.iter().map(|g| balance(g, num_layers)).collect();
+        match chains {
+            Some(chains) => {
+                let replicas = replicate(&chains, &nodes[r * k..]);
+                return Ok(Plan {
+                    num_layers,
+                    chains,
+                    replicas,
+                });
+            }
+            // Round-robin groups can miss memory a single chain of all nodes has.
+            None if k < nodes.len().min(num_layers) => k += 1,
+            None => {
+                return Err(PlacementError::NotEnoughMemory {
+                    fits: total,
+                    needed: num_layers,
+                })
+            }
+        }
+    }
+}
+
+/// Spans for one chain that minimise its slowest stage, or `None` if its memory is short.
+fn balance(nodes: &[&NodeCapacity], layers: usize) -> Option<Vec<Assignment>> {
+    let lens_for = |t: f64| -> Vec<usize> {
+        nodes
+            .iter()
+            .map(|n| {
+                let by_time = if n.decode_s_per_layer > 0.0 {
+                    ((t / n.decode_s_per_layer) + 1e-9).floor() as usize
+                } else {
+                    layers
+                };
+                by_time.min(n.max_layers).max(1)
+            })
+            .collect()
+    };
+    // Candidate bottlenecks: m layers on node i.
+    let mut candidates: Vec<f64> = nodes
+        .iter()
+        .flat_map(|n| (1..=layers.min(n.max_layers)).map(move |m| m as f64 * n.decode_s_per_layer))
+        .collect();
+    candidates.sort_by(f64::total_cmp);
+    let t = *candidates
+        .iter()
+        .find(|&&t| lens_for(t).iter().sum::<usize>() >= layers)?;
+    let mut lens = lens_for(t);
+    // Trim the excess from the stages that take longest.
+    while lens.iter().sum::<usize>() > layers {
+        let i = (0..lens.len())
+            .filter(|&i| lens[i] > 1)
+            .max_by(|&a, &b| {
+                (lens[a] as f64 * nodes[a].decode_s_per_layer)
+                    .total_cmp(&(lens[b] as f64 * nodes[b].decode_s_per_layer))
+                    .then(a.cmp(&b))
+            })?;
+        lens[i] -= 1;
+    }
+    let mut start = 0;
+    Some(
+        nodes
+            .iter()
+            .zip(lens)
+            .map(|(n, len)| {
+                let a = Assignment {
+                    peer: n.peer,
+                    start,
+                    end: start + len,
+                    seconds: len as f64 * n.decode_s_per_layer,
+                };
+                start += len;
+                a
+            })
+            .collect(),
+    )
+}
+
+/// Leftover nodes copy the slowest stages of the first chain they can hold.
+fn replicate(chains: &[Vec<Assignment>], spare: &[NodeCapacity]) -> Vec<Assignment> {
+    let Some(first) = chains.first() else {
+        return Vec::new();
+    };
+    let mut by_cost: Vec<&Assignment> = first.iter().collect();
+    by_cost.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then(a.start.cmp(&b.start)));
+    spare
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| {
+            let fitting: Vec<&&Assignment> = by_cost
+                .iter()
+                .filter(|a| a.end - a.start <= n.max_layers)
+                .collect();
+            let a = fitting.get(i % fitting.len().max(1))?;
+            Some(Assignment {
+                peer: n.peer,
+                start: a.start,
+                end: a.end,
+                seconds: (a.end - a.start) as f64 * n.decode_s_per_layer,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn node(s: f64, cap: usize) -> NodeCapacity {
+        NodeCapacity {
+            peer: PeerId::random(),
+            decode_s_per_layer: s,
+            max_layers: cap,
+        }
+    }
+
+    #[test]
+    fn equal_nodes_split_evenly() {
+        let nodes = vec![node(1e-3, 30), node(1e-3, 30), node(1e-3, 30)];
+        let p = plan(&nodes, 30, Some(3)).unwrap();
+        assert_eq!(p.chains.len(), 1);
+        let lens: Vec<usize> = p.chains[0].iter().map(|a| a.end - a.start).collect();
+        assert_eq!(lens, vec![10, 10, 10]);
+        // Without a stage count the fewest stages win; the others become chains of their own.
+        let p = plan(&nodes, 30, None).unwrap();
+        assert_eq!(p.chains.len(), 3);
+        assert!(p.chains.iter().all(|c| c.len() == 1));
+    }
+
+    #[test]
+    fn faster_nodes_take_more_layers_and_memory_caps_hold() {
+        let nodes = vec![node(1e-3, 30), node(2e-3, 30), node(1e-3, 8)];
+        let p = plan(&nodes, 30, Some(3)).unwrap();
+        let chain = &p.chains[0];
+        for a in chain {
+            let n = nodes.iter().find(|n| n.peer == a.peer).unwrap();
+            assert!(a.end - a.start <= n.max_layers);
+        }
+        assert!((p.bottleneck() - 0.015).abs() < 1e-9, "{p}");
+    }
+
+    #[test]
+    fn spare_nodes_replicate_the_slowest_stage() {
+        let nodes = vec![node(1e-3, 20), node(1e-3, 20), node(1e-3, 20)];
+        let p = plan(&nodes, 30, Some(2)).unwrap();
+        assert_eq!(p.chains.len(), 1);
+        assert_eq!(p.replicas.len(), 1);
+        let r = &p.replicas[0];
+        assert!(p.chains[0].iter().any(|a| a.start == r.start && a.end == r.end));
+    }
+
+    #[test]
+    fn too_little_memory_is_an_error() {
+        let nodes = vec![node(1e-3, 10), node(1e-3, 10)];
+        assert_eq!(
+            plan(&nodes, 30, None),
+            Err(PlacementError::NotEnoughMemory {
+                fits: 20,
+                needed: 30
+            })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn plans_cover_every_layer_within_memory(
+            specs in proptest::collection::vec((1u32..50, 1usize..40), 1..8),
+            layers in 1usize..40,
+            stages in proptest::option::of(1usize..6),
+        ) {
+            let nodes: Vec<NodeCapacity> =
+                specs.iter().map(|&(ms, cap)| node(ms as f64 * 1e-4, cap)).collect();
+            match plan(&nodes, layers, stages) {
+                Ok(p) => {
+                    let mut used = std::collections::HashSet::new();
+                    for chain in &p.chains {
+                        prop_assert_eq!(chain.first().unwrap().start, 0);
+                        prop_assert_eq!(chain.last().unwrap().end, layers);
+                        for w in chain.windows(2) {
+                            prop_assert_eq!(w[0].end, w[1].start);
+                        }
+                        for a in chain {
+                            let n = nodes.iter().find(|n| n.peer == a.peer).unwrap();
+                            prop_assert!(a.start < a.end && a.end - a.start <= n.max_layers);
+                            prop_assert!(used.insert(a.peer));
+                        }
+                    }
+                    for a in &p.replicas {
+                        prop_assert!(used.insert(a.peer));
+                    }
+                }
+                Err(PlacementError::NotEnoughMemory { .. }) => {
+                    let total: usize = nodes.iter().map(|n| n.max_layers).sum();
+                    prop_assert!(total < layers || nodes.len() > layers);
+                }
+                Err(e) => prop_assert!(false, "{e}"),
+            }
+        }
+    }
+}

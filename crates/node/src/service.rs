@@ -1,0 +1,294 @@
+//! The node daemon: loads its span of a model, measures itself, joins the network, announces
+//! what it serves, and answers stage calls through the engine actor.
+//!
+//! ```text
+//! NetEvent::Request ─▶ EngineHandle::try_submit ─▶ engine thread ─▶ replies ─▶ NetHandle::respond
+//! announce timer ─▶ signed Announcement ─▶ gossipsub (and Describe answers)
+//! ```
+
+use crate::discovery::{now_ms, DirectoryKeeper};
+use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, Work};
+use crate::measure::{free_memory, measure, Speed};
+use plexus_core::announce::{Announcement, ModelOffer};
+use plexus_core::keys::NodeKey;
+use plexus_core::wire::{ErrorCode, Request, Response};
+use plexus_core::Digest;
+use plexus_model::load::ModelFiles;
+use plexus_model::layers::Mode;
+use plexus_model::{LayerSpan, Stage};
+use plexus_net::{Multiaddr, NetConfig, NetEvent, NetHandle, PeerId, StartNetError};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+/// How to run a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub model: PathBuf,
+    /// Layers to serve; `None` serves the whole model.
+    pub span: Option<LayerSpan>,
+    pub net: NetConfig,
+    pub engine: EngineConfig,
+    /// Where model identities are cached.
+    pub cache_dir: Option<PathBuf>,
+    pub announce_every: Duration,
+    pub announce_ttl: Duration,
+    /// Micro-credits per 1000 tokens per layer.
+    pub price: u64,
+}
+
+impl NodeConfig {
+    pub fn new(model: PathBuf, key: NodeKey) -> Self {
+        Self {
+            model,
+            span: None,
+            net: NetConfig::new(key),
+            engine: EngineConfig::default(),
+            cache_dir: None,
+            announce_every: Duration::from_secs(2),
+            announce_ttl: Duration::from_secs(30),
+            price: 0,
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartNodeError {
+    #[error(transparent)]
+    Load(#[from] plexus_model::LoadModelError),
+    #[error("cannot hash the model's weights")]
+    Identity(#[from] plexus_model::identity::IdentityError),
+    #[error("layers {span} are outside the model's {layers} layers")]
+    BadSpan { span: LayerSpan, layers: usize },
+    #[error("cannot measure the stage")]
+    Measure(#[from] plexus_model::stage::ForwardError),
+    #[error(transparent)]
+    Net(#[from] StartNetError),
+    #[error("the loading task failed: {0}")]
+    Join(String),
+}
+
+/// What a loaded node serves.
+pub struct Served {
+    pub model: Digest,
+    pub name: String,
+    pub stage: Arc<Stage>,
+    pub speed: Speed,
+    pub layer_bytes: u64,
+}
+
+/// A running node (call [`Node::run`]).
+pub struct Node {
+    config: NodeConfig,
+    served: Served,
+    handle: NetHandle,
+    events: mpsc::Receiver<NetEvent>,
+    engine: EngineHandle,
+    replies: mpsc::Receiver<(plexus_net::Reply, Response)>,
+    keeper: DirectoryKeeper,
+    listen: Vec<Multiaddr>,
+    current: Vec<u8>,
+}
+
+fn load(config: &NodeConfig) -> Result<Served, StartNodeError> {
+    let files = ModelFiles::open(&config.model)?;
+    let layers = files.config.num_layers;
+    let span = config.span.unwrap_or(LayerSpan::full(layers));
+    if span.end > layers || span.is_empty() {
+        return Err(StartNodeError::BadSpan { span, layers });
+    }
+    let model = plexus_model::identity::identity(
+        &files.weight_files,
+        config.cache_dir.as_deref(),
+        |_, _| {},
+    )?;
+    let layer_bytes = plexus_model::identity::total_size(&files.weight_files) / layers.max(1) as u64;
+    let stage = files.stage(Some(span), Mode::Infer)?;
+    let speed = measure(&stage)?;
+    let name = config
+        .model
+        .file_stem()
+        .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned());
+    Ok(Served {
+        model,
+        name,
+        stage: Arc::new(stage),
+        speed,
+        layer_bytes,
+    })
+}
+
+impl Node {
+    /// Loads the model span, starts the engine and the network, and waits (up to 5 s) until
+    /// the node listens.
+    pub async fn start(config: NodeConfig) -> Result<Self, StartNodeError> {
+        let cfg = config.clone();
+        let served = tokio::task::spawn_blocking(move || load(&cfg))
+            .await
+            .map_err(|e| StartNodeError::Join(e.to_string()))??;
+        info!(
+            model = %served.model.short(),
+            span = %served.stage.span(),
+            decode_ms_per_layer = served.speed.decode_s_per_layer * 1e3,
+            "stage loaded"
+        );
+        let (handle, mut events) = plexus_net::start(config.net.clone().with_serve(true))?;
+        let (reply_tx, replies) = mpsc::channel(256);
+        let engine = EngineActor::start(
+            Arc::clone(&served.stage),
+            served.model,
+            config.engine.clone(),
+            reply_tx,
+        );
+        let (keeper, _) = DirectoryKeeper::new(handle.clone());
+        // Collect the first listen addresses; keep any other early event for `run`.
+        let mut listen = Vec::new();
+        let mut early = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while listen.len() < config.net.listen.len() {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(NetEvent::Listening(a))) => listen.push(a),
+                Ok(Some(other)) => early.push(other),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let mut node = Node {
+            config,
+            served,
+            handle,
+            events,
+            engine,
+            replies,
+            keeper,
+            listen,
+            current: Vec::new(),
+        };
+        node.current = node.announcement().sign(&node.config.net.key).encode();
+        for e in early {
+            node.on_event(e).await;
+        }
+        Ok(node)
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.handle.peer_id()
+    }
+
+    /// Addresses other processes can dial, with this node's `/p2p/` suffix.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.listen
+            .iter()
+            .map(|a| a.clone().with_p2p(self.peer_id()).unwrap_or_else(|a| a))
+            .collect()
+    }
+
+    pub fn served(&self) -> &Served {
+        &self.served
+    }
+
+    fn announcement(&self) -> Announcement {
+        let key = &self.config.net.key;
+        let span = self.served.stage.span();
+        let cfg = self.served.stage.config();
+        Announcement {
+            public_key: key.public().encode_protobuf(),
+            peer: key.peer_id().to_string(),
+            issued_at_ms: now_ms(),
+            ttl_ms: self.config.announce_ttl.as_millis() as u64,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            addrs: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            free_memory: free_memory().unwrap_or(0),
+            sessions: self.engine.gauges.sessions.load(Ordering::Relaxed),
+            max_sessions: self.config.engine.max_sessions as u32,
+            queue: self.engine.gauges.queued.load(Ordering::Relaxed),
+            price: self.config.price,
+            models: vec![ModelOffer {
+                model: self.served.model,
+                name: self.served.name.clone(),
+                num_layers: cfg.num_layers as u32,
+                start: span.start as u32,
+                end: span.end as u32,
+                hidden: cfg.hidden_size as u32,
+                decode_s_per_layer: self.served.speed.decode_s_per_layer as f32,
+                prefill_s_per_layer: self.served.speed.prefill_s_per_layer as f32,
+                layer_bytes: self.served.layer_bytes,
+            }],
+        }
+    }
+
+    async fn announce(&mut self) {
+        self.current = self.announcement().sign(&self.config.net.key).encode();
+        if let Err(e) = self.handle.publish(self.current.clone()).await {
+            debug!("announcement not published: {e}");
+        }
+    }
+
+    async fn on_event(&mut self, event: NetEvent) {
+        match event {
+            NetEvent::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let work = match request {
+                    Request::Describe => {
+                        self.handle
+                            .respond(reply, Response::Described(self.current.clone()))
+                            .await;
+                        return;
+                    }
+                    Request::Forward(f) => Work::Forward(Box::new(f)),
+                    Request::Close { session } => Work::Close(session),
+                };
+                if let Err(job) = self.engine.try_submit(Job { peer, work, reply }) {
+                    self.handle
+                        .respond(
+                            job.reply,
+                            Response::Error {
+                                code: ErrorCode::Busy,
+                                message: "the engine queue is full".into(),
+                            },
+                        )
+                        .await;
+                }
+            }
+            NetEvent::Announcement { source, data } => self.keeper.admit(&data, source).await,
+            NetEvent::Connected(peer) => self.keeper.describe(peer),
+            NetEvent::Disconnected(peer) => self.keeper.remove(&peer),
+            NetEvent::Listening(addr) => {
+                if !self.listen.contains(&addr) {
+                    self.listen.push(addr);
+                }
+            }
+        }
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let mut announce = tokio::time::interval(self.config.announce_every);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(event) = self.events.recv() => self.on_event(event).await,
+                Some((reply, response)) = self.replies.recv() => {
+                    self.handle.respond(reply, response).await;
+                }
+                Some((peer, bytes)) = self.keeper.described.recv() => {
+                    self.keeper.admit(&bytes, Some(peer)).await;
+                }
+                _ = announce.tick() => {
+                    self.keeper.prune();
+                    self.announce().await;
+                }
+            }
+        }
+        info!("node stopped");
+    }
+}

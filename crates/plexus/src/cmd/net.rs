@@ -1,0 +1,95 @@
+//! What every networked subcommand shares: the data directory and node key, `NetConfig` from
+//! flags, the tokio runtime, and the shutdown signal.
+
+use crate::cli::NetArgs;
+use anyhow::Context as _;
+use plexus_core::keys::NodeKey;
+use plexus_net::{Multiaddr, NetConfig};
+use std::path::PathBuf;
+
+/// `$PLEXUS_DATA_DIR`, else `$XDG_DATA_HOME/plexus`, else `~/.local/share/plexus`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PLEXUS_DATA_DIR") {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("plexus");
+    }
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".local/share/plexus"))
+        .unwrap_or_else(|| PathBuf::from(".plexus"))
+}
+
+fn parse_addrs(addrs: &[String], what: &str) -> anyhow::Result<Vec<Multiaddr>> {
+    addrs
+        .iter()
+        .map(|a| {
+            a.parse::<Multiaddr>()
+                .with_context(|| format!("{what} {a:?} is not a multiaddr"))
+        })
+        .collect()
+}
+
+impl NetArgs {
+    /// The node key from the data directory (created on first start).
+    pub fn key(&self) -> anyhow::Result<NodeKey> {
+        let dir = self.data_dir.clone().unwrap_or_else(default_data_dir);
+        let path = dir.join("node.key");
+        NodeKey::load_or_create(&path)
+            .with_context(|| format!("cannot load the node key {}", path.display()))
+    }
+
+    pub fn config(&self, key: NodeKey) -> anyhow::Result<NetConfig> {
+        let mut config = NetConfig::new(key)
+            .with_bootstrap(parse_addrs(&self.bootstrap, "--bootstrap")?)
+            .with_mdns(self.mdns);
+        if !self.listen.is_empty() {
+            config = config.with_listen(parse_addrs(&self.listen, "--listen")?);
+        }
+        Ok(config)
+    }
+}
+
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Resolves when process `pid` no longer exists.
+pub async fn parent_gone(pid: Option<u32>) {
+    let Some(pid) = pid else {
+        return std::future::pending().await;
+    };
+    let path = PathBuf::from(format!("/proc/{pid}"));
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if !path.exists() {
+            return;
+        }
+    }
+}

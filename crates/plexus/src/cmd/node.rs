@@ -1,0 +1,78 @@
+//! `plexus node`: serve a span of a model's layers until Ctrl-C / SIGTERM.
+//!
+//! Prints `peer <id>` and one `listening on <multiaddr>` line per address on stdout (scripts
+//! and `plexus up` read them), everything else goes to the log on stderr.
+
+use super::net::{parent_gone, runtime, shutdown_signal};
+use crate::cli::NodeArgs;
+use anyhow::Context as _;
+use plexus_model::LayerSpan;
+use plexus_node::engine::EngineConfig;
+use plexus_node::{Node, NodeConfig};
+use std::io::Write;
+use std::time::Duration;
+
+pub fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let span = args
+        .span
+        .as_deref()
+        .map(|s| s.parse::<LayerSpan>().map_err(anyhow::Error::msg))
+        .transpose()
+        .context("bad --span")?;
+    let key = args.net.key()?;
+    let net = args.net.config(key.clone())?;
+    let mut config = NodeConfig::new(args.model.clone(), key);
+    config.span = span;
+    config.net = net;
+    config.engine = EngineConfig {
+        max_sessions: args.max_sessions,
+        session_ttl: Duration::from_secs(args.session_ttl),
+        queue: args.queue,
+    };
+    config.cache_dir = super::cache_dir();
+    config.price = args.price;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let node = Node::start(config)
+            .await
+            .with_context(|| format!("cannot start a node for {}", args.model.display()))?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "peer {}", node.peer_id())?;
+        writeln!(
+            out,
+            "serving layers {} of {} ({})",
+            node.served().stage.span(),
+            node.served().name,
+            node.served().model
+        )?;
+        for a in node.listen_addrs() {
+            writeln!(out, "listening on {a}")?;
+        }
+        out.flush()?;
+        drop(out);
+        let stop = async {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = parent_gone(args.parent_pid) => {}
+                _ = stdin_closed(args.parent_pid.is_some()) => {}
+            }
+        };
+        node.run(stop).await;
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves when stdin reaches end of file, if `watch` (a parent closes our stdin to stop us).
+async fn stdin_closed(watch: bool) {
+    if !watch {
+        return std::future::pending().await;
+    }
+    use tokio::io::AsyncReadExt as _;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = stdin.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}

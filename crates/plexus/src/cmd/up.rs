@@ -1,0 +1,215 @@
+//! `plexus up`: a whole local network in one command. Starts `--nodes` node processes on
+//! loopback with the model split across them by placement, joins them from this process as a
+//! gateway, waits until a chain covers every layer, prints the API URL and a curl line, and on
+//! Ctrl-C stops the gateway (finishing in-flight requests) and then the nodes.
+
+use super::net::{runtime, shutdown_signal};
+use crate::cli::UpArgs;
+use anyhow::{bail, Context as _};
+use plexus_core::keys::NodeKey;
+use plexus_gateway::network::NetworkBackend;
+use plexus_gateway::GatewayConfig;
+use plexus_model::ModelFiles;
+use plexus_net::{Multiaddr, NetConfig};
+use plexus_node::client::{ClientConfig, NetworkClient};
+use plexus_node::placement::{plan, NodeCapacity};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A started node process and the addresses it listens on.
+struct NodeProcess {
+    child: Child,
+    addrs: Vec<Multiaddr>,
+    span: (usize, usize),
+}
+
+/// Spans for `n` equal nodes: placement's plan for identical machines.
+fn spans(layers: usize, n: usize) -> anyhow::Result<Vec<(usize, usize)>> {
+    let nodes: Vec<NodeCapacity> = (0..n)
+        .map(|i| {
+            let key = NodeKey::from_secret([i as u8 + 1; 32])
+                .context("deriving a placeholder peer id")?;
+            Ok(NodeCapacity {
+                peer: key.peer_id(),
+                decode_s_per_layer: 1e-3,
+                max_layers: layers,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let p = plan(&nodes, layers, Some(n))?;
+    let mut out: Vec<(usize, usize)> = p.chains.iter().flatten().map(|a| (a.start, a.end)).collect();
+    out.extend(p.replicas.iter().map(|a| (a.start, a.end)));
+    out.sort_unstable();
+    Ok(out)
+}
+
+async fn start_node(
+    model: &Path,
+    span: (usize, usize),
+    data_dir: &Path,
+    bootstrap: &[Multiaddr],
+    threads: Option<usize>,
+) -> anyhow::Result<NodeProcess> {
+    let exe = std::env::current_exe().context("cannot find the plexus executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("node")
+        .arg("--model")
+        .arg(model)
+        .arg("--span")
+        .arg(format!("{}..{}", span.0, span.1))
+        .arg("--listen")
+        .arg("/ip4/127.0.0.1/tcp/0")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--parent-pid")
+        .arg(std::process::id().to_string());
+    if let Some(t) = threads {
+        cmd.arg("--threads").arg(t.to_string());
+    }
+    for b in bootstrap {
+        cmd.arg("--bootstrap").arg(b.to_string());
+    }
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().context("cannot start a node process")?;
+    let stdout = child.stdout.take().context("no stdout from the node")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut addrs = Vec::new();
+    let read = async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(a) = line.strip_prefix("listening on ") {
+                addrs.push(a.parse::<Multiaddr>()?);
+            } else if !addrs.is_empty() {
+                break;
+            }
+            if addrs.len() == 1 {
+                // One TCP address is all the gateway needs; later lines are not awaited.
+                break;
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(120), read)
+        .await
+        .context("the node did not start listening within 120 s")??;
+    if addrs.is_empty() {
+        let status = child.wait().await?;
+        bail!("the node for layers {}..{} exited ({status})", span.0, span.1);
+    }
+    // Keep draining stdout so the node never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(NodeProcess { child, addrs, span })
+}
+
+async fn stop_nodes(nodes: &mut [NodeProcess]) {
+    // Closing stdin asks each node to stop (see `plexus node --parent-pid`).
+    for n in nodes.iter_mut() {
+        drop(n.child.stdin.take());
+    }
+    for n in nodes.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(5), n.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = n.child.kill().await;
+        }
+    }
+}
+
+fn resolve_model(args: &UpArgs) -> anyhow::Result<PathBuf> {
+    match &args.model {
+        Some(p) => Ok(p.clone()),
+        None => {
+            let cache = super::cache_dir().context("no cache directory (set PLEXUS_CACHE_DIR)")?;
+            crate::fetch::default_model(&cache, true)
+        }
+    }
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    let model = resolve_model(&args)?;
+    let files = ModelFiles::open(&model).with_context(|| format!("cannot open {}", model.display()))?;
+    let layers = files.config.num_layers;
+    drop(files);
+    if args.nodes == 0 || args.nodes > layers {
+        bail!("--nodes must be between 1 and the model's {layers} layers");
+    }
+    let spans = spans(layers, args.nodes)?;
+    let base = super::cache_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("up");
+    let rt = runtime()?;
+    rt.block_on(async move {
+        eprintln!("starting {} nodes for {}", spans.len(), model.display());
+        let mut nodes: Vec<NodeProcess> = Vec::new();
+        let result = async {
+            let first = start_node(&model, spans[0], &base.join("node-0"), &[], args.threads).await?;
+            let boot = first.addrs.clone();
+            nodes.push(first);
+            let rest = spans[1..].iter().enumerate().map(|(i, span)| {
+                let dir = base.join(format!("node-{}", i + 1));
+                let (model, boot) = (model.clone(), boot.clone());
+                let span = *span;
+                async move { start_node(&model, span, &dir, &boot, args.threads).await }
+            });
+            for n in futures::future::join_all(rest).await {
+                nodes.push(n?);
+            }
+            serve(&args, &model, &nodes, layers).await
+        }
+        .await;
+        stop_nodes(&mut nodes).await;
+        result
+    })
+}
+
+async fn serve(args: &UpArgs, model: &Path, nodes: &[NodeProcess], layers: usize) -> anyhow::Result<()> {
+    let bootstrap: Vec<Multiaddr> = nodes.iter().flat_map(|n| n.addrs.clone()).collect();
+    let net = NetConfig::new(NodeKey::generate())
+        .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
+        .with_bootstrap(bootstrap);
+    let client = NetworkClient::start(ClientConfig::new(net))?;
+    let mut backend = NetworkBackend::new(client.clone());
+    let cache = super::cache_dir();
+    let entry = backend
+        .add_model(model, cache.as_deref())
+        .with_context(|| format!("cannot read {}", model.display()))?
+        .clone();
+    let digest = entry.identity.parse().context("model identity")?;
+    if !client
+        .wait_for_route(&digest, layers, Duration::from_secs(60))
+        .await
+    {
+        bail!("the nodes did not announce a full chain within 60 s");
+    }
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}");
+    let spans: Vec<String> = nodes.iter().map(|n| format!("{}..{}", n.span.0, n.span.1)).collect();
+    println!(
+        "Plexus is up: {} nodes serving {} (layers {})",
+        nodes.len(),
+        entry.id,
+        spans.join(", ")
+    );
+    println!("API: {url}/v1");
+    println!("Try:");
+    println!(
+        "  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'",
+        entry.id
+    );
+    println!("Ctrl-C stops everything.");
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    plexus_gateway::serve(listener, Arc::new(backend), GatewayConfig::default(), shutdown_signal()).await?;
+    eprintln!("stopping the nodes");
+    Ok(())
+}
