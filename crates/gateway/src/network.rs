@@ -5,13 +5,13 @@
 
 use crate::backend::{Backend, BackendError, ModelEntry};
 use crate::local::{model_id, LoadError};
+use plexus_core::wire::ErrorCode;
 use plexus_core::Digest;
 use plexus_model::generate::{generate_with, Completion, Flow, GenerateError, GenerateRequest};
 use plexus_model::identity::identity;
 use plexus_model::ModelFiles;
 use plexus_node::client::{ChainError, NetworkClient};
 use plexus_node::route::best_route;
-use plexus_core::wire::ErrorCode;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -40,7 +40,11 @@ impl NetworkBackend {
 
     /// Offers the model at `path` (its tokenizer and template are read here; its layers are
     /// served by nodes announcing the same identity).
-    pub fn add_model(&mut self, path: &Path, cache_dir: Option<&Path>) -> Result<&ModelEntry, LoadError> {
+    pub fn add_model(
+        &mut self,
+        path: &Path,
+        cache_dir: Option<&Path>,
+    ) -> Result<&ModelEntry, LoadError> {
         let files = ModelFiles::open(path)?;
         let digest = identity(&files.weight_files, cache_dir, |_, _| {})?;
         let num_layers = files.config.num_layers;
@@ -109,10 +113,12 @@ fn map_error(e: GenerateError<ChainError>) -> BackendError {
             ref message,
             ..
         }) => BackendError::Invalid(message.clone()),
-        GenerateError::Forward(ChainError::NoRoute { ref model, .. }) => BackendError::Unavailable {
-            model: model.clone(),
-            reason: e.to_string(),
-        },
+        GenerateError::Forward(ChainError::NoRoute { ref model, .. }) => {
+            BackendError::Unavailable {
+                model: model.clone(),
+                reason: e.to_string(),
+            }
+        }
         GenerateError::Forward(ChainError::TooManyFailovers(_)) => BackendError::Unavailable {
             model: String::new(),
             reason: e.to_string(),
@@ -143,7 +149,12 @@ impl Backend for NetworkBackend {
             .ok_or_else(|| BackendError::Invalid(format!("unknown model {model_id}")))?;
         let mut chain = self
             .client
-            .open_chain(m.digest, m.num_layers, m.entry.context, req.sampling.clone())
+            .open_chain(
+                m.digest,
+                m.num_layers,
+                m.entry.context,
+                req.sampling.clone(),
+            )
             .map_err(|e| BackendError::Unavailable {
                 model: model_id.to_string(),
                 reason: e.to_string(),
@@ -160,14 +171,50 @@ impl Backend for NetworkBackend {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {v}\n"
             );
         };
-        counter("plexus_chain_tokens", "Tokens generated through remote chains.", m.tokens.load(Ordering::Relaxed));
-        counter("plexus_stage_calls", "Stage calls made.", m.stage_calls.load(Ordering::Relaxed));
-        counter("plexus_stage_call_microseconds", "Time spent in stage calls.", m.stage_call_micros.load(Ordering::Relaxed));
-        counter("plexus_chain_failovers", "Stages replaced mid-generation.", m.failovers.load(Ordering::Relaxed));
-        counter("plexus_chain_replayed_positions", "Positions replayed to replacement stages.", m.replayed_positions.load(Ordering::Relaxed));
-        counter("plexus_chains_opened", "Chains opened (one per generation).", m.chains_opened.load(Ordering::Relaxed));
-        counter("plexus_wire_sent_bytes", "Bytes sent on stage streams.", c.sent.load(Ordering::Relaxed));
-        counter("plexus_wire_received_bytes", "Bytes received on stage streams.", c.received.load(Ordering::Relaxed));
-        counter("plexus_wire_rejected_frames", "Frames refused as oversized or undecodable.", c.rejected.load(Ordering::Relaxed));
+        counter(
+            "plexus_chain_tokens",
+            "Tokens generated through remote chains.",
+            m.tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_stage_calls",
+            "Stage calls made.",
+            m.stage_calls.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_stage_call_microseconds",
+            "Time spent in stage calls.",
+            m.stage_call_micros.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_chain_failovers",
+            "Stages replaced mid-generation.",
+            m.failovers.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_chain_replayed_positions",
+            "Positions replayed to replacement stages.",
+            m.replayed_positions.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_chains_opened",
+            "Chains opened (one per generation).",
+            m.chains_opened.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_wire_sent_bytes",
+            "Bytes sent on stage streams.",
+            c.sent.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_wire_received_bytes",
+            "Bytes received on stage streams.",
+            c.received.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_wire_rejected_frames",
+            "Frames refused as oversized or undecodable.",
+            c.rejected.load(Ordering::Relaxed),
+        );
     }
 }

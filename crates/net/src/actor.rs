@@ -168,7 +168,10 @@ impl NetActor {
             }
             Command::Dial(addr) => {
                 if let Some(peer) = peer_of(&addr) {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                 }
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     debug!(%addr, "dial failed: {e}");
@@ -235,7 +238,10 @@ impl NetActor {
     }
 
     fn dial_if_new(&mut self, peer: PeerId, addr: Multiaddr) {
-        self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .add_address(&peer, addr.clone());
         if peer != *self.swarm.local_peer_id()
             && !self.swarm.is_connected(&peer)
             && self.swarm.connected_peers().count() < TARGET_PEERS

@@ -87,7 +87,10 @@ pub(crate) fn build(
     ));
     let ping = ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5)));
     let mdns = if s.mdns {
-        Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+        Some(mdns::tokio::Behaviour::new(
+            mdns::Config::default(),
+            peer_id,
+        )?)
     } else {
         None
     };

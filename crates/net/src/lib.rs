@@ -56,7 +56,9 @@ impl NetConfig {
             key,
             listen: vec![
                 "/ip4/0.0.0.0/tcp/0".parse().expect("valid multiaddr"),
-                "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid multiaddr"),
+                "/ip4/0.0.0.0/udp/0/quic-v1"
+                    .parse()
+                    .expect("valid multiaddr"),
             ],
             bootstrap: Vec::new(),
             mdns: false,
@@ -105,7 +107,10 @@ pub enum NetEvent {
         reply: Reply,
     },
     /// Bytes published on the announcement topic by `source` (not yet verified).
-    Announcement { source: Option<PeerId>, data: Vec<u8> },
+    Announcement {
+        source: Option<PeerId>,
+        data: Vec<u8>,
+    },
     Connected(PeerId),
     Disconnected(PeerId),
     Listening(Multiaddr),
@@ -265,8 +270,6 @@ impl NetHandle {
 }
 
 /// Starts the network task on the current tokio runtime.
-pub fn start(
-    config: NetConfig,
-) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), StartNetError> {
+pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), StartNetError> {
     actor::NetActor::start(config)
 }

@@ -156,7 +156,12 @@ impl NetworkClient {
     }
 
     /// Waits until some chain covers all `num_layers` layers of `model`.
-    pub async fn wait_for_route(&self, model: &Digest, num_layers: usize, timeout: Duration) -> bool {
+    pub async fn wait_for_route(
+        &self,
+        model: &Digest,
+        num_layers: usize,
+        timeout: Duration,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         let mut rx = self.directory.clone();
         loop {
@@ -273,7 +278,15 @@ impl RemoteChain {
         self.failovers
     }
 
-    fn forward(&self, hop: &Hop, position: usize, tokens: Vec<u32>, hidden: Option<Activations>, chunks: Vec<u32>, all_rows: bool) -> Forward {
+    fn forward(
+        &self,
+        hop: &Hop,
+        position: usize,
+        tokens: Vec<u32>,
+        hidden: Option<Activations>,
+        chunks: Vec<u32>,
+        all_rows: bool,
+    ) -> Forward {
         Forward {
             session: self.session,
             model: self.model,
@@ -364,7 +377,10 @@ impl RemoteChain {
                 self.exclude.push(failed);
             }
             self.failovers += 1;
-            self.client.metrics.failovers.fetch_add(1, Ordering::Relaxed);
+            self.client
+                .metrics
+                .failovers
+                .fetch_add(1, Ordering::Relaxed);
             if self.failovers > self.client.config.max_failovers {
                 warn!("giving up: {why}");
                 return Err(ChainError::TooManyFailovers(self.failovers - 1));
@@ -393,7 +409,14 @@ impl RemoteChain {
                     return Ok(Err((at, next_input)));
                 }
                 let is_last = hop.end == self.num_layers;
-                let f = self.forward(&hop, 0, all_tokens.clone(), all_in.clone(), chunks.clone(), !is_last);
+                let f = self.forward(
+                    &hop,
+                    0,
+                    all_tokens.clone(),
+                    all_in.clone(),
+                    chunks.clone(),
+                    !is_last,
+                );
                 self.client
                     .metrics
                     .replayed_positions
@@ -455,7 +478,10 @@ impl RemoteChain {
     fn reroute(&self, from: usize) -> Result<Vec<Hop>, ChainError> {
         let deadline = Instant::now() + self.client.config.reroute_wait;
         loop {
-            let cands = self.client.runtime.block_on(self.client.candidates(&self.model));
+            let cands = self
+                .client
+                .runtime
+                .block_on(self.client.candidates(&self.model));
             if let Some((route, _)) = best_route(&cands, from, self.num_layers, &self.exclude) {
                 return Ok(route);
             }
@@ -491,7 +517,14 @@ impl TokenChain for RemoteChain {
                 });
             };
             let hop = state.hop.clone();
-            let f = self.forward(&hop, state.position, tokens.to_vec(), input.clone(), Vec::new(), false);
+            let f = self.forward(
+                &hop,
+                state.position,
+                tokens.to_vec(),
+                input.clone(),
+                Vec::new(),
+                false,
+            );
             match self.call(hop.peer, f) {
                 Ok(Outcome::Hidden(out)) if hop.end < self.num_layers => {
                     let state = &mut self.hops[k];

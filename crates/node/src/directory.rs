@@ -1,7 +1,9 @@
 //! The directory: the latest verified announcement of every peer, dropped when it expires.
 //! Feeds routing ([`crate::route`]) and placement ([`crate::placement`]).
 
-use plexus_core::announce::{Announcement, ModelOffer, SignedAnnouncement, VerifyAnnouncementError};
+use plexus_core::announce::{
+    Announcement, ModelOffer, SignedAnnouncement, VerifyAnnouncementError,
+};
 use plexus_core::Digest;
 use plexus_net::PeerId;
 use std::collections::HashMap;
@@ -18,7 +20,10 @@ pub enum AdmitError {
     #[error(transparent)]
     Verify(#[from] VerifyAnnouncementError),
     #[error("announced by {claimed} but relayed as from {source_peer}")]
-    WrongSource { claimed: String, source_peer: PeerId },
+    WrongSource {
+        claimed: String,
+        source_peer: PeerId,
+    },
     #[error("an announcement of {peer} issued later is already known")]
     Stale { peer: PeerId },
 }

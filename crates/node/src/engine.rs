@@ -161,8 +161,7 @@ impl EngineActor {
     fn forward(&mut self, peer: PeerId, f: &Forward) -> Response {
         let started = Instant::now();
         let span = self.stage.span();
-        if f.model != self.model || f.start as usize != span.start || f.end as usize != span.end
-        {
+        if f.model != self.model || f.start as usize != span.start || f.end as usize != span.end {
             return error(
                 ErrorCode::UnknownModel,
                 format!(
@@ -204,7 +203,10 @@ impl EngineActor {
             );
         }
         if self.stage.is_last() && f.sampling.is_none() {
-            return error(ErrorCode::BadRequest, "the last stage needs sampling params");
+            return error(
+                ErrorCode::BadRequest,
+                "the last stage needs sampling params",
+            );
         }
         let key = (peer, f.session);
         if f.position == 0 {
@@ -232,7 +234,10 @@ impl EngineActor {
             self.sessions.insert(key, session);
             return error(
                 ErrorCode::PositionMismatch,
-                format!("session {} holds {held} positions, not {}", f.session, f.position),
+                format!(
+                    "session {} holds {held} positions, not {}",
+                    f.session, f.position
+                ),
             );
         }
         let result = self.run_chunks(&mut session, f);
@@ -295,11 +300,15 @@ impl EngineActor {
             let tokens = &f.tokens[start..start + n];
             let input = match &inputs {
                 None => StageInput::Tokens(tokens),
-                Some(x) => StageInput::Hidden(
-                    candle_tensor(&x[start * hidden_size..(start + n) * hidden_size], n, hidden_size)?,
-                ),
+                Some(x) => StageInput::Hidden(candle_tensor(
+                    &x[start * hidden_size..(start + n) * hidden_size],
+                    n,
+                    hidden_size,
+                )?),
             };
-            let out = self.stage.forward(input, &mut session.cache, Logits::Last)?;
+            let out = self
+                .stage
+                .forward(input, &mut session.cache, Logits::Last)?;
             session.history.extend_from_slice(tokens);
             let is_final = i + 1 == sizes.len();
             match out {
@@ -328,7 +337,11 @@ impl EngineActor {
                 compute_us: 0,
             });
         }
-        let rows = if f.all_rows { f.tokens.len() } else { final_rows };
+        let rows = if f.all_rows {
+            f.tokens.len()
+        } else {
+            final_rows
+        };
         Ok(Response::Hidden {
             hidden: Activations::encode(&rows_out, rows, hidden_size, f.reply_dtype),
             compute_us: 0,
@@ -341,5 +354,9 @@ fn candle_tensor(
     rows: usize,
     cols: usize,
 ) -> Result<candle_core::Tensor, ForwardError> {
-    Ok(candle_core::Tensor::from_slice(values, (1, rows, cols), &candle_core::Device::Cpu)?)
+    Ok(candle_core::Tensor::from_slice(
+        values,
+        (1, rows, cols),
+        &candle_core::Device::Cpu,
+    )?)
 }

@@ -21,7 +21,9 @@ pub fn measure(stage: &Stage) -> Result<Speed, plexus_model::stage::ForwardError
             static TOKENS: [u32; 32] = [1; 32];
             Ok(StageInput::Tokens(&TOKENS[..n]))
         } else {
-            let values: Vec<f32> = (0..n * hidden).map(|i| ((i % 17) as f32 - 8.0) / 16.0).collect();
+            let values: Vec<f32> = (0..n * hidden)
+                .map(|i| ((i % 17) as f32 - 8.0) / 16.0)
+                .collect();
             Ok(StageInput::Hidden(candle_core::Tensor::from_vec(
                 values,
                 (1, n, hidden),

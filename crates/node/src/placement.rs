@@ -205,13 +205,11 @@ fn balance(nodes: &[&NodeCapacity], layers: usize) -> Option<Vec<Assignment>> {
     let mut lens = lens_for(t);
     // Trim the excess from the stages that take longest.
     while lens.iter().sum::<usize>() > layers {
-        let i = (0..lens.len())
-            .filter(|&i| lens[i] > 1)
-            .max_by(|&a, &b| {
-                (lens[a] as f64 * nodes[a].decode_s_per_layer)
-                    .total_cmp(&(lens[b] as f64 * nodes[b].decode_s_per_layer))
-                    .then(a.cmp(&b))
-            })?;
+        let i = (0..lens.len()).filter(|&i| lens[i] > 1).max_by(|&a, &b| {
+            (lens[a] as f64 * nodes[a].decode_s_per_layer)
+                .total_cmp(&(lens[b] as f64 * nodes[b].decode_s_per_layer))
+                .then(a.cmp(&b))
+        })?;
         lens[i] -= 1;
     }
     let mut start = 0;
@@ -304,7 +302,9 @@ mod tests {
         assert_eq!(p.chains.len(), 1);
         assert_eq!(p.replicas.len(), 1);
         let r = &p.replicas[0];
-        assert!(p.chains[0].iter().any(|a| a.start == r.start && a.end == r.end));
+        assert!(p.chains[0]
+            .iter()
+            .any(|a| a.start == r.start && a.end == r.end));
     }
 
     #[test]

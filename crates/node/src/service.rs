@@ -13,8 +13,8 @@ use plexus_core::announce::{Announcement, ModelOffer};
 use plexus_core::keys::NodeKey;
 use plexus_core::wire::{ErrorCode, Request, Response};
 use plexus_core::Digest;
-use plexus_model::load::ModelFiles;
 use plexus_model::layers::Mode;
+use plexus_model::load::ModelFiles;
 use plexus_model::{LayerSpan, Stage};
 use plexus_net::{Multiaddr, NetConfig, NetEvent, NetHandle, PeerId, StartNetError};
 use std::future::Future;
@@ -107,7 +107,8 @@ fn load(config: &NodeConfig) -> Result<Served, StartNodeError> {
         config.cache_dir.as_deref(),
         |_, _| {},
     )?;
-    let layer_bytes = plexus_model::identity::total_size(&files.weight_files) / layers.max(1) as u64;
+    let layer_bytes =
+        plexus_model::identity::total_size(&files.weight_files) / layers.max(1) as u64;
     let stage = files.stage(Some(span), Mode::Infer)?;
     let speed = measure(&stage)?;
     let name = config

@@ -39,14 +39,22 @@ impl Drop for NodeProc {
 
 fn spawn_node(span: &str, dir: &Path, bootstrap: Option<&Multiaddr>) -> NodeProc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_plexus"));
-    cmd.args(["node", "--threads", "1", "--span", span, "--listen", "/ip4/127.0.0.1/tcp/0"])
-        .arg("--model")
-        .arg(model())
-        .arg("--data-dir")
-        .arg(dir)
-        .env("PLEXUS_CACHE_DIR", dir.join("cache"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "node",
+        "--threads",
+        "1",
+        "--span",
+        span,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+    ])
+    .arg("--model")
+    .arg(model())
+    .arg("--data-dir")
+    .arg(dir)
+    .env("PLEXUS_CACHE_DIR", dir.join("cache"))
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
     if let Some(b) = bootstrap {
         cmd.arg("--bootstrap").arg(b.to_string());
     }
@@ -122,15 +130,28 @@ fn split_chain_matches_the_whole_model_in_one_process() {
         for prompt in prompts {
             let tokens = local.tokenizer.encode(prompt, true).unwrap();
             let req = request(&tokens, 32);
-            let want = generate(std::slice::from_ref(&local.stage), &local.tokenizer, &req, |_| {
-                Flow::Continue
-            })
+            let want = generate(
+                std::slice::from_ref(&local.stage),
+                &local.tokenizer,
+                &req,
+                |_| Flow::Continue,
+            )
             .unwrap();
             let mut chain = client
-                .open_chain(digest, 30, local.config.max_position_embeddings, req.sampling.clone())
+                .open_chain(
+                    digest,
+                    30,
+                    local.config.max_position_embeddings,
+                    req.sampling.clone(),
+                )
                 .unwrap();
-            assert_eq!(chain.route().len(), 3, "the chain should use the three nodes");
-            let got = generate_with(&mut chain, &local.tokenizer, &req, |_| Flow::Continue).unwrap();
+            assert_eq!(
+                chain.route().len(),
+                3,
+                "the chain should use the three nodes"
+            );
+            let got =
+                generate_with(&mut chain, &local.tokenizer, &req, |_| Flow::Continue).unwrap();
             if wire == DType::F32 {
                 // f32 activations: the split computes exactly what the whole model computes.
                 assert_eq!(got.tokens, want.tokens, "wire {wire:?}, prompt {prompt:?}");
@@ -139,8 +160,16 @@ fn split_chain_matches_the_whole_model_in_one_process() {
                 // f16 rounds the residual stream at each boundary (relative error 2^-11), so
                 // long greedy runs may part where two candidates are nearly tied; the first
                 // tokens must agree.
-                let same = got.tokens.iter().zip(&want.tokens).take_while(|(a, b)| a == b).count();
-                assert!(same >= 16, "f16 wire parts after {same} tokens on {prompt:?}");
+                let same = got
+                    .tokens
+                    .iter()
+                    .zip(&want.tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                assert!(
+                    same >= 16,
+                    "f16 wire parts after {same} tokens on {prompt:?}"
+                );
             }
         }
     }
@@ -166,11 +195,15 @@ fn killing_a_stage_mid_generation_fails_over_with_identical_text() {
         ..SamplingParams::default()
     };
     let context = local.config.max_position_embeddings;
-    let mut undisturbed = client.open_chain(digest, 30, context, req.sampling.clone()).unwrap();
+    let mut undisturbed = client
+        .open_chain(digest, 30, context, req.sampling.clone())
+        .unwrap();
     let want = generate_with(&mut undisturbed, &local.tokenizer, &req, |_| Flow::Continue).unwrap();
     drop(undisturbed);
 
-    let mut chain = client.open_chain(digest, 30, context, req.sampling.clone()).unwrap();
+    let mut chain = client
+        .open_chain(digest, 30, context, req.sampling.clone())
+        .unwrap();
     let middle = chain.route()[1].peer;
     let victim = nodes.iter().position(|n| n.peer == middle).unwrap();
     let mut pieces = 0;

@@ -97,9 +97,14 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
         let mut stdout = std::io::stdout();
         writeln!(stdout, "listening on http://{addr}")?;
         stdout.flush()?;
-        plexus_gateway::serve(listener, Arc::new(backend), config, super::net::shutdown_signal())
-            .await
-            .context("the server failed")
+        plexus_gateway::serve(
+            listener,
+            Arc::new(backend),
+            config,
+            super::net::shutdown_signal(),
+        )
+        .await
+        .context("the server failed")
     })?;
     // Blocking generation threads were cancelled at shutdown; do not wait on a stray one.
     runtime.shutdown_timeout(Duration::from_secs(5));
@@ -109,7 +114,11 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
 fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
     use plexus_gateway::network::NetworkBackend;
     use plexus_node::client::{ClientConfig, NetworkClient};
-    let wire = a.wire.parse().map_err(anyhow::Error::msg).context("bad --wire")?;
+    let wire = a
+        .wire
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .context("bad --wire")?;
     let key = a.net.key()?;
     let mut net = a.net.config(key)?;
     if a.net.listen.is_empty() {
@@ -138,9 +147,14 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
         let mut stdout = std::io::stdout();
         writeln!(stdout, "listening on http://{addr}")?;
         stdout.flush()?;
-        plexus_gateway::serve(listener, Arc::new(backend), config, super::net::shutdown_signal())
-            .await
-            .context("the server failed")
+        plexus_gateway::serve(
+            listener,
+            Arc::new(backend),
+            config,
+            super::net::shutdown_signal(),
+        )
+        .await
+        .context("the server failed")
     })?;
     runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())

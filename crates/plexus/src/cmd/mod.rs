@@ -8,8 +8,8 @@ mod models;
 mod net;
 mod node;
 mod placement;
-mod up;
 mod train;
+mod up;
 
 use crate::cli::{Cli, Command, CommonArgs, ModelsCommand, SamplingArgs};
 use anyhow::Context as _;

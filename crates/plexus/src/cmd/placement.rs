@@ -19,7 +19,9 @@ pub fn run(args: PlacementArgs) -> anyhow::Result<()> {
         let mut offers: Vec<_> = dir
             .iter()
             .flat_map(|(p, a)| a.models.iter().map(move |o| (*p, a, o)))
-            .filter(|(_, _, o)| o.model.to_string().starts_with(&wanted) || o.name.to_ascii_lowercase() == wanted)
+            .filter(|(_, _, o)| {
+                o.model.to_string().starts_with(&wanted) || o.name.to_ascii_lowercase() == wanted
+            })
             .collect();
         anyhow::ensure!(
             !offers.is_empty(),
@@ -29,7 +31,10 @@ pub fn run(args: PlacementArgs) -> anyhow::Result<()> {
         );
         offers.sort_by_key(|(p, _, o)| (o.start, p.to_bytes()));
         let layers = offers[0].2.num_layers as usize;
-        println!("model {} ({}), {} layers", offers[0].2.model, offers[0].2.name, layers);
+        println!(
+            "model {} ({}), {} layers",
+            offers[0].2.model, offers[0].2.name, layers
+        );
         println!("serving now:");
         let mut rtts = Vec::new();
         for (peer, a, o) in &offers {

@@ -41,7 +41,12 @@ fn spans(layers: usize, n: usize) -> anyhow::Result<Vec<(usize, usize)>> {
         })
         .collect::<anyhow::Result<_>>()?;
     let p = plan(&nodes, layers, Some(n))?;
-    let mut out: Vec<(usize, usize)> = p.chains.iter().flatten().map(|a| (a.start, a.end)).collect();
+    let mut out: Vec<(usize, usize)> = p
+        .chains
+        .iter()
+        .flatten()
+        .map(|a| (a.start, a.end))
+        .collect();
     out.extend(p.replicas.iter().map(|a| (a.start, a.end)));
     out.sort_unstable();
     Ok(out)
@@ -100,7 +105,11 @@ async fn start_node(
         .context("the node did not start listening within 120 s")??;
     if addrs.is_empty() {
         let status = child.wait().await?;
-        bail!("the node for layers {}..{} exited ({status})", span.0, span.1);
+        bail!(
+            "the node for layers {}..{} exited ({status})",
+            span.0,
+            span.1
+        );
     }
     // Keep draining stdout so the node never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -134,7 +143,8 @@ fn resolve_model(args: &UpArgs) -> anyhow::Result<PathBuf> {
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let model = resolve_model(&args)?;
-    let files = ModelFiles::open(&model).with_context(|| format!("cannot open {}", model.display()))?;
+    let files =
+        ModelFiles::open(&model).with_context(|| format!("cannot open {}", model.display()))?;
     let layers = files.config.num_layers;
     drop(files);
     if args.nodes == 0 || args.nodes > layers {
@@ -149,7 +159,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         eprintln!("starting {} nodes for {}", spans.len(), model.display());
         let mut nodes: Vec<NodeProcess> = Vec::new();
         let result = async {
-            let first = start_node(&model, spans[0], &base.join("node-0"), &[], args.threads).await?;
+            let first =
+                start_node(&model, spans[0], &base.join("node-0"), &[], args.threads).await?;
             let boot = first.addrs.clone();
             nodes.push(first);
             let rest = spans[1..].iter().enumerate().map(|(i, span)| {
@@ -169,7 +180,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     })
 }
 
-async fn serve(args: &UpArgs, model: &Path, nodes: &[NodeProcess], layers: usize) -> anyhow::Result<()> {
+async fn serve(
+    args: &UpArgs,
+    model: &Path,
+    nodes: &[NodeProcess],
+    layers: usize,
+) -> anyhow::Result<()> {
     let bootstrap: Vec<Multiaddr> = nodes.iter().flat_map(|n| n.addrs.clone()).collect();
     let net = NetConfig::new(NodeKey::generate())
         .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
@@ -193,7 +209,10 @@ async fn serve(args: &UpArgs, model: &Path, nodes: &[NodeProcess], layers: usize
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
-    let spans: Vec<String> = nodes.iter().map(|n| format!("{}..{}", n.span.0, n.span.1)).collect();
+    let spans: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("{}..{}", n.span.0, n.span.1))
+        .collect();
     println!(
         "Plexus is up: {} nodes serving {} (layers {})",
         nodes.len(),
@@ -209,7 +228,13 @@ async fn serve(args: &UpArgs, model: &Path, nodes: &[NodeProcess], layers: usize
     println!("Ctrl-C stops everything.");
     use std::io::Write as _;
     std::io::stdout().flush()?;
-    plexus_gateway::serve(listener, Arc::new(backend), GatewayConfig::default(), shutdown_signal()).await?;
+    plexus_gateway::serve(
+        listener,
+        Arc::new(backend),
+        GatewayConfig::default(),
+        shutdown_signal(),
+    )
+    .await?;
     eprintln!("stopping the nodes");
     Ok(())
 }
