@@ -163,6 +163,12 @@ impl Backend for NetworkBackend {
     }
 
     fn render_metrics(&self, out: &mut String) {
+        let dir = self.client.directory();
+        let _ = write!(
+            out,
+            "# HELP plexus_directory_peers Peers with a live announcement.\n# TYPE plexus_directory_peers gauge\nplexus_directory_peers {}\n",
+            dir.len()
+        );
         let m = self.client.metrics();
         let c = self.client.handle().counters();
         let mut counter = |name: &str, help: &str, v: u64| {

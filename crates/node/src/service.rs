@@ -239,6 +239,8 @@ impl Node {
             } => {
                 let work = match request {
                     Request::Describe => {
+                        // Fresh load figures: signing is cheap next to a round trip.
+                        self.current = self.announcement().sign(&self.config.net.key).encode();
                         self.handle
                             .respond(reply, Response::Described(self.current.clone()))
                             .await;

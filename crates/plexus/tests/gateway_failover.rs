@@ -1,0 +1,236 @@
+//! The failover check end to end: four `plexus node` processes (layers 10..20 twice)
+//! behind a `plexus gateway` process; a streamed completion is running when the stage in use
+//! for layers 10..20 is killed with SIGKILL; the stream completes, and with f32 activations
+//! its text equals the whole model's greedy output in one process.
+#![allow(unused_crate_dependencies, clippy::unwrap_used)]
+
+use plexus_core::keys::NodeKey;
+use plexus_core::wire::{Request, Response};
+use plexus_model::generate::{generate, Flow, GenerateRequest};
+use plexus_model::SamplingParams;
+use plexus_net::{Multiaddr, NetConfig, PeerId};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+struct Proc {
+    child: Child,
+    peer: Option<PeerId>,
+    first_line: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `plexus <args>` and reads stdout up to the first `listening on` line.
+fn start(args: &[String], dir: &Path) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args(args)
+        .env("PLEXUS_CACHE_DIR", dir.join("cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut peer = None;
+    let first_line = loop {
+        let line = lines.next().expect("process exited early").unwrap();
+        if let Some(p) = line.strip_prefix("peer ") {
+            peer = Some(p.parse().unwrap());
+        }
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Proc {
+        child,
+        peer,
+        first_line,
+    }
+}
+
+fn node(span: &str, dir: &Path, boot: Option<&str>) -> Proc {
+    let mut args: Vec<String> = [
+        "node",
+        "--threads",
+        "1",
+        "--span",
+        span,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--model",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(model().display().to_string());
+    args.push("--data-dir".into());
+    args.push(dir.display().to_string());
+    if let Some(b) = boot {
+        args.push("--bootstrap".into());
+        args.push(b.into());
+    }
+    start(&args, dir)
+}
+
+/// Open sessions on `peer`, from its freshly signed announcement.
+fn sessions(rt: &tokio::runtime::Runtime, handle: &plexus_net::NetHandle, peer: PeerId) -> u32 {
+    let resp = rt.block_on(handle.call(peer, Request::Describe)).unwrap();
+    let Response::Described(bytes) = resp else {
+        panic!("unexpected {resp:?}")
+    };
+    let signed = plexus_core::announce::SignedAnnouncement::decode(&bytes).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    signed.verify(now).unwrap().sessions
+}
+
+#[test]
+fn sigkill_of_a_stage_mid_stream_keeps_the_stream_and_its_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let n0 = node("0..10", &dir.path().join("n0"), None);
+    let boot = n0.first_line.clone();
+    let mut nodes = vec![n0];
+    for (i, span) in ["10..20", "10..20", "20..30"].iter().enumerate() {
+        nodes.push(node(
+            span,
+            &dir.path().join(format!("n{}", i + 1)),
+            Some(&boot),
+        ));
+    }
+    let mut args: Vec<String> = ["gateway", "--port", "0", "--wire", "f32", "--model"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(model().display().to_string());
+    for n in &nodes {
+        args.push("--bootstrap".into());
+        args.push(n.first_line.clone());
+    }
+    let gateway = start(&args, &dir.path().join("gw"));
+    let url = gateway.first_line.clone();
+
+    // The expected text: the whole model, greedy, in this process.
+    let local = plexus_model::load(&model()).unwrap();
+    let prompt = "Once upon a time, in a small village by the sea,";
+    let tokens = local
+        .tokenizer
+        .encode(prompt, local.tokenizer.adds_bos())
+        .unwrap();
+    let want = generate(
+        std::slice::from_ref(&local.stage),
+        &local.tokenizer,
+        &GenerateRequest {
+            prompt_tokens: tokens,
+            max_tokens: 64,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+        },
+        |_| Flow::Continue,
+    )
+    .unwrap();
+
+    // Wait until the gateway sees a full chain.
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = ureq::get(&format!("{url}/v1/models")).call() {
+            if r.into_body().read_to_string().unwrap().contains("SmolLM2") {
+                break;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no route");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A client of our own to see which replica holds the session.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let handle = {
+        let _g = rt.enter();
+        let net = NetConfig::new(NodeKey::generate())
+            .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()])
+            .with_serve(false)
+            .with_bootstrap(
+                nodes
+                    .iter()
+                    .map(|n| n.first_line.parse::<Multiaddr>().unwrap())
+                    .collect(),
+            );
+        plexus_net::start(net).unwrap().0
+    };
+    let replicas = [nodes[1].peer.unwrap(), nodes[2].peer.unwrap()];
+
+    let body = serde_json::json!({
+        "model": "SmolLM2-135M-Instruct",
+        "prompt": prompt,
+        "max_tokens": 64,
+        "temperature": 0,
+        "stream": true,
+    });
+    let resp = ureq::post(&format!("{url}/v1/completions"))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .unwrap();
+    let mut reader = BufReader::new(resp.into_body().into_reader());
+    let mut text = String::new();
+    let mut chunks = 0;
+    let mut killed = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let Some(data) = line.trim_end().strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        if let Some(t) = v["choices"][0]["text"].as_str() {
+            text.push_str(t);
+            chunks += 1;
+        }
+        if chunks == 8 && killed.is_none() {
+            let in_use = replicas
+                .iter()
+                .position(|p| sessions(&rt, &handle, *p) > 0)
+                .expect("one replica of 10..20 holds the session");
+            nodes[1 + in_use].child.kill().unwrap();
+            nodes[1 + in_use].child.wait().unwrap();
+            killed = Some(in_use);
+        }
+    }
+    let mut rest = String::new();
+    let _ = reader.read_to_string(&mut rest);
+    assert!(
+        killed.is_some(),
+        "the kill must happen mid-stream ({chunks} chunks)"
+    );
+    assert_eq!(text, want.text);
+    let metrics = ureq::get(&format!("{url}/metrics"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("plexus_chain_failovers_total 1")),
+        "{metrics}"
+    );
+}
