@@ -27,12 +27,15 @@ use tracing::{debug, warn};
 pub struct Job {
     pub peer: PeerId,
     pub work: Work,
-    pub reply: Reply,
+    /// Where the answer goes (`None` for local work such as a swap).
+    pub reply: Option<Reply>,
 }
 
 pub enum Work {
     Forward(Box<Forward>),
     Close(SessionId),
+    /// Serve another span from now on (placement moved this node); open sessions are dropped.
+    Swap(Arc<Stage>),
 }
 
 /// Limits of the engine.
@@ -68,6 +71,18 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
+    /// Hands the engine a new stage (waits for room in the queue).
+    pub async fn swap(&self, peer: PeerId, stage: Arc<Stage>) {
+        let jobs = self.jobs.clone();
+        let job = Job {
+            peer,
+            work: Work::Swap(stage),
+            reply: None,
+        };
+        self.gauges.queued.fetch_add(1, Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || jobs.send(job)).await;
+    }
+
     /// Queues a job; gives it back when the queue is full or the engine stopped.
     pub fn try_submit(&self, job: Job) -> Result<(), Job> {
         match self.jobs.try_send(job) {
@@ -137,9 +152,16 @@ impl EngineActor {
                             self.sessions.remove(&(job.peer, session));
                             Response::Closed
                         }
+                        Work::Swap(stage) => {
+                            self.stage = stage;
+                            self.sessions.clear();
+                            Response::Closed
+                        }
                     };
-                    if replies.blocking_send((job.reply, response)).is_err() {
-                        break;
+                    if let Some(reply) = job.reply {
+                        if replies.blocking_send((reply, response)).is_err() {
+                            break;
+                        }
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}

@@ -17,4 +17,4 @@ pub mod placement;
 pub mod route;
 pub mod service;
 
-pub use service::{Node, NodeConfig, StartNodeError};
+pub use service::{AutoPlacement, Node, NodeConfig, StartNodeError};

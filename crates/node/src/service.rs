@@ -9,6 +9,7 @@
 use crate::discovery::{now_ms, DirectoryKeeper};
 use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, Work};
 use crate::measure::{free_memory, measure, Speed};
+use crate::placement::{plan, NodeCapacity};
 use plexus_core::announce::{Announcement, ModelOffer};
 use plexus_core::keys::NodeKey;
 use plexus_core::wire::{ErrorCode, Request, Response};
@@ -23,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// How to run a node.
 #[derive(Clone, Debug)]
@@ -39,6 +40,15 @@ pub struct NodeConfig {
     pub announce_ttl: Duration,
     /// Micro-credits per 1000 tokens per layer.
     pub price: u64,
+    /// Move to the span placement assigns as peers come and go (`--span auto`).
+    pub auto: Option<AutoPlacement>,
+}
+
+/// Settings of automatic placement.
+#[derive(Clone, Debug, Default)]
+pub struct AutoPlacement {
+    /// Stages per chain (default: the fewest whose memory holds the model).
+    pub stages: Option<usize>,
 }
 
 impl NodeConfig {
@@ -52,6 +62,7 @@ impl NodeConfig {
             announce_every: Duration::from_secs(2),
             announce_ttl: Duration::from_secs(30),
             price: 0,
+            auto: None,
         }
     }
 }
@@ -75,6 +86,7 @@ pub enum StartNodeError {
 
 /// What a loaded node serves.
 pub struct Served {
+    pub files: Arc<ModelFiles>,
     pub model: Digest,
     pub name: String,
     pub stage: Arc<Stage>,
@@ -93,6 +105,8 @@ pub struct Node {
     keeper: DirectoryKeeper,
     listen: Vec<Multiaddr>,
     current: Vec<u8>,
+    /// A span placement asked for once; taken if asked again on the next tick.
+    pending: Option<LayerSpan>,
 }
 
 fn load(config: &NodeConfig) -> Result<Served, StartNodeError> {
@@ -116,6 +130,7 @@ fn load(config: &NodeConfig) -> Result<Served, StartNodeError> {
         .file_stem()
         .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned());
     Ok(Served {
+        files: Arc::new(files),
         model,
         name,
         stage: Arc::new(stage),
@@ -168,6 +183,7 @@ impl Node {
             keeper,
             listen,
             current: Vec::new(),
+            pending: None,
         };
         node.current = node.announcement().sign(&node.config.net.key).encode();
         for e in early {
@@ -249,10 +265,18 @@ impl Node {
                     Request::Forward(f) => Work::Forward(Box::new(f)),
                     Request::Close { session } => Work::Close(session),
                 };
-                if let Err(job) = self.engine.try_submit(Job { peer, work, reply }) {
+                let job = Job {
+                    peer,
+                    work,
+                    reply: Some(reply),
+                };
+                if let Err(Job {
+                    reply: Some(reply), ..
+                }) = self.engine.try_submit(job)
+                {
                     self.handle
                         .respond(
-                            job.reply,
+                            reply,
                             Response::Error {
                                 code: ErrorCode::Busy,
                                 message: "the engine queue is full".into(),
@@ -272,6 +296,65 @@ impl Node {
         }
     }
 
+    /// With automatic placement: computes the plan over every node announcing this model
+    /// (and this one) and moves to the span it assigns, once the same move has been asked on
+    /// two ticks in a row (so a passing announcement does not make nodes flap).
+    async fn rebalance(&mut self) {
+        let Some(auto) = &self.config.auto else {
+            return;
+        };
+        let me = self.peer_id();
+        let cfg = self.served.stage.config();
+        let layers = cfg.num_layers;
+        let span = self.served.stage.span();
+        let layer_bytes = self.served.layer_bytes.max(1);
+        let cap = |free: u64, held: usize| {
+            ((free + layer_bytes * held as u64) / layer_bytes).min(layers as u64) as usize
+        };
+        let mut nodes = vec![NodeCapacity {
+            peer: me,
+            decode_s_per_layer: self.served.speed.decode_s_per_layer,
+            max_layers: cap(free_memory().unwrap_or(0), span.len()),
+        }];
+        for (peer, a, o) in self.keeper.directory().offers(&self.served.model) {
+            if peer != me {
+                nodes.push(NodeCapacity {
+                    peer,
+                    decode_s_per_layer: o.decode_s_per_layer as f64,
+                    max_layers: cap(a.free_memory, (o.end - o.start) as usize),
+                });
+            }
+        }
+        let Ok(plan) = plan(&nodes, layers, auto.stages) else {
+            return;
+        };
+        let Some(a) = plan.assignment(&me) else {
+            return;
+        };
+        let want = LayerSpan::new(a.start, a.end);
+        if want == span {
+            self.pending = None;
+            return;
+        }
+        if self.pending != Some(want) {
+            self.pending = Some(want);
+            return;
+        }
+        self.pending = None;
+        let files = Arc::clone(&self.served.files);
+        let built = tokio::task::spawn_blocking(move || files.stage(Some(want), Mode::Infer)).await;
+        match built {
+            Ok(Ok(stage)) => {
+                let stage = Arc::new(stage);
+                self.engine.swap(me, Arc::clone(&stage)).await;
+                self.served.stage = stage;
+                info!(from = %span, to = %want, nodes = nodes.len(), "placement moved this node");
+            }
+            Ok(Err(e)) => warn!("cannot load layers {want}: {e}"),
+            Err(e) => warn!("loading layers {want} failed: {e}"),
+        }
+    }
+
     /// Serves until `shutdown` resolves.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let mut announce = tokio::time::interval(self.config.announce_every);
@@ -288,6 +371,7 @@ impl Node {
                 }
                 _ = announce.tick() => {
                     self.keeper.prune();
+                    self.rebalance().await;
                     self.announce().await;
                 }
             }

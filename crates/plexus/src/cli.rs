@@ -245,9 +245,13 @@ pub struct NodeArgs {
     /// A .gguf file or a Hugging Face model directory.
     #[arg(long, short)]
     pub model: PathBuf,
-    /// Layers to serve, as start..end (default: all).
+    /// Layers to serve, as start..end, or `auto` to take the span placement assigns and move
+    /// as nodes join or leave (default: all).
     #[arg(long)]
     pub span: Option<String>,
+    /// With `--span auto`: stages per chain (default: the fewest whose memory holds the model).
+    #[arg(long)]
+    pub stages: Option<usize>,
     #[command(flatten)]
     pub net: NetArgs,
     /// Most sessions (KV caches) held at once; the least recently used goes first.

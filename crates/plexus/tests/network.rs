@@ -223,3 +223,110 @@ fn killing_a_stage_mid_generation_fails_over_with_identical_text() {
     assert_eq!(got.tokens, want.tokens);
     assert_eq!(got.text, want.text);
 }
+
+/// The span a node serves now, from its freshly signed announcement.
+fn span_of(
+    rt: &tokio::runtime::Runtime,
+    client: &NetworkClient,
+    peer: PeerId,
+) -> Option<(u32, u32)> {
+    let resp = rt
+        .block_on(
+            client
+                .handle()
+                .call(peer, plexus_core::wire::Request::Describe),
+        )
+        .ok()?;
+    let plexus_core::wire::Response::Described(bytes) = resp else {
+        return None;
+    };
+    let a = plexus_core::announce::SignedAnnouncement::decode(&bytes)
+        .ok()?
+        .verify(plexus_node::discovery::now_ms())
+        .ok()?;
+    a.models.first().map(|o| (o.start, o.end))
+}
+
+fn spawn_auto(dir: &Path, bootstrap: Option<&Multiaddr>) -> NodeProc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_plexus"));
+    cmd.args([
+        "node",
+        "--threads",
+        "1",
+        "--span",
+        "auto",
+        "--stages",
+        "2",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+    ])
+    .arg("--model")
+    .arg(model())
+    .arg("--data-dir")
+    .arg(dir)
+    .env("PLEXUS_CACHE_DIR", dir.join("cache"))
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    if let Some(b) = bootstrap {
+        cmd.arg("--bootstrap").arg(b.to_string());
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut peer = None;
+    let addr = loop {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(p) = line.strip_prefix("peer ") {
+            peer = Some(p.parse::<PeerId>().unwrap());
+        }
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.parse::<Multiaddr>().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    NodeProc {
+        child,
+        peer: peer.unwrap(),
+        addr,
+    }
+}
+
+fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn auto_placement_splits_when_a_node_joins_and_merges_when_it_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut nodes = vec![spawn_auto(&dir.path().join("a"), None)];
+    let a = nodes[0].peer;
+    let boot = nodes[0].addr.clone();
+    nodes.push(spawn_auto(&dir.path().join("b"), Some(&boot)));
+    let b = nodes[1].peer;
+    let client = client(&rt, &nodes, DType::F16);
+    // Two nodes, two stages: they move to complementary spans.
+    let (sa, sb) = wait_for("a two-stage split", 60, || {
+        let (sa, sb) = (span_of(&rt, &client, a)?, span_of(&rt, &client, b)?);
+        let (first, second) = if sa.0 == 0 { (sa, sb) } else { (sb, sa) };
+        (first.0 == 0 && first.1 == second.0 && second.1 == 30).then_some((sa, sb))
+    });
+    println!("split: a {sa:?}, b {sb:?}");
+    // The split serves a generation end to end.
+    let digest = plexus_model::identity::identity(&[model()], None, |_, _| {}).unwrap();
+    assert!(rt.block_on(client.wait_for_route(&digest, 30, Duration::from_secs(30))));
+    // b leaves: a takes every layer again.
+    drop(nodes.pop());
+    wait_for("a to serve every layer again", 60, || {
+        (span_of(&rt, &client, a) == Some((0, 30))).then_some(())
+    });
+}

@@ -8,17 +8,19 @@ use crate::cli::NodeArgs;
 use anyhow::Context as _;
 use plexus_model::LayerSpan;
 use plexus_node::engine::EngineConfig;
-use plexus_node::{Node, NodeConfig};
+use plexus_node::{AutoPlacement, Node, NodeConfig};
 use std::io::Write;
 use std::time::Duration;
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let auto = args.span.as_deref() == Some("auto");
     let span = args
         .span
         .as_deref()
+        .filter(|_| !auto)
         .map(|s| s.parse::<LayerSpan>().map_err(anyhow::Error::msg))
         .transpose()
-        .context("bad --span")?;
+        .context("bad --span (start..end or auto)")?;
     let key = args.net.key()?;
     let net = args.net.config(key.clone())?;
     let mut config = NodeConfig::new(args.model.clone(), key);
@@ -31,6 +33,9 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     };
     config.cache_dir = super::cache_dir();
     config.price = args.price;
+    config.auto = auto.then(|| AutoPlacement {
+        stages: args.stages,
+    });
     let rt = runtime()?;
     rt.block_on(async move {
         let node = Node::start(config)
