@@ -33,7 +33,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     };
     config.cache_dir = super::cache_dir();
     config.price = args.price;
-    config.auto = auto.then(|| AutoPlacement {
+    config.auto = auto.then_some(AutoPlacement {
         stages: args.stages,
     });
     let rt = runtime()?;
