@@ -366,6 +366,7 @@ impl RemoteChain {
             parts.extend(input);
             Activations::concat(&parts)
         };
+        let layer_in = all_in.clone();
         let mut all_tokens = self.tokens.clone();
         all_tokens.extend_from_slice(tokens);
         let mut chunks = self.calls.clone();
@@ -456,18 +457,8 @@ impl RemoteChain {
             for r in &replayed {
                 self.close_session(r.hop.peer);
             }
-            // Restore the inputs of layer `from` for the next attempt.
-            all_in = if from == 0 {
-                None
-            } else {
-                let mut parts = self.hops[k].inputs.clone();
-                if let Some(first) = replayed.first() {
-                    parts = first.inputs.clone();
-                } else if let Some(x) = Activations::concat(&parts) {
-                    parts = vec![x];
-                }
-                Activations::concat(&parts)
-            };
+            // The next attempt starts again from the inputs of layer `from`.
+            all_in = layer_in.clone();
             self.hops[k].hop = hop;
             why = e;
         }
