@@ -68,7 +68,17 @@ impl NetActor {
             .with_quic()
             .with_behaviour(|key| behaviour::build(key, settings))
             .map_err(|e| StartNetError::Behaviour(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+            .with_swarm_config(|c| {
+                // Each stage call opens a substream; plain multistream-select waits a round
+                // trip for the protocol to be confirmed before the request goes out, which
+                // doubled the per-stage cost on a 40 ms link (crates/plexus/tests/slow_link.rs).
+                // Lazy negotiation sends the request with the protocol name; every behaviour
+                // here proposes the protocols its peers (this same build) speak.
+                c.with_idle_connection_timeout(Duration::from_secs(300))
+                    .with_substream_upgrade_protocol_override(
+                        libp2p::core::upgrade::Version::V1Lazy,
+                    )
+            })
             .build();
         for addr in &config.listen {
             swarm
