@@ -15,6 +15,7 @@
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod echo;
 pub mod error;
 pub mod limits;
 pub mod local;

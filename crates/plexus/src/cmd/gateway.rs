@@ -52,6 +52,10 @@ pub struct GatewayArgs {
     /// Activations between stages: f16, f32 or int8 (network mode).
     #[arg(long, default_value = "f16")]
     pub wire: String,
+    /// Benchmark only: serve timestamps every N ms instead of running the model
+    /// (bench/gateway_overhead.sh).
+    #[arg(long, hide = true)]
+    pub bench_echo_ms: Option<u64>,
 }
 
 impl GatewayArgs {
@@ -77,6 +81,10 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
         backend = backend.with_id(id.clone());
     }
     let entry = backend.entry().clone();
+    if let Some(ms) = a.bench_echo_ms {
+        let echo = plexus_gateway::echo::EchoBackend::new(entry, Duration::from_millis(ms));
+        return serve_blocking(&a, Arc::new(echo));
+    }
     eprintln!(
         "serving {} (context {}, identity {})",
         entry.id, entry.context, entry.identity
@@ -155,6 +163,29 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
         )
         .await
         .context("the server failed")
+    })?;
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    Ok(())
+}
+
+/// Serves `backend` until SIGINT/SIGTERM (the benchmark echo mode).
+fn serve_blocking(
+    a: &GatewayArgs,
+    backend: Arc<dyn plexus_gateway::Backend>,
+) -> anyhow::Result<()> {
+    let runtime = super::net::runtime()?;
+    let config = a.config();
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
+        let addr = listener.local_addr()?;
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "listening on http://{addr}")?;
+        stdout.flush()?;
+        plexus_gateway::serve(listener, backend, config, super::net::shutdown_signal())
+            .await
+            .context("the server failed")
     })?;
     runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())
