@@ -9,8 +9,10 @@
 //!   instead of corrupting the KV cache.
 //! - `chunks` splits the new positions into consecutive forward passes, so a replacement node
 //!   rebuilding a session computes with exactly the chunking of the original run.
-//! - Frames are length-prefixed postcard; [`decode_request`] / [`decode_response`] check sizes
-//!   and shapes before anything is allocated for compute, and never panic on hostile bytes.
+//! - Frames are length-prefixed postcard ([`frame_len`], [`encode_frame`]); [`decode_request`]
+//!   / [`decode_response`] check sizes and shapes before anything is allocated for compute,
+//!   allocate at most about the frame's own size, and never panic on hostile bytes
+//!   (`tests/wire_corpus.rs` fuzzes them from the corpus kept in `tests/corpus/wire`).
 
 use crate::sampling::SamplingParams;
 use crate::Digest;
@@ -112,17 +114,20 @@ impl Activations {
                 .iter()
                 .for_each(|v| data.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
             DType::I8 => {
-                let scales: Vec<f32> = values
-                    .chunks(cols.max(1))
-                    .map(|row| row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0)
+                // One scale per row even when rows are empty (cols = 0), so the bytes always
+                // match the shape.
+                let row = |r: usize| values.get(r * cols..(r + 1) * cols).unwrap_or(&[]);
+                let scales: Vec<f32> = (0..rows)
+                    .map(|r| row(r).iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0)
                     .collect();
                 scales
                     .iter()
                     .for_each(|s| data.extend_from_slice(&s.to_le_bytes()));
-                for (row, s) in values.chunks(cols.max(1)).zip(&scales) {
+                for (r, s) in scales.iter().enumerate() {
                     let inv = if *s > 0.0 { 1.0 / s } else { 0.0 };
                     data.extend(
-                        row.iter()
+                        row(r)
+                            .iter()
                             .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
                     );
                 }
@@ -249,11 +254,13 @@ pub struct Forward {
     /// Positions the node already holds for this session (0 opens it).
     pub position: u32,
     /// The token ids of the new positions.
+    #[serde(deserialize_with = "bounded::positions")]
     pub tokens: Vec<u32>,
     /// The previous stage's output for the new positions (absent for the first stage).
     pub hidden: Option<Activations>,
     /// Consecutive forward passes over the new positions (sizes summing to their number);
     /// empty means one pass. The reply covers the final pass's positions only.
+    #[serde(deserialize_with = "bounded::positions")]
     pub chunks: Vec<u32>,
     /// For the last stage: sample the next token with these parameters.
     pub sampling: Option<SamplingParams>,
@@ -337,6 +344,63 @@ pub enum DecodeError {
     Trailing(usize),
     #[error("invalid message: {0}")]
     Invalid(String),
+}
+
+/// The body length a frame's 4-byte little-endian prefix announces, refused above
+/// [`MAX_FRAME_BYTES`] before anything is read or allocated for the body.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// A whole frame: the 4-byte little-endian length, then the body.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Vec<u8> {
+    let body = encode(msg);
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Bounded deserializers for lists whose length a peer controls.
+mod bounded {
+    use super::MAX_POSITIONS;
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use std::fmt;
+
+    /// A `Vec<u32>` of at most [`MAX_POSITIONS`] items. serde's own `Vec` would accept any
+    /// count the frame holds: a 32 MiB frame of one-byte varints becomes a 128 MiB vector
+    /// before validation could refuse it. postcard announces the length up front, so a longer
+    /// list is refused before anything is allocated.
+    pub fn positions<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        struct Positions;
+        impl<'de> Visitor<'de> for Positions {
+            type Value = Vec<u32>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "at most {MAX_POSITIONS} integers")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u32>, A::Error> {
+                let hint = seq.size_hint().unwrap_or(0);
+                if hint > MAX_POSITIONS {
+                    return Err(A::Error::invalid_length(hint, &self));
+                }
+                let mut out = Vec::with_capacity(hint);
+                while let Some(x) = seq.next_element()? {
+                    if out.len() == MAX_POSITIONS {
+                        return Err(A::Error::invalid_length(out.len() + 1, &self));
+                    }
+                    out.push(x);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(Positions)
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
@@ -493,6 +557,40 @@ mod tests {
             let mut want = back.clone();
             want.extend_from_slice(&back[32..]);
             assert_eq!(joined.to_f32(), want, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn odd_values_and_zero_widths_encode_to_valid_activations() {
+        let odd = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            -0.0,
+            f32::from_bits(1),
+            1.0,
+            -1.0,
+        ];
+        for dtype in [DType::F32, DType::F16, DType::I8] {
+            let a = Activations::encode(&odd, 2, 4, dtype);
+            a.validate().unwrap();
+            assert_eq!(a.to_f32().len(), 8, "{dtype:?}");
+            a.tail_rows(1).validate().unwrap();
+            let empty = Activations::encode(&[], 3, 0, dtype);
+            empty.validate().unwrap();
+            assert!(empty.to_f32().is_empty());
+            empty.tail_rows(2).validate().unwrap();
+            Activations::concat(&[empty.clone(), empty.tail_rows(1)])
+                .unwrap()
+                .validate()
+                .unwrap();
+        }
+        // A row with an infinity has no finite scale (it decodes to NaN); the finite rows keep
+        // their values to int8 precision.
+        let a = Activations::encode(&odd, 2, 4, DType::I8).to_f32();
+        for (got, want) in a[4..].iter().zip(&odd[4..]) {
+            assert!((got - want).abs() < 1e-6, "{a:?}");
         }
     }
 

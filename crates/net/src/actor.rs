@@ -3,6 +3,7 @@
 
 use crate::behaviour::{self, Behaviour, BehaviourEvent, BehaviourSettings, ANNOUNCE_TOPIC};
 use crate::codec::StageCodec;
+use crate::strikes::{Strikes, Verdict};
 use crate::{
     CallError, Command, NetConfig, NetEvent, NetHandle, PublishError, Reply, StartNetError,
 };
@@ -11,7 +12,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
-use plexus_core::wire::{ErrorCode, Response};
+use plexus_core::wire::{DecodeError, ErrorCode, Response};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,8 +32,7 @@ pub struct NetActor {
     events: mpsc::Sender<NetEvent>,
     pending: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<Response, CallError>>)>,
     rtts: HashMap<PeerId, Duration>,
-    strikes: HashMap<PeerId, u32>,
-    banned: HashMap<PeerId, Instant>,
+    strikes: Strikes,
     topic: gossipsub::IdentTopic,
 }
 
@@ -102,6 +102,7 @@ impl NetActor {
         let peer_id = *swarm.local_peer_id();
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+        let strikes = Strikes::new(config.max_strikes, config.ban);
         let actor = NetActor {
             swarm,
             config,
@@ -109,8 +110,7 @@ impl NetActor {
             events: ev_tx,
             pending: HashMap::new(),
             rtts: HashMap::new(),
-            strikes: HashMap::new(),
-            banned: HashMap::new(),
+            strikes,
             topic: gossipsub::IdentTopic::new(ANNOUNCE_TOPIC),
         };
         tokio::spawn(actor.run());
@@ -225,26 +225,20 @@ impl NetActor {
 
     /// Counts an offence by `peer`; past the limit it is disconnected and refused for a while.
     fn strike(&mut self, peer: PeerId, why: &str, severe: bool) {
-        let strikes = self.strikes.entry(peer).or_insert(0);
-        *strikes += if severe { self.config.max_strikes } else { 1 };
-        warn!(%peer, strikes = *strikes, "malformed input from peer: {why}");
-        if *strikes >= self.config.max_strikes {
-            warn!(%peer, "disconnecting and refusing peer for {:?}", self.config.ban);
-            self.banned.insert(peer, Instant::now() + self.config.ban);
-            self.strikes.remove(&peer);
-            let _ = self.swarm.disconnect_peer_id(peer);
+        match self.strikes.strike(peer, severe, Instant::now()) {
+            Verdict::Warned(strikes) => {
+                warn!(%peer, strikes, "malformed input from peer: {why}");
+            }
+            Verdict::Banned(_) => {
+                warn!(%peer, "malformed input from peer: {why}");
+                warn!(%peer, "disconnecting and refusing peer for {:?}", self.config.ban);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
         }
     }
 
     fn is_banned(&mut self, peer: &PeerId) -> bool {
-        match self.banned.get(peer) {
-            Some(until) if *until > Instant::now() => true,
-            Some(_) => {
-                self.banned.remove(peer);
-                false
-            }
-            None => false,
-        }
+        self.strikes.is_banned(peer, Instant::now())
     }
 
     fn dial_if_new(&mut self, peer: PeerId, addr: Multiaddr) {
@@ -362,7 +356,9 @@ impl NetActor {
                             message: e.to_string(),
                         },
                     );
-                    self.strike(peer, &e.to_string(), false);
+                    // Announcing a frame over the limit is never an honest mistake.
+                    let severe = matches!(e, DecodeError::TooLarge(_));
+                    self.strike(peer, &e.to_string(), severe);
                 }
             },
             request_response::Event::Message {
@@ -397,13 +393,9 @@ impl NetActor {
                     let _ = reply.send(Err(error));
                 }
             }
+            // Streams that end early or stall are dropped without an event from libp2p; the
+            // rest (a response that could not be written) are the peer's loss, not an offence.
             request_response::Event::InboundFailure { peer, error, .. } => {
-                if let request_response::InboundFailure::Io(e) = &error {
-                    if e.kind() == std::io::ErrorKind::InvalidData {
-                        self.strike(peer, &e.to_string(), true);
-                        return;
-                    }
-                }
                 debug!(%peer, "inbound stage call failed: {error}");
             }
             request_response::Event::ResponseSent { .. } => {}

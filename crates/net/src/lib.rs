@@ -10,11 +10,12 @@
 //! Transports: TCP and QUIC, noise, yamux. Discovery: Kademlia from bootstrap peers, identify,
 //! optional mDNS. Announcements ride gossipsub; stage calls are request/response streams with
 //! length-prefixed frames ([`codec`]). Every channel is bounded; peers that send malformed
-//! frames are answered `BadRequest`, then disconnected and refused for a while.
+//! frames are answered `BadRequest`, then disconnected and refused for a while ([`strikes`]).
 
 pub mod actor;
 pub mod behaviour;
 pub mod codec;
+pub mod strikes;
 
 pub use codec::WireCounters;
 pub use libp2p::{Multiaddr, PeerId};

@@ -7,6 +7,7 @@ use crate::directory::{AdmitError, Directory};
 use plexus_core::announce::VerifyAnnouncementError;
 use plexus_core::wire::{Request, Response};
 use plexus_net::{NetHandle, PeerId};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
@@ -19,9 +20,21 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What became of the announcements a keeper saw (for metrics and tests).
+#[derive(Debug, Default)]
+pub struct DiscoveryCounters {
+    /// Verified and stored.
+    pub admitted: AtomicU64,
+    /// Forged, malformed or relayed by the wrong peer (the sender is disconnected).
+    pub refused: AtomicU64,
+    /// Expired or older than one already known (dropped quietly: clocks and gossip lag).
+    pub ignored: AtomicU64,
+}
+
 /// Owns the directory of one process.
 pub struct DirectoryKeeper {
     dir: Directory,
+    counters: Arc<DiscoveryCounters>,
     tx: watch::Sender<Arc<Directory>>,
     described_tx: mpsc::Sender<(PeerId, Vec<u8>)>,
     /// Announcements fetched by `Describe`, for the owning loop to [`Self::admit`].
@@ -36,6 +49,7 @@ impl DirectoryKeeper {
         (
             Self {
                 dir: Directory::default(),
+                counters: Arc::default(),
                 tx,
                 described_tx,
                 described,
@@ -49,6 +63,10 @@ impl DirectoryKeeper {
         &self.dir
     }
 
+    pub fn counters(&self) -> Arc<DiscoveryCounters> {
+        Arc::clone(&self.counters)
+    }
+
     fn publish(&self) {
         self.tx.send_replace(Arc::new(self.dir.clone()));
     }
@@ -58,12 +76,17 @@ impl DirectoryKeeper {
         match self.dir.admit(data, source, now_ms()) {
             Ok(peer) => {
                 debug!(%peer, "announcement admitted");
+                self.counters.admitted.fetch_add(1, Ordering::Relaxed);
                 self.publish();
             }
-            Err(AdmitError::Stale { .. })
-            | Err(AdmitError::Verify(VerifyAnnouncementError::Expired(_))) => {}
+            Err(e @ AdmitError::Stale { .. })
+            | Err(e @ AdmitError::Verify(VerifyAnnouncementError::Expired(_))) => {
+                debug!(source = ?source, "ignored an announcement: {e}");
+                self.counters.ignored.fetch_add(1, Ordering::Relaxed);
+            }
             Err(e) => {
                 warn!(source = ?source, "refused an announcement: {e}");
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 if let Some(peer) = source {
                     self.handle.disconnect(peer).await;
                 }

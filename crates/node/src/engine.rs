@@ -6,8 +6,9 @@
 //! ```
 //!
 //! Sessions are keyed by (caller, session id), hold at most the model's context, expire after
-//! `session_ttl` without use, and are capped in number (the least recently used one goes when
-//! a new one would exceed the cap).
+//! `session_ttl` without use, and are capped in number: when a new one would exceed the cap,
+//! the peer holding the most sessions loses its least recently used one, so a peer that opens
+//! sessions in bulk evicts its own rather than everyone else's.
 
 use plexus_core::wire::{Activations, ErrorCode, Forward, Response, SessionId};
 use plexus_core::Digest;
@@ -234,7 +235,7 @@ impl EngineActor {
         if f.position == 0 {
             self.sessions.remove(&key);
             if self.sessions.len() >= self.config.max_sessions {
-                self.evict_oldest();
+                self.evict_for_new();
             }
             self.sessions.insert(
                 key,
@@ -260,6 +261,17 @@ impl EngineActor {
                     "session {} holds {held} positions, not {}",
                     f.session, f.position
                 ),
+            );
+        }
+        // Refuse before computing anything: the stage would only notice at the chunk that
+        // overflows, after embedding the whole call and running the chunks before it.
+        let needed = session.cache.len() + f.tokens.len();
+        if needed > session.cache.max_len() {
+            let max = session.cache.max_len();
+            self.sessions.insert(key, session);
+            return error(
+                ErrorCode::ContextOverflow,
+                ForwardError::ContextOverflow { needed, max }.to_string(),
             );
         }
         let result = self.run_chunks(&mut session, f);
@@ -298,15 +310,25 @@ impl EngineActor {
         }
     }
 
-    fn evict_oldest(&mut self) {
-        if let Some(oldest) = self
-            .sessions
-            .iter()
-            .min_by_key(|(_, s)| s.last_used)
-            .map(|(k, _)| *k)
-        {
-            debug!(session = %oldest.1, "evicting the least recently used session");
-            self.sessions.remove(&oldest);
+    /// Makes room for one more session: the peer holding the most sessions gives up its least
+    /// recently used one (the oldest such session on a tie). One peer opening many sessions
+    /// thus evicts its own, not everyone else's.
+    fn evict_for_new(&mut self) {
+        let mut holders: HashMap<PeerId, (usize, Instant, SessionId)> = HashMap::new();
+        for ((peer, id), s) in &self.sessions {
+            let h = holders.entry(*peer).or_insert((0, s.last_used, *id));
+            h.0 += 1;
+            if s.last_used < h.1 {
+                (h.1, h.2) = (s.last_used, *id);
+            }
+        }
+        let victim = holders
+            .into_iter()
+            .max_by(|(_, a), (_, b)| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+            .map(|(peer, (_, _, id))| (peer, id));
+        if let Some(key) = victim {
+            debug!(peer = %key.0, session = %key.1, "evicting a session to make room");
+            self.sessions.remove(&key);
         }
     }
 

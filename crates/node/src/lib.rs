@@ -18,3 +18,7 @@ pub mod route;
 pub mod service;
 
 pub use service::{AutoPlacement, Node, NodeConfig, StartNodeError};
+
+// Dev-dependencies are for the integration tests in tests/.
+#[cfg(test)]
+use {futures as _, libp2p as _, tempfile as _, tracing_subscriber as _};

@@ -6,7 +6,8 @@
 //! announce timer ─▶ signed Announcement ─▶ gossipsub (and Describe answers)
 //! ```
 
-use crate::discovery::{now_ms, DirectoryKeeper};
+use crate::directory::Directory;
+use crate::discovery::{now_ms, DirectoryKeeper, DiscoveryCounters};
 use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, Work};
 use crate::measure::{free_memory, measure, Speed};
 use crate::placement::{plan, NodeCapacity};
@@ -23,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 /// How to run a node.
@@ -103,6 +104,7 @@ pub struct Node {
     engine: EngineHandle,
     replies: mpsc::Receiver<(plexus_net::Reply, Response)>,
     keeper: DirectoryKeeper,
+    directory: watch::Receiver<Arc<Directory>>,
     listen: Vec<Multiaddr>,
     current: Vec<u8>,
     /// A span placement asked for once; taken if asked again on the next tick.
@@ -161,7 +163,7 @@ impl Node {
             config.engine.clone(),
             reply_tx,
         );
-        let (keeper, _) = DirectoryKeeper::new(handle.clone());
+        let (keeper, directory) = DirectoryKeeper::new(handle.clone());
         // Collect the first listen addresses; keep any other early event for `run`.
         let mut listen = Vec::new();
         let mut early = Vec::new();
@@ -181,6 +183,7 @@ impl Node {
             engine,
             replies,
             keeper,
+            directory,
             listen,
             current: Vec::new(),
             pending: None,
@@ -206,6 +209,17 @@ impl Node {
 
     pub fn served(&self) -> &Served {
         &self.served
+    }
+
+    /// The peers this node knows from verified announcements; stays current while the node
+    /// runs.
+    pub fn directory(&self) -> watch::Receiver<Arc<Directory>> {
+        self.directory.clone()
+    }
+
+    /// Announcements admitted, refused and ignored so far.
+    pub fn discovery_counters(&self) -> Arc<DiscoveryCounters> {
+        self.keeper.counters()
     }
 
     fn announcement(&self) -> Announcement {
