@@ -304,7 +304,8 @@ pub struct UpArgs {
     /// missing).
     #[arg(long, short)]
     pub model: Option<PathBuf>,
-    /// CPU threads per node process (default: all cores divided among the nodes, at least 1).
+    /// CPU threads per node process (default: all cores for every node: only one stage of a
+    /// chain computes at a time, see BENCHMARKS.md).
     #[arg(long)]
     pub threads: Option<usize>,
 }
