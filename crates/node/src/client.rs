@@ -422,7 +422,14 @@ impl RemoteChain {
                     .metrics
                     .replayed_positions
                     .fetch_add(all_tokens.len() as u64, Ordering::Relaxed);
-                match self.call(hop.peer, f) {
+                let expected = all_tokens.len();
+                let result = match self.call(hop.peer, f) {
+                    Ok(Outcome::Hidden(out)) if out.rows as usize != expected => {
+                        Err((true, ChainError::Protocol { peer: hop.peer }))
+                    }
+                    other => other,
+                };
+                match result {
                     Ok(Outcome::Hidden(out)) if !is_last => {
                         let mut state = HopState::new(hop);
                         state.position = all_tokens.len();
@@ -516,7 +523,14 @@ impl TokenChain for RemoteChain {
                 Vec::new(),
                 false,
             );
-            match self.call(hop.peer, f) {
+            // A stage that answers with the wrong number of rows is treated as failed.
+            let result = match self.call(hop.peer, f) {
+                Ok(Outcome::Hidden(out)) if out.rows as usize != n => {
+                    Err((true, ChainError::Protocol { peer: hop.peer }))
+                }
+                other => other,
+            };
+            match result {
                 Ok(Outcome::Hidden(out)) if hop.end < self.num_layers => {
                     let state = &mut self.hops[k];
                     state.position += n;
