@@ -10,9 +10,6 @@ mod progress;
 // Dev-dependencies are for the integration tests in tests/.
 #[cfg(test)]
 use tempfile as _;
-// Declared for subcommands landing on other branches (fetch, node); silenced until they do.
-use hex as _;
-use {serde as _, sha2 as _, ureq as _, zip as _};
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -83,40 +83,40 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
     let entry = backend.entry().clone();
     if let Some(ms) = a.bench_echo_ms {
         let echo = plexus_gateway::echo::EchoBackend::new(entry, Duration::from_millis(ms));
-        return serve_blocking(&a, Arc::new(echo));
+        let runtime = super::net::runtime()?;
+        runtime.block_on(listen_and_serve(&a, Arc::new(echo)))?;
+        runtime.shutdown_timeout(Duration::from_secs(5));
+        return Ok(());
     }
     eprintln!(
         "serving {} (context {}, identity {})",
         entry.id, entry.context, entry.identity
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let config = a.config();
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
-        let addr = listener
-            .local_addr()
-            .context("cannot read the bound address")?;
-        let mut stdout = std::io::stdout();
-        writeln!(stdout, "listening on http://{addr}")?;
-        stdout.flush()?;
-        plexus_gateway::serve(
-            listener,
-            Arc::new(backend),
-            config,
-            super::net::shutdown_signal(),
-        )
-        .await
-        .context("the server failed")
-    })?;
+    let runtime = super::net::runtime()?;
+    runtime.block_on(listen_and_serve(&a, Arc::new(backend)))?;
     // Blocking generation threads were cancelled at shutdown; do not wait on a stray one.
     runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())
+}
+
+/// Binds `--host:--port`, prints `listening on URL`, and serves `backend` until SIGINT or
+/// SIGTERM, then shuts down gracefully.
+async fn listen_and_serve(
+    a: &GatewayArgs,
+    backend: Arc<dyn plexus_gateway::Backend>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "listening on http://{addr}")?;
+    stdout.flush()?;
+    plexus_gateway::serve(listener, backend, a.config(), super::net::shutdown_signal())
+        .await
+        .context("the server failed")
 }
 
 fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
@@ -133,8 +133,7 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
         net = net.with_listen(vec!["/ip4/0.0.0.0/tcp/0".parse()?]);
     }
     let runtime = super::net::runtime()?;
-    let config = a.config();
-    runtime.block_on(async move {
+    runtime.block_on(async {
         let mut client_config = ClientConfig::new(net);
         client_config.wire = wire;
         let client = NetworkClient::start(client_config)?;
@@ -148,44 +147,7 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
             "serving {} through the network (identity {})",
             entry.id, entry.identity
         );
-        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
-        let addr = listener.local_addr()?;
-        let mut stdout = std::io::stdout();
-        writeln!(stdout, "listening on http://{addr}")?;
-        stdout.flush()?;
-        plexus_gateway::serve(
-            listener,
-            Arc::new(backend),
-            config,
-            super::net::shutdown_signal(),
-        )
-        .await
-        .context("the server failed")
-    })?;
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    Ok(())
-}
-
-/// Serves `backend` until SIGINT/SIGTERM (the benchmark echo mode).
-fn serve_blocking(
-    a: &GatewayArgs,
-    backend: Arc<dyn plexus_gateway::Backend>,
-) -> anyhow::Result<()> {
-    let runtime = super::net::runtime()?;
-    let config = a.config();
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
-            .await
-            .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
-        let addr = listener.local_addr()?;
-        let mut stdout = std::io::stdout();
-        writeln!(stdout, "listening on http://{addr}")?;
-        stdout.flush()?;
-        plexus_gateway::serve(listener, backend, config, super::net::shutdown_signal())
-            .await
-            .context("the server failed")
+        listen_and_serve(&a, Arc::new(backend)).await
     })?;
     runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())
