@@ -26,7 +26,14 @@ pub enum AdmitError {
     },
     #[error("an announcement of {peer} issued later is already known")]
     Stale { peer: PeerId },
+    #[error("the directory is full and this announcement expires before every kept one")]
+    Full,
 }
+
+/// Most peers kept. Gossip relays announcements from authors we are not connected to, so valid
+/// announcements from many fresh keys could otherwise grow the directory without bound; when
+/// full, the announcement that expires first makes room (or the newcomer is dropped).
+pub const MAX_PEERS: usize = 4096;
 
 impl Directory {
     /// Verifies and stores an announcement. `source` is the gossip author the transport
@@ -54,6 +61,17 @@ impl Directory {
             if old.issued_at_ms > a.issued_at_ms {
                 return Err(AdmitError::Stale { peer });
             }
+        }
+        if !self.peers.contains_key(&peer) && self.peers.len() >= MAX_PEERS {
+            let (&oldest, kept) = self
+                .peers
+                .iter()
+                .min_by_key(|(p, a)| (a.expires_at_ms(), p.to_bytes()))
+                .ok_or(AdmitError::Full)?;
+            if kept.expires_at_ms() >= a.expires_at_ms() {
+                return Err(AdmitError::Full);
+            }
+            self.peers.remove(&oldest);
         }
         self.peers.insert(peer, a);
         Ok(peer)
@@ -99,5 +117,55 @@ impl Directory {
             .collect();
         out.sort_by_key(|(p, _, o)| (o.start, p.to_bytes()));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plexus_core::announce::Announcement;
+    use plexus_core::keys::NodeKey;
+
+    fn announce(key: &NodeKey, issued: u64) -> Vec<u8> {
+        Announcement {
+            public_key: key.public().encode_protobuf(),
+            peer: key.peer_id().to_string(),
+            issued_at_ms: issued,
+            ttl_ms: 30_000,
+            version: "test".into(),
+            addrs: Vec::new(),
+            threads: 1,
+            free_memory: 0,
+            sessions: 0,
+            max_sessions: 1,
+            queue: 0,
+            price: 0,
+            models: Vec::new(),
+        }
+        .sign(key)
+        .encode()
+    }
+
+    #[test]
+    fn a_full_directory_keeps_the_freshest_announcements() {
+        let mut dir = Directory::default();
+        for i in 0..MAX_PEERS as u64 {
+            let key = NodeKey::generate();
+            dir.admit(&announce(&key, 1_000 + i), None, 1_000 + i)
+                .unwrap();
+        }
+        assert_eq!(dir.len(), MAX_PEERS);
+        // Older than everything kept: refused.
+        let late = NodeKey::generate();
+        assert!(matches!(
+            dir.admit(&announce(&late, 500), None, 1_000),
+            Err(AdmitError::Full)
+        ));
+        // Fresher: replaces the one that expires first, the size stays capped.
+        let fresh = NodeKey::generate();
+        let now = 1_000 + MAX_PEERS as u64;
+        let peer = dir.admit(&announce(&fresh, now), None, now).unwrap();
+        assert_eq!(dir.len(), MAX_PEERS);
+        assert!(dir.get(&peer).is_some());
     }
 }
