@@ -50,19 +50,7 @@ impl NetworkBackend {
         let num_layers = files.config.num_layers;
         let context = files.config.max_position_embeddings;
         let tokenizer = files.tokenizer()?;
-        let chat_template = match files.chat_template_source() {
-            Some(src) => {
-                let piece =
-                    |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
-                let bos = piece(tokenizer.bos());
-                let eos = piece(tokenizer.eos().first().copied());
-                Some(Arc::new(
-                    plexus_model::chat::ChatTemplate::new(&src, &bos, &eos)
-                        .map_err(plexus_model::LoadModelError::from)?,
-                ))
-            }
-            None => None,
-        };
+        let chat_template = files.chat_template(&tokenizer)?.map(Arc::new);
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

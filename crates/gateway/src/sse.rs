@@ -31,6 +31,35 @@ pub trait Chunks: Send + 'static {
     fn usage(&self, usage: Value) -> Value;
 }
 
+/// The fields every chunk of one streamed response repeats.
+pub struct Envelope {
+    /// `chat.completion.chunk` or `text_completion`.
+    pub object: &'static str,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub fingerprint: String,
+    pub include_usage: bool,
+}
+
+impl Envelope {
+    /// A chunk carrying `choices` (and `"usage": null` when the client asked for usage).
+    pub fn chunk(&self, choices: Value) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+}
+
 /// OpenAI's `usage` object.
 pub fn usage(prompt_tokens: usize, c: &Completion) -> Value {
     let completion = c.tokens.len();

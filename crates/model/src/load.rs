@@ -181,19 +181,24 @@ impl ModelFiles {
         })
     }
 
+    /// The model's chat template with `tokenizer`'s BOS and EOS texts, if it has one.
+    pub fn chat_template(
+        &self,
+        tokenizer: &Tokenizer,
+    ) -> Result<Option<ChatTemplate>, LoadModelError> {
+        let Some(src) = self.chat_template_source() else {
+            return Ok(None);
+        };
+        let piece = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
+        let bos = piece(tokenizer.bos());
+        let eos = piece(tokenizer.eos().first().copied());
+        Ok(Some(ChatTemplate::new(&src, &bos, &eos)?))
+    }
+
     /// Loads the model (or the span of it) with its tokenizer and chat template.
     pub fn load(self, span: Option<LayerSpan>) -> Result<LoadedModel, LoadModelError> {
         let tokenizer = self.tokenizer()?;
-        let chat_template = match self.chat_template_source() {
-            Some(src) => {
-                let piece =
-                    |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
-                let bos = piece(tokenizer.bos());
-                let eos = piece(tokenizer.eos().first().copied());
-                Some(ChatTemplate::new(&src, &bos, &eos)?)
-            }
-            None => None,
-        };
+        let chat_template = self.chat_template(&tokenizer)?;
         let stage = self.stage(span, Mode::Infer)?;
         Ok(LoadedModel {
             path: self.path,

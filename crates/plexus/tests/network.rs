@@ -38,23 +38,21 @@ impl Drop for NodeProc {
 }
 
 fn spawn_node(span: &str, dir: &Path, bootstrap: Option<&Multiaddr>) -> NodeProc {
+    spawn_node_with(&["--span", span], dir, bootstrap)
+}
+
+/// Starts `plexus node` with `span_args` (`--span a..b`, or `--span auto --stages N`).
+fn spawn_node_with(span_args: &[&str], dir: &Path, bootstrap: Option<&Multiaddr>) -> NodeProc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_plexus"));
-    cmd.args([
-        "node",
-        "--threads",
-        "1",
-        "--span",
-        span,
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-    ])
-    .arg("--model")
-    .arg(model())
-    .arg("--data-dir")
-    .arg(dir)
-    .env("PLEXUS_CACHE_DIR", dir.join("cache"))
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    cmd.args(["node", "--threads", "1", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(span_args)
+        .arg("--model")
+        .arg(model())
+        .arg("--data-dir")
+        .arg(dir)
+        .env("PLEXUS_CACHE_DIR", dir.join("cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     if let Some(b) = bootstrap {
         cmd.arg("--bootstrap").arg(b.to_string());
     }
@@ -64,7 +62,7 @@ fn spawn_node(span: &str, dir: &Path, bootstrap: Option<&Multiaddr>) -> NodeProc
     let addr = loop {
         let line = lines
             .next()
-            .unwrap_or_else(|| panic!("node {span} exited before listening"))
+            .unwrap_or_else(|| panic!("node {span_args:?} exited before listening"))
             .unwrap();
         if let Some(p) = line.strip_prefix("peer ") {
             peer = Some(p.parse::<PeerId>().unwrap());
@@ -248,46 +246,7 @@ fn span_of(
 }
 
 fn spawn_auto(dir: &Path, bootstrap: Option<&Multiaddr>) -> NodeProc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_plexus"));
-    cmd.args([
-        "node",
-        "--threads",
-        "1",
-        "--span",
-        "auto",
-        "--stages",
-        "2",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-    ])
-    .arg("--model")
-    .arg(model())
-    .arg("--data-dir")
-    .arg(dir)
-    .env("PLEXUS_CACHE_DIR", dir.join("cache"))
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
-    if let Some(b) = bootstrap {
-        cmd.arg("--bootstrap").arg(b.to_string());
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut peer = None;
-    let addr = loop {
-        let line = lines.next().unwrap().unwrap();
-        if let Some(p) = line.strip_prefix("peer ") {
-            peer = Some(p.parse::<PeerId>().unwrap());
-        }
-        if let Some(a) = line.strip_prefix("listening on ") {
-            break a.parse::<Multiaddr>().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    NodeProc {
-        child,
-        peer: peer.unwrap(),
-        addr,
-    }
+    spawn_node_with(&["--span", "auto", "--stages", "2"], dir, bootstrap)
 }
 
 fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {

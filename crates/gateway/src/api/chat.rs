@@ -6,7 +6,7 @@ use super::generation::{self, Job, Prompt, Running};
 use super::json::ApiJson;
 use super::params::Options;
 use crate::error::ApiError;
-use crate::sse::{self, Chunks};
+use crate::sse::{self, Chunks, Envelope};
 use crate::state::AppState;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -82,34 +82,11 @@ fn messages(req: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
 }
 
 /// Chat completion chunks (`chat.completion.chunk`).
-struct ChatChunks {
-    id: String,
-    created: u64,
-    model: String,
-    fingerprint: String,
-    include_usage: bool,
-}
-
-impl ChatChunks {
-    fn chunk(&self, choices: Value) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.fingerprint,
-            "choices": choices,
-        });
-        if self.include_usage {
-            v["usage"] = Value::Null;
-        }
-        v
-    }
-}
+struct ChatChunks(Envelope);
 
 impl Chunks for ChatChunks {
     fn opening(&self) -> Option<Value> {
-        Some(self.chunk(json!([{
+        Some(self.0.chunk(json!([{
             "index": 0,
             "delta": {"role": "assistant", "content": ""},
             "logprobs": null,
@@ -118,19 +95,19 @@ impl Chunks for ChatChunks {
     }
 
     fn text(&self, text: &str) -> Value {
-        self.chunk(json!([{
+        self.0.chunk(json!([{
             "index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null,
         }]))
     }
 
     fn closing(&self, finish_reason: &str) -> Value {
-        self.chunk(json!([{
+        self.0.chunk(json!([{
             "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason,
         }]))
     }
 
     fn usage(&self, usage: Value) -> Value {
-        let mut v = self.chunk(json!([]));
+        let mut v = self.0.chunk(json!([]));
         v["usage"] = usage;
         v
     }
@@ -169,13 +146,14 @@ pub async fn handler(
     let fp = fingerprint(&running.identity);
     tracing::debug!(%id, seed, prompt_tokens = running.prompt_tokens, "chat completion");
     if opts.stream {
-        let chunks = ChatChunks {
+        let chunks = ChatChunks(Envelope {
+            object: "chat.completion.chunk",
             id,
             created,
             model,
             fingerprint: fp,
             include_usage: opts.include_usage,
-        };
+        });
         return Ok(with_seed(
             sse::response(running, chunks, opts.include_usage),
             seed,

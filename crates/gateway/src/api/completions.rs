@@ -6,7 +6,7 @@ use super::generation::{self, Job, Prompt};
 use super::json::ApiJson;
 use super::params::Options;
 use crate::error::ApiError;
-use crate::sse::{self, Chunks};
+use crate::sse::{self, Chunks, Envelope};
 use crate::state::AppState;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -31,30 +31,7 @@ pub enum PromptField {
     Many(Vec<String>),
 }
 
-struct TextChunks {
-    id: String,
-    created: u64,
-    model: String,
-    fingerprint: String,
-    include_usage: bool,
-}
-
-impl TextChunks {
-    fn chunk(&self, choices: Value) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.fingerprint,
-            "choices": choices,
-        });
-        if self.include_usage {
-            v["usage"] = Value::Null;
-        }
-        v
-    }
-}
+struct TextChunks(Envelope);
 
 impl Chunks for TextChunks {
     fn opening(&self) -> Option<Value> {
@@ -62,17 +39,18 @@ impl Chunks for TextChunks {
     }
 
     fn text(&self, text: &str) -> Value {
-        self.chunk(json!([{"text": text, "index": 0, "logprobs": null, "finish_reason": null}]))
+        self.0
+            .chunk(json!([{"text": text, "index": 0, "logprobs": null, "finish_reason": null}]))
     }
 
     fn closing(&self, finish_reason: &str) -> Value {
-        self.chunk(json!([{
+        self.0.chunk(json!([{
             "text": "", "index": 0, "logprobs": null, "finish_reason": finish_reason,
         }]))
     }
 
     fn usage(&self, usage: Value) -> Value {
-        let mut v = self.chunk(json!([]));
+        let mut v = self.0.chunk(json!([]));
         v["usage"] = usage;
         v
     }
@@ -109,13 +87,14 @@ pub async fn handler(
     let model = running.model.clone();
     let fp = fingerprint(&running.identity);
     if opts.stream {
-        let chunks = TextChunks {
+        let chunks = TextChunks(Envelope {
+            object: "text_completion",
             id,
             created,
             model,
             fingerprint: fp,
             include_usage: opts.include_usage,
-        };
+        });
         return Ok(with_seed(
             sse::response(running, chunks, opts.include_usage),
             seed,
