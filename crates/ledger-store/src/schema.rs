@@ -1,0 +1,16 @@
+//! The schema and its migrations, written in the SQL that SQLite and PostgreSQL share (TEXT and
+//! BIGINT columns only). A migration runs once, in a transaction, recorded in
+//! `plexus_migrations`.
+
+/// `(version, statements)`, in order. Append only: never edit a released migration.
+pub const MIGRATIONS: &[(i64, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE plexus_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE plexus_journal (seq BIGINT PRIMARY KEY, time_ms BIGINT NOT NULL, \
+         kind TEXT NOT NULL, hash TEXT NOT NULL, entry TEXT NOT NULL)",
+        "CREATE TABLE plexus_balances (bucket TEXT PRIMARY KEY, amount BIGINT NOT NULL)",
+        "CREATE TABLE plexus_api_keys (key_hash TEXT PRIMARY KEY, account TEXT NOT NULL, \
+         label TEXT NOT NULL, created_ms BIGINT NOT NULL)",
+    ],
+)];
