@@ -34,6 +34,12 @@ pub enum ApiError {
     /// The body is over the configured limit (413).
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// No API key, or one the ledger does not know (401).
+    #[error("{0}")]
+    InvalidApiKey(String),
+    /// The account cannot cover the request's maximum cost (402).
+    #[error("{0}")]
+    InsufficientQuota(String),
     /// Every generation slot and queue place is taken (429).
     #[error("the server is busy: too many requests are running or waiting; retry later")]
     Overloaded { retry_after: Duration },
@@ -61,6 +67,8 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InvalidApiKey(_) => StatusCode::UNAUTHORIZED,
+            Self::InsufficientQuota(_) => StatusCode::PAYMENT_REQUIRED,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -88,6 +96,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => {
                 ("invalid_request_error", None, Some("request_too_large"))
             }
+            Self::InvalidApiKey(_) => ("invalid_request_error", None, Some("invalid_api_key")),
+            Self::InsufficientQuota(_) => ("insufficient_quota", None, Some("insufficient_quota")),
             Self::Overloaded { .. } => ("rate_limit_error", None, Some("rate_limit_exceeded")),
             Self::Unavailable(_) => (
                 "service_unavailable_error",

@@ -12,6 +12,7 @@
 //! Start with [`serve`] (a listener, a backend, a [`GatewayConfig`], a shutdown future), or
 //! build [`app`] over an [`AppState`] to drive it without a socket.
 
+pub mod accounts;
 pub mod api;
 pub mod backend;
 pub mod config;

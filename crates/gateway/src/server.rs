@@ -28,6 +28,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::handler))
         .route("/v1/completions", post(completions::handler))
         .route("/v1/models", get(models::list))
+        .route("/v1/account", get(crate::accounts::account))
         .route("/v1/models/{id}", get(models::retrieve))
         .route("/health", get(models::health))
         .route("/metrics", get(metrics))

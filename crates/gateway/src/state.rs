@@ -1,6 +1,7 @@
 //! [`AppState`]: what every handler shares (backend, config, admission, metrics, the shutdown
 //! flag). Cheap to clone.
 
+use crate::accounts::Accounts;
 use crate::backend::Backend;
 use crate::config::GatewayConfig;
 use crate::limits::Limits;
@@ -20,10 +21,20 @@ struct Inner {
     limits: Limits,
     metrics: Metrics,
     cancelled: AtomicBool,
+    accounts: Option<Arc<Accounts>>,
 }
 
 impl AppState {
     pub fn new(backend: Arc<dyn Backend>, config: GatewayConfig) -> Self {
+        Self::with_accounts(backend, config, None)
+    }
+
+    /// A gateway that charges requests to API keys' accounts on a ledger (`None`: free).
+    pub fn with_accounts(
+        backend: Arc<dyn Backend>,
+        config: GatewayConfig,
+        accounts: Option<Arc<Accounts>>,
+    ) -> Self {
         let metrics = Metrics::new();
         let limits = Limits::new(
             config.max_concurrent,
@@ -39,6 +50,7 @@ impl AppState {
                 limits,
                 metrics,
                 cancelled: AtomicBool::new(false),
+                accounts,
             }),
         }
     }
@@ -49,6 +61,11 @@ impl AppState {
 
     pub fn config(&self) -> &GatewayConfig {
         &self.inner.config
+    }
+
+    /// The ledger requests are charged to, if any.
+    pub fn accounts(&self) -> Option<&Arc<Accounts>> {
+        self.inner.accounts.as_ref()
     }
 
     pub(crate) fn limits(&self) -> &Limits {

@@ -126,6 +126,7 @@ pub(crate) fn with_seed(mut res: Response, seed: u64) -> Response {
 
 pub async fn handler(
     State(state): State<AppState>,
+    payer: crate::accounts::Payer,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let opts = req.options.resolve(super::random_u64())?;
@@ -137,6 +138,7 @@ pub async fn handler(
         sampling: opts.sampling,
         stop: opts.stop,
         stream: opts.stream,
+        payer: payer.0,
     };
     let running: Running = generation::start(&state, job).await?;
     let seed = running.seed;

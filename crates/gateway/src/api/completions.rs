@@ -58,6 +58,7 @@ impl Chunks for TextChunks {
 
 pub async fn handler(
     State(state): State<AppState>,
+    payer: crate::accounts::Payer,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let opts = req.options.resolve(super::random_u64())?;
@@ -79,6 +80,7 @@ pub async fn handler(
         sampling: opts.sampling,
         stop: opts.stop,
         stream: opts.stream,
+        payer: payer.0,
     };
     let running = generation::start(&state, job).await?;
     let seed = running.seed;

@@ -57,6 +57,8 @@ pub struct Job {
     pub stop: Vec<String>,
     /// Whether text pieces are wanted as they come (else only the final completion).
     pub stream: bool,
+    /// The account charged (when the gateway has a ledger), see [`crate::accounts`].
+    pub payer: Option<plexus_ledger::Address>,
 }
 
 /// What a running generation reports after it started.
@@ -87,6 +89,7 @@ pub async fn start(state: &AppState, job: Job) -> Result<Running, ApiError> {
         .into_iter()
         .find(|m| m.id == job.model)
         .ok_or_else(|| ApiError::ModelNotFound(job.model.clone()))?;
+    let meter = crate::accounts::hold_for(state, &job, entry.context).await?;
     let slot = state.limits().admit().await?;
     let (tx, events) = mpsc::channel(state.config().stream_buffer.max(2));
     let (ready_tx, ready) = oneshot::channel();
@@ -100,6 +103,7 @@ pub async fn start(state: &AppState, job: Job) -> Result<Running, ApiError> {
         job,
         arrived,
         tx,
+        meter,
     };
     tokio::task::spawn_blocking(move || task.run(slot, ready_tx));
     match ready.await {
@@ -137,10 +141,11 @@ struct Task {
     job: Job,
     arrived: Instant,
     tx: mpsc::Sender<Event>,
+    meter: Option<crate::accounts::Meter>,
 }
 
 impl Task {
-    fn run(self, slot: crate::limits::Slot, ready: oneshot::Sender<Result<usize, ApiError>>) {
+    fn run(mut self, slot: crate::limits::Slot, ready: oneshot::Sender<Result<usize, ApiError>>) {
         let req = match self.prepare() {
             Ok(req) => req,
             Err(e) => {
@@ -184,6 +189,12 @@ impl Task {
             .backend()
             .generate(&self.entry.id, &req, &mut on_text);
         drop(slot);
+        if let Some(meter) = self.meter.take() {
+            // Charged for what was produced, cancelled streams included; before the client
+            // sees the end, so its next look at the account shows the charge.
+            let tokens = result.as_ref().map_or(0, |c| c.tokens.len());
+            meter.finish_blocking(&self.runtime, tokens);
+        }
         if let Ok(c) = &result {
             // Counted even when cancelled: the engine did the work.
             metrics.completion_tokens.inc_by(c.tokens.len() as u64);
