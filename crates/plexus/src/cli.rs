@@ -37,6 +37,11 @@ pub enum Command {
     Up(UpArgs),
     /// Print the placement plan for a model from the nodes that announce it.
     Placement(PlacementArgs),
+    /// API keys mapped to ledger accounts.
+    Keys {
+        #[command(subcommand)]
+        command: crate::cmd::ledger::KeysCommand,
+    },
 }
 
 impl Command {
@@ -49,7 +54,7 @@ impl Command {
             Command::Gateway(a) => a.threads,
             Command::Models { .. } => None,
             Command::Node(a) => a.threads,
-            Command::Up(_) | Command::Placement(_) => None,
+            Command::Up(_) | Command::Placement(_) | Command::Keys { .. } => None,
         }
     }
 }
@@ -308,4 +313,12 @@ pub struct UpArgs {
     /// chain computes at a time, see BENCHMARKS.md).
     #[arg(long)]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub ledger: crate::cmd::ledger::LedgerArgs,
+    /// Starting balance of the dev API key `plexus up` creates (micro-PLX, or e.g. `100PLX`).
+    #[arg(long, value_parser = crate::cmd::ledger::parse_amount, default_value = "100PLX")]
+    pub faucet: plexus_ledger::Amount,
+    /// Price per completion token, in micro-PLX.
+    #[arg(long, default_value_t = 1)]
+    pub price: plexus_ledger::Amount,
 }

@@ -111,10 +111,13 @@ fn sigkill_of_a_stage_mid_stream_keeps_the_stream_and_its_text() {
             Some(&boot),
         ));
     }
-    let mut args: Vec<String> = ["gateway", "--port", "0", "--wire", "f32", "--model"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    // Failover, not accounts, is under test here: a free gateway.
+    let mut args: Vec<String> = [
+        "gateway", "--port", "0", "--wire", "f32", "--ledger", "none", "--model",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     args.push(model().display().to_string());
     for n in &nodes {
         args.push("--bootstrap".into());

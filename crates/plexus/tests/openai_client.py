@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Drives a running `plexus gateway` with the official `openai` client.
 
-    python3 crates/plexus/tests/openai_client.py http://127.0.0.1:PORT
+    python3 crates/plexus/tests/openai_client.py http://127.0.0.1:PORT [API_KEY]
 
 Checks chat completions (plain and streamed, which must agree for the same greedy request),
 text completions, stop strings, the model list, and that bad requests raise the client's own
@@ -41,8 +41,8 @@ def expect_error(kind, what, fn):
     raise AssertionError(f"{what}: expected {kind.__name__}, the request succeeded")
 
 
-def main(url):
-    client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=300)
+def main(url, api_key):
+    client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=0, timeout=300)
 
     models = client.models.list()
     ids = [m.id for m in models.data]
@@ -147,11 +147,11 @@ def main(url):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         sys.exit(2)
     try:
-        main(sys.argv[1])
+        main(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else "unused")
     except AssertionError as e:
         print(f"FAILED: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,6 +1,8 @@
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
-//! End to end: the real `plexus gateway` binary serving the real SmolLM2 model on a free port,
-//! driven by the official `openai` Python client (tests/openai_client.py), then stopped with
+//! End to end: the real `plexus gateway` binary serving the real SmolLM2 model on a free port
+//! with its default ledger (SQLite in the data dir), driven by the official `openai` Python
+//! client (tests/openai_client.py with a key from `plexus keys create`, then
+//! tests/openai_billing.py: exact charges, cancelled streams, 402 and 401), then stopped with
 //! SIGTERM, which must end it cleanly.
 //!
 //! Python comes from `PLEXUS_PYTHON` (default `python3`) and needs the `openai` package:
@@ -46,6 +48,26 @@ fn require_openai(python: &str) {
     );
 }
 
+/// `plexus keys create --data-dir DIR --faucet AMOUNT`: the printed API key.
+fn create_key(data: &Path, faucet: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args(["keys", "create", "--faucet", faucet, "--data-dir"])
+        .arg(data)
+        .output()
+        .expect("run plexus keys create");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("API key: "))
+        .unwrap_or_else(|| panic!("no key in {stdout}"))
+        .to_owned()
+}
+
 #[test]
 fn openai_python_client_against_the_real_model() {
     let python = python();
@@ -53,10 +75,14 @@ fn openai_python_client_against_the_real_model() {
     let model = repo().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(model.exists(), "missing {}", model.display());
 
+    let data = tempfile::tempdir().unwrap();
+    let funded = create_key(data.path(), "100PLX");
+    let poor = create_key(data.path(), "10");
     let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
         .args(["gateway", "--model"])
         .arg(&model)
-        .args(["--port", "0"])
+        .args(["--port", "0", "--price", "3", "--data-dir"])
+        .arg(data.path())
         .env(
             "PLEXUS_CACHE_DIR",
             std::env::temp_dir().join("plexus-test-cache"),
@@ -93,6 +119,7 @@ fn openai_python_client_against_the_real_model() {
     let out = Command::new(&python)
         .arg(repo().join("crates/plexus/tests/openai_client.py"))
         .arg(&url)
+        .arg(&funded)
         .output()
         .expect("run the python client");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -104,6 +131,20 @@ fn openai_python_client_against_the_real_model() {
         out.status
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
+
+    let out = Command::new(&python)
+        .arg(repo().join("crates/plexus/tests/openai_billing.py"))
+        .args([&url, &funded, &poor, "3"])
+        .output()
+        .expect("run the python billing checks");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("all billing checks passed"),
+        "the billing checks failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
 
     // SIGTERM: the gateway stops accepting, finishes and exits 0.
     let mut server = server;

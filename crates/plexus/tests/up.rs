@@ -84,12 +84,21 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
             break u.trim_end_matches("/v1").to_owned();
         }
     };
+    let mut key = None;
     let curl = loop {
         let line = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        if let Some(k) = line.strip_prefix("API key: ") {
+            key = Some(k.to_owned());
+        }
         if line.trim_start().starts_with("curl ") {
             break line;
         }
     };
+    let key = key.expect("plexus up prints `API key: KEY`");
+    assert!(
+        curl.contains(&format!("Authorization: Bearer {key}")),
+        "{curl}"
+    );
     assert!(
         lines[0].contains("3 nodes") && lines[0].contains("0..10, 10..20, 20..30"),
         "{lines:?}"
@@ -100,6 +109,7 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
     let out = Command::new(&python)
         .arg(repo().join("crates/plexus/tests/openai_client.py"))
         .arg(&url)
+        .arg(&key)
         .output()
         .expect("run the python client");
     let text = String::from_utf8_lossy(&out.stdout);

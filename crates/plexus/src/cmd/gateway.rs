@@ -52,6 +52,11 @@ pub struct GatewayArgs {
     /// Activations between stages: f16, f32 or int8 (network mode).
     #[arg(long, default_value = "f16")]
     pub wire: String,
+    #[command(flatten)]
+    pub ledger: super::ledger::LedgerArgs,
+    /// Price per completion token, in micro-PLX (with a ledger).
+    #[arg(long, default_value_t = 1)]
+    pub price: plexus_ledger::Amount,
     /// Benchmark only: serve timestamps every N ms instead of running the model
     /// (bench/gateway_overhead.sh).
     #[arg(long, hide = true)]
@@ -111,10 +116,18 @@ async fn listen_and_serve(
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
+    let data_dir = a
+        .net
+        .data_dir
+        .clone()
+        .unwrap_or_else(super::net::default_data_dir);
+    let accounts =
+        super::ledger::open_accounts(&a.ledger, &data_dir, &a.net.key()?, a.price).await?;
     let mut stdout = std::io::stdout();
     writeln!(stdout, "listening on http://{addr}")?;
     stdout.flush()?;
-    plexus_gateway::serve(listener, backend, a.config(), super::net::shutdown_signal())
+    let state = plexus_gateway::AppState::with_accounts(backend, a.config(), accounts);
+    plexus_gateway::serve_state(listener, state, super::net::shutdown_signal())
         .await
         .context("the server failed")
 }

@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 pub mod gateway;
 mod generate;
+pub mod ledger;
 mod models;
 mod net;
 mod node;
@@ -32,6 +33,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(a) => node::run(a),
         Command::Up(a) => up::run(a),
         Command::Placement(a) => placement::run(a),
+        Command::Keys { command } => ledger::keys(command),
     }
 }
 

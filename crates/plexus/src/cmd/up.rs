@@ -172,7 +172,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             for n in futures::future::join_all(rest).await {
                 nodes.push(n?);
             }
-            serve(&args, &model, &nodes, layers).await
+            serve(&args, &model, &nodes, layers, &base).await
         }
         .await;
         stop_nodes(&mut nodes).await;
@@ -185,9 +185,20 @@ async fn serve(
     model: &Path,
     nodes: &[NodeProcess],
     layers: usize,
+    base: &Path,
 ) -> anyhow::Result<()> {
     let bootstrap: Vec<Multiaddr> = nodes.iter().flat_map(|n| n.addrs.clone()).collect();
-    let net = NetConfig::new(NodeKey::generate())
+    // A persistent gateway key: it is the ledger account that opens escrows, so a restarted
+    // `plexus up` finds (and releases) what a killed one left open.
+    let key_path = base.join("gateway").join("node.key");
+    let key = NodeKey::load_or_create(&key_path)
+        .with_context(|| format!("cannot load the gateway key {}", key_path.display()))?;
+    let accounts = super::ledger::open_accounts(&args.ledger, base, &key, args.price).await?;
+    let dev_key = match &accounts {
+        Some(accounts) => Some(super::ledger::dev_key(accounts, base, args.faucet).await?),
+        None => None,
+    };
+    let net = NetConfig::new(key)
         .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
         .with_bootstrap(bootstrap);
     let client = NetworkClient::start(ClientConfig::new(net))?;
@@ -220,21 +231,27 @@ async fn serve(
         spans.join(", ")
     );
     println!("API: {url}/v1");
+    let auth = match &dev_key {
+        Some(k) => {
+            println!("API key: {k}");
+            format!(" -H 'Authorization: Bearer {k}'")
+        }
+        None => String::new(),
+    };
     println!("Try:");
     println!(
-        "  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'",
+        "  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'",
         entry.id
     );
     println!("Ctrl-C stops everything.");
     use std::io::Write as _;
     std::io::stdout().flush()?;
-    plexus_gateway::serve(
-        listener,
+    let state = plexus_gateway::AppState::with_accounts(
         Arc::new(backend),
         GatewayConfig::default(),
-        shutdown_signal(),
-    )
-    .await?;
+        accounts,
+    );
+    plexus_gateway::serve_state(listener, state, shutdown_signal()).await?;
     eprintln!("stopping the nodes");
     Ok(())
 }

@@ -1,0 +1,265 @@
+//! What the ledger-using subcommands share: `--ledger URL` resolution, amounts on the command
+//! line, and `plexus keys` (API keys mapped to ledger accounts).
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use plexus_ledger::types::UNITS_PER_PLX;
+use plexus_ledger::{Address, Amount, Config};
+use plexus_ledger_store::Store;
+use std::path::{Path, PathBuf};
+
+/// `--ledger URL`: where accounts live.
+#[derive(Args, Debug, Clone)]
+pub struct LedgerArgs {
+    /// The ledger: sqlite://PATH (created on first start) or postgres://USER:PASS@HOST/DB;
+    /// `none` runs without accounts (every request free). Default: sqlite://DATA_DIR/ledger.db.
+    #[arg(long, value_name = "URL")]
+    pub ledger: Option<String>,
+}
+
+impl LedgerArgs {
+    /// The ledger URL (`None` for `--ledger none`), defaulting to a SQLite file in `data_dir`.
+    pub fn url(&self, data_dir: &Path) -> anyhow::Result<Option<String>> {
+        match self.ledger.as_deref() {
+            Some("none") => Ok(None),
+            Some(u)
+                if u.starts_with("sqlite://")
+                    || u.starts_with("postgres://")
+                    || u.starts_with("postgresql://") =>
+            {
+                Ok(Some(u.to_owned()))
+            }
+            Some(u) => {
+                anyhow::bail!("--ledger {u:?}: expected sqlite://PATH, postgres://... or none")
+            }
+            None => Ok(Some(format!(
+                "sqlite://{}",
+                data_dir.join("ledger.db").display()
+            ))),
+        }
+    }
+}
+
+/// Parses an amount: a whole number of ledger units (micro-PLX), or `N PLX` / `NPLX` (whole or
+/// decimal PLX, at most 6 decimals).
+pub fn parse_amount(s: &str) -> Result<Amount, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?} is not an amount (micro-PLX units, or e.g. `100PLX`, `0.5PLX`)");
+    let amount = if let Some(plx) = t
+        .strip_suffix("PLX")
+        .or_else(|| t.strip_suffix("plx"))
+        .map(str::trim)
+    {
+        let (whole, frac) = plx.split_once('.').unwrap_or((plx, ""));
+        if frac.len() > 6 || (whole.is_empty() && frac.is_empty()) {
+            return Err(bad());
+        }
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| bad())?
+        };
+        let frac_units: u128 = if frac.is_empty() {
+            0
+        } else {
+            frac.parse::<u128>().map_err(|_| bad())? * 10u128.pow(6 - frac.len() as u32)
+        };
+        whole * u128::from(UNITS_PER_PLX) + frac_units
+    } else {
+        t.parse::<u128>().map_err(|_| bad())?
+    };
+    if amount > u128::from(plexus_ledger::types::MAX_AMOUNT) {
+        return Err(format!("{s:?} is larger than the largest ledger amount"));
+    }
+    Ok(amount as Amount)
+}
+
+/// `plexus keys`.
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Create an API key mapped to a ledger account; prints `API key: KEY` (shown once, stored
+    /// hashed) and `account: ADDRESS`.
+    Create(KeysCreateArgs),
+    /// List API keys (their hashes, accounts and labels).
+    List(KeysListArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KeysCreateArgs {
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
+    /// Directory of the default SQLite ledger. Default: $PLEXUS_DATA_DIR, else
+    /// $XDG_DATA_HOME/plexus, else ~/.local/share/plexus.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Map the key to this existing account (0x... address) instead of a new one.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// A label to recognise the key by.
+    #[arg(long, default_value = "")]
+    pub label: String,
+    /// Fund the account from the faucet (local ledgers) with this amount.
+    #[arg(long, value_parser = parse_amount, default_value = "0")]
+    pub faucet: Amount,
+}
+
+#[derive(Args, Debug)]
+pub struct KeysListArgs {
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
+    /// Directory of the default SQLite ledger.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+async fn open(ledger: &LedgerArgs, data_dir: &Option<PathBuf>) -> anyhow::Result<Store> {
+    let dir = data_dir
+        .clone()
+        .unwrap_or_else(super::net::default_data_dir);
+    let url = ledger
+        .url(&dir)?
+        .context("`--ledger none` has no accounts to create keys in")?;
+    Store::open(&url, Config::default())
+        .await
+        .with_context(|| format!("cannot open the ledger {}", redact(&url)))
+}
+
+/// A URL for messages, password hidden.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
+pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    let rt = super::net::runtime()?;
+    rt.block_on(async {
+        match cmd {
+            KeysCommand::Create(a) => {
+                let mut store = open(&a.ledger, &a.data_dir).await?;
+                let account = a
+                    .account
+                    .as_deref()
+                    .map(|s| {
+                        s.parse::<Address>()
+                            .with_context(|| format!("--account {s:?} is not a 0x address"))
+                    })
+                    .transpose()?;
+                let (key, account) =
+                    plexus_gateway::accounts::create_key(&mut store, account, &a.label, a.faucet)
+                        .await?;
+                println!("API key: {key}");
+                println!("account: {account}");
+                if a.faucet > 0 {
+                    println!("funded: {} micro-PLX", a.faucet);
+                }
+                store.close().await;
+            }
+            KeysCommand::List(a) => {
+                let store = open(&a.ledger, &a.data_dir).await?;
+                for k in store.api_keys().await? {
+                    let v = store.ledger().account(k.account);
+                    println!(
+                        "{}  {}  available {}  escrow {}  spent {}  {}",
+                        &k.key_hash[..16],
+                        k.account,
+                        v.available,
+                        v.escrow,
+                        v.spent,
+                        k.label
+                    );
+                }
+                store.close().await;
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_parse_in_units_or_plx() {
+        assert_eq!(parse_amount("1500"), Ok(1500));
+        assert_eq!(parse_amount("100PLX"), Ok(100_000_000));
+        assert_eq!(parse_amount("0.5 PLX"), Ok(500_000));
+        assert_eq!(parse_amount(".000001PLX"), Ok(1));
+        assert!(parse_amount("0.0000001PLX").is_err());
+        assert!(parse_amount("-3").is_err());
+        assert!(parse_amount("lots").is_err());
+        assert!(parse_amount("99999999999999999999").is_err());
+    }
+
+    #[test]
+    fn ledger_urls_resolve() {
+        let a = |s: Option<&str>| LedgerArgs {
+            ledger: s.map(str::to_owned),
+        };
+        let d = Path::new("/data");
+        assert_eq!(a(None).url(d).unwrap().unwrap(), "sqlite:///data/ledger.db");
+        assert_eq!(a(Some("none")).url(d).unwrap(), None);
+        assert!(a(Some("mysql://x")).url(d).is_err());
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+    }
+}
+
+/// Opens the gateway's accounts on `--ledger` (`None` for `--ledger none`). The gateway's node
+/// key is its account: it opens escrows and is paid for the tokens it serves.
+pub async fn open_accounts(
+    args: &LedgerArgs,
+    data_dir: &Path,
+    key: &plexus_core::keys::NodeKey,
+    price: Amount,
+) -> anyhow::Result<Option<std::sync::Arc<plexus_gateway::accounts::Accounts>>> {
+    let Some(url) = args.url(data_dir)? else {
+        return Ok(None);
+    };
+    let me = plexus_ledger::address_of(&key.public()).context("the node key is not secp256k1")?;
+    let accounts = plexus_gateway::accounts::Accounts::open(&url, Config::default(), me, me, price)
+        .await
+        .with_context(|| format!("cannot open the ledger {}", redact(&url)))?;
+    Ok(Some(std::sync::Arc::new(accounts)))
+}
+
+/// The dev API key of `plexus up`: kept in `DIR/dev-api-key` (mode 0600) and reused while the
+/// ledger knows it; created (and funded with `faucet`) on first start.
+pub async fn dev_key(
+    accounts: &plexus_gateway::accounts::Accounts,
+    dir: &Path,
+    faucet: Amount,
+) -> anyhow::Result<String> {
+    let path = dir.join("dev-api-key");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let key = text.trim().to_owned();
+        if accounts_knows(accounts, &key).await {
+            return Ok(key);
+        }
+    }
+    let (key, _) = accounts
+        .create_key(None, "plexus up dev key", faucet)
+        .await?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    use std::io::Write as _;
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(file, "{key}")?;
+    Ok(key)
+}
+
+async fn accounts_knows(accounts: &plexus_gateway::accounts::Accounts, key: &str) -> bool {
+    accounts.account_for_key(key).await.ok().flatten().is_some()
+}

@@ -1,0 +1,121 @@
+//! The gateway's ledger across a crash: SIGKILL `plexus gateway` in the middle of streamed
+//! requests, restart it on the same ledger: the escrows it held are released (nothing stays
+//! held forever), and the account adds up to what it was funded with.
+#![allow(unused_crate_dependencies, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+struct Gateway(Child, String);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn gateway(data: &Path) -> Gateway {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args(["gateway", "--port", "0", "--threads", "1", "--model"])
+        .arg(model())
+        .arg("--data-dir")
+        .arg(data)
+        .env("PLEXUS_CACHE_DIR", data.join("cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    let addr = line
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_owned();
+    std::thread::spawn(move || for _ in lines {});
+    Gateway(child, addr)
+}
+
+fn request(addr: &str, method: &str, path: &str, key: &str, body: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s
+}
+
+fn account(addr: &str, key: &str) -> serde_json::Value {
+    let mut s = request(addr, "GET", "/v1/account", key, "");
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn escrow_of_a_killed_gateway_is_released_on_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args(["keys", "create", "--faucet", "50000", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("API key: "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_owned();
+
+    let gw = gateway(data.path());
+    let body = r#"{"model":"SmolLM2-135M-Instruct","stream":true,"max_tokens":2000,"messages":[{"role":"user","content":"Write a long story."}]}"#;
+    let model_id = {
+        let mut s = request(&gw.1, "GET", "/v1/models", &key, "");
+        let mut t = String::new();
+        s.read_to_string(&mut t).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(t.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        v["data"][0]["id"].as_str().unwrap().to_owned()
+    };
+    let body = body.replace("SmolLM2-135M-Instruct", &model_id);
+    // Two streams running: wait until both have produced text, then SIGKILL.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let s = request(&gw.1, "POST", "/v1/chat/completions", &key, &body);
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(r.read_line(&mut line).unwrap() > 0, "stream ended early");
+            if line.contains("\"content\"") && !line.contains("\"content\":\"\"") {
+                break;
+            }
+        }
+        streams.push(r);
+    }
+    let held = account(&gw.1, &key);
+    assert_eq!(held["escrow"], 4000, "two holds of 2000 tokens: {held}");
+    let mut gw = gw;
+    gw.0.kill().unwrap();
+    gw.0.wait().unwrap();
+    drop(streams);
+
+    let gw = gateway(data.path());
+    let after = account(&gw.1, &key);
+    assert_eq!(after["escrow"], 0, "no escrow held after restart: {after}");
+    let total = after["available"].as_u64().unwrap() + after["spent"].as_u64().unwrap();
+    assert_eq!(total, 50_000, "balances add up: {after}");
+}
