@@ -624,8 +624,10 @@ pub fn drive(
 
 #[cfg(test)]
 mod tests {
-    //! The machine driven in memory: real stages of SmolLM2 behind an in-memory transport that
-    //! kills a peer or loses a reply at any chosen call, checked against the whole model.
+    //! The machine driven in memory: real stages behind an in-memory transport that kills a
+    //! peer or loses a reply at any chosen call, checked against the whole model. The
+    //! exhaustive sweeps use the tiny 2-layer fixture model (two hops, fast); a few cases use
+    //! SmolLM2 split in three, for the middle stage.
 
     use super::*;
     use crate::engine::EngineActor;
@@ -634,61 +636,93 @@ mod tests {
     use plexus_model::layers::Mode;
     use plexus_model::load::ModelFiles;
     use plexus_model::{LayerSpan, Stage};
-    use std::sync::{Arc, OnceLock};
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex, OnceLock};
     use std::time::Duration;
 
-    const PROMPT: [u32; 4] = [1, 504, 3458, 314];
     const STEPS: usize = 5;
-    const LAYERS: usize = 30;
     const MODEL: Digest = Digest([7; 32]);
 
-    fn stage(span: (usize, usize)) -> Arc<Stage> {
-        static FILES: OnceLock<ModelFiles> = OnceLock::new();
-        type Loaded = std::sync::Mutex<Vec<((usize, usize), Arc<Stage>)>>;
-        static STAGES: OnceLock<Loaded> = OnceLock::new();
-        let files = FILES.get_or_init(|| {
-            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-            ModelFiles::open(&path).unwrap()
-        });
-        let mut stages = STAGES.get_or_init(Default::default).lock().unwrap();
-        if let Some((_, s)) = stages.iter().find(|(sp, _)| *sp == span) {
-            return Arc::clone(s);
+    /// A model, its split, and a prompt.
+    #[derive(Clone)]
+    struct Fixture {
+        path: PathBuf,
+        layers: usize,
+        hidden: u32,
+        /// Servers: span and claimed cost. Two per stage and one slow whole-model node, so
+        /// any two failures leave a route.
+        servers: Vec<((usize, usize), f64)>,
+        prompt: Vec<u32>,
+    }
+
+    impl Fixture {
+        fn stages(&self) -> usize {
+            self.servers.iter().filter(|(_, c)| *c < 1.0).count() / 2
         }
-        let s = Arc::new(
-            files
-                .stage(Some(LayerSpan::new(span.0, span.1)), Mode::Infer)
-                .unwrap(),
-        );
-        stages.push((span, Arc::clone(&s)));
-        s
+    }
+
+    fn tiny() -> Fixture {
+        Fixture {
+            path: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/tiny/llama2/model-q4_1.gguf"),
+            layers: 2,
+            hidden: 64,
+            servers: vec![
+                ((0, 1), 1e-3),
+                ((0, 1), 1e-3),
+                ((1, 2), 1e-3),
+                ((1, 2), 1e-3),
+                ((0, 2), 1.0),
+            ],
+            prompt: vec![0, 17, 42, 99],
+        }
+    }
+
+    fn smol() -> Fixture {
+        Fixture {
+            path: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            layers: 30,
+            hidden: 576,
+            servers: vec![
+                ((0, 10), 1e-3),
+                ((0, 10), 1e-3),
+                ((10, 20), 1e-3),
+                ((10, 20), 1e-3),
+                ((20, 30), 1e-3),
+                ((20, 30), 1e-3),
+                ((0, 30), 1.0),
+            ],
+            prompt: vec![1, 504, 3458, 314],
+        }
+    }
+
+    fn stage(path: &std::path::Path, span: (usize, usize)) -> Arc<Stage> {
+        type Cache = Mutex<HashMap<(PathBuf, (usize, usize)), Arc<Stage>>>;
+        static STAGES: OnceLock<Cache> = OnceLock::new();
+        let mut stages = STAGES.get_or_init(Default::default).lock().unwrap();
+        Arc::clone(stages.entry((path.to_path_buf(), span)).or_insert_with(|| {
+            let files = ModelFiles::open(path).unwrap();
+            Arc::new(
+                files
+                    .stage(Some(LayerSpan::new(span.0, span.1)), Mode::Infer)
+                    .unwrap(),
+            )
+        }))
     }
 
     /// The tokens of the whole model, fed as the chain feeds them.
-    fn reference() -> &'static Vec<u32> {
-        static REF: OnceLock<Vec<u32>> = OnceLock::new();
-        REF.get_or_init(|| {
-            let stages: Vec<Stage> = [(0, 10), (10, 20), (20, 30)]
-                .iter()
-                .map(|&sp| {
-                    let files = ModelFiles::open(
-                        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                            .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
-                    )
-                    .unwrap();
-                    files
-                        .stage(Some(LayerSpan::new(sp.0, sp.1)), Mode::Infer)
-                        .unwrap()
-                })
-                .collect();
-            let mut local = LocalChain::new(&stages, SamplingParams::greedy());
-            let mut out = vec![local.feed(&PROMPT).unwrap()];
-            while out.len() < STEPS {
-                let last = *out.last().unwrap();
-                out.push(local.feed(&[last]).unwrap());
-            }
-            out
-        })
+    fn reference(fx: &Fixture) -> Vec<u32> {
+        let files = ModelFiles::open(&fx.path).unwrap();
+        let whole = [files.stage(None, Mode::Infer).unwrap()];
+        let mut local = LocalChain::new(&whole, SamplingParams::greedy());
+        let mut out = vec![local.feed(&fx.prompt).unwrap()];
+        while out.len() < STEPS {
+            let last = *out.last().unwrap();
+            out.push(local.feed(&[last]).unwrap());
+        }
+        out
     }
 
     #[derive(Clone, Copy, Debug, PartialEq)]
@@ -713,49 +747,35 @@ mod tests {
 
     /// Stage calls as function calls; `faults` fire at the given call numbers (0-based).
     struct Mem {
+        fx: Fixture,
         me: PeerId,
         peers: Vec<MemPeer>,
         faults: Vec<(usize, Fault)>,
         calls: usize,
-        closes: usize,
         blamed: Vec<PeerId>,
     }
 
     impl Mem {
-        /// Two servers per third of the model and one slow whole-model node, so any two
-        /// failures leave a route.
-        fn new(faults: Vec<(usize, Fault)>) -> Self {
-            let mut spans = vec![
-                ((0, 10), 1e-3),
-                ((0, 10), 1e-3),
-                ((10, 20), 1e-3),
-                ((10, 20), 1e-3),
-                ((20, 30), 1e-3),
-                ((20, 30), 1e-3),
-                ((0, 30), 1.0),
-            ];
-            let peers = spans
-                .drain(..)
-                .map(|(span, cost)| MemPeer {
+        fn new(fx: &Fixture, faults: Vec<(usize, Fault)>) -> Self {
+            let peers = fx
+                .servers
+                .iter()
+                .map(|&(span, cost)| MemPeer {
                     id: PeerId::random(),
                     span,
                     cost,
-                    engine: EngineActor::local(stage(span), MODEL),
+                    engine: EngineActor::local(stage(&fx.path, span), MODEL),
                     alive: true,
                 })
                 .collect();
             Self {
+                fx: fx.clone(),
                 me: PeerId::random(),
                 peers,
                 faults,
                 calls: 0,
-                closes: 0,
                 blamed: Vec::new(),
             }
-        }
-
-        fn initial_route(&mut self) -> Vec<Hop> {
-            self.route(0, LAYERS, &[]).unwrap()
         }
     }
 
@@ -810,36 +830,31 @@ mod tests {
             best_route(&cands, from, to, exclude).map(|(r, _)| r)
         }
 
-        fn close(&mut self, _peer: PeerId, _session: SessionId) {
-            self.closes += 1;
-        }
+        fn close(&mut self, _peer: PeerId, _session: SessionId) {}
 
         fn blame(&mut self, peer: PeerId) {
             self.blamed.push(peer);
         }
     }
 
-    fn chain(route: Vec<Hop>) -> Chain {
-        Chain::new(
+    /// Generates `STEPS` tokens through `mem`; the tokens and the chain.
+    fn generate(mem: &mut Mem) -> (Result<Vec<u32>, ChainError>, Chain) {
+        let fx = mem.fx.clone();
+        let route = mem.route(0, fx.layers, &[]).unwrap();
+        let mut c = Chain::new(
             ChainConfig {
                 model: MODEL,
-                num_layers: LAYERS,
-                hidden: 576,
+                num_layers: fx.layers,
+                hidden: fx.hidden,
                 params: SamplingParams::greedy(),
                 wire: DType::F32,
                 session: SessionId([1; 16]),
                 max_failovers: 4,
             },
             route,
-        )
-    }
-
-    /// Generates `STEPS` tokens through `mem`; the tokens and the chain.
-    fn generate(mem: &mut Mem) -> (Result<Vec<u32>, ChainError>, Chain) {
-        let route = mem.initial_route();
-        let mut c = chain(route);
+        );
         let mut out = Vec::new();
-        let mut feed = PROMPT.to_vec();
+        let mut feed = fx.prompt.clone();
         while out.len() < STEPS {
             match drive(&mut c, &feed, mem) {
                 Ok(t) => {
@@ -854,60 +869,86 @@ mod tests {
 
     #[test]
     fn an_undisturbed_chain_gives_the_whole_models_tokens() {
-        let mut mem = Mem::new(Vec::new());
-        let (got, c) = generate(&mut mem);
-        assert_eq!(&got.unwrap(), reference());
-        assert_eq!(c.failovers(), 0);
-        assert_eq!(c.route().len(), 3);
-        // One call per stage per feed.
-        assert_eq!(mem.calls, 3 * STEPS);
+        for fx in [tiny(), smol()] {
+            let mut mem = Mem::new(&fx, Vec::new());
+            let (got, c) = generate(&mut mem);
+            assert_eq!(got.unwrap(), reference(&fx));
+            assert_eq!(c.failovers(), 0);
+            assert_eq!(c.route().len(), fx.stages());
+            // One call per stage per feed.
+            assert_eq!(mem.calls, fx.stages() * STEPS);
+        }
     }
 
-    /// Every call of the undisturbed run (before, at and after each hop; the prefill ones
-    /// included) fails once, in each way: the text never changes and the culprit is blamed.
+    /// Runs with one fault at call `at` and checks the text and the failover count.
+    fn check_single(fx: &Fixture, want: &[u32], at: usize, fault: Fault) {
+        let mut mem = Mem::new(fx, vec![(at, fault)]);
+        let (got, c) = generate(&mut mem);
+        let last_stage = at % fx.stages() == fx.stages() - 1;
+        if fault == Fault::WrongWidth && last_stage {
+            // The last stage answers a token; there is no width to get wrong.
+            assert_eq!(c.failovers(), 0);
+        } else {
+            assert_eq!(c.failovers(), 1, "{fault:?} at call {at}");
+            assert_eq!(mem.blamed.len(), 1, "{fault:?} at call {at}");
+        }
+        assert_eq!(
+            got.as_deref().ok(),
+            Some(want),
+            "{fault:?} at call {at}: {got:?}"
+        );
+    }
+
+    /// Every call of the undisturbed run (each hop, prefill included) fails once, in each way:
+    /// the text never changes and the culprit is blamed.
     #[test]
     fn any_single_fault_at_any_call_leaves_the_text_unchanged() {
+        let fx = tiny();
+        let want = reference(&fx);
         for fault in [
             Fault::KillBefore,
             Fault::KillAfter,
             Fault::LoseReply,
             Fault::WrongWidth,
         ] {
-            for at in 0..3 * STEPS {
-                let mut mem = Mem::new(vec![(at, fault)]);
-                let (got, c) = generate(&mut mem);
-                let last_stage = at % 3 == 2;
-                if fault == Fault::WrongWidth && last_stage {
-                    // The last stage answers a token; there is no width to get wrong.
-                    assert_eq!(c.failovers(), 0);
-                } else {
-                    assert_eq!(c.failovers(), 1, "{fault:?} at call {at}");
-                    assert_eq!(mem.blamed.len(), 1, "{fault:?} at call {at}");
-                }
-                assert_eq!(
-                    got.as_ref().ok(),
-                    Some(reference()),
-                    "{fault:?} at call {at}: {got:?}"
-                );
+            for at in 0..fx.stages() * STEPS {
+                check_single(&fx, &want, at, fault);
             }
         }
     }
 
-    /// A fault, then another on the very next call (which is the first replay call, or the
+    /// The middle of three stages fails, in prefill and in decode: the route from layer 10
+    /// replays to its replica and rejoins the old last stage.
+    #[test]
+    fn a_middle_stage_fault_rejoins_the_old_chain() {
+        let fx = smol();
+        let want = reference(&fx);
+        for (at, fault) in [
+            (1, Fault::KillBefore),
+            (7, Fault::KillAfter),
+            (10, Fault::WrongWidth),
+        ] {
+            check_single(&fx, &want, at, fault);
+        }
+    }
+
+    /// A fault, then another on the very next call (the first replay call, or the
     /// continuation of the chain): the chain routes again and the text is still unchanged.
     #[test]
     fn two_faults_in_a_row_leave_the_text_unchanged() {
-        for at in 0..3 * STEPS {
+        let fx = tiny();
+        let want = reference(&fx);
+        for at in 0..fx.stages() * STEPS {
             for (first, second) in [
                 (Fault::KillBefore, Fault::KillBefore),
                 (Fault::KillAfter, Fault::LoseReply),
             ] {
-                let mut mem = Mem::new(vec![(at, first), (at + 1, second)]);
+                let mut mem = Mem::new(&fx, vec![(at, first), (at + 1, second)]);
                 let (got, c) = generate(&mut mem);
                 assert_eq!(c.failovers(), 2, "{first:?}+{second:?} at call {at}");
                 assert_eq!(
-                    got.as_ref().ok(),
-                    Some(reference()),
+                    got.as_deref().ok(),
+                    Some(&want[..]),
                     "{first:?}+{second:?} at call {at}: {got:?}"
                 );
             }
@@ -919,10 +960,11 @@ mod tests {
     /// whole-model node, and the text is unchanged.
     #[test]
     fn with_no_partial_route_the_chain_replays_from_the_first_layer() {
+        let fx = smol();
         // Call 4 is the middle stage on the second feed; call 5 the replay to its replica.
-        let mut mem = Mem::new(vec![(4, Fault::KillBefore), (5, Fault::KillAfter)]);
+        let mut mem = Mem::new(&fx, vec![(4, Fault::KillBefore), (5, Fault::KillAfter)]);
         let (got, c) = generate(&mut mem);
-        assert_eq!(&got.unwrap(), reference());
+        assert_eq!(got.unwrap(), reference(&fx));
         assert_eq!(c.failovers(), 2);
         let whole = mem.peers.iter().find(|p| p.span == (0, 30)).unwrap().id;
         assert_eq!(
@@ -934,7 +976,7 @@ mod tests {
     #[test]
     fn more_failures_than_allowed_give_up() {
         let faults = (0..20).map(|i| (i, Fault::LoseReply)).collect();
-        let mut mem = Mem::new(faults);
+        let mut mem = Mem::new(&tiny(), faults);
         let (got, _) = generate(&mut mem);
         assert!(
             matches!(
@@ -947,9 +989,26 @@ mod tests {
 
     #[test]
     fn a_bad_request_is_not_failed_over() {
-        let mut mem = Mem::new(Vec::new());
-        let route = mem.initial_route();
-        let mut c = chain(route);
+        let fx = tiny();
+        let mut mem = Mem::new(&fx, Vec::new());
+        let (_, mut c) = {
+            let route = mem.route(0, fx.layers, &[]).unwrap();
+            (
+                (),
+                Chain::new(
+                    ChainConfig {
+                        model: MODEL,
+                        num_layers: fx.layers,
+                        hidden: fx.hidden,
+                        params: SamplingParams::greedy(),
+                        wire: DType::F32,
+                        session: SessionId([1; 16]),
+                        max_failovers: 4,
+                    },
+                    route,
+                ),
+            )
+        };
         // A token outside the vocabulary: every replica would refuse it the same way.
         let got = drive(&mut c, &[u32::MAX - 1], &mut mem);
         assert!(

@@ -158,12 +158,10 @@ fn agreeing(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Default settings are exact: 2, 3 and 4 nodes placed as `plexus up` places them give the
-/// single-process engine's tokens on every recorded llama.cpp prompt (issue 7: the old f16
-/// default gave the single-process answer on 3 of 6 chat prompts). The lossy wires are
-/// measured on the 3-node split and reported (their agreement is documented, not exact).
-#[test]
-fn default_split_gives_the_single_process_tokens_on_the_recorded_prompts_issue_7() {
+/// Generates `MAX_TOKENS` greedy tokens for every recorded prompt through `n` nodes placed as
+/// `plexus up` places them, for each wire (`None`: the default); per wire, the prompts whose
+/// tokens equal the single process's and the tokens agreeing before the first difference.
+fn split_runs(n: usize, wires: &[Option<DType>], exact: bool) -> Vec<(usize, usize)> {
     const MAX_TOKENS: usize = 48;
     let local = plexus_model::load(&model()).unwrap();
     let layers = local.config.num_layers;
@@ -184,52 +182,67 @@ fn default_split_gives_the_single_process_tokens_on_the_recorded_prompts_issue_7
         })
         .collect();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    for n in [2, 3, 4] {
-        let dir = tempfile::tempdir().unwrap();
-        let spans = equal_spans(layers, n);
-        let span_refs: Vec<&str> = spans.iter().map(String::as_str).collect();
-        let nodes = spawn_nodes(&span_refs, dir.path());
-        let wires: &[Option<DType>] = if n == 3 {
-            &[None, Some(DType::F16), Some(DType::I8)]
-        } else {
-            &[None]
-        };
-        for &wire in wires {
-            let client = client(&rt, &nodes, wire);
-            assert!(
-                rt.block_on(client.wait_for_route(&digest, layers, Duration::from_secs(60))),
-                "no route appeared"
-            );
-            let mut exact = 0;
-            let mut agree = 0;
-            for ((name, prompt), want) in prompts.iter().zip(&want) {
-                let req = request(prompt, MAX_TOKENS);
-                let mut chain = client
-                    .open_chain(
-                        digest,
-                        layers,
-                        local.config.max_position_embeddings,
-                        req.sampling.clone(),
-                    )
-                    .unwrap();
-                assert_eq!(chain.route().len(), n, "the chain should use the {n} nodes");
-                let got =
-                    generate_with(&mut chain, &local.tokenizer, &req, |_| Flow::Continue).unwrap();
-                if wire.is_none() {
-                    assert_eq!(&got.tokens, want, "{n} nodes, default wire, prompt {name}");
-                }
-                exact += usize::from(&got.tokens == want);
-                agree += agreeing(&got.tokens, want);
+    let dir = tempfile::tempdir().unwrap();
+    let spans = equal_spans(layers, n);
+    let span_refs: Vec<&str> = spans.iter().map(String::as_str).collect();
+    let nodes = spawn_nodes(&span_refs, dir.path());
+    let mut out = Vec::new();
+    for &wire in wires {
+        let client = client(&rt, &nodes, wire);
+        assert!(
+            rt.block_on(client.wait_for_route(&digest, layers, Duration::from_secs(60))),
+            "no route appeared"
+        );
+        let (mut same, mut agree) = (0, 0);
+        for ((name, prompt), want) in prompts.iter().zip(&want) {
+            let req = request(prompt, MAX_TOKENS);
+            let mut chain = client
+                .open_chain(
+                    digest,
+                    layers,
+                    local.config.max_position_embeddings,
+                    req.sampling.clone(),
+                )
+                .unwrap();
+            assert_eq!(chain.route().len(), n, "the chain should use the {n} nodes");
+            let got =
+                generate_with(&mut chain, &local.tokenizer, &req, |_| Flow::Continue).unwrap();
+            if exact {
+                assert_eq!(&got.tokens, want, "{n} nodes, wire {wire:?}, prompt {name}");
             }
-            eprintln!(
-                "{n} nodes ({}), wire {}: {exact}/{} prompts identical, {agree}/{} tokens before parting",
-                spans.join(", "),
-                wire.map_or("default".to_owned(), |w| format!("{w:?}")),
-                prompts.len(),
-                want.iter().map(Vec::len).sum::<usize>()
-            );
+            same += usize::from(&got.tokens == want);
+            agree += agreeing(&got.tokens, want);
         }
+        eprintln!(
+            "{n} nodes ({}), wire {}: {same}/{} prompts identical, {agree}/{} tokens before parting",
+            spans.join(", "),
+            wire.map_or("default".to_owned(), |w| format!("{w:?}")),
+            prompts.len(),
+            want.iter().map(Vec::len).sum::<usize>()
+        );
+        out.push((same, agree));
     }
+    out
+}
+
+/// Default settings are exact: 2, 3 and 4 nodes placed as `plexus up` places them give the
+/// single-process engine's tokens on every recorded llama.cpp prompt (issue 7: the old f16
+/// default gave the single-process answer on 3 of 6 chat prompts).
+#[test]
+fn default_split_gives_the_single_process_tokens_on_the_recorded_prompts_issue_7() {
+    for n in [2, 3, 4] {
+        split_runs(n, &[None], true);
+    }
+}
+
+/// The lossy wires, measured (docs/network.md quotes the figures): how often f16 and int8
+/// activations on a 3-node split still give the single-process tokens. A measurement, not a
+/// check: run with `cargo nextest run -E 'test(lossy_wire_agreement)' --run-ignored all
+/// --no-capture`.
+#[test]
+#[ignore = "a measurement (minutes): see the doc comment"]
+fn lossy_wire_agreement() {
+    split_runs(3, &[Some(DType::F16), Some(DType::I8)], false);
 }
 
 #[test]
