@@ -10,7 +10,7 @@ use crate::directory::Directory;
 use crate::discovery::{now_ms, DirectoryKeeper, DiscoveryCounters};
 use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, SubmitError, Work};
 use crate::measure::{free_memory, measure, Speed};
-use crate::placement::{plan, NodeCapacity};
+use crate::placement::{keep_spans, plan, NodeCapacity};
 use plexus_core::announce::{Announcement, ModelOffer};
 use plexus_core::keys::NodeKey;
 use plexus_core::wire::{ErrorCode, Request, Response};
@@ -377,6 +377,7 @@ impl Node {
                 .min(layers as u64) as usize
         };
         let speed = |s: f64| if auto.equal_speeds { 1e-3 } else { s };
+        let mut current = vec![(me, (span.start, span.end))];
         let mut nodes = vec![NodeCapacity {
             peer: me,
             decode_s_per_layer: speed(self.served.speed.decode_s_per_layer),
@@ -384,6 +385,7 @@ impl Node {
         }];
         for (peer, a, o) in self.keeper.directory().offers(&self.served.model) {
             if peer != me {
+                current.push((peer, (o.start as usize, o.end as usize)));
                 nodes.push(NodeCapacity {
                     peer,
                     decode_s_per_layer: speed(o.decode_s_per_layer as f64),
@@ -394,10 +396,25 @@ impl Node {
         let Ok(plan) = plan(&nodes, layers, auto.stages) else {
             return;
         };
-        let Some(a) = plan.assignment(&me) else {
+        let assigned = if auto.equal_speeds {
+            let spans: Vec<(usize, usize)> = plan
+                .chains
+                .iter()
+                .flatten()
+                .chain(&plan.replicas)
+                .map(|a| (a.start, a.end))
+                .collect();
+            keep_spans(&spans, &current)
+                .into_iter()
+                .find(|(p, _)| *p == me)
+                .map(|(_, s)| s)
+        } else {
+            plan.assignment(&me).map(|a| (a.start, a.end))
+        };
+        let Some((start, end)) = assigned else {
             return;
         };
-        let want = LayerSpan::new(a.start, a.end);
+        let want = LayerSpan::new(start, end);
         if want == span {
             self.pending = None;
             return;

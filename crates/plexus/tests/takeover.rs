@@ -1,7 +1,7 @@
 //! Issue 7's check end to end: `plexus up --nodes 3` on the real model, a streamed greedy chat
 //! completion through the official `openai` client (tests/stream_client.py), and a SIGKILL of
-//! one node after the 10th chunk, for each of the three nodes in turn (for the first, a second
-//! node is killed after the 30th chunk: two of three). The survivors take over the lost layers
+//! one node after the 10th chunk: the node serving the first, then the middle, then the last
+//! third (for the first, the middle node is killed too after the 30th chunk: two of three). The survivors take over the lost layers
 //! (nodes follow placement by default), the stream goes on, and its text is identical to the
 //! undisturbed run. Prints the pause each kill caused (SIGKILL to the next chunk).
 //!
@@ -112,7 +112,19 @@ fn up() -> Net {
         }
     };
     std::thread::spawn(move || for _ in rx {});
-    let nodes = children_of(up.child.id());
+    // Node pids ordered by the span each was started on (nodes that already cover the model
+    // keep their spans), so `nodes[i]` serves the i-th third.
+    let mut nodes: Vec<(usize, u32)> = children_of(up.child.id())
+        .into_iter()
+        .map(|pid| {
+            let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+            let args: Vec<&str> = cmd.split('\0').collect();
+            let span = args[args.iter().position(|a| *a == "--span").unwrap() + 1];
+            (span.split("..").next().unwrap().parse().unwrap(), pid)
+        })
+        .collect();
+    nodes.sort_unstable();
+    let nodes: Vec<u32> = nodes.into_iter().map(|(_, pid)| pid).collect();
     assert_eq!(nodes.len(), 3, "three node processes");
     Net {
         _up: up,
