@@ -237,8 +237,9 @@ fn default_split_gives_the_single_process_tokens_on_the_recorded_prompts_issue_7
 
 /// The lossy wires, measured (docs/network.md quotes the figures): how often f16 and int8
 /// activations on a 3-node split still give the single-process tokens. A measurement, not a
-/// check: run with `cargo nextest run -E 'test(lossy_wire_agreement)' --run-ignored all
-/// --no-capture`.
+/// check: run the test binary directly (nextest's multiprocess limit of 240 s is too short on
+/// a loaded 2-core machine): `target/debug/deps/network-* --exact lossy_wire_agreement
+/// --ignored --nocapture`.
 #[test]
 #[ignore = "a measurement (minutes): see the doc comment"]
 fn lossy_wire_agreement() {
