@@ -194,11 +194,13 @@ fn forward_with_raw_tokens(f: &Forward, raw: &[u8]) -> Vec<u8> {
     let empty = encode(&Request::Forward(Forward {
         tokens: Vec::new(),
         ..f.clone()
-    }));
+    }))
+    .unwrap();
     let one = encode(&Request::Forward(Forward {
         tokens: vec![0x55],
         ..f.clone()
-    }));
+    }))
+    .unwrap();
     // The token list starts at the first byte where the two encodings differ (its length).
     let at = empty.iter().zip(&one).take_while(|(a, b)| a == b).count();
     assert_eq!((empty[at], one[at], one[at + 1]), (0, 1, 0x55));
@@ -213,7 +215,7 @@ fn forward_with_raw_tokens(f: &Forward, raw: &[u8]) -> Vec<u8> {
 fn generate() -> BTreeMap<String, Vec<u8>> {
     let mut c = BTreeMap::new();
     let mut req = |name: &str, r: Request| {
-        c.insert(format!("req-{name}.bin"), encode_frame(&r));
+        c.insert(format!("req-{name}.bin"), encode_frame(&r).unwrap());
     };
     req("ok-forward-first", Request::Forward(forward()));
     for (name, dtype) in [("f32", DType::F32), ("f16", DType::F16), ("i8", DType::I8)] {
@@ -361,7 +363,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
     );
 
     let mut resp = |name: &str, r: Response| {
-        c.insert(format!("resp-{name}.bin"), encode_frame(&r));
+        c.insert(format!("resp-{name}.bin"), encode_frame(&r).unwrap());
     };
     for (name, dtype) in [("f32", DType::F32), ("f16", DType::F16), ("i8", DType::I8)] {
         resp(
@@ -419,7 +421,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
     );
 
     // Raw bytes no encoder produces.
-    let describe = encode(&Request::Describe);
+    let describe = encode(&Request::Describe).unwrap();
     c.insert("req-truncated-empty-file.bin".into(), Vec::new());
     c.insert(
         "req-truncated-prefix-only.bin".into(),
@@ -469,7 +471,8 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
     let mut bad_utf8 = encode(&Response::Error {
         code: ErrorCode::Busy,
         message: "abcd".into(),
-    });
+    })
+    .unwrap();
     let n = bad_utf8.len();
     bad_utf8[n - 2] = 0xC3;
     bad_utf8[n - 1] = 0x28;
@@ -607,10 +610,10 @@ fn round_trip<T: serde::Serialize + std::fmt::Debug>(
     value: &T,
     decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
 ) -> Result<(), String> {
-    let frame = encode_frame(value);
+    let frame = encode_frame(value).unwrap();
     let body = body_of(&frame).map_err(|o| format!("re-encoded frame is {o:?}"))?;
     let again = decode(body).map_err(|e| format!("{value:?} re-encoded does not decode: {e}"))?;
-    if encode(&again) != body {
+    if encode(&again).unwrap() != body {
         return Err(format!("{value:?} decoded back as {again:?}"));
     }
     Ok(())
@@ -945,6 +948,6 @@ fn regression_token_list_longer_than_max_positions_is_refused_without_allocating
         chunks: vec![1; MAX_POSITIONS],
         ..forward()
     };
-    let body = encode(&Request::Forward(f.clone()));
+    let body = encode(&Request::Forward(f.clone())).unwrap();
     assert_eq!(decode_request(&body), Ok(Request::Forward(f)));
 }

@@ -249,9 +249,17 @@ pub struct NodeArgs {
     /// as nodes join or leave (default: all).
     #[arg(long)]
     pub span: Option<String>,
-    /// With `--span auto`: stages per chain (default: the fewest whose memory holds the model).
+    /// With `--span auto` or `--follow-placement`: stages per chain (default: the fewest whose
+    /// memory holds the model).
     #[arg(long)]
     pub stages: Option<usize>,
+    /// With `--span a..b`: start on that span, then move to the span placement assigns as
+    /// nodes join and leave (survivors take over the layers of a node that died).
+    #[arg(long)]
+    pub follow_placement: bool,
+    /// Placement treats every node as equally fast (`plexus up`: nodes on one machine).
+    #[arg(long, hide = true)]
+    pub plan_equal_speeds: bool,
     #[command(flatten)]
     pub net: NetArgs,
     /// Most sessions (KV caches) held at once; the least recently used goes first.
@@ -308,4 +316,13 @@ pub struct UpArgs {
     /// chain computes at a time, see BENCHMARKS.md).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Activations between stages: f32 (default: exact, the tokens of one process), f16 or
+    /// int8 (half or a quarter of the bytes for slow links; answers may part from the
+    /// single-process ones where two tokens nearly tie).
+    #[arg(long, default_value = "f32")]
+    pub wire: String,
+    /// Keep every node on its first span. By default nodes follow placement, so when one dies
+    /// the survivors load its layers and streams go on.
+    #[arg(long)]
+    pub static_spans: bool,
 }

@@ -49,8 +49,10 @@ pub struct GatewayArgs {
     /// --mdns) and route each request over a chain of nodes announcing this model.
     #[command(flatten)]
     pub net: crate::cli::NetArgs,
-    /// Activations between stages: f16, f32 or int8 (network mode).
-    #[arg(long, default_value = "f16")]
+    /// Activations between stages (network mode): f32 (default: exact, the tokens of one
+    /// process), f16 or int8 (half or a quarter of the bytes for slow links; answers may part
+    /// from the single-process ones where two tokens nearly tie).
+    #[arg(long, default_value = "f32")]
     pub wire: String,
     /// Benchmark only: serve timestamps every N ms instead of running the model
     /// (bench/gateway_overhead.sh).
