@@ -45,12 +45,15 @@ pub struct RoundConfig {
     pub outer: OuterConfig,
     pub deadline: DeadlinePolicy,
     pub score: ScorePolicy,
+    /// Most contributions a round holds (the run's workers max): bounds the memory a flood of
+    /// validly signed contributions from fresh keys can take.
+    pub max_workers: u32,
 }
 
 /// Why round settings are not usable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("inner steps and batch size must be positive")]
+    #[error("inner steps, batch size and workers max must be positive")]
     Empty,
     #[error(transparent)]
     Codec(#[from] ParseCodecError),
@@ -60,7 +63,7 @@ pub enum ConfigError {
 
 impl RoundConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.inner_steps == 0 || self.batch_size == 0 {
+        if self.inner_steps == 0 || self.batch_size == 0 || self.max_workers == 0 {
             return Err(ConfigError::Empty);
         }
         self.codec.validate()?;

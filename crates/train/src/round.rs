@@ -9,8 +9,8 @@
 //!   forged, it names another run, an earlier round (stale, e.g. a late pseudo-gradient), a
 //!   later round, other start weights or hyperparameters, if it repeats one already held
 //!   (replay) or is a second, different one from the same worker (equivocation), if its payload
-//!   does not match its digest or does not decode under the run's codec, or if the round is
-//!   past its deadline.
+//!   does not match its digest or does not decode under the run's codec, if the round is
+//!   past its deadline or already holds the run's maximum number of contributions.
 //! - [`RoundMachine::close`]: the accepted contributions, in order of worker id, are each scored
 //!   on the round's held-out examples (Gauntlet: `loss(global - delta)` against
 //!   `loss(global)`); those that do not improve are dropped; the rest are averaged and the
@@ -73,6 +73,8 @@ pub enum Refusal {
     PayloadDigest,
     #[error("payload does not decode")]
     Payload(#[from] DecodeError),
+    #[error("round already holds the run's maximum of {max} contributions")]
+    Full { max: u32 },
     #[error("round {round} closed for contributions at {deadline_ms} ms")]
     PastDeadline { round: u64, deadline_ms: u64 },
 }
@@ -216,6 +218,11 @@ impl RoundMachine {
             return Err(Refusal::PastDeadline {
                 round: current,
                 deadline_ms: self.deadline_at(),
+            });
+        }
+        if self.received.len() >= self.cfg.max_workers as usize {
+            return Err(Refusal::Full {
+                max: self.cfg.max_workers,
             });
         }
         if cm.start_weights != self.start {

@@ -55,6 +55,7 @@ fn config(codec: Codec, error_feedback: bool) -> RoundConfig {
             examples: 32,
             tolerance: 0.0,
         },
+        max_workers: 64,
     }
 }
 
@@ -352,4 +353,17 @@ fn diloco_with_four_workers_learns_the_task() {
         d.bytes_per_worker,
         (rounds * Codec::F16.encoded_len(n)) as u64
     );
+}
+
+#[test]
+fn a_round_holds_at_most_the_runs_workers() {
+    let mut cfg = config(Codec::F16, false);
+    cfg.max_workers = 1;
+    let mut w = world(cfg, 2);
+    let mut m = w.machine();
+    let start = w.global.params.clone();
+    let a = w.contribute(0, 0, &start);
+    let b = w.contribute(1, 0, &start);
+    m.offer(&a, 1).unwrap();
+    assert_eq!(m.offer(&b, 2), Err(Refusal::Full { max: 1 }));
 }

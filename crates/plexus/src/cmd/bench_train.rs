@@ -90,6 +90,7 @@ pub fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
             examples: a.score_examples,
             tolerance: 0.0,
         },
+        max_workers: a.workers as u32,
     };
     let setup = TaskSetup {
         task,
