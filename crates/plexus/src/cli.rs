@@ -44,7 +44,10 @@ impl Command {
         match self {
             Command::Generate(a) => a.common.threads,
             Command::Chat(a) => a.common.threads,
-            Command::Bench(a) => a.threads,
+            Command::Bench(a) => match &a.what {
+                Some(BenchCommand::Train(t)) => t.threads,
+                None => a.threads,
+            },
             Command::Train(a) => a.threads,
             Command::Gateway(a) => a.threads,
             Command::Models { .. } => None,
@@ -131,9 +134,13 @@ pub struct ChatArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct BenchArgs {
-    #[arg(long, short)]
-    pub model: PathBuf,
+    #[command(subcommand)]
+    pub what: Option<BenchCommand>,
+    /// Model to measure (prefill and decode speed, peak memory).
+    #[arg(long, short, required = true)]
+    pub model: Option<PathBuf>,
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -147,6 +154,77 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub repetitions: usize,
     /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Synchronous data parallel vs DiLoCo at equal tokens on a synthetic task, in one process.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    /// Workers (in-process).
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Inner steps per round (H).
+    #[arg(long, default_value_t = 30)]
+    pub inner_steps: u32,
+    /// Pseudo-gradient codec: f32, f16, int8 (blocks of 256) or sparse (top 64 of 4096, 2 bits).
+    #[arg(long, default_value = "f32")]
+    pub codec: String,
+    /// Error feedback: auto (on for sparse only), on or off.
+    #[arg(long, default_value = "auto")]
+    pub error_feedback: String,
+    /// Inner steps per worker over the whole run (a multiple of H); sync runs as many steps.
+    #[arg(long, default_value_t = 600)]
+    pub total_steps: usize,
+    /// Data: a synthetic task (the default). `text:FILE` is not implemented yet.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Synthetic task: addition, reverse or sort.
+    #[arg(long, default_value = "reverse")]
+    pub task: String,
+    /// Task size (digits or letters).
+    #[arg(long, default_value_t = 5)]
+    pub size: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    /// Model depth.
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Sequences per inner step per worker (sync steps on workers x this).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: u32,
+    /// Peak inner learning rate (warmup then cosine over the run).
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    /// Inner warmup steps.
+    #[arg(long, default_value_t = 50)]
+    pub warmup: usize,
+    /// Outer learning rate (default: 0.7 Nesterov as DiLoCo; for sparse 1.0 plain SGD, error
+    /// feedback in place of momentum, as SparseLoCo).
+    #[arg(long)]
+    pub outer_lr: Option<f32>,
+    /// Outer Nesterov momentum; 0 means plain SGD (default 0.9, for sparse 0).
+    #[arg(long)]
+    pub outer_momentum: Option<f32>,
+    /// Held-out examples each round scores contributions on; 0 disables scoring.
+    #[arg(long, default_value_t = 64)]
+    pub score_examples: usize,
+    /// Held-out examples of the final evaluation.
+    #[arg(long, default_value_t = 512)]
+    pub eval_examples: usize,
+    /// Seed of weights, data and worker keys.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
 }
