@@ -5,6 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use std::borrow::Cow;
 use std::time::Duration;
 
 /// Why a request failed.
@@ -14,7 +15,7 @@ pub enum ApiError {
     #[error("{message}")]
     InvalidRequest {
         message: String,
-        param: Option<&'static str>,
+        param: Option<Cow<'static, str>>,
     },
     /// The prompt, or the prompt plus the requested completion, does not fit the context (400).
     #[error("{message}")]
@@ -49,7 +50,15 @@ impl ApiError {
     pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
         Self::InvalidRequest {
             message: message.into(),
-            param,
+            param: param.map(Cow::Borrowed),
+        }
+    }
+
+    /// A 400 naming a parameter known only at run time (`messages[2].role`).
+    pub fn invalid_param(message: impl Into<String>, param: String) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: Some(Cow::Owned(param)),
         }
     }
 
@@ -70,7 +79,7 @@ impl ApiError {
     /// OpenAI's `error` object (also sent inside a stream that fails after it started).
     pub fn body(&self) -> serde_json::Value {
         let (kind, param, code) = match self {
-            Self::InvalidRequest { param, .. } => ("invalid_request_error", *param, None),
+            Self::InvalidRequest { param, .. } => ("invalid_request_error", param.as_deref(), None),
             Self::ContextLengthExceeded { param, .. } => (
                 "invalid_request_error",
                 Some(*param),

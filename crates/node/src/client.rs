@@ -15,10 +15,11 @@ use crate::route::{best_route, Candidate, Hop};
 use plexus_core::wire::{Activations, DType, ErrorCode, Forward, Request, Response, SessionId};
 use plexus_core::Digest;
 use plexus_model::generate::TokenChain;
+use plexus_model::sampler::TokenLogprobs;
 use plexus_model::SamplingParams;
 use plexus_net::{CallError, NetConfig, NetEvent, NetHandle, PeerId, StartNetError};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -203,6 +204,7 @@ impl NetworkClient {
             calls: Vec::new(),
             exclude: Vec::new(),
             failovers: 0,
+            scores: Mutex::new(None),
         })
     }
 }
@@ -255,6 +257,8 @@ pub struct RemoteChain {
     calls: Vec<u32>,
     exclude: Vec<PeerId>,
     failovers: usize,
+    /// The log-probabilities the last stage sent with its latest token (when asked for).
+    scores: Mutex<Option<TokenLogprobs>>,
 }
 
 enum Outcome {
@@ -296,7 +300,7 @@ impl RemoteChain {
             tokens,
             hidden,
             chunks,
-            sampling: (hop.end == self.num_layers).then(|| self.params.clone()),
+            sampling: (hop.end == self.num_layers).then(|| Box::new(self.params.clone())),
             reply_dtype: self.client.config.wire,
             all_rows,
         }
@@ -315,7 +319,20 @@ impl RemoteChain {
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
             Ok(Response::Hidden { hidden, .. }) => Ok(Outcome::Hidden(hidden)),
+            // Asked-for log-probabilities that are missing or malformed: a faulty stage.
+            Ok(Response::Token { .. }) if self.params.logprobs.is_some() => {
+                Err((true, ChainError::Protocol { peer }))
+            }
             Ok(Response::Token { token, .. }) => Ok(Outcome::Token(token)),
+            Ok(Response::Scored {
+                token, logprobs, ..
+            }) => match self.params.logprobs {
+                Some(n) if logprobs.is_plausible(n, token, usize::MAX) => {
+                    *self.scores.lock().unwrap_or_else(PoisonError::into_inner) = Some(logprobs);
+                    Ok(Outcome::Token(token))
+                }
+                _ => Err((true, ChainError::Protocol { peer })),
+            },
             Ok(Response::Error { code, message }) => Err((
                 retryable(code),
                 ChainError::Refused {
@@ -500,6 +517,13 @@ impl TokenChain for RemoteChain {
 
     fn context(&self) -> usize {
         self.context
+    }
+
+    fn take_logprobs(&mut self) -> Option<TokenLogprobs> {
+        self.scores
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     fn feed(&mut self, tokens: &[u32]) -> Result<u32, ChainError> {
