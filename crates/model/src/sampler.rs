@@ -363,6 +363,28 @@ mod tests {
     }
 
     #[test]
+    fn the_allowed_mask_removes_tokens_everywhere() {
+        // Token 1 would win; only 0 and 2 are allowed (bits 0 and 2).
+        let p = SamplingParams {
+            allowed: Some(vec![0b101]),
+            logprobs: Some(3),
+            ..params(0.0)
+        };
+        let (tok, lp) = sample_scored(&[1.0, 3.0, 2.0], &[], &p, 0);
+        assert_eq!(tok, 2);
+        let lp = lp.unwrap();
+        assert_eq!(lp.top[2], (1, f32::NEG_INFINITY));
+        assert!((lp.logprob - (1.0f32 / (1.0 + (-1.0f32).exp())).ln()).abs() < 1e-6);
+        let hot = SamplingParams {
+            temperature: 1.0,
+            ..p
+        };
+        for pos in 0..200 {
+            assert_ne!(sample(&[1.0, 30.0, 2.0], &[], &hot, pos), 1);
+        }
+    }
+
+    #[test]
     fn logprobs_are_the_log_softmax() {
         let logits = [1.0f32, 3.0, 2.0, 3.0];
         let lp = logprobs(&logits, 2, 3);

@@ -154,6 +154,31 @@ fn split_chain_matches_the_whole_model_in_one_process() {
                 // f32 activations: the split computes exactly what the whole model computes.
                 assert_eq!(got.tokens, want.tokens, "wire {wire:?}, prompt {prompt:?}");
                 assert_eq!(got.text, want.text);
+                // Log-probabilities come from the last stage, the same as in one process.
+                let mut req = request(&tokens, 12);
+                req.sampling.logprobs = Some(5);
+                let want = generate(
+                    std::slice::from_ref(&local.stage),
+                    &local.tokenizer,
+                    &req,
+                    |_| Flow::Continue,
+                )
+                .unwrap();
+                let mut chain = client
+                    .open_chain(
+                        digest,
+                        30,
+                        local.config.max_position_embeddings,
+                        req.sampling.clone(),
+                    )
+                    .unwrap();
+                let got =
+                    generate_with(&mut chain, &local.tokenizer, &req, |_| Flow::Continue).unwrap();
+                assert_eq!(got.logprobs.len(), got.tokens.len());
+                assert_eq!(got.logprobs, want.logprobs, "prompt {prompt:?}");
+                for (lp, &t) in got.logprobs.iter().zip(&got.tokens) {
+                    assert_eq!((lp.token, lp.top[0].0, lp.top[0].1), (t, t, lp.logprob));
+                }
             } else {
                 // f16 rounds the residual stream at each boundary (relative error 2^-11), so
                 // long greedy runs may part where two candidates are nearly tied; the first
