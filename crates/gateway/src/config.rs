@@ -22,6 +22,8 @@ pub struct GatewayConfig {
     /// How long a finished generation waits for a stalled client to take its last events
     /// before giving up on it. Default 30 s.
     pub stall_timeout: Duration,
+    /// When set, every route but `/health` needs this key ([`crate::auth`]). Default none.
+    pub api_key: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -34,6 +36,7 @@ impl Default for GatewayConfig {
             shutdown_grace: Duration::from_secs(10),
             stream_buffer: 64,
             stall_timeout: Duration::from_secs(30),
+            api_key: None,
         }
     }
 }
@@ -80,6 +83,12 @@ impl GatewayConfig {
 
     pub fn with_stall_timeout(mut self, d: Duration) -> Self {
         self.stall_timeout = d;
+        self
+    }
+
+    /// Requires `key` on every route but `/health` (an empty key is no key).
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key.filter(|k| !k.is_empty());
         self
     }
 }

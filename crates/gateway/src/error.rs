@@ -26,6 +26,9 @@ pub enum ApiError {
     /// No model with this id (404).
     #[error("the model `{0}` does not exist")]
     ModelNotFound(String),
+    /// A key is required and was missing or wrong (401).
+    #[error("{0}")]
+    Unauthorized(String),
     /// No route at this path (404).
     #[error("invalid URL ({method} {path})")]
     UnknownRoute { method: String, path: String },
@@ -67,6 +70,7 @@ impl ApiError {
             Self::InvalidRequest { .. } | Self::ContextLengthExceeded { .. } => {
                 StatusCode::BAD_REQUEST
             }
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound(_) | Self::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -90,6 +94,7 @@ impl ApiError {
                 Some("model"),
                 Some("model_not_found"),
             ),
+            Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             Self::UnknownRoute { .. } => ("invalid_request_error", None, Some("unknown_url")),
             Self::MethodNotAllowed { .. } => {
                 ("invalid_request_error", None, Some("method_not_allowed"))

@@ -13,6 +13,7 @@
 //! build [`app`] over an [`AppState`] to drive it without a socket.
 
 pub mod api;
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod echo;

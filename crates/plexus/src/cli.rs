@@ -308,4 +308,7 @@ pub struct UpArgs {
     /// chain computes at a time, see BENCHMARKS.md).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Require this key from clients (`Authorization: Bearer KEY`); /health stays open.
+    #[arg(long, env = "PLEXUS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }

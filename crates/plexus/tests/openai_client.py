@@ -177,6 +177,13 @@ def main(url):
     check("SmolLM2" in model, f"model id {model}")
     print(f"ok: models.list -> {ids}")
 
+    # A bare base URL (no /v1), as clients are often configured: the routes answer there too.
+    bare = OpenAI(base_url=url.rstrip("/"), api_key="unused", max_retries=0, timeout=300)
+    check([m.id for m in bare.models.list().data] == ids, "models.list without /v1")
+    r = bare.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=2)
+    check(r.choices[0].message.content, "chat without /v1")
+    print("ok: the routes answer without the /v1 prefix")
+
     chat = client.chat.completions.create(
         model=model, messages=QUESTION, temperature=0, max_tokens=24
     )

@@ -293,3 +293,47 @@ async fn unsupported_fields_and_bad_values_name_their_param() {
         assert_eq!(v["error"]["param"], param, "{extra}: {v}");
     }
 }
+
+#[tokio::test]
+async fn routes_answer_without_the_v1_prefix() {
+    let app = tiny_app(GatewayConfig::new());
+    let v = json(send(&app, get("/models")).await).await;
+    assert_eq!(v["data"][0]["id"], TINY);
+    let res = send(&app, post("/chat/completions", &chat(json!({})))).await;
+    assert_eq!(res.status(), 200);
+    let body = json!({"model": TINY, "prompt": "hi", "max_tokens": 2});
+    assert_eq!(send(&app, post("/completions", &body)).await.status(), 200);
+}
+
+#[tokio::test]
+async fn api_key_is_required_when_set() {
+    use axum::body::Body;
+    use axum::http::Request;
+    let app = tiny_app(GatewayConfig::new().with_api_key(Some("s3cret".into())));
+    let with = |auth: Option<(&str, &str)>| {
+        let mut r = Request::get("/v1/models");
+        if let Some((k, v)) = auth {
+            r = r.header(k, v);
+        }
+        r.body(Body::empty()).unwrap()
+    };
+    for bad in [
+        None,
+        Some(("authorization", "Bearer wrong")),
+        Some(("authorization", "Bearer s3cret2")),
+        Some(("x-api-key", "s3cre")),
+    ] {
+        let v = expect_error(send(&app, with(bad)).await, 401, "invalid_request_error").await;
+        assert_eq!(v["error"]["code"], "invalid_api_key", "{bad:?}");
+    }
+    for good in [
+        Some(("authorization", "Bearer s3cret")),
+        Some(("x-api-key", "s3cret")),
+    ] {
+        assert_eq!(send(&app, with(good)).await.status(), 200, "{good:?}");
+    }
+    // Health stays open for load balancers; a POST without the key is refused before parsing.
+    assert_eq!(send(&app, get("/health")).await.status(), 200);
+    let res = send(&app, post("/v1/chat/completions", &chat(json!({})))).await;
+    assert_eq!(res.status(), 401);
+}

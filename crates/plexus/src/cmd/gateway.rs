@@ -52,6 +52,9 @@ pub struct GatewayArgs {
     /// Activations between stages: f16, f32 or int8 (network mode).
     #[arg(long, default_value = "f16")]
     pub wire: String,
+    /// Require this key from clients (`Authorization: Bearer KEY`); /health stays open.
+    #[arg(long, env = "PLEXUS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Benchmark only: serve timestamps every N ms instead of running the model
     /// (bench/gateway_overhead.sh).
     #[arg(long, hide = true)]
@@ -65,6 +68,7 @@ impl GatewayArgs {
             .with_max_queue(self.max_queue)
             .with_max_body_bytes(self.max_body_bytes)
             .with_shutdown_grace(Duration::from_secs(self.shutdown_grace_secs))
+            .with_api_key(self.api_key.clone())
     }
 }
 

@@ -231,7 +231,7 @@ async fn serve(
     plexus_gateway::serve(
         listener,
         Arc::new(backend),
-        GatewayConfig::default(),
+        GatewayConfig::default().with_api_key(args.api_key.clone()),
         shutdown_signal(),
     )
     .await?;
