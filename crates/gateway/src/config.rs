@@ -24,6 +24,8 @@ pub struct GatewayConfig {
     pub stall_timeout: Duration,
     /// When set, every route but `/health` needs this key ([`crate::auth`]). Default none.
     pub api_key: Option<String>,
+    /// Browser origins allowed besides this machine's own ([`crate::cors`]; `*`: any).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -37,6 +39,7 @@ impl Default for GatewayConfig {
             stream_buffer: 64,
             stall_timeout: Duration::from_secs(30),
             api_key: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -83,6 +86,12 @@ impl GatewayConfig {
 
     pub fn with_stall_timeout(mut self, d: Duration) -> Self {
         self.stall_timeout = d;
+        self
+    }
+
+    /// Allows browser pages from `origins` too (`*`: any origin).
+    pub fn with_cors_origins(mut self, origins: Vec<String>) -> Self {
+        self.cors_origins = origins;
         self
     }
 

@@ -16,6 +16,7 @@ pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod cors;
 pub mod echo;
 pub mod error;
 pub mod limits;

@@ -46,6 +46,7 @@ pub fn app(state: AppState) -> Router {
             crate::auth::require_key,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(crate::cors::layer(&state.config().cors_origins))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -337,3 +337,44 @@ async fn api_key_is_required_when_set() {
     let res = send(&app, post("/v1/chat/completions", &chat(json!({})))).await;
     assert_eq!(res.status(), 401);
 }
+
+#[tokio::test]
+async fn cors_allows_local_and_configured_origins_only() {
+    use axum::body::Body;
+    use axum::http::Request;
+    let app = tiny_app(
+        GatewayConfig::new()
+            .with_api_key(Some("k".into()))
+            .with_cors_origins(vec!["https://app.example.com".into()]),
+    );
+    let preflight = |origin: &str| {
+        Request::options("/v1/chat/completions")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    for ok in ["http://localhost:3000", "https://app.example.com"] {
+        let res = send(&app, preflight(ok)).await;
+        assert!(res.status().is_success(), "{ok}: {}", res.status());
+        assert_eq!(res.headers()["access-control-allow-origin"], ok);
+    }
+    let res = send(&app, preflight("https://evil.example.com")).await;
+    assert!(!res.headers().contains_key("access-control-allow-origin"));
+    // A real request from an allowed origin gets the header (and still needs the key).
+    let req = Request::get("/v1/models")
+        .header("origin", "http://127.0.0.1:5173")
+        .header("authorization", "Bearer k")
+        .body(Body::empty())
+        .unwrap();
+    let res = send(&app, req).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "http://127.0.0.1:5173"
+    );
+}
