@@ -14,7 +14,9 @@
 //!   allocate at most about the frame's own size, and never panic on hostile bytes
 //!   (`tests/wire_corpus.rs` fuzzes them from the corpus kept in `tests/corpus/wire`).
 
-use crate::sampling::SamplingParams;
+use crate::sampling::{
+    SamplingParams, TokenLogprobs, MAX_LOGIT_BIAS, MAX_MASK_WORDS, MAX_TOP_LOGPROBS,
+};
 use crate::Digest;
 use half::f16;
 use serde::{Deserialize, Serialize};
@@ -262,8 +264,9 @@ pub struct Forward {
     /// empty means one pass. The reply covers the final pass's positions only.
     #[serde(deserialize_with = "bounded::positions")]
     pub chunks: Vec<u32>,
-    /// For the last stage: sample the next token with these parameters.
-    pub sampling: Option<SamplingParams>,
+    /// For the last stage: sample the next token with these parameters (boxed: they carry a
+    /// token mask and logit biases, and most calls go to other stages).
+    pub sampling: Option<Box<SamplingParams>>,
     /// Element type for the returned activations.
     pub reply_dtype: DType,
     /// Return the activations of every new position, not only the final chunk's (a replay
@@ -330,6 +333,13 @@ pub enum Response {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    /// The sampled next token with its log-probabilities (last stage, when the sampling
+    /// params ask for them).
+    Scored {
+        token: u32,
+        compute_us: u64,
+        logprobs: TokenLogprobs,
     },
 }
 
@@ -460,6 +470,13 @@ pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
             return Err(DecodeError::Invalid("error message over 4096 bytes".into()));
         }
     }
+    if let Response::Scored { logprobs, .. } = &resp {
+        if logprobs.top.len() > usize::from(MAX_TOP_LOGPROBS) {
+            return Err(DecodeError::Invalid(
+                "too many top log-probabilities".into(),
+            ));
+        }
+    }
     Ok(resp)
 }
 
@@ -490,6 +507,20 @@ fn validate_forward(f: &Forward) -> Result<(), DecodeError> {
     if (f.position as usize).saturating_add(n) > u32::MAX as usize {
         return invalid("position overflow".into());
     }
+    if let Some(s) = &f.sampling {
+        if s.logit_bias.len() > MAX_LOGIT_BIAS {
+            return invalid(format!(
+                "{} logit_bias entries (at most {MAX_LOGIT_BIAS})",
+                s.logit_bias.len()
+            ));
+        }
+        if s.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return invalid(format!("at most {MAX_TOP_LOGPROBS} top log-probabilities"));
+        }
+        if s.allowed.as_ref().is_some_and(|m| m.len() > MAX_MASK_WORDS) {
+            return invalid(format!("a token mask over {MAX_MASK_WORDS} words"));
+        }
+    }
     Ok(())
 }
 
@@ -519,7 +550,7 @@ mod tests {
             tokens: vec![1, 2, 3],
             hidden: Some(Activations::encode(&[0.5; 12], 3, 4, DType::F16)),
             chunks: vec![2, 1],
-            sampling: Some(SamplingParams::greedy()),
+            sampling: Some(Box::new(SamplingParams::greedy())),
             reply_dtype: DType::F16,
             all_rows: false,
         }

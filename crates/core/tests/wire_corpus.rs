@@ -120,7 +120,7 @@ fn forward() -> Forward {
         tokens: vec![0, 17, 399, 42],
         hidden: None,
         chunks: Vec::new(),
-        sampling: Some(SamplingParams::greedy()),
+        sampling: Some(Box::new(SamplingParams::greedy())),
         reply_dtype: DType::F16,
         all_rows: false,
     }
@@ -236,7 +236,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
     req(
         "ok-forward-sampling",
         Request::Forward(Forward {
-            sampling: Some(SamplingParams {
+            sampling: Some(Box::new(SamplingParams {
                 temperature: 0.7,
                 top_k: 40,
                 top_p: 0.9,
@@ -246,7 +246,10 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
                 presence_penalty: 0.25,
                 penalty_last_n: 64,
                 seed: u64::MAX,
-            }),
+                logit_bias: vec![(7, -100.0), (12, 2.5)],
+                logprobs: Some(20),
+                allowed: Some(vec![u32::MAX, 1]),
+            })),
             ..forward()
         }),
     );
@@ -284,7 +287,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
     req(
         "ok-forward-sampling-nan",
         Request::Forward(Forward {
-            sampling: Some(SamplingParams {
+            sampling: Some(Box::new(SamplingParams {
                 temperature: f32::NAN,
                 top_k: usize::MAX,
                 top_p: f32::NEG_INFINITY,
@@ -292,7 +295,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
                 repetition_penalty: 0.0,
                 penalty_last_n: usize::MAX,
                 ..SamplingParams::default()
-            }),
+            })),
             ..forward()
         }),
     );
@@ -379,6 +382,18 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
         Response::Token {
             token: 399,
             compute_us: u64::MAX,
+        },
+    );
+    resp(
+        "ok-scored",
+        Response::Scored {
+            token: 399,
+            compute_us: 17,
+            logprobs: plexus_core::sampling::TokenLogprobs {
+                token: 399,
+                logprob: -0.25,
+                top: vec![(399, -0.25), (4, -1.5), (0, f32::NEG_INFINITY)],
+            },
         },
     );
     resp("ok-closed", Response::Closed);
@@ -545,6 +560,7 @@ fn response_variant(r: &Response) -> &'static str {
     match r {
         Response::Hidden { .. } => "hidden",
         Response::Token { .. } => "token",
+        Response::Scored { .. } => "scored",
         Response::Closed => "closed",
         Response::Described(_) => "described",
         Response::Error { .. } => "error",

@@ -29,6 +29,7 @@
 use crate::route::Hop;
 use plexus_core::wire::{Activations, DType, ErrorCode, Forward, Response, SessionId};
 use plexus_core::Digest;
+use plexus_model::sampler::TokenLogprobs;
 use plexus_model::SamplingParams;
 use plexus_net::PeerId;
 use tracing::{info, warn};
@@ -166,6 +167,8 @@ pub struct Chain {
     feed: Vec<u32>,
     to_close: Vec<PeerId>,
     to_blame: Vec<PeerId>,
+    /// The log-probabilities the last stage sent with its latest token (when asked for).
+    scores: Option<TokenLogprobs>,
 }
 
 /// Whether a refusal is worth routing around (the node is gone or lost our session) rather
@@ -187,7 +190,13 @@ impl Chain {
             feed: Vec::new(),
             to_close: Vec::new(),
             to_blame: Vec::new(),
+            scores: None,
         }
+    }
+
+    /// The log-probabilities of the last token, when the sampling params asked for them.
+    pub fn take_logprobs(&mut self) -> Option<TokenLogprobs> {
+        self.scores.take()
     }
 
     pub fn route(&self) -> Vec<Hop> {
@@ -335,7 +344,8 @@ impl Chain {
             tokens,
             hidden,
             chunks,
-            sampling: (hop.end == self.config.num_layers).then(|| self.config.params.clone()),
+            sampling: (hop.end == self.config.num_layers)
+                .then(|| Box::new(self.config.params.clone())),
             reply_dtype: self.config.wire,
             all_rows,
         })
@@ -378,7 +388,19 @@ impl Chain {
                 }
                 Ok(Outcome::Hidden(hidden))
             }
-            Ok(Response::Token { token, .. }) if is_last => Ok(Outcome::Token(token)),
+            // Asked-for log-probabilities that are missing or malformed: a faulty stage.
+            Ok(Response::Token { token, .. }) if is_last && self.config.params.logprobs.is_none() => {
+                Ok(Outcome::Token(token))
+            }
+            Ok(Response::Scored {
+                token, logprobs, ..
+            }) if is_last => match self.config.params.logprobs {
+                Some(n) if logprobs.is_plausible(n, token, usize::MAX) => {
+                    self.scores = Some(logprobs);
+                    Ok(Outcome::Token(token))
+                }
+                _ => Err((true, ChainError::Protocol { peer })),
+            },
             Ok(Response::Error { code, message }) => Err((
                 retryable(code),
                 ChainError::Refused {

@@ -15,6 +15,7 @@ use crate::scoreboard::Scoreboard;
 use plexus_core::wire::{DType, Forward, Request, Response, SessionId};
 use plexus_core::Digest;
 use plexus_model::generate::TokenChain;
+use plexus_model::sampler::TokenLogprobs;
 use plexus_model::SamplingParams;
 use plexus_net::{CallError, NetConfig, NetEvent, NetHandle, PeerId, StartNetError};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -268,6 +269,10 @@ impl TokenChain for RemoteChain {
         m.failovers
             .fetch_add((self.chain.failovers() - before) as u64, Ordering::Relaxed);
         Ok(token)
+    }
+
+    fn take_logprobs(&mut self) -> Option<TokenLogprobs> {
+        self.chain.take_logprobs()
     }
 }
 

@@ -12,7 +12,7 @@
 
 use plexus_core::wire::{Activations, ErrorCode, Forward, Response, SessionId};
 use plexus_core::Digest;
-use plexus_model::sampler::sample;
+use plexus_model::sampler::sample_scored;
 use plexus_model::stage::ForwardError;
 use plexus_model::{KvCache, Logits, Stage, StageInput, StageOutput};
 use plexus_net::{PeerId, Reply};
@@ -398,6 +398,13 @@ impl EngineActor {
                 token,
                 compute_us: started.elapsed().as_micros() as u64,
             },
+            Response::Scored {
+                token, logprobs, ..
+            } => Response::Scored {
+                token,
+                compute_us: started.elapsed().as_micros() as u64,
+                logprobs,
+            },
             other => other,
         }
     }
@@ -467,12 +474,19 @@ impl EngineActor {
             start += n;
         }
         if let Some(logits) = last_logits {
-            let params = f.sampling.clone().unwrap_or_default();
+            let params = f.sampling.as_deref().cloned().unwrap_or_default();
             let position = session.history.len() as u64;
-            let token = sample(&logits, &session.history, &params, position);
-            return Ok(Response::Token {
-                token,
-                compute_us: 0,
+            let (token, scores) = sample_scored(&logits, &session.history, &params, position);
+            return Ok(match scores {
+                Some(logprobs) => Response::Scored {
+                    token,
+                    compute_us: 0,
+                    logprobs,
+                },
+                None => Response::Token {
+                    token,
+                    compute_us: 0,
+                },
             });
         }
         let rows = if f.all_rows {

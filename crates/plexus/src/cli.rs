@@ -403,4 +403,11 @@ pub struct UpArgs {
     /// the survivors load its layers and streams go on.
     #[arg(long)]
     pub static_spans: bool,
+    /// Require this key from clients (`Authorization: Bearer KEY`); /health stays open.
+    #[arg(long, env = "PLEXUS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Also allow browser pages from this origin (repeatable; `*`: any). Pages served from
+    /// localhost are always allowed.
+    #[arg(long = "cors-origin")]
+    pub cors_origins: Vec<String>,
 }

@@ -158,6 +158,39 @@ fn agreeing(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// Log-probabilities come from the last stage: through the split chain they equal the
+/// single-process ones, bit for bit, and the greedy token is the top-1.
+fn check_logprobs(
+    client: &NetworkClient,
+    local: &plexus_model::LoadedModel,
+    digest: plexus_core::Digest,
+    prompt: &[u32],
+) {
+    let mut req = request(prompt, 8);
+    req.sampling.logprobs = Some(5);
+    let want = generate(
+        std::slice::from_ref(&local.stage),
+        &local.tokenizer,
+        &req,
+        |_| Flow::Continue,
+    )
+    .unwrap();
+    let mut chain = client
+        .open_chain(
+            digest,
+            local.config.num_layers,
+            local.config.max_position_embeddings,
+            req.sampling.clone(),
+        )
+        .unwrap();
+    let got = generate_with(&mut chain, &local.tokenizer, &req, |_| Flow::Continue).unwrap();
+    assert_eq!(got.logprobs.len(), got.tokens.len());
+    assert_eq!(got.logprobs, want.logprobs);
+    for (lp, &t) in got.logprobs.iter().zip(&got.tokens) {
+        assert_eq!((lp.token, lp.top[0].0, lp.top[0].1), (t, t, lp.logprob));
+    }
+}
+
 /// Generates `MAX_TOKENS` greedy tokens for every recorded prompt through `n` nodes placed as
 /// `plexus up` places them, for each wire (`None`: the default); per wire, the prompts whose
 /// tokens equal the single process's and the tokens agreeing before the first difference.
@@ -209,6 +242,7 @@ fn split_runs(n: usize, wires: &[Option<DType>], exact: bool) -> Vec<(usize, usi
                 generate_with(&mut chain, &local.tokenizer, &req, |_| Flow::Continue).unwrap();
             if exact {
                 assert_eq!(&got.tokens, want, "{n} nodes, wire {wire:?}, prompt {name}");
+                check_logprobs(&client, &local, digest, prompt);
             }
             same += usize::from(&got.tokens == want);
             agree += agreeing(&got.tokens, want);

@@ -5,5 +5,6 @@
 
 mod api;
 mod errors;
+mod features;
 mod limits;
 mod support;

@@ -399,7 +399,7 @@ pub fn forward(
         tokens: tokens.to_vec(),
         hidden,
         chunks: Vec::new(),
-        sampling: (node.span.end == LAYERS).then(SamplingParams::greedy),
+        sampling: (node.span.end == LAYERS).then(|| Box::new(SamplingParams::greedy())),
         reply_dtype: DType::F32,
         all_rows: false,
     }

@@ -54,6 +54,13 @@ pub struct GatewayArgs {
     /// from the single-process ones where two tokens nearly tie).
     #[arg(long, default_value = "f32")]
     pub wire: String,
+    /// Require this key from clients (`Authorization: Bearer KEY`); /health stays open.
+    #[arg(long, env = "PLEXUS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Also allow browser pages from this origin (repeatable; `*`: any). Pages served from
+    /// localhost are always allowed.
+    #[arg(long = "cors-origin")]
+    pub cors_origins: Vec<String>,
     /// Benchmark only: serve timestamps every N ms instead of running the model
     /// (bench/gateway_overhead.sh).
     #[arg(long, hide = true)]
@@ -67,6 +74,8 @@ impl GatewayArgs {
             .with_max_queue(self.max_queue)
             .with_max_body_bytes(self.max_body_bytes)
             .with_shutdown_grace(Duration::from_secs(self.shutdown_grace_secs))
+            .with_api_key(self.api_key.clone())
+            .with_cors_origins(self.cors_origins.clone())
     }
 }
 

@@ -51,6 +51,7 @@ impl SamplingArgs {
             presence_penalty: self.presence_penalty,
             penalty_last_n: 64,
             seed: self.seed,
+            ..SamplingParams::default()
         }
     }
 }

@@ -259,7 +259,9 @@ async fn serve(
     plexus_gateway::serve(
         listener,
         Arc::new(backend),
-        GatewayConfig::default(),
+        GatewayConfig::default()
+            .with_api_key(args.api_key.clone())
+            .with_cors_origins(args.cors_origins.clone()),
         shutdown_signal(),
     )
     .await?;
