@@ -3,6 +3,7 @@
 //! tiny random-weight model (tests/fixtures/tiny/llama2, ChatML template, context 256), and a
 //! scripted backend for admission, cancellation, backend failures and shutdown.
 
+mod accounts;
 mod api;
 mod errors;
 mod features;
