@@ -389,7 +389,9 @@ impl Chain {
                 Ok(Outcome::Hidden(hidden))
             }
             // Asked-for log-probabilities that are missing or malformed: a faulty stage.
-            Ok(Response::Token { token, .. }) if is_last && self.config.params.logprobs.is_none() => {
+            Ok(Response::Token { token, .. })
+                if is_last && self.config.params.logprobs.is_none() =>
+            {
                 Ok(Outcome::Token(token))
             }
             Ok(Response::Scored {
