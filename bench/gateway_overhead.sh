@@ -9,7 +9,7 @@ PLEXUS="${PLEXUS:-target/release/plexus}"
 MODEL="${MODEL:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 PACE="${PACE:-20}"
 out=$(mktemp)
-"$PLEXUS" gateway --model "$MODEL" --port 0 --bench-echo-ms "$PACE" --max-concurrent 32 >"$out" 2>/dev/null &
+"$PLEXUS" gateway --ledger none --model "$MODEL" --port 0 --bench-echo-ms "$PACE" --max-concurrent 32 >"$out" 2>/dev/null &
 pid=$!
 trap 'kill $pid 2>/dev/null; rm -f "$out"' EXIT
 for _ in $(seq 100); do grep -q "listening on" "$out" && break; sleep 0.1; done

@@ -17,6 +17,31 @@ pub const MAX_SKEW_MS: u64 = 30 * 1000;
 /// Largest encoded announcement a receiver decodes.
 pub const MAX_ANNOUNCEMENT_BYTES: usize = 64 * 1024;
 
+/// Bounds every number and list in an announcement must respect (see [`Announcement::check`]).
+/// A node's figures are claims: out-of-range ones are refused outright, so no later
+/// arithmetic (costs, memory, placement) sees a NaN, a negative time or an overflow.
+pub mod limits {
+    /// Layers of one model.
+    pub const MAX_LAYERS: u32 = 4096;
+    /// Width of the hidden state (the wire's own limit).
+    pub const MAX_HIDDEN: u32 = crate::wire::MAX_HIDDEN as u32;
+    /// Seconds per layer per token, decode or prefill: an hour is no node.
+    pub const MAX_SECONDS_PER_LAYER: f32 = 60.0;
+    /// Bytes of weights per layer (1 TiB).
+    pub const MAX_LAYER_BYTES: u64 = 1 << 40;
+    /// Models offered by one node.
+    pub const MAX_MODELS: usize = 16;
+    /// Listen addresses, and characters of one address.
+    pub const MAX_ADDRS: usize = 16;
+    pub const MAX_ADDR_CHARS: usize = 256;
+    /// Characters of the version and of a model name.
+    pub const MAX_NAME_CHARS: usize = 128;
+    /// Sessions a node accepts, threads it has, jobs it queues.
+    pub const MAX_SESSIONS: u32 = 1 << 16;
+    pub const MAX_THREADS: u32 = 1 << 12;
+    pub const MAX_QUEUE: u32 = 1 << 16;
+}
+
 /// One model a node serves: which layers, how fast.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelOffer {
@@ -90,6 +115,8 @@ pub enum VerifyAnnouncementError {
     FromTheFuture(u64),
     #[error("the time to live {0} ms is longer than {MAX_TTL_MS}")]
     TtlTooLong(u64),
+    #[error("implausible {field}: {value}")]
+    Implausible { field: &'static str, value: String },
 }
 
 impl Announcement {
@@ -102,6 +129,68 @@ impl Announcement {
 
     pub fn peer_id(&self) -> Option<PeerId> {
         self.peer.parse().ok()
+    }
+
+    /// Checks every number and list against [`limits`]: finite, non-negative, bounded, spans
+    /// with `start < end <= num_layers`, at most as many sessions open as accepted.
+    pub fn check(&self) -> Result<(), VerifyAnnouncementError> {
+        use limits::*;
+        fn bad(field: &'static str, value: impl std::fmt::Debug) -> VerifyAnnouncementError {
+            VerifyAnnouncementError::Implausible {
+                field,
+                value: format!("{value:?}"),
+            }
+        }
+        if self.version.chars().count() > MAX_NAME_CHARS {
+            return Err(bad("version length", self.version.len()));
+        }
+        if self.addrs.len() > MAX_ADDRS {
+            return Err(bad("address count", self.addrs.len()));
+        }
+        if let Some(a) = self.addrs.iter().find(|a| a.len() > MAX_ADDR_CHARS) {
+            return Err(bad("address length", a.len()));
+        }
+        if self.threads == 0 || self.threads > MAX_THREADS {
+            return Err(bad("threads", self.threads));
+        }
+        if self.max_sessions > MAX_SESSIONS {
+            return Err(bad("max_sessions", self.max_sessions));
+        }
+        if self.sessions > self.max_sessions {
+            return Err(bad("sessions", (self.sessions, self.max_sessions)));
+        }
+        if self.queue > MAX_QUEUE {
+            return Err(bad("queue", self.queue));
+        }
+        if self.models.len() > MAX_MODELS {
+            return Err(bad("model count", self.models.len()));
+        }
+        for o in &self.models {
+            if o.name.chars().count() > MAX_NAME_CHARS {
+                return Err(bad("model name length", o.name.len()));
+            }
+            if o.num_layers == 0 || o.num_layers > MAX_LAYERS {
+                return Err(bad("num_layers", o.num_layers));
+            }
+            if o.start >= o.end || o.end > o.num_layers {
+                return Err(bad("span", (o.start, o.end, o.num_layers)));
+            }
+            if o.hidden == 0 || o.hidden > MAX_HIDDEN {
+                return Err(bad("hidden", o.hidden));
+            }
+            for (field, v) in [
+                ("decode_s_per_layer", o.decode_s_per_layer),
+                ("prefill_s_per_layer", o.prefill_s_per_layer),
+            ] {
+                if !(0.0..=MAX_SECONDS_PER_LAYER).contains(&v) {
+                    return Err(bad(field, v));
+                }
+            }
+            if o.layer_bytes > MAX_LAYER_BYTES {
+                return Err(bad("layer_bytes", o.layer_bytes));
+            }
+        }
+        Ok(())
     }
 
     /// When this announcement stops being valid (unix ms).
@@ -149,6 +238,7 @@ impl SignedAnnouncement {
         if a.expires_at_ms() <= now_ms {
             return Err(VerifyAnnouncementError::Expired(now_ms - a.expires_at_ms()));
         }
+        a.check()?;
         Ok(a)
     }
 }
@@ -235,7 +325,82 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn implausible_numbers_are_refused() {
+        let key = NodeKey::generate();
+        type Tweak = Box<dyn Fn(&mut Announcement)>;
+        let cases: Vec<(&str, Tweak)> = vec![
+            (
+                "NaN speed",
+                Box::new(|a| a.models[0].decode_s_per_layer = f32::NAN),
+            ),
+            (
+                "negative speed",
+                Box::new(|a| a.models[0].decode_s_per_layer = -1.0),
+            ),
+            (
+                "infinite prefill",
+                Box::new(|a| a.models[0].prefill_s_per_layer = f32::INFINITY),
+            ),
+            (
+                "empty span",
+                Box::new(|a| a.models[0].end = a.models[0].start),
+            ),
+            ("span past the model", Box::new(|a| a.models[0].end = 31)),
+            ("no layers", Box::new(|a| a.models[0].num_layers = 0)),
+            ("hidden 0", Box::new(|a| a.models[0].hidden = 0)),
+            (
+                "huge layers",
+                Box::new(|a| a.models[0].layer_bytes = u64::MAX),
+            ),
+            ("sessions over max", Box::new(|a| a.sessions = 65)),
+            ("wrapped queue", Box::new(|a| a.queue = u32::MAX)),
+            ("no threads", Box::new(|a| a.threads = 0)),
+        ];
+        for (what, tweak) in cases {
+            let mut a = sample(&key, 1_000);
+            tweak(&mut a);
+            assert!(
+                matches!(
+                    a.sign(&key).verify(1_000),
+                    Err(VerifyAnnouncementError::Implausible { .. })
+                ),
+                "{what} was accepted"
+            );
+        }
+        assert!(sample(&key, 1_000).sign(&key).verify(1_000).is_ok());
+    }
+
     proptest! {
+        /// Whatever numbers a node signs, verification never panics, and what it accepts is
+        /// within the limits every later computation relies on.
+        #[test]
+        fn hostile_numbers_never_panic_and_accepted_ones_are_bounded(
+            start in any::<u32>(), end in any::<u32>(), layers in any::<u32>(),
+            hidden in any::<u32>(), decode in any::<f32>(), prefill in any::<f32>(),
+            bytes in any::<u64>(), sessions in any::<u32>(), max_sessions in any::<u32>(),
+            queue in any::<u32>(), issued in any::<u64>(), ttl in any::<u64>(), now in any::<u64>(),
+        ) {
+            let key = NodeKey::generate();
+            let mut a = sample(&key, issued);
+            a.ttl_ms = ttl;
+            a.sessions = sessions;
+            a.max_sessions = max_sessions;
+            a.queue = queue;
+            let o = &mut a.models[0];
+            (o.start, o.end, o.num_layers, o.hidden) = (start, end, layers, hidden);
+            (o.decode_s_per_layer, o.prefill_s_per_layer, o.layer_bytes) = (decode, prefill, bytes);
+            if let Ok(v) = a.sign(&key).verify(now) {
+                let o = &v.models[0];
+                prop_assert!(o.start < o.end && o.end <= o.num_layers);
+                prop_assert!(o.num_layers <= limits::MAX_LAYERS);
+                prop_assert!(o.decode_s_per_layer.is_finite() && o.decode_s_per_layer >= 0.0);
+                prop_assert!(o.prefill_s_per_layer.is_finite() && o.prefill_s_per_layer >= 0.0);
+                prop_assert!(v.sessions <= v.max_sessions);
+                prop_assert!(v.expires_at_ms() > now);
+            }
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             if let Ok(s) = SignedAnnouncement::decode(&bytes) {

@@ -14,7 +14,9 @@
 //!   allocate at most about the frame's own size, and never panic on hostile bytes
 //!   (`tests/wire_corpus.rs` fuzzes them from the corpus kept in `tests/corpus/wire`).
 
-use crate::sampling::SamplingParams;
+use crate::sampling::{
+    SamplingParams, TokenLogprobs, MAX_LOGIT_BIAS, MAX_MASK_WORDS, MAX_TOP_LOGPROBS,
+};
 use crate::Digest;
 use half::f16;
 use serde::{Deserialize, Serialize};
@@ -262,8 +264,9 @@ pub struct Forward {
     /// empty means one pass. The reply covers the final pass's positions only.
     #[serde(deserialize_with = "bounded::positions")]
     pub chunks: Vec<u32>,
-    /// For the last stage: sample the next token with these parameters.
-    pub sampling: Option<SamplingParams>,
+    /// For the last stage: sample the next token with these parameters (boxed: they carry a
+    /// token mask and logit biases, and most calls go to other stages).
+    pub sampling: Option<Box<SamplingParams>>,
     /// Element type for the returned activations.
     pub reply_dtype: DType,
     /// Return the activations of every new position, not only the final chunk's (a replay
@@ -331,6 +334,13 @@ pub enum Response {
         code: ErrorCode,
         message: String,
     },
+    /// The sampled next token with its log-probabilities (last stage, when the sampling
+    /// params ask for them).
+    Scored {
+        token: u32,
+        compute_us: u64,
+        logprobs: TokenLogprobs,
+    },
 }
 
 /// Why bytes did not decode into a message.
@@ -357,12 +367,12 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
 }
 
 /// A whole frame: the 4-byte little-endian length, then the body.
-pub fn encode_frame<T: Serialize>(msg: &T) -> Vec<u8> {
-    let body = encode(msg);
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
+    let body = encode(msg)?;
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
     frame.extend_from_slice(&body);
-    frame
+    Ok(frame)
 }
 
 /// Bounded deserializers for lists whose length a peer controls.
@@ -415,9 +425,24 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError
     Ok(msg)
 }
 
-/// Encodes a message body (the transport adds the length prefix).
-pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
-    postcard::to_allocvec(msg).unwrap_or_default()
+/// Why a message could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("cannot serialize the message: {0}")]
+    Serialize(String),
+    /// The peer would refuse the frame (and strike the sender), so it is never sent.
+    #[error("message of {0} bytes exceeds the frame limit of {MAX_FRAME_BYTES}")]
+    TooLarge(usize),
+}
+
+/// Encodes a message body (the transport adds the length prefix). Never an empty or oversized
+/// body: the caller gets an error instead, and fails the call.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
+    let body = postcard::to_allocvec(msg).map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(EncodeError::TooLarge(body.len()));
+    }
+    Ok(body)
 }
 
 /// Decodes and validates a request from untrusted bytes.
@@ -443,6 +468,13 @@ pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
     if let Response::Error { message, .. } = &resp {
         if message.len() > 4096 {
             return Err(DecodeError::Invalid("error message over 4096 bytes".into()));
+        }
+    }
+    if let Response::Scored { logprobs, .. } = &resp {
+        if logprobs.top.len() > usize::from(MAX_TOP_LOGPROBS) {
+            return Err(DecodeError::Invalid(
+                "too many top log-probabilities".into(),
+            ));
         }
     }
     Ok(resp)
@@ -475,11 +507,36 @@ fn validate_forward(f: &Forward) -> Result<(), DecodeError> {
     if (f.position as usize).saturating_add(n) > u32::MAX as usize {
         return invalid("position overflow".into());
     }
+    if let Some(s) = &f.sampling {
+        if s.logit_bias.len() > MAX_LOGIT_BIAS {
+            return invalid(format!(
+                "{} logit_bias entries (at most {MAX_LOGIT_BIAS})",
+                s.logit_bias.len()
+            ));
+        }
+        if s.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return invalid(format!("at most {MAX_TOP_LOGPROBS} top log-probabilities"));
+        }
+        if s.allowed.as_ref().is_some_and(|m| m.len() > MAX_MASK_WORDS) {
+            return invalid(format!("a token mask over {MAX_MASK_WORDS} words"));
+        }
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+
+    /// Issue 7: `encode` used to fall back to an empty body on failure; an oversized message
+    /// (which the peer refuses, striking the sender) is now an error for the caller.
+    #[test]
+    fn encoding_refuses_oversized_messages_issue_7() {
+        let big = Response::Described(vec![7; MAX_FRAME_BYTES]);
+        assert!(matches!(encode(&big), Err(EncodeError::TooLarge(n)) if n > MAX_FRAME_BYTES));
+        assert!(encode_frame(&big).is_err());
+        assert!(!encode(&Request::Describe).unwrap().is_empty());
+    }
+
     use super::*;
     use proptest::prelude::*;
 
@@ -493,7 +550,7 @@ mod tests {
             tokens: vec![1, 2, 3],
             hidden: Some(Activations::encode(&[0.5; 12], 3, 4, DType::F16)),
             chunks: vec![2, 1],
-            sampling: Some(SamplingParams::greedy()),
+            sampling: Some(Box::new(SamplingParams::greedy())),
             reply_dtype: DType::F16,
             all_rows: false,
         }
@@ -502,11 +559,11 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         let req = Request::Forward(sample_forward());
-        assert_eq!(decode_request(&encode(&req)).unwrap(), req);
+        assert_eq!(decode_request(&encode(&req).unwrap()).unwrap(), req);
         let close = Request::Close {
             session: SessionId([1; 16]),
         };
-        assert_eq!(decode_request(&encode(&close)).unwrap(), close);
+        assert_eq!(decode_request(&encode(&close).unwrap()).unwrap(), close);
     }
 
     #[test]
@@ -514,13 +571,13 @@ mod tests {
         let mut f = sample_forward();
         f.chunks = vec![1, 1];
         assert!(matches!(
-            decode_request(&encode(&Request::Forward(f))),
+            decode_request(&encode(&Request::Forward(f)).unwrap()),
             Err(DecodeError::Invalid(_))
         ));
         let mut f = sample_forward();
         f.hidden = Some(Activations::encode(&[0.5; 8], 2, 4, DType::F16));
         assert!(matches!(
-            decode_request(&encode(&Request::Forward(f))),
+            decode_request(&encode(&Request::Forward(f)).unwrap()),
             Err(DecodeError::Invalid(_))
         ));
         let mut f = sample_forward();
@@ -528,10 +585,10 @@ mod tests {
             h.data.pop();
         }
         assert!(matches!(
-            decode_request(&encode(&Request::Forward(f))),
+            decode_request(&encode(&Request::Forward(f)).unwrap()),
             Err(DecodeError::Invalid(_))
         ));
-        let mut bytes = encode(&Request::Forward(sample_forward()));
+        let mut bytes = encode(&Request::Forward(sample_forward())).unwrap();
         bytes.push(0);
         assert_eq!(decode_request(&bytes), Err(DecodeError::Trailing(1)));
     }
@@ -606,7 +663,7 @@ mod tests {
             flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
             cut in any::<prop::sample::Index>(),
         ) {
-            let mut bytes = encode(&Request::Forward(sample_forward()));
+            let mut bytes = encode(&Request::Forward(sample_forward())).unwrap();
             for (at, x) in flips {
                 let i = at.index(bytes.len());
                 bytes[i] ^= x;

@@ -120,7 +120,7 @@ fn forward() -> Forward {
         tokens: vec![0, 17, 399, 42],
         hidden: None,
         chunks: Vec::new(),
-        sampling: Some(SamplingParams::greedy()),
+        sampling: Some(Box::new(SamplingParams::greedy())),
         reply_dtype: DType::F16,
         all_rows: false,
     }
@@ -194,11 +194,13 @@ fn forward_with_raw_tokens(f: &Forward, raw: &[u8]) -> Vec<u8> {
     let empty = encode(&Request::Forward(Forward {
         tokens: Vec::new(),
         ..f.clone()
-    }));
+    }))
+    .unwrap();
     let one = encode(&Request::Forward(Forward {
         tokens: vec![0x55],
         ..f.clone()
-    }));
+    }))
+    .unwrap();
     // The token list starts at the first byte where the two encodings differ (its length).
     let at = empty.iter().zip(&one).take_while(|(a, b)| a == b).count();
     assert_eq!((empty[at], one[at], one[at + 1]), (0, 1, 0x55));
@@ -213,7 +215,7 @@ fn forward_with_raw_tokens(f: &Forward, raw: &[u8]) -> Vec<u8> {
 fn generate() -> BTreeMap<String, Vec<u8>> {
     let mut c = BTreeMap::new();
     let mut req = |name: &str, r: Request| {
-        c.insert(format!("req-{name}.bin"), encode_frame(&r));
+        c.insert(format!("req-{name}.bin"), encode_frame(&r).unwrap());
     };
     req("ok-forward-first", Request::Forward(forward()));
     for (name, dtype) in [("f32", DType::F32), ("f16", DType::F16), ("i8", DType::I8)] {
@@ -234,7 +236,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
     req(
         "ok-forward-sampling",
         Request::Forward(Forward {
-            sampling: Some(SamplingParams {
+            sampling: Some(Box::new(SamplingParams {
                 temperature: 0.7,
                 top_k: 40,
                 top_p: 0.9,
@@ -244,7 +246,10 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
                 presence_penalty: 0.25,
                 penalty_last_n: 64,
                 seed: u64::MAX,
-            }),
+                logit_bias: vec![(7, -100.0), (12, 2.5)],
+                logprobs: Some(20),
+                allowed: Some(vec![u32::MAX, 1]),
+            })),
             ..forward()
         }),
     );
@@ -282,7 +287,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
     req(
         "ok-forward-sampling-nan",
         Request::Forward(Forward {
-            sampling: Some(SamplingParams {
+            sampling: Some(Box::new(SamplingParams {
                 temperature: f32::NAN,
                 top_k: usize::MAX,
                 top_p: f32::NEG_INFINITY,
@@ -290,7 +295,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
                 repetition_penalty: 0.0,
                 penalty_last_n: usize::MAX,
                 ..SamplingParams::default()
-            }),
+            })),
             ..forward()
         }),
     );
@@ -361,7 +366,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
     );
 
     let mut resp = |name: &str, r: Response| {
-        c.insert(format!("resp-{name}.bin"), encode_frame(&r));
+        c.insert(format!("resp-{name}.bin"), encode_frame(&r).unwrap());
     };
     for (name, dtype) in [("f32", DType::F32), ("f16", DType::F16), ("i8", DType::I8)] {
         resp(
@@ -377,6 +382,18 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
         Response::Token {
             token: 399,
             compute_us: u64::MAX,
+        },
+    );
+    resp(
+        "ok-scored",
+        Response::Scored {
+            token: 399,
+            compute_us: 17,
+            logprobs: plexus_core::sampling::TokenLogprobs {
+                token: 399,
+                logprob: -0.25,
+                top: vec![(399, -0.25), (4, -1.5), (0, f32::NEG_INFINITY)],
+            },
         },
     );
     resp("ok-closed", Response::Closed);
@@ -419,7 +436,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
     );
 
     // Raw bytes no encoder produces.
-    let describe = encode(&Request::Describe);
+    let describe = encode(&Request::Describe).unwrap();
     c.insert("req-truncated-empty-file.bin".into(), Vec::new());
     c.insert(
         "req-truncated-prefix-only.bin".into(),
@@ -469,7 +486,8 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
     let mut bad_utf8 = encode(&Response::Error {
         code: ErrorCode::Busy,
         message: "abcd".into(),
-    });
+    })
+    .unwrap();
     let n = bad_utf8.len();
     bad_utf8[n - 2] = 0xC3;
     bad_utf8[n - 1] = 0x28;
@@ -542,6 +560,7 @@ fn response_variant(r: &Response) -> &'static str {
     match r {
         Response::Hidden { .. } => "hidden",
         Response::Token { .. } => "token",
+        Response::Scored { .. } => "scored",
         Response::Closed => "closed",
         Response::Described(_) => "described",
         Response::Error { .. } => "error",
@@ -607,10 +626,10 @@ fn round_trip<T: serde::Serialize + std::fmt::Debug>(
     value: &T,
     decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
 ) -> Result<(), String> {
-    let frame = encode_frame(value);
+    let frame = encode_frame(value).unwrap();
     let body = body_of(&frame).map_err(|o| format!("re-encoded frame is {o:?}"))?;
     let again = decode(body).map_err(|e| format!("{value:?} re-encoded does not decode: {e}"))?;
-    if encode(&again) != body {
+    if encode(&again).unwrap() != body {
         return Err(format!("{value:?} decoded back as {again:?}"));
     }
     Ok(())
@@ -945,6 +964,6 @@ fn regression_token_list_longer_than_max_positions_is_refused_without_allocating
         chunks: vec![1; MAX_POSITIONS],
         ..forward()
     };
-    let body = encode(&Request::Forward(f.clone()));
+    let body = encode(&Request::Forward(f.clone())).unwrap();
     assert_eq!(decode_request(&body), Ok(Request::Forward(f)));
 }

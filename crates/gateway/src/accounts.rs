@@ -354,7 +354,8 @@ pub async fn account(State(state): State<AppState>, payer: Payer) -> Response {
 }
 
 /// The hook of [`crate::api::generation::start`]: holds escrow for `job` when the gateway has
-/// a ledger (`max_tokens`, or the whole `context` when unset, times the price).
+/// a ledger (`max_tokens`, or the whole `context` when unset, times the number of choices,
+/// times the price).
 pub(crate) async fn hold_for(
     state: &AppState,
     job: &crate::api::generation::Job,
@@ -363,7 +364,12 @@ pub(crate) async fn hold_for(
     match (state.accounts(), job.payer) {
         (Some(accounts), Some(payer)) => Ok(Some(
             accounts
-                .hold(payer, job.max_tokens.unwrap_or(context))
+                .hold(
+                    payer,
+                    job.max_tokens
+                        .unwrap_or(context)
+                        .saturating_mul(job.n.max(1)),
+                )
                 .await?,
         )),
         _ => Ok(None),

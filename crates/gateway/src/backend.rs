@@ -8,7 +8,7 @@
 //! it from a blocking thread, never on the async runtime.
 
 use plexus_model::chat::ChatTemplate;
-use plexus_model::generate::{Completion, Flow, GenerateRequest};
+use plexus_model::generate::{choice_seed, Completion, FinishReason, Flow, GenerateRequest, Piece};
 use plexus_model::Tokenizer;
 use std::sync::Arc;
 
@@ -49,14 +49,39 @@ pub trait Backend: Send + Sync + 'static {
     fn models(&self) -> Vec<ModelEntry>;
 
     /// Generates a completion of `req` with model `model_id`, calling `on_text` with each new
-    /// piece of text; when `on_text` returns [`Flow::Stop`] (the client went away) the backend
+    /// piece of text (and the log-probabilities of its tokens when `req.sampling` asks); when `on_text` returns [`Flow::Stop`] (the client went away) the backend
     /// stops and releases the work on every machine involved. Blocking.
     fn generate(
         &self,
         model_id: &str,
         req: &GenerateRequest,
-        on_text: &mut dyn FnMut(&str) -> Flow,
+        on_text: &mut dyn FnMut(&Piece) -> Flow,
     ) -> Result<Completion, BackendError>;
+
+    /// Generates `n` choices of `req` (OpenAI's `n`), choice `i` with the seed
+    /// [`choice_seed`]`(req.sampling.seed, i)`; `on_text` gets the choice index with each
+    /// piece. Stops after a cancelled choice. The default runs [`Backend::generate`] once per
+    /// choice; a backend that can share the prompt's KV cache between choices overrides it.
+    fn generate_choices(
+        &self,
+        model_id: &str,
+        req: &GenerateRequest,
+        n: usize,
+        on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
+    ) -> Result<Vec<Completion>, BackendError> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut r = req.clone();
+            r.sampling.seed = choice_seed(req.sampling.seed, i as u32);
+            let c = self.generate(model_id, &r, &mut |p| on_text(i, p))?;
+            let cancelled = c.finish == FinishReason::Cancelled;
+            out.push(c);
+            if cancelled {
+                break;
+            }
+        }
+        Ok(out)
+    }
 
     /// Appends the backend's own metrics to the gateway's `/metrics` page, in the OpenMetrics
     /// text format (`# HELP`, `# TYPE`, then samples; counter samples end in `_total`; no

@@ -22,6 +22,10 @@ pub struct GatewayConfig {
     /// How long a finished generation waits for a stalled client to take its last events
     /// before giving up on it. Default 30 s.
     pub stall_timeout: Duration,
+    /// When set, every route but `/health` needs this key ([`crate::auth`]). Default none.
+    pub api_key: Option<String>,
+    /// Browser origins allowed besides this machine's own ([`crate::cors`]; `*`: any).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -34,6 +38,8 @@ impl Default for GatewayConfig {
             shutdown_grace: Duration::from_secs(10),
             stream_buffer: 64,
             stall_timeout: Duration::from_secs(30),
+            api_key: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -80,6 +86,18 @@ impl GatewayConfig {
 
     pub fn with_stall_timeout(mut self, d: Duration) -> Self {
         self.stall_timeout = d;
+        self
+    }
+
+    /// Allows browser pages from `origins` too (`*`: any origin).
+    pub fn with_cors_origins(mut self, origins: Vec<String>) -> Self {
+        self.cors_origins = origins;
+        self
+    }
+
+    /// Requires `key` on every route but `/health` (an empty key is no key).
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key.filter(|k| !k.is_empty());
         self
     }
 }

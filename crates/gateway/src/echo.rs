@@ -5,7 +5,7 @@
 //! `plexus gateway --bench-echo-ms N` flag; never a serving mode.
 
 use crate::backend::{Backend, BackendError, ModelEntry};
-use plexus_model::generate::{Completion, FinishReason, Flow, GenerateRequest};
+use plexus_model::generate::{Completion, FinishReason, Flow, GenerateRequest, Piece};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Emits timestamps instead of text; see the module docs.
@@ -37,7 +37,7 @@ impl Backend for EchoBackend {
         &self,
         model_id: &str,
         req: &GenerateRequest,
-        on_text: &mut dyn FnMut(&str) -> Flow,
+        on_text: &mut dyn FnMut(&Piece) -> Flow,
     ) -> Result<Completion, BackendError> {
         if model_id != self.entry.id {
             return Err(BackendError::Invalid(format!("unknown model {model_id}")));
@@ -54,7 +54,7 @@ impl Backend for EchoBackend {
             let piece = format!("{} ", now_micros());
             text.push_str(&piece);
             n += 1;
-            if on_text(&piece) == Flow::Stop {
+            if on_text(&Piece::plain(&piece)) == Flow::Stop {
                 finish = FinishReason::Cancelled;
                 break;
             }
@@ -63,6 +63,7 @@ impl Backend for EchoBackend {
             tokens: vec![0; n],
             text,
             finish,
+            logprobs: Vec::new(),
             prompt_tokens: req.prompt_tokens.len(),
             prefill_time: Duration::ZERO,
             decode_time: started.elapsed(),

@@ -5,6 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use std::borrow::Cow;
 use std::time::Duration;
 
 /// Why a request failed.
@@ -14,7 +15,7 @@ pub enum ApiError {
     #[error("{message}")]
     InvalidRequest {
         message: String,
-        param: Option<&'static str>,
+        param: Option<Cow<'static, str>>,
     },
     /// The prompt, or the prompt plus the requested completion, does not fit the context (400).
     #[error("{message}")]
@@ -25,6 +26,9 @@ pub enum ApiError {
     /// No model with this id (404).
     #[error("the model `{0}` does not exist")]
     ModelNotFound(String),
+    /// A key is required and was missing or wrong (401).
+    #[error("{0}")]
+    Unauthorized(String),
     /// No route at this path (404).
     #[error("invalid URL ({method} {path})")]
     UnknownRoute { method: String, path: String },
@@ -55,7 +59,15 @@ impl ApiError {
     pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
         Self::InvalidRequest {
             message: message.into(),
-            param,
+            param: param.map(Cow::Borrowed),
+        }
+    }
+
+    /// A 400 naming a parameter known only at run time (`messages[2].role`).
+    pub fn invalid_param(message: impl Into<String>, param: String) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: Some(Cow::Owned(param)),
         }
     }
 
@@ -64,6 +76,7 @@ impl ApiError {
             Self::InvalidRequest { .. } | Self::ContextLengthExceeded { .. } => {
                 StatusCode::BAD_REQUEST
             }
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound(_) | Self::UnknownRoute { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -78,7 +91,7 @@ impl ApiError {
     /// OpenAI's `error` object (also sent inside a stream that fails after it started).
     pub fn body(&self) -> serde_json::Value {
         let (kind, param, code) = match self {
-            Self::InvalidRequest { param, .. } => ("invalid_request_error", *param, None),
+            Self::InvalidRequest { param, .. } => ("invalid_request_error", param.as_deref(), None),
             Self::ContextLengthExceeded { param, .. } => (
                 "invalid_request_error",
                 Some(*param),
@@ -89,6 +102,7 @@ impl ApiError {
                 Some("model"),
                 Some("model_not_found"),
             ),
+            Self::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             Self::UnknownRoute { .. } => ("invalid_request_error", None, Some("unknown_url")),
             Self::MethodNotAllowed { .. } => {
                 ("invalid_request_error", None, Some("method_not_allowed"))

@@ -14,8 +14,10 @@
 
 pub mod accounts;
 pub mod api;
+pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod cors;
 pub mod echo;
 pub mod error;
 pub mod limits;

@@ -13,7 +13,9 @@
 //! `in_flight`) and each generation runs at full speed.
 
 use crate::backend::{Backend, BackendError, ModelEntry};
-use plexus_model::generate::{generate, Completion, Flow, GenerateError, GenerateRequest};
+use plexus_model::generate::{
+    generate, generate_choices, Completion, Flow, GenerateError, GenerateRequest, Piece,
+};
 use plexus_model::identity::{identity, IdentityError};
 use plexus_model::{LoadModelError, ModelFiles, Stage};
 use std::path::Path;
@@ -107,7 +109,7 @@ impl Backend for LocalBackend {
         &self,
         model_id: &str,
         req: &GenerateRequest,
-        on_text: &mut dyn FnMut(&str) -> Flow,
+        on_text: &mut dyn FnMut(&Piece) -> Flow,
     ) -> Result<Completion, BackendError> {
         if model_id != self.entry.id {
             return Err(BackendError::Invalid(format!("unknown model {model_id}")));
@@ -121,13 +123,39 @@ impl Backend for LocalBackend {
             req,
             on_text,
         )
-        .map_err(|e| match e {
-            GenerateError::EmptyPrompt | GenerateError::PromptTooLong { .. } => {
-                BackendError::Invalid(e.to_string())
-            }
-            GenerateError::Forward(e) => BackendError::Internal(format!("forward pass: {e}")),
-            GenerateError::Tokenizer(e) => BackendError::Internal(format!("tokenizer: {e}")),
-        })
+        .map_err(engine_error)
+    }
+
+    /// The prompt is prefilled once; each choice continues from its KV cache.
+    fn generate_choices(
+        &self,
+        model_id: &str,
+        req: &GenerateRequest,
+        n: usize,
+        on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
+    ) -> Result<Vec<Completion>, BackendError> {
+        if model_id != self.entry.id {
+            return Err(BackendError::Invalid(format!("unknown model {model_id}")));
+        }
+        let stage = self.stage.lock().unwrap_or_else(PoisonError::into_inner);
+        generate_choices(
+            std::slice::from_ref(&*stage),
+            &self.entry.tokenizer,
+            req,
+            n,
+            on_text,
+        )
+        .map_err(engine_error)
+    }
+}
+
+fn engine_error(e: GenerateError) -> BackendError {
+    match e {
+        GenerateError::EmptyPrompt | GenerateError::PromptTooLong { .. } => {
+            BackendError::Invalid(e.to_string())
+        }
+        GenerateError::Forward(e) => BackendError::Internal(format!("forward pass: {e}")),
+        GenerateError::Tokenizer(e) => BackendError::Internal(format!("tokenizer: {e}")),
     }
 }
 

@@ -7,7 +7,9 @@ use crate::backend::{Backend, BackendError, ModelEntry};
 use crate::local::{model_id, LoadError};
 use plexus_core::wire::ErrorCode;
 use plexus_core::Digest;
-use plexus_model::generate::{generate_with, Completion, Flow, GenerateError, GenerateRequest};
+use plexus_model::generate::{
+    generate_with, Completion, Flow, GenerateError, GenerateRequest, Piece,
+};
 use plexus_model::identity::identity;
 use plexus_model::ModelFiles;
 use plexus_node::client::{ChainError, NetworkClient};
@@ -128,7 +130,7 @@ impl Backend for NetworkBackend {
         &self,
         model_id: &str,
         req: &GenerateRequest,
-        on_text: &mut dyn FnMut(&str) -> Flow,
+        on_text: &mut dyn FnMut(&Piece) -> Flow,
     ) -> Result<Completion, BackendError> {
         let m = self
             .models

@@ -2,6 +2,9 @@
 //!
 //! Every response passes the `track` middleware, which counts it by route and status. Unknown
 //! routes and wrong methods get OpenAI-style 404/405 bodies; bodies over the limit get 413.
+//! The OpenAI routes also answer without the `/v1` prefix (`/chat/completions`, `/models`, as
+//! llama-server does), since clients are often configured with a bare base URL. With an API
+//! key configured, [`crate::auth`] checks it first.
 
 use crate::api::{chat, completions, models};
 use crate::backend::Backend;
@@ -30,12 +33,21 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models", get(models::list))
         .route("/v1/account", get(crate::accounts::account))
         .route("/v1/models/{id}", get(models::retrieve))
+        .route("/chat/completions", post(chat::handler))
+        .route("/completions", post(completions::handler))
+        .route("/models", get(models::list))
+        .route("/models/{id}", get(models::retrieve))
         .route("/health", get(models::health))
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::require_key,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(crate::cors::layer(&state.config().cors_origins))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

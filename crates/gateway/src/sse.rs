@@ -2,9 +2,9 @@
 //! last is `data: [DONE]`. No comments or keep-alives, so every line a client sees is data.
 //!
 //! - [`Chunks`] says what the chunks of one endpoint look like (chat or text completion);
-//! - [`response`] drains a [`Running`] generation into the body: the opening chunk (if any),
-//!   one chunk per text piece, a closing chunk with `finish_reason`, the usage chunk when asked
-//!   for, then `[DONE]`. A failure after the stream started is sent as OpenAI's
+//! - [`response`] drains a [`Running`] generation into the body: the opening chunk of each
+//!   choice (if any), one chunk per text piece (with its choice `index`), a closing chunk per
+//!   choice with its `finish_reason`, the usage chunk when asked for, then `[DONE]`. A failure after the stream started is sent as OpenAI's
 //!   `{"error":{...}}` event, without `[DONE]`.
 //!
 //! Dropping the body (the client went away) drops the receiver, which stops the generation.
@@ -16,17 +16,19 @@ use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use futures::stream;
 use plexus_model::generate::Completion;
+use plexus_model::sampler::TokenLogprobs;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 
 /// The chunk objects of one streaming endpoint.
 pub trait Chunks: Send + 'static {
-    /// The first chunk, before any text (chat's `{"role":"assistant"}` delta).
-    fn opening(&self) -> Option<Value>;
-    fn text(&self, text: &str) -> Value;
-    /// The last choice chunk, carrying `finish_reason`.
-    fn closing(&self, finish_reason: &str) -> Value;
+    /// The first chunk of a choice, before any text (chat's `{"role":"assistant"}` delta).
+    fn opening(&self, choice: usize) -> Option<Value>;
+    /// A chunk of new text with the log-probabilities of its tokens (empty unless asked for).
+    fn text(&mut self, choice: usize, text: &str, logprobs: &[TokenLogprobs]) -> Value;
+    /// The last chunk of a choice, carrying `finish_reason`.
+    fn closing(&self, choice: usize, finish_reason: &str) -> Value;
     /// The usage chunk (`choices: []`).
     fn usage(&self, usage: Value) -> Value;
 }
@@ -60,9 +62,9 @@ impl Envelope {
     }
 }
 
-/// OpenAI's `usage` object.
-pub fn usage(prompt_tokens: usize, c: &Completion) -> Value {
-    let completion = c.tokens.len();
+/// OpenAI's `usage` object (completion tokens summed over the choices).
+pub fn usage(prompt_tokens: usize, choices: &[Completion]) -> Value {
+    let completion: usize = choices.iter().map(|c| c.tokens.len()).sum();
     json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
@@ -81,12 +83,21 @@ struct State<C> {
 impl<C: Chunks> State<C> {
     fn on_event(&mut self, event: Option<Event>) {
         match event {
-            Some(Event::Text(t)) => self.queue.push_back(self.chunks.text(&t).to_string()),
-            Some(Event::Done(Ok(c))) => {
-                self.queue
-                    .push_back(self.chunks.closing(c.finish.as_str()).to_string());
+            Some(Event::Piece {
+                choice,
+                text,
+                logprobs,
+            }) => {
+                let chunk = self.chunks.text(choice, &text, &logprobs);
+                self.queue.push_back(chunk.to_string());
+            }
+            Some(Event::Done(Ok(cs))) => {
+                for (i, c) in cs.iter().enumerate() {
+                    let chunk = self.chunks.closing(i, c.finish.as_str());
+                    self.queue.push_back(chunk.to_string());
+                }
                 if self.include_usage {
-                    let u = usage(self.running.prompt_tokens, &c);
+                    let u = usage(self.running.prompt_tokens, &cs);
                     self.queue.push_back(self.chunks.usage(u).to_string());
                 }
                 self.queue.push_back("[DONE]".to_owned());
@@ -109,11 +120,10 @@ impl<C: Chunks> State<C> {
 }
 
 /// The SSE response for a running generation.
-pub fn response<C: Chunks>(running: Running, chunks: C, include_usage: bool) -> Response {
-    let queue = chunks
-        .opening()
+pub fn response<C: Chunks>(running: Running, chunks: C, n: usize, include_usage: bool) -> Response {
+    let queue = (0..n)
+        .filter_map(|i| chunks.opening(i))
         .map(|v| v.to_string())
-        .into_iter()
         .collect();
     let state = State {
         running,

@@ -5,12 +5,71 @@
 //! a stream. An auditor holding the logits of position `i` recomputes the token at `i` without
 //! replaying positions `0..i`.
 //!
-//! Pipeline (llama.cpp's default order): penalties -> top-k -> top-p -> min-p -> temperature ->
-//! draw. Temperature <= 0 is greedy (argmax after penalties; ties go to the lowest id).
+//! Pipeline (llama.cpp's default order): logit bias -> penalties -> top-k -> top-p -> min-p ->
+//! temperature -> draw. Temperature <= 0 is greedy (argmax after bias and penalties; ties go
+//! to the lowest id).
+//!
+//! Log-probabilities ([`logprobs`]) are the log-softmax over the whole vocabulary of the logits
+//! after bias, penalties and a grammar's mask, before the filters and temperature (OpenAI's
+//! convention): so the greedy token is always the top-1, and they do not depend on the
+//! sampling temperature.
 
 use plexus_core::rng::{uniform, Stream};
 
-pub use plexus_core::sampling::SamplingParams;
+pub use plexus_core::sampling::{mask_allows, SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
+
+/// Adds `logit_bias`, applies the penalties ([`apply_penalties`]), then the `allowed` mask
+/// (disallowed tokens become -inf), in place.
+pub fn adjust(logits: &mut [f32], history: &[u32], params: &SamplingParams) {
+    for &(id, bias) in &params.logit_bias {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l += bias;
+        }
+    }
+    apply_penalties(logits, history, params);
+    if let Some(mask) = &params.allowed {
+        for (i, l) in logits.iter_mut().enumerate() {
+            if !mask_allows(mask, i as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// The log-softmax of `logits` at `token` and at the `top` most likely ids (most likely first,
+/// ties by lower id). NaN logits count as impossible.
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let clean = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l };
+    let max = logits
+        .iter()
+        .map(|&l| clean(l))
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .map(|&l| f64::from(clean(l) - max).exp())
+        .sum();
+    let lse = f64::from(max) + sum.ln();
+    let lp = |l: f32| (f64::from(clean(l)) - lse) as f32;
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut best: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, clean(l)))
+        .collect();
+    let top = top.min(best.len());
+    if top > 0 && top < best.len() {
+        best.select_nth_unstable_by(top - 1, order);
+    }
+    best.truncate(top);
+    best.sort_unstable_by(order);
+    TokenLogprobs {
+        token,
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| lp(l)),
+        top: best.into_iter().map(|(id, l)| (id, lp(l))).collect(),
+    }
+}
 
 /// Applies the repetition, frequency and presence penalties over the last `penalty_last_n`
 /// tokens of `history`, in place (llama.cpp's `llama_sampler_penalties_apply`).
@@ -105,14 +164,34 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// The token at `position`, a pure function of its arguments.
 pub fn sample(logits: &[f32], history: &[u32], params: &SamplingParams, position: u64) -> u32 {
+    sample_scored(logits, history, params, position).0
+}
+
+/// [`sample`], plus the log-probabilities when `params.logprobs` asks for them.
+pub fn sample_scored(
+    logits: &[f32],
+    history: &[u32],
+    params: &SamplingParams,
+    position: u64,
+) -> (u32, Option<TokenLogprobs>) {
     let mut logits = logits.to_vec();
-    apply_penalties(&mut logits, history, params);
+    adjust(&mut logits, history, params);
+    let token = pick(&logits, params, position);
+    let scores = params.logprobs.map(|n| {
+        let n = n.min(MAX_TOP_LOGPROBS);
+        logprobs(&logits, token, usize::from(n))
+    });
+    (token, scores)
+}
+
+/// The draw over adjusted logits.
+fn pick(logits: &[f32], params: &SamplingParams, position: u64) -> u32 {
     if params.is_greedy() {
-        return argmax(&logits);
+        return argmax(logits);
     }
-    let mut c = candidates(&logits, params);
+    let mut c = candidates(logits, params);
     if c.is_empty() {
-        return argmax(&logits);
+        return argmax(logits);
     }
     // Temperature after the filters: p_i^(1/T), renormalised.
     let inv_t = 1.0 / f64::from(params.temperature);
@@ -274,7 +353,79 @@ mod tests {
         }
     }
 
+    #[test]
+    fn logit_bias_comes_first() {
+        let p = SamplingParams {
+            logit_bias: vec![(2, 5.0), (99, 1.0)],
+            ..params(0.0)
+        };
+        assert_eq!(sample(&[1.0, 3.0, 0.0], &[], &p, 0), 2);
+    }
+
+    #[test]
+    fn the_allowed_mask_removes_tokens_everywhere() {
+        // Token 1 would win; only 0 and 2 are allowed (bits 0 and 2).
+        let p = SamplingParams {
+            allowed: Some(vec![0b101]),
+            logprobs: Some(3),
+            ..params(0.0)
+        };
+        let (tok, lp) = sample_scored(&[1.0, 3.0, 2.0], &[], &p, 0);
+        assert_eq!(tok, 2);
+        let lp = lp.unwrap();
+        assert_eq!(lp.top[2], (1, f32::NEG_INFINITY));
+        assert!((lp.logprob - (1.0f32 / (1.0 + (-1.0f32).exp())).ln()).abs() < 1e-6);
+        let hot = SamplingParams {
+            temperature: 1.0,
+            ..p
+        };
+        for pos in 0..200 {
+            assert_ne!(sample(&[1.0, 30.0, 2.0], &[], &hot, pos), 1);
+        }
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let lp = logprobs(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
+        let want = |i: usize| (f64::from(logits[i]).exp() / z).ln() as f32;
+        assert!((lp.logprob - want(2)).abs() < 1e-6);
+        assert_eq!(
+            lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![1, 3, 2]
+        );
+        for &(id, l) in &lp.top {
+            assert!((l - want(id as usize)).abs() < 1e-6);
+        }
+        assert!(lp.is_plausible(3, 2, 4));
+    }
+
     proptest! {
+        #[test]
+        fn greedy_token_is_the_top_logprob(
+            logits in proptest::collection::vec(-30.0f32..30.0, 1..300),
+            top in 1u8..=20, freq in -2.0f32..2.0, hist in proptest::collection::vec(0u32..300, 0..20),
+        ) {
+            let p = SamplingParams {
+                frequency_penalty: freq,
+                logprobs: Some(top),
+                ..params(0.0)
+            };
+            let (tok, lp) = sample_scored(&logits, &hist, &p, 0);
+            let lp = lp.unwrap();
+            prop_assert_eq!(lp.top[0].0, tok);
+            prop_assert_eq!(lp.top[0].1, lp.logprob);
+            prop_assert!(lp.is_plausible(top, tok, logits.len()));
+            let total: f64 = {
+                let mut l = logits.clone();
+                adjust(&mut l, &hist, &p);
+                let all = logprobs(&l, tok, l.len());
+                all.top.iter().map(|t| f64::from(t.1).exp()).sum()
+            };
+            prop_assert!((total - 1.0).abs() < 1e-4);
+        }
+
         #[test]
         fn sample_is_pure_and_in_candidates(
             logits in proptest::collection::vec(-10.0f32..10.0, 1..200),

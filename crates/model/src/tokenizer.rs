@@ -286,9 +286,54 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The bytes token `id` stands for in decoded text (OpenAI's `bytes` of a log-probability,
+    /// the alphabet of a grammar engine). A byte-level BPE token that is part of a multi-byte
+    /// character gives that part; `<0xNN>` byte-fallback tokens give their byte; special tokens
+    /// give their text. Empty for ids outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        if self.is_special(id) {
+            return piece.into_bytes();
+        }
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+            if let (2, Ok(b)) = (hex.len(), u8::from_str_radix(hex, 16)) {
+                return vec![b];
+            }
+        }
+        if let Ok(text) = self.inner.decode(&[id], false) {
+            if !text.contains('\u{FFFD}') {
+                return text.into_bytes();
+            }
+        }
+        // Part of a character: undo GPT-2's byte-to-character map.
+        piece
+            .chars()
+            .map(|c| byte_of_char(c).unwrap_or(b'?'))
+            .collect()
+    }
+
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+}
+
+/// GPT-2's byte-level alphabet backwards: the byte a character of a token stands for.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| {
+        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
+    let c = c as u32;
+    if c < 256 && printable(c) {
+        return u8::try_from(c).ok();
+    }
+    // The other bytes map, in order, onto U+0100 and up.
+    let k = c.checked_sub(256)?;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(k as usize)
+        .and_then(|b| u8::try_from(b).ok())
 }
 
 /// Turns a stream of token ids into text pieces, emitting only complete UTF-8: a multi-byte

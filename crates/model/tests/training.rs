@@ -5,7 +5,7 @@
 
 use plexus_model::generate::{generate, Flow, GenerateRequest};
 use plexus_model::train::task::Task;
-use plexus_model::train::{evaluate, TrainConfig, Trainer};
+use plexus_model::train::{evaluate, TaskTrainer, TrainConfig};
 use plexus_model::weights::{dense_map, HfTensors};
 use plexus_model::{ModelFiles, SamplingParams};
 
@@ -16,7 +16,7 @@ fn checkpoint_reloads_bit_exact_and_generates_the_same_tokens() {
     tc.batch_size = 16;
     tc.hidden = 64;
     tc.warmup = 5;
-    let mut t = Trainer::new(tc).unwrap();
+    let mut t = TaskTrainer::new(tc).unwrap();
     for s in 0..40 {
         t.step(s).unwrap();
     }

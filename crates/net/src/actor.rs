@@ -189,7 +189,28 @@ impl NetActor {
             }
             Command::AddAddress(peer, addr) => {
                 self.swarm.add_peer_address(peer, addr.clone());
-                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, addr.clone());
+                // Connect to announced peers directly (bounded by TARGET_PEERS): gossip
+                // relayed through a third node dies with it, and a direct connection is how
+                // a peer's death is noticed at once (its announcement would linger for its
+                // TTL otherwise).
+                if peer != *self.swarm.local_peer_id()
+                    && !self.swarm.is_connected(&peer)
+                    && self.swarm.connected_peers().count() < TARGET_PEERS
+                    && !self.is_banned(&peer)
+                {
+                    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+                    let opts = DialOpts::peer_id(peer)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .addresses(vec![addr])
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        debug!(%peer, "dial failed: {e}");
+                    }
+                }
             }
             Command::Disconnect(peer) => {
                 let _ = self.swarm.disconnect_peer_id(peer);

@@ -125,7 +125,8 @@ impl libp2p::request_response::Codec for StageCodec {
         T: AsyncWrite + Unpin + Send,
     {
         let req = req.map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        write_frame(io, &encode(&req), &self.counters).await
+        let body = encode(&req).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        write_frame(io, &body, &self.counters).await
     }
 
     async fn write_response<T>(
@@ -137,6 +138,7 @@ impl libp2p::request_response::Codec for StageCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &encode(&resp), &self.counters).await
+        let body = encode(&resp).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        write_frame(io, &body, &self.counters).await
     }
 }

@@ -18,6 +18,7 @@ pub mod codec;
 pub mod strikes;
 
 pub use codec::WireCounters;
+pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 
 use libp2p::request_response::ResponseChannel;
@@ -237,7 +238,8 @@ impl NetHandle {
         let _ = self.commands.send(Command::Dial(addr)).await;
     }
 
-    /// Remembers an address of `peer` (from its announcement) so calls can reach it.
+    /// Remembers an address of `peer` (from its announcement) so calls can reach it, and
+    /// connects to the peer if not connected yet (bounded by the target peer count).
     pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) {
         let _ = self.commands.send(Command::AddAddress(peer, addr)).await;
     }

@@ -2,36 +2,38 @@
 //! a directory of who serves what, and opens [`RemoteChain`]s that run a generation through a
 //! chain of stage nodes, with failover.
 //!
-//! A chain keeps, for every stage, the log of what it was fed (token ids, and activations for
-//! stages after the first) and the sizes of the calls. If a stage stops answering, the chain
-//! routes around it from that stage's first layer, replays the log to the replacement stages
-//! with the same call sizes (so they compute exactly what the lost stage computed), rejoins the
-//! old chain where the new route meets it, and goes on. Greedy and seeded sampling therefore
-//! give the same text as a run without the failure.
+//! The chain itself (what to call, how to fail over) is the state machine of [`crate::chain`];
+//! this module is its network transport: stage calls through libp2p, routes from the
+//! directory, with the client's measurements ([`crate::scoreboard`]) in place of the nodes'
+//! claims.
 
+use crate::chain::{drive, CallFailed, Chain, ChainConfig, Transport};
 use crate::directory::Directory;
 use crate::discovery::DirectoryKeeper;
 use crate::route::{best_route, Candidate, Hop};
-use plexus_core::wire::{Activations, DType, ErrorCode, Forward, Request, Response, SessionId};
+use crate::scoreboard::Scoreboard;
+use plexus_core::wire::{DType, Forward, Request, Response, SessionId};
 use plexus_core::Digest;
 use plexus_model::generate::TokenChain;
+use plexus_model::sampler::TokenLogprobs;
 use plexus_model::SamplingParams;
 use plexus_net::{CallError, NetConfig, NetEvent, NetHandle, PeerId, StartNetError};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tracing::{info, warn};
 
 /// How the client behaves.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub net: NetConfig,
-    /// Element type of activations the stages send each other.
+    /// Element type of activations the stages send each other. Default f32: exact, a chain
+    /// gives the tokens of the single-process engine.
     pub wire: DType,
     /// Replacements one generation may need before it gives up.
     pub max_failovers: usize,
-    /// How long to wait for a replacement to appear in the directory.
+    /// How long to wait for a replacement to appear in the directory (survivors that take
+    /// over a lost span need a few seconds to notice, load it and announce it).
     pub reroute_wait: Duration,
 }
 
@@ -39,9 +41,9 @@ impl ClientConfig {
     pub fn new(net: NetConfig) -> Self {
         Self {
             net: net.with_serve(false),
-            wire: DType::F16,
+            wire: DType::F32,
             max_failovers: 4,
-            reroute_wait: Duration::from_secs(10),
+            reroute_wait: Duration::from_secs(20),
         }
     }
 }
@@ -57,26 +59,7 @@ pub struct ClientMetrics {
     pub chains_opened: AtomicU64,
 }
 
-/// Why a remote generation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ChainError {
-    #[error("no chain of nodes covers layers {from}..{to} of model {model}")]
-    NoRoute {
-        model: String,
-        from: usize,
-        to: usize,
-    },
-    #[error("stage {peer} refused the call ({code:?}): {message}")]
-    Refused {
-        peer: PeerId,
-        code: ErrorCode,
-        message: String,
-    },
-    #[error("gave up after {0} failovers")]
-    TooManyFailovers(usize),
-    #[error("stage {peer} sent an unexpected answer")]
-    Protocol { peer: PeerId },
-}
+pub use crate::chain::ChainError;
 
 /// A handle to the client's network side; cheap to clone.
 #[derive(Clone)]
@@ -86,6 +69,8 @@ pub struct NetworkClient {
     runtime: tokio::runtime::Handle,
     config: ClientConfig,
     metrics: Arc<ClientMetrics>,
+    /// What this client measured of each peer (replaces their claims in routing).
+    scores: Arc<Mutex<Scoreboard>>,
 }
 
 impl NetworkClient {
@@ -96,7 +81,9 @@ impl NetworkClient {
         tokio::spawn(async move {
             let mut prune = tokio::time::interval(Duration::from_secs(1));
             loop {
+                let flush_at = keeper.flush_at();
                 tokio::select! {
+                    _ = crate::discovery::until(flush_at) => keeper.flush(),
                     event = events.recv() => match event {
                         Some(NetEvent::Announcement { source, data }) => keeper.admit(&data, source).await,
                         Some(NetEvent::Connected(peer)) => keeper.describe(peer),
@@ -115,6 +102,7 @@ impl NetworkClient {
             runtime: tokio::runtime::Handle::current(),
             config,
             metrics: Arc::new(ClientMetrics::default()),
+            scores: Arc::default(),
         })
     }
 
@@ -152,6 +140,8 @@ impl NetworkClient {
                 load,
             });
         }
+        let scores = self.scores.lock().unwrap_or_else(|e| e.into_inner());
+        out.iter_mut().for_each(|c| scores.adjust(c));
         out
     }
 
@@ -191,20 +181,42 @@ impl NetworkClient {
             to: num_layers,
         })?;
         self.metrics.chains_opened.fetch_add(1, Ordering::Relaxed);
-        Ok(RemoteChain {
-            client: self.clone(),
+        let config = ChainConfig {
             model,
             num_layers,
-            context,
+            hidden: hidden_width(&self.directory(), &model),
             params,
+            wire: self.config.wire,
             session: SessionId(rand_session()),
-            hops: route.into_iter().map(HopState::new).collect(),
-            tokens: Vec::new(),
-            calls: Vec::new(),
-            exclude: Vec::new(),
-            failovers: 0,
+            max_failovers: self.config.max_failovers,
+        };
+        Ok(RemoteChain {
+            transport: NetTransport {
+                client: self.clone(),
+                model,
+                gave_up: None,
+            },
+            chain: Chain::new(config, route),
+            context,
         })
     }
+}
+
+/// The hidden width most nodes announce for `model` (all honest ones announce the same).
+/// Replies of another width are failed over rather than passed to the next stage, which would
+/// refuse them as a bad request.
+fn hidden_width(dir: &Directory, model: &Digest) -> u32 {
+    let mut counts: Vec<(u32, usize)> = Vec::new();
+    for (_, _, o) in dir.offers(model) {
+        match counts.iter_mut().find(|(w, _)| *w == o.hidden) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((o.hidden, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|&(w, n)| (n, std::cmp::Reverse(w)))
+        .map_or(0, |(w, _)| w)
 }
 
 fn rand_session() -> [u8; 16] {
@@ -223,275 +235,22 @@ fn rand_session() -> [u8; 16] {
     out
 }
 
-struct HopState {
-    hop: Hop,
-    /// Positions the stage holds for this session.
-    position: usize,
-    /// What the stage was fed (activations; empty for the first stage), all positions.
-    inputs: Vec<Activations>,
-}
-
-impl HopState {
-    fn new(hop: Hop) -> Self {
-        Self {
-            hop,
-            position: 0,
-            inputs: Vec::new(),
-        }
-    }
-}
-
-/// One generation's chain of remote stages. Dropping it closes the sessions on every stage.
+/// One generation's chain of remote stages (a [`Chain`] driven over the network). Dropping
+/// it closes the sessions on every stage.
 pub struct RemoteChain {
-    client: NetworkClient,
-    model: Digest,
-    num_layers: usize,
+    transport: NetTransport,
+    chain: Chain,
     context: usize,
-    params: SamplingParams,
-    session: SessionId,
-    hops: Vec<HopState>,
-    /// Every token fed so far, and the size of every feed.
-    tokens: Vec<u32>,
-    calls: Vec<u32>,
-    exclude: Vec<PeerId>,
-    failovers: usize,
-}
-
-enum Outcome {
-    Hidden(Activations),
-    Token(u32),
-}
-
-/// Whether a failed call is worth routing around (the node is gone or lost our session)
-/// rather than an error in the request itself.
-fn retryable(code: ErrorCode) -> bool {
-    !matches!(code, ErrorCode::BadRequest | ErrorCode::ContextOverflow)
 }
 
 impl RemoteChain {
     /// The peers of the current chain, first stage first.
     pub fn route(&self) -> Vec<Hop> {
-        self.hops.iter().map(|h| h.hop.clone()).collect()
+        self.chain.route()
     }
 
     pub fn failovers(&self) -> usize {
-        self.failovers
-    }
-
-    fn forward(
-        &self,
-        hop: &Hop,
-        position: usize,
-        tokens: Vec<u32>,
-        hidden: Option<Activations>,
-        chunks: Vec<u32>,
-        all_rows: bool,
-    ) -> Forward {
-        Forward {
-            session: self.session,
-            model: self.model,
-            start: hop.start as u32,
-            end: hop.end as u32,
-            position: position as u32,
-            tokens,
-            hidden,
-            chunks,
-            sampling: (hop.end == self.num_layers).then(|| self.params.clone()),
-            reply_dtype: self.client.config.wire,
-            all_rows,
-        }
-    }
-
-    /// One stage call; `Err` carries whether to fail over.
-    fn call(&self, peer: PeerId, f: Forward) -> Result<Outcome, (bool, ChainError)> {
-        let started = Instant::now();
-        let result = self
-            .client
-            .runtime
-            .block_on(self.client.handle.call(peer, Request::Forward(f)));
-        let m = &self.client.metrics;
-        m.stage_calls.fetch_add(1, Ordering::Relaxed);
-        m.stage_call_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        match result {
-            Ok(Response::Hidden { hidden, .. }) => Ok(Outcome::Hidden(hidden)),
-            Ok(Response::Token { token, .. }) => Ok(Outcome::Token(token)),
-            Ok(Response::Error { code, message }) => Err((
-                retryable(code),
-                ChainError::Refused {
-                    peer,
-                    code,
-                    message,
-                },
-            )),
-            Ok(_) => Err((true, ChainError::Protocol { peer })),
-            Err(e) => {
-                warn!(%peer, "stage call failed: {e}");
-                Err((
-                    !matches!(e, CallError::Stopped),
-                    ChainError::Refused {
-                        peer,
-                        code: ErrorCode::Internal,
-                        message: e.to_string(),
-                    },
-                ))
-            }
-        }
-    }
-
-    fn close_session(&self, peer: PeerId) {
-        let handle = self.client.handle.clone();
-        let session = self.session;
-        self.client.runtime.spawn(async move {
-            let _ = handle.call(peer, Request::Close { session }).await;
-        });
-    }
-
-    /// Routes around hop `k` and replays; returns the token if the new route reached the
-    /// end, or the index of the old hop to continue at with its input.
-    fn fail_over(
-        &mut self,
-        k: usize,
-        tokens: &[u32],
-        input: Option<Activations>,
-        why: ChainError,
-    ) -> Result<Result<u32, (usize, Activations)>, ChainError> {
-        let n = tokens.len();
-        let from = self.hops[k].hop.start;
-        // Everything layer `from` has been fed, plus the current call.
-        let mut all_in = if from == 0 {
-            None
-        } else {
-            let mut parts = self.hops[k].inputs.clone();
-            parts.extend(input);
-            Activations::concat(&parts)
-        };
-        let layer_in = all_in.clone();
-        let mut all_tokens = self.tokens.clone();
-        all_tokens.extend_from_slice(tokens);
-        let mut chunks = self.calls.clone();
-        chunks.push(n as u32);
-        let mut why = why;
-        loop {
-            let failed = self.hops[k].hop.peer;
-            if !self.exclude.contains(&failed) {
-                self.exclude.push(failed);
-            }
-            self.failovers += 1;
-            self.client
-                .metrics
-                .failovers
-                .fetch_add(1, Ordering::Relaxed);
-            if self.failovers > self.client.config.max_failovers {
-                warn!("giving up: {why}");
-                return Err(ChainError::TooManyFailovers(self.failovers - 1));
-            }
-            warn!(%failed, layers = %format!("{from}..{}", self.hops[k].hop.end), "stage failed ({why}); rerouting");
-            self.close_session(failed);
-            let route = self.reroute(from)?;
-            info!(route = ?route.iter().map(|h| (h.peer.to_string(), h.start, h.end)).collect::<Vec<_>>(), "replaying to replacement stages");
-            let mut replayed: Vec<HopState> = Vec::new();
-            let mut failed_at = None;
-            for hop in route {
-                // Rejoin the old chain where the new route meets it.
-                if let Some(m) = (k + 1..self.hops.len()).find(|&m| self.hops[m].hop == hop) {
-                    for old in &self.hops[k + 1..m] {
-                        self.close_session(old.hop.peer);
-                    }
-                    let next_input = all_in
-                        .as_ref()
-                        .map(|a| a.tail_rows(n))
-                        .ok_or(ChainError::Protocol { peer: hop.peer })?;
-                    let rest: Vec<HopState> = self.hops.drain(m..).collect();
-                    self.hops.truncate(k);
-                    let at = self.hops.len() + replayed.len();
-                    self.hops.extend(replayed);
-                    self.hops.extend(rest);
-                    return Ok(Err((at, next_input)));
-                }
-                let is_last = hop.end == self.num_layers;
-                let f = self.forward(
-                    &hop,
-                    0,
-                    all_tokens.clone(),
-                    all_in.clone(),
-                    chunks.clone(),
-                    !is_last,
-                );
-                self.client
-                    .metrics
-                    .replayed_positions
-                    .fetch_add(all_tokens.len() as u64, Ordering::Relaxed);
-                let expected = all_tokens.len();
-                let result = match self.call(hop.peer, f) {
-                    Ok(Outcome::Hidden(out)) if out.rows as usize != expected => {
-                        Err((true, ChainError::Protocol { peer: hop.peer }))
-                    }
-                    other => other,
-                };
-                match result {
-                    Ok(Outcome::Hidden(out)) if !is_last => {
-                        let mut state = HopState::new(hop);
-                        state.position = all_tokens.len();
-                        state.inputs = all_in.take().into_iter().collect();
-                        replayed.push(state);
-                        all_in = Some(out);
-                    }
-                    Ok(Outcome::Token(token)) if is_last => {
-                        let mut state = HopState::new(hop);
-                        state.position = all_tokens.len();
-                        state.inputs = all_in.take().into_iter().collect();
-                        replayed.push(state);
-                        for old in &self.hops[k + 1..] {
-                            self.close_session(old.hop.peer);
-                        }
-                        self.hops.truncate(k);
-                        self.hops.extend(replayed);
-                        return Ok(Ok(token));
-                    }
-                    Ok(_) => return Err(ChainError::Protocol { peer: hop.peer }),
-                    Err((true, e)) => {
-                        failed_at = Some((hop, e));
-                        break;
-                    }
-                    Err((false, e)) => return Err(e),
-                }
-            }
-            // A replacement failed too: drop what was replayed and route again from `from`.
-            let Some((hop, e)) = failed_at else {
-                return Err(ChainError::Protocol { peer: failed });
-            };
-            for r in &replayed {
-                self.close_session(r.hop.peer);
-            }
-            // The next attempt starts again from the inputs of layer `from`.
-            all_in = layer_in.clone();
-            self.hops[k].hop = hop;
-            why = e;
-        }
-    }
-
-    /// A route from layer `from` to the end that avoids failed peers, waiting a little for
-    /// one to appear.
-    fn reroute(&self, from: usize) -> Result<Vec<Hop>, ChainError> {
-        let deadline = Instant::now() + self.client.config.reroute_wait;
-        loop {
-            let cands = self
-                .client
-                .runtime
-                .block_on(self.client.candidates(&self.model));
-            if let Some((route, _)) = best_route(&cands, from, self.num_layers, &self.exclude) {
-                return Ok(route);
-            }
-            if Instant::now() >= deadline {
-                return Err(ChainError::NoRoute {
-                    model: self.model.short(),
-                    from,
-                    to: self.num_layers,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        self.chain.failovers()
     }
 }
 
@@ -503,69 +262,121 @@ impl TokenChain for RemoteChain {
     }
 
     fn feed(&mut self, tokens: &[u32]) -> Result<u32, ChainError> {
-        let n = tokens.len();
-        let mut input: Option<Activations> = None;
-        let mut k = 0;
-        let token = loop {
-            let Some(state) = self.hops.get(k) else {
-                return Err(ChainError::NoRoute {
-                    model: self.model.short(),
-                    from: 0,
-                    to: self.num_layers,
-                });
-            };
-            let hop = state.hop.clone();
-            let f = self.forward(
-                &hop,
-                state.position,
-                tokens.to_vec(),
-                input.clone(),
-                Vec::new(),
-                false,
-            );
-            // A stage that answers with the wrong number of rows is treated as failed.
-            let result = match self.call(hop.peer, f) {
-                Ok(Outcome::Hidden(out)) if out.rows as usize != n => {
-                    Err((true, ChainError::Protocol { peer: hop.peer }))
-                }
-                other => other,
-            };
-            match result {
-                Ok(Outcome::Hidden(out)) if hop.end < self.num_layers => {
-                    let state = &mut self.hops[k];
-                    state.position += n;
-                    state.inputs.extend(input.take());
-                    input = Some(out);
-                    k += 1;
-                }
-                Ok(Outcome::Token(token)) if hop.end == self.num_layers => {
-                    let state = &mut self.hops[k];
-                    state.position += n;
-                    state.inputs.extend(input.take());
-                    break token;
-                }
-                Ok(_) => return Err(ChainError::Protocol { peer: hop.peer }),
-                Err((false, e)) => return Err(e),
-                Err((true, e)) => match self.fail_over(k, tokens, input.take(), e)? {
-                    Ok(token) => break token,
-                    Err((at, next_input)) => {
-                        k = at;
-                        input = Some(next_input);
-                    }
-                },
-            }
-        };
-        self.tokens.extend_from_slice(tokens);
-        self.calls.push(n as u32);
-        self.client.metrics.tokens.fetch_add(1, Ordering::Relaxed);
+        let before = self.chain.failovers();
+        let token = drive(&mut self.chain, tokens, &mut self.transport)?;
+        let m = &self.transport.client.metrics;
+        m.tokens.fetch_add(1, Ordering::Relaxed);
+        m.failovers
+            .fetch_add((self.chain.failovers() - before) as u64, Ordering::Relaxed);
         Ok(token)
+    }
+
+    fn take_logprobs(&mut self) -> Option<TokenLogprobs> {
+        self.chain.take_logprobs()
     }
 }
 
 impl Drop for RemoteChain {
     fn drop(&mut self) {
-        for h in &self.hops {
-            self.close_session(h.hop.peer);
+        let session = self.chain.session();
+        for peer in self.chain.peers() {
+            self.transport.close(peer, session);
         }
+    }
+}
+
+/// The network side of a chain: stage calls through libp2p, routes from the directory.
+struct NetTransport {
+    client: NetworkClient,
+    model: Digest,
+    /// When the last route wait ended empty.
+    gave_up: Option<Instant>,
+}
+
+impl Transport for NetTransport {
+    fn call(&mut self, peer: PeerId, f: Forward) -> Result<Response, CallFailed> {
+        let started = Instant::now();
+        let (layers, positions) = ((f.end - f.start) as usize, f.tokens.len());
+        if f.position == 0 && !f.chunks.is_empty() {
+            self.client
+                .metrics
+                .replayed_positions
+                .fetch_add(positions as u64, Ordering::Relaxed);
+        }
+        let client = &self.client;
+        let result = client
+            .runtime
+            .block_on(client.handle.call(peer, Request::Forward(f)));
+        let elapsed = started.elapsed();
+        let m = &client.metrics;
+        m.stage_calls.fetch_add(1, Ordering::Relaxed);
+        m.stage_call_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        match result {
+            Ok(resp) => {
+                let rtt = if positions == 1 {
+                    client.runtime.block_on(client.handle.rtt(peer))
+                } else {
+                    None
+                };
+                client
+                    .scores
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .record_call(peer, layers, positions, elapsed, rtt);
+                Ok(resp)
+            }
+            Err(e) => Err(CallFailed {
+                retryable: !matches!(e, CallError::Stopped),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    fn route(&mut self, from: usize, to: usize, exclude: &[PeerId]) -> Option<Vec<Hop>> {
+        // Right after a wait that found nothing, the machine's retry from layer 0 looks once.
+        let wait = match self.gave_up {
+            Some(t) if t.elapsed() < Duration::from_secs(1) => Duration::ZERO,
+            _ => self.client.config.reroute_wait,
+        };
+        let deadline = Instant::now() + wait;
+        loop {
+            let cands = self
+                .client
+                .runtime
+                .block_on(self.client.candidates(&self.model));
+            // Survivors that take over the lost layers announce new spans: a route from the
+            // failed stage's first layer may never come back, one from layer 0 does.
+            let found = best_route(&cands, from, to, exclude)
+                .or_else(|| best_route(&cands, 0, to, exclude).filter(|_| from > 0));
+            if let Some((route, _)) = found {
+                self.gave_up = None;
+                return Some(route);
+            }
+            if Instant::now() >= deadline {
+                self.gave_up = Some(Instant::now());
+                return None;
+            }
+            let mut rx = self.client.directory.clone();
+            rx.borrow_and_update();
+            let _ = self.client.runtime.block_on(async {
+                tokio::time::timeout(Duration::from_millis(200), rx.changed()).await
+            });
+        }
+    }
+
+    fn close(&mut self, peer: PeerId, session: SessionId) {
+        let handle = self.client.handle.clone();
+        self.client.runtime.spawn(async move {
+            let _ = handle.call(peer, Request::Close { session }).await;
+        });
+    }
+
+    fn blame(&mut self, peer: PeerId) {
+        self.client
+            .scores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record_failure(peer);
     }
 }

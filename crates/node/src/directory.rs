@@ -7,11 +7,13 @@ use plexus_core::announce::{
 use plexus_core::Digest;
 use plexus_net::PeerId;
 use std::collections::HashMap;
+use std::sync::Arc;
 
-/// Verified announcements by peer.
+/// Verified announcements by peer. Announcements are shared, so a snapshot for readers copies
+/// pointers, not strings and address lists.
 #[derive(Default, Debug, Clone)]
 pub struct Directory {
-    peers: HashMap<PeerId, Announcement>,
+    peers: HashMap<PeerId, Arc<Announcement>>,
 }
 
 /// Why an announcement did not enter the directory.
@@ -44,6 +46,18 @@ impl Directory {
         source: Option<PeerId>,
         now_ms: u64,
     ) -> Result<PeerId, AdmitError> {
+        self.admit_changed(bytes, source, now_ms)
+            .map(|(peer, _)| peer)
+    }
+
+    /// [`Self::admit`], also telling whether the peer's announced addresses are new (its first
+    /// announcement, or different from the one it replaces).
+    pub fn admit_changed(
+        &mut self,
+        bytes: &[u8],
+        source: Option<PeerId>,
+        now_ms: u64,
+    ) -> Result<(PeerId, bool), AdmitError> {
         let signed = SignedAnnouncement::decode(bytes)?;
         let a = signed.verify(now_ms)?;
         let peer = a
@@ -73,8 +87,9 @@ impl Directory {
             }
             self.peers.remove(&oldest);
         }
-        self.peers.insert(peer, a);
-        Ok(peer)
+        let changed = self.peers.get(&peer).is_none_or(|old| old.addrs != a.addrs);
+        self.peers.insert(peer, Arc::new(a));
+        Ok((peer, changed))
     }
 
     /// Drops expired announcements.
@@ -88,7 +103,7 @@ impl Directory {
     }
 
     pub fn get(&self, peer: &PeerId) -> Option<&Announcement> {
-        self.peers.get(peer)
+        self.peers.get(peer).map(|a| &**a)
     }
 
     pub fn len(&self) -> usize {
@@ -100,7 +115,7 @@ impl Directory {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&PeerId, &Announcement)> {
-        self.peers.iter()
+        self.peers.iter().map(|(p, a)| (p, &**a))
     }
 
     /// Every live offer of `model`, with its announcement.
@@ -109,6 +124,7 @@ impl Directory {
             .peers
             .iter()
             .flat_map(|(p, a)| {
+                let a: &Announcement = a;
                 a.models
                     .iter()
                     .filter(move |o| &o.model == model)

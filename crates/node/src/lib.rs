@@ -8,6 +8,7 @@
 //! - [`route`]: the cheapest chain for a request; [`placement`]: spans for nodes.
 //! - [`measure`]: seconds per layer and free memory.
 
+pub mod chain;
 pub mod client;
 pub mod directory;
 pub mod discovery;
@@ -15,6 +16,7 @@ pub mod engine;
 pub mod measure;
 pub mod placement;
 pub mod route;
+pub mod scoreboard;
 pub mod service;
 
 pub use service::{AutoPlacement, Node, NodeConfig, StartNodeError};

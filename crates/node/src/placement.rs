@@ -178,6 +178,36 @@ pub fn plan(
     }
 }
 
+/// Hands the plan's `spans` to interchangeable nodes (equal speed and memory; `nodes` with the
+/// span each serves now) moving as few as possible: a node keeps its span when the plan has
+/// it, the others take the remaining spans in order, nodes and spans sorted (by peer id, by
+/// start), so every node computes the same answer. Without this, a plan over equal nodes (whose
+/// order is by peer id) would shuffle spans among nodes that already cover the model.
+pub fn keep_spans(
+    spans: &[(usize, usize)],
+    nodes: &[(PeerId, (usize, usize))],
+) -> Vec<(PeerId, (usize, usize))> {
+    let mut nodes: Vec<(PeerId, (usize, usize))> = nodes.to_vec();
+    nodes.sort_by_key(|(p, _)| p.to_bytes());
+    let mut left: Vec<(usize, usize)> = spans.to_vec();
+    left.sort_unstable();
+    let mut out: Vec<Option<(usize, usize)>> = vec![None; nodes.len()];
+    for (i, (_, current)) in nodes.iter().enumerate() {
+        if let Some(j) = left.iter().position(|s| s == current) {
+            out[i] = Some(left.remove(j));
+        }
+    }
+    let mut rest = left.into_iter();
+    for slot in out.iter_mut().filter(|s| s.is_none()) {
+        *slot = rest.next();
+    }
+    nodes
+        .into_iter()
+        .zip(out)
+        .filter_map(|((p, _), s)| s.map(|s| (p, s)))
+        .collect()
+}
+
 /// Spans for one chain that minimise its slowest stage, or `None` if its memory is short.
 fn balance(nodes: &[&NodeCapacity], layers: usize) -> Option<Vec<Assignment>> {
     let lens_for = |t: f64| -> Vec<usize> {
@@ -305,6 +335,24 @@ mod tests {
         assert!(p.chains[0]
             .iter()
             .any(|a| a.start == r.start && a.end == r.end));
+    }
+
+    #[test]
+    fn equal_nodes_keep_their_spans_and_survivors_split_the_lost_one() {
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let spans = [(0, 10), (10, 20), (20, 30)];
+        let now = [(c, (0, 10)), (a, (10, 20)), (b, (20, 30))];
+        let mut kept = keep_spans(&spans, &now);
+        kept.sort_by_key(|(_, s)| *s);
+        assert_eq!(kept, vec![(c, (0, 10)), (a, (10, 20)), (b, (20, 30))]);
+        // `a` died: the plan over two nodes has new spans; both move, the same way everywhere.
+        let two = [(0, 15), (15, 30)];
+        let x = keep_spans(&two, &[(c, (0, 10)), (b, (20, 30))]);
+        let y = keep_spans(&two, &[(b, (20, 30)), (c, (0, 10))]);
+        assert_eq!(x, y);
+        let mut got: Vec<(usize, usize)> = x.iter().map(|(_, s)| *s).collect();
+        got.sort_unstable();
+        assert_eq!(got, two.to_vec());
     }
 
     #[test]

@@ -8,9 +8,9 @@
 
 use crate::directory::Directory;
 use crate::discovery::{now_ms, DirectoryKeeper, DiscoveryCounters};
-use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, Work};
+use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, SubmitError, Work};
 use crate::measure::{free_memory, measure, Speed};
-use crate::placement::{plan, NodeCapacity};
+use crate::placement::{keep_spans, plan, NodeCapacity};
 use plexus_core::announce::{Announcement, ModelOffer};
 use plexus_core::keys::NodeKey;
 use plexus_core::wire::{ErrorCode, Request, Response};
@@ -46,10 +46,26 @@ pub struct NodeConfig {
 }
 
 /// Settings of automatic placement.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct AutoPlacement {
-    /// Stages per chain (default: the fewest whose memory holds the model).
+    /// Stages per chain (default: the fewest whose memory holds the model; never more than
+    /// the nodes there are, so survivors of a failure re-plan over fewer stages).
     pub stages: Option<usize>,
+    /// How often the plan is recomputed; a move happens when two plans in a row ask for it.
+    pub every: Duration,
+    /// Plan as if every node were as fast as every other (nodes on one machine, as `plexus
+    /// up` starts them): measurement noise then never moves a node.
+    pub equal_speeds: bool,
+}
+
+impl Default for AutoPlacement {
+    fn default() -> Self {
+        Self {
+            stages: None,
+            every: Duration::from_millis(500),
+            equal_speeds: false,
+        }
+    }
 }
 
 impl NodeConfig {
@@ -109,6 +125,25 @@ pub struct Node {
     current: Vec<u8>,
     /// A span placement asked for once; taken if asked again on the next tick.
     pending: Option<LayerSpan>,
+    /// Stage loads for a placement move finish here (they run off the event loop).
+    loaded_tx: mpsc::Sender<Loaded>,
+    loaded: mpsc::Receiver<Loaded>,
+    /// A placement move is loading.
+    loading: bool,
+}
+
+/// A finished load of a new span: the engine already serves it when `Ok`.
+struct Loaded {
+    from: LayerSpan,
+    to: LayerSpan,
+    result: Result<Arc<Stage>, String>,
+}
+
+/// Why a node stopped serving on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunNodeError {
+    #[error("the engine thread stopped (it panicked); this node no longer serves")]
+    EngineStopped,
 }
 
 fn load(config: &NodeConfig) -> Result<Served, StartNodeError> {
@@ -164,6 +199,7 @@ impl Node {
             reply_tx,
         );
         let (keeper, directory) = DirectoryKeeper::new(handle.clone());
+        let (loaded_tx, loaded) = mpsc::channel(1);
         // Collect the first listen addresses; keep any other early event for `run`.
         let mut listen = Vec::new();
         let mut early = Vec::new();
@@ -187,6 +223,9 @@ impl Node {
             listen,
             current: Vec::new(),
             pending: None,
+            loaded_tx,
+            loaded,
+            loading: false,
         };
         node.current = node.announcement().sign(&node.config.net.key).encode();
         for e in early {
@@ -284,16 +323,24 @@ impl Node {
                     work,
                     reply: Some(reply),
                 };
-                if let Err(Job {
-                    reply: Some(reply), ..
-                }) = self.engine.try_submit(job)
-                {
+                let (job, code, message) = match self.engine.try_submit(job) {
+                    Ok(()) => return,
+                    Err(SubmitError::Full(job)) => {
+                        (job, ErrorCode::Busy, "the engine queue is full")
+                    }
+                    // Callers fail over on Internal; the event loop stops announcing this node
+                    // at its next tick.
+                    Err(SubmitError::Stopped(job)) => {
+                        (job, ErrorCode::Internal, "the engine stopped")
+                    }
+                };
+                if let Some(reply) = job.reply {
                     self.handle
                         .respond(
                             reply,
                             Response::Error {
-                                code: ErrorCode::Busy,
-                                message: "the engine queue is full".into(),
+                                code,
+                                message: message.into(),
                             },
                         )
                         .await;
@@ -312,7 +359,9 @@ impl Node {
 
     /// With automatic placement: computes the plan over every node announcing this model
     /// (and this one) and moves to the span it assigns, once the same move has been asked on
-    /// two ticks in a row (so a passing announcement does not make nodes flap).
+    /// two ticks in a row (so a passing announcement does not make nodes flap). When a span
+    /// loses its last server, this is how the survivors take it over: the plan over fewer
+    /// nodes gives them wider spans, loaded from the model file they hold.
     async fn rebalance(&mut self) {
         let Some(auto) = &self.config.auto else {
             return;
@@ -323,18 +372,23 @@ impl Node {
         let span = self.served.stage.span();
         let layer_bytes = self.served.layer_bytes.max(1);
         let cap = |free: u64, held: usize| {
-            ((free + layer_bytes * held as u64) / layer_bytes).min(layers as u64) as usize
+            // Announced figures are claims: saturate rather than overflow.
+            (free.saturating_add(layer_bytes.saturating_mul(held as u64)) / layer_bytes)
+                .min(layers as u64) as usize
         };
+        let speed = |s: f64| if auto.equal_speeds { 1e-3 } else { s };
+        let mut current = vec![(me, (span.start, span.end))];
         let mut nodes = vec![NodeCapacity {
             peer: me,
-            decode_s_per_layer: self.served.speed.decode_s_per_layer,
+            decode_s_per_layer: speed(self.served.speed.decode_s_per_layer),
             max_layers: cap(free_memory().unwrap_or(0), span.len()),
         }];
         for (peer, a, o) in self.keeper.directory().offers(&self.served.model) {
             if peer != me {
+                current.push((peer, (o.start as usize, o.end as usize)));
                 nodes.push(NodeCapacity {
                     peer,
-                    decode_s_per_layer: o.decode_s_per_layer as f64,
+                    decode_s_per_layer: speed(o.decode_s_per_layer as f64),
                     max_layers: cap(a.free_memory, (o.end - o.start) as usize),
                 });
             }
@@ -342,10 +396,25 @@ impl Node {
         let Ok(plan) = plan(&nodes, layers, auto.stages) else {
             return;
         };
-        let Some(a) = plan.assignment(&me) else {
+        let assigned = if auto.equal_speeds {
+            let spans: Vec<(usize, usize)> = plan
+                .chains
+                .iter()
+                .flatten()
+                .chain(&plan.replicas)
+                .map(|a| (a.start, a.end))
+                .collect();
+            keep_spans(&spans, &current)
+                .into_iter()
+                .find(|(p, _)| *p == me)
+                .map(|(_, s)| s)
+        } else {
+            plan.assignment(&me).map(|a| (a.start, a.end))
+        };
+        let Some((start, end)) = assigned else {
             return;
         };
-        let want = LayerSpan::new(a.start, a.end);
+        let want = LayerSpan::new(start, end);
         if want == span {
             self.pending = None;
             return;
@@ -355,27 +424,66 @@ impl Node {
             return;
         }
         self.pending = None;
+        if self.loading {
+            return;
+        }
+        self.loading = true;
+        // Load and hand over off the event loop: replies and announcements go on meanwhile.
         let files = Arc::clone(&self.served.files);
-        let built = tokio::task::spawn_blocking(move || files.stage(Some(want), Mode::Infer)).await;
-        match built {
-            Ok(Ok(stage)) => {
-                let stage = Arc::new(stage);
-                self.engine.swap(me, Arc::clone(&stage)).await;
+        let engine = self.engine.clone();
+        let tx = self.loaded_tx.clone();
+        let from = span;
+        tokio::task::spawn_blocking(move || {
+            let result = files
+                .stage(Some(want), Mode::Infer)
+                .map_err(|e| e.to_string())
+                .and_then(|stage| {
+                    let stage = Arc::new(stage);
+                    engine
+                        .swap_blocking(me, Arc::clone(&stage))
+                        .map(|()| stage)
+                        .map_err(|e| e.to_string())
+                });
+            let _ = tx.blocking_send(Loaded {
+                from,
+                to: want,
+                result,
+            });
+        });
+    }
+
+    /// A placement move finished: announce the new span only if the engine took it.
+    async fn on_loaded(&mut self, done: Loaded) {
+        self.loading = false;
+        match done.result {
+            Ok(stage) => {
                 self.served.stage = stage;
-                info!(from = %span, to = %want, nodes = nodes.len(), "placement moved this node");
+                info!(from = %done.from, to = %done.to, "placement moved this node");
+                self.announce().await;
             }
-            Ok(Err(e)) => warn!("cannot load layers {want}: {e}"),
-            Err(e) => warn!("loading layers {want} failed: {e}"),
+            Err(e) => warn!("cannot move to layers {}: {e}", done.to),
         }
     }
 
-    /// Serves until `shutdown` resolves.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+    /// Serves until `shutdown` resolves, or until the engine thread dies (then it stops
+    /// announcing at once and returns [`RunNodeError::EngineStopped`]: callers fail over).
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), RunNodeError> {
         let mut announce = tokio::time::interval(self.config.announce_every);
+        // Re-planning runs on its own, faster clock: when a span loses its last server the
+        // survivors must notice, agree and load it within a couple of seconds.
+        let replan_every = self
+            .config
+            .auto
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |a| a.every);
+        let mut replan = tokio::time::interval(replan_every);
+        replan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
-        loop {
+        let result = loop {
+            let flush_at = self.keeper.flush_at();
             tokio::select! {
-                _ = &mut shutdown => break,
+                _ = crate::discovery::until(flush_at) => self.keeper.flush(),
+                _ = &mut shutdown => break Ok(()),
                 Some(event) = self.events.recv() => self.on_event(event).await,
                 Some((reply, response)) = self.replies.recv() => {
                     self.handle.respond(reply, response).await;
@@ -383,13 +491,59 @@ impl Node {
                 Some((peer, bytes)) = self.keeper.described.recv() => {
                     self.keeper.admit(&bytes, Some(peer)).await;
                 }
+                Some(done) = self.loaded.recv() => self.on_loaded(done).await,
+                _ = replan.tick(), if self.config.auto.is_some() => self.rebalance().await,
                 _ = announce.tick() => {
+                    if !self.engine.is_alive() {
+                        break Err(RunNodeError::EngineStopped);
+                    }
                     self.keeper.prune();
-                    self.rebalance().await;
                     self.announce().await;
                 }
             }
+        };
+        match &result {
+            Ok(()) => info!("node stopped"),
+            Err(e) => tracing::error!("{e}"),
         }
-        info!("node stopped");
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 7: after the engine thread dies the node used to keep announcing itself healthy.
+    /// Now `run` stops (before its next announcement) with `EngineStopped`, and the process
+    /// exits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_engine_stops_the_node_issue_7() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let cache = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::new(path, NodeKey::generate());
+        config.span = Some(LayerSpan::new(0, 2));
+        config.cache_dir = Some(cache.path().to_path_buf());
+        config.announce_every = Duration::from_millis(100);
+        config.net = config
+            .net
+            .clone()
+            .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()]);
+        let node = Node::start(config).await.unwrap();
+        let panic = Job {
+            peer: node.peer_id(),
+            work: Work::Panic,
+            reply: None,
+        };
+        assert!(node.engine.try_submit(panic).is_ok());
+        let result =
+            tokio::time::timeout(Duration::from_secs(20), node.run(std::future::pending()))
+                .await
+                .expect("the node kept running with a dead engine");
+        assert!(
+            matches!(result, Err(RunNodeError::EngineStopped)),
+            "{result:?}"
+        );
     }
 }

@@ -49,7 +49,10 @@ impl Command {
         match self {
             Command::Generate(a) => a.common.threads,
             Command::Chat(a) => a.common.threads,
-            Command::Bench(a) => a.threads,
+            Command::Bench(a) => match &a.what {
+                Some(BenchCommand::Train(t)) => t.threads,
+                None => a.threads,
+            },
             Command::Train(a) => a.threads,
             Command::Gateway(a) => a.threads,
             Command::Models { .. } => None,
@@ -136,9 +139,13 @@ pub struct ChatArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct BenchArgs {
-    #[arg(long, short)]
-    pub model: PathBuf,
+    #[command(subcommand)]
+    pub what: Option<BenchCommand>,
+    /// Model to measure (prefill and decode speed, peak memory).
+    #[arg(long, short, required = true)]
+    pub model: Option<PathBuf>,
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -152,6 +159,77 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub repetitions: usize,
     /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Synchronous data parallel vs DiLoCo at equal tokens on a synthetic task, in one process.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    /// Workers (in-process).
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Inner steps per round (H).
+    #[arg(long, default_value_t = 30)]
+    pub inner_steps: u32,
+    /// Pseudo-gradient codec: f32, f16, int8 (blocks of 256) or sparse (top 64 of 4096, 2 bits).
+    #[arg(long, default_value = "f32")]
+    pub codec: String,
+    /// Error feedback: auto (on for sparse only), on or off.
+    #[arg(long, default_value = "auto")]
+    pub error_feedback: String,
+    /// Inner steps per worker over the whole run (a multiple of H); sync runs as many steps.
+    #[arg(long, default_value_t = 600)]
+    pub total_steps: usize,
+    /// Data: a synthetic task (the default). `text:FILE` is not implemented yet.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Synthetic task: addition, reverse or sort.
+    #[arg(long, default_value = "reverse")]
+    pub task: String,
+    /// Task size (digits or letters).
+    #[arg(long, default_value_t = 5)]
+    pub size: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    /// Model depth.
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Sequences per inner step per worker (sync steps on workers x this).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: u32,
+    /// Peak inner learning rate (warmup then cosine over the run).
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    /// Inner warmup steps.
+    #[arg(long, default_value_t = 50)]
+    pub warmup: usize,
+    /// Outer learning rate (default: 0.7 Nesterov as DiLoCo; for sparse 1.0 plain SGD, error
+    /// feedback in place of momentum, as SparseLoCo).
+    #[arg(long)]
+    pub outer_lr: Option<f32>,
+    /// Outer Nesterov momentum; 0 means plain SGD (default 0.9, for sparse 0).
+    #[arg(long)]
+    pub outer_momentum: Option<f32>,
+    /// Held-out examples each round scores contributions on; 0 disables scoring.
+    #[arg(long, default_value_t = 64)]
+    pub score_examples: usize,
+    /// Held-out examples of the final evaluation.
+    #[arg(long, default_value_t = 512)]
+    pub eval_examples: usize,
+    /// Seed of weights, data and worker keys.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
 }
@@ -254,9 +332,17 @@ pub struct NodeArgs {
     /// as nodes join or leave (default: all).
     #[arg(long)]
     pub span: Option<String>,
-    /// With `--span auto`: stages per chain (default: the fewest whose memory holds the model).
+    /// With `--span auto` or `--follow-placement`: stages per chain (default: the fewest whose
+    /// memory holds the model).
     #[arg(long)]
     pub stages: Option<usize>,
+    /// With `--span a..b`: start on that span, then move to the span placement assigns as
+    /// nodes join and leave (survivors take over the layers of a node that died).
+    #[arg(long)]
+    pub follow_placement: bool,
+    /// Placement treats every node as equally fast (`plexus up`: nodes on one machine).
+    #[arg(long, hide = true)]
+    pub plan_equal_speeds: bool,
     #[command(flatten)]
     pub net: NetArgs,
     /// Most sessions (KV caches) held at once; the least recently used goes first.
@@ -313,6 +399,24 @@ pub struct UpArgs {
     /// chain computes at a time, see BENCHMARKS.md).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Activations between stages: f32 (default: exact, the tokens of one process), f16 or
+    /// int8 (half or a quarter of the bytes for slow links; answers may part from the
+    /// single-process ones where two tokens nearly tie).
+    #[arg(long, default_value = "f32")]
+    pub wire: String,
+    /// Keep every node on its first span. By default nodes follow placement, so when one dies
+    /// the survivors load its layers and streams go on.
+    #[arg(long)]
+    pub static_spans: bool,
+    /// Require this static key from clients (`Authorization: Bearer KEY` or `x-api-key: KEY`);
+    /// /health stays open. Only with `--ledger none`: with a ledger, clients authenticate with
+    /// their per-account keys instead, and giving both is refused.
+    #[arg(long, env = "PLEXUS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Also allow browser pages from this origin (repeatable; `*`: any). Pages served from
+    /// localhost are always allowed.
+    #[arg(long = "cors-origin")]
+    pub cors_origins: Vec<String>,
     #[command(flatten)]
     pub ledger: crate::cmd::ledger::LedgerArgs,
     /// Starting balance of the dev API key `plexus up` creates (micro-PLX, or e.g. `100PLX`).

@@ -279,3 +279,69 @@ fn chat_answers_each_line_and_survives_an_oversized_turn() {
     );
     assert!(stderr(&o).contains("context holds 256"), "{}", stderr(&o));
 }
+
+#[test]
+fn bench_train_prints_sync_and_diloco_side_by_side() {
+    let o = plexus(&[
+        "bench",
+        "train",
+        "--workers",
+        "2",
+        "--inner-steps",
+        "5",
+        "--total-steps",
+        "10",
+        "--codec",
+        "int8",
+        "--task",
+        "reverse",
+        "--size",
+        "3",
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--batch-size",
+        "4",
+        "--eval-examples",
+        "16",
+        "--score-examples",
+        "8",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for side in ["sync", "diloco"] {
+        for key in ["loss", "accuracy", "bytes_per_worker"] {
+            assert!(v[side][key].is_number(), "{side}.{key} in {v}");
+        }
+    }
+    assert_eq!(v["workers"], 2);
+    assert_eq!(v["inner_steps"], 5);
+    assert_eq!(v["codec"], "int8");
+    // 2 workers x 10 steps x 4 sequences x 8 tokens, the same on both sides.
+    assert_eq!(v["tokens"], 640);
+    assert_eq!(v["sync_tokens"], 640);
+    // Sync sends an f32 gradient each of 10 steps, DiLoCo an int8 one each of 2 rounds.
+    let n = v["model"]["params"].as_u64().unwrap();
+    assert_eq!(v["sync"]["bytes_per_worker"], 10 * (5 + 4 * n));
+    assert_eq!(
+        v["diloco"]["bytes_per_worker"],
+        2 * (5 + n + 4 * n.div_ceil(256))
+    );
+    assert!(v["diloco"]["loss"].as_f64().unwrap() < (41f64).ln(), "{v}");
+
+    let o = plexus(&["bench", "train", "--data", "text:/tmp/x.txt"]);
+    assert_clean_failure(&o, "text:FILE is not");
+    let o = plexus(&["bench", "train", "--codec", "int4"]);
+    assert_clean_failure(&o, "unknown codec");
+    let o = plexus(&[
+        "bench",
+        "train",
+        "--inner-steps",
+        "7",
+        "--total-steps",
+        "10",
+    ]);
+    assert_clean_failure(&o, "multiple of --inner-steps");
+}

@@ -1,8 +1,8 @@
 //! Multi-process network tests: real `plexus node` processes on loopback, each serving a span
 //! of SmolLM2-135M, driven by a client in this process through libp2p.
 //!
-//! - a split chain with f32 activations generates exactly what the whole model generates in
-//!   one process (f16 activations agree on the first tokens at least);
+//! - with default settings, a split chain (2, 3, 4 nodes) generates exactly what the whole model
+//!   generates in one process, on every recorded llama.cpp prompt;
 //! - killing a stage (SIGKILL) mid-generation fails over to a replica and the text is unchanged.
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
@@ -89,13 +89,16 @@ fn spawn_nodes(spans: &[&str], dir: &Path) -> Vec<NodeProc> {
     nodes
 }
 
-fn client(rt: &tokio::runtime::Runtime, nodes: &[NodeProc], wire: DType) -> NetworkClient {
+/// A client joined to `nodes`; `wire: None` keeps the default activation type.
+fn client(rt: &tokio::runtime::Runtime, nodes: &[NodeProc], wire: Option<DType>) -> NetworkClient {
     let _guard = rt.enter();
     let net = NetConfig::new(NodeKey::generate())
         .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()])
         .with_bootstrap(nodes.iter().map(|n| n.addr.clone()).collect());
     let mut config = ClientConfig::new(net);
-    config.wire = wire;
+    if let Some(w) = wire {
+        config.wire = w;
+    }
     NetworkClient::start(config).unwrap()
 }
 
@@ -108,69 +111,173 @@ fn request(prompt: &[u32], max_tokens: usize) -> GenerateRequest {
     }
 }
 
-#[test]
-fn split_chain_matches_the_whole_model_in_one_process() {
+/// Spans for `n` equal nodes, as `plexus up` places them.
+fn equal_spans(layers: usize, n: usize) -> Vec<String> {
+    use plexus_node::placement::{plan, NodeCapacity};
+    let nodes: Vec<NodeCapacity> = (0..n)
+        .map(|i| NodeCapacity {
+            peer: NodeKey::from_secret([i as u8 + 1; 32]).unwrap().peer_id(),
+            decode_s_per_layer: 1e-3,
+            max_layers: layers,
+        })
+        .collect();
+    let p = plan(&nodes, layers, Some(n)).unwrap();
+    let mut spans: Vec<(usize, usize)> = p
+        .chains
+        .iter()
+        .flatten()
+        .map(|a| (a.start, a.end))
+        .collect();
+    spans.sort_unstable();
+    spans.iter().map(|(a, b)| format!("{a}..{b}")).collect()
+}
+
+/// The prompts recorded from llama.cpp (tests/fixtures/llamacpp), as token ids.
+fn recorded_prompts() -> Vec<(String, Vec<u32>)> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/llamacpp/smollm2-135m-q4_1.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    v["generate"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let ids = c["prompt_tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect();
+            (c["name"].as_str().unwrap().to_owned(), ids)
+        })
+        .collect()
+}
+
+/// Tokens a generation agrees on before it parts.
+fn agreeing(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Log-probabilities come from the last stage: through the split chain they equal the
+/// single-process ones, bit for bit, and the greedy token is the top-1.
+fn check_logprobs(
+    client: &NetworkClient,
+    local: &plexus_model::LoadedModel,
+    digest: plexus_core::Digest,
+    prompt: &[u32],
+) {
+    let mut req = request(prompt, 8);
+    req.sampling.logprobs = Some(5);
+    let want = generate(
+        std::slice::from_ref(&local.stage),
+        &local.tokenizer,
+        &req,
+        |_| Flow::Continue,
+    )
+    .unwrap();
+    let mut chain = client
+        .open_chain(
+            digest,
+            local.config.num_layers,
+            local.config.max_position_embeddings,
+            req.sampling.clone(),
+        )
+        .unwrap();
+    let got = generate_with(&mut chain, &local.tokenizer, &req, |_| Flow::Continue).unwrap();
+    assert_eq!(got.logprobs.len(), got.tokens.len());
+    assert_eq!(got.logprobs, want.logprobs);
+    for (lp, &t) in got.logprobs.iter().zip(&got.tokens) {
+        assert_eq!((lp.token, lp.top[0].0, lp.top[0].1), (t, t, lp.logprob));
+    }
+}
+
+/// Generates `MAX_TOKENS` greedy tokens for every recorded prompt through `n` nodes placed as
+/// `plexus up` places them, for each wire (`None`: the default); per wire, the prompts whose
+/// tokens equal the single process's and the tokens agreeing before the first difference.
+fn split_runs(n: usize, wires: &[Option<DType>], exact: bool) -> Vec<(usize, usize)> {
+    const MAX_TOKENS: usize = 48;
     let local = plexus_model::load(&model()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = spawn_nodes(&["0..10", "10..20", "20..30"], dir.path());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let prompts = [
-        "The capital of France is",
-        "Here is a short poem about the sea:\n",
-    ];
-    for wire in [DType::F32, DType::F16] {
-        let client = client(&rt, &nodes, wire);
-        let digest = plexus_model::identity::identity(&[model()], None, |_, _| {}).unwrap();
-        assert!(
-            rt.block_on(client.wait_for_route(&digest, 30, Duration::from_secs(60))),
-            "no route appeared"
-        );
-        for prompt in prompts {
-            let tokens = local.tokenizer.encode(prompt, true).unwrap();
-            let req = request(&tokens, 32);
-            let want = generate(
+    let layers = local.config.num_layers;
+    let digest = plexus_model::identity::identity(&[model()], None, |_, _| {}).unwrap();
+    let prompts = recorded_prompts();
+    assert!(prompts.len() >= 10);
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|(_, p)| {
+            generate(
                 std::slice::from_ref(&local.stage),
                 &local.tokenizer,
-                &req,
+                &request(p, MAX_TOKENS),
                 |_| Flow::Continue,
             )
-            .unwrap();
+            .unwrap()
+            .tokens
+        })
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spans = equal_spans(layers, n);
+    let span_refs: Vec<&str> = spans.iter().map(String::as_str).collect();
+    let nodes = spawn_nodes(&span_refs, dir.path());
+    let mut out = Vec::new();
+    for &wire in wires {
+        let client = client(&rt, &nodes, wire);
+        assert!(
+            rt.block_on(client.wait_for_route(&digest, layers, Duration::from_secs(60))),
+            "no route appeared"
+        );
+        let (mut same, mut agree) = (0, 0);
+        for ((name, prompt), want) in prompts.iter().zip(&want) {
+            let req = request(prompt, MAX_TOKENS);
             let mut chain = client
                 .open_chain(
                     digest,
-                    30,
+                    layers,
                     local.config.max_position_embeddings,
                     req.sampling.clone(),
                 )
                 .unwrap();
-            assert_eq!(
-                chain.route().len(),
-                3,
-                "the chain should use the three nodes"
-            );
+            assert_eq!(chain.route().len(), n, "the chain should use the {n} nodes");
             let got =
                 generate_with(&mut chain, &local.tokenizer, &req, |_| Flow::Continue).unwrap();
-            if wire == DType::F32 {
-                // f32 activations: the split computes exactly what the whole model computes.
-                assert_eq!(got.tokens, want.tokens, "wire {wire:?}, prompt {prompt:?}");
-                assert_eq!(got.text, want.text);
-            } else {
-                // f16 rounds the residual stream at each boundary (relative error 2^-11), so
-                // long greedy runs may part where two candidates are nearly tied; the first
-                // tokens must agree.
-                let same = got
-                    .tokens
-                    .iter()
-                    .zip(&want.tokens)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                assert!(
-                    same >= 16,
-                    "f16 wire parts after {same} tokens on {prompt:?}"
-                );
+            if exact {
+                assert_eq!(&got.tokens, want, "{n} nodes, wire {wire:?}, prompt {name}");
+                check_logprobs(&client, &local, digest, prompt);
             }
+            same += usize::from(&got.tokens == want);
+            agree += agreeing(&got.tokens, want);
         }
+        eprintln!(
+            "{n} nodes ({}), wire {}: {same}/{} prompts identical, {agree}/{} tokens before parting",
+            spans.join(", "),
+            wire.map_or("default".to_owned(), |w| format!("{w:?}")),
+            prompts.len(),
+            want.iter().map(Vec::len).sum::<usize>()
+        );
+        out.push((same, agree));
     }
+    out
+}
+
+/// Default settings are exact: 2, 3 and 4 nodes placed as `plexus up` places them give the
+/// single-process engine's tokens on every recorded llama.cpp prompt (issue 7: the old f16
+/// default gave the single-process answer on 3 of 6 chat prompts).
+#[test]
+fn default_split_gives_the_single_process_tokens_on_the_recorded_prompts_issue_7() {
+    for n in [2, 3, 4] {
+        split_runs(n, &[None], true);
+    }
+}
+
+/// The lossy wires, measured (docs/network.md quotes the figures): how often f16 and int8
+/// activations on a 3-node split still give the single-process tokens. A measurement, not a
+/// check: run the test binary directly (nextest's multiprocess limit of 240 s is too short on
+/// a loaded 2-core machine): `target/debug/deps/network-* --exact lossy_wire_agreement
+/// --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement (minutes): see the doc comment"]
+fn lossy_wire_agreement() {
+    split_runs(3, &[Some(DType::F16), Some(DType::I8)], false);
 }
 
 #[test]
@@ -179,7 +286,7 @@ fn killing_a_stage_mid_generation_fails_over_with_identical_text() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = spawn_nodes(&["0..10", "10..20", "10..20", "20..30"], dir.path());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = client(&rt, &nodes, DType::F16);
+    let client = client(&rt, &nodes, None);
     let digest = plexus_model::identity::identity(&[model()], None, |_, _| {}).unwrap();
     assert!(rt.block_on(client.wait_for_route(&digest, 30, Duration::from_secs(60))));
     let tokens = local
@@ -272,7 +379,7 @@ fn auto_placement_splits_when_a_node_joins_and_merges_when_it_leaves() {
     let boot = nodes[0].addr.clone();
     nodes.push(spawn_auto(&dir.path().join("b"), Some(&boot)));
     let b = nodes[1].peer;
-    let client = client(&rt, &nodes, DType::F16);
+    let client = client(&rt, &nodes, None);
     // Two nodes, two stages: they move to complementary spans.
     let (sa, sb) = wait_for("a two-stage split", 60, || {
         let (sa, sb) = (span_of(&rt, &client, a)?, span_of(&rt, &client, b)?);

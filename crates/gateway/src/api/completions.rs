@@ -2,25 +2,29 @@
 //! string or a list of exactly one string; it gets the BOS token when the model asks for one.
 
 use super::chat::{fingerprint, with_seed};
+use super::fields;
 use super::generation::{self, Job, Prompt};
-use super::json::ApiJson;
-use super::params::Options;
+use super::json::{self, ApiJson};
+use super::logprobs;
+use super::params::{self, Options};
 use crate::error::ApiError;
 use crate::sse::{self, Chunks, Envelope};
 use crate::state::AppState;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use plexus_model::sampler::TokenLogprobs;
+use plexus_model::Tokenizer;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
-/// The request body (the fields Plexus uses; the rest are ignored).
+/// The request body; [`super::fields::COMPLETIONS`] lists the fields it may have.
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptField,
-    #[serde(flatten)]
-    pub options: Options,
+    pub logprobs: Option<i64>,
 }
 
 /// `prompt`: a string or a list of strings (token-id prompts are not supported).
@@ -31,26 +35,36 @@ pub enum PromptField {
     Many(Vec<String>),
 }
 
-struct TextChunks(Envelope);
+struct TextChunks {
+    envelope: Envelope,
+    /// Set when the request asked for log-probabilities.
+    logprobs: Option<Arc<Tokenizer>>,
+    /// Per choice: the character offset of its next token in its text.
+    offsets: Vec<usize>,
+}
 
 impl Chunks for TextChunks {
-    fn opening(&self) -> Option<Value> {
+    fn opening(&self, _choice: usize) -> Option<Value> {
         None
     }
 
-    fn text(&self, text: &str) -> Value {
-        self.0
-            .chunk(json!([{"text": text, "index": 0, "logprobs": null, "finish_reason": null}]))
+    fn text(&mut self, choice: usize, text: &str, scores: &[TokenLogprobs]) -> Value {
+        let lp = match (&self.logprobs, self.offsets.get_mut(choice)) {
+            (Some(tok), Some(offset)) => logprobs::completion(tok, scores, offset),
+            _ => Value::Null,
+        };
+        self.envelope
+            .chunk(json!([{"text": text, "index": choice, "logprobs": lp, "finish_reason": null}]))
     }
 
-    fn closing(&self, finish_reason: &str) -> Value {
-        self.0.chunk(json!([{
-            "text": "", "index": 0, "logprobs": null, "finish_reason": finish_reason,
+    fn closing(&self, choice: usize, finish_reason: &str) -> Value {
+        self.envelope.chunk(json!([{
+            "text": "", "index": choice, "logprobs": null, "finish_reason": finish_reason,
         }]))
     }
 
     fn usage(&self, usage: Value) -> Value {
-        let mut v = self.0.chunk(json!([]));
+        let mut v = self.envelope.chunk(json!([]));
         v["usage"] = usage;
         v
     }
@@ -59,9 +73,16 @@ impl Chunks for TextChunks {
 pub async fn handler(
     State(state): State<AppState>,
     payer: crate::accounts::Payer,
-    ApiJson(req): ApiJson<CompletionRequest>,
+    ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    let opts = req.options.resolve(super::random_u64())?;
+    let body = json::object(body)?;
+    fields::check(&body, fields::COMPLETIONS)?;
+    // Parsed apart, not flattened, so that a bad value names its field.
+    let options: Options = json::parse(body.clone())?;
+    let req: CompletionRequest = json::parse(body)?;
+    let mut opts = options.resolve(super::random_u64())?;
+    opts.sampling.logprobs = params::completion_logprobs(req.logprobs)?;
+    let want_logprobs = opts.sampling.logprobs.is_some();
     let prompt = match req.prompt {
         PromptField::One(s) => s,
         PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -81,6 +102,7 @@ pub async fn handler(
         stop: opts.stop,
         stream: opts.stream,
         payer: payer.0,
+        n: opts.n,
     };
     let running = generation::start(&state, job).await?;
     let seed = running.seed;
@@ -89,34 +111,51 @@ pub async fn handler(
     let model = running.model.clone();
     let fp = fingerprint(&running.identity);
     if opts.stream {
-        let chunks = TextChunks(Envelope {
-            object: "text_completion",
-            id,
-            created,
-            model,
-            fingerprint: fp,
-            include_usage: opts.include_usage,
-        });
+        let chunks = TextChunks {
+            envelope: Envelope {
+                object: "text_completion",
+                id,
+                created,
+                model,
+                fingerprint: fp,
+                include_usage: opts.include_usage,
+            },
+            logprobs: want_logprobs.then(|| running.tokenizer.clone()),
+            offsets: vec![0; opts.n],
+        };
         return Ok(with_seed(
-            sse::response(running, chunks, opts.include_usage),
+            sse::response(running, chunks, opts.n, opts.include_usage),
             seed,
         ));
     }
     let prompt_tokens = running.prompt_tokens;
-    let c = generation::finish(running).await?;
+    let tokenizer = running.tokenizer.clone();
+    let cs = generation::finish(running).await?;
+    let choices: Vec<Value> = cs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let lp = if want_logprobs {
+                logprobs::completion(&tokenizer, &c.logprobs, &mut 0)
+            } else {
+                Value::Null
+            };
+            json!({
+                "text": c.text,
+                "index": i,
+                "logprobs": lp,
+                "finish_reason": c.finish.as_str(),
+            })
+        })
+        .collect();
     let body = json!({
         "id": id,
         "object": "text_completion",
         "created": created,
         "model": model,
         "system_fingerprint": fp,
-        "choices": [{
-            "text": c.text,
-            "index": 0,
-            "logprobs": null,
-            "finish_reason": c.finish.as_str(),
-        }],
-        "usage": sse::usage(prompt_tokens, &c),
+        "choices": choices,
+        "usage": sse::usage(prompt_tokens, &cs),
     });
     Ok(with_seed(Json(body).into_response(), seed))
 }

@@ -5,7 +5,7 @@
 //!                             │
 //!                 spawn_blocking: render + tokenize + check context
 //!                             │── ready: Ok(prompt tokens) / Err(400) ──> handler answers
-//!                             │── backend.generate(on_text) ──> Event::Text (bounded channel)
+//!                             │── backend.generate(on_text) ──> Event::Piece (bounded channel)
 //!                             └── Event::Done(completion or error)
 //! ```
 //!
@@ -21,8 +21,10 @@ use crate::error::ApiError;
 use crate::metrics::RouteLabels;
 use crate::state::AppState;
 use plexus_model::chat::Message;
-use plexus_model::generate::{Completion, FinishReason, Flow, GenerateRequest};
-use plexus_model::SamplingParams;
+use plexus_model::generate::{Completion, FinishReason, Flow, GenerateRequest, Piece};
+use plexus_model::sampler::TokenLogprobs;
+use plexus_model::{SamplingParams, Tokenizer};
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
@@ -59,12 +61,63 @@ pub struct Job {
     pub stream: bool,
     /// The account charged (when the gateway has a ledger), see [`crate::accounts`].
     pub payer: Option<plexus_ledger::Address>,
+    /// How many choices (OpenAI's `n`), at least 1.
+    pub n: usize,
 }
 
 /// What a running generation reports after it started.
 pub enum Event {
-    Text(String),
-    Done(Result<Completion, ApiError>),
+    /// New text of one choice and the log-probabilities of its tokens (when asked for).
+    Piece {
+        choice: usize,
+        text: String,
+        logprobs: Vec<TokenLogprobs>,
+    },
+    /// Every choice, in order.
+    Done(Result<Vec<Completion>, ApiError>),
+}
+
+/// Pieces the channel had no room for yet, merged per choice (at most one entry per choice
+/// in a row, so bounded by the text itself).
+#[derive(Default)]
+struct Pending(Vec<(usize, String, Vec<TokenLogprobs>)>);
+
+impl Pending {
+    fn push(&mut self, choice: usize, piece: &Piece) {
+        match self.0.last_mut() {
+            Some((c, text, scores)) if *c == choice => {
+                text.push_str(piece.text);
+                scores.extend_from_slice(piece.logprobs);
+            }
+            _ => self
+                .0
+                .push((choice, piece.text.to_owned(), piece.logprobs.to_vec())),
+        }
+    }
+
+    /// Sends what fits; `false` when the receiver is gone.
+    fn flush(&mut self, tx: &mpsc::Sender<Event>) -> bool {
+        while !self.0.is_empty() {
+            let (choice, text, logprobs) = self.0.remove(0);
+            match tx.try_send(Event::Piece {
+                choice,
+                text,
+                logprobs,
+            }) {
+                Ok(()) => {}
+                Err(TrySendError::Full(Event::Piece {
+                    choice,
+                    text,
+                    logprobs,
+                })) => {
+                    self.0.insert(0, (choice, text, logprobs));
+                    return true;
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    }
 }
 
 /// A generation that passed every check and is running.
@@ -75,6 +128,8 @@ pub struct Running {
     pub identity: String,
     pub prompt_tokens: usize,
     pub seed: u64,
+    /// The model's tokenizer, to render log-probabilities.
+    pub tokenizer: Arc<Tokenizer>,
     pub events: mpsc::Receiver<Event>,
 }
 
@@ -95,6 +150,7 @@ pub async fn start(state: &AppState, job: Job) -> Result<Running, ApiError> {
     let (ready_tx, ready) = oneshot::channel();
     let model = entry.id.clone();
     let identity = entry.identity.clone();
+    let tokenizer = entry.tokenizer.clone();
     let seed = job.sampling.seed;
     let task = Task {
         state: state.clone(),
@@ -112,6 +168,7 @@ pub async fn start(state: &AppState, job: Job) -> Result<Running, ApiError> {
             identity,
             prompt_tokens,
             seed,
+            tokenizer,
             events,
         }),
         Ok(Err(e)) => Err(e),
@@ -122,7 +179,7 @@ pub async fn start(state: &AppState, job: Job) -> Result<Running, ApiError> {
 }
 
 /// Waits for the end of a generation started without streaming.
-pub async fn finish(mut running: Running) -> Result<Completion, ApiError> {
+pub async fn finish(mut running: Running) -> Result<Vec<Completion>, ApiError> {
     while let Some(event) = running.events.recv().await {
         if let Event::Done(result) = event {
             return result;
@@ -159,9 +216,9 @@ impl Task {
         }
         let metrics = self.state.metrics();
         metrics.prompt_tokens.inc_by(prompt_tokens as u64);
-        let mut pending = String::new();
+        let mut pending = Pending::default();
         let mut first = true;
-        let mut on_text = |piece: &str| -> Flow {
+        let mut on_text = |choice: usize, piece: &Piece| -> Flow {
             if first {
                 first = false;
                 metrics
@@ -174,33 +231,36 @@ impl Task {
             if !self.job.stream {
                 return Flow::Continue;
             }
-            pending.push_str(piece);
-            match self.tx.try_send(Event::Text(std::mem::take(&mut pending))) {
-                Ok(()) => Flow::Continue,
-                Err(TrySendError::Full(Event::Text(t))) => {
-                    pending = t;
-                    Flow::Continue
-                }
-                Err(_) => Flow::Stop,
+            pending.push(choice, piece);
+            if pending.flush(&self.tx) {
+                Flow::Continue
+            } else {
+                Flow::Stop
             }
         };
-        let result = self
-            .state
-            .backend()
-            .generate(&self.entry.id, &req, &mut on_text);
+        let result =
+            self.state
+                .backend()
+                .generate_choices(&self.entry.id, &req, self.job.n, &mut on_text);
         drop(slot);
         if let Some(meter) = self.meter.take() {
-            // Charged for what was produced, cancelled streams included; before the client
-            // sees the end, so its next look at the account shows the charge.
-            let tokens = result.as_ref().map_or(0, |c| c.tokens.len());
+            // Charged for what was produced (every choice), cancelled streams included; before
+            // the client sees the end, so its next look at the account shows the charge.
+            let tokens = result
+                .as_ref()
+                .map_or(0, |cs| cs.iter().map(|c| c.tokens.len()).sum());
             meter.finish_blocking(&self.runtime, tokens);
         }
-        if let Ok(c) = &result {
+        if let Ok(cs) = &result {
             // Counted even when cancelled: the engine did the work.
-            metrics.completion_tokens.inc_by(c.tokens.len() as u64);
+            let n: usize = cs.iter().map(|c| c.tokens.len()).sum();
+            metrics.completion_tokens.inc_by(n as u64);
         }
         let result = match result {
-            Ok(c) if c.finish == FinishReason::Cancelled => {
+            Ok(cs)
+                if cs.len() < self.job.n
+                    || cs.iter().any(|c| c.finish == FinishReason::Cancelled) =>
+            {
                 if self.state.is_cancelled() {
                     Err(ApiError::Unavailable("the server is shutting down".into()))
                 } else {
@@ -223,8 +283,14 @@ impl Task {
         // client.
         let tx = self.tx;
         let deliver = async move {
-            if !pending.is_empty() {
-                tx.send(Event::Text(pending)).await.ok()?;
+            for (choice, text, logprobs) in pending.0 {
+                tx.send(Event::Piece {
+                    choice,
+                    text,
+                    logprobs,
+                })
+                .await
+                .ok()?;
             }
             tx.send(Event::Done(result)).await.ok()
         };
@@ -268,6 +334,19 @@ impl Task {
             Prompt::Text(text) => tok.encode(text, true),
         }
         .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
+        let vocab = tok.vocab_size();
+        if let Some(&(id, _)) = self
+            .job
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|b| b.0 as usize >= vocab)
+        {
+            return Err(ApiError::invalid(
+                format!("`logit_bias` names token {id}, outside the vocabulary of {vocab} tokens"),
+                Some("logit_bias"),
+            ));
+        }
         let param = self.job.prompt.param();
         let context = self.entry.context;
         let n = encoded.len();

@@ -1,4 +1,5 @@
-//! The OpenAI-compatible routes. Each handler parses its body with [`json::ApiJson`], resolves
+//! The OpenAI-compatible routes. Each handler parses its body with [`json::ApiJson`], checks
+//! its fields against the route's table ([`fields`]), resolves
 //! the shared options ([`params`]) and hands a [`generation::Job`] to [`generation::start`],
 //! then answers with one JSON object or an SSE stream ([`crate::sse`]).
 //!
@@ -7,8 +8,10 @@
 
 pub mod chat;
 pub mod completions;
+pub mod fields;
 pub mod generation;
 pub mod json;
+pub mod logprobs;
 pub mod models;
 pub mod params;
 

@@ -150,14 +150,14 @@ async fn body_over_the_limit_is_413() {
 async fn unsupported_options_are_400() {
     let app = tiny_app(GatewayConfig::new());
     for (extra, param) in [
-        (json!({"n": 2}), "n"),
+        (json!({"n": 0}), "n"),
         (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
         (json!({"temperature": 3}), "temperature"),
         (json!({"max_tokens": 0}), "max_tokens"),
         (json!({"messages": []}), "messages"),
         (
             json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
-            "messages",
+            "messages[0].content",
         ),
     ] {
         let req = chat(extra.clone());
@@ -176,7 +176,7 @@ async fn unsupported_options_are_400() {
         INVALID,
     )
     .await;
-    let req = json!({"model": TINY, "prompt": "hi", "n": 2});
+    let req = json!({"model": TINY, "prompt": "hi", "n": 17});
     expect_error(
         send(&app, post("/v1/completions", &req)).await,
         400,

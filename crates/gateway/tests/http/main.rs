@@ -6,5 +6,6 @@
 mod accounts;
 mod api;
 mod errors;
+mod features;
 mod limits;
 mod support;

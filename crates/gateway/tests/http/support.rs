@@ -6,7 +6,7 @@ use axum::Router;
 use http_body_util::BodyExt;
 use plexus_gateway::{AppState, Backend, BackendError, GatewayConfig, LocalBackend, ModelEntry};
 use plexus_model::chat::ChatTemplate;
-use plexus_model::generate::{Completion, FinishReason, Flow, GenerateRequest};
+use plexus_model::generate::{Completion, FinishReason, Flow, GenerateRequest, Piece};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -169,6 +169,7 @@ impl Scripted {
             tokens: vec![5; n],
             text,
             finish,
+            logprobs: Vec::new(),
             prompt_tokens: req.prompt_tokens.len(),
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
@@ -189,7 +190,7 @@ impl Backend for Scripted {
         &self,
         _model_id: &str,
         req: &GenerateRequest,
-        on_text: &mut dyn FnMut(&str) -> Flow,
+        on_text: &mut dyn FnMut(&Piece) -> Flow,
     ) -> Result<Completion, BackendError> {
         self.started.add_permits(1);
         match self.script {
@@ -216,7 +217,7 @@ impl Backend for Scripted {
                 let mut text = String::new();
                 for _ in 0..60_000 {
                     text.push_str("x ");
-                    if on_text("x ") == Flow::Stop {
+                    if on_text(&Piece::plain("x ")) == Flow::Stop {
                         self.stopped.add_permits(1);
                         let n = text.len() / 2;
                         return Ok(Self::done(req, text, n, FinishReason::Cancelled));
@@ -231,7 +232,7 @@ impl Backend for Scripted {
         let mut text = String::new();
         for p in ["a", "b", "c"] {
             text.push_str(p);
-            if on_text(p) == Flow::Stop {
+            if on_text(&Piece::plain(p)) == Flow::Stop {
                 self.stopped.add_permits(1);
                 return Ok(Self::done(req, text, 3, FinishReason::Cancelled));
             }

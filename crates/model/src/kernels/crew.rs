@@ -71,22 +71,46 @@ pub(super) fn run(n: usize, threads: usize, f: Task) -> bool {
         crew.helpers.fetch_add(1, AcqRel);
         rayon::spawn(|| CREW.help());
     }
-    // SAFETY: the task is only called while this function waits below for every claimed chunk;
-    // the extended lifetime never outlives that wait.
+    // SAFETY: the task is only called while this function waits for every claimed chunk: the
+    // guard below does that wait on every exit, unwinding included, so the extended lifetime
+    // never outlives the frame.
     let task: Task<'static> = unsafe { std::mem::transmute::<Task<'_>, Task<'static>>(f) };
     crew.finished.store(0, Relaxed);
     crew.task
         .store(&task as *const Task<'static> as *mut Task<'static>, Relaxed);
     let seq = (crew.state.load(Relaxed) >> 32).wrapping_add(1) & 0xFFFF_FFFF;
     crew.state.store(seq << 32 | (n as u64) << 16, Release);
+    let _wait = JobGuard { crew, n };
     while crew.claim_and_run() {}
-    // Chunks claimed by helpers may still be running.
-    let mut polls = 0u32;
-    while crew.finished.load(Acquire) < n {
-        pause(&mut polls);
-    }
-    crew.busy.store(false, Release);
     true
+}
+
+/// Ends the caller's job, also when one of its chunks panics on the calling thread: closes the
+/// job to further claims, waits for every chunk a helper claimed (they point into the caller's
+/// frame), then frees the crew for the next caller.
+struct JobGuard {
+    crew: &'static Crew,
+    n: usize,
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        let unclaimed = self.crew.close_job();
+        let mut polls = 0u32;
+        while self.crew.finished.load(Acquire) + unclaimed < self.n {
+            pause(&mut polls);
+        }
+        self.crew.busy.store(false, Release);
+    }
+}
+
+/// Counts a claimed chunk as finished when it returns or unwinds.
+struct ChunkDone<'a>(&'a AtomicUsize);
+
+impl Drop for ChunkDone<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Release);
+    }
 }
 
 impl Crew {
@@ -104,11 +128,30 @@ impl Crew {
                 .compare_exchange_weak(s, s + 1, AcqRel, Relaxed)
                 .is_ok()
             {
+                let _done = ChunkDone(&self.finished);
                 // SAFETY: the claim succeeded while `state` still named this job, so `task` is
                 // its task, and its caller waits in `run` until this chunk counts as finished.
                 unsafe { (*task)(i) };
-                self.finished.fetch_add(1, Release);
                 return true;
+            }
+        }
+    }
+
+    /// Marks every chunk of the current job as claimed; returns how many nobody had claimed.
+    fn close_job(&self) -> usize {
+        loop {
+            let s = self.state.load(Acquire);
+            let (_, n, i) = unpack(s);
+            if i >= n {
+                return 0;
+            }
+            let closed = (s & !FIELD) | n as u64;
+            if self
+                .state
+                .compare_exchange_weak(s, closed, AcqRel, Relaxed)
+                .is_ok()
+            {
+                return n - i;
             }
         }
     }
@@ -141,5 +184,60 @@ fn pause(polls: &mut u32) {
         std::thread::yield_now();
     } else {
         std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicIsize;
+    use std::sync::Mutex;
+
+    /// The crew is one static: its tests take turns.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    #[test]
+    fn every_chunk_runs_once() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let hits: Vec<AtomicUsize> = (0..300).map(|_| AtomicUsize::new(0)).collect();
+        assert!(run(hits.len(), 4, &|i| {
+            hits[i].fetch_add(1, Relaxed);
+        }));
+        assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
+    }
+
+    /// Issue 7: a chunk that panics on the calling thread used to unwind out of `run` while
+    /// helpers still ran chunks pointing into the freed frame, and left the crew busy for good.
+    #[test]
+    fn a_panicking_chunk_waits_for_the_helpers_chunks_issue_7() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let caller = std::thread::current().id();
+        let running = AtomicIsize::new(0);
+        let helper_started = AtomicBool::new(false);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(64, 4, &|_| {
+                running.fetch_add(1, SeqCst);
+                if std::thread::current().id() == caller {
+                    // Give a helper time to claim a chunk, then fail.
+                    let start = Instant::now();
+                    while !helper_started.load(SeqCst) && start.elapsed() < Duration::from_secs(2) {
+                        std::thread::yield_now();
+                    }
+                    running.fetch_sub(1, SeqCst);
+                    panic!("chunk failed");
+                }
+                helper_started.store(true, SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+                running.fetch_sub(1, SeqCst);
+            })
+        }));
+        assert!(result.is_err(), "the panic reaches the caller");
+        assert_eq!(running.load(SeqCst), 0, "no chunk runs after run() unwound");
+        // The crew is free again.
+        let count = AtomicUsize::new(0);
+        assert!(run(8, 2, &|_| {
+            count.fetch_add(1, Relaxed);
+        }));
+        assert_eq!(count.load(Relaxed), 8);
     }
 }

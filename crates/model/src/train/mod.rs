@@ -1,21 +1,34 @@
-//! Training the model definition of [`crate::stage`] in f32 on one machine: AdamW with linear
-//! warmup and cosine decay, gradient clipping by global norm, exact-match evaluation on a
-//! held-out split, and checkpoints in Hugging Face layout that [`crate::load`] reads back.
+//! Training the model definition of [`crate::stage`] in f32: AdamW with linear warmup and
+//! cosine decay, gradient clipping by global norm, exact-match evaluation on a held-out split,
+//! and checkpoints in Hugging Face layout that [`crate::load`] reads back.
 //!
-//! Flow of one step: examples `(seed, step * batch + j)` -> token batch -> `Stage::forward_batch`
-//! (differentiable ops) -> masked cross-entropy on the answer tokens -> backward -> clip ->
-//! AdamW at the scheduled learning rate.
+//! - [`Trainer`]: the inner loop as a library. It starts from given [`Params`] and
+//!   [`AdamWState`], takes batches from a [`Shard`] by example id, runs steps and hands back the
+//!   new weights and optimizer state. Same inputs, same bytes, whatever the thread count: the
+//!   optimizer and the gradient norm are sequential scalar code over flat vectors, and candle's
+//!   CPU matmul splits rows, not the reduction.
+//! - [`TaskTrainer`]: a whole single-machine run on a synthetic task (`plexus train`).
+//!
+//! Flow of one step: example ids -> [`Sequence`]s -> padded token batch ->
+//! `Stage::forward_batch` (differentiable ops) -> masked cross-entropy on the scored tokens ->
+//! backward -> flat gradient -> clip -> AdamW at the scheduled learning rate -> variables.
 
+pub mod adamw;
 pub mod checkpoint;
+pub mod params;
+pub mod shard;
 pub mod task;
 
 use crate::config::{Architecture, ModelConfig, RopeLayout, RopeScaling};
 use crate::layers::Mode;
 use crate::stage::{LayerSpan, Stage};
 use crate::weights::{HfTensors, LoadWeightsError, Weight, WeightSource};
+pub use adamw::{AdamWConfig, AdamWState};
 use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+pub use params::{Layout, Params};
 use plexus_core::rng::{CounterRng, Stream};
+use serde::{Deserialize, Serialize};
+pub use shard::{Sequence, Shard, TaskShard};
 use std::collections::HashMap;
 use std::sync::Arc;
 use task::Task;
@@ -67,6 +80,8 @@ pub enum TrainError {
     Forward(#[from] crate::stage::ForwardError),
     #[error(transparent)]
     Weights(#[from] LoadWeightsError),
+    #[error("training diverged at step {step}: the gradient is not finite")]
+    Diverged { step: usize },
     #[error("cannot write checkpoint {path}")]
     Io {
         path: std::path::PathBuf,
@@ -85,41 +100,6 @@ pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64, min_ratio: f64
     let progress = ((step - warmup) as f64 / span).min(1.0);
     let cos = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
     peak * (min_ratio + (1.0 - min_ratio) * cos)
-}
-
-/// One optimizer step's numbers.
-#[derive(Clone, Copy, Debug)]
-pub struct StepReport {
-    pub step: usize,
-    pub loss: f32,
-    pub lr: f64,
-    pub grad_norm: f64,
-}
-
-/// Exact-match accuracy on held-out examples.
-#[derive(Clone, Debug)]
-pub struct EvalReport {
-    pub correct: usize,
-    pub total: usize,
-    /// Greedy answers, in held-out order (token ids before EOS).
-    pub predictions: Vec<Vec<u32>>,
-}
-
-impl EvalReport {
-    pub fn exact_match(&self) -> f64 {
-        self.correct as f64 / self.total.max(1) as f64
-    }
-}
-
-/// A model being trained on a task.
-pub struct Trainer {
-    pub config: TrainConfig,
-    pub model_config: Arc<ModelConfig>,
-    pub tokenizer: tokenizers::Tokenizer,
-    vars: Vec<(String, Var)>,
-    stage: Stage,
-    opt: AdamW,
-    eos: u32,
 }
 
 /// The model a task trains: a small Llama with tied embeddings.
@@ -185,129 +165,234 @@ pub fn init_weights(cfg: &ModelConfig, seed: u64) -> Result<HashMap<String, Tens
     Ok(out)
 }
 
-impl Trainer {
-    pub fn new(config: TrainConfig) -> Result<Self, TrainError> {
-        if config.batch_size == 0 || config.steps == 0 {
-            return Err(TrainError::Config(
-                "steps and batch size must be positive".into(),
-            ));
+/// One optimizer step's numbers.
+#[derive(Clone, Copy, Debug)]
+pub struct StepReport {
+    pub step: usize,
+    pub loss: f32,
+    pub lr: f64,
+    pub grad_norm: f64,
+}
+
+/// Exact-match accuracy on held-out examples.
+#[derive(Clone, Debug)]
+pub struct EvalReport {
+    pub correct: usize,
+    pub total: usize,
+    /// Greedy answers, in held-out order (token ids before EOS).
+    pub predictions: Vec<Vec<u32>>,
+}
+
+impl EvalReport {
+    pub fn exact_match(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+}
+
+/// Hyperparameters of the inner loop. Part of a round's commitment.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InnerConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    pub warmup: usize,
+    /// The cosine decays to `lr * min_lr_ratio` at `schedule_steps`.
+    pub min_lr_ratio: f64,
+    /// Length of the learning-rate schedule in steps (the whole run's inner steps).
+    pub schedule_steps: usize,
+    /// Clip gradients to this global L2 norm; 0 disables.
+    pub clip: f64,
+    pub adamw: AdamWConfig,
+}
+
+impl InnerConfig {
+    pub fn lr_at(&self, step: usize) -> f64 {
+        lr_at(
+            step,
+            self.schedule_steps,
+            self.warmup,
+            self.lr,
+            self.min_lr_ratio,
+        )
+    }
+}
+
+/// The token batch of `seqs`, padded with token 0, and the mask of scored predictions.
+fn batch_tensors(seqs: &[Sequence]) -> Result<(Tensor, Tensor, Tensor, f32), TrainError> {
+    let len = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
+    if seqs.is_empty() || len < 2 {
+        return Err(TrainError::Config(
+            "a batch needs at least one sequence of two or more tokens".into(),
+        ));
+    }
+    let b = seqs.len();
+    let mut flat = Vec::with_capacity(b * len);
+    let mut mask = Vec::<f32>::with_capacity(b * (len - 1));
+    let mut count = 0f32;
+    for s in seqs {
+        if s.scored_from == 0 || s.scored_from >= s.tokens.len() {
+            return Err(TrainError::Config(format!(
+                "sequence of {} tokens scored from {}",
+                s.tokens.len(),
+                s.scored_from
+            )));
         }
-        let tokenizer = task::task_tokenizer().map_err(TrainError::Config)?;
-        let eos = tokenizer
-            .token_to_id(task::EOS)
-            .ok_or_else(|| TrainError::Config("task tokenizer lacks EOS".into()))?;
-        let cfg = Arc::new(task_model_config(&config, tokenizer.get_vocab_size(true))?);
-        let init = init_weights(&cfg, config.seed)?;
-        let mut vars: Vec<(String, Var)> = init
-            .into_iter()
-            .map(|(k, t)| Ok((k, Var::from_tensor(&t)?)))
-            .collect::<Result<_, candle_core::Error>>()?;
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let map = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        let stage = WeightSource::Hf(&HfTensors::Map(map)).build_stage(
-            cfg.clone(),
-            LayerSpan::full(cfg.num_layers),
-            Mode::Train,
-        )?;
-        let opt = AdamW::new(
-            vars.iter().map(|(_, v)| v.clone()).collect(),
-            ParamsAdamW {
-                lr: config.lr,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: config.weight_decay,
-            },
-        )?;
+        flat.extend_from_slice(&s.tokens);
+        flat.extend(std::iter::repeat_n(0, len - s.tokens.len()));
+        // Prediction t is of token t + 1.
+        for t in 0..len - 1 {
+            let scored = t + 1 >= s.scored_from && t + 1 < s.tokens.len();
+            mask.push(if scored { 1.0 } else { 0.0 });
+            count += if scored { 1.0 } else { 0.0 };
+        }
+    }
+    let all = Tensor::from_vec(flat, (b, len), &Device::Cpu)?;
+    let inputs = all.narrow(1, 0, len - 1)?.contiguous()?;
+    let targets = all.narrow(1, 1, len - 1)?.contiguous()?;
+    let mask = Tensor::from_vec(mask, (b, len - 1), &Device::Cpu)?;
+    Ok((inputs, targets, mask, count))
+}
+
+/// Mean cross-entropy of `stage` on the scored tokens of `seqs`.
+fn masked_loss(stage: &Stage, seqs: &[Sequence]) -> Result<Tensor, TrainError> {
+    let (inputs, targets, mask, count) = batch_tensors(seqs)?;
+    let logits = stage.forward_batch(&inputs)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let picked = logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?;
+    Ok(((picked * mask)?.sum_all()? * (-1.0 / f64::from(count)))?)
+}
+
+fn train_stage(cfg: &Arc<ModelConfig>, map: HashMap<String, Tensor>) -> Result<Stage, TrainError> {
+    Ok(WeightSource::Hf(&HfTensors::Map(map)).build_stage(
+        cfg.clone(),
+        LayerSpan::full(cfg.num_layers),
+        Mode::Train,
+    )?)
+}
+
+/// Mean held-out loss of `params` on `seqs` (no gradients), with the same differentiable ops
+/// as training, so every worker scoring the same vector gets the same number.
+pub fn loss_of(
+    cfg: &Arc<ModelConfig>,
+    params: &Params,
+    seqs: &[Sequence],
+) -> Result<f32, TrainError> {
+    let stage = train_stage(cfg, params.to_tensors()?)?;
+    let mut total = 0f64;
+    let mut n = 0usize;
+    // Chunks bound the activation memory; the mean is weighted by chunk size.
+    for chunk in seqs.chunks(128) {
+        let l = masked_loss(&stage, chunk)?.to_scalar::<f32>()?;
+        total += f64::from(l) * chunk.len() as f64;
+        n += chunk.len();
+    }
+    Ok((total / n.max(1) as f64) as f32)
+}
+
+/// The inner loop: a model being trained from given weights and optimizer state.
+pub struct Trainer {
+    model_config: Arc<ModelConfig>,
+    inner: InnerConfig,
+    params: Params,
+    /// One variable per layout entry, in layout order; the stage computes with them.
+    vars: Vec<Var>,
+    stage: Stage,
+    opt: AdamWState,
+}
+
+impl Trainer {
+    /// A trainer at `params` with optimizer state `opt` (use [`AdamWState::new`] to start).
+    pub fn from_params(
+        model_config: Arc<ModelConfig>,
+        params: Params,
+        opt: AdamWState,
+        inner: InnerConfig,
+    ) -> Result<Self, TrainError> {
+        if opt.len() != params.values.len() {
+            return Err(TrainError::Config(format!(
+                "optimizer state covers {} parameters, the weights have {}",
+                opt.len(),
+                params.values.len()
+            )));
+        }
+        let tensors = params.to_tensors()?;
+        let mut vars = Vec::with_capacity(params.layout.entries().len());
+        let mut map = HashMap::with_capacity(tensors.len());
+        for (name, _) in params.layout.entries() {
+            let var = Var::from_tensor(&tensors[name])?;
+            map.insert(name.clone(), var.as_tensor().clone());
+            vars.push(var);
+        }
+        let stage = train_stage(&model_config, map)?;
         Ok(Self {
-            config,
-            model_config: cfg,
-            tokenizer,
+            model_config,
+            inner,
+            params,
             vars,
             stage,
             opt,
-            eos,
         })
     }
 
-    fn encode(&self, text: &str) -> Vec<u32> {
-        // The task alphabet is closed, so every character is one known token.
-        self.tokenizer
-            .encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .unwrap_or_default()
+    pub fn model_config(&self) -> &Arc<ModelConfig> {
+        &self.model_config
     }
 
-    /// Tokens `[batch, len]` of `prompt + answer + EOS` for training step `step`.
-    fn batch(&self, step: usize) -> Result<Vec<Vec<u32>>, TrainError> {
-        let b = self.config.batch_size;
-        let (p, a) = self.config.task.lengths();
-        (0..b)
-            .map(|j| {
-                let e = self
-                    .config
-                    .task
-                    .train_example(self.config.seed, (step * b + j) as u64);
-                let mut ids = self.encode(&e.prompt);
-                ids.extend(self.encode(&e.answer));
-                ids.push(self.eos);
-                if ids.len() != p + a + 1 {
-                    return Err(TrainError::Config(format!(
-                        "example {e:?} did not tokenize"
-                    )));
-                }
-                Ok(ids)
-            })
-            .collect()
+    pub fn inner(&self) -> &InnerConfig {
+        &self.inner
     }
 
-    /// One optimizer step (0-based `step`).
-    pub fn step(&mut self, step: usize) -> Result<StepReport, TrainError> {
-        let seqs = self.batch(step)?;
-        let (p, _) = self.config.task.lengths();
-        let (b, len) = (seqs.len(), seqs[0].len());
-        let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
-        let all = Tensor::from_vec(flat, (b, len), &Device::Cpu)?;
-        let inputs = all.narrow(1, 0, len - 1)?.contiguous()?;
-        let targets = all.narrow(1, 1, len - 1)?.contiguous()?;
-        // Loss only where the target is part of the answer (or its EOS).
-        let mask: Vec<f32> = (0..len - 1)
-            .map(|t| if t + 1 >= p { 1.0 } else { 0.0 })
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, len - 1), &Device::Cpu)?;
-        let logits = self.stage.forward_batch(&inputs)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?;
-        let n = mask.sum_all()?.to_scalar::<f32>()? * b as f32;
-        let loss = (picked.broadcast_mul(&mask)?.sum_all()? * (-1.0 / f64::from(n)))?;
-        let mut grads = loss.backward()?;
-        let mut sq = 0f64;
-        for (_, v) in &self.vars {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+    /// The current weights.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    pub fn opt_state(&self) -> &AdamWState {
+        &self.opt
+    }
+
+    /// Gives back weights and optimizer state.
+    pub fn into_state(self) -> (Params, AdamWState) {
+        (self.params, self.opt)
+    }
+
+    /// One optimizer step on `batch`; `step` (0-based, counted over the whole run) picks the
+    /// learning rate from the schedule.
+    pub fn step_on(&mut self, step: usize, batch: &[Sequence]) -> Result<StepReport, TrainError> {
+        let loss = masked_loss(&self.stage, batch)?;
+        let grads = loss.backward()?;
+        let mut flat = Vec::with_capacity(self.params.values.len());
+        for (var, (_, shape)) in self.vars.iter().zip(self.params.layout.entries()) {
+            match grads.get(var.as_tensor()) {
+                Some(g) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0.0, shape.iter().product())),
             }
         }
-        let grad_norm = sq.sqrt();
-        if self.config.clip > 0.0 && grad_norm > self.config.clip {
-            let scale = self.config.clip / (grad_norm + 1e-6);
-            for (_, v) in &self.vars {
-                if let Some(g) = grads.remove(v.as_tensor()) {
-                    grads.insert(v.as_tensor(), (g * scale)?);
-                }
-            }
+        let grad_norm = flat
+            .iter()
+            .map(|&g| f64::from(g) * f64::from(g))
+            .sum::<f64>()
+            .sqrt();
+        if !grad_norm.is_finite() {
+            return Err(TrainError::Diverged { step });
         }
-        let lr = lr_at(
-            step,
-            self.config.steps,
-            self.config.warmup,
-            self.config.lr,
-            self.config.min_lr_ratio,
-        );
-        self.opt.set_learning_rate(lr);
-        self.opt.step(&grads)?;
+        if self.inner.clip > 0.0 && grad_norm > self.inner.clip {
+            let scale = (self.inner.clip / (grad_norm + 1e-6)) as f32;
+            flat.iter_mut().for_each(|g| *g *= scale);
+        }
+        let lr = self.inner.lr_at(step);
+        self.opt
+            .step(&self.inner.adamw, &mut self.params.values, &flat, lr);
+        let mut off = 0;
+        for (var, (_, shape)) in self.vars.iter().zip(self.params.layout.entries()) {
+            let n: usize = shape.iter().product();
+            let t = Tensor::from_slice(
+                &self.params.values[off..off + n],
+                shape.as_slice(),
+                &Device::Cpu,
+            )?;
+            var.set(&t)?;
+            off += n;
+        }
         Ok(StepReport {
             step,
             loss: loss.to_scalar::<f32>()?,
@@ -316,30 +401,126 @@ impl Trainer {
         })
     }
 
-    /// The current weights by Hugging Face name (detached copies of the variables' values).
-    pub fn weights(&self) -> Result<HashMap<String, Tensor>, TrainError> {
-        self.vars
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?)))
+    /// `ids.len() / batch_size` steps on the examples `ids` of `shard`, batch `j` taking
+    /// `ids[j * batch_size..][..batch_size]`; the first step is step `first_step` of the
+    /// schedule.
+    pub fn run(
+        &mut self,
+        shard: &dyn Shard,
+        ids: &[u64],
+        batch_size: usize,
+        first_step: usize,
+    ) -> Result<Vec<StepReport>, TrainError> {
+        if batch_size == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch_size) {
+            return Err(TrainError::Config(format!(
+                "{} example ids do not make whole batches of {batch_size}",
+                ids.len()
+            )));
+        }
+        ids.chunks(batch_size)
+            .enumerate()
+            .map(|(j, chunk)| self.step_on(first_step + j, &shard.batch(chunk)?))
             .collect()
     }
 
     /// An inference stage over the current weights.
     pub fn inference_stage(&self) -> Result<Stage, TrainError> {
-        let cfg = self.model_config.clone();
-        Ok(
-            WeightSource::Hf(&HfTensors::Map(self.weights()?)).build_stage(
-                cfg.clone(),
-                LayerSpan::full(cfg.num_layers),
-                Mode::Infer,
-            )?,
-        )
+        inference_stage(&self.model_config, &self.params)
+    }
+}
+
+/// An inference stage (whole model) over `params`.
+pub fn inference_stage(cfg: &Arc<ModelConfig>, params: &Params) -> Result<Stage, TrainError> {
+    Ok(
+        WeightSource::Hf(&HfTensors::Map(params.to_tensors()?)).build_stage(
+            cfg.clone(),
+            LayerSpan::full(cfg.num_layers),
+            Mode::Infer,
+        )?,
+    )
+}
+
+/// A whole single-machine run on a synthetic task: fresh weights from the seed, example
+/// `step * batch + j` at step `step`.
+pub struct TaskTrainer {
+    pub config: TrainConfig,
+    pub model_config: Arc<ModelConfig>,
+    pub tokenizer: tokenizers::Tokenizer,
+    shard: TaskShard,
+    trainer: Trainer,
+}
+
+impl TrainConfig {
+    /// The inner-loop hyperparameters of this run.
+    pub fn inner(&self) -> InnerConfig {
+        InnerConfig {
+            lr: self.lr,
+            warmup: self.warmup,
+            min_lr_ratio: self.min_lr_ratio,
+            schedule_steps: self.steps,
+            clip: self.clip,
+            adamw: AdamWConfig {
+                weight_decay: self.weight_decay,
+                ..AdamWConfig::default()
+            },
+        }
+    }
+}
+
+impl TaskTrainer {
+    pub fn new(config: TrainConfig) -> Result<Self, TrainError> {
+        if config.batch_size == 0 || config.steps == 0 {
+            return Err(TrainError::Config(
+                "steps and batch size must be positive".into(),
+            ));
+        }
+        let shard = TaskShard::new(config.task, config.seed)?;
+        let tokenizer = shard.tokenizer().clone();
+        let cfg = Arc::new(task_model_config(&config, tokenizer.get_vocab_size(true))?);
+        let params = Params::from_tensors(&init_weights(&cfg, config.seed)?)?;
+        let opt = AdamWState::new(params.values.len());
+        let trainer = Trainer::from_params(cfg.clone(), params, opt, config.inner())?;
+        Ok(Self {
+            config,
+            model_config: cfg,
+            tokenizer,
+            shard,
+            trainer,
+        })
+    }
+
+    /// One optimizer step (0-based `step`).
+    pub fn step(&mut self, step: usize) -> Result<StepReport, TrainError> {
+        let b = self.config.batch_size as u64;
+        let ids: Vec<u64> = (0..b).map(|j| step as u64 * b + j).collect();
+        let batch = self.shard.batch(&ids)?;
+        self.trainer.step_on(step, &batch)
+    }
+
+    pub fn trainer(&self) -> &Trainer {
+        &self.trainer
+    }
+
+    /// An inference stage over the current weights.
+    pub fn inference_stage(&self) -> Result<Stage, TrainError> {
+        self.trainer.inference_stage()
+    }
+
+    /// The current weights by Hugging Face name.
+    pub fn weights(&self) -> Result<HashMap<String, Tensor>, TrainError> {
+        self.trainer.params().to_tensors()
     }
 
     /// Greedy exact-match accuracy on the first `n` held-out examples.
     pub fn evaluate(&self, n: usize) -> Result<EvalReport, TrainError> {
-        let stage = self.inference_stage()?;
-        evaluate(&stage, &self.tokenizer, self.config.task, self.eos, n)
+        let stage = self.trainer.inference_stage()?;
+        evaluate(
+            &stage,
+            &self.tokenizer,
+            self.config.task,
+            self.shard.eos(),
+            n,
+        )
     }
 
     /// Writes the checkpoint (see [`checkpoint::save`]).
@@ -355,10 +536,7 @@ impl Trainer {
             &self.tokenizer,
             serde_json::json!({
                 "task": self.config.task.name(),
-                "task_size": match self.config.task {
-                    Task::Addition { digits } => digits,
-                    Task::Reverse { len } | Task::Sort { len } => len,
-                },
+                "task_size": self.config.task.size(),
                 "steps": self.config.steps,
                 "batch_size": self.config.batch_size,
                 "lr": self.config.lr,
@@ -459,7 +637,7 @@ mod tests {
         tc.batch_size = 16;
         tc.hidden = 64;
         tc.layers = 1;
-        let mut t = Trainer::new(tc).unwrap();
+        let mut t = TaskTrainer::new(tc).unwrap();
         let first = t.step(0).unwrap().loss;
         let mut last = first;
         for s in 1..30 {

@@ -68,6 +68,14 @@ impl Task {
         }
     }
 
+    /// The size parameter the task was parsed with.
+    pub fn size(&self) -> usize {
+        match *self {
+            Task::Addition { digits } => digits,
+            Task::Reverse { len } | Task::Sort { len } => len,
+        }
+    }
+
     /// Prompt and answer lengths in characters (= tokens).
     pub fn lengths(&self) -> (usize, usize) {
         match *self {

@@ -64,6 +64,23 @@ fn forgeries() -> Vec<(&'static str, Forgery)> {
             }),
         ),
         (
+            "implausible numbers: NaN speed, a span past the model (issue 7)",
+            Box::new(|me, _, _| {
+                let mut a = announcement(me);
+                a.models[0].decode_s_per_layer = f32::NAN;
+                a.models[0].end = a.models[0].num_layers + 1;
+                a.sign(me).encode()
+            }),
+        ),
+        (
+            "negative speed to win every route (issue 7)",
+            Box::new(|me, _, _| {
+                let mut a = announcement(me);
+                a.models[0].decode_s_per_layer = -1.0;
+                a.sign(me).encode()
+            }),
+        ),
+        (
             "random bytes",
             Box::new(|_, _, rng| {
                 let n = 1 + (rng.next_u64() % 300) as usize;

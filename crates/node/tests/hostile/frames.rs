@@ -25,7 +25,7 @@ fn garbage(rng: &mut Bytes) -> Vec<u8> {
 }
 
 fn describe() -> RawFrame {
-    RawFrame::new(encode_frame(&Request::Describe))
+    RawFrame::new(encode_frame(&Request::Describe).unwrap())
 }
 
 /// A banned peer that dials again is let in by the transport and cut off at once: its call is
@@ -124,7 +124,7 @@ async fn truncated_frames_get_no_answer_and_no_strike() {
     let node = start_node(None, |_| {}).await;
     let mut attacker = RawPeer::new(16);
     assert!(attacker.connect(&node.addr).await);
-    let valid = encode(&Request::Describe);
+    let valid = encode(&Request::Describe).unwrap();
     let mut promised = 100u32.to_le_bytes().to_vec();
     promised.extend_from_slice(&[1; 10]);
     let frames = [
@@ -155,6 +155,9 @@ async fn truncated_frames_get_no_answer_and_no_strike() {
     node.stop().await;
 }
 
+/// What libp2p's request-response handler logs when a connection has no free stream slot.
+const AT_CAPACITY: &str = "Dropping inbound stream because we are at capacity";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_frames_tie_up_only_their_own_connection_and_only_until_the_timeout() {
     let timeout = Duration::from_secs(2);
@@ -179,6 +182,17 @@ async fn stalled_frames_tie_up_only_their_own_connection_and_only_until_the_time
             },
         );
     }
+    // The node negotiates inbound streams concurrently and hands them over in whatever order
+    // negotiations finish, so a frame sent right behind the stalls could take a slot before
+    // some of them (the flake this test had: served after 20 ms). Wait until the node turns a
+    // stalled stream away, i.e. its slots are all held by stalls, before sending a whole one.
+    let logs = logs();
+    within(WAIT, "the node's stream slots fill up", async {
+        while !logs.has_line(&[AT_CAPACITY]) {
+            attacker.idle(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     // The connection is full: a whole frame on it is dropped unread.
     let reply = attacker.call(node.peer, describe()).await;
     assert!(reply.response().is_none(), "{reply:?}");
@@ -241,7 +255,10 @@ async fn inconsistent_shapes_are_refused_and_count_as_strikes() {
     let me = attacker.peer_id().to_string();
     for (i, (message, f)) in shapes.into_iter().enumerate() {
         let reply = attacker
-            .call(node.peer, RawFrame::new(encode_frame(&Request::Forward(f))))
+            .call(
+                node.peer,
+                RawFrame::new(encode_frame(&Request::Forward(f)).unwrap()),
+            )
             .await;
         if i < 2 {
             match reply.response() {

@@ -14,5 +14,6 @@
 
 mod announcements;
 mod frames;
+mod lying;
 mod requests;
 mod support;

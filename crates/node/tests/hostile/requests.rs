@@ -310,7 +310,7 @@ async fn a_flood_of_calls_is_answered_or_refused_and_never_hangs() {
     let started = Instant::now();
     let floods = flooders.into_iter().enumerate().map(|(k, mut p)| {
         let frames = (0..FLOOD / 5)
-            .map(|i| RawFrame::new(encode_frame(&Request::Forward(call(k * FLOOD + i)))))
+            .map(|i| RawFrame::new(encode_frame(&Request::Forward(call(k * FLOOD + i))).unwrap()))
             .collect();
         let peer = node.peer;
         tokio::spawn(async move { p.call_many(peer, frames).await })

@@ -88,7 +88,7 @@ pub fn logs() -> Arc<Logs> {
         // RUST_LOG adds directives (e.g. `libp2p_request_response=debug`) to the defaults.
         let extra = std::env::var("RUST_LOG").unwrap_or_default();
         let filter = tracing_subscriber::EnvFilter::new(format!(
-            "warn,plexus_net=debug,plexus_node=debug,libp2p_request_response=error,{extra}"
+            "warn,plexus_net=debug,plexus_node=debug,libp2p_request_response=error,libp2p_request_response::handler=warn,{extra}"
         ));
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -149,7 +149,7 @@ pub struct TestNode {
     pub directory: watch::Receiver<Arc<Directory>>,
     pub counters: Arc<DiscoveryCounters>,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), plexus_node::service::RunNodeError>>>,
     _cache: tempfile::TempDir,
 }
 
@@ -212,7 +212,8 @@ impl TestNode {
         if let Some(task) = self.task.take() {
             within(WAIT, "node shutdown", task)
                 .await
-                .expect("the node task panicked");
+                .expect("the node task panicked")
+                .expect("the node stopped serving");
         }
     }
 }
@@ -398,7 +399,7 @@ pub fn forward(
         tokens: tokens.to_vec(),
         hidden,
         chunks: Vec::new(),
-        sampling: (node.span.end == LAYERS).then(SamplingParams::greedy),
+        sampling: (node.span.end == LAYERS).then(|| Box::new(SamplingParams::greedy())),
         reply_dtype: DType::F32,
         all_rows: false,
     }

@@ -17,9 +17,10 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let path = a.model.clone().context("--model is required")?;
     let pb = crate::progress::spinner("loading");
-    let model = plexus_model::load(&a.model)
-        .with_context(|| format!("cannot load model {}", a.model.display()))?;
+    let model = plexus_model::load(&path)
+        .with_context(|| format!("cannot load model {}", path.display()))?;
     pb.finish_and_clear();
     let cfg = &model.config;
     anyhow::ensure!(
@@ -61,7 +62,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let threads = candle_threads();
     let out = serde_json::json!({
-        "model": a.model.display().to_string(),
+        "model": path.display().to_string(),
         "model_bytes": plexus_model::identity::total_size(&model.weight_files),
         "threads": threads,
         "prompt_tokens": a.prompt_tokens,
@@ -78,7 +79,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "model {} | threads {} | pp{} {:.1} tok/s | tg{} {:.1} tok/s | peak RSS {:.1} MiB",
-            a.model.display(),
+            path.display(),
             threads,
             a.prompt_tokens,
             mean(&prefill),

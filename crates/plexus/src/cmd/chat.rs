@@ -50,7 +50,7 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
             &model.tokenizer,
             &req,
             |p| {
-                let _ = stdout.write_all(p.as_bytes());
+                let _ = stdout.write_all(p.text.as_bytes());
                 let _ = stdout.flush();
                 Flow::Continue
             },

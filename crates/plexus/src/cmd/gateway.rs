@@ -49,14 +49,25 @@ pub struct GatewayArgs {
     /// --mdns) and route each request over a chain of nodes announcing this model.
     #[command(flatten)]
     pub net: crate::cli::NetArgs,
-    /// Activations between stages: f16, f32 or int8 (network mode).
-    #[arg(long, default_value = "f16")]
+    /// Activations between stages (network mode): f32 (default: exact, the tokens of one
+    /// process), f16 or int8 (half or a quarter of the bytes for slow links; answers may part
+    /// from the single-process ones where two tokens nearly tie).
+    #[arg(long, default_value = "f32")]
     pub wire: String,
     #[command(flatten)]
     pub ledger: super::ledger::LedgerArgs,
     /// Price per completion token, in micro-PLX (with a ledger).
     #[arg(long, default_value_t = 1)]
     pub price: plexus_ledger::Amount,
+    /// Require this static key from clients (`Authorization: Bearer KEY` or `x-api-key: KEY`);
+    /// /health stays open. Only with `--ledger none`: with a ledger, clients authenticate with
+    /// their per-account keys instead, and giving both is refused.
+    #[arg(long, env = "PLEXUS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Also allow browser pages from this origin (repeatable; `*`: any). Pages served from
+    /// localhost are always allowed.
+    #[arg(long = "cors-origin")]
+    pub cors_origins: Vec<String>,
     /// Benchmark only: serve timestamps every N ms instead of running the model
     /// (bench/gateway_overhead.sh).
     #[arg(long, hide = true)]
@@ -70,10 +81,18 @@ impl GatewayArgs {
             .with_max_queue(self.max_queue)
             .with_max_body_bytes(self.max_body_bytes)
             .with_shutdown_grace(Duration::from_secs(self.shutdown_grace_secs))
+            .with_api_key(self.api_key.clone())
+            .with_cors_origins(self.cors_origins.clone())
     }
 }
 
 pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
+    let data_dir = a
+        .net
+        .data_dir
+        .clone()
+        .unwrap_or_else(super::net::default_data_dir);
+    super::ledger::check_auth(a.ledger.url(&data_dir)?.is_some(), a.api_key.as_deref())?;
     if !a.net.bootstrap.is_empty() || a.net.mdns {
         return run_network(a);
     }

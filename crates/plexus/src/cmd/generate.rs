@@ -35,7 +35,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         std::slice::from_ref(&model.stage),
         &model.tokenizer,
         &req,
-        |piece| match out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+        |piece| match out
+            .write_all(piece.text.as_bytes())
+            .and_then(|_| out.flush())
+        {
             Ok(()) => Flow::Continue,
             Err(e) => {
                 write_err = Some(e);

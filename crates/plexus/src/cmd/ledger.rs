@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 pub struct LedgerArgs {
     /// The ledger: sqlite://PATH (created on first start) or postgres://USER:PASS@HOST/DB;
     /// `none` runs without accounts (every request free). Default: sqlite://DATA_DIR/ledger.db.
+    /// With a ledger, completions need a per-account key (`Authorization: Bearer KEY`, from
+    /// `plexus keys create`) and are charged to its account.
     #[arg(long, value_name = "URL")]
     pub ledger: Option<String>,
 }
@@ -38,6 +40,20 @@ impl LedgerArgs {
             ))),
         }
     }
+}
+
+/// Refuses a static `--api-key` together with a ledger: both would read the same
+/// `Authorization: Bearer` header, so a client could not present both. With a ledger the
+/// per-account keys authenticate (and pay); the static key is for a gateway without one.
+pub fn check_auth(accounts_on: bool, api_key: Option<&str>) -> anyhow::Result<()> {
+    if accounts_on && api_key.is_some_and(|k| !k.is_empty()) {
+        anyhow::bail!(
+            "--api-key (or PLEXUS_API_KEY) is a static key for a gateway without a ledger; \
+             with a ledger, clients use per-account keys (`plexus keys create`). \
+             Pass --ledger none to use --api-key, or drop --api-key"
+        );
+    }
+    Ok(())
 }
 
 /// Parses an amount: a whole number of ledger units (micro-PLX), or `N PLX` / `NPLX` (whole or
@@ -180,35 +196,6 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn amounts_parse_in_units_or_plx() {
-        assert_eq!(parse_amount("1500"), Ok(1500));
-        assert_eq!(parse_amount("100PLX"), Ok(100_000_000));
-        assert_eq!(parse_amount("0.5 PLX"), Ok(500_000));
-        assert_eq!(parse_amount(".000001PLX"), Ok(1));
-        assert!(parse_amount("0.0000001PLX").is_err());
-        assert!(parse_amount("-3").is_err());
-        assert!(parse_amount("lots").is_err());
-        assert!(parse_amount("99999999999999999999").is_err());
-    }
-
-    #[test]
-    fn ledger_urls_resolve() {
-        let a = |s: Option<&str>| LedgerArgs {
-            ledger: s.map(str::to_owned),
-        };
-        let d = Path::new("/data");
-        assert_eq!(a(None).url(d).unwrap().unwrap(), "sqlite:///data/ledger.db");
-        assert_eq!(a(Some("none")).url(d).unwrap(), None);
-        assert!(a(Some("mysql://x")).url(d).is_err());
-        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-    }
-}
-
 /// Opens the gateway's accounts on `--ledger` (`None` for `--ledger none`). The gateway's node
 /// key is its account: it opens escrows and is paid for the tokens it serves.
 pub async fn open_accounts(
@@ -262,4 +249,45 @@ pub async fn dev_key(
 
 async fn accounts_knows(accounts: &plexus_gateway::accounts::Accounts, key: &str) -> bool {
     accounts.account_for_key(key).await.ok().flatten().is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_parse_in_units_or_plx() {
+        assert_eq!(parse_amount("1500"), Ok(1500));
+        assert_eq!(parse_amount("100PLX"), Ok(100_000_000));
+        assert_eq!(parse_amount("0.5 PLX"), Ok(500_000));
+        assert_eq!(parse_amount(".000001PLX"), Ok(1));
+        assert!(parse_amount("0.0000001PLX").is_err());
+        assert!(parse_amount("-3").is_err());
+        assert!(parse_amount("lots").is_err());
+        assert!(parse_amount("99999999999999999999").is_err());
+    }
+
+    #[test]
+    fn ledger_urls_resolve() {
+        let a = |s: Option<&str>| LedgerArgs {
+            ledger: s.map(str::to_owned),
+        };
+        let d = Path::new("/data");
+        assert_eq!(a(None).url(d).unwrap().unwrap(), "sqlite:///data/ledger.db");
+        assert_eq!(a(Some("none")).url(d).unwrap(), None);
+        assert!(a(Some("mysql://x")).url(d).is_err());
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+    }
+
+    #[test]
+    fn a_static_key_only_without_a_ledger() {
+        assert!(check_auth(false, Some("k")).is_ok());
+        assert!(check_auth(true, None).is_ok());
+        assert!(check_auth(true, Some("")).is_ok());
+        let e = check_auth(true, Some("k")).unwrap_err().to_string();
+        assert!(
+            e.contains("--api-key") && e.contains("--ledger none"),
+            "{e}"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand; `run` dispatches.
 
 mod bench;
+mod bench_train;
 mod chat;
 pub mod gateway;
 mod generate;
@@ -12,7 +13,7 @@ mod placement;
 mod train;
 mod up;
 
-use crate::cli::{Cli, Command, CommonArgs, ModelsCommand, SamplingArgs};
+use crate::cli::{BenchCommand, Cli, Command, CommonArgs, ModelsCommand, SamplingArgs};
 use anyhow::Context as _;
 use plexus_model::{LoadedModel, SamplingParams};
 use std::path::PathBuf;
@@ -21,7 +22,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => match a.what {
+            Some(BenchCommand::Train(t)) => bench_train::run(t),
+            None => bench::run(a),
+        },
         Command::Train(a) => train::run(a),
         Command::Gateway(a) => gateway::run(a),
         Command::Models {
@@ -49,6 +53,7 @@ impl SamplingArgs {
             presence_penalty: self.presence_penalty,
             penalty_last_n: 64,
             seed: self.seed,
+            ..SamplingParams::default()
         }
     }
 }

@@ -14,6 +14,14 @@ use std::time::Duration;
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let auto = args.span.as_deref() == Some("auto");
+    if args.follow_placement && (auto || args.span.is_none()) {
+        anyhow::bail!(
+            "--follow-placement needs --span a..b (`--span auto` follows placement already)"
+        );
+    }
+    if args.stages.is_some() && !auto && !args.follow_placement {
+        anyhow::bail!("--stages needs --span auto or --follow-placement");
+    }
     let span = args
         .span
         .as_deref()
@@ -33,8 +41,10 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     };
     config.cache_dir = super::cache_dir();
     config.price = args.price;
-    config.auto = auto.then_some(AutoPlacement {
+    config.auto = (auto || args.follow_placement).then(|| AutoPlacement {
         stages: args.stages,
+        equal_speeds: args.plan_equal_speeds,
+        ..AutoPlacement::default()
     });
     let rt = runtime()?;
     rt.block_on(async move {
@@ -62,7 +72,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
                 _ = stdin_closed(args.parent_pid.is_some()) => {}
             }
         };
-        node.run(stop).await;
+        node.run(stop).await?;
         anyhow::Ok(())
     })
 }

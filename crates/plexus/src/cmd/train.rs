@@ -4,7 +4,7 @@
 use crate::cli::TrainArgs;
 use anyhow::Context as _;
 use plexus_model::train::task::Task;
-use plexus_model::train::{TrainConfig, Trainer};
+use plexus_model::train::{TaskTrainer, TrainConfig};
 use std::time::Instant;
 
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
@@ -18,7 +18,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     tc.seed = a.seed;
     tc.hidden = a.hidden;
     tc.layers = a.layers;
-    let mut trainer = Trainer::new(tc)?;
+    let mut trainer = TaskTrainer::new(tc)?;
     let cfg = trainer.model_config.clone();
     eprintln!(
         "training {} (size {}) | model: {} layers, hidden {}, {} heads, vocab {} | {} steps x {} sequences",

@@ -2,6 +2,10 @@
 //! loopback with the model split across them by placement, joins them from this process as a
 //! gateway, waits until a chain covers every layer, prints the API URL and a curl line, and on
 //! Ctrl-C stops the gateway (finishing in-flight requests) and then the nodes.
+//!
+//! Nodes follow placement (unless `--static-spans`): when one dies, the survivors re-plan over
+//! fewer stages, load the layers they now need from the model file and announce them, and the
+//! gateway's chains replay onto them; streams go on with the same text.
 
 use super::net::{runtime, shutdown_signal};
 use crate::cli::UpArgs;
@@ -52,12 +56,21 @@ fn spans(layers: usize, n: usize) -> anyhow::Result<Vec<(usize, usize)>> {
     Ok(out)
 }
 
+/// How `plexus up` starts its nodes.
+#[derive(Clone, Copy)]
+struct NodeOptions {
+    threads: Option<usize>,
+    /// Follow placement with chains of this many stages (survivors take over a dead node's
+    /// layers); `None`: keep the first span.
+    follow: Option<usize>,
+}
+
 async fn start_node(
     model: &Path,
     span: (usize, usize),
     data_dir: &Path,
     bootstrap: &[Multiaddr],
-    threads: Option<usize>,
+    options: NodeOptions,
 ) -> anyhow::Result<NodeProcess> {
     let exe = std::env::current_exe().context("cannot find the plexus executable")?;
     let mut cmd = Command::new(exe);
@@ -72,8 +85,14 @@ async fn start_node(
         .arg(data_dir)
         .arg("--parent-pid")
         .arg(std::process::id().to_string());
-    if let Some(t) = threads {
+    if let Some(t) = options.threads {
         cmd.arg("--threads").arg(t.to_string());
+    }
+    if let Some(stages) = options.follow {
+        cmd.arg("--follow-placement")
+            .arg("--plan-equal-speeds")
+            .arg("--stages")
+            .arg(stages.to_string());
     }
     for b in bootstrap {
         cmd.arg("--bootstrap").arg(b.to_string());
@@ -154,20 +173,24 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let base = super::cache_dir()
         .unwrap_or_else(std::env::temp_dir)
         .join("up");
+    super::ledger::check_auth(args.ledger.url(&base)?.is_some(), args.api_key.as_deref())?;
     let rt = runtime()?;
     rt.block_on(async move {
         eprintln!("starting {} nodes for {}", spans.len(), model.display());
         let mut nodes: Vec<NodeProcess> = Vec::new();
         let result = async {
-            let first =
-                start_node(&model, spans[0], &base.join("node-0"), &[], args.threads).await?;
+            let options = NodeOptions {
+                threads: args.threads,
+                follow: (!args.static_spans).then_some(args.nodes),
+            };
+            let first = start_node(&model, spans[0], &base.join("node-0"), &[], options).await?;
             let boot = first.addrs.clone();
             nodes.push(first);
             let rest = spans[1..].iter().enumerate().map(|(i, span)| {
                 let dir = base.join(format!("node-{}", i + 1));
                 let (model, boot) = (model.clone(), boot.clone());
                 let span = *span;
-                async move { start_node(&model, span, &dir, &boot, args.threads).await }
+                async move { start_node(&model, span, &dir, &boot, options).await }
             });
             for n in futures::future::join_all(rest).await {
                 nodes.push(n?);
@@ -201,7 +224,13 @@ async fn serve(
     let net = NetConfig::new(key)
         .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
         .with_bootstrap(bootstrap);
-    let client = NetworkClient::start(ClientConfig::new(net))?;
+    let mut config = ClientConfig::new(net);
+    config.wire = args
+        .wire
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .context("bad --wire")?;
+    let client = NetworkClient::start(config)?;
     let mut backend = NetworkBackend::new(client.clone());
     let cache = super::cache_dir();
     let entry = backend
@@ -236,7 +265,11 @@ async fn serve(
             println!("API key: {k}");
             format!(" -H 'Authorization: Bearer {k}'")
         }
-        None => String::new(),
+        // `--ledger none --api-key KEY`: the static key the user gave.
+        None => match args.api_key.as_deref().filter(|k| !k.is_empty()) {
+            Some(k) => format!(" -H 'Authorization: Bearer {k}'"),
+            None => String::new(),
+        },
     };
     println!("Try:");
     println!(
@@ -248,7 +281,9 @@ async fn serve(
     std::io::stdout().flush()?;
     let state = plexus_gateway::AppState::with_accounts(
         Arc::new(backend),
-        GatewayConfig::default(),
+        GatewayConfig::default()
+            .with_api_key(args.api_key.clone())
+            .with_cors_origins(args.cors_origins.clone()),
         accounts,
     );
     plexus_gateway::serve_state(listener, state, shutdown_signal()).await?;

@@ -1,0 +1,1050 @@
+//! The chain driver as a state machine: which stage to call next with what, and what to do
+//! when a call fails. No I/O, no clock: a [`Transport`] performs the calls and route look-ups
+//! the machine asks for, so tests drive it in memory with faults injected anywhere.
+//!
+//! ```text
+//!            feed(tokens)
+//!                 │
+//!                 ▼
+//!   ┌──▶ Forward { k, input } ──reply ok, not last──▶ Forward { k+1, out }
+//!   │         │ reply ok, last ──▶ token (done)
+//!   │         │ reply failed (retryable)
+//!   │         ▼
+//!   │    Reroute { k, replay }  ── no route ──▶ error
+//!   │         │ route from layer `from`
+//!   │         ▼
+//!   │    Replay { k, route, j, input } ──ok, not last──▶ Replay { j+1 }
+//!   │         │ route[j] is a later stage of the old chain: rejoin
+//!   └─────────┤
+//!             │ ok, last ──▶ token (done)
+//!             │ failed ──▶ Reroute (again, from layer `from`)
+//! ```
+//!
+//! The chain keeps, per stage, everything that stage was fed, and the size of every call. A
+//! failed stage `k` is routed around from its first layer `from`: the replacement stages get
+//! the whole log (tokens, and the activations that entered layer `from`) in the original call
+//! sizes, so their KV caches hold what the lost stage's held, and the last stage samples the
+//! token of the interrupted step. Greedy and seeded generations give the undisturbed text.
+
+use crate::route::Hop;
+use plexus_core::wire::{Activations, DType, ErrorCode, Forward, Response, SessionId};
+use plexus_core::Digest;
+use plexus_model::sampler::TokenLogprobs;
+use plexus_model::SamplingParams;
+use plexus_net::PeerId;
+use tracing::{info, warn};
+
+/// Why a generation through the network failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("no chain of nodes covers layers {from}..{to} of model {model}")]
+    NoRoute {
+        model: String,
+        from: usize,
+        to: usize,
+    },
+    #[error("stage {peer} refused the call ({code:?}): {message}")]
+    Refused {
+        peer: PeerId,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("gave up after {0} failovers")]
+    TooManyFailovers(usize),
+    #[error("stage {peer} sent an unexpected answer")]
+    Protocol { peer: PeerId },
+}
+
+/// A call that got no answer (transport failure). `retryable: false` when the caller itself
+/// is shutting down.
+#[derive(Debug)]
+pub struct CallFailed {
+    pub retryable: bool,
+    pub message: String,
+}
+
+/// What performs the machine's requests: stage calls, route look-ups, session closes.
+pub trait Transport {
+    /// One stage call.
+    fn call(&mut self, peer: PeerId, forward: Forward) -> Result<Response, CallFailed>;
+    /// The best route over `from..to` avoiding `exclude` (or, when none exists, one over
+    /// `0..to`: the chain then replays from the first layer), waiting a bounded time for one
+    /// to appear; `None` when none did.
+    fn route(&mut self, from: usize, to: usize, exclude: &[PeerId]) -> Option<Vec<Hop>>;
+    /// Frees a session on a peer (best effort, in the background).
+    fn close(&mut self, peer: PeerId, session: SessionId);
+    /// `peer` failed a call or answered nonsense (for the scoreboard).
+    fn blame(&mut self, peer: PeerId);
+}
+
+/// What the machine wants done next.
+#[derive(Debug)]
+pub enum Next {
+    Call(PeerId, Box<Forward>),
+    Route { from: usize },
+    Token(u32),
+    Failed(ChainError),
+}
+
+/// One stage of the chain and what it holds.
+#[derive(Clone, Debug)]
+pub struct HopState {
+    pub hop: Hop,
+    /// Positions the stage holds for this session.
+    pub position: usize,
+    /// What the stage was fed (activations; empty for the first stage), all positions.
+    pub inputs: Vec<Activations>,
+}
+
+impl HopState {
+    fn new(hop: Hop) -> Self {
+        Self {
+            hop,
+            position: 0,
+            inputs: Vec::new(),
+        }
+    }
+}
+
+/// What a failover replays to the replacement stages.
+#[derive(Clone, Debug)]
+struct Replay {
+    /// First layer of the failed stage.
+    from: usize,
+    /// Everything layer `from` was fed, this call included (`None` when `from` is 0).
+    layer_in: Option<Activations>,
+    tokens: Vec<u32>,
+    chunks: Vec<u32>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Idle,
+    Forward {
+        k: usize,
+        input: Option<Activations>,
+    },
+    Reroute {
+        k: usize,
+        replay: Replay,
+    },
+    Replay {
+        k: usize,
+        replay: Replay,
+        route: Vec<Hop>,
+        j: usize,
+        /// Activations entering `route[j]`, all positions.
+        input: Option<Activations>,
+        replayed: Vec<HopState>,
+    },
+}
+
+/// Settings of one chain.
+#[derive(Clone, Debug)]
+pub struct ChainConfig {
+    pub model: Digest,
+    pub num_layers: usize,
+    /// Width of the activations between stages.
+    pub hidden: u32,
+    pub params: SamplingParams,
+    pub wire: DType,
+    pub session: SessionId,
+    pub max_failovers: usize,
+}
+
+/// One generation's chain; see the module docs.
+#[derive(Debug)]
+pub struct Chain {
+    config: ChainConfig,
+    hops: Vec<HopState>,
+    /// Every token fed so far, and the size of every feed.
+    tokens: Vec<u32>,
+    calls: Vec<u32>,
+    exclude: Vec<PeerId>,
+    failovers: usize,
+    phase: Phase,
+    /// The current feed.
+    feed: Vec<u32>,
+    to_close: Vec<PeerId>,
+    to_blame: Vec<PeerId>,
+    /// The log-probabilities the last stage sent with its latest token (when asked for).
+    scores: Option<TokenLogprobs>,
+}
+
+/// Whether a refusal is worth routing around (the node is gone or lost our session) rather
+/// than an error in the request itself.
+fn retryable(code: ErrorCode) -> bool {
+    !matches!(code, ErrorCode::BadRequest | ErrorCode::ContextOverflow)
+}
+
+impl Chain {
+    pub fn new(config: ChainConfig, route: Vec<Hop>) -> Self {
+        Self {
+            config,
+            hops: route.into_iter().map(HopState::new).collect(),
+            tokens: Vec::new(),
+            calls: Vec::new(),
+            exclude: Vec::new(),
+            failovers: 0,
+            phase: Phase::Idle,
+            feed: Vec::new(),
+            to_close: Vec::new(),
+            to_blame: Vec::new(),
+            scores: None,
+        }
+    }
+
+    /// The log-probabilities of the last token, when the sampling params asked for them.
+    pub fn take_logprobs(&mut self) -> Option<TokenLogprobs> {
+        self.scores.take()
+    }
+
+    pub fn route(&self) -> Vec<Hop> {
+        self.hops.iter().map(|h| h.hop.clone()).collect()
+    }
+
+    pub fn hops(&self) -> &[HopState] {
+        &self.hops
+    }
+
+    pub fn failovers(&self) -> usize {
+        self.failovers
+    }
+
+    pub fn session(&self) -> SessionId {
+        self.config.session
+    }
+
+    /// Peers routing must avoid (they failed this chain).
+    pub fn excluded(&self) -> &[PeerId] {
+        &self.exclude
+    }
+
+    /// Sessions to free; the driver sends the closes.
+    pub fn take_closes(&mut self) -> Vec<PeerId> {
+        std::mem::take(&mut self.to_close)
+    }
+
+    /// Peers that failed since the last call.
+    pub fn take_blamed(&mut self) -> Vec<PeerId> {
+        std::mem::take(&mut self.to_blame)
+    }
+
+    /// Every peer holding a session of this chain (to close when it ends).
+    pub fn peers(&self) -> Vec<PeerId> {
+        self.hops.iter().map(|h| h.hop.peer).collect()
+    }
+
+    /// Starts feeding `tokens`: the first request.
+    pub fn start(&mut self, tokens: &[u32]) -> Next {
+        self.feed = tokens.to_vec();
+        self.forward_to(0, None)
+    }
+
+    /// The answer to the last [`Next::Call`].
+    pub fn on_reply(&mut self, reply: Result<Response, CallFailed>) -> Next {
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Forward { k, input } => self.forward_reply(k, input, reply),
+            Phase::Replay {
+                k,
+                replay,
+                route,
+                j,
+                input,
+                replayed,
+            } => self.replay_reply(k, replay, route, j, input, replayed, reply),
+            phase @ (Phase::Idle | Phase::Reroute { .. }) => {
+                self.phase = phase;
+                Next::Failed(ChainError::NoRoute {
+                    model: self.config.model.short(),
+                    from: 0,
+                    to: self.config.num_layers,
+                })
+            }
+        }
+    }
+
+    /// The answer to the last [`Next::Route`].
+    pub fn on_route(&mut self, route: Option<Vec<Hop>>) -> Next {
+        let Phase::Reroute { k, replay } = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return self.no_route(0);
+        };
+        // A route from layer 0 also does when none from `from` exists (survivors re-planned
+        // and now serve other spans): the whole log is replayed from the first layer.
+        if let Some(r) = route
+            .as_ref()
+            .filter(|r| replay.from > 0 && self.is_cover(r, 0))
+        {
+            let r = r.clone();
+            let replay = Replay {
+                from: 0,
+                layer_in: None,
+                ..replay
+            };
+            info!("no route from the failed stage; replaying from layer 0");
+            return self.replay_step(0, replay, r, 0, None, Vec::new());
+        }
+        let Some(route) = route.filter(|r| self.is_cover(r, replay.from)) else {
+            if replay.from == 0 {
+                return self.no_route(0);
+            }
+            // No route from the failed stage's first layer: replay everything from layer 0
+            // (the chain holds every token), replacing the whole chain if need be.
+            warn!(
+                from = replay.from,
+                "no route from the failed stage; replaying from layer 0"
+            );
+            self.phase = Phase::Reroute {
+                k: 0,
+                replay: Replay {
+                    from: 0,
+                    layer_in: None,
+                    ..replay
+                },
+            };
+            return Next::Route { from: 0 };
+        };
+        info!(route = ?route.iter().map(|h| (h.peer.to_string(), h.start, h.end)).collect::<Vec<_>>(), "replaying to replacement stages");
+        let input = replay.layer_in.clone();
+        self.replay_step(k, replay, route, 0, input, Vec::new())
+    }
+
+    fn is_cover(&self, route: &[Hop], from: usize) -> bool {
+        route.first().is_some_and(|h| h.start == from)
+            && route
+                .last()
+                .is_some_and(|h| h.end == self.config.num_layers)
+            && route.windows(2).all(|w| w[0].end == w[1].start)
+            && route.iter().all(|h| h.start < h.end)
+    }
+
+    fn no_route(&self, from: usize) -> Next {
+        Next::Failed(ChainError::NoRoute {
+            model: self.config.model.short(),
+            from,
+            to: self.config.num_layers,
+        })
+    }
+
+    fn request(
+        &self,
+        hop: &Hop,
+        position: usize,
+        tokens: Vec<u32>,
+        hidden: Option<Activations>,
+        chunks: Vec<u32>,
+        all_rows: bool,
+    ) -> Box<Forward> {
+        Box::new(Forward {
+            session: self.config.session,
+            model: self.config.model,
+            start: hop.start as u32,
+            end: hop.end as u32,
+            position: position as u32,
+            tokens,
+            hidden,
+            chunks,
+            sampling: (hop.end == self.config.num_layers)
+                .then(|| Box::new(self.config.params.clone())),
+            reply_dtype: self.config.wire,
+            all_rows,
+        })
+    }
+
+    /// Calls hop `k` with the current feed.
+    fn forward_to(&mut self, k: usize, input: Option<Activations>) -> Next {
+        let Some(state) = self.hops.get(k) else {
+            return self.no_route(0);
+        };
+        let hop = state.hop.clone();
+        let f = self.request(
+            &hop,
+            state.position,
+            self.feed.clone(),
+            input.clone(),
+            Vec::new(),
+            false,
+        );
+        self.phase = Phase::Forward { k, input };
+        Next::Call(hop.peer, f)
+    }
+
+    /// Interprets a reply: `Ok(Some(hidden))`, `Ok(None)` with a token in `token`, or the
+    /// error and whether to fail over.
+    fn interpret(
+        &mut self,
+        peer: PeerId,
+        is_last: bool,
+        rows: usize,
+        reply: Result<Response, CallFailed>,
+    ) -> Result<Outcome, (bool, ChainError)> {
+        match reply {
+            Ok(Response::Hidden { hidden, .. }) if !is_last => {
+                if hidden.rows as usize != rows || hidden.cols != self.config.hidden {
+                    // The next stage would refuse these as a bad request, and the user would
+                    // get an error instead of a failover.
+                    warn!(%peer, rows = hidden.rows, cols = hidden.cols, want_rows = rows, want_cols = self.config.hidden, "stage answered activations of the wrong shape");
+                    return Err((true, ChainError::Protocol { peer }));
+                }
+                Ok(Outcome::Hidden(hidden))
+            }
+            // Asked-for log-probabilities that are missing or malformed: a faulty stage.
+            Ok(Response::Token { token, .. })
+                if is_last && self.config.params.logprobs.is_none() =>
+            {
+                Ok(Outcome::Token(token))
+            }
+            Ok(Response::Scored {
+                token, logprobs, ..
+            }) if is_last => match self.config.params.logprobs {
+                Some(n) if logprobs.is_plausible(n, token, usize::MAX) => {
+                    self.scores = Some(logprobs);
+                    Ok(Outcome::Token(token))
+                }
+                _ => Err((true, ChainError::Protocol { peer })),
+            },
+            Ok(Response::Error { code, message }) => Err((
+                retryable(code),
+                ChainError::Refused {
+                    peer,
+                    code,
+                    message,
+                },
+            )),
+            Ok(_) => Err((true, ChainError::Protocol { peer })),
+            Err(CallFailed { retryable, message }) => {
+                warn!(%peer, "stage call failed: {message}");
+                Err((
+                    retryable,
+                    ChainError::Refused {
+                        peer,
+                        code: ErrorCode::Internal,
+                        message,
+                    },
+                ))
+            }
+        }
+    }
+
+    fn forward_reply(
+        &mut self,
+        k: usize,
+        input: Option<Activations>,
+        reply: Result<Response, CallFailed>,
+    ) -> Next {
+        let n = self.feed.len();
+        let hop = self.hops[k].hop.clone();
+        let is_last = hop.end == self.config.num_layers;
+        match self.interpret(hop.peer, is_last, n, reply) {
+            Ok(Outcome::Hidden(out)) => {
+                let state = &mut self.hops[k];
+                state.position += n;
+                state.inputs.extend(input);
+                self.forward_to(k + 1, Some(out))
+            }
+            Ok(Outcome::Token(token)) => {
+                let state = &mut self.hops[k];
+                state.position += n;
+                state.inputs.extend(input);
+                self.finish(token)
+            }
+            Err((false, e)) => Next::Failed(e),
+            Err((true, e)) => self.fail_over(k, input, e),
+        }
+    }
+
+    /// Hop `k` failed on the current feed: log what layer `from` must be replayed, exclude the
+    /// peer and ask for a route.
+    fn fail_over(&mut self, k: usize, input: Option<Activations>, why: ChainError) -> Next {
+        let from = self.hops[k].hop.start;
+        let layer_in = if from == 0 {
+            None
+        } else {
+            let mut parts = self.hops[k].inputs.clone();
+            parts.extend(input);
+            Activations::concat(&parts)
+        };
+        let mut tokens = self.tokens.clone();
+        tokens.extend_from_slice(&self.feed);
+        let mut chunks = self.calls.clone();
+        chunks.push(self.feed.len() as u32);
+        let replay = Replay {
+            from,
+            layer_in,
+            tokens,
+            chunks,
+        };
+        let failed = self.hops[k].hop.clone();
+        self.reroute(k, replay, failed, why)
+    }
+
+    /// Excludes `failed` and asks for a route from `replay.from`.
+    fn reroute(&mut self, k: usize, replay: Replay, failed: Hop, why: ChainError) -> Next {
+        if !self.exclude.contains(&failed.peer) {
+            self.exclude.push(failed.peer);
+        }
+        self.to_blame.push(failed.peer);
+        self.to_close.push(failed.peer);
+        self.failovers += 1;
+        if self.failovers > self.config.max_failovers {
+            warn!("giving up: {why}");
+            return Next::Failed(ChainError::TooManyFailovers(self.failovers - 1));
+        }
+        warn!(failed = %failed.peer, layers = %format!("{}..{}", failed.start, failed.end), "stage failed ({why}); rerouting");
+        let from = replay.from;
+        self.phase = Phase::Reroute { k, replay };
+        Next::Route { from }
+    }
+
+    /// Replays to `route[j]`, or rejoins the old chain if `route[j]` is one of its later
+    /// stages.
+    fn replay_step(
+        &mut self,
+        k: usize,
+        replay: Replay,
+        route: Vec<Hop>,
+        j: usize,
+        input: Option<Activations>,
+        replayed: Vec<HopState>,
+    ) -> Next {
+        let Some(hop) = route.get(j).cloned() else {
+            return self.no_route(replay.from);
+        };
+        if let Some(m) = (k + 1..self.hops.len()).find(|&m| self.hops[m].hop == hop) {
+            // Rejoin: the old stages between the failed one and `m` are no longer used.
+            let Some(next_input) = input.as_ref().map(|a| a.tail_rows(self.feed.len())) else {
+                return Next::Failed(ChainError::Protocol { peer: hop.peer });
+            };
+            let at = k + replayed.len();
+            let mut hops: Vec<HopState> = self.hops[..k].to_vec();
+            hops.extend(replayed);
+            hops.extend(self.hops[m..].iter().cloned());
+            self.commit(hops);
+            return self.forward_to(at, Some(next_input));
+        }
+        let is_last = hop.end == self.config.num_layers;
+        let f = self.request(
+            &hop,
+            0,
+            replay.tokens.clone(),
+            input.clone(),
+            replay.chunks.clone(),
+            !is_last,
+        );
+        let peer = hop.peer;
+        self.phase = Phase::Replay {
+            k,
+            replay,
+            route,
+            j,
+            input,
+            replayed,
+        };
+        Next::Call(peer, f)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn replay_reply(
+        &mut self,
+        k: usize,
+        replay: Replay,
+        route: Vec<Hop>,
+        j: usize,
+        input: Option<Activations>,
+        mut replayed: Vec<HopState>,
+        reply: Result<Response, CallFailed>,
+    ) -> Next {
+        let hop = route[j].clone();
+        let is_last = hop.end == self.config.num_layers;
+        let positions = replay.tokens.len();
+        match self.interpret(hop.peer, is_last, positions, reply) {
+            Ok(out) => {
+                replayed.push(HopState {
+                    hop,
+                    position: positions,
+                    inputs: input.into_iter().collect(),
+                });
+                match out {
+                    Outcome::Hidden(out) => {
+                        self.replay_step(k, replay, route, j + 1, Some(out), replayed)
+                    }
+                    Outcome::Token(token) => {
+                        let mut hops: Vec<HopState> = self.hops[..k].to_vec();
+                        hops.extend(replayed);
+                        self.commit(hops);
+                        self.finish(token)
+                    }
+                }
+            }
+            Err((false, e)) => Next::Failed(e),
+            Err((true, e)) => {
+                // A replacement failed too: drop what was replayed (unless the peer is also in
+                // the chain: its session there was just restarted, it goes with the next
+                // commit), route again from `from`.
+                self.to_close.extend(
+                    replayed
+                        .iter()
+                        .map(|r| r.hop.peer)
+                        .filter(|p| !self.hops.iter().any(|h| h.hop.peer == *p)),
+                );
+                self.reroute(k, replay, hop, e)
+            }
+        }
+    }
+
+    /// Makes `hops` the chain; old stages no longer in it get their sessions closed (not one
+    /// still in it: a late close would kill the session it just rebuilt).
+    fn commit(&mut self, hops: Vec<HopState>) {
+        for old in &self.hops {
+            if !hops.iter().any(|h| h.hop.peer == old.hop.peer) {
+                self.to_close.push(old.hop.peer);
+            }
+        }
+        self.hops = hops;
+    }
+
+    fn finish(&mut self, token: u32) -> Next {
+        self.tokens.extend_from_slice(&self.feed);
+        self.calls.push(self.feed.len() as u32);
+        self.phase = Phase::Idle;
+        Next::Token(token)
+    }
+}
+
+enum Outcome {
+    Hidden(Activations),
+    Token(u32),
+}
+
+/// Runs one feed to its end through `transport`.
+pub fn drive(
+    chain: &mut Chain,
+    tokens: &[u32],
+    transport: &mut impl Transport,
+) -> Result<u32, ChainError> {
+    let mut next = chain.start(tokens);
+    loop {
+        let session = chain.session();
+        for peer in chain.take_closes() {
+            transport.close(peer, session);
+        }
+        for peer in chain.take_blamed() {
+            transport.blame(peer);
+        }
+        next = match next {
+            Next::Call(peer, f) => {
+                let reply = transport.call(peer, *f);
+                chain.on_reply(reply)
+            }
+            Next::Route { from } => {
+                let route = transport.route(from, chain.config.num_layers, chain.excluded());
+                chain.on_route(route)
+            }
+            Next::Token(t) => return Ok(t),
+            Next::Failed(e) => return Err(e),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The machine driven in memory: real stages behind an in-memory transport that kills a
+    //! peer or loses a reply at any chosen call, checked against the whole model. The
+    //! exhaustive sweeps use the tiny 2-layer fixture model (two hops, fast); a few cases use
+    //! SmolLM2 split in three, for the middle stage.
+
+    use super::*;
+    use crate::engine::EngineActor;
+    use crate::route::{best_route, Candidate};
+    use plexus_model::generate::{LocalChain, TokenChain};
+    use plexus_model::layers::Mode;
+    use plexus_model::load::ModelFiles;
+    use plexus_model::{LayerSpan, Stage};
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::Duration;
+
+    const STEPS: usize = 5;
+    const MODEL: Digest = Digest([7; 32]);
+
+    /// A model, its split, and a prompt.
+    #[derive(Clone)]
+    struct Fixture {
+        path: PathBuf,
+        layers: usize,
+        hidden: u32,
+        /// Servers: span and claimed cost. Two per stage and one slow whole-model node, so
+        /// any two failures leave a route.
+        servers: Vec<((usize, usize), f64)>,
+        prompt: Vec<u32>,
+    }
+
+    impl Fixture {
+        fn stages(&self) -> usize {
+            self.servers.iter().filter(|(_, c)| *c < 1.0).count() / 2
+        }
+    }
+
+    fn tiny() -> Fixture {
+        Fixture {
+            path: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/tiny/llama2/model-q4_1.gguf"),
+            layers: 2,
+            hidden: 64,
+            servers: vec![
+                ((0, 1), 1e-3),
+                ((0, 1), 1e-3),
+                ((1, 2), 1e-3),
+                ((1, 2), 1e-3),
+                ((0, 2), 1.0),
+            ],
+            prompt: vec![0, 17, 42, 99],
+        }
+    }
+
+    fn smol() -> Fixture {
+        Fixture {
+            path: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            layers: 30,
+            hidden: 576,
+            servers: vec![
+                ((0, 10), 1e-3),
+                ((0, 10), 1e-3),
+                ((10, 20), 1e-3),
+                ((10, 20), 1e-3),
+                ((20, 30), 1e-3),
+                ((20, 30), 1e-3),
+                ((0, 30), 1.0),
+            ],
+            prompt: vec![1, 504, 3458, 314],
+        }
+    }
+
+    fn stage(path: &std::path::Path, span: (usize, usize)) -> Arc<Stage> {
+        type Cache = Mutex<HashMap<(PathBuf, (usize, usize)), Arc<Stage>>>;
+        static STAGES: OnceLock<Cache> = OnceLock::new();
+        let mut stages = STAGES.get_or_init(Default::default).lock().unwrap();
+        Arc::clone(stages.entry((path.to_path_buf(), span)).or_insert_with(|| {
+            let files = ModelFiles::open(path).unwrap();
+            Arc::new(
+                files
+                    .stage(Some(LayerSpan::new(span.0, span.1)), Mode::Infer)
+                    .unwrap(),
+            )
+        }))
+    }
+
+    /// The tokens of the whole model, fed as the chain feeds them.
+    fn reference(fx: &Fixture) -> Vec<u32> {
+        let files = ModelFiles::open(&fx.path).unwrap();
+        let whole = [files.stage(None, Mode::Infer).unwrap()];
+        let mut local = LocalChain::new(&whole, SamplingParams::greedy());
+        let mut out = vec![local.feed(&fx.prompt).unwrap()];
+        while out.len() < STEPS {
+            let last = *out.last().unwrap();
+            out.push(local.feed(&[last]).unwrap());
+        }
+        out
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Fault {
+        /// The callee dies before computing.
+        KillBefore,
+        /// The callee computes, then dies: the reply is lost.
+        KillAfter,
+        /// The reply is lost; the callee lives on (with its cache advanced).
+        LoseReply,
+        /// The callee answers activations one column too wide.
+        WrongWidth,
+    }
+
+    struct MemPeer {
+        id: PeerId,
+        span: (usize, usize),
+        cost: f64,
+        engine: EngineActor,
+        alive: bool,
+    }
+
+    /// Stage calls as function calls; `faults` fire at the given call numbers (0-based).
+    struct Mem {
+        fx: Fixture,
+        me: PeerId,
+        peers: Vec<MemPeer>,
+        faults: Vec<(usize, Fault)>,
+        calls: usize,
+        blamed: Vec<PeerId>,
+    }
+
+    impl Mem {
+        fn new(fx: &Fixture, faults: Vec<(usize, Fault)>) -> Self {
+            let peers = fx
+                .servers
+                .iter()
+                .map(|&(span, cost)| MemPeer {
+                    id: PeerId::random(),
+                    span,
+                    cost,
+                    engine: EngineActor::local(stage(&fx.path, span), MODEL),
+                    alive: true,
+                })
+                .collect();
+            Self {
+                fx: fx.clone(),
+                me: PeerId::random(),
+                peers,
+                faults,
+                calls: 0,
+                blamed: Vec::new(),
+            }
+        }
+    }
+
+    impl Transport for Mem {
+        fn call(&mut self, peer: PeerId, f: Forward) -> Result<Response, CallFailed> {
+            let n = self.calls;
+            self.calls += 1;
+            let fault = self.faults.iter().find(|(at, _)| *at == n).map(|(_, f)| *f);
+            let me = self.me;
+            let p = self.peers.iter_mut().find(|p| p.id == peer).unwrap();
+            let lost = || CallFailed {
+                retryable: true,
+                message: "connection closed".into(),
+            };
+            if !p.alive || fault == Some(Fault::KillBefore) {
+                p.alive = false;
+                return Err(lost());
+            }
+            let mut reply = p.engine.serve(me, &f);
+            match fault {
+                Some(Fault::KillAfter) => {
+                    p.alive = false;
+                    Err(lost())
+                }
+                Some(Fault::LoseReply) => Err(lost()),
+                Some(Fault::WrongWidth) => {
+                    if let Response::Hidden { hidden, .. } = &mut reply {
+                        let (rows, cols) = (hidden.rows as usize, hidden.cols as usize + 1);
+                        *hidden =
+                            Activations::encode(&vec![0.0; rows * cols], rows, cols, DType::F32);
+                    }
+                    Ok(reply)
+                }
+                _ => Ok(reply),
+            }
+        }
+
+        fn route(&mut self, from: usize, to: usize, exclude: &[PeerId]) -> Option<Vec<Hop>> {
+            // Dead peers stay listed (a directory learns of deaths late).
+            let cands: Vec<Candidate> = self
+                .peers
+                .iter()
+                .map(|p| Candidate {
+                    peer: p.id,
+                    start: p.span.0,
+                    end: p.span.1,
+                    compute_s: p.cost,
+                    rtt: Some(Duration::from_millis(1)),
+                    load: 0.0,
+                })
+                .collect();
+            best_route(&cands, from, to, exclude).map(|(r, _)| r)
+        }
+
+        fn close(&mut self, _peer: PeerId, _session: SessionId) {}
+
+        fn blame(&mut self, peer: PeerId) {
+            self.blamed.push(peer);
+        }
+    }
+
+    /// Generates `STEPS` tokens through `mem`; the tokens and the chain.
+    fn generate(mem: &mut Mem) -> (Result<Vec<u32>, ChainError>, Chain) {
+        let fx = mem.fx.clone();
+        let route = mem.route(0, fx.layers, &[]).unwrap();
+        let mut c = Chain::new(
+            ChainConfig {
+                model: MODEL,
+                num_layers: fx.layers,
+                hidden: fx.hidden,
+                params: SamplingParams::greedy(),
+                wire: DType::F32,
+                session: SessionId([1; 16]),
+                max_failovers: 4,
+            },
+            route,
+        );
+        let mut out = Vec::new();
+        let mut feed = fx.prompt.clone();
+        while out.len() < STEPS {
+            match drive(&mut c, &feed, mem) {
+                Ok(t) => {
+                    out.push(t);
+                    feed = vec![t];
+                }
+                Err(e) => return (Err(e), c),
+            }
+        }
+        (Ok(out), c)
+    }
+
+    #[test]
+    fn an_undisturbed_chain_gives_the_whole_models_tokens() {
+        for fx in [tiny(), smol()] {
+            let mut mem = Mem::new(&fx, Vec::new());
+            let (got, c) = generate(&mut mem);
+            assert_eq!(got.unwrap(), reference(&fx));
+            assert_eq!(c.failovers(), 0);
+            assert_eq!(c.route().len(), fx.stages());
+            // One call per stage per feed.
+            assert_eq!(mem.calls, fx.stages() * STEPS);
+        }
+    }
+
+    /// Runs with one fault at call `at` and checks the text and the failover count.
+    fn check_single(fx: &Fixture, want: &[u32], at: usize, fault: Fault) {
+        let mut mem = Mem::new(fx, vec![(at, fault)]);
+        let (got, c) = generate(&mut mem);
+        let last_stage = at % fx.stages() == fx.stages() - 1;
+        if fault == Fault::WrongWidth && last_stage {
+            // The last stage answers a token; there is no width to get wrong.
+            assert_eq!(c.failovers(), 0);
+        } else {
+            assert_eq!(c.failovers(), 1, "{fault:?} at call {at}");
+            assert_eq!(mem.blamed.len(), 1, "{fault:?} at call {at}");
+        }
+        assert_eq!(
+            got.as_deref().ok(),
+            Some(want),
+            "{fault:?} at call {at}: {got:?}"
+        );
+    }
+
+    /// Every call of the undisturbed run (each hop, prefill included) fails once, in each way:
+    /// the text never changes and the culprit is blamed.
+    #[test]
+    fn any_single_fault_at_any_call_leaves_the_text_unchanged() {
+        let fx = tiny();
+        let want = reference(&fx);
+        for fault in [
+            Fault::KillBefore,
+            Fault::KillAfter,
+            Fault::LoseReply,
+            Fault::WrongWidth,
+        ] {
+            for at in 0..fx.stages() * STEPS {
+                check_single(&fx, &want, at, fault);
+            }
+        }
+    }
+
+    /// The middle of three stages fails, in prefill and in decode: the route from layer 10
+    /// replays to its replica and rejoins the old last stage.
+    #[test]
+    fn a_middle_stage_fault_rejoins_the_old_chain() {
+        let fx = smol();
+        let want = reference(&fx);
+        for (at, fault) in [
+            (1, Fault::KillBefore),
+            (7, Fault::KillAfter),
+            (10, Fault::WrongWidth),
+        ] {
+            check_single(&fx, &want, at, fault);
+        }
+    }
+
+    /// A fault, then another on the very next call (the first replay call, or the
+    /// continuation of the chain): the chain routes again and the text is still unchanged.
+    #[test]
+    fn two_faults_in_a_row_leave_the_text_unchanged() {
+        let fx = tiny();
+        let want = reference(&fx);
+        for at in 0..fx.stages() * STEPS {
+            for (first, second) in [
+                (Fault::KillBefore, Fault::KillBefore),
+                (Fault::KillAfter, Fault::LoseReply),
+            ] {
+                let mut mem = Mem::new(&fx, vec![(at, first), (at + 1, second)]);
+                let (got, c) = generate(&mut mem);
+                assert_eq!(c.failovers(), 2, "{first:?}+{second:?} at call {at}");
+                assert_eq!(
+                    got.as_deref().ok(),
+                    Some(&want[..]),
+                    "{first:?}+{second:?} at call {at}: {got:?}"
+                );
+            }
+        }
+    }
+
+    /// Both servers of the middle span die (the second while it is being replayed to): no
+    /// route from layer 10 is left, so the chain replays everything from layer 0 to the slow
+    /// whole-model node, and the text is unchanged.
+    #[test]
+    fn with_no_partial_route_the_chain_replays_from_the_first_layer() {
+        let fx = smol();
+        // Call 4 is the middle stage on the second feed; call 5 the replay to its replica.
+        let mut mem = Mem::new(&fx, vec![(4, Fault::KillBefore), (5, Fault::KillAfter)]);
+        let (got, c) = generate(&mut mem);
+        assert_eq!(got.unwrap(), reference(&fx));
+        assert_eq!(c.failovers(), 2);
+        let whole = mem.peers.iter().find(|p| p.span == (0, 30)).unwrap().id;
+        assert_eq!(
+            c.route().iter().map(|h| h.peer).collect::<Vec<_>>(),
+            vec![whole]
+        );
+    }
+
+    #[test]
+    fn more_failures_than_allowed_give_up() {
+        let faults = (0..20).map(|i| (i, Fault::LoseReply)).collect();
+        let mut mem = Mem::new(&tiny(), faults);
+        let (got, _) = generate(&mut mem);
+        assert!(
+            matches!(
+                got,
+                Err(ChainError::TooManyFailovers(4)) | Err(ChainError::NoRoute { .. })
+            ),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_bad_request_is_not_failed_over() {
+        let fx = tiny();
+        let mut mem = Mem::new(&fx, Vec::new());
+        let (_, mut c) = {
+            let route = mem.route(0, fx.layers, &[]).unwrap();
+            (
+                (),
+                Chain::new(
+                    ChainConfig {
+                        model: MODEL,
+                        num_layers: fx.layers,
+                        hidden: fx.hidden,
+                        params: SamplingParams::greedy(),
+                        wire: DType::F32,
+                        session: SessionId([1; 16]),
+                        max_failovers: 4,
+                    },
+                    route,
+                ),
+            )
+        };
+        // A token outside the vocabulary: every replica would refuse it the same way.
+        let got = drive(&mut c, &[u32::MAX - 1], &mut mem);
+        assert!(
+            matches!(
+                got,
+                Err(ChainError::Refused {
+                    code: ErrorCode::BadRequest,
+                    ..
+                })
+            ),
+            "{got:?}"
+        );
+        assert_eq!(c.failovers(), 0);
+    }
+}

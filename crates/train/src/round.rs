@@ -1,0 +1,325 @@
+//! Rounds as a pure state machine. Every worker runs one [`RoundMachine`] and feeds it the
+//! contributions it receives (its own included) with the time they arrived; time and the
+//! held-out scorer are passed in, nothing is read from the clock or the network here.
+//!
+//! - open: round `r` starts from global weights with digest `start`; it stays open until
+//!   [`RoundMachine::deadline_at`] (adaptive, see [`crate::deadline`]) or until every expected
+//!   worker has contributed.
+//! - [`RoundMachine::offer`]: a contribution is refused if its signature or worker key is
+//!   forged, it names another run, an earlier round (stale, e.g. a late pseudo-gradient), a
+//!   later round, other start weights or hyperparameters, if it repeats one already held
+//!   (replay) or is a second, different one from the same worker (equivocation), if its payload
+//!   does not match its digest or does not decode under the run's codec, if the round is
+//!   past its deadline or already holds the run's maximum number of contributions.
+//! - [`RoundMachine::close`]: the accepted contributions, in order of worker id, are each scored
+//!   on the round's held-out examples (Gauntlet: `loss(global - delta)` against
+//!   `loss(global)`); those that do not improve are dropped; the rest are averaged and the
+//!   outer optimizer steps. The result is a pure function of (state, set of contributions), so
+//!   workers holding the same set compute the same next weights bit for bit; the outcome's
+//!   `set` digest and `next` hash let them check that they agree.
+
+use crate::codec::DecodeError;
+use crate::commit::{Contribution, VerifyError};
+use crate::config::RoundConfig;
+use crate::deadline::Deadline;
+use crate::outer::OuterState;
+use plexus_core::{Digest, Sha256Stream};
+use plexus_model::train::{Params, TrainError};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The state every participant holds between rounds (what a joiner fetches, by hash).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GlobalState {
+    /// The round about to run.
+    pub round: u64,
+    pub params: Params,
+    pub outer: OuterState,
+}
+
+impl GlobalState {
+    /// Digest of round, weights and outer momentum.
+    pub fn digest(&self) -> Digest {
+        let mut h = Sha256Stream::new();
+        h.update(b"plexus-global-v1");
+        h.update(&self.round.to_le_bytes());
+        h.update(self.params.digest().as_bytes());
+        h.update(
+            plexus_model::train::params::digest_f32s(b"outer", &self.outer.momentum).as_bytes(),
+        );
+        h.finish()
+    }
+}
+
+/// Why a contribution was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Refusal {
+    #[error("forged commitment")]
+    Forged(#[from] VerifyError),
+    #[error("contribution for another run")]
+    WrongRun,
+    #[error("stale contribution for round {round} (the round is {current})")]
+    Stale { round: u64, current: u64 },
+    #[error("contribution for future round {round} (the round is {current})")]
+    Future { round: u64, current: u64 },
+    #[error("contribution trained from other start weights")]
+    WrongStart,
+    #[error("contribution with other hyperparameters, seed or schedule than the run's")]
+    WrongSettings,
+    #[error("contribution already received (replay)")]
+    Replayed,
+    #[error("second, different contribution from the same worker this round")]
+    Equivocation,
+    #[error("payload does not match its committed digest or length")]
+    PayloadDigest,
+    #[error("payload does not decode")]
+    Payload(#[from] DecodeError),
+    #[error("round already holds the run's maximum of {max} contributions")]
+    Full { max: u32 },
+    #[error("round {round} closed for contributions at {deadline_ms} ms")]
+    PastDeadline { round: u64, deadline_ms: u64 },
+}
+
+/// Held-out loss of a parameter vector (deterministic: every worker must get the same number).
+pub trait Scorer {
+    fn loss(&mut self, round: u64, params: &Params) -> Result<f32, TrainError>;
+}
+
+struct Accepted {
+    commitment: Digest,
+    delta: Vec<f32>,
+    arrived_ms: u64,
+}
+
+/// The score a contribution got.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scored {
+    pub worker: Vec<u8>,
+    /// Held-out loss of `global - delta` (NaN when scoring is off).
+    pub loss: f32,
+}
+
+/// What closing a round did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundOutcome {
+    pub round: u64,
+    /// Held-out loss of the start weights (NaN when scoring is off).
+    pub loss_before: f32,
+    pub applied: Vec<Scored>,
+    /// Contributions that did not lower the held-out loss.
+    pub rejected: Vec<Scored>,
+    /// Digest of the sorted commitment digests the round aggregated from.
+    pub set: Digest,
+    /// Digest of the next global state.
+    pub next: Digest,
+}
+
+/// One participant's view of the run's rounds.
+pub struct RoundMachine {
+    cfg: RoundConfig,
+    state: GlobalState,
+    start: Digest,
+    hyper: Digest,
+    opened_ms: u64,
+    received: BTreeMap<Vec<u8>, Accepted>,
+    expected: BTreeSet<Vec<u8>>,
+    deadline: Deadline,
+}
+
+impl RoundMachine {
+    /// Opens `state.round` at `now_ms`, expecting contributions from `expected`.
+    pub fn new(
+        cfg: RoundConfig,
+        state: GlobalState,
+        expected: impl IntoIterator<Item = Vec<u8>>,
+        now_ms: u64,
+    ) -> Self {
+        let start = state.params.digest();
+        let hyper = cfg.hyper_digest();
+        Self {
+            cfg,
+            state,
+            start,
+            hyper,
+            opened_ms: now_ms,
+            received: BTreeMap::new(),
+            expected: expected.into_iter().collect(),
+            deadline: Deadline::default(),
+        }
+    }
+
+    pub fn config(&self) -> &RoundConfig {
+        &self.cfg
+    }
+
+    pub fn round(&self) -> u64 {
+        self.state.round
+    }
+
+    pub fn state(&self) -> &GlobalState {
+        &self.state
+    }
+
+    /// Digest of the weights this round starts from.
+    pub fn start(&self) -> Digest {
+        self.start
+    }
+
+    /// A worker that will contribute from this round on (a joiner admitted at the boundary).
+    pub fn expect(&mut self, worker: Vec<u8>) {
+        self.expected.insert(worker);
+    }
+
+    /// Time at which the round stops accepting contributions.
+    pub fn deadline_at(&self) -> u64 {
+        self.opened_ms + self.deadline.current_ms(&self.cfg.deadline)
+    }
+
+    /// Workers whose contribution this round holds.
+    pub fn contributors(&self) -> impl Iterator<Item = &Vec<u8>> {
+        self.received.keys()
+    }
+
+    /// Whether the round should close now: past its deadline, or every expected worker in.
+    pub fn should_close(&self, now_ms: u64) -> bool {
+        now_ms >= self.deadline_at()
+            || (!self.expected.is_empty()
+                && self.expected.iter().all(|w| self.received.contains_key(w)))
+    }
+
+    /// Checks and keeps `c`, which arrived at `now_ms`.
+    pub fn offer(&mut self, c: &Contribution, now_ms: u64) -> Result<(), Refusal> {
+        let cm = &c.signed.commitment;
+        c.signed.verify()?;
+        if cm.run != self.cfg.run {
+            return Err(Refusal::WrongRun);
+        }
+        let current = self.state.round;
+        if cm.round < current {
+            return Err(Refusal::Stale {
+                round: cm.round,
+                current,
+            });
+        }
+        if cm.round > current {
+            return Err(Refusal::Future {
+                round: cm.round,
+                current,
+            });
+        }
+        let digest = cm.digest();
+        if let Some(held) = self.received.get(&cm.worker) {
+            return Err(if held.commitment == digest {
+                Refusal::Replayed
+            } else {
+                Refusal::Equivocation
+            });
+        }
+        if now_ms >= self.deadline_at() {
+            return Err(Refusal::PastDeadline {
+                round: current,
+                deadline_ms: self.deadline_at(),
+            });
+        }
+        if self.received.len() >= self.cfg.max_workers as usize {
+            return Err(Refusal::Full {
+                max: self.cfg.max_workers,
+            });
+        }
+        if cm.start_weights != self.start {
+            return Err(Refusal::WrongStart);
+        }
+        if cm.hyper != self.hyper
+            || cm.seed != self.cfg.seed
+            || cm.inner_steps != self.cfg.inner_steps
+            || cm.batch_size != self.cfg.batch_size
+            || cm.first_step != current * u64::from(self.cfg.inner_steps)
+        {
+            return Err(Refusal::WrongSettings);
+        }
+        if cm.payload_len != c.payload.len() as u64 || Digest::of(&c.payload) != cm.payload {
+            return Err(Refusal::PayloadDigest);
+        }
+        let delta = self
+            .cfg
+            .codec
+            .decode(&c.payload, self.state.params.values.len())?;
+        self.received.insert(
+            cm.worker.clone(),
+            Accepted {
+                commitment: digest,
+                delta,
+                arrived_ms: now_ms.saturating_sub(self.opened_ms),
+            },
+        );
+        Ok(())
+    }
+
+    /// Closes the round at `now_ms`: scores, aggregates, steps, opens the next round.
+    pub fn close(
+        &mut self,
+        now_ms: u64,
+        scorer: &mut dyn Scorer,
+    ) -> Result<RoundOutcome, TrainError> {
+        let round = self.state.round;
+        let received = std::mem::take(&mut self.received);
+        let scoring = self.cfg.score.examples > 0;
+        let loss_before = if scoring {
+            scorer.loss(round, &self.state.params)?
+        } else {
+            f32::NAN
+        };
+        let mut set = Sha256Stream::new();
+        set.update(b"plexus-round-set-v1");
+        set.update(&round.to_le_bytes());
+        let (mut applied, mut rejected) = (Vec::new(), Vec::new());
+        let n = self.state.params.values.len();
+        let mut sum = vec![0f32; n];
+        for (worker, a) in &received {
+            set.update(a.commitment.as_bytes());
+            self.deadline.record(&self.cfg.deadline, a.arrived_ms);
+            let loss = if scoring {
+                let mut candidate = self.state.params.clone();
+                candidate
+                    .values
+                    .iter_mut()
+                    .zip(&a.delta)
+                    .for_each(|(p, d)| *p -= d);
+                scorer.loss(round, &candidate)?
+            } else {
+                f32::NAN
+            };
+            let scored = Scored {
+                worker: worker.clone(),
+                loss,
+            };
+            let improves = !scoring
+                || (loss.is_finite() && loss <= loss_before * (1.0 + self.cfg.score.tolerance));
+            if improves {
+                sum.iter_mut().zip(&a.delta).for_each(|(s, d)| *s += d);
+                applied.push(scored);
+            } else {
+                rejected.push(scored);
+            }
+        }
+        if !applied.is_empty() {
+            let inv = 1.0 / applied.len() as f32;
+            sum.iter_mut().for_each(|s| *s *= inv);
+            self.state
+                .outer
+                .step(&self.cfg.outer, &mut self.state.params.values, &sum);
+        }
+        // Whoever sent a valid contribution is alive: expect them next round.
+        self.expected = received.into_keys().collect();
+        self.state.round += 1;
+        self.start = self.state.params.digest();
+        self.opened_ms = now_ms;
+        Ok(RoundOutcome {
+            round,
+            loss_before,
+            applied,
+            rejected,
+            set: set.finish(),
+            next: self.state.digest(),
+        })
+    }
+}

@@ -1,0 +1,139 @@
+//! A worker's round: H inner steps from the global weights on the examples the seed assigns to
+//! it, the pseudo-gradient `global - local`, encoded (with error feedback if the run uses it),
+//! committed and signed.
+//!
+//! [`compute_round`] is the deterministic core shared with the auditor
+//! ([`crate::audit::reexecute`]): same start state, same payload bytes.
+
+use crate::assign::{example_ids, ids_digest};
+use crate::codec::{EncodeError, ErrorFeedback};
+use crate::commit::{Commitment, Contribution, Signed};
+use crate::config::RoundConfig;
+use plexus_core::keys::NodeKey;
+use plexus_core::Digest;
+use plexus_model::train::params::digest_f32s;
+use plexus_model::train::{AdamWState, Params, Shard, StepReport, TrainError, Trainer};
+use plexus_model::ModelConfig;
+use std::sync::Arc;
+
+/// What a worker carries from round to round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerState {
+    pub opt: AdamWState,
+    /// Error-feedback residual (all zeros when the run has no feedback).
+    pub feedback: ErrorFeedback,
+}
+
+impl WorkerState {
+    pub fn new(n: usize) -> Self {
+        Self {
+            opt: AdamWState::new(n),
+            feedback: ErrorFeedback::new(n),
+        }
+    }
+
+    /// Digest of the residual, as a commitment names it.
+    pub fn residual_digest(&self) -> Digest {
+        digest_f32s(b"plexus-residual-v1", &self.feedback.residual)
+    }
+}
+
+/// Why a round could not be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkError {
+    #[error("inner loop failed")]
+    Train(#[from] TrainError),
+    #[error("cannot encode the pseudo-gradient")]
+    Encode(#[from] EncodeError),
+    #[error("worker state covers {state} parameters, the model has {params}")]
+    StateSize { state: usize, params: usize },
+}
+
+/// The outcome of [`compute_round`].
+pub struct RoundWork {
+    pub commitment: Commitment,
+    pub payload: Vec<u8>,
+    pub reports: Vec<StepReport>,
+}
+
+/// Runs `worker`'s round `round` from `global`, updating `state`; returns the unsigned
+/// commitment and the payload.
+pub fn compute_round(
+    cfg: &RoundConfig,
+    model: &Arc<ModelConfig>,
+    shard: &dyn Shard,
+    worker: &[u8],
+    round: u64,
+    global: &Params,
+    state: &mut WorkerState,
+) -> Result<RoundWork, WorkError> {
+    let n = global.values.len();
+    if state.opt.len() != n || state.feedback.residual.len() != n {
+        return Err(WorkError::StateSize {
+            state: state.opt.len(),
+            params: n,
+        });
+    }
+    let ids = example_ids(cfg.seed, round, worker, cfg.examples_per_round());
+    let first_step = round * u64::from(cfg.inner_steps);
+    let start_optimizer = state.opt.digest();
+    let start_residual = state.residual_digest();
+    let mut trainer =
+        Trainer::from_params(model.clone(), global.clone(), state.opt.clone(), cfg.inner)?;
+    let reports = trainer.run(shard, &ids, cfg.batch_size as usize, first_step as usize)?;
+    let (local, opt) = trainer.into_state();
+    let delta: Vec<f32> = global
+        .values
+        .iter()
+        .zip(&local.values)
+        .map(|(g, l)| g - l)
+        .collect();
+    let payload = if cfg.error_feedback {
+        state.feedback.compress(&cfg.codec, &delta)?.0
+    } else {
+        cfg.codec.encode(&delta)?
+    };
+    state.opt = opt;
+    let commitment = Commitment {
+        run: cfg.run,
+        round,
+        worker: worker.to_vec(),
+        start_weights: global.digest(),
+        start_optimizer,
+        start_residual,
+        examples: ids_digest(&ids),
+        seed: cfg.seed,
+        first_step,
+        inner_steps: cfg.inner_steps,
+        batch_size: cfg.batch_size,
+        hyper: cfg.hyper_digest(),
+        payload: Digest::of(&payload),
+        payload_len: payload.len() as u64,
+    };
+    Ok(RoundWork {
+        commitment,
+        payload,
+        reports,
+    })
+}
+
+/// [`compute_round`] for `key`'s worker, signed.
+pub fn work_round(
+    cfg: &RoundConfig,
+    model: &Arc<ModelConfig>,
+    shard: &dyn Shard,
+    key: &NodeKey,
+    round: u64,
+    global: &Params,
+    state: &mut WorkerState,
+) -> Result<(Contribution, Vec<StepReport>), WorkError> {
+    let worker = key.peer_id().to_bytes();
+    let w = compute_round(cfg, model, shard, &worker, round, global, state)?;
+    Ok((
+        Contribution {
+            signed: Signed::sign(key, w.commitment),
+            payload: w.payload,
+        },
+        w.reports,
+    ))
+}
