@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.request
 
-import httpx
+import urllib.error
 import openai
 from openai import OpenAI
 
@@ -105,9 +105,18 @@ def main(url, key, poor, price):
     except openai.AuthenticationError as e:
         check(e.status_code == 401 and e.code == "invalid_api_key", f"{e.status_code} {e.code}")
         print(f"ok: unknown key -> 401 {e.code}")
-    r = httpx.post(url + "/v1/chat/completions", json={"model": model, "messages": QUESTION})
-    check(r.status_code == 401, f"no key: {r.status_code}")
-    check(r.json()["error"]["code"] == "invalid_api_key", r.text)
+    req = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps({"model": model, "messages": QUESTION}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        urllib.request.urlopen(req, timeout=60)
+        raise AssertionError("a request without a key was served")
+    except urllib.error.HTTPError as e:
+        body = e.read().decode()
+        check(e.code == 401, f"no key: {e.code}")
+        check(json.loads(body)["error"]["code"] == "invalid_api_key", body)
     print("ok: missing key -> 401 invalid_api_key")
     print("all billing checks passed")
 
