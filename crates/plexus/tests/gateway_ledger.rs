@@ -81,7 +81,10 @@ fn escrow_of_a_killed_gateway_is_released_on_restart() {
         .to_owned();
 
     let gw = gateway(data.path());
-    let body = r#"{"model":"SmolLM2-135M-Instruct","stream":true,"max_tokens":2000,"messages":[{"role":"user","content":"Write a long story."}]}"#;
+    // The streams must still be running when the gateway is killed: greedy, with the special
+    // tokens (SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>; the end of a turn among them)
+    // banned, so no stream can end at an end-of-sequence token before its 2000 tokens.
+    let body = r#"{"model":"SmolLM2-135M-Instruct","stream":true,"max_tokens":2000,"temperature":0,"logit_bias":{"0":-100,"1":-100,"2":-100},"messages":[{"role":"user","content":"Write a long story."}]}"#;
     let model_id = {
         let mut s = request(&gw.1, "GET", "/v1/models", &key, "");
         let mut t = String::new();
@@ -91,31 +94,43 @@ fn escrow_of_a_killed_gateway_is_released_on_restart() {
         v["data"][0]["id"].as_str().unwrap().to_owned()
     };
     let body = body.replace("SmolLM2-135M-Instruct", &model_id);
-    // Two streams running: wait until both have produced text, then SIGKILL.
-    let mut streams = Vec::new();
-    for _ in 0..2 {
-        let s = request(&gw.1, "POST", "/v1/chat/completions", &key, &body);
-        let mut r = BufReader::new(s);
+    // Two streams open. The local engine runs one generation at a time (`LocalBackend`
+    // serializes them), so the second waits for the first to finish: wait until the first has
+    // produced text and the second has been admitted (its opening chunk is sent once its escrow
+    // is held and its prompt checked), then SIGKILL: one request killed mid-generation, one
+    // killed while queued, both holding escrow.
+    let next_data = |r: &mut BufReader<TcpStream>| -> String {
         let mut line = String::new();
         loop {
             line.clear();
             assert!(r.read_line(&mut line).unwrap() > 0, "stream ended early");
-            if line.contains("\"content\"") && !line.contains("\"content\":\"\"") {
-                break;
+            if line.starts_with("data: ") {
+                return line.clone();
             }
         }
-        streams.push(r);
+    };
+    let mut first = BufReader::new(request(&gw.1, "POST", "/v1/chat/completions", &key, &body));
+    loop {
+        let line = next_data(&mut first);
+        if line.contains("\"content\"") && !line.contains("\"content\":\"\"") {
+            break;
+        }
     }
+    let mut second = BufReader::new(request(&gw.1, "POST", "/v1/chat/completions", &key, &body));
+    let opening = next_data(&mut second);
+    assert!(opening.contains("\"role\":\"assistant\""), "{opening}");
     let held = account(&gw.1, &key);
     assert_eq!(held["escrow"], 4000, "two holds of 2000 tokens: {held}");
     let mut gw = gw;
     gw.0.kill().unwrap();
     gw.0.wait().unwrap();
-    drop(streams);
+    drop((first, second));
 
     let gw = gateway(data.path());
     let after = account(&gw.1, &key);
     assert_eq!(after["escrow"], 0, "no escrow held after restart: {after}");
     let total = after["available"].as_u64().unwrap() + after["spent"].as_u64().unwrap();
     assert_eq!(total, 50_000, "balances add up: {after}");
+    // Nothing was settled for the killed requests: the client is not charged for them.
+    assert_eq!(after["spent"], 0, "{after}");
 }
