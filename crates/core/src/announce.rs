@@ -40,6 +40,9 @@ pub mod limits {
     pub const MAX_SESSIONS: u32 = 1 << 16;
     pub const MAX_THREADS: u32 = 1 << 12;
     pub const MAX_QUEUE: u32 = 1 << 16;
+    /// Asking price, micro-PLX per 1000 positions through one layer (1,000 PLX: far above any
+    /// honest price, and low enough that positions x layers x price never overflows a u128).
+    pub const MAX_PRICE: u64 = 1_000_000_000;
 }
 
 /// One model a node serves: which layers, how fast.
@@ -84,7 +87,10 @@ pub struct Announcement {
     pub max_sessions: u32,
     /// Requests waiting for the engine.
     pub queue: u32,
-    /// Asking price in micro-credits per 1000 tokens through one layer.
+    /// Asking price in ledger units (micro-PLX) per 1000 positions through one layer: a stage
+    /// call of `n` new positions over `l` layers costs `n * l * price / 1000`. Signed into
+    /// every receipt of a stage call ([`crate::wire::Receipt`]); at most
+    /// [`limits::MAX_PRICE`].
     pub price: u64,
     pub models: Vec<ModelOffer>,
 }
@@ -161,6 +167,9 @@ impl Announcement {
         }
         if self.queue > MAX_QUEUE {
             return Err(bad("queue", self.queue));
+        }
+        if self.price > MAX_PRICE {
+            return Err(bad("price", self.price));
         }
         if self.models.len() > MAX_MODELS {
             return Err(bad("model count", self.models.len()));
@@ -355,6 +364,7 @@ mod tests {
             ),
             ("sessions over max", Box::new(|a| a.sessions = 65)),
             ("wrapped queue", Box::new(|a| a.queue = u32::MAX)),
+            ("absurd price", Box::new(|a| a.price = u64::MAX)),
             ("no threads", Box::new(|a| a.threads = 0)),
         ];
         for (what, tweak) in cases {

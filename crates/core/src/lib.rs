@@ -9,6 +9,7 @@
 //! - [`keys`]: the node key (secp256k1): libp2p identity and ledger account in one.
 //! - [`announce`]: signed, expiring announcements of what a node serves.
 //! - [`wire`]: the stage-call protocol and activations on the wire.
+//! - [`receipt`]: what a stage node signs for each call it served (metering per provider).
 //! - [`sampling`]: sampling parameters (the sampler itself is in `plexus-model`).
 //!
 //! Nothing here reads the clock, the environment or a global RNG, and nothing depends on tokio or
@@ -17,6 +18,7 @@
 pub mod announce;
 pub mod hash;
 pub mod keys;
+pub mod receipt;
 pub mod rng;
 pub mod sampling;
 pub mod wire;

@@ -17,6 +17,7 @@
 use crate::sampling::{
     SamplingParams, TokenLogprobs, MAX_LOGIT_BIAS, MAX_MASK_WORDS, MAX_TOP_LOGPROBS,
 };
+use crate::receipt::{Receipt, SIGNATURE_BYTES};
 use crate::Digest;
 use half::f16;
 use serde::{Deserialize, Serialize};
@@ -341,6 +342,23 @@ pub enum Response {
         compute_us: u64,
         logprobs: TokenLogprobs,
     },
+    /// A computed answer (`Hidden`, `Token` or `Scored`) with the node's signed receipt for
+    /// the call (see [`crate::receipt`]). Appended last, so the other variants keep their
+    /// encoding; a caller that wants no receipt simply unwraps it.
+    Receipted {
+        response: Box<Response>,
+        receipt: Box<Receipt>,
+    },
+}
+
+impl Response {
+    /// The answer without its receipt, and the receipt if there was one.
+    pub fn into_parts(self) -> (Response, Option<Receipt>) {
+        match self {
+            Response::Receipted { response, receipt } => (*response, Some(*receipt)),
+            other => (other, None),
+        }
+    }
 }
 
 /// Why bytes did not decode into a message.
@@ -457,6 +475,28 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, DecodeError> {
 /// Decodes and validates a response from untrusted bytes.
 pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
     let resp: Response = decode(bytes)?;
+    validate_response(&resp)?;
+    Ok(resp)
+}
+
+fn validate_response(resp: &Response) -> Result<(), DecodeError> {
+    if let Response::Receipted { response, receipt } = resp {
+        if !matches!(
+            **response,
+            Response::Hidden { .. } | Response::Token { .. } | Response::Scored { .. }
+        ) {
+            return Err(DecodeError::Invalid(
+                "a receipt on an answer that computed nothing".into(),
+            ));
+        }
+        if receipt.signature.len() != SIGNATURE_BYTES {
+            return Err(DecodeError::Invalid(format!(
+                "a receipt signature of {} bytes (not {SIGNATURE_BYTES})",
+                receipt.signature.len()
+            )));
+        }
+        return validate_response(response);
+    }
     if let Response::Hidden { hidden, .. } = &resp {
         hidden.validate()?;
     }
@@ -477,7 +517,7 @@ pub fn decode_response(bytes: &[u8]) -> Result<Response, DecodeError> {
             ));
         }
     }
-    Ok(resp)
+    Ok(())
 }
 
 fn validate_forward(f: &Forward) -> Result<(), DecodeError> {
@@ -553,6 +593,54 @@ mod tests {
             sampling: Some(Box::new(SamplingParams::greedy())),
             reply_dtype: DType::F16,
             all_rows: false,
+        }
+    }
+
+    fn receipted(inner: Response, signature: usize) -> Response {
+        let f = sample_forward();
+        let out = crate::receipt::output_digest(&inner).unwrap_or(Digest([0; 32]));
+        let mut receipt = Receipt::for_call(&f, 10, out);
+        receipt.signature = vec![27; signature];
+        Response::Receipted {
+            response: Box::new(inner),
+            receipt: Box::new(receipt),
+        }
+    }
+
+    #[test]
+    fn receipted_answers_round_trip_and_odd_ones_are_refused() {
+        let token = Response::Token {
+            token: 4,
+            compute_us: 9,
+        };
+        let ok = receipted(token.clone(), 65);
+        let back = decode_response(&encode(&ok).unwrap()).unwrap();
+        assert_eq!(back, ok);
+        assert_eq!(back.into_parts().0, token);
+        for bad in [
+            receipted(token.clone(), 64),
+            receipted(Response::Closed, 65),
+            receipted(receipted(token, 65), 65),
+            receipted(
+                Response::Hidden {
+                    hidden: Activations {
+                        dtype: DType::F32,
+                        rows: 1,
+                        cols: 2,
+                        data: vec![0; 7],
+                    },
+                    compute_us: 0,
+                },
+                65,
+            ),
+        ] {
+            assert!(
+                matches!(
+                    decode_response(&encode(&bad).unwrap()),
+                    Err(DecodeError::Invalid(_))
+                ),
+                "{bad:?}"
+            );
         }
     }
 

@@ -564,6 +564,7 @@ fn response_variant(r: &Response) -> &'static str {
         Response::Closed => "closed",
         Response::Described(_) => "described",
         Response::Error { .. } => "error",
+        Response::Receipted { .. } => "receipted",
     }
 }
 

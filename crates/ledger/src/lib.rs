@@ -9,6 +9,7 @@
 //! - [`ledger`]: the state machine.
 //! - [`journal`]: hash-chained entries with double-entry postings; balances derived from them.
 //! - [`voucher`]: EIP-712 cumulative vouchers signed with secp256k1.
+//! - [`receipt`]: EIP-712 stage receipts, a provider's signed account of one stage call.
 //!
 //! ## Money flow
 //!
@@ -31,6 +32,7 @@ pub mod error;
 pub mod journal;
 pub mod ledger;
 pub mod op;
+pub mod receipt;
 pub mod types;
 pub mod voucher;
 

@@ -169,3 +169,114 @@ fn digests_and_signatures_match_eth_account() {
         assert_eq!(sig, signed.signature.0);
     }
 }
+
+const RECEIPT_SCRIPT: &str = r#"
+import json, sys
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_utils import keccak
+
+out = []
+for c in json.load(sys.stdin):
+    fields = [("session", "bytes16"), ("model", "bytes32"), ("start", "uint32"),
+              ("end", "uint32"), ("position", "uint32"), ("positions", "uint32"),
+              ("price", "uint64"), ("input", "bytes32"), ("output", "bytes32"),
+              ("commitment", "bytes32")]
+    message = {}
+    for name, ty in fields:
+        v = c[name]
+        message[name] = bytes.fromhex(v) if ty.startswith("bytes") else v
+    data = {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+            ],
+            "StageReceipt": [{"name": n, "type": t} for n, t in fields],
+        },
+        "primaryType": "StageReceipt",
+        "domain": {"name": "Plexus", "version": "1", "chainId": c["chainId"]},
+        "message": message,
+    }
+    msg = encode_typed_data(full_message=data)
+    digest = keccak(b"\x19" + msg.version + msg.header + msg.body)
+    recovered = Account.recover_message(msg, signature=bytes.fromhex(c["signature"]))
+    out.append({"digest": digest.hex(), "recovered": recovered})
+print(json.dumps(out))
+"#;
+
+/// Stage receipts (`plexus_ledger::receipt`): the same digest bytes as eth-account's
+/// `encode_typed_data`, and eth-account recovers the provider from our signature.
+#[test]
+fn receipt_digests_and_signatures_match_eth_account() {
+    use plexus_core::receipt::Receipt;
+    use plexus_core::wire::SessionId;
+    use plexus_core::Digest;
+    let python = std::env::var("PLEXUS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let cases = [
+        (3u8, 31_337u64, 0u32, 1u32, 0u32, 1u32, 0u64, [0u8; 32]),
+        (9, 1, 10, 20, 4_000, 1, 1_000_000_000, [0x5a; 32]),
+        (200, u64::MAX, 0, u32::MAX, u32::MAX, u32::MAX, u64::MAX, [0xff; 32]),
+    ];
+    let mut input = Vec::new();
+    let mut ours = Vec::new();
+    for (k, chain, start, end, position, positions, price, commitment) in cases {
+        let key = SigningKey::from_slice(&[k; 32]).unwrap();
+        let mut r = Receipt {
+            session: SessionId([k; 16]),
+            model: Digest::of(&[k]),
+            start,
+            end,
+            position,
+            positions,
+            price,
+            input: Digest::of(b"input"),
+            output: Digest::of(b"output"),
+            commitment,
+            signature: Vec::new(),
+        };
+        plexus_ledger::receipt::sign(&mut r, chain, &key);
+        input.push(serde_json::json!({
+            "chainId": chain,
+            "session": hex::encode(r.session.0),
+            "model": hex::encode(r.model.0),
+            "start": start, "end": end, "position": position, "positions": positions,
+            "price": price,
+            "input": hex::encode(r.input.0),
+            "output": hex::encode(r.output.0),
+            "commitment": hex::encode(commitment),
+            "signature": hex::encode(&r.signature),
+        }));
+        ours.push((r, chain, Address::from_private_key(&key)));
+    }
+    let mut child = Command::new(&python)
+        .args(["-c", RECEIPT_SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {python} ({e}); set PLEXUS_PYTHON"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(&input).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "eth-account check failed (pip install -r scripts/requirements-ci.txt):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(theirs.len(), ours.len());
+    for ((r, chain, signer), t) in ours.iter().zip(&theirs) {
+        assert_eq!(
+            t["digest"].as_str().unwrap().trim_start_matches("0x"),
+            hex::encode(plexus_ledger::receipt::digest(r, *chain)),
+        );
+        assert_eq!(t["recovered"].as_str().unwrap(), signer.to_string());
+        assert_eq!(plexus_ledger::receipt::signer(r, *chain).unwrap(), *signer);
+    }
+}
