@@ -14,10 +14,10 @@
 //!   allocate at most about the frame's own size, and never panic on hostile bytes
 //!   (`tests/wire_corpus.rs` fuzzes them from the corpus kept in `tests/corpus/wire`).
 
+use crate::receipt::{Receipt, SIGNATURE_BYTES};
 use crate::sampling::{
     SamplingParams, TokenLogprobs, MAX_LOGIT_BIAS, MAX_MASK_WORDS, MAX_TOP_LOGPROBS,
 };
-use crate::receipt::{Receipt, SIGNATURE_BYTES};
 use crate::Digest;
 use half::f16;
 use serde::{Deserialize, Serialize};

@@ -9,10 +9,20 @@
 //! Accounts::open ─> escrows this gateway left open (killed mid-request) are released
 //! ```
 //!
-//! Pricing: `price` ledger units (micro-PLX) per completion token. Settled pay goes to the
-//! serving provider's account; until stage nodes return signed receipts (per-provider metering)
-//! that is the gateway's own account, which serves or routes every token.
+//! Pricing: the client pays `price` ledger units (micro-PLX) per completion token produced
+//! (its charge, at most the escrow). Settlement splits the charge ([`split`]):
+//!
+//! - each stage node is paid for the work its signed receipts prove (positions x layers of its
+//!   span, at the price it announced, per 1000: `plexus_node::metering`), into its locked
+//!   earnings (claimable after the challenge window);
+//! - the gateway's own account keeps the rest: its fee (and, with the local engine, all of
+//!   it, since the gateway computed every token);
+//! - when the providers' metered pay exceeds the charge (they price above this gateway; prompt
+//!   positions are work too, while clients pay for completion tokens only), the charge is
+//!   shared pro rata to their pay, rounded down (the rounding remainder to the gateway), and
+//!   the shortfall is logged: the client is never charged more than it was quoted.
 
+use crate::backend::Usage;
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::extract::{FromRequestParts, State};
@@ -186,21 +196,70 @@ impl Accounts {
         })
     }
 
-    async fn settle(&self, request: RequestId, tokens: usize, held: Amount) {
-        let cost = (tokens as u128 * u128::from(self.price)).min(u128::from(held)) as Amount;
-        let payouts = if cost > 0 {
-            vec![Payout {
-                provider: self.provider,
-                amount: cost,
-            }]
-        } else {
-            Vec::new()
+    async fn settle(&self, request: RequestId, tokens: usize, held: Amount, usage: &Usage) {
+        let charge = (tokens as u128 * u128::from(self.price)).min(u128::from(held)) as Amount;
+        let split = split(charge, &usage.costs(), self.provider);
+        if split.shortfall > 0 {
+            tracing::warn!(
+                %request,
+                charge,
+                shortfall = split.shortfall,
+                "providers' metered pay exceeds the client's charge; paid pro rata"
+            );
+        }
+        let op = Op::Settle {
+            request,
+            payouts: split.payouts,
         };
-        let op = Op::Settle { request, payouts };
         if let Err(e) = self.store.lock().await.execute(op, now_ms()).await {
             // The escrow stays open and is released when the gateway next starts.
             tracing::error!(%request, error = %e, "settlement failed");
         }
+    }
+}
+
+/// How a request's charge is paid out ([`split`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Split {
+    /// One payout per account (providers, then the gateway's fee), amounts summing to the
+    /// charge.
+    pub payouts: Vec<Payout>,
+    /// Metered provider pay the charge could not cover (0 when it could).
+    pub shortfall: Amount,
+}
+
+/// Splits `charge` between the providers' metered `costs` and the `gateway`'s account (see the
+/// module docs): providers in full when the charge covers them, pro rata otherwise; the
+/// gateway keeps what is left. Payouts of zero are left out.
+pub fn split(
+    charge: Amount,
+    costs: &std::collections::BTreeMap<Address, Amount>,
+    gateway: Address,
+) -> Split {
+    let total: u128 = costs.values().map(|&c| u128::from(c)).sum();
+    let mut pay: std::collections::BTreeMap<Address, Amount> = std::collections::BTreeMap::new();
+    let mut paid: u128 = 0;
+    for (&account, &c) in costs {
+        let amount = if total <= u128::from(charge) {
+            u128::from(c)
+        } else {
+            u128::from(c) * u128::from(charge) / total
+        };
+        paid += amount;
+        *pay.entry(account).or_default() += amount as Amount;
+    }
+    // paid <= charge in both cases, so this never underflows.
+    let fee = (u128::from(charge) - paid) as Amount;
+    *pay.entry(gateway).or_default() += fee;
+    Split {
+        payouts: pay
+            .into_iter()
+            .filter(|(_, a)| *a > 0)
+            .map(|(provider, amount)| Payout { provider, amount })
+            .collect(),
+        shortfall: total
+            .saturating_sub(u128::from(charge))
+            .min(u128::from(u64::MAX)) as Amount,
     }
 }
 
@@ -252,13 +311,18 @@ pub struct Meter {
 impl Meter {
     /// Settles to `tokens` completion tokens, blocking this (non-async) thread until the ledger
     /// has recorded it, so the client's next look at its account sees the charge.
-    pub(crate) fn finish_blocking(mut self, runtime: &tokio::runtime::Handle, tokens: usize) {
+    pub(crate) fn finish_blocking(
+        mut self,
+        runtime: &tokio::runtime::Handle,
+        tokens: usize,
+        usage: &Usage,
+    ) {
         self.done = true;
         if self.held == 0 {
             return;
         }
         let accounts = self.accounts.clone();
-        runtime.block_on(accounts.settle(self.request, tokens, self.held));
+        runtime.block_on(accounts.settle(self.request, tokens, self.held, usage));
     }
 }
 
@@ -270,7 +334,7 @@ impl Drop for Meter {
         let (accounts, request, held) = (self.accounts.clone(), self.request, self.held);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(async move { accounts.settle(request, 0, held).await });
+                rt.spawn(async move { accounts.settle(request, 0, held, &Usage::default()).await });
             }
             Err(_) => tracing::warn!(%request, "escrow left open; released at the next start"),
         }
@@ -373,5 +437,105 @@ pub(crate) async fn hold_for(
                 .await?,
         )),
         _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn a(b: u8) -> Address {
+        Address::repeat_byte(b)
+    }
+
+    #[test]
+    fn providers_are_paid_in_full_and_the_gateway_keeps_the_rest() {
+        let costs = BTreeMap::from([(a(1), 30), (a(2), 0), (a(3), 45)]);
+        let s = split(100, &costs, a(9));
+        assert_eq!(
+            s.payouts,
+            vec![
+                Payout {
+                    provider: a(1),
+                    amount: 30
+                },
+                Payout {
+                    provider: a(3),
+                    amount: 45
+                },
+                Payout {
+                    provider: a(9),
+                    amount: 25
+                },
+            ]
+        );
+        assert_eq!(s.shortfall, 0);
+        // Exactly covered: no fee payout.
+        let s = split(75, &costs, a(9));
+        assert_eq!(s.payouts.iter().map(|p| p.amount).sum::<u64>(), 75);
+        assert!(s.payouts.iter().all(|p| p.provider != a(9)));
+        // Nothing metered (the local engine): all to the gateway; nothing charged: nothing.
+        let s = split(10, &BTreeMap::new(), a(9));
+        assert_eq!(
+            s.payouts,
+            vec![Payout {
+                provider: a(9),
+                amount: 10
+            }]
+        );
+        assert!(split(0, &costs, a(9)).payouts.is_empty());
+    }
+
+    #[test]
+    fn a_short_charge_is_shared_pro_rata_and_never_exceeded() {
+        let costs = BTreeMap::from([(a(1), 100), (a(2), 200)]);
+        let s = split(100, &costs, a(9));
+        // 33.3 and 66.6 rounded down; the remainder unit to the gateway.
+        assert_eq!(
+            s.payouts,
+            vec![
+                Payout {
+                    provider: a(1),
+                    amount: 33
+                },
+                Payout {
+                    provider: a(2),
+                    amount: 66
+                },
+                Payout {
+                    provider: a(9),
+                    amount: 1
+                },
+            ]
+        );
+        assert_eq!(s.shortfall, 200);
+        // A provider that is also the gateway's account gets one payout.
+        let s = split(50, &BTreeMap::from([(a(9), 20)]), a(9));
+        assert_eq!(
+            s.payouts,
+            vec![Payout {
+                provider: a(9),
+                amount: 50
+            }]
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn payouts_sum_to_the_charge(
+            charge in 0u64..1_000_000_000,
+            costs in proptest::collection::vec((0u8..6, 0u64..1_000_000_000), 0..6),
+        ) {
+            let costs: BTreeMap<Address, Amount> = costs.into_iter().map(|(b, c)| (a(b), c)).collect();
+            let s = split(charge, &costs, a(200));
+            let sum: u64 = s.payouts.iter().map(|p| p.amount).sum();
+            proptest::prop_assert_eq!(sum, charge);
+            for p in &s.payouts {
+                if p.provider != a(200) {
+                    proptest::prop_assert!(p.amount <= costs[&p.provider]);
+                }
+            }
+        }
     }
 }

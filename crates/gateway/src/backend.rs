@@ -12,6 +12,8 @@ use plexus_model::generate::{choice_seed, Completion, FinishReason, Flow, Genera
 use plexus_model::Tokenizer;
 use std::sync::Arc;
 
+pub use plexus_node::metering::Usage;
+
 /// A model a backend can serve.
 #[derive(Clone)]
 pub struct ModelEntry {
@@ -81,6 +83,22 @@ pub trait Backend: Send + Sync + 'static {
             }
         }
         Ok(out)
+    }
+
+    /// [`Backend::generate_choices`], also adding to `usage` the work each provider did, as
+    /// checked against its signed receipts (see `plexus_node::metering`). The default (a
+    /// backend whose work is all done by this gateway, like the local engine) adds nothing:
+    /// the pay for its tokens goes to the gateway's own account.
+    fn generate_metered(
+        &self,
+        model_id: &str,
+        req: &GenerateRequest,
+        n: usize,
+        on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
+        usage: &mut Usage,
+    ) -> Result<Vec<Completion>, BackendError> {
+        let _ = usage;
+        self.generate_choices(model_id, req, n, on_text)
     }
 
     /// Appends the backend's own metrics to the gateway's `/metrics` page, in the OpenMetrics

@@ -3,12 +3,13 @@
 //! template of each model it offers (from a local copy of the model) and matches the model's
 //! identity against what nodes announce.
 
-use crate::backend::{Backend, BackendError, ModelEntry};
+use crate::backend::{Backend, BackendError, ModelEntry, Usage};
 use crate::local::{model_id, LoadError};
 use plexus_core::wire::ErrorCode;
 use plexus_core::Digest;
 use plexus_model::generate::{
-    generate_with, Completion, Flow, GenerateError, GenerateRequest, Piece,
+    choice_seed, generate_with, Completion, FinishReason, Flow, GenerateError, GenerateRequest,
+    Piece,
 };
 use plexus_model::identity::identity;
 use plexus_model::ModelFiles;
@@ -132,24 +133,29 @@ impl Backend for NetworkBackend {
         req: &GenerateRequest,
         on_text: &mut dyn FnMut(&Piece) -> Flow,
     ) -> Result<Completion, BackendError> {
-        let m = self
-            .models
-            .iter()
-            .find(|m| m.entry.id == model_id)
-            .ok_or_else(|| BackendError::Invalid(format!("unknown model {model_id}")))?;
-        let mut chain = self
-            .client
-            .open_chain(
-                m.digest,
-                m.num_layers,
-                m.entry.context,
-                req.sampling.clone(),
-            )
-            .map_err(|e| BackendError::Unavailable {
-                model: model_id.to_string(),
-                reason: e.to_string(),
-            })?;
-        generate_with(&mut chain, &m.entry.tokenizer, req, |t| on_text(t)).map_err(map_error)
+        self.generate_one(model_id, req, on_text, &mut Usage::default())
+    }
+
+    fn generate_metered(
+        &self,
+        model_id: &str,
+        req: &GenerateRequest,
+        n: usize,
+        on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
+        usage: &mut Usage,
+    ) -> Result<Vec<Completion>, BackendError> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut r = req.clone();
+            r.sampling.seed = choice_seed(req.sampling.seed, i as u32);
+            let c = self.generate_one(model_id, &r, &mut |p| on_text(i, p), usage)?;
+            let cancelled = c.finish == FinishReason::Cancelled;
+            out.push(c);
+            if cancelled {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     fn render_metrics(&self, out: &mut String) {
@@ -212,5 +218,39 @@ impl Backend for NetworkBackend {
             "Frames refused as oversized or undecodable.",
             c.rejected.load(Ordering::Relaxed),
         );
+    }
+}
+
+impl NetworkBackend {
+    /// One generation through a chain; the chain's metered work is added to `usage` whether
+    /// it finished, was cancelled or failed (work done is paid).
+    fn generate_one(
+        &self,
+        model_id: &str,
+        req: &GenerateRequest,
+        on_text: &mut dyn FnMut(&Piece) -> Flow,
+        usage: &mut Usage,
+    ) -> Result<Completion, BackendError> {
+        let m = self
+            .models
+            .iter()
+            .find(|m| m.entry.id == model_id)
+            .ok_or_else(|| BackendError::Invalid(format!("unknown model {model_id}")))?;
+        let mut chain = self
+            .client
+            .open_chain(
+                m.digest,
+                m.num_layers,
+                m.entry.context,
+                req.sampling.clone(),
+            )
+            .map_err(|e| BackendError::Unavailable {
+                model: model_id.to_string(),
+                reason: e.to_string(),
+            })?;
+        let result =
+            generate_with(&mut chain, &m.entry.tokenizer, req, |t| on_text(t)).map_err(map_error);
+        usage.merge(chain.usage());
+        result
     }
 }

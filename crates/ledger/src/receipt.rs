@@ -86,15 +86,12 @@ pub fn signer(r: &Receipt, chain_id: u64) -> Result<Address, ReceiptSignatureErr
     if bytes.len() != SIGNATURE_BYTES {
         return Err(ReceiptSignatureError::Malformed);
     }
-    let sig =
-        Signature::from_slice(&bytes[..64]).map_err(|_| ReceiptSignatureError::Malformed)?;
+    let sig = Signature::from_slice(&bytes[..64]).map_err(|_| ReceiptSignatureError::Malformed)?;
     if sig.normalize_s().is_some() {
         return Err(ReceiptSignatureError::Malformed);
     }
     let recid = match bytes[64] {
-        27 | 28 => {
-            RecoveryId::from_byte(bytes[64] - 27).ok_or(ReceiptSignatureError::Malformed)?
-        }
+        27 | 28 => RecoveryId::from_byte(bytes[64] - 27).ok_or(ReceiptSignatureError::Malformed)?,
         _ => return Err(ReceiptSignatureError::Malformed),
     };
     let key = VerifyingKey::recover_from_prehash(&digest(r, chain_id), &sig, recid)
@@ -141,17 +138,17 @@ mod tests {
         assert_eq!(signer(&r, 31_337), Ok(account));
         // Another chain id, or any changed claim, recovers someone else.
         assert_ne!(signer(&r, 1), Ok(account));
-        let tweaks: Vec<Box<dyn Fn(&mut Receipt)>> = vec![
-            Box::new(|r| r.session.0[0] ^= 1),
-            Box::new(|r| r.model.0[0] ^= 1),
-            Box::new(|r| r.start += 1),
-            Box::new(|r| r.end += 1),
-            Box::new(|r| r.position += 1),
-            Box::new(|r| r.positions += 1),
-            Box::new(|r| r.price += 1),
-            Box::new(|r| r.input.0[0] ^= 1),
-            Box::new(|r| r.output.0[0] ^= 1),
-            Box::new(|r| r.commitment[0] ^= 1),
+        let tweaks: [fn(&mut Receipt); 10] = [
+            |r| r.session.0[0] ^= 1,
+            |r| r.model.0[0] ^= 1,
+            |r| r.start += 1,
+            |r| r.end += 1,
+            |r| r.position += 1,
+            |r| r.positions += 1,
+            |r| r.price += 1,
+            |r| r.input.0[0] ^= 1,
+            |r| r.output.0[0] ^= 1,
+            |r| r.commitment[0] ^= 1,
         ];
         for (i, t) in tweaks.iter().enumerate() {
             let mut m = r.clone();

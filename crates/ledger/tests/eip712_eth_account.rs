@@ -217,7 +217,16 @@ fn receipt_digests_and_signatures_match_eth_account() {
     let cases = [
         (3u8, 31_337u64, 0u32, 1u32, 0u32, 1u32, 0u64, [0u8; 32]),
         (9, 1, 10, 20, 4_000, 1, 1_000_000_000, [0x5a; 32]),
-        (200, u64::MAX, 0, u32::MAX, u32::MAX, u32::MAX, u64::MAX, [0xff; 32]),
+        (
+            200,
+            u64::MAX,
+            0,
+            u32::MAX,
+            u32::MAX,
+            u32::MAX,
+            u64::MAX,
+            [0xff; 32],
+        ),
     ];
     let mut input = Vec::new();
     let mut ours = Vec::new();

@@ -34,6 +34,8 @@ pub struct NetActor {
     rtts: HashMap<PeerId, Duration>,
     strikes: Strikes,
     topic: gossipsub::IdentTopic,
+    /// Inbound calls so far (each [`Reply`] gets the next number as its id).
+    replies: u64,
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
@@ -112,6 +114,7 @@ impl NetActor {
             rtts: HashMap::new(),
             strikes,
             topic: gossipsub::IdentTopic::new(ANNOUNCE_TOPIC),
+            replies: 0,
         };
         tokio::spawn(actor.run());
         Ok((
@@ -364,11 +367,15 @@ impl NetActor {
                     },
                 ..
             } => match request {
-                Ok(request) => self.emit(NetEvent::Request {
-                    peer,
-                    request,
-                    reply: Reply(channel),
-                }),
+                Ok(request) => {
+                    self.replies += 1;
+                    let reply = Reply(channel, self.replies);
+                    self.emit(NetEvent::Request {
+                        peer,
+                        request,
+                        reply,
+                    })
+                }
                 Err(e) => {
                     let _ = self.swarm.behaviour_mut().stage.send_response(
                         channel,

@@ -120,7 +120,15 @@ pub enum NetEvent {
 
 /// Where the answer to an inbound stage call goes.
 #[derive(Debug)]
-pub struct Reply(pub(crate) ResponseChannel<Response>);
+pub struct Reply(pub(crate) ResponseChannel<Response>, pub(crate) u64);
+
+impl Reply {
+    /// A number unique to this call within the process (the owner matches what it learnt when
+    /// the call arrived, such as a receipt to sign, with the answer the engine gives later).
+    pub fn id(&self) -> u64 {
+        self.1
+    }
+}
 
 /// Why a stage call failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

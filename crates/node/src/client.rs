@@ -10,8 +10,10 @@
 use crate::chain::{drive, CallFailed, Chain, ChainConfig, Transport};
 use crate::directory::Directory;
 use crate::discovery::DirectoryKeeper;
+use crate::metering::{check, ReceiptError, Usage};
 use crate::route::{best_route, Candidate, Hop};
 use crate::scoreboard::Scoreboard;
+use plexus_core::receipt::Receipt;
 use plexus_core::wire::{DType, Forward, Request, Response, SessionId};
 use plexus_core::Digest;
 use plexus_model::generate::TokenChain;
@@ -35,6 +37,8 @@ pub struct ClientConfig {
     /// How long to wait for a replacement to appear in the directory (survivors that take
     /// over a lost span need a few seconds to notice, load it and announce it).
     pub reroute_wait: Duration,
+    /// The EIP-712 chain id stage receipts must be signed for (the ledger's).
+    pub chain_id: u64,
 }
 
 impl ClientConfig {
@@ -44,6 +48,7 @@ impl ClientConfig {
             wire: DType::F32,
             max_failovers: 4,
             reroute_wait: Duration::from_secs(20),
+            chain_id: crate::service::DEFAULT_CHAIN_ID,
         }
     }
 }
@@ -57,6 +62,9 @@ pub struct ClientMetrics {
     pub failovers: AtomicU64,
     pub replayed_positions: AtomicU64,
     pub chains_opened: AtomicU64,
+    /// Stage calls whose receipt was accepted, and refused (missing, forged or false).
+    pub receipts: AtomicU64,
+    pub receipts_refused: AtomicU64,
 }
 
 pub use crate::chain::ChainError;
@@ -195,6 +203,7 @@ impl NetworkClient {
                 client: self.clone(),
                 model,
                 gave_up: None,
+                usage: Usage::default(),
             },
             chain: Chain::new(config, route),
             context,
@@ -252,6 +261,11 @@ impl RemoteChain {
     pub fn failovers(&self) -> usize {
         self.chain.failovers()
     }
+
+    /// The work each provider did for this generation so far, checked against its receipts.
+    pub fn usage(&self) -> &Usage {
+        &self.transport.usage
+    }
 }
 
 impl TokenChain for RemoteChain {
@@ -291,6 +305,46 @@ struct NetTransport {
     model: Digest,
     /// When the last route wait ended empty.
     gave_up: Option<Instant>,
+    /// Accepted receipts of this chain's calls.
+    usage: Usage,
+}
+
+impl NetTransport {
+    /// Meters one answered call: accepted receipts add the peer's work, anything else is
+    /// counted and logged (the call was computed but is not paid).
+    fn meter(&mut self, peer: PeerId, expected: Option<Receipt>, answer: Response) -> Response {
+        let (answer, receipt) = answer.into_parts();
+        let Some(expected) = expected else {
+            return answer; // not a computing call
+        };
+        let m = &self.client.metrics;
+        let account = self
+            .client
+            .directory()
+            .get(&peer)
+            .and_then(|a| libp2p_identity::PublicKey::try_decode_protobuf(&a.public_key).ok())
+            .and_then(|k| plexus_ledger::address_of(&k));
+        let verdict = match (&receipt, account) {
+            (None, _) => Err(ReceiptError::Missing),
+            (Some(_), None) => Err(ReceiptError::NoAccount),
+            (Some(r), Some(account)) => {
+                check(&expected, r, &answer, account, self.client.config.chain_id).map(|()| account)
+            }
+        };
+        match (verdict, receipt) {
+            (Ok(account), Some(r)) => {
+                self.usage.record(account, &r);
+                m.receipts.fetch_add(1, Ordering::Relaxed);
+            }
+            (Err(e), _) => {
+                self.usage.refused += 1;
+                m.receipts_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "stage call not paid: {e}");
+            }
+            (Ok(_), None) => {}
+        }
+        answer
+    }
 }
 
 impl Transport for NetTransport {
@@ -303,7 +357,11 @@ impl Transport for NetTransport {
                 .replayed_positions
                 .fetch_add(positions as u64, Ordering::Relaxed);
         }
-        let client = &self.client;
+        // What we send is what we pay for: the receipt must claim exactly this, at the price
+        // the peer announced (a peer without a live announcement is not paid).
+        let price = self.client.directory().get(&peer).map(|a| a.price);
+        let expected = price.map(|p| Receipt::for_call(&f, p, Digest([0; 32])));
+        let client = self.client.clone();
         let result = client
             .runtime
             .block_on(client.handle.call(peer, Request::Forward(f)));
@@ -324,7 +382,13 @@ impl Transport for NetTransport {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .record_call(peer, layers, positions, elapsed, rtt);
-                Ok(resp)
+                let expected = expected.or_else(|| {
+                    // Computed, but for a peer we hold no announcement (so no price) of.
+                    m.receipts_refused.fetch_add(1, Ordering::Relaxed);
+                    self.usage.refused += 1;
+                    None
+                });
+                Ok(self.meter(peer, expected, resp))
             }
             Err(e) => Err(CallFailed {
                 retryable: !matches!(e, CallError::Stopped),

@@ -7,6 +7,7 @@
 //! - [`directory`], [`discovery`]: who serves what, from verified announcements.
 //! - [`route`]: the cheapest chain for a request; [`placement`]: spans for nodes.
 //! - [`measure`]: seconds per layer and free memory.
+//! - [`metering`]: signed receipts of stage calls checked and summed per provider.
 
 pub mod chain;
 pub mod client;
@@ -14,6 +15,7 @@ pub mod directory;
 pub mod discovery;
 pub mod engine;
 pub mod measure;
+pub mod metering;
 pub mod placement;
 pub mod route;
 pub mod scoreboard;

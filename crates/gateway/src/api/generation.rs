@@ -238,18 +238,23 @@ impl Task {
                 Flow::Stop
             }
         };
-        let result =
-            self.state
-                .backend()
-                .generate_choices(&self.entry.id, &req, self.job.n, &mut on_text);
+        let mut usage = crate::backend::Usage::default();
+        let result = self.state.backend().generate_metered(
+            &self.entry.id,
+            &req,
+            self.job.n,
+            &mut on_text,
+            &mut usage,
+        );
         drop(slot);
         if let Some(meter) = self.meter.take() {
             // Charged for what was produced (every choice), cancelled streams included; before
-            // the client sees the end, so its next look at the account shows the charge.
+            // the client sees the end, so its next look at the account shows the charge. The
+            // providers are paid from it for the work their receipts prove.
             let tokens = result
                 .as_ref()
                 .map_or(0, |cs| cs.iter().map(|c| c.tokens.len()).sum());
-            meter.finish_blocking(&self.runtime, tokens);
+            meter.finish_blocking(&self.runtime, tokens, &usage);
         }
         if let Ok(cs) = &result {
             // Counted even when cancelled: the engine did the work.

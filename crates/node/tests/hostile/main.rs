@@ -7,6 +7,7 @@
 //! - [`requests`]: well-formed but wrong calls (sessions, positions, models, vocabulary,
 //!   context), odd activations (NaN, infinities, bogus int8 scales, wrong widths) and floods.
 //! - [`announcements`]: forged, relayed, tampered and expired announcements on gossip.
+//! - [`receipts`]: signed receipts of stage calls, metering per provider, inflated claims.
 //!
 //! After every attack a fresh client generates through the node and must get exactly what the
 //! model generates in this process ([`support::assert_serves`]).
@@ -15,5 +16,6 @@
 mod announcements;
 mod frames;
 mod lying;
+mod receipts;
 mod requests;
 mod support;

@@ -359,7 +359,13 @@ pub async fn caller(node: &TestNode) -> Caller {
 }
 
 impl Caller {
+    /// The node's answer without its receipt (see [`Caller::call_receipted`]).
     pub async fn call(&self, request: Request) -> Response {
+        self.call_receipted(request).await.into_parts().0
+    }
+
+    /// The node's answer as it came, receipt included.
+    pub async fn call_receipted(&self, request: Request) -> Response {
         within(WAIT, "a stage call", self.handle.call(self.node, request))
             .await
             .expect("the call fails at the transport")
@@ -505,14 +511,14 @@ pub enum RawReply {
 }
 
 impl RawReply {
-    /// The node's answer, if it wrote a whole frame.
+    /// The node's answer (without its receipt), if it wrote a whole frame.
     pub fn response(&self) -> Option<Result<Response, DecodeError>> {
         let RawReply::Bytes(b) = self else {
             return None;
         };
         let len = frame_len(b.get(..4)?.try_into().ok()?).ok()?;
         let body = b.get(4..4 + len)?;
-        Some(decode_response(body))
+        Some(decode_response(body).map(|r| r.into_parts().0))
     }
 
     /// The node answered `BadRequest`.
