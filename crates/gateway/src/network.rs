@@ -199,6 +199,16 @@ impl Backend for NetworkBackend {
             m.replayed_positions.load(Ordering::Relaxed),
         );
         counter(
+            "plexus_stage_receipts",
+            "Stage calls whose signed receipt was accepted (metered for pay).",
+            m.receipts.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_stage_receipts_refused",
+            "Stage calls whose receipt was missing, forged or false (not paid).",
+            m.receipts_refused.load(Ordering::Relaxed),
+        );
+        counter(
             "plexus_chains_opened",
             "Chains opened (one per generation).",
             m.chains_opened.load(Ordering::Relaxed),

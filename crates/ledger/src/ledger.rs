@@ -200,6 +200,27 @@ impl Ledger {
             .map(|(_, t)| t)
     }
 
+    /// Every account that holds or held funds (a bucket with a balance, or past spending),
+    /// in address order.
+    pub fn accounts(&self) -> Vec<Address> {
+        let mut out: Vec<Address> = self
+            .balances
+            .keys()
+            .filter_map(|b| match b {
+                Bucket::Available(a)
+                | Bucket::Staked(a)
+                | Bucket::Unbonding(a)
+                | Bucket::Locked(a) => Some(*a),
+                _ => None,
+            })
+            .chain(self.spent.keys().copied())
+            .chain(self.escrows.values().map(|e| e.client))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// An account's funds by bucket.
     pub fn account(&self, account: Address) -> AccountView {
         AccountView {

@@ -42,6 +42,8 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::cmd::ledger::KeysCommand,
     },
+    /// Accounts, stakes, escrow and earnings on a ledger (this node's account marked).
+    Status(crate::cmd::ledger::StatusArgs),
 }
 
 impl Command {
@@ -57,7 +59,9 @@ impl Command {
             Command::Gateway(a) => a.threads,
             Command::Models { .. } => None,
             Command::Node(a) => a.threads,
-            Command::Up(_) | Command::Placement(_) | Command::Keys { .. } => None,
+            Command::Up(_) | Command::Placement(_) | Command::Keys { .. } | Command::Status(_) => {
+                None
+            }
         }
     }
 }
@@ -354,7 +358,9 @@ pub struct NodeArgs {
     /// Stage calls waiting for the engine before new ones are refused as busy.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
-    /// Asking price, micro-credits per 1000 tokens per layer.
+    /// Asking price, micro-PLX per 1000 positions through one layer (announced, and signed into
+    /// the receipt of every stage call; gateways pay it into this node's account, the address
+    /// of its node key). At most 1000000000.
     #[arg(long, default_value_t = 0)]
     pub price: u64,
     /// CPU threads for the engine (default: all cores).
@@ -425,4 +431,9 @@ pub struct UpArgs {
     /// Price per completion token, in micro-PLX.
     #[arg(long, default_value_t = 1)]
     pub price: plexus_ledger::Amount,
+    /// Asking price of every node, micro-PLX per 1000 positions per layer (what `plexus node
+    /// --price` announces). Each node is paid its receipted work at this price out of the
+    /// client's charge; the gateway keeps the rest.
+    #[arg(long, default_value_t = 10)]
+    pub node_price: u64,
 }

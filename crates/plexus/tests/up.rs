@@ -116,6 +116,21 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
     println!("{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains("all checks passed"));
 
+    // Every stage call the client's requests made came back with a receipt the gateway
+    // accepted (three honest nodes: none refused).
+    let metrics = http_get(&url, "/metrics", &key);
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(counter("plexus_stage_receipts") > 0, "{metrics}");
+    assert_eq!(counter("plexus_stage_receipts_refused"), 0, "{metrics}");
+
     // Ctrl-C: everything stops, nodes included.
     let pid = up.0.id();
     assert!(Command::new("kill")
@@ -137,4 +152,70 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
     };
     assert!(status.success(), "{status}");
     assert!(children_of(pid).is_empty());
+
+    // The ledger it leaves: each node was paid into its locked earnings for its receipted
+    // work (equal spans at equal prices: equal pay), the gateway kept the rest of what the
+    // client spent, and nothing more was paid than spent.
+    let base = cache.path().join("up");
+    let status = |dir: &str| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_plexus"))
+            .args(["status", "--json", "--data-dir"])
+            .arg(base.join(dir))
+            .arg("--ledger")
+            .arg(format!("sqlite://{}", base.join("ledger.db").display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let mine = |v: &serde_json::Value| -> serde_json::Value {
+        v["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["this_node"] == true)
+            .cloned()
+            .unwrap_or_else(|| panic!("no account of this node: {v}"))
+    };
+    let nodes: Vec<u64> = (0..3)
+        .map(|i| {
+            mine(&status(&format!("node-{i}")))["locked"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let all = status("gateway");
+    let fee = mine(&all)["locked"].as_u64().unwrap();
+    let spent: u64 = all["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["spent"].as_u64().unwrap())
+        .sum();
+    eprintln!("spent {spent}: nodes {nodes:?}, gateway {fee}");
+    assert!(
+        nodes[0] > 0 && nodes.iter().all(|&n| n == nodes[0]),
+        "{nodes:?}"
+    );
+    assert_eq!(nodes.iter().sum::<u64>() + fee, spent, "{all}");
+}
+
+/// `GET path` with the key; the body.
+fn http_get(url: &str, path: &str, key: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.split_once("\r\n\r\n")
+        .map_or(text.clone(), |(_, b)| b.to_owned())
 }

@@ -1,5 +1,6 @@
 //! What the ledger-using subcommands share: `--ledger URL` resolution, amounts on the command
-//! line, and `plexus keys` (API keys mapped to ledger accounts).
+//! line, `plexus keys` (API keys mapped to ledger accounts) and `plexus status` (accounts,
+//! stakes, escrow and earnings on a ledger).
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
@@ -192,6 +193,105 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 store.close().await;
             }
         }
+        anyhow::Ok(())
+    })
+}
+
+/// `plexus status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
+    /// Data directory: its default SQLite ledger, and its node key (whose account is marked
+    /// `this node`). For `plexus up`'s ledger: `~/.cache/plexus/up` (or $PLEXUS_CACHE_DIR/up).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// One JSON object: `{"accounts": [{"account", "available", "staked", "unbonding",
+    /// "locked", "claimable", "escrow", "spent", "earnings", "this_node"}], "supply"}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints every account of the ledger with its buckets (micro-PLX): `locked` are earnings
+/// inside their challenge window, `claimable` the part of them whose window has passed.
+pub fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let rt = super::net::runtime()?;
+    rt.block_on(async {
+        let store = open(&a.ledger, &a.data_dir).await?;
+        let dir = a
+            .data_dir
+            .clone()
+            .unwrap_or_else(super::net::default_data_dir);
+        // Only read an existing key: status never creates one.
+        let me = std::fs::read_to_string(dir.join("node.key"))
+            .ok()
+            .and_then(|_| plexus_core::keys::NodeKey::load_or_create(&dir.join("node.key")).ok())
+            .and_then(|k| plexus_ledger::address_of(&k.public()));
+        let now = plexus_gateway::accounts::now_ms();
+        let ledger = store.ledger();
+        let mut rows = Vec::new();
+        for account in ledger.accounts() {
+            let v = ledger.account(account);
+            let (mut claimable, mut earnings) = (0u64, 0usize);
+            for (_, e) in ledger.earnings(account) {
+                earnings += 1;
+                if e.unlock_at <= now && e.challenger.is_none() {
+                    claimable += e.amount;
+                }
+            }
+            rows.push((account, v, claimable, earnings, Some(account) == me));
+        }
+        if a.json {
+            let accounts: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(account, v, claimable, earnings, mine)| {
+                    serde_json::json!({
+                        "account": account.to_string(),
+                        "available": v.available,
+                        "staked": v.staked,
+                        "unbonding": v.unbonding,
+                        "locked": v.locked,
+                        "claimable": claimable,
+                        "escrow": v.escrow,
+                        "spent": v.spent,
+                        "earnings": earnings,
+                        "this_node": mine,
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"accounts": accounts, "supply": ledger.issued()})
+            );
+        } else {
+            println!(
+                "{:<42} {:>14} {:>12} {:>12} {:>12} {:>12} {:>10} {:>12}",
+                "account",
+                "available",
+                "staked",
+                "unbonding",
+                "locked",
+                "claimable",
+                "escrow",
+                "spent"
+            );
+            for (account, v, claimable, _, mine) in &rows {
+                println!(
+                    "{:<42} {:>14} {:>12} {:>12} {:>12} {:>12} {:>10} {:>12}{}",
+                    account.to_string(),
+                    v.available,
+                    v.staked,
+                    v.unbonding,
+                    v.locked,
+                    claimable,
+                    v.escrow,
+                    v.spent,
+                    if *mine { "  (this node)" } else { "" }
+                );
+            }
+            println!("amounts in micro-PLX; supply {}", ledger.issued());
+        }
+        store.close().await;
         anyhow::Ok(())
     })
 }

@@ -38,6 +38,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(a) => up::run(a),
         Command::Placement(a) => placement::run(a),
         Command::Keys { command } => ledger::keys(command),
+        Command::Status(a) => ledger::status(a),
     }
 }
 

@@ -63,6 +63,8 @@ struct NodeOptions {
     /// Follow placement with chains of this many stages (survivors take over a dead node's
     /// layers); `None`: keep the first span.
     follow: Option<usize>,
+    /// `--price` of every node (micro-PLX per 1000 positions per layer).
+    price: u64,
 }
 
 async fn start_node(
@@ -84,7 +86,9 @@ async fn start_node(
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--parent-pid")
-        .arg(std::process::id().to_string());
+        .arg(std::process::id().to_string())
+        .arg("--price")
+        .arg(options.price.to_string());
     if let Some(t) = options.threads {
         cmd.arg("--threads").arg(t.to_string());
     }
@@ -182,6 +186,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             let options = NodeOptions {
                 threads: args.threads,
                 follow: (!args.static_spans).then_some(args.nodes),
+                price: args.node_price,
             };
             let first = start_node(&model, spans[0], &base.join("node-0"), &[], options).await?;
             let boot = first.addrs.clone();
