@@ -81,6 +81,7 @@ impl NetworkBackend {
         let cands: Vec<_> = dir
             .offers(&m.digest)
             .into_iter()
+            .filter(|(_, a, _)| self.client.affordable(a.price))
             .map(|(peer, _, o)| plexus_node::route::Candidate {
                 peer,
                 start: o.start as usize,
@@ -88,6 +89,7 @@ impl NetworkBackend {
                 compute_s: 0.0,
                 rtt: None,
                 load: 0.0,
+                price_s: 0.0,
             })
             .collect();
         best_route(&cands, 0, m.num_layers, &[]).is_some()

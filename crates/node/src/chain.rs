@@ -849,6 +849,7 @@ mod tests {
                     compute_s: p.cost,
                     rtt: Some(Duration::from_millis(1)),
                     load: 0.0,
+                    price_s: 0.0,
                 })
                 .collect();
             best_route(&cands, from, to, exclude).map(|(r, _)| r)

@@ -11,7 +11,7 @@ use crate::chain::{drive, CallFailed, Chain, ChainConfig, Transport};
 use crate::directory::Directory;
 use crate::discovery::DirectoryKeeper;
 use crate::metering::{check, ReceiptError, Usage};
-use crate::route::{best_route, Candidate, Hop};
+use crate::route::{best_route, price_s, Candidate, Hop};
 use crate::scoreboard::Scoreboard;
 use plexus_core::receipt::Receipt;
 use plexus_core::wire::{DType, Forward, Request, Response, SessionId};
@@ -39,6 +39,12 @@ pub struct ClientConfig {
     pub reroute_wait: Duration,
     /// The EIP-712 chain id stage receipts must be signed for (the ledger's).
     pub chain_id: u64,
+    /// Nodes announcing a price above this (micro-PLX per 1000 positions per layer) are never
+    /// routed to; `None`: no limit.
+    pub max_price: Option<u64>,
+    /// Micro-PLX one second of latency per token is worth: how routing weighs price against
+    /// speed (see [`crate::route`]); 0 ignores price.
+    pub time_value: f64,
 }
 
 impl ClientConfig {
@@ -49,9 +55,15 @@ impl ClientConfig {
             max_failovers: 4,
             reroute_wait: Duration::from_secs(20),
             chain_id: crate::service::DEFAULT_CHAIN_ID,
+            max_price: None,
+            time_value: DEFAULT_TIME_VALUE,
         }
     }
 }
+
+/// Default [`ClientConfig::time_value`]: 1000 micro-PLX (0.001 PLX) per second, so a node
+/// must be 1 ms a token faster for each micro-PLX a token it asks more.
+pub const DEFAULT_TIME_VALUE: f64 = 1000.0;
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -133,6 +145,9 @@ impl NetworkClient {
         let dir = self.directory();
         let mut out = Vec::new();
         for (peer, a, o) in dir.offers(model) {
+            if !self.affordable(a.price) {
+                continue;
+            }
             let rtt = self.handle.rtt(peer).await;
             let load = if a.max_sessions == 0 {
                 1.0
@@ -146,11 +161,17 @@ impl NetworkClient {
                 compute_s: o.decode_s_per_layer as f64 * (o.end - o.start) as f64,
                 rtt,
                 load,
+                price_s: price_s(a.price, (o.end - o.start) as usize, self.config.time_value),
             });
         }
         let scores = self.scores.lock().unwrap_or_else(|e| e.into_inner());
         out.iter_mut().for_each(|c| scores.adjust(c));
         out
+    }
+
+    /// Whether a node asking `price` may be routed to (at most `max_price`).
+    pub fn affordable(&self, price: u64) -> bool {
+        self.config.max_price.is_none_or(|m| price <= m)
     }
 
     /// Waits until some chain covers all `num_layers` layers of `model`.

@@ -2,9 +2,20 @@
 //! least expected time per token.
 //!
 //! Each offer is an edge from its first layer to its end; its cost is the measured round trip
-//! to the node plus its compute (`decode_s_per_layer * layers`), inflated by its load. The
-//! cheapest path over layer boundaries (Dijkstra on a DAG, i.e. a forward pass in layer order)
-//! is the route. Pure: inputs in, route out.
+//! to the node plus its compute (`decode_s_per_layer * layers`), inflated by its load, plus
+//! its price converted to seconds:
+//!
+//! ```text
+//! cost = (rtt + compute_s) * (1 + 2 * load) + price_s
+//! price_s = price * layers / 1000 / time_value     (seconds a token's price is worth)
+//! ```
+//!
+//! `price` is the node's announced micro-PLX per 1000 positions per layer and `time_value` the
+//! driver's micro-PLX per second of latency per token (`ClientConfig::time_value`): a node
+//! twice as dear must be faster by the price difference over `time_value` to win. Offers above
+//! the driver's `max_price` never become candidates. The cheapest path over layer boundaries
+//! (Dijkstra on a DAG, i.e. a forward pass in layer order) is the route. Pure: inputs in,
+//! route out.
 
 use plexus_net::PeerId;
 use std::time::Duration;
@@ -21,6 +32,20 @@ pub struct Candidate {
     pub rtt: Option<Duration>,
     /// Sessions open over the most it accepts, in 0..=1 (more queueing as it fills).
     pub load: f64,
+    /// Its price for one position through the span, in seconds of latency it is worth
+    /// ([`price_s`]); 0 for free nodes.
+    pub price_s: f64,
+}
+
+/// The price of one position through `layers` layers at `price` (micro-PLX per 1000
+/// position-layers), in seconds at `time_value` micro-PLX per second; 0 when `time_value` is
+/// not positive (price ignored).
+pub fn price_s(price: u64, layers: usize, time_value: f64) -> f64 {
+    if time_value > 0.0 {
+        price as f64 * layers as f64 / 1000.0 / time_value
+    } else {
+        0.0
+    }
 }
 
 /// One stage of a chosen chain.
@@ -37,7 +62,7 @@ pub const DEFAULT_RTT: Duration = Duration::from_millis(20);
 /// The expected seconds per token through `c`.
 pub fn cost(c: &Candidate) -> f64 {
     let rtt = c.rtt.unwrap_or(DEFAULT_RTT).as_secs_f64();
-    (rtt + c.compute_s) * (1.0 + 2.0 * c.load.clamp(0.0, 1.0))
+    (rtt + c.compute_s) * (1.0 + 2.0 * c.load.clamp(0.0, 1.0)) + c.price_s.max(0.0)
 }
 
 /// The cheapest chain covering `from..to`, skipping `exclude`d peers; `None` if no chain
@@ -104,7 +129,21 @@ mod tests {
             compute_s,
             rtt: Some(Duration::from_millis(1)),
             load: 0.0,
+            price_s: 0.0,
         }
+    }
+
+    #[test]
+    fn price_weighs_against_speed() {
+        let (fast, cheap) = (PeerId::random(), PeerId::random());
+        // `fast` is 10 ms quicker per token and asks 100 micro-PLX per 1000 position-layers
+        // over 10 layers (1 micro-PLX a token) more than the free `cheap`.
+        let mut cands = vec![cand(fast, 0, 10, 0.010), cand(cheap, 0, 10, 0.020)];
+        cands[0].price_s = price_s(100, 10, 1000.0); // 1 ms at 1000 micro-PLX/s: fast wins
+        assert_eq!(best_route(&cands, 0, 10, &[]).unwrap().0[0].peer, fast);
+        cands[0].price_s = price_s(100, 10, 10.0); // 100 ms at 10 micro-PLX/s: cheap wins
+        assert_eq!(best_route(&cands, 0, 10, &[]).unwrap().0[0].peer, cheap);
+        assert_eq!(price_s(100, 10, 0.0), 0.0);
     }
 
     #[test]

@@ -113,6 +113,7 @@ mod tests {
             compute_s,
             rtt: Some(Duration::from_millis(1)),
             load: 0.0,
+            price_s: 0.0,
         }
     }
 

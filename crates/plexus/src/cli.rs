@@ -436,4 +436,6 @@ pub struct UpArgs {
     /// client's charge; the gateway keeps the rest.
     #[arg(long, default_value_t = 10)]
     pub node_price: u64,
+    #[command(flatten)]
+    pub routing: crate::cmd::gateway::RoutingArgs,
 }

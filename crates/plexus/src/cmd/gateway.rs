@@ -59,6 +59,8 @@ pub struct GatewayArgs {
     /// Price per completion token, in micro-PLX (with a ledger).
     #[arg(long, default_value_t = 1)]
     pub price: plexus_ledger::Amount,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
     /// Require this static key from clients (`Authorization: Bearer KEY` or `x-api-key: KEY`);
     /// /health stays open. Only with `--ledger none`: with a ledger, clients authenticate with
     /// their per-account keys instead, and giving both is refused.
@@ -72,6 +74,37 @@ pub struct GatewayArgs {
     /// (bench/gateway_overhead.sh).
     #[arg(long, hide = true)]
     pub bench_echo_ms: Option<u64>,
+}
+
+/// How the network backend weighs price (network mode only).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RoutingArgs {
+    /// Never route to nodes asking more than this, micro-PLX per 1000 positions per layer
+    /// (network mode).
+    #[arg(long)]
+    pub max_price: Option<u64>,
+    /// Micro-PLX one second of latency per token is worth when routing weighs a node's price
+    /// against its speed; 0 ignores price (network mode; default 1000).
+    #[arg(long)]
+    pub time_value: Option<f64>,
+}
+
+impl RoutingArgs {
+    /// Applies the flags to a network client's config.
+    pub fn apply(&self, c: &mut plexus_node::client::ClientConfig) -> anyhow::Result<()> {
+        c.max_price = self.max_price;
+        if let Some(v) = self.time_value {
+            if !v.is_finite() || v < 0.0 {
+                anyhow::bail!("--time-value {v}: expected a non-negative number");
+            }
+            c.time_value = v;
+        }
+        Ok(())
+    }
+
+    fn any(&self) -> bool {
+        self.max_price.is_some() || self.time_value.is_some()
+    }
 }
 
 impl GatewayArgs {
@@ -95,6 +128,11 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
     super::ledger::check_auth(a.ledger.url(&data_dir)?.is_some(), a.api_key.as_deref())?;
     if !a.net.bootstrap.is_empty() || a.net.mdns {
         return run_network(a);
+    }
+    if a.routing.any() {
+        anyhow::bail!(
+            "--max-price and --time-value choose between network nodes; this gateway serves              the model in its own process (add --bootstrap or --mdns)"
+        );
     }
     let pb = crate::progress::spinner(&format!("loading {}", a.model.display()));
     let cache = super::cache_dir();
@@ -168,6 +206,7 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
     runtime.block_on(async {
         let mut client_config = ClientConfig::new(net);
         client_config.wire = wire;
+        a.routing.apply(&mut client_config)?;
         let client = NetworkClient::start(client_config)?;
         let mut backend = NetworkBackend::new(client);
         let cache = super::cache_dir();

@@ -235,6 +235,7 @@ async fn serve(
         .parse()
         .map_err(anyhow::Error::msg)
         .context("bad --wire")?;
+    args.routing.apply(&mut config)?;
     let client = NetworkClient::start(config)?;
     let mut backend = NetworkBackend::new(client.clone());
     let cache = super::cache_dir();
