@@ -44,6 +44,8 @@ pub enum Command {
     },
     /// Accounts, stakes, escrow and earnings on a ledger (this node's account marked).
     Status(crate::cmd::ledger::StatusArgs),
+    /// This node's account: address, balance, faucet, stake, unbond, claim, withdraw, history.
+    Wallet(crate::cmd::wallet::WalletArgs),
 }
 
 impl Command {
@@ -59,9 +61,11 @@ impl Command {
             Command::Gateway(a) => a.threads,
             Command::Models { .. } => None,
             Command::Node(a) => a.threads,
-            Command::Up(_) | Command::Placement(_) | Command::Keys { .. } | Command::Status(_) => {
-                None
-            }
+            Command::Up(_)
+            | Command::Placement(_)
+            | Command::Keys { .. }
+            | Command::Status(_)
+            | Command::Wallet(_) => None,
         }
     }
 }

@@ -12,6 +12,7 @@ mod node;
 mod placement;
 mod train;
 mod up;
+pub mod wallet;
 
 use crate::cli::{BenchCommand, Cli, Command, CommonArgs, ModelsCommand, SamplingArgs};
 use anyhow::Context as _;
@@ -39,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Placement(a) => placement::run(a),
         Command::Keys { command } => ledger::keys(command),
         Command::Status(a) => ledger::status(a),
+        Command::Wallet(a) => wallet::run(a),
     }
 }
 
