@@ -134,3 +134,26 @@ fn escrow_of_a_killed_gateway_is_released_on_restart() {
     // Nothing was settled for the killed requests: the client is not charged for them.
     assert_eq!(after["spent"], 0, "{after}");
 }
+
+/// Routing flags choose between network nodes: a gateway serving the model in its own
+/// process refuses them instead of ignoring them.
+#[test]
+fn routing_flags_are_refused_without_a_network() {
+    let data = tempfile::tempdir().unwrap();
+    for flag in [["--max-price", "5"], ["--time-value", "10"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_plexus"))
+            .args(["gateway", "--port", "0", "--model"])
+            .arg(model())
+            .args(flag)
+            .arg("--data-dir")
+            .arg(data.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag:?} was accepted");
+        assert!(
+            err.contains("--max-price and --time-value") && err.contains("--bootstrap"),
+            "{err}"
+        );
+    }
+}
