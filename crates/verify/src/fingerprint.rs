@@ -7,7 +7,7 @@
 //! - [`Fingerprint::digest`] is the 32 bytes a receipt carries; the fingerprint itself is kept by
 //!   the provider and sent when the gateway asks for it (after the draw).
 //!
-//! Two schemes, compared on the real model in `tests/fingerprint_measure.rs` (BENCHMARKS.md):
+//! Two schemes, compared on the real model in `tests/real_model.rs` (BENCHMARKS.md):
 //!
 //! - [`Scheme::TopK`] (TOPLOC): the `k` largest-magnitude entries of the window's last row, as
 //!   (index u16, value f16). 4k bytes per window before TOPLOC's polynomial packing.

@@ -24,6 +24,7 @@ pub mod compare;
 pub mod draw;
 pub mod fingerprint;
 pub mod known_answer;
+pub mod replay;
 pub mod reputation;
 pub mod seed;
 pub mod stats;
@@ -31,6 +32,3 @@ pub mod tokens;
 
 pub use commitment::Commitment;
 pub use fingerprint::{Fingerprint, Fingerprinter, Scheme, WINDOW};
-
-#[cfg(test)]
-use candle_core as _;
