@@ -37,6 +37,8 @@ pub enum Command {
     Up(UpArgs),
     /// Print the placement plan for a model from the nodes that announce it.
     Placement(PlacementArgs),
+    /// Adversarial simulation of Proof-of-Sampling audits over real engine calls.
+    Sim(crate::cmd::sim::SimArgs),
 }
 
 impl Command {
@@ -53,6 +55,8 @@ impl Command {
             Command::Models { .. } => None,
             Command::Node(a) => a.threads,
             Command::Up(_) | Command::Placement(_) => None,
+            // The simulation runs its providers on their own thread pools.
+            Command::Sim(_) => None,
         }
     }
 }

@@ -3,8 +3,12 @@
 //! After a provider has committed (its receipt, with the fingerprint digest, is signed and
 //! held by the gateway), the gateway decides whether to audit the job:
 //!
-//! `u = u64_be(HMAC-SHA256(gateway_key, "plexus/audit-draw/v1" || commitment)[..8]) / 2^64`,
-//! audit when `u < p`.
+//! `u = u64_be(HMAC-SHA256(gateway_key, "plexus/audit-draw/v1" || request || commitment)[..8])
+//! / 2^64`, audit when `u < p`.
+//!
+//! The request id is in the message because commitments can repeat: a copier that returns the
+//! same answer (and so the same commitment) job after job would otherwise get the same draw
+//! every time, and one lucky "no" would cover all its copies (`plexus sim` found this).
 //!
 //! The key is the gateway's secret, so the provider cannot predict the draw when it commits,
 //! and the commitment is fixed before the draw, so it cannot change its answer after. Anyone
@@ -90,14 +94,17 @@ impl DrawKey {
         Self(secret)
     }
 
-    /// The uniform in `[0, 1)` for a commitment (its 32-byte digest).
-    pub fn uniform(&self, commitment: &[u8; 32]) -> f64 {
-        self.uniform_for(b"plexus/audit-draw/v1", commitment)
+    /// The uniform in `[0, 1)` for a request's commitment (its 32-byte digest).
+    pub fn uniform(&self, request: &[u8; 32], commitment: &[u8; 32]) -> f64 {
+        let mut msg = [0u8; 64];
+        msg[..32].copy_from_slice(request);
+        msg[32..].copy_from_slice(commitment);
+        self.uniform_for(b"plexus/audit-draw/v1", &msg)
     }
 
-    /// Whether the job with this commitment is audited at probability `p`.
-    pub fn audits(&self, commitment: &[u8; 32], p: f64) -> bool {
-        self.uniform(commitment) < p
+    /// Whether the job `request` with this commitment is audited at probability `p`.
+    pub fn audits(&self, request: &[u8; 32], commitment: &[u8; 32], p: f64) -> bool {
+        self.uniform(request, commitment) < p
     }
 
     /// A uniform for another purpose (planting known-answer audits, picking auditors), domain
@@ -190,7 +197,7 @@ mod tests {
             .filter(|i| {
                 let mut c = [0u8; 32];
                 c[..4].copy_from_slice(&i.to_le_bytes());
-                key.audits(&c, 0.05)
+                key.audits(&c, &[9; 32], 0.05)
             })
             .count();
         let rate = hits as f64 / f64::from(n);
@@ -212,8 +219,11 @@ mod tests {
         fn draw_is_keyed(c in any::<[u8; 32]>(), k1 in any::<[u8; 32]>(), k2 in any::<[u8; 32]>()) {
             prop_assume!(k1 != k2);
             let (a, b) = (DrawKey::new(k1), DrawKey::new(k2));
-            prop_assert_eq!(a.uniform(&c), DrawKey::new(k1).uniform(&c));
-            prop_assert_ne!(a.uniform(&c), b.uniform(&c));
+            prop_assert_eq!(a.uniform(&c, &c), DrawKey::new(k1).uniform(&c, &c));
+            prop_assert_ne!(a.uniform(&c, &c), b.uniform(&c, &c));
+            let mut other = c;
+            other[5] ^= 1;
+            prop_assert_ne!(a.uniform(&other, &c), a.uniform(&c, &c));
         }
     }
 }

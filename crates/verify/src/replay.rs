@@ -221,12 +221,13 @@ pub fn replay(
 }
 
 /// How the last stage of [`run_chain`] picks tokens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LastStage {
     /// Computes its layers and samples with the request's params.
     Honest,
-    /// Computes nothing: random token ids, fabricated (all-zero) logits rows.
-    Random { seed: u64 },
+    /// Computes nothing and emits these tokens (made up, or copied from another job), with
+    /// fabricated (all-zero) logits rows; past their end it emits EOS (`eos[0]`) and stops.
+    Scripted(Vec<u32>),
     /// Computes honestly but, after `after` tokens, emits `eos` and stops (truncated work).
     Truncate { after: usize, eos: u32 },
 }
@@ -254,9 +255,8 @@ pub fn run_chain(
     chunk: usize,
     schemes: &[Scheme],
     eos: &[u32],
-    last: LastStage,
+    last: &LastStage,
 ) -> Result<ChainRun, ReplayError> {
-    use plexus_core::rng::{bits, Stream};
     let Some(tail) = stages.last() else {
         return Err(ReplayError::Input("an empty chain"));
     };
@@ -296,7 +296,7 @@ pub fn run_chain(
             for (i, stage) in stages.iter().enumerate() {
                 let is_last = i + 1 == stages.len();
                 let n = piece.len();
-                if is_last && matches!(last, LastStage::Random { .. }) {
+                if is_last && matches!(last, LastStage::Scripted(_)) {
                     let out: &[f32] = if sampled { &zeros } else { &[] };
                     recorders[i].record(None, x.as_deref(), out)?;
                     break;
@@ -332,8 +332,11 @@ pub fn run_chain(
         }
         let position = history.len() as u64;
         let token = match last {
-            LastStage::Random { seed } => bits(seed, Stream::Audit, position, 99)[0] % vocab as u32,
-            LastStage::Truncate { after, eos } if tokens.len() >= after => eos,
+            LastStage::Scripted(script) => match script.get(tokens.len()) {
+                Some(&t) => t,
+                None => eos.first().copied().unwrap_or(0),
+            },
+            LastStage::Truncate { after, eos } if tokens.len() >= *after => *eos,
             _ => {
                 let row = logits_row
                     .as_deref()
@@ -344,7 +347,7 @@ pub fn run_chain(
         tokens.push(token);
         history.push(token);
         if eos.contains(&token)
-            || matches!(last, LastStage::Truncate { after, .. } if tokens.len() > after)
+            || matches!(last, LastStage::Truncate { after, .. } if tokens.len() > *after)
         {
             break;
         }

@@ -9,6 +9,7 @@ mod models;
 mod net;
 mod node;
 mod placement;
+pub mod sim;
 mod train;
 mod up;
 
@@ -36,6 +37,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(a) => node::run(a),
         Command::Up(a) => up::run(a),
         Command::Placement(a) => placement::run(a),
+        Command::Sim(a) => sim::run(a),
     }
 }
 
