@@ -13,7 +13,8 @@
 //! another node of the span (told nothing of the provider's answer) -> exact comparison and
 //! token check -> on a mismatch, three referees and a majority verdict -> slash the cheater
 //! (or the false accuser) and exclude it. With probability 0.1 per audit, the auditor also
-//! gets a planted audit whose answer the gateway computed itself.
+//! gets a planted audit: a past job whose answer a referee majority confirmed. A conviction
+//! re-examines the audits the convicted node passed (a colluding auditor vouched for them).
 
 mod nodes;
 
@@ -71,8 +72,8 @@ const PLANT_RATE: f64 = 0.1;
 /// Audit probability of a node with no passed audit (it decays as `1 / (1 + passed)` down to
 /// the PoSP probability).
 const NEWCOMER_RATE: f64 = 0.1;
-/// Known answers the gateway computes itself, to plant.
-const KNOWN_ANSWERS: usize = 4;
+/// Known answers kept to plant: answers a referee majority confirmed.
+const KNOWN_ANSWERS: usize = 8;
 /// Referees per case.
 const REFEREES: usize = 3;
 const SCHEMES: [Scheme; 1] = [Scheme::DEFAULT];
@@ -220,6 +221,22 @@ impl Engine {
     }
 }
 
+/// An audit that passed: who vouched for whose answer, and the job to replay it.
+struct Passed {
+    provider: usize,
+    auditor: usize,
+    slot: usize,
+    input: Input,
+    prompt: Vec<u32>,
+    tokens: Vec<u32>,
+    params: SamplingParams,
+    claimed: Answer,
+    request: RequestId,
+}
+
+/// Passed audits kept for re-examination (bounded memory).
+const PASSED_KEPT: usize = 512;
+
 /// Counters of one run.
 #[derive(Default)]
 struct Tally {
@@ -250,6 +267,9 @@ struct Sim {
     client: Address,
     gateway: Address,
     known: Vec<(usize, Input, Vec<u32>, Vec<u32>, SamplingParams, Answer)>,
+    /// Audits that passed, still inside the challenge window (the most recent
+    /// [`PASSED_KEPT`]): re-examined when their provider is convicted.
+    passed: std::collections::VecDeque<Passed>,
     t: Tally,
 }
 
@@ -337,6 +357,7 @@ pub fn simulate(a: &SimArgs) -> anyhow::Result<serde_json::Value> {
         client,
         gateway,
         known: Vec::new(),
+        passed: std::collections::VecDeque::new(),
         t: Tally::default(),
     };
     let started = Instant::now();
@@ -523,11 +544,13 @@ impl Sim {
         self.nodes[node].audits_done += 1;
         let n = &self.nodes[node];
         if n.kind == Kind::ColludingAuditor && self.nodes[provider].kind == Kind::Colluder {
+            self.nodes[node].cheated += 1;
             return Ok(claimed.clone());
         }
         if n.kind == Kind::LazyAuditor
             && self.u(b"plexus/sim/lazy", &[node as u64, n.audits_done]) < self.cheat_rate
         {
+            self.nodes[node].cheated += 1;
             return self.engine.fabricate(job);
         }
         let t0 = Instant::now();
@@ -581,21 +604,20 @@ impl Sim {
         }
         if agrees {
             self.nodes[provider].record.audits_passed += 1;
-            if self.known.len() < KNOWN_ANSWERS && self.nodes[auditor].kind == Kind::Honest {
-                // The gateway computes the answer itself once, to plant it later.
-                let t0 = Instant::now();
-                let own = self.engine.recompute(&self.nodes[auditor], job)?;
-                self.t.audit_time += t0.elapsed();
-                self.t.audit_positions += job.input.positions() as u64;
-                self.known.push((
-                    job.slot,
-                    job.input.clone(),
-                    job.prompt.to_vec(),
-                    job.tokens.to_vec(),
-                    job.params.clone(),
-                    own,
-                ));
+            if self.passed.len() == PASSED_KEPT {
+                self.passed.pop_front();
             }
+            self.passed.push_back(Passed {
+                provider,
+                auditor,
+                slot: job.slot,
+                input: job.input.clone(),
+                prompt: job.prompt.to_vec(),
+                tokens: job.tokens.to_vec(),
+                params: job.params.clone(),
+                claimed: claimed.clone(),
+                request,
+            });
             return Ok(());
         }
         self.case(j, now, request, provider, auditor, job, &claimed, &verdict)
@@ -685,6 +707,25 @@ impl Sim {
             None => return Ok(()),
         };
         debug_assert!(matches!(case.state(), State::Decided(_)));
+        // The answer the majority confirmed is a known answer (three or more independent
+        // computations agree), to plant in later audits.
+        let confirmed = match &verdict {
+            Verdict::ProviderCheated { .. } => Some(accusation.clone()),
+            Verdict::FalseAccusation { .. } => Some(claimed.clone()),
+            Verdict::Inconclusive => None,
+        };
+        if let Some(answer) = confirmed {
+            if self.known.len() < KNOWN_ANSWERS {
+                self.known.push((
+                    job.slot,
+                    job.input.clone(),
+                    job.prompt.to_vec(),
+                    job.tokens.to_vec(),
+                    job.params.clone(),
+                    answer,
+                ));
+            }
+        }
         let (losers, challenger) = match verdict {
             Verdict::ProviderCheated {
                 provider,
@@ -709,6 +750,49 @@ impl Sim {
                 self.nodes[i].audits_done
             };
             self.convict(i, challenger, Some(request), now, at)?;
+            self.reexamine(i, j, now)?;
+        }
+        Ok(())
+    }
+
+    /// After `convicted` is caught, every audit of it that passed inside the window is replayed
+    /// by a fresh auditor; when the replay contradicts the answer the auditor vouched for, that
+    /// auditor is the defendant of a new case (a colluder, or a lazy auditor, is convicted).
+    fn reexamine(&mut self, convicted: usize, j: u64, now: u64) -> anyhow::Result<()> {
+        let (mine, rest): (Vec<Passed>, Vec<Passed>) =
+            self.passed.drain(..).partition(|p| p.provider == convicted);
+        self.passed = rest.into();
+        for (k, p) in mine.into_iter().enumerate() {
+            if self.nodes[p.auditor].excluded {
+                continue;
+            }
+            let span = self.nodes[convicted].span;
+            let salt = [j, 300 + k as u64];
+            let Some(fresh) = self.pick(
+                span,
+                |n| {
+                    n.kind.audits()
+                        && n.addr != self.nodes[p.auditor].addr
+                        && n.addr != self.nodes[convicted].addr
+                },
+                &salt,
+            ) else {
+                continue;
+            };
+            self.t.audits += 1;
+            let job = Job {
+                slot: p.slot,
+                input: &p.input,
+                prompt: &p.prompt,
+                tokens: &p.tokens,
+                params: &p.params,
+            };
+            let ans = self.answer(fresh, convicted, &job, &p.claimed)?;
+            if !Self::agrees(&ans, &p.claimed) {
+                // The auditor that passed it now stands accused; referees decide, as for any
+                // mismatch (a lazy fresh auditor must not convict an honest one).
+                self.case(j, now, p.request, p.auditor, fresh, &job, &p.claimed, &ans)?;
+            }
         }
         Ok(())
     }
