@@ -92,7 +92,7 @@ impl<N: Clone + Ord + Debug> Case<N> {
         now: u64,
         timeout: u64,
     ) -> Result<Self, ArbitrationError> {
-        if referees.is_empty() || referees.len() % 2 == 0 {
+        if referees.is_empty() || referees.len().is_multiple_of(2) {
             return Err(ArbitrationError::RefereeCount(referees.len()));
         }
         if provider == accuser {

@@ -149,7 +149,7 @@ impl Fingerprinter {
 
     /// Adds `rows` (row-major, `rows.len() / width` rows) at positions `first..`.
     pub fn push(&mut self, first: u64, rows: &[f32]) -> Result<(), FingerprintError> {
-        if rows.len() % self.width != 0 {
+        if !rows.len().is_multiple_of(self.width) {
             return Err(FingerprintError::Ragged {
                 got: rows.len(),
                 width: self.width,

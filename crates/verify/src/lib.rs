@@ -32,3 +32,9 @@ pub mod tokens;
 
 pub use commitment::Commitment;
 pub use fingerprint::{Fingerprint, Fingerprinter, Scheme, WINDOW};
+
+// Dev-dependencies used by the integration tests only.
+#[cfg(test)]
+use rayon as _;
+#[cfg(test)]
+use tempfile as _;

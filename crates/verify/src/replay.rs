@@ -117,7 +117,7 @@ impl Recorder {
             return Err(ReplayError::Input("an empty call"));
         }
         let out_rows = output.len() / self.out_width;
-        if out_rows > n || output.len() % self.out_width != 0 {
+        if out_rows > n || !output.len().is_multiple_of(self.out_width) {
             return Err(ReplayError::Input("output rows do not match the call"));
         }
         // One output row per position, or one (the last) for a last stage.

@@ -1,3 +1,4 @@
+#![allow(unused_crate_dependencies, clippy::unwrap_used)]
 //! Measurements on the real model (SmolLM2-135M-Instruct Q4_1), printed for BENCHMARKS.md and
 //! asserted where the design depends on them:
 //!
@@ -153,7 +154,7 @@ fn honest_replays_are_exact_and_substitutes_are_caught() {
                 5,
                 &SCHEMES,
                 &eos,
-                LastStage::Honest,
+                &LastStage::Honest,
             )
             .unwrap()
         });
@@ -166,7 +167,7 @@ fn honest_replays_are_exact_and_substitutes_are_caught() {
                 64,
                 &SCHEMES,
                 &eos,
-                LastStage::Honest,
+                &LastStage::Honest,
             )
             .unwrap()
         });
@@ -180,7 +181,7 @@ fn honest_replays_are_exact_and_substitutes_are_caught() {
                     16,
                     &SCHEMES,
                     &eos,
-                    LastStage::Honest,
+                    &LastStage::Honest,
                 )
                 .unwrap()
             })
@@ -247,7 +248,7 @@ fn honest_replays_are_exact_and_substitutes_are_caught() {
                     64,
                     &SCHEMES,
                     &eos,
-                    LastStage::Honest,
+                    &LastStage::Honest,
                 )
                 .unwrap()
             });
@@ -260,7 +261,7 @@ fn honest_replays_are_exact_and_substitutes_are_caught() {
                     64,
                     &SCHEMES,
                     &eos,
-                    LastStage::Honest,
+                    &LastStage::Honest,
                 )
                 .unwrap()
             });

@@ -221,6 +221,10 @@ impl Engine {
     }
 }
 
+/// A job whose answer a referee majority confirmed: (slot, input, prompt, tokens, params,
+/// answer).
+type Known = (usize, Input, Vec<u32>, Vec<u32>, SamplingParams, Answer);
+
 /// An audit that passed: who vouched for whose answer, and the job to replay it.
 struct Passed {
     provider: usize,
@@ -266,7 +270,7 @@ struct Sim {
     max_tokens: usize,
     client: Address,
     gateway: Address,
-    known: Vec<(usize, Input, Vec<u32>, Vec<u32>, SamplingParams, Answer)>,
+    known: Vec<Known>,
     /// Audits that passed, still inside the challenge window (the most recent
     /// [`PASSED_KEPT`]): re-examined when their provider is convicted.
     passed: std::collections::VecDeque<Passed>,
@@ -684,7 +688,11 @@ impl Sim {
                 .total_cmp(&self.u(b"plexus/sim/referee", &[j, y as u64]))
         });
         let k = referees.len().min(REFEREES);
-        referees.truncate(if k % 2 == 0 { k.saturating_sub(1) } else { k });
+        referees.truncate(if k.is_multiple_of(2) {
+            k.saturating_sub(1)
+        } else {
+            k
+        });
         if referees.is_empty() {
             return Ok(());
         }
