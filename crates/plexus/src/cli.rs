@@ -289,6 +289,18 @@ pub enum ModelsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a GGUF model with its weight matrices in another quantization type (the same
+    /// weights at another precision, e.g. a substitute model for `plexus sim`).
+    Requantize {
+        /// The .gguf file to read.
+        path: PathBuf,
+        /// Target type: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16 or f32.
+        #[arg(long)]
+        to: String,
+        /// Where to write the new file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Download a known model into the cache (unless it is there) and print its path.
     Fetch {
         /// Which model.

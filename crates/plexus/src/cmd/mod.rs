@@ -34,6 +34,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models {
             command: ModelsCommand::Fetch { model, force },
         } => models::fetch(&model, force),
+        Command::Models {
+            command: ModelsCommand::Requantize { path, to, out },
+        } => models::requantize(&path, &to, &out),
         Command::Node(a) => node::run(a),
         Command::Up(a) => up::run(a),
         Command::Placement(a) => placement::run(a),
