@@ -592,6 +592,7 @@ impl Sim {
             return Ok(());
         };
         self.t.audits += 1;
+        self.nodes[provider].audited += 1;
         // What the provider claims: its fingerprint, and that its tokens are right.
         let claimed = Answer {
             print: commit.fingerprint.clone(),
@@ -855,6 +856,8 @@ impl Sim {
                     "jobs": n.jobs,
                     "cheated_jobs": n.cheated,
                     "audits_done": n.audits_done,
+                    "audited": n.audited,
+                    "audits_passed": n.record.audits_passed,
                     "net_profit": self.net_profit(n),
                 })
             })

@@ -83,6 +83,8 @@ pub struct Node {
     pub cheated: u64,
     /// Audits it performed (as auditor or referee).
     pub audits_done: u64,
+    /// Times its own work was audited (first audits, not referee replays).
+    pub audited: u64,
     /// Its own job (or audit, for a lazy auditor) count when it was convicted.
     pub caught_at: Option<u64>,
     pub slashed: bool,
@@ -140,6 +142,7 @@ pub fn population() -> Vec<Node> {
             jobs: 0,
             cheated: 0,
             audits_done: 0,
+            audited: 0,
             caught_at: None,
             slashed: false,
             cost: 0,
