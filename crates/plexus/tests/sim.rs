@@ -3,7 +3,8 @@
 //! smaller job count than the 2000 of BENCHMARKS.md): no honest provider slashed, every
 //! cheater that cheats on more than 1% of its jobs caught with a negative net profit, audit
 //! overhead at most 5% of total compute (measured in positions computed, so the assertion does
-//! not depend on the machine's speed), and the same JSON for the same seed.
+//! not depend on the machine's speed), and the same JSON for the same seed; and `plexus models
+//! requantize`, which makes the default substitute.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -83,4 +84,42 @@ fn sim_is_deterministic_and_refuses_bad_flags() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cheat-rate"));
+}
+
+#[test]
+fn requantize_writes_a_loadable_model_and_refuses_unknown_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny/smollm2/model-f32.gguf");
+    let out = dir.path().join("q8.gguf");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_plexus"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "models",
+        "requantize",
+        src.to_str().unwrap(),
+        "--to",
+        "q8_0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["models", "inspect", out.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Q8_0"));
+    let o = run(&[
+        "models",
+        "requantize",
+        src.to_str().unwrap(),
+        "--to",
+        "q9_9",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("q9_9"));
 }
