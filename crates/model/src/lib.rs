@@ -22,6 +22,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod load;
 pub mod numerics;
+pub mod requant;
 pub mod sampler;
 pub mod stage;
 pub mod tokenizer;

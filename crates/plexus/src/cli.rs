@@ -46,6 +46,8 @@ pub enum Command {
     Status(crate::cmd::ledger::StatusArgs),
     /// This node's account: address, balance, faucet, stake, unbond, claim, withdraw, history.
     Wallet(crate::cmd::wallet::WalletArgs),
+    /// Adversarial simulation of Proof-of-Sampling audits over real engine calls.
+    Sim(crate::cmd::sim::SimArgs),
 }
 
 impl Command {
@@ -66,6 +68,8 @@ impl Command {
             | Command::Keys { .. }
             | Command::Status(_)
             | Command::Wallet(_) => None,
+            // The simulation runs its providers on their own thread pools.
+            Command::Sim(_) => None,
         }
     }
 }
@@ -297,6 +301,18 @@ pub enum ModelsCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Write a GGUF model with its weight matrices in another quantization type (the same
+    /// weights at another precision, e.g. a substitute model for `plexus sim`).
+    Requantize {
+        /// The .gguf file to read.
+        path: PathBuf,
+        /// Target type: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16 or f32.
+        #[arg(long)]
+        to: String,
+        /// Where to write the new file.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Download a known model into the cache (unless it is there) and print its path.
     Fetch {

@@ -134,6 +134,20 @@ impl Backend {
     }
 }
 
+thread_local! {
+    static FORCED_BACKEND: std::cell::Cell<Option<Backend>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every [`QuantMatrix::matmul`] called from this thread on `backend` (falling
+/// back to scalar where unsupported): audits replay a stage on another backend to check that
+/// fingerprints do not depend on it.
+pub fn with_backend<R>(backend: Backend, f: impl FnOnce() -> R) -> R {
+    let before = FORCED_BACKEND.with(|b| b.replace(Some(backend)));
+    let out = f();
+    FORCED_BACKEND.with(|b| b.set(before));
+    out
+}
+
 /// A `[rows, cols]` weight matrix in a GGML block format, multiplied by f32 activations.
 #[derive(Clone)]
 pub struct QuantMatrix {
@@ -207,7 +221,8 @@ impl QuantMatrix {
     /// # Panics
     /// If `x.len()` is not a multiple of `cols` or `out` is not `[m, rows]`.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
-        self.matmul_with(self.backend, x, out);
+        let backend = FORCED_BACKEND.with(|b| b.get()).unwrap_or(self.backend);
+        self.matmul_with(backend, x, out);
     }
 
     /// [`matmul`](Self::matmul) on a chosen backend (tests and benchmarks). An unsupported

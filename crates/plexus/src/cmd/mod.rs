@@ -10,6 +10,7 @@ mod models;
 mod net;
 mod node;
 mod placement;
+pub mod sim;
 mod train;
 mod up;
 pub mod wallet;
@@ -35,12 +36,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models {
             command: ModelsCommand::Fetch { model, force },
         } => models::fetch(&model, force),
+        Command::Models {
+            command: ModelsCommand::Requantize { path, to, out },
+        } => models::requantize(&path, &to, &out),
         Command::Node(a) => node::run(a),
         Command::Up(a) => up::run(a),
         Command::Placement(a) => placement::run(a),
         Command::Keys { command } => ledger::keys(command),
         Command::Status(a) => ledger::status(a),
         Command::Wallet(a) => wallet::run(a),
+        Command::Sim(a) => sim::run(a),
     }
 }
 

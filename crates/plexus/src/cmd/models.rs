@@ -18,6 +18,40 @@ pub fn fetch(name: &str, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn requantize(path: &Path, to: &str, out: &Path) -> anyhow::Result<()> {
+    use candle_core::quantized::GgmlDType as T;
+    let dtype = match to.to_ascii_lowercase().as_str() {
+        "q4_0" => T::Q4_0,
+        "q4_1" => T::Q4_1,
+        "q5_0" => T::Q5_0,
+        "q5_1" => T::Q5_1,
+        "q8_0" => T::Q8_0,
+        "q2_k" => T::Q2K,
+        "q3_k" => T::Q3K,
+        "q4_k" => T::Q4K,
+        "q5_k" => T::Q5K,
+        "q6_k" => T::Q6K,
+        "f16" => T::F16,
+        "f32" => T::F32,
+        other => anyhow::bail!(
+            "unknown --to type {other:?} (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, f32)"
+        ),
+    };
+    if out == path {
+        anyhow::bail!("--out must differ from the input file");
+    }
+    let r = plexus_model::requant::requantize(path, out, dtype)
+        .with_context(|| format!("cannot requantize {}", path.display()))?;
+    eprintln!(
+        "{} matrices converted to {}, {} tensors copied",
+        r.converted,
+        dtype_name(dtype),
+        r.copied
+    );
+    println!("{}", out.display());
+    Ok(())
+}
+
 pub fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     let files =
         ModelFiles::open(path).with_context(|| format!("cannot open {}", path.display()))?;

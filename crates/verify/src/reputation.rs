@@ -1,0 +1,104 @@
+//! Reputation: one published number per node in `[0, 1]`, from what the gateway measured.
+//!
+//! ```text
+//! score = trust * availability * speed            (0 once convicted: the node is excluded)
+//! trust        = (passed + 1) / (passed + 2 + 10 * misses)
+//! availability = (answered + 1) / (calls + 1)
+//! speed        = min(1, sqrt(reference_latency / measured_latency))
+//! ```
+//!
+//! - `passed` / `misses`: audits of this node that passed / were tolerance misses; a marginal
+//!   miss costs as much trust as ten passes, so a node recovers only by a long honest run;
+//! - `answered` / `calls`: stage calls it answered in time (uptime as seen by the gateway);
+//! - latencies are medians the gateway measured (never the node's own claims); `reference` is
+//!   the median over all nodes serving the span.
+//!
+//! Reputation belongs to the node key, not to its owner: a conviction zeroes this node only.
+//! Routing multiplies a chain's expected cost by `1 / score` (see `plexus-node`'s route), so
+//! nodes with no history (score 0.5) are used, and proven ones preferred.
+
+use serde::{Deserialize, Serialize};
+
+/// What the gateway has recorded about one node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub audits_passed: u64,
+    pub audits_missed: u64,
+    pub calls: u64,
+    pub answered: u64,
+    /// Median measured latency of its calls, seconds.
+    pub latency: f64,
+    pub convicted: bool,
+}
+
+/// The weight of one miss against passes.
+pub const MISS_WEIGHT: f64 = 10.0;
+
+impl Record {
+    /// The published score (module docs), with `reference` the median latency of the span.
+    pub fn score(&self, reference: f64) -> f64 {
+        if self.convicted {
+            return 0.0;
+        }
+        let trust = (self.audits_passed as f64 + 1.0)
+            / (self.audits_passed as f64 + 2.0 + MISS_WEIGHT * self.audits_missed as f64);
+        let availability = (self.answered.min(self.calls) as f64 + 1.0) / (self.calls as f64 + 1.0);
+        let speed = if self.latency > 0.0 && reference > 0.0 {
+            (reference / self.latency).sqrt().min(1.0)
+        } else {
+            1.0
+        };
+        trust * availability * speed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn formula() {
+        let new = Record::default();
+        assert!((new.score(0.1) - 0.5).abs() < 1e-12);
+        let good = Record {
+            audits_passed: 98,
+            calls: 1000,
+            answered: 1000,
+            latency: 0.1,
+            ..Record::default()
+        };
+        assert!((good.score(0.1) - 0.99).abs() < 1e-12);
+        let slow = Record {
+            latency: 0.4,
+            ..good
+        };
+        assert!((slow.score(0.1) - 0.495).abs() < 1e-12);
+        let missed = Record {
+            audits_missed: 1,
+            ..good
+        };
+        assert!(missed.score(0.1) < 0.91 && missed.score(0.1) > 0.89);
+        assert_eq!(
+            Record {
+                convicted: true,
+                ..good
+            }
+            .score(0.1),
+            0.0
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn bounded_and_monotone(p in 0u64..10_000, m in 0u64..100, c in 0u64..10_000, a in 0u64..10_000, lat in 0.0f64..10.0, reference in 0.001f64..10.0) {
+            let r = Record { audits_passed: p, audits_missed: m, calls: c, answered: a, latency: lat, convicted: false };
+            let s = r.score(reference);
+            prop_assert!((0.0..=1.0).contains(&s));
+            let more_passed = Record { audits_passed: p + 1, ..r }.score(reference);
+            let more_missed = Record { audits_missed: m + 1, ..r }.score(reference);
+            prop_assert!(more_passed >= s);
+            prop_assert!(more_missed <= s);
+        }
+    }
+}

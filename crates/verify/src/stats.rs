@@ -1,0 +1,119 @@
+//! Statistical verdicts from tolerance misses (Gonka's rule): a node is convicted only when its
+//! run of misses would be improbable for an honest node, `P[X >= misses | n, fpr] < 1e-6`, where
+//! `fpr` is the measured false-positive rate of one honest comparison. One miss is never enough.
+
+use serde::{Deserialize, Serialize};
+
+/// The conviction threshold on the binomial tail.
+pub const CONVICTION_TAIL: f64 = 1e-6;
+
+/// `P[X >= k]` for `X ~ Binomial(n, q)`, computed in log space (exact sum of the tail terms).
+pub fn binomial_tail(n: u64, k: u64, q: f64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if k > n {
+        return 0.0;
+    }
+    if q <= 0.0 {
+        return 0.0;
+    }
+    if q >= 1.0 {
+        return 1.0;
+    }
+    let (lq, lp) = (q.ln(), (1.0 - q).ln());
+    // log C(n, i) built incrementally from i = k.
+    let mut log_c = ln_choose(n, k);
+    let mut terms = Vec::with_capacity((n - k + 1).min(100_000) as usize);
+    let mut i = k;
+    loop {
+        terms.push(log_c + i as f64 * lq + (n - i) as f64 * lp);
+        if i == n || terms.len() >= 100_000 {
+            break;
+        }
+        log_c += ((n - i) as f64).ln() - ((i + 1) as f64).ln();
+        i += 1;
+    }
+    let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = terms.iter().map(|t| (t - max).exp()).sum();
+    (max + sum.ln()).exp().min(1.0)
+}
+
+fn ln_choose(n: u64, k: u64) -> f64 {
+    let k = k.min(n - k);
+    (0..k)
+        .map(|i| ((n - i) as f64).ln() - ((i + 1) as f64).ln())
+        .sum()
+}
+
+/// Tolerance outcomes of one node, accumulated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissRecord {
+    pub comparisons: u64,
+    pub misses: u64,
+}
+
+impl MissRecord {
+    pub fn record(&mut self, missed: bool) {
+        self.comparisons += 1;
+        self.misses += u64::from(missed);
+    }
+
+    /// The probability an honest node (miss rate `fpr`) misses at least this often.
+    pub fn honest_tail(&self, fpr: f64) -> f64 {
+        binomial_tail(self.comparisons, self.misses, fpr)
+    }
+
+    /// Whether the record convicts at the measured false-positive rate.
+    pub fn convicts(&self, fpr: f64) -> bool {
+        self.misses > 0 && self.honest_tail(fpr) < CONVICTION_TAIL
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn known_values() {
+        // P[X >= 1 | 10, 0.5] = 1 - 2^-10
+        assert!((binomial_tail(10, 1, 0.5) - (1.0 - 1.0 / 1024.0)).abs() < 1e-12);
+        // P[X >= 10 | 10, 0.5] = 2^-10
+        assert!((binomial_tail(10, 10, 0.5) - 1.0 / 1024.0).abs() < 1e-15);
+        assert_eq!(binomial_tail(5, 6, 0.3), 0.0);
+        assert_eq!(binomial_tail(5, 0, 0.3), 1.0);
+        // P[X >= 3 | 4, 0.2] = 4*0.008*0.8 + 0.0016 = 0.0272
+        assert!((binomial_tail(4, 3, 0.2) - 0.0272).abs() < 1e-12);
+    }
+
+    #[test]
+    fn one_miss_never_convicts() {
+        let mut r = MissRecord::default();
+        r.record(true);
+        assert!(!r.convicts(0.001));
+        // Three misses in three at fpr 1e-3: tail 1e-9 < 1e-6.
+        r.record(true);
+        r.record(true);
+        assert!(r.convicts(0.001));
+        // The same three among 10,000 comparisons are what an honest node shows.
+        let honest = MissRecord {
+            comparisons: 10_000,
+            misses: 3,
+        };
+        assert!(!honest.convicts(0.001));
+    }
+
+    proptest! {
+        #[test]
+        fn tail_is_monotone(n in 1u64..300, k in 0u64..300, q in 0.001f64..0.999) {
+            let k = k.min(n);
+            let t = binomial_tail(n, k, q);
+            prop_assert!((0.0..=1.0 + 1e-12).contains(&t));
+            if k < n {
+                prop_assert!(binomial_tail(n, k + 1, q) <= t + 1e-12);
+            }
+            prop_assert!(binomial_tail(n + 1, k, q) + 1e-12 >= t);
+        }
+    }
+}
