@@ -349,6 +349,16 @@ pub struct NodeArgs {
     /// Stage calls waiting for the engine before new ones are refused as busy.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
+    /// KV cache memory for all sessions, in MiB; a call whose session cannot grow evicts idle
+    /// sessions, else it is refused as busy. Default: half the memory available at start.
+    #[arg(long)]
+    pub kv_budget_mib: Option<u64>,
+    /// Positions per batched engine step (decodes of all sessions plus chunks of prompts).
+    #[arg(long, default_value_t = plexus_model::batch::STEP_POSITIONS)]
+    pub step_positions: usize,
+    /// Most positions one stage call may carry.
+    #[arg(long, default_value_t = plexus_core::wire::MAX_POSITIONS)]
+    pub max_call_positions: usize,
     /// Asking price, micro-credits per 1000 tokens per layer.
     #[arg(long, default_value_t = 0)]
     pub price: u64,
