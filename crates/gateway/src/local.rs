@@ -161,7 +161,7 @@ impl Backend for LocalBackend {
             .collect::<Result<Vec<_>, _>>()?;
         let mut out = Vec::with_capacity(n);
         for (i, (stream, r)) in streams.iter_mut().zip(&reqs).enumerate() {
-            let c = generate_with(stream, &self.entry.tokenizer, r, &mut |p| on_text(i, p))
+            let c = generate_with(stream, &self.entry.tokenizer, r, |p: &Piece| on_text(i, p))
                 .map_err(engine_error)?;
             let cancelled = c.finish == FinishReason::Cancelled;
             out.push(c);
@@ -175,7 +175,9 @@ impl Backend for LocalBackend {
 
 fn open_error(e: OpenError) -> BackendError {
     match e {
-        OpenError::Budget(_) | OpenError::QueueFull { .. } => BackendError::Overloaded(e.to_string()),
+        OpenError::Budget(_) | OpenError::QueueFull { .. } => {
+            BackendError::Overloaded(e.to_string())
+        }
         OpenError::EmptyPrompt | OpenError::PromptTooLong { .. } => {
             BackendError::Invalid(e.to_string())
         }

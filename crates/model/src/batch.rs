@@ -187,7 +187,10 @@ mod tests {
         let a = b.reserve(6, 100).unwrap();
         assert_eq!(b.used(), 600);
         let err = b.reserve(5, 100).unwrap_err();
-        assert!(err.to_string().contains("400 of 1000 bytes are free"), "{err}");
+        assert!(
+            err.to_string().contains("400 of 1000 bytes are free"),
+            "{err}"
+        );
         drop(a);
         assert_eq!(b.used(), 0);
         assert!(b.reserve(10, 100).is_ok());

@@ -514,7 +514,10 @@ mod tests {
             Err(OpenError::PromptTooLong { .. })
         ));
         // 10 + 100 positions x 10 bytes > 1000.
-        assert!(matches!(h.open(&[1; 10], &p, 100), Err(OpenError::Budget(_))));
+        assert!(matches!(
+            h.open(&[1; 10], &p, 100),
+            Err(OpenError::Budget(_))
+        ));
         let a = h.open(&[1; 10], &p, 40).unwrap();
         assert_eq!(h.budget().used(), 500);
         // The queue of one is full now.

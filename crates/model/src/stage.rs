@@ -13,9 +13,9 @@
 use crate::attention::{flash_attention, AttnShape};
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, LayerKv};
-use rayon::prelude::*;
 use crate::layers::{causal_mask, softmax_last_dim, Embedding, Linear, Mlp, Mode, RmsNorm, Rope};
 use candle_core::{Device, Tensor, D};
+use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Arc;
 

@@ -65,7 +65,13 @@ fn solo(stage: &Stage, calls: &[Vec<u32>], logits: Logits) -> Vec<Vec<u32>> {
     let mut cache = stage.new_cache();
     calls
         .iter()
-        .map(|c| bits(&stage.forward(StageInput::Tokens(c), &mut cache, logits).unwrap()))
+        .map(|c| {
+            bits(
+                &stage
+                    .forward(StageInput::Tokens(c), &mut cache, logits)
+                    .unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -103,7 +109,11 @@ fn batched_sequences_equal_their_solo_runs_issue_8() {
                 let first = 1 + rng.below(70);
                 let mut calls = vec![rng.tokens(first)];
                 for _ in 0..1 + rng.below(3) {
-                    let len = if rng.below(4) == 0 { 1 + rng.below(20) } else { 1 };
+                    let len = if rng.below(4) == 0 {
+                        1 + rng.below(20)
+                    } else {
+                        1
+                    };
                     calls.push(rng.tokens(len));
                 }
                 calls
@@ -267,7 +277,9 @@ mod engine {
 
     fn request(rng: &mut Rng) -> GenerateRequest {
         let m = model();
-        let words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far"];
+        let words = [
+            "the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far",
+        ];
         let n = 1 + rng.below(60);
         let text: Vec<&str> = (0..n).map(|_| words[rng.below(words.len())]).collect();
         let mut sampling = SamplingParams::default();
@@ -296,7 +308,10 @@ mod engine {
 
     fn solo(req: &GenerateRequest) -> Completion {
         let m = model();
-        generate(std::slice::from_ref(&m.stage), &m.tokenizer, req, |_| Flow::Continue).unwrap()
+        generate(std::slice::from_ref(&m.stage), &m.tokenizer, req, |_| {
+            Flow::Continue
+        })
+        .unwrap()
     }
 
     fn batched(h: &BatchHandle, req: &GenerateRequest) -> Completion {
@@ -343,7 +358,10 @@ mod engine {
             // its last token, which the caller may read first.
             let started = std::time::Instant::now();
             while h.budget().used() != 0 {
-                assert!(started.elapsed() < Duration::from_secs(10), "still reserved");
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "still reserved"
+                );
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
@@ -384,7 +402,10 @@ mod engine {
         // The cancelled sequence's reservation goes once the engine notices.
         let started = std::time::Instant::now();
         while h.budget().used() != 0 {
-            assert!(started.elapsed() < Duration::from_secs(10), "still reserved");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "still reserved"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }

@@ -615,8 +615,16 @@ impl EngineActor {
 
     /// Grows `session`'s KV reservation to hold `positions`, evicting idle sessions (least
     /// recently used first; never one in a running call) when the budget is short.
-    fn reserve(&mut self, key: &Key, session: &mut Session, positions: usize) -> Result<(), String> {
-        let held = session.reservation.as_ref().map_or(0, KvReservation::positions);
+    fn reserve(
+        &mut self,
+        key: &Key,
+        session: &mut Session,
+        positions: usize,
+    ) -> Result<(), String> {
+        let held = session
+            .reservation
+            .as_ref()
+            .map_or(0, KvReservation::positions);
         if positions <= held {
             return Ok(());
         }
@@ -632,7 +640,9 @@ impl EngineActor {
                 Ok(r) => {
                     session.cache.limit_growth(want);
                     session.reservation = Some(r);
-                    self.gauges.kv_used.store(self.budget.used(), Ordering::Relaxed);
+                    self.gauges
+                        .kv_used
+                        .store(self.budget.used(), Ordering::Relaxed);
                     return Ok(());
                 }
                 Err(e) => {
@@ -675,7 +685,10 @@ impl EngineActor {
             if sizes[i] == 0 {
                 continue;
             }
-            match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &c.session.stage)) {
+            match groups
+                .iter_mut()
+                .find(|(s, _)| Arc::ptr_eq(s, &c.session.stage))
+            {
                 Some((_, members)) => members.push(i),
                 None => groups.push((Arc::clone(&c.session.stage), vec![i])),
             }
@@ -701,7 +714,9 @@ impl EngineActor {
             if let Some((_, code, message)) = failed.iter().find(|(j, _, _)| *j == i) {
                 // Roll back so the caller can retry from the same position.
                 call.session.cache.truncate(call.forward.position as usize);
-                call.session.history.truncate(call.forward.position as usize);
+                call.session
+                    .history
+                    .truncate(call.forward.position as usize);
                 warn!(peer = %call.key.0, session = %call.key.1, "stage call failed: {message}");
                 let reply = call.reply.take();
                 let key = call.key;
@@ -828,7 +843,9 @@ impl EngineActor {
         self.gauges
             .sessions
             .store(self.sessions.len() as u32, Ordering::Relaxed);
-        self.gauges.kv_used.store(self.budget.used(), Ordering::Relaxed);
+        self.gauges
+            .kv_used
+            .store(self.budget.used(), Ordering::Relaxed);
     }
 
     /// Makes room for one more session: the peer holding the most sessions gives up its least
@@ -852,7 +869,6 @@ impl EngineActor {
             self.sessions.remove(&key);
         }
     }
-
 }
 
 fn candle_tensor(
@@ -942,7 +958,9 @@ mod tests {
 
     fn hidden_of(r: &Response) -> Vec<u32> {
         match r {
-            Response::Hidden { hidden, .. } => hidden.to_f32().iter().map(|x| x.to_bits()).collect(),
+            Response::Hidden { hidden, .. } => {
+                hidden.to_f32().iter().map(|x| x.to_bits()).collect()
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -1000,21 +1018,40 @@ mod tests {
             ..EngineConfig::default()
         };
         let mut engine = EngineActor::local_with(stage, Digest([0; 32]), config);
-        assert!(matches!(engine.serve(peer, &call(1, 1, 0, &[1; 10])), Response::Hidden { .. }));
-        assert!(matches!(engine.serve(peer, &call(2, 1, 0, &[1; 10])), Response::Hidden { .. }));
+        assert!(matches!(
+            engine.serve(peer, &call(1, 1, 0, &[1; 10])),
+            Response::Hidden { .. }
+        ));
+        assert!(matches!(
+            engine.serve(peer, &call(2, 1, 0, &[1; 10])),
+            Response::Hidden { .. }
+        ));
         // A third evicts the least recently used (session 1).
-        assert!(matches!(engine.serve(peer, &call(3, 1, 0, &[1; 10])), Response::Hidden { .. }));
+        assert!(matches!(
+            engine.serve(peer, &call(3, 1, 0, &[1; 10])),
+            Response::Hidden { .. }
+        ));
         assert!(matches!(
             engine.serve(peer, &call(1, 1, 10, &[1])),
-            Response::Error { code: ErrorCode::UnknownSession, .. }
+            Response::Error {
+                code: ErrorCode::UnknownSession,
+                ..
+            }
         ));
         // Two calls at once that need the whole budget each: the first runs (evicting the idle
         // ones), the second cannot evict a running call and is refused.
         let big = |s: u8| (peer, call(s, 1, 0, &[1; 2 * RESERVE_STEP - 1]));
         let got = engine.serve_batch(vec![big(4), big(5)]);
-        assert!(matches!(got[0].1, Response::Hidden { .. }), "{:?}", got[0].1);
+        assert!(
+            matches!(got[0].1, Response::Hidden { .. }),
+            "{:?}",
+            got[0].1
+        );
         match &got[1].1 {
-            Response::Error { code: ErrorCode::Busy, message } => {
+            Response::Error {
+                code: ErrorCode::Busy,
+                message,
+            } => {
                 assert!(message.contains("KV cache budget"), "{message}")
             }
             other => panic!("{other:?}"),

@@ -91,9 +91,9 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
     let pb = crate::progress::spinner(&format!("loading {}", a.model.display()));
     let cache = super::cache_dir();
     let serve = plexus_model::serve::ServeConfig {
-        kv_budget: a.kv_budget_mib.map_or_else(plexus_node::measure::default_kv_budget, |m| {
-            m << 20
-        }),
+        kv_budget: a
+            .kv_budget_mib
+            .map_or_else(plexus_node::measure::default_kv_budget, |m| m << 20),
         ..plexus_model::serve::ServeConfig::default()
     };
     let mut backend = LocalBackend::load_with(&a.model, cache.as_deref(), serve)
