@@ -81,7 +81,7 @@ fn chunked_prefill_is_bit_identical_to_one_shot_issue_8() {
     let mut rng = Rng(8);
     // Longer than llama.cpp's 64-token switch and than one kernel tile.
     let prompt = rng.tokens(150);
-    let one_shot = solo(stage, &[prompt.clone()], Logits::All).remove(0);
+    let one_shot = solo(stage, std::slice::from_ref(&prompt), Logits::All).remove(0);
     for cuts in [vec![1], vec![7, 50, 51], vec![149]] {
         let mut calls = Vec::new();
         let mut at = 0;

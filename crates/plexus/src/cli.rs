@@ -153,6 +153,11 @@ pub struct BenchArgs {
     /// Runs of each measurement; the mean is reported.
     #[arg(long, default_value_t = 3)]
     pub repetitions: usize,
+    /// Measure the batching engine instead: this many generations (distinct prompts of
+    /// --prompt-tokens, --gen-tokens each) sent at once, beside the same generations one
+    /// after another; a comma-separated list runs each level (`--concurrency 1,4,8`).
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
