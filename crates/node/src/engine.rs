@@ -1059,6 +1059,32 @@ mod tests {
         assert!(engine.budget.used() <= engine.budget.budget());
     }
 
+    /// Issue 8: a long call runs in chunks beside the others, and closing its session drops
+    /// it mid-way (the work of a caller that went away is not finished).
+    #[test]
+    fn closing_a_session_drops_its_running_call_issue_8() {
+        let peer = PeerId::random();
+        let mut engine = EngineActor::local(layers(0, 1), Digest([0; 32]));
+        let long = engine
+            .admit(peer, Box::new(call(1, 1, 0, &[7; 600])))
+            .unwrap_or_else(|r| panic!("{r:?}"));
+        engine.running.push(long);
+        assert!(
+            engine.step().is_empty(),
+            "600 positions take more than one step"
+        );
+        assert_eq!(engine.running[0].done, STEP_POSITIONS);
+        let (replies, _rx) = mpsc::channel(1);
+        let close = Job {
+            peer,
+            work: Work::Close(SessionId([1; 16])),
+            reply: None,
+        };
+        assert!(engine.take(close, &replies));
+        assert!(engine.running.is_empty());
+        assert!(engine.sessions.is_empty());
+    }
+
     fn start(queue: usize) -> EngineHandle {
         let (replies, _rx) = mpsc::channel(1);
         let config = EngineConfig {
