@@ -15,9 +15,9 @@ use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::layers::{causal_mask, softmax_last_dim, Embedding, Linear, Mlp, Mode, RmsNorm, Rope};
 use candle_core::{Device, Tensor, D};
-use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::{Mutex, PoisonError};
 
 /// The layers `start..end` that a stage holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -572,7 +572,12 @@ fn attention_many(q: &[f32], out: &mut [f32], width: usize, jobs: &[AttnJob<'_>]
     if dots < PARALLEL_ATTENTION_DOTS || threads == 1 || tasks.len() == 1 {
         tasks.iter_mut().for_each(run);
     } else {
-        tasks.par_iter_mut().for_each(run);
+        // Each task's output rows are its own; the lock is never contended.
+        let tasks: Vec<Mutex<_>> = tasks.into_iter().map(Mutex::new).collect();
+        crate::kernels::for_each_index(tasks.len(), &|i| {
+            let mut t = tasks[i].lock().unwrap_or_else(PoisonError::into_inner);
+            run(&mut t);
+        });
     }
 }
 
