@@ -36,6 +36,10 @@ pub enum BackendError {
     /// No capacity right now (no chain covers the model, all stages busy): 429/503 upstream.
     #[error("no capacity to serve {model}: {reason}")]
     Unavailable { model: String, reason: String },
+    /// This server has no room for the request now (its KV memory budget or its engine
+    /// queue is full): 429 `server_overloaded`, retry later.
+    #[error("{0}")]
+    Overloaded(String),
     /// The request can never succeed (context overflow found late, bad token).
     #[error("{0}")]
     Invalid(String),

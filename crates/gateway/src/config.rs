@@ -6,7 +6,7 @@ use std::time::Duration;
 /// the `with_*` setters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GatewayConfig {
-    /// Generations running at once. Default 4.
+    /// Generations running at once (the local engine batches them). Default 32.
     pub max_concurrent: usize,
     /// Requests waiting for a free generation slot; one more gets 429 at once. Default 64.
     pub max_queue: usize,
@@ -31,7 +31,7 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
-            max_concurrent: 4,
+            max_concurrent: 32,
             max_queue: 64,
             max_body_bytes: 1 << 20,
             retry_after: Duration::from_secs(1),

@@ -47,6 +47,10 @@ pub enum ApiError {
     /// Every generation slot and queue place is taken (429).
     #[error("the server is busy: too many requests are running or waiting; retry later")]
     Overloaded { retry_after: Duration },
+    /// The engine has no room for this request (KV memory budget, engine queue) (429,
+    /// `server_overloaded`). The message is sent.
+    #[error("{0}")]
+    ServerOverloaded(String),
     /// The backend cannot serve now, or the server is shutting down (503). The message is sent.
     #[error("{0}")]
     Unavailable(String),
@@ -82,7 +86,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidApiKey(_) => StatusCode::UNAUTHORIZED,
             Self::InsufficientQuota(_) => StatusCode::PAYMENT_REQUIRED,
-            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } | Self::ServerOverloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -113,6 +117,7 @@ impl ApiError {
             Self::InvalidApiKey(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             Self::InsufficientQuota(_) => ("insufficient_quota", None, Some("insufficient_quota")),
             Self::Overloaded { .. } => ("rate_limit_error", None, Some("rate_limit_exceeded")),
+            Self::ServerOverloaded(_) => ("server_error", None, Some("server_overloaded")),
             Self::Unavailable(_) => (
                 "service_unavailable_error",
                 None,
@@ -140,7 +145,12 @@ impl IntoResponse for ApiError {
             other => tracing::debug!(error = %other, "request rejected"),
         }
         let mut res = (self.status(), Json(self.body())).into_response();
-        if let Self::Overloaded { retry_after } = &self {
+        let retry = match &self {
+            Self::Overloaded { retry_after } => Some(*retry_after),
+            Self::ServerOverloaded(_) => Some(Duration::from_secs(1)),
+            _ => None,
+        };
+        if let Some(retry_after) = retry {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 res.headers_mut().insert(header::RETRY_AFTER, v);

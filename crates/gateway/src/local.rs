@@ -1,25 +1,23 @@
 //! [`LocalBackend`]: one model run by the engine in this process, like llama-server.
 //!
-//! Generations are serialized by a mutex around the stage. Running two at once on one
-//! [`Stage`] would be memory-safe (`Stage::forward` takes `&self`, each generation has its own
-//! KV cache, kernel scratch is thread-local), but not faster: the engine already uses every
-//! core for one sequence, and its matmuls hand chunks to rayon workers kept polling by one
-//! caller at a time (`kernels/crew.rs`); a second concurrent caller falls back to
-//! `rayon::join`, whose wake-ups cost more than a decode mat-vec. Measured on SmolLM2-135M
-//! Q4_1, 2 cores (busy machine), two greedy 96-token generations: 37-40 tok/s in total one
-//! after the other, 36-47 tok/s at once, with the same tokens; so running them together gains
-//! nothing reliable and doubles the first one's latency. Each request waits its turn here
-//! (admitted requests beyond the first wait on the mutex, counted in the gateway's
-//! `in_flight`) and each generation runs at full speed.
+//! Generations go through the batching engine ([`plexus_model::serve`]): one engine thread runs
+//! the decode steps of every running generation as one batched forward pass, with prompts cut
+//! into chunks mixed in, while each request's blocking thread turns tokens into text, stop
+//! strings and SSE. Each generation's tokens are those it would get alone. A generation whose
+//! KV cache (prompt + `max_tokens` positions) does not fit in the KV budget is refused with
+//! [`BackendError::Overloaded`] (429 `server_overloaded`), never by evicting a running one; a
+//! client that goes away cancels its generation, queued or running.
 
 use crate::backend::{Backend, BackendError, ModelEntry};
 use plexus_model::generate::{
-    generate, generate_choices, Completion, Flow, GenerateError, GenerateRequest, Piece,
+    choice_seed, generate_with, Completion, FinishReason, Flow, GenerateError, GenerateRequest,
+    Piece,
 };
 use plexus_model::identity::{identity, IdentityError};
-use plexus_model::{LoadModelError, ModelFiles, Stage};
+use plexus_model::serve::{BatchHandle, OpenError, ServeConfig, StreamError};
+use plexus_model::{LoadModelError, ModelFiles};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Why a local model could not be served.
@@ -34,7 +32,7 @@ pub enum LoadError {
 /// The engine in this process serving one model.
 pub struct LocalBackend {
     entry: ModelEntry,
-    stage: Mutex<Stage>,
+    engine: BatchHandle,
 }
 
 /// Quantization suffixes of GGUF file names (`model.Q4_1.gguf`, `model-q8_0.gguf`, ...).
@@ -66,6 +64,19 @@ impl LocalBackend {
     /// Loads the model at `path` (a `.gguf` file or a Hugging Face directory) and hashes its
     /// weights for its identity, cached under `cache_dir` (see [`plexus_model::identity`]).
     pub fn load(path: &Path, cache_dir: Option<&Path>) -> Result<Self, LoadError> {
+        let config = ServeConfig {
+            kv_budget: plexus_node::measure::default_kv_budget(),
+            ..ServeConfig::default()
+        };
+        Self::load_with(path, cache_dir, config)
+    }
+
+    /// [`LocalBackend::load`] with the engine's limits (KV budget, step size) given.
+    pub fn load_with(
+        path: &Path,
+        cache_dir: Option<&Path>,
+        config: ServeConfig,
+    ) -> Result<Self, LoadError> {
         let files = ModelFiles::open(path)?;
         let digest = identity(&files.weight_files, cache_dir, |_, _| {})?;
         let model = files.load(None)?;
@@ -82,10 +93,9 @@ impl LocalBackend {
             chat_template: model.chat_template.map(Arc::new),
             created,
         };
-        Ok(Self {
-            entry,
-            stage: Mutex::new(model.stage),
-        })
+        let eos = entry.tokenizer.eos_ids().iter().copied().collect();
+        let engine = BatchHandle::start(Arc::new(model.stage), eos, config);
+        Ok(Self { entry, engine })
     }
 
     /// Overrides the id clients use (default: [`model_id`] of the path).
@@ -114,19 +124,16 @@ impl Backend for LocalBackend {
         if model_id != self.entry.id {
             return Err(BackendError::Invalid(format!("unknown model {model_id}")));
         }
-        // A panic in an earlier generation leaves the stage intact (it is only read), so a
-        // poisoned lock is still usable.
-        let stage = self.stage.lock().unwrap_or_else(PoisonError::into_inner);
-        generate(
-            std::slice::from_ref(&*stage),
-            &self.entry.tokenizer,
-            req,
-            on_text,
-        )
-        .map_err(engine_error)
+        let mut stream = self
+            .engine
+            .open(&req.prompt_tokens, &req.sampling, req.max_tokens)
+            .map_err(open_error)?;
+        generate_with(&mut stream, &self.entry.tokenizer, req, on_text).map_err(engine_error)
     }
 
-    /// The prompt is prefilled once; each choice continues from its KV cache.
+    /// All `n` choices are admitted at once and run in the batch together; they are read
+    /// (and streamed) one after the other, each choice's engine work pausing a few tokens
+    /// ahead of its reader.
     fn generate_choices(
         &self,
         model_id: &str,
@@ -137,24 +144,53 @@ impl Backend for LocalBackend {
         if model_id != self.entry.id {
             return Err(BackendError::Invalid(format!("unknown model {model_id}")));
         }
-        let stage = self.stage.lock().unwrap_or_else(PoisonError::into_inner);
-        generate_choices(
-            std::slice::from_ref(&*stage),
-            &self.entry.tokenizer,
-            req,
-            n,
-            on_text,
-        )
-        .map_err(engine_error)
+        let reqs: Vec<GenerateRequest> = (0..n)
+            .map(|i| {
+                let mut r = req.clone();
+                r.sampling.seed = choice_seed(req.sampling.seed, i as u32);
+                r
+            })
+            .collect();
+        let mut streams = reqs
+            .iter()
+            .map(|r| {
+                self.engine
+                    .open(&r.prompt_tokens, &r.sampling, r.max_tokens)
+                    .map_err(open_error)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::with_capacity(n);
+        for (i, (stream, r)) in streams.iter_mut().zip(&reqs).enumerate() {
+            let c = generate_with(stream, &self.entry.tokenizer, r, |p: &Piece| on_text(i, p))
+                .map_err(engine_error)?;
+            let cancelled = c.finish == FinishReason::Cancelled;
+            out.push(c);
+            if cancelled {
+                break;
+            }
+        }
+        Ok(out)
     }
 }
 
-fn engine_error(e: GenerateError) -> BackendError {
+fn open_error(e: OpenError) -> BackendError {
+    match e {
+        OpenError::Budget(_) | OpenError::QueueFull { .. } => {
+            BackendError::Overloaded(e.to_string())
+        }
+        OpenError::EmptyPrompt | OpenError::PromptTooLong { .. } => {
+            BackendError::Invalid(e.to_string())
+        }
+        OpenError::Stopped => BackendError::Internal(e.to_string()),
+    }
+}
+
+fn engine_error(e: GenerateError<StreamError>) -> BackendError {
     match e {
         GenerateError::EmptyPrompt | GenerateError::PromptTooLong { .. } => {
             BackendError::Invalid(e.to_string())
         }
-        GenerateError::Forward(e) => BackendError::Internal(format!("forward pass: {e}")),
+        GenerateError::Forward(e) => BackendError::Internal(format!("batched engine: {e}")),
         GenerateError::Tokenizer(e) => BackendError::Internal(format!("tokenizer: {e}")),
     }
 }

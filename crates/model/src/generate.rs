@@ -83,6 +83,17 @@ pub trait TokenChain {
     /// `sample(logits, every token fed so far, params, position)`.
     fn feed(&mut self, tokens: &[u32]) -> Result<u32, Self::Error>;
 
+    /// Feeds the whole prompt and returns the token sampled after it. The default feeds it in
+    /// chunks of [`PREFILL_CHUNK`]; a chain that schedules its own chunks (the batching
+    /// engine, [`crate::serve`]) overrides it.
+    fn feed_prompt(&mut self, prompt: &[u32]) -> Result<u32, Self::Error> {
+        let mut next = 0;
+        for chunk in prompt.chunks(PREFILL_CHUNK) {
+            next = self.feed(chunk)?;
+        }
+        Ok(next)
+    }
+
     /// The log-probabilities of the token the last [`TokenChain::feed`] returned, when the
     /// sampling params ask for them (`None` otherwise, or when already taken).
     fn take_logprobs(&mut self) -> Option<TokenLogprobs> {
@@ -312,11 +323,7 @@ fn prefill<C: TokenChain>(
             context,
         });
     }
-    let mut next = 0;
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
-        next = chain.feed(chunk).map_err(GenerateError::Forward)?;
-    }
-    Ok(next)
+    chain.feed_prompt(prompt).map_err(GenerateError::Forward)
 }
 
 /// The seed of choice `index` of a request with `seed` (OpenAI's `n`): choice 0 uses the seed

@@ -21,6 +21,9 @@ pub struct KvCache {
     len: usize,
     /// Hard limit: the model's context length.
     max_len: usize,
+    /// Positions the buffers may grow to ahead of need (a sequence's KV reservation), so
+    /// capacity doubling never holds more than was reserved.
+    grow_limit: usize,
 }
 
 impl KvCache {
@@ -30,7 +33,14 @@ impl KvCache {
             row,
             len: 0,
             max_len,
+            grow_limit: max_len,
         }
+    }
+
+    /// Caps the capacity the buffers grow to ahead of need at `positions` (they still grow to
+    /// whatever is appended).
+    pub fn limit_growth(&mut self, positions: usize) {
+        self.grow_limit = positions.min(self.max_len);
     }
 
     /// Tokens already cached (the position of the next token).
@@ -74,6 +84,10 @@ impl KvCache {
         let slot = &mut self.layers[layer];
         slot.k.truncate(self.len * self.row);
         slot.v.truncate(self.len * self.row);
+        let need = self.len * self.row + k.len().max(v.len());
+        let limit = self.grow_limit * self.row;
+        grow(&mut slot.k, need, limit);
+        grow(&mut slot.v, need, limit);
         slot.k.extend(k.iter().map(|&x| f16::from_f32(x)));
         slot.v.extend(v.iter().map(|&x| f16::from_f32(x)));
         slot
@@ -82,6 +96,14 @@ impl KvCache {
     /// Marks `new` positions as written in every layer.
     pub fn advance(&mut self, new: usize) {
         self.len += new;
+    }
+}
+
+/// Makes room for `need` values: double the capacity, but not past `limit`.
+fn grow(v: &mut Vec<f16>, need: usize, limit: usize) {
+    if v.capacity() < need {
+        let target = need.max((v.capacity() * 2).min(limit));
+        v.reserve_exact(target - v.len());
     }
 }
 
@@ -104,5 +126,17 @@ mod tests {
         assert_eq!(kv.k.len(), 8);
         assert_eq!(kv.k[4].to_f32(), 3.0);
         assert!(c.allocated_bytes() >= 2 * 8 * 2);
+    }
+
+    #[test]
+    fn growth_stops_at_the_limit() {
+        let mut c = KvCache::new(1, 4, 1000);
+        c.limit_growth(10);
+        for _ in 0..10 {
+            c.append(0, &[1.0; 4], &[1.0; 4]);
+            c.advance(1);
+        }
+        // Exactly the 10 reserved positions (x 4 values x k and v x 2 bytes), no doubling slack.
+        assert_eq!(c.allocated_bytes(), 10 * 4 * 2 * 2);
     }
 }

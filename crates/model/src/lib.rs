@@ -12,6 +12,7 @@
 //! The engine is synchronous and CPU-bound; async callers reach it from a dedicated thread.
 
 pub mod attention;
+pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod generate;
@@ -24,6 +25,7 @@ pub mod load;
 pub mod numerics;
 pub mod requant;
 pub mod sampler;
+pub mod serve;
 pub mod stage;
 pub mod tokenizer;
 pub mod train;

@@ -12,11 +12,12 @@
 
 use crate::attention::{flash_attention, AttnShape};
 use crate::config::ModelConfig;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, LayerKv};
 use crate::layers::{causal_mask, softmax_last_dim, Embedding, Linear, Mlp, Mode, RmsNorm, Rope};
 use candle_core::{Device, Tensor, D};
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::{Mutex, PoisonError};
 
 /// The layers `start..end` that a stage holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -94,6 +95,16 @@ pub enum Logits {
     Last,
     /// Every new position: `[len, vocab]` (teacher-forced replay, verification).
     All,
+}
+
+/// One sequence's part of a [`Stage::forward_many`] call.
+pub struct BatchItem<'a> {
+    pub input: StageInput<'a>,
+    /// The sequence's cache: the new positions are appended to it.
+    pub cache: &'a mut KvCache,
+    /// Which logits the last stage returns for this item; `None` returns its hidden states
+    /// (before the final norm) even from the last stage: a prefill chunk that is not the last.
+    pub logits: Option<Logits>,
 }
 
 /// What a stage produces.
@@ -188,6 +199,11 @@ impl Stage {
         )
     }
 
+    /// Bytes of f16 keys and values one position of one sequence takes in this stage's cache.
+    pub fn kv_bytes_per_position(&self) -> u64 {
+        (self.blocks.len() * self.cfg.num_kv_heads * self.cfg.head_dim * 2 * 2) as u64
+    }
+
     /// Runs the new positions of one sequence through the stage, appending to `cache`.
     pub fn forward(
         &self,
@@ -195,18 +211,94 @@ impl Stage {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<StageOutput, ForwardError> {
+        let mut items = [BatchItem {
+            input,
+            cache,
+            logits: Some(logits),
+        }];
+        let mut out = self.forward_many(&mut items)?;
+        out.pop().ok_or(ForwardError::WrongInput {
+            span: self.span,
+            got: "an empty batch",
+        })
+    }
+
+    /// Runs the new positions of several sequences through the stage as one batch: the rows of
+    /// every item go through the norms and matrix multiplications together (each weight block
+    /// is read once for all of them), attention runs per item against its own cache. Every
+    /// operation computes each row from that row alone (quantized dot products per activation
+    /// row, row-wise norms, element-wise activations, attention per query row over its own
+    /// sequence's keys), so each item's output is bit-identical to running it alone, and to
+    /// running its positions in any split into consecutive calls.
+    ///
+    /// Checks every item before computing anything: on `Err` no cache has changed.
+    pub fn forward_many(
+        &self,
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Vec<StageOutput>, ForwardError> {
+        let hidden = self.cfg.hidden_size;
+        let mut lens = Vec::with_capacity(items.len());
+        for item in items.iter() {
+            let len = self.check(item)?;
+            lens.push(len);
+        }
+        let total: usize = lens.iter().sum();
+        if total == 0 {
+            return Err(ForwardError::WrongInput {
+                span: self.span,
+                got: "no positions",
+            });
+        }
         let device = Device::Cpu;
-        let x = match (input, &self.embed) {
-            (StageInput::Tokens(ids), Some(embed)) => {
+        let x = if let Some(embed) = &self.embed {
+            let mut ids = Vec::with_capacity(total);
+            for item in items.iter() {
+                if let StageInput::Tokens(t) = &item.input {
+                    ids.extend_from_slice(t);
+                }
+            }
+            embed.forward(&Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?)?
+        } else {
+            let mut rows = Vec::with_capacity(total);
+            for item in items.iter() {
+                if let StageInput::Hidden(h) = &item.input {
+                    rows.push(h.reshape((1, (), hidden))?);
+                }
+            }
+            Tensor::cat(&rows, 1)?
+        };
+        let mut x = x;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = self.block_many(block, &x, items, &lens, i)?;
+        }
+        for (item, &len) in items.iter_mut().zip(&lens) {
+            item.cache.advance(len);
+        }
+        self.outputs(&x, items, &lens)
+    }
+
+    /// The length of an item's new positions, or why the stage cannot take it.
+    fn check(&self, item: &BatchItem<'_>) -> Result<usize, ForwardError> {
+        let len = match (&item.input, &self.embed) {
+            (StageInput::Tokens(ids), Some(_)) => {
                 if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
                     return Err(ForwardError::BadToken {
                         id,
                         vocab: self.cfg.vocab_size,
                     });
                 }
-                embed.forward(&Tensor::new(ids, &device)?.unsqueeze(0)?)?
+                ids.len()
             }
-            (StageInput::Hidden(h), None) => h,
+            (StageInput::Hidden(h), None) => {
+                let (b, len, width) = h.dims3()?;
+                if b != 1 || width != self.cfg.hidden_size {
+                    return Err(ForwardError::WrongInput {
+                        span: self.span,
+                        got: "hidden states that are not [1, len, hidden]",
+                    });
+                }
+                len
+            }
             (StageInput::Tokens(_), None) => {
                 return Err(ForwardError::WrongInput {
                     span: self.span,
@@ -220,34 +312,74 @@ impl Stage {
                 })
             }
         };
-        let len = x.dim(1)?;
-        let past = cache.len();
-        if past + len > cache.max_len() {
-            return Err(ForwardError::ContextOverflow {
-                needed: past + len,
-                max: cache.max_len(),
+        if len == 0 {
+            return Err(ForwardError::WrongInput {
+                span: self.span,
+                got: "an item without positions",
             });
         }
-        let mut x = x;
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = self.block_cached(block, &x, cache, i)?;
+        let needed = item.cache.len() + len;
+        if needed > item.cache.max_len() {
+            return Err(ForwardError::ContextOverflow {
+                needed,
+                max: item.cache.max_len(),
+            });
         }
-        cache.advance(len);
-        match &self.head {
-            None => Ok(StageOutput::Hidden(x)),
-            Some((norm, head)) => {
-                let x = match logits {
-                    Logits::Last => x.narrow(1, len - 1, 1)?,
-                    Logits::All => x,
-                };
-                let out = head.forward(&norm.forward_exact(&x)?)?;
-                let out = match logits {
-                    Logits::Last => out.flatten_all()?,
-                    Logits::All => out.squeeze(0)?,
-                };
-                Ok(StageOutput::Logits(out))
+        Ok(len)
+    }
+
+    /// Splits the batch's final rows `x: [1, total, hidden]` back into one output per item.
+    fn outputs(
+        &self,
+        x: &Tensor,
+        items: &[BatchItem<'_>],
+        lens: &[usize],
+    ) -> Result<Vec<StageOutput>, ForwardError> {
+        let head = self.head.as_ref();
+        // Rows that go through the head, gathered so it runs once for the whole batch.
+        let mut picks: Vec<(usize, usize)> = Vec::new();
+        let mut start = 0;
+        for (item, &len) in items.iter().zip(lens) {
+            match (head, item.logits) {
+                (Some(_), Some(Logits::Last)) => picks.push((start + len - 1, 1)),
+                (Some(_), Some(Logits::All)) => picks.push((start, len)),
+                _ => {}
             }
+            start += len;
         }
+        let logits = match head {
+            Some((norm, head)) if !picks.is_empty() => {
+                let rows: Vec<Tensor> = picks
+                    .iter()
+                    .map(|&(at, n)| x.narrow(1, at, n))
+                    .collect::<candle_core::Result<_>>()?;
+                let rows = if rows.len() == 1 {
+                    rows[0].clone()
+                } else {
+                    Tensor::cat(&rows, 1)?
+                };
+                Some(head.forward(&norm.forward_exact(&rows)?)?.squeeze(0)?)
+            }
+            _ => None,
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let (mut start, mut row) = (0, 0);
+        for (item, &len) in items.iter().zip(lens) {
+            match (&logits, head.is_some(), item.logits) {
+                (Some(l), true, Some(kind)) => {
+                    let n = if kind == Logits::Last { 1 } else { len };
+                    let mine = l.narrow(0, row, n)?;
+                    row += n;
+                    out.push(StageOutput::Logits(match kind {
+                        Logits::Last => mine.flatten_all()?,
+                        Logits::All => mine,
+                    }));
+                }
+                _ => out.push(StageOutput::Hidden(x.narrow(1, start, len)?)),
+            }
+            start += len;
+        }
+        Ok(out)
     }
 
     /// Logits `[batch, len, vocab]` for a batch of equal-length sequences without a cache:
@@ -277,40 +409,56 @@ impl Stage {
         Ok(head.forward(&norm.forward(&x, self.mode)?)?)
     }
 
-    /// One block for one sequence with a cache: projections on candle, rotary embedding and
-    /// attention on the f16 cache (see [`crate::attention`]).
-    fn block_cached(
+    /// One block over the rows of every item (`x: [1, total, hidden]`): norms, projections
+    /// and the MLP over all rows at once; rotary embedding and attention per item on its own
+    /// f16 cache (see [`crate::attention`]).
+    fn block_many(
         &self,
         block: &Block,
         x: &Tensor,
-        cache: &mut KvCache,
+        items: &mut [BatchItem<'_>],
+        lens: &[usize],
         layer: usize,
     ) -> candle_core::Result<Tensor> {
         let cfg = &*self.cfg;
-        let (b, len, _) = x.dims3()?;
-        if b != 1 {
-            candle_core::bail!("cached forward takes one sequence, got a batch of {b}");
-        }
         let (nh, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let past = cache.len();
+        let total = x.dim(1)?;
         let h = block.attn_norm.forward_exact(x)?;
         let rows = |t: Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
         let mut q = rows(block.q.forward(&h)?)?;
         let mut k = rows(block.k.forward(&h)?)?;
         let v = rows(block.v.forward(&h)?)?;
         let rope = self.rope.table();
-        rope.apply(&mut q, past, nh);
-        rope.apply(&mut k, past, kvh);
-        let kv = cache.append(layer, &k, &v);
-        let shape = AttnShape {
-            heads: nh,
-            kv_heads: kvh,
-            head_dim: hd,
-            past,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
-        let attn = flash_attention(&q, kv, shape);
-        let attn = Tensor::from_vec(attn, (1, len, nh * hd), x.device())?;
+        let (qw, kw) = (nh * hd, kvh * hd);
+        let mut jobs = Vec::with_capacity(items.len());
+        let mut start = 0;
+        for (item, &len) in items.iter_mut().zip(lens) {
+            let past = item.cache.len();
+            let qs = &mut q[start * qw..(start + len) * qw];
+            let ks = &mut k[start * kw..(start + len) * kw];
+            rope.apply(qs, past, nh);
+            rope.apply(ks, past, kvh);
+            let kv = item
+                .cache
+                .append(layer, ks, &v[start * kw..(start + len) * kw]);
+            let shape = AttnShape {
+                heads: nh,
+                kv_heads: kvh,
+                head_dim: hd,
+                past,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            jobs.push(AttnJob {
+                start,
+                len,
+                kv,
+                shape,
+            });
+            start += len;
+        }
+        let mut attn = vec![0f32; total * qw];
+        attention_many(&q, &mut attn, qw, &jobs);
+        let attn = Tensor::from_vec(attn, (1, total, qw), x.device())?;
         let x = (x + block.o.forward(&attn)?)?;
         let h = block.ffn_norm.forward_exact(&x)?;
         x + block.mlp.forward_exact(&h)?
@@ -355,6 +503,81 @@ impl Stage {
         let x = (x + block.o.forward(&attn)?)?;
         let h = block.ffn_norm.forward(&x, self.mode)?;
         x + block.mlp.forward(&h)?
+    }
+}
+
+/// The attention of one item's query rows `start..start + len` of a batch.
+struct AttnJob<'a> {
+    start: usize,
+    len: usize,
+    kv: &'a LayerKv,
+    shape: AttnShape,
+}
+
+/// Below this many query-key dot products a batch's attention runs on the calling thread
+/// (handing work to rayon from outside its pool costs tens of microseconds).
+const PARALLEL_ATTENTION_DOTS: usize = 4096;
+
+/// Attention of every job into its rows of `out` (`width = heads * head_dim` per row). Long
+/// jobs are split into runs of query rows with about equal key counts and run on rayon's
+/// threads with the short ones; each row is computed by [`flash_attention`] from its own query
+/// and its sequence's keys, so the split never changes a value.
+fn attention_many(q: &[f32], out: &mut [f32], width: usize, jobs: &[AttnJob<'_>]) {
+    let heads = jobs.first().map_or(1, |j| j.shape.heads);
+    let dots: usize = jobs
+        .iter()
+        .map(|j| j.len * (j.shape.past + j.len) * heads)
+        .sum();
+    let threads = rayon::current_num_threads().max(1);
+    // (query rows, output rows, keys, shape with `past` moved to the first row).
+    let mut tasks: Vec<(&[f32], &mut [f32], &LayerKv, AttnShape)> = Vec::new();
+    let mut rest = out;
+    for job in jobs {
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(job.len * width);
+        rest = tail;
+        let q = &q[job.start * width..(job.start + job.len) * width];
+        let pieces = if dots < PARALLEL_ATTENTION_DOTS || job.len < 8 {
+            1
+        } else {
+            threads.min(job.len)
+        };
+        // Row boundaries where the running key count (past + i + 1 for row i) reaches k/pieces.
+        let past = job.shape.past;
+        let work = |r: usize| r * past + r * (r + 1) / 2;
+        let whole = work(job.len);
+        let (mut q, mut mine, mut r0) = (q, mine, 0);
+        for p in 1..=pieces {
+            let r1 = if p == pieces {
+                job.len
+            } else {
+                (r0..job.len)
+                    .find(|&r| work(r) * pieces >= whole * p)
+                    .unwrap_or(job.len)
+            };
+            let (qa, qb) = q.split_at((r1 - r0) * width);
+            let (oa, ob) = std::mem::take(&mut mine).split_at_mut((r1 - r0) * width);
+            if r1 > r0 {
+                let shape = AttnShape {
+                    past: past + r0,
+                    ..job.shape
+                };
+                tasks.push((qa, oa, job.kv, shape));
+            }
+            (q, mine, r0) = (qb, ob, r1);
+        }
+    }
+    let run = |(q, out, kv, shape): &mut (&[f32], &mut [f32], &LayerKv, AttnShape)| {
+        out.copy_from_slice(&flash_attention(q, kv, *shape));
+    };
+    if dots < PARALLEL_ATTENTION_DOTS || threads == 1 || tasks.len() == 1 {
+        tasks.iter_mut().for_each(run);
+    } else {
+        // Each task's output rows are its own; the lock is never contended.
+        let tasks: Vec<Mutex<_>> = tasks.into_iter().map(Mutex::new).collect();
+        crate::kernels::for_each_index(tasks.len(), &|i| {
+            let mut t = tasks[i].lock().unwrap_or_else(PoisonError::into_inner);
+            run(&mut t);
+        });
     }
 }
 

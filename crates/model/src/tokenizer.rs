@@ -274,6 +274,11 @@ impl Tokenizer {
         &self.eos
     }
 
+    /// The tokens that end a generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos.contains(&id)
     }

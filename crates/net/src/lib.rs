@@ -130,6 +130,14 @@ impl Reply {
     }
 }
 
+impl Reply {
+    /// Whether the caller still waits for the answer (`false` once its stream closed: the
+    /// engine drops the work of a caller that went away).
+    pub fn is_open(&self) -> bool {
+        self.0.is_open()
+    }
+}
+
 /// Why a stage call failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CallError {

@@ -1,9 +1,23 @@
 //! The engine actor: one thread that owns this node's [`Stage`] and the KV caches of every
-//! session, and runs stage calls one after another (the kernels use all cores for each call).
+//! session, and runs the stage calls of different sessions that are ready together as one
+//! batched forward pass (continuous batching, [`plexus_model::batch`]).
 //!
 //! ```text
 //! service ──Job (bounded)──▶ EngineActor thread ──(Reply, Response)──▶ service ──▶ peer
+//!                              │ each step: take every queued job, then plan: all one-position
+//!                              │ calls (decodes) + chunks of longer calls (prompts, replays),
+//!                              │ oldest first, within `step_positions`; Stage::forward_many
 //! ```
+//!
+//! - A call joins the batch at the next step after it arrives and leaves when its last
+//!   position ran; a long call is cut into chunks, so it delays the running decodes by one
+//!   chunk at most. Every row is computed from its own inputs, so a call's answer is the
+//!   same bit for bit whatever it was batched with and however it was cut.
+//! - KV memory: sessions hold reservations from a byte budget, grown in steps as they get
+//!   longer; a call whose session cannot grow evicts idle sessions (least recently used first,
+//!   never one with a running call) and is refused with `Busy` when that is not enough.
+//! - A call whose caller went away (its reply stream closed), or whose session is closed, is
+//!   dropped, queued or running.
 //!
 //! Sessions are keyed by (caller, session id), hold at most the model's context, expire after
 //! `session_ttl` without use, and are capped in number: when a new one would exceed the cap,
@@ -12,13 +26,14 @@
 
 use plexus_core::wire::{Activations, ErrorCode, Forward, Response, SessionId};
 use plexus_core::Digest;
+use plexus_model::batch::{plan, KvBudget, KvReservation, Want, STEP_POSITIONS};
 use plexus_model::sampler::sample_scored;
-use plexus_model::stage::ForwardError;
+use plexus_model::stage::{BatchItem, ForwardError};
 use plexus_model::{KvCache, Logits, Stage, StageInput, StageOutput};
 use plexus_net::{PeerId, Reply};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -49,6 +64,12 @@ pub struct EngineConfig {
     pub max_sessions: usize,
     pub session_ttl: Duration,
     pub queue: usize,
+    /// KV cache memory of all sessions, in bytes.
+    pub kv_budget: u64,
+    /// Positions per batched step (decodes plus chunks of longer calls).
+    pub step_positions: usize,
+    /// Most positions one call may carry; a longer one is refused.
+    pub max_call_positions: usize,
 }
 
 impl Default for EngineConfig {
@@ -57,15 +78,26 @@ impl Default for EngineConfig {
             max_sessions: 64,
             session_ttl: Duration::from_secs(300),
             queue: 64,
+            kv_budget: 4 << 30,
+            step_positions: STEP_POSITIONS,
+            max_call_positions: plexus_core::wire::MAX_POSITIONS,
         }
     }
 }
+
+/// Sessions' reservations grow by this many positions at a time.
+const RESERVE_STEP: usize = 256;
 
 /// Shared gauges the service reads for announcements and metrics.
 #[derive(Debug, Default)]
 pub struct EngineGauges {
     pub sessions: AtomicU32,
     pub queued: AtomicU32,
+    /// Calls in the batch now.
+    pub running: AtomicU32,
+    /// KV bytes reserved by sessions, and the budget.
+    pub kv_used: AtomicU64,
+    pub kv_budget: AtomicU64,
 }
 
 /// The sending side of the engine's inbox.
@@ -157,6 +189,33 @@ struct Session {
     cache: KvCache,
     history: Vec<u32>,
     last_used: Instant,
+    /// The KV bytes this session may hold.
+    reservation: Option<KvReservation>,
+}
+
+type Key = (PeerId, SessionId);
+
+/// A call in the batch: its session is out of the map until the call ends.
+struct Call {
+    key: Key,
+    session: Session,
+    forward: Box<Forward>,
+    /// The previous stage's activations as f32 (not for the first stage).
+    inputs: Option<Vec<f32>>,
+    /// Positions run so far.
+    done: usize,
+    /// The first position the reply covers (the final chunk's, or 0 with `all_rows`).
+    reply_from: usize,
+    rows_out: Vec<f32>,
+    logits: Option<Vec<f32>>,
+    reply: Option<Reply>,
+    started: Instant,
+}
+
+impl Call {
+    fn len(&self) -> usize {
+        self.forward.tokens.len()
+    }
 }
 
 /// Owns the stage and the sessions; see the module docs.
@@ -164,7 +223,10 @@ pub struct EngineActor {
     stage: Arc<Stage>,
     model: Digest,
     config: EngineConfig,
-    sessions: HashMap<(PeerId, SessionId), Session>,
+    sessions: HashMap<Key, Session>,
+    /// Calls in the batch, in arrival order.
+    running: Vec<Call>,
+    budget: KvBudget,
     gauges: Arc<EngineGauges>,
 }
 
@@ -185,11 +247,14 @@ impl EngineActor {
     ) -> EngineHandle {
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue);
         let gauges = Arc::new(EngineGauges::default());
+        gauges.kv_budget.store(config.kv_budget, Ordering::Relaxed);
         let actor = EngineActor {
             stage,
             model,
+            budget: KvBudget::new(config.kv_budget),
             config,
             sessions: HashMap::new(),
+            running: Vec::new(),
             gauges: Arc::clone(&gauges),
         };
         let alive = Arc::new(AtomicBool::new(true));
@@ -211,11 +276,18 @@ impl EngineActor {
     /// An engine without a thread, for in-memory transports in tests.
     #[cfg(test)]
     pub(crate) fn local(stage: Arc<Stage>, model: Digest) -> Self {
+        Self::local_with(stage, model, EngineConfig::default())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn local_with(stage: Arc<Stage>, model: Digest, config: EngineConfig) -> Self {
         EngineActor {
             stage,
             model,
-            config: EngineConfig::default(),
+            budget: KvBudget::new(config.kv_budget),
+            config,
             sessions: HashMap::new(),
+            running: Vec::new(),
             gauges: Arc::default(),
         }
     }
@@ -226,36 +298,143 @@ impl EngineActor {
         self.forward(peer, f)
     }
 
+    /// Runs one call to its end, alone (tests).
+    #[cfg(test)]
+    fn forward(&mut self, peer: PeerId, f: &Forward) -> Response {
+        let mut done = self.serve_batch(vec![(peer, f.clone())]);
+        done.pop().map_or(Response::Closed, |(_, r)| r)
+    }
+
+    /// Admits the calls together and steps until all are answered; the answers in call order
+    /// (tests: what a batch of calls arriving at once gets).
+    #[cfg(test)]
+    pub(crate) fn serve_batch(&mut self, calls: Vec<(PeerId, Forward)>) -> Vec<(usize, Response)> {
+        let mut answers: Vec<(usize, Response)> = Vec::new();
+        let mut order = Vec::new();
+        for (i, (peer, f)) in calls.into_iter().enumerate() {
+            match self.admit(peer, Box::new(f)) {
+                Ok(call) => {
+                    order.push((call.key, i));
+                    self.running.push(call);
+                }
+                Err(r) => answers.push((i, r)),
+            }
+        }
+        while !self.running.is_empty() {
+            for (key, response, _) in self.step() {
+                if let Some(&(_, i)) = order.iter().find(|(k, _)| *k == key) {
+                    answers.push((i, response));
+                }
+            }
+        }
+        answers.sort_by_key(|(i, _)| *i);
+        answers
+    }
+
     fn run(mut self, jobs: Receiver<Job>, replies: mpsc::Sender<(Reply, Response)>) {
         loop {
-            match jobs.recv_timeout(Duration::from_secs(1)) {
-                Ok(job) => {
-                    self.gauges.queued.fetch_sub(1, Ordering::AcqRel);
-                    let response = match job.work {
-                        Work::Forward(f) => self.forward(job.peer, &f),
-                        Work::Close(session) => {
-                            self.sessions.remove(&(job.peer, session));
-                            Response::Closed
-                        }
-                        Work::Swap(stage) => {
-                            self.stage = stage;
-                            Response::Closed
-                        }
-                        #[cfg(test)]
-                        Work::Panic => panic!("injected engine failure"),
-                    };
-                    if let Some(reply) = job.reply {
-                        if replies.blocking_send((reply, response)).is_err() {
+            // Idle: wait for work (waking now and then to expire sessions). Busy: take what
+            // is queued without waiting, so new calls join at the next step.
+            if self.running.is_empty() {
+                match jobs.recv_timeout(Duration::from_secs(1)) {
+                    Ok(job) => {
+                        if !self.take(job, &replies) {
                             break;
                         }
                     }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let mut open = true;
+            loop {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        if !self.take(job, &replies) {
+                            open = false;
+                            break;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        open = self.running.is_empty();
+                        break;
+                    }
+                }
+            }
+            if !open {
+                break;
+            }
+            self.drop_abandoned();
+            if !self.running.is_empty() {
+                for (_, response, reply) in self.step() {
+                    if let Some(reply) = reply {
+                        if replies.blocking_send((reply, response)).is_err() {
+                            return;
+                        }
+                    }
+                }
             }
             self.expire();
         }
         debug!("engine stopped");
+    }
+
+    /// Handles one job from the inbox; `false` when the replies channel closed.
+    fn take(&mut self, job: Job, replies: &mpsc::Sender<(Reply, Response)>) -> bool {
+        self.gauges.queued.fetch_sub(1, Ordering::AcqRel);
+        let Job { peer, work, reply } = job;
+        let answer = match work {
+            Work::Forward(f) => match self.admit(peer, f) {
+                Ok(mut call) => {
+                    call.reply = reply;
+                    self.running.push(call);
+                    self.gauges
+                        .running
+                        .store(self.running.len() as u32, Ordering::Relaxed);
+                    return true;
+                }
+                Err(response) => response,
+            },
+            Work::Close(session) => {
+                let key = (peer, session);
+                self.sessions.remove(&key);
+                // A running call of a closed session is dropped; its caller learns why.
+                if let Some(at) = self.running.iter().position(|c| c.key == key) {
+                    let call = self.running.remove(at);
+                    if let Some(reply) = call.reply {
+                        let gone = error(ErrorCode::UnknownSession, "the session was closed");
+                        if replies.blocking_send((reply, gone)).is_err() {
+                            return false;
+                        }
+                    }
+                }
+                Response::Closed
+            }
+            Work::Swap(stage) => {
+                self.stage = stage;
+                Response::Closed
+            }
+            #[cfg(test)]
+            Work::Panic => panic!("injected engine failure"),
+        };
+        match reply {
+            Some(reply) => replies.blocking_send((reply, answer)).is_ok(),
+            None => true,
+        }
+    }
+
+    /// Drops the calls whose callers went away: nobody would read the answer.
+    fn drop_abandoned(&mut self) {
+        let before = self.running.len();
+        self.running
+            .retain(|c| c.reply.as_ref().is_none_or(Reply::is_open));
+        if self.running.len() != before {
+            debug!(
+                dropped = before - self.running.len(),
+                "dropped calls whose callers went away"
+            );
+        }
     }
 
     fn expire(&mut self) {
@@ -266,9 +445,37 @@ impl EngineActor {
             .store(self.sessions.len() as u32, Ordering::Relaxed);
     }
 
-    fn forward(&mut self, peer: PeerId, f: &Forward) -> Response {
+    /// Checks a call and takes its session out of the map into a [`Call`], or answers it at
+    /// once (refusal).
+    fn admit(&mut self, peer: PeerId, f: Box<Forward>) -> Result<Call, Response> {
         let started = Instant::now();
         let key = (peer, f.session);
+        if self.running.iter().any(|c| c.key == key) {
+            return Err(error(
+                ErrorCode::BadRequest,
+                format!("a call for session {} is already running", f.session),
+            ));
+        }
+        if f.tokens.len() > self.config.max_call_positions {
+            return Err(error(
+                ErrorCode::BadRequest,
+                format!(
+                    "a call carries at most {} positions, this one {}",
+                    self.config.max_call_positions,
+                    f.tokens.len()
+                ),
+            ));
+        }
+        if f.tokens.is_empty() {
+            return Err(error(ErrorCode::BadRequest, "a call without positions"));
+        }
+        let sizes = f.chunk_sizes();
+        if sizes.iter().sum::<usize>() != f.tokens.len() || sizes.contains(&0) {
+            return Err(error(
+                ErrorCode::BadRequest,
+                "chunk sizes must be positive and sum to the call's positions",
+            ));
+        }
         // New sessions open on the current stage; open ones continue on their own.
         let stage = match self.sessions.get(&key) {
             Some(s) if f.position != 0 => Arc::clone(&s.stage),
@@ -277,7 +484,7 @@ impl EngineActor {
         let span = stage.span();
         if f.model != self.model || f.start as usize != span.start || f.end as usize != span.end {
             let current = self.stage.span();
-            return error(
+            return Err(error(
                 ErrorCode::UnknownModel,
                 format!(
                     "this node serves layers {current} of {}, not {}..{} of {}",
@@ -286,42 +493,52 @@ impl EngineActor {
                     f.end,
                     f.model.short()
                 ),
-            );
+            ));
         }
         if stage.is_first() != f.hidden.is_none() {
-            return error(
+            return Err(error(
                 ErrorCode::BadRequest,
                 if stage.is_first() {
                     "the first stage takes token ids, not activations"
                 } else {
                     "this stage needs the previous stage's activations"
                 },
-            );
+            ));
         }
+        let hidden_size = stage.config().hidden_size;
         if let Some(h) = &f.hidden {
-            if h.cols as usize != stage.config().hidden_size {
-                return error(
+            if h.cols as usize != hidden_size {
+                return Err(error(
                     ErrorCode::BadRequest,
                     format!(
-                        "activations are {} wide, the model's hidden size is {}",
+                        "activations are {} wide, the model's hidden size is {hidden_size}",
                         h.cols,
-                        stage.config().hidden_size
                     ),
-                );
+                ));
+            }
+            if h.rows as usize != f.tokens.len() {
+                return Err(error(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "{} rows of activations for {} positions",
+                        h.rows,
+                        f.tokens.len()
+                    ),
+                ));
             }
         }
         let vocab = stage.config().vocab_size;
         if let Some(&id) = f.tokens.iter().find(|&&id| id as usize >= vocab) {
-            return error(
+            return Err(error(
                 ErrorCode::BadRequest,
                 format!("token id {id} is outside the vocabulary of {vocab}"),
-            );
+            ));
         }
         if stage.is_last() && f.sampling.is_none() {
-            return error(
+            return Err(error(
                 ErrorCode::BadRequest,
                 "the last stage needs sampling params",
-            );
+            ));
         }
         if f.position == 0 {
             self.sessions.remove(&key);
@@ -335,45 +552,152 @@ impl EngineActor {
                     cache: stage.new_cache(),
                     history: Vec::new(),
                     last_used: Instant::now(),
+                    reservation: None,
                 },
             );
         }
         let Some(mut session) = self.sessions.remove(&key) else {
-            return error(
+            return Err(error(
                 ErrorCode::UnknownSession,
                 format!("no session {} (expired or never opened)", f.session),
-            );
+            ));
         };
         if session.cache.len() != f.position as usize {
             let held = session.cache.len();
             self.sessions.insert(key, session);
-            return error(
+            return Err(error(
                 ErrorCode::PositionMismatch,
                 format!(
                     "session {} holds {held} positions, not {}",
                     f.session, f.position
                 ),
-            );
+            ));
         }
         // Refuse before computing anything: the stage would only notice at the chunk that
-        // overflows, after embedding the whole call and running the chunks before it.
+        // overflows, after running the chunks before it.
         let needed = session.cache.len() + f.tokens.len();
         if needed > session.cache.max_len() {
             let max = session.cache.max_len();
             self.sessions.insert(key, session);
-            return error(
+            return Err(error(
                 ErrorCode::ContextOverflow,
                 ForwardError::ContextOverflow { needed, max }.to_string(),
-            );
+            ));
         }
-        let result = Self::run_chunks(&stage, &mut session, f);
-        session.last_used = Instant::now();
-        let response = match result {
-            Ok(out) => out,
-            Err(e) => {
-                // Roll back so the caller can retry from the same position.
-                session.cache.truncate(f.position as usize);
-                session.history.truncate(f.position as usize);
+        if let Err(message) = self.reserve(&key, &mut session, needed) {
+            if f.position == 0 {
+                // A session that never held anything is not kept.
+                drop(session);
+            } else {
+                self.sessions.insert(key, session);
+            }
+            return Err(error(ErrorCode::Busy, message));
+        }
+        let inputs = f.hidden.as_ref().map(Activations::to_f32);
+        let reply_from = if f.all_rows {
+            0
+        } else {
+            f.tokens.len() - sizes.last().copied().unwrap_or(f.tokens.len())
+        };
+        Ok(Call {
+            key,
+            session,
+            forward: f,
+            inputs,
+            done: 0,
+            reply_from,
+            rows_out: Vec::new(),
+            logits: None,
+            reply: None,
+            started,
+        })
+    }
+
+    /// Grows `session`'s KV reservation to hold `positions`, evicting idle sessions (least
+    /// recently used first; never one in a running call) when the budget is short.
+    fn reserve(
+        &mut self,
+        key: &Key,
+        session: &mut Session,
+        positions: usize,
+    ) -> Result<(), String> {
+        let held = session
+            .reservation
+            .as_ref()
+            .map_or(0, KvReservation::positions);
+        if positions <= held {
+            return Ok(());
+        }
+        let want = positions
+            .next_multiple_of(RESERVE_STEP)
+            .min(session.cache.max_len())
+            .max(positions);
+        let bpp = session.stage.kv_bytes_per_position();
+        // The engine thread alone reserves, so what the old reservation frees is there to take.
+        session.reservation = None;
+        loop {
+            match self.budget.reserve(want, bpp) {
+                Ok(r) => {
+                    session.cache.limit_growth(want);
+                    session.reservation = Some(r);
+                    self.gauges
+                        .kv_used
+                        .store(self.budget.used(), Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) => {
+                    let idle = self
+                        .sessions
+                        .iter()
+                        .filter(|(k, _)| *k != key)
+                        .min_by_key(|(_, s)| s.last_used)
+                        .map(|(k, _)| *k);
+                    match idle {
+                        Some(victim) => {
+                            debug!(peer = %victim.0, session = %victim.1, "evicting an idle session for KV room");
+                            self.sessions.remove(&victim);
+                        }
+                        None => {
+                            session.reservation = self.budget.reserve(held, bpp).ok();
+                            return Err(e.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one batched step over the running calls; returns the calls that finished, with
+    /// their answers.
+    fn step(&mut self) -> Vec<(Key, Response, Option<Reply>)> {
+        let wants: Vec<Want> = self
+            .running
+            .iter()
+            .map(|c| Want {
+                ready: c.len() - c.done,
+                decoding: c.len() == 1,
+            })
+            .collect();
+        let sizes = plan(&wants, self.config.step_positions);
+        // One forward_many per stage (sessions opened before a swap keep their stage).
+        let mut groups: Vec<(Arc<Stage>, Vec<usize>)> = Vec::new();
+        for (i, c) in self.running.iter().enumerate() {
+            if sizes[i] == 0 {
+                continue;
+            }
+            match groups
+                .iter_mut()
+                .find(|(s, _)| Arc::ptr_eq(s, &c.session.stage))
+            {
+                Some((_, members)) => members.push(i),
+                None => groups.push((Arc::clone(&c.session.stage), vec![i])),
+            }
+        }
+        // Calls of a failed group: (index, code, message).
+        let mut failed: Vec<(usize, ErrorCode, String)> = Vec::new();
+        for (stage, members) in groups {
+            if let Err(e) = self.run_group(&stage, &members, &sizes) {
+                warn!("batched step failed: {e}");
                 let code = match e {
                     ForwardError::ContextOverflow { .. } => ErrorCode::ContextOverflow,
                     ForwardError::BadToken { .. } | ForwardError::WrongInput { .. } => {
@@ -381,32 +705,147 @@ impl EngineActor {
                     }
                     ForwardError::Tensor(_) => ErrorCode::Internal,
                 };
-                warn!(%peer, session = %f.session, "stage call failed: {e}");
-                error(code, e.to_string())
+                failed.extend(members.iter().map(|&i| (i, code, e.to_string())));
+            }
+        }
+        let mut finished = Vec::new();
+        let mut keep = Vec::with_capacity(self.running.len());
+        for (i, mut call) in std::mem::take(&mut self.running).into_iter().enumerate() {
+            if let Some((_, code, message)) = failed.iter().find(|(j, _, _)| *j == i) {
+                // Roll back so the caller can retry from the same position.
+                call.session.cache.truncate(call.forward.position as usize);
+                call.session
+                    .history
+                    .truncate(call.forward.position as usize);
+                warn!(peer = %call.key.0, session = %call.key.1, "stage call failed: {message}");
+                let reply = call.reply.take();
+                let key = call.key;
+                self.end(call);
+                finished.push((key, error(*code, message.clone()), reply));
+            } else if call.done == call.len() {
+                let (key, response, reply) = self.answer(call);
+                finished.push((key, response, reply));
+            } else {
+                keep.push(call);
+            }
+        }
+        self.running = keep;
+        self.gauges
+            .running
+            .store(self.running.len() as u32, Ordering::Relaxed);
+        finished
+    }
+
+    /// One forward_many over the members' next chunks.
+    fn run_group(
+        &mut self,
+        stage: &Stage,
+        members: &[usize],
+        sizes: &[usize],
+    ) -> Result<(), ForwardError> {
+        let hidden = stage.config().hidden_size;
+        let mut inputs: Vec<(usize, usize)> = Vec::with_capacity(members.len());
+        let hidden_in: Vec<Option<candle_core::Tensor>> = members
+            .iter()
+            .map(|&i| {
+                let c = &self.running[i];
+                let (a, n) = (c.done, sizes[i]);
+                c.inputs
+                    .as_ref()
+                    .map(|x| candle_tensor(&x[a * hidden..(a + n) * hidden], n, hidden))
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        let outs = {
+            let mut items: Vec<BatchItem> = Vec::with_capacity(members.len());
+            let mut hidden_in = hidden_in.into_iter();
+            let mut next = members.iter().peekable();
+            for (i, c) in self.running.iter_mut().enumerate() {
+                if next.next_if(|&&j| j == i).is_none() {
+                    continue;
+                }
+                let (a, n) = (c.done, sizes[i]);
+                inputs.push((a, n));
+                let last = a + n == c.forward.tokens.len();
+                let input = match hidden_in.next().flatten() {
+                    Some(h) => StageInput::Hidden(h),
+                    None => StageInput::Tokens(&c.forward.tokens[a..a + n]),
+                };
+                items.push(BatchItem {
+                    input,
+                    cache: &mut c.session.cache,
+                    logits: last.then_some(Logits::Last),
+                });
+            }
+            stage.forward_many(&mut items)?
+        };
+        for ((&i, (a, n)), out) in members.iter().zip(inputs).zip(outs) {
+            let c = &mut self.running[i];
+            c.session
+                .history
+                .extend_from_slice(&c.forward.tokens[a..a + n]);
+            c.done = a + n;
+            match out {
+                StageOutput::Hidden(h) => {
+                    // Keep only the rows the reply covers.
+                    let rows: Vec<f32> = h.flatten_all()?.to_vec1()?;
+                    let from = c.reply_from.max(a) - a;
+                    if a + n > c.reply_from {
+                        c.rows_out.extend_from_slice(&rows[from * hidden..]);
+                    }
+                }
+                StageOutput::Logits(l) => c.logits = Some(l.to_vec1()?),
+            }
+        }
+        Ok(())
+    }
+
+    /// The answer of a call whose positions all ran; its session goes back to the map.
+    fn answer(&mut self, mut call: Call) -> (Key, Response, Option<Reply>) {
+        let compute_us = call.started.elapsed().as_micros() as u64;
+        let logits = call.logits.take();
+        let f = &call.forward;
+        let response = match logits {
+            Some(logits) => {
+                let params = f.sampling.as_deref().cloned().unwrap_or_default();
+                let position = call.session.history.len() as u64;
+                let (token, scores) =
+                    sample_scored(&logits, &call.session.history, &params, position);
+                match scores {
+                    Some(logprobs) => Response::Scored {
+                        token,
+                        compute_us,
+                        logprobs,
+                    },
+                    None => Response::Token { token, compute_us },
+                }
+            }
+            None => {
+                let hidden = call.session.stage.config().hidden_size;
+                let rows = call.rows_out.len() / hidden.max(1);
+                Response::Hidden {
+                    hidden: Activations::encode(&call.rows_out, rows, hidden, f.reply_dtype),
+                    compute_us,
+                }
             }
         };
-        self.sessions.insert(key, session);
+        let reply = call.reply.take();
+        let key = call.key;
+        self.end(call);
+        (key, response, reply)
+    }
+
+    /// Puts a call's session back into the map.
+    fn end(&mut self, call: Call) {
+        let mut session = call.session;
+        session.last_used = Instant::now();
+        self.sessions.insert(call.key, session);
         self.gauges
             .sessions
             .store(self.sessions.len() as u32, Ordering::Relaxed);
-        match response {
-            Response::Hidden { hidden, .. } => Response::Hidden {
-                hidden,
-                compute_us: started.elapsed().as_micros() as u64,
-            },
-            Response::Token { token, .. } => Response::Token {
-                token,
-                compute_us: started.elapsed().as_micros() as u64,
-            },
-            Response::Scored {
-                token, logprobs, ..
-            } => Response::Scored {
-                token,
-                compute_us: started.elapsed().as_micros() as u64,
-                logprobs,
-            },
-            other => other,
-        }
+        self.gauges
+            .kv_used
+            .store(self.budget.used(), Ordering::Relaxed);
     }
 
     /// Makes room for one more session: the peer holding the most sessions gives up its least
@@ -429,75 +868,6 @@ impl EngineActor {
             debug!(peer = %key.0, session = %key.1, "evicting a session to make room");
             self.sessions.remove(&key);
         }
-    }
-
-    fn run_chunks(
-        stage: &Stage,
-        session: &mut Session,
-        f: &Forward,
-    ) -> Result<Response, ForwardError> {
-        let hidden_size = stage.config().hidden_size;
-        let inputs = f.hidden.as_ref().map(Activations::to_f32);
-        let sizes = f.chunk_sizes();
-        let mut start = 0;
-        let mut rows_out: Vec<f32> = Vec::new();
-        let mut last_logits = None;
-        let mut final_rows = 0;
-        for (i, &n) in sizes.iter().enumerate() {
-            let tokens = &f.tokens[start..start + n];
-            let input = match &inputs {
-                None => StageInput::Tokens(tokens),
-                Some(x) => StageInput::Hidden(candle_tensor(
-                    &x[start * hidden_size..(start + n) * hidden_size],
-                    n,
-                    hidden_size,
-                )?),
-            };
-            let out = stage.forward(input, &mut session.cache, Logits::Last)?;
-            session.history.extend_from_slice(tokens);
-            let is_final = i + 1 == sizes.len();
-            match out {
-                StageOutput::Hidden(h) => {
-                    if f.all_rows || is_final {
-                        rows_out.extend(h.flatten_all()?.to_vec1::<f32>()?);
-                    }
-                }
-                StageOutput::Logits(l) => {
-                    if is_final {
-                        last_logits = Some(l.to_vec1::<f32>()?);
-                    }
-                }
-            }
-            if is_final {
-                final_rows = n;
-            }
-            start += n;
-        }
-        if let Some(logits) = last_logits {
-            let params = f.sampling.as_deref().cloned().unwrap_or_default();
-            let position = session.history.len() as u64;
-            let (token, scores) = sample_scored(&logits, &session.history, &params, position);
-            return Ok(match scores {
-                Some(logprobs) => Response::Scored {
-                    token,
-                    compute_us: 0,
-                    logprobs,
-                },
-                None => Response::Token {
-                    token,
-                    compute_us: 0,
-                },
-            });
-        }
-        let rows = if f.all_rows {
-            f.tokens.len()
-        } else {
-            final_rows
-        };
-        Ok(Response::Hidden {
-            hidden: Activations::encode(&rows_out, rows, hidden_size, f.reply_dtype),
-            compute_us: 0,
-        })
     }
 }
 
@@ -584,6 +954,135 @@ mod tests {
             engine.forward(peer, &call(2, 2, 0, &[1])),
             Response::Hidden { .. }
         ));
+    }
+
+    fn hidden_of(r: &Response) -> Vec<u32> {
+        match r {
+            Response::Hidden { hidden, .. } => {
+                hidden.to_f32().iter().map(|x| x.to_bits()).collect()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Issue 8: calls of different sessions served as one batch (a long prompt cut into chunks
+    /// beside one-position decodes) answer exactly what each gets alone.
+    #[test]
+    fn batched_calls_answer_what_each_gets_alone_issue_8() {
+        let peer = PeerId::random();
+        let stage = layers(0, 3);
+        let config = EngineConfig {
+            step_positions: 16,
+            ..EngineConfig::default()
+        };
+        let mut batched = EngineActor::local_with(Arc::clone(&stage), Digest([0; 32]), config);
+        let mut alone = EngineActor::local(stage, Digest([0; 32]));
+        let prompts: Vec<Vec<u32>> = (0..4u32)
+            .map(|i| (0..(5 + 23 * i)).map(|t| 100 + t * 7 + i).collect())
+            .collect();
+        let mut first = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            first.push((peer, call(i as u8, 3, 0, p)));
+        }
+        // A replay-style call with chunks and all rows, too.
+        let mut replay = call(9, 3, 0, &prompts[3]);
+        replay.chunks = vec![10, 30, prompts[3].len() as u32 - 40];
+        replay.all_rows = true;
+        first.push((peer, replay.clone()));
+        let got = batched.serve_batch(first.clone());
+        assert_eq!(got.len(), first.len());
+        for ((_, f), (_, r)) in first.iter().zip(&got) {
+            assert_eq!(hidden_of(r), hidden_of(&alone.serve(peer, f)));
+        }
+        // Then decodes of all of them together.
+        let decodes: Vec<(PeerId, Forward)> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (peer, call(i as u8, 3, p.len() as u32, &[42])))
+            .collect();
+        let got = batched.serve_batch(decodes.clone());
+        for ((_, f), (_, r)) in decodes.iter().zip(&got) {
+            assert_eq!(hidden_of(r), hidden_of(&alone.serve(peer, f)));
+        }
+    }
+
+    /// Issue 8: a session whose KV cache does not fit is refused as busy, idle sessions are
+    /// evicted first, and a running call is never a victim.
+    #[test]
+    fn the_kv_budget_evicts_idle_sessions_then_refuses_issue_8() {
+        let peer = PeerId::random();
+        let stage = layers(0, 1);
+        let bpp = stage.kv_bytes_per_position();
+        let config = EngineConfig {
+            kv_budget: 2 * RESERVE_STEP as u64 * bpp,
+            ..EngineConfig::default()
+        };
+        let mut engine = EngineActor::local_with(stage, Digest([0; 32]), config);
+        assert!(matches!(
+            engine.serve(peer, &call(1, 1, 0, &[1; 10])),
+            Response::Hidden { .. }
+        ));
+        assert!(matches!(
+            engine.serve(peer, &call(2, 1, 0, &[1; 10])),
+            Response::Hidden { .. }
+        ));
+        // A third evicts the least recently used (session 1).
+        assert!(matches!(
+            engine.serve(peer, &call(3, 1, 0, &[1; 10])),
+            Response::Hidden { .. }
+        ));
+        assert!(matches!(
+            engine.serve(peer, &call(1, 1, 10, &[1])),
+            Response::Error {
+                code: ErrorCode::UnknownSession,
+                ..
+            }
+        ));
+        // Two calls at once that need the whole budget each: the first runs (evicting the idle
+        // ones), the second cannot evict a running call and is refused.
+        let big = |s: u8| (peer, call(s, 1, 0, &[1; 2 * RESERVE_STEP - 1]));
+        let got = engine.serve_batch(vec![big(4), big(5)]);
+        assert!(
+            matches!(got[0].1, Response::Hidden { .. }),
+            "{:?}",
+            got[0].1
+        );
+        match &got[1].1 {
+            Response::Error {
+                code: ErrorCode::Busy,
+                message,
+            } => {
+                assert!(message.contains("KV cache budget"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(engine.budget.used() <= engine.budget.budget());
+    }
+
+    /// Issue 8: a long call runs in chunks beside the others, and closing its session drops
+    /// it mid-way (the work of a caller that went away is not finished).
+    #[test]
+    fn closing_a_session_drops_its_running_call_issue_8() {
+        let peer = PeerId::random();
+        let mut engine = EngineActor::local(layers(0, 1), Digest([0; 32]));
+        let long = engine
+            .admit(peer, Box::new(call(1, 1, 0, &[7; 600])))
+            .unwrap_or_else(|r| panic!("{r:?}"));
+        engine.running.push(long);
+        assert!(
+            engine.step().is_empty(),
+            "600 positions take more than one step"
+        );
+        assert_eq!(engine.running[0].done, STEP_POSITIONS);
+        let (replies, _rx) = mpsc::channel(1);
+        let close = Job {
+            peer,
+            work: Work::Close(SessionId([1; 16])),
+            reply: None,
+        };
+        assert!(engine.take(close, &replies));
+        assert!(engine.running.is_empty());
+        assert!(engine.sessions.is_empty());
     }
 
     fn start(queue: usize) -> EngineHandle {

@@ -54,3 +54,9 @@ pub fn free_memory() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// The default KV cache budget of an engine: half of the memory available at start (the rest
+/// is for the weights' page cache and everything else), 4 GiB when it cannot be read.
+pub fn default_kv_budget() -> u64 {
+    free_memory().map_or(4 << 30, |m| m / 2)
+}

@@ -170,6 +170,11 @@ pub struct BenchArgs {
     /// Runs of each measurement; the mean is reported.
     #[arg(long, default_value_t = 3)]
     pub repetitions: usize,
+    /// Measure the batching engine instead: this many generations (distinct prompts of
+    /// --prompt-tokens, --gen-tokens each) sent at once, beside the same generations one
+    /// after another; a comma-separated list runs each level (`--concurrency 1,4,8`).
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -378,6 +383,16 @@ pub struct NodeArgs {
     /// Stage calls waiting for the engine before new ones are refused as busy.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
+    /// KV cache memory for all sessions, in MiB; a call whose session cannot grow evicts idle
+    /// sessions, else it is refused as busy. Default: half the memory available at start.
+    #[arg(long)]
+    pub kv_budget_mib: Option<u64>,
+    /// Positions per batched engine step (decodes of all sessions plus chunks of prompts).
+    #[arg(long, default_value_t = plexus_model::batch::STEP_POSITIONS)]
+    pub step_positions: usize,
+    /// Most positions one stage call may carry.
+    #[arg(long, default_value_t = plexus_core::wire::MAX_POSITIONS)]
+    pub max_call_positions: usize,
     /// Asking price, micro-PLX per 1000 positions through one layer (announced, and signed into
     /// the receipt of every stage call; gateways pay it into this node's account, the address
     /// of its node key). At most 1000000000.

@@ -397,6 +397,7 @@ fn backend_error(e: BackendError) -> ApiError {
             tracing::warn!(%model, %reason, "backend unavailable");
             ApiError::Unavailable(format!("no capacity to serve `{model}` right now"))
         }
+        BackendError::Overloaded(message) => ApiError::ServerOverloaded(message),
         BackendError::Invalid(message) => ApiError::invalid(message, None),
         BackendError::Internal(cause) => ApiError::Internal(cause),
     }

@@ -5,6 +5,7 @@
 
 mod accounts;
 mod api;
+mod batching;
 mod errors;
 mod features;
 mod limits;

@@ -310,6 +310,22 @@ thread_local! {
     static SCRATCH: RefCell<Activations> = RefCell::new(Activations::default());
 }
 
+/// Runs `f(i)` for every `i in 0..n`, each once, on the engine's threads: the polling crew
+/// when the caller is outside rayon's pool (the engine thread; the same helpers the matmuls
+/// keep spinning, so no wake-up and no helper left spinning beside a rayon job), rayon's
+/// `join` otherwise. For work whose results do not depend on which thread runs which `i`.
+pub fn for_each_index(n: usize, f: &(dyn Fn(usize) + Sync)) {
+    let threads = rayon::current_num_threads().clamp(1, n.max(1));
+    if threads <= 1 {
+        (0..n).for_each(f);
+        return;
+    }
+    let done = rayon::current_thread_index().is_none() && crew::run(n, threads, f);
+    if !done {
+        split(0, n, f);
+    }
+}
+
 /// Runs `f(i)` for `i in lo..hi` on rayon's pool (binary splitting with `join`, no allocation).
 fn split(lo: usize, hi: usize, f: &(dyn Fn(usize) + Sync)) {
     if hi - lo == 1 {

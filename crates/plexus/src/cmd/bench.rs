@@ -22,6 +22,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let model = plexus_model::load(&path)
         .with_context(|| format!("cannot load model {}", path.display()))?;
     pb.finish_and_clear();
+    if !a.concurrency.is_empty() {
+        return super::bench_batch::run(&a, &path, model);
+    }
     let cfg = &model.config;
     anyhow::ensure!(
         a.prompt_tokens + a.gen_tokens < cfg.max_position_embeddings,

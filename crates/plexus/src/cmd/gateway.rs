@@ -30,9 +30,14 @@ pub struct GatewayArgs {
     /// Port to listen on; 0 picks a free one (printed on stdout).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Generations running at once.
-    #[arg(long, default_value_t = 4)]
+    /// Generations running at once (locally they run as one batch).
+    #[arg(long, default_value_t = 32)]
     pub max_concurrent: usize,
+    /// KV cache memory for all running generations, in MiB (local mode); a request whose
+    /// prompt + max_tokens does not fit gets 429 server_overloaded. Default: half the memory
+    /// available at start.
+    #[arg(long)]
+    pub kv_budget_mib: Option<u64>,
     /// Requests that may wait for a generation slot; beyond that, 429.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -136,7 +141,13 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
     }
     let pb = crate::progress::spinner(&format!("loading {}", a.model.display()));
     let cache = super::cache_dir();
-    let mut backend = LocalBackend::load(&a.model, cache.as_deref())
+    let serve = plexus_model::serve::ServeConfig {
+        kv_budget: a
+            .kv_budget_mib
+            .map_or_else(plexus_node::measure::default_kv_budget, |m| m << 20),
+        ..plexus_model::serve::ServeConfig::default()
+    };
+    let mut backend = LocalBackend::load_with(&a.model, cache.as_deref(), serve)
         .with_context(|| format!("cannot load model {}", a.model.display()))?;
     pb.finish_and_clear();
     if let Some(id) = &a.model_id {
@@ -192,6 +203,12 @@ async fn listen_and_serve(
 fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
     use plexus_gateway::network::NetworkBackend;
     use plexus_node::client::{ClientConfig, NetworkClient};
+    if a.kv_budget_mib.is_some() {
+        anyhow::bail!(
+            "--kv-budget-mib sets the local engine's KV memory; through the network each node \
+             has its own (plexus node --kv-budget-mib)"
+        );
+    }
     let wire = a
         .wire
         .parse()

@@ -1,6 +1,7 @@
 //! One module per subcommand; `run` dispatches.
 
 mod bench;
+mod bench_batch;
 mod bench_train;
 mod chat;
 pub mod gateway;

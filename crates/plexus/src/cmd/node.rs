@@ -38,6 +38,11 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         max_sessions: args.max_sessions,
         session_ttl: Duration::from_secs(args.session_ttl),
         queue: args.queue,
+        kv_budget: args
+            .kv_budget_mib
+            .map_or_else(plexus_node::measure::default_kv_budget, |m| m << 20),
+        step_positions: args.step_positions.max(1),
+        max_call_positions: args.max_call_positions.max(1),
     };
     config.cache_dir = super::cache_dir();
     config.price = args.price;

@@ -1,0 +1,427 @@
+//! Batched cached forward passes on the real SmolLM2-135M-Instruct: several sequences run
+//! through `Stage::forward_many` together give each sequence exactly (bit for bit) the logits
+//! and hidden states it gets alone, and a prompt prefilled in any split into chunks gives
+//! exactly what one-shot prefill gives (issue 8).
+
+#![allow(unused_crate_dependencies, clippy::unwrap_used)]
+
+use plexus_model::layers::Mode;
+use plexus_model::stage::BatchItem;
+use plexus_model::{KvCache, LayerSpan, Logits, ModelFiles, Stage, StageInput, StageOutput};
+use std::path::Path;
+use std::sync::OnceLock;
+
+fn files() -> &'static ModelFiles {
+    static F: OnceLock<ModelFiles> = OnceLock::new();
+    F.get_or_init(|| {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(p.exists(), "{} is missing", p.display());
+        ModelFiles::open(&p).unwrap()
+    })
+}
+
+fn whole() -> &'static Stage {
+    static S: OnceLock<Stage> = OnceLock::new();
+    S.get_or_init(|| files().stage(None, Mode::Infer).unwrap())
+}
+
+/// splitmix64: the seeded source of the random mixes (the seed is in every failure message).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn tokens(&mut self, n: usize) -> Vec<u32> {
+        (0..n).map(|_| 1 + self.below(40_000) as u32).collect()
+    }
+}
+
+fn bits(t: &StageOutput) -> Vec<u32> {
+    let t = match t {
+        StageOutput::Hidden(t) | StageOutput::Logits(t) => t,
+    };
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+/// One sequence alone: `calls` consecutive forward calls, the output of each.
+fn solo(stage: &Stage, calls: &[Vec<u32>], logits: Logits) -> Vec<Vec<u32>> {
+    let mut cache = stage.new_cache();
+    calls
+        .iter()
+        .map(|c| {
+            bits(
+                &stage
+                    .forward(StageInput::Tokens(c), &mut cache, logits)
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn chunked_prefill_is_bit_identical_to_one_shot_issue_8() {
+    let stage = whole();
+    let mut rng = Rng(8);
+    // Longer than llama.cpp's 64-token switch and than one kernel tile.
+    let prompt = rng.tokens(150);
+    let one_shot = solo(stage, std::slice::from_ref(&prompt), Logits::All).remove(0);
+    for cuts in [vec![1], vec![7, 50, 51], vec![149]] {
+        let mut calls = Vec::new();
+        let mut at = 0;
+        for &c in &cuts {
+            calls.push(prompt[at..c].to_vec());
+            at = c;
+        }
+        calls.push(prompt[at..].to_vec());
+        let chunked: Vec<u32> = solo(stage, &calls, Logits::All).concat();
+        assert_eq!(chunked, one_shot, "prefill cut at {cuts:?}");
+    }
+}
+
+/// Random mixes: sequences with different prompt lengths, some decoding, some prefilling, in
+/// batches of 1 to 6; each item's output equals the solo run of the same calls.
+#[test]
+fn batched_sequences_equal_their_solo_runs_issue_8() {
+    let stage = whole();
+    for seed in 0..4u64 {
+        let mut rng = Rng(seed);
+        let n = 1 + rng.below(6);
+        // Each sequence: a prompt, then a few single-token decode calls (or another chunk).
+        let plans: Vec<Vec<Vec<u32>>> = (0..n)
+            .map(|_| {
+                let first = 1 + rng.below(70);
+                let mut calls = vec![rng.tokens(first)];
+                for _ in 0..1 + rng.below(3) {
+                    let len = if rng.below(4) == 0 {
+                        1 + rng.below(20)
+                    } else {
+                        1
+                    };
+                    calls.push(rng.tokens(len));
+                }
+                calls
+            })
+            .collect();
+        let kinds: Vec<Logits> = (0..n)
+            .map(|_| {
+                if rng.below(3) == 0 {
+                    Logits::All
+                } else {
+                    Logits::Last
+                }
+            })
+            .collect();
+        let want: Vec<Vec<Vec<u32>>> = plans
+            .iter()
+            .zip(&kinds)
+            .map(|(p, &k)| solo(stage, p, k))
+            .collect();
+        // Batched: at each step, every sequence with calls left (and that has "joined": a
+        // random start step) contributes its next call.
+        let joins: Vec<usize> = (0..n).map(|_| rng.below(3)).collect();
+        let mut caches: Vec<KvCache> = (0..n).map(|_| stage.new_cache()).collect();
+        let mut next = vec![0usize; n];
+        let mut got: Vec<Vec<Vec<u32>>> = vec![Vec::new(); n];
+        for step in 0.. {
+            let active: Vec<usize> = (0..n)
+                .filter(|&i| joins[i] <= step && next[i] < plans[i].len())
+                .collect();
+            if active.is_empty() && next.iter().zip(&plans).all(|(&a, p)| a == p.len()) {
+                break;
+            }
+            if active.is_empty() {
+                continue;
+            }
+            let mut items: Vec<BatchItem> = Vec::new();
+            for (i, cache) in caches.iter_mut().enumerate() {
+                if active.contains(&i) {
+                    items.push(BatchItem {
+                        input: StageInput::Tokens(&plans[i][next[i]]),
+                        cache,
+                        logits: Some(kinds[i]),
+                    });
+                }
+            }
+            let outs = stage.forward_many(&mut items).unwrap();
+            for (&i, out) in active.iter().zip(&outs) {
+                got[i].push(bits(out));
+                next[i] += 1;
+            }
+        }
+        for i in 0..n {
+            assert_eq!(got[i], want[i], "seed {seed}: sequence {i} of {n}");
+        }
+    }
+}
+
+/// A split model: hidden states in and out of a middle stage, batched, equal the solo run.
+#[test]
+fn batched_hidden_states_equal_solo_through_split_stages_issue_8() {
+    let first = files()
+        .stage(Some(LayerSpan::new(0, 12)), Mode::Infer)
+        .unwrap();
+    let second = files()
+        .stage(Some(LayerSpan::new(12, 30)), Mode::Infer)
+        .unwrap();
+    let mut rng = Rng(42);
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| rng.tokens(3 + 9 * i)).collect();
+    let hidden = |p: &[u32]| match first
+        .forward(StageInput::Tokens(p), &mut first.new_cache(), Logits::Last)
+        .unwrap()
+    {
+        StageOutput::Hidden(h) => h,
+        other => panic!("{other:?}"),
+    };
+    let hs: Vec<_> = prompts.iter().map(|p| hidden(p)).collect();
+    let want: Vec<Vec<u32>> = hs
+        .iter()
+        .map(|h| {
+            bits(
+                &second
+                    .forward(
+                        StageInput::Hidden(h.clone()),
+                        &mut second.new_cache(),
+                        Logits::Last,
+                    )
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let mut caches: Vec<KvCache> = (0..4).map(|_| second.new_cache()).collect();
+    let mut items: Vec<BatchItem> = caches
+        .iter_mut()
+        .zip(&hs)
+        .map(|(cache, h)| BatchItem {
+            input: StageInput::Hidden(h.clone()),
+            cache,
+            logits: Some(Logits::Last),
+        })
+        .collect();
+    let got: Vec<Vec<u32>> = second
+        .forward_many(&mut items)
+        .unwrap()
+        .iter()
+        .map(bits)
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_bad_item_fails_the_batch_without_touching_any_cache() {
+    let stage = whole();
+    let (mut a, mut b) = (stage.new_cache(), stage.new_cache());
+    let mut items = vec![
+        BatchItem {
+            input: StageInput::Tokens(&[1, 2, 3]),
+            cache: &mut a,
+            logits: Some(Logits::Last),
+        },
+        BatchItem {
+            input: StageInput::Tokens(&[u32::MAX]),
+            cache: &mut b,
+            logits: Some(Logits::Last),
+        },
+    ];
+    assert!(stage.forward_many(&mut items).is_err());
+    drop(items);
+    assert_eq!((a.len(), b.len()), (0, 0));
+}
+
+mod engine {
+    //! The batching engine ([`plexus_model::serve`]): generations run together, joining and
+    //! leaving at random times with different prompts and sampling params, each give the
+    //! tokens (and log-probabilities) of their solo run.
+
+    use super::Rng;
+    use plexus_model::generate::{generate, generate_with, Completion, Flow, GenerateRequest};
+    use plexus_model::serve::{BatchHandle, OpenError, ServeConfig};
+    use plexus_model::{LoadedModel, SamplingParams};
+    use std::path::Path;
+    use std::sync::{Arc, OnceLock};
+    use std::time::Duration;
+
+    fn model() -> &'static LoadedModel {
+        static M: OnceLock<LoadedModel> = OnceLock::new();
+        M.get_or_init(|| {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+            plexus_model::load(&p).unwrap()
+        })
+    }
+
+    fn engine(config: ServeConfig) -> BatchHandle {
+        let m = model();
+        BatchHandle::start(
+            Arc::new(m.stage.clone()),
+            m.tokenizer.eos_ids().iter().copied().collect(),
+            config,
+        )
+    }
+
+    fn request(rng: &mut Rng) -> GenerateRequest {
+        let m = model();
+        let words = [
+            "the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far",
+        ];
+        let n = 1 + rng.below(60);
+        let text: Vec<&str> = (0..n).map(|_| words[rng.below(words.len())]).collect();
+        let mut sampling = SamplingParams::default();
+        match rng.below(3) {
+            0 => {} // greedy
+            1 => {
+                sampling.temperature = 0.8;
+                sampling.top_p = 0.9;
+                sampling.seed = rng.next();
+            }
+            _ => {
+                sampling.temperature = 1.2;
+                sampling.top_k = 40;
+                sampling.repetition_penalty = 1.1;
+                sampling.seed = rng.next();
+                sampling.logprobs = Some(2);
+            }
+        }
+        GenerateRequest {
+            prompt_tokens: m.tokenizer.encode(&text.join(" "), false).unwrap(),
+            max_tokens: 1 + rng.below(24),
+            sampling,
+            stop: Vec::new(),
+        }
+    }
+
+    fn solo(req: &GenerateRequest) -> Completion {
+        let m = model();
+        generate(std::slice::from_ref(&m.stage), &m.tokenizer, req, |_| {
+            Flow::Continue
+        })
+        .unwrap()
+    }
+
+    fn batched(h: &BatchHandle, req: &GenerateRequest) -> Completion {
+        let m = model();
+        let mut s = h
+            .open(&req.prompt_tokens, &req.sampling, req.max_tokens)
+            .unwrap();
+        generate_with(&mut s, &m.tokenizer, req, |_| Flow::Continue).unwrap()
+    }
+
+    #[test]
+    fn concurrent_generations_equal_their_solo_runs_issue_8() {
+        // A small step budget so prompts are cut into chunks mixed with decodes.
+        let h = engine(ServeConfig {
+            step_positions: 24,
+            ..ServeConfig::default()
+        });
+        for seed in [1u64, 2, 3] {
+            let mut rng = Rng(seed);
+            let reqs: Vec<(u64, GenerateRequest)> = (0..6)
+                .map(|_| (rng.below(40) as u64, request(&mut rng)))
+                .collect();
+            let want: Vec<Completion> = reqs.iter().map(|(_, r)| solo(r)).collect();
+            let got: Vec<Completion> = std::thread::scope(|s| {
+                let joins: Vec<_> = reqs
+                    .iter()
+                    .map(|(delay, r)| {
+                        let h = h.clone();
+                        s.spawn(move || {
+                            std::thread::sleep(Duration::from_millis(*delay));
+                            batched(&h, r)
+                        })
+                    })
+                    .collect();
+                joins.into_iter().map(|j| j.join().unwrap()).collect()
+            });
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.tokens, w.tokens, "seed {seed}, generation {i}");
+                assert_eq!(g.text, w.text, "seed {seed}, generation {i}");
+                assert_eq!(g.finish, w.finish, "seed {seed}, generation {i}");
+                assert_eq!(g.logprobs, w.logprobs, "seed {seed}, generation {i}");
+            }
+            // The engine drops a finished sequence (and its reservation) right after sending
+            // its last token, which the caller may read first.
+            let started = std::time::Instant::now();
+            while h.budget().used() != 0 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "still reserved"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    #[test]
+    fn a_cancelled_generation_leaves_and_the_others_finish_issue_8() {
+        let h = engine(ServeConfig::default());
+        let mut rng = Rng(77);
+        let mut keep = request(&mut rng);
+        keep.max_tokens = 20;
+        let want = solo(&keep);
+        let m = model();
+        std::thread::scope(|s| {
+            let quitter = s.spawn(|| {
+                let mut r = request(&mut Rng(5));
+                r.max_tokens = 500;
+                let mut st = h.open(&r.prompt_tokens, &r.sampling, r.max_tokens).unwrap();
+                let mut pieces = 0;
+                let c = generate_with(&mut st, &m.tokenizer, &r, |_| {
+                    pieces += 1;
+                    if pieces == 3 {
+                        Flow::Stop
+                    } else {
+                        Flow::Continue
+                    }
+                })
+                .unwrap();
+                c.finish
+            });
+            let got = batched(&h, &keep);
+            assert_eq!(got.tokens, want.tokens);
+            assert_eq!(
+                quitter.join().unwrap(),
+                plexus_model::generate::FinishReason::Cancelled
+            );
+        });
+        // The cancelled sequence's reservation goes once the engine notices.
+        let started = std::time::Instant::now();
+        while h.budget().used() != 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "still reserved"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_generation_that_does_not_fit_the_kv_budget_is_refused_issue_8() {
+        let bpp = model().stage.kv_bytes_per_position();
+        let h = engine(ServeConfig {
+            kv_budget: 100 * bpp,
+            ..ServeConfig::default()
+        });
+        let p = SamplingParams::default();
+        let running = h.open(&[1, 2, 3], &p, 60).unwrap();
+        let err = h.open(&[1, 2, 3], &p, 60).err().unwrap();
+        assert!(matches!(err, OpenError::Budget(_)), "{err}");
+        assert!(err.to_string().contains("KV cache budget"), "{err}");
+        drop(running);
+    }
+}
