@@ -442,7 +442,7 @@ impl EngineActor {
         self.sessions.retain(|_, s| s.last_used.elapsed() < ttl);
         self.gauges
             .sessions
-            .store(self.sessions.len() as u32, Ordering::Relaxed);
+            .store(self.held_sessions() as u32, Ordering::Relaxed);
     }
 
     /// Checks a call and takes its session out of the map into a [`Call`], or answers it at
@@ -542,7 +542,18 @@ impl EngineActor {
         }
         if f.position == 0 {
             self.sessions.remove(&key);
-            if self.sessions.len() >= self.config.max_sessions {
+            // Sessions in a running call are out of the map but still held: count them, so
+            // the node never holds (nor announces) more than `max_sessions`.
+            while self.held_sessions() >= self.config.max_sessions {
+                if self.sessions.is_empty() {
+                    return Err(error(
+                        ErrorCode::Busy,
+                        format!(
+                            "all {} session slots are in running calls",
+                            self.config.max_sessions
+                        ),
+                    ));
+                }
                 self.evict_for_new();
             }
             self.sessions.insert(
@@ -733,6 +744,9 @@ impl EngineActor {
         self.gauges
             .running
             .store(self.running.len() as u32, Ordering::Relaxed);
+        self.gauges
+            .sessions
+            .store(self.held_sessions() as u32, Ordering::Relaxed);
         finished
     }
 
@@ -842,10 +856,15 @@ impl EngineActor {
         self.sessions.insert(call.key, session);
         self.gauges
             .sessions
-            .store(self.sessions.len() as u32, Ordering::Relaxed);
+            .store(self.held_sessions() as u32, Ordering::Relaxed);
         self.gauges
             .kv_used
             .store(self.budget.used(), Ordering::Relaxed);
+    }
+
+    /// Sessions this node holds: those idle in the map and those out of it in a running call.
+    fn held_sessions(&self) -> usize {
+        self.sessions.len() + self.running.len()
     }
 
     /// Makes room for one more session: the peer holding the most sessions gives up its least
@@ -1057,6 +1076,53 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(engine.budget.used() <= engine.budget.budget());
+    }
+
+    /// Sessions in a running call count against `max_sessions`: a batch of more new sessions
+    /// than slots never makes the node hold (and announce) more sessions than its capacity,
+    /// which discovery refuses as implausible. Found by the hostile flood test after batching
+    /// landed (announced `(65, 64)`).
+    #[test]
+    fn running_sessions_count_against_the_session_cap() {
+        let peer = PeerId::random();
+        let config = EngineConfig {
+            max_sessions: 2,
+            ..EngineConfig::default()
+        };
+        let mut engine = EngineActor::local_with(one_layer(), Digest([0; 32]), config);
+        let calls: Vec<(PeerId, Forward)> = (1..=3u8)
+            .map(|s| (peer, call(s, 1, 0, &[1, 2, 3])))
+            .collect();
+        let got = engine.serve_batch(calls);
+        assert!(
+            matches!(got[0].1, Response::Hidden { .. }),
+            "{:?}",
+            got[0].1
+        );
+        assert!(
+            matches!(got[1].1, Response::Hidden { .. }),
+            "{:?}",
+            got[1].1
+        );
+        assert!(
+            matches!(
+                got[2].1,
+                Response::Error {
+                    code: ErrorCode::Busy,
+                    ..
+                }
+            ),
+            "{:?}",
+            got[2].1
+        );
+        assert_eq!(engine.held_sessions(), 2);
+        assert_eq!(engine.gauges.sessions.load(Ordering::Relaxed), 2);
+        // Idle now: a new session evicts one of them instead of being refused.
+        assert!(matches!(
+            engine.serve(peer, &call(4, 1, 0, &[1])),
+            Response::Hidden { .. }
+        ));
+        assert_eq!(engine.held_sessions(), 2);
     }
 
     /// Issue 8: a long call runs in chunks beside the others, and closing its session drops
