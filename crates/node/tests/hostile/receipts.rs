@@ -98,20 +98,7 @@ async fn each_provider_is_metered_by_its_signed_receipts() {
 async fn inflating_liar(model: Digest) -> (NodeKey, PeerId, plexus_net::Multiaddr) {
     let key = NodeKey::generate();
     let signer = plexus_ledger::receipt::signing_key(&key).unwrap();
-    let (handle, mut events) = plexus_net::start(
-        NetConfig::new(key.clone())
-            .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()])
-            .with_serve(true),
-    )
-    .unwrap();
-    let addr = within(WAIT, "the liar listens", async {
-        loop {
-            if let Some(NetEvent::Listening(a)) = events.recv().await {
-                break a;
-            }
-        }
-    })
-    .await;
+    let (handle, mut events, addr) = serving_peer(&key).await;
     let peer = key.peer_id();
     let mut a = announcement(&key);
     a.addrs = vec![addr.to_string()];

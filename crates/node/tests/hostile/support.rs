@@ -809,6 +809,28 @@ fn topic() -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(plexus_net::behaviour::ANNOUNCE_TOPIC)
 }
 
+/// A raw `plexus_net` peer with `key` that serves stage calls (a scripted liar answers them
+/// itself), listening on loopback: its handle, its events and the address it listens on.
+pub async fn serving_peer(
+    key: &NodeKey,
+) -> (NetHandle, tokio::sync::mpsc::Receiver<NetEvent>, Multiaddr) {
+    let (handle, mut events) = plexus_net::start(
+        NetConfig::new(key.clone())
+            .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()])
+            .with_serve(true),
+    )
+    .unwrap();
+    let addr = within(WAIT, "the peer listens", async {
+        loop {
+            if let Some(NetEvent::Listening(a)) = events.recv().await {
+                break a;
+            }
+        }
+    })
+    .await;
+    (handle, events, addr)
+}
+
 /// A well-formed announcement of `key`'s node, issued now.
 pub fn announcement(key: &NodeKey) -> Announcement {
     Announcement {
