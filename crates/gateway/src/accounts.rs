@@ -140,6 +140,11 @@ impl Accounts {
         self.store.lock().await.ledger().account(account)
     }
 
+    /// Executes one ledger operation now (tools: `plexus up` funds and stakes its nodes).
+    pub async fn execute(&self, op: Op) -> Result<(), StoreError> {
+        self.store.lock().await.execute(op, now_ms()).await.map(|_| ())
+    }
+
     /// Runs `f` on the store (CLI-style access for tests and tools).
     pub async fn with_store<T>(&self, f: impl FnOnce(&Store) -> T) -> T {
         f(&*self.store.lock().await)
@@ -211,7 +216,10 @@ impl Accounts {
             request,
             payouts: split.payouts,
         };
-        if let Err(e) = self.store.lock().await.execute(op, now_ms()).await {
+        let mut store = self.store.lock().await;
+        // Audit verdicts first: the client of the (still open) request gets its refund share.
+        crate::slashing::apply(&mut store, request, &usage.convictions, now_ms()).await;
+        if let Err(e) = store.execute(op, now_ms()).await {
             // The escrow stays open and is released when the gateway next starts.
             tracing::error!(%request, error = %e, "settlement failed");
         }

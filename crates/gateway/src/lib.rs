@@ -25,6 +25,7 @@ pub mod local;
 pub mod metrics;
 pub mod network;
 pub mod server;
+pub mod slashing;
 pub mod sse;
 pub mod state;
 

@@ -211,6 +211,36 @@ impl Backend for NetworkBackend {
             m.receipts_refused.load(Ordering::Relaxed),
         );
         counter(
+            "plexus_commitment_bytes",
+            "Bytes of activation-fingerprint commitments in accepted receipts (32 a stage call).",
+            m.commitment_bytes.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_audits",
+            "Provider jobs drawn for audit (Proof of Sampling).",
+            m.audits.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_audits_unavailable",
+            "Jobs drawn for audit that found no auditor (no other node serves the span).",
+            m.audits_unavailable.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_audit_calls_passed",
+            "Audited stage calls whose auditor recomputed the same commitment.",
+            m.audit_calls_passed.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_audit_disputes",
+            "Audited stage calls whose commitments differed (sent to referees).",
+            m.audit_disputes.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_audit_convictions",
+            "Nodes convicted by referees (excluded from routing and slashed).",
+            m.audit_convictions.load(Ordering::Relaxed),
+        );
+        counter(
             "plexus_chains_opened",
             "Chains opened (one per generation).",
             m.chains_opened.load(Ordering::Relaxed),

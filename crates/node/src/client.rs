@@ -45,6 +45,8 @@ pub struct ClientConfig {
     /// Micro-PLX one second of latency per token is worth: how routing weighs price against
     /// speed (see [`crate::route`]); 0 ignores price.
     pub time_value: f64,
+    /// Proof-of-Sampling audits of the stages' answers (see [`crate::audit`]).
+    pub audit: crate::audit::AuditConfig,
 }
 
 impl ClientConfig {
@@ -57,6 +59,7 @@ impl ClientConfig {
             chain_id: crate::service::DEFAULT_CHAIN_ID,
             max_price: None,
             time_value: DEFAULT_TIME_VALUE,
+            audit: crate::audit::AuditConfig::new(),
         }
     }
 }
@@ -77,6 +80,17 @@ pub struct ClientMetrics {
     /// Stage calls whose receipt was accepted, and refused (missing, forged or false).
     pub receipts: AtomicU64,
     pub receipts_refused: AtomicU64,
+    /// Bytes of commitments in accepted receipts (32 a stage call).
+    pub commitment_bytes: AtomicU64,
+    /// Jobs (one provider's part of one generation) drawn for audit; of those, how many found
+    /// no auditor (no other node serves the span on the same build).
+    pub audits: AtomicU64,
+    pub audits_unavailable: AtomicU64,
+    /// Audited stage calls whose auditor recomputed the same commitment.
+    pub audit_calls_passed: AtomicU64,
+    /// Audited calls whose commitments differed (sent to referees), and the convictions.
+    pub audit_disputes: AtomicU64,
+    pub audit_convictions: AtomicU64,
 }
 
 pub use crate::chain::ChainError;
@@ -84,13 +98,15 @@ pub use crate::chain::ChainError;
 /// A handle to the client's network side; cheap to clone.
 #[derive(Clone)]
 pub struct NetworkClient {
-    handle: NetHandle,
+    pub(crate) handle: NetHandle,
     directory: watch::Receiver<Arc<Directory>>,
-    runtime: tokio::runtime::Handle,
-    config: ClientConfig,
-    metrics: Arc<ClientMetrics>,
+    pub(crate) runtime: tokio::runtime::Handle,
+    pub(crate) config: ClientConfig,
+    pub(crate) metrics: Arc<ClientMetrics>,
     /// What this client measured of each peer (replaces their claims in routing).
     scores: Arc<Mutex<Scoreboard>>,
+    /// Convictions, reputation and stakes (see [`crate::audit`]).
+    book: Arc<Mutex<crate::audit::AuditBook>>,
 }
 
 impl NetworkClient {
@@ -123,6 +139,7 @@ impl NetworkClient {
             config,
             metrics: Arc::new(ClientMetrics::default()),
             scores: Arc::default(),
+            book: Arc::default(),
         })
     }
 
@@ -132,6 +149,17 @@ impl NetworkClient {
 
     pub fn metrics(&self) -> &ClientMetrics {
         &self.metrics
+    }
+
+    /// What audits have taught this client (convictions, reputation, stakes).
+    pub fn book(&self) -> std::sync::MutexGuard<'_, crate::audit::AuditBook> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The stakes of node accounts (micro-PLX, from the gateway's ledger): a provider's audit
+    /// probability falls as its stake grows.
+    pub fn set_stakes(&self, stakes: std::collections::HashMap<plexus_ledger::Address, u64>) {
+        self.book().set_stakes(stakes);
     }
 
     /// The current directory.
@@ -166,6 +194,12 @@ impl NetworkClient {
         }
         let scores = self.scores.lock().unwrap_or_else(|e| e.into_inner());
         out.iter_mut().for_each(|c| scores.adjust(c));
+        // Convicted nodes are never routed to; reputation scales a node's expected compute
+        // (a new node's 0.5 doubles it, a long honest record brings it near 1).
+        let book = self.book();
+        out.retain(|c| !book.is_convicted(&c.peer));
+        out.iter_mut()
+            .for_each(|c| c.compute_s /= book.score(&c.peer).max(0.05));
         out
     }
 
@@ -225,6 +259,7 @@ impl NetworkClient {
                 model,
                 gave_up: None,
                 usage: Usage::default(),
+                audits: crate::audit::ChainAudits::default(),
             },
             chain: Chain::new(config, route),
             context,
@@ -249,7 +284,7 @@ fn hidden_width(dir: &Directory, model: &Digest) -> u32 {
         .map_or(0, |(w, _)| w)
 }
 
-fn rand_session() -> [u8; 16] {
+pub(crate) fn rand_session() -> [u8; 16] {
     // Unique enough and unpredictable to other peers: a hash of time, a counter and the
     // process id (sessions are also keyed by our peer id on every node).
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -317,27 +352,44 @@ impl Drop for RemoteChain {
         for peer in self.chain.peers() {
             self.transport.close(peer, session);
         }
+        self.transport.end_audits();
     }
 }
 
 /// The network side of a chain: stage calls through libp2p, routes from the directory.
-struct NetTransport {
-    client: NetworkClient,
+pub(crate) struct NetTransport {
+    pub(crate) client: NetworkClient,
     model: Digest,
     /// When the last route wait ended empty.
     gave_up: Option<Instant>,
     /// Accepted receipts of this chain's calls.
-    usage: Usage,
+    pub(crate) usage: Usage,
+    /// The audits of this chain's providers.
+    pub(crate) audits: crate::audit::ChainAudits,
 }
 
 impl NetTransport {
     /// Meters one answered call: accepted receipts add the peer's work, anything else is
-    /// counted and logged (the call was computed but is not paid).
-    fn meter(&mut self, peer: PeerId, expected: Option<Receipt>, answer: Response) -> Response {
+    /// counted and logged (the call was computed but is not paid). The answer, and the
+    /// commitment of an accepted receipt.
+    pub(crate) fn meter(
+        &mut self,
+        peer: PeerId,
+        expected: Option<Receipt>,
+        answer: Response,
+    ) -> (Response, Option<[u8; 32]>) {
         let (answer, receipt) = answer.into_parts();
-        let Some(expected) = expected else {
-            return answer; // not a computing call
+        let Some(mut expected) = expected else {
+            return (answer, None); // not a computing call
         };
+        if let Some(r) = &receipt {
+            expected.commitment = crate::audit::expected_commitment(
+                expected.position,
+                expected.positions,
+                &answer,
+                r.commitment,
+            );
+        }
         let m = &self.client.metrics;
         let account = self
             .client
@@ -352,10 +404,16 @@ impl NetTransport {
                 check(&expected, r, &answer, account, self.client.config.chain_id).map(|()| account)
             }
         };
+        let mut committed = None;
         match (verdict, receipt) {
             (Ok(account), Some(r)) => {
                 self.usage.record(account, &r);
                 m.receipts.fetch_add(1, Ordering::Relaxed);
+                m.commitment_bytes.fetch_add(
+                    plexus_verify::commitment::CALL_COMMITMENT_BYTES as u64,
+                    Ordering::Relaxed,
+                );
+                committed = Some(r.commitment);
             }
             (Err(e), _) => {
                 self.usage.refused += 1;
@@ -364,7 +422,7 @@ impl NetTransport {
             }
             (Ok(_), None) => {}
         }
-        answer
+        (answer, committed)
     }
 }
 
@@ -383,9 +441,21 @@ impl Transport for NetTransport {
         let price = self.client.directory().get(&peer).map(|a| a.price);
         let expected = price.map(|p| Receipt::for_call(&f, p, Digest([0; 32])));
         let client = self.client.clone();
-        let result = client
-            .runtime
-            .block_on(client.handle.call(peer, Request::Forward(f)));
+        // A shadowed provider's call goes to its auditor too, at the same time.
+        let planned = self.shadow_call(&peer, &f);
+        let sent = f.clone();
+        let (result, shadow_reply) = client.runtime.block_on(async {
+            let audit = async {
+                match &planned {
+                    Some((a, g)) => Some(client.handle.call(*a, Request::Forward(g.clone())).await),
+                    None => None,
+                }
+            };
+            tokio::join!(client.handle.call(peer, Request::Forward(f)), audit)
+        });
+        let shadow = planned
+            .zip(shadow_reply)
+            .map(|((a, g), reply)| (a, g, reply));
         let elapsed = started.elapsed();
         let m = &client.metrics;
         m.stage_calls.fetch_add(1, Ordering::Relaxed);
@@ -409,12 +479,21 @@ impl Transport for NetTransport {
                     self.usage.refused += 1;
                     None
                 });
-                Ok(self.meter(peer, expected, resp))
+                client.book().on_call(peer, true);
+                match self.meter(peer, expected, resp) {
+                    (answer, Some(commitment)) => {
+                        self.audit(peer, &sent, answer, commitment, shadow)
+                    }
+                    (answer, None) => Ok(answer),
+                }
             }
-            Err(e) => Err(CallFailed {
-                retryable: !matches!(e, CallError::Stopped),
-                message: e.to_string(),
-            }),
+            Err(e) => {
+                client.book().on_call(peer, false);
+                Err(CallFailed {
+                    retryable: !matches!(e, CallError::Stopped),
+                    message: e.to_string(),
+                })
+            }
         }
     }
 

@@ -24,6 +24,7 @@
 //! the peer holding the most sessions loses its least recently used one, so a peer that opens
 //! sessions in bulk evicts its own rather than everyone else's.
 
+use plexus_core::receipt::Receipt;
 use plexus_core::wire::{Activations, ErrorCode, Forward, Response, SessionId};
 use plexus_core::Digest;
 use plexus_model::batch::{plan, KvBudget, KvReservation, Want, STEP_POSITIONS};
@@ -70,6 +71,8 @@ pub struct EngineConfig {
     pub step_positions: usize,
     /// Most positions one call may carry; a longer one is refused.
     pub max_call_positions: usize,
+    /// Tests only (`plexus node --cheat`): corrupt every answer (see [`crate::cheat`]).
+    pub cheat: Option<crate::cheat::Cheat>,
 }
 
 impl Default for EngineConfig {
@@ -81,6 +84,7 @@ impl Default for EngineConfig {
             kv_budget: 4 << 30,
             step_positions: STEP_POSITIONS,
             max_call_positions: plexus_core::wire::MAX_POSITIONS,
+            cheat: None,
         }
     }
 }
@@ -302,7 +306,7 @@ impl EngineActor {
     #[cfg(test)]
     fn forward(&mut self, peer: PeerId, f: &Forward) -> Response {
         let mut done = self.serve_batch(vec![(peer, f.clone())]);
-        done.pop().map_or(Response::Closed, |(_, r)| r)
+        done.pop().map_or(Response::Closed, |(_, r)| r.into_parts().0)
     }
 
     /// Admits the calls together and steps until all are answered; the answers in call order
@@ -323,7 +327,8 @@ impl EngineActor {
         while !self.running.is_empty() {
             for (key, response, _) in self.step() {
                 if let Some(&(_, i)) = order.iter().find(|(k, _)| *k == key) {
-                    answers.push((i, response));
+                    // Without the commitment the engine hands the service for the receipt.
+                    answers.push((i, response.into_parts().0));
                 }
             }
         }
@@ -814,34 +819,82 @@ impl EngineActor {
         Ok(())
     }
 
-    /// The answer of a call whose positions all ran; its session goes back to the map.
+    /// The answer of a call whose positions all ran; its session goes back to the map. A
+    /// computed answer comes as [`Response::Receipted`] with an unsigned draft holding only
+    /// the call's `commitment` ([`plexus_verify::commitment::call_commitment`] of the rows it
+    /// returns, or of the logits row it sampled from and the token): the service signs the
+    /// real receipt with it.
     fn answer(&mut self, mut call: Call) -> (Key, Response, Option<Reply>) {
         let compute_us = call.started.elapsed().as_micros() as u64;
         let logits = call.logits.take();
         let f = &call.forward;
-        let response = match logits {
-            Some(logits) => {
+        let salt = u64::from(f.position) ^ u64::from_le_bytes([
+            f.session.0[0], f.session.0[1], f.session.0[2], f.session.0[3],
+            f.session.0[4], f.session.0[5], f.session.0[6], f.session.0[7],
+        ]);
+        let (response, commitment) = match logits {
+            Some(mut logits) => {
+                if let Some(cheat) = self.config.cheat {
+                    let width = logits.len();
+                    cheat.apply(&mut logits, width, salt);
+                }
                 let params = f.sampling.as_deref().cloned().unwrap_or_default();
                 let position = call.session.history.len() as u64;
                 let (token, scores) =
                     sample_scored(&logits, &call.session.history, &params, position);
-                match scores {
+                let commitment = plexus_verify::commitment::call_commitment(
+                    logits.len(),
+                    position.saturating_sub(1),
+                    &logits,
+                    &[token],
+                );
+                let response = match scores {
                     Some(logprobs) => Response::Scored {
                         token,
                         compute_us,
                         logprobs,
                     },
                     None => Response::Token { token, compute_us },
-                }
+                };
+                (response, commitment)
             }
             None => {
                 let hidden = call.session.stage.config().hidden_size;
-                let rows = call.rows_out.len() / hidden.max(1);
-                Response::Hidden {
-                    hidden: Activations::encode(&call.rows_out, rows, hidden, f.reply_dtype),
-                    compute_us,
+                if let Some(cheat) = self.config.cheat {
+                    cheat.apply(&mut call.rows_out, hidden, salt);
                 }
+                let rows = call.rows_out.len() / hidden.max(1);
+                let encoded = Activations::encode(&call.rows_out, rows, hidden, f.reply_dtype);
+                let first = u64::from(f.position) + call.reply_from as u64;
+                let commitment = plexus_verify::commitment::call_commitment(
+                    hidden,
+                    first,
+                    &encoded.to_f32(),
+                    &[],
+                );
+                let response = Response::Hidden {
+                    hidden: encoded,
+                    compute_us,
+                };
+                (response, commitment)
             }
+        };
+        let draft = Receipt {
+            session: f.session,
+            model: f.model,
+            start: f.start,
+            end: f.end,
+            position: f.position,
+            positions: f.tokens.len() as u32,
+            price: 0,
+            input: Digest([0; 32]),
+            output: Digest([0; 32]),
+            commitment,
+            signature: Vec::new(),
+        };
+        let response = Response::Receipted {
+            response: Box::new(response),
+            receipt: Box::new(draft),
         };
         let reply = call.reply.take();
         let key = call.key;

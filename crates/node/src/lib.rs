@@ -8,8 +8,12 @@
 //! - [`route`]: the cheapest chain for a request; [`placement`]: spans for nodes.
 //! - [`measure`]: seconds per layer and free memory.
 //! - [`metering`]: signed receipts of stage calls checked and summed per provider.
+//! - [`audit`]: Proof-of-Sampling audits of stage calls (draw, shadow auditor, referees);
+//!   [`cheat`]: the test-only cheating modes audits must catch.
 
+pub mod audit;
 pub mod chain;
+pub mod cheat;
 pub mod client;
 pub mod directory;
 pub mod discovery;

@@ -100,11 +100,11 @@ pub fn check(
         expected.input.to_string(),
     )?;
     claim("output", receipt.output.to_string(), output)?;
-    // Reserved for verification (issue 11): nodes sign zeros until fingerprints exist.
+    // The caller's recomputation from the answer (`crate::audit::expected_commitment`).
     claim(
         "commitment",
         hex::encode(receipt.commitment),
-        hex::encode([0u8; 32]),
+        hex::encode(expected.commitment),
     )
 }
 
@@ -124,6 +124,8 @@ pub struct Usage {
     pub providers: BTreeMap<(Address, u64), Work>,
     /// Calls whose receipt was refused or missing: computed, not paid.
     pub refused: u64,
+    /// Audit verdicts of the generation, for the ledger (slashes).
+    pub convictions: Vec<crate::audit::Conviction>,
 }
 
 impl Usage {
@@ -141,6 +143,7 @@ impl Usage {
             mine.calls += w.calls;
         }
         self.refused += other.refused;
+        self.convictions.extend(other.convictions.iter().cloned());
     }
 
     /// What each provider earned: its work at each price, priced once per price (rounded down).

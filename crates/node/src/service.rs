@@ -408,6 +408,8 @@ impl Node {
 
     /// The engine's answer to call `id`, with its signed receipt when it computed something.
     fn receipted(&mut self, id: u64, response: Response) -> Response {
+        // The engine hands a computed answer over with the call's commitment in a draft.
+        let (response, draft) = response.into_parts();
         let Some(mut receipt) = self.drafts.remove(&id) else {
             return response;
         };
@@ -415,6 +417,7 @@ impl Node {
             return response;
         };
         receipt.output = output;
+        receipt.commitment = draft.map_or([0; 32], |d| d.commitment);
         plexus_ledger::receipt::sign(&mut receipt, self.config.chain_id, &self.signer);
         Response::Receipted {
             response: Box::new(response),

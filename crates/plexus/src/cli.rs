@@ -404,6 +404,10 @@ pub struct NodeArgs {
     /// Exit when this process id is gone (used by `plexus up`).
     #[arg(long, hide = true)]
     pub parent_pid: Option<u32>,
+    /// Tests only: return wrong results (`random` or `noise`, see plexus_node::cheat), so
+    /// audits can be tested against a real cheating process.
+    #[arg(long, hide = true, value_name = "KIND")]
+    pub cheat: Option<plexus_node::cheat::Cheat>,
 }
 
 #[derive(Args, Debug)]
@@ -471,6 +475,19 @@ pub struct UpArgs {
     /// client's charge; the gateway keeps the rest.
     #[arg(long, default_value_t = 10)]
     pub node_price: u64,
+    /// Stages per chain (default: --nodes, one chain without replicas). Fewer stages than
+    /// nodes gives spans several servers, which audits need (an auditor serves the same span).
+    #[arg(long)]
+    pub stages: Option<usize>,
+    /// Stake each node's account bonds on the ledger at start (micro-PLX, or e.g. `100PLX`;
+    /// from the local faucet). A provider's audit probability falls as its stake grows; a
+    /// caught cheater loses it.
+    #[arg(long, value_parser = crate::cmd::ledger::parse_amount, default_value = "100PLX")]
+    pub node_stake: plexus_ledger::Amount,
+    /// Tests only: node 0 cheats this way (`plexus node --cheat`) and asks price 0, so routing
+    /// prefers it.
+    #[arg(long, hide = true, value_name = "KIND")]
+    pub cheat: Option<plexus_node::cheat::Cheat>,
     #[command(flatten)]
     pub routing: crate::cmd::gateway::RoutingArgs,
 }

@@ -111,9 +111,20 @@ fn sigkill_of_a_stage_mid_stream_keeps_the_stream_and_its_text() {
             Some(&boot),
         ));
     }
-    // Failover, not accounts, is under test here: a free gateway.
+    // Failover, not accounts nor audits, is under test here: a free gateway that audits
+    // nothing (an audit would open a second session on the other 10..20 replica, and the
+    // test finds the replica to kill by its sessions).
     let mut args: Vec<String> = [
-        "gateway", "--port", "0", "--wire", "f32", "--ledger", "none", "--model",
+        "gateway",
+        "--port",
+        "0",
+        "--wire",
+        "f32",
+        "--ledger",
+        "none",
+        "--audit-probability",
+        "0",
+        "--model",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -41,24 +41,25 @@ fn children_of(pid: u32) -> Vec<u32> {
     out
 }
 
-#[test]
-fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
-    let python = std::env::var("PLEXUS_PYTHON").unwrap_or_else(|_| "python3".into());
+/// A started `plexus up`: its API URL, dev key and output lines up to the curl line.
+struct Started {
+    up: Up,
+    url: String,
+    key: String,
+    lines: Vec<String>,
+    curl: String,
+}
+
+/// Starts `plexus up` on the real model with `args` (after `up`), its cache in `cache`, and
+/// waits for its API URL and key.
+fn start_up(args: &[&str], cache: &Path) -> Started {
     let model = repo().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let cache = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
-        .args([
-            "up",
-            "--nodes",
-            "3",
-            "--port",
-            "0",
-            "--threads",
-            "1",
-            "--model",
-        ])
+        .arg("up")
+        .args(args)
+        .arg("--model")
         .arg(&model)
-        .env("PLEXUS_CACHE_DIR", cache.path())
+        .env("PLEXUS_CACHE_DIR", cache)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -95,6 +96,92 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
         }
     };
     let key = key.expect("plexus up prints `API key: KEY`");
+    Started {
+        up,
+        url,
+        key,
+        lines,
+        curl,
+    }
+}
+
+/// Ctrl-C: `plexus up` and its nodes stop within 30 s, successfully.
+fn stop_up(up: Up) {
+    let pid = up.0.id();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let mut up = up;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = up.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "plexus up did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+    assert!(children_of(pid).is_empty());
+}
+
+/// `plexus status --json` of the ledger `plexus up` left in `base`, for the key in `base/dir`.
+fn status(base: &Path, dir: &str) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args(["status", "--json", "--data-dir"])
+        .arg(base.join(dir))
+        .arg("--ledger")
+        .arg(format!("sqlite://{}", base.join("ledger.db").display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The account of the status' own key.
+fn mine(v: &serde_json::Value) -> serde_json::Value {
+    v["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["this_node"] == true)
+        .cloned()
+        .unwrap_or_else(|| panic!("no account of this node: {v}"))
+}
+
+/// A counter from a `/metrics` page.
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
+    let python = std::env::var("PLEXUS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let cache = tempfile::tempdir().unwrap();
+    let Started {
+        up,
+        url,
+        key,
+        lines,
+        curl,
+    } = start_up(
+        &["--nodes", "3", "--port", "0", "--threads", "1"],
+        cache.path(),
+    );
     assert!(
         curl.contains(&format!("Authorization: Bearer {key}")),
         "{curl}"
@@ -119,68 +206,26 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
     // Every stage call the client's requests made came back with a receipt the gateway
     // accepted (three honest nodes: none refused).
     let metrics = http_get(&url, "/metrics", &key);
-    let counter = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
-            .unwrap_or_else(|| panic!("no {name} in /metrics"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    assert!(counter("plexus_stage_receipts") > 0, "{metrics}");
-    assert_eq!(counter("plexus_stage_receipts_refused"), 0, "{metrics}");
+    assert!(counter(&metrics, "plexus_stage_receipts") > 0, "{metrics}");
+    assert_eq!(
+        counter(&metrics, "plexus_stage_receipts_refused"),
+        0,
+        "{metrics}"
+    );
+    // Every accepted receipt carries its 32-byte commitment.
+    assert_eq!(
+        counter(&metrics, "plexus_commitment_bytes"),
+        32 * counter(&metrics, "plexus_stage_receipts"),
+        "{metrics}"
+    );
 
-    // Ctrl-C: everything stops, nodes included.
-    let pid = up.0.id();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let mut up = up;
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = up.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "plexus up did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "{status}");
-    assert!(children_of(pid).is_empty());
+    stop_up(up);
 
     // The ledger it leaves: each node was paid into its locked earnings for its receipted
     // work (equal spans at equal prices: equal pay), the gateway kept the rest of what the
     // client spent, and nothing more was paid than spent.
     let base = cache.path().join("up");
-    let status = |dir: &str| -> serde_json::Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_plexus"))
-            .args(["status", "--json", "--data-dir"])
-            .arg(base.join(dir))
-            .arg("--ledger")
-            .arg(format!("sqlite://{}", base.join("ledger.db").display()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
-    let mine = |v: &serde_json::Value| -> serde_json::Value {
-        v["accounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["this_node"] == true)
-            .cloned()
-            .unwrap_or_else(|| panic!("no account of this node: {v}"))
-    };
+    let status = |dir: &str| status(&base, dir);
     let nodes: Vec<u64> = (0..3)
         .map(|i| {
             mine(&status(&format!("node-{i}")))["locked"]
@@ -218,4 +263,126 @@ fn http_get(url: &str, path: &str, key: &str) -> String {
     s.read_to_string(&mut text).unwrap();
     text.split_once("\r\n\r\n")
         .map_or(text.clone(), |(_, b)| b.to_owned())
+}
+
+/// Issue 11: `plexus up` with one node cheating (random outputs, undercutting on price so
+/// routing picks it) among three serving the whole model, every job audited
+/// (`--audit-probability 1`). The cheater is caught on its first job (its auditor's
+/// recomputation differs, the referee sides with the auditor), excluded from routing and
+/// slashed; the stream it was serving fails over with the honest text; the client is refunded
+/// its share of the slash and the auditor paid its challenger share; the honest nodes keep
+/// their stakes.
+#[test]
+fn a_cheating_node_is_caught_excluded_and_slashed_while_streams_go_on_issue_11() {
+    let python = std::env::var("PLEXUS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let cache = tempfile::tempdir().unwrap();
+    let Started { up, url, key, lines, .. } = start_up(
+        &[
+            "--nodes",
+            "3",
+            "--stages",
+            "1",
+            "--static-spans",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--node-price",
+            "20000",
+            "--node-stake",
+            "100PLX",
+            "--audit-probability",
+            "1",
+            "--audit-referees",
+            "1",
+            "--cheat",
+            "random",
+        ],
+        cache.path(),
+    );
+    assert!(
+        lines[0].contains("3 nodes") && lines[0].contains("0..30, 0..30, 0..30"),
+        "{lines:?}"
+    );
+    let out = Command::new(&python)
+        .arg(repo().join("crates/plexus/tests/audit_client.py"))
+        .arg(&url)
+        .arg(&key)
+        .arg("3")
+        .output()
+        .expect("run the python client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the streams failed");
+    let texts: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    let texts: Vec<&str> = texts["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    // The first stream met the cheater; the later ones only honest nodes: same greedy text.
+    assert!(
+        texts.len() == 3 && texts.iter().all(|t| *t == texts[0]),
+        "{texts:?}"
+    );
+
+    let metrics = http_get(&url, "/metrics", &key);
+    let c = |name: &str| counter(&metrics, name);
+    eprintln!(
+        "audits {} (unavailable {}), calls passed {}, disputes {}, convictions {}, commitment \
+         bytes {} over {} tokens",
+        c("plexus_audits"),
+        c("plexus_audits_unavailable"),
+        c("plexus_audit_calls_passed"),
+        c("plexus_audit_disputes"),
+        c("plexus_audit_convictions"),
+        c("plexus_commitment_bytes"),
+        c("plexus_chain_tokens"),
+    );
+    assert_eq!(c("plexus_audit_convictions"), 1, "{metrics}");
+    assert_eq!(c("plexus_audit_disputes"), 1, "{metrics}");
+    assert!(c("plexus_audit_calls_passed") > 0, "{metrics}");
+    assert_eq!(c("plexus_audits_unavailable"), 0, "{metrics}");
+    assert!(c("plexus_chain_failovers") >= 1, "{metrics}");
+    stop_up(up);
+
+    let base = cache.path().join("up");
+    let nodes: Vec<serde_json::Value> = (0..3)
+        .map(|i| mine(&status(&base, &format!("node-{i}"))))
+        .collect();
+    eprintln!("nodes after: {nodes:?}");
+    let stake = 100_000_000u64;
+    // The cheater (node 0) lost its stake and anything locked; the honest nodes kept theirs.
+    assert_eq!(nodes[0]["staked"], 0, "{:?}", nodes[0]);
+    assert_eq!(nodes[0]["locked"], 0, "{:?}", nodes[0]);
+    for n in &nodes[1..] {
+        assert_eq!(n["staked"].as_u64(), Some(stake), "{n:?}");
+    }
+    // The challenger (the auditor) was paid half of the slash (ledger default 50%).
+    let paid: u64 = nodes[1..]
+        .iter()
+        .map(|n| n["available"].as_u64().unwrap())
+        .sum();
+    assert_eq!(paid, stake / 2, "{nodes:?}");
+    // The cheater's audit probability in `plexus status` is now 1 (nothing at stake), the
+    // honest nodes' the floor.
+    assert_eq!(nodes[0]["audit_probability"], 1.0, "{:?}", nodes[0]);
+    assert_eq!(nodes[1]["audit_probability"], 0.01, "{:?}", nodes[1]);
+    // The client (the account that spent) got its refund share (25%) of the slash back:
+    // it holds its faucet funds minus what it spent plus the refund.
+    let all = status(&base, "gateway");
+    let client = all["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["spent"].as_u64().unwrap_or(0) > 0)
+        .cloned()
+        .unwrap_or_else(|| panic!("no client account: {all}"));
+    let (available, spent) = (
+        client["available"].as_u64().unwrap(),
+        client["spent"].as_u64().unwrap(),
+    );
+    assert_eq!(available + spent, 100_000_000 + stake / 4, "{client}");
 }

@@ -85,6 +85,34 @@ impl Posp {
     }
 }
 
+/// Position-layers of the reference job the network's audit probability is priced on: 1024
+/// positions through 32 layers (a long chat through a whole small model).
+pub const REFERENCE_WORK: u64 = 1024 * 32;
+/// The network's margin over the PoSP bound.
+pub const NETWORK_MARGIN: f64 = 2.0;
+/// The network's smallest audit probability, whatever the stake.
+pub const NETWORK_FLOOR: f64 = 0.01;
+
+/// The audit probability a gateway uses for a provider asking `price` (micro-PLX per 1000
+/// position-layers) with `stake` (micro-PLX) at risk, when a share `collusion` of auditors may
+/// collude: [`Posp::probability`] for the reference job ([`REFERENCE_WORK`]), whose honest cost
+/// is taken equal to its pay (a provider prices at cost), with [`NETWORK_MARGIN`] and
+/// [`NETWORK_FLOOR`]. Nothing at stake (no stake, no price) or an invalid collusion share: 1,
+/// every job is audited.
+pub fn network_probability(price: u64, stake: u64, collusion: f64) -> f64 {
+    let pay = (u128::from(REFERENCE_WORK) * u128::from(price) / 1000).min(u128::from(u64::MAX)) as u64;
+    Posp {
+        cost: pay,
+        reward: pay,
+        slash: stake,
+        collusion,
+        margin: NETWORK_MARGIN,
+        floor: NETWORK_FLOOR,
+    }
+    .probability()
+    .unwrap_or(1.0)
+}
+
 /// The gateway's secret draw key.
 #[derive(Clone)]
 pub struct DrawKey([u8; 32]);
@@ -187,6 +215,20 @@ mod tests {
             Err(PospError::Floor(2.0))
         );
         assert_eq!(Posp { cost: 100, ..ok }.probability(), Ok(1.0));
+    }
+
+    #[test]
+    fn network_probability_follows_stake_and_price() {
+        // Nothing at stake: every job.
+        assert_eq!(network_probability(0, 0, 0.1), 1.0);
+        assert_eq!(network_probability(10, 0, 0.1), 1.0);
+        // 100 PLX staked at price 10: the bound is tiny, the floor applies.
+        assert_eq!(network_probability(10, 100_000_000, 0.1), NETWORK_FLOOR);
+        // Stake of the order of the pay: 2 * 327 / (0.9 * (327 + 3000)) = 0.218.
+        let p = network_probability(10, 3_000, 0.1);
+        assert!((p - 0.2185).abs() < 1e-3, "{p}");
+        assert!(network_probability(10, 3_000, 0.5) > p);
+        assert_eq!(network_probability(10, 3_000, 1.0), 1.0);
     }
 
     #[test]

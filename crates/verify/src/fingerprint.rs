@@ -147,6 +147,11 @@ impl Fingerprinter {
         })
     }
 
+    /// Width of the rows it takes.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
     /// Adds `rows` (row-major, `rows.len() / width` rows) at positions `first..`.
     pub fn push(&mut self, first: u64, rows: &[f32]) -> Result<(), FingerprintError> {
         if !rows.len().is_multiple_of(self.width) {

@@ -8,12 +8,14 @@
 //!   context), odd activations (NaN, infinities, bogus int8 scales, wrong widths) and floods.
 //! - [`announcements`]: forged, relayed, tampered and expired announcements on gossip.
 //! - [`receipts`]: signed receipts of stage calls, metering per provider, inflated claims.
+//! - [`audits`]: cheating nodes among honest replicas, caught by audits and excluded.
 //!
 //! After every attack a fresh client generates through the node and must get exactly what the
 //! model generates in this process ([`support::assert_serves`]).
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
 mod announcements;
+mod audits;
 mod frames;
 mod lying;
 mod receipts;

@@ -73,6 +73,14 @@ async fn each_provider_is_metered_by_its_signed_receipts() {
     };
     let mut want = Receipt::for_call(&f, 100, output_digest(&response).unwrap());
     want.signature = receipt.signature.clone();
+    // Issue 11: it commits to the fingerprint of the activations it returned.
+    want.commitment = plexus_node::audit::expected_commitment(
+        f.position,
+        f.tokens.len() as u32,
+        &response,
+        [0; 32],
+    );
+    assert_ne!(want.commitment, [0; 32]);
     assert_eq!(*receipt, want);
     assert_eq!(plexus_ledger::receipt::signer(&receipt, 31_337), Ok(a0));
 

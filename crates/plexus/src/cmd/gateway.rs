@@ -92,6 +92,19 @@ pub struct RoutingArgs {
     /// against its speed; 0 ignores price (network mode; default 1000).
     #[arg(long)]
     pub time_value: Option<f64>,
+    /// Audit every provider's jobs with this probability (0..=1) instead of the
+    /// Proof-of-Sampling probability from its price and stake (network mode; tests and demos:
+    /// 1 audits every job).
+    #[arg(long, value_name = "P")]
+    pub audit_probability: Option<f64>,
+    /// Share of auditors assumed to collude with a cheater, in [0, 1): raises the PoSP audit
+    /// probability (network mode; default 0.1).
+    #[arg(long, value_name = "R")]
+    pub collusion: Option<f64>,
+    /// Referees a disputed audit goes to (odd; fewer when fewer nodes serve the span; network
+    /// mode; default 3).
+    #[arg(long, value_name = "K")]
+    pub audit_referees: Option<usize>,
 }
 
 impl RoutingArgs {
@@ -104,11 +117,33 @@ impl RoutingArgs {
             }
             c.time_value = v;
         }
+        if let Some(p) = self.audit_probability {
+            if !(0.0..=1.0).contains(&p) {
+                anyhow::bail!("--audit-probability {p}: expected a probability in [0, 1]");
+            }
+            c.audit.probability = Some(p);
+        }
+        if let Some(r) = self.collusion {
+            if !(0.0..1.0).contains(&r) {
+                anyhow::bail!("--collusion {r}: expected a share in [0, 1)");
+            }
+            c.audit.collusion = r;
+        }
+        if let Some(k) = self.audit_referees {
+            if k == 0 || k % 2 == 0 {
+                anyhow::bail!("--audit-referees {k}: expected an odd number of referees");
+            }
+            c.audit.referees = k;
+        }
         Ok(())
     }
 
     fn any(&self) -> bool {
-        self.max_price.is_some() || self.time_value.is_some()
+        self.max_price.is_some()
+            || self.time_value.is_some()
+            || self.audit_probability.is_some()
+            || self.collusion.is_some()
+            || self.audit_referees.is_some()
     }
 }
 
@@ -136,7 +171,9 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
     }
     if a.routing.any() {
         anyhow::bail!(
-            "--max-price and --time-value choose between network nodes; this gateway serves              the model in its own process (add --bootstrap or --mdns)"
+            "--max-price, --time-value and the audit flags (--audit-probability, --collusion, \
+             --audit-referees) concern network nodes; this gateway serves the model in its own \
+             process (add --bootstrap or --mdns)"
         );
     }
     let pb = crate::progress::spinner(&format!("loading {}", a.model.display()));
@@ -157,7 +194,7 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
     if let Some(ms) = a.bench_echo_ms {
         let echo = plexus_gateway::echo::EchoBackend::new(entry, Duration::from_millis(ms));
         let runtime = super::net::runtime()?;
-        runtime.block_on(listen_and_serve(&a, Arc::new(echo)))?;
+        runtime.block_on(listen_and_serve(&a, Arc::new(echo), None))?;
         runtime.shutdown_timeout(Duration::from_secs(5));
         return Ok(());
     }
@@ -166,7 +203,7 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
         entry.id, entry.context, entry.identity
     );
     let runtime = super::net::runtime()?;
-    runtime.block_on(listen_and_serve(&a, Arc::new(backend)))?;
+    runtime.block_on(listen_and_serve(&a, Arc::new(backend), None))?;
     // Blocking generation threads were cancelled at shutdown; do not wait on a stray one.
     runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())
@@ -177,6 +214,7 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
 async fn listen_and_serve(
     a: &GatewayArgs,
     backend: Arc<dyn plexus_gateway::Backend>,
+    network: Option<plexus_node::client::NetworkClient>,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
         .await
@@ -191,6 +229,14 @@ async fn listen_and_serve(
         .unwrap_or_else(super::net::default_data_dir);
     let accounts =
         super::ledger::open_accounts(&a.ledger, &data_dir, &a.net.key()?, a.price).await?;
+    if let (Some(accounts), Some(client)) = (&accounts, network) {
+        // Audit probabilities follow the nodes' stakes on this ledger.
+        tokio::spawn(plexus_gateway::slashing::keep_stakes(
+            accounts.clone(),
+            client,
+            Duration::from_secs(5),
+        ));
+    }
     let mut stdout = std::io::stdout();
     writeln!(stdout, "listening on http://{addr}")?;
     stdout.flush()?;
@@ -225,7 +271,7 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
         client_config.wire = wire;
         a.routing.apply(&mut client_config)?;
         let client = NetworkClient::start(client_config)?;
-        let mut backend = NetworkBackend::new(client);
+        let mut backend = NetworkBackend::new(client.clone());
         let cache = super::cache_dir();
         let entry = backend
             .add_model(&a.model, cache.as_deref())
@@ -235,7 +281,7 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
             "serving {} through the network (identity {})",
             entry.id, entry.identity
         );
-        listen_and_serve(&a, Arc::new(backend)).await
+        listen_and_serve(&a, Arc::new(backend), Some(client)).await
     })?;
     runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())

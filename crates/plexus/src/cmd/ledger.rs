@@ -207,14 +207,29 @@ pub struct StatusArgs {
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// One JSON object: `{"accounts": [{"account", "available", "staked", "unbonding",
-    /// "locked", "claimable", "escrow", "spent", "earnings", "this_node"}], "supply"}`.
+    /// "locked", "claimable", "escrow", "spent", "earnings", "this_node",
+    /// "audit_probability"}], "supply", "audit": {"node_price", "collusion"}}`.
     #[arg(long)]
     pub json: bool,
+    /// The node price the audit probability column assumes (micro-PLX per 1000 positions per
+    /// layer; `plexus up`'s default).
+    #[arg(long, default_value_t = 10)]
+    pub node_price: u64,
+    /// The collusion share the audit probability assumes, in [0, 1).
+    #[arg(long, default_value_t = 0.1)]
+    pub collusion: f64,
 }
 
 /// Prints every account of the ledger with its buckets (micro-PLX): `locked` are earnings
 /// inside their challenge window, `claimable` the part of them whose window has passed.
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
+    if !(0.0..1.0).contains(&a.collusion) {
+        anyhow::bail!("--collusion {}: expected a share in [0, 1)", a.collusion);
+    }
+    // The Proof-of-Sampling audit probability a gateway uses for a node of this stake.
+    let p = |staked: u64| {
+        plexus_verify::draw::network_probability(a.node_price, staked, a.collusion)
+    };
     let rt = super::net::runtime()?;
     rt.block_on(async {
         let store = open(&a.ledger, &a.data_dir).await?;
@@ -256,16 +271,21 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
                         "spent": v.spent,
                         "earnings": earnings,
                         "this_node": mine,
+                        "audit_probability": p(v.staked),
                     })
                 })
                 .collect();
             println!(
                 "{}",
-                serde_json::json!({"accounts": accounts, "supply": ledger.issued()})
+                serde_json::json!({
+                    "accounts": accounts,
+                    "supply": ledger.issued(),
+                    "audit": {"node_price": a.node_price, "collusion": a.collusion},
+                })
             );
         } else {
             println!(
-                "{:<42} {:>14} {:>12} {:>12} {:>12} {:>12} {:>10} {:>12}",
+                "{:<42} {:>14} {:>12} {:>12} {:>12} {:>12} {:>10} {:>12} {:>7}",
                 "account",
                 "available",
                 "staked",
@@ -273,11 +293,12 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
                 "locked",
                 "claimable",
                 "escrow",
-                "spent"
+                "spent",
+                "audit p"
             );
             for (account, v, claimable, _, mine) in &rows {
                 println!(
-                    "{:<42} {:>14} {:>12} {:>12} {:>12} {:>12} {:>10} {:>12}{}",
+                    "{:<42} {:>14} {:>12} {:>12} {:>12} {:>12} {:>10} {:>12} {:>7.4}{}",
                     account.to_string(),
                     v.available,
                     v.staked,
@@ -286,10 +307,17 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
                     claimable,
                     v.escrow,
                     v.spent,
+                    p(v.staked),
                     if *mine { "  (this node)" } else { "" }
                 );
             }
-            println!("amounts in micro-PLX; supply {}", ledger.issued());
+            println!(
+                "amounts in micro-PLX; supply {}; audit p: Proof-of-Sampling probability for a \
+                 node of that stake at price {} with collusion share {}",
+                ledger.issued(),
+                a.node_price,
+                a.collusion
+            );
         }
         store.close().await;
         anyhow::Ok(())

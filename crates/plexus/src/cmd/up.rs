@@ -31,8 +31,8 @@ struct NodeProcess {
     span: (usize, usize),
 }
 
-/// Spans for `n` equal nodes: placement's plan for identical machines.
-fn spans(layers: usize, n: usize) -> anyhow::Result<Vec<(usize, usize)>> {
+/// Spans for `n` equal nodes in chains of `stages`: placement's plan for identical machines.
+fn spans(layers: usize, n: usize, stages: usize) -> anyhow::Result<Vec<(usize, usize)>> {
     let nodes: Vec<NodeCapacity> = (0..n)
         .map(|i| {
             let key = NodeKey::from_secret([i as u8 + 1; 32])
@@ -44,7 +44,7 @@ fn spans(layers: usize, n: usize) -> anyhow::Result<Vec<(usize, usize)>> {
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let p = plan(&nodes, layers, Some(n))?;
+    let p = plan(&nodes, layers, Some(stages))?;
     let mut out: Vec<(usize, usize)> = p
         .chains
         .iter()
@@ -65,6 +65,8 @@ struct NodeOptions {
     follow: Option<usize>,
     /// `--price` of every node (micro-PLX per 1000 positions per layer).
     price: u64,
+    /// Tests: this node cheats (and asks price 0).
+    cheat: Option<plexus_node::cheat::Cheat>,
 }
 
 async fn start_node(
@@ -88,7 +90,13 @@ async fn start_node(
         .arg("--parent-pid")
         .arg(std::process::id().to_string())
         .arg("--price")
-        .arg(options.price.to_string());
+        .arg(options.cheat.map_or(options.price, |_| 0).to_string());
+    if let Some(cheat) = options.cheat {
+        cmd.arg("--cheat").arg(match cheat {
+            plexus_node::cheat::Cheat::Random => "random",
+            plexus_node::cheat::Cheat::Noise => "noise",
+        });
+    }
     if let Some(t) = options.threads {
         cmd.arg("--threads").arg(t.to_string());
     }
@@ -173,7 +181,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.nodes == 0 || args.nodes > layers {
         bail!("--nodes must be between 1 and the model's {layers} layers");
     }
-    let spans = spans(layers, args.nodes)?;
+    let stages = args.stages.unwrap_or(args.nodes);
+    if stages == 0 || stages > args.nodes {
+        bail!("--stages must be between 1 and --nodes ({})", args.nodes);
+    }
+    let spans = spans(layers, args.nodes, stages)?;
     let base = super::cache_dir()
         .unwrap_or_else(std::env::temp_dir)
         .join("up");
@@ -185,10 +197,19 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         let result = async {
             let options = NodeOptions {
                 threads: args.threads,
-                follow: (!args.static_spans).then_some(args.nodes),
+                follow: (!args.static_spans).then_some(stages),
                 price: args.node_price,
+                cheat: None,
             };
-            let first = start_node(&model, spans[0], &base.join("node-0"), &[], options).await?;
+            let first_options = NodeOptions {
+                cheat: args.cheat,
+                ..options
+            };
+            if let Some(cheat) = args.cheat {
+                eprintln!("test mode: node 0 cheats ({cheat:?}) and asks price 0");
+            }
+            let first =
+                start_node(&model, spans[0], &base.join("node-0"), &[], first_options).await?;
             let boot = first.addrs.clone();
             nodes.push(first);
             let rest = spans[1..].iter().enumerate().map(|(i, span)| {
@@ -206,6 +227,37 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         stop_nodes(&mut nodes).await;
         result
     })
+}
+
+/// Tops up the stake of each node's account (its key in `base/node-I`) to `stake`, from the
+/// local faucet.
+async fn stake_nodes(
+    accounts: &plexus_gateway::accounts::Accounts,
+    base: &Path,
+    nodes: usize,
+    stake: plexus_ledger::Amount,
+) -> anyhow::Result<()> {
+    for i in 0..nodes {
+        let path = base.join(format!("node-{i}")).join("node.key");
+        let key = NodeKey::load_or_create(&path)
+            .with_context(|| format!("cannot load the node key {}", path.display()))?;
+        let account = plexus_ledger::address_of(&key.public()).context("node key not secp256k1")?;
+        let have = accounts.view(account).await.staked;
+        let amount = stake.saturating_sub(have);
+        if amount == 0 {
+            continue;
+        }
+        for op in [
+            plexus_ledger::Op::Faucet { account, amount },
+            plexus_ledger::Op::Stake { account, amount },
+        ] {
+            accounts
+                .execute(op)
+                .await
+                .with_context(|| format!("cannot stake {amount} for node {i} ({account})"))?;
+        }
+    }
+    Ok(())
 }
 
 async fn serve(
@@ -226,6 +278,9 @@ async fn serve(
         Some(accounts) => Some(super::ledger::dev_key(accounts, base, args.faucet).await?),
         None => None,
     };
+    if let Some(accounts) = &accounts {
+        stake_nodes(accounts, base, nodes.len(), args.node_stake).await?;
+    }
     let net = NetConfig::new(key)
         .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
         .with_bootstrap(bootstrap);
@@ -237,6 +292,13 @@ async fn serve(
         .context("bad --wire")?;
     args.routing.apply(&mut config)?;
     let client = NetworkClient::start(config)?;
+    if let Some(accounts) = &accounts {
+        tokio::spawn(plexus_gateway::slashing::keep_stakes(
+            accounts.clone(),
+            client.clone(),
+            Duration::from_secs(2),
+        ));
+    }
     let mut backend = NetworkBackend::new(client.clone());
     let cache = super::cache_dir();
     let entry = backend

@@ -1,0 +1,864 @@
+//! Proof-of-Sampling audits of stage calls, run by the chain driver (the gateway).
+//!
+//! ```text
+//! provider answers call 1 with a signed receipt (commitment = digest of the fingerprint of
+//! its output rows, and of its sampled token)          ── the provider has committed
+//!   └─ draw: HMAC(gateway key, request, commitment) < p ?   (p from price and stake, PoSP)
+//!        no  ─▶ Unaudited (nothing more for this provider in this generation)
+//!        yes ─▶ pick an auditor serving the same span and build (not the provider)
+//!               Shadowed: call 1, then every later call of the provider, is also sent to the
+//!               auditor under a session of its own (ordinary stage calls: the auditor is not
+//!               told the provider's commitment, the provider sees nothing)
+//!                 commitments equal ─▶ pass (the answer goes on down the chain)
+//!                 differ ─▶ Dispute: k referees (same span and build, neither party) each get
+//!                          one replay of everything the provider was fed (an ordinary
+//!                          failover replay); their commitments vote (plexus_verify::arbitration)
+//!                     provider cheated ─▶ convicted: excluded from routing, slashed, its work
+//!                          in this generation unpaid; the call fails over (the chain replays
+//!                          to an honest node, so the text is the honest one)
+//!                     false accusation ─▶ the auditor is convicted; the answer goes on
+//!                     inconclusive ─▶ nobody slashed; the call fails over
+//! ```
+//!
+//! Comparisons are exact: the engine gives the same bits whatever the thread count, chunking,
+//! batching and SIMD kernels, so on one build an honest recomputation has the same commitment.
+//! Auditors and referees are therefore picked among nodes announcing the provider's `version`.
+//! For activations the gateway recomputes the commitment from the rows it received (a node
+//! cannot commit to something other than what it sent); a last stage's commitment covers the
+//! logits it sampled from, which only a recomputation can check.
+//!
+//! The pure parts (draw, pair check, votes, dispute) take time and keys as arguments and are
+//! unit-tested here; the network calls are [`crate::client`]'s transport, in `impl NetTransport`
+//! at the end of this file.
+
+use crate::client::NetTransport;
+use crate::directory::Directory;
+use crate::chain::Transport as _;
+use plexus_core::receipt::Receipt;
+use plexus_core::wire::{Activations, Forward, Request, Response, SessionId};
+use plexus_core::Digest;
+use plexus_ledger::Address;
+use plexus_net::{CallError, PeerId};
+use plexus_verify::arbitration::{ArbitrationError, Case, State, Verdict, Vote};
+use plexus_verify::commitment::call_commitment;
+use plexus_verify::draw::DrawKey;
+use plexus_verify::reputation::Record;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use tracing::{info, warn};
+
+/// A verdict for the ledger: `offender` is slashed, `challenger` paid its share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conviction {
+    /// A cheating provider, or an auditor whose accusation the referees rejected.
+    pub offender: Address,
+    /// Who brought (or withstood) the accusation.
+    pub challenger: Address,
+    /// Referees who backed the losing side (their recomputation reproduced a computation the
+    /// majority did not): slashed too.
+    pub colluders: Vec<Address>,
+}
+
+/// How a gateway audits.
+#[derive(Clone, Debug)]
+pub struct AuditConfig {
+    /// Audit probability for every provider (tests, demos); `None`: per provider by
+    /// [`plexus_verify::draw::network_probability`] from its price and stake.
+    pub probability: Option<f64>,
+    /// Share of auditors assumed to collude with a cheater, in `[0, 1)`.
+    pub collusion: f64,
+    /// Referees of a dispute (odd; fewer when fewer nodes can serve).
+    pub referees: usize,
+    /// The gateway's secret draw key.
+    pub key: DrawKey,
+}
+
+impl AuditConfig {
+    /// Defaults: PoSP probability, collusion share 0.1, 3 referees, a fresh random key.
+    pub fn new() -> Self {
+        let mut secret = [0u8; 32];
+        if getrandom::fill(&mut secret).is_err() {
+            // No system randomness: at least not a constant.
+            secret = Digest::of(format!("{:?}{}", std::time::Instant::now(), std::process::id()).as_bytes()).0;
+        }
+        Self {
+            probability: None,
+            collusion: 0.1,
+            referees: 3,
+            key: DrawKey::new(secret),
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the receipt of `answer` to a call of `positions` new positions from `position` must
+/// commit to, as the caller can recompute it: for activations, the commitment of the rows it
+/// received (the call's last `rows` positions); for a sampled token, the node's `claimed`
+/// commitment as it is (it covers logits the caller never sees: an audit checks it).
+pub fn expected_commitment(
+    position: u32,
+    positions: u32,
+    answer: &Response,
+    claimed: [u8; 32],
+) -> [u8; 32] {
+    match answer {
+        Response::Hidden { hidden, .. } => {
+            let first = u64::from(position) + u64::from(positions.saturating_sub(hidden.rows));
+            call_commitment(hidden.cols as usize, first, &hidden.to_f32(), &[])
+        }
+        _ => claimed,
+    }
+}
+
+/// The id of one provider's job in a generation (what the draw is keyed on with the
+/// commitment).
+pub fn job_id(session: SessionId, provider: &PeerId) -> [u8; 32] {
+    let mut bytes = session.0.to_vec();
+    bytes.extend_from_slice(&provider.to_bytes());
+    Digest::of(&bytes).0
+}
+
+/// The outcome of comparing the provider's commitment for a call with the auditor's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairCheck {
+    Pass,
+    Dispute,
+    /// The auditor gave no accepted answer: the audit is abandoned (nobody is blamed).
+    AuditorLost,
+}
+
+pub fn check_pair(provider: [u8; 32], auditor: Option<[u8; 32]>) -> PairCheck {
+    match auditor {
+        None => PairCheck::AuditorLost,
+        Some(a) if a == provider => PairCheck::Pass,
+        Some(_) => PairCheck::Dispute,
+    }
+}
+
+/// A referee's vote from its recomputed commitment (`None`: it did not answer, no vote).
+pub fn vote(referee: Option<[u8; 32]>, provider: [u8; 32], auditor: [u8; 32]) -> Option<Vote> {
+    let r = referee?;
+    Some(if r == provider {
+        Vote::Provider
+    } else if r == auditor {
+        Vote::Accuser
+    } else {
+        Vote::Neither
+    })
+}
+
+/// Milliseconds referees have to answer.
+pub const REFEREE_TIMEOUT_MS: u64 = 120_000;
+
+/// Decides a dispute from the referees' recomputations (`answers`: each referee's commitment,
+/// `None` when it gave none), at `now` (ms) with the answers in; referees that did not answer
+/// abstain, and a strict majority of all of them is still needed.
+pub fn arbitrate(
+    job: [u8; 32],
+    provider: PeerId,
+    auditor: PeerId,
+    provider_commitment: [u8; 32],
+    auditor_commitment: [u8; 32],
+    answers: &[(PeerId, Option<[u8; 32]>)],
+    now: u64,
+) -> Result<Verdict<PeerId>, ArbitrationError> {
+    let referees: Vec<PeerId> = answers.iter().map(|(p, _)| *p).collect();
+    let mut case = Case::open(job, provider, auditor, referees, now, REFEREE_TIMEOUT_MS)?;
+    for (referee, answer) in answers {
+        if let Some(v) = vote(*answer, provider_commitment, auditor_commitment) {
+            if case.vote(*referee, v)?.is_some() {
+                break;
+            }
+        }
+    }
+    // Missing votes abstain: the deadline is what ends the case now.
+    case.tick(now.saturating_add(REFEREE_TIMEOUT_MS));
+    Ok(match case.state() {
+        State::Decided(v) => v.clone(),
+        State::AwaitingReferees { .. } => Verdict::Inconclusive,
+    })
+}
+
+/// Up to `n` of `candidates`, in an order the gateway's key makes unpredictable to nodes (so
+/// a provider cannot arrange for its accomplice to audit it), odd when `odd` (a referee panel).
+pub fn pick(
+    key: &DrawKey,
+    job: &[u8; 32],
+    candidates: &[PeerId],
+    n: usize,
+    odd: bool,
+) -> Vec<PeerId> {
+    let mut order: Vec<(u64, PeerId)> = candidates
+        .iter()
+        .map(|p| {
+            let mut msg = job.to_vec();
+            msg.extend_from_slice(&p.to_bytes());
+            ((key.uniform_for(b"plexus/pick/v1", &msg) * 2f64.powi(53)) as u64, *p)
+        })
+        .collect();
+    order.sort();
+    order.dedup_by_key(|(_, p)| *p);
+    let mut out: Vec<PeerId> = order.into_iter().take(n).map(|(_, p)| p).collect();
+    if odd && out.len() % 2 == 0 {
+        out.pop();
+    }
+    out
+}
+
+/// Everything one provider was fed in a generation, in calls: what a referee replays.
+#[derive(Clone, Debug, Default)]
+pub struct CallLog {
+    tokens: Vec<u32>,
+    hidden: Vec<Activations>,
+    chunks: Vec<u32>,
+}
+
+impl CallLog {
+    pub fn push(&mut self, f: &Forward) {
+        self.tokens.extend_from_slice(&f.tokens);
+        self.hidden.extend(f.hidden.clone());
+        self.chunks
+            .extend(f.chunk_sizes().into_iter().map(|c| c as u32));
+    }
+
+    /// One call replaying the whole log for a fresh `session`, like a failover replay: its
+    /// answer covers the final chunk, i.e. the positions of `last` (the disputed call).
+    pub fn replay(&self, last: &Forward, session: SessionId) -> Forward {
+        Forward {
+            session,
+            position: 0,
+            tokens: self.tokens.clone(),
+            hidden: Activations::concat(&self.hidden),
+            chunks: self.chunks.clone(),
+            all_rows: false,
+            ..last.clone()
+        }
+    }
+}
+
+/// Where the audit of one provider stands in a generation.
+#[derive(Debug)]
+enum HopAudit {
+    /// Not drawn, no auditor available, or finished.
+    Unaudited,
+    /// Every call goes to the auditor too.
+    Shadowed {
+        auditor: PeerId,
+        session: SessionId,
+        /// Positions the auditor's session holds.
+        position: u32,
+        log: CallLog,
+    },
+}
+
+/// The audits of one generation (one chain), kept by its transport.
+#[derive(Debug, Default)]
+pub struct ChainAudits {
+    hops: HashMap<PeerId, HopAudit>,
+}
+
+/// Most peers the gateway keeps an audit record of.
+const MAX_RECORDS: usize = 4096;
+
+/// What a gateway has learnt from audits, shared by its chains: convicted nodes (never routed
+/// to again), reputation records, and the stakes of accounts (for the audit probability).
+#[derive(Debug, Default)]
+pub struct AuditBook {
+    convicted: BTreeSet<PeerId>,
+    records: BTreeMap<PeerId, Record>,
+    stakes: HashMap<Address, u64>,
+}
+
+impl AuditBook {
+    pub fn is_convicted(&self, peer: &PeerId) -> bool {
+        self.convicted.contains(peer)
+    }
+
+    /// The published reputation ([`Record::score`]); latency is left to the scoreboard's
+    /// measurements (speed factor 1 here).
+    pub fn score(&self, peer: &PeerId) -> f64 {
+        if self.is_convicted(peer) {
+            return 0.0;
+        }
+        self.records
+            .get(peer)
+            .copied()
+            .unwrap_or_default()
+            .score(0.0)
+    }
+
+    pub fn record(&self, peer: &PeerId) -> Record {
+        self.records.get(peer).copied().unwrap_or_default()
+    }
+
+    fn entry(&mut self, peer: PeerId) -> &mut Record {
+        if self.records.len() >= MAX_RECORDS && !self.records.contains_key(&peer) {
+            // Forget the record with the least history.
+            if let Some(victim) = self
+                .records
+                .iter()
+                .min_by_key(|(_, r)| r.calls + r.audits_passed)
+                .map(|(p, _)| *p)
+            {
+                self.records.remove(&victim);
+            }
+        }
+        self.records.entry(peer).or_default()
+    }
+
+    pub fn on_call(&mut self, peer: PeerId, answered: bool) {
+        let r = self.entry(peer);
+        r.calls += 1;
+        r.answered += u64::from(answered);
+    }
+
+    pub fn on_audit(&mut self, peer: PeerId, passed: bool) {
+        let r = self.entry(peer);
+        if passed {
+            r.audits_passed += 1;
+        } else {
+            r.audits_missed += 1;
+        }
+    }
+
+    pub fn convict(&mut self, peer: PeerId) {
+        if self.convicted.len() < MAX_RECORDS {
+            self.convicted.insert(peer);
+        }
+        self.entry(peer).convicted = true;
+    }
+
+    pub fn set_stakes(&mut self, stakes: HashMap<Address, u64>) {
+        self.stakes = stakes;
+    }
+
+    pub fn stake(&self, account: &Address) -> u64 {
+        self.stakes.get(account).copied().unwrap_or(0)
+    }
+}
+
+/// The ledger account of a peer, from its announced public key.
+pub fn account_of(dir: &Directory, peer: &PeerId) -> Option<Address> {
+    dir.get(peer)
+        .and_then(|a| libp2p_identity::PublicKey::try_decode_protobuf(&a.public_key).ok())
+        .and_then(|k| plexus_ledger::address_of(&k))
+}
+
+/// Peers serving exactly `start..end` of `model` on `version`, other than `not`.
+fn same_span(
+    dir: &Directory,
+    model: &Digest,
+    start: u32,
+    end: u32,
+    version: &str,
+    not: &[PeerId],
+) -> Vec<PeerId> {
+    dir.offers(model)
+        .into_iter()
+        .filter(|(p, a, o)| {
+            o.start == start && o.end == end && a.version == version && !not.contains(p)
+        })
+        .map(|(p, _, _)| p)
+        .collect()
+}
+
+/// What a provider's call came to after its audit.
+pub(crate) type Audited = Result<Response, crate::chain::CallFailed>;
+
+impl NetTransport {
+    /// The call to send the auditor beside `f` to `peer`, when `peer` is shadowed and the
+    /// auditor's session is where the provider's is.
+    pub(crate) fn shadow_call(&self, peer: &PeerId, f: &Forward) -> Option<(PeerId, Forward)> {
+        match self.audits.hops.get(peer)? {
+            HopAudit::Shadowed {
+                auditor,
+                session,
+                position,
+                ..
+            } if *position == f.position && f.position > 0 => Some((
+                *auditor,
+                Forward {
+                    session: *session,
+                    ..f.clone()
+                },
+            )),
+            _ => None,
+        }
+    }
+
+    /// Audits the provider `peer`'s accepted answer to `f` (its receipt committed to
+    /// `commitment`); `shadow` is the auditor's answer to the same call when it was sent
+    /// alongside.
+    pub(crate) fn audit(
+        &mut self,
+        peer: PeerId,
+        f: &Forward,
+        answer: Response,
+        commitment: [u8; 32],
+        shadow: Option<(PeerId, Forward, Result<Response, CallError>)>,
+    ) -> Audited {
+        if f.position == 0 {
+            // A new session on this provider (the chain opened or replayed it): a new job.
+            self.end_audit(&peer);
+        }
+        let shadowed = match self.audits.hops.get(&peer) {
+            None => None,
+            Some(h) => Some(matches!(h, HopAudit::Shadowed { .. })),
+        };
+        let shadow = match (shadowed, shadow) {
+            (Some(true), Some(s)) => s,
+            (Some(_), _) => {
+                // Unaudited, or shadowed but the auditor's session went out of step.
+                self.end_audit(&peer);
+                self.audits.hops.insert(peer, HopAudit::Unaudited);
+                return Ok(answer);
+            }
+            (None, _) => match self.draw(peer, f, commitment) {
+                Some(s) => s,
+                None => {
+                    self.audits.hops.insert(peer, HopAudit::Unaudited);
+                    return Ok(answer);
+                }
+            },
+        };
+        let (auditor, sent, reply) = shadow;
+        let auditor_commitment = self.metered_commitment(auditor, &sent, reply.ok());
+        if let Some(HopAudit::Shadowed { log, position, .. }) = self.audits.hops.get_mut(&peer) {
+            log.push(f);
+            *position = f.position + f.tokens.len() as u32;
+        }
+        let m = &self.client.metrics;
+        match check_pair(commitment, auditor_commitment) {
+            PairCheck::Pass => {
+                m.audit_calls_passed.fetch_add(1, Ordering::Relaxed);
+                self.client.book().on_audit(peer, true);
+                Ok(answer)
+            }
+            PairCheck::AuditorLost => {
+                warn!(%peer, %auditor, "the auditor did not answer; audit abandoned");
+                self.client.book().on_call(auditor, false);
+                self.end_audit(&peer);
+                self.audits.hops.insert(peer, HopAudit::Unaudited);
+                Ok(answer)
+            }
+            PairCheck::Dispute => {
+                m.audit_disputes.fetch_add(1, Ordering::Relaxed);
+                let auditor_commitment = auditor_commitment.unwrap_or_default();
+                let verdict = self.dispute(peer, auditor, f, commitment, auditor_commitment);
+                self.end_audit(&peer);
+                self.audits.hops.insert(peer, HopAudit::Unaudited);
+                self.apply(verdict, peer, auditor, answer)
+            }
+        }
+    }
+
+    /// Draws whether to audit `peer`'s job; when drawn and an auditor exists, sends it the
+    /// first call and returns its answer.
+    fn draw(
+        &mut self,
+        peer: PeerId,
+        f: &Forward,
+        commitment: [u8; 32],
+    ) -> Option<(PeerId, Forward, Result<Response, CallError>)> {
+        let dir = self.client.directory();
+        let announcement = dir.get(&peer)?;
+        let config = &self.client.config.audit;
+        let p = config.probability.unwrap_or_else(|| {
+            let stake = account_of(&dir, &peer).map_or(0, |a| self.client.book().stake(&a));
+            plexus_verify::draw::network_probability(announcement.price, stake, config.collusion)
+        });
+        let job = job_id(f.session, &peer);
+        if !config.key.audits(&job, &commitment, p) {
+            return None;
+        }
+        let m = &self.client.metrics;
+        m.audits.fetch_add(1, Ordering::Relaxed);
+        let book = self.client.book();
+        let candidates: Vec<PeerId> =
+            same_span(&dir, &f.model, f.start, f.end, &announcement.version, &[peer])
+                .into_iter()
+                .filter(|p| !book.is_convicted(p))
+                .collect();
+        drop(book);
+        let Some(&auditor) = pick(&config.key, &job, &candidates, 1, false).first() else {
+            m.audits_unavailable.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let session = SessionId(crate::client::rand_session());
+        let sent = Forward {
+            session,
+            ..f.clone()
+        };
+        info!(provider = %peer, %auditor, "audit drawn: shadowing the provider's calls");
+        let reply = self.send(auditor, sent.clone());
+        self.audits.hops.insert(
+            peer,
+            HopAudit::Shadowed {
+                auditor,
+                session,
+                position: 0,
+                log: CallLog::default(),
+            },
+        );
+        Some((auditor, sent, reply))
+    }
+
+    /// One stage call, blocking.
+    pub(crate) fn send(&self, peer: PeerId, f: Forward) -> Result<Response, CallError> {
+        let client = &self.client;
+        client
+            .runtime
+            .block_on(client.handle.call(peer, Request::Forward(f)))
+    }
+
+    /// Meters an audit call's answer like any other (auditors and referees are paid for their
+    /// work); its accepted commitment.
+    fn metered_commitment(
+        &mut self,
+        peer: PeerId,
+        sent: &Forward,
+        reply: Option<Response>,
+    ) -> Option<[u8; 32]> {
+        let price = self.client.directory().get(&peer).map(|a| a.price)?;
+        let expected = Receipt::for_call(sent, price, Digest([0; 32]));
+        let reply = reply?;
+        if matches!(reply, Response::Error { .. }) {
+            return None;
+        }
+        self.meter(peer, Some(expected), reply).1
+    }
+
+    /// Sends every referee the replay of what `peer` was fed and decides the case.
+    fn dispute(
+        &mut self,
+        peer: PeerId,
+        auditor: PeerId,
+        f: &Forward,
+        provider_commitment: [u8; 32],
+        auditor_commitment: [u8; 32],
+    ) -> Verdict<PeerId> {
+        let Some(HopAudit::Shadowed { log, .. }) = self.audits.hops.get(&peer) else {
+            return Verdict::Inconclusive;
+        };
+        let log = log.clone();
+        let dir = self.client.directory();
+        let version = dir.get(&peer).map(|a| a.version.clone()).unwrap_or_default();
+        let job = job_id(f.session, &peer);
+        let book = self.client.book();
+        let candidates: Vec<PeerId> =
+            same_span(&dir, &f.model, f.start, f.end, &version, &[peer, auditor])
+                .into_iter()
+                .filter(|p| !book.is_convicted(p))
+                .collect();
+        drop(book);
+        let referees = pick(
+            &self.client.config.audit.key,
+            &job,
+            &candidates,
+            self.client.config.audit.referees,
+            true,
+        );
+        warn!(provider = %peer, %auditor, referees = referees.len(), "audit mismatch: asking referees");
+        if referees.is_empty() {
+            return Verdict::Inconclusive;
+        }
+        let calls: Vec<(PeerId, Forward)> = referees
+            .iter()
+            .map(|r| (*r, log.replay(f, SessionId(crate::client::rand_session()))))
+            .collect();
+        // All referees at once.
+        let client = self.client.clone();
+        let pending: Vec<_> = calls
+            .iter()
+            .map(|(r, c)| {
+                let (handle, r, c) = (client.handle.clone(), *r, c.clone());
+                client
+                    .runtime
+                    .spawn(async move { handle.call(r, Request::Forward(c)).await })
+            })
+            .collect();
+        let replies: Vec<Option<Response>> = pending
+            .into_iter()
+            .map(|h| client.runtime.block_on(h).ok().and_then(Result::ok))
+            .collect();
+        let mut answers = Vec::new();
+        for ((referee, sent), reply) in calls.iter().zip(replies) {
+            let c = self.metered_commitment(*referee, sent, reply);
+            answers.push((*referee, c));
+            self.close(*referee, sent.session);
+        }
+        let now = crate::discovery::now_ms();
+        arbitrate(
+            job,
+            peer,
+            auditor,
+            provider_commitment,
+            auditor_commitment,
+            &answers,
+            now,
+        )
+        .unwrap_or(Verdict::Inconclusive)
+    }
+
+    /// Acts on a verdict: convictions for the ledger and routing, and what the chain gets.
+    fn apply(
+        &mut self,
+        verdict: Verdict<PeerId>,
+        provider: PeerId,
+        auditor: PeerId,
+        answer: Response,
+    ) -> Audited {
+        let failed = |message: String| crate::chain::CallFailed {
+            retryable: true,
+            message,
+        };
+        match verdict {
+            Verdict::ProviderCheated { colluders, .. } => {
+                self.convict(provider, auditor, &colluders);
+                Err(failed(format!(
+                    "{provider} was convicted by audit (its output differs from the honest recomputation)"
+                )))
+            }
+            Verdict::FalseAccusation { colluders, .. } => {
+                self.convict(auditor, provider, &colluders);
+                self.client.book().on_audit(provider, true);
+                Ok(answer)
+            }
+            Verdict::Inconclusive => {
+                let mut book = self.client.book();
+                book.on_audit(provider, false);
+                book.on_audit(auditor, false);
+                drop(book);
+                Err(failed(format!(
+                    "{provider}'s output is disputed and no referee majority decided"
+                )))
+            }
+        }
+    }
+
+    /// Convicts `offender`: never routed to again, its work in this generation unpaid, and a
+    /// [`Conviction`] for the ledger (with the colluding referees).
+    fn convict(&mut self, offender: PeerId, challenger: PeerId, colluders: &[PeerId]) {
+        warn!(%offender, %challenger, "convicted by audit: excluded and slashed");
+        self.client
+            .metrics
+            .audit_convictions
+            .fetch_add(1, Ordering::Relaxed);
+        {
+            let mut book = self.client.book();
+            book.convict(offender);
+            colluders.iter().for_each(|c| book.convict(*c));
+        }
+        let dir = self.client.directory();
+        let (Some(off), Some(ch)) = (account_of(&dir, &offender), account_of(&dir, &challenger))
+        else {
+            warn!(%offender, "no ledger account to slash");
+            return;
+        };
+        self.usage.providers.retain(|(a, _), _| *a != off);
+        self.usage.convictions.push(Conviction {
+            offender: off,
+            challenger: ch,
+            colluders: colluders
+                .iter()
+                .filter_map(|c| account_of(&dir, c))
+                .collect(),
+        });
+    }
+
+    /// Stops auditing `peer` in this chain, closing the auditor's session.
+    fn end_audit(&mut self, peer: &PeerId) {
+        if let Some(HopAudit::Shadowed {
+            auditor, session, ..
+        }) = self.audits.hops.remove(peer)
+        {
+            self.close(auditor, session);
+        }
+    }
+
+    /// Closes every auditor session of this chain (it ended).
+    pub(crate) fn end_audits(&mut self) {
+        let peers: Vec<PeerId> = self.audits.hops.keys().copied().collect();
+        for p in peers {
+            self.end_audit(&p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plexus_core::wire::DType;
+
+    fn peers(n: usize) -> Vec<PeerId> {
+        (0..n).map(|_| PeerId::random()).collect()
+    }
+
+    #[test]
+    fn pairs_pass_only_when_equal() {
+        assert_eq!(check_pair([1; 32], Some([1; 32])), PairCheck::Pass);
+        assert_eq!(check_pair([1; 32], Some([2; 32])), PairCheck::Dispute);
+        assert_eq!(check_pair([1; 32], None), PairCheck::AuditorLost);
+    }
+
+    #[test]
+    fn referees_decide_by_majority() {
+        let p = peers(5);
+        let (provider, auditor) = (p[0], p[1]);
+        let (honest, cheat) = ([7u8; 32], [9u8; 32]);
+        // The provider cheated: two of three referees recompute the auditor's answer.
+        let v = arbitrate(
+            [0; 32],
+            provider,
+            auditor,
+            cheat,
+            honest,
+            &[(p[2], Some(honest)), (p[3], Some(cheat)), (p[4], Some(honest))],
+            1_000,
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            Verdict::ProviderCheated {
+                provider,
+                challenger: auditor,
+                colluders: vec![p[3]]
+            }
+        );
+        // A false accusation: the referees side with the provider.
+        let v = arbitrate(
+            [0; 32],
+            provider,
+            auditor,
+            honest,
+            cheat,
+            &[(p[2], Some(honest))],
+            1_000,
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            Verdict::FalseAccusation {
+                accuser: auditor,
+                colluders: vec![]
+            }
+        );
+        // Silent or third-answer referees: nobody is convicted.
+        for answers in [
+            vec![(p[2], None)],
+            vec![(p[2], Some([3; 32]))],
+            vec![(p[2], None), (p[3], Some(honest)), (p[4], None)],
+        ] {
+            let v = arbitrate([0; 32], provider, auditor, cheat, honest, &answers, 5).unwrap();
+            assert_eq!(v, Verdict::Inconclusive, "{answers:?}");
+        }
+        // A panel must be odd and exclude the parties.
+        assert!(arbitrate([0; 32], provider, auditor, cheat, honest, &[], 0).is_err());
+        assert!(arbitrate(
+            [0; 32],
+            provider,
+            auditor,
+            cheat,
+            honest,
+            &[(provider, Some(cheat))],
+            0
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn picks_are_keyed_bounded_and_odd() {
+        let p = peers(6);
+        let key = DrawKey::new([1; 32]);
+        let a = pick(&key, &[2; 32], &p, 3, true);
+        assert_eq!(a.len(), 3);
+        assert_eq!(a, pick(&key, &[2; 32], &p, 3, true));
+        assert!(a.iter().all(|x| p.contains(x)));
+        assert_eq!(pick(&key, &[2; 32], &p[..2], 3, true).len(), 1);
+        assert!(pick(&key, &[2; 32], &[], 3, true).is_empty());
+        // Another job (or key) orders differently somewhere among many.
+        let orders: BTreeSet<Vec<PeerId>> = (0..20u8)
+            .map(|j| pick(&key, &[j; 32], &p, 6, false))
+            .collect();
+        assert!(orders.len() > 1);
+    }
+
+    fn call(position: u32, tokens: Vec<u32>, rows: usize) -> Forward {
+        Forward {
+            session: SessionId([1; 16]),
+            model: Digest::of(b"m"),
+            start: 3,
+            end: 6,
+            position,
+            tokens,
+            hidden: Some(Activations::encode(&vec![0.5; rows * 4], rows, 4, DType::F32)),
+            chunks: vec![],
+            sampling: None,
+            reply_dtype: DType::F32,
+            all_rows: false,
+        }
+    }
+
+    #[test]
+    fn the_referee_replay_is_everything_fed_in_the_original_calls() {
+        let mut log = CallLog::default();
+        let mut first = call(0, vec![1, 2, 3], 3);
+        first.chunks = vec![2, 1];
+        let second = call(3, vec![4], 1);
+        log.push(&first);
+        log.push(&second);
+        let r = log.replay(&second, SessionId([9; 16]));
+        assert_eq!(r.position, 0);
+        assert_eq!(r.tokens, vec![1, 2, 3, 4]);
+        assert_eq!(r.chunks, vec![2, 1, 1]);
+        assert_eq!(r.hidden.as_ref().map(|h| h.rows), Some(4));
+        assert_eq!((r.start, r.end, r.session), (3, 6, SessionId([9; 16])));
+        assert!(!r.all_rows);
+    }
+
+    #[test]
+    fn expected_commitments_follow_the_rows_received() {
+        let hidden = Activations::encode(&[0.25, -1.0, 2.0, 0.5, 1.0, 1.0, 3.0, -2.0], 2, 4, DType::F32);
+        let answer = Response::Hidden {
+            hidden: hidden.clone(),
+            compute_us: 0,
+        };
+        // A call of 5 positions from 10 whose reply covers its last 2: positions 13 and 14.
+        let c = expected_commitment(10, 5, &answer, [0; 32]);
+        assert_eq!(c, call_commitment(4, 13, &hidden.to_f32(), &[]));
+        // Another window (the sketch sums a window's rows: windows, not positions within
+        // one, are bound).
+        assert_ne!(c, expected_commitment(40, 5, &answer, [0; 32]));
+        let token = Response::Token {
+            token: 3,
+            compute_us: 0,
+        };
+        assert_eq!(expected_commitment(0, 1, &token, [5; 32]), [5; 32]);
+    }
+
+    #[test]
+    fn the_book_convicts_scores_and_stays_bounded() {
+        let p = peers(2);
+        let mut book = AuditBook::default();
+        assert!((book.score(&p[0]) - 0.5).abs() < 1e-9);
+        for _ in 0..8 {
+            book.on_audit(p[0], true);
+            book.on_call(p[0], true);
+        }
+        assert!(book.score(&p[0]) > 0.8);
+        book.on_audit(p[1], false);
+        assert!(book.score(&p[1]) < book.score(&p[0]));
+        book.convict(p[1]);
+        assert!(book.is_convicted(&p[1]));
+        assert_eq!(book.score(&p[1]), 0.0);
+        for _ in 0..MAX_RECORDS + 10 {
+            book.on_call(PeerId::random(), true);
+        }
+        assert!(book.records.len() <= MAX_RECORDS);
+    }
+}

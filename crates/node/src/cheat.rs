@@ -1,0 +1,70 @@
+//! Test cheats: a node started with `plexus node --cheat KIND` (a hidden flag) returns wrong
+//! results for every call, the way a dishonest provider would, so the audits of
+//! [`crate::audit`] can be tested end to end against real processes.
+//!
+//! - `random`: every output row (hidden states, or the logits the last stage samples from) is
+//!   replaced by noise of the same scale (garbage: as cheap as not computing);
+//! - `noise`: every output value is perturbed by 0.1% (a subtle cheat, like a cheaper
+//!   quantization: the sampled tokens mostly stay the same, the fingerprints do not).
+//!
+//! The cheater commits honestly to what it returns (its receipts pass the gateway's checks):
+//! only an audit's recomputation can tell.
+
+use plexus_core::rng::{CounterRng, Stream};
+
+/// How a cheating node corrupts its outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cheat {
+    Random,
+    Noise,
+}
+
+impl std::str::FromStr for Cheat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "random" => Ok(Cheat::Random),
+            "noise" => Ok(Cheat::Noise),
+            _ => Err(format!("unknown cheat {s:?} (random or noise)")),
+        }
+    }
+}
+
+impl Cheat {
+    /// Corrupts `rows` (row-major, `width` wide) of a call; `salt` varies the noise per call.
+    pub fn apply(self, rows: &mut [f32], width: usize, salt: u64) {
+        let mut rng = CounterRng::new(salt, Stream::Audit, 0x6368_6561_74);
+        for row in rows.chunks_mut(width.max(1)) {
+            let ms = row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / row.len() as f64;
+            let scale = ms.sqrt().max(1e-3);
+            for v in row.iter_mut() {
+                let z = rng.next_normal();
+                *v = match self {
+                    Cheat::Random => (z * scale) as f32,
+                    Cheat::Noise => (f64::from(*v) * (1.0 + 1e-3 * z)) as f32,
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cheats_change_every_row_and_parse() {
+        let rows: Vec<f32> = (0..16).map(|i| i as f32 - 7.5).collect();
+        for cheat in [Cheat::Random, Cheat::Noise] {
+            let mut r = rows.clone();
+            cheat.apply(&mut r, 8, 3);
+            assert!(r[..8] != rows[..8] && r[8..] != rows[8..], "{cheat:?}");
+            assert!(r.iter().all(|v| v.is_finite()));
+        }
+        let mut r = rows.clone();
+        Cheat::Noise.apply(&mut r, 8, 3);
+        assert!(r.iter().zip(&rows).all(|(a, b)| (a - b).abs() <= 0.01 * b.abs() + 1e-6));
+        assert_eq!("random".parse::<Cheat>(), Ok(Cheat::Random));
+        assert!("skip".parse::<Cheat>().is_err());
+    }
+}

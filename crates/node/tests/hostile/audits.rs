@@ -1,0 +1,162 @@
+//! Proof-of-Sampling audits against real nodes (issue 11): a node started with a cheat (the
+//! test-only `NodeConfig::engine.cheat`) among honest replicas of its span, every job audited.
+//! The cheater is convicted by the referee and never routed to again, the generation it was
+//! serving fails over and gives exactly the honest tokens, its work is not paid, and the
+//! verdict names the auditor as challenger for the ledger. Honest replicas audited on every
+//! job are never disputed.
+
+use crate::support::*;
+use plexus_core::keys::NodeKey;
+use plexus_model::generate::{generate_with, Flow};
+use plexus_model::LayerSpan;
+use plexus_net::NetConfig;
+use plexus_node::cheat::Cheat;
+use plexus_node::client::{ClientConfig, NetworkClient};
+use plexus_node::metering::Usage;
+use std::sync::atomic::Ordering;
+
+fn account(key: &NodeKey) -> plexus_ledger::Address {
+    plexus_ledger::address_of(&key.public()).unwrap()
+}
+
+/// A client auditing every job with one referee, for which price outweighs everything else in
+/// routing (so a cheater asking 0 is picked over honest replicas asking 100).
+fn auditing_client(nodes: &[&TestNode]) -> NetworkClient {
+    let net = NetConfig::new(NodeKey::generate())
+        .with_listen(Vec::new())
+        .with_bootstrap(nodes.iter().map(|n| n.addr.clone()).collect());
+    let mut config = ClientConfig::new(net);
+    config.audit.probability = Some(1.0);
+    config.audit.referees = 1;
+    config.time_value = 1e-6;
+    NetworkClient::start(config).unwrap()
+}
+
+/// Two greedy generations through `client`: their tokens and metered usage.
+async fn two_generations(client: &NetworkClient, nodes: &[&TestNode]) -> Vec<(Vec<u32>, Usage)> {
+    assert!(client.wait_for_route(&nodes[0].model, LAYERS, WAIT).await);
+    // Every node must be known before the first job, or the draw may find no auditor.
+    let started = std::time::Instant::now();
+    while client.directory().len() < nodes.len() {
+        assert!(started.elapsed() < WAIT, "the client did not learn every node");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let reference = Reference::load();
+    let tokenizer = reference.model.tokenizer.clone();
+    let (client, model) = (client.clone(), nodes[0].model);
+    within(
+        WAIT * 4,
+        "two audited generations",
+        tokio::task::spawn_blocking(move || {
+            (0..2)
+                .map(|_| {
+                    let req = greedy_request();
+                    let mut chain = client
+                        .open_chain(model, LAYERS, CONTEXT, req.sampling.clone())
+                        .unwrap();
+                    let got =
+                        generate_with(&mut chain, &tokenizer, &req, |_| Flow::Continue).unwrap();
+                    (got.tokens, chain.usage().clone())
+                })
+                .collect()
+        }),
+    )
+    .await
+    .unwrap()
+}
+
+/// Three servers of the cheater's span (the cheater asking 0, two honest asking 100) and one
+/// of the other span.
+async fn caught(cheater_span: LayerSpan, other: LayerSpan, cheat: Cheat) {
+    let reference = Reference::load();
+    let keys: Vec<NodeKey> = (0..3).map(|_| NodeKey::generate()).collect();
+    let cheater = start_node(Some(cheater_span), |c| {
+        c.net.key = keys[0].clone();
+        c.engine.cheat = Some(cheat);
+    })
+    .await;
+    let mut honest = Vec::new();
+    for k in &keys[1..] {
+        let k = k.clone();
+        honest.push(
+            start_node(Some(cheater_span), |c| {
+                c.net.key = k;
+                c.price = 100;
+            })
+            .await,
+        );
+    }
+    let rest = start_node(Some(other), |_| {}).await;
+    let nodes = [&cheater, &honest[0], &honest[1], &rest];
+    let client = auditing_client(&nodes);
+    let runs = two_generations(&client, &nodes).await;
+    let want = reference.generate(&greedy_request());
+    for (tokens, _) in &runs {
+        assert_eq!(tokens, &want, "{cheat:?} at {cheater_span}");
+    }
+    // The first generation met the cheater and convicted it, with an honest auditor as
+    // challenger; its work there is not paid.
+    let (_, usage) = &runs[0];
+    assert_eq!(usage.convictions.len(), 1, "{usage:?}");
+    let verdict = &usage.convictions[0];
+    assert_eq!(verdict.offender, account(&keys[0]));
+    assert!(keys[1..].iter().any(|k| account(k) == verdict.challenger));
+    assert!(verdict.colluders.is_empty());
+    assert!(
+        usage.providers.keys().all(|(a, _)| *a != account(&keys[0])),
+        "{usage:?}"
+    );
+    // Excluded from then on: the second generation never met it.
+    assert!(client.book().is_convicted(&cheater.peer));
+    assert!(runs[1].1.convictions.is_empty(), "{:?}", runs[1].1);
+    let m = client.metrics();
+    assert_eq!(m.audit_convictions.load(Ordering::Relaxed), 1);
+    assert_eq!(m.audit_disputes.load(Ordering::Relaxed), 1);
+    assert!(m.audit_calls_passed.load(Ordering::Relaxed) > 0);
+    for n in [cheater, rest] {
+        n.stop().await;
+    }
+    for n in honest {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_stage_returning_random_activations_is_convicted_issue_11() {
+    caught(LayerSpan::new(0, 1), LayerSpan::new(1, 2), Cheat::Random).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_stage_perturbing_its_logits_is_convicted_issue_11() {
+    caught(LayerSpan::new(1, 2), LayerSpan::new(0, 1), Cheat::Noise).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_replicas_audited_on_every_job_are_never_disputed_issue_11() {
+    let reference = Reference::load();
+    let a = start_node(Some(LayerSpan::new(0, 1)), |_| {}).await;
+    let b = start_node(Some(LayerSpan::new(0, 1)), |_| {}).await;
+    let c = start_node(Some(LayerSpan::new(1, 2)), |_| {}).await;
+    let d = start_node(Some(LayerSpan::new(1, 2)), |_| {}).await;
+    let nodes = [&a, &b, &c, &d];
+    let client = auditing_client(&nodes);
+    let runs = two_generations(&client, &nodes).await;
+    let want = reference.generate(&greedy_request());
+    for (tokens, usage) in &runs {
+        assert_eq!(tokens, &want);
+        assert!(usage.convictions.is_empty(), "{usage:?}");
+    }
+    let m = client.metrics();
+    // Both spans of both generations drawn and audited, every call passed.
+    assert_eq!(m.audits.load(Ordering::Relaxed), 4);
+    assert_eq!(m.audits_unavailable.load(Ordering::Relaxed), 0);
+    assert_eq!(m.audit_disputes.load(Ordering::Relaxed), 0);
+    // One call per hop per token (the last token is not fed back).
+    assert_eq!(
+        m.audit_calls_passed.load(Ordering::Relaxed),
+        2 * 2 * want.len() as u64
+    );
+    for n in [a, b, c, d] {
+        n.stop().await;
+    }
+}

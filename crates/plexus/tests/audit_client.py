@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Streams the same greedy chat N times through a running gateway with the official `openai`
+client and prints the texts as one JSON line: `{"texts": [...]}`.
+
+    python3 crates/plexus/tests/audit_client.py http://127.0.0.1:PORT API_KEY N
+
+Used by tests/audit.rs: while a cheating node is caught mid-stream, every stream must still
+complete with the honest text. Exits 3 when the `openai` package is missing (install: pip
+install -r scripts/requirements-ci.txt).
+"""
+
+import json
+import sys
+
+try:
+    from openai import OpenAI
+except ImportError:
+    print(
+        "the `openai` package is not importable; install it with "
+        "`pip install -r scripts/requirements-ci.txt`",
+        file=sys.stderr,
+    )
+    sys.exit(3)
+
+
+def main():
+    url, key, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+    texts = []
+    for i in range(n):
+        stream = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Name three colours of the rainbow."}],
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+        )
+        parts = []
+        finish = None
+        for chunk in stream:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+        text = "".join(parts)
+        print(f"stream {i}: finish={finish} text={text!r}", file=sys.stderr)
+        if finish not in ("stop", "length") or not text:
+            raise AssertionError(f"stream {i} did not complete: {finish} {text!r}")
+        texts.append(text)
+    print(json.dumps({"texts": texts}))
+
+
+if __name__ == "__main__":
+    main()
