@@ -142,7 +142,12 @@ impl Accounts {
 
     /// Executes one ledger operation now (tools: `plexus up` funds and stakes its nodes).
     pub async fn execute(&self, op: Op) -> Result<(), StoreError> {
-        self.store.lock().await.execute(op, now_ms()).await.map(|_| ())
+        self.store
+            .lock()
+            .await
+            .execute(op, now_ms())
+            .await
+            .map(|_| ())
     }
 
     /// Runs `f` on the store (CLI-style access for tests and tools).

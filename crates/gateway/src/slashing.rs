@@ -16,7 +16,9 @@ use plexus_node::audit::Conviction;
 /// Everything of `account` a slash can reach.
 pub fn slashable(store: &Store, account: Address) -> Amount {
     let v = store.ledger().account(account);
-    v.staked.saturating_add(v.unbonding).saturating_add(v.locked)
+    v.staked
+        .saturating_add(v.unbonding)
+        .saturating_add(v.locked)
 }
 
 /// Slashes the offenders of `convictions` (and their colluders) for `request`; returns the

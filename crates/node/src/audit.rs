@@ -31,9 +31,9 @@
 //! unit-tested here; the network calls are [`crate::client`]'s transport, in `impl NetTransport`
 //! at the end of this file.
 
+use crate::chain::Transport as _;
 use crate::client::NetTransport;
 use crate::directory::Directory;
-use crate::chain::Transport as _;
 use plexus_core::receipt::Receipt;
 use plexus_core::wire::{Activations, Forward, Request, Response, SessionId};
 use plexus_core::Digest;
@@ -79,7 +79,10 @@ impl AuditConfig {
         let mut secret = [0u8; 32];
         if getrandom::fill(&mut secret).is_err() {
             // No system randomness: at least not a constant.
-            secret = Digest::of(format!("{:?}{}", std::time::Instant::now(), std::process::id()).as_bytes()).0;
+            secret = Digest::of(
+                format!("{:?}{}", std::time::Instant::now(), std::process::id()).as_bytes(),
+            )
+            .0;
         }
         Self {
             probability: None,
@@ -198,7 +201,10 @@ pub fn pick(
         .map(|p| {
             let mut msg = job.to_vec();
             msg.extend_from_slice(&p.to_bytes());
-            ((key.uniform_for(b"plexus/pick/v1", &msg) * 2f64.powi(53)) as u64, *p)
+            (
+                (key.uniform_for(b"plexus/pick/v1", &msg) * 2f64.powi(53)) as u64,
+                *p,
+            )
         })
         .collect();
     order.sort();
@@ -479,11 +485,17 @@ impl NetTransport {
         let m = &self.client.metrics;
         m.audits.fetch_add(1, Ordering::Relaxed);
         let book = self.client.book();
-        let candidates: Vec<PeerId> =
-            same_span(&dir, &f.model, f.start, f.end, &announcement.version, &[peer])
-                .into_iter()
-                .filter(|p| !book.is_convicted(p))
-                .collect();
+        let candidates: Vec<PeerId> = same_span(
+            &dir,
+            &f.model,
+            f.start,
+            f.end,
+            &announcement.version,
+            &[peer],
+        )
+        .into_iter()
+        .filter(|p| !book.is_convicted(p))
+        .collect();
         drop(book);
         let Some(&auditor) = pick(&config.key, &job, &candidates, 1, false).first() else {
             m.audits_unavailable.fetch_add(1, Ordering::Relaxed);
@@ -547,7 +559,10 @@ impl NetTransport {
         };
         let log = log.clone();
         let dir = self.client.directory();
-        let version = dir.get(&peer).map(|a| a.version.clone()).unwrap_or_default();
+        let version = dir
+            .get(&peer)
+            .map(|a| a.version.clone())
+            .unwrap_or_default();
         let job = job_id(f.session, &peer);
         let book = self.client.book();
         let candidates: Vec<PeerId> =
@@ -718,7 +733,11 @@ mod tests {
             auditor,
             cheat,
             honest,
-            &[(p[2], Some(honest)), (p[3], Some(cheat)), (p[4], Some(honest))],
+            &[
+                (p[2], Some(honest)),
+                (p[3], Some(cheat)),
+                (p[4], Some(honest)),
+            ],
             1_000,
         )
         .unwrap();
@@ -796,7 +815,12 @@ mod tests {
             end: 6,
             position,
             tokens,
-            hidden: Some(Activations::encode(&vec![0.5; rows * 4], rows, 4, DType::F32)),
+            hidden: Some(Activations::encode(
+                &vec![0.5; rows * 4],
+                rows,
+                4,
+                DType::F32,
+            )),
             chunks: vec![],
             sampling: None,
             reply_dtype: DType::F32,
@@ -823,7 +847,12 @@ mod tests {
 
     #[test]
     fn expected_commitments_follow_the_rows_received() {
-        let hidden = Activations::encode(&[0.25, -1.0, 2.0, 0.5, 1.0, 1.0, 3.0, -2.0], 2, 4, DType::F32);
+        let hidden = Activations::encode(
+            &[0.25, -1.0, 2.0, 0.5, 1.0, 1.0, 3.0, -2.0],
+            2,
+            4,
+            DType::F32,
+        );
         let answer = Response::Hidden {
             hidden: hidden.clone(),
             compute_us: 0,

@@ -63,7 +63,10 @@ mod tests {
         }
         let mut r = rows.clone();
         Cheat::Noise.apply(&mut r, 8, 3);
-        assert!(r.iter().zip(&rows).all(|(a, b)| (a - b).abs() <= 0.01 * b.abs() + 1e-6));
+        assert!(r
+            .iter()
+            .zip(&rows)
+            .all(|(a, b)| (a - b).abs() <= 0.01 * b.abs() + 1e-6));
         assert_eq!("random".parse::<Cheat>(), Ok(Cheat::Random));
         assert!("skip".parse::<Cheat>().is_err());
     }

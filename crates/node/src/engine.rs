@@ -306,7 +306,8 @@ impl EngineActor {
     #[cfg(test)]
     fn forward(&mut self, peer: PeerId, f: &Forward) -> Response {
         let mut done = self.serve_batch(vec![(peer, f.clone())]);
-        done.pop().map_or(Response::Closed, |(_, r)| r.into_parts().0)
+        done.pop()
+            .map_or(Response::Closed, |(_, r)| r.into_parts().0)
     }
 
     /// Admits the calls together and steps until all are answered; the answers in call order
@@ -828,10 +829,17 @@ impl EngineActor {
         let compute_us = call.started.elapsed().as_micros() as u64;
         let logits = call.logits.take();
         let f = &call.forward;
-        let salt = u64::from(f.position) ^ u64::from_le_bytes([
-            f.session.0[0], f.session.0[1], f.session.0[2], f.session.0[3],
-            f.session.0[4], f.session.0[5], f.session.0[6], f.session.0[7],
-        ]);
+        let salt = u64::from(f.position)
+            ^ u64::from_le_bytes([
+                f.session.0[0],
+                f.session.0[1],
+                f.session.0[2],
+                f.session.0[3],
+                f.session.0[4],
+                f.session.0[5],
+                f.session.0[6],
+                f.session.0[7],
+            ]);
         let (response, commitment) = match logits {
             Some(mut logits) => {
                 if let Some(cheat) = self.config.cheat {

@@ -276,7 +276,13 @@ fn http_get(url: &str, path: &str, key: &str) -> String {
 fn a_cheating_node_is_caught_excluded_and_slashed_while_streams_go_on_issue_11() {
     let python = std::env::var("PLEXUS_PYTHON").unwrap_or_else(|_| "python3".into());
     let cache = tempfile::tempdir().unwrap();
-    let Started { up, url, key, lines, .. } = start_up(
+    let Started {
+        up,
+        url,
+        key,
+        lines,
+        ..
+    } = start_up(
         &[
             "--nodes",
             "3",

@@ -100,7 +100,8 @@ pub const NETWORK_FLOOR: f64 = 0.01;
 /// [`NETWORK_FLOOR`]. Nothing at stake (no stake, no price) or an invalid collusion share: 1,
 /// every job is audited.
 pub fn network_probability(price: u64, stake: u64, collusion: f64) -> f64 {
-    let pay = (u128::from(REFERENCE_WORK) * u128::from(price) / 1000).min(u128::from(u64::MAX)) as u64;
+    let pay =
+        (u128::from(REFERENCE_WORK) * u128::from(price) / 1000).min(u128::from(u64::MAX)) as u64;
     Posp {
         cost: pay,
         reward: pay,

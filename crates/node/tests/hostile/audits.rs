@@ -38,7 +38,10 @@ async fn two_generations(client: &NetworkClient, nodes: &[&TestNode]) -> Vec<(Ve
     // Every node must be known before the first job, or the draw may find no auditor.
     let started = std::time::Instant::now();
     while client.directory().len() < nodes.len() {
-        assert!(started.elapsed() < WAIT, "the client did not learn every node");
+        assert!(
+            started.elapsed() < WAIT,
+            "the client did not learn every node"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let reference = Reference::load();

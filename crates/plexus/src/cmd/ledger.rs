@@ -227,9 +227,8 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         anyhow::bail!("--collusion {}: expected a share in [0, 1)", a.collusion);
     }
     // The Proof-of-Sampling audit probability a gateway uses for a node of this stake.
-    let p = |staked: u64| {
-        plexus_verify::draw::network_probability(a.node_price, staked, a.collusion)
-    };
+    let p =
+        |staked: u64| plexus_verify::draw::network_probability(a.node_price, staked, a.collusion);
     let rt = super::net::runtime()?;
     rt.block_on(async {
         let store = open(&a.ledger, &a.data_dir).await?;
@@ -245,7 +244,12 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
         let now = plexus_gateway::accounts::now_ms();
         let ledger = store.ledger();
         let mut rows = Vec::new();
-        for account in ledger.accounts() {
+        let mut accounts = ledger.accounts();
+        // This node's account even when it holds nothing (a new node, or a slashed one).
+        if let Some(me) = me.filter(|m| !accounts.contains(m)) {
+            accounts.push(me);
+        }
+        for account in accounts {
             let v = ledger.account(account);
             let (mut claimable, mut earnings) = (0u64, 0usize);
             for (_, e) in ledger.earnings(account) {
