@@ -8,6 +8,7 @@
 //! it from a blocking thread, never on the async runtime.
 
 use plexus_model::chat::ChatTemplate;
+use plexus_model::constraint::SharedGrammar;
 use plexus_model::generate::{choice_seed, Completion, FinishReason, Flow, GenerateRequest, Piece};
 use plexus_model::Tokenizer;
 use std::sync::Arc;
@@ -103,6 +104,26 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Vec<Completion>, BackendError> {
         let _ = usage;
         self.generate_choices(model_id, req, n, on_text)
+    }
+
+    /// [`Backend::generate_metered`] with every sampled token of every choice obeying
+    /// `grammar` (structured outputs, tool calls): each choice starts its own
+    /// [`plexus_model::constraint::Grammar::start`] and the mask is applied where its tokens
+    /// are sampled. The default refuses, since a backend that ignored the grammar would
+    /// silently answer unconstrained text.
+    fn generate_guided(
+        &self,
+        model_id: &str,
+        req: &GenerateRequest,
+        n: usize,
+        grammar: &SharedGrammar,
+        on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
+        usage: &mut Usage,
+    ) -> Result<Vec<Completion>, BackendError> {
+        let _ = (model_id, req, n, grammar, on_text, usage);
+        Err(BackendError::Invalid(
+            "this server's backend cannot constrain decoding (`response_format`, `tools`)".into(),
+        ))
     }
 
     /// Appends the backend's own metrics to the gateway's `/metrics` page, in the OpenMetrics

@@ -20,6 +20,7 @@ pub mod config;
 pub mod cors;
 pub mod echo;
 pub mod error;
+pub mod grammar;
 pub mod limits;
 pub mod local;
 pub mod metrics;

@@ -9,6 +9,7 @@
 //! client that goes away cancels its generation, queued or running.
 
 use crate::backend::{Backend, BackendError, ModelEntry};
+use plexus_model::constraint::SharedGrammar;
 use plexus_model::generate::{
     choice_seed, generate_with, Completion, FinishReason, Flow, GenerateError, GenerateRequest,
     Piece,
@@ -141,6 +142,34 @@ impl Backend for LocalBackend {
         n: usize,
         on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
     ) -> Result<Vec<Completion>, BackendError> {
+        self.choices(model_id, req, n, None, on_text)
+    }
+
+    /// The grammar's mask is computed and applied on the engine thread, where each token is
+    /// sampled ([`BatchHandle::open_guided`]).
+    fn generate_guided(
+        &self,
+        model_id: &str,
+        req: &GenerateRequest,
+        n: usize,
+        grammar: &SharedGrammar,
+        on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
+        _usage: &mut crate::backend::Usage,
+    ) -> Result<Vec<Completion>, BackendError> {
+        self.choices(model_id, req, n, Some(grammar), on_text)
+    }
+}
+
+impl LocalBackend {
+    /// `n` choices, each obeying `grammar` when given.
+    fn choices(
+        &self,
+        model_id: &str,
+        req: &GenerateRequest,
+        n: usize,
+        grammar: Option<&SharedGrammar>,
+        on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
+    ) -> Result<Vec<Completion>, BackendError> {
         if model_id != self.entry.id {
             return Err(BackendError::Invalid(format!("unknown model {model_id}")));
         }
@@ -155,7 +184,12 @@ impl Backend for LocalBackend {
             .iter()
             .map(|r| {
                 self.engine
-                    .open(&r.prompt_tokens, &r.sampling, r.max_tokens)
+                    .open_guided(
+                        &r.prompt_tokens,
+                        &r.sampling,
+                        r.max_tokens,
+                        grammar.map(|g| g.start()),
+                    )
                     .map_err(open_error)
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -189,6 +223,9 @@ fn engine_error(e: GenerateError<StreamError>) -> BackendError {
     match e {
         GenerateError::EmptyPrompt | GenerateError::PromptTooLong { .. } => {
             BackendError::Invalid(e.to_string())
+        }
+        GenerateError::Forward(StreamError::Constraint(e)) => {
+            BackendError::Internal(format!("constrained decoding: {e}"))
         }
         GenerateError::Forward(e) => BackendError::Internal(format!("batched engine: {e}")),
         GenerateError::Tokenizer(e) => BackendError::Internal(format!("tokenizer: {e}")),

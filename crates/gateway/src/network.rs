@@ -7,6 +7,7 @@ use crate::backend::{Backend, BackendError, ModelEntry, Usage};
 use crate::local::{model_id, LoadError};
 use plexus_core::wire::ErrorCode;
 use plexus_core::Digest;
+use plexus_model::constraint::{Guided, GuidedError, SharedGrammar};
 use plexus_model::generate::{
     choice_seed, generate_with, Completion, FinishReason, Flow, GenerateError, GenerateRequest,
     Piece,
@@ -135,7 +136,7 @@ impl Backend for NetworkBackend {
         req: &GenerateRequest,
         on_text: &mut dyn FnMut(&Piece) -> Flow,
     ) -> Result<Completion, BackendError> {
-        self.generate_one(model_id, req, on_text, &mut Usage::default())
+        self.generate_one(model_id, req, None, on_text, &mut Usage::default())
     }
 
     fn generate_metered(
@@ -146,18 +147,21 @@ impl Backend for NetworkBackend {
         on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
         usage: &mut Usage,
     ) -> Result<Vec<Completion>, BackendError> {
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let mut r = req.clone();
-            r.sampling.seed = choice_seed(req.sampling.seed, i as u32);
-            let c = self.generate_one(model_id, &r, &mut |p| on_text(i, p), usage)?;
-            let cancelled = c.finish == FinishReason::Cancelled;
-            out.push(c);
-            if cancelled {
-                break;
-            }
-        }
-        Ok(out)
+        self.choices(model_id, req, n, None, on_text, usage)
+    }
+
+    /// The last stage of the chain samples: the grammar's mask for each position goes with
+    /// every call to it, and the token it answers is checked against the mask.
+    fn generate_guided(
+        &self,
+        model_id: &str,
+        req: &GenerateRequest,
+        n: usize,
+        grammar: &SharedGrammar,
+        on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
+        usage: &mut Usage,
+    ) -> Result<Vec<Completion>, BackendError> {
+        self.choices(model_id, req, n, Some(grammar), on_text, usage)
     }
 
     fn render_metrics(&self, out: &mut String) {
@@ -264,12 +268,37 @@ impl Backend for NetworkBackend {
 }
 
 impl NetworkBackend {
+    /// `n` choices one after the other, each through its own chain.
+    fn choices(
+        &self,
+        model_id: &str,
+        req: &GenerateRequest,
+        n: usize,
+        grammar: Option<&SharedGrammar>,
+        on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
+        usage: &mut Usage,
+    ) -> Result<Vec<Completion>, BackendError> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut r = req.clone();
+            r.sampling.seed = choice_seed(req.sampling.seed, i as u32);
+            let c = self.generate_one(model_id, &r, grammar, &mut |p| on_text(i, p), usage)?;
+            let cancelled = c.finish == FinishReason::Cancelled;
+            out.push(c);
+            if cancelled {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// One generation through a chain; the chain's metered work is added to `usage` whether
     /// it finished, was cancelled or failed (work done is paid).
     fn generate_one(
         &self,
         model_id: &str,
         req: &GenerateRequest,
+        grammar: Option<&SharedGrammar>,
         on_text: &mut dyn FnMut(&Piece) -> Flow,
         usage: &mut Usage,
     ) -> Result<Completion, BackendError> {
@@ -290,9 +319,29 @@ impl NetworkBackend {
                 model: model_id.to_string(),
                 reason: e.to_string(),
             })?;
+        let tokenizer = &m.entry.tokenizer;
+        let Some(grammar) = grammar else {
+            let result =
+                generate_with(&mut chain, tokenizer, req, |t| on_text(t)).map_err(map_error);
+            usage.merge(chain.usage());
+            return result;
+        };
+        let mut guided = Guided::new(chain, grammar.start());
         let result =
-            generate_with(&mut chain, &m.entry.tokenizer, req, |t| on_text(t)).map_err(map_error);
-        usage.merge(chain.usage());
+            generate_with(&mut guided, tokenizer, req, |t| on_text(t)).map_err(|e| match e {
+                GenerateError::Forward(GuidedError::Constraint(c)) => {
+                    BackendError::Internal(format!("constrained decoding: {c}"))
+                }
+                GenerateError::Forward(GuidedError::Chain(c)) => {
+                    map_error(GenerateError::Forward(c))
+                }
+                GenerateError::EmptyPrompt => map_error(GenerateError::EmptyPrompt),
+                GenerateError::PromptTooLong { prompt, context } => {
+                    map_error(GenerateError::PromptTooLong { prompt, context })
+                }
+                GenerateError::Tokenizer(t) => map_error(GenerateError::Tokenizer(t)),
+            });
+        usage.merge(guided.inner().usage());
         result
     }
 }

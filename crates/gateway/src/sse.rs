@@ -25,8 +25,9 @@ use std::convert::Infallible;
 pub trait Chunks: Send + 'static {
     /// The first chunk of a choice, before any text (chat's `{"role":"assistant"}` delta).
     fn opening(&self, choice: usize) -> Option<Value>;
-    /// A chunk of new text with the log-probabilities of its tokens (empty unless asked for).
-    fn text(&mut self, choice: usize, text: &str, logprobs: &[TokenLogprobs]) -> Value;
+    /// A chunk of new text with the log-probabilities of its tokens (empty unless asked for);
+    /// `None` when the text only completes something sent later (a tool call's fixed layout).
+    fn text(&mut self, choice: usize, text: &str, logprobs: &[TokenLogprobs]) -> Option<Value>;
     /// The last chunk of a choice, carrying `finish_reason`.
     fn closing(&self, choice: usize, finish_reason: &str) -> Value;
     /// The usage chunk (`choices: []`).
@@ -88,8 +89,9 @@ impl<C: Chunks> State<C> {
                 text,
                 logprobs,
             }) => {
-                let chunk = self.chunks.text(choice, &text, &logprobs);
-                self.queue.push_back(chunk.to_string());
+                if let Some(chunk) = self.chunks.text(choice, &text, &logprobs) {
+                    self.queue.push_back(chunk.to_string());
+                }
             }
             Some(Event::Done(Ok(cs))) => {
                 for (i, c) in cs.iter().enumerate() {

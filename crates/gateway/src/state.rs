@@ -22,6 +22,7 @@ struct Inner {
     metrics: Metrics,
     cancelled: AtomicBool,
     accounts: Option<Arc<Accounts>>,
+    grammars: crate::grammar::Grammars,
 }
 
 impl AppState {
@@ -51,6 +52,7 @@ impl AppState {
                 metrics,
                 cancelled: AtomicBool::new(false),
                 accounts,
+                grammars: Default::default(),
             }),
         }
     }
@@ -70,6 +72,11 @@ impl AppState {
 
     pub(crate) fn limits(&self) -> &Limits {
         &self.inner.limits
+    }
+
+    /// Grammar engines per model (structured outputs, tool calls).
+    pub(crate) fn grammars(&self) -> &crate::grammar::Grammars {
+        &self.inner.grammars
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

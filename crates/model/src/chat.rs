@@ -10,6 +10,15 @@ use serde::{Deserialize, Serialize};
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant turn's tool calls, as templates with tool support read them
+    /// (`{"id", "type": "function", "function": {"name", "arguments": {...}}}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` turn's call id and function name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
@@ -17,6 +26,9 @@ impl Message {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 }
@@ -37,6 +49,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Whether the template renders `tools` (it mentions them, as llama.cpp checks).
+    tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -63,7 +77,13 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
+            tools: source.contains("tools"),
         })
+    }
+
+    /// Whether the template renders tool definitions, tool calls and tool results itself.
+    pub fn supports_tools(&self) -> bool {
+        self.tools
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn opener when
@@ -73,6 +93,23 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with the tools the model may call (OpenAI's `tools` entries),
+    /// passed to the template as `tools` when there are any.
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
+        // Absent tools stay undefined, as `apply_chat_template` leaves them.
+        let tools = if tools.is_empty() {
+            minijinja::Value::UNDEFINED
+        } else {
+            minijinja::Value::from(minijinja::value::Serde(tools))
+        };
         let tmpl = self
             .env
             .get_template("chat")
@@ -80,6 +117,7 @@ impl ChatTemplate {
         tmpl.render(minijinja::context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
+            tools => tools,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })
@@ -110,6 +148,31 @@ mod tests {
         );
         let err = t.render(&[Message::new("system", "x")], false).unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
+    }
+
+    #[test]
+    fn tools_reach_templates_that_render_them() {
+        assert!(!ChatTemplate::new(CHATML, "", "").unwrap().supports_tools());
+        let src = "{% if tools is defined %}{% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}{% for m in messages %}{{ m.role }}{% if m.tool_calls is defined %}:{{ m.tool_calls[0].function.arguments.city }}{% endif %}{% if m.tool_call_id is defined %}:{{ m.tool_call_id }}{% endif %}|{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        assert!(t.supports_tools());
+        let mut call = Message::new("assistant", "");
+        call.tool_calls = Some(vec![serde_json::json!(
+            {"id": "c1", "type": "function", "function": {"name": "w", "arguments": {"city": "Paris"}}}
+        )]);
+        let mut result = Message::new("tool", "21");
+        result.tool_call_id = Some("c1".into());
+        let msgs = [Message::new("user", "hi"), call, result];
+        let tools = [serde_json::json!({"type": "function", "function": {"name": "w"}})];
+        assert_eq!(
+            t.render_with_tools(&msgs, &tools, false).unwrap(),
+            "w;user|assistant:Paris|tool:c1|"
+        );
+        // Without tools, `tools` is undefined.
+        assert_eq!(
+            t.render(&msgs[..1], false).unwrap(),
+            "user|"
+        );
     }
 
     #[test]

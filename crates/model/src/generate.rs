@@ -162,6 +162,12 @@ impl TokenChain for LocalChain<'_> {
     }
 }
 
+impl crate::constraint::Maskable for LocalChain<'_> {
+    fn set_mask(&mut self, mask: Option<Vec<u32>>) {
+        self.params.allowed = mask;
+    }
+}
+
 /// A piece of generated text, with the log-probabilities of the tokens it completes (empty
 /// unless asked for).
 #[derive(Clone, Copy, Debug)]

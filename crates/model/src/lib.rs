@@ -5,7 +5,8 @@
 //! - [`stage`] is the one model definition, run as a span of layers; the whole model is the span
 //!   of all layers.
 //! - [`tokenizer`] and [`chat`] turn text and conversations into tokens.
-//! - [`sampler`] picks tokens as a pure function of (logits, history, params, seed, position).
+//! - [`sampler`] picks tokens as a pure function of (logits, history, params, seed, position);
+//!   [`constraint`] masks them with a grammar (structured outputs, tool calls).
 //! - [`generate`] drives prefill and decode; [`identity`] hashes weights; [`train`] trains.
 //! - [`kernels`] multiplies by Q4_0/Q4_1/Q8_0 weights the way llama.cpp does, for [`layers`].
 //!
@@ -15,6 +16,7 @@ pub mod attention;
 pub mod batch;
 pub mod chat;
 pub mod config;
+pub mod constraint;
 pub mod generate;
 pub mod gguf;
 pub mod identity;

@@ -16,11 +16,15 @@
 //! - Each sequence's tokens equal its solo run bit for bit: the batched forward computes every
 //!   row from its own inputs, and the engine stops a sequence exactly where
 //!   [`crate::generate::generate_with`] stops feeding it (EOS, `max_tokens`, the context).
+//! - A sequence with a grammar ([`BatchHandle::open_guided`]) gets its mask from its
+//!   [`Constraint`] before each of its tokens is sampled, on the engine thread, and the
+//!   constraint follows the token sampled (see [`crate::constraint`]).
 //! - KV memory: a sequence reserves the positions it may reach (prompt + `max_tokens`, at most
 //!   the context) from a [`KvBudget`] before it is queued, so running sequences never run out
 //!   and a sequence that does not fit is refused at once ([`OpenError::Budget`]).
 
 use crate::batch::{plan, BudgetError, KvBudget, KvReservation, Want, STEP_POSITIONS};
+use crate::constraint::{follow, next_mask, Constraint, ConstraintError};
 use crate::generate::TokenChain;
 use crate::sampler::{sample_scored, SamplingParams, TokenLogprobs};
 use crate::stage::{BatchItem, ForwardError, Logits, Stage, StageInput, StageOutput};
@@ -82,6 +86,8 @@ pub enum StreamError {
     Finished,
     #[error("fed tokens the engine did not sample (a batched stream continues itself)")]
     Diverged,
+    #[error(transparent)]
+    Constraint(#[from] ConstraintError),
 }
 
 /// What the engine sends a caller: the next sampled token.
@@ -97,6 +103,8 @@ struct Opening {
     unread: Arc<AtomicUsize>,
     cancelled: Arc<AtomicBool>,
     reservation: KvReservation,
+    /// The grammar the sampled tokens obey, if any.
+    constraint: Option<Box<dyn Constraint>>,
 }
 
 /// The cloneable sending side of the engine.
@@ -177,6 +185,17 @@ impl BatchHandle {
         params: &SamplingParams,
         max_tokens: usize,
     ) -> Result<BatchStream, OpenError> {
+        self.open_guided(prompt, params, max_tokens, None)
+    }
+
+    /// [`BatchHandle::open`], every sampled token obeying `constraint` (when given).
+    pub fn open_guided(
+        &self,
+        prompt: &[u32],
+        params: &SamplingParams,
+        max_tokens: usize,
+        constraint: Option<Box<dyn Constraint>>,
+    ) -> Result<BatchStream, OpenError> {
         if prompt.is_empty() {
             return Err(OpenError::EmptyPrompt);
         }
@@ -200,6 +219,7 @@ impl BatchHandle {
             unread: Arc::clone(&unread),
             cancelled: Arc::clone(&cancelled),
             reservation,
+            constraint,
         };
         match self.inbox.try_send(opening) {
             Ok(()) => {}
@@ -466,7 +486,22 @@ impl BatchActor {
             }
         };
         let position = s.history.len() as u64;
+        if let Some(c) = s.open.constraint.as_mut() {
+            match next_mask(c.as_mut()) {
+                Ok(mask) => s.open.params.allowed = Some(mask),
+                Err(e) => {
+                    s.send(Err(e.into()));
+                    return false;
+                }
+            }
+        }
         let (token, scores) = sample_scored(&logits, &s.history, &s.open.params, position);
+        if let (Some(c), Some(mask)) = (s.open.constraint.as_mut(), &s.open.params.allowed) {
+            if let Err(e) = follow(c.as_mut(), mask, token) {
+                s.send(Err(e.into()));
+                return false;
+            }
+        }
         s.produced += 1;
         if !s.send(Ok((token, scores))) {
             return false;

@@ -250,7 +250,10 @@ mod engine {
     //! tokens (and log-probabilities) of their solo run.
 
     use super::Rng;
-    use plexus_model::generate::{generate, generate_with, Completion, Flow, GenerateRequest};
+    use plexus_model::constraint::{Constraint, ConstraintError, Grammar, Guided};
+    use plexus_model::generate::{
+        generate, generate_with, Completion, Flow, GenerateRequest, LocalChain,
+    };
     use plexus_model::serve::{BatchHandle, OpenError, ServeConfig};
     use plexus_model::{LoadedModel, SamplingParams};
     use std::path::Path;
@@ -423,5 +426,104 @@ mod engine {
         assert!(matches!(err, OpenError::Budget(_)), "{err}");
         assert!(err.to_string().contains("KV cache budget"), "{err}");
         drop(running);
+    }
+
+    /// A grammar over token ids: any of `allowed` for `len` tokens, then end of sequence.
+    struct Only {
+        allowed: Vec<u32>,
+        len: usize,
+        eos: u32,
+        vocab: usize,
+    }
+
+    #[derive(Clone)]
+    struct OnlyState {
+        g: Arc<Only>,
+        at: usize,
+    }
+
+    struct Shared(Arc<Only>);
+
+    impl Grammar for Shared {
+        fn start(&self) -> Box<dyn Constraint> {
+            Box::new(OnlyState {
+                g: Arc::clone(&self.0),
+                at: 0,
+            })
+        }
+    }
+
+    impl Constraint for OnlyState {
+        fn mask(&mut self) -> Result<Vec<u32>, ConstraintError> {
+            let mut m = vec![0u32; self.g.vocab.div_ceil(32)];
+            let ids = if self.at < self.g.len {
+                self.g.allowed.clone()
+            } else {
+                vec![self.g.eos]
+            };
+            for t in ids {
+                m[t as usize / 32] |= 1 << (t % 32);
+            }
+            Ok(m)
+        }
+
+        fn advance(&mut self, _token: u32) -> Result<(), ConstraintError> {
+            self.at += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn grammar_masks_apply_in_the_batch_as_alone() {
+        let m = model();
+        let h = engine(ServeConfig {
+            step_positions: 24,
+            ..ServeConfig::default()
+        });
+        let g = Arc::new(Shared(Arc::new(Only {
+            allowed: (1000..1040).collect(),
+            len: 12,
+            eos: m.tokenizer.eos_ids()[0],
+            vocab: m.tokenizer.vocab_size(),
+        })));
+        let mut rng = Rng(11);
+        let reqs: Vec<GenerateRequest> = (0..4)
+            .map(|_| {
+                let mut r = request(&mut rng);
+                r.max_tokens = 40;
+                r
+            })
+            .collect();
+        let want: Vec<Completion> = reqs
+            .iter()
+            .map(|r| {
+                let chain = LocalChain::new(std::slice::from_ref(&m.stage), r.sampling.clone());
+                let mut guided = Guided::new(chain, g.start());
+                generate_with(&mut guided, &m.tokenizer, r, |_| Flow::Continue).unwrap()
+            })
+            .collect();
+        let got: Vec<Completion> = std::thread::scope(|s| {
+            let joins: Vec<_> = reqs
+                .iter()
+                .map(|r| {
+                    let (h, g) = (h.clone(), Arc::clone(&g));
+                    s.spawn(move || {
+                        let mut st = h
+                            .open_guided(&r.prompt_tokens, &r.sampling, r.max_tokens, Some(g.start()))
+                            .unwrap();
+                        generate_with(&mut st, &m.tokenizer, r, |_| Flow::Continue).unwrap()
+                    })
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.tokens, w.tokens, "generation {i}");
+            assert_eq!(g.logprobs, w.logprobs, "generation {i}");
+            // Exactly the grammar's 12 tokens from the allowed set, then end of sequence.
+            assert_eq!(g.tokens.len(), 12, "generation {i}: {:?}", g.tokens);
+            assert!(g.tokens.iter().all(|t| (1000..1040).contains(t)), "{:?}", g.tokens);
+            assert_eq!(g.finish, plexus_model::generate::FinishReason::Stop);
+        }
     }
 }

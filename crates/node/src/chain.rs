@@ -199,6 +199,21 @@ impl Chain {
         self.scores.take()
     }
 
+    /// The grammar mask the last stage applies to the next sampled token (`None`: any token),
+    /// sent with every call to it; a token outside it is a faulty stage's (failed over).
+    pub fn set_mask(&mut self, mask: Option<Vec<u32>>) {
+        self.config.params.allowed = mask;
+    }
+
+    /// Whether the mask in force allows `token`.
+    fn allows(&self, token: u32) -> bool {
+        self.config
+            .params
+            .allowed
+            .as_deref()
+            .is_none_or(|m| plexus_model::sampler::mask_allows(m, token))
+    }
+
     pub fn route(&self) -> Vec<Hop> {
         self.hops.iter().map(|h| h.hop.clone()).collect()
     }
@@ -390,14 +405,14 @@ impl Chain {
             }
             // Asked-for log-probabilities that are missing or malformed: a faulty stage.
             Ok(Response::Token { token, .. })
-                if is_last && self.config.params.logprobs.is_none() =>
+                if is_last && self.config.params.logprobs.is_none() && self.allows(token) =>
             {
                 Ok(Outcome::Token(token))
             }
             Ok(Response::Scored {
                 token, logprobs, ..
             }) if is_last => match self.config.params.logprobs {
-                Some(n) if logprobs.is_plausible(n, token, usize::MAX) => {
+                Some(n) if logprobs.is_plausible(n, token, usize::MAX) && self.allows(token) => {
                     self.scores = Some(logprobs);
                     Ok(Outcome::Token(token))
                 }
@@ -759,6 +774,8 @@ mod tests {
         LoseReply,
         /// The callee answers activations one column too wide.
         WrongWidth,
+        /// The last stage answers the token after the one it sampled (outside the mask).
+        OffMask,
     }
 
     struct MemPeer {
@@ -830,6 +847,12 @@ mod tests {
                         let (rows, cols) = (hidden.rows as usize, hidden.cols as usize + 1);
                         *hidden =
                             Activations::encode(&vec![0.0; rows * cols], rows, cols, DType::F32);
+                    }
+                    Ok(reply)
+                }
+                Some(Fault::OffMask) => {
+                    if let Response::Token { token, .. } = &mut reply {
+                        *token += 1;
                     }
                     Ok(reply)
                 }
@@ -1047,5 +1070,31 @@ mod tests {
             "{got:?}"
         );
         assert_eq!(c.failovers(), 0);
+    }
+
+    #[test]
+    fn the_last_stage_samples_under_the_mask_and_a_token_outside_it_is_failed_over() {
+        let fx = tiny();
+        // Call 1 is the last stage's answer to the prompt: it ignores the mask.
+        let mut mem = Mem::new(&fx, vec![(1, Fault::OffMask)]);
+        let route = mem.route(0, fx.layers, &[]).unwrap();
+        let mut c = Chain::new(
+            ChainConfig {
+                model: MODEL,
+                num_layers: fx.layers,
+                hidden: fx.hidden,
+                params: SamplingParams::greedy(),
+                wire: DType::F32,
+                session: SessionId([1; 16]),
+                max_failovers: 4,
+            },
+            route,
+        );
+        // Only token 5 is allowed; the whole model's greedy token is another.
+        assert_ne!(reference(&fx)[0], 5);
+        c.set_mask(Some(vec![1 << 5]));
+        assert_eq!(drive(&mut c, &fx.prompt, &mut mem).unwrap(), 5);
+        assert_eq!(c.failovers(), 1);
+        assert_eq!(mem.blamed.len(), 1);
     }
 }

@@ -324,6 +324,13 @@ impl RemoteChain {
     }
 }
 
+impl plexus_model::constraint::Maskable for RemoteChain {
+    /// The last stage samples: the mask goes with every call to it.
+    fn set_mask(&mut self, mask: Option<Vec<u32>>) {
+        self.chain.set_mask(mask);
+    }
+}
+
 impl TokenChain for RemoteChain {
     type Error = ChainError;
 

@@ -2,7 +2,8 @@
 //! End to end: the real `plexus gateway` binary serving the real SmolLM2 model on a free port
 //! with its default ledger (SQLite in the data dir), driven by the official `openai` Python
 //! client (tests/openai_client.py with a key from `plexus keys create`, then
-//! tests/openai_billing.py: exact charges, cancelled streams, 402 and 401), then stopped with
+//! tests/openai_billing.py: exact charges, cancelled streams, 402 and 401, then
+//! tests/structured_client.py: JSON schemas and tool calls that always validate), then stopped with
 //! SIGTERM, which must end it cleanly.
 //!
 //! Python comes from `PLEXUS_PYTHON` (default `python3`) and needs the `openai` package:
@@ -144,6 +145,22 @@ fn openai_python_client_against_the_real_model() {
         out.status.success() && stdout.contains("all billing checks passed"),
         "the billing checks failed ({}):\n{stdout}\n{stderr}",
         out.status
+    );
+
+    // Structured outputs and tool calls through the local engine: every answer parses and
+    // validates (tests/structured_client.py).
+    let out = Command::new(&python)
+        .arg(repo().join("crates/plexus/tests/structured_client.py"))
+        .args([&url, &funded])
+        .output()
+        .expect("run the python structured-output checks");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("all structured checks passed"),
+        "the structured-output checks failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // SIGTERM: the gateway stops accepting, finishes and exits 0.

@@ -203,6 +203,17 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
     println!("{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains("all checks passed"));
 
+    // Structured outputs and tool calls through the split network: the last stage samples
+    // under the gateway's grammar masks; every answer parses and validates.
+    let out = Command::new(&python)
+        .arg(repo().join("crates/plexus/tests/structured_client.py"))
+        .args([&url, &key, "1"])
+        .output()
+        .expect("run the python structured-output checks");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("all structured checks passed"));
+
     // Every stage call the client's requests made came back with a receipt the gateway
     // accepted (three honest nodes: none refused).
     let metrics = http_get(&url, "/metrics", &key);

@@ -1,13 +1,16 @@
 //! `POST /v1/chat/completions`: a conversation rendered with the model's chat template.
 //! Message content is a string or a list of `{"type":"text","text":...}` parts; other part
 //! types are refused. Roles: `system`, `developer` (rendered as `system`), `user`,
-//! `assistant`.
+//! `assistant` (with `tool_calls`), `tool` (with `tool_call_id`). Structured outputs
+//! ([`super::format`]) and tool calls ([`super::tools`]) are generated under a grammar.
 
 use super::fields;
+use super::format;
 use super::generation::{self, Job, Prompt, Running};
 use super::json::{self, ApiJson};
 use super::logprobs;
 use super::params::{self, Options};
+use super::tools::{self, CallStream, Choice, Delta};
 use crate::error::ApiError;
 use crate::sse::{self, Chunks, Envelope};
 use crate::state::AppState;
@@ -37,6 +40,41 @@ pub struct ChatMessage {
     /// Absent or `null` for assistant turns that only called tools.
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant turn's calls, as a previous answer gave them.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// The call a `tool` turn answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// A `tool` turn's function name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Fields the client sends back with a previous answer; only `null` is accepted.
+    #[serde(default)]
+    pub refusal: Option<Value>,
+    #[serde(default)]
+    pub annotations: Option<Value>,
+    #[serde(default)]
+    pub audio: Option<Value>,
+    #[serde(default)]
+    pub function_call: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,15 +107,81 @@ fn messages(req: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
+                "tool" => "tool",
                 other => {
                     return Err(ApiError::invalid_param(
                         format!(
-                            "unsupported role `{other}`: use system, developer, user or \
-                             assistant"
+                            "unsupported role `{other}`: use system, developer, user, \
+                             assistant or tool"
                         ),
                         format!("messages[{i}].role"),
                     ))
                 }
+            };
+            let at = |f: &str| format!("messages[{i}].{f}");
+            for (f, v) in [
+                ("refusal", &m.refusal),
+                ("annotations", &m.annotations),
+                ("audio", &m.audio),
+                ("function_call", &m.function_call),
+            ] {
+                if v.as_ref().is_some_and(|v| !v.is_null()) {
+                    return Err(ApiError::invalid_param(
+                        format!("`{f}` is not supported in messages; remove it or set it to null"),
+                        at(f),
+                    ));
+                }
+            }
+            if role != "tool" && (m.tool_call_id.is_some() || m.name.is_some()) {
+                let f = if m.name.is_some() {
+                    "name"
+                } else {
+                    "tool_call_id"
+                };
+                return Err(ApiError::invalid_param(
+                    format!("`{f}` is only supported in messages of role `tool`"),
+                    at(f),
+                ));
+            }
+            if role == "tool" && m.tool_call_id.is_none() {
+                return Err(ApiError::invalid_param(
+                    "a `tool` message needs the `tool_call_id` it answers",
+                    at("tool_call_id"),
+                ));
+            }
+            if role != "assistant" && m.tool_calls.is_some() {
+                return Err(ApiError::invalid_param(
+                    "only assistant messages carry `tool_calls`",
+                    at("tool_calls"),
+                ));
+            }
+            let tool_calls = match &m.tool_calls {
+                None => None,
+                Some(calls) => Some(
+                    calls
+                        .iter()
+                        .enumerate()
+                        .map(|(j, c)| {
+                            let arguments: Value = serde_json::from_str(&c.function.arguments)
+                                .ok()
+                                .filter(Value::is_object)
+                                .ok_or_else(|| {
+                                    ApiError::invalid_param(
+                                        "tool call arguments must be a JSON object",
+                                        at(&format!("tool_calls[{j}].function.arguments")),
+                                    )
+                                })?;
+                            if c.kind != "function" {
+                                return Err(ApiError::invalid_param(
+                                    "only tool calls of type \"function\" are supported",
+                                    at(&format!("tool_calls[{j}].type")),
+                                ));
+                            }
+                            Ok(json!({"id": c.id, "type": "function", "function": {
+                                "name": c.function.name, "arguments": arguments}}))
+                        })
+                        .collect::<Result<Vec<_>, ApiError>>()?,
+                ),
             };
             let content = match &m.content {
                 None => String::new(),
@@ -98,7 +202,11 @@ fn messages(req: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
                     s
                 }
             };
-            Ok(Message::new(role, content))
+            let mut msg = Message::new(role, content);
+            msg.tool_calls = tool_calls;
+            msg.tool_call_id = m.tool_call_id.clone();
+            msg.name = m.name.clone();
+            Ok(msg)
         })
         .collect()
 }
@@ -108,6 +216,50 @@ struct ChatChunks {
     envelope: Envelope,
     /// Set when the request asked for log-probabilities.
     logprobs: Option<Arc<Tokenizer>>,
+    /// Each choice's tool-call parser, when the model may call tools.
+    calls: Option<Vec<CallStream>>,
+}
+
+/// One delta object from the changes a piece of text makes to an answer.
+fn delta(deltas: Vec<Delta>) -> Value {
+    let mut content: Option<String> = None;
+    let mut calls: Vec<Value> = Vec::new();
+    for d in deltas {
+        match d {
+            Delta::Content(t) => content.get_or_insert_with(String::new).push_str(&t),
+            Delta::Start { index, id, name } => calls.push(json!({
+                "index": index, "id": id, "type": "function",
+                "function": {"name": name, "arguments": ""},
+            })),
+            Delta::Arguments { index, text } => match calls.last_mut() {
+                Some(c) if c["index"] == index => {
+                    let a = format!(
+                        "{}{text}",
+                        c["function"]["arguments"].as_str().unwrap_or_default()
+                    );
+                    c["function"]["arguments"] = Value::from(a);
+                }
+                _ => calls.push(json!({"index": index, "function": {"arguments": text}})),
+            },
+        }
+    }
+    let mut d = serde_json::Map::new();
+    if let Some(c) = content {
+        d.insert("content".into(), Value::from(c));
+    }
+    if !calls.is_empty() {
+        d.insert("tool_calls".into(), Value::from(calls));
+    }
+    Value::Object(d)
+}
+
+/// OpenAI's `finish_reason`: `"tool_calls"` when an answer that ended by itself made calls.
+fn finish_reason(finish: &str, calls: usize) -> &str {
+    if calls > 0 && finish == "stop" {
+        "tool_calls"
+    } else {
+        finish
+    }
 }
 
 impl Chunks for ChatChunks {
@@ -120,19 +272,32 @@ impl Chunks for ChatChunks {
         }])))
     }
 
-    fn text(&mut self, choice: usize, text: &str, scores: &[TokenLogprobs]) -> Value {
+    fn text(&mut self, choice: usize, text: &str, scores: &[TokenLogprobs]) -> Option<Value> {
         let lp = match &self.logprobs {
             Some(tok) => logprobs::chat(tok, scores),
             None => Value::Null,
         };
-        self.envelope.chunk(json!([{
-            "index": choice, "delta": {"content": text}, "logprobs": lp, "finish_reason": null,
-        }]))
+        let delta = match self.calls.as_mut().and_then(|c| c.get_mut(choice)) {
+            Some(stream) => delta(stream.push(text)),
+            None => json!({"content": text}),
+        };
+        if delta.as_object().is_some_and(|d| d.is_empty()) && scores.is_empty() {
+            return None;
+        }
+        Some(self.envelope.chunk(json!([{
+            "index": choice, "delta": delta, "logprobs": lp, "finish_reason": null,
+        }])))
     }
 
-    fn closing(&self, choice: usize, finish_reason: &str) -> Value {
+    fn closing(&self, choice: usize, finish: &str) -> Value {
+        let calls = self
+            .calls
+            .as_ref()
+            .and_then(|c| c.get(choice))
+            .map_or(0, CallStream::calls);
         self.envelope.chunk(json!([{
-            "index": choice, "delta": {}, "logprobs": null, "finish_reason": finish_reason,
+            "index": choice, "delta": {}, "logprobs": null,
+            "finish_reason": finish_reason(finish, calls),
         }]))
     }
 
@@ -161,6 +326,27 @@ pub async fn handler(
 ) -> Result<Response, ApiError> {
     let body = json::object(body)?;
     fields::check(&body, fields::CHAT)?;
+    let tools = tools::parse(
+        body.get("tools"),
+        body.get("tool_choice"),
+        body.get("parallel_tool_calls"),
+    )?;
+    let format = format::parse(body.get("response_format"))?;
+    let calling = tools.as_ref().filter(|t| t.choice != Choice::None);
+    if calling.is_some() && format.is_some() {
+        return Err(ApiError::invalid_param(
+            "`response_format` cannot be combined with callable `tools` yet; use \
+             `tool_choice: \"none\"` or leave one out",
+            "response_format".into(),
+        ));
+    }
+    // Some(calls_only) when the answer may hold tool calls.
+    let calls_mode = calling.map(|t| t.choice != Choice::Auto);
+    let grammar = calling.and_then(tools::Tools::grammar).or(format);
+    let in_prompt = tools
+        .as_ref()
+        .map(tools::Tools::in_prompt)
+        .unwrap_or_default();
     // Parsed apart, not flattened, so that a bad value names its field.
     let options: Options = json::parse(body.clone())?;
     let req: ChatRequest = json::parse(body)?;
@@ -170,13 +356,14 @@ pub async fn handler(
     let job = Job {
         route: "/v1/chat/completions",
         model: req.model,
-        prompt: Prompt::Chat(messages(&req.messages)?),
+        prompt: Prompt::Chat(messages(&req.messages)?, in_prompt),
         max_tokens: opts.max_tokens,
         sampling: opts.sampling,
         stop: opts.stop,
         stream: opts.stream,
         payer: payer.0,
         n: opts.n,
+        grammar,
     };
     let running: Running = generation::start(&state, job).await?;
     let seed = running.seed;
@@ -196,6 +383,7 @@ pub async fn handler(
                 include_usage: opts.include_usage,
             },
             logprobs: want_logprobs.then(|| running.tokenizer.clone()),
+            calls: calls_mode.map(|only| (0..opts.n).map(|_| CallStream::new(only)).collect()),
         };
         return Ok(with_seed(
             sse::response(running, chunks, opts.n, opts.include_usage),
@@ -214,11 +402,23 @@ pub async fn handler(
             } else {
                 Value::Null
             };
+            let (message, calls) = match calls_mode {
+                Some(only) => {
+                    let (content, calls) = tools::parse_answer(&c.text, only);
+                    let n = calls.len();
+                    let mut m = json!({"role": "assistant", "content": content});
+                    if n > 0 {
+                        m["tool_calls"] = Value::from(calls);
+                    }
+                    (m, n)
+                }
+                None => (json!({"role": "assistant", "content": c.text}), 0),
+            };
             json!({
                 "index": i,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": lp,
-                "finish_reason": c.finish.as_str(),
+                "finish_reason": finish_reason(c.finish.as_str(), calls),
             })
         })
         .collect();

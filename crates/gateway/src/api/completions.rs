@@ -48,13 +48,16 @@ impl Chunks for TextChunks {
         None
     }
 
-    fn text(&mut self, choice: usize, text: &str, scores: &[TokenLogprobs]) -> Value {
+    fn text(&mut self, choice: usize, text: &str, scores: &[TokenLogprobs]) -> Option<Value> {
         let lp = match (&self.logprobs, self.offsets.get_mut(choice)) {
             (Some(tok), Some(offset)) => logprobs::completion(tok, scores, offset),
             _ => Value::Null,
         };
-        self.envelope
-            .chunk(json!([{"text": text, "index": choice, "logprobs": lp, "finish_reason": null}]))
+        Some(
+            self.envelope.chunk(
+                json!([{"text": text, "index": choice, "logprobs": lp, "finish_reason": null}]),
+            ),
+        )
     }
 
     fn closing(&self, choice: usize, finish_reason: &str) -> Value {
@@ -103,6 +106,7 @@ pub async fn handler(
         stream: opts.stream,
         payer: payer.0,
         n: opts.n,
+        grammar: None,
     };
     let running = generation::start(&state, job).await?;
     let seed = running.seed;

@@ -44,10 +44,6 @@ fn null_or_false(v: &Value) -> bool {
     v.is_null() || v == &Value::Bool(false)
 }
 
-fn null_or_bool(v: &Value) -> bool {
-    v.is_null() || v.is_boolean()
-}
-
 fn null_or_empty(v: &Value) -> bool {
     match v {
         Value::Null => true,
@@ -74,11 +70,6 @@ fn tool_choice_none(v: &Value) -> bool {
     v.is_null() || v == "none"
 }
 
-fn text_format(v: &Value) -> bool {
-    v.is_null()
-        || v.get("type").is_some_and(|t| t == "text") && v.as_object().map_or(0, Map::len) == 1
-}
-
 /// `POST /v1/chat/completions`.
 pub const CHAT: &[Field] = &[
     yes("model"),
@@ -103,10 +94,10 @@ pub const CHAT: &[Field] = &[
     yes("logprobs"),
     yes("top_logprobs"),
     yes("logit_bias"),
-    no("response_format", text_format),
-    no("tools", null_or_empty),
-    no("tool_choice", tool_choice_none),
-    no("parallel_tool_calls", null_or_bool),
+    yes("response_format"),
+    yes("tools"),
+    yes("tool_choice"),
+    yes("parallel_tool_calls"),
     no("functions", null_or_empty),
     no("function_call", tool_choice_none),
     no("audio", null),
@@ -198,16 +189,14 @@ mod tests {
     fn off_values_of_unsupported_fields_pass() {
         check(
             &obj(json!({
-                "tools": [], "tool_choice": "none", "logprobs": false, "store": false,
-                "response_format": {"type": "text"}, "modalities": ["text"],
-                "service_tier": "auto", "metadata": null, "parallel_tool_calls": true,
+                "functions": [], "function_call": "none", "logprobs": false, "store": false,
+                "modalities": ["text"], "service_tier": "auto", "metadata": null,
             })),
             CHAT,
         )
         .unwrap();
         for bad in [
-            json!({"response_format": {"type": "json_object"}}),
-            json!({"response_format": {"type": "sound"}}),
+            json!({"functions": [{"name": "f"}]}),
             json!({"modalities": ["text", "audio"]}),
             json!({"store": true}),
         ] {

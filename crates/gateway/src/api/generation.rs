@@ -21,6 +21,7 @@ use crate::error::ApiError;
 use crate::metrics::RouteLabels;
 use crate::state::AppState;
 use plexus_model::chat::Message;
+use plexus_model::constraint::SharedGrammar;
 use plexus_model::generate::{Completion, FinishReason, Flow, GenerateRequest, Piece};
 use plexus_model::sampler::TokenLogprobs;
 use plexus_model::{SamplingParams, Tokenizer};
@@ -31,8 +32,9 @@ use tokio::sync::{mpsc, oneshot};
 
 /// What the prompt is made of.
 pub enum Prompt {
-    /// A conversation, rendered with the model's chat template.
-    Chat(Vec<Message>),
+    /// A conversation and the tools the model may call, rendered with the model's chat
+    /// template (tools in Plexus's format when the template has none, see [`super::tools`]).
+    Chat(Vec<Message>, Vec<serde_json::Value>),
     /// Raw text.
     Text(String),
 }
@@ -41,7 +43,7 @@ impl Prompt {
     /// The request field a context error points at.
     fn param(&self) -> &'static str {
         match self {
-            Prompt::Chat(_) => "messages",
+            Prompt::Chat(..) => "messages",
             Prompt::Text(_) => "prompt",
         }
     }
@@ -63,6 +65,14 @@ pub struct Job {
     pub payer: Option<plexus_ledger::Address>,
     /// How many choices (OpenAI's `n`), at least 1.
     pub n: usize,
+    /// The grammar every choice obeys (structured outputs, tool calls), if any.
+    pub grammar: Option<GrammarRequest>,
+}
+
+/// A grammar a request asks for, and the parameter it came from (named when it is refused).
+pub struct GrammarRequest {
+    pub grammar: llguidance::api::TopLevelGrammar,
+    pub param: &'static str,
 }
 
 /// What a running generation reports after it started.
@@ -203,8 +213,8 @@ struct Task {
 
 impl Task {
     fn run(mut self, slot: crate::limits::Slot, ready: oneshot::Sender<Result<usize, ApiError>>) {
-        let req = match self.prepare() {
-            Ok(req) => req,
+        let (req, grammar) = match self.prepare().and_then(|req| Ok((req, self.grammar()?))) {
+            Ok(ready) => ready,
             Err(e) => {
                 let _ = ready.send(Err(e));
                 return;
@@ -239,13 +249,20 @@ impl Task {
             }
         };
         let mut usage = crate::backend::Usage::default();
-        let result = self.state.backend().generate_metered(
-            &self.entry.id,
-            &req,
-            self.job.n,
-            &mut on_text,
-            &mut usage,
-        );
+        let backend = self.state.backend();
+        let result = match &grammar {
+            Some(g) => backend.generate_guided(
+                &self.entry.id,
+                &req,
+                self.job.n,
+                g,
+                &mut on_text,
+                &mut usage,
+            ),
+            None => {
+                backend.generate_metered(&self.entry.id, &req, self.job.n, &mut on_text, &mut usage)
+            }
+        };
         drop(slot);
         if let Some(meter) = self.meter.take() {
             // Charged for what was produced (every choice), cancelled streams included; before
@@ -309,11 +326,27 @@ impl Task {
         }
     }
 
+    /// Compiles the job's grammar for the model (a grammar the engine refuses is a 400).
+    fn grammar(&self) -> Result<Option<SharedGrammar>, ApiError> {
+        let Some(g) = &self.job.grammar else {
+            return Ok(None);
+        };
+        self.state
+            .grammars()
+            .compile(
+                &self.entry.identity,
+                &self.entry.tokenizer,
+                g.grammar.clone(),
+                g.param,
+            )
+            .map(Some)
+    }
+
     /// Renders and tokenizes the prompt and checks it against the context.
     fn prepare(&self) -> Result<GenerateRequest, ApiError> {
         let tok = &self.entry.tokenizer;
         let encoded = match &self.job.prompt {
-            Prompt::Chat(messages) => {
+            Prompt::Chat(messages, tools) => {
                 let template = self.entry.chat_template.as_ref().ok_or_else(|| {
                     ApiError::invalid(
                         format!(
@@ -323,7 +356,12 @@ impl Task {
                         Some("model"),
                     )
                 })?;
-                let text = template.render(messages, true).map_err(|e| {
+                let rendered = if template.supports_tools() {
+                    template.render_with_tools(messages, tools, true)
+                } else {
+                    template.render(&super::tools::plain_messages(messages.clone(), tools), true)
+                };
+                let text = rendered.map_err(|e| {
                     ApiError::invalid(
                         format!("cannot apply the chat template: {e}"),
                         Some("messages"),

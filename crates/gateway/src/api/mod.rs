@@ -9,11 +9,13 @@
 pub mod chat;
 pub mod completions;
 pub mod fields;
+pub mod format;
 pub mod generation;
 pub mod json;
 pub mod logprobs;
 pub mod models;
 pub mod params;
+pub mod tools;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
