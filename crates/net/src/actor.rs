@@ -1,19 +1,31 @@
 //! The task that owns the swarm: turns [`Command`]s into swarm calls and swarm events into
 //! [`NetEvent`]s, keeps round-trip times, and polices peers that send malformed frames.
+//!
+//! NAT traversal: AutoNAT verdicts and relay-capable peers feed the [`NatPolicy`], whose
+//! actions open and close relayed listeners. Once a peer has a direct connection (dialed, or
+//! punched by DCUtR) beside a relayed one, the relayed ones are closed as soon as no stage
+//! call is in flight with that peer (request/response spreads calls over every connection),
+//! so stage calls go direct.
 
 use crate::behaviour::{self, Behaviour, BehaviourEvent, BehaviourSettings, ANNOUNCE_TOPIC};
 use crate::codec::StageCodec;
+use crate::nat::{is_relayed, peer_of, NatAction, NatPolicy, Reachability};
 use crate::strikes::{Strikes, Verdict};
 use crate::{
-    CallError, Command, NetConfig, NetEvent, NetHandle, PublishError, Reply, StartNetError,
+    CallError, Command, Link, NatStatus, NetConfig, NetEvent, NetHandle, PublishError, Reply,
+    StartNetError,
 };
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId};
-use libp2p::swarm::SwarmEvent;
-use libp2p::{gossipsub, identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{
+    autonat, dcutr, gossipsub, identify, kad, mdns, noise, ping, relay, tcp, yamux, Multiaddr,
+    PeerId, Swarm,
+};
 use plexus_core::wire::{DecodeError, ErrorCode, Response};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -23,6 +35,8 @@ const COMMAND_QUEUE: usize = 256;
 const EVENT_QUEUE: usize = 256;
 /// Connected peers beyond which discovery stops dialing new ones.
 const TARGET_PEERS: usize = 64;
+/// How long a failed relay reservation waits before it is tried again.
+const RELAY_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Owns the swarm; see the crate docs.
 pub struct NetActor {
@@ -36,13 +50,23 @@ pub struct NetActor {
     topic: gossipsub::IdentTopic,
     /// Inbound calls so far (each [`Reply`] gets the next number as its id).
     replies: u64,
+    nat: NatPolicy,
+    /// Relayed listeners, by the relay they go through.
+    relay_listeners: HashMap<ListenerId, PeerId>,
+    /// Open connections per peer: relayed or not, and the address dialed for outbound ones.
+    conns: HashMap<PeerId, HashMap<ConnectionId, Conn>>,
+    /// Peers with a direct connection beside relayed ones, to close once no call is in flight.
+    retire: HashSet<PeerId>,
+    /// Inbound stage calls not answered yet, per peer.
+    inbound: HashMap<PeerId, u32>,
+    /// Peers DCUtR punched a hole to (bounded by the connections there can be).
+    punched: HashSet<PeerId>,
 }
 
-fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    addr.iter().find_map(|p| match p {
-        Protocol::P2p(peer) => Some(peer),
-        _ => None,
-    })
+#[derive(Clone, Debug)]
+struct Conn {
+    relayed: bool,
+    dialed: Option<Multiaddr>,
 }
 
 impl NetActor {
@@ -58,7 +82,14 @@ impl NetActor {
             max_streams: config.max_streams,
             max_connections: config.max_connections,
             codec,
+            relay: config.relay.clone(),
         };
+        let max_auto = if config.serve {
+            config.max_auto_relays
+        } else {
+            0
+        };
+        let nat = NatPolicy::new(&config.relay_via, max_auto, RELAY_BACKOFF)?;
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.key.keypair().clone())
             .with_tokio()
             .with_tcp(
@@ -68,7 +99,9 @@ impl NetActor {
             )
             .map_err(|e| StartNetError::Transport(e.to_string()))?
             .with_quic()
-            .with_behaviour(|key| behaviour::build(key, settings))
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| StartNetError::Transport(e.to_string()))?
+            .with_behaviour(|key, relay_client| behaviour::build(key, relay_client, settings))
             .map_err(|e| StartNetError::Behaviour(e.to_string()))?
             .with_swarm_config(|c| {
                 // Each stage call opens a substream; plain multistream-select waits a round
@@ -115,6 +148,12 @@ impl NetActor {
             strikes,
             topic: gossipsub::IdentTopic::new(ANNOUNCE_TOPIC),
             replies: 0,
+            nat,
+            relay_listeners: HashMap::new(),
+            conns: HashMap::new(),
+            retire: HashSet::new(),
+            inbound: HashMap::new(),
+            punched: HashSet::new(),
         };
         tokio::spawn(actor.run());
         Ok((
@@ -129,6 +168,7 @@ impl NetActor {
 
     /// Runs until every [`NetHandle`] is dropped.
     async fn run(mut self) {
+        let mut nat_tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
@@ -136,6 +176,10 @@ impl NetActor {
                     None => break,
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = nat_tick.tick() => {
+                    let actions = self.nat.tick(Instant::now());
+                    self.apply(actions);
+                }
             }
         }
         debug!("network task stopped");
@@ -227,6 +271,124 @@ impl NetActor {
             Command::Rtt(peer, reply) => {
                 let _ = reply.send(self.rtts.get(&peer).copied());
             }
+            Command::Links(reply) => {
+                let links = self
+                    .conns
+                    .iter()
+                    .map(|(peer, conns)| {
+                        let relayed = conns.values().filter(|c| c.relayed).count();
+                        Link {
+                            peer: *peer,
+                            direct: conns.len() - relayed,
+                            relayed,
+                            hole_punched: self.punched.contains(peer),
+                        }
+                    })
+                    .collect();
+                let _ = reply.send(links);
+            }
+            Command::Nat(reply) => {
+                let _ = reply.send(NatStatus {
+                    reachability: self.nat.reachability(),
+                    relays: self.nat.listening().collect(),
+                });
+            }
+        }
+    }
+
+    /// Carries out what the NAT policy decided.
+    fn apply(&mut self, actions: Vec<NatAction>) {
+        for action in actions {
+            match action {
+                NatAction::Listen { relay, addr } => {
+                    let circuit = addr.clone().with(Protocol::P2pCircuit);
+                    match self.swarm.listen_on(circuit) {
+                        Ok(id) => {
+                            info!(%addr, "asking relay for a reservation");
+                            self.relay_listeners.insert(id, relay);
+                        }
+                        Err(e) => {
+                            warn!(%addr, "cannot listen through relay: {e}");
+                            let again = self.nat.on_listener_closed(&relay, Instant::now());
+                            // Backing off: `again` cannot ask for this relay before the next tick.
+                            self.apply(again);
+                        }
+                    }
+                }
+                NatAction::Stop { relay } => {
+                    let ids: Vec<ListenerId> = self
+                        .relay_listeners
+                        .iter()
+                        .filter(|(_, r)| **r == relay)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in ids {
+                        info!(%relay, "letting a relay reservation go");
+                        self.swarm.remove_listener(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stage calls in flight with `peer`, either way.
+    fn in_flight(&self, peer: &PeerId) -> usize {
+        self.pending.values().filter(|(p, _)| p == peer).count()
+            + self.inbound.get(peer).copied().unwrap_or(0) as usize
+    }
+
+    /// Closes `peer`'s relayed connections if a direct one is open and no call is in flight.
+    fn maybe_retire(&mut self, peer: &PeerId) {
+        if !self.retire.contains(peer) || self.in_flight(peer) > 0 {
+            return;
+        }
+        self.retire.remove(peer);
+        let Some(conns) = self.conns.get(peer) else {
+            return;
+        };
+        if !conns.values().any(|c| !c.relayed) {
+            return;
+        }
+        let relayed: Vec<ConnectionId> = conns
+            .iter()
+            .filter(|(_, c)| c.relayed)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in relayed {
+            debug!(%peer, "closing a relayed connection: a direct one is open");
+            self.swarm.close_connection(id);
+        }
+    }
+
+    fn inbound_done(&mut self, peer: &PeerId) {
+        if let Some(n) = self.inbound.get_mut(peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.inbound.remove(peer);
+            }
+        }
+        self.maybe_retire(peer);
+    }
+
+    /// A connected peer told us (identify) what it speaks: a relay is a NAT candidate.
+    fn on_identified(&mut self, peer: PeerId, info: &identify::Info) {
+        if !info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+            return;
+        }
+        // An address known to work (we dialed it), else one it listens on.
+        let dialed = self
+            .conns
+            .get(&peer)
+            .and_then(|c| c.values().find_map(|c| c.dialed.clone()));
+        let addr = dialed.or_else(|| {
+            info.listen_addrs
+                .iter()
+                .find(|a| !is_relayed(a) && !is_loopback(a))
+                .cloned()
+        });
+        if let Some(addr) = addr {
+            let actions = self.nat.on_relay_found(peer, addr, Instant::now());
+            self.apply(actions);
         }
     }
 
@@ -261,6 +423,15 @@ impl NetActor {
         }
     }
 
+    /// Whether a relay should hand out `addr` as its own: concrete addresses, loopback only
+    /// when every configured listen address is loopback (tests on one machine).
+    fn public_candidate(&self, addr: &Multiaddr) -> bool {
+        if is_relayed(addr) {
+            return false;
+        }
+        !is_loopback(addr) || self.config.listen.iter().all(is_loopback)
+    }
+
     fn is_banned(&mut self, peer: &PeerId) -> bool {
         self.strikes.is_banned(peer, Instant::now())
     }
@@ -281,6 +452,36 @@ impl NetActor {
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                new,
+                ..
+            })) => {
+                let r = match &new {
+                    autonat::NatStatus::Public(_) => Reachability::Public,
+                    autonat::NatStatus::Private => Reachability::Private,
+                    autonat::NatStatus::Unknown => Reachability::Unknown,
+                };
+                info!(status = ?new, "AutoNAT");
+                let actions = self.nat.on_reachability(r, Instant::now());
+                self.apply(actions);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => {
+                    info!(peer = %remote_peer_id, "hole punched: direct connection");
+                    self.punched.insert(remote_peer_id);
+                }
+                Err(e) => info!(peer = %remote_peer_id, "hole punch failed: {e}"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => match e {
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. } => {
+                    info!(relay = %relay_peer_id, "relay reservation accepted");
+                }
+                other => debug!(?other, "relay client"),
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => debug!(?e, "relay server"),
             SwarmEvent::Behaviour(BehaviourEvent::Stage(e)) => self.on_stage_event(e),
             SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message {
                 message,
@@ -298,6 +499,7 @@ impl NetActor {
                     debug!(%peer_id, version = info.protocol_version, "not a plexus peer");
                     return;
                 }
+                self.on_identified(peer_id, &info);
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
@@ -325,9 +527,30 @@ impl NetActor {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
+                endpoint,
                 num_established,
                 ..
             } => {
+                let relayed = endpoint.is_relayed();
+                let dialed = match &endpoint {
+                    libp2p::core::ConnectedPoint::Dialer { address, .. } if !relayed => {
+                        Some(address.clone())
+                    }
+                    _ => None,
+                };
+                info!(
+                    peer = %peer_id,
+                    kind = if relayed { "relayed" } else { "direct" },
+                    remote = %endpoint.get_remote_address(),
+                    "connection established"
+                );
+                let conns = self.conns.entry(peer_id).or_default();
+                conns.insert(connection_id, Conn { relayed, dialed });
+                if conns.values().any(|c| c.relayed) && conns.values().any(|c| !c.relayed) {
+                    self.retire.insert(peer_id);
+                    self.maybe_retire(&peer_id);
+                }
                 if self.is_banned(&peer_id) {
                     debug!(%peer_id, "refusing a banned peer");
                     let _ = self.swarm.disconnect_peer_id(peer_id);
@@ -337,15 +560,64 @@ impl NetActor {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                self.rtts.remove(&peer_id);
-                self.emit(NetEvent::Disconnected(peer_id));
+                if let Some(conns) = self.conns.get_mut(&peer_id) {
+                    conns.remove(&connection_id);
+                    if conns.is_empty() {
+                        self.conns.remove(&peer_id);
+                    }
+                }
+                if num_established == 0 {
+                    self.rtts.remove(&peer_id);
+                    self.retire.remove(&peer_id);
+                    self.inbound.remove(&peer_id);
+                    self.punched.remove(&peer_id);
+                    let actions = self.nat.on_disconnected(&peer_id, Instant::now());
+                    self.apply(actions);
+                    self.emit(NetEvent::Disconnected(peer_id));
+                }
             }
-            SwarmEvent::NewListenAddr { address, .. } => {
-                info!(%address, "listening");
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                if let Some(relay) = self.relay_listeners.get(&listener_id).copied() {
+                    info!(%address, "listening through relay");
+                    self.nat.on_listening(&relay);
+                } else {
+                    info!(%address, "listening");
+                    if self.config.relay.is_some() && self.public_candidate(&address) {
+                        // A relay's reservations hand out its external addresses.
+                        self.swarm.add_external_address(address.clone());
+                    }
+                }
                 self.emit(NetEvent::Listening(address));
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id, "dial failed: {error}");
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.emit(NetEvent::ListenExpired(address));
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                for a in addresses {
+                    self.emit(NetEvent::ListenExpired(a));
+                }
+                if let Some(relay) = self.relay_listeners.remove(&listener_id) {
+                    match reason {
+                        Ok(()) => info!(%relay, "relayed listener closed"),
+                        Err(e) => warn!(%relay, "relayed listener closed: {e}"),
+                    }
+                    let actions = self.nat.on_listener_closed(&relay, Instant::now());
+                    self.apply(actions);
+                }
             }
             _ => {}
         }
@@ -368,6 +640,8 @@ impl NetActor {
                 ..
             } => match request {
                 Ok(request) => {
+                    // Answered (or dropped) later: ResponseSent / InboundFailure count it down.
+                    *self.inbound.entry(peer).or_default() += 1;
                     self.replies += 1;
                     let reply = Reply(channel, self.replies);
                     self.emit(NetEvent::Request {
@@ -377,6 +651,7 @@ impl NetActor {
                     })
                 }
                 Err(e) => {
+                    *self.inbound.entry(peer).or_default() += 1;
                     let _ = self.swarm.behaviour_mut().stage.send_response(
                         channel,
                         Response::Error {
@@ -390,6 +665,7 @@ impl NetActor {
                 }
             },
             request_response::Event::Message {
+                peer,
                 message:
                     request_response::Message::Response {
                         request_id,
@@ -400,6 +676,7 @@ impl NetActor {
                 if let Some((_, reply)) = self.pending.remove(&request_id) {
                     let _ = reply.send(Ok(response));
                 }
+                self.maybe_retire(&peer);
             }
             request_response::Event::OutboundFailure {
                 peer,
@@ -420,13 +697,23 @@ impl NetActor {
                 if let Some((_, reply)) = self.pending.remove(&request_id) {
                     let _ = reply.send(Err(error));
                 }
+                self.maybe_retire(&peer);
             }
             // Streams that end early or stall are dropped without an event from libp2p; the
             // rest (a response that could not be written) are the peer's loss, not an offence.
             request_response::Event::InboundFailure { peer, error, .. } => {
                 debug!(%peer, "inbound stage call failed: {error}");
+                self.inbound_done(&peer);
             }
-            request_response::Event::ResponseSent { .. } => {}
+            request_response::Event::ResponseSent { peer, .. } => self.inbound_done(&peer),
         }
     }
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }

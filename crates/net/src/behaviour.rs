@@ -5,12 +5,17 @@
 //! - `kad`: Kademlia peer routing from bootstrap peers; `identify` feeds it addresses.
 //! - `mdns`: LAN discovery (optional); `ping`: round-trip times for routing;
 //!   `limits`: caps on connections, so a flood of dials cannot exhaust the node.
+//! - `relay_client`: dial and listen through circuit relay v2; `relay`: serve as a relay
+//!   (optional, bounded by [`crate::RelayLimits`]); `autonat`: learn whether this node can be
+//!   dialed; `dcutr`: upgrade relayed connections to direct ones (hole punching).
 
 use crate::codec::StageCodec;
+use crate::RelayLimits;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    connection_limits, gossipsub, identify, kad, mdns, ping, request_response, StreamProtocol,
+    autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns, ping, relay,
+    request_response, StreamProtocol,
 };
 use plexus_core::wire::STAGE_PROTOCOL;
 use std::time::Duration;
@@ -30,6 +35,10 @@ pub struct Behaviour {
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub relay_client: relay::client::Behaviour,
+    pub relay: Toggle<relay::Behaviour>,
+    pub autonat: autonat::Behaviour,
+    pub dcutr: dcutr::Behaviour,
 }
 
 /// Settings the behaviour is built from (a subset of [`crate::NetConfig`]).
@@ -40,10 +49,12 @@ pub(crate) struct BehaviourSettings {
     pub max_streams: usize,
     pub max_connections: u32,
     pub codec: StageCodec,
+    pub relay: Option<RelayLimits>,
 }
 
 pub(crate) fn build(
     key: &libp2p::identity::Keypair,
+    relay_client: relay::client::Behaviour,
     s: BehaviourSettings,
 ) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     let peer_id = key.public().to_peer_id();
@@ -100,6 +111,38 @@ pub(crate) fn build(
             .with_max_established_per_peer(Some(4))
             .with_max_pending_incoming(Some(64)),
     );
+    let relay = s.relay.map(|l| {
+        let mut server = relay::Behaviour::new(
+            peer_id,
+            relay::Config {
+                max_reservations: l.max_reservations,
+                max_circuits: l.max_circuits,
+                max_circuits_per_peer: l.max_circuits_per_peer,
+                max_circuit_duration: l.max_circuit_duration,
+                max_circuit_bytes: l.max_circuit_bytes,
+                ..relay::Config::default()
+            },
+        );
+        // The operator says this node is reachable (`--relay`): advertise the hop protocol
+        // without waiting for AutoNAT to confirm an address.
+        server.set_status(Some(relay::Status::Enable));
+        server
+    });
+    // Quick verdicts: a node learns within seconds of joining whether it needs a relay.
+    // Servers dial back only the IP they saw the client at (never a third party), so private
+    // addresses are allowed (home networks and test namespaces use them).
+    let autonat = autonat::Behaviour::new(
+        peer_id,
+        autonat::Config {
+            boot_delay: Duration::from_secs(1),
+            retry_interval: Duration::from_secs(5),
+            refresh_interval: Duration::from_secs(60),
+            throttle_server_period: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+            only_global_ips: false,
+            ..autonat::Config::default()
+        },
+    );
     Ok(Behaviour {
         limits,
         stage,
@@ -108,5 +151,9 @@ pub(crate) fn build(
         identify,
         ping,
         mdns: Toggle::from(mdns),
+        relay_client,
+        relay: Toggle::from(relay),
+        autonat,
+        dcutr: dcutr::Behaviour::new(peer_id),
     })
 }

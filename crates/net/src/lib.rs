@@ -7,14 +7,21 @@
 //!      └──── oneshot replies ◀──┘
 //! ```
 //!
-//! Transports: TCP and QUIC, noise, yamux. Discovery: Kademlia from bootstrap peers, identify,
-//! optional mDNS. Announcements ride gossipsub; stage calls are request/response streams with
-//! length-prefixed frames ([`codec`]). Every channel is bounded; peers that send malformed
-//! frames are answered `BadRequest`, then disconnected and refused for a while ([`strikes`]).
+//! Transports: TCP and QUIC, noise, yamux, and circuit relay v2 (dialing and listening through
+//! relays). Discovery: Kademlia from bootstrap peers, identify, optional mDNS. Announcements
+//! ride gossipsub; stage calls are request/response streams with length-prefixed frames
+//! ([`codec`]). Every channel is bounded; peers that send malformed frames are answered
+//! `BadRequest`, then disconnected and refused for a while ([`strikes`]).
+//!
+//! NAT: AutoNAT tells a node whether it can be dialed; one that cannot (or is told to with
+//! [`NetConfig::relay_via`]) listens through relays ([`nat`]), and DCUtR upgrades relayed
+//! connections to direct ones where a hole can be punched. A node started with
+//! [`NetConfig::relay`] serves as a relay for others, within [`RelayLimits`].
 
 pub mod actor;
 pub mod behaviour;
 pub mod codec;
+pub mod nat;
 pub mod strikes;
 
 pub use codec::WireCounters;
@@ -50,6 +57,42 @@ pub struct NetConfig {
     pub max_strikes: u32,
     /// How long a disconnected offender stays refused.
     pub ban: Duration,
+    /// Serve as a circuit relay v2 for peers that cannot be dialed, within these bounds
+    /// (`plexus node --relay`). The node's listen addresses count as publicly reachable.
+    pub relay: Option<RelayLimits>,
+    /// Relays to listen through whatever AutoNAT says (`--relay-via`), each ending in
+    /// `/p2p/<relay peer id>`.
+    pub relay_via: Vec<Multiaddr>,
+    /// Relays picked among connected ones while AutoNAT says this node is private (serving
+    /// nodes only; a gateway dials out and needs none).
+    pub max_auto_relays: usize,
+}
+
+/// Bounds of a relay server: what one node lends to peers behind NAT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Peers holding a reservation (a relayed listen address) at once.
+    pub max_reservations: usize,
+    /// Relayed connections at once, in total and per peer (either end).
+    pub max_circuits: usize,
+    pub max_circuits_per_peer: usize,
+    /// A relayed connection is closed after this long...
+    pub max_circuit_duration: Duration,
+    /// ...or after this many bytes (both directions); the peers dial again, directly if DCUtR
+    /// punched a hole meanwhile.
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_reservations: 128,
+            max_circuits: 64,
+            max_circuits_per_peer: 8,
+            max_circuit_duration: Duration::from_secs(600),
+            max_circuit_bytes: 256 << 20,
+        }
+    }
 }
 
 impl NetConfig {
@@ -70,7 +113,22 @@ impl NetConfig {
             max_connections: 256,
             max_strikes: 3,
             ban: Duration::from_secs(60),
+            relay: None,
+            relay_via: Vec::new(),
+            max_auto_relays: 2,
         }
+    }
+
+    /// Serve as a relay within `limits` (`None`: do not relay).
+    pub fn with_relay(mut self, limits: Option<RelayLimits>) -> Self {
+        self.relay = limits;
+        self
+    }
+
+    /// Listen through these relays whatever AutoNAT says.
+    pub fn with_relay_via(mut self, via: Vec<Multiaddr>) -> Self {
+        self.relay_via = via;
+        self
     }
 
     pub fn with_listen(mut self, listen: Vec<Multiaddr>) -> Self {
@@ -116,6 +174,9 @@ pub enum NetEvent {
     Connected(PeerId),
     Disconnected(PeerId),
     Listening(Multiaddr),
+    /// An address this process listened on is gone (a relay reservation lost, an interface
+    /// down): stop announcing it.
+    ListenExpired(Multiaddr),
 }
 
 /// Where the answer to an inbound stage call goes.
@@ -175,6 +236,28 @@ pub enum StartNetError {
     Transport(String),
     #[error("cannot listen on {addr}: {message}")]
     Listen { addr: Multiaddr, message: String },
+    #[error(transparent)]
+    Relay(#[from] nat::RelayAddrError),
+}
+
+/// How this process is connected to one peer ([`NetHandle::links`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub peer: PeerId,
+    /// Open connections that go straight to the peer.
+    pub direct: usize,
+    /// Open connections through a relay.
+    pub relayed: usize,
+    /// DCUtR upgraded a relayed connection to this peer to a direct one.
+    pub hole_punched: bool,
+}
+
+/// What this process knows of its own reachability ([`NetHandle::nat`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatStatus {
+    pub reachability: nat::Reachability,
+    /// Relays holding a reservation for this process.
+    pub relays: Vec<PeerId>,
 }
 
 pub(crate) enum Command {
@@ -197,6 +280,8 @@ pub(crate) enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Connected(oneshot::Sender<Vec<PeerId>>),
     Rtt(PeerId, oneshot::Sender<Option<Duration>>),
+    Links(oneshot::Sender<Vec<Link>>),
+    Nat(oneshot::Sender<NatStatus>),
 }
 
 /// A cloneable handle to the network task. Every method is cancel-safe: dropping a call's
@@ -285,6 +370,24 @@ impl NetHandle {
         let (tx, rx) = oneshot::channel();
         self.commands.send(Command::Rtt(peer, tx)).await.ok()?;
         rx.await.ok().flatten()
+    }
+}
+
+impl NetHandle {
+    /// How this process is connected to each peer: directly, through a relay, hole-punched.
+    pub async fn links(&self) -> Vec<Link> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Links(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// AutoNAT's verdict and the relays this process listens through.
+    pub async fn nat(&self) -> Option<NatStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Nat(tx)).await.ok()?;
+        rx.await.ok()
     }
 }
 

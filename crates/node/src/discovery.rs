@@ -191,19 +191,37 @@ pub async fn until(at: Option<Instant>) {
     }
 }
 
-/// The dialable addresses among those `peer` announced.
+/// The dialable addresses among those `peer` announced: direct ones naming no other peer, and
+/// relayed ones (`.../p2p/<relay>/p2p-circuit/p2p/<peer>`), of which up to half the places are
+/// kept so a long list of direct addresses never crowds out the way to a node behind NAT.
 pub fn dial_addrs(peer: PeerId, announced: &[String]) -> Vec<plexus_net::Multiaddr> {
-    use plexus_net::Multiaddr;
-    announced
+    use plexus_net::{nat, Multiaddr};
+    let valid: Vec<Multiaddr> = announced
         .iter()
         .filter_map(|s| s.parse::<Multiaddr>().ok())
         .filter(|a| {
-            a.iter().all(|p| match p {
-                plexus_net::Protocol::P2p(id) => id == peer,
+            // After the last /p2p-circuit only `peer` may be named; before it, the relay.
+            let tail = a
+                .iter()
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .take_while(|p| *p != plexus_net::Protocol::P2pCircuit)
+                .collect::<Vec<_>>();
+            tail.iter().all(|p| match p {
+                plexus_net::Protocol::P2p(id) => *id == peer,
                 _ => true,
-            })
+            }) && (!nat::is_relayed(a) || nat::peer_of(a) == Some(peer))
         })
-        .take(MAX_DIAL_ADDRS)
+        .collect();
+    let (relayed, direct): (Vec<Multiaddr>, Vec<Multiaddr>) =
+        valid.into_iter().partition(nat::is_relayed);
+    let keep_relayed = relayed.len().min(MAX_DIAL_ADDRS / 2);
+    let keep_direct = direct.len().min(MAX_DIAL_ADDRS - keep_relayed);
+    direct
+        .into_iter()
+        .take(keep_direct)
+        .chain(relayed.into_iter().take(keep_relayed))
         .collect()
 }
 
@@ -350,5 +368,30 @@ mod tests {
         assert_eq!(got.len(), MAX_DIAL_ADDRS);
         assert_eq!(got[0].to_string(), format!("/ip4/10.0.0.2/tcp/2/p2p/{me}"));
         assert_eq!(got[1].to_string(), "/ip4/10.0.0.3/tcp/3");
+    }
+
+    #[test]
+    fn relayed_addresses_of_this_peer_are_kept_behind_many_direct_ones() {
+        let me = NodeKey::generate().peer_id();
+        let relay = NodeKey::generate().peer_id();
+        let other = NodeKey::generate().peer_id();
+        let circuit = format!("/ip4/10.0.0.9/tcp/9/p2p/{relay}/p2p-circuit/p2p/{me}");
+        let announced: Vec<String> = (0..20)
+            .map(|i| format!("/ip4/10.0.1.{i}/tcp/4"))
+            .chain([
+                // Relayed addresses of another peer, or naming no peer after the circuit.
+                format!("/ip4/10.0.0.9/tcp/9/p2p/{relay}/p2p-circuit/p2p/{other}"),
+                format!("/ip4/10.0.0.9/tcp/9/p2p/{relay}/p2p-circuit"),
+                format!("/ip4/10.0.0.9/tcp/9/p2p/{other}/p2p/{me}"),
+                circuit.clone(),
+            ])
+            .collect();
+        let got: Vec<String> = dial_addrs(me, &announced)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(got.len(), MAX_DIAL_ADDRS);
+        assert_eq!(got.last(), Some(&circuit));
+        assert_eq!(got.iter().filter(|a| a.contains("p2p-circuit")).count(), 1);
     }
 }

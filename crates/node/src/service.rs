@@ -205,6 +205,20 @@ fn load(config: &NodeConfig) -> Result<Served, StartNodeError> {
     })
 }
 
+/// The addresses to announce: relayed ones first (a node behind NAT is reached only through
+/// them), at most as many as an announcement may carry.
+fn announced_addrs(listen: &[Multiaddr]) -> Vec<String> {
+    let (relayed, direct): (Vec<&Multiaddr>, Vec<&Multiaddr>) =
+        listen.iter().partition(|a| plexus_net::nat::is_relayed(a));
+    relayed
+        .into_iter()
+        .chain(direct)
+        .map(|a| a.to_string())
+        .filter(|a| a.len() <= plexus_core::announce::limits::MAX_ADDR_CHARS)
+        .take(plexus_core::announce::limits::MAX_ADDRS)
+        .collect()
+}
+
 impl Node {
     /// Loads the model span, starts the engine and the network, and waits (up to 5 s) until
     /// the node listens.
@@ -307,7 +321,7 @@ impl Node {
             issued_at_ms: now_ms(),
             ttl_ms: self.config.announce_ttl.as_millis() as u64,
             version: env!("CARGO_PKG_VERSION").to_string(),
-            addrs: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
+            addrs: announced_addrs(&self.listen_addrs()),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             free_memory: free_memory().unwrap_or(0),
             sessions: self.engine.gauges.sessions.load(Ordering::Relaxed),
@@ -394,6 +408,7 @@ impl Node {
                     self.listen.push(addr);
                 }
             }
+            NetEvent::ListenExpired(addr) => self.listen.retain(|a| *a != addr),
         }
     }
 

@@ -408,6 +408,37 @@ pub struct NodeArgs {
     /// audits can be tested against a real cheating process.
     #[arg(long, hide = true, value_name = "KIND")]
     pub cheat: Option<plexus_node::cheat::Cheat>,
+    #[command(flatten)]
+    pub nat: NatArgs,
+}
+
+/// NAT traversal flags of `plexus node`. Without them a node still learns from AutoNAT whether
+/// it can be dialed and, if not, listens through up to two relays among its peers.
+#[derive(Args, Debug, Clone)]
+pub struct NatArgs {
+    /// Serve as a circuit relay v2 for nodes behind NAT (this node must be publicly reachable
+    /// at its listen addresses; relays are bounded by the --relay-* flags below).
+    #[arg(long)]
+    pub relay: bool,
+    /// Listen through this relay (a multiaddr ending in /p2p/<relay peer id>) whatever AutoNAT
+    /// says; repeatable.
+    #[arg(long, value_name = "ADDR")]
+    pub relay_via: Vec<String>,
+    /// With --relay: nodes holding a reservation (a relayed address) at once.
+    #[arg(long, requires = "relay", default_value_t = 128)]
+    pub relay_max_reservations: usize,
+    /// With --relay: relayed connections at once.
+    #[arg(long, requires = "relay", default_value_t = 64)]
+    pub relay_max_circuits: usize,
+    /// With --relay: relayed connections at once per peer (either end).
+    #[arg(long, requires = "relay", default_value_t = 8)]
+    pub relay_max_circuits_per_peer: usize,
+    /// With --relay: seconds after which a relayed connection is closed (its peers dial again).
+    #[arg(long, requires = "relay", default_value_t = 600)]
+    pub relay_circuit_secs: u64,
+    /// With --relay: MiB (both directions) after which a relayed connection is closed.
+    #[arg(long, requires = "relay", default_value_t = 256)]
+    pub relay_circuit_mib: u64,
 }
 
 #[derive(Args, Debug)]

@@ -345,3 +345,32 @@ fn bench_train_prints_sync_and_diloco_side_by_side() {
     ]);
     assert_clean_failure(&o, "multiple of --inner-steps");
 }
+
+#[test]
+fn node_nat_flags_are_checked_before_anything_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny("llama2").join("model-f32.gguf");
+    let node = |extra: &[&str]| {
+        let mut args = vec![
+            "node",
+            "--model",
+            model.to_str().unwrap(),
+            "--data-dir",
+            tmp.path().to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        plexus(&args)
+    };
+    // Relay bounds without --relay would be ignored: refused.
+    assert_clean_failure(&node(&["--relay-max-circuits", "5"]), "--relay");
+    // A relay address must name the relay.
+    assert_clean_failure(
+        &node(&["--relay-via", "/ip4/127.0.0.1/tcp/1"]),
+        "/p2p/<relay peer id>",
+    );
+    assert_clean_failure(&node(&["--relay-via", "not an address"]), "--relay-via");
+    assert_clean_failure(
+        &node(&["--relay", "--relay-circuit-secs", "0"]),
+        "--relay-circuit-secs",
+    );
+}

@@ -2,6 +2,10 @@
 //! behind a `plexus gateway` process; a streamed completion is running when the stage in use
 //! for layers 10..20 is killed with SIGKILL; the stream completes, and with f32 activations
 //! its text equals the whole model's greedy output in one process.
+//!
+//! `PLEXUS_FAILOVER_KILLS=N` repeats the kill N more times (a fresh network each time) and
+//! prints the median and worst pause (SIGKILL to the next chunk at the client): the
+//! spare-replica figure in BENCHMARKS.md, beside takeover.rs's figure without a replica.
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
 use plexus_core::keys::NodeKey;
@@ -100,6 +104,28 @@ fn sessions(rt: &tokio::runtime::Runtime, handle: &plexus_net::NetHandle, peer: 
 
 #[test]
 fn sigkill_of_a_stage_mid_stream_keeps_the_stream_and_its_text() {
+    let first = kill_the_replica_in_use();
+    let extra: usize = std::env::var("PLEXUS_FAILOVER_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if extra > 0 {
+        let mut pauses = vec![first];
+        pauses.extend((0..extra).map(|_| kill_the_replica_in_use()));
+        eprintln!("pauses (s): {pauses:?}");
+        pauses.sort_by(f64::total_cmp);
+        eprintln!(
+            "replica failover pause over {} kills: median {:.3} s, worst {:.3} s",
+            pauses.len(),
+            pauses[pauses.len() / 2],
+            pauses[pauses.len() - 1]
+        );
+    }
+}
+
+/// One network, one stream, one kill of the replica holding the session; the pause it caused
+/// (seconds from SIGKILL to the next chunk).
+fn kill_the_replica_in_use() -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let n0 = node("0..10", &dir.path().join("n0"), None);
     let boot = n0.first_line.clone();
@@ -201,6 +227,8 @@ fn sigkill_of_a_stage_mid_stream_keeps_the_stream_and_its_text() {
     let mut text = String::new();
     let mut chunks = 0;
     let mut killed = None;
+    let mut killed_at: Option<Instant> = None;
+    let mut pause = None;
     let mut line = String::new();
     loop {
         line.clear();
@@ -217,6 +245,9 @@ fn sigkill_of_a_stage_mid_stream_keeps_the_stream_and_its_text() {
         if let Some(t) = v["choices"][0]["text"].as_str() {
             text.push_str(t);
             chunks += 1;
+            if let Some(k) = killed_at.take() {
+                pause = Some(k.elapsed().as_secs_f64());
+            }
         }
         if chunks == 8 && killed.is_none() {
             let in_use = replicas
@@ -224,6 +255,7 @@ fn sigkill_of_a_stage_mid_stream_keeps_the_stream_and_its_text() {
                 .position(|p| sessions(&rt, &handle, *p) > 0)
                 .expect("one replica of 10..20 holds the session");
             nodes[1 + in_use].child.kill().unwrap();
+            killed_at = Some(Instant::now());
             nodes[1 + in_use].child.wait().unwrap();
             killed = Some(in_use);
         }
@@ -247,4 +279,5 @@ fn sigkill_of_a_stage_mid_stream_keeps_the_stream_and_its_text() {
             .any(|l| l.starts_with("plexus_chain_failovers_total 1")),
         "{metrics}"
     );
+    pause.expect("a chunk came after the kill")
 }

@@ -1,7 +1,7 @@
 //! What every networked subcommand shares: the data directory and node key, `NetConfig` from
 //! flags, the tokio runtime, and the shutdown signal.
 
-use crate::cli::NetArgs;
+use crate::cli::{NatArgs, NetArgs};
 use anyhow::Context as _;
 use plexus_core::keys::NodeKey;
 use plexus_net::{Multiaddr, NetConfig};
@@ -47,6 +47,32 @@ impl NetArgs {
             config = config.with_listen(parse_addrs(&self.listen, "--listen")?);
         }
         Ok(config)
+    }
+}
+
+impl NatArgs {
+    /// Adds the relay server (`--relay`) and the relays to listen through to `config`.
+    pub fn apply(&self, config: NetConfig) -> anyhow::Result<NetConfig> {
+        let via = parse_addrs(&self.relay_via, "--relay-via")?;
+        let limits = self.relay.then(|| plexus_net::RelayLimits {
+            max_reservations: self.relay_max_reservations,
+            max_circuits: self.relay_max_circuits,
+            max_circuits_per_peer: self.relay_max_circuits_per_peer,
+            max_circuit_duration: std::time::Duration::from_secs(self.relay_circuit_secs),
+            max_circuit_bytes: self.relay_circuit_mib.saturating_mul(1 << 20),
+        });
+        if let Some(l) = &limits {
+            if l.max_reservations == 0 || l.max_circuits == 0 || l.max_circuits_per_peer == 0 {
+                anyhow::bail!("--relay-max-reservations, --relay-max-circuits and --relay-max-circuits-per-peer must be at least 1");
+            }
+            if l.max_circuit_duration.is_zero() || l.max_circuit_bytes == 0 {
+                anyhow::bail!("--relay-circuit-secs and --relay-circuit-mib must be at least 1");
+            }
+        }
+        // Refused here with the flag's name rather than at network start.
+        plexus_net::nat::NatPolicy::new(&via, 0, std::time::Duration::ZERO)
+            .map_err(|e| anyhow::anyhow!("--relay-via: {e}"))?;
+        Ok(config.with_relay(limits).with_relay_via(via))
     }
 }
 

@@ -30,7 +30,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         .transpose()
         .context("bad --span (start..end or auto)")?;
     let key = args.net.key()?;
-    let net = args.net.config(key.clone())?;
+    let net = args.nat.apply(args.net.config(key.clone())?)?;
     let mut config = NodeConfig::new(args.model.clone(), key);
     config.span = span;
     config.net = net;

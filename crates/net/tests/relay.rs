@@ -1,0 +1,162 @@
+//! Circuit relay v2 and DCUtR between three real swarms on loopback: a relay (`--relay`), a
+//! serving node that listens only through it (`--relay-via`), and a client that reaches the
+//! node by the relayed address it announces. The call goes through the relay first; DCUtR
+//! then punches a direct connection (on loopback it always can), the relayed one is closed
+//! once idle, and calls go on over the direct one.
+#![allow(unused_crate_dependencies, clippy::unwrap_used)]
+
+use plexus_core::keys::NodeKey;
+use plexus_core::wire::{Request, Response};
+use plexus_net::nat::is_relayed;
+use plexus_net::{Multiaddr, NetConfig, NetEvent, NetHandle, RelayLimits};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+fn loopback() -> Vec<Multiaddr> {
+    vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()]
+}
+
+/// Waits for a listen address matching `want`.
+async fn listening(
+    events: &mut mpsc::Receiver<NetEvent>,
+    want: impl Fn(&Multiaddr) -> bool,
+) -> Multiaddr {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match events.recv().await {
+                Some(NetEvent::Listening(a)) if want(&a) => return a,
+                Some(_) => {}
+                None => panic!("the network stopped"),
+            }
+        }
+    })
+    .await
+    .expect("no such listen address in time")
+}
+
+/// Answers every Describe with `name` (the node's side of the test).
+fn answer(handle: NetHandle, mut events: mpsc::Receiver<NetEvent>, name: &'static [u8]) {
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            if let NetEvent::Request { reply, .. } = e {
+                handle
+                    .respond(reply, Response::Described(name.to_vec()))
+                    .await;
+            }
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_listening_through_a_relay_is_called_relayed_then_direct_after_dcutr() {
+    // The relay.
+    let relay_key = NodeKey::generate();
+    let relay_id = relay_key.peer_id();
+    let (relay, mut relay_events) = plexus_net::start(
+        NetConfig::new(relay_key)
+            .with_listen(loopback())
+            .with_relay(Some(RelayLimits::default())),
+    )
+    .unwrap();
+    let relay_addr = listening(&mut relay_events, |_| true)
+        .await
+        .with_p2p(relay_id)
+        .unwrap();
+    answer(relay, relay_events, b"relay");
+
+    // The node: listens through the relay whatever AutoNAT says.
+    let node_key = NodeKey::generate();
+    let node_id = node_key.peer_id();
+    let (node, mut node_events) = plexus_net::start(
+        NetConfig::new(node_key)
+            .with_listen(loopback())
+            .with_relay_via(vec![relay_addr.clone()]),
+    )
+    .unwrap();
+    let circuit = listening(&mut node_events, is_relayed).await;
+    assert!(
+        circuit.to_string().contains(&relay_id.to_string()),
+        "{circuit}"
+    );
+    let status = node.nat().await.unwrap();
+    assert_eq!(status.relays, vec![relay_id]);
+    answer(node.clone(), node_events, b"node");
+
+    // The client knows the node only by its relayed address.
+    let (client, mut client_events) = plexus_net::start(
+        NetConfig::new(NodeKey::generate())
+            .with_listen(loopback())
+            .with_serve(false)
+            .with_bootstrap(vec![relay_addr]),
+    )
+    .unwrap();
+    // Circuits are opened over the connection to the relay: dialing through it while the
+    // bootstrap dial is still under way is refused by libp2p (one dial per peer at a time).
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match client_events.recv().await {
+                Some(NetEvent::Connected(p)) if p == relay_id => break,
+                Some(_) => {}
+                None => panic!("the network stopped"),
+            }
+        }
+    })
+    .await
+    .expect("the client never reached the relay");
+    client.add_address(node_id, circuit.clone()).await;
+    let got = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.call(node_id, Request::Describe),
+    )
+    .await
+    .expect("the relayed call hung")
+    .unwrap();
+    assert_eq!(got, Response::Described(b"node".to_vec()));
+
+    // DCUtR upgrades the connection; the relayed one goes once no call is in flight.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let link = loop {
+        let link = client
+            .links()
+            .await
+            .into_iter()
+            .find(|l| l.peer == node_id)
+            .expect("connected to the node");
+        if link.hole_punched && link.relayed == 0 && link.direct > 0 {
+            break link;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no direct connection after DCUtR: {link:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(link.direct >= 1);
+    for _ in 0..3 {
+        let got = client.call(node_id, Request::Describe).await.unwrap();
+        assert_eq!(got, Response::Described(b"node".to_vec()));
+    }
+    let link = client
+        .links()
+        .await
+        .into_iter()
+        .find(|l| l.peer == node_id)
+        .unwrap();
+    assert_eq!(
+        link.relayed, 0,
+        "calls went over the direct connection only"
+    );
+}
+
+#[tokio::test]
+async fn a_relay_address_without_the_relays_peer_id_is_refused_at_start() {
+    let bare: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+    let err = plexus_net::start(
+        NetConfig::new(NodeKey::generate())
+            .with_listen(loopback())
+            .with_relay_via(vec![bare]),
+    )
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("/p2p/"), "{err}");
+}
