@@ -210,7 +210,7 @@ pub fn pick(
     order.sort();
     order.dedup_by_key(|(_, p)| *p);
     let mut out: Vec<PeerId> = order.into_iter().take(n).map(|(_, p)| p).collect();
-    if odd && out.len() % 2 == 0 {
+    if odd && out.len().is_multiple_of(2) {
         out.pop();
     }
     out
@@ -412,10 +412,11 @@ impl NetTransport {
             // A new session on this provider (the chain opened or replayed it): a new job.
             self.end_audit(&peer);
         }
-        let shadowed = match self.audits.hops.get(&peer) {
-            None => None,
-            Some(h) => Some(matches!(h, HopAudit::Shadowed { .. })),
-        };
+        let shadowed = self
+            .audits
+            .hops
+            .get(&peer)
+            .map(|h| matches!(h, HopAudit::Shadowed { .. }));
         let shadow = match (shadowed, shadow) {
             (Some(true), Some(s)) => s,
             (Some(_), _) => {

@@ -33,7 +33,7 @@ impl std::str::FromStr for Cheat {
 impl Cheat {
     /// Corrupts `rows` (row-major, `width` wide) of a call; `salt` varies the noise per call.
     pub fn apply(self, rows: &mut [f32], width: usize, salt: u64) {
-        let mut rng = CounterRng::new(salt, Stream::Audit, 0x6368_6561_74);
+        let mut rng = CounterRng::new(salt, Stream::Audit, 0x0063_6865_6174);
         for row in rows.chunks_mut(width.max(1)) {
             let ms = row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / row.len() as f64;
             let scale = ms.sqrt().max(1e-3);
