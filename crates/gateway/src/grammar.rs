@@ -162,6 +162,10 @@ impl Constraint for Matching {
     }
 
     fn advance(&mut self, token: u32) -> Result<(), ConstraintError> {
+        // A finished grammar allowed only end-of-sequence, which ends the generation.
+        if self.0.is_stopped() && !self.0.is_error() {
+            return Ok(());
+        }
         self.0
             .consume_token(token)
             .map_err(|e| ConstraintError::Grammar(e.to_string()))

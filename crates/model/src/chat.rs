@@ -169,10 +169,7 @@ mod tests {
             "w;user|assistant:Paris|tool:c1|"
         );
         // Without tools, `tools` is undefined.
-        assert_eq!(
-            t.render(&msgs[..1], false).unwrap(),
-            "user|"
-        );
+        assert_eq!(t.render(&msgs[..1], false).unwrap(), "user|");
     }
 
     #[test]

@@ -509,7 +509,12 @@ mod engine {
                     let (h, g) = (h.clone(), Arc::clone(&g));
                     s.spawn(move || {
                         let mut st = h
-                            .open_guided(&r.prompt_tokens, &r.sampling, r.max_tokens, Some(g.start()))
+                            .open_guided(
+                                &r.prompt_tokens,
+                                &r.sampling,
+                                r.max_tokens,
+                                Some(g.start()),
+                            )
                             .unwrap();
                         generate_with(&mut st, &m.tokenizer, r, |_| Flow::Continue).unwrap()
                     })
@@ -522,7 +527,11 @@ mod engine {
             assert_eq!(g.logprobs, w.logprobs, "generation {i}");
             // Exactly the grammar's 12 tokens from the allowed set, then end of sequence.
             assert_eq!(g.tokens.len(), 12, "generation {i}: {:?}", g.tokens);
-            assert!(g.tokens.iter().all(|t| (1000..1040).contains(t)), "{:?}", g.tokens);
+            assert!(
+                g.tokens.iter().all(|t| (1000..1040).contains(t)),
+                "{:?}",
+                g.tokens
+            );
             assert_eq!(g.finish, plexus_model::generate::FinishReason::Stop);
         }
     }

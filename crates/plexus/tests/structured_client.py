@@ -26,7 +26,7 @@ try:
     import jsonschema
     import openai
     from openai import OpenAI
-    from pydantic import BaseModel
+    from pydantic import BaseModel, Field
 except ImportError as e:
     print(f"{e}: install with `pip install -r scripts/requirements-ci.txt`", file=sys.stderr)
     sys.exit(3)
@@ -214,7 +214,7 @@ def check_schemas(client, model, sampled):
 
 def check_json_object(client, model):
     r = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "List three colors as JSON."}],
+        model=model, messages=[{"role": "user", "content": "Give me a JSON object with a name and an age."}],
         max_tokens=MAX_TOKENS, temperature=0, response_format={"type": "json_object"},
     )
     c = r.choices[0]
@@ -225,9 +225,9 @@ def check_json_object(client, model):
 
 
 class City(BaseModel):
-    name: str
-    country: str
-    population: int
+    name: str = Field(max_length=24)
+    country: str = Field(max_length=24)
+    population: int = Field(ge=0, le=100_000_000)
 
 
 def check_parse(client, model):
@@ -311,26 +311,31 @@ def r_required_greedy(client, model, ask):
 
 
 def check_loop(client, model):
-    """The model calls a function, the client runs it and returns a `tool` message, the model
-    answers in text."""
+    """The agent loop: the model calls a function, the client runs it and returns a `tool`
+    message, and so on while the model calls (at most 3 rounds with `tool_choice` "auto", one
+    call a round); then, if it still calls, a last round with "none" asks for the answer."""
     messages = [{"role": "user", "content": "What's the weather like in Paris right now?"}]
-    r = r_required_greedy(client, model, messages)
-    calls = calls_of(r, "loop turn 1")
-    messages.append(r.choices[0].message)
-    for call in calls:
-        args = json.loads(call.function.arguments)
+    choice, rounds = "required", 0
+    while True:
+        r = client.chat.completions.create(
+            model=model, messages=messages, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False,
+            max_tokens=64, temperature=0,
+        )
+        c = r.choices[0]
+        rounds += 1
+        if choice == "none" or c.finish_reason != "tool_calls":
+            break
+        calls = calls_of(r, f"loop round {rounds}")
+        check(len(calls) == 1, f"parallel_tool_calls=False gave {len(calls)} calls")
+        messages.append(c.message)
+        args = json.loads(calls[0].function.arguments)
         result = {"city": args.get("city", args.get("zone")), "temperature": 21, "sky": "sunny"}
-        messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
-    r = client.chat.completions.create(
-        model=model, messages=messages, tools=TOOLS, max_tokens=48, temperature=0,
-    )
-    c = r.choices[0]
-    if c.finish_reason == "tool_calls":
-        calls_of(r, "loop turn 2")
-        print(f"ok: two-turn loop: turn 2 called again {[(t.function.name, t.function.arguments) for t in c.message.tool_calls]}")
-    else:
-        check(c.message.content and c.finish_reason in ("stop", "length"), f"loop turn 2: {c}")
-        print(f"ok: two-turn tool loop -> {c.message.content!r}")
+        messages.append({"role": "tool", "tool_call_id": calls[0].id, "content": json.dumps(result)})
+        choice = "auto" if rounds < 3 else "none"
+    check(c.message.content and not c.message.tool_calls, f"loop answer: {c}")
+    check(c.finish_reason in ("stop", "length"), f"loop finish {c.finish_reason}")
+    print(f"ok: tool loop: {rounds - 1} call(s), answer after round {rounds} "
+          f"(tool_choice {choice}): {c.message.content!r}")
 
 
 def check_refusals(client, model):

@@ -342,7 +342,11 @@ pub async fn handler(
     }
     // Some(calls_only) when the answer may hold tool calls.
     let calls_mode = calling.map(|t| t.choice != Choice::Auto);
-    let grammar = calling.and_then(tools::Tools::grammar).or(format);
+    let grammar = match (&tools, format) {
+        (Some(t), Some(f)) if t.choice == Choice::None => Some(f),
+        (Some(t), _) => Some(t.grammar()),
+        (None, f) => f,
+    };
     let in_prompt = tools
         .as_ref()
         .map(tools::Tools::in_prompt)

@@ -11,7 +11,7 @@
 //!   calls separated by a newline, generated under a grammar ([`Tools::grammar`]) in which ARGS
 //!   is the function's JSON schema, so the arguments always validate. `"required"` and a named
 //!   function allow only calls; `"auto"` allows calls or text that does not start with `<`;
-//!   `"none"` leaves the tools out of the prompt and the output free. Without
+//!   `"none"` leaves the tools out of the prompt and allows only such text. Without
 //!   `parallel_tool_calls` (default true) exactly one call.
 //! - [`CallStream`] turns the generated text into OpenAI's `tool_calls`, incrementally, so a
 //!   stream carries the name first and then `function.arguments` in pieces.
@@ -225,6 +225,9 @@ const OPEN: &str = "<tool_call>\n{\"name\": \"";
 const MID: &str = ", \"arguments\": ";
 const CLOSE: &str = "}\n</tool_call>";
 
+/// A text answer: anything that does not start like a call.
+const TEXT: &str = "TEXT: /[^<](.|\\n)*/";
+
 /// A Lark string literal (llguidance reads JSON string syntax).
 fn lit(s: &str) -> String {
     Value::from(s).to_string()
@@ -239,16 +242,22 @@ impl Tools {
         self.tools.iter().map(|t| t.spec.clone()).collect()
     }
 
-    /// The grammar of the answer (`None` for `"none"`: free text).
-    pub fn grammar(&self) -> Option<GrammarRequest> {
+    /// The grammar of the answer: calls, or (`"auto"`, `"none"`) text that does not start
+    /// with `<`, so that with `"none"` the model cannot write a call as text either.
+    pub fn grammar(&self) -> GrammarRequest {
         let callable: Vec<&Tool> = match &self.choice {
-            Choice::None => return None,
+            Choice::None => {
+                return GrammarRequest {
+                    grammar: TopLevelGrammar::from_lark(format!("start: TEXT\n{TEXT}\n")),
+                    param: "tools",
+                }
+            }
             Choice::Named(n) => self.tools.iter().filter(|t| &t.name == n).collect(),
             Choice::Auto | Choice::Required => self.tools.iter().collect(),
         };
         let mut g = String::new();
         if self.choice == Choice::Auto {
-            g.push_str("start: TEXT | calls\nTEXT: /[^<](.|\\n)*/\n");
+            g.push_str(&format!("start: TEXT | calls\n{TEXT}\n"));
         } else {
             g.push_str("start: calls\n");
         }
@@ -271,10 +280,10 @@ impl Tools {
                 schema
             ));
         }
-        Some(GrammarRequest {
+        GrammarRequest {
             grammar: TopLevelGrammar::from_lark(g),
             param: "tools",
-        })
+        }
     }
 }
 
@@ -653,6 +662,48 @@ mod tests {
         let ok = parse(Some(&t), None, None).unwrap().unwrap();
         assert_eq!(ok.choice, Choice::Auto);
         assert!(ok.parallel);
+    }
+
+    /// Whether `g` accepts `text` whole, over a one-byte-per-token alphabet.
+    fn accepts(g: GrammarRequest, text: &str) -> bool {
+        use llguidance::toktrie::{ApproximateTokEnv, TokEnv};
+        let env: TokEnv = std::sync::Arc::new(ApproximateTokEnv::single_byte());
+        let f = llguidance::ParserFactory::new_simple(&env).unwrap();
+        let mut m = llguidance::Matcher::new(f.create_parser(g.grammar));
+        text.bytes().all(|b| {
+            m.compute_mask()
+                .is_ok_and(|mask| mask.is_allowed(u32::from(b)))
+                && m.consume_token(u32::from(b)).is_ok()
+        }) && m.is_accepting().unwrap()
+    }
+
+    #[test]
+    fn grammars_hold_answers_to_the_call_format_and_the_schema() {
+        let t = |choice: Value, parallel: bool| {
+            parse(
+                Some(&weather()),
+                Some(&choice),
+                Some(&Value::Bool(parallel)),
+            )
+            .unwrap()
+            .unwrap()
+            .grammar()
+        };
+        let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let two = format!("{call}\n{call}");
+        assert!(accepts(t(json!("required"), true), call));
+        assert!(accepts(t(json!("required"), true), &two));
+        assert!(!accepts(t(json!("required"), false), &two));
+        assert!(!accepts(t(json!("required"), true), "Sunny."));
+        // The arguments follow the schema: `city` is required.
+        assert!(!accepts(
+            t(json!("required"), true),
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>"
+        ));
+        assert!(accepts(t(json!("auto"), true), "Sunny."));
+        assert!(accepts(t(json!("auto"), true), call));
+        assert!(accepts(t(json!("none"), true), "Sunny."));
+        assert!(!accepts(t(json!("none"), true), call));
     }
 
     #[test]
