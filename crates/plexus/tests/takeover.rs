@@ -145,9 +145,19 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-/// Streams the completion, SIGKILLing `pid` after chunk `at` for each `(pid, at)`; the text
-/// and, per kill, the seconds from the kill to the next chunk.
-fn stream(net: &Net, kills: &[(u32, usize)]) -> (String, Vec<f64>) {
+/// When a kill happens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum At {
+    /// As the request goes out: the node dies while the gateway routes and prefills the
+    /// prompt, before the first token.
+    Start,
+    /// After this chunk (0: the first) reached the client.
+    Chunk(usize),
+}
+
+/// Streams the completion, SIGKILLing `pid` at `at` for each `(pid, at)`; the text and, per
+/// kill, the seconds from the kill to the next chunk.
+fn stream(net: &Net, kills: &[(u32, At)]) -> (String, Vec<f64>) {
     let mut child = Command::new(python())
         .arg(repo().join("crates/plexus/tests/stream_client.py"))
         .args([&net.url, &net.model, MAX_TOKENS, PROMPT])
@@ -160,9 +170,26 @@ fn stream(net: &Net, kills: &[(u32, usize)]) -> (String, Vec<f64>) {
     let mut pauses = Vec::new();
     let mut killed_at: Option<f64> = None;
     let mut done = false;
+    let kill = |pid: u32| {
+        let ok = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {pid}");
+        unix_now()
+    };
     for line in lines {
         let line = line.unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v.get("start").is_some() {
+            for &(pid, at) in kills {
+                if at == At::Start {
+                    killed_at = Some(kill(pid));
+                }
+            }
+            continue;
+        }
         if let Some(e) = v.get("error") {
             panic!(
                 "the request failed after {} chars ({e}): {text:?}",
@@ -179,14 +206,8 @@ fn stream(net: &Net, kills: &[(u32, usize)]) -> (String, Vec<f64>) {
         }
         let i = v["i"].as_u64().unwrap() as usize;
         for &(pid, at) in kills {
-            if i == at {
-                killed_at = Some(unix_now());
-                let ok = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status()
-                    .unwrap()
-                    .success();
-                assert!(ok, "kill {pid}");
+            if at == At::Chunk(i) {
+                killed_at = Some(kill(pid));
             }
         }
     }
@@ -217,10 +238,10 @@ fn sigkill_of_any_node_mid_stream_leaves_the_text_unchanged_issue_7() {
         let net = up();
         let (want, _) = stream(&net, &[]);
         assert!(!want.is_empty());
-        let mut kills = vec![(net.nodes[victim], 10)];
+        let mut kills = vec![(net.nodes[victim], At::Chunk(10))];
         if victim == 0 {
             // Then a second node: the last survivor takes the whole model.
-            kills.push((net.nodes[1], 30));
+            kills.push((net.nodes[1], At::Chunk(30)));
         }
         let (got, p) = stream(&net, &kills);
         eprintln!("node {victim} killed: pauses {p:?} s");
@@ -240,7 +261,7 @@ fn sigkill_of_any_node_mid_stream_leaves_the_text_unchanged_issue_7() {
         for k in 0..extra {
             let net = up();
             let (want, _) = stream(&net, &[]);
-            let (got, p) = stream(&net, &[(net.nodes[k % 3], 10)]);
+            let (got, p) = stream(&net, &[(net.nodes[k % 3], At::Chunk(10))]);
             assert_eq!(got, want);
             single.extend(p);
         }
@@ -250,6 +271,30 @@ fn sigkill_of_any_node_mid_stream_leaves_the_text_unchanged_issue_7() {
             single.len(),
             single[single.len() / 2],
             single[single.len() - 1]
+        );
+    }
+}
+
+/// The issue's other kill points: each node in turn as the request goes out (the gateway
+/// routes and prefills the prompt meanwhile) and after the first chunk.
+#[test]
+fn sigkill_during_the_prompt_or_after_the_first_chunk_leaves_the_text_unchanged_issue_7() {
+    require_openai();
+    for (victim, at) in [
+        (0, At::Start),
+        (1, At::Start),
+        (2, At::Start),
+        (0, At::Chunk(0)),
+        (1, At::Chunk(0)),
+        (2, At::Chunk(0)),
+    ] {
+        let net = up();
+        let (want, _) = stream(&net, &[]);
+        let (got, p) = stream(&net, &[(net.nodes[victim], at)]);
+        eprintln!("node {victim} killed at {at:?}: pause {p:?} s");
+        assert_eq!(
+            got, want,
+            "text changed after killing node {victim} at {at:?}"
         );
     }
 }
