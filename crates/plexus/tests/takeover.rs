@@ -158,6 +158,27 @@ enum At {
 /// Streams the completion, SIGKILLing `pid` at `at` for each `(pid, at)`; the text and, per
 /// kill, the seconds from the kill to the next chunk.
 fn stream(net: &Net, kills: &[(u32, At)]) -> (String, Vec<f64>) {
+    stream_and_restart(net, kills, None).0
+}
+
+/// A node process started again by the test (the same command line, so the same key and
+/// peer id); killed when dropped.
+struct Restarted(Child);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// [`stream`], and after chunk `i` of `restart = Some((argv, i))` runs `argv` again.
+fn stream_and_restart(
+    net: &Net,
+    kills: &[(u32, At)],
+    restart: Option<(&[String], usize)>,
+) -> ((String, Vec<f64>), Option<Restarted>) {
+    let mut restarted = None;
     let mut child = Command::new(python())
         .arg(repo().join("crates/plexus/tests/stream_client.py"))
         .args([&net.url, &net.model, MAX_TOKENS, PROMPT])
@@ -210,13 +231,26 @@ fn stream(net: &Net, kills: &[(u32, At)]) -> (String, Vec<f64>) {
                 killed_at = Some(kill(pid));
             }
         }
+        if let Some((argv, at)) = restart {
+            if at == i {
+                // stdin stays open: a node started by `plexus up` exits when it closes.
+                let child = Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .unwrap();
+                restarted = Some(Restarted(child));
+            }
+        }
     }
     assert!(
         child.wait().unwrap().success() && done,
         "the stream did not end cleanly"
     );
     assert_eq!(pauses.len(), kills.len(), "every kill happened mid-stream");
-    (text, pauses)
+    ((text, pauses), restarted)
 }
 
 fn require_openai() {
@@ -297,4 +331,67 @@ fn sigkill_during_the_prompt_or_after_the_first_chunk_leaves_the_text_unchanged_
             "text changed after killing node {victim} at {at:?}"
         );
     }
+}
+
+/// A killed node comes back (the same command line, key and peer id) while a stream runs:
+/// it rejoins, placement rebalances, and neither that stream nor the next changes its text.
+#[test]
+fn a_killed_node_rejoining_mid_stream_changes_no_text_issue_7() {
+    require_openai();
+    let net = up();
+    let calls0 = metric(&net, "plexus_stage_calls_total");
+    let (want, _) = stream(&net, &[]);
+    let calls_3_stages = metric(&net, "plexus_stage_calls_total") - calls0;
+    let victim = net.nodes[1];
+    let argv: Vec<String> = std::fs::read_to_string(format!("/proc/{victim}/cmdline"))
+        .unwrap()
+        .split('\0')
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    // Killed after chunk 3 (the survivors take its layers over), back after chunk 20.
+    let ((got, p), back) = stream_and_restart(&net, &[(victim, At::Chunk(3))], Some((&argv, 20)));
+    let mut back = back.expect("the node was started again mid-stream");
+    eprintln!("killed, then restarted mid-stream: pause {p:?} s");
+    assert_eq!(got, want, "text changed while the node rejoined");
+    assert!(
+        back.0.try_wait().unwrap().is_none(),
+        "the restarted node exited"
+    );
+    // It rejoined: the gateway holds its announcement again...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&net, "plexus_directory_peers") < 3.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node never rejoined"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ...and once the survivors moved back (two plan ticks and a load), a stream runs over
+    // three stages again, with the same text.
+    std::thread::sleep(Duration::from_secs(5));
+    let calls = metric(&net, "plexus_stage_calls_total");
+    let (again, _) = stream(&net, &[]);
+    assert_eq!(again, want, "text changed after the rebalance");
+    assert_eq!(
+        metric(&net, "plexus_stage_calls_total") - calls,
+        calls_3_stages,
+        "the rebalanced network did not serve over three stages again"
+    );
+}
+
+/// A sample of the gateway's /metrics.
+fn metric(net: &Net, name: &str) -> f64 {
+    let body = ureq::get(&format!("{}/metrics", net.url))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
