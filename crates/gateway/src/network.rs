@@ -26,6 +26,9 @@ struct NetModel {
     entry: ModelEntry,
     digest: Digest,
     num_layers: usize,
+    /// When a full route was last seen: a model whose node just died stays listed while the
+    /// survivors take its layers over (the chain waits for them as it does mid-stream).
+    last_covered: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Serves models through remote stage chains.
@@ -69,6 +72,7 @@ impl NetworkBackend {
             },
             digest,
             num_layers,
+            last_covered: std::sync::Mutex::new(None),
         });
         Ok(&self.models[self.models.len() - 1].entry)
     }
@@ -93,7 +97,16 @@ impl NetworkBackend {
                 price_s: 0.0,
             })
             .collect();
-        best_route(&cands, 0, m.num_layers, &[]).is_some()
+        let now = std::time::Instant::now();
+        let mut last = m
+            .last_covered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if best_route(&cands, 0, m.num_layers, &[]).is_some() {
+            *last = Some(now);
+            return true;
+        }
+        last.is_some_and(|t| now.duration_since(t) < self.client.reroute_wait())
     }
 }
 

@@ -203,6 +203,11 @@ impl NetworkClient {
         out
     }
 
+    /// How long a chain waits for a route when none covers the model (a take-over under way).
+    pub fn reroute_wait(&self) -> Duration {
+        self.config.reroute_wait
+    }
+
     /// Whether a node asking `price` may be routed to (at most `max_price`).
     pub fn affordable(&self, price: u64) -> bool {
         self.config.max_price.is_none_or(|m| price <= m)
@@ -237,7 +242,17 @@ impl NetworkClient {
         context: usize,
         params: SamplingParams,
     ) -> Result<RemoteChain, ChainError> {
-        let cands = self.runtime.block_on(self.candidates(&model));
+        let mut cands = self.runtime.block_on(self.candidates(&model));
+        if best_route(&cands, 0, num_layers, &[]).is_none() {
+            // A node died just before this request: wait, as a running chain does, for the
+            // survivors to take its layers over.
+            self.runtime.block_on(self.wait_for_route(
+                &model,
+                num_layers,
+                self.config.reroute_wait,
+            ));
+            cands = self.runtime.block_on(self.candidates(&model));
+        }
         let (route, _) = best_route(&cands, 0, num_layers, &[]).ok_or(ChainError::NoRoute {
             model: model.short(),
             from: 0,

@@ -3,7 +3,8 @@
 
     python3 crates/plexus/tests/stream_client.py http://127.0.0.1:PORT MODEL MAX_TOKENS PROMPT
 
-Prints one JSON line per content chunk, {"i": n, "t": unix_seconds, "text": "..."}, then
+Prints {"start": unix_seconds} just before the request goes out, one JSON line per content
+chunk, {"i": n, "t": unix_seconds, "text": "..."}, then
 {"done": true, "finish": reason} (or {"error": "..."} and exit 1). The test that runs it
 (crates/plexus/tests/takeover.rs) kills nodes while it reads these lines.
 """
@@ -21,6 +22,7 @@ except ImportError:
 
 url, model, max_tokens, prompt = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+print(json.dumps({"start": time.time()}), flush=True)
 try:
     stream = client.chat.completions.create(
         model=model,

@@ -145,9 +145,40 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-/// Streams the completion, SIGKILLing `pid` after chunk `at` for each `(pid, at)`; the text
-/// and, per kill, the seconds from the kill to the next chunk.
-fn stream(net: &Net, kills: &[(u32, usize)]) -> (String, Vec<f64>) {
+/// When a kill happens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum At {
+    /// As the request goes out: the node dies while the gateway routes and prefills the
+    /// prompt, before the first token.
+    Start,
+    /// After this chunk (0: the first) reached the client.
+    Chunk(usize),
+}
+
+/// Streams the completion, SIGKILLing `pid` at `at` for each `(pid, at)`; the text and, per
+/// kill, the seconds from the kill to the next chunk.
+fn stream(net: &Net, kills: &[(u32, At)]) -> (String, Vec<f64>) {
+    stream_and_restart(net, kills, None).0
+}
+
+/// A node process started again by the test (the same command line, so the same key and
+/// peer id); killed when dropped.
+struct Restarted(Child);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// [`stream`], and after chunk `i` of `restart = Some((argv, i))` runs `argv` again.
+fn stream_and_restart(
+    net: &Net,
+    kills: &[(u32, At)],
+    restart: Option<(&[String], usize)>,
+) -> ((String, Vec<f64>), Option<Restarted>) {
+    let mut restarted = None;
     let mut child = Command::new(python())
         .arg(repo().join("crates/plexus/tests/stream_client.py"))
         .args([&net.url, &net.model, MAX_TOKENS, PROMPT])
@@ -160,9 +191,26 @@ fn stream(net: &Net, kills: &[(u32, usize)]) -> (String, Vec<f64>) {
     let mut pauses = Vec::new();
     let mut killed_at: Option<f64> = None;
     let mut done = false;
+    let kill = |pid: u32| {
+        let ok = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {pid}");
+        unix_now()
+    };
     for line in lines {
         let line = line.unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v.get("start").is_some() {
+            for &(pid, at) in kills {
+                if at == At::Start {
+                    killed_at = Some(kill(pid));
+                }
+            }
+            continue;
+        }
         if let Some(e) = v.get("error") {
             panic!(
                 "the request failed after {} chars ({e}): {text:?}",
@@ -179,14 +227,21 @@ fn stream(net: &Net, kills: &[(u32, usize)]) -> (String, Vec<f64>) {
         }
         let i = v["i"].as_u64().unwrap() as usize;
         for &(pid, at) in kills {
-            if i == at {
-                killed_at = Some(unix_now());
-                let ok = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status()
-                    .unwrap()
-                    .success();
-                assert!(ok, "kill {pid}");
+            if at == At::Chunk(i) {
+                killed_at = Some(kill(pid));
+            }
+        }
+        if let Some((argv, at)) = restart {
+            if at == i {
+                // stdin stays open: a node started by `plexus up` exits when it closes.
+                let child = Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .unwrap();
+                restarted = Some(Restarted(child));
             }
         }
     }
@@ -195,7 +250,7 @@ fn stream(net: &Net, kills: &[(u32, usize)]) -> (String, Vec<f64>) {
         "the stream did not end cleanly"
     );
     assert_eq!(pauses.len(), kills.len(), "every kill happened mid-stream");
-    (text, pauses)
+    ((text, pauses), restarted)
 }
 
 fn require_openai() {
@@ -217,10 +272,10 @@ fn sigkill_of_any_node_mid_stream_leaves_the_text_unchanged_issue_7() {
         let net = up();
         let (want, _) = stream(&net, &[]);
         assert!(!want.is_empty());
-        let mut kills = vec![(net.nodes[victim], 10)];
+        let mut kills = vec![(net.nodes[victim], At::Chunk(10))];
         if victim == 0 {
             // Then a second node: the last survivor takes the whole model.
-            kills.push((net.nodes[1], 30));
+            kills.push((net.nodes[1], At::Chunk(30)));
         }
         let (got, p) = stream(&net, &kills);
         eprintln!("node {victim} killed: pauses {p:?} s");
@@ -240,7 +295,7 @@ fn sigkill_of_any_node_mid_stream_leaves_the_text_unchanged_issue_7() {
         for k in 0..extra {
             let net = up();
             let (want, _) = stream(&net, &[]);
-            let (got, p) = stream(&net, &[(net.nodes[k % 3], 10)]);
+            let (got, p) = stream(&net, &[(net.nodes[k % 3], At::Chunk(10))]);
             assert_eq!(got, want);
             single.extend(p);
         }
@@ -252,4 +307,91 @@ fn sigkill_of_any_node_mid_stream_leaves_the_text_unchanged_issue_7() {
             single[single.len() - 1]
         );
     }
+}
+
+/// The issue's other kill points: each node in turn as the request goes out (the gateway
+/// routes and prefills the prompt meanwhile) and after the first chunk.
+#[test]
+fn sigkill_during_the_prompt_or_after_the_first_chunk_leaves_the_text_unchanged_issue_7() {
+    require_openai();
+    for (victim, at) in [
+        (0, At::Start),
+        (1, At::Start),
+        (2, At::Start),
+        (0, At::Chunk(0)),
+        (1, At::Chunk(0)),
+        (2, At::Chunk(0)),
+    ] {
+        let net = up();
+        let (want, _) = stream(&net, &[]);
+        let (got, p) = stream(&net, &[(net.nodes[victim], at)]);
+        eprintln!("node {victim} killed at {at:?}: pause {p:?} s");
+        assert_eq!(
+            got, want,
+            "text changed after killing node {victim} at {at:?}"
+        );
+    }
+}
+
+/// A killed node comes back (the same command line, key and peer id) while a stream runs:
+/// it rejoins, placement rebalances, and neither that stream nor the next changes its text.
+#[test]
+fn a_killed_node_rejoining_mid_stream_changes_no_text_issue_7() {
+    require_openai();
+    let net = up();
+    let calls0 = metric(&net, "plexus_stage_calls_total");
+    let (want, _) = stream(&net, &[]);
+    let calls_3_stages = metric(&net, "plexus_stage_calls_total") - calls0;
+    let victim = net.nodes[1];
+    let argv: Vec<String> = std::fs::read_to_string(format!("/proc/{victim}/cmdline"))
+        .unwrap()
+        .split('\0')
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    // Killed after chunk 3 (the survivors take its layers over), back after chunk 20.
+    let ((got, p), back) = stream_and_restart(&net, &[(victim, At::Chunk(3))], Some((&argv, 20)));
+    let mut back = back.expect("the node was started again mid-stream");
+    eprintln!("killed, then restarted mid-stream: pause {p:?} s");
+    assert_eq!(got, want, "text changed while the node rejoined");
+    assert!(
+        back.0.try_wait().unwrap().is_none(),
+        "the restarted node exited"
+    );
+    // It rejoined: the gateway holds its announcement again...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&net, "plexus_directory_peers") < 3.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node never rejoined"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ...and once the survivors moved back (two plan ticks and a load), a stream runs over
+    // three stages again, with the same text.
+    std::thread::sleep(Duration::from_secs(5));
+    let calls = metric(&net, "plexus_stage_calls_total");
+    let (again, _) = stream(&net, &[]);
+    assert_eq!(again, want, "text changed after the rebalance");
+    assert_eq!(
+        metric(&net, "plexus_stage_calls_total") - calls,
+        calls_3_stages,
+        "the rebalanced network did not serve over three stages again"
+    );
+}
+
+/// A sample of the gateway's /metrics.
+fn metric(net: &Net, name: &str) -> f64 {
+    let body = ureq::get(&format!("{}/metrics", net.url))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
