@@ -6,7 +6,9 @@ request with and without a JSON schema, through a running gateway, streamed.
 
 Per request: time from the first streamed token to the last, divided by the completion tokens
 after the first (so prefill is left out). Free and schema requests alternate ROUNDS times
-(default 5); prints the median ms/token of each and their ratio. Start the gateway with a
+(default 5); prints the median ms/token of each, their ratio, and the mean time the gateway
+spent computing a mask (its `/metrics` counters `plexus_grammar_mask_microseconds` /
+`plexus_grammar_masks`). Start the gateway with a
 release build, e.g.
 
     target/release/plexus gateway --model ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
@@ -16,6 +18,7 @@ release build, e.g.
 import statistics
 import sys
 import time
+import urllib.request
 
 from openai import OpenAI
 
@@ -76,6 +79,17 @@ def main():
     print(f"free text:   {f:.2f} ms/token (median of {rounds}, {n_free} tokens)")
     print(f"json_schema: {g:.2f} ms/token (median of {rounds}, {n_guided} tokens)")
     print(f"overhead:    {g - f:+.2f} ms/token ({g / f:.2f}x)")
+    # The gateway's own count of the time spent computing masks (all requests so far).
+    req = urllib.request.Request(url.rstrip("/") + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    page = urllib.request.urlopen(req, timeout=30).read().decode()
+    found = {}
+    for line in page.splitlines():
+        for name in ("plexus_grammar_masks_total", "plexus_grammar_mask_microseconds_total"):
+            if line.startswith(name + " "):
+                found[name] = float(line.split()[1])
+    if len(found) == 2 and found["plexus_grammar_masks_total"] > 0:
+        per = found["plexus_grammar_mask_microseconds_total"] / found["plexus_grammar_masks_total"]
+        print(f"mask compute: {per / 1000:.3f} ms/token over {int(found['plexus_grammar_masks_total'])} masks (/metrics)")
 
 
 if __name__ == "__main__":

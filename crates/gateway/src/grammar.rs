@@ -19,7 +19,37 @@ use plexus_model::constraint::{Constraint, ConstraintError, Grammar, SharedGramm
 use plexus_model::Tokenizer;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Masks computed and the time spent computing them, for `/metrics` (the constrained
+/// decoding overhead per token, whatever backend samples).
+static MASKS: AtomicU64 = AtomicU64::new(0);
+static MASK_MICROS: AtomicU64 = AtomicU64::new(0);
+
+/// Appends the grammar counters to a `/metrics` page.
+pub fn render_metrics(out: &mut String) {
+    for (name, help, v) in [
+        (
+            "plexus_grammar_masks",
+            "Token masks computed for constrained decoding.",
+            &MASKS,
+        ),
+        (
+            "plexus_grammar_mask_microseconds",
+            "Time spent computing token masks.",
+            &MASK_MICROS,
+        ),
+    ] {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {}\n",
+            v.load(Ordering::Relaxed)
+        );
+    }
+}
 
 /// How JSON is laid out under a grammar: one line, `json.dumps`' separators. Free whitespace
 /// would let a small model pad its output with newlines until `max_tokens`.
@@ -155,10 +185,15 @@ struct Matching(Matcher);
 
 impl Constraint for Matching {
     fn mask(&mut self) -> Result<Vec<u32>, ConstraintError> {
-        self.0
+        let started = Instant::now();
+        let mask = self
+            .0
             .compute_mask_or_eos()
             .map(|m| m.as_slice().to_vec())
-            .map_err(|e| ConstraintError::Grammar(e.to_string()))
+            .map_err(|e| ConstraintError::Grammar(e.to_string()));
+        MASKS.fetch_add(1, Ordering::Relaxed);
+        MASK_MICROS.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        mask
     }
 
     fn advance(&mut self, token: u32) -> Result<(), ConstraintError> {

@@ -117,6 +117,7 @@ impl Metrics {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         backend.render_metrics(&mut out);
+        crate::grammar::render_metrics(&mut out);
         if !out.is_empty() && !out.ends_with('\n') {
             out.push('\n');
         }

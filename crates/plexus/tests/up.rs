@@ -207,7 +207,7 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
     // under the gateway's grammar masks; every answer parses and validates.
     let out = Command::new(&python)
         .arg(repo().join("crates/plexus/tests/structured_client.py"))
-        .args([&url, &key, "1"])
+        .args([&url, &key, "1", "quick"])
         .output()
         .expect("run the python structured-output checks");
     let text = String::from_utf8_lossy(&out.stdout);
