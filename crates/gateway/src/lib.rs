@@ -24,6 +24,7 @@ pub mod limits;
 pub mod local;
 pub mod metrics;
 pub mod network;
+pub mod payments;
 pub mod server;
 pub mod sse;
 pub mod state;

@@ -31,13 +31,20 @@ struct NetModel {
 pub struct NetworkBackend {
     client: NetworkClient,
     models: Vec<NetModel>,
+    /// Delivers providers' vouchers (started when created inside a tokio runtime).
+    post: Option<crate::payments::VoucherPost>,
+    /// Every provider's accepted work since start (`plexus_provider_work_total`).
+    work: std::sync::Mutex<Usage>,
 }
 
 impl NetworkBackend {
     pub fn new(client: NetworkClient) -> Self {
+        let post = crate::payments::VoucherPost::start(client.clone());
         Self {
             client,
             models: Vec::new(),
+            post,
+            work: std::sync::Mutex::new(Usage::default()),
         }
     }
 
@@ -160,6 +167,16 @@ impl Backend for NetworkBackend {
         Ok(out)
     }
 
+    fn deliver_vouchers(&self, vouchers: Vec<plexus_ledger::SignedVoucher>) {
+        match &self.post {
+            Some(post) => post.post(vouchers),
+            None => tracing::warn!(
+                count = vouchers.len(),
+                "no voucher delivery (the backend was built outside a runtime)"
+            ),
+        }
+    }
+
     fn render_metrics(&self, out: &mut String) {
         let dir = self.client.directory();
         let _ = write!(
@@ -230,6 +247,22 @@ impl Backend for NetworkBackend {
             "Frames refused as oversized or undecodable.",
             c.rejected.load(Ordering::Relaxed),
         );
+        let _ = writeln!(
+            out,
+            "# HELP plexus_provider_work Position-layers of accepted receipts, per provider account and price (micro-PLX per 1000).\n# TYPE plexus_provider_work counter"
+        );
+        if let Ok(work) = self.work.lock() {
+            for ((account, price), w) in &work.providers {
+                let _ = writeln!(
+                    out,
+                    "plexus_provider_work_total{{account=\"{account}\",price=\"{price}\"}} {}",
+                    w.work
+                );
+            }
+        }
+        if let Some(post) = &self.post {
+            post.render(out);
+        }
     }
 }
 
@@ -263,6 +296,9 @@ impl NetworkBackend {
         let result =
             generate_with(&mut chain, &m.entry.tokenizer, req, |t| on_text(t)).map_err(map_error);
         usage.merge(chain.usage());
+        if let Ok(mut work) = self.work.lock() {
+            work.merge(chain.usage());
+        }
         result
     }
 }

@@ -61,6 +61,8 @@ pub struct GatewayArgs {
     pub wire: String,
     #[command(flatten)]
     pub ledger: super::ledger::LedgerArgs,
+    #[command(flatten)]
+    pub rules: super::ledger::LedgerRulesArgs,
     /// Price per completion token, in micro-PLX (with a ledger).
     #[arg(long, default_value_t = 1)]
     pub price: plexus_ledger::Amount,
@@ -190,7 +192,8 @@ async fn listen_and_serve(
         .clone()
         .unwrap_or_else(super::net::default_data_dir);
     let accounts =
-        super::ledger::open_accounts(&a.ledger, &data_dir, &a.net.key()?, a.price).await?;
+        super::ledger::open_accounts(&a.ledger, &a.rules, &data_dir, &a.net.key()?, a.price)
+            .await?;
     let mut stdout = std::io::stdout();
     writeln!(stdout, "listening on http://{addr}")?;
     stdout.flush()?;
