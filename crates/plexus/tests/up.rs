@@ -377,15 +377,15 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
     }
 }
 
-/// `plexus wallet ARGS --data-dir BASE/DIR --ledger LEDGER`.
+/// `plexus wallet --ledger LEDGER --data-dir BASE/DIR ARGS`.
 fn wallet(base: &Path, dir: &str, ledger: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_plexus"))
         .arg("wallet")
-        .args(args)
-        .arg("--data-dir")
-        .arg(base.join(dir))
         .arg("--ledger")
         .arg(ledger)
+        .arg("--data-dir")
+        .arg(base.join(dir))
+        .args(args)
         .output()
         .unwrap()
 }
