@@ -8,17 +8,23 @@ stamp. Reports p50 / p99 / max over all chunks of all streams, per concurrency l
 
     python3 bench/gateway_overhead.py http://127.0.0.1:PORT 1 32
 
+With PLEXUS_KEY set, every request carries `Authorization: Bearer $PLEXUS_KEY` (a gateway
+with a ledger meters and charges it).
+
 Stdlib only (asyncio sockets, HTTP/1.1), so the client's own cost is small and the same at
 every level; it is included in the figure (an upper bound on the gateway's share).
 """
 
 import asyncio
 import json
+import os
 import sys
 import time
 from urllib.parse import urlparse
 
 TOKENS = 64
+KEY = os.environ.get("PLEXUS_KEY", "")
+AUTH = f"Authorization: Bearer {KEY}\r\n" if KEY else ""
 
 
 async def stream(host, port, model, samples):
@@ -30,7 +36,7 @@ async def stream(host, port, model, samples):
         "stream": True,
     }).encode()
     writer.write(
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n{AUTH}Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
     )
     await writer.drain()
@@ -66,7 +72,9 @@ async def level(url, model, c):
 def main():
     url, levels = sys.argv[1], [int(x) for x in sys.argv[2:]] or [1, 32]
     import urllib.request
-    models = json.load(urllib.request.urlopen(url + "/v1/models"))
+    req = urllib.request.Request(url + "/v1/models",
+                                 headers={"Authorization": f"Bearer {KEY}"} if KEY else {})
+    models = json.load(urllib.request.urlopen(req))
     model = models["data"][0]["id"]
     print("| streams | chunks | p50 ms | p99 ms | max ms |")
     print("|---|---|---|---|---|")

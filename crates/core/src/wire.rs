@@ -296,7 +296,18 @@ pub enum Request {
     },
     /// Ask for the node's current signed announcement.
     Describe,
+    /// A payer's signed cumulative voucher for this node's work on one request (the JSON of
+    /// `plexus_ledger::SignedVoucher`, at most [`MAX_VOUCHER_BYTES`]). The node verifies it and
+    /// keeps the latest per request to redeem on the ledger. Appended last, like every new
+    /// variant, so the others keep their encoding.
+    Voucher {
+        #[serde(with = "serde_bytes")]
+        voucher: Vec<u8>,
+    },
 }
+
+/// Largest voucher a [`Request::Voucher`] carries (a signed voucher's JSON is ~450 bytes).
+pub const MAX_VOUCHER_BYTES: usize = 2048;
 
 /// Why a stage refused or failed a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -348,6 +359,11 @@ pub enum Response {
     Receipted {
         response: Box<Response>,
         receipt: Box<Receipt>,
+    },
+    /// A [`Request::Voucher`] verified and kept: the cumulative amount the node now holds a
+    /// voucher for on that request (refusals are `Error { BadRequest }` naming the reason).
+    VoucherKept {
+        cumulative: u64,
     },
 }
 
@@ -468,6 +484,14 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, DecodeError> {
     let req: Request = decode(bytes)?;
     if let Request::Forward(f) = &req {
         validate_forward(f)?;
+    }
+    if let Request::Voucher { voucher } = &req {
+        if voucher.len() > MAX_VOUCHER_BYTES {
+            return Err(DecodeError::Invalid(format!(
+                "a voucher of {} bytes (at most {MAX_VOUCHER_BYTES})",
+                voucher.len()
+            )));
+        }
     }
     Ok(req)
 }

@@ -260,6 +260,12 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
         },
     );
     req("ok-describe", Request::Describe);
+    req(
+        "ok-voucher",
+        Request::Voucher {
+            voucher: br#"{"voucher":{},"chain_id":31337,"signature":"0x00"}"#.to_vec(),
+        },
+    );
     // Decodes: the decoder checks shapes, the engine checks them against its model.
     req(
         "ok-forward-hidden-cols-zero",
@@ -397,6 +403,10 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
         },
     );
     resp("ok-closed", Response::Closed);
+    resp(
+        "ok-voucher-kept",
+        Response::VoucherKept { cumulative: 1_234 },
+    );
     resp("ok-described", Response::Described(announcement()));
     for code in [
         ErrorCode::BadRequest,
@@ -553,6 +563,7 @@ fn request_variant(r: &Request) -> &'static str {
         Request::Forward(_) => "forward",
         Request::Close { .. } => "close",
         Request::Describe => "describe",
+        Request::Voucher { .. } => "voucher",
     }
 }
 
@@ -565,6 +576,7 @@ fn response_variant(r: &Response) -> &'static str {
         Response::Described(_) => "described",
         Response::Error { .. } => "error",
         Response::Receipted { .. } => "receipted",
+        Response::VoucherKept { .. } => "voucher-kept",
     }
 }
 

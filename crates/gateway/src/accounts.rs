@@ -21,6 +21,14 @@
 //!   positions are work too, while clients pay for completion tokens only), the charge is
 //!   shared pro rata to their pay, rounded down (the rounding remainder to the gateway), and
 //!   the shortfall is logged: the client is never charged more than it was quoted.
+//!
+//! Vouchers: with a signing key ([`Accounts::with_signer`]) every provider payout of a
+//! settlement is also a cumulative EIP-712 voucher signed by the gateway's account (the payer
+//! of the escrow): `(gateway, provider, request id, amount, nonce 1, expiry 30 days)`. The
+//! generation hands them to the backend, which delivers them to the providers' nodes
+//! ([`crate::payments`]); a node keeps the latest and can redeem it on the ledger while the
+//! escrow is open (the settlement already pays the same amount, so a voucher redeemed
+//! before it is not paid twice: settle pays only what exceeds redeemed vouchers).
 
 use crate::backend::Usage;
 use crate::error::ApiError;
@@ -29,7 +37,9 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use plexus_ledger::{Address, Amount, Config, Op, Payout, RequestId, Timestamp};
+use plexus_ledger::{
+    Address, Amount, Config, Op, Payout, RequestId, SignedVoucher, Timestamp, Voucher,
+};
 use plexus_ledger_store::{OpenError, Store, StoreError};
 use serde_json::json;
 use std::sync::Arc;
@@ -53,7 +63,14 @@ pub struct Accounts {
     provider: Address,
     /// Ledger units per completion token.
     price: Amount,
+    /// Signs the vouchers of provider payouts (the key of `gateway`).
+    signer: Option<k256::ecdsa::SigningKey>,
+    /// The ledger's EIP-712 chain id.
+    chain_id: u64,
 }
+
+/// How long a voucher stays redeemable: seconds.
+pub const VOUCHER_TTL_S: u64 = 30 * 24 * 3600;
 
 /// Why accounts could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +85,8 @@ pub enum AccountsError {
     Refused(#[source] StoreError),
     #[error("cannot read the system's random number generator: {0}")]
     Random(String),
+    #[error("the voucher key's account {key} is not the gateway's account {gateway}")]
+    SignerMismatch { key: Address, gateway: Address },
 }
 
 mod sqlx_error {
@@ -107,12 +126,33 @@ impl Accounts {
                 .await
                 .map_err(AccountsError::Recover)?;
         }
+        let chain_id = store.ledger().config().chain_id;
         Ok(Self {
             store: Mutex::new(store),
             gateway,
             provider,
             price,
+            signer: None,
+            chain_id,
         })
+    }
+
+    /// Signs a voucher for every provider payout with `key` (the gateway account's key).
+    pub fn with_signer(mut self, key: k256::ecdsa::SigningKey) -> Result<Self, AccountsError> {
+        let address = Address::from_private_key(&key);
+        if address != self.gateway {
+            return Err(AccountsError::SignerMismatch {
+                key: address,
+                gateway: self.gateway,
+            });
+        }
+        self.signer = Some(key);
+        Ok(self)
+    }
+
+    /// The rules of the ledger (fixed when it was created).
+    pub async fn config(&self) -> Config {
+        self.store.lock().await.ledger().config().clone()
     }
 
     pub fn price(&self) -> Amount {
@@ -137,7 +177,12 @@ impl Accounts {
 
     /// The funds of `account`, as `GET /v1/account` reports them.
     pub async fn view(&self, account: Address) -> plexus_ledger::AccountView {
-        self.store.lock().await.ledger().account(account)
+        let mut store = self.store.lock().await;
+        // Deposits made beside the gateway (`plexus wallet`, `plexus keys create --faucet`).
+        if let Err(e) = store.catch_up().await {
+            tracing::warn!("ledger catch-up failed: {e}");
+        }
+        store.ledger().account(account)
     }
 
     /// Executes one ledger operation now (tools: `plexus up` funds and stakes its nodes).
@@ -183,7 +228,17 @@ impl Accounts {
                 amount: held,
             };
             let mut store = self.store.lock().await;
-            match store.execute(op, now_ms()).await {
+            let mut result = store.execute(op.clone(), now_ms()).await;
+            if let Err(StoreError::Refused(plexus_ledger::OpError::Escrow(
+                plexus_ledger::EscrowError::Insufficient(_),
+            ))) = result
+            {
+                // Funds may have arrived from another process since this store last looked.
+                if matches!(store.catch_up().await, Ok(n) if n > 0) {
+                    result = store.execute(op, now_ms()).await;
+                }
+            }
+            match result {
                 Ok(_) => {}
                 Err(StoreError::Refused(plexus_ledger::OpError::Escrow(
                     plexus_ledger::EscrowError::Insufficient(i),
@@ -206,7 +261,15 @@ impl Accounts {
         })
     }
 
-    async fn settle(&self, request: RequestId, tokens: usize, held: Amount, usage: &Usage) {
+    /// Settles `request` and returns the vouchers of its provider payouts (none without a
+    /// signer; the gateway's own fee needs none).
+    async fn settle(
+        &self,
+        request: RequestId,
+        tokens: usize,
+        held: Amount,
+        usage: &Usage,
+    ) -> Vec<SignedVoucher> {
         let charge = (tokens as u128 * u128::from(self.price)).min(u128::from(held)) as Amount;
         let split = split(charge, &usage.costs(), self.provider);
         if split.shortfall > 0 {
@@ -217,18 +280,63 @@ impl Accounts {
                 "providers' metered pay exceeds the client's charge; paid pro rata"
             );
         }
+        let now = now_ms();
+        let vouchers = self.vouchers(request, &split.payouts, now);
         let op = Op::Settle {
             request,
             payouts: split.payouts,
         };
         let mut store = self.store.lock().await;
         // Audit verdicts first: the client of the (still open) request gets its refund share.
-        crate::slashing::apply(&mut store, request, &usage.convictions, now_ms()).await;
-        if let Err(e) = store.execute(op, now_ms()).await {
-            // The escrow stays open and is released when the gateway next starts.
+        crate::slashing::apply(&mut store, request, &usage.convictions, now).await;
+        if let Err(e) = store.execute(op, now).await {
+            // The escrow stays open (providers may redeem their vouchers meanwhile) and is
+            // released when the gateway next starts.
             tracing::error!(%request, error = %e, "settlement failed");
         }
+        vouchers
     }
+
+    /// One voucher per provider payout of `request` (see the module docs).
+    fn vouchers(
+        &self,
+        request: RequestId,
+        payouts: &[Payout],
+        now: Timestamp,
+    ) -> Vec<SignedVoucher> {
+        match &self.signer {
+            Some(key) => sign_vouchers(key, self.chain_id, request, payouts, now),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// The vouchers `key`'s account (the payer) signs for `payouts` of `request` at `now`: one per
+/// provider other than the payer itself, cumulative = its payout, nonce 1 (the request's only
+/// voucher), redeemable for [`VOUCHER_TTL_S`].
+pub fn sign_vouchers(
+    key: &k256::ecdsa::SigningKey,
+    chain_id: u64,
+    request: RequestId,
+    payouts: &[Payout],
+    now: Timestamp,
+) -> Vec<SignedVoucher> {
+    let payer = Address::from_private_key(key);
+    payouts
+        .iter()
+        .filter(|p| p.provider != payer && p.amount > 0)
+        .map(|p| {
+            Voucher {
+                payer,
+                provider: p.provider,
+                request,
+                cumulative: p.amount,
+                nonce: 1,
+                expiry: now / 1000 + VOUCHER_TTL_S,
+            }
+            .sign(chain_id, key)
+        })
+        .collect()
 }
 
 /// How a request's charge is paid out ([`split`]).
@@ -323,19 +431,20 @@ pub struct Meter {
 
 impl Meter {
     /// Settles to `tokens` completion tokens, blocking this (non-async) thread until the ledger
-    /// has recorded it, so the client's next look at its account sees the charge.
+    /// has recorded it, so the client's next look at its account sees the charge. Returns the
+    /// providers' vouchers for the backend to deliver.
     pub(crate) fn finish_blocking(
         mut self,
         runtime: &tokio::runtime::Handle,
         tokens: usize,
         usage: &Usage,
-    ) {
+    ) -> Vec<SignedVoucher> {
         self.done = true;
         if self.held == 0 {
-            return;
+            return Vec::new();
         }
         let accounts = self.accounts.clone();
-        runtime.block_on(accounts.settle(self.request, tokens, self.held, usage));
+        runtime.block_on(accounts.settle(self.request, tokens, self.held, usage))
     }
 }
 
@@ -347,7 +456,9 @@ impl Drop for Meter {
         let (accounts, request, held) = (self.accounts.clone(), self.request, self.held);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(async move { accounts.settle(request, 0, held, &Usage::default()).await });
+                rt.spawn(async move {
+                    accounts.settle(request, 0, held, &Usage::default()).await;
+                });
             }
             Err(_) => tracing::warn!(%request, "escrow left open; released at the next start"),
         }
@@ -532,6 +643,38 @@ mod tests {
                 amount: 50
             }]
         );
+    }
+
+    #[test]
+    fn settlement_vouchers_pay_each_provider_its_payout_and_redeem_like_the_settlement() {
+        let key = k256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap();
+        let gw = Address::from_private_key(&key);
+        let request = RequestId([3; 32]);
+        let split = split(100, &BTreeMap::from([(a(1), 30), (a(2), 45)]), gw);
+        let vs = sign_vouchers(&key, 31_337, request, &split.payouts, 5_000);
+        // The gateway's own fee gets no voucher.
+        assert_eq!(vs.len(), 2);
+        for (v, amount) in vs.iter().zip([30, 45]) {
+            v.verify(31_337, 5_000).unwrap();
+            assert_eq!(v.voucher.payer, gw);
+            assert_eq!(v.voucher.cumulative, amount);
+            assert_eq!(v.voucher.expiry, 5 + VOUCHER_TTL_S);
+        }
+        // On a ledger: redeemed before the settlement, the same settlement pays nothing twice.
+        let mut l = plexus_ledger::Ledger::new(Config::default());
+        l.faucet(a(9), 1_000, 0).unwrap();
+        l.open_escrow(request, a(9), gw, 100, 0).unwrap();
+        l.redeem(request, vs[0].clone(), 1_000).unwrap();
+        l.settle(request, split.payouts.clone(), 1_000).unwrap();
+        assert_eq!(l.account(a(1)).locked, 30);
+        assert_eq!(l.account(a(2)).locked, 45);
+        assert_eq!(l.account(gw).locked, 25);
+        assert_eq!(l.account(a(9)).available, 900);
+        assert!(matches!(
+            l.redeem(request, vs[1].clone(), 1_000),
+            Err(plexus_ledger::RedeemError::Settled { paid: 45, .. })
+        ));
+        l.check_invariants().unwrap();
     }
 
     proptest::proptest! {

@@ -130,4 +130,16 @@ pub trait Backend: Send + Sync + 'static {
     /// text format (`# HELP`, `# TYPE`, then samples; counter samples end in `_total`; no
     /// `# EOF`, the gateway writes it). Called on every scrape, so keep it cheap.
     fn render_metrics(&self, _out: &mut String) {}
+
+    /// Hands a settled request's provider vouchers over for delivery to the providers (the
+    /// network backend sends each to its node, see [`crate::payments`]). Must not block: it
+    /// runs on a generation thread. The default has no providers to deliver to.
+    fn deliver_vouchers(&self, vouchers: Vec<plexus_ledger::SignedVoucher>) {
+        if !vouchers.is_empty() {
+            tracing::debug!(
+                count = vouchers.len(),
+                "vouchers without a way to deliver them"
+            );
+        }
+    }
 }

@@ -25,6 +25,7 @@ pub mod limits;
 pub mod local;
 pub mod metrics;
 pub mod network;
+pub mod payments;
 pub mod server;
 pub mod slashing;
 pub mod sse;

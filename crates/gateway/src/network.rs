@@ -35,13 +35,20 @@ struct NetModel {
 pub struct NetworkBackend {
     client: NetworkClient,
     models: Vec<NetModel>,
+    /// Delivers providers' vouchers (started when created inside a tokio runtime).
+    post: Option<crate::payments::VoucherPost>,
+    /// Every provider's accepted work since start (`plexus_provider_work_total`).
+    work: std::sync::Mutex<Usage>,
 }
 
 impl NetworkBackend {
     pub fn new(client: NetworkClient) -> Self {
+        let post = crate::payments::VoucherPost::start(client.clone());
         Self {
             client,
             models: Vec::new(),
+            post,
+            work: std::sync::Mutex::new(Usage::default()),
         }
     }
 
@@ -177,6 +184,16 @@ impl Backend for NetworkBackend {
         self.choices(model_id, req, n, Some(grammar), on_text, usage)
     }
 
+    fn deliver_vouchers(&self, vouchers: Vec<plexus_ledger::SignedVoucher>) {
+        match &self.post {
+            Some(post) => post.post(vouchers),
+            None => tracing::warn!(
+                count = vouchers.len(),
+                "no voucher delivery (the backend was built outside a runtime)"
+            ),
+        }
+    }
+
     fn render_metrics(&self, out: &mut String) {
         let dir = self.client.directory();
         let _ = write!(
@@ -277,6 +294,22 @@ impl Backend for NetworkBackend {
             "Frames refused as oversized or undecodable.",
             c.rejected.load(Ordering::Relaxed),
         );
+        let _ = writeln!(
+            out,
+            "# HELP plexus_provider_work Position-layers of accepted receipts, per provider account and price (micro-PLX per 1000).\n# TYPE plexus_provider_work counter"
+        );
+        if let Ok(work) = self.work.lock() {
+            for ((account, price), w) in &work.providers {
+                let _ = writeln!(
+                    out,
+                    "plexus_provider_work_total{{account=\"{account}\",price=\"{price}\"}} {}",
+                    w.work
+                );
+            }
+        }
+        if let Some(post) = &self.post {
+            post.render(out);
+        }
     }
 }
 
@@ -336,7 +369,7 @@ impl NetworkBackend {
         let Some(grammar) = grammar else {
             let result =
                 generate_with(&mut chain, tokenizer, req, |t| on_text(t)).map_err(map_error);
-            usage.merge(chain.usage());
+            self.meter(usage, chain.usage());
             return result;
         };
         let mut guided = Guided::new(chain, grammar.start());
@@ -354,7 +387,19 @@ impl NetworkBackend {
                 }
                 GenerateError::Tokenizer(t) => map_error(GenerateError::Tokenizer(t)),
             });
-        usage.merge(guided.inner().usage());
+        self.meter(usage, guided.inner().usage());
         result
+    }
+
+    /// Adds a chain's metered work to the request's `usage` and to every provider's total
+    /// (the work only: verdicts stay with the request that settles them).
+    fn meter(&self, usage: &mut Usage, chain: &Usage) {
+        usage.merge(chain);
+        if let Ok(mut work) = self.work.lock() {
+            work.merge(&Usage {
+                providers: chain.providers.clone(),
+                ..Usage::default()
+            });
+        }
     }
 }

@@ -241,6 +241,31 @@ impl Store {
         Ok(())
     }
 
+    /// Applies entries another process appended since this store last read or wrote (a
+    /// `plexus keys create` or `plexus wallet` beside a running gateway), each re-executed and
+    /// checked against its hash chain. Returns how many were applied.
+    pub async fn catch_up(&mut self) -> Result<usize, VerifyError> {
+        let rows: Vec<AnyRow> =
+            sqlx::query("SELECT seq, entry FROM plexus_journal WHERE seq >= $1 ORDER BY seq")
+                .bind(to_i64(self.ledger.next_seq()))
+                .fetch_all(&self.pool)
+                .await?;
+        for r in &rows {
+            let seq: i64 = r.try_get(0)?;
+            let text: String = r.try_get(1)?;
+            let entry: Entry = serde_json::from_str(&text).map_err(|e| VerifyError::Decode {
+                seq,
+                reason: e.to_string(),
+            })?;
+            if let Err(e) = self.ledger.apply_recorded(&entry) {
+                // Leave no half-applied state behind: rebuild from the database.
+                self.reload().await?;
+                return Err(e.into());
+            }
+        }
+        Ok(rows.len())
+    }
+
     /// Re-reads everything and checks it: hash chain, every operation re-executed, stored
     /// balances equal to re-derived ones, and the in-memory ledger equal to both.
     pub async fn verify(&self) -> Result<(), VerifyError> {

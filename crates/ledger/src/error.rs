@@ -132,6 +132,16 @@ pub enum RedeemError {
     },
     #[error(transparent)]
     Invariant(#[from] InvariantError),
+    #[error(
+        "request {request} is already settled: its settlement paid {provider} {paid} \
+         (the voucher says {cumulative}); nothing is left in its escrow to redeem"
+    )]
+    Settled {
+        request: RequestId,
+        provider: Address,
+        paid: Amount,
+        cumulative: Amount,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -578,6 +578,19 @@ impl Ledger {
                 voucher: v.request,
             });
         }
+        if let Some(done) = self.settled.get(&request) {
+            let paid = done
+                .payouts
+                .iter()
+                .find(|p| p.provider == v.provider)
+                .map_or(0, |p| p.amount);
+            return Err(RedeemError::Settled {
+                request,
+                provider: v.provider,
+                paid,
+                cumulative: v.cumulative,
+            });
+        }
         let escrow = self
             .escrows
             .get(&request)

@@ -384,6 +384,19 @@ fn vouchers_are_refused_precisely() {
     .unwrap();
     assert_eq!(l.account(provider).locked, 300);
     assert_eq!(l.account(client).available, 400 + 200);
+    // After settlement the escrow is gone: a later voucher is refused, naming what was paid.
+    assert!(matches!(
+        l.redeem(rid(1), v(350, 5, rid(1)).sign(7, &gw), 2_500),
+        Err(RedeemError::Settled {
+            paid: 10,
+            cumulative: 350,
+            ..
+        })
+    ));
+    assert!(matches!(
+        l.redeem(rid(9), v(5, 1, rid(9)).sign(7, &gw), 2_500),
+        Err(RedeemError::NotOpen { .. })
+    ));
     l.check_invariants().unwrap();
 }
 

@@ -24,6 +24,7 @@ pub mod placement;
 pub mod route;
 pub mod scoreboard;
 pub mod service;
+pub mod vouchers;
 
 pub use service::{AutoPlacement, Node, NodeConfig, StartNodeError};
 

@@ -56,6 +56,8 @@ pub struct NodeConfig {
     pub chain_id: u64,
     /// Move to the span placement assigns as peers come and go (`--span auto`).
     pub auto: Option<AutoPlacement>,
+    /// Where the payers' vouchers for this node are kept (JSON lines; `None`: in memory).
+    pub vouchers: Option<PathBuf>,
 }
 
 /// Settings of automatic placement.
@@ -94,6 +96,7 @@ impl NodeConfig {
             price: 0,
             chain_id: DEFAULT_CHAIN_ID,
             auto: None,
+            vouchers: None,
         }
     }
 }
@@ -124,6 +127,8 @@ pub enum StartNodeError {
     NotSecp256k1,
     #[error("price {0} is above the most a node may announce ({max})", max = plexus_core::announce::limits::MAX_PRICE)]
     Price(u64),
+    #[error(transparent)]
+    Vouchers(#[from] crate::vouchers::LogError),
 }
 
 /// What a loaded node serves.
@@ -159,6 +164,8 @@ pub struct Node {
     signer: k256::ecdsa::SigningKey,
     /// Receipts of calls waiting for the engine, by reply id.
     drafts: BTreeMap<u64, Receipt>,
+    /// The latest voucher per request that payers sent for this node's work.
+    vouchers: crate::vouchers::VoucherLog,
 }
 
 /// A finished load of a new span: the engine already serves it when `Ok`.
@@ -228,6 +235,12 @@ impl Node {
         }
         let signer = plexus_ledger::receipt::signing_key(&config.net.key)
             .ok_or(StartNodeError::NotSecp256k1)?;
+        let me = plexus_ledger::address_of(&config.net.key.public())
+            .ok_or(StartNodeError::NotSecp256k1)?;
+        let vouchers = match &config.vouchers {
+            Some(path) => crate::vouchers::VoucherLog::open(path, me, config.chain_id, now_ms())?,
+            None => crate::vouchers::VoucherLog::in_memory(me, config.chain_id),
+        };
         let cfg = config.clone();
         let served = tokio::task::spawn_blocking(move || load(&cfg))
             .await
@@ -276,6 +289,7 @@ impl Node {
             loading: false,
             signer,
             drafts: BTreeMap::new(),
+            vouchers,
         };
         node.current = node.announcement().sign(&node.config.net.key).encode();
         for e in early {
@@ -370,6 +384,20 @@ impl Node {
                         Work::Forward(Box::new(f))
                     }
                     Request::Close { session } => Work::Close(session),
+                    Request::Voucher { voucher } => {
+                        let response = match self.vouchers.offer_bytes(&voucher, now_ms()) {
+                            Ok(cumulative) => Response::VoucherKept { cumulative },
+                            Err(e) => {
+                                debug!(%peer, "voucher refused: {e}");
+                                Response::Error {
+                                    code: ErrorCode::BadRequest,
+                                    message: format!("voucher refused: {e}"),
+                                }
+                            }
+                        };
+                        self.handle.respond(reply, response).await;
+                        return;
+                    }
                 };
                 let job = Job {
                     peer,

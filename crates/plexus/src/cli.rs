@@ -57,6 +57,7 @@ impl Command {
             Command::Chat(a) => a.common.threads,
             Command::Bench(a) => match &a.what {
                 Some(BenchCommand::Train(t)) => t.threads,
+                Some(BenchCommand::Settle(_)) => None,
                 None => a.threads,
             },
             Command::Train(a) => a.threads,
@@ -184,6 +185,8 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Synchronous data parallel vs DiLoCo at equal tokens on a synthetic task, in one process.
     Train(BenchTrainArgs),
+    /// Settlements per second on a ledger (one request = hold + vouchers + settle).
+    Settle(crate::cmd::bench_settle::BenchSettleArgs),
 }
 
 #[derive(Args, Debug)]
@@ -495,6 +498,8 @@ pub struct UpArgs {
     pub cors_origins: Vec<String>,
     #[command(flatten)]
     pub ledger: crate::cmd::ledger::LedgerArgs,
+    #[command(flatten)]
+    pub rules: crate::cmd::ledger::LedgerRulesArgs,
     /// Starting balance of the dev API key `plexus up` creates (micro-PLX, or e.g. `100PLX`).
     #[arg(long, value_parser = crate::cmd::ledger::parse_amount, default_value = "100PLX")]
     pub faucet: plexus_ledger::Amount,

@@ -1,6 +1,10 @@
 //! End to end: `plexus up --nodes 3` (three real node processes and the gateway) serving the
-//! real SmolLM2 model, driven by the official `openai` Python client, then stopped with
-//! SIGINT, which must stop the nodes too.
+//! real SmolLM2 model, driven by the official `openai` Python client (tests/openai_client.py,
+//! then tests/openai_billing.py: exact charges, a cancelled stream charged only for what was
+//! produced, 402 and 401), then stopped with SIGINT, which must stop the nodes too. Then the
+//! ledger it leaves: each node holds the gateway's vouchers for exactly its earnings, and
+//! after the (test-short) challenge window each node's claimable earnings equal its accepted
+//! receipts' work times its price.
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
@@ -12,6 +16,13 @@ use std::time::{Duration, Instant};
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
+
+/// The challenge window of the test's ledger, seconds.
+const WINDOW_S: u64 = 30;
+/// Micro-PLX per completion token: above what the nodes' work on any of the clients'
+/// requests costs at 1000 per 1000 position-layers (30 per position for the whole model), so
+/// every node is paid in full (no pro-rata sharing).
+const PRICE: u64 = 3000;
 
 struct Up(Child);
 
@@ -179,7 +190,20 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
         lines,
         curl,
     } = start_up(
-        &["--nodes", "3", "--port", "0", "--threads", "1"],
+        &[
+            "--nodes",
+            "3",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--challenge-window",
+            &WINDOW_S.to_string(),
+            "--price",
+            &PRICE.to_string(),
+            "--node-price",
+            "1000",
+        ],
         cache.path(),
     );
     assert!(
@@ -214,6 +238,31 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
     println!("{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains("all structured checks passed"));
 
+    // Billing through the network: a key too poor for 64 tokens, created beside the running
+    // gateway (another writer on its ledger).
+    let base = cache.path().join("up");
+    let ledger = format!("sqlite://{}", base.join("ledger.db").display());
+    let keys = Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args([
+            "keys", "create", "--label", "poor", "--faucet", "10", "--ledger", &ledger,
+        ])
+        .output()
+        .unwrap();
+    let keys_out = String::from_utf8_lossy(&keys.stdout);
+    let poor = keys_out
+        .lines()
+        .find_map(|l| l.strip_prefix("API key: "))
+        .unwrap_or_else(|| panic!("{keys_out}{}", String::from_utf8_lossy(&keys.stderr)))
+        .to_owned();
+    let out = Command::new(&python)
+        .arg(repo().join("crates/plexus/tests/openai_billing.py"))
+        .args([&url, &key, &poor, &PRICE.to_string()])
+        .output()
+        .expect("run the python billing client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("all billing checks passed"));
+
     // Every stage call the client's requests made came back with a receipt the gateway
     // accepted (three honest nodes: none refused).
     let metrics = http_get(&url, "/metrics", &key);
@@ -229,13 +278,41 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
         32 * counter(&metrics, "plexus_stage_receipts"),
         "{metrics}"
     );
+    // Each provider's accepted work (position-layers), all at price 1000.
+    let work: Vec<(String, u64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("plexus_provider_work_total{account=\""))
+        .map(|l| {
+            let (account, rest) = l.split_once('"').unwrap();
+            assert!(rest.starts_with(",price=\"1000\"}"), "{l}");
+            let n = rest.rsplit_once(' ').unwrap().1.parse().unwrap();
+            (account.to_lowercase(), n)
+        })
+        .collect();
+    assert_eq!(work.len(), 3, "{metrics}");
+    // Vouchers reach the nodes after each settlement (asynchronously): wait for them all.
+    let started = Instant::now();
+    loop {
+        let m = http_get(&url, "/metrics", &key);
+        let c = |name: &str| counter(&m, name);
+        assert_eq!(c("plexus_vouchers_refused"), 0, "{m}");
+        assert_eq!(c("plexus_vouchers_failed"), 0, "{m}");
+        assert_eq!(c("plexus_vouchers_dropped"), 0, "{m}");
+        if c("plexus_vouchers_kept") > 0 && started.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no vouchers kept: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     stop_up(up);
 
     // The ledger it leaves: each node was paid into its locked earnings for its receipted
     // work (equal spans at equal prices: equal pay), the gateway kept the rest of what the
     // client spent, and nothing more was paid than spent.
-    let base = cache.path().join("up");
     let status = |dir: &str| status(&base, dir);
     let nodes: Vec<u64> = (0..3)
         .map(|i| {
@@ -258,6 +335,115 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
         "{nodes:?}"
     );
     assert_eq!(nodes.iter().sum::<u64>() + fee, spent, "{all}");
+
+    // Each node's earnings are its accepted receipts' work x its price (1000 per 1000
+    // position-layers: one micro-PLX per position-layer), and it holds the gateway's signed
+    // vouchers for exactly that: one per request, all paid by their settlements.
+    for i in 0..3 {
+        let dir = format!("node-{i}");
+        let me = mine(&status(&dir));
+        let account = me["account"].as_str().unwrap().to_lowercase();
+        let w = work
+            .iter()
+            .find(|(a, _)| *a == account)
+            .unwrap_or_else(|| panic!("no work metered for {account}: {work:?}"))
+            .1;
+        assert_eq!(me["locked"].as_u64().unwrap(), w, "node {i}: {me}");
+        assert!(
+            me["claimable"].as_u64().unwrap() < w,
+            "earnings claimable inside the challenge window: {me}"
+        );
+        let out = wallet(&base, &dir, &ledger, &["vouchers", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let vouchers: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let total: u64 = vouchers
+            .iter()
+            .map(|v| v["voucher"]["voucher"]["cumulative"].as_u64().unwrap())
+            .sum();
+        assert_eq!(total, w, "node {i}'s vouchers");
+        for v in &vouchers {
+            assert_eq!(v["paid"], v["voucher"]["voucher"]["cumulative"], "{v}");
+        }
+        // Exported and redeemed after its settlement: refused, saying what was paid.
+        let request = vouchers[0]["voucher"]["voucher"]["request"]
+            .as_array()
+            .map_or_else(
+                || {
+                    vouchers[0]["voucher"]["voucher"]["request"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                },
+                |bytes| {
+                    bytes
+                        .iter()
+                        .map(|b| format!("{:02x}", b.as_u64().unwrap()))
+                        .collect()
+                },
+            );
+        let out = wallet(&base, &dir, &ledger, &["voucher", &request]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let exported: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(exported, vouchers[0]["voucher"]);
+        let out = wallet(&base, &dir, &ledger, &["redeem", &request]);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !out.status.success() && said.contains("already settled"),
+            "{said}"
+        );
+    }
+
+    // After the challenge window every node's earnings are claimable, and a claim makes them
+    // available: exactly its receipts' work x its price.
+    let settled_by = Instant::now() + Duration::from_secs(WINDOW_S + 1);
+    std::thread::sleep(settled_by.saturating_duration_since(Instant::now()));
+    for i in 0..3 {
+        let dir = format!("node-{i}");
+        let me = mine(&status(&dir));
+        assert_eq!(
+            me["claimable"], me["locked"],
+            "node {i} after the window: {me}"
+        );
+        let out = wallet(&base, &dir, &ledger, &["claim"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let me = mine(&status(&dir));
+        let account = me["account"].as_str().unwrap().to_lowercase();
+        let w = work.iter().find(|(a, _)| *a == account).unwrap().1;
+        assert_eq!(
+            me["available"].as_u64().unwrap(),
+            w,
+            "node {i} claimed: {me}"
+        );
+        assert_eq!(me["locked"].as_u64().unwrap(), 0, "{me}");
+    }
+}
+
+/// `plexus wallet --ledger LEDGER --data-dir BASE/DIR ARGS`.
+fn wallet(base: &Path, dir: &str, ledger: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .arg("wallet")
+        .arg("--ledger")
+        .arg(ledger)
+        .arg("--data-dir")
+        .arg(base.join(dir))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// `GET path` with the key; the body.

@@ -271,7 +271,10 @@ impl Task {
             let tokens = result
                 .as_ref()
                 .map_or(0, |cs| cs.iter().map(|c| c.tokens.len()).sum());
-            meter.finish_blocking(&self.runtime, tokens, &usage);
+            let vouchers = meter.finish_blocking(&self.runtime, tokens, &usage);
+            if !vouchers.is_empty() {
+                self.state.backend().deliver_vouchers(vouchers);
+            }
         }
         if let Ok(cs) = &result {
             // Counted even when cancelled: the engine did the work.

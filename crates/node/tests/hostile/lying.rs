@@ -52,6 +52,7 @@ async fn liar(model: plexus_core::Digest, width: usize) -> (PeerId, plexus_net::
                     }
                 }
                 Request::Close { .. } => Response::Closed,
+                Request::Voucher { .. } => Response::VoucherKept { cumulative: 0 },
             };
             handle.respond(reply, response).await;
         }

@@ -147,6 +147,7 @@ async fn inflating_liar(model: Digest) -> (NodeKey, PeerId, plexus_net::Multiadd
                     }
                 }
                 Request::Close { .. } => Response::Closed,
+                Request::Voucher { .. } => Response::VoucherKept { cumulative: 0 },
             };
             handle.respond(reply, response).await;
         }

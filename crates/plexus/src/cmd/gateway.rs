@@ -61,6 +61,8 @@ pub struct GatewayArgs {
     pub wire: String,
     #[command(flatten)]
     pub ledger: super::ledger::LedgerArgs,
+    #[command(flatten)]
+    pub rules: super::ledger::LedgerRulesArgs,
     /// Price per completion token, in micro-PLX (with a ledger).
     #[arg(long, default_value_t = 1)]
     pub price: plexus_ledger::Amount,
@@ -228,7 +230,8 @@ async fn listen_and_serve(
         .clone()
         .unwrap_or_else(super::net::default_data_dir);
     let accounts =
-        super::ledger::open_accounts(&a.ledger, &data_dir, &a.net.key()?, a.price).await?;
+        super::ledger::open_accounts(&a.ledger, &a.rules, &data_dir, &a.net.key()?, a.price)
+            .await?;
     if let (Some(accounts), Some(client)) = (&accounts, network) {
         // Audit probabilities follow the nodes' stakes on this ledger.
         tokio::spawn(plexus_gateway::slashing::keep_stakes(

@@ -43,6 +43,49 @@ impl LedgerArgs {
     }
 }
 
+/// The rules a new ledger is created with (`plexus up`, `plexus gateway`). A ledger keeps the
+/// rules it was created with; asking an existing one for other rules is refused.
+#[derive(Args, Debug, Clone, Default)]
+pub struct LedgerRulesArgs {
+    /// How long providers' earnings stay locked (challengeable) before they are claimable, in
+    /// seconds, for a ledger created by this run (default 86400: 24 h). Short windows are for
+    /// tests and demos.
+    #[arg(long, value_name = "SECONDS")]
+    pub challenge_window: Option<u64>,
+}
+
+impl LedgerRulesArgs {
+    /// The rules for a new ledger: the defaults with the flags applied (the unbonding period
+    /// stays longer than the window).
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let mut c = Config::default();
+        if let Some(s) = self.challenge_window {
+            let ms = s
+                .checked_mul(1000)
+                .filter(|ms| *ms <= i64::MAX as u64 / 4)
+                .with_context(|| format!("--challenge-window {s}: too long"))?;
+            c.challenge_window_ms = ms;
+            c.unbonding_period_ms = c.unbonding_period_ms.max(ms.saturating_mul(2).max(1));
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Refuses an existing ledger whose rules differ from the flags given.
+    pub fn check(&self, stored: &Config) -> anyhow::Result<()> {
+        if let Some(s) = self.challenge_window {
+            let have = stored.challenge_window_ms;
+            if have != s.saturating_mul(1000) {
+                anyhow::bail!(
+                    "--challenge-window {s}: this ledger was created with a challenge window of                      {} s, and a ledger keeps the rules it was created with (use a new ledger,                      or drop the flag)",
+                    have as f64 / 1000.0
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Refuses a static `--api-key` together with a ledger: both would read the same
 /// `Authorization: Bearer` header, so a client could not present both. With a ledger the
 /// per-account keys authenticate (and pay); the static key is for a gateway without one.
@@ -332,17 +375,25 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
 /// key is its account: it opens escrows and is paid for the tokens it serves.
 pub async fn open_accounts(
     args: &LedgerArgs,
+    rules: &LedgerRulesArgs,
     data_dir: &Path,
     key: &plexus_core::keys::NodeKey,
     price: Amount,
 ) -> anyhow::Result<Option<std::sync::Arc<plexus_gateway::accounts::Accounts>>> {
     let Some(url) = args.url(data_dir)? else {
+        if rules.challenge_window.is_some() {
+            anyhow::bail!("--challenge-window is a rule of a ledger; `--ledger none` has none");
+        }
         return Ok(None);
     };
     let me = plexus_ledger::address_of(&key.public()).context("the node key is not secp256k1")?;
-    let accounts = plexus_gateway::accounts::Accounts::open(&url, Config::default(), me, me, price)
+    let signer =
+        plexus_ledger::receipt::signing_key(key).context("the node key is not secp256k1")?;
+    let accounts = plexus_gateway::accounts::Accounts::open(&url, rules.config()?, me, me, price)
         .await
-        .with_context(|| format!("cannot open the ledger {}", redact(&url)))?;
+        .with_context(|| format!("cannot open the ledger {}", redact(&url)))?
+        .with_signer(signer)?;
+    rules.check(&accounts.config().await)?;
     Ok(Some(std::sync::Arc::new(accounts)))
 }
 

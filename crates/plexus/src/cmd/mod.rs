@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_batch;
+pub mod bench_settle;
 mod bench_train;
 mod chat;
 pub mod gateway;
@@ -9,7 +10,7 @@ mod generate;
 pub mod ledger;
 mod models;
 mod net;
-mod node;
+pub mod node;
 mod placement;
 pub mod sim;
 mod train;
@@ -27,6 +28,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(a) => chat::run(a),
         Command::Bench(a) => match a.what {
             Some(BenchCommand::Train(t)) => bench_train::run(t),
+            Some(BenchCommand::Settle(s)) => bench_settle::run(s),
             None => bench::run(a),
         },
         Command::Train(a) => train::run(a),

@@ -47,6 +47,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     };
     config.cache_dir = super::cache_dir();
     config.price = args.price;
+    config.vouchers = Some(voucher_file(&args.net.data_dir));
     config.auto = (auto || args.follow_placement).then(|| AutoPlacement {
         stages: args.stages,
         equal_speeds: args.plan_equal_speeds,
@@ -81,6 +82,14 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         node.run(stop).await?;
         anyhow::Ok(())
     })
+}
+
+/// The file a node keeps its payers' vouchers in (`plexus wallet vouchers` reads it).
+pub fn voucher_file(data_dir: &Option<std::path::PathBuf>) -> std::path::PathBuf {
+    data_dir
+        .clone()
+        .unwrap_or_else(super::net::default_data_dir)
+        .join("vouchers.jsonl")
 }
 
 /// Resolves when stdin reaches end of file, if `watch` (a parent closes our stdin to stop us).

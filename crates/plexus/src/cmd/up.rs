@@ -273,7 +273,8 @@ async fn serve(
     let key_path = base.join("gateway").join("node.key");
     let key = NodeKey::load_or_create(&key_path)
         .with_context(|| format!("cannot load the gateway key {}", key_path.display()))?;
-    let accounts = super::ledger::open_accounts(&args.ledger, base, &key, args.price).await?;
+    let accounts =
+        super::ledger::open_accounts(&args.ledger, &args.rules, base, &key, args.price).await?;
     let dev_key = match &accounts {
         Some(accounts) => Some(super::ledger::dev_key(accounts, base, args.faucet).await?),
         None => None,

@@ -1,6 +1,7 @@
 //! `plexus wallet`: this node's account on a ledger (the Ethereum address of the node key in
-//! `--data-dir`): its address, balance by bucket, faucet funds (local ledgers), stake, unbond,
-//! claim, withdraw and its history of journal entries.
+//! `--data-dir`): its address, balance by bucket, faucet funds (local ledgers), deposits,
+//! stake, unbond, claim, withdraw, its history of journal entries, and the payers' vouchers
+//! its node kept (`DATA_DIR/vouchers.jsonl`): list, export one, redeem.
 //!
 //! The ledger is the operator's (a local SQLite file or a PostgreSQL URL this command can
 //! open): operations are executed on it directly, each one journaled like the gateway's.
@@ -9,8 +10,9 @@
 use super::ledger::{parse_amount, LedgerArgs};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use plexus_ledger::{Address, Amount, Bucket, Config, Op};
+use plexus_ledger::{Address, Amount, Bucket, Config, Op, RequestId, SignedVoucher};
 use plexus_ledger_store::Store;
+use plexus_node::vouchers::VoucherLog;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -55,6 +57,32 @@ pub enum WalletCommand {
     },
     /// Journal entries that moved this account's funds, oldest first.
     History,
+    /// Record funds arriving from outside the ledger (an operator's top-up or a bridge) in
+    /// this account, or in `--to`'s.
+    Deposit {
+        #[arg(value_parser = parse_amount)]
+        amount: Amount,
+        /// The account credited (0x address; default: this node's).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// The latest voucher per request that payers sent this node, and where each stands on
+    /// the ledger (paid by settlement, redeemed, redeemable).
+    Vouchers {
+        /// One JSON object per line: the voucher, its EIP-712 digest and its status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the kept voucher of REQUEST (64 hex digits) as JSON (the signed EIP-712 voucher,
+    /// ready for `plexus wallet redeem --file` or an EVM contract).
+    Voucher { request: String },
+    /// Redeem vouchers on the ledger: REQUEST's kept voucher, a voucher file (`--file`), or
+    /// every kept voucher whose escrow is still open.
+    Redeem {
+        request: Option<String>,
+        #[arg(long, conflicts_with = "request")]
+        file: Option<PathBuf>,
+    },
 }
 
 fn touches(b: &Bucket, me: Address) -> bool {
@@ -74,6 +102,7 @@ pub fn run(a: WalletArgs) -> anyhow::Result<()> {
         println!("{me}");
         return Ok(());
     }
+    let voucher_file = super::node::voucher_file(&Some(dir.clone()));
     let url = a
         .ledger
         .url(&dir)?
@@ -131,6 +160,78 @@ pub fn run(a: WalletArgs) -> anyhow::Result<()> {
                 account: me,
                 amount,
             }),
+            WalletCommand::Deposit { amount, to } => Some(Op::Deposit {
+                account: to
+                    .as_deref()
+                    .map(|t| {
+                        t.parse::<Address>()
+                            .with_context(|| format!("--to {t:?} is not a 0x address"))
+                    })
+                    .transpose()?
+                    .unwrap_or(me),
+                amount,
+            }),
+            WalletCommand::Vouchers { json } => {
+                let log = open_vouchers(&voucher_file, me, &store, now)?;
+                list_vouchers(&store, &log, me, now, json);
+                None
+            }
+            WalletCommand::Voucher { ref request } => {
+                let log = open_vouchers(&voucher_file, me, &store, now)?;
+                let id = parse_request(request)?;
+                let v = log.book().latest(&id).with_context(|| {
+                    format!("no voucher for request {id} in {}", voucher_file.display())
+                })?;
+                println!("{}", serde_json::to_string_pretty(v)?);
+                None
+            }
+            WalletCommand::Redeem { request, file } => {
+                let log = open_vouchers(&voucher_file, me, &store, now)?;
+                let chosen: Vec<SignedVoucher> = match (request, file) {
+                    (Some(r), _) => {
+                        let id = parse_request(&r)?;
+                        vec![log.book().latest(&id).cloned().with_context(|| {
+                            format!("no voucher for request {id} in {}", voucher_file.display())
+                        })?]
+                    }
+                    (None, Some(f)) => {
+                        let text = std::fs::read_to_string(&f)
+                            .with_context(|| format!("cannot read {}", f.display()))?;
+                        vec![serde_json::from_str(&text).with_context(|| {
+                            format!("{} is not a signed voucher's JSON", f.display())
+                        })?]
+                    }
+                    (None, None) => log
+                        .book()
+                        .iter()
+                        .filter(|v| status(&store, v, me) == Status::Redeemable)
+                        .cloned()
+                        .collect(),
+                };
+                let explicit = chosen.len() == 1;
+                let mut refused = 0;
+                for v in chosen {
+                    let request = v.voucher.request;
+                    let op = Op::Redeem {
+                        request,
+                        voucher: v,
+                    };
+                    match store.execute(op, now).await {
+                        Ok(Some(e)) => println!("redeemed {request}: journal entry #{}", e.seq),
+                        Ok(None) => println!("redeemed {request}: nothing to do"),
+                        Err(e) => {
+                            refused += 1;
+                            println!("refused {request}: {e}");
+                        }
+                    }
+                }
+                print_balance(&store, me, now);
+                if explicit && refused > 0 {
+                    store.close().await;
+                    anyhow::bail!("the voucher was refused");
+                }
+                None
+            }
         };
         if let Some(op) = op {
             let kind = op.kind();
@@ -171,4 +272,99 @@ fn print_balance(store: &Store, me: Address, now: plexus_ledger::Timestamp) {
     println!("escrow     {}", v.escrow);
     println!("spent      {}", v.spent);
     println!("(micro-PLX)");
+}
+
+fn parse_request(text: &str) -> anyhow::Result<RequestId> {
+    text.parse::<RequestId>()
+        .map_err(|e| anyhow::anyhow!("{e} (a request id is 64 hex digits)"))
+}
+
+fn open_vouchers(
+    path: &std::path::Path,
+    me: Address,
+    store: &Store,
+    now: plexus_ledger::Timestamp,
+) -> anyhow::Result<VoucherLog> {
+    Ok(VoucherLog::open(
+        path,
+        me,
+        store.ledger().config().chain_id,
+        now,
+    )?)
+}
+
+/// Where a kept voucher stands on the ledger.
+#[derive(Debug, PartialEq, Eq)]
+enum Status {
+    /// The request settled; its settlement paid this account this much.
+    Settled(Amount),
+    /// Its escrow is open and this voucher (or a later one) is redeemed.
+    Redeemed,
+    /// Its escrow is open and the voucher adds to what is redeemed.
+    Redeemable,
+    /// This ledger has no such request.
+    Unknown,
+}
+
+fn status(store: &Store, v: &SignedVoucher, me: Address) -> Status {
+    let l = store.ledger();
+    let r = v.voucher.request;
+    if let Some(s) = l.settlement(&r) {
+        return Status::Settled(
+            s.payouts
+                .iter()
+                .find(|p| p.provider == me)
+                .map_or(0, |p| p.amount),
+        );
+    }
+    match l.escrow(&r) {
+        None => Status::Unknown,
+        Some(e) => match e.redeemed.get(&me) {
+            Some((amount, _)) if *amount >= v.voucher.cumulative => Status::Redeemed,
+            _ => Status::Redeemable,
+        },
+    }
+}
+
+fn list_vouchers(
+    store: &Store,
+    log: &VoucherLog,
+    me: Address,
+    now: plexus_ledger::Timestamp,
+    json: bool,
+) {
+    let chain = store.ledger().config().chain_id;
+    for v in log.book().iter() {
+        let st = status(store, v, me);
+        let text = match st {
+            Status::Settled(paid) => format!("paid by settlement: {paid}"),
+            Status::Redeemed => "redeemed".into(),
+            Status::Redeemable => "redeemable".into(),
+            Status::Unknown => "unknown request on this ledger".into(),
+        };
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "voucher": v,
+                    "digest": format!("0x{}", hex::encode(v.voucher.digest(chain))),
+                    "status": text,
+                    "paid": match st { Status::Settled(p) => Some(p), _ => None },
+                })
+            );
+        } else {
+            println!(
+                "{}  payer {}  cumulative {:>12}  nonce {}  {}",
+                v.voucher.request, v.voucher.payer, v.voucher.cumulative, v.voucher.nonce, text
+            );
+        }
+    }
+    if !json {
+        println!(
+            "{} vouchers, {} micro-PLX in all (as of {} ms)",
+            log.book().len(),
+            log.book().total(),
+            now
+        );
+    }
 }
