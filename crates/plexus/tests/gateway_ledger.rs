@@ -135,12 +135,18 @@ fn escrow_of_a_killed_gateway_is_released_on_restart() {
     assert_eq!(after["spent"], 0, "{after}");
 }
 
-/// Routing flags choose between network nodes: a gateway serving the model in its own
-/// process refuses them instead of ignoring them.
+/// Routing and audit flags concern network nodes: a gateway serving the model in its own
+/// process refuses each of them, by name, instead of ignoring it.
 #[test]
 fn routing_flags_are_refused_without_a_network() {
     let data = tempfile::tempdir().unwrap();
-    for flag in [["--max-price", "5"], ["--time-value", "10"]] {
+    for flag in [
+        ["--max-price", "5"],
+        ["--time-value", "10"],
+        ["--audit-probability", "0.5"],
+        ["--collusion", "0.2"],
+        ["--audit-referees", "3"],
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_plexus"))
             .args(["gateway", "--port", "0", "--model"])
             .arg(model())
@@ -152,7 +158,7 @@ fn routing_flags_are_refused_without_a_network() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{flag:?} was accepted");
         assert!(
-            err.contains("--max-price and --time-value") && err.contains("--bootstrap"),
+            err.contains(flag[0]) && err.contains("--bootstrap"),
             "{err}"
         );
     }
