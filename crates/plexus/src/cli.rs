@@ -517,9 +517,9 @@ pub struct UpArgs {
     pub stages: Option<usize>,
     /// Stake each node's account bonds on the ledger at start (micro-PLX, or e.g. `100PLX`;
     /// from the local faucet). A provider's audit probability falls as its stake grows; a
-    /// caught cheater loses it.
-    #[arg(long, value_parser = crate::cmd::ledger::parse_amount, default_value = "100PLX")]
-    pub node_stake: plexus_ledger::Amount,
+    /// caught cheater loses it. Default 100PLX; refused with `--ledger none`.
+    #[arg(long, value_parser = crate::cmd::ledger::parse_amount, value_name = "AMOUNT")]
+    pub node_stake: Option<plexus_ledger::Amount>,
     /// Tests only: node 0 cheats this way (`plexus node --cheat`) and asks price 0, so routing
     /// prefers it.
     #[arg(long, hide = true, value_name = "KIND")]

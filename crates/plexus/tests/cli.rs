@@ -374,3 +374,24 @@ fn node_nat_flags_are_checked_before_anything_starts() {
         "--relay-circuit-secs",
     );
 }
+
+/// `plexus up --ledger none` has no ledger to bond stake on: `--node-stake` is refused by name
+/// before any node starts, not ignored.
+#[test]
+fn up_refuses_node_stake_without_a_ledger() {
+    let model = tiny("smollm2/model-f32.gguf");
+    let out = plexus(&[
+        "up",
+        "--model",
+        model.to_str().unwrap(),
+        "--nodes",
+        "2",
+        "--ledger",
+        "none",
+        "--node-stake",
+        "5PLX",
+        "--port",
+        "0",
+    ]);
+    assert_clean_failure(&out, "--node-stake");
+}

@@ -172,6 +172,9 @@ fn resolve_model(args: &UpArgs) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// What each node of `plexus up` stakes without `--node-stake`: 100 PLX in micro-PLX.
+const DEFAULT_NODE_STAKE: plexus_ledger::Amount = 100_000_000;
+
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let model = resolve_model(&args)?;
     let files =
@@ -189,7 +192,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let base = super::cache_dir()
         .unwrap_or_else(std::env::temp_dir)
         .join("up");
-    super::ledger::check_auth(args.ledger.url(&base)?.is_some(), args.api_key.as_deref())?;
+    let has_ledger = args.ledger.url(&base)?.is_some();
+    super::ledger::check_auth(has_ledger, args.api_key.as_deref())?;
+    if !has_ledger && args.node_stake.is_some() {
+        bail!("--node-stake bonds stake on a ledger; `--ledger none` has none");
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         eprintln!("starting {} nodes for {}", spans.len(), model.display());
@@ -280,7 +287,8 @@ async fn serve(
         None => None,
     };
     if let Some(accounts) = &accounts {
-        stake_nodes(accounts, base, nodes.len(), args.node_stake).await?;
+        let stake = args.node_stake.unwrap_or(DEFAULT_NODE_STAKE);
+        stake_nodes(accounts, base, nodes.len(), stake).await?;
     }
     let net = NetConfig::new(key)
         .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
