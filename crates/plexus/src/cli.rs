@@ -500,12 +500,14 @@ pub struct UpArgs {
     pub ledger: crate::cmd::ledger::LedgerArgs,
     #[command(flatten)]
     pub rules: crate::cmd::ledger::LedgerRulesArgs,
-    /// Starting balance of the dev API key `plexus up` creates (micro-PLX, or e.g. `100PLX`).
-    #[arg(long, value_parser = crate::cmd::ledger::parse_amount, default_value = "100PLX")]
-    pub faucet: plexus_ledger::Amount,
-    /// Price per completion token, in micro-PLX.
-    #[arg(long, default_value_t = 1)]
-    pub price: plexus_ledger::Amount,
+    /// Starting balance of the dev API key `plexus up` creates (micro-PLX, or e.g. `100PLX`;
+    /// default 100PLX). Refused with `--ledger none`, which has no balances.
+    #[arg(long, value_parser = crate::cmd::ledger::parse_amount, value_name = "AMOUNT")]
+    pub faucet: Option<plexus_ledger::Amount>,
+    /// Price per completion token, in micro-PLX (default 1). Refused with `--ledger none`,
+    /// which charges nothing.
+    #[arg(long)]
+    pub price: Option<plexus_ledger::Amount>,
     /// Asking price of every node, micro-PLX per 1000 positions per layer (what `plexus node
     /// --price` announces). Each node is paid its receipted work at this price out of the
     /// client's charge; the gateway keeps the rest.

@@ -375,23 +375,24 @@ fn node_nat_flags_are_checked_before_anything_starts() {
     );
 }
 
-/// `plexus up --ledger none` has no ledger to bond stake on: `--node-stake` is refused by name
-/// before any node starts, not ignored.
+/// `--ledger none` has no balances, stakes or charges: `plexus up --node-stake/--faucet/--price`
+/// and `plexus gateway --price` are refused by name before anything starts, not ignored.
 #[test]
-fn up_refuses_node_stake_without_a_ledger() {
+fn ledger_flags_are_refused_without_a_ledger() {
     let model = tiny("smollm2/model-f32.gguf");
+    let model = model.to_str().unwrap();
+    for (flag, value) in [
+        ("--node-stake", "5PLX"),
+        ("--faucet", "5PLX"),
+        ("--price", "3"),
+    ] {
+        let out = plexus(&[
+            "up", "--model", model, "--nodes", "2", "--ledger", "none", flag, value, "--port", "0",
+        ]);
+        assert_clean_failure(&out, flag);
+    }
     let out = plexus(&[
-        "up",
-        "--model",
-        model.to_str().unwrap(),
-        "--nodes",
-        "2",
-        "--ledger",
-        "none",
-        "--node-stake",
-        "5PLX",
-        "--port",
-        "0",
+        "gateway", "--model", model, "--ledger", "none", "--price", "3", "--port", "0",
     ]);
-    assert_clean_failure(&out, "--node-stake");
+    assert_clean_failure(&out, "--price");
 }

@@ -63,9 +63,10 @@ pub struct GatewayArgs {
     pub ledger: super::ledger::LedgerArgs,
     #[command(flatten)]
     pub rules: super::ledger::LedgerRulesArgs,
-    /// Price per completion token, in micro-PLX (with a ledger).
-    #[arg(long, default_value_t = 1)]
-    pub price: plexus_ledger::Amount,
+    /// Price per completion token, in micro-PLX (default 1). It is what a ledger charges, so
+    /// it is refused with `--ledger none`.
+    #[arg(long)]
+    pub price: Option<plexus_ledger::Amount>,
     #[command(flatten)]
     pub routing: RoutingArgs,
     /// Require this static key from clients (`Authorization: Bearer KEY` or `x-api-key: KEY`);

@@ -378,14 +378,19 @@ pub async fn open_accounts(
     rules: &LedgerRulesArgs,
     data_dir: &Path,
     key: &plexus_core::keys::NodeKey,
-    price: Amount,
+    price: Option<Amount>,
 ) -> anyhow::Result<Option<std::sync::Arc<plexus_gateway::accounts::Accounts>>> {
     let Some(url) = args.url(data_dir)? else {
-        if rules.challenge_window.is_some() {
-            anyhow::bail!("--challenge-window is a rule of a ledger; `--ledger none` has none");
-        }
+        check_ledger_flags(
+            false,
+            &[
+                ("--challenge-window", rules.challenge_window.is_some()),
+                ("--price", price.is_some()),
+            ],
+        )?;
         return Ok(None);
     };
+    let price = price.unwrap_or(DEFAULT_PRICE);
     let me = plexus_ledger::address_of(&key.public()).context("the node key is not secp256k1")?;
     let signer =
         plexus_ledger::receipt::signing_key(key).context("the node key is not secp256k1")?;
@@ -395,6 +400,29 @@ pub async fn open_accounts(
         .with_signer(signer)?;
     rules.check(&accounts.config().await)?;
     Ok(Some(std::sync::Arc::new(accounts)))
+}
+
+/// Price per completion token when `--price` is not given (micro-PLX).
+pub const DEFAULT_PRICE: Amount = 1;
+
+/// Refuses, by name, every given flag that only means something on a ledger when there is
+/// none (`--ledger none`): a flag accepted and ignored would let the user believe it acted.
+pub fn check_ledger_flags(has_ledger: bool, flags: &[(&str, bool)]) -> anyhow::Result<()> {
+    let given: Vec<&str> = flags
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| *name)
+        .collect();
+    if has_ledger || given.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{} only mean{} something on a ledger (balances, stakes, charges); `--ledger none` has \
+         none. Drop {} or use a ledger",
+        given.join(", "),
+        if given.len() == 1 { "s" } else { "" },
+        if given.len() == 1 { "it" } else { "them" }
+    )
 }
 
 /// The dev API key of `plexus up`: kept in `DIR/dev-api-key` (mode 0600) and reused while the

@@ -174,6 +174,8 @@ fn resolve_model(args: &UpArgs) -> anyhow::Result<PathBuf> {
 
 /// What each node of `plexus up` stakes without `--node-stake`: 100 PLX in micro-PLX.
 const DEFAULT_NODE_STAKE: plexus_ledger::Amount = 100_000_000;
+/// The dev API key's starting balance when `--faucet` is not given (100 PLX).
+const DEFAULT_FAUCET: plexus_ledger::Amount = 100_000_000;
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let model = resolve_model(&args)?;
@@ -194,9 +196,14 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         .join("up");
     let has_ledger = args.ledger.url(&base)?.is_some();
     super::ledger::check_auth(has_ledger, args.api_key.as_deref())?;
-    if !has_ledger && args.node_stake.is_some() {
-        bail!("--node-stake bonds stake on a ledger; `--ledger none` has none");
-    }
+    super::ledger::check_ledger_flags(
+        has_ledger,
+        &[
+            ("--node-stake", args.node_stake.is_some()),
+            ("--faucet", args.faucet.is_some()),
+            ("--price", args.price.is_some()),
+        ],
+    )?;
     let rt = runtime()?;
     rt.block_on(async move {
         eprintln!("starting {} nodes for {}", spans.len(), model.display());
@@ -283,7 +290,9 @@ async fn serve(
     let accounts =
         super::ledger::open_accounts(&args.ledger, &args.rules, base, &key, args.price).await?;
     let dev_key = match &accounts {
-        Some(accounts) => Some(super::ledger::dev_key(accounts, base, args.faucet).await?),
+        Some(accounts) => Some(
+            super::ledger::dev_key(accounts, base, args.faucet.unwrap_or(DEFAULT_FAUCET)).await?,
+        ),
         None => None,
     };
     if let Some(accounts) = &accounts {
