@@ -7,10 +7,18 @@
 //! - [`flash_attention`]: per query row and head, one pass over the cached keys with an online
 //!   softmax and an f16 accumulator for V (ggml's `flash_attn_ext_f16_one_chunk`); the Q.K dot
 //!   product sums in the order of ggml's AVX-512 `ggml_vec_dot_f16`.
+//! - the per-head loop has a scalar definition and AVX2 / AVX-512 versions (`simd`), chosen at
+//!   run time like the matmul kernels; they convert with F16C, multiply-add lane by lane in the
+//!   same order and round the V accumulator to f16 at the same points, so all give the same
+//!   bits (tested on random heads and on the model's outputs).
 
 use crate::config::{ModelConfig, RopeLayout, RopeScaling};
+use crate::kernels::Backend;
 use crate::kv_cache::LayerKv;
 use half::f16;
+
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 /// Rotary embedding parameters in ggml's form.
 #[derive(Clone, Debug)]
@@ -138,51 +146,158 @@ pub struct AttnShape {
 
 /// Causal attention of the query rows `q` (`[len][heads][head_dim]`, positions `past..`) over
 /// the cached keys and values of `kv` (which already include these rows). Returns
-/// `[len][heads][head_dim]`.
+/// `[len][heads][head_dim]`. Runs on the fastest backend this CPU has (or the one forced with
+/// [`crate::kernels::with_backend`]); every backend gives the same bits.
 pub fn flash_attention(q: &[f32], kv: &LayerKv, s: AttnShape) -> Vec<f32> {
+    let mut out = vec![0f32; q.len()];
+    flash_attention_into(crate::kernels::current_backend(), q, kv, s, &mut out);
+    out
+}
+
+/// [`flash_attention`] on `backend` (unsupported: scalar) into `out` (`q.len()` long).
+pub fn flash_attention_into(
+    backend: Backend,
+    q: &[f32],
+    kv: &LayerKv,
+    s: AttnShape,
+    out: &mut [f32],
+) {
     let d = s.head_dim;
     let rep = s.heads / s.kv_heads;
     let row = s.kv_heads * d;
     let len = q.len() / (s.heads * d);
-    let mut out = vec![0f32; q.len()];
+    let kernel = HeadKernel::pick(backend, d);
     let mut q16 = vec![f16::ZERO; d];
-    let mut acc = vec![f16::ZERO; d];
+    // The same query as f32 (exact): the SIMD loops multiply by it directly.
+    let mut qf = vec![0f32; d];
+    let mut acc = vec![0f32; d];
     for i in 0..len {
-        let pos = s.past + i;
+        let keys = s.past + i + 1;
         for h in 0..s.heads {
             let base = (i * s.heads + h) * d;
-            for (dst, &x) in q16.iter_mut().zip(&q[base..base + d]) {
-                *dst = f16::from_f32(x);
+            for ((h16, hf), &x) in q16.iter_mut().zip(qf.iter_mut()).zip(&q[base..base + d]) {
+                *h16 = f16::from_f32(x);
+                *hf = h16.to_f32();
             }
-            acc.fill(f16::ZERO);
-            let kvh = h / rep;
-            let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
-            for ic in 0..=pos {
-                let off = ic * row + kvh * d;
-                let score = dot_f16(&kv.k[off..off + d], &q16) * s.scale;
-                let (mut ms, mut vs) = (1f32, 1f32);
-                if score > m {
-                    let old = m;
-                    m = score;
-                    ms = (old - m).exp();
-                    for a in acc.iter_mut() {
-                        *a = f16::from_f32(a.to_f32() * ms);
-                    }
-                } else {
-                    vs = (score - m).exp();
-                }
-                for (a, v) in acc.iter_mut().zip(&kv.v[off..off + d]) {
-                    *a = f16::from_f32(v.to_f32().mul_add(vs, a.to_f32()));
-                }
-                sum = sum.mul_add(ms, vs);
-            }
-            let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+            let head = Head {
+                k: &kv.k,
+                v: &kv.v,
+                stride: row,
+                offset: (h / rep) * d,
+                keys,
+                scale: s.scale,
+            };
+            let inv = kernel.run(&head, &q16, &qf, &mut acc);
             for (o, a) in out[base..base + d].iter_mut().zip(&acc) {
-                *o = a.to_f32() * inv;
+                *o = a * inv;
             }
         }
     }
-    out
+}
+
+/// One query head's keys and values: key `j` is `k[j * stride + offset..][..head_dim]`.
+pub(crate) struct Head<'a> {
+    pub k: &'a [f16],
+    pub v: &'a [f16],
+    pub stride: usize,
+    pub offset: usize,
+    /// Keys attended to: `0..keys`.
+    pub keys: usize,
+    pub scale: f32,
+}
+
+/// The per-head loop on one backend.
+#[derive(Clone, Copy, Debug)]
+enum HeadKernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl HeadKernel {
+    /// The SIMD loops take whole 64-value steps of the head (every Llama-family head size).
+    fn pick(backend: Backend, head_dim: usize) -> Self {
+        let backend = if backend <= Backend::detect() {
+            backend
+        } else {
+            Backend::Scalar
+        };
+        match backend {
+            _ if !head_dim.is_multiple_of(64) => HeadKernel::Scalar,
+            Backend::Scalar => HeadKernel::Scalar,
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => HeadKernel::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => HeadKernel::Avx512,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => HeadKernel::Scalar,
+        }
+    }
+
+    /// Leaves the head's unnormalised output (f16 values) in `acc` and returns `1 / sum`.
+    fn run(self, head: &Head<'_>, q16: &[f16], qf: &[f32], acc: &mut [f32]) -> f32 {
+        match self {
+            HeadKernel::Scalar => head_scalar(head, q16, acc),
+            // SAFETY: `pick` chose these only when the CPU has the features and `head_dim` is a
+            // multiple of 64; `Head` indexes inside `k` and `v` (checked by the slicing below).
+            #[cfg(target_arch = "x86_64")]
+            HeadKernel::Avx2 => {
+                head.check(q16.len());
+                unsafe { simd::head_avx2(head, qf, acc) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            HeadKernel::Avx512 => {
+                head.check(q16.len());
+                unsafe { simd::head_avx512(head, qf, acc) }
+            }
+        }
+    }
+}
+
+impl Head<'_> {
+    /// # Panics
+    /// If a key or value of the head lies outside the cache (the SIMD loops read unchecked).
+    fn check(&self, d: usize) {
+        let end = (self.keys.max(1) - 1) * self.stride + self.offset + d;
+        assert!(
+            self.keys == 0 || (end <= self.k.len() && end <= self.v.len()),
+            "attention head outside the cache"
+        );
+    }
+}
+
+/// The definition (ggml's `flash_attn_ext_f16_one_chunk` for one row and head): one pass over
+/// the keys with an online softmax; V accumulates in f16 (`acc` holds f16 values in f32).
+fn head_scalar(head: &Head<'_>, q16: &[f16], acc: &mut [f32]) -> f32 {
+    let d = q16.len();
+    acc.fill(0.0);
+    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+    for ic in 0..head.keys {
+        let off = ic * head.stride + head.offset;
+        let score = dot_f16(&head.k[off..off + d], q16) * head.scale;
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if score > m {
+            let old = m;
+            m = score;
+            ms = (old - m).exp();
+            for a in acc.iter_mut() {
+                *a = f16::from_f32(*a * ms).to_f32();
+            }
+        } else {
+            vs = (score - m).exp();
+        }
+        for (a, v) in acc.iter_mut().zip(&head.v[off..off + d]) {
+            *a = f16::from_f32(v.to_f32().mul_add(vs, *a)).to_f32();
+        }
+        sum = sum.mul_add(ms, vs);
+    }
+    if sum == 0.0 {
+        0.0
+    } else {
+        1.0 / sum
+    }
 }
 
 #[cfg(test)]
@@ -203,6 +318,59 @@ mod tests {
             .map(|(a, b)| f64::from(a.to_f32() * b.to_f32()))
             .sum();
         assert!((f64::from(dot_f16(&x, &y)) - plain).abs() < 1e-4);
+    }
+
+    /// Every backend gives the scalar definition's bits: head sizes 64 and 128 (SIMD) and 48
+    /// (scalar fallback), grouped heads, prompts after a cached past, and values large enough
+    /// that the f16 accumulator rounds and the running maximum moves often.
+    #[test]
+    fn every_backend_gives_the_scalar_bits() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for (heads, kv_heads, d, past, len, amp) in [
+            (9, 3, 64, 0, 37, 3.0),
+            (9, 3, 64, 50, 9, 12.0),
+            (4, 4, 128, 7, 20, 4.0),
+            (2, 1, 48, 3, 5, 2.0),
+            (3, 1, 64, 0, 1, 30.0),
+        ] {
+            let total = past + len;
+            let q: Vec<f32> = (0..len * heads * d).map(|_| amp * next()).collect();
+            let kv = LayerKv {
+                k: (0..total * kv_heads * d)
+                    .map(|_| f16::from_f32(amp * next()))
+                    .collect(),
+                v: (0..total * kv_heads * d)
+                    .map(|_| f16::from_f32(100.0 * next()))
+                    .collect(),
+            };
+            let shape = AttnShape {
+                heads,
+                kv_heads,
+                head_dim: d,
+                past,
+                scale: 1.0 / (d as f32).sqrt(),
+            };
+            let mut want = vec![0f32; q.len()];
+            flash_attention_into(Backend::Scalar, &q, &kv, shape, &mut want);
+            for backend in Backend::available() {
+                let mut got = vec![f32::NAN; q.len()];
+                flash_attention_into(backend, &q, &kv, shape, &mut got);
+                let same = want
+                    .iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{backend:?}, heads {heads}/{kv_heads}, d {d}, past {past}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -38,9 +38,15 @@ impl KvCache {
     }
 
     /// Caps the capacity the buffers grow to ahead of need at `positions` (they still grow to
-    /// whatever is appended).
+    /// whatever is appended), and gives back capacity beyond it (a cache taken over by a
+    /// sequence with a smaller reservation).
     pub fn limit_growth(&mut self, positions: usize) {
         self.grow_limit = positions.min(self.max_len);
+        let keep = self.grow_limit.max(self.len) * self.row;
+        for l in &mut self.layers {
+            l.k.shrink_to(keep);
+            l.v.shrink_to(keep);
+        }
     }
 
     /// Tokens already cached (the position of the next token).

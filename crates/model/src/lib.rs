@@ -25,6 +25,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod load;
 pub mod numerics;
+pub mod prefix;
 pub mod requant;
 pub mod sampler;
 pub mod serve;

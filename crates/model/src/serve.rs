@@ -21,18 +21,22 @@
 //!   constraint follows the token sampled (see [`crate::constraint`]).
 //! - KV memory: a sequence reserves the positions it may reach (prompt + `max_tokens`, at most
 //!   the context) from a [`KvBudget`] before it is queued, so running sequences never run out
-//!   and a sequence that does not fit is refused at once ([`OpenError::Budget`]).
+//!   and a sequence that does not fit is refused at once ([`OpenError::Budget`]) after the
+//!   prefix cache gave back what it holds.
+//! - Prefix cache ([`crate::prefix`]): a finished or cancelled sequence's KV rows are kept; a
+//!   new prompt that shares a prefix with one of them starts after it, with the same bits.
 
 use crate::batch::{plan, BudgetError, KvBudget, KvReservation, Want, STEP_POSITIONS};
 use crate::constraint::{follow, next_mask, Constraint, ConstraintError};
 use crate::generate::TokenChain;
+use crate::prefix::{Entry, PrefixCache};
 use crate::sampler::{sample_scored, SamplingParams, TokenLogprobs};
 use crate::stage::{BatchItem, ForwardError, Logits, Stage, StageInput, StageOutput};
 use crate::KvCache;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tracing::{debug, warn};
 
@@ -47,6 +51,8 @@ pub struct ServeConfig {
     pub queue: usize,
     /// Tokens a sequence may compute ahead of its reader.
     pub run_ahead: usize,
+    /// Finished sequences whose KV rows the prefix cache keeps (0: no prefix cache).
+    pub prefix_entries: usize,
 }
 
 impl Default for ServeConfig {
@@ -56,6 +62,7 @@ impl Default for ServeConfig {
             step_positions: STEP_POSITIONS,
             queue: 256,
             run_ahead: 4,
+            prefix_entries: 16,
         }
     }
 }
@@ -118,6 +125,7 @@ pub struct BatchHandle {
     queue: usize,
     eos: Arc<HashSet<u32>>,
     alive: Arc<AtomicBool>,
+    prefix: Arc<Mutex<PrefixCache>>,
 }
 
 /// One generation's side of the engine; a [`TokenChain`] for
@@ -139,6 +147,7 @@ impl BatchHandle {
     pub fn start(stage: Arc<Stage>, eos: HashSet<u32>, config: ServeConfig) -> Self {
         let (tx, rx) = mpsc::sync_channel(config.queue.max(1));
         let alive = Arc::new(AtomicBool::new(true));
+        let prefix = Arc::new(Mutex::new(PrefixCache::new(config.prefix_entries)));
         let handle = Self {
             inbox: tx,
             budget: KvBudget::new(config.kv_budget),
@@ -148,12 +157,14 @@ impl BatchHandle {
             queue: config.queue.max(1),
             eos: Arc::new(eos),
             alive: Arc::clone(&alive),
+            prefix: Arc::clone(&prefix),
         };
         let actor = BatchActor {
             stage,
             step_positions: config.step_positions.max(1),
             run_ahead: config.run_ahead.max(1),
             seqs: Vec::new(),
+            prefix,
         };
         let spawned = std::thread::Builder::new()
             .name("plexus-batch".into())
@@ -174,6 +185,32 @@ impl BatchHandle {
 
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
+    }
+
+    /// KV bytes reserved by generations (queued or running), not by the prefix cache.
+    pub fn running_kv_bytes(&self) -> u64 {
+        let prefix = lock(&self.prefix);
+        self.budget.used().saturating_sub(prefix.reserved_bytes())
+    }
+
+    /// Prompt positions the prefix cache saved from being computed, since start.
+    pub fn prefix_reused_positions(&self) -> u64 {
+        lock(&self.prefix).reused_positions()
+    }
+
+    /// Reserves `positions`, evicting prefix-cache entries (oldest first) while that is
+    /// what stands in the way.
+    fn reserve(&self, positions: usize) -> Result<KvReservation, BudgetError> {
+        loop {
+            match self.budget.reserve(positions, self.bytes_per_position) {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    if !lock(&self.prefix).evict_oldest() {
+                        return Err(e);
+                    }
+                }
+            }
+        }
     }
 
     /// Queues a generation of at most `max_tokens` tokens after `prompt`. Refused at once
@@ -206,7 +243,7 @@ impl BatchHandle {
             });
         }
         let positions = prompt.len().saturating_add(max_tokens).min(self.context);
-        let reservation = self.budget.reserve(positions, self.bytes_per_position)?;
+        let reservation = self.reserve(positions)?;
         let (out, rx) = mpsc::sync_channel(self.run_ahead + 1);
         let unread = Arc::new(AtomicUsize::new(0));
         let cancelled = Arc::new(AtomicBool::new(false));
@@ -355,6 +392,11 @@ struct BatchActor {
     run_ahead: usize,
     /// Sequences in arrival order (the planner serves prompts oldest first).
     seqs: Vec<Seq>,
+    prefix: Arc<Mutex<PrefixCache>>,
+}
+
+fn lock(prefix: &Mutex<PrefixCache>) -> MutexGuard<'_, PrefixCache> {
+    prefix.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl BatchActor {
@@ -377,8 +419,12 @@ impl BatchActor {
                     Err(TryRecvError::Disconnected) => break,
                 }
             }
-            self.seqs
-                .retain(|s| !s.open.cancelled.load(Ordering::Acquire));
+            for i in (0..self.seqs.len()).rev() {
+                if self.seqs[i].open.cancelled.load(Ordering::Acquire) {
+                    let s = self.seqs.remove(i);
+                    self.keep(s);
+                }
+            }
             if !self.step() {
                 // Everyone is waiting for their readers: wait for a reader or a newcomer.
                 match inbox.recv_timeout(Duration::from_millis(1)) {
@@ -396,16 +442,37 @@ impl BatchActor {
         if open.cancelled.load(Ordering::Acquire) {
             return;
         }
-        let mut cache = self.stage.new_cache();
+        let (prefilled, mut cache) = lock(&self.prefix)
+            .take_longest(&open.prompt)
+            .unwrap_or_else(|| (0, self.stage.new_cache()));
         cache.limit_growth(open.reservation.positions());
+        let mut history = Vec::with_capacity(open.reservation.positions());
+        history.extend_from_slice(&open.prompt[..prefilled]);
         self.seqs.push(Seq {
             cache,
-            history: Vec::with_capacity(open.reservation.positions()),
-            prefilled: 0,
+            history,
+            prefilled,
             produced: 0,
             next: None,
             open,
         });
+    }
+
+    /// Hands a sequence that left (finished or cancelled) to the prefix cache.
+    fn keep(&mut self, s: Seq) {
+        let Seq {
+            open,
+            cache,
+            history,
+            ..
+        } = s;
+        if cache.len() == history.len() {
+            lock(&self.prefix).store(Entry {
+                tokens: history,
+                cache,
+                reservation: open.reservation,
+            });
+        }
     }
 
     /// Runs one batched step; `false` when no sequence could run.
@@ -459,7 +526,8 @@ impl BatchActor {
                     }
                 }
                 for i in gone.into_iter().rev() {
-                    self.seqs.remove(i);
+                    let s = self.seqs.remove(i);
+                    self.keep(s);
                 }
             }
             Err(e) => self.fail(&feeds, e),
@@ -541,6 +609,7 @@ mod tests {
             queue: 1,
             eos: Arc::default(),
             alive: Arc::new(AtomicBool::new(true)),
+            prefix: Arc::new(Mutex::new(PrefixCache::new(4))),
         };
         let p = SamplingParams::default();
         assert!(matches!(h.open(&[], &p, 5), Err(OpenError::EmptyPrompt)));

@@ -10,7 +10,7 @@
 //! - stages chained in one process give bit-identical logits to the whole model, because they
 //!   run exactly the same ops on exactly the same tensors.
 
-use crate::attention::{flash_attention, AttnShape};
+use crate::attention::{flash_attention_into, AttnShape};
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::layers::{causal_mask, softmax_last_dim, Embedding, Linear, Mlp, Mode, RmsNorm, Rope};
@@ -520,7 +520,7 @@ const PARALLEL_ATTENTION_DOTS: usize = 4096;
 
 /// Attention of every job into its rows of `out` (`width = heads * head_dim` per row). Long
 /// jobs are split into runs of query rows with about equal key counts and run on rayon's
-/// threads with the short ones; each row is computed by [`flash_attention`] from its own query
+/// threads with the short ones; each row is computed by [`flash_attention_into`] from its own query
 /// and its sequence's keys, so the split never changes a value.
 fn attention_many(q: &[f32], out: &mut [f32], width: usize, jobs: &[AttnJob<'_>]) {
     let heads = jobs.first().map_or(1, |j| j.shape.heads);
@@ -566,8 +566,10 @@ fn attention_many(q: &[f32], out: &mut [f32], width: usize, jobs: &[AttnJob<'_>]
             (q, mine, r0) = (qb, ob, r1);
         }
     }
+    // Chosen here: a backend forced on this thread does not reach the crew's threads.
+    let backend = crate::kernels::current_backend();
     let run = |(q, out, kv, shape): &mut (&[f32], &mut [f32], &LayerKv, AttnShape)| {
-        out.copy_from_slice(&flash_attention(q, kv, *shape));
+        flash_attention_into(backend, q, kv, *shape, out);
     };
     if dots < PARALLEL_ATTENTION_DOTS || threads == 1 || tasks.len() == 1 {
         tasks.iter_mut().for_each(run);

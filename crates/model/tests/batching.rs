@@ -360,7 +360,7 @@ mod engine {
             // The engine drops a finished sequence (and its reservation) right after sending
             // its last token, which the caller may read first.
             let started = std::time::Instant::now();
-            while h.budget().used() != 0 {
+            while h.running_kv_bytes() != 0 {
                 assert!(
                     started.elapsed() < Duration::from_secs(10),
                     "still reserved"
@@ -404,7 +404,7 @@ mod engine {
         });
         // The cancelled sequence's reservation goes once the engine notices.
         let started = std::time::Instant::now();
-        while h.budget().used() != 0 {
+        while h.running_kv_bytes() != 0 {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "still reserved"
@@ -426,6 +426,113 @@ mod engine {
         assert!(matches!(err, OpenError::Budget(_)), "{err}");
         assert!(err.to_string().contains("KV cache budget"), "{err}");
         drop(running);
+    }
+
+    /// Issue 8: the prefix cache on and off gives every generation its solo tokens, text,
+    /// finish and log-probabilities, and on it does reuse positions: chats sharing a system
+    /// prompt, a multi-turn chat resent with its reply and one more message, the same prompt
+    /// twice, and a generation cancelled after its first token whose rows are reused.
+    /// Sequential and concurrent.
+    #[test]
+    fn the_prefix_cache_on_and_off_gives_the_solo_tokens_issue_8() {
+        let m = model();
+        let system = "You are a helpful assistant who answers briefly and kindly. ".repeat(4);
+        let mut rng = Rng(31);
+        let mut reqs: Vec<GenerateRequest> = Vec::new();
+        for i in 0..5 {
+            let mut r = request(&mut rng);
+            let user = m.tokenizer.decode(&r.prompt_tokens).unwrap();
+            r.prompt_tokens = m
+                .tokenizer
+                .encode(&format!("{system}Question {i}: {user}"), false)
+                .unwrap();
+            reqs.push(r);
+        }
+        // A resent conversation: the first prompt, its reply, one more message.
+        let first = solo(&reqs[0]);
+        let mut turn = reqs[0].clone();
+        turn.prompt_tokens.extend(&first.tokens);
+        turn.prompt_tokens
+            .extend(m.tokenizer.encode(" And then?", false).unwrap());
+        reqs.push(turn);
+        reqs.push(reqs[1].clone());
+        let want: Vec<Completion> = reqs.iter().map(solo).collect();
+        for entries in [0, 16] {
+            let h = engine(ServeConfig {
+                step_positions: 24,
+                prefix_entries: entries,
+                ..ServeConfig::default()
+            });
+            // A generation stopped after its first piece leaves its rows behind too.
+            let mut quit = reqs[2].clone();
+            quit.max_tokens = 50;
+            let mut st = h.open(&quit.prompt_tokens, &quit.sampling, 50).unwrap();
+            generate_with(&mut st, &m.tokenizer, &quit, |_| Flow::Stop).unwrap();
+            drop(st);
+            for (i, (r, w)) in reqs.iter().zip(&want).enumerate() {
+                let g = batched(&h, r);
+                assert_eq!(g.tokens, w.tokens, "prefix entries {entries}, request {i}");
+                assert_eq!(g.text, w.text, "prefix entries {entries}, request {i}");
+                assert_eq!(g.finish, w.finish, "prefix entries {entries}, request {i}");
+                assert_eq!(
+                    g.logprobs, w.logprobs,
+                    "prefix entries {entries}, request {i}"
+                );
+            }
+            let got: Vec<Completion> = std::thread::scope(|s| {
+                let joins: Vec<_> = reqs
+                    .iter()
+                    .map(|r| {
+                        let h = h.clone();
+                        s.spawn(move || batched(&h, r))
+                    })
+                    .collect();
+                joins.into_iter().map(|j| j.join().unwrap()).collect()
+            });
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g.tokens, w.tokens,
+                    "concurrent, entries {entries}, request {i}"
+                );
+                assert_eq!(
+                    g.logprobs, w.logprobs,
+                    "concurrent, entries {entries}, request {i}"
+                );
+            }
+            let reused = h.prefix_reused_positions();
+            if entries == 0 {
+                assert_eq!(reused, 0);
+            } else {
+                // At least the system prompt of every sequential request after the first.
+                let shared = m.tokenizer.encode(&system, false).unwrap().len() as u64;
+                assert!(reused >= 6 * (shared - 2), "{reused} positions reused");
+            }
+        }
+    }
+
+    /// Issue 8: what the prefix cache holds never refuses a generation: a budget for one
+    /// generation, kept by a finished one in the cache, is given back to the next.
+    #[test]
+    fn the_prefix_cache_gives_its_budget_back_to_new_generations_issue_8() {
+        let bpp = model().stage.kv_bytes_per_position();
+        let h = engine(ServeConfig {
+            kv_budget: 100 * bpp,
+            ..ServeConfig::default()
+        });
+        let mut rng = Rng(3);
+        for _ in 0..3 {
+            let mut r = request(&mut rng);
+            r.prompt_tokens.truncate(30);
+            r.max_tokens = 100 - r.prompt_tokens.len();
+            // The last generation leaves the engine just after its last token is read.
+            let started = std::time::Instant::now();
+            while h.running_kv_bytes() != 0 {
+                assert!(started.elapsed() < Duration::from_secs(10));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(batched(&h, &r).tokens, solo(&r).tokens);
+        }
+        assert!(h.budget().used() <= 100 * bpp);
     }
 
     /// A grammar over token ids: any of `allowed` for `len` tokens, then end of sequence.

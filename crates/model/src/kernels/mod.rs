@@ -148,6 +148,14 @@ pub fn with_backend<R>(backend: Backend, f: impl FnOnce() -> R) -> R {
     out
 }
 
+/// The backend this thread's kernels run on: the one forced by [`with_backend`], else the
+/// fastest this CPU has.
+pub fn current_backend() -> Backend {
+    FORCED_BACKEND
+        .with(|b| b.get())
+        .unwrap_or_else(Backend::detect)
+}
+
 /// A `[rows, cols]` weight matrix in a GGML block format, multiplied by f32 activations.
 #[derive(Clone)]
 pub struct QuantMatrix {
