@@ -107,6 +107,42 @@ pub struct NetworkClient {
     scores: Arc<Mutex<Scoreboard>>,
     /// Convictions, reputation and stakes (see [`crate::audit`]).
     book: Arc<Mutex<crate::audit::AuditBook>>,
+    /// When each peer last connected (see [`Links`]).
+    links: Arc<Mutex<Links>>,
+}
+
+/// Connection sequence numbers: every new connection to a peer gets the next number. A chain
+/// that lost a peer's connection notes the number then; a higher one later means the peer
+/// came back (a restarted process with the same key), so it may be routed to again, with a
+/// fresh session, instead of staying excluded for the rest of the generation.
+#[derive(Debug, Default)]
+pub struct Links {
+    seq: u64,
+    last: std::collections::HashMap<PeerId, u64>,
+}
+
+/// Peers whose last connection [`Links`] remembers (beyond it, peers no longer in the
+/// directory are forgotten).
+const MAX_LINKS: usize = 8192;
+
+impl Links {
+    /// The sequence number now (a failure noted with it is older than any later connection).
+    pub fn now(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn connected(&mut self, peer: PeerId, dir: &Directory) {
+        if self.last.len() >= MAX_LINKS {
+            self.last.retain(|p, _| dir.get(p).is_some());
+        }
+        self.seq += 1;
+        self.last.insert(peer, self.seq);
+    }
+
+    /// Whether `peer` connected again after `since`.
+    pub fn back_since(&self, peer: &PeerId, since: u64) -> bool {
+        self.last.get(peer).is_some_and(|&s| s > since)
+    }
 }
 
 impl NetworkClient {
@@ -114,6 +150,8 @@ impl NetworkClient {
     pub fn start(config: ClientConfig) -> Result<Self, StartNetError> {
         let (handle, mut events) = plexus_net::start(config.net.clone())?;
         let (mut keeper, directory) = DirectoryKeeper::new(handle.clone());
+        let links: Arc<Mutex<Links>> = Arc::default();
+        let links_ = Arc::clone(&links);
         tokio::spawn(async move {
             let mut prune = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -122,7 +160,13 @@ impl NetworkClient {
                     _ = crate::discovery::until(flush_at) => keeper.flush(),
                     event = events.recv() => match event {
                         Some(NetEvent::Announcement { source, data }) => keeper.admit(&data, source).await,
-                        Some(NetEvent::Connected(peer)) => keeper.describe(peer),
+                        Some(NetEvent::Connected(peer)) => {
+                            links_
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .connected(peer, keeper.directory());
+                            keeper.describe(peer);
+                        }
                         Some(NetEvent::Disconnected(peer)) => keeper.remove(&peer),
                         Some(_) => {}
                         None => break,
@@ -140,6 +184,7 @@ impl NetworkClient {
             metrics: Arc::new(ClientMetrics::default()),
             scores: Arc::default(),
             book: Arc::default(),
+            links,
         })
     }
 
@@ -273,6 +318,7 @@ impl NetworkClient {
                 client: self.clone(),
                 model,
                 gave_up: None,
+                lost: Vec::new(),
                 usage: Usage::default(),
                 audits: crate::audit::ChainAudits::default(),
             },
@@ -384,6 +430,9 @@ pub(crate) struct NetTransport {
     model: Digest,
     /// When the last route wait ended empty.
     gave_up: Option<Instant>,
+    /// Peers whose connection failed a call, with the [`Links`] number at the time (bounded
+    /// by the failovers a chain allows).
+    lost: Vec<(PeerId, u64)>,
     /// Accepted receipts of this chain's calls.
     pub(crate) usage: Usage,
     /// The audits of this chain's providers.
@@ -445,6 +494,27 @@ impl NetTransport {
             (Ok(_), None) => {}
         }
         (answer, committed)
+    }
+}
+
+impl NetTransport {
+    /// `exclude` without the peers whose connection failed and that have connected again
+    /// since (restarted: a new session there is as good as anywhere).
+    fn still_excluded(&self, exclude: &[PeerId]) -> Vec<PeerId> {
+        let links = self.client.links.lock().unwrap_or_else(|e| e.into_inner());
+        exclude
+            .iter()
+            .filter(|p| {
+                let latest = self
+                    .lost
+                    .iter()
+                    .filter(|(q, _)| q == *p)
+                    .map(|(_, at)| *at)
+                    .max();
+                latest.is_none_or(|at| !links.back_since(p, at))
+            })
+            .copied()
+            .collect()
     }
 }
 
@@ -511,6 +581,10 @@ impl Transport for NetTransport {
             }
             Err(e) => {
                 client.book().on_call(peer, false);
+                if self.lost.len() < 64 {
+                    let now = client.links.lock().unwrap_or_else(|e| e.into_inner()).now();
+                    self.lost.push((peer, now));
+                }
                 Err(CallFailed {
                     retryable: !matches!(e, CallError::Stopped),
                     message: e.to_string(),
@@ -520,6 +594,7 @@ impl Transport for NetTransport {
     }
 
     fn route(&mut self, from: usize, to: usize, exclude: &[PeerId]) -> Option<Vec<Hop>> {
+        let exclude = &self.still_excluded(exclude);
         // Right after a wait that found nothing, the machine's retry from layer 0 looks once.
         let wait = match self.gave_up {
             Some(t) if t.elapsed() < Duration::from_secs(1) => Duration::ZERO,
@@ -564,5 +639,31 @@ impl Transport for NetTransport {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .record_failure(peer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer lost at sequence `at` counts as back only after a later connection; the map
+    /// stays bounded by forgetting peers no longer in the directory.
+    #[test]
+    fn links_tell_a_reconnected_peer_and_stay_bounded() {
+        let dir = Directory::default();
+        let mut links = Links::default();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        links.connected(a, &dir);
+        links.connected(b, &dir);
+        let lost_at = links.now();
+        assert!(!links.back_since(&a, lost_at));
+        assert!(!links.back_since(&PeerId::random(), 0));
+        links.connected(a, &dir);
+        assert!(links.back_since(&a, lost_at));
+        assert!(!links.back_since(&b, lost_at));
+        for _ in 0..MAX_LINKS + 10 {
+            links.connected(PeerId::random(), &dir);
+        }
+        assert!(links.last.len() <= MAX_LINKS);
     }
 }

@@ -179,25 +179,61 @@ pub fn plan(
 }
 
 /// Hands the plan's `spans` to interchangeable nodes (equal speed and memory; `nodes` with the
-/// span each serves now) moving as few as possible: a node keeps its span when the plan has
-/// it, the others take the remaining spans in order, nodes and spans sorted (by peer id, by
-/// start), so every node computes the same answer. Without this, a plan over equal nodes (whose
-/// order is by peer id) would shuffle spans among nodes that already cover the model.
+/// span each serves now) moving as few layers as possible: a node keeps its span when the plan
+/// has it; then, largest overlap first, a node takes a span sharing layers with the one it
+/// serves (after a death the survivors widen their spans rather than swap ends); the others
+/// take the remaining spans in order. Nodes and spans are sorted (by peer id, by start) and
+/// ties broken on them, so every node computes the same answer. Without this, a plan over equal
+/// nodes (whose order is by peer id) would shuffle spans among nodes that already cover the
+/// model. Cost: O(n * d log(n * d)) for n nodes and d distinct spans.
 pub fn keep_spans(
     spans: &[(usize, usize)],
     nodes: &[(PeerId, (usize, usize))],
 ) -> Vec<(PeerId, (usize, usize))> {
     let mut nodes: Vec<(PeerId, (usize, usize))> = nodes.to_vec();
     nodes.sort_by_key(|(p, _)| p.to_bytes());
-    let mut left: Vec<(usize, usize)> = spans.to_vec();
-    left.sort_unstable();
-    let mut out: Vec<Option<(usize, usize)>> = vec![None; nodes.len()];
-    for (i, (_, current)) in nodes.iter().enumerate() {
-        if let Some(j) = left.iter().position(|s| s == current) {
-            out[i] = Some(left.remove(j));
+    // Distinct spans with how many of each the plan still hands out.
+    let mut left: Vec<((usize, usize), usize)> = Vec::new();
+    let mut sorted = spans.to_vec();
+    sorted.sort_unstable();
+    for s in sorted {
+        match left.last_mut() {
+            Some((last, n)) if *last == s => *n += 1,
+            _ => left.push((s, 1)),
         }
     }
-    let mut rest = left.into_iter();
+    let mut out: Vec<Option<(usize, usize)>> = vec![None; nodes.len()];
+    let take = |left: &mut Vec<((usize, usize), usize)>, j: usize| {
+        left[j].1 -= 1;
+        left[j].0
+    };
+    for (i, (_, current)) in nodes.iter().enumerate() {
+        if let Some(j) = left.iter().position(|(s, n)| s == current && *n > 0) {
+            out[i] = Some(take(&mut left, j));
+        }
+    }
+    let overlap = |a: (usize, usize), b: (usize, usize)| a.1.min(b.1).saturating_sub(a.0.max(b.0));
+    let mut pairs: Vec<(usize, usize, usize)> = Vec::new(); // (overlap, node, span)
+    for (i, (_, current)) in nodes.iter().enumerate() {
+        if out[i].is_some() {
+            continue;
+        }
+        for (j, (s, _)) in left.iter().enumerate() {
+            let o = overlap(*current, *s);
+            if o > 0 {
+                pairs.push((o, i, j));
+            }
+        }
+    }
+    pairs.sort_unstable_by_key(|&(o, i, j)| (std::cmp::Reverse(o), i, j));
+    for (_, i, j) in pairs {
+        if out[i].is_none() && left[j].1 > 0 {
+            out[i] = Some(take(&mut left, j));
+        }
+    }
+    let mut rest = left
+        .into_iter()
+        .flat_map(|(s, n)| std::iter::repeat_n(s, n));
     for slot in out.iter_mut().filter(|s| s.is_none()) {
         *slot = rest.next();
     }
@@ -206,6 +242,20 @@ pub fn keep_spans(
         .zip(out)
         .filter_map(|((p, _), s)| s.map(|s| (p, s)))
         .collect()
+}
+
+/// Whether `spans` (`start..end` each) together serve every layer `0..layers`.
+pub fn covers(spans: &[(usize, usize)], layers: usize) -> bool {
+    let mut sorted = spans.to_vec();
+    sorted.sort_unstable();
+    let mut reach = 0;
+    for (start, end) in sorted {
+        if start > reach {
+            break;
+        }
+        reach = reach.max(end);
+    }
+    reach >= layers
 }
 
 /// Spans for one chain that minimise its slowest stage, or `None` if its memory is short.
@@ -339,20 +389,42 @@ mod tests {
 
     #[test]
     fn equal_nodes_keep_their_spans_and_survivors_split_the_lost_one() {
-        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        // Peer ids decide the order nodes are considered in: try many.
+        for _ in 0..32 {
+            survivors_widen_their_spans(PeerId::random(), PeerId::random(), PeerId::random());
+        }
+    }
+
+    fn survivors_widen_their_spans(a: PeerId, b: PeerId, c: PeerId) {
         let spans = [(0, 10), (10, 20), (20, 30)];
         let now = [(c, (0, 10)), (a, (10, 20)), (b, (20, 30))];
         let mut kept = keep_spans(&spans, &now);
         kept.sort_by_key(|(_, s)| *s);
         assert_eq!(kept, vec![(c, (0, 10)), (a, (10, 20)), (b, (20, 30))]);
-        // `a` died: the plan over two nodes has new spans; both move, the same way everywhere.
+        // `a` died: the plan over two nodes has new spans; both move, the same way everywhere,
+        // each widening the span it holds (c keeps 0..10 inside 0..15, b 20..30 inside 15..30)
+        // whatever the peer ids.
         let two = [(0, 15), (15, 30)];
         let x = keep_spans(&two, &[(c, (0, 10)), (b, (20, 30))]);
         let y = keep_spans(&two, &[(b, (20, 30)), (c, (0, 10))]);
         assert_eq!(x, y);
-        let mut got: Vec<(usize, usize)> = x.iter().map(|(_, s)| *s).collect();
-        got.sort_unstable();
-        assert_eq!(got, two.to_vec());
+        let mut got = x;
+        got.sort_by_key(|(_, s)| *s);
+        assert_eq!(got, vec![(c, (0, 15)), (b, (15, 30))]);
+        // The killed node came back on its old span: the survivors shrink back onto theirs.
+        let mut back = keep_spans(&spans, &[(c, (0, 15)), (b, (15, 30)), (a, (10, 20))]);
+        back.sort_by_key(|(_, s)| *s);
+        assert_eq!(back, vec![(c, (0, 10)), (a, (10, 20)), (b, (20, 30))]);
+    }
+
+    #[test]
+    fn coverage_needs_every_layer() {
+        assert!(covers(&[(0, 10), (10, 20), (20, 30)], 30));
+        assert!(covers(&[(20, 30), (0, 15), (10, 20)], 30));
+        assert!(!covers(&[(0, 10), (20, 30)], 30));
+        assert!(!covers(&[(0, 10), (10, 29)], 30));
+        assert!(!covers(&[(1, 30)], 30));
+        assert!(!covers(&[], 30));
     }
 
     #[test]
@@ -401,6 +473,50 @@ mod tests {
                 }
                 Err(e) => prop_assert!(false, "{e}"),
             }
+        }
+
+        /// Every node gets at most one span, exactly the plan's spans are handed out (all of
+        /// them when there are enough nodes), a node whose span is in the plan keeps it, and
+        /// the answer does not depend on the order nodes are listed in.
+        #[test]
+        fn keep_spans_hands_out_the_plan(
+            plan_spans in proptest::collection::vec((0usize..20, 1usize..10), 1..6),
+            held in proptest::collection::vec((0usize..20, 1usize..10), 1..6),
+            rotate in 0usize..6,
+        ) {
+            let spans: Vec<(usize, usize)> = plan_spans.iter().map(|&(s, l)| (s, s + l)).collect();
+            let nodes: Vec<(PeerId, (usize, usize))> =
+                held.iter().map(|&(s, l)| (PeerId::random(), (s, s + l))).collect();
+            let got = keep_spans(&spans, &nodes);
+            let mut rotated = nodes.clone();
+            rotated.rotate_left(rotate % nodes.len());
+            prop_assert_eq!(&keep_spans(&spans, &rotated), &got);
+            prop_assert_eq!(got.len(), spans.len().min(nodes.len()));
+            let mut given: Vec<(usize, usize)> = got.iter().map(|(_, s)| *s).collect();
+            given.sort_unstable();
+            let mut want = spans.clone();
+            want.sort_unstable();
+            let mut unused = want.clone();
+            for s in &given {
+                let at = unused.iter().position(|u| u == s);
+                prop_assert!(at.is_some(), "{:?} handed out beyond the plan", s);
+                unused.remove(at.unwrap());
+            }
+            let mut peers: Vec<PeerId> = got.iter().map(|(p, _)| *p).collect();
+            peers.sort_by_key(|p| p.to_bytes());
+            peers.dedup();
+            prop_assert_eq!(peers.len(), got.len());
+            // Keeping is never lost: as many nodes keep their span as the plan allows.
+            let kept = got.iter().filter(|(p, s)| nodes.iter().any(|(q, c)| q == p && c == s)).count();
+            let mut could = 0;
+            let mut pool = want;
+            for (_, c) in &nodes {
+                if let Some(at) = pool.iter().position(|s| s == c) {
+                    pool.remove(at);
+                    could += 1;
+                }
+            }
+            prop_assert_eq!(kept, could);
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::directory::Directory;
 use crate::discovery::{now_ms, DirectoryKeeper, DiscoveryCounters};
 use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, SubmitError, Work};
 use crate::measure::{free_memory, measure, Speed};
-use crate::placement::{keep_spans, plan, NodeCapacity};
+use crate::placement::{covers, keep_spans, plan, NodeCapacity};
 use plexus_core::announce::{Announcement, ModelOffer};
 use plexus_core::keys::NodeKey;
 use plexus_core::receipt::Receipt;
@@ -66,7 +66,9 @@ pub struct AutoPlacement {
     /// Stages per chain (default: the fewest whose memory holds the model; never more than
     /// the nodes there are, so survivors of a failure re-plan over fewer stages).
     pub stages: Option<usize>,
-    /// How often the plan is recomputed; a move happens when two plans in a row ask for it.
+    /// How often the plan is recomputed; a move happens when two plans in a row ask for it,
+    /// or at once when some layer has no server (a take-over: nothing to flap against). A
+    /// peer serving the model disconnecting re-plans at once too.
     pub every: Duration,
     /// Plan as if every node were as fast as every other (nodes on one machine, as `plexus
     /// up` starts them): measurement noise then never moves a node.
@@ -160,6 +162,9 @@ pub struct Node {
     loaded: mpsc::Receiver<Loaded>,
     /// A placement move is loading.
     loading: bool,
+    /// Some plan saw every layer served: a gap after that is a loss (a take-over), not a
+    /// network still assembling at start-up.
+    seen_covered: bool,
     /// Signs receipts (the node key as a k256 key).
     signer: k256::ecdsa::SigningKey,
     /// Receipts of calls waiting for the engine, by reply id.
@@ -172,6 +177,8 @@ pub struct Node {
 struct Loaded {
     from: LayerSpan,
     to: LayerSpan,
+    /// How long building the new stage took.
+    took: Duration,
     result: Result<Arc<Stage>, String>,
 }
 
@@ -287,6 +294,7 @@ impl Node {
             loaded_tx,
             loaded,
             loading: false,
+            seen_covered: false,
             signer,
             drafts: BTreeMap::new(),
             vouchers,
@@ -430,7 +438,20 @@ impl Node {
             }
             NetEvent::Announcement { source, data } => self.keeper.admit(&data, source).await,
             NetEvent::Connected(peer) => self.keeper.describe(peer),
-            NetEvent::Disconnected(peer) => self.keeper.remove(&peer),
+            NetEvent::Disconnected(peer) => {
+                // A server of our model gone (killed, crashed, cut off): re-plan now, not at
+                // the next tick; when its layers have no other server the move happens at once.
+                let served = self.config.auto.is_some()
+                    && self
+                        .keeper
+                        .directory()
+                        .get(&peer)
+                        .is_some_and(|a| a.models.iter().any(|o| o.model == self.served.model));
+                self.keeper.remove(&peer);
+                if served {
+                    self.rebalance().await;
+                }
+            }
             NetEvent::Listening(addr) => {
                 if !self.listen.contains(&addr) {
                     self.listen.push(addr);
@@ -474,7 +495,7 @@ impl Node {
     /// loses its last server, this is how the survivors take it over: the plan over fewer
     /// nodes gives them wider spans, loaded from the model file they hold.
     async fn rebalance(&mut self) {
-        let Some(auto) = &self.config.auto else {
+        let Some(auto) = self.config.auto.clone() else {
             return;
         };
         let me = self.peer_id();
@@ -522,6 +543,12 @@ impl Node {
         } else {
             plan.assignment(&me).map(|a| (a.start, a.end))
         };
+        // Some layer lost its last server: a take-over, so move now (chains are waiting on
+        // it). Otherwise wait for the next plan to ask the same, so a passing announcement
+        // does not make nodes flap (nor a node that has not met its peers yet).
+        let covered = covers(&current.iter().map(|(_, s)| *s).collect::<Vec<_>>(), layers);
+        self.seen_covered |= covered;
+        let gap = !covered && self.seen_covered;
         let Some((start, end)) = assigned else {
             return;
         };
@@ -530,7 +557,7 @@ impl Node {
             self.pending = None;
             return;
         }
-        if self.pending != Some(want) {
+        if self.pending != Some(want) && !gap {
             self.pending = Some(want);
             return;
         }
@@ -544,7 +571,9 @@ impl Node {
         let engine = self.engine.clone();
         let tx = self.loaded_tx.clone();
         let from = span;
+        info!(from = %from, to = %want, take_over = gap, "placement moves this node");
         tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let result = files
                 .stage(Some(want), Mode::Infer)
                 .map_err(|e| e.to_string())
@@ -558,6 +587,7 @@ impl Node {
             let _ = tx.blocking_send(Loaded {
                 from,
                 to: want,
+                took: started.elapsed(),
                 result,
             });
         });
@@ -569,7 +599,12 @@ impl Node {
         match done.result {
             Ok(stage) => {
                 self.served.stage = stage;
-                info!(from = %done.from, to = %done.to, "placement moved this node");
+                info!(
+                    from = %done.from,
+                    to = %done.to,
+                    load_ms = done.took.as_secs_f64() * 1e3,
+                    "placement moved this node"
+                );
                 self.announce().await;
             }
             Err(e) => warn!("cannot move to layers {}: {e}", done.to),

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Streams one greedy chat completion with the official `openai` client and reports each chunk.
+"""Streams one chat completion with the official `openai` client and reports each chunk.
 
-    python3 crates/plexus/tests/stream_client.py http://127.0.0.1:PORT MODEL MAX_TOKENS PROMPT
+    python3 crates/plexus/tests/stream_client.py http://127.0.0.1:PORT MODEL MAX_TOKENS PROMPT [SEED]
+
+Greedy (temperature 0) without SEED; with it, sampled at temperature 0.8, top_p 0.95 with that
+seed (the same seed gives the same text).
 
 Prints {"start": unix_seconds} just before the request goes out, one JSON line per content
 chunk, {"i": n, "t": unix_seconds, "text": "..."}, then
@@ -21,6 +24,10 @@ except ImportError:
     sys.exit(3)
 
 url, model, max_tokens, prompt = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if len(sys.argv) > 5:
+    sampling = {"temperature": 0.8, "top_p": 0.95, "seed": int(sys.argv[5])}
+else:
+    sampling = {"temperature": 0}
 client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
 print(json.dumps({"start": time.time()}), flush=True)
 try:
@@ -28,8 +35,8 @@ try:
         model=model,
         messages=[{"role": "user", "content": prompt}],
         max_tokens=max_tokens,
-        temperature=0,
         stream=True,
+        **sampling,
     )
     i = 0
     finish = None

@@ -1,9 +1,11 @@
-//! Issue 7's check end to end: `plexus up --nodes 3` on the real model, a streamed greedy chat
-//! completion through the official `openai` client (tests/stream_client.py), and a SIGKILL of
-//! one node after the 10th chunk: the node serving the first, then the middle, then the last
-//! third (for the first, the middle node is killed too after the 30th chunk: two of three). The survivors take over the lost layers
-//! (nodes follow placement by default), the stream goes on, and its text is identical to the
-//! undisturbed run. Prints the pause each kill caused (SIGKILL to the next chunk).
+//! Issue 7's check end to end: `plexus up --nodes 3` on the real model, a streamed chat
+//! completion through the official `openai` client (tests/stream_client.py), greedy or seeded
+//! sampling, and a SIGKILL of one node after the 10th chunk: the node serving the first, then
+//! the middle, then the last third (for the first, the middle node is killed too after the 30th
+//! chunk: two of three). The survivors take over the lost layers (nodes follow placement by
+//! default), the stream goes on, and its text is identical to the undisturbed run with the
+//! same sampling. `plexus up` starts a killed node again; it rejoins and the plan rebalances.
+//! Prints the pause each kill caused (SIGKILL to the next chunk).
 //!
 //! `PLEXUS_TAKEOVER_KILLS=N` repeats single kills N times (round-robin over the nodes) and
 //! prints the median and worst pause: the figure in BENCHMARKS.md.
@@ -17,6 +19,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const PROMPT: &str = "Write a short story about a lighthouse keeper and a storm.";
 const MAX_TOKENS: &str = "64";
+
+/// How the completion samples: greedy, or temperature 0.8 / top_p 0.95 with a seed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Sampling {
+    Greedy,
+    Seeded(u64),
+}
+
+const SEEDED: Sampling = Sampling::Seeded(7);
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -60,6 +71,7 @@ fn children_of(pid: u32) -> Vec<u32> {
 /// A running `plexus up`: the API URL, the served model id and the node pids.
 struct Net {
     _up: Up,
+    up_pid: u32,
     url: String,
     model: String,
     nodes: Vec<u32>,
@@ -130,6 +142,7 @@ fn up() -> Net {
     let nodes: Vec<u32> = nodes.into_iter().map(|(_, pid)| pid).collect();
     assert_eq!(nodes.len(), 3, "three node processes");
     Net {
+        up_pid: up.child.id(),
         _up: up,
         url,
         model: model.expect("plexus up names the model it serves"),
@@ -157,31 +170,14 @@ enum At {
 
 /// Streams the completion, SIGKILLing `pid` at `at` for each `(pid, at)`; the text and, per
 /// kill, the seconds from the kill to the next chunk.
-fn stream(net: &Net, kills: &[(u32, At)]) -> (String, Vec<f64>) {
-    stream_and_restart(net, kills, None).0
-}
-
-/// A node process started again by the test (the same command line, so the same key and
-/// peer id); killed when dropped.
-struct Restarted(Child);
-
-impl Drop for Restarted {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+fn stream(net: &Net, sampling: Sampling, kills: &[(u32, At)]) -> (String, Vec<f64>) {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo().join("crates/plexus/tests/stream_client.py"))
+        .args([&net.url, &net.model, MAX_TOKENS, PROMPT]);
+    if let Sampling::Seeded(seed) = sampling {
+        cmd.arg(seed.to_string());
     }
-}
-
-/// [`stream`], and after chunk `i` of `restart = Some((argv, i))` runs `argv` again.
-fn stream_and_restart(
-    net: &Net,
-    kills: &[(u32, At)],
-    restart: Option<(&[String], usize)>,
-) -> ((String, Vec<f64>), Option<Restarted>) {
-    let mut restarted = None;
-    let mut child = Command::new(python())
-        .arg(repo().join("crates/plexus/tests/stream_client.py"))
-        .args([&net.url, &net.model, MAX_TOKENS, PROMPT])
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -231,26 +227,13 @@ fn stream_and_restart(
                 killed_at = Some(kill(pid));
             }
         }
-        if let Some((argv, at)) = restart {
-            if at == i {
-                // stdin stays open: a node started by `plexus up` exits when it closes.
-                let child = Command::new(&argv[0])
-                    .args(&argv[1..])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .unwrap();
-                restarted = Some(Restarted(child));
-            }
-        }
     }
     assert!(
         child.wait().unwrap().success() && done,
         "the stream did not end cleanly"
     );
     assert_eq!(pauses.len(), kills.len(), "every kill happened mid-stream");
-    ((text, pauses), restarted)
+    (text, pauses)
 }
 
 fn require_openai() {
@@ -268,20 +251,26 @@ fn require_openai() {
 fn sigkill_of_any_node_mid_stream_leaves_the_text_unchanged_issue_7() {
     require_openai();
     let mut pauses = Vec::new();
-    for victim in 0..3 {
+    // Greedy for the double kill, seeded sampling for the others.
+    for (victim, sampling) in [(0, Sampling::Greedy), (1, SEEDED), (2, SEEDED)] {
         let net = up();
-        let (want, _) = stream(&net, &[]);
+        let (want, _) = stream(&net, sampling, &[]);
         assert!(!want.is_empty());
+        if sampling != Sampling::Greedy {
+            // The seed matters: sampled text is not the greedy text.
+            let (greedy, _) = stream(&net, Sampling::Greedy, &[]);
+            assert_ne!(want, greedy, "seeded sampling gave the greedy text");
+        }
         let mut kills = vec![(net.nodes[victim], At::Chunk(10))];
         if victim == 0 {
             // Then a second node: the last survivor takes the whole model.
             kills.push((net.nodes[1], At::Chunk(30)));
         }
-        let (got, p) = stream(&net, &kills);
-        eprintln!("node {victim} killed: pauses {p:?} s");
+        let (got, p) = stream(&net, sampling, &kills);
+        eprintln!("node {victim} killed ({sampling:?}): pauses {p:?} s");
         assert_eq!(got, want, "text changed after killing node {victim}");
         // The network still serves after the take-over.
-        let (again, _) = stream(&net, &[]);
+        let (again, _) = stream(&net, sampling, &[]);
         assert_eq!(again, want);
         pauses.extend(p);
     }
@@ -294,8 +283,8 @@ fn sigkill_of_any_node_mid_stream_leaves_the_text_unchanged_issue_7() {
         let mut single = Vec::new();
         for k in 0..extra {
             let net = up();
-            let (want, _) = stream(&net, &[]);
-            let (got, p) = stream(&net, &[(net.nodes[k % 3], At::Chunk(10))]);
+            let (want, _) = stream(&net, Sampling::Greedy, &[]);
+            let (got, p) = stream(&net, Sampling::Greedy, &[(net.nodes[k % 3], At::Chunk(10))]);
             assert_eq!(got, want);
             single.extend(p);
         }
@@ -310,22 +299,22 @@ fn sigkill_of_any_node_mid_stream_leaves_the_text_unchanged_issue_7() {
 }
 
 /// The issue's other kill points: each node in turn as the request goes out (the gateway
-/// routes and prefills the prompt meanwhile) and after the first chunk.
+/// routes and prefills the prompt meanwhile) and after the first chunk; greedy and seeded.
 #[test]
 fn sigkill_during_the_prompt_or_after_the_first_chunk_leaves_the_text_unchanged_issue_7() {
     require_openai();
-    for (victim, at) in [
-        (0, At::Start),
-        (1, At::Start),
-        (2, At::Start),
-        (0, At::Chunk(0)),
-        (1, At::Chunk(0)),
-        (2, At::Chunk(0)),
+    for (victim, at, sampling) in [
+        (0, At::Start, Sampling::Greedy),
+        (1, At::Start, SEEDED),
+        (2, At::Start, Sampling::Greedy),
+        (0, At::Chunk(0), SEEDED),
+        (1, At::Chunk(0), Sampling::Greedy),
+        (2, At::Chunk(0), SEEDED),
     ] {
         let net = up();
-        let (want, _) = stream(&net, &[]);
-        let (got, p) = stream(&net, &[(net.nodes[victim], at)]);
-        eprintln!("node {victim} killed at {at:?}: pause {p:?} s");
+        let (want, _) = stream(&net, sampling, &[]);
+        let (got, p) = stream(&net, sampling, &[(net.nodes[victim], at)]);
+        eprintln!("node {victim} killed at {at:?} ({sampling:?}): pause {p:?} s");
         assert_eq!(
             got, want,
             "text changed after killing node {victim} at {at:?}"
@@ -333,51 +322,75 @@ fn sigkill_during_the_prompt_or_after_the_first_chunk_leaves_the_text_unchanged_
     }
 }
 
-/// A killed node comes back (the same command line, key and peer id) while a stream runs:
-/// it rejoins, placement rebalances, and neither that stream nor the next changes its text.
+/// `plexus up` starts a killed node again (same key and peer id, after a 1 s backoff): the
+/// stream the kill interrupted goes on while the node comes back and placement rebalances onto
+/// it, and afterwards a node process is back, serving: streams run over three stages again,
+/// greedy and seeded, with the text of the undisturbed network. Each node in turn (none of the
+/// three has a replica).
 #[test]
-fn a_killed_node_rejoining_mid_stream_changes_no_text_issue_7() {
+fn plexus_up_restarts_a_killed_node_and_no_text_changes_issue_7() {
     require_openai();
     let net = up();
     let calls0 = metric(&net, "plexus_stage_calls_total");
-    let (want, _) = stream(&net, &[]);
+    let (want, _) = stream(&net, Sampling::Greedy, &[]);
     let calls_3_stages = metric(&net, "plexus_stage_calls_total") - calls0;
-    let victim = net.nodes[1];
-    let argv: Vec<String> = std::fs::read_to_string(format!("/proc/{victim}/cmdline"))
-        .unwrap()
-        .split('\0')
-        .filter(|a| !a.is_empty())
-        .map(str::to_owned)
-        .collect();
-    // Killed after chunk 3 (the survivors take its layers over), back after chunk 20.
-    let ((got, p), back) = stream_and_restart(&net, &[(victim, At::Chunk(3))], Some((&argv, 20)));
-    let mut back = back.expect("the node was started again mid-stream");
-    eprintln!("killed, then restarted mid-stream: pause {p:?} s");
-    assert_eq!(got, want, "text changed while the node rejoined");
-    assert!(
-        back.0.try_wait().unwrap().is_none(),
-        "the restarted node exited"
-    );
-    // It rejoined: the gateway holds its announcement again...
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&net, "plexus_directory_peers") < 3.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the restarted node never rejoined"
+    let (want_seeded, _) = stream(&net, SEEDED, &[]);
+    let mut pids = net.nodes.clone();
+    for k in 0..3 {
+        let victim = pids[k];
+        // Killed after chunk 3: the survivors take its layers over; `plexus up` starts it
+        // again meanwhile (the stream is still running when it rejoins).
+        let sampling = if k == 1 { SEEDED } else { Sampling::Greedy };
+        let (got, p) = stream(&net, sampling, &[(victim, At::Chunk(3))]);
+        eprintln!("node {k} killed ({sampling:?}): pause {p:?} s");
+        let expected = if k == 1 { &want_seeded } else { &want };
+        assert_eq!(&got, expected, "text changed while node {k} was restarted");
+        // A new node process under `plexus up` replaces the killed one...
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let back = loop {
+            let now: Vec<u32> = children_of(net.up_pid);
+            if let Some(&new) = now.iter().find(|p| !pids.contains(p)) {
+                if now.len() == 3 && !now.contains(&victim) {
+                    break new;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plexus up did not start node {k} again"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        pids[k] = back;
+        // ...it rejoins: the gateway holds its announcement again...
+        while metric(&net, "plexus_directory_peers") < 3.0 {
+            assert!(
+                Instant::now() < deadline,
+                "the restarted node never rejoined"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // ...and once the survivors moved back (two plan ticks and a load), streams run over
+        // three stages again, with the same texts.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let calls = metric(&net, "plexus_stage_calls_total");
+            let (again, _) = stream(&net, Sampling::Greedy, &[]);
+            assert_eq!(again, want, "text changed after node {k} rejoined");
+            if metric(&net, "plexus_stage_calls_total") - calls == calls_3_stages {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the network did not serve over three stages again after node {k} came back"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let (again, _) = stream(&net, SEEDED, &[]);
+        assert_eq!(
+            again, want_seeded,
+            "seeded text changed after node {k} rejoined"
         );
-        std::thread::sleep(Duration::from_millis(200));
     }
-    // ...and once the survivors moved back (two plan ticks and a load), a stream runs over
-    // three stages again, with the same text.
-    std::thread::sleep(Duration::from_secs(5));
-    let calls = metric(&net, "plexus_stage_calls_total");
-    let (again, _) = stream(&net, &[]);
-    assert_eq!(again, want, "text changed after the rebalance");
-    assert_eq!(
-        metric(&net, "plexus_stage_calls_total") - calls,
-        calls_3_stages,
-        "the rebalanced network did not serve over three stages again"
-    );
 }
 
 /// A sample of the gateway's /metrics.

@@ -6,6 +6,12 @@
 //! Nodes follow placement (unless `--static-spans`): when one dies, the survivors re-plan over
 //! fewer stages, load the layers they now need from the model file and announce them, and the
 //! gateway's chains replay onto them; streams go on with the same text.
+//!
+//! Each node process is supervised ([`supervise`]): one that exits while `plexus up` runs is
+//! started again (same key, so the same peer id, and its first span) after a backoff of 1 s
+//! doubling to 30 s, back to 1 s once a process has run for a minute. The node rejoins and
+//! placement rebalances onto it; sessions on nodes that move keep their old layers until they
+//! end, so running streams are not broken.
 
 use super::net::{runtime, shutdown_signal};
 use crate::cli::UpArgs;
@@ -19,14 +25,18 @@ use plexus_node::client::{ClientConfig, NetworkClient};
 use plexus_node::placement::{plan, NodeCapacity};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// A started node process and the addresses it listens on.
 struct NodeProcess {
     child: Child,
+    /// The node stops when this closes (`Child::wait` would close it if the child held it).
+    stdin: Option<tokio::process::ChildStdin>,
     addrs: Vec<Multiaddr>,
     span: (usize, usize),
 }
@@ -114,6 +124,7 @@ async fn start_node(
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
     let mut child = cmd.spawn().context("cannot start a node process")?;
+    let stdin = child.stdin.take();
     let stdout = child.stdout.take().context("no stdout from the node")?;
     let mut lines = BufReader::new(stdout).lines();
     let mut addrs = Vec::new();
@@ -144,13 +155,18 @@ async fn start_node(
     }
     // Keep draining stdout so the node never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(NodeProcess { child, addrs, span })
+    Ok(NodeProcess {
+        child,
+        stdin,
+        addrs,
+        span,
+    })
 }
 
 async fn stop_nodes(nodes: &mut [NodeProcess]) {
     // Closing stdin asks each node to stop (see `plexus node --parent-pid`).
     for n in nodes.iter_mut() {
-        drop(n.child.stdin.take());
+        drop(n.stdin.take());
     }
     for n in nodes.iter_mut() {
         if tokio::time::timeout(Duration::from_secs(5), n.child.wait())
@@ -235,12 +251,155 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             for n in futures::future::join_all(rest).await {
                 nodes.push(n?);
             }
-            serve(&args, &model, &nodes, layers, &base).await
+            let bootstrap: Vec<Multiaddr> = nodes.iter().flat_map(|n| n.addrs.clone()).collect();
+            let spans: Vec<(usize, usize)> = nodes.iter().map(|n| n.span).collect();
+            // From here on each node process is supervised: restarted when it exits.
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let book = Arc::new(Mutex::new(AddrBook {
+                nodes: nodes.iter().map(|n| n.addrs.clone()).collect(),
+                gateway: Vec::new(),
+            }));
+            let supervisors: Vec<_> = nodes
+                .drain(..)
+                .enumerate()
+                .map(|(i, process)| {
+                    let slot = Slot {
+                        index: i,
+                        model: model.clone(),
+                        dir: base.join(format!("node-{i}")),
+                        options: if i == 0 { first_options } else { options },
+                        book: Arc::clone(&book),
+                    };
+                    tokio::spawn(supervise(process, slot, stop_rx.clone()))
+                })
+                .collect();
+            let result = serve(&args, &model, &bootstrap, &spans, &book, layers, &base).await;
+            let _ = stop_tx.send(true);
+            for s in supervisors {
+                if let Ok(Some(process)) = s.await {
+                    nodes.push(process);
+                }
+            }
+            result
         }
         .await;
         stop_nodes(&mut nodes).await;
         result
     })
+}
+
+/// Where a restarted node finds the network: the latest addresses of every node, and the
+/// gateway's (always up while `plexus up` runs).
+struct AddrBook {
+    nodes: Vec<Vec<Multiaddr>>,
+    gateway: Vec<Multiaddr>,
+}
+
+/// What it takes to start node `index` again.
+struct Slot {
+    index: usize,
+    model: PathBuf,
+    dir: PathBuf,
+    options: NodeOptions,
+    book: Arc<Mutex<AddrBook>>,
+}
+
+/// Restart delays of a supervised process: 1 s, doubled after each exit up to 30 s, back to
+/// 1 s once a process ran [`Backoff::STABLE`]. Pure: the caller says how long a process ran.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+    const STABLE: Duration = Duration::from_secs(60);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    /// The delay before the next start, after a process that ran for `ran` (zero: it did not
+    /// start at all).
+    fn after(&mut self, ran: Duration) -> Duration {
+        if ran >= Self::STABLE {
+            self.next = Self::FIRST;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        delay
+    }
+}
+
+/// Keeps node `slot.index` running until `stop` turns true; gives its process back then (for
+/// an orderly stop), or `None` when none runs.
+async fn supervise(
+    mut process: NodeProcess,
+    slot: Slot,
+    mut stop: watch::Receiver<bool>,
+) -> Option<NodeProcess> {
+    let span = process.span;
+    let mut backoff = Backoff::new();
+    let mut started = Instant::now();
+    loop {
+        let status = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return Some(process),
+            status = process.child.wait() => status,
+        };
+        let mut delay = backoff.after(started.elapsed());
+        let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+        eprintln!(
+            "node {} (layers {}..{}) exited ({status}); starting it again in {delay:?}",
+            slot.index, span.0, span.1
+        );
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let bootstrap: Vec<Multiaddr> = {
+                let book = slot.book.lock().unwrap_or_else(|e| e.into_inner());
+                book.gateway
+                    .iter()
+                    .chain(
+                        book.nodes
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| *i != slot.index)
+                            .flat_map(|(_, a)| a),
+                    )
+                    .cloned()
+                    .collect()
+            };
+            let start = start_node(&slot.model, span, &slot.dir, &bootstrap, slot.options);
+            // A stop during the start drops the half-started child (killed on drop).
+            let outcome = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return None,
+                outcome = start => outcome,
+            };
+            match outcome {
+                Ok(p) => {
+                    eprintln!(
+                        "node {} is back (layers {}..{})",
+                        slot.index, span.0, span.1
+                    );
+                    slot.book.lock().unwrap_or_else(|e| e.into_inner()).nodes[slot.index] =
+                        p.addrs.clone();
+                    process = p;
+                    started = Instant::now();
+                    break;
+                }
+                Err(e) => {
+                    delay = backoff.after(Duration::ZERO);
+                    eprintln!(
+                        "node {} did not start again ({e:#}); next try in {delay:?}",
+                        slot.index
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Tops up the stake of each node's account (its key in `base/node-I`) to `stake`, from the
@@ -277,11 +436,12 @@ async fn stake_nodes(
 async fn serve(
     args: &UpArgs,
     model: &Path,
-    nodes: &[NodeProcess],
+    bootstrap: &[Multiaddr],
+    spans: &[(usize, usize)],
+    book: &Mutex<AddrBook>,
     layers: usize,
     base: &Path,
 ) -> anyhow::Result<()> {
-    let bootstrap: Vec<Multiaddr> = nodes.iter().flat_map(|n| n.addrs.clone()).collect();
     // A persistent gateway key: it is the ledger account that opens escrows, so a restarted
     // `plexus up` finds (and releases) what a killed one left open.
     let key_path = base.join("gateway").join("node.key");
@@ -297,11 +457,11 @@ async fn serve(
     };
     if let Some(accounts) = &accounts {
         let stake = args.node_stake.unwrap_or(DEFAULT_NODE_STAKE);
-        stake_nodes(accounts, base, nodes.len(), stake).await?;
+        stake_nodes(accounts, base, spans.len(), stake).await?;
     }
     let net = NetConfig::new(key)
         .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
-        .with_bootstrap(bootstrap);
+        .with_bootstrap(bootstrap.to_vec());
     let mut config = ClientConfig::new(net);
     config.wire = args
         .wire
@@ -310,6 +470,14 @@ async fn serve(
         .context("bad --wire")?;
     args.routing.apply(&mut config)?;
     let client = NetworkClient::start(config)?;
+    let me = client.handle().peer_id();
+    book.lock().unwrap_or_else(|e| e.into_inner()).gateway = client
+        .handle()
+        .listen_addrs()
+        .await
+        .into_iter()
+        .map(|a| a.with_p2p(me).unwrap_or_else(|a| a))
+        .collect();
     if let Some(accounts) = &accounts {
         tokio::spawn(plexus_gateway::slashing::keep_stakes(
             accounts.clone(),
@@ -335,13 +503,10 @@ async fn serve(
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
-    let spans: Vec<String> = nodes
-        .iter()
-        .map(|n| format!("{}..{}", n.span.0, n.span.1))
-        .collect();
+    let spans: Vec<String> = spans.iter().map(|s| format!("{}..{}", s.0, s.1)).collect();
     println!(
         "Plexus is up: {} nodes serving {} (layers {})",
-        nodes.len(),
+        spans.len(),
         entry.id,
         spans.join(", ")
     );
@@ -375,4 +540,21 @@ async fn serve(
     plexus_gateway::serve_state(listener, state, shutdown_signal()).await?;
     eprintln!("stopping the nodes");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn restarts_back_off_and_reset_after_a_stable_run() {
+        let mut b = Backoff::new();
+        let quick = Duration::from_millis(300);
+        let delays: Vec<u64> = (0..7).map(|_| b.after(quick).as_secs()).collect();
+        assert_eq!(delays, vec![1, 2, 4, 8, 16, 30, 30]);
+        // A process that ran a minute was healthy: the next crash waits 1 s again.
+        assert_eq!(b.after(Duration::from_secs(60)), Duration::from_secs(1));
+        assert_eq!(b.after(Duration::ZERO), Duration::from_secs(2));
+    }
 }
