@@ -299,7 +299,15 @@ impl Chain {
             info!("no route from the failed stage; replaying from layer 0");
             return self.replay_step(0, replay, r, 0, None, Vec::new());
         }
-        let Some(route) = route.filter(|r| self.is_cover(r, replay.from)) else {
+        // The stages before `k` stay in the chain with their sessions; a replacement on one of
+        // the same peers would open the same session id there at position 0 and wipe the one
+        // the kept stage holds (a survivor that took the lost span over next to its own). Such
+        // a route is refused: the whole chain is replaced from layer 0 instead.
+        let kept_peer = |r: &Vec<Hop>| {
+            r.iter()
+                .any(|h| self.hops[..k].iter().any(|s| s.hop.peer == h.peer))
+        };
+        let Some(route) = route.filter(|r| self.is_cover(r, replay.from) && !kept_peer(r)) else {
             if replay.from == 0 {
                 return self.no_route(0);
             }
@@ -978,6 +986,48 @@ mod tests {
         ] {
             check_single(&fx, &want, at, fault);
         }
+    }
+
+    /// Stage 10..20 of three fails and the only route from layer 10 goes through the first
+    /// stage's peer (it took the lost span over beside its own): replaying to it would reopen
+    /// the session its first stage holds, so the chain replays from layer 0 instead.
+    #[test]
+    fn a_replacement_on_a_kept_stages_peer_replays_from_layer_0() {
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let hop = |peer, start, end| Hop { peer, start, end };
+        let config = ChainConfig {
+            model: MODEL,
+            num_layers: 30,
+            hidden: 4,
+            params: SamplingParams::greedy(),
+            wire: DType::F32,
+            session: SessionId([1; 16]),
+            max_failovers: 4,
+        };
+        let mut chain = Chain::new(config, vec![hop(a, 0, 10), hop(b, 10, 20), hop(c, 20, 30)]);
+        assert!(matches!(chain.start(&[5, 6]), Next::Call(p, _) if p == a));
+        let hidden = Activations::encode(&[0.5; 8], 2, 4, DType::F32);
+        let next = chain.on_reply(Ok(Response::Hidden {
+            hidden,
+            compute_us: 1,
+        }));
+        assert!(matches!(next, Next::Call(p, _) if p == b));
+        let lost = CallFailed {
+            retryable: true,
+            message: "connection closed".into(),
+        };
+        assert!(matches!(
+            chain.on_reply(Err(lost)),
+            Next::Route { from: 10 }
+        ));
+        let next = chain.on_route(Some(vec![hop(a, 10, 20), hop(c, 20, 30)]));
+        assert!(matches!(next, Next::Route { from: 0 }), "{next:?}");
+        // From layer 0 the same peer is fine: every stage is replaced and replayed.
+        let next = chain.on_route(Some(vec![hop(a, 0, 20), hop(c, 20, 30)]));
+        assert!(
+            matches!(&next, Next::Call(p, f) if *p == a && f.position == 0 && f.start == 0),
+            "{next:?}"
+        );
     }
 
     /// A fault, then another on the very next call (the first replay call, or the

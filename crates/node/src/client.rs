@@ -594,7 +594,6 @@ impl Transport for NetTransport {
     }
 
     fn route(&mut self, from: usize, to: usize, exclude: &[PeerId]) -> Option<Vec<Hop>> {
-        let exclude = &self.still_excluded(exclude);
         // Right after a wait that found nothing, the machine's retry from layer 0 looks once.
         let wait = match self.gave_up {
             Some(t) if t.elapsed() < Duration::from_secs(1) => Duration::ZERO,
@@ -602,6 +601,8 @@ impl Transport for NetTransport {
         };
         let deadline = Instant::now() + wait;
         loop {
+            // Again on every look: a lost peer that restarts meanwhile is routable again.
+            let exclude = &self.still_excluded(exclude);
             let cands = self
                 .client
                 .runtime

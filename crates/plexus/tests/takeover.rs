@@ -72,6 +72,8 @@ fn children_of(pid: u32) -> Vec<u32> {
 struct Net {
     _up: Up,
     up_pid: u32,
+    /// The span each of `nodes` was started on.
+    spans: Vec<(usize, usize)>,
     url: String,
     model: String,
     nodes: Vec<u32>,
@@ -79,13 +81,20 @@ struct Net {
 
 /// Starts `plexus up --nodes 3`.
 fn up() -> Net {
+    up_with(3, 3)
+}
+
+/// Starts `plexus up --nodes N --stages S`.
+fn up_with(n: usize, stages: usize) -> Net {
     let model = repo().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let cache = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
         .args([
             "up",
             "--nodes",
-            "3",
+            &n.to_string(),
+            "--stages",
+            &stages.to_string(),
             "--port",
             "0",
             "--threads",
@@ -129,20 +138,23 @@ fn up() -> Net {
     std::thread::spawn(move || for _ in rx {});
     // Node pids ordered by the span each was started on (nodes that already cover the model
     // keep their spans), so `nodes[i]` serves the i-th third.
-    let mut nodes: Vec<(usize, u32)> = children_of(up.child.id())
+    let mut nodes: Vec<((usize, usize), u32)> = children_of(up.child.id())
         .into_iter()
         .map(|pid| {
             let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
             let args: Vec<&str> = cmd.split('\0').collect();
             let span = args[args.iter().position(|a| *a == "--span").unwrap() + 1];
-            (span.split("..").next().unwrap().parse().unwrap(), pid)
+            let (a, b) = span.split_once("..").unwrap();
+            ((a.parse().unwrap(), b.parse().unwrap()), pid)
         })
         .collect();
     nodes.sort_unstable();
+    let spans: Vec<(usize, usize)> = nodes.iter().map(|(s, _)| *s).collect();
     let nodes: Vec<u32> = nodes.into_iter().map(|(_, pid)| pid).collect();
-    assert_eq!(nodes.len(), 3, "three node processes");
+    assert_eq!(nodes.len(), n, "{n} node processes");
     Net {
         up_pid: up.child.id(),
+        spans,
         _up: up,
         url,
         model: model.expect("plexus up names the model it serves"),
@@ -390,6 +402,58 @@ fn plexus_up_restarts_a_killed_node_and_no_text_changes_issue_7() {
             again, want_seeded,
             "seeded text changed after node {k} rejoined"
         );
+    }
+}
+
+/// `plexus up --nodes 4 --stages 3`: one span has two servers, the others one. Killing the
+/// spare of the replicated span fails over to its twin; killing a node whose span has no
+/// replica makes the survivors take its layers over. Either way the seeded stream keeps its
+/// text, and `plexus up` starts the killed node again: four node processes serve afterwards.
+#[test]
+fn four_nodes_with_a_replica_lose_any_node_and_get_it_back_issue_7() {
+    require_openai();
+    let net = up_with(4, 3);
+    let twin = |i: usize| net.spans.iter().filter(|s| **s == net.spans[i]).count() > 1;
+    let replicated = (0..4).find(|&i| twin(i)).expect("a replicated span");
+    let alone = (0..4)
+        .find(|&i| !twin(i))
+        .expect("a span without a replica");
+    let (want, _) = stream(&net, SEEDED, &[]);
+    let mut pids = net.nodes.clone();
+    for victim in [replicated, alone] {
+        let (got, p) = stream(&net, SEEDED, &[(pids[victim], At::Chunk(5))]);
+        eprintln!(
+            "node with layers {:?} killed (replica: {}): pause {p:?} s",
+            net.spans[victim],
+            twin(victim)
+        );
+        assert_eq!(
+            got, want,
+            "text changed after killing {:?}",
+            net.spans[victim]
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = children_of(net.up_pid);
+            if now.len() == 4 && !now.contains(&pids[victim]) {
+                pids[victim] = *now.iter().find(|p| !pids.contains(p)).unwrap();
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the killed node was not started again"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        while metric(&net, "plexus_directory_peers") < 4.0 {
+            assert!(
+                Instant::now() < deadline,
+                "the restarted node never rejoined"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let (again, _) = stream(&net, SEEDED, &[]);
+        assert_eq!(again, want, "text changed after the node came back");
     }
 }
 
