@@ -16,7 +16,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_plexus");
 /// Generous: four trainers share two loaded cores.
 const RUN_TIMEOUT: Duration = Duration::from_secs(400);
 
-/// Writes a signed spec of `rounds` rounds of H=20 for `min` workers on reverse-3, with a
+/// Writes a signed spec of `rounds` rounds of H=10 for `min` workers on reverse-3, with a
 /// first-round deadline of `initial_ms`.
 fn spec(dir: &Path, rounds: u64, min: u32, initial_ms: u64) -> PathBuf {
     let out = dir.join("spec.json");
@@ -34,7 +34,7 @@ fn spec(dir: &Path, rounds: u64, min: u32, initial_ms: u64) -> PathBuf {
             "--workers-min",
             &min.to_string(),
         ])
-        .args(["--inner-steps", "20", "--batch-size", "16", "--lr", "1e-2"])
+        .args(["--inner-steps", "10", "--batch-size", "16", "--lr", "1e-2"])
         .args(["--warmup", "20", "--codec", "f16", "--score-examples", "16"])
         .args([
             "--eval-examples",
@@ -127,6 +127,42 @@ impl Worker {
         }
     }
 
+    /// Whether a line containing `what` appears within `timeout`.
+    fn has_within(&self, what: &str, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if self.lines.lock().unwrap().iter().any(|l| l.contains(what)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// The first line containing `all[0]` and any of the rest.
+    fn wait_for_all(&mut self, all: &[&str], timeout: Duration) -> String {
+        let until = Instant::now() + timeout;
+        loop {
+            let found = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(all[0]) && all[1..].iter().any(|a| l.contains(a)))
+                .cloned();
+            if let Some(l) = found {
+                return l;
+            }
+            assert!(
+                Instant::now() < until,
+                "{} printed no {all:?}:\n{}",
+                self.name,
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits for a clean exit and returns the final line's (exact match %, state digest).
     fn finish(&mut self) -> (f64, String) {
         let line = self.wait_for("final |", RUN_TIMEOUT);
@@ -169,21 +205,22 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
 #[test]
 fn a_sigkilled_worker_does_not_stop_the_run_and_a_late_joiner_contributes() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = spec(tmp.path(), 15, 4, 60_000);
+    let spec = spec(tmp.path(), 30, 4, 60_000);
     let mut w0 = Worker::start("w0", &spec, tmp.path(), &[], &[]);
     let a0 = w0.addr.clone();
     let w1 = Worker::start("w1", &spec, tmp.path(), &[&a0], &[]);
     let w2 = Worker::start("w2", &spec, tmp.path(), &[&a0, &w1.addr], &[]);
     let mut w3 = Worker::start("w3", &spec, tmp.path(), &[&a0, &w1.addr, &w2.addr], &[]);
     w0.wait_for("applied 4/4", RUN_TIMEOUT);
-    w3.wait_for("round 3/15", RUN_TIMEOUT);
+    w3.wait_for("round 5/30", RUN_TIMEOUT);
     w3.kill();
     let mut joiner = Worker::start("late", &spec, tmp.path(), &[&a0, &w1.addr], &[]);
     let caught = joiner.wait_for("caught up: at round 0", RUN_TIMEOUT);
     let joined_at: u64 = field(&caught, "state of round ").parse().unwrap();
-    assert!(joined_at >= 3, "{caught}");
-    // The joiner's pseudo-gradient was applied in a round after it joined.
-    let applied = joiner.wait_for("mine applied", RUN_TIMEOUT);
+    assert!(joined_at >= 5, "{caught}");
+    // The joiner's pseudo-gradient was applied, beside others', in a round after it joined
+    // (the final states agree below, so every worker applied the same set).
+    let applied = joiner.wait_for_all(&["mine applied", "applied 2/", "applied 3/"], RUN_TIMEOUT);
     let round: u64 = field(&applied, "round ")
         .split('/')
         .next()
@@ -311,8 +348,10 @@ fn garbage_and_stale_contributions_of_hostile_workers_are_refused() {
 #[test]
 fn killing_every_worker_and_restarting_them_resumes_from_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = spec(tmp.path(), 15, 3, 60_000);
-    let names = ["r0", "r1", "r2"];
+    // Four workers: with three, DiLoCo on this task learns too unevenly for a fixed bar (the
+    // in-process `plexus bench train --workers 3` reached 9-30% exact match at these settings).
+    let spec = spec(tmp.path(), 30, 4, 60_000);
+    let names = ["r0", "r1", "r2", "r3"];
     let mut first = Worker::start(names[0], &spec, tmp.path(), &[], &[]);
     let a0 = first.addr.clone();
     let mut ws = vec![Worker::start(names[1], &spec, tmp.path(), &[&a0], &[])];
@@ -323,7 +362,19 @@ fn killing_every_worker_and_restarting_them_resumes_from_checkpoints() {
         &[&a0, &ws[0].addr],
         &[],
     ));
-    first.wait_for("round 5/15", RUN_TIMEOUT);
+    let peers = [a0.as_str(), &ws[0].addr, &ws[1].addr];
+    ws.push(Worker::start(names[3], &spec, tmp.path(), &peers, &[]));
+    if !first.has_within("round 10/30", RUN_TIMEOUT) {
+        let logs: Vec<String> = ws
+            .iter()
+            .map(|w| format!("{}:\n{}", w.name, w.text()))
+            .collect();
+        panic!(
+            "r0 never closed round 10:\n{}\n{}",
+            first.text(),
+            logs.join("\n")
+        );
+    }
     for w in ws.iter_mut().chain(std::iter::once(&mut first)) {
         w.kill();
     }
@@ -339,22 +390,24 @@ fn killing_every_worker_and_restarting_them_resumes_from_checkpoints() {
         &[&a0, &rest[0].addr],
         &[],
     ));
+    let peers = [a0.as_str(), &rest[0].addr, &rest[1].addr];
+    rest.push(Worker::start(names[3], &spec, tmp.path(), &peers, &[]));
     let mut finals = Vec::new();
     for w in std::iter::once(&mut r0).chain(rest.iter_mut()) {
         let line = w.wait_for("resumed from checkpoint at round ", Duration::from_secs(60));
         let at: u64 = field(&line, "round ").parse().unwrap();
-        assert!(at >= 4, "{}: {line}", w.name);
+        assert!(at >= 9, "{}: {line}", w.name);
         // The resumed run goes on from there: no round before the checkpoint is run again.
         let text = w.text();
         let after = text.split(&line).nth(1).unwrap_or_default().to_string();
-        assert!(!after.contains("round 1/15 "), "{after}");
+        assert!(!after.contains("round 1/30 "), "{after}");
     }
     for w in std::iter::once(&mut r0).chain(rest.iter_mut()) {
         let (pct, state) = w.finish();
         let text = w.text();
         let after = text.split("resumed from checkpoint").nth(1).unwrap();
         assert!(
-            !after.contains("round 1/15 "),
+            !after.contains("round 1/30 "),
             "{}: ran round 1 again:\n{text}",
             w.name
         );

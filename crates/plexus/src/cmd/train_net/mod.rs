@@ -10,7 +10,8 @@
 //!    failure);
 //! 2. runs H inner steps from the round's start weights on the examples the seed assigns it,
 //!    signs the encoded pseudo-gradient and pushes it to every peer;
-//! 3. waits until every expected worker's contribution is in or the adaptive deadline passes;
+//! 3. waits until every expected worker's contribution is in, the adaptive deadline passes, or
+//!    a peer says hello from a later round;
 //! 4. asks every peer which contributions it holds for the round and fetches the ones it
 //!    misses (they are signed, so any peer can relay them), then closes the round: scoring,
 //!    aggregation and the outer step are a pure function of the set, so workers holding the
@@ -247,7 +248,7 @@ impl Worker {
             let (c, train_loss, next) = self.train(round, start, state.clone()).await?;
             state = next;
             self.contribute(&peers, &shared, c, round).await;
-            while !lock(&shared).machine.should_close(self.now()) {
+            while !self.may_close(&shared, round) {
                 tokio::time::sleep(POLL).await;
             }
             let synced = self.sync(&peers, &shared, round).await;
@@ -271,6 +272,14 @@ impl Worker {
             self.progress(&handle, &shared, &outcome, train_loss, synced, began);
         }
         self.finish(&peers, &shared).await
+    }
+
+    /// Whether `round` should close now: every expected contribution is in, the deadline
+    /// passed, or a peer has moved on to a later round (it holds the set it closed on, which
+    /// the sync before closing fetches).
+    fn may_close(&self, shared: &Mutex<Shared>, round: u64) -> bool {
+        let s = lock(shared);
+        s.machine.should_close(self.now()) || s.peers.values().any(|st| st.round > round)
     }
 
     /// Waits until the spec's minimum of workers is connected (or joins a run under way).
