@@ -217,7 +217,8 @@ fn a_sigkilled_worker_does_not_stop_the_run_and_a_late_joiner_contributes() {
     let mut joiner = Worker::start("late", &spec, tmp.path(), &[&a0, &w1.addr], &[]);
     let caught = joiner.wait_for("caught up: at round 0", RUN_TIMEOUT);
     let joined_at: u64 = field(&caught, "state of round ").parse().unwrap();
-    assert!(joined_at >= 5, "{caught}");
+    // w3 closed round 5 before it was killed; the others may still have been closing it.
+    assert!(joined_at >= 4, "{caught}");
     // The joiner's pseudo-gradient was applied, beside others', in a round after it joined
     // (the final states agree below, so every worker applied the same set).
     let applied = joiner.wait_for_all(&["mine applied", "applied 2/", "applied 3/"], RUN_TIMEOUT);

@@ -44,7 +44,7 @@ pub struct Status {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum TrainRequest {
     Hello(Status),
-    Push(Contribution),
+    Push(Box<Contribution>),
     Held {
         run: Digest,
         round: u64,
@@ -86,7 +86,7 @@ pub enum TrainResponse {
         round: u64,
         held: Vec<HeldEntry>,
     },
-    Contribution(Contribution),
+    Contribution(Box<Contribution>),
     State(StateTransfer),
     /// The round or contribution asked for is not held (any more).
     NotHeld,

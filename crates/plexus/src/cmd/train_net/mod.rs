@@ -347,36 +347,49 @@ impl Worker {
                     continue;
                 }
             };
-            let mut s = lock(shared);
-            let expected: Vec<Vec<u8>> = s
-                .peers
-                .iter()
-                .filter(|(_, st)| st.round == round && !st.done)
-                .map(|(p, _)| p.to_bytes())
-                .chain(std::iter::once(self.me.clone()))
-                .collect();
-            let from = s.machine.round();
-            s.machine = RoundMachine::new(self.cfg.clone(), global, expected, self.now());
-            s.held.clear();
-            s.closed = None;
-            for (_, c) in std::mem::take(&mut s.early) {
-                if c.signed.commitment.round == round {
-                    let now = self.now();
-                    let _ = s.receive(c, now);
-                }
-            }
-            self.save(s.machine.state(), state);
-            println!(
-                "caught up: at round {from}, adopted the state of round {round} ({}) from {peer}",
-                digest.short()
-            );
+            let me = self.adopt(shared, global, state, peer, digest);
             // Tell the peers at once, so they expect this worker's contribution to this round.
-            let me = s.status();
-            drop(s);
             peers.hello_all(&me).await;
             return;
         }
         eprintln!("no peer sent the state of round {round}; going on from this worker's own");
+    }
+
+    /// Replaces this worker's round machine with one on `global` (verified by the caller),
+    /// keeps early contributions to that round, checkpoints; this worker's new status.
+    fn adopt(
+        &self,
+        shared: &Mutex<Shared>,
+        global: GlobalState,
+        state: &WorkerState,
+        peer: PeerId,
+        digest: Digest,
+    ) -> plexus_train::protocol::Status {
+        let round = global.round;
+        let mut s = lock(shared);
+        let expected: Vec<Vec<u8>> = s
+            .peers
+            .iter()
+            .filter(|(_, st)| st.round == round && !st.done)
+            .map(|(p, _)| p.to_bytes())
+            .chain(std::iter::once(self.me.clone()))
+            .collect();
+        let from = s.machine.round();
+        s.machine = RoundMachine::new(self.cfg.clone(), global, expected, self.now());
+        s.held.clear();
+        s.closed = None;
+        for (_, c) in std::mem::take(&mut s.early) {
+            if c.signed.commitment.round == round {
+                let now = self.now();
+                let _ = s.receive(c, now);
+            }
+        }
+        self.save(s.machine.state(), state);
+        println!(
+            "caught up: at round {from}, adopted the state of round {round} ({}) from {peer}",
+            digest.short()
+        );
+        s.status()
     }
 
     /// H inner steps off the async threads.
@@ -544,6 +557,7 @@ impl Worker {
         };
         let (loss, accuracy) = tokio::task::block_in_place(|| {
             evaluate_params(&self.setup, &self.model, &self.shard, &params)
+                .map_err(anyhow::Error::from)
         })?;
         let spec = &self.spec.spec;
         checkpoint::save(

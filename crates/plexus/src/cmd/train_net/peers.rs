@@ -66,7 +66,7 @@ impl Peers {
 
     /// Sends `c` to each of `peers`; the refusals.
     pub async fn push(&self, peers: &[PeerId], c: &Contribution) -> Vec<(PeerId, String)> {
-        let msg = encode(&TrainRequest::Push(c.clone()));
+        let msg = encode(&TrainRequest::Push(Box::new(c.clone())));
         let answers = join_all(peers.iter().map(|&p| {
             let msg = msg.clone();
             async move { (p, self.ask_raw(p, msg, CALL_TIMEOUT).await) }
@@ -103,7 +103,7 @@ impl Peers {
             worker,
         };
         match self.ask(peer, &req, CALL_TIMEOUT).await {
-            Some(TrainResponse::Contribution(c)) => Some(c),
+            Some(TrainResponse::Contribution(c)) => Some(*c),
             _ => None,
         }
     }

@@ -130,7 +130,7 @@ impl Shared {
                     c.signed.commitment.round,
                     c.signed.commitment.worker.clone(),
                 );
-                match self.receive(c, now_ms) {
+                match self.receive(*c, now_ms) {
                     Ok(()) => TrainResponse::Accepted,
                     Err(why) => {
                         self.refused += 1;
@@ -167,7 +167,7 @@ impl Shared {
                     return TrainResponse::Refused("another run".into());
                 }
                 match self.set_of(round).and_then(|s| s.get(&worker)) {
-                    Some(c) => TrainResponse::Contribution(c.clone()),
+                    Some(c) => TrainResponse::Contribution(Box::new(c.clone())),
                     None => TrainResponse::NotHeld,
                 }
             }
