@@ -304,6 +304,13 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         voucher: Vec<u8>,
     },
+    /// A message of the training protocol (`plexus train --distributed`; postcard of
+    /// `plexus_train::protocol::TrainRequest`). Peers that do not train answer `BadRequest`.
+    /// Appended last, like every new variant.
+    Train {
+        #[serde(with = "serde_bytes")]
+        msg: Vec<u8>,
+    },
 }
 
 /// Largest voucher a [`Request::Voucher`] carries (a signed voucher's JSON is ~450 bytes).
@@ -364,6 +371,12 @@ pub enum Response {
     /// voucher for on that request (refusals are `Error { BadRequest }` naming the reason).
     VoucherKept {
         cumulative: u64,
+    },
+    /// The answer to a [`Request::Train`] (postcard of
+    /// `plexus_train::protocol::TrainResponse`).
+    Train {
+        #[serde(with = "serde_bytes")]
+        msg: Vec<u8>,
     },
 }
 

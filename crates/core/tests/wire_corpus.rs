@@ -564,6 +564,7 @@ fn request_variant(r: &Request) -> &'static str {
         Request::Close { .. } => "close",
         Request::Describe => "describe",
         Request::Voucher { .. } => "voucher",
+        Request::Train { .. } => "train",
     }
 }
 
@@ -577,6 +578,7 @@ fn response_variant(r: &Response) -> &'static str {
         Response::Error { .. } => "error",
         Response::Receipted { .. } => "receipted",
         Response::VoucherKept { .. } => "voucher-kept",
+        Response::Train { .. } => "train",
     }
 }
 

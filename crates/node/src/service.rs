@@ -392,6 +392,14 @@ impl Node {
                         Work::Forward(Box::new(f))
                     }
                     Request::Close { session } => Work::Close(session),
+                    Request::Train { .. } => {
+                        let response = Response::Error {
+                            code: ErrorCode::BadRequest,
+                            message: "this node serves stage calls, not training".into(),
+                        };
+                        self.handle.respond(reply, response).await;
+                        return;
+                    }
                     Request::Voucher { voucher } => {
                         let response = match self.vouchers.offer_bytes(&voucher, now_ms()) {
                             Ok(cumulative) => Response::VoucherKept { cumulative },

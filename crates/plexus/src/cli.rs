@@ -255,13 +255,41 @@ pub struct BenchTrainArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct TrainArgs {
+    #[command(subcommand)]
+    pub command: Option<TrainCommand>,
+    /// Join the distributed run of this signed spec file (see `plexus train spec`) as a worker:
+    /// DiLoCo rounds with the spec's other workers over libp2p. The single-machine flags
+    /// (--task, --steps, ...) are refused with it: the spec decides them.
+    #[arg(long, value_name = "SPEC", conflicts_with_all = [
+        "task", "steps", "batch_size", "lr", "warmup", "clip", "seed", "eval_every",
+        "eval_examples", "size", "hidden", "layers",
+    ])]
+    pub distributed: Option<PathBuf>,
+    /// With --distributed: addresses to listen on (default TCP and QUIC on all interfaces,
+    /// ports chosen by the OS).
+    #[arg(long, value_name = "ADDR", requires = "distributed")]
+    pub listen: Vec<String>,
+    /// With --distributed: peers of the run to join through (`/ip4/.../tcp/.../p2p/<peer id>`).
+    #[arg(long, value_name = "ADDR", requires = "distributed")]
+    pub peer: Vec<String>,
+    /// With --distributed: the worker's key (`node.key`), per-round checkpoint
+    /// (`train-state.bin`) and final model (`model/`, unless --out) live here (default
+    /// $PLEXUS_DATA_DIR, else ~/.local/share/plexus).
+    #[arg(long, value_name = "DIR", requires = "distributed")]
+    pub data_dir: Option<PathBuf>,
+    /// Test-only misbehaviour of a distributed worker: `garbage` (undecodable pseudo-gradients
+    /// and messages) or `stale` (last round's contribution re-sent as this round's).
+    #[arg(long, hide = true, requires = "distributed")]
+    pub cheat: Option<String>,
     /// Synthetic task: addition, reverse or sort.
     #[arg(long, default_value = "addition")]
     pub task: String,
     /// Output directory for the checkpoint (safetensors + config.json + tokenizer.json).
+    /// Required without --distributed.
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
     /// Optimizer steps.
     #[arg(long, default_value_t = 1500)]
     pub steps: usize,
@@ -298,6 +326,102 @@ pub struct TrainArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TrainCommand {
+    /// Write a signed run spec for `plexus train --distributed` (signed with the node key of
+    /// --data-dir, created on first use).
+    Spec(TrainSpecArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainSpecArgs {
+    /// The spec file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Directory holding the creator's `node.key` (default $PLEXUS_DATA_DIR, else
+    /// ~/.local/share/plexus).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Name of the run.
+    #[arg(long, default_value = "diloco")]
+    pub name: String,
+    /// Synthetic task: addition, reverse or sort.
+    #[arg(long, default_value = "reverse")]
+    pub task: String,
+    /// Task size (digits or letters).
+    #[arg(long, default_value_t = 4)]
+    pub size: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    /// Model depth.
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Seed of the initial weights.
+    #[arg(long, default_value_t = 0)]
+    pub init_seed: u64,
+    /// Seed of the data, its assignment to workers and the scoring draw.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Workers connected before round 0 starts (this one included).
+    #[arg(long, default_value_t = 2)]
+    pub workers_min: u32,
+    /// Most contributions a round holds.
+    #[arg(long, default_value_t = 64)]
+    pub workers_max: u32,
+    /// Rounds of the run.
+    #[arg(long, default_value_t = 20)]
+    pub rounds: u64,
+    /// Inner steps per round (H).
+    #[arg(long, default_value_t = 30)]
+    pub inner_steps: u32,
+    /// Sequences per inner step per worker.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: u32,
+    /// Peak inner AdamW learning rate (warmup, then cosine over the run's inner steps).
+    #[arg(long, default_value_t = 1e-2)]
+    pub lr: f64,
+    /// Inner warmup steps.
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
+    /// Gradient clipping by global norm; 0 disables.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Outer learning rate (DiLoCo: 0.7).
+    #[arg(long, default_value_t = 0.7)]
+    pub outer_lr: f32,
+    /// Outer Nesterov momentum; 0 means plain SGD.
+    #[arg(long, default_value_t = 0.9)]
+    pub outer_momentum: f32,
+    /// Pseudo-gradient codec: f32, f16, int8 (blocks of 256) or sparse (top 64 of 4096, 2 bits).
+    #[arg(long, default_value = "f16")]
+    pub codec: String,
+    /// Error feedback: auto (on for sparse only), on or off.
+    #[arg(long, default_value = "auto")]
+    pub error_feedback: String,
+    /// Round deadline before any round was measured, in ms.
+    #[arg(long, default_value_t = 60_000)]
+    pub deadline_initial_ms: u64,
+    /// Shortest round deadline, in ms.
+    #[arg(long, default_value_t = 1_000)]
+    pub deadline_min_ms: u64,
+    /// Longest round deadline, in ms.
+    #[arg(long, default_value_t = 600_000)]
+    pub deadline_max_ms: u64,
+    /// Deadline = median + k x MAD of measured arrival times.
+    #[arg(long, default_value_t = 3.0)]
+    pub deadline_k: f64,
+    /// Held-out examples each round scores contributions on; 0 disables scoring.
+    #[arg(long, default_value_t = 32)]
+    pub score_examples: usize,
+    /// Held-out examples of the final evaluation.
+    #[arg(long, default_value_t = 256)]
+    pub eval_examples: usize,
 }
 
 #[derive(Subcommand, Debug)]

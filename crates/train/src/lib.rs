@@ -10,6 +10,9 @@
 //!   [`deadline`].
 //! - [`audit`]: re-execution of a round from its commitment.
 //! - [`local`]: a run of several workers in one process (tests, `plexus bench train`).
+//! - [`spec`]: the signed run spec a distributed run starts from; [`protocol`]: the messages
+//!   workers exchange over the network (`plexus train --distributed` drives them);
+//!   [`resume`]: a worker's checkpoint between rounds.
 //!
 //! The math (forward, backward, AdamW) is in `plexus_model::train`; this crate keeps the
 //! protocol. Nothing here reads the clock: times are passed in.
@@ -22,8 +25,11 @@ pub mod config;
 pub mod deadline;
 pub mod local;
 pub mod outer;
+pub mod protocol;
+pub mod resume;
 pub mod round;
 pub mod score;
+pub mod spec;
 pub mod worker;
 
 pub use codec::Codec;

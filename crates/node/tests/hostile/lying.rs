@@ -4,7 +4,7 @@
 use crate::support::*;
 use plexus_core::announce::ModelOffer;
 use plexus_core::keys::NodeKey;
-use plexus_core::wire::{Activations, DType, Request, Response};
+use plexus_core::wire::{Activations, DType, ErrorCode, Request, Response};
 use plexus_model::generate::{generate_with, Flow};
 use plexus_model::LayerSpan;
 use plexus_net::{NetConfig, NetEvent, PeerId};
@@ -53,6 +53,10 @@ async fn liar(model: plexus_core::Digest, width: usize) -> (PeerId, plexus_net::
                 }
                 Request::Close { .. } => Response::Closed,
                 Request::Voucher { .. } => Response::VoucherKept { cumulative: 0 },
+                Request::Train { .. } => Response::Error {
+                    code: ErrorCode::BadRequest,
+                    message: "not a training peer".into(),
+                },
             };
             handle.respond(reply, response).await;
         }

@@ -6,7 +6,7 @@ use crate::support::*;
 use plexus_core::announce::ModelOffer;
 use plexus_core::keys::NodeKey;
 use plexus_core::receipt::{output_digest, Receipt};
-use plexus_core::wire::{Request, Response};
+use plexus_core::wire::{ErrorCode, Request, Response};
 use plexus_core::Digest;
 use plexus_model::generate::{generate_with, Flow};
 use plexus_model::LayerSpan;
@@ -148,6 +148,10 @@ async fn inflating_liar(model: Digest) -> (NodeKey, PeerId, plexus_net::Multiadd
                 }
                 Request::Close { .. } => Response::Closed,
                 Request::Voucher { .. } => Response::VoucherKept { cumulative: 0 },
+                Request::Train { .. } => Response::Error {
+                    code: ErrorCode::BadRequest,
+                    message: "not a training peer".into(),
+                },
             };
             handle.respond(reply, response).await;
         }

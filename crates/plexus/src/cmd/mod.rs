@@ -14,6 +14,7 @@ pub mod node;
 mod placement;
 pub mod sim;
 mod train;
+mod train_net;
 mod up;
 pub mod wallet;
 

@@ -1,13 +1,25 @@
 //! `plexus train`: trains a starter model on a synthetic task with a progress bar and periodic
 //! held-out exact-match lines, then writes a checkpoint that `plexus generate` loads.
+//! `plexus train spec` writes a signed run spec and `plexus train --distributed SPEC` joins
+//! its run as a worker ([`super::train_net`]).
 
-use crate::cli::TrainArgs;
+use crate::cli::{TrainArgs, TrainCommand};
 use anyhow::Context as _;
 use plexus_model::train::task::Task;
 use plexus_model::train::{TaskTrainer, TrainConfig};
 use std::time::Instant;
 
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
+    if let Some(TrainCommand::Spec(s)) = &a.command {
+        return super::train_net::spec::write(s);
+    }
+    if let Some(spec) = a.distributed.clone() {
+        return super::train_net::run(a, &spec);
+    }
+    let out = a
+        .out
+        .clone()
+        .context("--out is required: the directory the checkpoint is written to")?;
     let task = Task::parse(&a.task, a.size)?;
     let mut tc = TrainConfig::new(task);
     tc.steps = a.steps;
@@ -52,7 +64,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     pb.finish_and_clear();
     let e = last_eval.context("no evaluation ran")?;
     trainer.save(
-        &a.out,
+        &out,
         serde_json::json!({
             "held_out_exact_match": e.exact_match(),
             "held_out_examples": e.total,
@@ -62,7 +74,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     )?;
     println!(
         "saved {} (held-out exact match {:.1}%)",
-        a.out.display(),
+        out.display(),
         100.0 * e.exact_match()
     );
     Ok(())

@@ -1,0 +1,600 @@
+//! `plexus train --distributed SPEC`: one worker of a DiLoCo run over libp2p. The protocol is
+//! `plexus_train` (round machine, signed contributions, messages); this is the thin driver that
+//! reads the clock and the network.
+//!
+//! Per round, every worker:
+//! 1. says hello to its peers (run, round, state digest) and, if they are ahead or most of them
+//!    hold another state ([`plexus_train::protocol::choose_target`]), fetches that state from
+//!    one of them, checks it against the digest, and adopts it (a joiner, a restarted worker
+//!    and a worker that fell behind all catch up this way; per-peer timeouts, next peer on
+//!    failure);
+//! 2. runs H inner steps from the round's start weights on the examples the seed assigns it,
+//!    signs the encoded pseudo-gradient and pushes it to every peer;
+//! 3. waits until every expected worker's contribution is in, the adaptive deadline passes, or
+//!    a peer says hello from a later round;
+//! 4. asks every peer which contributions it holds for the round and fetches the ones it
+//!    misses (they are signed, so any peer can relay them), then closes the round: scoring,
+//!    aggregation and the outer step are a pure function of the set, so workers holding the
+//!    same set compute the same next state; one that ended up with another set is outvoted at
+//!    the next hello and fetches the majority's state. No worker coordinates: any can die.
+//! 5. prints progress and checkpoints its state in the data directory.
+//!
+//! A contribution for another round is never applied to this one: the machine refuses stale
+//! and far-future ones; one for the next round waits until this one closes.
+
+mod peers;
+mod shared;
+pub mod spec;
+
+use crate::cli::TrainArgs;
+use crate::cmd::net::{default_data_dir, parse_addrs};
+use anyhow::{bail, Context as _};
+use peers::Peers;
+use plexus_core::keys::NodeKey;
+use plexus_core::wire::{ErrorCode, Request, Response};
+use plexus_core::Digest;
+use plexus_model::train::{checkpoint, Layout, Params, TaskShard};
+use plexus_model::ModelConfig;
+use plexus_net::{NetConfig, NetEvent, NetHandle, PeerId};
+use plexus_train::commit::{Contribution, Signed};
+use plexus_train::local::{evaluate_params, prepare, TaskSetup};
+use plexus_train::outer::OuterState;
+use plexus_train::protocol::{choose_target, encode};
+use plexus_train::round::{GlobalState, RoundMachine, RoundOutcome};
+use plexus_train::score::HeldOutScorer;
+use plexus_train::spec::SignedSpec;
+use plexus_train::worker::{work_round, WorkerState};
+use plexus_train::{resume, RoundConfig};
+use shared::Shared;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// The per-round checkpoint in the data directory.
+const CHECKPOINT: &str = "train-state.bin";
+/// How long a finished worker keeps answering peers still closing the last round.
+const LINGER: Duration = Duration::from_secs(20);
+/// How often a waiting worker looks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Test-only misbehaviour (`--cheat`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cheat {
+    /// Pseudo-gradients that do not decode (validly signed), and undecodable messages.
+    Garbage,
+    /// Each round, its contribution re-labelled as the previous round's.
+    Stale,
+}
+
+struct Worker {
+    spec: SignedSpec,
+    cfg: RoundConfig,
+    setup: TaskSetup,
+    model: Arc<ModelConfig>,
+    shard: Arc<TaskShard>,
+    init: Params,
+    key: NodeKey,
+    me: Vec<u8>,
+    checkpoint: PathBuf,
+    out: PathBuf,
+    cheat: Option<Cheat>,
+    epoch: Instant,
+}
+
+pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
+    let spec = SignedSpec::load(spec_path)
+        .with_context(|| format!("cannot use the run spec {}", spec_path.display()))?;
+    let cheat = match a.cheat.as_deref() {
+        None => None,
+        Some("garbage") => Some(Cheat::Garbage),
+        Some("stale") => Some(Cheat::Stale),
+        Some(other) => bail!("--cheat {other:?}: expected garbage or stale"),
+    };
+    let data_dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
+    let key_path = data_dir.join("node.key");
+    let key = NodeKey::load_or_create(&key_path)
+        .with_context(|| format!("cannot load the node key {}", key_path.display()))?;
+    let mut net = NetConfig::new(key.clone())
+        .with_bootstrap(parse_addrs(&a.peer, "--peer")?)
+        .with_request_timeout(Duration::from_secs(30));
+    if !a.listen.is_empty() {
+        net = net.with_listen(parse_addrs(&a.listen, "--listen")?);
+    }
+    let cfg = spec.round_config()?;
+    let setup = spec.spec.setup()?;
+    let (model, shard, init) = prepare(&setup, cfg.seed)?;
+    let worker = Worker {
+        me: key.peer_id().to_bytes(),
+        out: a.out.clone().unwrap_or_else(|| data_dir.join("model")),
+        checkpoint: data_dir.join(CHECKPOINT),
+        spec,
+        cfg,
+        setup,
+        model,
+        shard,
+        init,
+        key,
+        cheat,
+        epoch: Instant::now(),
+    };
+    let rt = super::net::runtime()?;
+    let result = rt.block_on(worker.run(net));
+    rt.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Answers peers' training messages (and refuses everything else) until the network stops.
+async fn serve(
+    handle: NetHandle,
+    mut events: mpsc::Receiver<NetEvent>,
+    shared: Arc<Mutex<Shared>>,
+    epoch: Instant,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            NetEvent::Request {
+                peer,
+                request: Request::Train { msg },
+                reply,
+            } => {
+                let now = epoch.elapsed().as_millis() as u64;
+                let answer = lock(&shared).handle(peer, &msg, now);
+                let msg = encode(&answer);
+                handle.respond(reply, Response::Train { msg }).await;
+            }
+            NetEvent::Request { reply, .. } => {
+                let response = Response::Error {
+                    code: ErrorCode::BadRequest,
+                    message: "a training worker answers only training messages".into(),
+                };
+                handle.respond(reply, response).await;
+            }
+            NetEvent::Listening(addr) => {
+                let peer = handle.peer_id();
+                match addr.clone().with_p2p(peer) {
+                    Ok(full) => println!("listening on {full}"),
+                    Err(_) => println!("listening on {addr}"),
+                }
+            }
+            NetEvent::Disconnected(peer) => {
+                lock(&shared).peers.remove(&peer);
+            }
+            NetEvent::Announcement { .. } | NetEvent::Connected(_) | NetEvent::ListenExpired(_) => {
+            }
+        }
+    }
+}
+
+impl Worker {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn layout(&self) -> Arc<Layout> {
+        self.init.layout.clone()
+    }
+
+    fn fresh(&self) -> (GlobalState, WorkerState) {
+        let n = self.init.values.len();
+        let global = GlobalState {
+            round: 0,
+            params: self.init.clone(),
+            outer: OuterState::new(n),
+        };
+        (global, WorkerState::new(n))
+    }
+
+    fn save(&self, global: &GlobalState, state: &WorkerState) {
+        if let Err(e) = resume::save(&self.checkpoint, self.cfg.run, global, state) {
+            eprintln!("warning: checkpoint not written: {e}");
+        }
+    }
+
+    async fn run(self, net: NetConfig) -> anyhow::Result<()> {
+        let run = self.cfg.run;
+        let (global, mut state) = match resume::load(&self.checkpoint, run, self.layout()) {
+            Ok(Some((g, w))) => {
+                println!("resumed from checkpoint at round {}", g.round);
+                (g, w)
+            }
+            Ok(None) => self.fresh(),
+            Err(e) => {
+                eprintln!("warning: {e}; starting without it");
+                self.fresh()
+            }
+        };
+        println!(
+            "run {} ({}) | worker {} | {} parameters | codec {} | H {} | {} rounds",
+            run.short(),
+            self.spec.spec.name,
+            self.key.peer_id(),
+            self.init.values.len(),
+            self.cfg.codec,
+            self.cfg.inner_steps,
+            self.spec.spec.rounds
+        );
+        let (handle, events) = plexus_net::start(net)?;
+        let mut machine = RoundMachine::new(self.cfg.clone(), global, [], self.now());
+        machine.expect(self.me.clone());
+        let shared = Arc::new(Mutex::new(Shared::new(run, machine)));
+        tokio::spawn(serve(handle.clone(), events, shared.clone(), self.epoch));
+        let peers = Peers {
+            net: handle.clone(),
+            run,
+        };
+        self.wait_for_workers(&peers, &shared).await;
+        let mut scorer = HeldOutScorer {
+            model: self.model.clone(),
+            shard: self.shard.clone(),
+            seed: self.cfg.seed,
+            examples: self.cfg.score.examples,
+        };
+        let rounds = self.spec.spec.rounds;
+        loop {
+            self.catch_up(&peers, &shared, &state).await;
+            let (round, start) = {
+                let s = lock(&shared);
+                (s.machine.round(), s.machine.state().params.clone())
+            };
+            if round >= rounds {
+                break;
+            }
+            let began = Instant::now();
+            let (c, train_loss, next) = self.train(round, start, state.clone()).await?;
+            state = next;
+            self.contribute(&peers, &shared, c, round).await;
+            while !self.may_close(&shared, round) {
+                tokio::time::sleep(POLL).await;
+            }
+            let synced = self.sync(&peers, &shared, round).await;
+            let outcome = tokio::task::block_in_place(|| -> anyhow::Result<RoundOutcome> {
+                let mut s = lock(&shared);
+                let outcome = s.machine.close(self.now(), &mut scorer)?;
+                let held = std::mem::take(&mut s.held);
+                s.closed = Some((round, held));
+                for (_, c) in std::mem::take(&mut s.early) {
+                    let now = self.now();
+                    if let Err(why) = s.receive(c, now) {
+                        eprintln!(
+                            "refused an early contribution to round {}: {why}",
+                            round + 1
+                        );
+                    }
+                }
+                self.save(s.machine.state(), &state);
+                Ok(outcome)
+            })?;
+            self.progress(&handle, &shared, &outcome, train_loss, synced, began);
+        }
+        self.finish(&peers, &shared).await
+    }
+
+    /// Whether `round` should close now: every expected contribution is in, the deadline
+    /// passed, or a peer has moved on to a later round (it holds the set it closed on, which
+    /// the sync before closing fetches).
+    fn may_close(&self, shared: &Mutex<Shared>, round: u64) -> bool {
+        let s = lock(shared);
+        s.machine.should_close(self.now()) || s.peers.values().any(|st| st.round > round)
+    }
+
+    /// Waits until the spec's minimum of workers is connected (or joins a run under way).
+    async fn wait_for_workers(&self, peers: &Peers, shared: &Mutex<Shared>) {
+        let min = self.spec.spec.workers.min as usize;
+        let mut said = false;
+        loop {
+            let me = lock(shared).status();
+            let statuses = peers.hello_all(&me).await;
+            let under_way = statuses.iter().any(|(_, s)| s.round > 0);
+            {
+                let mut s = lock(shared);
+                for (p, st) in &statuses {
+                    s.note_peer(*p, st.clone());
+                }
+            }
+            if statuses.len() + 1 >= min || under_way {
+                println!("{} workers of the run connected", statuses.len() + 1);
+                return;
+            }
+            if !said {
+                println!(
+                    "waiting for {min} workers ({} connected)",
+                    statuses.len() + 1
+                );
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Moves to the state the peers agree on if this worker is behind or outvoted.
+    async fn catch_up(&self, peers: &Peers, shared: &Mutex<Shared>, state: &WorkerState) {
+        let me = lock(shared).status();
+        let statuses = peers.hello_all(&me).await;
+        {
+            let mut s = lock(shared);
+            for (p, st) in &statuses {
+                s.note_peer(*p, st.clone());
+            }
+        }
+        let others = statuses.iter().map(|(_, s)| (s.round, s.state));
+        let Some((round, digest)) =
+            choose_target((me.round, me.state), others, self.spec.spec.rounds)
+        else {
+            return;
+        };
+        let holders = statuses
+            .iter()
+            .filter(|(_, s)| s.round == round && s.state == digest)
+            .map(|(p, _)| *p);
+        for peer in holders {
+            let Some(transfer) = peers.state(peer).await else {
+                eprintln!("no state from {peer} in time; trying another peer");
+                continue;
+            };
+            let global = match transfer.into_state(self.layout()) {
+                Ok(g) if g.round == round && g.digest() == digest => g,
+                Ok(_) => {
+                    eprintln!("the state {peer} sent does not match the digest it announced");
+                    continue;
+                }
+                Err(e) => {
+                    eprintln!("the state {peer} sent was refused: {e}");
+                    continue;
+                }
+            };
+            let me = self.adopt(shared, global, state, peer, digest);
+            // Tell the peers at once, so they expect this worker's contribution to this round.
+            peers.hello_all(&me).await;
+            return;
+        }
+        eprintln!("no peer sent the state of round {round}; going on from this worker's own");
+    }
+
+    /// Replaces this worker's round machine with one on `global` (verified by the caller),
+    /// keeps early contributions to that round, checkpoints; this worker's new status.
+    fn adopt(
+        &self,
+        shared: &Mutex<Shared>,
+        global: GlobalState,
+        state: &WorkerState,
+        peer: PeerId,
+        digest: Digest,
+    ) -> plexus_train::protocol::Status {
+        let round = global.round;
+        let mut s = lock(shared);
+        let expected: Vec<Vec<u8>> = s
+            .peers
+            .iter()
+            .filter(|(_, st)| st.round == round && !st.done)
+            .map(|(p, _)| p.to_bytes())
+            .chain(std::iter::once(self.me.clone()))
+            .collect();
+        let from = s.machine.round();
+        s.machine = RoundMachine::new(self.cfg.clone(), global, expected, self.now());
+        s.held.clear();
+        s.closed = None;
+        for (_, c) in std::mem::take(&mut s.early) {
+            if c.signed.commitment.round == round {
+                let now = self.now();
+                let _ = s.receive(c, now);
+            }
+        }
+        self.save(s.machine.state(), state);
+        println!(
+            "caught up: at round {from}, adopted the state of round {round} ({}) from {peer}",
+            digest.short()
+        );
+        s.status()
+    }
+
+    /// H inner steps off the async threads.
+    async fn train(
+        &self,
+        round: u64,
+        start: Params,
+        mut state: WorkerState,
+    ) -> anyhow::Result<(Contribution, f32, WorkerState)> {
+        let (cfg, model, shard, key) = (
+            self.cfg.clone(),
+            self.model.clone(),
+            self.shard.clone(),
+            self.key.clone(),
+        );
+        let (c, reports, state) = tokio::task::spawn_blocking(move || {
+            work_round(
+                &cfg,
+                &model,
+                shard.as_ref(),
+                &key,
+                round,
+                &start,
+                &mut state,
+            )
+            .map(|(c, r)| (c, r, state))
+        })
+        .await??;
+        let loss = reports.last().map_or(f32::NAN, |r| r.loss);
+        Ok((c, loss, state))
+    }
+
+    /// Keeps this worker's contribution and sends it to every peer of the run.
+    async fn contribute(&self, peers: &Peers, shared: &Mutex<Shared>, c: Contribution, round: u64) {
+        let targets: Vec<PeerId> = {
+            let connected = peers.net.connected_peers().await;
+            let s = lock(shared);
+            connected
+                .into_iter()
+                .filter(|p| s.peers.get(p).is_some_and(|st| !st.done))
+                .collect()
+        };
+        let c = match self.cheat {
+            None => {
+                let now = self.now();
+                if let Err(why) = lock(shared).receive(c.clone(), now) {
+                    eprintln!("this worker's own contribution to round {round} missed: {why}");
+                    return;
+                }
+                c
+            }
+            Some(cheat) => {
+                for p in &targets {
+                    let noise = vec![0xff; 64];
+                    let _ = peers.ask_raw(*p, noise, Duration::from_secs(5)).await;
+                }
+                match self.cheat_on(cheat, c, round) {
+                    Some(c) => c,
+                    None => return,
+                }
+            }
+        };
+        for (peer, why) in peers.push(&targets, &c).await {
+            eprintln!("{peer} did not take this worker's contribution to round {round}: {why}");
+        }
+    }
+
+    fn cheat_on(&self, cheat: Cheat, c: Contribution, round: u64) -> Option<Contribution> {
+        let mut cm = c.signed.commitment;
+        let mut payload = c.payload;
+        match cheat {
+            Cheat::Garbage => {
+                for (i, b) in payload.iter_mut().enumerate() {
+                    *b = (i as u8).wrapping_mul(151) ^ 0x5a;
+                }
+                cm.payload = Digest::of(&payload);
+            }
+            Cheat::Stale => cm.round = round.checked_sub(1)?,
+        }
+        Some(Contribution {
+            signed: Signed::sign(&self.key, cm),
+            payload,
+        })
+    }
+
+    /// Fetches the contributions to `round` that peers hold and this worker misses.
+    async fn sync(&self, peers: &Peers, shared: &Mutex<Shared>, round: u64) -> usize {
+        let targets: Vec<PeerId> = lock(shared).peers.keys().copied().collect();
+        let lists = futures::future::join_all(
+            targets
+                .into_iter()
+                .map(|p| async move { (p, peers.held(p, round).await) }),
+        )
+        .await;
+        let max = self.cfg.max_workers as usize;
+        let mut synced = 0;
+        for (peer, list) in lists {
+            for entry in list.unwrap_or_default().into_iter().take(max) {
+                if lock(shared).held.contains_key(&entry.worker) {
+                    continue;
+                }
+                let Some(c) = peers.fetch(peer, round, entry.worker).await else {
+                    continue;
+                };
+                if c.signed.commitment.digest() != entry.commitment {
+                    eprintln!("{peer} sent another contribution than the one it listed");
+                    continue;
+                }
+                let mut s = lock(shared);
+                // It was on time where it arrived; here it counts as arriving just in time.
+                let at = self.now().min(s.machine.deadline_at().saturating_sub(1));
+                match s.receive(c, at) {
+                    Ok(()) => synced += 1,
+                    Err(why) => eprintln!(
+                        "a contribution {peer} holds for round {round} was refused: {why}"
+                    ),
+                }
+            }
+        }
+        synced
+    }
+
+    fn progress(
+        &self,
+        handle: &NetHandle,
+        shared: &Mutex<Shared>,
+        o: &RoundOutcome,
+        train_loss: f32,
+        synced: usize,
+        began: Instant,
+    ) {
+        let counters = handle.counters();
+        let sent = counters.sent.load(std::sync::atomic::Ordering::Relaxed);
+        let received = counters.received.load(std::sync::atomic::Ordering::Relaxed);
+        let mine = if o.applied.iter().any(|s| s.worker == self.me) {
+            "applied"
+        } else if o.rejected.iter().any(|s| s.worker == self.me) {
+            "rejected"
+        } else {
+            "missing"
+        };
+        let (peers, refused) = {
+            let s = lock(shared);
+            (s.peers.values().filter(|st| !st.done).count(), s.refused)
+        };
+        println!(
+            "round {}/{} | held-out loss {:.4} | train loss {:.4} | applied {}/{} (mine {mine}, {synced} fetched) | peers {peers} | refused {refused} | sent {sent} B | received {received} B | {:.1}s | state {}",
+            o.round + 1,
+            self.spec.spec.rounds,
+            o.loss_before,
+            train_loss,
+            o.applied.len(),
+            o.applied.len() + o.rejected.len(),
+            began.elapsed().as_secs_f64(),
+            o.next.short()
+        );
+    }
+
+    /// Evaluates and saves the final model, then answers peers a while.
+    async fn finish(&self, peers: &Peers, shared: &Mutex<Shared>) -> anyhow::Result<()> {
+        let (params, digest) = {
+            let mut s = lock(shared);
+            s.done = true;
+            (s.machine.state().params.clone(), s.machine.state().digest())
+        };
+        let (loss, accuracy) = tokio::task::block_in_place(|| {
+            evaluate_params(&self.setup, &self.model, &self.shard, &params)
+                .map_err(anyhow::Error::from)
+        })?;
+        let spec = &self.spec.spec;
+        checkpoint::save(
+            &self.out,
+            &self.model,
+            &params.to_tensors()?,
+            self.shard.tokenizer(),
+            serde_json::json!({
+                "task": spec.data.task,
+                "task_size": spec.data.size,
+                "run": self.cfg.run.to_string(),
+                "rounds": spec.rounds,
+                "inner_steps": spec.inner_steps,
+                "codec": spec.codec,
+                "metrics": {
+                    "held_out_loss": loss,
+                    "held_out_exact_match": accuracy,
+                    "held_out_examples": spec.eval_examples,
+                },
+            }),
+        )?;
+        println!(
+            "final | {} rounds | held-out loss {loss:.4} | held-out exact match {:.1}% | state {} | saved {}",
+            spec.rounds,
+            100.0 * accuracy,
+            digest.short(),
+            self.out.display()
+        );
+        let until = Instant::now() + LINGER;
+        while Instant::now() < until {
+            let me = lock(shared).status();
+            let statuses = peers.hello_all(&me).await;
+            if statuses.iter().all(|(_, s)| s.done) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,119 @@
+//! Outbound training messages: each call to one peer has its own timeout, and a peer that
+//! does not answer, answers garbage or is not a training peer counts as absent (the caller
+//! tries another or goes on without it).
+
+use futures::future::join_all;
+use plexus_core::wire::{Request, Response};
+use plexus_core::Digest;
+use plexus_net::{NetHandle, PeerId};
+use plexus_train::commit::Contribution;
+use plexus_train::protocol::{
+    decode, encode, HeldEntry, StateTransfer, Status, TrainRequest, TrainResponse,
+};
+use std::time::Duration;
+
+/// How long one peer may take to answer a small message.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one peer may take to send the global state.
+const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct Peers {
+    pub net: NetHandle,
+    pub run: Digest,
+}
+
+impl Peers {
+    async fn ask(
+        &self,
+        peer: PeerId,
+        req: &TrainRequest,
+        timeout: Duration,
+    ) -> Option<TrainResponse> {
+        self.ask_raw(peer, encode(req), timeout).await
+    }
+
+    /// Sends `msg` as a training message and decodes the answer.
+    pub async fn ask_raw(
+        &self,
+        peer: PeerId,
+        msg: Vec<u8>,
+        timeout: Duration,
+    ) -> Option<TrainResponse> {
+        match tokio::time::timeout(timeout, self.net.call(peer, Request::Train { msg })).await {
+            Ok(Ok(Response::Train { msg })) => decode(&msg).ok(),
+            _ => None,
+        }
+    }
+
+    /// Says hello to every connected peer; the statuses of those in this run.
+    pub async fn hello_all(&self, me: &Status) -> Vec<(PeerId, Status)> {
+        let peers = self.net.connected_peers().await;
+        let req = TrainRequest::Hello(me.clone());
+        let answers = join_all(peers.into_iter().map(|p| {
+            let req = &req;
+            async move { (p, self.ask(p, req, CALL_TIMEOUT).await) }
+        }))
+        .await;
+        answers
+            .into_iter()
+            .filter_map(|(p, r)| match r {
+                Some(TrainResponse::Status(s)) if s.run == self.run => Some((p, s)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Sends `c` to each of `peers`; the refusals.
+    pub async fn push(&self, peers: &[PeerId], c: &Contribution) -> Vec<(PeerId, String)> {
+        let msg = encode(&TrainRequest::Push(Box::new(c.clone())));
+        let answers = join_all(peers.iter().map(|&p| {
+            let msg = msg.clone();
+            async move { (p, self.ask_raw(p, msg, CALL_TIMEOUT).await) }
+        }))
+        .await;
+        answers
+            .into_iter()
+            .filter_map(|(p, r)| match r {
+                Some(TrainResponse::Accepted) => None,
+                Some(TrainResponse::Refused(why)) => Some((p, why)),
+                Some(other) => Some((p, format!("unexpected answer {other:?}"))),
+                None => Some((p, "no answer".into())),
+            })
+            .collect()
+    }
+
+    /// What `peer` holds for `round`.
+    pub async fn held(&self, peer: PeerId, round: u64) -> Option<Vec<HeldEntry>> {
+        let req = TrainRequest::Held {
+            run: self.run,
+            round,
+        };
+        match self.ask(peer, &req, CALL_TIMEOUT).await {
+            Some(TrainResponse::Held { round: r, held }) if r == round => Some(held),
+            _ => None,
+        }
+    }
+
+    /// `worker`'s contribution to `round`, from `peer`.
+    pub async fn fetch(&self, peer: PeerId, round: u64, worker: Vec<u8>) -> Option<Contribution> {
+        let req = TrainRequest::Fetch {
+            run: self.run,
+            round,
+            worker,
+        };
+        match self.ask(peer, &req, CALL_TIMEOUT).await {
+            Some(TrainResponse::Contribution(c)) => Some(*c),
+            _ => None,
+        }
+    }
+
+    /// `peer`'s global state.
+    pub async fn state(&self, peer: PeerId) -> Option<StateTransfer> {
+        let req = TrainRequest::State { run: self.run };
+        match self.ask(peer, &req, STATE_TIMEOUT).await {
+            Some(TrainResponse::State(s)) => Some(s),
+            _ => None,
+        }
+    }
+}

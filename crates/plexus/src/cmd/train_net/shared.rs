@@ -1,0 +1,182 @@
+//! What a worker's round loop and its inbound-message handler share: the round machine (pure;
+//! times are passed in), the raw contributions it accepted (to serve peers that miss them),
+//! the set of the round just closed, contributions that arrived a round early, and the peers'
+//! last statuses. Every collection is bounded by the run's workers max or [`MAX_PEERS`].
+
+use plexus_core::Digest;
+use plexus_net::PeerId;
+use plexus_train::commit::Contribution;
+use plexus_train::protocol::{
+    decode, HeldEntry, StateTransfer, Status, TrainRequest, TrainResponse,
+};
+use plexus_train::round::{Refusal, RoundMachine};
+use std::collections::{BTreeMap, HashMap};
+
+/// Peers whose status is remembered.
+pub const MAX_PEERS: usize = 1024;
+
+pub struct Shared {
+    pub run: Digest,
+    pub machine: RoundMachine,
+    /// Contributions the machine accepted this round, by worker.
+    pub held: BTreeMap<Vec<u8>, Contribution>,
+    /// The set of the round closed last.
+    pub closed: Option<(u64, BTreeMap<Vec<u8>, Contribution>)>,
+    /// Contributions for the next round, received before this one closed.
+    pub early: BTreeMap<Vec<u8>, Contribution>,
+    pub peers: HashMap<PeerId, Status>,
+    /// The run is over for this worker (it lingers to serve the last round).
+    pub done: bool,
+    /// Contributions and messages refused so far.
+    pub refused: u64,
+}
+
+impl Shared {
+    pub fn new(run: Digest, machine: RoundMachine) -> Self {
+        Self {
+            run,
+            machine,
+            held: BTreeMap::new(),
+            closed: None,
+            early: BTreeMap::new(),
+            peers: HashMap::new(),
+            done: false,
+            refused: 0,
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            run: self.run,
+            round: self.machine.round(),
+            state: self.machine.state().digest(),
+            done: self.done,
+        }
+    }
+
+    /// Remembers `peer`'s status; a peer at this round is expected to contribute to it.
+    pub fn note_peer(&mut self, peer: PeerId, status: Status) {
+        if status.run != self.run {
+            return;
+        }
+        if status.round == self.machine.round() && !status.done {
+            self.machine.expect(peer.to_bytes());
+        }
+        if self.peers.len() < MAX_PEERS || self.peers.contains_key(&peer) {
+            self.peers.insert(peer, status);
+        }
+    }
+
+    /// Offers `c` (arrived at `now_ms`): this round's go to the machine, next round's wait.
+    pub fn receive(&mut self, c: Contribution, now_ms: u64) -> Result<(), String> {
+        let cm = &c.signed.commitment;
+        let round = self.machine.round();
+        if cm.round == round + 1 {
+            c.signed
+                .verify()
+                .map_err(|e| Refusal::Forged(e).to_string())?;
+            if cm.run != self.run {
+                return Err(Refusal::WrongRun.to_string());
+            }
+            if self.early.contains_key(&cm.worker) {
+                return Err(Refusal::Replayed.to_string());
+            }
+            if self.early.len() >= self.machine.config().max_workers as usize {
+                return Err(Refusal::Full {
+                    max: self.machine.config().max_workers,
+                }
+                .to_string());
+            }
+            self.early.insert(cm.worker.clone(), c);
+            return Ok(());
+        }
+        self.machine.offer(&c, now_ms).map_err(|e| e.to_string())?;
+        self.held.insert(c.signed.commitment.worker.clone(), c);
+        Ok(())
+    }
+
+    /// The contributions held for `round` (this one or the one just closed).
+    fn set_of(&self, round: u64) -> Option<&BTreeMap<Vec<u8>, Contribution>> {
+        if round == self.machine.round() {
+            return Some(&self.held);
+        }
+        match &self.closed {
+            Some((r, set)) if *r == round => Some(set),
+            _ => None,
+        }
+    }
+
+    /// Answers one message from `peer`.
+    pub fn handle(&mut self, peer: PeerId, msg: &[u8], now_ms: u64) -> TrainResponse {
+        let req = match decode::<TrainRequest>(msg) {
+            Ok(r) => r,
+            Err(e) => {
+                self.refused += 1;
+                eprintln!("refused a message from {peer}: {e}");
+                return TrainResponse::Refused(e.to_string());
+            }
+        };
+        let other_run = |run: Digest| run != self.run;
+        match req {
+            TrainRequest::Hello(status) => {
+                if other_run(status.run) {
+                    return TrainResponse::Refused("another run".into());
+                }
+                self.note_peer(peer, status);
+                TrainResponse::Status(self.status())
+            }
+            TrainRequest::Push(c) => {
+                let (round, worker) = (
+                    c.signed.commitment.round,
+                    c.signed.commitment.worker.clone(),
+                );
+                match self.receive(*c, now_ms) {
+                    Ok(()) => TrainResponse::Accepted,
+                    Err(why) => {
+                        self.refused += 1;
+                        let who = PeerId::from_bytes(&worker)
+                            .map_or_else(|_| "an unnamed worker".to_string(), |p| p.to_string());
+                        eprintln!(
+                            "refused a contribution from {who} (sent by {peer}) for round {round} at round {}: {why}",
+                            self.machine.round()
+                        );
+                        TrainResponse::Refused(why)
+                    }
+                }
+            }
+            TrainRequest::Held { run, round } => {
+                if other_run(run) {
+                    return TrainResponse::Refused("another run".into());
+                }
+                match self.set_of(round) {
+                    Some(set) => TrainResponse::Held {
+                        round,
+                        held: set
+                            .iter()
+                            .map(|(w, c)| HeldEntry {
+                                worker: w.clone(),
+                                commitment: c.signed.commitment.digest(),
+                            })
+                            .collect(),
+                    },
+                    None => TrainResponse::NotHeld,
+                }
+            }
+            TrainRequest::Fetch { run, round, worker } => {
+                if other_run(run) {
+                    return TrainResponse::Refused("another run".into());
+                }
+                match self.set_of(round).and_then(|s| s.get(&worker)) {
+                    Some(c) => TrainResponse::Contribution(Box::new(c.clone())),
+                    None => TrainResponse::NotHeld,
+                }
+            }
+            TrainRequest::State { run } => {
+                if other_run(run) {
+                    return TrainResponse::Refused("another run".into());
+                }
+                TrainResponse::State(StateTransfer::of(self.machine.state()))
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! `plexus train spec`: builds a run spec from flags, signs it with the creator's node key and
+//! writes the file `plexus train --distributed` reads (format: `plexus_train::spec`).
+
+use crate::cli::TrainSpecArgs;
+use anyhow::Context as _;
+use plexus_core::keys::NodeKey;
+use plexus_train::spec::{
+    DataSpec, DeadlineSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, ScoreSpec, WorkersSpec,
+    SPEC_VERSION,
+};
+use plexus_train::Codec;
+
+pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
+    let codec: Codec = a.codec.parse()?;
+    let error_feedback = match a.error_feedback.as_str() {
+        "auto" => matches!(codec, Codec::Sparse { .. }),
+        "on" => true,
+        "off" => false,
+        other => anyhow::bail!("--error-feedback {other:?}: expected auto, on or off"),
+    };
+    let spec = RunSpec {
+        version: SPEC_VERSION,
+        name: a.name.clone(),
+        model: ModelSpec {
+            hidden: a.hidden,
+            layers: a.layers,
+            init_seed: a.init_seed,
+        },
+        data: DataSpec {
+            task: a.task.clone(),
+            size: a.size,
+            seed: a.seed,
+        },
+        workers: WorkersSpec {
+            min: a.workers_min,
+            max: a.workers_max,
+        },
+        rounds: a.rounds,
+        inner_steps: a.inner_steps,
+        batch_size: a.batch_size,
+        inner: InnerSpec {
+            lr: a.lr,
+            warmup: a.warmup,
+            min_lr_ratio: 0.1,
+            clip: a.clip,
+            weight_decay: a.weight_decay,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+        },
+        outer: OuterSpec {
+            lr: a.outer_lr,
+            momentum: a.outer_momentum,
+        },
+        codec: a.codec.clone(),
+        error_feedback,
+        deadline: DeadlineSpec {
+            initial_ms: a.deadline_initial_ms,
+            min_ms: a.deadline_min_ms,
+            max_ms: a.deadline_max_ms,
+            k: a.deadline_k,
+            slack: 0.25,
+            window: 64,
+        },
+        score: ScoreSpec {
+            examples: a.score_examples,
+            tolerance: 0.0,
+        },
+        eval_examples: a.eval_examples,
+    };
+    let dir = a
+        .data_dir
+        .clone()
+        .unwrap_or_else(crate::cmd::net::default_data_dir);
+    let key_path = dir.join("node.key");
+    let key = NodeKey::load_or_create(&key_path)
+        .with_context(|| format!("cannot load the node key {}", key_path.display()))?;
+    let signed = spec.sign(&key)?;
+    std::fs::write(&a.out, signed.to_json() + "\n")
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    println!(
+        "wrote {} (run {}, signed by {})",
+        a.out.display(),
+        signed.run_id(),
+        signed.creator
+    );
+    Ok(())
+}

@@ -1,0 +1,426 @@
+//! `plexus train --distributed`: DiLoCo workers as separate processes on loopback, talking
+//! libp2p. A SIGKILLed worker does not stop the run and a late joiner catches up and
+//! contributes; hostile workers' garbage and stale contributions are refused; killing every
+//! worker and starting them again resumes from their checkpoints. The trained model's held-out
+//! exact match is asserted, and `plexus generate` loads the final checkpoint.
+
+#![allow(unused_crate_dependencies, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_plexus");
+/// Generous: four trainers share two loaded cores.
+const RUN_TIMEOUT: Duration = Duration::from_secs(400);
+
+/// Writes a signed spec of `rounds` rounds of H=10 for `min` workers on reverse-3, with a
+/// first-round deadline of `initial_ms`.
+fn spec(dir: &Path, rounds: u64, min: u32, initial_ms: u64) -> PathBuf {
+    let out = dir.join("spec.json");
+    let o = Command::new(BIN)
+        .args(["train", "spec", "--out"])
+        .arg(&out)
+        .arg("--data-dir")
+        .arg(dir.join("creator"))
+        .args([
+            "--task", "reverse", "--size", "3", "--hidden", "64", "--layers", "2",
+        ])
+        .args([
+            "--rounds",
+            &rounds.to_string(),
+            "--workers-min",
+            &min.to_string(),
+        ])
+        .args(["--inner-steps", "10", "--batch-size", "16", "--lr", "1e-2"])
+        .args(["--warmup", "20", "--codec", "f16", "--score-examples", "16"])
+        .args([
+            "--eval-examples",
+            "128",
+            "--deadline-initial-ms",
+            &initial_ms.to_string(),
+        ])
+        .args(["--deadline-min-ms", "3000"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// One worker process; its stdout and stderr lines are collected as they come.
+struct Worker {
+    name: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    addr: String,
+}
+
+fn collect(r: impl std::io::Read + Send + 'static, lines: Arc<Mutex<Vec<String>>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            lines.lock().unwrap().push(line);
+        }
+    });
+}
+
+impl Worker {
+    fn start(name: &str, spec: &Path, dir: &Path, peers: &[&str], extra: &[&str]) -> Worker {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["train", "--distributed"])
+            .arg(spec)
+            .arg("--data-dir")
+            .arg(dir.join(name))
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for p in peers {
+            cmd.args(["--peer", p]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        collect(child.stdout.take().unwrap(), lines.clone());
+        collect(child.stderr.take().unwrap(), lines.clone());
+        let mut w = Worker {
+            name: name.into(),
+            child,
+            lines,
+            addr: String::new(),
+        };
+        let line = w.wait_for("listening on /ip4/127.0.0.1/tcp/", Duration::from_secs(60));
+        w.addr = line.trim_start_matches("listening on ").to_string();
+        w
+    }
+
+    fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// The first line containing `what`, waiting up to `timeout`.
+    fn wait_for(&mut self, what: &str, timeout: Duration) -> String {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| l.contains(what)) {
+                return l.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Give the reader threads a moment to drain the pipes.
+                std::thread::sleep(Duration::from_millis(200));
+                if let Some(l) = self.lines.lock().unwrap().iter().find(|l| l.contains(what)) {
+                    return l.clone();
+                }
+                panic!(
+                    "{} exited ({status}) before {what:?}:\n{}",
+                    self.name,
+                    self.text()
+                );
+            }
+            assert!(
+                Instant::now() < until,
+                "{} printed no {what:?} in {timeout:?}:\n{}",
+                self.name,
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether a line containing `what` appears within `timeout`.
+    fn has_within(&self, what: &str, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if self.lines.lock().unwrap().iter().any(|l| l.contains(what)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// The first line containing `all[0]` and any of the rest.
+    fn wait_for_all(&mut self, all: &[&str], timeout: Duration) -> String {
+        let until = Instant::now() + timeout;
+        loop {
+            let found = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(all[0]) && all[1..].iter().any(|a| l.contains(a)))
+                .cloned();
+            if let Some(l) = found {
+                return l;
+            }
+            assert!(
+                Instant::now() < until,
+                "{} printed no {all:?}:\n{}",
+                self.name,
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for a clean exit and returns the final line's (exact match %, state digest).
+    fn finish(&mut self) -> (f64, String) {
+        let line = self.wait_for("final |", RUN_TIMEOUT);
+        let until = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < until, "{} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(status.success(), "{} failed:\n{}", self.name, self.text());
+        let pct: f64 = field(&line, "held-out exact match ")
+            .trim_end_matches('%')
+            .parse()
+            .unwrap();
+        (pct, field(&line, "state ").to_string())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The word after `key` in `line`.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split(key)
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {key:?} in {line:?}"))
+}
+
+#[test]
+fn a_sigkilled_worker_does_not_stop_the_run_and_a_late_joiner_contributes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec(tmp.path(), 30, 4, 60_000);
+    let mut w0 = Worker::start("w0", &spec, tmp.path(), &[], &[]);
+    let a0 = w0.addr.clone();
+    let w1 = Worker::start("w1", &spec, tmp.path(), &[&a0], &[]);
+    let w2 = Worker::start("w2", &spec, tmp.path(), &[&a0, &w1.addr], &[]);
+    let mut w3 = Worker::start("w3", &spec, tmp.path(), &[&a0, &w1.addr, &w2.addr], &[]);
+    w0.wait_for("applied 4/4", RUN_TIMEOUT);
+    w3.wait_for("round 5/30", RUN_TIMEOUT);
+    w3.kill();
+    let mut joiner = Worker::start("late", &spec, tmp.path(), &[&a0, &w1.addr], &[]);
+    let caught = joiner.wait_for("caught up: at round 0", RUN_TIMEOUT);
+    let joined_at: u64 = field(&caught, "state of round ").parse().unwrap();
+    // w3 closed round 5 before it was killed; the others may still have been closing it.
+    assert!(joined_at >= 4, "{caught}");
+    // The joiner's pseudo-gradient was applied, beside others', in a round after it joined
+    // (the final states agree below, so every worker applied the same set).
+    let applied = joiner.wait_for_all(&["mine applied", "applied 2/", "applied 3/"], RUN_TIMEOUT);
+    let round: u64 = field(&applied, "round ")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(round > joined_at, "{applied}");
+    let mut finals = Vec::new();
+    for mut w in [w0, w1, w2, joiner] {
+        let (pct, state) = w.finish();
+        assert!(
+            pct >= 80.0,
+            "{}: held-out exact match {pct}%:\n{}",
+            w.name,
+            w.text()
+        );
+        finals.push(state);
+    }
+    assert!(
+        finals.windows(2).all(|p| p[0] == p[1]),
+        "final states differ: {finals:?}"
+    );
+    // The final checkpoint is a model `plexus generate` loads.
+    let o = Command::new(BIN)
+        .args(["generate", "--model"])
+        .arg(tmp.path().join("w0/model"))
+        .args([
+            "--prompt",
+            "abc|",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "cba");
+}
+
+#[test]
+fn garbage_and_stale_contributions_of_hostile_workers_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The hostile workers never contribute validly, so every round lasts its deadline.
+    let spec = spec(tmp.path(), 4, 4, 10_000);
+    let h0 = Worker::start("h0", &spec, tmp.path(), &[], &[]);
+    let h1 = Worker::start("h1", &spec, tmp.path(), &[&h0.addr], &[]);
+    let garbage = Worker::start(
+        "garbage",
+        &spec,
+        tmp.path(),
+        &[&h0.addr, &h1.addr],
+        &["--cheat", "garbage"],
+    );
+    let stale = Worker::start(
+        "stale",
+        &spec,
+        tmp.path(),
+        &[&h0.addr, &h1.addr],
+        &["--cheat", "stale"],
+    );
+    let mut states = Vec::new();
+    let mut stale_refusals = 0;
+    for mut h in [h0, h1] {
+        let (_, state) = h.finish();
+        states.push(state);
+        let text = h.text();
+        let garbage_id = garbage
+            .text()
+            .lines()
+            .find_map(|l| {
+                l.split("| worker ")
+                    .nth(1)
+                    .map(|s| s.split_whitespace().next().unwrap().to_string())
+            })
+            .unwrap();
+        let stale_id = stale
+            .text()
+            .lines()
+            .find_map(|l| {
+                l.split("| worker ")
+                    .nth(1)
+                    .map(|s| s.split_whitespace().next().unwrap().to_string())
+            })
+            .unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.contains(&format!("from {garbage_id} "))
+                    && l.contains("payload does not decode")),
+            "{}: no refusal of the garbage worker:\n{text}",
+            h.name
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.contains(&format!("from {stale_id} ")) && l.contains("refused")),
+            "{}: no refusal of the stale worker:\n{text}",
+            h.name
+        );
+        stale_refusals += text
+            .lines()
+            .filter(|l| {
+                l.contains(&format!("from {stale_id} "))
+                    && l.contains("stale contribution for round")
+            })
+            .count();
+        assert!(text.contains("malformed training message"), "{text}");
+        // Only the two honest pseudo-gradients were ever held, let alone applied.
+        let rounds: Vec<&str> = text.lines().filter(|l| l.starts_with("round ")).collect();
+        assert_eq!(rounds.len(), 4, "{text}");
+        assert!(
+            rounds
+                .iter()
+                .all(|l| ["applied 1/1", "applied 2/2"].iter().any(|a| l.contains(a))),
+            "{text}"
+        );
+        assert!(rounds.iter().any(|l| l.contains("applied 2/2")), "{text}");
+        let first: f64 = field(rounds[0], "held-out loss ").parse().unwrap();
+        let last: f64 = field(rounds[3], "held-out loss ").parse().unwrap();
+        assert!(last < first, "held-out loss did not fall: {text}");
+    }
+    assert!(stale_refusals > 0, "no contribution was refused as stale");
+    assert_eq!(states[0], states[1]);
+}
+
+#[test]
+fn killing_every_worker_and_restarting_them_resumes_from_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Four workers: with three, DiLoCo on this task learns too unevenly for a fixed bar (the
+    // in-process `plexus bench train --workers 3` reached 9-30% exact match at these settings).
+    let spec = spec(tmp.path(), 30, 4, 60_000);
+    let names = ["r0", "r1", "r2", "r3"];
+    let mut first = Worker::start(names[0], &spec, tmp.path(), &[], &[]);
+    let a0 = first.addr.clone();
+    let mut ws = vec![Worker::start(names[1], &spec, tmp.path(), &[&a0], &[])];
+    ws.push(Worker::start(
+        names[2],
+        &spec,
+        tmp.path(),
+        &[&a0, &ws[0].addr],
+        &[],
+    ));
+    let peers = [a0.as_str(), &ws[0].addr, &ws[1].addr];
+    ws.push(Worker::start(names[3], &spec, tmp.path(), &peers, &[]));
+    if !first.has_within("round 10/30", RUN_TIMEOUT) {
+        let logs: Vec<String> = ws
+            .iter()
+            .map(|w| format!("{}:\n{}", w.name, w.text()))
+            .collect();
+        panic!(
+            "r0 never closed round 10:\n{}\n{}",
+            first.text(),
+            logs.join("\n")
+        );
+    }
+    for w in ws.iter_mut().chain(std::iter::once(&mut first)) {
+        w.kill();
+    }
+    drop(ws);
+    drop(first);
+    let mut r0 = Worker::start(names[0], &spec, tmp.path(), &[], &[]);
+    let a0 = r0.addr.clone();
+    let mut rest = vec![Worker::start(names[1], &spec, tmp.path(), &[&a0], &[])];
+    rest.push(Worker::start(
+        names[2],
+        &spec,
+        tmp.path(),
+        &[&a0, &rest[0].addr],
+        &[],
+    ));
+    let peers = [a0.as_str(), &rest[0].addr, &rest[1].addr];
+    rest.push(Worker::start(names[3], &spec, tmp.path(), &peers, &[]));
+    let mut finals = Vec::new();
+    for w in std::iter::once(&mut r0).chain(rest.iter_mut()) {
+        let line = w.wait_for("resumed from checkpoint at round ", Duration::from_secs(60));
+        let at: u64 = field(&line, "round ").parse().unwrap();
+        assert!(at >= 9, "{}: {line}", w.name);
+        // The resumed run goes on from there: no round before the checkpoint is run again.
+        let text = w.text();
+        let after = text.split(&line).nth(1).unwrap_or_default().to_string();
+        assert!(!after.contains("round 1/30 "), "{after}");
+    }
+    for w in std::iter::once(&mut r0).chain(rest.iter_mut()) {
+        let (pct, state) = w.finish();
+        let text = w.text();
+        let after = text.split("resumed from checkpoint").nth(1).unwrap();
+        assert!(
+            !after.contains("round 1/30 "),
+            "{}: ran round 1 again:\n{text}",
+            w.name
+        );
+        assert!(
+            pct >= 80.0,
+            "{}: held-out exact match {pct}%:\n{text}",
+            w.name
+        );
+        finals.push(state);
+    }
+    assert!(
+        finals.windows(2).all(|p| p[0] == p[1]),
+        "final states differ: {finals:?}"
+    );
+}

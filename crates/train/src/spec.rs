@@ -1,0 +1,508 @@
+//! The signed run spec: everything the workers of a distributed run agree on before round 0
+//! (model, data, workers, H, optimizers, codec, rounds, deadline policy), signed by the key of
+//! whoever created the run.
+//!
+//! A spec file is JSON: `{"spec": {...}, "creator": PEER_ID, "public_key": HEX,
+//! "signature": HEX}`. The signed bytes are `"plexus-train-spec-v1\n"` followed by the compact
+//! JSON of `spec` as this module serialises it (fields in declaration order), so a parsed spec
+//! re-serialises to the bytes that were signed. Unknown fields anywhere are refused by name
+//! (serde's `deny_unknown_fields`), and so is a version other than [`SPEC_VERSION`].
+//!
+//! The run's identity ([`SignedSpec::run_id`]) is the digest of the signed bytes and the
+//! creator's key: every commitment names it, so a contribution to another run (or to an
+//! edited copy of this one) is refused.
+
+use crate::codec::Codec;
+use crate::config::{RoundConfig, ScorePolicy};
+use crate::deadline::DeadlinePolicy;
+use crate::local::TaskSetup;
+use crate::outer::OuterConfig;
+use plexus_core::keys::NodeKey;
+use plexus_core::Digest;
+use plexus_model::train::task::Task;
+use plexus_model::train::{AdamWConfig, InnerConfig};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The spec format this build reads and writes.
+pub const SPEC_VERSION: u32 = 1;
+/// Largest spec file read.
+pub const MAX_SPEC_BYTES: u64 = 64 * 1024;
+const DOMAIN: &[u8] = b"plexus-train-spec-v1\n";
+
+/// The model trained: a fresh decoder sized for the task's tokenizer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub hidden: usize,
+    pub layers: usize,
+    /// Seed of the initial weights (every worker builds the same round-0 weights from it).
+    pub init_seed: u64,
+}
+
+/// The data: a synthetic task (addition, reverse or sort) with its seed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    pub task: String,
+    pub size: usize,
+    /// Seed of the training examples, of their assignment to workers and of the scoring draw.
+    pub seed: u64,
+}
+
+/// How many workers the run takes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersSpec {
+    /// Round 0 starts once this many workers (this one included) are connected.
+    pub min: u32,
+    /// Most contributions a round holds.
+    pub max: u32,
+}
+
+/// The inner optimizer: AdamW with warmup and cosine decay over the run's inner steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InnerSpec {
+    pub lr: f64,
+    pub warmup: usize,
+    pub min_lr_ratio: f64,
+    /// Gradient clipping by global L2 norm; 0 disables.
+    pub clip: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+/// The outer optimizer: Nesterov momentum (DiLoCo: lr 0.7, momentum 0.9); momentum 0 is
+/// plain SGD.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OuterSpec {
+    pub lr: f32,
+    pub momentum: f32,
+}
+
+/// Round deadline: `median + k * MAD` of measured arrival times (see [`crate::deadline`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadlineSpec {
+    pub initial_ms: u64,
+    pub min_ms: u64,
+    pub max_ms: u64,
+    pub k: f64,
+    pub slack: f64,
+    pub window: usize,
+}
+
+/// Gauntlet scoring of contributions on held-out examples.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreSpec {
+    /// Held-out examples per round; 0 disables scoring.
+    pub examples: usize,
+    pub tolerance: f32,
+}
+
+/// A distributed training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    pub version: u32,
+    pub name: String,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub workers: WorkersSpec,
+    pub rounds: u64,
+    /// Inner steps per round (H).
+    pub inner_steps: u32,
+    /// Sequences per inner step per worker.
+    pub batch_size: u32,
+    pub inner: InnerSpec,
+    pub outer: OuterSpec,
+    /// `f32`, `f16`, `int8` or `sparse`.
+    pub codec: String,
+    pub error_feedback: bool,
+    pub deadline: DeadlineSpec,
+    pub score: ScoreSpec,
+    /// Held-out examples of the final evaluation (loss and exact match).
+    pub eval_examples: usize,
+}
+
+/// A spec with its creator's signature: the file a run is started from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedSpec {
+    pub spec: RunSpec,
+    /// The creator's peer id (base58).
+    pub creator: String,
+    /// Protobuf encoding of the creator's public key, hex.
+    pub public_key: String,
+    /// Signature of the signed bytes, hex.
+    pub signature: String,
+}
+
+/// Why a spec was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the spec file is larger than {MAX_SPEC_BYTES} bytes")]
+    TooLarge,
+    #[error("the spec does not parse: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("spec version {0} (this build reads version {SPEC_VERSION})")]
+    Version(u32),
+    #[error("the creator's public key does not decode")]
+    BadKey,
+    #[error("the public key does not belong to the named creator")]
+    WrongCreator,
+    #[error("the signature does not verify (the spec was altered or signed by another key)")]
+    BadSignature,
+    #[error("invalid spec: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> SpecError {
+    SpecError::Invalid(msg.into())
+}
+
+impl RunSpec {
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut out = DOMAIN.to_vec();
+        // A struct of plain fields always serialises.
+        out.extend(serde_json::to_vec(self).unwrap_or_default());
+        out
+    }
+
+    /// The synthetic task.
+    pub fn task(&self) -> Result<Task, SpecError> {
+        Task::parse(&self.data.task, self.data.size).map_err(|e| invalid(e.to_string()))
+    }
+
+    pub fn codec(&self) -> Result<Codec, SpecError> {
+        self.codec
+            .parse::<Codec>()
+            .map_err(|e| invalid(e.to_string()))
+    }
+
+    /// Checks every field's range (a spec from someone else is a claim).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.version != SPEC_VERSION {
+            return Err(SpecError::Version(self.version));
+        }
+        if self.name.is_empty() || self.name.len() > 128 {
+            return Err(invalid("name must be 1 to 128 bytes"));
+        }
+        self.task()?;
+        let m = &self.model;
+        if !(1..=4096).contains(&m.hidden) || !(1..=64).contains(&m.layers) {
+            return Err(invalid("model hidden 1..=4096 and layers 1..=64"));
+        }
+        let w = &self.workers;
+        if w.min == 0 || w.min > w.max || w.max > 1024 {
+            return Err(invalid("workers: 1 <= min <= max <= 1024"));
+        }
+        if !(1..=1_000_000).contains(&self.rounds) {
+            return Err(invalid("rounds 1..=1000000"));
+        }
+        let i = &self.inner;
+        let finite = [
+            i.lr,
+            i.min_lr_ratio,
+            i.clip,
+            i.weight_decay,
+            i.beta1,
+            i.beta2,
+            i.eps,
+        ]
+        .iter()
+        .all(|x| x.is_finite() && *x >= 0.0);
+        if !finite || i.lr == 0.0 || i.beta1 >= 1.0 || i.beta2 >= 1.0 || i.eps == 0.0 {
+            return Err(invalid(
+                "inner: finite non-negative values, lr > 0, eps > 0, betas < 1",
+            ));
+        }
+        let d = &self.deadline;
+        if d.min_ms == 0
+            || d.min_ms > d.max_ms
+            || d.window == 0
+            || d.window > 4096
+            || !(d.k.is_finite() && d.k >= 0.0)
+            || !(d.slack.is_finite() && d.slack >= 0.0)
+        {
+            return Err(invalid(
+                "deadline: 0 < min_ms <= max_ms, 1 <= window <= 4096, k and slack finite >= 0",
+            ));
+        }
+        if self.score.examples > 100_000
+            || !(self.score.tolerance.is_finite() && self.score.tolerance >= 0.0)
+        {
+            return Err(invalid("score: examples <= 100000, tolerance finite >= 0"));
+        }
+        if !(1..=100_000).contains(&self.eval_examples) {
+            return Err(invalid("eval_examples 1..=100000"));
+        }
+        self.round_config(Digest::of(b"check"))?
+            .validate()
+            .map_err(|e| invalid(e.to_string()))
+    }
+
+    /// The round settings of this run, named `run`.
+    pub fn round_config(&self, run: Digest) -> Result<RoundConfig, SpecError> {
+        let i = &self.inner;
+        let outer = if self.outer.momentum == 0.0 {
+            OuterConfig::Sgd { lr: self.outer.lr }
+        } else {
+            OuterConfig::Nesterov {
+                lr: self.outer.lr,
+                momentum: self.outer.momentum,
+            }
+        };
+        let schedule_steps =
+            usize::try_from(self.rounds.saturating_mul(u64::from(self.inner_steps)))
+                .map_err(|_| invalid("rounds x inner steps overflows"))?;
+        Ok(RoundConfig {
+            run,
+            seed: self.data.seed,
+            inner_steps: self.inner_steps,
+            batch_size: self.batch_size,
+            inner: InnerConfig {
+                lr: i.lr,
+                warmup: i.warmup,
+                min_lr_ratio: i.min_lr_ratio,
+                schedule_steps,
+                clip: i.clip,
+                adamw: AdamWConfig {
+                    beta1: i.beta1,
+                    beta2: i.beta2,
+                    eps: i.eps,
+                    weight_decay: i.weight_decay,
+                },
+            },
+            codec: self.codec()?,
+            error_feedback: self.error_feedback,
+            outer,
+            deadline: DeadlinePolicy {
+                initial_ms: self.deadline.initial_ms,
+                min_ms: self.deadline.min_ms,
+                max_ms: self.deadline.max_ms,
+                k: self.deadline.k,
+                slack: self.deadline.slack,
+                window: self.deadline.window,
+            },
+            score: ScorePolicy {
+                examples: self.score.examples,
+                tolerance: self.score.tolerance,
+            },
+            max_workers: self.workers.max,
+        })
+    }
+
+    /// The model and data of this run.
+    pub fn setup(&self) -> Result<TaskSetup, SpecError> {
+        Ok(TaskSetup {
+            task: self.task()?,
+            hidden: self.model.hidden,
+            layers: self.model.layers,
+            init_seed: self.model.init_seed,
+            eval_examples: self.eval_examples,
+        })
+    }
+
+    /// Signs the spec with `key` (after validating it).
+    pub fn sign(self, key: &NodeKey) -> Result<SignedSpec, SpecError> {
+        self.validate()?;
+        let signature = key.sign(&self.signed_bytes());
+        Ok(SignedSpec {
+            creator: key.peer_id().to_base58(),
+            public_key: hex::encode(key.public().encode_protobuf()),
+            signature: hex::encode(signature),
+            spec: self,
+        })
+    }
+}
+
+impl SignedSpec {
+    /// Parses and verifies spec JSON: unknown fields, a bad signature or an invalid setting
+    /// are refused.
+    pub fn from_json(text: &str) -> Result<Self, SpecError> {
+        let s: SignedSpec = serde_json::from_str(text)?;
+        s.verify()?;
+        Ok(s)
+    }
+
+    /// Reads and verifies a spec file.
+    pub fn load(path: &Path) -> Result<Self, SpecError> {
+        let io = |source| SpecError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let len = std::fs::metadata(path).map_err(io)?.len();
+        if len > MAX_SPEC_BYTES {
+            return Err(SpecError::TooLarge);
+        }
+        Self::from_json(&std::fs::read_to_string(path).map_err(io)?)
+    }
+
+    /// The pretty JSON of the file.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Checks the creator's signature, then the spec's settings.
+    pub fn verify(&self) -> Result<(), SpecError> {
+        let key_bytes = hex::decode(&self.public_key).map_err(|_| SpecError::BadKey)?;
+        let key = libp2p_identity::PublicKey::try_decode_protobuf(&key_bytes)
+            .map_err(|_| SpecError::BadKey)?;
+        if key.to_peer_id().to_base58() != self.creator {
+            return Err(SpecError::WrongCreator);
+        }
+        let sig = hex::decode(&self.signature).map_err(|_| SpecError::BadSignature)?;
+        if !key.verify(&self.spec.signed_bytes(), &sig) {
+            return Err(SpecError::BadSignature);
+        }
+        self.spec.validate()
+    }
+
+    /// The run's identity: digest of the signed bytes and the creator's key.
+    pub fn run_id(&self) -> Digest {
+        let mut b = self.spec.signed_bytes();
+        b.extend_from_slice(self.public_key.as_bytes());
+        Digest::of(&b)
+    }
+
+    /// The round settings, named by [`Self::run_id`].
+    pub fn round_config(&self) -> Result<RoundConfig, SpecError> {
+        self.spec.round_config(self.run_id())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> RunSpec {
+        RunSpec {
+            version: SPEC_VERSION,
+            name: "reverse-3".into(),
+            model: ModelSpec {
+                hidden: 32,
+                layers: 1,
+                init_seed: 1,
+            },
+            data: DataSpec {
+                task: "reverse".into(),
+                size: 3,
+                seed: 11,
+            },
+            workers: WorkersSpec { min: 2, max: 8 },
+            rounds: 5,
+            inner_steps: 3,
+            batch_size: 8,
+            inner: InnerSpec {
+                lr: 3e-3,
+                warmup: 2,
+                min_lr_ratio: 0.1,
+                clip: 1.0,
+                weight_decay: 0.01,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+            },
+            outer: OuterSpec {
+                lr: 0.7,
+                momentum: 0.9,
+            },
+            codec: "f16".into(),
+            error_feedback: false,
+            deadline: DeadlineSpec {
+                initial_ms: 10_000,
+                min_ms: 100,
+                max_ms: 60_000,
+                k: 3.0,
+                slack: 0.25,
+                window: 64,
+            },
+            score: ScoreSpec {
+                examples: 16,
+                tolerance: 0.0,
+            },
+            eval_examples: 64,
+        }
+    }
+
+    fn key() -> NodeKey {
+        NodeKey::from_secret([5; 32]).unwrap()
+    }
+
+    #[test]
+    fn a_signed_spec_round_trips_and_names_its_run() {
+        let s = example().sign(&key()).unwrap();
+        let back = SignedSpec::from_json(&s.to_json()).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.run_id(), s.run_id());
+        let cfg = back.round_config().unwrap();
+        assert_eq!(cfg.run, s.run_id());
+        assert_eq!(cfg.inner.schedule_steps, 15);
+        assert_eq!(cfg.max_workers, 8);
+        let mut other = example();
+        other.rounds = 6;
+        assert_ne!(other.sign(&key()).unwrap().run_id(), s.run_id());
+    }
+
+    #[test]
+    fn altered_forged_and_unknown_fields_are_refused_by_name() {
+        let s = example().sign(&key()).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        v["spec"]["rounds"] = 50.into();
+        let e = SignedSpec::from_json(&v.to_string()).unwrap_err();
+        assert!(matches!(e, SpecError::BadSignature), "{e}");
+        let other = NodeKey::from_secret([6; 32]).unwrap();
+        let mut forged = example().sign(&other).unwrap();
+        forged.creator = s.creator.clone();
+        let e = SignedSpec::from_json(&forged.to_json()).unwrap_err();
+        assert!(matches!(e, SpecError::WrongCreator), "{e}");
+        for (path, field) in [
+            (None, "colour"),
+            (Some("data"), "text"),
+            (Some("inner"), "nesterov"),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+            match path {
+                None => v["spec"][field] = 1.into(),
+                Some(p) => v["spec"][p][field] = 1.into(),
+            }
+            let e = SignedSpec::from_json(&v.to_string())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("unknown field `{field}`")), "{e}");
+        }
+        let mut v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
+        v["trailer"] = 1.into();
+        let e = SignedSpec::from_json(&v.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `trailer`"), "{e}");
+    }
+
+    #[test]
+    fn invalid_settings_are_refused_before_signing() {
+        let mut bad = example();
+        bad.codec = "int4".into();
+        assert!(bad.sign(&key()).unwrap_err().to_string().contains("int4"));
+        let mut bad = example();
+        bad.workers = WorkersSpec { min: 3, max: 2 };
+        assert!(bad.sign(&key()).is_err());
+        let mut bad = example();
+        bad.version = 2;
+        assert!(matches!(bad.sign(&key()), Err(SpecError::Version(2))));
+        let mut bad = example();
+        bad.data.task = "poetry".into();
+        assert!(bad.sign(&key()).is_err());
+    }
+}
