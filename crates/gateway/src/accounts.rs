@@ -489,22 +489,28 @@ impl FromRequestParts<AppState> for Payer {
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     let missing = || {
         ApiError::InvalidApiKey(
-            "You didn't provide an API key. Send it as `Authorization: Bearer KEY` \
-             (create one with `plexus keys create`)."
+            "You didn't provide an API key. Send it as `Authorization: Bearer KEY` or \
+             `x-api-key: KEY` (create one with `plexus keys create`)."
                 .into(),
         )
     };
-    let value = parts
-        .headers
-        .get(axum::http::header::AUTHORIZATION)
-        .ok_or_else(missing)?
-        .to_str()
-        .map_err(|_| missing())?;
-    let key = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .ok_or_else(missing)?
-        .trim();
+    // Anthropic's clients send `x-api-key: KEY` instead of a bearer token.
+    let key = match parts.headers.get(axum::http::header::AUTHORIZATION) {
+        Some(value) => {
+            let value = value.to_str().map_err(|_| missing())?;
+            value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+                .ok_or_else(missing)?
+        }
+        None => parts
+            .headers
+            .get("x-api-key")
+            .ok_or_else(missing)?
+            .to_str()
+            .map_err(|_| missing())?,
+    }
+    .trim();
     if key.is_empty() {
         return Err(missing());
     }

@@ -1,14 +1,14 @@
 //! The static API key (`--api-key`, like llama-server's and vLLM's): when set, every route but
 //! `/health` needs `Authorization: Bearer KEY` (what OpenAI clients send) or `x-api-key: KEY`;
-//! anything else gets 401 in OpenAI's error format. A layer of its own, so per-account keys can
+//! anything else gets 401 in the error format of the route's dialect. A layer of its own, so per-account keys can
 //! sit beside it.
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Dialect};
 use crate::state::AppState;
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 /// Routes that answer without a key (load balancers probe them).
 const OPEN: &[&str] = &["/health"];
@@ -36,13 +36,18 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
     if OPEN.contains(&req.uri().path()) {
         return next.run(req).await;
     }
+    let dialect = Dialect::of_path(req.uri().path());
     match presented(&req) {
         Some(k) if same(k, key.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::Unauthorized("Incorrect API key provided.".into()).into_response(),
+        Some(_) => {
+            ApiError::Unauthorized("Incorrect API key provided.".into()).response_in(dialect)
+        }
         None => ApiError::Unauthorized(
-            "You didn't provide an API key. Send it as `Authorization: Bearer KEY`.".into(),
+            "You didn't provide an API key. Send it as `Authorization: Bearer KEY` or \
+             `x-api-key: KEY`."
+                .into(),
         )
-        .into_response(),
+        .response_in(dialect),
     }
 }
 

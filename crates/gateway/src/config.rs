@@ -26,6 +26,9 @@ pub struct GatewayConfig {
     pub api_key: Option<String>,
     /// Browser origins allowed besides this machine's own ([`crate::cors`]; `*`: any).
     pub cors_origins: Vec<String>,
+    /// Served names (llama-server's `--alias`): (model id, the name clients see instead).
+    /// Requests may use either name. Default none.
+    pub aliases: Vec<(String, String)>,
 }
 
 impl Default for GatewayConfig {
@@ -40,6 +43,7 @@ impl Default for GatewayConfig {
             stall_timeout: Duration::from_secs(30),
             api_key: None,
             cors_origins: Vec::new(),
+            aliases: Vec::new(),
         }
     }
 }
@@ -92,6 +96,12 @@ impl GatewayConfig {
     /// Allows browser pages from `origins` too (`*`: any origin).
     pub fn with_cors_origins(mut self, origins: Vec<String>) -> Self {
         self.cors_origins = origins;
+        self
+    }
+
+    /// Serves the model `id` as `alias` (listed under that name, answered with it).
+    pub fn with_alias(mut self, id: impl Into<String>, alias: impl Into<String>) -> Self {
+        self.aliases.push((id.into(), alias.into()));
         self
     }
 

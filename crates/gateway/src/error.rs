@@ -1,5 +1,6 @@
 //! [`ApiError`]: every way a request fails, mapped to a status and OpenAI's error body
-//! `{"error":{"message","type","param","code"}}`. Internal causes are logged, never sent.
+//! `{"error":{"message","type","param","code"}}`, or another [`Dialect`]'s shape
+//! (Anthropic, Ollama). Internal causes are logged, never sent.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -75,6 +76,21 @@ impl ApiError {
         }
     }
 
+    /// The same error naming `f(param)` instead (a dialect's path for a field the shared code
+    /// names in OpenAI's terms).
+    pub fn map_param(self, f: impl Fn(&str) -> String) -> Self {
+        match self {
+            Self::InvalidRequest {
+                message,
+                param: Some(p),
+            } => Self::InvalidRequest {
+                message,
+                param: Some(Cow::Owned(f(&p))),
+            },
+            other => other,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } | Self::ContextLengthExceeded { .. } => {
@@ -138,13 +154,70 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+/// The API dialect a route speaks: it decides the shape of error bodies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// `{"error":{"message","type","param","code"}}`.
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`.
+    Anthropic,
+    /// `{"error":"message"}`.
+    Ollama,
+}
+
+impl Dialect {
+    /// The dialect of a request path (for errors raised before a handler runs: auth, unknown
+    /// routes, wrong methods).
+    pub fn of_path(path: &str) -> Self {
+        if path.starts_with("/v1/messages") {
+            Self::Anthropic
+        } else if path.starts_with("/api/") {
+            Self::Ollama
+        } else {
+            Self::OpenAi
+        }
+    }
+}
+
+impl ApiError {
+    /// The error body in `dialect`'s shape. Anthropic's and Ollama's have no `param` field, so
+    /// the message starts with the parameter it names (as Anthropic's own errors do).
+    pub fn body_in(&self, dialect: Dialect) -> serde_json::Value {
+        let openai = self.body();
+        if dialect == Dialect::OpenAi {
+            return openai;
+        }
+        let error = &openai["error"];
+        let text = error["message"].as_str().unwrap_or_default();
+        let message = match error["param"].as_str() {
+            Some(p) if !text.contains(p) => format!("{p}: {text}"),
+            _ => text.to_owned(),
+        };
+        if dialect == Dialect::Ollama {
+            return json!({ "error": message });
+        }
+        let kind = match self {
+            Self::InvalidRequest { .. }
+            | Self::ContextLengthExceeded { .. }
+            | Self::MethodNotAllowed { .. } => "invalid_request_error",
+            Self::ModelNotFound(_) | Self::UnknownRoute { .. } => "not_found_error",
+            Self::Unauthorized(_) | Self::InvalidApiKey(_) => "authentication_error",
+            Self::PayloadTooLarge { .. } => "request_too_large",
+            Self::InsufficientQuota(_) => "billing_error",
+            Self::Overloaded { .. } => "rate_limit_error",
+            Self::ServerOverloaded(_) | Self::Unavailable(_) => "overloaded_error",
+            Self::Internal(_) => "api_error",
+        };
+        json!({"type": "error", "error": {"type": kind, "message": message}})
+    }
+
+    /// The response in `dialect`'s shape (with `Retry-After` when the server is busy).
+    pub fn response_in(self, dialect: Dialect) -> Response {
         match &self {
             Self::Internal(cause) => tracing::error!(%cause, "request failed"),
             other => tracing::debug!(error = %other, "request rejected"),
         }
-        let mut res = (self.status(), Json(self.body())).into_response();
+        let mut res = (self.status(), Json(self.body_in(dialect))).into_response();
         let retry = match &self {
             Self::Overloaded { retry_after } => Some(*retry_after),
             Self::ServerOverloaded(_) => Some(Duration::from_secs(1)),
@@ -157,5 +230,43 @@ impl IntoResponse for ApiError {
             }
         }
         res
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.response_in(Dialect::OpenAi)
+    }
+}
+
+/// An [`ApiError`] answered in Anthropic's shape (the return type of its handlers).
+#[derive(Debug)]
+pub struct AnthropicError(pub ApiError);
+
+impl From<ApiError> for AnthropicError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        self.0.response_in(Dialect::Anthropic)
+    }
+}
+
+/// An [`ApiError`] answered in Ollama's shape (the return type of its handlers).
+#[derive(Debug)]
+pub struct OllamaError(pub ApiError);
+
+impl From<ApiError> for OllamaError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for OllamaError {
+    fn into_response(self) -> Response {
+        self.0.response_in(Dialect::Ollama)
     }
 }

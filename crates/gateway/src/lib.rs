@@ -1,10 +1,12 @@
-//! Plexus gateway: the OpenAI-compatible HTTP API in front of a [`backend::Backend`].
+//! Plexus gateway: the OpenAI-compatible HTTP API (with the Anthropic Messages, OpenAI
+//! Responses and Ollama dialects beside it) in front of a [`backend::Backend`].
 //!
 //! ```text
 //! HTTP ─> server::app (axum router, body limit, per-route metrics)
-//!          ├─ api::chat / api::completions ─> api::generation ─> limits (slot | queue | 429)
-//!          │                                        └─ spawn_blocking: Backend::generate
-//!          │                                              └─ text pieces ─> JSON or sse
+//!          ├─ api::chat / completions / responses / messages / ollama
+//!          │     └─ api::guide (tools, formats) ─> api::generation ─> limits (slot | queue | 429)
+//!          │                └─ spawn_blocking: Backend::generate
+//!          │                      └─ text pieces ─> JSON, or a stream (sse::Encoder per dialect)
 //!          ├─ api::models (/v1/models, /health)
 //!          └─ /metrics (metrics + Backend::render_metrics)
 //! ```

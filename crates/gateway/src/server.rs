@@ -1,15 +1,18 @@
 //! The router ([`app`]) and the server loop with graceful shutdown ([`serve`]).
 //!
 //! Every response passes the `track` middleware, which counts it by route and status. Unknown
-//! routes and wrong methods get OpenAI-style 404/405 bodies; bodies over the limit get 413.
+//! routes and wrong methods get 404/405 bodies in the dialect of the path
+//! ([`crate::error::Dialect::of_path`]); bodies over the limit get 413. The routes: OpenAI's
+//! (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/models`), Anthropic's
+//! (`/v1/messages`) and Ollama's (`/api/chat`, `/api/generate`, `/api/tags`, `/api/show`).
 //! The OpenAI routes also answer without the `/v1` prefix (`/chat/completions`, `/models`, as
 //! llama-server does), since clients are often configured with a bare base URL. With an API
 //! key configured, [`crate::auth`] checks it first.
 
-use crate::api::{chat, completions, models};
+use crate::api::{chat, completions, messages, models, ollama, responses};
 use crate::backend::Backend;
 use crate::config::GatewayConfig;
-use crate::error::ApiError;
+use crate::error::{ApiError, Dialect};
 use crate::metrics::RequestLabels;
 use crate::state::AppState;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -30,6 +33,14 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::handler))
         .route("/v1/completions", post(completions::handler))
+        .route("/v1/messages", post(messages::handler))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/responses", post(responses::handler))
+        .route("/responses", post(responses::handler))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
         .route("/v1/models", get(models::list))
         .route("/v1/account", get(crate::accounts::account))
         .route("/v1/models/{id}", get(models::retrieve))
@@ -62,18 +73,20 @@ async fn metrics(State(state): State<AppState>) -> Response {
     res
 }
 
-async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+async fn unknown_route(method: Method, uri: Uri) -> Response {
     ApiError::UnknownRoute {
         method: method.to_string(),
         path: uri.path().to_owned(),
     }
+    .response_in(Dialect::of_path(uri.path()))
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     ApiError::MethodNotAllowed {
         method: method.to_string(),
         path: uri.path().to_owned(),
     }
+    .response_in(Dialect::of_path(uri.path()))
 }
 
 /// Counts every response by route (bounded: matched routes or `unmatched`) and status.

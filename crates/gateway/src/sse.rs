@@ -1,11 +1,13 @@
-//! Server-sent events for streaming responses: every event is one `data: <json>\n\n` line, the
-//! last is `data: [DONE]`. No comments or keep-alives, so every line a client sees is data.
+//! Streaming responses. [`respond`] drains a [`Running`] generation into the body through an
+//! [`Encoder`], the framing of one dialect (OpenAI's and the Responses API's server-sent
+//! events, Anthropic's, Ollama's JSON lines). No comments or keep-alives.
 //!
-//! - [`Chunks`] says what the chunks of one endpoint look like (chat or text completion);
-//! - [`response`] drains a [`Running`] generation into the body: the opening chunk of each
-//!   choice (if any), one chunk per text piece (with its choice `index`), a closing chunk per
-//!   choice with its `finish_reason`, the usage chunk when asked for, then `[DONE]`. A failure after the stream started is sent as OpenAI's
-//!   `{"error":{...}}` event, without `[DONE]`.
+//! - OpenAI: every event is one `data: <json>\n\n` line, the last is `data: [DONE]`.
+//!   [`Chunks`] says what the chunks of one endpoint look like (chat or text completion);
+//!   [`response`] sends the opening chunk of each choice (if any), one chunk per text piece
+//!   (with its choice `index`), a closing chunk per choice with its `finish_reason`, the usage
+//!   chunk when asked for, then `[DONE]`. A failure after the stream started is sent as
+//!   OpenAI's `{"error":{...}}` event, without `[DONE]`.
 //!
 //! Dropping the body (the client went away) drops the receiver, which stops the generation.
 
@@ -73,36 +75,97 @@ pub fn usage(prompt_tokens: usize, choices: &[Completion]) -> Value {
     })
 }
 
-struct State<C> {
-    running: Running,
+/// What a streaming dialect makes of a running generation: whole frames, already framed
+/// (`data: ...\n\n` for OpenAI, `event: ...\ndata: ...\n\n` for Anthropic and the Responses
+/// API, one JSON line for Ollama).
+pub trait Encoder: Send + 'static {
+    /// The response's content type.
+    fn content_type(&self) -> &'static str {
+        "text/event-stream"
+    }
+    /// The frames sent before any text.
+    fn start(&mut self, out: &mut VecDeque<String>);
+    /// New text of one choice and the log-probabilities of its tokens.
+    fn piece(
+        &mut self,
+        choice: usize,
+        text: &str,
+        logprobs: &[TokenLogprobs],
+        out: &mut VecDeque<String>,
+    );
+    /// The end: every choice, and the prompt's length in tokens.
+    fn done(&mut self, prompt_tokens: usize, choices: &[Completion], out: &mut VecDeque<String>);
+    /// A failure after the stream started (the last frame).
+    fn fail(&mut self, error: &ApiError, out: &mut VecDeque<String>);
+}
+
+/// OpenAI's framing of [`Chunks`].
+struct OpenAi<C> {
     chunks: C,
+    n: usize,
     include_usage: bool,
+}
+
+fn data(v: &Value) -> String {
+    format!("data: {v}\n\n")
+}
+
+impl<C: Chunks> Encoder for OpenAi<C> {
+    fn start(&mut self, out: &mut VecDeque<String>) {
+        for i in 0..self.n {
+            if let Some(v) = self.chunks.opening(i) {
+                out.push_back(data(&v));
+            }
+        }
+    }
+
+    fn piece(
+        &mut self,
+        choice: usize,
+        text: &str,
+        logprobs: &[TokenLogprobs],
+        out: &mut VecDeque<String>,
+    ) {
+        if let Some(chunk) = self.chunks.text(choice, text, logprobs) {
+            out.push_back(data(&chunk));
+        }
+    }
+
+    fn done(&mut self, prompt_tokens: usize, cs: &[Completion], out: &mut VecDeque<String>) {
+        for (i, c) in cs.iter().enumerate() {
+            out.push_back(data(&self.chunks.closing(i, c.finish.as_str())));
+        }
+        if self.include_usage {
+            out.push_back(data(&self.chunks.usage(usage(prompt_tokens, cs))));
+        }
+        out.push_back("data: [DONE]\n\n".to_owned());
+    }
+
+    fn fail(&mut self, error: &ApiError, out: &mut VecDeque<String>) {
+        out.push_back(data(&error.body()));
+    }
+}
+
+struct State<E> {
+    running: Running,
+    encoder: E,
     queue: VecDeque<String>,
     done: bool,
 }
 
-impl<C: Chunks> State<C> {
+impl<E: Encoder> State<E> {
     fn on_event(&mut self, event: Option<Event>) {
         match event {
             Some(Event::Piece {
                 choice,
                 text,
                 logprobs,
-            }) => {
-                if let Some(chunk) = self.chunks.text(choice, &text, &logprobs) {
-                    self.queue.push_back(chunk.to_string());
-                }
-            }
+            }) => self
+                .encoder
+                .piece(choice, &text, &logprobs, &mut self.queue),
             Some(Event::Done(Ok(cs))) => {
-                for (i, c) in cs.iter().enumerate() {
-                    let chunk = self.chunks.closing(i, c.finish.as_str());
-                    self.queue.push_back(chunk.to_string());
-                }
-                if self.include_usage {
-                    let u = usage(self.running.prompt_tokens, &cs);
-                    self.queue.push_back(self.chunks.usage(u).to_string());
-                }
-                self.queue.push_back("[DONE]".to_owned());
+                self.encoder
+                    .done(self.running.prompt_tokens, &cs, &mut self.queue);
                 self.done = true;
             }
             Some(Event::Done(Err(e))) => self.fail(e),
@@ -116,29 +179,38 @@ impl<C: Chunks> State<C> {
         if let ApiError::Internal(cause) = &e {
             tracing::error!(%cause, "stream failed");
         }
-        self.queue.push_back(e.body().to_string());
+        self.encoder.fail(&e, &mut self.queue);
         self.done = true;
     }
 }
 
-/// The SSE response for a running generation.
+/// The SSE response for a running generation in OpenAI's chunk format.
 pub fn response<C: Chunks>(running: Running, chunks: C, n: usize, include_usage: bool) -> Response {
-    let queue = (0..n)
-        .filter_map(|i| chunks.opening(i))
-        .map(|v| v.to_string())
-        .collect();
+    respond(
+        running,
+        OpenAi {
+            chunks,
+            n,
+            include_usage,
+        },
+    )
+}
+
+/// The streaming response for a running generation, framed by `encoder`.
+pub fn respond<E: Encoder>(running: Running, mut encoder: E) -> Response {
+    let mut queue = VecDeque::new();
+    encoder.start(&mut queue);
+    let content_type = encoder.content_type();
     let state = State {
         running,
-        chunks,
-        include_usage,
+        encoder,
         queue,
         done: false,
     };
     let body = stream::unfold(state, |mut st| async move {
         loop {
-            if let Some(data) = st.queue.pop_front() {
-                let frame = Bytes::from(format!("data: {data}\n\n"));
-                return Some((Ok::<_, Infallible>(frame), st));
+            if let Some(frame) = st.queue.pop_front() {
+                return Some((Ok::<_, Infallible>(Bytes::from(frame)), st));
             }
             if st.done {
                 return None;
@@ -149,10 +221,7 @@ pub fn response<C: Chunks>(running: Running, chunks: C, n: usize, include_usage:
     });
     let mut res = Body::from_stream(body).into_response();
     let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Ask reverse proxies (nginx) not to buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));

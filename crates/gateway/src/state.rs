@@ -2,7 +2,7 @@
 //! flag). Cheap to clone.
 
 use crate::accounts::Accounts;
-use crate::backend::Backend;
+use crate::backend::{Backend, ModelEntry};
 use crate::config::GatewayConfig;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -59,6 +59,35 @@ impl AppState {
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.inner.backend
+    }
+
+    /// The backend's models under their served names (`--alias`).
+    pub fn models(&self) -> Vec<ModelEntry> {
+        let mut models = self.inner.backend.models();
+        for m in &mut models {
+            m.id = self.served_name(&m.id).to_owned();
+        }
+        models
+    }
+
+    /// The name the model `id` is served under.
+    pub fn served_name<'a>(&'a self, id: &'a str) -> &'a str {
+        self.inner
+            .config
+            .aliases
+            .iter()
+            .find(|(of, _)| of == id)
+            .map_or(id, |(_, alias)| alias.as_str())
+    }
+
+    /// The backend's model a request names, by its served name or its own id (the entry keeps
+    /// the backend's id).
+    pub fn find_model(&self, name: &str) -> Option<ModelEntry> {
+        self.inner
+            .backend
+            .models()
+            .into_iter()
+            .find(|m| m.id == name || self.served_name(&m.id) == name)
     }
 
     pub fn config(&self) -> &GatewayConfig {

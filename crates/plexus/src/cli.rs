@@ -620,6 +620,10 @@ pub struct UpArgs {
     /// localhost are always allowed.
     #[arg(long = "cors-origin")]
     pub cors_origins: Vec<String>,
+    /// The name clients put in "model" and see in /v1/models (llama-server's `--alias`;
+    /// default: the file name without .gguf and quant tag, which is accepted too).
+    #[arg(long, visible_alias = "model-id")]
+    pub alias: Option<String>,
     #[command(flatten)]
     pub ledger: crate::cmd::ledger::LedgerArgs,
     #[command(flatten)]

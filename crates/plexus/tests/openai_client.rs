@@ -3,8 +3,9 @@
 //! with its default ledger (SQLite in the data dir), driven by the official `openai` Python
 //! client (tests/openai_client.py with a key from `plexus keys create`, then
 //! tests/openai_billing.py: exact charges, cancelled streams, 402 and 401, then
-//! tests/structured_client.py: JSON schemas and tool calls that always validate), then stopped with
-//! SIGTERM, which must end it cleanly.
+//! tests/structured_client.py: JSON schemas and tool calls that always validate, then
+//! tests/dialects_client.py: the Anthropic, Responses and Ollama dialects with their official
+//! clients), then stopped with SIGTERM, which must end it cleanly.
 //!
 //! Python comes from `PLEXUS_PYTHON` (default `python3`) and needs the `openai` package:
 //! `pip install -r scripts/requirements-ci.txt` (`.ci/run` sets up a venv with it).
@@ -159,6 +160,23 @@ fn openai_python_client_against_the_real_model() {
     assert!(
         out.status.success() && stdout.contains("all structured checks passed"),
         "the structured-output checks failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The Anthropic, Responses and Ollama dialects with their official clients: the same
+    // greedy text as the chat completion, streamed and not, tools, refusals, billing
+    // (tests/dialects_client.py).
+    let out = Command::new(&python)
+        .arg(repo().join("crates/plexus/tests/dialects_client.py"))
+        .args([&url, &funded, "3"])
+        .output()
+        .expect("run the python dialect checks");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("all dialect checks passed"),
+        "the dialect checks failed ({}):\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );

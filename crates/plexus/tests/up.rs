@@ -238,6 +238,17 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
     println!("{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains("all structured checks passed"));
 
+    // The Anthropic, Responses and Ollama dialects through the split network: the same
+    // greedy text as the chat completion, a stream, tool calls, exact charges.
+    let out = Command::new(&python)
+        .arg(repo().join("crates/plexus/tests/dialects_client.py"))
+        .args([&url, &key, &PRICE.to_string(), "quick"])
+        .output()
+        .expect("run the python dialect checks");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("all dialect checks passed"));
+
     // Billing through the network: a key too poor for 64 tokens, created beside the running
     // gateway (another writer on its ledger).
     let base = cache.path().join("up");

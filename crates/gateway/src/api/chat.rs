@@ -7,10 +7,11 @@
 use super::fields;
 use super::format;
 use super::generation::{self, Job, Prompt, Running};
+use super::guide::Guide;
 use super::json::{self, ApiJson};
 use super::logprobs;
 use super::params::{self, Options};
-use super::tools::{self, CallStream, Choice, Delta};
+use super::tools::{self, CallStream, Delta};
 use crate::error::ApiError;
 use crate::sse::{self, Chunks, Envelope};
 use crate::state::AppState;
@@ -331,26 +332,11 @@ pub async fn handler(
         body.get("tool_choice"),
         body.get("parallel_tool_calls"),
     )?;
-    let format = format::parse(body.get("response_format"))?;
-    let calling = tools.as_ref().filter(|t| t.choice != Choice::None);
-    if calling.is_some() && format.is_some() {
-        return Err(ApiError::invalid_param(
-            "`response_format` cannot be combined with callable `tools` yet; use \
-             `tool_choice: \"none\"` or leave one out",
-            "response_format".into(),
-        ));
-    }
-    // Some(calls_only) when the answer may hold tool calls.
-    let calls_mode = calling.map(|t| t.choice != Choice::Auto);
-    let grammar = match (&tools, format) {
-        (Some(t), Some(f)) if t.choice == Choice::None => Some(f),
-        (Some(t), _) => Some(t.grammar()),
-        (None, f) => f,
-    };
-    let in_prompt = tools
-        .as_ref()
-        .map(tools::Tools::in_prompt)
-        .unwrap_or_default();
+    let mut guide = Guide::new(
+        tools,
+        format::parse(body.get("response_format"))?,
+        "response_format",
+    )?;
     // Parsed apart, not flattened, so that a bad value names its field.
     let options: Options = json::parse(body.clone())?;
     let req: ChatRequest = json::parse(body)?;
@@ -360,14 +346,14 @@ pub async fn handler(
     let job = Job {
         route: "/v1/chat/completions",
         model: req.model,
-        prompt: Prompt::Chat(messages(&req.messages)?, in_prompt),
+        prompt: Prompt::Chat(messages(&req.messages)?, guide.in_prompt.clone()),
         max_tokens: opts.max_tokens,
         sampling: opts.sampling,
         stop: opts.stop,
         stream: opts.stream,
         payer: payer.0,
         n: opts.n,
-        grammar,
+        grammar: guide.grammar.take(),
     };
     let running: Running = generation::start(&state, job).await?;
     let seed = running.seed;
@@ -387,7 +373,9 @@ pub async fn handler(
                 include_usage: opts.include_usage,
             },
             logprobs: want_logprobs.then(|| running.tokenizer.clone()),
-            calls: calls_mode.map(|only| (0..opts.n).map(|_| CallStream::new(only)).collect()),
+            calls: guide
+                .calls
+                .map(|_| (0..opts.n).filter_map(|_| guide.stream()).collect()),
         };
         return Ok(with_seed(
             sse::response(running, chunks, opts.n, opts.include_usage),
@@ -406,23 +394,17 @@ pub async fn handler(
             } else {
                 Value::Null
             };
-            let (message, calls) = match calls_mode {
-                Some(only) => {
-                    let (content, calls) = tools::parse_answer(&c.text, only);
-                    let n = calls.len();
-                    let mut m = json!({"role": "assistant", "content": content});
-                    if n > 0 {
-                        m["tool_calls"] = Value::from(calls);
-                    }
-                    (m, n)
-                }
-                None => (json!({"role": "assistant", "content": c.text}), 0),
-            };
+            let (content, calls) = guide.answer(&c.text);
+            let n = calls.len();
+            let mut message = json!({"role": "assistant", "content": content});
+            if n > 0 {
+                message["tool_calls"] = Value::from(calls);
+            }
             json!({
                 "index": i,
                 "message": message,
                 "logprobs": lp,
-                "finish_reason": finish_reason(c.finish.as_str(), calls),
+                "finish_reason": finish_reason(c.finish.as_str(), n),
             })
         })
         .collect();

@@ -1,9 +1,12 @@
 //! `POST /v1/completions`: raw text in, text out (`text_completion` objects). The prompt is a
 //! string or a list of exactly one string; it gets the BOS token when the model asks for one.
+//! `response_format` constrains the text as on chat ([`super::format`]), as llama-server does.
 
 use super::chat::{fingerprint, with_seed};
 use super::fields;
+use super::format;
 use super::generation::{self, Job, Prompt};
+use super::guide::Guide;
 use super::json::{self, ApiJson};
 use super::logprobs;
 use super::params::{self, Options};
@@ -80,6 +83,7 @@ pub async fn handler(
 ) -> Result<Response, ApiError> {
     let body = json::object(body)?;
     fields::check(&body, fields::COMPLETIONS)?;
+    let guide = Guide::format(format::parse(body.get("response_format"))?);
     // Parsed apart, not flattened, so that a bad value names its field.
     let options: Options = json::parse(body.clone())?;
     let req: CompletionRequest = json::parse(body)?;
@@ -106,7 +110,7 @@ pub async fn handler(
         stream: opts.stream,
         payer: payer.0,
         n: opts.n,
-        grammar: None,
+        grammar: guide.grammar,
     };
     let running = generation::start(&state, job).await?;
     let seed = running.seed;

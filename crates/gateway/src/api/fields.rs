@@ -132,10 +132,161 @@ pub const COMPLETIONS: &[Field] = &[
     yes("repetition_penalty"),
     yes("logprobs"),
     yes("logit_bias"),
+    yes("response_format"),
     no("best_of", null_or_one),
     no("echo", null_or_false),
     no("suffix", null_or_empty),
 ];
+
+/// `POST /v1/messages` (Anthropic).
+pub const MESSAGES: &[Field] = &[
+    yes("model"),
+    yes("messages"),
+    yes("max_tokens"),
+    yes("system"),
+    yes("stop_sequences"),
+    yes("stream"),
+    yes("temperature"),
+    yes("top_p"),
+    yes("top_k"),
+    yes("tools"),
+    yes("tool_choice"),
+    yes("metadata"),
+    no("thinking", thinking_off),
+    no("service_tier", anthropic_tier),
+    no("container", null),
+    no("mcp_servers", null_or_empty),
+    no("context_management", null),
+];
+
+/// `POST /v1/responses` (stateless: nothing is stored).
+pub const RESPONSES: &[Field] = &[
+    yes("model"),
+    yes("input"),
+    yes("instructions"),
+    yes("max_output_tokens"),
+    yes("temperature"),
+    yes("top_p"),
+    yes("stream"),
+    yes("tools"),
+    yes("tool_choice"),
+    yes("parallel_tool_calls"),
+    yes("text"),
+    yes("user"),
+    yes("safety_identifier"),
+    yes("metadata"),
+    no("store", null_or_false),
+    no("previous_response_id", null),
+    no("conversation", null),
+    no("include", null_or_empty),
+    no("top_logprobs", null_or_zero),
+    no("reasoning", null),
+    no("truncation", truncation_off),
+    no("background", null_or_false),
+    no("service_tier", default_tier),
+    no("max_tool_calls", null),
+    no("prompt", null),
+    no("prompt_cache_key", null),
+    no("stream_options", null),
+];
+
+/// `POST /api/chat` (Ollama).
+pub const OLLAMA_CHAT: &[Field] = &[
+    yes("model"),
+    yes("messages"),
+    yes("stream"),
+    yes("options"),
+    yes("format"),
+    yes("tools"),
+    no("keep_alive", null),
+    no("think", null_or_false),
+    no("logprobs", null_or_false),
+    no("top_logprobs", null_or_zero),
+];
+
+/// `POST /api/generate` (Ollama).
+pub const OLLAMA_GENERATE: &[Field] = &[
+    yes("model"),
+    yes("prompt"),
+    yes("system"),
+    yes("raw"),
+    yes("stream"),
+    yes("options"),
+    yes("format"),
+    no("suffix", null_or_empty),
+    no("template", null_or_empty),
+    no("context", null_or_empty),
+    no("images", null_or_empty),
+    no("keep_alive", null),
+    no("think", null_or_false),
+    no("logprobs", null_or_false),
+    no("top_logprobs", null_or_zero),
+];
+
+/// Ollama's `options` object.
+pub const OLLAMA_OPTIONS: &[Field] = &[
+    yes("temperature"),
+    yes("top_p"),
+    yes("top_k"),
+    yes("min_p"),
+    yes("seed"),
+    yes("num_predict"),
+    yes("stop"),
+    yes("repeat_penalty"),
+    yes("presence_penalty"),
+    yes("frequency_penalty"),
+    no("repeat_last_n", last_64),
+    no("num_ctx", null),
+    no("num_keep", null),
+    no("typical_p", null_or_one_f),
+    no("tfs_z", null_or_one_f),
+    no("mirostat", null_or_zero),
+    no("mirostat_tau", null),
+    no("mirostat_eta", null),
+    no("penalize_newline", null),
+    no("numa", null_or_false),
+    no("num_batch", null),
+    no("num_gpu", null),
+    no("main_gpu", null),
+    no("use_mmap", null),
+    no("num_thread", null),
+];
+
+fn last_64(v: &Value) -> bool {
+    v.is_null() || v.as_u64() == Some(super::params::PENALTY_LAST_N as u64)
+}
+
+fn null_or_one_f(v: &Value) -> bool {
+    v.is_null() || v.as_f64() == Some(1.0)
+}
+
+fn null_or_zero(v: &Value) -> bool {
+    v.is_null() || v.as_i64() == Some(0)
+}
+
+fn truncation_off(v: &Value) -> bool {
+    v.is_null() || v == "disabled"
+}
+
+/// `POST /v1/messages/count_tokens` (Anthropic).
+pub const COUNT_TOKENS: &[Field] = &[
+    yes("model"),
+    yes("messages"),
+    yes("system"),
+    yes("tools"),
+    yes("tool_choice"),
+    no("thinking", thinking_off),
+    no("mcp_servers", null_or_empty),
+    no("context_management", null),
+];
+
+fn thinking_off(v: &Value) -> bool {
+    v.is_null() || v.get("type").is_some_and(|t| t == "disabled")
+}
+
+fn anthropic_tier(v: &Value) -> bool {
+    v.is_null() || v == "auto" || v == "standard_only"
+}
 
 /// Checks every field of `body` against `fields`: unknown and unimplemented fields are refused
 /// with a 400 naming them.
@@ -204,20 +355,26 @@ mod tests {
         }
     }
 
-    /// Every field of both tables appears in docs/api-parameters.md, and the doc names no
+    /// Every field of every table appears in docs/api-parameters.md, and the doc names no
     /// field the tables do not know.
     #[test]
     fn docs_list_every_field() {
         let doc = include_str!("../../../../docs/api-parameters.md");
         for (route, fields) in [
-            ("/v1/chat/completions", CHAT),
-            ("/v1/completions", COMPLETIONS),
+            ("POST /v1/chat/completions", CHAT),
+            ("POST /v1/completions", COMPLETIONS),
+            ("POST /v1/messages", MESSAGES),
+            ("POST /v1/messages/count_tokens", COUNT_TOKENS),
+            ("POST /v1/responses", RESPONSES),
+            ("POST /api/chat", OLLAMA_CHAT),
+            ("POST /api/generate", OLLAMA_GENERATE),
+            ("options", OLLAMA_OPTIONS),
         ] {
             let start = doc
-                .find(&format!("## `POST {route}`"))
+                .find(&format!("## `{route}`"))
                 .unwrap_or_else(|| panic!("no section for {route}"));
             let section = &doc[start..];
-            let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+            let section = &section[..section[3..].find("\n#").map_or(section.len(), |i| i + 3)];
             let documented: Vec<&str> = section
                 .lines()
                 .filter_map(|l| l.strip_prefix("| `"))

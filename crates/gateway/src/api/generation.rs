@@ -70,6 +70,7 @@ pub struct Job {
 }
 
 /// A grammar a request asks for, and the parameter it came from (named when it is refused).
+#[derive(Debug)]
 pub struct GrammarRequest {
     pub grammar: llguidance::api::TopLevelGrammar,
     pub param: &'static str,
@@ -149,16 +150,13 @@ pub struct Running {
 pub async fn start(state: &AppState, job: Job) -> Result<Running, ApiError> {
     let arrived = Instant::now();
     let entry = state
-        .backend()
-        .models()
-        .into_iter()
-        .find(|m| m.id == job.model)
+        .find_model(&job.model)
         .ok_or_else(|| ApiError::ModelNotFound(job.model.clone()))?;
     let meter = crate::accounts::hold_for(state, &job, entry.context).await?;
     let slot = state.limits().admit().await?;
     let (tx, events) = mpsc::channel(state.config().stream_buffer.max(2));
     let (ready_tx, ready) = oneshot::channel();
-    let model = entry.id.clone();
+    let model = state.served_name(&entry.id).to_owned();
     let identity = entry.identity.clone();
     let tokenizer = entry.tokenizer.clone();
     let seed = job.sampling.seed;
@@ -348,38 +346,7 @@ impl Task {
     /// Renders and tokenizes the prompt and checks it against the context.
     fn prepare(&self) -> Result<GenerateRequest, ApiError> {
         let tok = &self.entry.tokenizer;
-        let encoded = match &self.job.prompt {
-            Prompt::Chat(messages, tools) => {
-                let template = self.entry.chat_template.as_ref().ok_or_else(|| {
-                    ApiError::invalid(
-                        format!(
-                            "the model `{}` has no chat template; use /v1/completions",
-                            self.entry.id
-                        ),
-                        Some("model"),
-                    )
-                })?;
-                let rendered = if template.supports_tools() {
-                    template.render_with_tools(messages, tools, true)
-                } else {
-                    template.render(&super::tools::plain_messages(messages.clone(), tools), true)
-                };
-                let text = rendered.map_err(|e| {
-                    ApiError::invalid(
-                        format!("cannot apply the chat template: {e}"),
-                        Some("messages"),
-                    )
-                })?;
-                // Templates that write the BOS token themselves must not get a second one.
-                let bos_in_text = tok
-                    .bos()
-                    .and_then(|b| tok.token_text(b))
-                    .is_some_and(|b| !b.is_empty() && text.starts_with(&b));
-                tok.encode(&text, !bos_in_text)
-            }
-            Prompt::Text(text) => tok.encode(text, true),
-        }
-        .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
+        let encoded = encode(&self.entry, &self.job.prompt)?;
         let vocab = tok.vocab_size();
         if let Some(&(id, _)) = self
             .job
@@ -430,6 +397,44 @@ impl Task {
             stop: self.job.stop.clone(),
         })
     }
+}
+
+/// Renders `prompt` for `entry` (its chat template, tools in Plexus's format when the
+/// template has none) and tokenizes it. Blocking: templates and tokenizers are CPU work.
+pub fn encode(entry: &ModelEntry, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
+    let tok = &entry.tokenizer;
+    match prompt {
+        Prompt::Chat(messages, tools) => {
+            let template = entry.chat_template.as_ref().ok_or_else(|| {
+                ApiError::invalid(
+                    format!(
+                        "the model `{}` has no chat template; use /v1/completions",
+                        entry.id
+                    ),
+                    Some("model"),
+                )
+            })?;
+            let rendered = if template.supports_tools() {
+                template.render_with_tools(messages, tools, true)
+            } else {
+                template.render(&super::tools::plain_messages(messages.clone(), tools), true)
+            };
+            let text = rendered.map_err(|e| {
+                ApiError::invalid(
+                    format!("cannot apply the chat template: {e}"),
+                    Some("messages"),
+                )
+            })?;
+            // Templates that write the BOS token themselves must not get a second one.
+            let bos_in_text = tok
+                .bos()
+                .and_then(|b| tok.token_text(b))
+                .is_some_and(|b| !b.is_empty() && text.starts_with(&b));
+            tok.encode(&text, !bos_in_text)
+        }
+        Prompt::Text(text) => tok.encode(text, true),
+    }
+    .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))
 }
 
 fn backend_error(e: BackendError) -> ApiError {

@@ -1,9 +1,14 @@
-//! The OpenAI-compatible routes. Each handler parses its body with [`json::ApiJson`], checks
-//! its fields against the route's table ([`fields`]), resolves
-//! the shared options ([`params`]) and hands a [`generation::Job`] to [`generation::start`],
-//! then answers with one JSON object or an SSE stream ([`crate::sse`]).
+//! The API routes of every dialect. Each handler parses its body with [`json::ApiJson`], checks
+//! its fields against the route's table ([`fields`]), turns its tools and output format into
+//! a [`guide::Guide`], resolves the shared options ([`params`]) and hands a
+//! [`generation::Job`] to [`generation::start`], then answers with one JSON object or a stream
+//! in its dialect's framing ([`crate::sse`]).
 //!
-//! - `POST /v1/chat/completions` ([`chat`]), `POST /v1/completions` ([`completions`]);
+//! - OpenAI: `POST /v1/chat/completions` ([`chat`]), `POST /v1/completions` ([`completions`]);
+//!   `POST /v1/responses` ([`responses`]);
+//! - Anthropic: `POST /v1/messages` ([`messages`]);
+//! - Ollama: `POST /api/chat`, `POST /api/generate`, `GET /api/tags`, `POST /api/show`
+//!   ([`ollama`]);
 //! - `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` ([`models`]).
 
 pub mod chat;
@@ -11,10 +16,14 @@ pub mod completions;
 pub mod fields;
 pub mod format;
 pub mod generation;
+pub mod guide;
 pub mod json;
 pub mod logprobs;
+pub mod messages;
 pub mod models;
+pub mod ollama;
 pub mod params;
+pub mod responses;
 pub mod tools;
 
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -21,7 +21,7 @@ fn model_object(m: &ModelEntry) -> Value {
 }
 
 pub async fn list(State(state): State<AppState>) -> Json<Value> {
-    let data: Vec<Value> = state.backend().models().iter().map(model_object).collect();
+    let data: Vec<Value> = state.models().iter().map(model_object).collect();
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -30,11 +30,11 @@ pub async fn retrieve(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     state
-        .backend()
-        .models()
-        .iter()
-        .find(|m| m.id == id)
-        .map(|m| Json(model_object(m)))
+        .find_model(&id)
+        .map(|mut m| {
+            m.id = state.served_name(&m.id).to_owned();
+            Json(model_object(&m))
+        })
         .ok_or(ApiError::ModelNotFound(id))
 }
 

@@ -6,6 +6,7 @@
 mod accounts;
 mod api;
 mod batching;
+mod dialects;
 mod errors;
 mod features;
 mod limits;

@@ -21,8 +21,9 @@ pub struct GatewayArgs {
     /// A .gguf file or a Hugging Face model directory to serve.
     #[arg(long, short)]
     pub model: PathBuf,
-    /// The id clients put in "model" (default: the file name without .gguf and quant tag).
-    #[arg(long)]
+    /// The id clients put in "model" and see in /v1/models (default: the file name without
+    /// .gguf and quant tag); `--alias` is llama-server's name for it.
+    #[arg(long, visible_alias = "alias")]
     pub model_id: Option<String>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
@@ -195,9 +196,10 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
     }
     let entry = backend.entry().clone();
     if let Some(ms) = a.bench_echo_ms {
+        let entry_id = entry.id.clone();
         let echo = plexus_gateway::echo::EchoBackend::new(entry, Duration::from_millis(ms));
         let runtime = super::net::runtime()?;
-        runtime.block_on(listen_and_serve(&a, Arc::new(echo), None))?;
+        runtime.block_on(listen_and_serve(&a, Arc::new(echo), None, &entry_id))?;
         runtime.shutdown_timeout(Duration::from_secs(5));
         return Ok(());
     }
@@ -206,7 +208,7 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
         entry.id, entry.context, entry.identity
     );
     let runtime = super::net::runtime()?;
-    runtime.block_on(listen_and_serve(&a, Arc::new(backend), None))?;
+    runtime.block_on(listen_and_serve(&a, Arc::new(backend), None, &entry.id))?;
     // Blocking generation threads were cancelled at shutdown; do not wait on a stray one.
     runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())
@@ -218,6 +220,7 @@ async fn listen_and_serve(
     a: &GatewayArgs,
     backend: Arc<dyn plexus_gateway::Backend>,
     network: Option<plexus_node::client::NetworkClient>,
+    model: &str,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
         .await
@@ -244,7 +247,13 @@ async fn listen_and_serve(
     let mut stdout = std::io::stdout();
     writeln!(stdout, "listening on http://{addr}")?;
     stdout.flush()?;
-    let state = plexus_gateway::AppState::with_accounts(backend, a.config(), accounts);
+    let mut config = a.config();
+    // The network backend names the model after its file; `--model-id` / `--alias` is the
+    // name it is served under (the local backend was renamed when it loaded).
+    if let Some(name) = a.model_id.as_deref().filter(|n| *n != model) {
+        config = config.with_alias(model, name);
+    }
+    let state = plexus_gateway::AppState::with_accounts(backend, config, accounts);
     plexus_gateway::serve_state(listener, state, super::net::shutdown_signal())
         .await
         .context("the server failed")
@@ -285,7 +294,7 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
             "serving {} through the network (identity {})",
             entry.id, entry.identity
         );
-        listen_and_serve(&a, Arc::new(backend), Some(client)).await
+        listen_and_serve(&a, Arc::new(backend), Some(client), &entry.id).await
     })?;
     runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())

@@ -504,10 +504,11 @@ async fn serve(
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
     let spans: Vec<String> = spans.iter().map(|s| format!("{}..{}", s.0, s.1)).collect();
+    let served = args.alias.clone().unwrap_or_else(|| entry.id.clone());
     println!(
         "Plexus is up: {} nodes serving {} (layers {})",
         spans.len(),
-        entry.id,
+        served,
         spans.join(", ")
     );
     println!("API: {url}/v1");
@@ -525,16 +526,19 @@ async fn serve(
     println!("Try:");
     println!(
         "  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'",
-        entry.id
+        served
     );
     println!("Ctrl-C stops everything.");
     use std::io::Write as _;
     std::io::stdout().flush()?;
     let state = plexus_gateway::AppState::with_accounts(
         Arc::new(backend),
-        GatewayConfig::default()
-            .with_api_key(args.api_key.clone())
-            .with_cors_origins(args.cors_origins.clone()),
+        match &args.alias {
+            Some(name) => GatewayConfig::default().with_alias(entry.id.clone(), name.clone()),
+            None => GatewayConfig::default(),
+        }
+        .with_api_key(args.api_key.clone())
+        .with_cors_origins(args.cors_origins.clone()),
         accounts,
     );
     plexus_gateway::serve_state(listener, state, shutdown_signal()).await?;
