@@ -266,6 +266,13 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
             voucher: br#"{"voucher":{},"chain_id":31337,"signature":"0x00"}"#.to_vec(),
         },
     );
+    // The training protocol's bytes are opaque here (plexus_train decodes them).
+    req(
+        "ok-train",
+        Request::Train {
+            msg: vec![0, 1, 2, 3],
+        },
+    );
     // Decodes: the decoder checks shapes, the engine checks them against its model.
     req(
         "ok-forward-hidden-cols-zero",
@@ -407,6 +414,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
         "ok-voucher-kept",
         Response::VoucherKept { cumulative: 1_234 },
     );
+    resp("ok-train", Response::Train { msg: vec![4, 5, 6] });
     resp("ok-described", Response::Described(announcement()));
     for code in [
         ErrorCode::BadRequest,

@@ -424,3 +424,54 @@ fn killing_every_worker_and_restarting_them_resumes_from_checkpoints() {
         "final states differ: {finals:?}"
     );
 }
+
+#[test]
+fn bad_flags_and_bad_specs_are_refused_before_anything_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec(tmp.path(), 2, 1, 10_000);
+    let run = |args: &[&str]| {
+        let o = Command::new(BIN).args(args).output().unwrap();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let s = spec.to_str().unwrap();
+    assert!(run(&["train", "--task", "reverse"]).contains("--out is required"));
+    assert!(run(&["train", "--distributed", s, "--steps", "5"]).contains("--steps"));
+    assert!(run(&["train", "--peer", "/ip4/127.0.0.1/tcp/1"]).contains("--distributed"));
+    let dir = tmp.path().join("w").to_str().unwrap().to_string();
+    let err = run(&[
+        "train",
+        "--distributed",
+        s,
+        "--data-dir",
+        &dir,
+        "--cheat",
+        "lies",
+    ]);
+    assert!(err.contains("--cheat \"lies\""), "{err}");
+    let text = std::fs::read_to_string(&spec).unwrap();
+    let edited = tmp.path().join("edited.json");
+    for (from, to, want) in [
+        (
+            "\"rounds\": 2",
+            "\"rounds\": 200",
+            "signature does not verify",
+        ),
+        (
+            "\"rounds\": 2",
+            "\"rounds\": 2, \"colour\": 1",
+            "unknown field `colour`",
+        ),
+    ] {
+        assert!(text.contains(from));
+        std::fs::write(&edited, text.replacen(from, to, 1)).unwrap();
+        let err = run(&[
+            "train",
+            "--distributed",
+            edited.to_str().unwrap(),
+            "--data-dir",
+            &dir,
+        ]);
+        assert!(err.contains(want), "{want}: {err}");
+    }
+}
