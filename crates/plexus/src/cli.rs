@@ -181,9 +181,12 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Synchronous data parallel vs DiLoCo at equal tokens on a synthetic task, in one process.
+    /// Synchronous data parallel vs DiLoCo at equal tokens on a synthetic task or a text, in
+    /// one process.
     Train(BenchTrainArgs),
     /// Settlements per second on a ledger (one request = hold + vouchers + settle).
     Settle(crate::cmd::bench_settle::BenchSettleArgs),

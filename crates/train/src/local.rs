@@ -50,16 +50,16 @@ pub struct TextSetup {
     pub eval_examples: usize,
 }
 
+/// Model config, shard and initial weights of a run.
+pub type Prepared<S> = (Arc<ModelConfig>, Arc<S>, Params);
+
 /// The model and data of a local run: a synthetic task ([`TaskSetup`]) or a text
 /// ([`TextSetup`]).
 pub trait LocalData {
     type Shard: HeldOut + 'static;
 
     /// Model config, shard and initial weights with data seed `seed`.
-    fn prepare(
-        &self,
-        seed: u64,
-    ) -> Result<(Arc<ModelConfig>, Arc<Self::Shard>, Params), LocalError>;
+    fn prepare(&self, seed: u64) -> Result<Prepared<Self::Shard>, LocalError>;
 
     /// Held-out loss and exact match (NaN where the data has no exact answers) of `params`.
     fn evaluate(
@@ -76,7 +76,7 @@ pub trait LocalData {
 impl LocalData for TaskSetup {
     type Shard = TaskShard;
 
-    fn prepare(&self, seed: u64) -> Result<(Arc<ModelConfig>, Arc<TaskShard>, Params), LocalError> {
+    fn prepare(&self, seed: u64) -> Result<Prepared<TaskShard>, LocalError> {
         prepare(self, seed)
     }
 
@@ -98,10 +98,7 @@ impl LocalData for TaskSetup {
 impl LocalData for TextSetup {
     type Shard = TextShard;
 
-    fn prepare(
-        &self,
-        _seed: u64,
-    ) -> Result<(Arc<ModelConfig>, Arc<TextShard>, Params), LocalError> {
+    fn prepare(&self, _seed: u64) -> Result<Prepared<TextShard>, LocalError> {
         let cfg = Arc::new(small_llama_config(
             self.hidden,
             self.layers,
@@ -161,10 +158,7 @@ pub enum LocalError {
 }
 
 /// Model config, shard and initial weights of `setup` with data seed `seed`.
-pub fn prepare(
-    setup: &TaskSetup,
-    seed: u64,
-) -> Result<(Arc<ModelConfig>, Arc<TaskShard>, Params), LocalError> {
+pub fn prepare(setup: &TaskSetup, seed: u64) -> Result<Prepared<TaskShard>, LocalError> {
     let shard = Arc::new(TaskShard::new(setup.task, seed)?);
     let mut tc = TrainConfig::new(setup.task);
     tc.hidden = setup.hidden;
