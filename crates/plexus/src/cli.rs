@@ -181,9 +181,12 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Synchronous data parallel vs DiLoCo at equal tokens on a synthetic task, in one process.
+    /// Synchronous data parallel vs DiLoCo at equal tokens on a synthetic task or a text, in
+    /// one process.
     Train(BenchTrainArgs),
     /// Settlements per second on a ledger (one request = hold + vouchers + settle).
     Settle(crate::cmd::bench_settle::BenchSettleArgs),
@@ -194,27 +197,37 @@ pub struct BenchTrainArgs {
     /// Workers (in-process).
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
-    /// Inner steps per round (H).
-    #[arg(long, default_value_t = 30)]
-    pub inner_steps: u32,
-    /// Pseudo-gradient codec: f32, f16, int8 (blocks of 256) or sparse (top 64 of 4096, 2 bits).
-    #[arg(long, default_value = "f32")]
-    pub codec: String,
+    /// Inner steps per round (H) [default: 30].
+    #[arg(long)]
+    pub inner_steps: Option<u32>,
+    /// Pseudo-gradient codec [default: f32]: f32, f16, int8 (blocks of 256) or sparse (top 64
+    /// of 4096, 2 bits); with parameters: int8/BLOCK, sparse/KofCHUNK/BITSbit.
+    #[arg(long)]
+    pub codec: Option<String>,
+    /// Several DiLoCo runs against one synchronous run, e.g. "10:f32 100:int8 30:sparse"
+    /// (H:CODEC, space- or comma-separated); one JSON line each. Replaces --inner-steps/--codec.
+    #[arg(long)]
+    pub runs: Option<String>,
     /// Error feedback: auto (on for sparse only), on or off.
     #[arg(long, default_value = "auto")]
     pub error_feedback: String,
     /// Inner steps per worker over the whole run (a multiple of H); sync runs as many steps.
     #[arg(long, default_value_t = 600)]
     pub total_steps: usize,
-    /// Data: a synthetic task (the default). `text:FILE` is not implemented yet.
+    /// Data: a synthetic task (the default, --task/--size) or `text:FILE`, a UTF-8 text
+    /// tokenized by characters and cut into sequences of --seq-len predictions (1/16 of them
+    /// held out by hash).
     #[arg(long)]
     pub data: Option<String>,
-    /// Synthetic task: addition, reverse or sort.
-    #[arg(long, default_value = "reverse")]
-    pub task: String,
-    /// Task size (digits or letters).
-    #[arg(long, default_value_t = 5)]
-    pub size: usize,
+    /// Predictions per text sequence (with --data text:FILE) [default: 64].
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Synthetic task [default: reverse]: addition, reverse or sort.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Task size (digits or letters) [default: 5].
+    #[arg(long)]
+    pub size: Option<usize>,
     /// Model width.
     #[arg(long, default_value_t = 64)]
     pub hidden: usize,
@@ -240,6 +253,10 @@ pub struct BenchTrainArgs {
     /// Held-out examples each round scores contributions on; 0 disables scoring.
     #[arg(long, default_value_t = 64)]
     pub score_examples: usize,
+    /// A contribution is applied if the held-out loss with its share of the average is at
+    /// most the loss without it times (1 + this).
+    #[arg(long, default_value_t = plexus_train::score::HONEST_TOLERANCE)]
+    pub score_tolerance: f32,
     /// Held-out examples of the final evaluation.
     #[arg(long, default_value_t = 512)]
     pub eval_examples: usize,

@@ -331,10 +331,20 @@ fn bench_train_prints_sync_and_diloco_side_by_side() {
     );
     assert!(v["diloco"]["loss"].as_f64().unwrap() < (41f64).ln(), "{v}");
 
-    let o = plexus(&["bench", "train", "--data", "text:/tmp/x.txt"]);
-    assert_clean_failure(&o, "text:FILE is not");
+    let o = plexus(&["bench", "train", "--data", "text:/nonexistent/x.txt"]);
+    assert_clean_failure(&o, "/nonexistent/x.txt");
+    let o = plexus(&["bench", "train", "--data", "csv:x.csv"]);
+    assert_clean_failure(&o, "expected text:FILE");
+    let o = plexus(&["bench", "train", "--data", "text:x.txt", "--task", "sort"]);
+    assert_clean_failure(&o, "drop --task");
+    let o = plexus(&["bench", "train", "--seq-len", "16"]);
+    assert_clean_failure(&o, "--seq-len is for --data");
     let o = plexus(&["bench", "train", "--codec", "int4"]);
     assert_clean_failure(&o, "unknown codec");
+    let o = plexus(&["bench", "train", "--runs", "10:f32", "--codec", "int8"]);
+    assert_clean_failure(&o, "drop --inner-steps and --codec");
+    let o = plexus(&["bench", "train", "--runs", "10"]);
+    assert_clean_failure(&o, "expected H:CODEC");
     let o = plexus(&[
         "bench",
         "train",
@@ -343,7 +353,67 @@ fn bench_train_prints_sync_and_diloco_side_by_side() {
         "--total-steps",
         "10",
     ]);
-    assert_clean_failure(&o, "multiple of --inner-steps");
+    assert_clean_failure(&o, "multiple of H = 7");
+}
+
+#[test]
+fn bench_train_runs_several_settings_on_a_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text: String = (0..300)
+        .map(|i| format!("Line {i} of a small text, {} words long.\n", i % 17))
+        .collect();
+    let file = tmp.path().join("text.txt");
+    std::fs::write(&file, &text).unwrap();
+    let data = format!("text:{}", file.display());
+    let o = plexus(&[
+        "bench",
+        "train",
+        "--workers",
+        "2",
+        "--runs",
+        "5:f32 5:sparse/8of256/2bit",
+        "--total-steps",
+        "10",
+        "--data",
+        &data,
+        "--seq-len",
+        "15",
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--batch-size",
+        "2",
+        "--eval-examples",
+        "16",
+        "--score-examples",
+        "8",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = o
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "one JSON line per setting");
+    let n = lines[0]["model"]["params"].as_u64().unwrap();
+    for (v, codec) in lines.iter().zip(["f32", "sparse/8of256/2bit"]) {
+        assert_eq!(v["codec"], codec);
+        // Text has no exact answers; one synchronous run serves both lines.
+        assert!(v["sync"]["accuracy"].is_null() && v["diloco"]["accuracy"].is_null());
+        assert_eq!(v["sync"], lines[0]["sync"]);
+        // 2 workers x 10 steps x 2 sequences x 16 tokens on both sides.
+        assert_eq!(
+            (v["tokens"].as_u64(), v["sync_tokens"].as_u64()),
+            (Some(640), Some(640))
+        );
+        assert_eq!(v["sync"]["bytes_per_worker"], 10 * (5 + 4 * n));
+        assert!(v["diloco"]["loss"].as_f64().unwrap().is_finite());
+        assert!(v["text"]["unigram_loss"].as_f64().unwrap() > 1.0);
+    }
+    assert_eq!(lines[1]["error_feedback"], true);
 }
 
 #[test]

@@ -35,7 +35,9 @@ const HEADER: usize = 5;
 /// Why a codec name or its parameters are not usable.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ParseCodecError {
-    #[error("unknown codec {0:?} (codecs: f32, f16, int8, sparse)")]
+    #[error(
+        "unknown codec {0:?} (codecs: f32, f16, int8, int8/BLOCK, sparse, sparse/KofCHUNK/BITSbit)"
+    )]
     Unknown(String),
     #[error("codec parameters out of range: {0}")]
     Range(String),
@@ -238,21 +240,43 @@ impl Codec {
 impl FromStr for Codec {
     type Err = ParseCodecError;
 
-    /// `f32`, `f16`, `int8` or `sparse` with default parameters.
+    /// `f32`, `f16`, `int8` or `sparse` with default parameters, or with parameters in the
+    /// form [`fmt::Display`] writes: `int8/BLOCK`, `sparse/KofCHUNK/BITSbit` (checked by
+    /// [`Self::validate`]).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "f32" => Ok(Codec::F32),
-            "f16" => Ok(Codec::F16),
-            "int8" => Ok(Codec::Int8 {
-                block: Self::INT8_BLOCK,
-            }),
-            "sparse" => Ok(Codec::Sparse {
-                chunk: Self::SPARSE_CHUNK,
-                k: Self::SPARSE_K,
-                bits: Self::SPARSE_BITS,
-            }),
-            other => Err(ParseCodecError::Unknown(other.into())),
-        }
+        let unknown = || ParseCodecError::Unknown(s.into());
+        let number = |t: &str| t.parse::<u32>().map_err(|_| unknown());
+        let codec = match s.split_once('/') {
+            None => match s {
+                "f32" => Codec::F32,
+                "f16" => Codec::F16,
+                "int8" => Codec::Int8 {
+                    block: Self::INT8_BLOCK,
+                },
+                "sparse" => Codec::Sparse {
+                    chunk: Self::SPARSE_CHUNK,
+                    k: Self::SPARSE_K,
+                    bits: Self::SPARSE_BITS,
+                },
+                _ => return Err(unknown()),
+            },
+            Some(("int8", block)) => Codec::Int8 {
+                block: number(block)?,
+            },
+            Some(("sparse", rest)) => {
+                let (k, rest) = rest.split_once("of").ok_or_else(unknown)?;
+                let (chunk, bits) = rest.split_once('/').ok_or_else(unknown)?;
+                let bits = bits.strip_suffix("bit").ok_or_else(unknown)?;
+                Codec::Sparse {
+                    chunk: number(chunk)?,
+                    k: number(k)?,
+                    bits: u8::try_from(number(bits)?).map_err(|_| unknown())?,
+                }
+            }
+            Some(_) => return Err(unknown()),
+        };
+        codec.validate()?;
+        Ok(codec)
     }
 }
 
@@ -601,6 +625,56 @@ mod tests {
                     prop_assert!(v.iter().all(|x| x.is_finite()));
                 }
             }
+        }
+    }
+
+    fn any_codec() -> impl Strategy<Value = Codec> {
+        prop_oneof![
+            Just(Codec::F32),
+            Just(Codec::F16),
+            (1u32..=1 << 20).prop_map(|block| Codec::Int8 { block }),
+            (2u32..=1 << 24, 1u8..=8)
+                .prop_flat_map(|(chunk, bits)| (Just(chunk), 1..=chunk, Just(bits)))
+                .prop_map(|(chunk, k, bits)| Codec::Sparse { chunk, k, bits }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn a_codec_parses_back_from_its_name(c in any_codec()) {
+            prop_assert_eq!(c.to_string().parse::<Codec>(), Ok(c));
+        }
+    }
+
+    #[test]
+    fn parametrised_names_are_checked() {
+        assert_eq!(
+            "sparse/128of4096/3bit".parse(),
+            Ok(Codec::Sparse {
+                chunk: 4096,
+                k: 128,
+                bits: 3
+            })
+        );
+        assert_eq!("int8/4096".parse(), Ok(Codec::Int8 { block: 4096 }));
+        for bad in ["int8/0", "sparse/5of4/2bit", "sparse/1of4/9bit"] {
+            assert!(
+                matches!(bad.parse::<Codec>(), Err(ParseCodecError::Range(_))),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "int8/",
+            "int8/x",
+            "sparse/64of4096",
+            "sparse/64/4096/2bit",
+            "f32/1",
+            "sparse/1of4/300bit",
+        ] {
+            assert!(
+                matches!(bad.parse::<Codec>(), Err(ParseCodecError::Unknown(_))),
+                "{bad}"
+            );
         }
     }
 

@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 pub struct ScorePolicy {
     /// Held-out examples scored per round; 0 disables scoring.
     pub examples: usize,
-    /// A contribution is applied only if the held-out loss of `global - delta` is at most
-    /// `loss(global) * (1 + tolerance)`.
+    /// A contribution is applied only if the held-out loss of `global - delta / k` (`k`
+    /// contributions accepted in the round) is at most `loss(global) * (1 + tolerance)`. See
+    /// [`crate::score::HONEST_TOLERANCE`].
     pub tolerance: f32,
 }
 

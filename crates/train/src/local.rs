@@ -1,4 +1,4 @@
-//! Several workers in one process on a synthetic task: the DiLoCo protocol exactly as the
+//! Several workers in one process on a synthetic task or a text: the DiLoCo protocol exactly as the
 //! network runs it (signed contributions, the round machine's checks, scoring, the outer step),
 //! minus the transport; and the synchronous data-parallel baseline at equal tokens. Used by
 //! `plexus bench train` and the tests.
@@ -17,9 +17,10 @@ use crate::score::HeldOutScorer;
 use crate::worker::{work_round, WorkError, WorkerState};
 use plexus_core::keys::NodeKey;
 use plexus_model::train::task::Task;
+use plexus_model::train::text::TextShard;
 use plexus_model::train::{
-    evaluate, inference_stage, init_weights, loss_of, task_model_config, AdamWState, Params, Shard,
-    TaskShard, TrainConfig, TrainError, Trainer,
+    evaluate, inference_stage, init_weights, loss_of, small_llama_config, task_model_config,
+    AdamWState, HeldOut, Params, Shard, TaskShard, TrainConfig, TrainError, Trainer,
 };
 use plexus_model::ModelConfig;
 use std::sync::Arc;
@@ -37,12 +38,101 @@ pub struct TaskSetup {
     pub eval_examples: usize,
 }
 
+/// A text corpus as the data of a local run (see [`plexus_model::train::text`]).
+#[derive(Clone)]
+pub struct TextSetup {
+    pub shard: Arc<TextShard>,
+    pub hidden: usize,
+    pub layers: usize,
+    /// Seed of the initial weights.
+    pub init_seed: u64,
+    /// Held-out windows of the final evaluation (loss).
+    pub eval_examples: usize,
+}
+
+/// Model config, shard and initial weights of a run.
+pub type Prepared<S> = (Arc<ModelConfig>, Arc<S>, Params);
+
+/// The model and data of a local run: a synthetic task ([`TaskSetup`]) or a text
+/// ([`TextSetup`]).
+pub trait LocalData {
+    type Shard: HeldOut + 'static;
+
+    /// Model config, shard and initial weights with data seed `seed`.
+    fn prepare(&self, seed: u64) -> Result<Prepared<Self::Shard>, LocalError>;
+
+    /// Held-out loss and exact match (NaN where the data has no exact answers) of `params`.
+    fn evaluate(
+        &self,
+        model: &Arc<ModelConfig>,
+        shard: &Self::Shard,
+        params: &Params,
+    ) -> Result<(f32, f64), LocalError>;
+
+    /// Tokens in one training example.
+    fn tokens_per_example(&self) -> u64;
+}
+
+impl LocalData for TaskSetup {
+    type Shard = TaskShard;
+
+    fn prepare(&self, seed: u64) -> Result<Prepared<TaskShard>, LocalError> {
+        prepare(self, seed)
+    }
+
+    fn evaluate(
+        &self,
+        model: &Arc<ModelConfig>,
+        shard: &TaskShard,
+        params: &Params,
+    ) -> Result<(f32, f64), LocalError> {
+        evaluate_params(self, model, shard, params)
+    }
+
+    fn tokens_per_example(&self) -> u64 {
+        let (p, a) = self.task.lengths();
+        (p + a + 1) as u64
+    }
+}
+
+impl LocalData for TextSetup {
+    type Shard = TextShard;
+
+    fn prepare(&self, _seed: u64) -> Result<Prepared<TextShard>, LocalError> {
+        let cfg = Arc::new(small_llama_config(
+            self.hidden,
+            self.layers,
+            self.shard.tokenizer().get_vocab_size(true),
+            self.shard.seq_len() + 1,
+        )?);
+        let params = Params::from_tensors(&init_weights(&cfg, self.init_seed)?)?;
+        Ok((cfg, self.shard.clone(), params))
+    }
+
+    fn evaluate(
+        &self,
+        model: &Arc<ModelConfig>,
+        shard: &TextShard,
+        params: &Params,
+    ) -> Result<(f32, f64), LocalError> {
+        let n = self.eval_examples.min(shard.held_out_windows());
+        let seqs = (0..n as u64)
+            .map(|i| shard.held_out(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((loss_of(model, params, &seqs)?, f64::NAN))
+    }
+
+    fn tokens_per_example(&self) -> u64 {
+        self.shard.seq_len() as u64 + 1
+    }
+}
+
 /// What a run ended with.
 #[derive(Clone, Debug)]
 pub struct Report {
     /// Mean held-out loss of the final weights.
     pub loss: f32,
-    /// Held-out exact match of greedy answers.
+    /// Held-out exact match of greedy answers (NaN for text).
     pub accuracy: f64,
     /// Payload bytes each worker sent (the largest over workers).
     pub bytes_per_worker: u64,
@@ -68,10 +158,7 @@ pub enum LocalError {
 }
 
 /// Model config, shard and initial weights of `setup` with data seed `seed`.
-pub fn prepare(
-    setup: &TaskSetup,
-    seed: u64,
-) -> Result<(Arc<ModelConfig>, Arc<TaskShard>, Params), LocalError> {
+pub fn prepare(setup: &TaskSetup, seed: u64) -> Result<Prepared<TaskShard>, LocalError> {
     let shard = Arc::new(TaskShard::new(setup.task, seed)?);
     let mut tc = TrainConfig::new(setup.task);
     tc.hidden = setup.hidden;
@@ -125,8 +212,8 @@ pub struct RoundProgress<'a> {
 }
 
 /// DiLoCo with `workers` workers for `rounds` rounds.
-pub fn run_diloco(
-    setup: &TaskSetup,
+pub fn run_diloco<D: LocalData>(
+    setup: &D,
     cfg: &RoundConfig,
     workers: usize,
     rounds: usize,
@@ -140,7 +227,7 @@ pub fn run_diloco(
         ));
     }
     let started = Instant::now();
-    let (model, shard, params) = prepare(setup, cfg.seed)?;
+    let (model, shard, params) = setup.prepare(cfg.seed)?;
     let n = params.values.len();
     let keys: Vec<NodeKey> = (0..workers).map(|i| worker_key(cfg.seed, i)).collect();
     let mut states: Vec<WorkerState> = (0..workers).map(|_| WorkerState::new(n)).collect();
@@ -159,10 +246,7 @@ pub fn run_diloco(
     };
     let mut clock_ms = 0u64;
     let (mut sent, mut received) = (vec![0u64; workers], vec![0u64; workers]);
-    let seq_len = {
-        let (p, a) = setup.task.lengths();
-        (p + a + 1) as u64
-    };
+    let seq_len = setup.tokens_per_example();
     let mut tokens = 0u64;
     for _ in 0..rounds {
         let round = machine.round();
@@ -206,7 +290,7 @@ pub fn run_diloco(
         });
     }
     let params = machine.state().params.clone();
-    let (loss, accuracy) = evaluate_params(setup, &model, &shard, &params)?;
+    let (loss, accuracy) = setup.evaluate(&model, &shard, &params)?;
     Ok(Report {
         loss,
         accuracy,
@@ -222,8 +306,8 @@ pub fn run_diloco(
 /// `rounds * H` steps, each over `workers * batch` examples (the mean of the workers'
 /// gradients is the gradient of their joint batch), every worker sending its f32 gradient
 /// every step.
-pub fn run_sync(
-    setup: &TaskSetup,
+pub fn run_sync<D: LocalData>(
+    setup: &D,
     cfg: &RoundConfig,
     workers: usize,
     rounds: usize,
@@ -231,7 +315,7 @@ pub fn run_sync(
     cfg.validate()
         .map_err(|e| LocalError::Config(e.to_string()))?;
     let started = Instant::now();
-    let (model, shard, params) = prepare(setup, cfg.seed)?;
+    let (model, shard, params) = setup.prepare(cfg.seed)?;
     let n = params.values.len();
     let steps = rounds * cfg.inner_steps as usize;
     let b = cfg.batch_size as usize;
@@ -247,15 +331,14 @@ pub fn run_sync(
         trainer.step_on(step, &shard.batch(&ids)?)?;
     }
     let (params, _) = trainer.into_state();
-    let (loss, accuracy) = evaluate_params(setup, &model, &shard, &params)?;
+    let (loss, accuracy) = setup.evaluate(&model, &shard, &params)?;
     let per_step = Codec::F32.encoded_len(n) as u64;
-    let (p, a) = setup.task.lengths();
     Ok(Report {
         loss,
         accuracy,
         bytes_per_worker: per_step * steps as u64,
         bytes_received_per_worker: per_step * steps as u64 * (workers as u64 - 1),
-        tokens: (steps * workers * b * (p + a + 1)) as u64,
+        tokens: (steps * workers * b) as u64 * setup.tokens_per_example(),
         seconds: started.elapsed().as_secs_f64(),
         params,
     })

@@ -12,9 +12,12 @@
 //!   does not match its digest or does not decode under the run's codec, if the round is
 //!   past its deadline or already holds the run's maximum number of contributions.
 //! - [`RoundMachine::close`]: the accepted contributions, in order of worker id, are each scored
-//!   on the round's held-out examples (Gauntlet: `loss(global - delta)` against
-//!   `loss(global)`); those that do not improve are dropped; the rest are averaged and the
-//!   outer optimizer steps. The result is a pure function of (state, set of contributions), so
+//!   on the round's held-out examples (Gauntlet) as the part they take in the average they
+//!   join: `loss(global - delta / k)` for `k` accepted contributions, against `loss(global)`
+//!   (scoring `global - delta` would judge a sparse pseudo-gradient at k times the weight it
+//!   gets: with error feedback that overshoots and honest ones were refused); those that raise
+//!   the loss by more than the run's tolerance are dropped; the rest are averaged and the outer
+//!   optimizer steps. The result is a pure function of (state, set of contributions), so
 //!   workers holding the same set compute the same next weights bit for bit; the outcome's
 //!   `set` digest and `next` hash let them check that they agree.
 
@@ -94,7 +97,8 @@ struct Accepted {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scored {
     pub worker: Vec<u8>,
-    /// Held-out loss of `global - delta` (NaN when scoring is off).
+    /// Held-out loss of `global - delta / k`, `k` the round's accepted contributions (NaN when
+    /// scoring is off).
     pub loss: f32,
 }
 
@@ -274,6 +278,7 @@ impl RoundMachine {
         let (mut applied, mut rejected) = (Vec::new(), Vec::new());
         let n = self.state.params.values.len();
         let mut sum = vec![0f32; n];
+        let share = 1.0 / received.len().max(1) as f32;
         for (worker, a) in &received {
             set.update(a.commitment.as_bytes());
             self.deadline.record(&self.cfg.deadline, a.arrived_ms);
@@ -283,7 +288,7 @@ impl RoundMachine {
                     .values
                     .iter_mut()
                     .zip(&a.delta)
-                    .for_each(|(p, d)| *p -= d);
+                    .for_each(|(p, d)| *p -= d * share);
                 scorer.loss(round, &candidate)?
             } else {
                 f32::NAN

@@ -367,3 +367,64 @@ fn a_round_holds_at_most_the_runs_workers() {
     m.offer(&a, 1).unwrap();
     assert_eq!(m.offer(&b, 2), Err(Refusal::Full { max: 1 }));
 }
+
+/// Records the weights it is asked to score and answers the given losses in call order.
+struct Recorder {
+    seen: Vec<Vec<f32>>,
+    losses: Vec<f32>,
+}
+
+impl plexus_train::round::Scorer for Recorder {
+    fn loss(
+        &mut self,
+        _round: u64,
+        params: &Params,
+    ) -> Result<f32, plexus_model::train::TrainError> {
+        self.seen.push(params.values.clone());
+        Ok(self.losses[self.seen.len() - 1])
+    }
+}
+
+#[test]
+fn a_contribution_is_scored_at_its_share_of_the_average_within_the_tolerance() {
+    for (tolerance, applied) in [(0.0, 0), (0.01, 1), (0.03, 2)] {
+        let mut cfg = config(Codec::F32, false);
+        cfg.score.tolerance = tolerance;
+        let mut w = world(cfg, 2);
+        let start = w.global.params.clone();
+        let cs: Vec<Contribution> = (0..2).map(|i| w.contribute(i, 0, &start)).collect();
+        let mut machine = w.machine();
+        for c in &cs {
+            machine.offer(c, 1).unwrap();
+        }
+        // Scored in worker-id order: the first raises the loss by 0.5%, the second by 2%.
+        let order: Vec<Vec<u8>> = machine.contributors().cloned().collect();
+        let mut s = Recorder {
+            seen: Vec::new(),
+            losses: vec![1.0, 1.005, 1.02],
+        };
+        let out = machine.close(2, &mut s).unwrap();
+        assert_eq!(s.seen.len(), 3, "loss before, then one per contribution");
+        assert_eq!(s.seen[0], start.values);
+        for (i, id) in order.iter().enumerate() {
+            let c = cs
+                .iter()
+                .find(|c| c.signed.commitment.worker == *id)
+                .unwrap();
+            let delta = Codec::F32.decode(&c.payload, start.values.len()).unwrap();
+            // Two contributions: each is judged as half of the step.
+            let expected: Vec<f32> = start
+                .values
+                .iter()
+                .zip(&delta)
+                .map(|(p, d)| p - d * 0.5)
+                .collect();
+            assert_eq!(s.seen[i + 1], expected, "candidate of contribution {i}");
+        }
+        assert_eq!(out.applied.len(), applied, "tolerance {tolerance}: {out:?}");
+        assert_eq!(out.applied.len() + out.rejected.len(), 2);
+        if applied == 1 {
+            assert_eq!(out.applied[0].worker, order[0]);
+        }
+    }
+}

@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod params;
 pub mod shard;
 pub mod task;
+pub mod text;
 
 use crate::config::{Architecture, ModelConfig, RopeLayout, RopeScaling};
 use crate::layers::Mode;
@@ -28,7 +29,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 pub use params::{Layout, Params};
 use plexus_core::rng::{CounterRng, Stream};
 use serde::{Deserialize, Serialize};
-pub use shard::{Sequence, Shard, TaskShard};
+pub use shard::{HeldOut, Sequence, Shard, TaskShard};
 use std::collections::HashMap;
 use std::sync::Arc;
 use task::Task;
@@ -104,20 +105,30 @@ pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64, min_ratio: f64
 
 /// The model a task trains: a small Llama with tied embeddings.
 pub fn task_model_config(tc: &TrainConfig, vocab_size: usize) -> Result<ModelConfig, TrainError> {
-    if !tc.hidden.is_multiple_of(32) || tc.hidden == 0 || tc.layers == 0 {
+    let (p, a) = tc.task.lengths();
+    small_llama_config(tc.hidden, tc.layers, vocab_size, p + a + 1)
+}
+
+/// A small Llama with tied embeddings, heads of 32, MLP 4x wide, for sequences of up to
+/// `max_len` tokens (what tasks and text shards train from scratch).
+pub fn small_llama_config(
+    hidden: usize,
+    layers: usize,
+    vocab_size: usize,
+    max_len: usize,
+) -> Result<ModelConfig, TrainError> {
+    if !hidden.is_multiple_of(32) || hidden == 0 || layers == 0 {
         return Err(TrainError::Config(format!(
-            "hidden size {} must be a positive multiple of 32, layers {} positive",
-            tc.hidden, tc.layers
+            "hidden size {hidden} must be a positive multiple of 32, layers {layers} positive"
         )));
     }
-    let heads = tc.hidden / 32;
-    let (p, a) = tc.task.lengths();
+    let heads = hidden / 32;
     Ok(ModelConfig {
         architecture: Architecture::Llama,
         vocab_size,
-        hidden_size: tc.hidden,
-        intermediate_size: tc.hidden * 4,
-        num_layers: tc.layers,
+        hidden_size: hidden,
+        intermediate_size: hidden * 4,
+        num_layers: layers,
         num_heads: heads,
         num_kv_heads: heads,
         head_dim: 32,
@@ -125,7 +136,7 @@ pub fn task_model_config(tc: &TrainConfig, vocab_size: usize) -> Result<ModelCon
         rope_theta: 10_000.0,
         rope_layout: RopeLayout::HalfSplit,
         rope_scaling: RopeScaling::None,
-        max_position_embeddings: (p + a + 1).next_power_of_two().max(64),
+        max_position_embeddings: max_len.next_power_of_two().max(64),
         tie_word_embeddings: true,
         qkv_bias: false,
         bos_token_id: None,

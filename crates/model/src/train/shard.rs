@@ -23,6 +23,12 @@ pub trait Shard: Send + Sync {
     }
 }
 
+/// A shard with a held-out split: example `i` of it is never trained on. Must be a pure
+/// function of `i` (every worker scoring a round must see the same sequences).
+pub trait HeldOut: Shard {
+    fn held_out(&self, i: u64) -> Result<Sequence, TrainError>;
+}
+
 /// Training examples of a synthetic task: id `i` is `task.train_example(seed, i)` as
 /// `prompt + answer + EOS`, scored on the answer and EOS.
 pub struct TaskShard {
@@ -79,6 +85,12 @@ impl TaskShard {
     /// Held-out example `i` in the same form (for held-out loss).
     pub fn held_out(&self, i: u64) -> Result<Sequence, TrainError> {
         self.sequence(&self.task.held_out_example(i))
+    }
+}
+
+impl HeldOut for TaskShard {
+    fn held_out(&self, i: u64) -> Result<Sequence, TrainError> {
+        TaskShard::held_out(self, i)
     }
 }
 
