@@ -12,6 +12,8 @@
 #   LLAMA_ONLY=1  run only llama.cpp (no plexus binary needed)
 #   ANCHORS   [~/.cache/anchors]  where llama.cpp is (or gets) built, see docs ANCHORS.md
 #   OUTDIR    [mktemp -d]  raw JSON outputs of every run are kept here
+#   PP, TG    [128, 64]  prompt and generated tokens (PP=512 for the pp512 figure)
+#   LLAMA_BENCH  [the build under ANCHORS]  an llama-bench binary built elsewhere
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,8 +28,8 @@ A="${ANCHORS:-$HOME/.cache/anchors}"
 LLAMA_VERSION_PKG=0.3.36
 LLAMA_SRC="$A/llama_cpp_python-$LLAMA_VERSION_PKG/vendor/llama.cpp"
 LLAMA_BENCH="${LLAMA_BENCH:-$LLAMA_SRC/build/bin/llama-bench}"
-PP=128
-TG=64
+PP="${PP:-128}"
+TG="${TG:-64}"
 
 die() { echo "error: $*" >&2; exit 1; }
 

@@ -43,6 +43,8 @@ pub mod limits {
     /// Asking price, micro-PLX per 1000 positions through one layer (1,000 PLX: far above any
     /// honest price, and low enough that positions x layers x price never overflows a u128).
     pub const MAX_PRICE: u64 = 1_000_000_000;
+    /// Positions of KV cache one offer's budget may claim (2^28: terabytes for any model).
+    pub const MAX_KV_POSITIONS: u32 = 1 << 28;
 }
 
 /// One model a node serves: which layers, how fast.
@@ -64,6 +66,12 @@ pub struct ModelOffer {
     pub prefill_s_per_layer: f32,
     /// Bytes of weights per layer (memory needed to take more layers).
     pub layer_bytes: u64,
+    /// KV cache positions of this span the node's budget holds, and how many of them no
+    /// session has reserved now (a claim: routing sends new sessions to nodes with room, and a
+    /// node that claims room it has not refuses them `Busy` and is routed around). At most
+    /// [`limits::MAX_KV_POSITIONS`], free at most all.
+    pub kv_positions: u32,
+    pub kv_free_positions: u32,
 }
 
 /// What a node publishes about itself.
@@ -198,6 +206,9 @@ impl Announcement {
             if o.layer_bytes > MAX_LAYER_BYTES {
                 return Err(bad("layer_bytes", o.layer_bytes));
             }
+            if o.kv_positions > MAX_KV_POSITIONS || o.kv_free_positions > o.kv_positions {
+                return Err(bad("kv positions", (o.kv_free_positions, o.kv_positions)));
+            }
         }
         Ok(())
     }
@@ -281,6 +292,8 @@ mod tests {
                 decode_s_per_layer: 1e-4,
                 prefill_s_per_layer: 2e-5,
                 layer_bytes: 3 << 20,
+                kv_positions: 100_000,
+                kv_free_positions: 60_000,
             }],
         }
     }
@@ -366,6 +379,17 @@ mod tests {
             ("wrapped queue", Box::new(|a| a.queue = u32::MAX)),
             ("absurd price", Box::new(|a| a.price = u64::MAX)),
             ("no threads", Box::new(|a| a.threads = 0)),
+            (
+                "more free KV than budget",
+                Box::new(|a| a.models[0].kv_free_positions = 100_001),
+            ),
+            (
+                "huge KV budget",
+                Box::new(|a| {
+                    a.models[0].kv_positions = u32::MAX;
+                    a.models[0].kv_free_positions = 0;
+                }),
+            ),
         ];
         for (what, tweak) in cases {
             let mut a = sample(&key, 1_000);
@@ -390,6 +414,7 @@ mod tests {
             hidden in any::<u32>(), decode in any::<f32>(), prefill in any::<f32>(),
             bytes in any::<u64>(), sessions in any::<u32>(), max_sessions in any::<u32>(),
             queue in any::<u32>(), issued in any::<u64>(), ttl in any::<u64>(), now in any::<u64>(),
+            kv in any::<u32>(), kv_free in any::<u32>(),
         ) {
             let key = NodeKey::generate();
             let mut a = sample(&key, issued);
@@ -400,8 +425,11 @@ mod tests {
             let o = &mut a.models[0];
             (o.start, o.end, o.num_layers, o.hidden) = (start, end, layers, hidden);
             (o.decode_s_per_layer, o.prefill_s_per_layer, o.layer_bytes) = (decode, prefill, bytes);
+            (o.kv_positions, o.kv_free_positions) = (kv, kv_free);
             if let Ok(v) = a.sign(&key).verify(now) {
                 let o = &v.models[0];
+                prop_assert!(o.kv_free_positions <= o.kv_positions);
+                prop_assert!(o.kv_positions <= limits::MAX_KV_POSITIONS);
                 prop_assert!(o.start < o.end && o.end <= o.num_layers);
                 prop_assert!(o.num_layers <= limits::MAX_LAYERS);
                 prop_assert!(o.decode_s_per_layer.is_finite() && o.decode_s_per_layer >= 0.0);

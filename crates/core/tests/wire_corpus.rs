@@ -168,6 +168,8 @@ fn announcement() -> Vec<u8> {
             decode_s_per_layer: 1e-4,
             prefill_s_per_layer: 2e-5,
             layer_bytes: 1 << 20,
+            kv_positions: 100_000,
+            kv_free_positions: 90_000,
         }],
     }
     .sign(&key)

@@ -102,6 +102,7 @@ impl NetworkBackend {
                 rtt: None,
                 load: 0.0,
                 price_s: 0.0,
+                full: false,
             })
             .collect();
         let now = std::time::Instant::now();
@@ -133,6 +134,8 @@ fn map_error(e: GenerateError<ChainError>) -> BackendError {
                 reason: e.to_string(),
             }
         }
+        // Every node with the layers is full now: 429 `server_overloaded`, retry later.
+        GenerateError::Forward(ChainError::Busy { .. }) => BackendError::Overloaded(e.to_string()),
         GenerateError::Forward(ChainError::TooManyFailovers(_)) => BackendError::Unavailable {
             model: String::new(),
             reason: e.to_string(),

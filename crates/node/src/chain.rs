@@ -51,6 +51,10 @@ pub enum ChainError {
     },
     #[error("gave up after {0} failovers")]
     TooManyFailovers(usize),
+    /// Every route left was refused for lack of room (a node's KV budget or session slots are
+    /// taken by running work): the request may succeed later, a 429 upstream.
+    #[error("every node that could serve model {model} is busy: {message}")]
+    Busy { model: String, message: String },
     #[error("stage {peer} sent an unexpected answer")]
     Protocol { peer: PeerId },
 }
@@ -69,8 +73,9 @@ pub trait Transport {
     fn call(&mut self, peer: PeerId, forward: Forward) -> Result<Response, CallFailed>;
     /// The best route over `from..to` avoiding `exclude` (or, when none exists, one over
     /// `0..to`: the chain then replays from the first layer), waiting a bounded time for one
-    /// to appear; `None` when none did.
-    fn route(&mut self, from: usize, to: usize, exclude: &[PeerId]) -> Option<Vec<Hop>>;
+    /// to appear when `wait`, else looking once; `None` when none was found.
+    fn route(&mut self, from: usize, to: usize, exclude: &[PeerId], wait: bool)
+        -> Option<Vec<Hop>>;
     /// Frees a session on a peer (best effort, in the background).
     fn close(&mut self, peer: PeerId, session: SessionId);
     /// `peer` failed a call or answered nonsense (for the scoreboard).
@@ -81,7 +86,12 @@ pub trait Transport {
 #[derive(Debug)]
 pub enum Next {
     Call(PeerId, Box<Forward>),
-    Route { from: usize },
+    /// A route from layer `from`; `wait`: for one to appear (a node died and survivors may
+    /// take its layers over), not when the stage that failed was only busy.
+    Route {
+        from: usize,
+        wait: bool,
+    },
     Token(u32),
     Failed(ChainError),
 }
@@ -169,6 +179,10 @@ pub struct Chain {
     to_blame: Vec<PeerId>,
     /// The log-probabilities the last stage sent with its latest token (when asked for).
     scores: Option<TokenLogprobs>,
+    /// The refusal of the latest stage that failed for lack of room (`Busy`), while the chain
+    /// is looking for a route around it: when none is left, the generation fails as
+    /// [`ChainError::Busy`] rather than as a missing route.
+    busy: Option<String>,
 }
 
 /// Whether a refusal is worth routing around (the node is gone or lost our session) rather
@@ -191,6 +205,7 @@ impl Chain {
             to_close: Vec::new(),
             to_blame: Vec::new(),
             scores: None,
+            busy: None,
         }
     }
 
@@ -325,7 +340,10 @@ impl Chain {
                     ..replay
                 },
             };
-            return Next::Route { from: 0 };
+            return Next::Route {
+                from: 0,
+                wait: self.busy.is_none(),
+            };
         };
         info!(route = ?route.iter().map(|h| (h.peer.to_string(), h.start, h.end)).collect::<Vec<_>>(), "replaying to replacement stages");
         let input = replay.layer_in.clone();
@@ -342,6 +360,12 @@ impl Chain {
     }
 
     fn no_route(&self, from: usize) -> Next {
+        if let Some(message) = &self.busy {
+            return Next::Failed(ChainError::Busy {
+                model: self.config.model.short(),
+                message: message.clone(),
+            });
+        }
         Next::Failed(ChainError::NoRoute {
             model: self.config.model.short(),
             from,
@@ -502,21 +526,40 @@ impl Chain {
     }
 
     /// Excludes `failed` and asks for a route from `replay.from`.
+    /// A stage that refused for lack of room (`Busy`) is routed around like a failed one, but
+    /// not blamed (a full node is not a faulty one), and the route is looked for once rather
+    /// than waited for (a busy node is not being replaced).
     fn reroute(&mut self, k: usize, replay: Replay, failed: Hop, why: ChainError) -> Next {
         if !self.exclude.contains(&failed.peer) {
             self.exclude.push(failed.peer);
         }
-        self.to_blame.push(failed.peer);
+        self.busy = match &why {
+            ChainError::Refused {
+                code: ErrorCode::Busy,
+                message,
+                ..
+            } => Some(message.clone()),
+            _ => {
+                self.to_blame.push(failed.peer);
+                None
+            }
+        };
         self.to_close.push(failed.peer);
         self.failovers += 1;
         if self.failovers > self.config.max_failovers {
             warn!("giving up: {why}");
+            if self.busy.is_some() {
+                return self.no_route(replay.from);
+            }
             return Next::Failed(ChainError::TooManyFailovers(self.failovers - 1));
         }
         warn!(failed = %failed.peer, layers = %format!("{}..{}", failed.start, failed.end), "stage failed ({why}); rerouting");
         let from = replay.from;
         self.phase = Phase::Reroute { k, replay };
-        Next::Route { from }
+        Next::Route {
+            from,
+            wait: self.busy.is_none(),
+        }
     }
 
     /// Replays to `route[j]`, or rejoins the old chain if `route[j]` is one of its later
@@ -630,6 +673,7 @@ impl Chain {
         self.tokens.extend_from_slice(&self.feed);
         self.calls.push(self.feed.len() as u32);
         self.phase = Phase::Idle;
+        self.busy = None;
         Next::Token(token)
     }
 }
@@ -659,8 +703,8 @@ pub fn drive(
                 let reply = transport.call(peer, *f);
                 chain.on_reply(reply)
             }
-            Next::Route { from } => {
-                let route = transport.route(from, chain.config.num_layers, chain.excluded());
+            Next::Route { from, wait } => {
+                let route = transport.route(from, chain.config.num_layers, chain.excluded(), wait);
                 chain.on_route(route)
             }
             Next::Token(t) => return Ok(t),
@@ -784,6 +828,8 @@ mod tests {
         WrongWidth,
         /// The last stage answers the token after the one it sampled (outside the mask).
         OffMask,
+        /// The callee refuses for lack of room (as a node whose KV budget is taken).
+        Busy,
     }
 
     struct MemPeer {
@@ -802,6 +848,8 @@ mod tests {
         faults: Vec<(usize, Fault)>,
         calls: usize,
         blamed: Vec<PeerId>,
+        /// The `wait` of every route look-up.
+        waits: Vec<bool>,
     }
 
     impl Mem {
@@ -824,6 +872,7 @@ mod tests {
                 faults,
                 calls: 0,
                 blamed: Vec::new(),
+                waits: Vec::new(),
             }
         }
     }
@@ -842,6 +891,12 @@ mod tests {
             if !p.alive || fault == Some(Fault::KillBefore) {
                 p.alive = false;
                 return Err(lost());
+            }
+            if fault == Some(Fault::Busy) {
+                return Ok(Response::Error {
+                    code: ErrorCode::Busy,
+                    message: "the KV cache budget is taken".into(),
+                });
             }
             let mut reply = p.engine.serve(me, &f);
             match fault {
@@ -868,7 +923,14 @@ mod tests {
             }
         }
 
-        fn route(&mut self, from: usize, to: usize, exclude: &[PeerId]) -> Option<Vec<Hop>> {
+        fn route(
+            &mut self,
+            from: usize,
+            to: usize,
+            exclude: &[PeerId],
+            wait: bool,
+        ) -> Option<Vec<Hop>> {
+            self.waits.push(wait);
             // Dead peers stay listed (a directory learns of deaths late).
             let cands: Vec<Candidate> = self
                 .peers
@@ -881,6 +943,7 @@ mod tests {
                     rtt: Some(Duration::from_millis(1)),
                     load: 0.0,
                     price_s: 0.0,
+                    full: false,
                 })
                 .collect();
             best_route(&cands, from, to, exclude).map(|(r, _)| r)
@@ -896,7 +959,7 @@ mod tests {
     /// Generates `STEPS` tokens through `mem`; the tokens and the chain.
     fn generate(mem: &mut Mem) -> (Result<Vec<u32>, ChainError>, Chain) {
         let fx = mem.fx.clone();
-        let route = mem.route(0, fx.layers, &[]).unwrap();
+        let route = mem.route(0, fx.layers, &[], false).unwrap();
         let mut c = Chain::new(
             ChainConfig {
                 model: MODEL,
@@ -1018,10 +1081,10 @@ mod tests {
         };
         assert!(matches!(
             chain.on_reply(Err(lost)),
-            Next::Route { from: 10 }
+            Next::Route { from: 10, .. }
         ));
         let next = chain.on_route(Some(vec![hop(a, 10, 20), hop(c, 20, 30)]));
-        assert!(matches!(next, Next::Route { from: 0 }), "{next:?}");
+        assert!(matches!(next, Next::Route { from: 0, .. }), "{next:?}");
         // From layer 0 the same peer is fine: every stage is replaced and replayed.
         let next = chain.on_route(Some(vec![hop(a, 0, 20), hop(c, 20, 30)]));
         assert!(
@@ -1085,12 +1148,45 @@ mod tests {
         );
     }
 
+    /// A busy stage is routed around (the text is unchanged) without blame and without
+    /// waiting for a replacement.
+    #[test]
+    fn a_busy_stage_is_routed_around_unblamed_issue_8() {
+        let fx = tiny();
+        let want = reference(&fx);
+        for at in 0..fx.stages() * STEPS {
+            let mut mem = Mem::new(&fx, vec![(at, Fault::Busy)]);
+            let (got, c) = generate(&mut mem);
+            assert_eq!(got.as_deref().ok(), Some(&want[..]), "busy at call {at}");
+            assert_eq!(c.failovers(), 1);
+            assert!(mem.blamed.is_empty(), "busy at call {at}: {:?}", mem.blamed);
+            assert_eq!(mem.waits[1..], [false], "busy at call {at}");
+        }
+    }
+
+    /// When every route left is busy the generation fails as `Busy` (a 429 at the gateway),
+    /// not as a missing route, and nobody is blamed.
+    #[test]
+    fn when_every_stage_is_busy_the_chain_fails_busy_issue_8() {
+        let faults = (0..20).map(|i| (i, Fault::Busy)).collect();
+        let mut mem = Mem::new(&tiny(), faults);
+        let (got, _) = generate(&mut mem);
+        match got {
+            Err(ChainError::Busy { message, .. }) => {
+                assert!(message.contains("KV cache budget"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(mem.blamed.is_empty());
+        assert!(mem.waits[1..].iter().all(|w| !w), "{:?}", mem.waits);
+    }
+
     #[test]
     fn a_bad_request_is_not_failed_over() {
         let fx = tiny();
         let mut mem = Mem::new(&fx, Vec::new());
         let (_, mut c) = {
-            let route = mem.route(0, fx.layers, &[]).unwrap();
+            let route = mem.route(0, fx.layers, &[], false).unwrap();
             (
                 (),
                 Chain::new(
@@ -1127,7 +1223,7 @@ mod tests {
         let fx = tiny();
         // Call 1 is the last stage's answer to the prompt: it ignores the mask.
         let mut mem = Mem::new(&fx, vec![(1, Fault::OffMask)]);
-        let route = mem.route(0, fx.layers, &[]).unwrap();
+        let route = mem.route(0, fx.layers, &[], false).unwrap();
         let mut c = Chain::new(
             ChainConfig {
                 model: MODEL,

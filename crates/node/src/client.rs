@@ -222,11 +222,19 @@ impl NetworkClient {
                 continue;
             }
             let rtt = self.handle.rtt(peer).await;
-            let load = if a.max_sessions == 0 {
+            let sessions = if a.max_sessions == 0 {
                 1.0
             } else {
                 (a.sessions as f64 + a.queue as f64) / a.max_sessions as f64
             };
+            // KV memory taken counts as load too; a node without room for a new session is
+            // routed to only when no other route exists (see `route`).
+            let kv = if o.kv_positions == 0 {
+                1.0
+            } else {
+                1.0 - o.kv_free_positions as f64 / o.kv_positions as f64
+            };
+            let load = sessions.max(kv);
             out.push(Candidate {
                 peer,
                 start: o.start as usize,
@@ -235,6 +243,7 @@ impl NetworkClient {
                 rtt,
                 load,
                 price_s: price_s(a.price, (o.end - o.start) as usize, self.config.time_value),
+                full: o.kv_free_positions < crate::route::NEW_SESSION_POSITIONS,
             });
         }
         let scores = self.scores.lock().unwrap_or_else(|e| e.into_inner());
@@ -593,9 +602,16 @@ impl Transport for NetTransport {
         }
     }
 
-    fn route(&mut self, from: usize, to: usize, exclude: &[PeerId]) -> Option<Vec<Hop>> {
+    fn route(
+        &mut self,
+        from: usize,
+        to: usize,
+        exclude: &[PeerId],
+        wait: bool,
+    ) -> Option<Vec<Hop>> {
         // Right after a wait that found nothing, the machine's retry from layer 0 looks once.
         let wait = match self.gave_up {
+            _ if !wait => Duration::ZERO,
             Some(t) if t.elapsed() < Duration::from_secs(1) => Duration::ZERO,
             _ => self.client.config.reroute_wait,
         };

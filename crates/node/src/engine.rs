@@ -71,6 +71,10 @@ pub struct EngineConfig {
     pub step_positions: usize,
     /// Most positions one call may carry; a longer one is refused.
     pub max_call_positions: usize,
+    /// A session used within this long is taken to be in a running generation (between two
+    /// of its calls) and is not evicted for KV room: a new session is refused `Busy` instead,
+    /// so running streams finish.
+    pub kv_evict_idle_after: Duration,
     /// Tests only (`plexus node --cheat`): corrupt every answer (see [`crate::cheat`]).
     pub cheat: Option<crate::cheat::Cheat>,
 }
@@ -84,6 +88,7 @@ impl Default for EngineConfig {
             kv_budget: 4 << 30,
             step_positions: STEP_POSITIONS,
             max_call_positions: plexus_core::wire::MAX_POSITIONS,
+            kv_evict_idle_after: KV_EVICT_IDLE_AFTER,
             cheat: None,
         }
     }
@@ -91,6 +96,10 @@ impl Default for EngineConfig {
 
 /// Sessions' reservations grow by this many positions at a time.
 const RESERVE_STEP: usize = 256;
+
+/// Default [`EngineConfig::kv_evict_idle_after`]: a generation calls its stages every few
+/// milliseconds (a token) to a few seconds (a stalled reader, a take-over elsewhere).
+pub const KV_EVICT_IDLE_AFTER: Duration = Duration::from_secs(30);
 
 /// Shared gauges the service reads for announcements and metrics.
 #[derive(Debug, Default)]
@@ -449,6 +458,10 @@ impl EngineActor {
         self.gauges
             .sessions
             .store(self.held_sessions() as u32, Ordering::Relaxed);
+        // Closed, expired and evicted sessions gave their reservations back.
+        self.gauges
+            .kv_used
+            .store(self.budget.used(), Ordering::Relaxed);
     }
 
     /// Checks a call and takes its session out of the map into a [`Call`], or answers it at
@@ -631,7 +644,8 @@ impl EngineActor {
     }
 
     /// Grows `session`'s KV reservation to hold `positions`, evicting idle sessions (least
-    /// recently used first; never one in a running call) when the budget is short.
+    /// recently used first; never one in a running call nor one used within
+    /// `kv_evict_idle_after`) when the budget is short.
     fn reserve(
         &mut self,
         key: &Key,
@@ -663,10 +677,11 @@ impl EngineActor {
                     return Ok(());
                 }
                 Err(e) => {
+                    let grace = self.config.kv_evict_idle_after;
                     let idle = self
                         .sessions
                         .iter()
-                        .filter(|(k, _)| *k != key)
+                        .filter(|(k, s)| *k != key && s.last_used.elapsed() >= grace)
                         .min_by_key(|(_, s)| s.last_used)
                         .map(|(k, _)| *k);
                     match idle {
@@ -1095,6 +1110,7 @@ mod tests {
         let bpp = stage.kv_bytes_per_position();
         let config = EngineConfig {
             kv_budget: 2 * RESERVE_STEP as u64 * bpp,
+            kv_evict_idle_after: Duration::ZERO,
             ..EngineConfig::default()
         };
         let mut engine = EngineActor::local_with(stage, Digest([0; 32]), config);
@@ -1136,6 +1152,36 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert!(engine.budget.used() <= engine.budget.budget());
+    }
+
+    /// Issue 8: a session used moments ago belongs to a running generation (between its
+    /// calls): a new session that needs its KV room is refused `Busy`, and the old one goes on.
+    #[test]
+    fn a_recently_used_session_is_not_evicted_for_kv_room_issue_8() {
+        let peer = PeerId::random();
+        let stage = layers(0, 1);
+        let bpp = stage.kv_bytes_per_position();
+        let config = EngineConfig {
+            kv_budget: RESERVE_STEP as u64 * bpp,
+            ..EngineConfig::default()
+        };
+        let mut engine = EngineActor::local_with(stage, Digest([0; 32]), config);
+        assert!(matches!(
+            engine.serve(peer, &call(1, 1, 0, &[1; 10])),
+            Response::Hidden { .. }
+        ));
+        match engine.serve(peer, &call(2, 1, 0, &[1; 10])) {
+            Response::Error {
+                code: ErrorCode::Busy,
+                message,
+            } => assert!(message.contains("KV cache budget"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            engine.serve(peer, &call(1, 1, 10, &[1])),
+            Response::Hidden { .. }
+        ));
         assert!(engine.budget.used() <= engine.budget.budget());
     }
 

@@ -13,7 +13,11 @@
 //! `price` is the node's announced micro-PLX per 1000 positions per layer and `time_value` the
 //! driver's micro-PLX per second of latency per token (`ClientConfig::time_value`): a node
 //! twice as dear must be faster by the price difference over `time_value` to win. Offers above
-//! the driver's `max_price` never become candidates. The cheapest path over layer boundaries
+//! the driver's `max_price` never become candidates. A node that announced no KV room for a
+//! new session ([`Candidate::full`]) costs [`FULL_PENALTY_S`] more: new sessions go to nodes
+//! with room while any route of them exists, and to a full one only when none does (its room
+//! may have freed since it announced; if not it refuses, and the chain routes around it).
+//! The cheapest path over layer boundaries
 //! (Dijkstra on a DAG, i.e. a forward pass in layer order) is the route. Pure: inputs in,
 //! route out.
 
@@ -35,7 +39,16 @@ pub struct Candidate {
     /// Its price for one position through the span, in seconds of latency it is worth
     /// ([`price_s`]); 0 for free nodes.
     pub price_s: f64,
+    /// It announced KV room for fewer than [`NEW_SESSION_POSITIONS`] positions.
+    pub full: bool,
 }
+
+/// KV positions a new session needs free at a node: the first reservation a node's engine
+/// makes for a session.
+pub const NEW_SESSION_POSITIONS: u32 = 256;
+
+/// Seconds added to the cost of a full node: more than any real route costs.
+pub const FULL_PENALTY_S: f64 = 1e4;
 
 /// The price of one position through `layers` layers at `price` (micro-PLX per 1000
 /// position-layers), in seconds at `time_value` micro-PLX per second; 0 when `time_value` is
@@ -62,7 +75,8 @@ pub const DEFAULT_RTT: Duration = Duration::from_millis(20);
 /// The expected seconds per token through `c`.
 pub fn cost(c: &Candidate) -> f64 {
     let rtt = c.rtt.unwrap_or(DEFAULT_RTT).as_secs_f64();
-    (rtt + c.compute_s) * (1.0 + 2.0 * c.load.clamp(0.0, 1.0)) + c.price_s.max(0.0)
+    let full = if c.full { FULL_PENALTY_S } else { 0.0 };
+    (rtt + c.compute_s) * (1.0 + 2.0 * c.load.clamp(0.0, 1.0)) + c.price_s.max(0.0) + full
 }
 
 /// The cheapest chain covering `from..to`, skipping `exclude`d peers; `None` if no chain
@@ -130,7 +144,25 @@ mod tests {
             rtt: Some(Duration::from_millis(1)),
             load: 0.0,
             price_s: 0.0,
+            full: false,
         }
+    }
+
+    /// Issue 8: a route through nodes with KV room wins over a faster one through a full
+    /// node; with no route of nodes with room, the full one is still used.
+    #[test]
+    fn new_sessions_go_to_nodes_with_room_issue_8() {
+        let (full, a, b) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut cands = vec![
+            cand(full, 0, 30, 0.001),
+            cand(a, 0, 10, 0.050),
+            cand(b, 10, 30, 0.050),
+        ];
+        cands[0].full = true;
+        let (route, _) = best_route(&cands, 0, 30, &[]).unwrap();
+        assert_eq!(route.iter().map(|h| h.peer).collect::<Vec<_>>(), vec![a, b]);
+        let (route, _) = best_route(&cands, 0, 30, &[b]).unwrap();
+        assert_eq!(route.iter().map(|h| h.peer).collect::<Vec<_>>(), vec![full]);
     }
 
     #[test]

@@ -114,6 +114,7 @@ mod tests {
             rtt: Some(Duration::from_millis(1)),
             load: 0.0,
             price_s: 0.0,
+            full: false,
         }
     }
 

@@ -19,7 +19,7 @@ use crate::discovery::{now_ms, DirectoryKeeper, DiscoveryCounters};
 use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, SubmitError, Work};
 use crate::measure::{free_memory, measure, Speed};
 use crate::placement::{covers, keep_spans, plan, NodeCapacity};
-use plexus_core::announce::{Announcement, ModelOffer};
+use plexus_core::announce::{limits, Announcement, ModelOffer};
 use plexus_core::keys::NodeKey;
 use plexus_core::receipt::Receipt;
 use plexus_core::wire::{ErrorCode, Request, Response};
@@ -221,6 +221,18 @@ fn load(config: &NodeConfig) -> Result<Served, StartNodeError> {
 
 /// The addresses to announce: relayed ones first (a node behind NAT is reached only through
 /// them), at most as many as an announcement may carry.
+/// KV positions of the served span the budget holds and the ones not reserved, as announced
+/// (capped at what receivers accept).
+fn kv_room(gauges: &crate::engine::EngineGauges, bytes_per_position: u64) -> (u32, u32) {
+    let budget = gauges.kv_budget.load(Ordering::Relaxed);
+    let used = gauges.kv_used.load(Ordering::Relaxed).min(budget);
+    let positions = |bytes: u64| {
+        (bytes / bytes_per_position.max(1)).min(u64::from(limits::MAX_KV_POSITIONS)) as u32
+    };
+    let total = positions(budget);
+    (total, positions(budget - used).min(total))
+}
+
 fn announced_addrs(listen: &[Multiaddr]) -> Vec<String> {
     let (relayed, direct): (Vec<&Multiaddr>, Vec<&Multiaddr>) =
         listen.iter().partition(|a| plexus_net::nat::is_relayed(a));
@@ -337,6 +349,10 @@ impl Node {
         let key = &self.config.net.key;
         let span = self.served.stage.span();
         let cfg = self.served.stage.config();
+        let (kv_positions, kv_free_positions) = kv_room(
+            &self.engine.gauges,
+            self.served.stage.kv_bytes_per_position(),
+        );
         Announcement {
             public_key: key.public().encode_protobuf(),
             peer: key.peer_id().to_string(),
@@ -360,6 +376,8 @@ impl Node {
                 decode_s_per_layer: self.served.speed.decode_s_per_layer as f32,
                 prefill_s_per_layer: self.served.speed.prefill_s_per_layer as f32,
                 layer_bytes: self.served.layer_bytes,
+                kv_positions,
+                kv_free_positions,
             }],
         }
     }
@@ -668,6 +686,25 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 8: the announced KV room is the budget's unreserved part in positions of the
+    /// served span, capped at what receivers accept, and never more than the whole.
+    #[test]
+    fn kv_room_is_announced_in_positions_within_limits_issue_8() {
+        let g = crate::engine::EngineGauges::default();
+        g.kv_budget.store(1000 * 100, Ordering::Relaxed);
+        g.kv_used.store(300 * 100 + 50, Ordering::Relaxed);
+        assert_eq!(kv_room(&g, 100), (1000, 699));
+        g.kv_used.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(kv_room(&g, 100), (1000, 0));
+        g.kv_budget.store(u64::MAX, Ordering::Relaxed);
+        g.kv_used.store(0, Ordering::Relaxed);
+        let (total, free) = kv_room(&g, 1);
+        assert_eq!(
+            (total, free),
+            (limits::MAX_KV_POSITIONS, limits::MAX_KV_POSITIONS)
+        );
+    }
 
     /// Issue 7: after the engine thread dies the node used to keep announcing itself healthy.
     /// Now `run` stops (before its next announcement) with `EngineStopped`, and the process

@@ -6,6 +6,11 @@
 //! `PLEXUS_FAILOVER_KILLS=N` repeats the kill N more times (a fresh network each time) and
 //! prints the median and worst pause (SIGKILL to the next chunk at the client): the
 //! spare-replica figure in BENCHMARKS.md, beside takeover.rs's figure without a replica.
+//!
+//! Also issue 8's refusal through the network: a node whose KV budget is taken by a running
+//! stream refuses a new session `Busy`, and the gateway answers 429 `server_overloaded` with
+//! `Retry-After` while the running stream finishes; and a flood of long generations at a
+//! one-process gateway whose memory (peak RSS, measured) stays within its KV budget.
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
 use plexus_core::keys::NodeKey;
@@ -65,6 +70,10 @@ fn start(args: &[String], dir: &Path) -> Proc {
 }
 
 fn node(span: &str, dir: &Path, boot: Option<&str>) -> Proc {
+    node_with(span, &[], dir, boot)
+}
+
+fn node_with(span: &str, extra: &[&str], dir: &Path, boot: Option<&str>) -> Proc {
     let mut args: Vec<String> = [
         "node",
         "--threads",
@@ -81,6 +90,7 @@ fn node(span: &str, dir: &Path, boot: Option<&str>) -> Proc {
     args.push(model().display().to_string());
     args.push("--data-dir".into());
     args.push(dir.display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
     if let Some(b) = boot {
         args.push("--bootstrap".into());
         args.push(b.into());
@@ -125,21 +135,8 @@ fn sigkill_of_a_stage_mid_stream_keeps_the_stream_and_its_text() {
 
 /// One network, one stream, one kill of the replica holding the session; the pause it caused
 /// (seconds from SIGKILL to the next chunk).
-fn kill_the_replica_in_use() -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let n0 = node("0..10", &dir.path().join("n0"), None);
-    let boot = n0.first_line.clone();
-    let mut nodes = vec![n0];
-    for (i, span) in ["10..20", "10..20", "20..30"].iter().enumerate() {
-        nodes.push(node(
-            span,
-            &dir.path().join(format!("n{}", i + 1)),
-            Some(&boot),
-        ));
-    }
-    // Failover, not accounts nor audits, is under test here: a free gateway that audits
-    // nothing (an audit would open a second session on the other 10..20 replica, and the
-    // test finds the replica to kill by its sessions).
+/// A free gateway over `nodes` that audits nothing; its URL.
+fn gateway(nodes: &[Proc], dir: &Path) -> Proc {
     let mut args: Vec<String> = [
         "gateway",
         "--port",
@@ -156,34 +153,15 @@ fn kill_the_replica_in_use() -> f64 {
     .map(|s| s.to_string())
     .collect();
     args.push(model().display().to_string());
-    for n in &nodes {
+    for n in nodes {
         args.push("--bootstrap".into());
         args.push(n.first_line.clone());
     }
-    let gateway = start(&args, &dir.path().join("gw"));
-    let url = gateway.first_line.clone();
+    start(&args, dir)
+}
 
-    // The expected text: the whole model, greedy, in this process.
-    let local = plexus_model::load(&model()).unwrap();
-    let prompt = "Once upon a time, in a small village by the sea,";
-    let tokens = local
-        .tokenizer
-        .encode(prompt, local.tokenizer.adds_bos())
-        .unwrap();
-    let want = generate(
-        std::slice::from_ref(&local.stage),
-        &local.tokenizer,
-        &GenerateRequest {
-            prompt_tokens: tokens,
-            max_tokens: 64,
-            sampling: SamplingParams::greedy(),
-            stop: Vec::new(),
-        },
-        |_| Flow::Continue,
-    )
-    .unwrap();
-
-    // Wait until the gateway sees a full chain.
+/// Waits until the gateway at `url` lists the model (it sees a full chain).
+fn wait_for_model(url: &str) {
     let started = Instant::now();
     loop {
         if let Ok(r) = ureq::get(&format!("{url}/v1/models")).call() {
@@ -194,6 +172,243 @@ fn kill_the_replica_in_use() -> f64 {
         assert!(started.elapsed() < Duration::from_secs(60), "no route");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Issue 8: one node whose KV budget holds one session (6 MiB: one 256-position reservation
+/// of SmolLM2's 30 layers is 5.6 MiB). While a stream runs, a second request gets 429
+/// `server_overloaded` with `Retry-After` from the network gateway (not a 503 "no capacity"),
+/// and the running stream finishes with the text of the whole model in one process.
+#[test]
+fn a_full_node_gives_429_server_overloaded_and_the_running_stream_finishes_issue_8() {
+    let dir = tempfile::tempdir().unwrap();
+    let n0 = node_with(
+        "0..30",
+        &["--kv-budget-mib", "6"],
+        &dir.path().join("n0"),
+        None,
+    );
+    let gw = gateway(std::slice::from_ref(&n0), &dir.path().join("gw"));
+    let url = gw.first_line.clone();
+    let prompt = "Once upon a time, in a small village by the sea,";
+    let want = local_greedy(prompt, 100);
+    wait_for_model(&url);
+    let body = |stream: bool| {
+        serde_json::json!({
+            "model": "SmolLM2-135M-Instruct",
+            "prompt": prompt,
+            "max_tokens": 100,
+            "temperature": 0,
+            "stream": stream,
+        })
+        .to_string()
+    };
+    let resp = ureq::post(&format!("{url}/v1/completions"))
+        .header("Content-Type", "application/json")
+        .send(body(true))
+        .unwrap();
+    let mut reader = BufReader::new(resp.into_body().into_reader());
+    let mut line = String::new();
+    let mut text = String::new();
+    let mut refused = false;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let Some(data) = line.trim_end().strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+        if !text.is_empty() && !refused {
+            // The stream holds the node's whole KV budget: a second generation is refused.
+            let got = ureq::post(&format!("{url}/v1/completions"))
+                .config()
+                .http_status_as_error(false)
+                .build()
+                .header("Content-Type", "application/json")
+                .send(body(false))
+                .unwrap();
+            assert_eq!(got.status().as_u16(), 429);
+            let retry = got
+                .headers()
+                .get("retry-after")
+                .expect("a Retry-After header")
+                .to_str()
+                .unwrap()
+                .to_owned();
+            assert!(retry.parse::<u64>().unwrap() >= 1, "{retry}");
+            let err: serde_json::Value =
+                serde_json::from_str(&got.into_body().read_to_string().unwrap()).unwrap();
+            assert_eq!(err["error"]["code"], "server_overloaded", "{err}");
+            assert!(
+                err["error"]["message"].as_str().unwrap().contains("busy"),
+                "{err}"
+            );
+            refused = true;
+        }
+    }
+    assert!(refused, "the stream ended before the second request");
+    assert_eq!(text, want);
+}
+
+/// Peak resident memory of process `pid` (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+/// Issue 8: 24 generations of ~500 positions each (11 MiB of KV apiece, 260 MiB together)
+/// sent at once to `plexus gateway --model` with a 48 MiB KV budget: those that do
+/// not fit get 429 `server_overloaded`, every admitted stream finishes, and the process's
+/// peak RSS grows by less than the budget plus 48 MiB over its peak after a warm-up request.
+#[test]
+fn a_flood_of_long_generations_is_refused_and_peak_rss_stays_in_the_kv_budget_issue_8() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = [
+        "gateway",
+        "--port",
+        "0",
+        "--ledger",
+        "none",
+        "--kv-budget-mib",
+        "48",
+        "--max-concurrent",
+        "64",
+        "--model",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(model().display().to_string());
+    let gw = start(&args, dir.path());
+    let url = gw.first_line.clone();
+    wait_for_model(&url);
+    // Not streamed: a streamed request that does not fit gets its refusal as an error event
+    // after a 200 (the SSE response starts before the engine is asked).
+    let completion = |prompt: &str, max_tokens: usize| {
+        serde_json::json!({
+            "model": "SmolLM2-135M-Instruct",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.8,
+            "seed": 7,
+        })
+        .to_string()
+    };
+    // Warm-up: threads, pools and caches that any request allocates.
+    let warm = ureq::post(&format!("{url}/v1/completions"))
+        .header("Content-Type", "application/json")
+        .send(completion("Hello there, how are you?", 32))
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    assert!(warm.contains("\"finish_reason\""), "{warm}");
+    let base = peak_rss(gw.child.id());
+    let story = "The old lighthouse keeper climbed the stairs every night to light the lamp. ";
+    let outcomes: Vec<(u16, String)> = std::thread::scope(|s| {
+        let joins: Vec<_> = (0..24)
+            .map(|i| {
+                let (url, body) = (&url, completion(&format!("{i}. {}", story.repeat(18)), 200));
+                s.spawn(move || {
+                    let resp = ureq::post(&format!("{url}/v1/completions"))
+                        .config()
+                        .http_status_as_error(false)
+                        .build()
+                        .header("Content-Type", "application/json")
+                        .send(body)
+                        .unwrap();
+                    let status = resp.status().as_u16();
+                    (status, resp.into_body().read_to_string().unwrap())
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    let peak = peak_rss(gw.child.id());
+    let mut served = 0;
+    let mut refused = 0;
+    for (status, body) in &outcomes {
+        match status {
+            200 => {
+                let v: serde_json::Value = serde_json::from_str(body).unwrap();
+                assert!(v["choices"][0]["finish_reason"].is_string(), "{body}");
+                served += 1;
+            }
+            429 => {
+                assert!(body.contains("server_overloaded"), "{body}");
+                refused += 1;
+            }
+            other => panic!("status {other}: {body}"),
+        }
+    }
+    assert!(
+        served >= 1 && refused >= 1,
+        "{served} served, {refused} refused"
+    );
+    let grown = peak.saturating_sub(base);
+    eprintln!(
+        "flood: {served} served, {refused} refused; peak RSS {} MiB, grew {} MiB",
+        peak >> 20,
+        grown >> 20
+    );
+    assert!(grown < (48 + 48) << 20, "peak RSS grew {} MiB", grown >> 20);
+}
+
+/// The whole model's greedy completion of `prompt`, in this process.
+fn local_greedy(prompt: &str, max_tokens: usize) -> String {
+    let local = plexus_model::load(&model()).unwrap();
+    let tokens = local
+        .tokenizer
+        .encode(prompt, local.tokenizer.adds_bos())
+        .unwrap();
+    generate(
+        std::slice::from_ref(&local.stage),
+        &local.tokenizer,
+        &GenerateRequest {
+            prompt_tokens: tokens,
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+        },
+        |_| Flow::Continue,
+    )
+    .unwrap()
+    .text
+}
+
+fn kill_the_replica_in_use() -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let n0 = node("0..10", &dir.path().join("n0"), None);
+    let boot = n0.first_line.clone();
+    let mut nodes = vec![n0];
+    for (i, span) in ["10..20", "10..20", "20..30"].iter().enumerate() {
+        nodes.push(node(
+            span,
+            &dir.path().join(format!("n{}", i + 1)),
+            Some(&boot),
+        ));
+    }
+    // Failover, not accounts nor audits, is under test here: a free gateway that audits
+    // nothing (an audit would open a second session on the other 10..20 replica, and the
+    // test finds the replica to kill by its sessions).
+    let gateway = gateway(&nodes, &dir.path().join("gw"));
+    let url = gateway.first_line.clone();
+
+    // The expected text: the whole model, greedy, in this process.
+    let prompt = "Once upon a time, in a small village by the sea,";
+    let want = local_greedy(prompt, 64);
+
+    wait_for_model(&url);
 
     // A client of our own to see which replica holds the session.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -266,7 +481,7 @@ fn kill_the_replica_in_use() -> f64 {
         killed.is_some(),
         "the kill must happen mid-stream ({chunks} chunks)"
     );
-    assert_eq!(text, want.text);
+    assert_eq!(text, want);
     let metrics = ureq::get(&format!("{url}/metrics"))
         .call()
         .unwrap()

@@ -28,6 +28,8 @@ async fn liar(model: plexus_core::Digest, width: usize) -> (PeerId, plexus_net::
         decode_s_per_layer: 0.0,
         prefill_s_per_layer: 0.0,
         layer_bytes: 1,
+        kv_positions: 100_000,
+        kv_free_positions: 100_000,
     }];
     tokio::spawn(async move {
         while let Some(e) = events.recv().await {

@@ -121,6 +121,8 @@ async fn inflating_liar(model: Digest) -> (NodeKey, PeerId, plexus_net::Multiadd
         decode_s_per_layer: 0.0,
         prefill_s_per_layer: 0.0,
         layer_bytes: 1,
+        kv_positions: 100_000,
+        kv_free_positions: 100_000,
     }];
     let me = key.clone();
     tokio::spawn(async move {

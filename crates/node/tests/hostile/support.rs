@@ -856,6 +856,8 @@ pub fn announcement(key: &NodeKey) -> Announcement {
             decode_s_per_layer: 1e-6,
             prefill_s_per_layer: 1e-7,
             layer_bytes: 1,
+            kv_positions: 100_000,
+            kv_free_positions: 100_000,
         }],
     }
 }

@@ -43,6 +43,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             .map_or_else(plexus_node::measure::default_kv_budget, |m| m << 20),
         step_positions: args.step_positions.max(1),
         max_call_positions: args.max_call_positions.max(1),
+        kv_evict_idle_after: plexus_node::engine::KV_EVICT_IDLE_AFTER,
         cheat: args.cheat,
     };
     config.cache_dir = super::cache_dir();
