@@ -49,6 +49,13 @@ impl Linear {
         Self::new(QMatMul::Tensor(weight), bias)
     }
 
+    /// Whether each output row depends on its input row alone, bit for bit, whatever the
+    /// number of rows multiplied together: true for our kernels; candle's matmul may change
+    /// its summation with the row count.
+    pub fn rows_independent(&self) -> bool {
+        matches!(self.weight, Weight::Kernel(_))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match (&self.weight, x.dims()) {
             (Weight::Kernel(q), _) => quant_forward(q, x)?,

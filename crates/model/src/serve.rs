@@ -147,7 +147,14 @@ impl BatchHandle {
     pub fn start(stage: Arc<Stage>, eos: HashSet<u32>, config: ServeConfig) -> Self {
         let (tx, rx) = mpsc::sync_channel(config.queue.max(1));
         let alive = Arc::new(AtomicBool::new(true));
-        let prefix = Arc::new(Mutex::new(PrefixCache::new(config.prefix_entries)));
+        // A cached prefix is exact only when splitting a prompt's positions into calls gives
+        // the same bits (see `Stage::split_invariant`); otherwise the cache stays off.
+        let entries = if stage.split_invariant() {
+            config.prefix_entries
+        } else {
+            0
+        };
+        let prefix = Arc::new(Mutex::new(PrefixCache::new(entries)));
         let handle = Self {
             inbox: tx,
             budget: KvBudget::new(config.kv_budget),

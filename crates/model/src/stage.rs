@@ -200,6 +200,19 @@ impl Stage {
     }
 
     /// Bytes of f16 keys and values one position of one sequence takes in this stage's cache.
+    /// Whether computing a sequence's positions in any split into calls gives the same bits:
+    /// true when every matrix multiplication runs on our row-independent kernels (Q4_0,
+    /// Q4_1, Q8_0); other formats go through candle's matmul, whose summation may depend on
+    /// the row count. Reusing cached KV for a shared prompt prefix is exact only when true.
+    pub fn split_invariant(&self) -> bool {
+        let head = self.head.as_ref().is_none_or(|(_, l)| l.rows_independent());
+        head && self.blocks.iter().all(|b| {
+            [&b.q, &b.k, &b.v, &b.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down]
+                .iter()
+                .all(|l| l.rows_independent())
+        })
+    }
+
     pub fn kv_bytes_per_position(&self) -> u64 {
         (self.blocks.len() * self.cfg.num_kv_heads * self.cfg.head_dim * 2 * 2) as u64
     }
