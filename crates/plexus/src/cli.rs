@@ -436,6 +436,11 @@ pub struct TrainSpecArgs {
     /// Held-out examples each round scores contributions on; 0 disables scoring.
     #[arg(long, default_value_t = 32)]
     pub score_examples: usize,
+    /// A contribution is applied if the held-out loss with its share of the average is at
+    /// most the loss without it times (1 + this). 0 asks every contribution to improve the
+    /// loss on its own, which honest ones fail by noise on a few examples.
+    #[arg(long, default_value_t = plexus_train::score::HONEST_TOLERANCE)]
+    pub score_tolerance: f32,
     /// Held-out examples of the final evaluation.
     #[arg(long, default_value_t = 256)]
     pub eval_examples: usize,

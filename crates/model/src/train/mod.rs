@@ -225,6 +225,19 @@ impl InnerConfig {
             self.min_lr_ratio,
         )
     }
+
+    /// The learning rate of `step` for an optimizer that has taken `optimizer_steps` steps.
+    /// A fresh optimizer that joins a run past its warmup (a late DiLoCo worker) warms up
+    /// again over `warmup` of its own steps: Adam's first steps move every weight by about
+    /// the full learning rate, a jolt the outer momentum would carry for many rounds.
+    pub fn lr_for(&self, step: usize, optimizer_steps: u64) -> f64 {
+        let lr = self.lr_at(step);
+        if step < self.warmup || self.warmup == 0 {
+            return lr;
+        }
+        let own = (optimizer_steps as f64 + 1.0) / self.warmup as f64;
+        lr * own.min(1.0)
+    }
 }
 
 /// The token batch of `seqs`, padded with token 0, and the mask of scored predictions.
@@ -390,7 +403,7 @@ impl Trainer {
             let scale = (self.inner.clip / (grad_norm + 1e-6)) as f32;
             flat.iter_mut().for_each(|g| *g *= scale);
         }
-        let lr = self.inner.lr_at(step);
+        let lr = self.inner.lr_for(step, self.opt.step);
         self.opt
             .step(&self.inner.adamw, &mut self.params.values, &flat, lr);
         let mut off = 0;
@@ -619,6 +632,27 @@ mod tests {
         assert!((lr(550) - 0.55).abs() < 1e-9);
         assert!((lr(1000) - 0.1).abs() < 1e-12);
         assert!(lr(300) > lr(301));
+    }
+
+    #[test]
+    fn a_fresh_optimizer_past_the_warmup_warms_up_again() {
+        let inner = InnerConfig {
+            lr: 1.0,
+            warmup: 10,
+            min_lr_ratio: 0.1,
+            schedule_steps: 1000,
+            clip: 0.0,
+            adamw: AdamWConfig::default(),
+        };
+        // An optimizer that ran from step 0 follows the schedule exactly.
+        for s in [0, 5, 9, 10, 500, 999] {
+            assert_eq!(inner.lr_for(s, s as u64), inner.lr_at(s));
+        }
+        // One that joins at step 500 ramps up over its own first 10 steps.
+        assert!((inner.lr_for(500, 0) - inner.lr_at(500) / 10.0).abs() < 1e-12);
+        assert!((inner.lr_for(504, 4) - inner.lr_at(504) / 2.0).abs() < 1e-12);
+        assert_eq!(inner.lr_for(509, 9), inner.lr_at(509));
+        assert_eq!(inner.lr_for(600, 100), inner.lr_at(600));
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
         },
         score: ScoreSpec {
             examples: a.score_examples,
-            tolerance: 0.0,
+            tolerance: a.score_tolerance,
         },
         eval_examples: a.eval_examples,
     };
