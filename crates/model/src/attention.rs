@@ -273,30 +273,65 @@ impl Head<'_> {
 fn head_scalar(head: &Head<'_>, q16: &[f16], acc: &mut [f32]) -> f32 {
     let d = q16.len();
     acc.fill(0.0);
-    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+    let mut softmax = OnlineSoftmax::new();
     for ic in 0..head.keys {
         let off = ic * head.stride + head.offset;
         let score = dot_f16(&head.k[off..off + d], q16) * head.scale;
-        let (mut ms, mut vs) = (1f32, 1f32);
-        if score > m {
-            let old = m;
-            m = score;
-            ms = (old - m).exp();
+        let (rescale, vs) = softmax.push(score);
+        if let Some(ms) = rescale {
             for a in acc.iter_mut() {
                 *a = f16::from_f32(*a * ms).to_f32();
             }
-        } else {
-            vs = (score - m).exp();
         }
         for (a, v) in acc.iter_mut().zip(&head.v[off..off + d]) {
             *a = f16::from_f32(v.to_f32().mul_add(vs, *a)).to_f32();
         }
-        sum = sum.mul_add(ms, vs);
     }
-    if sum == 0.0 {
-        0.0
-    } else {
-        1.0 / sum
+    softmax.inv_sum()
+}
+
+/// The running max and denominator of a softmax over scores seen one at a time, shared by the
+/// scalar definition and the SIMD loops so all keep the same arithmetic: a score above the max
+/// rescales what was accumulated by `exp(old - new)` and weighs its value 1; any other score
+/// weighs its value `exp(score - max)`.
+struct OnlineSoftmax {
+    max: f32,
+    sum: f32,
+}
+
+impl OnlineSoftmax {
+    fn new() -> Self {
+        Self {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+        }
+    }
+
+    /// Takes the next key's score: the factor to rescale the accumulator by first, if any,
+    /// and the weight of this key's value.
+    #[inline]
+    fn push(&mut self, score: f32) -> (Option<f32>, f32) {
+        let (mut ms, mut vs) = (1f32, 1f32);
+        let mut rescale = None;
+        if score > self.max {
+            let old = self.max;
+            self.max = score;
+            ms = (old - self.max).exp();
+            rescale = Some(ms);
+        } else {
+            vs = (score - self.max).exp();
+        }
+        self.sum = self.sum.mul_add(ms, vs);
+        (rescale, vs)
+    }
+
+    /// `1 / sum`, or 0 when no key was seen.
+    fn inv_sum(&self) -> f32 {
+        if self.sum == 0.0 {
+            0.0
+        } else {
+            1.0 / self.sum
+        }
     }
 }
 

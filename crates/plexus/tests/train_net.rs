@@ -2,7 +2,7 @@
 //! libp2p. A SIGKILLed worker does not stop the run and a late joiner catches up and
 //! contributes; hostile workers' garbage and stale contributions are refused; killing every
 //! worker and starting them again resumes from their checkpoints. The trained model's held-out
-//! loss is asserted (see [`LEARNED_LOSS`]), and `plexus generate` loads the final checkpoint.
+//! exact match is asserted, and `plexus generate` loads the final checkpoint.
 
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
@@ -43,6 +43,10 @@ fn spec(dir: &Path, rounds: u64, min: u32, initial_ms: u64) -> PathBuf {
             &initial_ms.to_string(),
         ])
         .args(["--deadline-min-ms", "3000"])
+        // At H=10 DiLoCo's outer Nesterov momentum of 0.9 overshoots: with a kill and a join
+        // about one run in six stalled at 30-56% exact match (CI failed on one); 0.5 and 0
+        // reached 100% in 6 of 6 runs each.
+        .args(["--outer-momentum", "0.5"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -205,17 +209,15 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key:?} in {line:?}"))
 }
 
-/// The untrained model's held-out loss on reverse-3 is 3.77. A run that learned ends far below
-/// it. Exact match is not asserted: where a run lands after a kill or a join depends on which
-/// contributions made which round (timing), and some such runs sit on the task's plateau
-/// (loss 0.6-0.8, exact match 30-45%) at round 30; the quality targets are measured by
-/// `plexus bench train` and asserted in-process by `plexus-train::rounds`.
-const LEARNED_LOSS: f64 = 1.5;
+/// Every worker's final model reverses at least this share of the held-out problems. (Runs of
+/// this spec with a kill and a join ended at 100%; with the outer momentum at DiLoCo's 0.9
+/// instead of 0.5 about one in six ended on the task's plateau at 30-56%.)
+const TARGET_EXACT_MATCH: f64 = 80.0;
 
 fn assert_learned(w: &Worker, pct: f64, loss: f64) {
     assert!(
-        loss < LEARNED_LOSS,
-        "{}: held-out loss {loss} (exact match {pct}%):\n{}",
+        pct >= TARGET_EXACT_MATCH,
+        "{}: held-out exact match {pct}% (loss {loss}):\n{}",
         w.name,
         w.text()
     );
@@ -273,10 +275,7 @@ fn a_sigkilled_worker_does_not_stop_the_run_and_a_late_joiner_contributes() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // Whether it reverses "abc" depends on where the run landed (see LEARNED_LOSS); that it
-    // loads the checkpoint and generates does not.
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(!out.trim().is_empty(), "no text generated");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "cba");
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //!
 //! Both need `head_dim % 64 == 0`; callers check the head lies inside the cache.
 
-use super::Head;
+use super::{Head, OnlineSoftmax};
 use std::arch::x86_64::*;
 
 /// `vcvtps2ph` immediate: round to nearest even (exceptions stay masked, as by default).
@@ -37,7 +37,7 @@ pub(super) unsafe fn head_avx2(head: &Head<'_>, q: &[f32], acc: &mut [f32]) -> f
     let qp = q.as_ptr();
     let ap = acc.as_mut_ptr();
     acc.fill(0.0);
-    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+    let mut softmax = OnlineSoftmax::new();
     for ic in 0..head.keys {
         let off = ic * head.stride + head.offset;
         let kp = head.k.as_ptr().add(off) as *const __m128i;
@@ -59,19 +59,14 @@ pub(super) unsafe fn head_avx2(head: &Head<'_>, q: &[f32], acc: &mut [f32]) -> f
         let vhi = _mm256_add_ps(_mm256_add_ps(hi[0], hi[2]), _mm256_add_ps(hi[1], hi[3]));
         // (The definition's f64 tail sum has nothing to add: no tail.)
         let score = fold16(vlo, vhi) * head.scale;
-        let (mut ms, mut vs) = (1f32, 1f32);
-        if score > m {
-            let old = m;
-            m = score;
-            ms = (old - m).exp();
+        let (rescale, vs) = softmax.push(score);
+        if let Some(ms) = rescale {
             let s = _mm256_set1_ps(ms);
             for c in (0..d).step_by(8) {
                 let a = _mm256_mul_ps(_mm256_loadu_ps(ap.add(c)), s);
                 let a = _mm256_cvtph_ps(_mm256_cvtps_ph::<ROUND>(a));
                 _mm256_storeu_ps(ap.add(c), a);
             }
-        } else {
-            vs = (score - m).exp();
         }
         let vp = head.v.as_ptr().add(off) as *const __m128i;
         let s = _mm256_set1_ps(vs);
@@ -81,13 +76,8 @@ pub(super) unsafe fn head_avx2(head: &Head<'_>, q: &[f32], acc: &mut [f32]) -> f
             let a = _mm256_cvtph_ps(_mm256_cvtps_ph::<ROUND>(a));
             _mm256_storeu_ps(ap.add(c), a);
         }
-        sum = sum.mul_add(ms, vs);
     }
-    if sum == 0.0 {
-        0.0
-    } else {
-        1.0 / sum
-    }
+    softmax.inv_sum()
 }
 
 /// [`head_avx2`] with 16-lane registers.
@@ -100,7 +90,7 @@ pub(super) unsafe fn head_avx512(head: &Head<'_>, q: &[f32], acc: &mut [f32]) ->
     let qp = q.as_ptr();
     let ap = acc.as_mut_ptr();
     acc.fill(0.0);
-    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+    let mut softmax = OnlineSoftmax::new();
     for ic in 0..head.keys {
         let off = ic * head.stride + head.offset;
         let kp = head.k.as_ptr().add(off) as *const __m256i;
@@ -119,19 +109,14 @@ pub(super) unsafe fn head_avx512(head: &Head<'_>, q: &[f32], acc: &mut [f32]) ->
         let lo = _mm512_castps512_ps256(v);
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
         let score = fold16(lo, hi) * head.scale;
-        let (mut ms, mut vs) = (1f32, 1f32);
-        if score > m {
-            let old = m;
-            m = score;
-            ms = (old - m).exp();
+        let (rescale, vs) = softmax.push(score);
+        if let Some(ms) = rescale {
             let s = _mm512_set1_ps(ms);
             for c in (0..d).step_by(16) {
                 let a = _mm512_mul_ps(_mm512_loadu_ps(ap.add(c)), s);
                 let a = _mm512_cvtph_ps(_mm512_cvtps_ph::<ROUND>(a));
                 _mm512_storeu_ps(ap.add(c), a);
             }
-        } else {
-            vs = (score - m).exp();
         }
         let vp = head.v.as_ptr().add(off) as *const __m256i;
         let s = _mm512_set1_ps(vs);
@@ -141,11 +126,6 @@ pub(super) unsafe fn head_avx512(head: &Head<'_>, q: &[f32], acc: &mut [f32]) ->
             let a = _mm512_cvtph_ps(_mm512_cvtps_ph::<ROUND>(a));
             _mm512_storeu_ps(ap.add(c), a);
         }
-        sum = sum.mul_add(ms, vs);
     }
-    if sum == 0.0 {
-        0.0
-    } else {
-        1.0 / sum
-    }
+    softmax.inv_sum()
 }
