@@ -242,7 +242,10 @@ fn a_sigkilled_worker_does_not_stop_the_run_and_a_late_joiner_contributes() {
     assert!(joined_at >= 4, "{caught}");
     // The joiner's pseudo-gradient was applied, beside others', in a round after it joined
     // (the final states agree below, so every worker applied the same set).
-    let applied = joiner.wait_for_all(&["mine applied", "applied 2/", "applied 3/"], RUN_TIMEOUT);
+    let applied = joiner.wait_for_all(
+        &["mine applied", "applied 2/", "applied 3/", "applied 4/"],
+        RUN_TIMEOUT,
+    );
     let round: u64 = field(&applied, "round ")
         .split('/')
         .next()
