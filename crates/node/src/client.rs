@@ -196,6 +196,14 @@ impl NetworkClient {
         &self.metrics
     }
 
+    /// The published reputation of every peer in the directory
+    /// ([`crate::reputation::published`]).
+    pub fn reputations(&self) -> Vec<(PeerId, f64)> {
+        let peers: Vec<PeerId> = self.directory().iter().map(|(p, _)| *p).collect();
+        let scores = self.scores.lock().unwrap_or_else(|e| e.into_inner());
+        crate::reputation::published(&self.book(), &scores, &peers)
+    }
+
     /// What audits have taught this client (convictions, reputation, stakes).
     pub fn book(&self) -> std::sync::MutexGuard<'_, crate::audit::AuditBook> {
         self.book.lock().unwrap_or_else(|e| e.into_inner())

@@ -22,16 +22,20 @@
 use crate::audit::AuditBook;
 use crate::route::Candidate;
 use crate::scoreboard::Scoreboard;
+use plexus_net::PeerId;
 
 /// The least score routing divides by: a poor record costs at most 20 times its time (it is
 /// still used when nothing else serves the span).
 pub const MIN_SCORE: f64 = 0.05;
 
-/// The median of the measured per-layer decode latencies of `candidates`' peers, if any.
-pub fn reference_latency(scores: &Scoreboard, candidates: &[Candidate]) -> Option<f64> {
-    let mut measured: Vec<f64> = candidates
-        .iter()
-        .filter_map(|c| scores.get(&c.peer)?.decode_s_per_layer)
+/// The median of the measured per-layer decode latencies of `peers`, if any was measured.
+pub fn reference_latency<'a>(
+    scores: &Scoreboard,
+    peers: impl IntoIterator<Item = &'a PeerId>,
+) -> Option<f64> {
+    let mut measured: Vec<f64> = peers
+        .into_iter()
+        .filter_map(|p| scores.get(p)?.decode_s_per_layer)
         .filter(|s| s.is_finite() && *s > 0.0)
         .collect();
     if measured.is_empty() {
@@ -50,32 +54,34 @@ pub fn reference_latency(scores: &Scoreboard, candidates: &[Candidate]) -> Optio
 /// score (module docs).
 pub fn weigh(book: &AuditBook, scores: &Scoreboard, candidates: &mut Vec<Candidate>) {
     candidates.retain(|c| !book.is_convicted(&c.peer));
-    let reference = reference_latency(scores, candidates);
+    let reference = reference_latency(scores, candidates.iter().map(|c| &c.peer));
     for c in candidates.iter_mut() {
-        let latency = scores.get(&c.peer).and_then(|s| s.decode_s_per_layer);
-        c.compute_s /= book.score(&c.peer, latency, reference).max(MIN_SCORE);
+        c.compute_s /= score(book, scores, &c.peer, reference).max(MIN_SCORE);
     }
+}
+
+/// `peer`'s published score against `reference` ([`reference_latency`]).
+pub fn score(book: &AuditBook, scores: &Scoreboard, peer: &PeerId, reference: Option<f64>) -> f64 {
+    let latency = scores.get(peer).and_then(|s| s.decode_s_per_layer);
+    book.score(peer, latency, reference)
+}
+
+/// The published score of each of `peers` (what `/metrics` shows), the reference being the
+/// median over them all.
+pub fn published(book: &AuditBook, scores: &Scoreboard, peers: &[PeerId]) -> Vec<(PeerId, f64)> {
+    let reference = reference_latency(scores, peers);
+    peers
+        .iter()
+        .map(|p| (*p, score(book, scores, p, reference)))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::route::best_route;
-    use plexus_net::PeerId;
+    use crate::scoreboard::tests::cand;
     use std::time::Duration;
-
-    fn cand(peer: PeerId, compute_s: f64) -> Candidate {
-        Candidate {
-            peer,
-            start: 0,
-            end: 10,
-            compute_s,
-            rtt: Some(Duration::from_millis(1)),
-            load: 0.0,
-            price_s: 0.0,
-            full: false,
-        }
-    }
 
     fn timed(scores: &mut Scoreboard, peer: PeerId, ms_per_token: u64) {
         for _ in 0..4 {
@@ -87,16 +93,21 @@ mod tests {
     fn the_median_of_what_was_measured() {
         let p: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
         let mut scores = Scoreboard::default();
-        let cands: Vec<Candidate> = p.iter().map(|q| cand(*q, 0.01)).collect();
-        assert_eq!(reference_latency(&scores, &cands), None);
+        assert_eq!(reference_latency(&scores, &p), None);
         timed(&mut scores, p[0], 10);
         timed(&mut scores, p[1], 30);
         timed(&mut scores, p[2], 20);
-        let r = reference_latency(&scores, &cands).unwrap();
+        let r = reference_latency(&scores, &p).unwrap();
         assert!((r - 0.002).abs() < 1e-9, "{r}");
         timed(&mut scores, p[3], 40);
-        let r = reference_latency(&scores, &cands).unwrap();
+        let r = reference_latency(&scores, &p).unwrap();
         assert!((r - 0.0025).abs() < 1e-9, "{r}");
+        // Published: every peer's score against that median: no history gives 0.5, the
+        // fastest keeps speed 1, the slowest loses sqrt(median / its latency).
+        let published = published(&AuditBook::default(), &scores, &p);
+        assert_eq!(published.len(), 4);
+        assert!((published[0].1 - 0.5).abs() < 1e-9, "{published:?}");
+        assert!((published[3].1 - 0.5 * (0.0025f64 / 0.004).sqrt()).abs() < 1e-9);
     }
 
     /// Two nodes claiming the same speed with the same honest record: the one the gateway
@@ -117,7 +128,7 @@ mod tests {
         timed(&mut scores, slow, 40);
         let mut cands = vec![cand(fast, 0.01), cand(slow, 0.01)];
         cands.iter_mut().for_each(|c| scores.adjust(c));
-        let reference = reference_latency(&scores, &cands);
+        let reference = reference_latency(&scores, [&fast, &slow]);
         let s_fast = book.score(&fast, Some(0.001), reference);
         let s_slow = book.score(&slow, Some(0.004), reference);
         assert!(s_slow < s_fast, "{s_slow} vs {s_fast}");
