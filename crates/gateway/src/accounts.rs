@@ -211,15 +211,16 @@ impl Accounts {
             .map_err(|e| ApiError::Internal(format!("ledger: {e}")))
     }
 
-    /// Holds escrow for a request of at most `max_tokens` completion tokens.
+    /// Holds escrow for `request` (its id from the request's seal) of at most `max_tokens`
+    /// completion tokens.
     pub(crate) async fn hold(
         self: &Arc<Self>,
         payer: Address,
         max_tokens: usize,
+        request: RequestId,
     ) -> Result<Meter, ApiError> {
         let held = (max_tokens as u128 * u128::from(self.price)).min(u128::from(i64::MAX as u64))
             as Amount;
-        let request = RequestId(random_bytes().map_err(ApiError::Internal)?);
         if held > 0 {
             let op = Op::OpenEscrow {
                 request,
@@ -563,6 +564,7 @@ pub(crate) async fn hold_for(
                     job.max_tokens
                         .unwrap_or(context)
                         .saturating_mul(job.n.max(1)),
+                    RequestId(job.seal.request()),
                 )
                 .await?,
         )),

@@ -50,7 +50,11 @@ pub fn layer(origins: &[String]) -> CorsLayer {
             header::CONTENT_TYPE,
             header::HeaderName::from_static("x-api-key"),
         ])
-        .expose_headers([header::HeaderName::from_static("x-plexus-seed")])
+        .expose_headers([
+            header::HeaderName::from_static("x-plexus-seed"),
+            header::HeaderName::from_static("x-plexus-request-id"),
+            header::HeaderName::from_static("x-plexus-seed-commitment"),
+        ])
         .max_age(std::time::Duration::from_secs(600))
 }
 

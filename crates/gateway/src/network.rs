@@ -310,6 +310,13 @@ impl Backend for NetworkBackend {
                 );
             }
         }
+        let _ = writeln!(
+            out,
+            "# HELP plexus_node_reputation Published reputation of each known node: trust x availability x speed from audits, answered calls and the decode latency this gateway measured (0: convicted).\n# TYPE plexus_node_reputation gauge"
+        );
+        for (peer, score) in self.client.reputations() {
+            let _ = writeln!(out, "plexus_node_reputation{{peer=\"{peer}\"}} {score:.4}");
+        }
         if let Some(post) = &self.post {
             post.render(out);
         }

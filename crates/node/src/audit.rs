@@ -285,17 +285,18 @@ impl AuditBook {
         self.convicted.contains(peer)
     }
 
-    /// The published reputation ([`Record::score`]); latency is left to the scoreboard's
-    /// measurements (speed factor 1 here).
-    pub fn score(&self, peer: &PeerId) -> f64 {
+    /// The published reputation ([`Record::score`], [`crate::reputation`]) of `peer`, with
+    /// `latency` its decode seconds per layer as this gateway measured them and `reference`
+    /// the median of those over the model's nodes (speed factor 1 while either is unknown).
+    pub fn score(&self, peer: &PeerId, latency: Option<f64>, reference: Option<f64>) -> f64 {
         if self.is_convicted(peer) {
             return 0.0;
         }
-        self.records
-            .get(peer)
-            .copied()
-            .unwrap_or_default()
-            .score(0.0)
+        let record = Record {
+            latency: latency.unwrap_or(0.0),
+            ..self.records.get(peer).copied().unwrap_or_default()
+        };
+        record.score(reference.unwrap_or(0.0))
     }
 
     pub fn record(&self, peer: &PeerId) -> Record {
@@ -875,17 +876,17 @@ mod tests {
     fn the_book_convicts_scores_and_stays_bounded() {
         let p = peers(2);
         let mut book = AuditBook::default();
-        assert!((book.score(&p[0]) - 0.5).abs() < 1e-9);
+        assert!((book.score(&p[0], None, None) - 0.5).abs() < 1e-9);
         for _ in 0..8 {
             book.on_audit(p[0], true);
             book.on_call(p[0], true);
         }
-        assert!(book.score(&p[0]) > 0.8);
+        assert!(book.score(&p[0], None, None) > 0.8);
         book.on_audit(p[1], false);
-        assert!(book.score(&p[1]) < book.score(&p[0]));
+        assert!(book.score(&p[1], None, None) < book.score(&p[0], None, None));
         book.convict(p[1]);
         assert!(book.is_convicted(&p[1]));
-        assert_eq!(book.score(&p[1]), 0.0);
+        assert_eq!(book.score(&p[1], None, None), 0.0);
         for _ in 0..MAX_RECORDS + 10 {
             book.on_call(PeerId::random(), true);
         }

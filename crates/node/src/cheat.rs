@@ -5,7 +5,11 @@
 //! - `random`: every output row (hidden states, or the logits the last stage samples from) is
 //!   replaced by noise of the same scale (garbage: as cheap as not computing);
 //! - `noise`: every output value is perturbed by 0.1% (a subtle cheat, like a cheaper
-//!   quantization: the sampled tokens mostly stay the same, the fingerprints do not).
+//!   quantization: the sampled tokens mostly stay the same, the fingerprints do not);
+//! - `token`: a last stage computes honestly but returns another token than the one its
+//!   logits and the request's protocol seed give (the most likely other token: as if it had
+//!   sampled with a seed of its own choosing); only the auditor's token check, which samples
+//!   its own logits with the same seed, can tell. Other stages are honest under it.
 //!
 //! The cheater commits honestly to what it returns (its receipts pass the gateway's checks):
 //! only an audit's recomputation can tell.
@@ -17,6 +21,7 @@ use plexus_core::rng::{CounterRng, Stream};
 pub enum Cheat {
     Random,
     Noise,
+    Token,
 }
 
 impl std::str::FromStr for Cheat {
@@ -25,7 +30,8 @@ impl std::str::FromStr for Cheat {
         match s {
             "random" => Ok(Cheat::Random),
             "noise" => Ok(Cheat::Noise),
-            _ => Err(format!("unknown cheat {s:?} (random or noise)")),
+            "token" => Ok(Cheat::Token),
+            _ => Err(format!("unknown cheat {s:?} (random, noise or token)")),
         }
     }
 }
@@ -33,6 +39,9 @@ impl std::str::FromStr for Cheat {
 impl Cheat {
     /// Corrupts `rows` (row-major, `width` wide) of a call; `salt` varies the noise per call.
     pub fn apply(self, rows: &mut [f32], width: usize, salt: u64) {
+        if self == Cheat::Token {
+            return;
+        }
         let mut rng = CounterRng::new(salt, Stream::Audit, 0x0063_6865_6174);
         for row in rows.chunks_mut(width.max(1)) {
             let ms = row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / row.len() as f64;
@@ -42,9 +51,24 @@ impl Cheat {
                 *v = match self {
                     Cheat::Random => (z * scale) as f32,
                     Cheat::Noise => (f64::from(*v) * (1.0 + 1e-3 * z)) as f32,
+                    Cheat::Token => *v,
                 };
             }
         }
+    }
+
+    /// The token a cheating last stage returns instead of the `sampled` one: under `token`,
+    /// the highest logit other than `sampled`'s; the other cheats keep it.
+    pub fn token(self, sampled: u32, logits: &[f32]) -> u32 {
+        if self != Cheat::Token {
+            return sampled;
+        }
+        logits
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u32 != sampled)
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(sampled, |(i, _)| i as u32)
     }
 }
 
@@ -68,6 +92,14 @@ mod tests {
             .zip(&rows)
             .all(|(a, b)| (a - b).abs() <= 0.01 * b.abs() + 1e-6));
         assert_eq!("random".parse::<Cheat>(), Ok(Cheat::Random));
+        assert_eq!("token".parse::<Cheat>(), Ok(Cheat::Token));
+        let mut r = rows.clone();
+        Cheat::Token.apply(&mut r, 8, 3);
+        assert_eq!(r, rows, "a token cheat computes honestly");
+        // The sampled token is the argmax (15); the cheat returns the runner-up (14).
+        assert_eq!(Cheat::Token.token(15, &rows), 14);
+        assert_eq!(Cheat::Token.token(3, &rows), 15);
+        assert_eq!(Cheat::Noise.token(15, &rows), 15);
         assert!("skip".parse::<Cheat>().is_err());
     }
 }

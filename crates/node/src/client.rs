@@ -196,6 +196,14 @@ impl NetworkClient {
         &self.metrics
     }
 
+    /// The published reputation of every peer in the directory
+    /// ([`crate::reputation::published`]).
+    pub fn reputations(&self) -> Vec<(PeerId, f64)> {
+        let peers: Vec<PeerId> = self.directory().iter().map(|(p, _)| *p).collect();
+        let scores = self.scores.lock().unwrap_or_else(|e| e.into_inner());
+        crate::reputation::published(&self.book(), &scores, &peers)
+    }
+
     /// What audits have taught this client (convictions, reputation, stakes).
     pub fn book(&self) -> std::sync::MutexGuard<'_, crate::audit::AuditBook> {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
@@ -248,12 +256,10 @@ impl NetworkClient {
         }
         let scores = self.scores.lock().unwrap_or_else(|e| e.into_inner());
         out.iter_mut().for_each(|c| scores.adjust(c));
-        // Convicted nodes are never routed to; reputation scales a node's expected compute
-        // (a new node's 0.5 doubles it, a long honest record brings it near 1).
-        let book = self.book();
-        out.retain(|c| !book.is_convicted(&c.peer));
-        out.iter_mut()
-            .for_each(|c| c.compute_s /= book.score(&c.peer).max(0.05));
+        // Convicted nodes are never routed to; reputation (audits, answered calls, measured
+        // latency) scales a node's expected compute: a new node's 0.5 doubles it, a long
+        // honest, available and fast record brings it near 1.
+        crate::reputation::weigh(&self.book(), &scores, &mut out);
         out
     }
 

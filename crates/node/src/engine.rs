@@ -863,8 +863,11 @@ impl EngineActor {
                 }
                 let params = f.sampling.as_deref().cloned().unwrap_or_default();
                 let position = call.session.history.len() as u64;
-                let (token, scores) =
+                let (mut token, scores) =
                     sample_scored(&logits, &call.session.history, &params, position);
+                if let Some(cheat) = self.config.cheat {
+                    token = cheat.token(token, &logits);
+                }
                 let commitment = plexus_verify::commitment::call_commitment(
                     logits.len(),
                     position.saturating_sub(1),

@@ -5,7 +5,8 @@
 //! - [`engine`]: the engine thread with per-session KV caches.
 //! - [`client`]: drives generations over a chain of remote stages, with failover.
 //! - [`directory`], [`discovery`]: who serves what, from verified announcements.
-//! - [`route`]: the cheapest chain for a request; [`placement`]: spans for nodes.
+//! - [`route`]: the cheapest chain for a request; [`reputation`]: the gateway's score of each
+//!   node in it; [`placement`]: spans for nodes.
 //! - [`measure`]: seconds per layer and free memory.
 //! - [`metering`]: signed receipts of stage calls checked and summed per provider.
 //! - [`audit`]: Proof-of-Sampling audits of stage calls (draw, shadow auditor, referees);
@@ -21,6 +22,7 @@ pub mod engine;
 pub mod measure;
 pub mod metering;
 pub mod placement;
+pub mod reputation;
 pub mod route;
 pub mod scoreboard;
 pub mod service;

@@ -101,11 +101,12 @@ impl Scoreboard {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::route::best_route;
 
-    fn cand(peer: PeerId, compute_s: f64) -> Candidate {
+    /// A candidate over layers 0..10 with `compute_s` and nothing else against it.
+    pub(crate) fn cand(peer: PeerId, compute_s: f64) -> Candidate {
         Candidate {
             peer,
             start: 0,

@@ -553,7 +553,7 @@ pub struct NodeArgs {
     /// Exit when this process id is gone (used by `plexus up`).
     #[arg(long, hide = true)]
     pub parent_pid: Option<u32>,
-    /// Tests only: return wrong results (`random` or `noise`, see plexus_node::cheat), so
+    /// Tests only: return wrong results (`random`, `noise` or `token`, see plexus_node::cheat), so
     /// audits can be tested against a real cheating process.
     #[arg(long, hide = true, value_name = "KIND")]
     pub cheat: Option<plexus_node::cheat::Cheat>,

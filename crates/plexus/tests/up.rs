@@ -560,6 +560,23 @@ fn a_cheating_node_is_caught_excluded_and_slashed_while_streams_go_on_issue_11()
     assert!(c("plexus_audit_calls_passed") > 0, "{metrics}");
     assert_eq!(c("plexus_audits_unavailable"), 0, "{metrics}");
     assert!(c("plexus_chain_failovers") >= 1, "{metrics}");
+    // Published reputations: the convicted cheater 0, the honest nodes above it.
+    let reputations: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("plexus_node_reputation{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    eprintln!("reputations {reputations:?}");
+    assert!(reputations.len() >= 3, "{metrics}");
+    assert_eq!(
+        reputations.iter().filter(|r| **r == 0.0).count(),
+        1,
+        "{metrics}"
+    );
+    assert!(
+        reputations.iter().filter(|r| **r > 0.0).count() >= 2,
+        "{metrics}"
+    );
     stop_up(up);
 
     let base = cache.path().join("up");

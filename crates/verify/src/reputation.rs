@@ -10,12 +10,15 @@
 //! - `passed` / `misses`: audits of this node that passed / were tolerance misses; a marginal
 //!   miss costs as much trust as ten passes, so a node recovers only by a long honest run;
 //! - `answered` / `calls`: stage calls it answered in time (uptime as seen by the gateway);
-//! - latencies are medians the gateway measured (never the node's own claims); `reference` is
-//!   the median over all nodes serving the span.
+//! - latencies are what the gateway measured, never the node's own claims: in the network
+//!   (`plexus-node`'s `reputation`) a node's decode seconds per layer as the gateway timed its
+//!   calls (round trip removed, averaged), `reference` the median of those over the model's
+//!   measured nodes; in `plexus sim`, seconds per job. Unmeasured: speed 1.
 //!
 //! Reputation belongs to the node key, not to its owner: a conviction zeroes this node only.
-//! Routing multiplies a chain's expected cost by `1 / score` (see `plexus-node`'s route), so
-//! nodes with no history (score 0.5) are used, and proven ones preferred.
+//! Routing divides a node's expected compute time by the score (see `plexus-node`'s
+//! `reputation::weigh`), so nodes with no history (score 0.5) are used, and proven ones
+//! preferred.
 
 use serde::{Deserialize, Serialize};
 

@@ -55,6 +55,70 @@ pub fn protocol_seed(request: &[u8; 32], commitment: &Digest) -> u64 {
     u64::from_le_bytes(first)
 }
 
+/// What a gateway draws for one request: the request's id and the secret behind its seed
+/// commitment. The id and the commitment are published with the response (and the id is the
+/// escrow's request id); the secret is kept to be revealed with an audit, so that anyone can
+/// then check the seed was fixed before the provider answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RequestSeal {
+    request: [u8; 32],
+    secret: [u8; 32],
+}
+
+impl RequestSeal {
+    /// A seal from the gateway's fresh random `request` id and `secret`.
+    pub const fn new(request: [u8; 32], secret: [u8; 32]) -> Self {
+        Self { request, secret }
+    }
+
+    pub fn request(&self) -> [u8; 32] {
+        self.request
+    }
+
+    /// The gateway's commitment ([`commit_secret`] of the secret).
+    pub fn commitment(&self) -> Digest {
+        commit_secret(&self.secret)
+    }
+
+    /// The secret, revealed with an audit.
+    pub fn secret(&self) -> [u8; 32] {
+        self.secret
+    }
+
+    /// Where the request's seed comes from: the client's own `seed` when it sent one (the
+    /// verifier knows it too), else the protocol's.
+    pub fn source(&self, client: Option<u64>) -> SeedSource {
+        match client {
+            Some(seed) => SeedSource::Client(seed),
+            None => SeedSource::Protocol {
+                request: self.request,
+                commitment: self.commitment(),
+            },
+        }
+    }
+
+    /// The protocol seed of the request (what it samples with unless the client chose one).
+    pub fn protocol_seed(&self) -> u64 {
+        self.source(None).seed()
+    }
+}
+
+/// The secret stays out of logs and debug output.
+impl std::fmt::Debug for RequestSeal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestSeal")
+            .field("request", &Digest(self.request))
+            .field("commitment", &self.commitment())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a revealed `secret` matches the published `commitment` and gives `seed` for
+/// `request` (what a client or referee checks after an audit reveals the secret).
+pub fn check_reveal(request: &[u8; 32], commitment: &Digest, secret: &[u8; 32], seed: u64) -> bool {
+    commit_secret(secret) == *commitment && protocol_seed(request, commitment) == seed
+}
+
 /// The gateway's commitment to its per-request secret: `sha256(domain || secret)`. The secret
 /// is revealed with the audit so anyone can check the seed was not chosen after the fact.
 pub fn commit_secret(secret: &[u8; 32]) -> Digest {
@@ -79,6 +143,35 @@ mod tests {
         // Pinned (and checked with Python hashlib) so a change of the derivation is seen.
         let seed = protocol_seed(&[0u8; 32], &commit_secret(&[1u8; 32]));
         assert_eq!(format!("{seed:016x}"), "9a64f88c37b5922f");
+    }
+
+    #[test]
+    fn a_seal_gives_the_protocol_seed_unless_the_client_chose_one() {
+        let seal = RequestSeal::new([5; 32], [6; 32]);
+        let seed = seal.protocol_seed();
+        assert_eq!(seed, protocol_seed(&[5; 32], &commit_secret(&[6; 32])));
+        assert_eq!(RequestSeal::new([5; 32], [6; 32]).protocol_seed(), seed);
+        assert_eq!(seal.source(Some(9)).seed(), 9);
+        assert!(check_reveal(
+            &seal.request(),
+            &seal.commitment(),
+            &seal.secret(),
+            seed
+        ));
+        assert!(!check_reveal(
+            &seal.request(),
+            &seal.commitment(),
+            &[7; 32],
+            seed
+        ));
+        assert!(!check_reveal(
+            &seal.request(),
+            &seal.commitment(),
+            &seal.secret(),
+            seed ^ 1
+        ));
+        let shown = format!("{seal:?}");
+        assert!(!shown.contains(&Digest([6; 32]).to_string()), "{shown}");
     }
 
     proptest! {

@@ -21,6 +21,7 @@ use axum::Json;
 use plexus_model::chat::Message;
 use plexus_model::sampler::TokenLogprobs;
 use plexus_model::Tokenizer;
+use plexus_verify::seed::RequestSeal;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -315,8 +316,19 @@ pub(crate) fn fingerprint(identity: &str) -> String {
 }
 
 /// Adds the seed header to a response.
-pub(crate) fn with_seed(mut res: Response, seed: u64) -> Response {
-    res.headers_mut().insert("x-plexus-seed", seed.into());
+/// Reports the request's sampling seed and the seal it was derived from (request id and the
+/// gateway's seed commitment, lowercase hex) in response headers.
+pub(crate) fn with_seed(mut res: Response, seed: u64, seal: &RequestSeal) -> Response {
+    let h = res.headers_mut();
+    h.insert("x-plexus-seed", seed.into());
+    for (name, bytes) in [
+        ("x-plexus-request-id", seal.request()),
+        ("x-plexus-seed-commitment", seal.commitment().0),
+    ] {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&hex::encode(bytes)) {
+            h.insert(name, v);
+        }
+    }
     res
 }
 
@@ -340,10 +352,12 @@ pub async fn handler(
     // Parsed apart, not flattened, so that a bad value names its field.
     let options: Options = json::parse(body.clone())?;
     let req: ChatRequest = json::parse(body)?;
-    let mut opts = options.resolve(super::random_u64())?;
+    let seal = super::seal()?;
+    let mut opts = options.resolve(&seal)?;
     opts.sampling.logprobs = params::chat_logprobs(req.logprobs, req.top_logprobs)?;
     let want_logprobs = opts.sampling.logprobs.is_some();
     let job = Job {
+        seal,
         route: "/v1/chat/completions",
         model: req.model,
         prompt: Prompt::Chat(messages(&req.messages)?, guide.in_prompt.clone()),
@@ -357,6 +371,7 @@ pub async fn handler(
     };
     let running: Running = generation::start(&state, job).await?;
     let seed = running.seed;
+    let seal = running.seal;
     let id = super::response_id("chatcmpl");
     let created = super::unix_now();
     let model = running.model.clone();
@@ -380,6 +395,7 @@ pub async fn handler(
         return Ok(with_seed(
             sse::response(running, chunks, opts.n, opts.include_usage),
             seed,
+            &seal,
         ));
     }
     let prompt_tokens = running.prompt_tokens;
@@ -417,5 +433,5 @@ pub async fn handler(
         "choices": choices,
         "usage": sse::usage(prompt_tokens, &cs),
     });
-    Ok(with_seed(Json(body).into_response(), seed))
+    Ok(with_seed(Json(body).into_response(), seed, &seal))
 }

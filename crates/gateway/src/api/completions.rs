@@ -87,7 +87,8 @@ pub async fn handler(
     // Parsed apart, not flattened, so that a bad value names its field.
     let options: Options = json::parse(body.clone())?;
     let req: CompletionRequest = json::parse(body)?;
-    let mut opts = options.resolve(super::random_u64())?;
+    let seal = super::seal()?;
+    let mut opts = options.resolve(&seal)?;
     opts.sampling.logprobs = params::completion_logprobs(req.logprobs)?;
     let want_logprobs = opts.sampling.logprobs.is_some();
     let prompt = match req.prompt {
@@ -101,6 +102,7 @@ pub async fn handler(
         }
     };
     let job = Job {
+        seal,
         route: "/v1/completions",
         model: req.model,
         prompt: Prompt::Text(prompt),
@@ -114,6 +116,7 @@ pub async fn handler(
     };
     let running = generation::start(&state, job).await?;
     let seed = running.seed;
+    let seal = running.seal;
     let id = super::response_id("cmpl");
     let created = super::unix_now();
     let model = running.model.clone();
@@ -134,6 +137,7 @@ pub async fn handler(
         return Ok(with_seed(
             sse::response(running, chunks, opts.n, opts.include_usage),
             seed,
+            &seal,
         ));
     }
     let prompt_tokens = running.prompt_tokens;
@@ -165,5 +169,5 @@ pub async fn handler(
         "choices": choices,
         "usage": sse::usage(prompt_tokens, &cs),
     });
-    Ok(with_seed(Json(body).into_response(), seed))
+    Ok(with_seed(Json(body).into_response(), seed, &seal))
 }

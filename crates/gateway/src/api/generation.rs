@@ -25,6 +25,7 @@ use plexus_model::constraint::SharedGrammar;
 use plexus_model::generate::{Completion, FinishReason, Flow, GenerateRequest, Piece};
 use plexus_model::sampler::TokenLogprobs;
 use plexus_model::{SamplingParams, Tokenizer};
+use plexus_verify::seed::RequestSeal;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::error::TrySendError;
@@ -51,6 +52,9 @@ impl Prompt {
 
 /// One generation asked for by a handler.
 pub struct Job {
+    /// The request's id (also its escrow's) and the gateway's seed commitment; the sampling
+    /// seed is derived from them unless the client chose one ([`plexus_verify::seed`]).
+    pub seal: RequestSeal,
     /// The route, for metrics.
     pub route: &'static str,
     pub model: String,
@@ -139,6 +143,8 @@ pub struct Running {
     pub identity: String,
     pub prompt_tokens: usize,
     pub seed: u64,
+    /// The request's id and seed commitment, reported with the seed.
+    pub seal: RequestSeal,
     /// The model's tokenizer, to render log-probabilities.
     pub tokenizer: Arc<Tokenizer>,
     pub events: mpsc::Receiver<Event>,
@@ -160,6 +166,7 @@ pub async fn start(state: &AppState, job: Job) -> Result<Running, ApiError> {
     let identity = entry.identity.clone();
     let tokenizer = entry.tokenizer.clone();
     let seed = job.sampling.seed;
+    let seal = job.seal;
     let task = Task {
         state: state.clone(),
         runtime: tokio::runtime::Handle::current(),
@@ -176,6 +183,7 @@ pub async fn start(state: &AppState, job: Job) -> Result<Running, ApiError> {
             identity,
             prompt_tokens,
             seed,
+            seal,
             tokenizer,
             events,
         }),

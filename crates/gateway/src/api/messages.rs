@@ -627,8 +627,10 @@ pub async fn handler(
     let tools = parse_tools(body.get("tools"), body.get("tool_choice"))?;
     let mut guide = Guide::new(tools, None, "tools")?;
     let req: MessagesRequest = json::parse(body)?;
-    let opts = options(&req)?.resolve(super::random_u64())?;
+    let seal = super::seal()?;
+    let opts = options(&req)?.resolve(&seal)?;
     let job = Job {
+        seal,
         route: "/v1/messages",
         model: req.model.clone(),
         prompt: Prompt::Chat(
@@ -645,6 +647,7 @@ pub async fn handler(
     };
     let running = generation::start(&state, job).await?;
     let seed = running.seed;
+    let seal = running.seal;
     let answer = Answer {
         id: super::response_id("msg").replacen('-', "_", 1),
         model: running.model.clone(),
@@ -660,14 +663,22 @@ pub async fn handler(
             blocks: 0,
             tool_uses: 0,
         };
-        return Ok(super::chat::with_seed(sse::respond(running, events), seed));
+        return Ok(super::chat::with_seed(
+            sse::respond(running, events),
+            seed,
+            &seal,
+        ));
     }
     let cs = generation::finish(running).await?;
     let c = cs
         .first()
         .ok_or_else(|| ApiError::Internal("a generation returned no choice".into()))?;
     let body = answer.message(blocks(&guide, &c.text), Some(c));
-    Ok(super::chat::with_seed(Json(body).into_response(), seed))
+    Ok(super::chat::with_seed(
+        Json(body).into_response(),
+        seed,
+        &seal,
+    ))
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub mod params;
 pub mod responses;
 pub mod tools;
 
+use plexus_verify::seed::RequestSeal;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Unix seconds now, for `created` fields.
@@ -35,7 +36,20 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A random 64-bit value for ids and default seeds. Not for cryptography: std's per-process
+/// A fresh [`RequestSeal`] for a request: its id and the secret behind its seed commitment,
+/// from system randomness (the seed of a request without `seed` must be unpredictable to the
+/// client and the nodes until it is revealed).
+pub(crate) fn seal() -> Result<RequestSeal, crate::error::ApiError> {
+    let mut bytes = [0u8; 64];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| crate::error::ApiError::Internal(format!("system randomness: {e}")))?;
+    let (mut request, mut secret) = ([0u8; 32], [0u8; 32]);
+    request.copy_from_slice(&bytes[..32]);
+    secret.copy_from_slice(&bytes[32..]);
+    Ok(RequestSeal::new(request, secret))
+}
+
+/// A random 64-bit value for ids. Not for cryptography: std's per-process
 /// random hash keys mixed with a counter and the clock.
 pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};

@@ -343,6 +343,7 @@ async fn run(
     let stream = job.stream;
     let running = generation::start(state, job).await?;
     let seed = running.seed;
+    let seal = running.seal;
     let reply = Reply {
         route,
         model: running.model.clone(),
@@ -354,7 +355,11 @@ async fn run(
             calls: guide.stream(),
             pending: Vec::new(),
         };
-        return Ok(super::chat::with_seed(sse::respond(running, lines), seed));
+        return Ok(super::chat::with_seed(
+            sse::respond(running, lines),
+            seed,
+            &seal,
+        ));
     }
     let cs = generation::finish(running).await?;
     let c = cs
@@ -364,7 +369,11 @@ async fn run(
     let mut text = content.unwrap_or_default();
     let calls = ollama_calls(&calls, &mut text);
     let body = reply.last(reply.line(&text, calls), c);
-    Ok(super::chat::with_seed(Json(body).into_response(), seed))
+    Ok(super::chat::with_seed(
+        Json(body).into_response(),
+        seed,
+        &seal,
+    ))
 }
 
 pub async fn chat(
@@ -378,9 +387,10 @@ pub async fn chat(
     let tools = tools::parse(body.get("tools"), None, None)?;
     let mut guide = Guide::new(tools, parse_format(body.get("format"))?, "format")?;
     let req: ChatRequest = json::parse(body.clone())?;
-    let opts =
-        options(body.get("options"), req.stream.unwrap_or(true))?.resolve(super::random_u64())?;
+    let seal = super::seal()?;
+    let opts = options(body.get("options"), req.stream.unwrap_or(true))?.resolve(&seal)?;
     let job = Job {
+        seal,
         route: "/api/chat",
         model: req.model,
         prompt: Prompt::Chat(messages(&req.messages)?, guide.in_prompt.clone()),
@@ -405,8 +415,8 @@ pub async fn generate(
     fields::check(&body, fields::OLLAMA_GENERATE)?;
     let mut guide = Guide::format(parse_format(body.get("format"))?);
     let req: GenerateRequest = json::parse(body.clone())?;
-    let opts =
-        options(body.get("options"), req.stream.unwrap_or(true))?.resolve(super::random_u64())?;
+    let seal = super::seal()?;
+    let opts = options(body.get("options"), req.stream.unwrap_or(true))?.resolve(&seal)?;
     let prompt = if req.raw.unwrap_or(false) {
         if req.system.is_some() {
             return Err(ApiError::invalid(
@@ -425,6 +435,7 @@ pub async fn generate(
         Prompt::Chat(m, Vec::new())
     };
     let job = Job {
+        seal,
         route: "/api/generate",
         model: req.model,
         prompt,
@@ -507,7 +518,10 @@ mod tests {
 
     #[test]
     fn options_have_ollamas_defaults_and_names() {
-        let r = options(None, true).unwrap().resolve(1).unwrap();
+        let r = options(None, true)
+            .unwrap()
+            .resolve(&plexus_verify::seed::RequestSeal::new([1; 32], [1; 32]))
+            .unwrap();
         assert_eq!(r.sampling.temperature, 0.8);
         assert_eq!(r.sampling.top_k, 40);
         assert_eq!(r.max_tokens, None);
@@ -516,7 +530,7 @@ mod tests {
             false,
         )
         .unwrap()
-        .resolve(1)
+        .resolve(&plexus_verify::seed::RequestSeal::new([1; 32], [1; 32]))
         .unwrap();
         assert_eq!(
             (r.max_tokens, r.sampling.seed, r.stream),

@@ -1,12 +1,16 @@
 //! The request fields chat and text completions share ([`Options`]), checked and turned into
 //! engine terms ([`Resolved`]): OpenAI's defaults (temperature 1, top_p 1, no top-k, no min-p)
-//! so that its semantics hold; temperature 0 is greedy; no seed draws a random one, which the
-//! response reports in its `x-plexus-seed` header. Which fields exist at all is checked
+//! so that its semantics hold; temperature 0 is greedy; without a `seed` the protocol derives
+//! one from the request's [`RequestSeal`] (its id and the gateway's commitment,
+//! [`plexus_verify::seed`]), so that the sampled tokens are checkable by an auditor; the
+//! response reports the seed in its `x-plexus-seed` header (and the seal in
+//! `x-plexus-request-id` / `x-plexus-seed-commitment`). Which fields exist at all is checked
 //! before ([`super::fields`]); here their values are.
 
 use crate::error::ApiError;
 use plexus_core::sampling::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS};
 use plexus_model::SamplingParams;
+use plexus_verify::seed::RequestSeal;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -155,8 +159,8 @@ impl Options {
         Ok(out)
     }
 
-    /// Checks the options; `random_seed` is used when the request names no seed.
-    pub fn resolve(&self, random_seed: u64) -> Result<Resolved, ApiError> {
+    /// Checks the options; the seed is the client's, else the protocol's from `seal`.
+    pub fn resolve(&self, seal: &RequestSeal) -> Result<Resolved, ApiError> {
         let n = match self.n {
             None => 1,
             Some(n) if (1..=MAX_N as i64).contains(&n) => n as usize,
@@ -237,7 +241,7 @@ impl Options {
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
             penalty_last_n: PENALTY_LAST_N,
             // OpenAI takes any integer; negative seeds map onto the upper half of u64.
-            seed: self.seed.map_or(random_seed, |s| s as u64),
+            seed: seal.source(self.seed.map(|s| s as u64)).seed(),
             logit_bias: self.logit_bias()?,
             logprobs: None,
             allowed: None,
@@ -264,18 +268,21 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    const SEAL: RequestSeal = RequestSeal::new([0; 32], [0; 32]);
+
     fn opts(v: serde_json::Value) -> Options {
         serde_json::from_value(v).unwrap()
     }
 
     #[test]
     fn openai_defaults() {
-        let r = opts(serde_json::json!({})).resolve(7).unwrap();
+        let seal = RequestSeal::new([1; 32], [2; 32]);
+        let r = opts(serde_json::json!({})).resolve(&seal).unwrap();
         assert_eq!(r.sampling.temperature, 1.0);
         assert_eq!(r.sampling.top_p, 1.0);
         assert_eq!(r.sampling.top_k, 0);
         assert_eq!(r.sampling.min_p, 0.0);
-        assert_eq!(r.sampling.seed, 7);
+        assert_eq!(r.sampling.seed, seal.protocol_seed());
         assert!(!r.stream && !r.include_usage);
         assert_eq!(r.max_tokens, None);
     }
@@ -286,14 +293,14 @@ mod tests {
             "max_tokens": 5, "max_completion_tokens": 9, "stop": "x", "seed": 3,
             "stream": true, "stream_options": {"include_usage": true}
         }))
-        .resolve(0)
+        .resolve(&SEAL)
         .unwrap();
         assert_eq!(r.max_tokens, Some(9));
         assert_eq!(r.stop, vec!["x".to_string()]);
         assert_eq!(r.sampling.seed, 3);
         assert!(r.include_usage);
         let r = opts(serde_json::json!({"stop": ["a", "b"], "max_tokens": null}))
-            .resolve(0)
+            .resolve(&SEAL)
             .unwrap();
         assert_eq!(r.stop.len(), 2);
     }
@@ -310,7 +317,7 @@ mod tests {
         assert_eq!(completion_logprobs(Some(3)).unwrap(), Some(3));
         assert!(completion_logprobs(Some(-1)).is_err());
         let r = opts(serde_json::json!({"logit_bias": {"9": -100, " 2": 5.5}}))
-            .resolve(0)
+            .resolve(&SEAL)
             .unwrap();
         assert_eq!(r.sampling.logit_bias, vec![(2, 5.5), (9, -100.0)]);
     }
@@ -332,7 +339,7 @@ mod tests {
             serde_json::json!({"logit_bias": {"abc": 1}}),
             serde_json::json!({"logit_bias": {"5": 101}}),
         ] {
-            let e = opts(bad.clone()).resolve(0).unwrap_err();
+            let e = opts(bad.clone()).resolve(&SEAL).unwrap_err();
             assert_eq!(e.status(), 400, "{bad}");
         }
     }

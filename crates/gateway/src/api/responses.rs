@@ -568,6 +568,7 @@ pub async fn handler(
         }
     }
     let _ = &req.metadata; // Echoed back only.
+    let seal = super::seal()?;
     let opts = Options {
         stream: req.stream,
         max_tokens: req.max_output_tokens,
@@ -575,9 +576,10 @@ pub async fn handler(
         top_p: req.top_p,
         ..Options::default()
     }
-    .resolve(super::random_u64())
+    .resolve(&seal)
     .map_err(|e| e.map_param(|p| p.replace("max_tokens", "max_output_tokens")))?;
     let job = Job {
+        seal,
         route: "/v1/responses",
         model: req.model.clone(),
         prompt: Prompt::Chat(
@@ -594,6 +596,7 @@ pub async fn handler(
     };
     let running = generation::start(&state, job).await?;
     let seed = running.seed;
+    let seal = running.seal;
     let shell = Shell {
         id: super::response_id("resp").replacen('-', "_", 1),
         created: super::unix_now(),
@@ -609,14 +612,22 @@ pub async fn handler(
             open: None,
             sequence: 0,
         };
-        return Ok(super::chat::with_seed(sse::respond(running, events), seed));
+        return Ok(super::chat::with_seed(
+            sse::respond(running, events),
+            seed,
+            &seal,
+        ));
     }
     let cs = generation::finish(running).await?;
     let c = cs
         .first()
         .ok_or_else(|| ApiError::Internal("a generation returned no choice".into()))?;
     let body = shell.response(status(c), &output(&guide, &c.text), Some(c));
-    Ok(super::chat::with_seed(Json(body).into_response(), seed))
+    Ok(super::chat::with_seed(
+        Json(body).into_response(),
+        seed,
+        &seal,
+    ))
 }
 
 #[cfg(test)]

@@ -195,6 +195,54 @@ async fn seeded_sampling_repeats() {
     assert_eq!(a["choices"][0]["message"], b["choices"][0]["message"]);
 }
 
+/// Without a client seed, the seed is the protocol's: derived from the request id and the
+/// gateway's seed commitment it reports, so the same (request id, commitment) gives the same
+/// seed and the same tokens (what an auditor recomputes).
+#[tokio::test]
+async fn the_seed_is_derived_from_the_request_id_and_commitment_issue_11() {
+    let app = tiny_app(GatewayConfig::new());
+    let req = chat(json!({"temperature": 1.0, "max_tokens": 16}));
+    let res = send(&app, post("/v1/chat/completions", &req)).await;
+    assert_eq!(res.status(), 200);
+    let h = res.headers().clone();
+    let bytes = |name: &str| -> [u8; 32] {
+        hex::decode(h[name].to_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap()
+    };
+    let (request, commitment) = (
+        bytes("x-plexus-request-id"),
+        plexus_core::Digest(bytes("x-plexus-seed-commitment")),
+    );
+    let seed: u64 = h["x-plexus-seed"].to_str().unwrap().parse().unwrap();
+    assert_eq!(
+        seed,
+        plexus_verify::seed::protocol_seed(&request, &commitment)
+    );
+    let first = json(res).await;
+    // Replaying with that seed (as an auditor does) gives the same tokens.
+    let mut again = req.clone();
+    // OpenAI's `seed` is a signed integer: the upper half of u64 goes as negatives.
+    again["seed"] = json!(seed as i64);
+    let res = send(&app, post("/v1/chat/completions", &again)).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["x-plexus-seed"].to_str().unwrap(),
+        seed.to_string()
+    );
+    // Every request has its own id and commitment.
+    assert_ne!(bytes("x-plexus-request-id").to_vec(), {
+        let id = res.headers()["x-plexus-request-id"].to_str().unwrap();
+        hex::decode(id).unwrap()
+    });
+    let second = json(res).await;
+    assert_eq!(
+        first["choices"][0]["message"],
+        second["choices"][0]["message"]
+    );
+}
+
 #[tokio::test]
 async fn metrics_page() {
     let backend = Scripted::new(Script::Abc);

@@ -134,6 +134,13 @@ async fn a_last_stage_perturbing_its_logits_is_convicted_issue_11() {
     caught(LayerSpan::new(1, 2), LayerSpan::new(0, 1), Cheat::Noise).await;
 }
 
+/// The token check: the cheater's logits are honest, its token is not the one they and the
+/// request's seed give; the auditor samples its own logits with the same seed and disagrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_stage_returning_another_token_is_convicted_issue_11() {
+    caught(LayerSpan::new(1, 2), LayerSpan::new(0, 1), Cheat::Token).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn honest_replicas_audited_on_every_job_are_never_disputed_issue_11() {
     let reference = Reference::load();

@@ -105,6 +105,7 @@ async fn start_node(
         cmd.arg("--cheat").arg(match cheat {
             plexus_node::cheat::Cheat::Random => "random",
             plexus_node::cheat::Cheat::Noise => "noise",
+            plexus_node::cheat::Cheat::Token => "token",
         });
     }
     if let Some(t) = options.threads {
