@@ -44,4 +44,4 @@ pub use state::AppState;
 // the core types it brings.
 use tokio_stream as _;
 #[cfg(test)]
-use {http_body_util as _, tempfile as _, tower as _};
+use {http_body_util as _, plexus_testkit as _, tempfile as _, tower as _};

@@ -74,7 +74,7 @@ fn create_key(data: &Path, faucet: &str) -> String {
 fn openai_python_client_against_the_real_model() {
     let python = python();
     require_openai(&python);
-    let model = repo().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let model = plexus_testkit::real_model();
     assert!(model.exists(), "missing {}", model.display());
 
     let data = tempfile::tempdir().unwrap();

@@ -164,6 +164,7 @@ impl GatewayArgs {
 }
 
 pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
+    super::model_path(Some(&a.model))?;
     let data_dir = a
         .net
         .data_dir
