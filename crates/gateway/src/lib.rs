@@ -22,6 +22,7 @@ pub mod config;
 pub mod cors;
 pub mod echo;
 pub mod error;
+pub mod gbnf;
 pub mod grammar;
 pub mod limits;
 pub mod local;
