@@ -85,6 +85,32 @@ fn generate_prints_only_text_and_is_seed_deterministic() {
     );
 }
 
+/// The README's first commands run without `--model`: the model comes from the cache that
+/// `plexus models fetch` fills (here a link to the real model, and no network to fetch from).
+#[test]
+fn commands_without_model_use_the_cached_default() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().join("models/smollm2-135m-instruct");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(
+        plexus_testkit::real_model(),
+        dir.join(plexus_testkit::MODEL_FILE),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args(["generate", "--prompt", "The capital of France is"])
+        .args(["--temperature", "0", "--max-tokens", "4", "--threads", "2"])
+        .env("PLEXUS_CACHE_DIR", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("PLEXUS_PYPI_URL", "http://127.0.0.1:9/simple")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("generated: 4 tokens"), "{}", stderr(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+}
+
 #[test]
 fn inspect_reports_architecture_and_identity() {
     let path = tiny("qwen2").join("model-f32.gguf");

@@ -8,27 +8,18 @@
 //! Python comes from `PLEXUS_PYTHON` (default `python3`) with the packages of
 //! scripts/requirements-ci.txt.
 
-use std::io::{BufRead, BufReader};
+#[path = "support/served.rs"]
+mod served;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::process::Command;
 
 #[test]
 fn gateway_alias_and_gbnf_grammar_with_the_openai_client() {
     let python = std::env::var("PLEXUS_PYTHON").unwrap_or_else(|_| "python3".into());
     let cache = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
-        .args(["gateway", "--model"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_plexus"));
+    cmd.args(["gateway", "--model"])
         .arg(plexus_testkit::real_model())
         .args([
             "--alias",
@@ -40,25 +31,8 @@ fn gateway_alias_and_gbnf_grammar_with_the_openai_client() {
             "--threads",
             "2",
         ])
-        .env("PLEXUS_CACHE_DIR", cache.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let _server = Server(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let _ = tx.send(lines.next());
-        for _ in lines {}
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("the gateway did not print its address in time")
-        .expect("the gateway closed stdout")
-        .unwrap();
-    let url = line.strip_prefix("listening on ").unwrap().to_owned();
+        .env("PLEXUS_CACHE_DIR", cache.path());
+    let (_server, url) = served::start(cmd);
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grammar_alias_client.py");
     let out = Command::new(&python)
