@@ -442,6 +442,54 @@ num ::= [0-9] ([^"\\] | .)* [a-zA-Z_-]?
         );
     }
 
+    /// llama.cpp's own `grammars/json.gbnf` (an empty alternative, escapes in classes,
+    /// `{m,n}`, rules over several lines, comments) compiles in llguidance for a real
+    /// tokenizer.
+    #[test]
+    fn llama_cpp_json_grammar_compiles() {
+        let json_gbnf = r#"root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+
+object ::=
+  "{" ws (
+            string ":" ws value
+    ("," ws string ":" ws value)*
+  )? "}" ws
+
+array  ::=
+  "[" ws (
+            value
+    ("," ws value)*
+  )? "]" ws
+
+string ::=
+  "\"" (
+    [^"\\\x7F\x00-\x1F] |
+    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
+  )* "\"" ws
+
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+
+# Optional space: by convention, applied in this grammar after literal chars when allowed
+ws ::= | " " | "\n" [ \t]{0,20}
+"#;
+        let lark = to_lark(json_gbnf).unwrap();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/tiny/smollm2");
+        let files = plexus_model::ModelFiles::open(&dir).unwrap();
+        let tokenizer = std::sync::Arc::new(files.tokenizer().unwrap());
+        let grammars = crate::grammar::Grammars::default();
+        let compiled = grammars.compile(
+            "tiny",
+            &tokenizer,
+            llguidance::api::TopLevelGrammar::from_lark(lark.clone()),
+            "grammar",
+        );
+        if let Err(e) = compiled {
+            panic!("{}\n{lark}", e.body());
+        }
+    }
+
     #[test]
     fn names_keep_their_case_apart() {
         let lark = to_lark("root ::= Ab ab\nAb ::= \"x\"\nab ::= \"y\"").unwrap();
