@@ -22,6 +22,7 @@ pub mod config;
 pub mod cors;
 pub mod echo;
 pub mod error;
+pub mod gbnf;
 pub mod grammar;
 pub mod limits;
 pub mod local;
@@ -44,4 +45,4 @@ pub use state::AppState;
 // the core types it brings.
 use tokio_stream as _;
 #[cfg(test)]
-use {http_body_util as _, tempfile as _, tower as _};
+use {http_body_util as _, plexus_testkit as _, tempfile as _, tower as _};

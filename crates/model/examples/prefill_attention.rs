@@ -48,8 +48,7 @@ fn main() {
             );
         }
     }
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = plexus_testkit::real_model();
     let m = plexus_model::load(&p).unwrap();
     for len in [128usize, 512] {
         let toks: Vec<u32> = (0..len as u32).map(|i| 100 + (i * 37) % 40000).collect();

@@ -253,6 +253,22 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// The characters of `text` (each once, in order of appearance) that encode to no token at
+    /// all, so `encode` drops them silently: e.g. capitals for a trained task model whose
+    /// vocabulary is lower-case letters and digits. Empty for byte-level tokenizers.
+    pub fn untokenizable(&self, text: &str) -> Vec<char> {
+        let mut seen = std::collections::HashSet::new();
+        let mut buf = [0u8; 4];
+        text.chars()
+            .filter(|c| seen.insert(*c))
+            .filter(|c| {
+                self.inner
+                    .encode(&*c.encode_utf8(&mut buf), false)
+                    .is_ok_and(|e| e.get_ids().is_empty())
+            })
+            .collect()
+    }
+
     /// Text of `ids`, special tokens included (they are part of what the model said).
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         self.inner.decode(ids, false).map_err(lib)
@@ -382,5 +398,27 @@ impl<'a> TextStream<'a> {
     /// All text so far, including any incomplete tail.
     pub fn text(&self) -> Result<String, TokenizerError> {
         self.tokenizer.decode(&self.ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untokenizable_names_the_characters_encode_drops() {
+        let t = Tokenizer::from_parts(
+            crate::train::task::task_tokenizer().unwrap(),
+            None,
+            false,
+            vec![1],
+        );
+        assert_eq!(t.untokenizable("HELLO|"), vec!['H', 'E', 'L', 'O']);
+        assert_eq!(
+            t.encode("HELLO|", false).unwrap().len(),
+            1,
+            "only '|' is kept"
+        );
+        assert!(t.untokenizable("hello|").is_empty());
     }
 }

@@ -8,14 +8,12 @@
 use plexus_model::layers::Mode;
 use plexus_model::stage::BatchItem;
 use plexus_model::{KvCache, LayerSpan, Logits, ModelFiles, Stage, StageInput, StageOutput};
-use std::path::Path;
 use std::sync::OnceLock;
 
 fn files() -> &'static ModelFiles {
     static F: OnceLock<ModelFiles> = OnceLock::new();
     F.get_or_init(|| {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let p = plexus_testkit::real_model();
         assert!(p.exists(), "{} is missing", p.display());
         ModelFiles::open(&p).unwrap()
     })
@@ -256,15 +254,13 @@ mod engine {
     };
     use plexus_model::serve::{BatchHandle, OpenError, ServeConfig};
     use plexus_model::{LoadedModel, SamplingParams};
-    use std::path::Path;
     use std::sync::{Arc, OnceLock};
     use std::time::Duration;
 
     fn model() -> &'static LoadedModel {
         static M: OnceLock<LoadedModel> = OnceLock::new();
         M.get_or_init(|| {
-            let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+            let p = plexus_testkit::real_model();
             plexus_model::load(&p).unwrap()
         })
     }

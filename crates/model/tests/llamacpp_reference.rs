@@ -39,7 +39,7 @@ fn fixture() -> &'static Value {
 fn model() -> &'static LoadedModel {
     static M: OnceLock<LoadedModel> = OnceLock::new();
     M.get_or_init(|| {
-        let p = root().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let p = plexus_testkit::real_model();
         assert!(
             p.exists(),
             "{} is missing: these tests need ../shared beside the repo",

@@ -772,8 +772,7 @@ mod tests {
 
     fn smol() -> Fixture {
         Fixture {
-            path: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            path: plexus_testkit::real_model(),
             layers: 30,
             hidden: 576,
             servers: vec![

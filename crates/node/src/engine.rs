@@ -989,8 +989,7 @@ mod tests {
     use plexus_model::LayerSpan;
 
     fn layers(start: usize, end: usize) -> Arc<Stage> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let path = plexus_testkit::real_model();
         let files = ModelFiles::open(&path).unwrap();
         Arc::new(
             files

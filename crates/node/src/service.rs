@@ -711,8 +711,7 @@ mod tests {
     /// exits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dead_engine_stops_the_node_issue_7() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let path = plexus_testkit::real_model();
         let cache = tempfile::tempdir().unwrap();
         let mut config = NodeConfig::new(path, NodeKey::generate());
         config.span = Some(LayerSpan::new(0, 2));

@@ -105,9 +105,10 @@ pub struct SamplingArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// A .gguf file or a Hugging Face model directory.
+    /// A .gguf file or a Hugging Face model directory (default: SmolLM2-135M-Instruct from the
+    /// model cache, fetched if missing).
     #[arg(long, short)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// CPU threads for the engine (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -156,8 +157,9 @@ pub struct ChatArgs {
 pub struct BenchArgs {
     #[command(subcommand)]
     pub what: Option<BenchCommand>,
-    /// Model to measure (prefill and decode speed, peak memory).
-    #[arg(long, short, required = true)]
+    /// Model to measure (prefill and decode speed, peak memory; default: SmolLM2-135M-Instruct
+    /// from the model cache, fetched if missing).
+    #[arg(long, short)]
     pub model: Option<PathBuf>,
     /// CPU threads (default: all cores).
     #[arg(long)]

@@ -100,9 +100,8 @@ impl FetchSpec {
     }
 }
 
-/// A local path to SmolLM2-135M-Instruct (GGUF Q4_1): from the cache, else fetched.
-// Called by `plexus up`.
-#[allow(dead_code)]
+/// A local path to SmolLM2-135M-Instruct (GGUF Q4_1): from the cache, else fetched. The
+/// model of every command given no `--model`.
 pub fn default_model(cache_dir: &Path, progress: bool) -> anyhow::Result<PathBuf> {
     fetch(
         &FetchSpec::smollm2_135m_instruct(),

@@ -9,7 +9,7 @@ mod progress;
 
 // Dev-dependencies are for the integration tests in tests/.
 #[cfg(test)]
-use tempfile as _;
+use {plexus_testkit as _, rexpect as _, tempfile as _};
 
 use clap::Parser;
 use std::process::ExitCode;

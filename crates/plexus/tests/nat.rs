@@ -30,7 +30,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const MODEL: &str = "../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 /// Namespace prefix and subnet byte (10.B.0.0/16); slow_link uses 211 and 212.
 const NS: &str = "plxnat";
 const SUBNET: u8 = 213;
@@ -38,7 +37,7 @@ const TOKENS: usize = 48;
 const PROMPT: &str = "Once upon a time, in a small village by the sea,";
 
 fn model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL)
+    plexus_testkit::real_model()
 }
 
 fn natns(args: &[&str]) -> std::process::Output {

@@ -17,10 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-const MODEL: &str = "../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf";
-
 fn model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL)
+    plexus_testkit::real_model()
 }
 
 /// A `plexus node` process, killed when dropped.

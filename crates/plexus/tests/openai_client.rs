@@ -10,26 +10,17 @@
 //! Python comes from `PLEXUS_PYTHON` (default `python3`) and needs the `openai` package:
 //! `pip install -r scripts/requirements-ci.txt` (`.ci/run` sets up a venv with it).
 
-use std::io::{BufRead, BufReader};
+#[path = "support/served.rs"]
+mod served;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const INSTALL: &str = "pip install -r scripts/requirements-ci.txt";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Kills the server if the test fails before stopping it.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn python() -> String {
@@ -74,45 +65,22 @@ fn create_key(data: &Path, faucet: &str) -> String {
 fn openai_python_client_against_the_real_model() {
     let python = python();
     require_openai(&python);
-    let model = repo().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let model = plexus_testkit::real_model();
     assert!(model.exists(), "missing {}", model.display());
 
     let data = tempfile::tempdir().unwrap();
     let funded = create_key(data.path(), "100PLX");
     let poor = create_key(data.path(), "10");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
-        .args(["gateway", "--model"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_plexus"));
+    cmd.args(["gateway", "--model"])
         .arg(&model)
         .args(["--port", "0", "--price", "3", "--data-dir"])
         .arg(data.path())
         .env(
             "PLEXUS_CACHE_DIR",
             std::env::temp_dir().join("plexus-test-cache"),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start plexus gateway");
-    let stdout = child.stdout.take().unwrap();
-    let server = Server(child);
-
-    // The first stdout line is `listening on URL`; read it on a thread to bound the wait.
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let _ = tx.send(lines.next());
-        // Keep draining so the server never blocks on a full pipe.
-        for _ in lines {}
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("the gateway did not print its address in time")
-        .expect("the gateway closed stdout")
-        .unwrap();
-    let url = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
+        );
+    let (server, url) = served::start(cmd);
     assert!(
         url.starts_with("http://127.0.0.1:") && !url.ends_with(":0"),
         "{url}"

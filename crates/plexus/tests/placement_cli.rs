@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 fn model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    plexus_testkit::real_model()
 }
 
 struct Node(Child, String);

@@ -10,8 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    plexus_testkit::real_model()
 }
 
 fn sim(args: &[&str]) -> serde_json::Value {

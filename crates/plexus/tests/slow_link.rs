@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
-const MODEL: &str = "../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf";
 /// Namespace name prefix and subnet byte (10.B.k.0/30); bench/slow_link.sh uses 212.
 const NS: &str = "plxsl";
 const SUBNET: u8 = 211;
@@ -36,7 +35,7 @@ const RATE_BITS: f64 = 100e6;
 const TOKENS: usize = 24;
 
 fn model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL)
+    plexus_testkit::real_model()
 }
 
 fn bench_dir() -> PathBuf {

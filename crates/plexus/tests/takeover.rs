@@ -86,7 +86,7 @@ fn up() -> Net {
 
 /// Starts `plexus up --nodes N --stages S`.
 fn up_with(n: usize, stages: usize) -> Net {
-    let model = repo().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let model = plexus_testkit::real_model();
     let cache = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
         .args([

@@ -64,7 +64,7 @@ struct Started {
 /// Starts `plexus up` on the real model with `args` (after `up`), its cache in `cache`, and
 /// waits for its API URL and key.
 fn start_up(args: &[&str], cache: &Path) -> Started {
-    let model = repo().join("../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let model = plexus_testkit::real_model();
     let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
         .arg("up")
         .args(args)

@@ -35,6 +35,8 @@ pub use fingerprint::{Fingerprint, Fingerprinter, Scheme, WINDOW};
 
 // Dev-dependencies used by the integration tests only.
 #[cfg(test)]
+use plexus_testkit as _;
+#[cfg(test)]
 use rayon as _;
 #[cfg(test)]
 use tempfile as _;

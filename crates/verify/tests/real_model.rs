@@ -26,8 +26,7 @@ const SCHEMES: [Scheme; 2] = [Scheme::DEFAULT, Scheme::TopK { k: 128 }];
 const TOKEN_FPR: f64 = 0.02;
 
 fn model_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    plexus_testkit::real_model()
 }
 
 fn stages(path: &std::path::Path, split: usize) -> Vec<Stage> {

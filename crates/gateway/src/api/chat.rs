@@ -344,11 +344,9 @@ pub async fn handler(
         body.get("tool_choice"),
         body.get("parallel_tool_calls"),
     )?;
-    let mut guide = Guide::new(
-        tools,
-        format::parse(body.get("response_format"))?,
-        "response_format",
-    )?;
+    let format = format::output(&body)?;
+    let param = format.as_ref().map_or("response_format", |f| f.param);
+    let mut guide = Guide::new(tools, format, param)?;
     // Parsed apart, not flattened, so that a bad value names its field.
     let options: Options = json::parse(body.clone())?;
     let req: ChatRequest = json::parse(body)?;

@@ -1,6 +1,7 @@
 //! `POST /v1/completions`: raw text in, text out (`text_completion` objects). The prompt is a
 //! string or a list of exactly one string; it gets the BOS token when the model asks for one.
-//! `response_format` constrains the text as on chat ([`super::format`]), as llama-server does.
+//! `response_format` or a GBNF `grammar` constrains the text as on chat ([`super::format`]), as
+//! llama-server does.
 
 use super::chat::{fingerprint, with_seed};
 use super::fields;
@@ -83,7 +84,7 @@ pub async fn handler(
 ) -> Result<Response, ApiError> {
     let body = json::object(body)?;
     fields::check(&body, fields::COMPLETIONS)?;
-    let guide = Guide::format(format::parse(body.get("response_format"))?);
+    let guide = Guide::format(format::output(&body)?);
     // Parsed apart, not flattened, so that a bad value names its field.
     let options: Options = json::parse(body.clone())?;
     let req: CompletionRequest = json::parse(body)?;

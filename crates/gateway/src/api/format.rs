@@ -4,6 +4,9 @@
 //! logits at every step ([`crate::grammar`]), so the output parses and validates unless it is
 //! cut short by `max_tokens` or a stop string (`finish_reason: "length"` / `"stop"` before
 //! the JSON closes). `strict: false` is enforced exactly like `strict: true`.
+//!
+//! [`output`] also reads llama-server's `grammar` (a GBNF grammar, [`crate::gbnf`]) on chat and
+//! completions: the same masking, with the grammar the client wrote.
 
 use super::generation::GrammarRequest;
 use crate::error::ApiError;
@@ -60,6 +63,39 @@ pub fn parse(v: Option<&Value>) -> Result<Option<GrammarRequest>, ApiError> {
     Ok(Some(GrammarRequest {
         grammar: TopLevelGrammar::from_json_schema(with_json_options(schema)),
         param: PARAM,
+    }))
+}
+
+/// The output constraint of chat and completions: `response_format` or llama-server's
+/// `grammar`, not both.
+pub fn output(body: &serde_json::Map<String, Value>) -> Result<Option<GrammarRequest>, ApiError> {
+    let format = parse(body.get("response_format"))?;
+    match (format, gbnf(body.get("grammar"))?) {
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "`grammar` and `response_format` cannot be combined: give one",
+            Some("grammar"),
+        )),
+        (f, g) => Ok(f.or(g)),
+    }
+}
+
+/// llama-server's `grammar`: GBNF text (`None` when absent, null or empty, as there).
+fn gbnf(v: Option<&Value>) -> Result<Option<GrammarRequest>, ApiError> {
+    let bad = |m: String| ApiError::invalid(m, Some("grammar"));
+    let text = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => return Ok(None),
+        Some(Value::String(s)) => s,
+        Some(other) => {
+            return Err(bad(format!(
+                "`grammar` must be a GBNF grammar as a string, got {other}"
+            )))
+        }
+    };
+    let lark = crate::gbnf::to_lark(text).map_err(|e| bad(format!("invalid `grammar`: {e}")))?;
+    Ok(Some(GrammarRequest {
+        grammar: TopLevelGrammar::from_lark(lark),
+        param: "grammar",
     }))
 }
 
@@ -129,6 +165,31 @@ mod tests {
         let s = json!({"type": "json_schema", "json_schema": {"name": "a_b-1", "strict": true,
             "schema": {"type": "object", "properties": {"x": {"type": "integer"}}}}});
         assert!(parse(Some(&s)).unwrap().is_some());
+    }
+
+    fn body(v: Value) -> serde_json::Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn grammar_is_gbnf_and_excludes_response_format() {
+        assert!(output(&body(json!({"grammar": "root ::= \"a\""})))
+            .unwrap()
+            .is_some_and(|g| g.param == "grammar"));
+        assert!(output(&body(json!({"grammar": ""}))).unwrap().is_none());
+        assert!(output(&body(json!({"grammar": null}))).unwrap().is_none());
+        for bad in [
+            json!({"grammar": "root ::= \"a"}),
+            json!({"grammar": 7}),
+            json!({"grammar": "start: \"a\""}),
+            json!({"grammar": "root ::= \"a\"", "response_format": {"type": "json_object"}}),
+        ] {
+            let e = output(&body(bad.clone()))
+                .err()
+                .unwrap_or_else(|| panic!("{bad}"));
+            assert_eq!(e.status(), 400);
+            assert_eq!(e.body()["error"]["param"], "grammar", "{bad}");
+        }
     }
 
     #[test]

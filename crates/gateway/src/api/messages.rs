@@ -14,6 +14,7 @@
 //! (prefill) and `cache_control` are refused by name. Errors have Anthropic's shape
 //! ([`crate::error::Dialect::Anthropic`]).
 
+use super::content::{bad, object, string};
 use super::fields;
 use super::generation::{self, Job, Prompt};
 use super::guide::{self, Guide};
@@ -72,15 +73,9 @@ enum Content {
     Blocks(Vec<Value>),
 }
 
-fn bad(message: impl Into<String>, param: impl Into<String>) -> ApiError {
-    ApiError::invalid_param(message.into(), param.into())
-}
-
 /// The block's fields, refusing any outside `allowed` (and `cache_control` unless null).
 fn block<'a>(v: &'a Value, allowed: &[&str], at: &str) -> Result<&'a Map<String, Value>, ApiError> {
-    let o = v
-        .as_object()
-        .ok_or_else(|| bad("a content block must be an object", at))?;
+    let o = object(v, "a content block", at)?;
     for (k, value) in o {
         if k == "cache_control" && value.is_null() {
             continue;
@@ -96,12 +91,6 @@ fn block<'a>(v: &'a Value, allowed: &[&str], at: &str) -> Result<&'a Map<String,
         }
     }
     Ok(o)
-}
-
-fn string<'a>(o: &'a Map<String, Value>, k: &str, at: &str) -> Result<&'a str, ApiError> {
-    o.get(k)
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad(format!("`{k}` must be a string"), format!("{at}.{k}")))
 }
 
 /// The text of one `text` block.

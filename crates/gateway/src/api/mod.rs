@@ -13,6 +13,7 @@
 
 pub mod chat;
 pub mod completions;
+pub mod content;
 pub mod fields;
 pub mod format;
 pub mod generation;

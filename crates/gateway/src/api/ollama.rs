@@ -17,11 +17,12 @@ use super::format;
 use super::generation::{self, Job, Prompt};
 use super::guide::{self, Guide};
 use super::json::{self, ApiJson};
-use super::params::{Options, Stop, PENALTY_LAST_N};
+use super::params::{Options, Resolved, Stop, PENALTY_LAST_N};
 use super::tools::{self, CallStream, Delta};
 use crate::accounts::Payer;
 use crate::error::{ApiError, Dialect, OllamaError};
 use crate::sse::{self, Encoder};
+use plexus_verify::seed::RequestSeal;
 use crate::state::AppState;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -47,6 +48,16 @@ struct OllamaOptions {
     repeat_penalty: Option<f32>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+}
+
+/// The body's `options` resolved under the request's `seal` (which derives the sampling seed
+/// when the body gives none), `stream` defaulting to true as in Ollama.
+fn resolved(
+    body: &Map<String, Value>,
+    stream: Option<bool>,
+    seal: &RequestSeal,
+) -> Result<Resolved, ApiError> {
+    options(body.get("options"), stream.unwrap_or(true))?.resolve(seal)
 }
 
 fn options(v: Option<&Value>, stream: bool) -> Result<Options, ApiError> {
@@ -225,6 +236,15 @@ enum Route {
     Generate,
 }
 
+impl Route {
+    fn path(self) -> &'static str {
+        match self {
+            Route::Chat => "/api/chat",
+            Route::Generate => "/api/generate",
+        }
+    }
+}
+
 /// The fields every line of a reply repeats.
 struct Reply {
     route: Route,
@@ -247,6 +267,13 @@ impl Reply {
         }
         v["done"] = Value::Bool(false);
         v
+    }
+
+    /// The last line (the whole answer when not streamed): `text`, the `calls` (in OpenAI's
+    /// shape; one cut short is added to the text), `done`, why, counts and durations.
+    fn closing(&self, mut text: String, calls: &[Value], c: &Completion) -> Value {
+        let calls = ollama_calls(calls, &mut text);
+        self.last(self.line(&text, calls), c)
     }
 
     /// The last line: `done`, why, and the counts and durations (nanoseconds).
@@ -322,9 +349,7 @@ impl Encoder for Lines {
 
     fn done(&mut self, _: usize, cs: &[Completion], out: &mut VecDeque<String>) {
         let Some(c) = cs.first() else { return };
-        let mut text = String::new();
-        let calls = ollama_calls(&self.pending, &mut text);
-        let last = self.reply.last(self.reply.line(&text, calls), c);
+        let last = self.reply.closing(String::new(), &self.pending, c);
         out.push_back(format!("{last}\n"));
     }
 
@@ -333,14 +358,31 @@ impl Encoder for Lines {
     }
 }
 
-/// Starts the job and answers with one object or JSON lines.
+/// Starts `route`'s job (one choice, on the body's options and the guide's grammar) and
+/// answers with one object or JSON lines.
 async fn run(
     state: &AppState,
-    job: Job,
     route: Route,
-    guide: &Guide,
+    request: (String, Prompt),
+    (opts, seal): (Resolved, RequestSeal),
+    payer: Payer,
+    mut guide: Guide,
 ) -> Result<Response, OllamaError> {
-    let stream = job.stream;
+    let (model, prompt) = request;
+    let stream = opts.stream;
+    let job = Job {
+        seal,
+        route: route.path(),
+        model,
+        prompt,
+        max_tokens: opts.max_tokens,
+        sampling: opts.sampling,
+        stop: opts.stop,
+        stream,
+        payer: payer.0,
+        n: 1,
+        grammar: guide.grammar.take(),
+    };
     let running = generation::start(state, job).await?;
     let seed = running.seed;
     let seal = running.seal;
@@ -366,9 +408,7 @@ async fn run(
         .first()
         .ok_or_else(|| ApiError::Internal("a generation returned no choice".into()))?;
     let (content, calls) = guide.answer(&c.text);
-    let mut text = content.unwrap_or_default();
-    let calls = ollama_calls(&calls, &mut text);
-    let body = reply.last(reply.line(&text, calls), c);
+    let body = reply.closing(content.unwrap_or_default(), &calls, c);
     Ok(super::chat::with_seed(
         Json(body).into_response(),
         seed,
@@ -385,24 +425,12 @@ pub async fn chat(
     let body = json::object(body?.0)?;
     fields::check(&body, fields::OLLAMA_CHAT)?;
     let tools = tools::parse(body.get("tools"), None, None)?;
-    let mut guide = Guide::new(tools, parse_format(body.get("format"))?, "format")?;
+    let guide = Guide::new(tools, parse_format(body.get("format"))?, "format")?;
     let req: ChatRequest = json::parse(body.clone())?;
     let seal = super::seal()?;
-    let opts = options(body.get("options"), req.stream.unwrap_or(true))?.resolve(&seal)?;
-    let job = Job {
-        seal,
-        route: "/api/chat",
-        model: req.model,
-        prompt: Prompt::Chat(messages(&req.messages)?, guide.in_prompt.clone()),
-        max_tokens: opts.max_tokens,
-        sampling: opts.sampling,
-        stop: opts.stop,
-        stream: opts.stream,
-        payer: payer.0,
-        n: 1,
-        grammar: guide.grammar.take(),
-    };
-    run(&state, job, Route::Chat, &guide).await
+    let opts = resolved(&body, req.stream, &seal)?;
+    let prompt = Prompt::Chat(messages(&req.messages)?, guide.in_prompt.clone());
+    run(&state, Route::Chat, (req.model, prompt), (opts, seal), payer, guide).await
 }
 
 pub async fn generate(
@@ -413,10 +441,10 @@ pub async fn generate(
     let payer = payer?;
     let body = json::object(body?.0)?;
     fields::check(&body, fields::OLLAMA_GENERATE)?;
-    let mut guide = Guide::format(parse_format(body.get("format"))?);
+    let guide = Guide::format(parse_format(body.get("format"))?);
     let req: GenerateRequest = json::parse(body.clone())?;
     let seal = super::seal()?;
-    let opts = options(body.get("options"), req.stream.unwrap_or(true))?.resolve(&seal)?;
+    let opts = resolved(&body, req.stream, &seal)?;
     let prompt = if req.raw.unwrap_or(false) {
         if req.system.is_some() {
             return Err(ApiError::invalid(
@@ -434,20 +462,15 @@ pub async fn generate(
         m.push(Message::new("user", req.prompt));
         Prompt::Chat(m, Vec::new())
     };
-    let job = Job {
-        seal,
-        route: "/api/generate",
-        model: req.model,
-        prompt,
-        max_tokens: opts.max_tokens,
-        sampling: opts.sampling,
-        stop: opts.stop,
-        stream: opts.stream,
-        payer: payer.0,
-        n: 1,
-        grammar: guide.grammar.take(),
-    };
-    run(&state, job, Route::Generate, &guide).await
+    run(
+        &state,
+        Route::Generate,
+        (req.model, prompt),
+        (opts, seal),
+        payer,
+        guide,
+    )
+    .await
 }
 
 /// The `details` of a model, as far as Plexus knows them.

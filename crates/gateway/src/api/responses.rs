@@ -12,6 +12,7 @@
 //!         then response.completed (response.incomplete when cut by max_output_tokens)
 //! ```
 
+use super::content::{bad, object, string};
 use super::fields;
 use super::format;
 use super::generation::{self, Job, Prompt};
@@ -55,25 +56,13 @@ enum Input {
     Items(Vec<Value>),
 }
 
-fn bad(message: impl Into<String>, param: impl Into<String>) -> ApiError {
-    ApiError::invalid_param(message.into(), param.into())
-}
-
 /// The fields of an input item, refusing any outside `allowed`.
 fn item<'a>(v: &'a Value, allowed: &[&str], at: &str) -> Result<&'a Map<String, Value>, ApiError> {
-    let o = v
-        .as_object()
-        .ok_or_else(|| bad("an input item must be an object", at))?;
+    let o = object(v, "an input item", at)?;
     if let Some(k) = o.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(bad(format!("unknown field `{k}`"), format!("{at}.{k}")));
     }
     Ok(o)
-}
-
-fn string<'a>(o: &'a Map<String, Value>, k: &str, at: &str) -> Result<&'a str, ApiError> {
-    o.get(k)
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad(format!("`{k}` must be a string"), format!("{at}.{k}")))
 }
 
 /// A message item's text: a string or `input_text` / `output_text` parts.

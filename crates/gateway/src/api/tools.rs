@@ -16,6 +16,7 @@
 //! - [`CallStream`] turns the generated text into OpenAI's `tool_calls`, incrementally, so a
 //!   stream carries the name first and then `function.arguments` in pieces.
 
+use super::content::bad;
 use super::format::valid_name;
 use super::generation::GrammarRequest;
 use crate::error::ApiError;
@@ -50,10 +51,6 @@ pub struct Tools {
     pub tools: Vec<Tool>,
     pub choice: Choice,
     pub parallel: bool,
-}
-
-fn bad(message: impl Into<String>, param: impl Into<String>) -> ApiError {
-    ApiError::invalid_param(message.into(), param.into())
 }
 
 /// Parses `tools`, `tool_choice` and `parallel_tool_calls` (`None`: no tools).

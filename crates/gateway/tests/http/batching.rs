@@ -10,8 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 fn real_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    plexus_testkit::real_model()
 }
 
 fn app(config: ServeConfig) -> axum::Router {

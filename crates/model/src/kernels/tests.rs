@@ -359,10 +359,7 @@ fn dump_cases_for_ggml_check() {
         .iter()
         .map(|&(format, dtype)| (format!("random_{format:?}"), matrix(dtype, 1030, 1536, 77)))
         .collect();
-    let model = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    );
+    let model = plexus_testkit::real_model();
     if let Ok(mut f) = std::fs::File::open(model) {
         let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
         for name in [

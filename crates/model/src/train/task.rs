@@ -20,7 +20,8 @@ use tokenizers::AddedToken;
 pub const EOS: &str = "<|endoftext|>";
 /// Padding token text.
 pub const PAD: &str = "<|pad|>";
-const CHARS: &str = "0123456789+=|abcdefghijklmnopqrstuvwxyz";
+/// Every character the task tokenizer has a token for.
+pub const CHARS: &str = "0123456789+=|abcdefghijklmnopqrstuvwxyz";
 const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
 
 /// A synthetic task.

@@ -17,7 +17,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
-    let path = a.model.clone().context("--model is required")?;
+    let path = super::model_path(a.model.as_deref())?;
     let pb = crate::progress::spinner("loading");
     let model = plexus_model::load(&path)
         .with_context(|| format!("cannot load model {}", path.display()))?;

@@ -21,8 +21,8 @@ pub struct GatewayArgs {
     /// A .gguf file or a Hugging Face model directory to serve.
     #[arg(long, short)]
     pub model: PathBuf,
-    /// The id clients put in "model" and see in /v1/models (default: the file name without
-    /// .gguf and quant tag); `--alias` is llama-server's name for it.
+    /// The name clients put in "model" and see in /v1/models (default: the file name without
+    /// .gguf and quant tag, which is accepted too); `--alias` is llama-server's name for it.
     #[arg(long, visible_alias = "alias")]
     pub model_id: Option<String>,
     /// Address to listen on.
@@ -164,6 +164,7 @@ impl GatewayArgs {
 }
 
 pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
+    super::model_path(Some(&a.model))?;
     let data_dir = a
         .net
         .data_dir
@@ -188,12 +189,9 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
             .map_or_else(plexus_node::measure::default_kv_budget, |m| m << 20),
         ..plexus_model::serve::ServeConfig::default()
     };
-    let mut backend = LocalBackend::load_with(&a.model, cache.as_deref(), serve)
+    let backend = LocalBackend::load_with(&a.model, cache.as_deref(), serve)
         .with_context(|| format!("cannot load model {}", a.model.display()))?;
     pb.finish_and_clear();
-    if let Some(id) = &a.model_id {
-        backend = backend.with_id(id.clone());
-    }
     let entry = backend.entry().clone();
     if let Some(ms) = a.bench_echo_ms {
         let entry_id = entry.id.clone();
@@ -204,8 +202,14 @@ pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!(
-        "serving {} (context {}, identity {})",
-        entry.id, entry.context, entry.identity
+        "serving {}{} (context {}, identity {})",
+        entry.id,
+        a.model_id
+            .as_deref()
+            .map(|n| format!(" as {n}"))
+            .unwrap_or_default(),
+        entry.context,
+        entry.identity
     );
     let runtime = super::net::runtime()?;
     runtime.block_on(listen_and_serve(&a, Arc::new(backend), None, &entry.id))?;
@@ -248,8 +252,8 @@ async fn listen_and_serve(
     writeln!(stdout, "listening on http://{addr}")?;
     stdout.flush()?;
     let mut config = a.config();
-    // The network backend names the model after its file; `--model-id` / `--alias` is the
-    // name it is served under (the local backend was renamed when it loaded).
+    // Both backends name the model after its file; `--model-id` / `--alias` is the name it
+    // is served under (listed and answered with; the file's name is accepted too).
     if let Some(name) = a.model_id.as_deref().filter(|n| *n != model) {
         config = config.with_alias(model, name);
     }

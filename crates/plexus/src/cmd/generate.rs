@@ -21,6 +21,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     } else {
         a.prompt.clone()
     };
+    super::warn_untokenizable(&model.tokenizer, &a.prompt);
     let prompt_tokens = model.tokenizer.encode(&text, true)?;
     let req = GenerateRequest {
         prompt_tokens,

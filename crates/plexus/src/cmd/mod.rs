@@ -70,13 +70,34 @@ impl SamplingArgs {
     }
 }
 
-/// Loads the model named by `--model`, with a spinner.
+/// Loads the model named by `--model` (default: [`model_path`]'s), with a spinner.
 pub fn load_model(common: &CommonArgs) -> anyhow::Result<LoadedModel> {
-    let pb = crate::progress::spinner(&format!("loading {}", common.model.display()));
-    let model = plexus_model::load(&common.model)
-        .with_context(|| format!("cannot load model {}", common.model.display()))?;
+    let path = model_path(common.model.as_deref())?;
+    let pb = crate::progress::spinner(&format!("loading {}", path.display()));
+    let model = plexus_model::load(&path)
+        .with_context(|| format!("cannot load model {}", path.display()))?;
     pb.finish_and_clear();
     Ok(model)
+}
+
+/// The model a command runs: `--model` when given (a missing path is refused with a hint at
+/// the default), else SmolLM2-135M-Instruct from the model cache, fetched first if needed.
+pub fn model_path(given: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(p) if !p.exists() => anyhow::bail!(
+            "model path {} does not exist\n  hint: `plexus models fetch` downloads \
+             SmolLM2-135M-Instruct into the model cache and prints its path; `plexus up`, `chat`, \
+             `generate` and `bench` use it when --model is left out",
+            p.display()
+        ),
+        Some(p) => Ok(p.to_path_buf()),
+        None => {
+            let cache = cache_dir().context(
+                "no cache directory for the default model: set PLEXUS_CACHE_DIR or give --model",
+            )?;
+            crate::fetch::default_model(&cache, true)
+        }
+    }
 }
 
 /// Where derived data (identity hashes) is cached: `$PLEXUS_CACHE_DIR`, else
@@ -89,4 +110,17 @@ pub fn cache_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(d).join("plexus"));
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("plexus"))
+}
+
+/// Warns on stderr when the model's vocabulary has no token for some characters of `text`
+/// (its tokenizer would drop them without a word), naming them.
+pub fn warn_untokenizable(tokenizer: &plexus_model::Tokenizer, text: &str) {
+    let missing = tokenizer.untokenizable(text);
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(|c| format!("{c:?}")).collect();
+        eprintln!(
+            "warning: the model's vocabulary has no token for {}: left out of the prompt",
+            list.join(", ")
+        );
+    }
 }

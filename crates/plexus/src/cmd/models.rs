@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 use plexus_model::config::RopeScaling;
 use plexus_model::gguf::dtype_name;
+use plexus_model::tokenizer::Tokenizer;
 use plexus_model::{ModelFiles, ModelFormat};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -137,7 +138,8 @@ pub fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     println!("rope          theta {} scaling {}", cfg.rope_theta, rope);
     println!(
         "tied output   {}   qkv bias {}",
-        cfg.tie_word_embeddings, cfg.qkv_bias
+        yes_no(cfg.tie_word_embeddings),
+        yes_no(cfg.qkv_bias)
     );
     if params > 0 {
         println!("parameters    {:.1} M", params as f64 / 1e6);
@@ -151,11 +153,11 @@ pub fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     println!("size          {:.1} MiB", total as f64 / (1 << 20) as f64);
     match &tokenizer {
         Ok(t) => println!(
-            "tokenizer     {} vocab, bos {:?}, eos {:?}, add_bos {}{}",
+            "tokenizer     {} vocab, bos {}, eos {}, add_bos {}{}",
             t.vocab_size(),
-            t.bos(),
-            t.eos(),
-            t.adds_bos(),
+            token_list(t, t.bos().as_slice()),
+            token_list(t, t.eos()),
+            yes_no(t.adds_bos()),
             files
                 .gguf()
                 .and_then(|g| g.get_str("tokenizer.ggml.pre"))
@@ -166,12 +168,29 @@ pub fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!(
         "chat template {}",
-        if files.chat_template_source().is_some() {
-            "yes"
-        } else {
-            "no"
-        }
+        yes_no(files.chat_template_source().is_some())
     );
     println!("identity      sha256:{id}");
     Ok(())
+}
+
+/// Token ids with their text as people read them: `1 "<|im_start|>"`, `2 "a", 7 "b"`, or
+/// `none`.
+fn token_list(t: &Tokenizer, ids: &[u32]) -> String {
+    if ids.is_empty() {
+        return "none".into();
+    }
+    let show = |id: &u32| match t.token_text(*id) {
+        Some(text) => format!("{id} {text:?}"),
+        None => id.to_string(),
+    };
+    ids.iter().map(show).collect::<Vec<_>>().join(", ")
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
 }

@@ -13,6 +13,7 @@ use std::io::Write;
 use std::time::Duration;
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
+    super::model_path(Some(&args.model))?;
     let auto = args.span.as_deref() == Some("auto");
     if args.follow_placement && (auto || args.span.is_none()) {
         anyhow::bail!(

@@ -77,5 +77,24 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         out.display(),
         100.0 * e.exact_match()
     );
+    println!("{}", try_it(task, &out));
     Ok(())
+}
+
+/// How to prompt the trained model: the task's format by a held-out example, the command that
+/// answers it, and the characters it knows.
+fn try_it(task: Task, out: &std::path::Path) -> String {
+    let example = task.held_out_example(0);
+    let (_, answer_len) = task.lengths();
+    format!(
+        "try it: plexus generate --model {} --prompt '{}' --temperature 0 --max-tokens {}\n\
+         (expected answer: {}; prompts of this task look like {:?} and may use only the \
+         characters {:?}: others are not in the model's vocabulary)",
+        out.display(),
+        example.prompt,
+        answer_len + 1,
+        example.answer,
+        example.prompt,
+        plexus_model::train::task::CHARS,
+    )
 }

@@ -179,23 +179,13 @@ async fn stop_nodes(nodes: &mut [NodeProcess]) {
     }
 }
 
-fn resolve_model(args: &UpArgs) -> anyhow::Result<PathBuf> {
-    match &args.model {
-        Some(p) => Ok(p.clone()),
-        None => {
-            let cache = super::cache_dir().context("no cache directory (set PLEXUS_CACHE_DIR)")?;
-            crate::fetch::default_model(&cache, true)
-        }
-    }
-}
-
 /// What each node of `plexus up` stakes without `--node-stake`: 100 PLX in micro-PLX.
 const DEFAULT_NODE_STAKE: plexus_ledger::Amount = 100_000_000;
 /// The dev API key's starting balance when `--faucet` is not given (100 PLX).
 const DEFAULT_FAUCET: plexus_ledger::Amount = 100_000_000;
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    let model = resolve_model(&args)?;
+    let model = super::model_path(args.model.as_deref())?;
     let files =
         ModelFiles::open(&model).with_context(|| format!("cannot open {}", model.display()))?;
     let layers = files.config.num_layers;

@@ -287,16 +287,6 @@ pub fn run(a: SimArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn resolve(model: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match model {
-        Some(p) => Ok(p.clone()),
-        None => {
-            let cache = super::cache_dir().context("no cache directory (set PLEXUS_CACHE_DIR)")?;
-            crate::fetch::default_model(&cache, true)
-        }
-    }
-}
-
 /// Runs the simulation and returns its JSON report.
 pub fn simulate(a: &SimArgs) -> anyhow::Result<serde_json::Value> {
     if !(0.0..=1.0).contains(&a.cheat_rate) {
@@ -305,7 +295,7 @@ pub fn simulate(a: &SimArgs) -> anyhow::Result<serde_json::Value> {
     if a.jobs == 0 || a.max_tokens == 0 {
         bail!("--jobs and --max-tokens must be at least 1");
     }
-    let model = resolve(&a.model)?;
+    let model = super::model_path(a.model.as_deref())?;
     let tmp = tempfile::tempdir()?;
     let substitute = match &a.substitute_model {
         Some(p) => p.clone(),
