@@ -24,6 +24,7 @@ pub mod echo;
 pub mod error;
 pub mod grammar;
 pub mod limits;
+pub mod live;
 pub mod local;
 pub mod metrics;
 pub mod network;
@@ -32,6 +33,7 @@ pub mod server;
 pub mod slashing;
 pub mod sse;
 pub mod state;
+pub mod tab;
 
 pub use backend::{Backend, BackendError, ModelEntry};
 pub use config::GatewayConfig;

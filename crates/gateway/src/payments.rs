@@ -1,26 +1,29 @@
-//! Delivery of vouchers to providers: after a settlement the gateway sends each provider's
-//! node its signed cumulative voucher (`Request::Voucher`); the node verifies it and keeps the
-//! latest (`plexus_node::vouchers`).
+//! Delivery of vouchers to providers: during a stream and after its settlement the gateway
+//! sends each provider's node its signed cumulative voucher (`Request::Voucher`); the node
+//! verifies it and keeps the latest (`plexus_node::vouchers`).
 //!
 //! ```text
 //! generation thread ─ post (try_send, never blocks) ─▶ bounded queue (QUEUE)
-//!   ─▶ worker: at most CONCURRENCY deliveries at once
+//!   ─▶ worker: at most CONCURRENCY deliveries at once, one at a time per (provider, request),
+//!      in nonce order; a voucher superseded while it waited is not sent (the later one is)
 //!        provider account ─▶ peer (directory: the peer whose announced key is the account)
 //!        ─▶ call(peer, Request::Voucher) ─▶ VoucherKept | Error (refused, logged) | timeout
 //! ```
 //!
-//! Delivery is best effort: the settlement has already paid the provider the same amount on
-//! the ledger, so a lost voucher costs the provider only its own signed copy (counted in
-//! `plexus_vouchers_{kept,refused,failed,dropped}_total`).
+//! Delivery is best effort: vouchers are recorded (during a stream) or paid by the settlement
+//! before they are posted, so a lost voucher costs the provider only its own signed copy
+//! (counted in `plexus_vouchers_{kept,refused,failed,dropped,superseded}_total`).
 
 use plexus_core::wire::{Request, Response};
-use plexus_ledger::SignedVoucher;
+use plexus_ledger::{Address, RequestId, SignedVoucher};
 use plexus_node::client::NetworkClient;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 /// Vouchers waiting for delivery at most; beyond, new ones are dropped (and counted).
 pub const QUEUE: usize = 4096;
@@ -40,6 +43,8 @@ pub struct Counters {
     pub failed: AtomicU64,
     /// The queue was full.
     pub dropped: AtomicU64,
+    /// A later voucher for the same provider and request was posted before it was sent.
+    pub superseded: AtomicU64,
 }
 
 /// The sending half of the delivery queue.
@@ -54,18 +59,29 @@ impl VoucherPost {
         let rt = tokio::runtime::Handle::try_current().ok()?;
         let (tx, mut rx) = mpsc::channel::<SignedVoucher>(QUEUE);
         let counters = Arc::new(Counters::default());
-        let c = counters.clone();
+        let mut worker = Worker {
+            client,
+            counters: counters.clone(),
+            pending: HashMap::new(),
+            order: VecDeque::new(),
+            inflight: HashSet::new(),
+            tasks: JoinSet::new(),
+        };
         rt.spawn(async move {
-            let slots = Arc::new(Semaphore::new(CONCURRENCY));
-            while let Some(v) = rx.recv().await {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    break;
-                };
-                let (client, c) = (client.clone(), c.clone());
-                tokio::spawn(async move {
-                    deliver(&client, &c, v).await;
-                    drop(permit);
-                });
+            let mut open = true;
+            while open || !worker.tasks.is_empty() {
+                tokio::select! {
+                    v = rx.recv(), if open => match v {
+                        Some(v) => worker.offer(v),
+                        None => open = false,
+                    },
+                    Some(done) = worker.tasks.join_next(), if !worker.tasks.is_empty() => {
+                        match done {
+                            Ok(key) => worker.finished(key),
+                            Err(e) => tracing::error!("a voucher delivery task failed: {e}"),
+                        }
+                    }
+                }
             }
         });
         Some(Self { tx, counters })
@@ -105,12 +121,90 @@ impl VoucherPost {
                 "Vouchers dropped because the delivery queue was full.",
                 &c.dropped,
             ),
+            (
+                "superseded",
+                "Vouchers not sent because a later one for the same provider and request was.",
+                &c.superseded,
+            ),
         ] {
             let _ = write!(
                 out,
                 "# HELP plexus_vouchers_{name} {help}\n# TYPE plexus_vouchers_{name} counter\nplexus_vouchers_{name}_total {}\n",
                 v.load(Ordering::Relaxed)
             );
+        }
+    }
+}
+
+/// A provider and a request: its vouchers go out one at a time, in nonce order.
+type Key = (Address, RequestId);
+
+/// The delivery worker's state (see the module docs).
+struct Worker {
+    client: NetworkClient,
+    counters: Arc<Counters>,
+    /// The latest voucher waiting per key (at most QUEUE).
+    pending: HashMap<Key, SignedVoucher>,
+    /// Keys in the order their vouchers arrived (entries whose voucher left are skipped).
+    order: VecDeque<Key>,
+    /// Keys with a delivery in flight (at most CONCURRENCY).
+    inflight: HashSet<Key>,
+    tasks: JoinSet<Key>,
+}
+
+impl Worker {
+    fn offer(&mut self, v: SignedVoucher) {
+        let key = (v.voucher.provider, v.voucher.request);
+        if let Some(waiting) = self.pending.get_mut(&key) {
+            self.counters.superseded.fetch_add(1, Ordering::Relaxed);
+            if waiting.voucher.nonce < v.voucher.nonce {
+                *waiting = v;
+            }
+            return;
+        }
+        if !self.inflight.contains(&key) && self.inflight.len() < CONCURRENCY {
+            self.start(key, v);
+            return;
+        }
+        if self.pending.len() >= QUEUE {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("voucher delivery queue full; a voucher was dropped");
+            return;
+        }
+        self.pending.insert(key, v);
+        self.order.push_back(key);
+    }
+
+    fn start(&mut self, key: Key, v: SignedVoucher) {
+        self.inflight.insert(key);
+        let (client, c) = (self.client.clone(), self.counters.clone());
+        self.tasks.spawn(async move {
+            deliver(&client, &c, v).await;
+            key
+        });
+    }
+
+    fn finished(&mut self, key: Key) {
+        self.inflight.remove(&key);
+        // The same provider's next voucher for the request first: it waited for this one.
+        if let Some(v) = self.pending.remove(&key) {
+            self.start(key, v);
+        }
+        while self.inflight.len() < CONCURRENCY {
+            let Some(next) = self.order.pop_front() else {
+                break;
+            };
+            // A key in flight starts its waiting voucher when it finishes (above).
+            if self.inflight.contains(&next) {
+                continue;
+            }
+            if let Some(v) = self.pending.remove(&next) {
+                self.start(next, v);
+            }
+        }
+        if self.order.len() > 2 * QUEUE {
+            let pending = &self.pending;
+            self.order.retain(|k| pending.contains_key(k));
         }
     }
 }
