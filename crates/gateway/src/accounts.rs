@@ -126,7 +126,7 @@ impl Accounts {
         if !left.is_empty() {
             tracing::warn!(
                 count = left.len(),
-                "releasing escrows left open by a previous run"
+                "settling escrows left open by a previous run for the vouchers it recorded"
             );
         }
         for request in left {
