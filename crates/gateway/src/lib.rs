@@ -20,6 +20,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod cors;
+pub mod delivery;
 pub mod echo;
 pub mod error;
 pub mod grammar;

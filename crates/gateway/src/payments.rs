@@ -5,7 +5,8 @@
 //! ```text
 //! generation thread ─ post (try_send, never blocks) ─▶ bounded queue (QUEUE)
 //!   ─▶ worker: at most CONCURRENCY deliveries at once, one at a time per (provider, request),
-//!      in nonce order; a voucher superseded while it waited is not sent (the later one is)
+//!      in nonce order; a voucher superseded while it waited is not sent (the later one is):
+//!      [`crate::delivery::Schedule`]
 //!        provider account ─▶ peer (directory: the peer whose announced key is the account)
 //!        ─▶ call(peer, Request::Voucher) ─▶ VoucherKept | Error (refused, logged) | timeout
 //! ```
@@ -14,10 +15,11 @@
 //! before they are posted, so a lost voucher costs the provider only its own signed copy
 //! (counted in `plexus_vouchers_{kept,refused,failed,dropped,superseded}_total`).
 
+use crate::delivery::{key, Key, Offer, Schedule};
 use plexus_core::wire::{Request, Response};
-use plexus_ledger::{Address, RequestId, SignedVoucher};
+use plexus_ledger::SignedVoucher;
 use plexus_node::client::NetworkClient;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -62,10 +64,9 @@ impl VoucherPost {
         let mut worker = Worker {
             client,
             counters: counters.clone(),
-            pending: HashMap::new(),
-            order: VecDeque::new(),
-            inflight: HashSet::new(),
+            schedule: Schedule::new(CONCURRENCY, QUEUE),
             tasks: JoinSet::new(),
+            running: HashMap::new(),
         };
         rt.spawn(async move {
             let mut open = true;
@@ -75,10 +76,13 @@ impl VoucherPost {
                         Some(v) => worker.offer(v),
                         None => open = false,
                     },
-                    Some(done) = worker.tasks.join_next(), if !worker.tasks.is_empty() => {
+                    Some(done) = worker.tasks.join_next_with_id(), if !worker.tasks.is_empty() => {
                         match done {
-                            Ok(key) => worker.finished(key),
-                            Err(e) => tracing::error!("a voucher delivery task failed: {e}"),
+                            Ok((id, ())) => worker.finished(id),
+                            Err(e) => {
+                                tracing::error!("a voucher delivery task failed: {e}");
+                                worker.finished(e.id());
+                            }
                         }
                     }
                 }
@@ -136,75 +140,46 @@ impl VoucherPost {
     }
 }
 
-/// A provider and a request: its vouchers go out one at a time, in nonce order.
-type Key = (Address, RequestId);
-
-/// The delivery worker's state (see the module docs).
+/// The delivery worker: the [`Schedule`] and the deliveries it started.
 struct Worker {
     client: NetworkClient,
     counters: Arc<Counters>,
-    /// The latest voucher waiting per key (at most QUEUE).
-    pending: HashMap<Key, SignedVoucher>,
-    /// Keys in the order their vouchers arrived (entries whose voucher left are skipped).
-    order: VecDeque<Key>,
-    /// Keys with a delivery in flight (at most CONCURRENCY).
-    inflight: HashSet<Key>,
-    tasks: JoinSet<Key>,
+    schedule: Schedule,
+    tasks: JoinSet<()>,
+    /// The key of each running delivery task.
+    running: HashMap<tokio::task::Id, Key>,
 }
 
 impl Worker {
     fn offer(&mut self, v: SignedVoucher) {
-        let key = (v.voucher.provider, v.voucher.request);
-        if let Some(waiting) = self.pending.get_mut(&key) {
-            self.counters.superseded.fetch_add(1, Ordering::Relaxed);
-            if waiting.voucher.nonce < v.voucher.nonce {
-                *waiting = v;
+        match self.schedule.offer(v) {
+            Offer::Start(v) => self.start(v),
+            Offer::Waiting => {}
+            Offer::Superseded => {
+                self.counters.superseded.fetch_add(1, Ordering::Relaxed);
             }
-            return;
+            Offer::Dropped => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("voucher delivery queue full; a voucher was dropped");
+            }
         }
-        if !self.inflight.contains(&key) && self.inflight.len() < CONCURRENCY {
-            self.start(key, v);
-            return;
-        }
-        if self.pending.len() >= QUEUE {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("voucher delivery queue full; a voucher was dropped");
-            return;
-        }
-        self.pending.insert(key, v);
-        self.order.push_back(key);
     }
 
-    fn start(&mut self, key: Key, v: SignedVoucher) {
-        self.inflight.insert(key);
+    fn start(&mut self, v: SignedVoucher) {
+        let key = key(&v);
         let (client, c) = (self.client.clone(), self.counters.clone());
-        self.tasks.spawn(async move {
-            deliver(&client, &c, v).await;
-            key
-        });
+        let task = self
+            .tasks
+            .spawn(async move { deliver(&client, &c, v).await });
+        self.running.insert(task.id(), key);
     }
 
-    fn finished(&mut self, key: Key) {
-        self.inflight.remove(&key);
-        // The same provider's next voucher for the request first: it waited for this one.
-        if let Some(v) = self.pending.remove(&key) {
-            self.start(key, v);
-        }
-        while self.inflight.len() < CONCURRENCY {
-            let Some(next) = self.order.pop_front() else {
-                break;
-            };
-            // A key in flight starts its waiting voucher when it finishes (above).
-            if self.inflight.contains(&next) {
-                continue;
+    /// A delivery task ended (or failed: its key is free again either way).
+    fn finished(&mut self, id: tokio::task::Id) {
+        if let Some(key) = self.running.remove(&id) {
+            for v in self.schedule.finished(key) {
+                self.start(v);
             }
-            if let Some(v) = self.pending.remove(&next) {
-                self.start(next, v);
-            }
-        }
-        if self.order.len() > 2 * QUEUE {
-            let pending = &self.pending;
-            self.order.retain(|k| pending.contains_key(k));
         }
     }
 }
