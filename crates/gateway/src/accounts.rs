@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Pricing: the client pays `price` ledger units (micro-PLX) per completion token produced
-//! (its charge, at most the escrow). Settlement splits the charge ([`split`]):
+//! (its charge, at most the escrow). Settlement splits the charge ([`crate::tab::split`]):
 //!
 //! - each stage node is paid for the work its signed receipts prove (positions x layers of its
 //!   span, at the price it announced, per 1000: `plexus_node::metering`), into its locked
@@ -22,17 +22,25 @@
 //!   shared pro rata to their pay, rounded down (the rounding remainder to the gateway), and
 //!   the shortfall is logged: the client is never charged more than it was quoted.
 //!
-//! Vouchers: with a signing key ([`Accounts::with_signer`]) every provider payout of a
-//! settlement is also a cumulative EIP-712 voucher signed by the gateway's account (the payer
-//! of the escrow): `(gateway, provider, request id, amount, nonce 1, expiry 30 days)`. The
-//! generation hands them to the backend, which delivers them to the providers' nodes
-//! ([`crate::payments`]); a node keeps the latest and can redeem it on the ledger while the
-//! escrow is open (the settlement already pays the same amount, so a voucher redeemed
-//! before it is not paid twice: settle pays only what exceeds redeemed vouchers).
+//! Vouchers: with a signing key ([`Accounts::with_signer`]) the gateway's account (the payer
+//! of the escrow) signs cumulative EIP-712 vouchers `(gateway, provider, request id, amount,
+//! nonce, expiry 30 days)` to the providers, every [`VOUCHER_EVERY`] sampled tokens during a
+//! generation ([`Meter::checkpoint_blocking`], the request's [`Tab`]) and for the settlement's
+//! payouts that exceed them. The generation hands them to the backend, which delivers them to
+//! the providers' nodes ([`crate::payments`]); a node keeps the latest and can redeem it on the
+//! ledger while the escrow is open (settle pays only what exceeds redeemed vouchers, so
+//! nothing is paid twice).
+//!
+//! A voucher signed during a stream is recorded in the store ([`Store::record_vouchers`])
+//! before it is delivered. A gateway killed mid-request leaves its escrow open; on the next
+//! start [`Accounts::open`] settles it paying each provider exactly its latest recorded
+//! voucher (so every voucher a node holds is paid, once) and refunds the rest to the client:
+//! a provider loses at most the work of one window.
 
 use crate::backend::Usage;
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::tab::{Promise, Tab};
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -72,6 +80,10 @@ pub struct Accounts {
 /// How long a voucher stays redeemable: seconds.
 pub const VOUCHER_TTL_S: u64 = 30 * 24 * 3600;
 
+/// Sampled tokens between two vouchers during a generation: a gateway killed mid-request
+/// leaves at most this many tokens of each provider's work without a voucher.
+pub const VOUCHER_EVERY: usize = 16;
+
 /// Why accounts could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum AccountsError {
@@ -94,8 +106,9 @@ mod sqlx_error {
 }
 
 impl Accounts {
-    /// Opens the ledger at `url` and releases the escrows this gateway left open (a previous
-    /// run killed mid-request: nothing was settled for them, so the client gets it back).
+    /// Opens the ledger at `url` and settles the escrows this gateway left open (a previous
+    /// run killed mid-request): each provider is paid its latest voucher recorded for the
+    /// request, the client gets the rest back.
     pub async fn open(
         url: &str,
         config: Config,
@@ -113,18 +126,27 @@ impl Accounts {
         if !left.is_empty() {
             tracing::warn!(
                 count = left.len(),
-                "releasing escrows left open by a previous run"
+                "settling escrows left open by a previous run for the vouchers it recorded"
             );
         }
         for request in left {
-            let op = Op::Settle {
-                request,
-                payouts: Vec::new(),
-            };
+            let payouts: Vec<Payout> = store
+                .issued_vouchers(request)
+                .await?
+                .into_iter()
+                .filter(|v| v.voucher.payer == gateway)
+                .map(|v| Payout {
+                    provider: v.voucher.provider,
+                    amount: v.voucher.cumulative,
+                })
+                .collect();
+            tracing::info!(%request, vouchers = payouts.len(), "settling an escrow left open by a previous run");
+            let op = Op::Settle { request, payouts };
             store
                 .execute(op, now_ms())
                 .await
                 .map_err(AccountsError::Recover)?;
+            store.forget_vouchers(request).await?;
         }
         let chain_id = store.ledger().config().chain_id;
         Ok(Self {
@@ -258,31 +280,32 @@ impl Accounts {
             accounts: self.clone(),
             request,
             held,
+            tab: Tab::new(self.provider, self.price, held),
             done: false,
         })
     }
 
-    /// Settles `request` and returns the vouchers of its provider payouts (none without a
-    /// signer; the gateway's own fee needs none).
+    /// Settles `request` to `tokens` completion tokens (each provider paid at least its
+    /// promise on `tab`) and returns the vouchers of the payouts the settlement raises (none
+    /// without a signer; the gateway's own fee needs none).
     async fn settle(
         &self,
         request: RequestId,
         tokens: usize,
-        held: Amount,
+        tab: &mut Tab,
         usage: &Usage,
     ) -> Vec<SignedVoucher> {
-        let charge = (tokens as u128 * u128::from(self.price)).min(u128::from(held)) as Amount;
-        let split = split(charge, &usage.costs(), self.provider);
+        let streamed = !tab.vouched().is_empty();
+        let (split, raised) = tab.close(tokens, &usage.costs());
         if split.shortfall > 0 {
             tracing::warn!(
                 %request,
-                charge,
                 shortfall = split.shortfall,
                 "providers' metered pay exceeds the client's charge; paid pro rata"
             );
         }
         let now = now_ms();
-        let vouchers = self.vouchers(request, &split.payouts, now);
+        let vouchers = self.sign(request, &raised, now);
         let op = Op::Settle {
             request,
             payouts: split.payouts,
@@ -290,99 +313,65 @@ impl Accounts {
         let mut store = self.store.lock().await;
         // Audit verdicts first: the client of the (still open) request gets its refund share.
         crate::slashing::apply(&mut store, request, &usage.convictions, now).await;
-        if let Err(e) = store.execute(op, now).await {
-            // The escrow stays open (providers may redeem their vouchers meanwhile) and is
-            // released when the gateway next starts.
-            tracing::error!(%request, error = %e, "settlement failed");
+        match store.execute(op, now).await {
+            Ok(_) if streamed => {
+                if let Err(e) = store.forget_vouchers(request).await {
+                    tracing::warn!(%request, "cannot drop the request's recorded vouchers: {e}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // The escrow stays open (providers may redeem their vouchers meanwhile) and is
+                // settled when the gateway next starts, for the vouchers recorded by then.
+                tracing::error!(%request, error = %e, "settlement failed");
+                if let Err(e) = store.record_vouchers(&vouchers).await {
+                    tracing::error!(%request, "cannot record the settlement's vouchers: {e}");
+                    return Vec::new();
+                }
+            }
         }
         vouchers
     }
 
-    /// One voucher per provider payout of `request` (see the module docs).
-    fn vouchers(
-        &self,
-        request: RequestId,
-        payouts: &[Payout],
-        now: Timestamp,
-    ) -> Vec<SignedVoucher> {
+    /// The vouchers of `promises` on `request`, signed now (none without a signer).
+    fn sign(&self, request: RequestId, promises: &[Promise], now: Timestamp) -> Vec<SignedVoucher> {
         match &self.signer {
-            Some(key) => sign_vouchers(key, self.chain_id, request, payouts, now),
+            Some(key) => sign_vouchers(key, self.chain_id, request, promises, now),
             None => Vec::new(),
         }
     }
+
+    /// Records vouchers signed during a stream before they are delivered.
+    async fn record(&self, vouchers: &[SignedVoucher]) -> Result<(), sqlx_error::Error> {
+        self.store.lock().await.record_vouchers(vouchers).await
+    }
 }
 
-/// The vouchers `key`'s account (the payer) signs for `payouts` of `request` at `now`: one per
-/// provider other than the payer itself, cumulative = its payout, nonce 1 (the request's only
-/// voucher), redeemable for [`VOUCHER_TTL_S`].
+/// The vouchers `key`'s account (the payer) signs for `promises` on `request` at `now`: one per
+/// promise to a provider other than the payer itself, redeemable for [`VOUCHER_TTL_S`].
 pub fn sign_vouchers(
     key: &k256::ecdsa::SigningKey,
     chain_id: u64,
     request: RequestId,
-    payouts: &[Payout],
+    promises: &[Promise],
     now: Timestamp,
 ) -> Vec<SignedVoucher> {
     let payer = Address::from_private_key(key);
-    payouts
+    promises
         .iter()
-        .filter(|p| p.provider != payer && p.amount > 0)
+        .filter(|p| p.provider != payer && p.cumulative > 0)
         .map(|p| {
             Voucher {
                 payer,
                 provider: p.provider,
                 request,
-                cumulative: p.amount,
-                nonce: 1,
+                cumulative: p.cumulative,
+                nonce: p.nonce,
                 expiry: now / 1000 + VOUCHER_TTL_S,
             }
             .sign(chain_id, key)
         })
         .collect()
-}
-
-/// How a request's charge is paid out ([`split`]).
-#[derive(Debug, PartialEq, Eq)]
-pub struct Split {
-    /// One payout per account (providers, then the gateway's fee), amounts summing to the
-    /// charge.
-    pub payouts: Vec<Payout>,
-    /// Metered provider pay the charge could not cover (0 when it could).
-    pub shortfall: Amount,
-}
-
-/// Splits `charge` between the providers' metered `costs` and the `gateway`'s account (see the
-/// module docs): providers in full when the charge covers them, pro rata otherwise; the
-/// gateway keeps what is left. Payouts of zero are left out.
-pub fn split(
-    charge: Amount,
-    costs: &std::collections::BTreeMap<Address, Amount>,
-    gateway: Address,
-) -> Split {
-    let total: u128 = costs.values().map(|&c| u128::from(c)).sum();
-    let mut pay: std::collections::BTreeMap<Address, Amount> = std::collections::BTreeMap::new();
-    let mut paid: u128 = 0;
-    for (&account, &c) in costs {
-        let amount = if total <= u128::from(charge) {
-            u128::from(c)
-        } else {
-            u128::from(c) * u128::from(charge) / total
-        };
-        paid += amount;
-        *pay.entry(account).or_default() += amount as Amount;
-    }
-    // paid <= charge in both cases, so this never underflows.
-    let fee = (u128::from(charge) - paid) as Amount;
-    *pay.entry(gateway).or_default() += fee;
-    Split {
-        payouts: pay
-            .into_iter()
-            .filter(|(_, a)| *a > 0)
-            .map(|(provider, amount)| Payout { provider, amount })
-            .collect(),
-        shortfall: total
-            .saturating_sub(u128::from(charge))
-            .min(u128::from(u64::MAX)) as Amount,
-    }
 }
 
 /// Creates an API key in `store` (see [`Accounts::create_key`]).
@@ -427,10 +416,45 @@ pub struct Meter {
     accounts: Arc<Accounts>,
     request: RequestId,
     held: Amount,
+    /// What the providers have been promised so far.
+    tab: Tab,
     done: bool,
 }
 
 impl Meter {
+    /// During the generation: `sampled` tokens sampled so far and the providers' metered
+    /// `usage` so far. Raises the providers' promises on the tab, signs them and records them
+    /// in the store (blocking this non-async thread) before returning them for the backend to
+    /// deliver. A voucher that could not be recorded is not delivered (the settlement still
+    /// pays its amount).
+    pub(crate) fn checkpoint_blocking(
+        &mut self,
+        runtime: &tokio::runtime::Handle,
+        sampled: usize,
+        usage: &Usage,
+    ) -> Vec<SignedVoucher> {
+        if self.held == 0 || self.accounts.signer.is_none() {
+            return Vec::new();
+        }
+        let excluded: Vec<Address> = usage
+            .convictions
+            .iter()
+            .flat_map(|c| std::iter::once(c.offender).chain(c.colluders.iter().copied()))
+            .collect();
+        let raised = self.tab.checkpoint(sampled, &usage.costs(), &excluded);
+        let vouchers = self.accounts.sign(self.request, &raised, now_ms());
+        if vouchers.is_empty() {
+            return vouchers;
+        }
+        match runtime.block_on(self.accounts.record(&vouchers)) {
+            Ok(()) => vouchers,
+            Err(e) => {
+                tracing::error!(request = %self.request, "cannot record vouchers; not sent: {e}");
+                Vec::new()
+            }
+        }
+    }
+
     /// Settles to `tokens` completion tokens, blocking this (non-async) thread until the ledger
     /// has recorded it, so the client's next look at its account sees the charge. Returns the
     /// providers' vouchers for the backend to deliver.
@@ -445,7 +469,7 @@ impl Meter {
             return Vec::new();
         }
         let accounts = self.accounts.clone();
-        runtime.block_on(accounts.settle(self.request, tokens, self.held, usage))
+        runtime.block_on(accounts.settle(self.request, tokens, &mut self.tab, usage))
     }
 }
 
@@ -454,14 +478,16 @@ impl Drop for Meter {
         if self.done || self.held == 0 {
             return;
         }
-        let (accounts, request, held) = (self.accounts.clone(), self.request, self.held);
+        let (accounts, request, mut tab) = (self.accounts.clone(), self.request, self.tab.clone());
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    accounts.settle(request, 0, held, &Usage::default()).await;
+                    accounts
+                        .settle(request, 0, &mut tab, &Usage::default())
+                        .await;
                 });
             }
-            Err(_) => tracing::warn!(%request, "escrow left open; released at the next start"),
+            Err(_) => tracing::warn!(%request, "escrow left open; settled at the next start"),
         }
     }
 }
@@ -582,84 +608,14 @@ mod tests {
     }
 
     #[test]
-    fn providers_are_paid_in_full_and_the_gateway_keeps_the_rest() {
-        let costs = BTreeMap::from([(a(1), 30), (a(2), 0), (a(3), 45)]);
-        let s = split(100, &costs, a(9));
-        assert_eq!(
-            s.payouts,
-            vec![
-                Payout {
-                    provider: a(1),
-                    amount: 30
-                },
-                Payout {
-                    provider: a(3),
-                    amount: 45
-                },
-                Payout {
-                    provider: a(9),
-                    amount: 25
-                },
-            ]
-        );
-        assert_eq!(s.shortfall, 0);
-        // Exactly covered: no fee payout.
-        let s = split(75, &costs, a(9));
-        assert_eq!(s.payouts.iter().map(|p| p.amount).sum::<u64>(), 75);
-        assert!(s.payouts.iter().all(|p| p.provider != a(9)));
-        // Nothing metered (the local engine): all to the gateway; nothing charged: nothing.
-        let s = split(10, &BTreeMap::new(), a(9));
-        assert_eq!(
-            s.payouts,
-            vec![Payout {
-                provider: a(9),
-                amount: 10
-            }]
-        );
-        assert!(split(0, &costs, a(9)).payouts.is_empty());
-    }
-
-    #[test]
-    fn a_short_charge_is_shared_pro_rata_and_never_exceeded() {
-        let costs = BTreeMap::from([(a(1), 100), (a(2), 200)]);
-        let s = split(100, &costs, a(9));
-        // 33.3 and 66.6 rounded down; the remainder unit to the gateway.
-        assert_eq!(
-            s.payouts,
-            vec![
-                Payout {
-                    provider: a(1),
-                    amount: 33
-                },
-                Payout {
-                    provider: a(2),
-                    amount: 66
-                },
-                Payout {
-                    provider: a(9),
-                    amount: 1
-                },
-            ]
-        );
-        assert_eq!(s.shortfall, 200);
-        // A provider that is also the gateway's account gets one payout.
-        let s = split(50, &BTreeMap::from([(a(9), 20)]), a(9));
-        assert_eq!(
-            s.payouts,
-            vec![Payout {
-                provider: a(9),
-                amount: 50
-            }]
-        );
-    }
-
-    #[test]
     fn settlement_vouchers_pay_each_provider_its_payout_and_redeem_like_the_settlement() {
+        // (The split itself is tested in `crate::tab`.)
         let key = k256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap();
         let gw = Address::from_private_key(&key);
         let request = RequestId([3; 32]);
-        let split = split(100, &BTreeMap::from([(a(1), 30), (a(2), 45)]), gw);
-        let vs = sign_vouchers(&key, 31_337, request, &split.payouts, 5_000);
+        let mut tab = Tab::new(gw, 1, 100);
+        let (split, raised) = tab.close(100, &BTreeMap::from([(a(1), 30), (a(2), 45)]));
+        let vs = sign_vouchers(&key, 31_337, request, &raised, 5_000);
         // The gateway's own fee gets no voucher.
         assert_eq!(vs.len(), 2);
         for (v, amount) in vs.iter().zip([30, 45]) {
@@ -683,23 +639,5 @@ mod tests {
             Err(plexus_ledger::RedeemError::Settled { paid: 45, .. })
         ));
         l.check_invariants().unwrap();
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn payouts_sum_to_the_charge(
-            charge in 0u64..1_000_000_000,
-            costs in proptest::collection::vec((0u8..6, 0u64..1_000_000_000), 0..6),
-        ) {
-            let costs: BTreeMap<Address, Amount> = costs.into_iter().map(|(b, c)| (a(b), c)).collect();
-            let s = split(charge, &costs, a(200));
-            let sum: u64 = s.payouts.iter().map(|p| p.amount).sum();
-            proptest::prop_assert_eq!(sum, charge);
-            for p in &s.payouts {
-                if p.provider != a(200) {
-                    proptest::prop_assert!(p.amount <= costs[&p.provider]);
-                }
-            }
-        }
     }
 }

@@ -15,6 +15,31 @@ use std::sync::Arc;
 
 pub use plexus_node::metering::Usage;
 
+/// The hook a running generation reports its usage to: `(sampled tokens so far, usage so far)`.
+pub type Progress<'a> = &'a mut dyn FnMut(usize, &Usage);
+
+/// What a metered generation reports of its providers' work: the work of its finished chains
+/// in `usage`, and, while a chain runs, the running total (finished chains and the running
+/// one) every `every` sampled tokens to `progress` with the request's sampled tokens so far
+/// (the gateway signs vouchers from it during a stream).
+pub struct Metering<'a> {
+    pub usage: Usage,
+    /// Sampled tokens between two `progress` reports (0: none).
+    pub every: usize,
+    pub progress: Option<Progress<'a>>,
+}
+
+impl Metering<'_> {
+    /// Only the total, no progress reports.
+    pub fn total() -> Self {
+        Self {
+            usage: Usage::default(),
+            every: 0,
+            progress: None,
+        }
+    }
+}
+
 /// A model a backend can serve.
 #[derive(Clone)]
 pub struct ModelEntry {
@@ -90,9 +115,9 @@ pub trait Backend: Send + Sync + 'static {
         Ok(out)
     }
 
-    /// [`Backend::generate_choices`], also adding to `usage` the work each provider did, as
-    /// checked against its signed receipts (see `plexus_node::metering`). The default (a
-    /// backend whose work is all done by this gateway, like the local engine) adds nothing:
+    /// [`Backend::generate_choices`], also reporting to `metering` the work each provider did,
+    /// as checked against its signed receipts (see `plexus_node::metering`). The default (a
+    /// backend whose work is all done by this gateway, like the local engine) reports nothing:
     /// the pay for its tokens goes to the gateway's own account.
     fn generate_metered(
         &self,
@@ -100,9 +125,9 @@ pub trait Backend: Send + Sync + 'static {
         req: &GenerateRequest,
         n: usize,
         on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
-        usage: &mut Usage,
+        metering: &mut Metering<'_>,
     ) -> Result<Vec<Completion>, BackendError> {
-        let _ = usage;
+        let _ = metering;
         self.generate_choices(model_id, req, n, on_text)
     }
 
@@ -118,9 +143,9 @@ pub trait Backend: Send + Sync + 'static {
         n: usize,
         grammar: &SharedGrammar,
         on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
-        usage: &mut Usage,
+        metering: &mut Metering<'_>,
     ) -> Result<Vec<Completion>, BackendError> {
-        let _ = (model_id, req, n, grammar, on_text, usage);
+        let _ = (model_id, req, n, grammar, on_text, metering);
         Err(BackendError::Invalid(
             "this server's backend cannot constrain decoding (`response_format`, `tools`)".into(),
         ))

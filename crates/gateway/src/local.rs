@@ -154,7 +154,7 @@ impl Backend for LocalBackend {
         n: usize,
         grammar: &SharedGrammar,
         on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
-        _usage: &mut crate::backend::Usage,
+        _metering: &mut crate::backend::Metering<'_>,
     ) -> Result<Vec<Completion>, BackendError> {
         self.choices(model_id, req, n, Some(grammar), on_text)
     }

@@ -3,7 +3,8 @@
 //! template of each model it offers (from a local copy of the model) and matches the model's
 //! identity against what nodes announce.
 
-use crate::backend::{Backend, BackendError, ModelEntry, Usage};
+use crate::backend::{Backend, BackendError, Metering, ModelEntry, Usage};
+use crate::live::Live;
 use crate::local::{model_id, LoadError};
 use plexus_core::wire::ErrorCode;
 use plexus_core::Digest;
@@ -159,7 +160,7 @@ impl Backend for NetworkBackend {
         req: &GenerateRequest,
         on_text: &mut dyn FnMut(&Piece) -> Flow,
     ) -> Result<Completion, BackendError> {
-        self.generate_one(model_id, req, None, on_text, &mut Usage::default())
+        self.generate_one(model_id, req, None, on_text, &mut Metering::total(), 0)
     }
 
     fn generate_metered(
@@ -168,9 +169,9 @@ impl Backend for NetworkBackend {
         req: &GenerateRequest,
         n: usize,
         on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
-        usage: &mut Usage,
+        metering: &mut Metering<'_>,
     ) -> Result<Vec<Completion>, BackendError> {
-        self.choices(model_id, req, n, None, on_text, usage)
+        self.choices(model_id, req, n, None, on_text, metering)
     }
 
     /// The last stage of the chain samples: the grammar's mask for each position goes with
@@ -182,9 +183,9 @@ impl Backend for NetworkBackend {
         n: usize,
         grammar: &SharedGrammar,
         on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
-        usage: &mut Usage,
+        metering: &mut Metering<'_>,
     ) -> Result<Vec<Completion>, BackendError> {
-        self.choices(model_id, req, n, Some(grammar), on_text, usage)
+        self.choices(model_id, req, n, Some(grammar), on_text, metering)
     }
 
     fn deliver_vouchers(&self, vouchers: Vec<plexus_ledger::SignedVoucher>) {
@@ -332,13 +333,21 @@ impl NetworkBackend {
         n: usize,
         grammar: Option<&SharedGrammar>,
         on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
-        usage: &mut Usage,
+        metering: &mut Metering<'_>,
     ) -> Result<Vec<Completion>, BackendError> {
-        let mut out = Vec::with_capacity(n);
+        let mut out: Vec<Completion> = Vec::with_capacity(n);
         for i in 0..n {
             let mut r = req.clone();
             r.sampling.seed = choice_seed(req.sampling.seed, i as u32);
-            let c = self.generate_one(model_id, &r, grammar, &mut |p| on_text(i, p), usage)?;
+            let sampled = out.iter().map(|c| c.tokens.len()).sum();
+            let c = self.generate_one(
+                model_id,
+                &r,
+                grammar,
+                &mut |p| on_text(i, p),
+                metering,
+                sampled,
+            )?;
             let cancelled = c.finish == FinishReason::Cancelled;
             out.push(c);
             if cancelled {
@@ -348,22 +357,24 @@ impl NetworkBackend {
         Ok(out)
     }
 
-    /// One generation through a chain; the chain's metered work is added to `usage` whether
-    /// it finished, was cancelled or failed (work done is paid).
+    /// One generation through a chain, after `sampled` tokens of earlier choices; the chain's
+    /// metered work is reported to `metering` as it runs and added to its usage whether it
+    /// finished, was cancelled or failed (work done is paid).
     fn generate_one(
         &self,
         model_id: &str,
         req: &GenerateRequest,
         grammar: Option<&SharedGrammar>,
         on_text: &mut dyn FnMut(&Piece) -> Flow,
-        usage: &mut Usage,
+        metering: &mut Metering<'_>,
+        sampled: usize,
     ) -> Result<Completion, BackendError> {
         let m = self
             .models
             .iter()
             .find(|m| m.entry.id == model_id)
             .ok_or_else(|| BackendError::Invalid(format!("unknown model {model_id}")))?;
-        let mut chain = self
+        let chain = self
             .client
             .open_chain(
                 m.digest,
@@ -377,12 +388,15 @@ impl NetworkBackend {
             })?;
         let tokenizer = &m.entry.tokenizer;
         let Some(grammar) = grammar else {
+            let mut live = Live::new(chain, metering, sampled);
             let result =
-                generate_with(&mut chain, tokenizer, req, |t| on_text(t)).map_err(map_error);
-            self.meter(usage, chain.usage());
+                generate_with(&mut live, tokenizer, req, |t| on_text(t)).map_err(map_error);
+            let work = live.chain().usage().clone();
+            drop(live);
+            self.meter(&mut metering.usage, &work);
             return result;
         };
-        let mut guided = Guided::new(chain, grammar.start());
+        let mut guided = Guided::new(Live::new(chain, metering, sampled), grammar.start());
         let result =
             generate_with(&mut guided, tokenizer, req, |t| on_text(t)).map_err(|e| match e {
                 GenerateError::Forward(GuidedError::Constraint(c)) => {
@@ -397,7 +411,9 @@ impl NetworkBackend {
                 }
                 GenerateError::Tokenizer(t) => map_error(GenerateError::Tokenizer(t)),
             });
-        self.meter(usage, guided.inner().usage());
+        let work = guided.inner().chain().usage().clone();
+        drop(guided);
+        self.meter(&mut metering.usage, &work);
         result
     }
 

@@ -1,26 +1,31 @@
-//! Delivery of vouchers to providers: after a settlement the gateway sends each provider's
-//! node its signed cumulative voucher (`Request::Voucher`); the node verifies it and keeps the
-//! latest (`plexus_node::vouchers`).
+//! Delivery of vouchers to providers: during a stream and after its settlement the gateway
+//! sends each provider's node its signed cumulative voucher (`Request::Voucher`); the node
+//! verifies it and keeps the latest (`plexus_node::vouchers`).
 //!
 //! ```text
 //! generation thread ─ post (try_send, never blocks) ─▶ bounded queue (QUEUE)
-//!   ─▶ worker: at most CONCURRENCY deliveries at once
+//!   ─▶ worker: at most CONCURRENCY deliveries at once, one at a time per (provider, request),
+//!      in nonce order; a voucher superseded while it waited is not sent (the later one is):
+//!      [`crate::delivery::Schedule`]
 //!        provider account ─▶ peer (directory: the peer whose announced key is the account)
 //!        ─▶ call(peer, Request::Voucher) ─▶ VoucherKept | Error (refused, logged) | timeout
 //! ```
 //!
-//! Delivery is best effort: the settlement has already paid the provider the same amount on
-//! the ledger, so a lost voucher costs the provider only its own signed copy (counted in
-//! `plexus_vouchers_{kept,refused,failed,dropped}_total`).
+//! Delivery is best effort: vouchers are recorded (during a stream) or paid by the settlement
+//! before they are posted, so a lost voucher costs the provider only its own signed copy
+//! (counted in `plexus_vouchers_{kept,refused,failed,dropped,superseded}_total`).
 
+use crate::delivery::{key, Key, Offer, Schedule};
 use plexus_core::wire::{Request, Response};
 use plexus_ledger::SignedVoucher;
 use plexus_node::client::NetworkClient;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 /// Vouchers waiting for delivery at most; beyond, new ones are dropped (and counted).
 pub const QUEUE: usize = 4096;
@@ -40,6 +45,8 @@ pub struct Counters {
     pub failed: AtomicU64,
     /// The queue was full.
     pub dropped: AtomicU64,
+    /// A later voucher for the same provider and request was posted before it was sent.
+    pub superseded: AtomicU64,
 }
 
 /// The sending half of the delivery queue.
@@ -54,18 +61,31 @@ impl VoucherPost {
         let rt = tokio::runtime::Handle::try_current().ok()?;
         let (tx, mut rx) = mpsc::channel::<SignedVoucher>(QUEUE);
         let counters = Arc::new(Counters::default());
-        let c = counters.clone();
+        let mut worker = Worker {
+            client,
+            counters: counters.clone(),
+            schedule: Schedule::new(CONCURRENCY, QUEUE),
+            tasks: JoinSet::new(),
+            running: HashMap::new(),
+        };
         rt.spawn(async move {
-            let slots = Arc::new(Semaphore::new(CONCURRENCY));
-            while let Some(v) = rx.recv().await {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    break;
-                };
-                let (client, c) = (client.clone(), c.clone());
-                tokio::spawn(async move {
-                    deliver(&client, &c, v).await;
-                    drop(permit);
-                });
+            let mut open = true;
+            while open || !worker.tasks.is_empty() {
+                tokio::select! {
+                    v = rx.recv(), if open => match v {
+                        Some(v) => worker.offer(v),
+                        None => open = false,
+                    },
+                    Some(done) = worker.tasks.join_next_with_id(), if !worker.tasks.is_empty() => {
+                        match done {
+                            Ok((id, ())) => worker.finished(id),
+                            Err(e) => {
+                                tracing::error!("a voucher delivery task failed: {e}");
+                                worker.finished(e.id());
+                            }
+                        }
+                    }
+                }
             }
         });
         Some(Self { tx, counters })
@@ -105,12 +125,61 @@ impl VoucherPost {
                 "Vouchers dropped because the delivery queue was full.",
                 &c.dropped,
             ),
+            (
+                "superseded",
+                "Vouchers not sent because a later one for the same provider and request was.",
+                &c.superseded,
+            ),
         ] {
             let _ = write!(
                 out,
                 "# HELP plexus_vouchers_{name} {help}\n# TYPE plexus_vouchers_{name} counter\nplexus_vouchers_{name}_total {}\n",
                 v.load(Ordering::Relaxed)
             );
+        }
+    }
+}
+
+/// The delivery worker: the [`Schedule`] and the deliveries it started.
+struct Worker {
+    client: NetworkClient,
+    counters: Arc<Counters>,
+    schedule: Schedule,
+    tasks: JoinSet<()>,
+    /// The key of each running delivery task.
+    running: HashMap<tokio::task::Id, Key>,
+}
+
+impl Worker {
+    fn offer(&mut self, v: SignedVoucher) {
+        match self.schedule.offer(v) {
+            Offer::Start(v) => self.start(v),
+            Offer::Waiting => {}
+            Offer::Superseded => {
+                self.counters.superseded.fetch_add(1, Ordering::Relaxed);
+            }
+            Offer::Dropped => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("voucher delivery queue full; a voucher was dropped");
+            }
+        }
+    }
+
+    fn start(&mut self, v: SignedVoucher) {
+        let key = key(&v);
+        let (client, c) = (self.client.clone(), self.counters.clone());
+        let task = self
+            .tasks
+            .spawn(async move { deliver(&client, &c, v).await });
+        self.running.insert(task.id(), key);
+    }
+
+    /// A delivery task ended (or failed: its key is free again either way).
+    fn finished(&mut self, id: tokio::task::Id) {
+        if let Some(key) = self.running.remove(&id) {
+            for v in self.schedule.finished(key) {
+                self.start(v);
+            }
         }
     }
 }

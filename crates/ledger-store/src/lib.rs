@@ -8,7 +8,11 @@
 //!
 //! One process writes at a time per journal entry: the entry's sequence number is the primary
 //! key, so a second writer's stale append fails, the store reloads and retries once.
+//!
+//! Beside the journal, a gateway records the vouchers it signs during streams
+//! ([`Store::record_vouchers`]): they are promises, not ledger state, until the request settles.
 
+mod issued;
 mod schema;
 mod store;
 

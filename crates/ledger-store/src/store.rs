@@ -84,12 +84,12 @@ pub struct ApiKey {
 
 /// A ledger backed by a database.
 pub struct Store {
-    pool: AnyPool,
+    pub(crate) pool: AnyPool,
     backend: Backend,
     ledger: Ledger,
 }
 
-fn to_i64(v: u64) -> i64 {
+pub(crate) fn to_i64(v: u64) -> i64 {
     // Amounts are bounded by i64::MAX (plexus_ledger::types::MAX_AMOUNT); times and sequence
     // numbers are far below it.
     i64::try_from(v).unwrap_or(i64::MAX)

@@ -210,6 +210,52 @@ fn api_keys_are_stored_hashed() {
 }
 
 #[test]
+fn issued_vouchers_keep_the_latest_per_provider_until_forgotten() {
+    both(|db| {
+        Box::pin(async move {
+            let s = Store::open(&db.url, config()).await.unwrap();
+            let gw = key(GATEWAY);
+            let voucher = |provider: u8, request: u8, cumulative: Amount, nonce: u64| {
+                Voucher {
+                    payer: addr(GATEWAY),
+                    provider: addr(provider),
+                    request: rid(request),
+                    cumulative,
+                    nonce,
+                    expiry: 2_000_000_000,
+                }
+                .sign(7, &gw)
+            };
+            s.record_vouchers(&[voucher(1, 1, 10, 1), voucher(2, 1, 20, 1)])
+                .await
+                .unwrap();
+            s.record_vouchers(&[voucher(1, 1, 30, 2), voucher(1, 2, 5, 1)])
+                .await
+                .unwrap();
+            // A lower or equal nonce (a late duplicate) does not replace the recorded one.
+            s.record_vouchers(&[voucher(1, 1, 99, 2), voucher(2, 1, 1, 1)])
+                .await
+                .unwrap();
+            let mut got = s.issued_vouchers(rid(1)).await.unwrap();
+            got.sort_by_key(|v| v.voucher.provider);
+            let mut want = vec![voucher(1, 1, 30, 2), voucher(2, 1, 20, 1)];
+            want.sort_by_key(|v| v.voucher.provider);
+            assert_eq!(got, want);
+            // Survives reopening (a restarted gateway reads it).
+            drop(s);
+            let s = Store::open(&db.url, config()).await.unwrap();
+            assert_eq!(s.issued_vouchers(rid(1)).await.unwrap().len(), 2);
+            s.forget_vouchers(rid(1)).await.unwrap();
+            assert!(s.issued_vouchers(rid(1)).await.unwrap().is_empty());
+            assert_eq!(
+                s.issued_vouchers(rid(2)).await.unwrap(),
+                vec![voucher(1, 2, 5, 1)]
+            );
+        })
+    });
+}
+
+#[test]
 fn two_writers_on_one_database_stay_consistent() {
     both(|db| {
         Box::pin(async move {

@@ -617,3 +617,160 @@ fn a_cheating_node_is_caught_excluded_and_slashed_while_streams_go_on_issue_11()
     );
     assert_eq!(available + spent, 100_000_000 + stake / 4, "{client}");
 }
+
+/// Issue 10: the gateway pays providers during a stream, not only when it ends. `plexus up` is
+/// SIGKILLed (then its nodes) in the middle of a long stream, after the nodes have kept
+/// vouchers for three windows of it: each node holds a voucher of the gateway for its work
+/// before the kill (at most one window of tokens behind). Started again on the same data, the
+/// gateway settles the killed request paying each node exactly the voucher it holds and the
+/// client the rest back: nothing promised lost, nothing paid twice, the client's balance adds
+/// up to its faucet.
+#[test]
+fn a_gateway_killed_mid_stream_pays_the_vouchers_its_nodes_hold_issue_10() {
+    use std::io::{Read, Write};
+    let cache = tempfile::tempdir().unwrap();
+    let price = PRICE.to_string();
+    let args = [
+        "--nodes",
+        "3",
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--price",
+        &price,
+        "--node-price",
+        "1000",
+    ];
+    let Started { up, url, key, .. } = start_up(&args, cache.path());
+    let models: serde_json::Value =
+        serde_json::from_str(&http_get(&url, "/v1/models", &key)).unwrap();
+    let model = models["data"][0]["id"].as_str().unwrap().to_owned();
+    let before: serde_json::Value =
+        serde_json::from_str(&http_get(&url, "/v1/account", &key)).unwrap();
+    // Greedy, the special tokens banned: the stream cannot end before its 2000 tokens.
+    let body = format!(
+        r#"{{"model":"{model}","stream":true,"max_tokens":2000,"temperature":0,"logit_bias":{{"0":-100,"1":-100,"2":-100}},"messages":[{{"role":"user","content":"Write a long story."}}]}}"#
+    );
+    let addr = url.trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Read the stream as it comes (so the gateway never waits on us).
+    let reader = std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+    });
+    // Three windows of vouchers kept by the three nodes.
+    let started = Instant::now();
+    loop {
+        let m = http_get(&url, "/metrics", &key);
+        assert_eq!(counter(&m, "plexus_vouchers_refused"), 0, "{m}");
+        assert_eq!(counter(&m, "plexus_vouchers_failed"), 0, "{m}");
+        if counter(&m, "plexus_vouchers_kept") >= 9 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "no vouchers during the stream: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let held: serde_json::Value =
+        serde_json::from_str(&http_get(&url, "/v1/account", &key)).unwrap();
+    assert_eq!(
+        held["escrow"],
+        2000 * PRICE,
+        "the stream still runs: {held}"
+    );
+    let nodes = children_of(up.0.id());
+    assert_eq!(nodes.len(), 3);
+    let mut up = up;
+    up.0.kill().unwrap();
+    up.0.wait().unwrap();
+    for pid in nodes {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    reader.join().unwrap();
+
+    let base = cache.path().join("up");
+    let ledger = format!("sqlite://{}", base.join("ledger.db").display());
+    let vouchers = |i: usize| -> Vec<serde_json::Value> {
+        let out = wallet(
+            &base,
+            &format!("node-{i}"),
+            &ledger,
+            &["vouchers", "--json"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    // Each node holds one voucher for the killed request, issued during the stream (its second
+    // window or later), unpaid yet: at least two windows of 16 decoded positions through its
+    // 10 layers at 1 micro-PLX per position-layer.
+    let mut held_vouchers = Vec::new();
+    for i in 0..3 {
+        let vs = vouchers(i);
+        assert_eq!(vs.len(), 1, "node {i}: {vs:?}");
+        let v = &vs[0];
+        assert!(v["paid"].is_null(), "node {i}: {v}");
+        let amount = v["voucher"]["voucher"]["cumulative"].as_u64().unwrap();
+        assert!(amount >= 10 * 31, "node {i}: {v}");
+        assert!(
+            v["voucher"]["voucher"]["nonce"].as_u64().unwrap() >= 4,
+            "node {i}: {v}"
+        );
+        held_vouchers.push(amount);
+    }
+    eprintln!("vouchers held at the kill: {held_vouchers:?}");
+
+    // Restarted on the same data: the killed request is settled for exactly those vouchers.
+    let Started {
+        up,
+        url,
+        key: again,
+        ..
+    } = start_up(&args, cache.path());
+    assert_eq!(again, key, "the dev key survives the restart");
+    let after: serde_json::Value =
+        serde_json::from_str(&http_get(&url, "/v1/account", &key)).unwrap();
+    stop_up(up);
+    let paid: u64 = held_vouchers.iter().sum();
+    assert_eq!(after["escrow"], 0, "{after}");
+    assert_eq!(
+        after["spent"].as_u64().unwrap(),
+        before["spent"].as_u64().unwrap() + paid,
+        "the client paid exactly the vouchers: {after}"
+    );
+    assert_eq!(
+        after["available"].as_u64().unwrap() + after["spent"].as_u64().unwrap(),
+        before["available"].as_u64().unwrap() + before["spent"].as_u64().unwrap(),
+        "balances add up: {after}"
+    );
+    for (i, amount) in held_vouchers.iter().enumerate() {
+        let me = mine(&status(&base, &format!("node-{i}")));
+        assert_eq!(me["locked"].as_u64(), Some(*amount), "node {i}: {me}");
+        let vs = vouchers(i);
+        assert_eq!(vs.len(), 1, "node {i}: {vs:?}");
+        assert_eq!(
+            vs[0]["paid"].as_u64(),
+            Some(*amount),
+            "node {i}: {:?}",
+            vs[0]
+        );
+    }
+}

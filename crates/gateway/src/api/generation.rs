@@ -254,8 +254,23 @@ impl Task {
                 Flow::Stop
             }
         };
-        let mut usage = crate::backend::Usage::default();
         let backend = self.state.backend();
+        let mut meter = self.meter.take();
+        // During the stream: the providers' vouchers every `VOUCHER_EVERY` sampled tokens.
+        let runtime = self.runtime.clone();
+        let mut progress = |sampled: usize, running: &crate::backend::Usage| {
+            if let Some(m) = meter.as_mut() {
+                let vouchers = m.checkpoint_blocking(&runtime, sampled, running);
+                if !vouchers.is_empty() {
+                    backend.deliver_vouchers(vouchers);
+                }
+            }
+        };
+        let mut metering = crate::backend::Metering {
+            usage: crate::backend::Usage::default(),
+            every: crate::accounts::VOUCHER_EVERY,
+            progress: Some(&mut progress),
+        };
         let result = match &grammar {
             Some(g) => backend.generate_guided(
                 &self.entry.id,
@@ -263,14 +278,19 @@ impl Task {
                 self.job.n,
                 g,
                 &mut on_text,
-                &mut usage,
+                &mut metering,
             ),
-            None => {
-                backend.generate_metered(&self.entry.id, &req, self.job.n, &mut on_text, &mut usage)
-            }
+            None => backend.generate_metered(
+                &self.entry.id,
+                &req,
+                self.job.n,
+                &mut on_text,
+                &mut metering,
+            ),
         };
+        let usage = metering.usage;
         drop(slot);
-        if let Some(meter) = self.meter.take() {
+        if let Some(meter) = meter.take() {
             // Charged for what was produced (every choice), cancelled streams included; before
             // the client sees the end, so its next look at the account shows the charge. The
             // providers are paid from it for the work their receipts prove.
