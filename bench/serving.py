@@ -9,6 +9,7 @@ every server.
 """
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -16,6 +17,11 @@ from urllib.parse import urlparse
 
 TOPICS = ["the sea", "bread", "a red bicycle", "winter", "owls", "chess", "rivers", "tea",
           "clocks", "mountains", "bees", "trains", "the moon", "gardens", "violins", "deserts"]
+
+
+# `API_KEY` (the key `plexus up` prints) is sent as a bearer token when set.
+AUTH = (f"Authorization: Bearer {os.environ['API_KEY']}\r\n"
+        if os.environ.get("API_KEY") else "")
 
 
 def prompt(i):
@@ -38,6 +44,7 @@ async def one(url, model, i, max_tokens):
     path = (u.path.rstrip("/") or "") + "/v1/chat/completions"
     writer.write((f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\n"
                   "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+                  f"{AUTH}"
                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
     await writer.drain()
     status = (await reader.readline()).decode()

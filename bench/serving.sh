@@ -38,7 +38,8 @@ if [ -n "${LLAMA_SERVER:-}" ]; then
 fi
 
 log=$(mktemp)
-"$PLEXUS" gateway --model "$MODEL" --port 0 --max-concurrent 64 >"$log" 2>/dev/null &
+# No ledger: llama-server has no accounts either (`plexus up` below meters and charges).
+"$PLEXUS" gateway --model "$MODEL" --port 0 --max-concurrent 64 --ledger none >"$log" 2>/dev/null &
 pids+=($!)
 run gateway "$(wait_url "$log")"
 kill "${pids[-1]}"
@@ -47,4 +48,7 @@ log=$(mktemp)
 "$PLEXUS" up --model "$MODEL" --port 18090 >"$log" 2>/dev/null &
 pids+=($!)
 url=$(wait_url "$log")
+for _ in $(seq 300); do grep -q 'API key: ' "$log" && break; sleep 0.2; done
+API_KEY=$(grep -o 'API key: [^ ]*' "$log" | head -1 | cut -d' ' -f3)
+export API_KEY
 run up "$url"
