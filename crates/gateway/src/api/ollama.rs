@@ -22,7 +22,6 @@ use super::tools::{self, CallStream, Delta};
 use crate::accounts::Payer;
 use crate::error::{ApiError, Dialect, OllamaError};
 use crate::sse::{self, Encoder};
-use plexus_verify::seed::RequestSeal;
 use crate::state::AppState;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -30,6 +29,7 @@ use axum::Json;
 use plexus_model::chat::Message;
 use plexus_model::generate::Completion;
 use plexus_model::sampler::TokenLogprobs;
+use plexus_verify::seed::RequestSeal;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
@@ -430,7 +430,15 @@ pub async fn chat(
     let seal = super::seal()?;
     let opts = resolved(&body, req.stream, &seal)?;
     let prompt = Prompt::Chat(messages(&req.messages)?, guide.in_prompt.clone());
-    run(&state, Route::Chat, (req.model, prompt), (opts, seal), payer, guide).await
+    run(
+        &state,
+        Route::Chat,
+        (req.model, prompt),
+        (opts, seal),
+        payer,
+        guide,
+    )
+    .await
 }
 
 pub async fn generate(
