@@ -13,9 +13,9 @@
 //! of the node: the gateway pays on what it measured itself (the positions it sent, the span
 //! it asked for, the price the node announced) and only when the receipt agrees.
 //!
-//! `commitment` is reserved for verification (issue 11): a digest of the activation
-//! fingerprints of the call, so an auditor can later hold the node to what it computed. Until
-//! that lands nodes sign it as 32 zero bytes and gateways require exactly that.
+//! `commitment` is the digest of the call's activation fingerprints
+//! (`plexus_verify::commitment::call_commitment`): an auditor that replays the call computes
+//! its own and holds the node to what it signed (`plexus_node::audit`).
 
 use crate::wire::{Activations, Forward, Response, SessionId};
 use crate::{Digest, Sha256Stream};
@@ -44,7 +44,7 @@ pub struct Receipt {
     pub input: Digest,
     /// [`output_digest`] of the answer.
     pub output: Digest,
-    /// Reserved for activation-fingerprint digests (issue 11); 32 zero bytes until then.
+    /// Digest of the call's activation fingerprints, compared with an auditor's replay.
     pub commitment: [u8; 32],
     /// 65 bytes over the EIP-712 digest of the fields above.
     #[serde(with = "serde_bytes")]
