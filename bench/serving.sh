@@ -4,6 +4,8 @@
 # points at its binary), `plexus gateway --model` (one process, batching engine) and
 # `plexus up` (3 nodes), one after another in the same run, same prompts (bench/serving.py).
 #   PLEXUS=target/release/plexus LLAMA_SERVER=~/.cache/anchors/.../llama-server bench/serving.sh
+# LEVELS [1 4 8 16 32] picks the stream counts; GATEWAY=0 skips the one-process gateway;
+# UP_ARGS adds flags to `plexus up` (e.g. "--ledger none", "--threads 1").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PLEXUS="${PLEXUS:-target/release/plexus}"
@@ -37,18 +39,25 @@ if [ -n "${LLAMA_SERVER:-}" ]; then
   kill "${pids[-1]}"
 fi
 
+if [ "${GATEWAY:-1}" != 0 ]; then
 log=$(mktemp)
 # No ledger: llama-server has no accounts either (`plexus up` below meters and charges).
 "$PLEXUS" gateway --model "$MODEL" --port 0 --max-concurrent 64 --ledger none >"$log" 2>/dev/null &
 pids+=($!)
 run gateway "$(wait_url "$log")"
 kill "${pids[-1]}"
+fi
 
 log=$(mktemp)
-"$PLEXUS" up --model "$MODEL" --port 18090 >"$log" 2>/dev/null &
+# shellcheck disable=SC2086
+"$PLEXUS" up --model "$MODEL" --port 18090 ${UP_ARGS:-} >"$log" 2>/dev/null &
 pids+=($!)
 url=$(wait_url "$log")
-for _ in $(seq 300); do grep -q 'API key: ' "$log" && break; sleep 0.2; done
+# Without a ledger there are no accounts and no key to wait for.
+case " ${UP_ARGS:-} " in
+  *" --ledger none "*) ;;
+  *) for _ in $(seq 300); do grep -q 'API key: ' "$log" && break; sleep 0.2; done ;;
+esac
 API_KEY=$(grep -o 'API key: [^ ]*' "$log" | head -1 | cut -d' ' -f3)
 export API_KEY
 run up "$url"

@@ -410,6 +410,7 @@ impl BatchActor {
     fn run(mut self, inbox: Receiver<Opening>) {
         loop {
             if self.seqs.is_empty() {
+                crate::kernels::release_helpers();
                 match inbox.recv() {
                     Ok(o) => self.admit(o),
                     Err(_) => break,

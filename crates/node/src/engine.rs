@@ -351,6 +351,7 @@ impl EngineActor {
             // Idle: wait for work (waking now and then to expire sessions). Busy: take what
             // is queued without waiting, so new calls join at the next step.
             if self.running.is_empty() {
+                plexus_model::kernels::release_helpers();
                 match jobs.recv_timeout(Duration::from_secs(1)) {
                     Ok(job) => {
                         if !self.take(job, &replies) {

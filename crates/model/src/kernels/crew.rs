@@ -13,7 +13,10 @@
 //!   nobody took;
 //! - helpers are rayon jobs (`rayon::spawn`) that poll for tasks and return to rayon after
 //!   [`IDLE`] without one, so at most `threads - 1` workers spin, and only while the engine runs;
-//! - one caller at a time: a second concurrent caller falls back to `rayon::join`.
+//! - one caller at a time: a second concurrent caller falls back to `rayon::join`;
+//! - a caller about to wait for new work calls [`release`]: the helpers return to rayon at
+//!   once instead of polling out [`IDLE`] (on a machine shared with other processes, such as
+//!   the stage nodes of one `plexus up`, those polls take the core another stage computes on).
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
 use std::time::{Duration, Instant};
@@ -45,6 +48,8 @@ struct Crew {
     helpers: AtomicUsize,
     /// Held by the one caller currently posting jobs.
     busy: AtomicBool,
+    /// Raised by [`release`]: a helper that sees it change with no work left stops polling.
+    released: AtomicU64,
 }
 
 static CREW: Crew = Crew {
@@ -53,7 +58,15 @@ static CREW: Crew = Crew {
     task: AtomicPtr::new(std::ptr::null_mut()),
     helpers: AtomicUsize::new(0),
     busy: AtomicBool::new(false),
+    released: AtomicU64::new(0),
 };
+
+/// Tells the polling helpers that no job is coming soon (the caller is about to block waiting
+/// for work): each returns its thread to rayon as soon as it finds no chunk to run. The next
+/// [`run`] spawns helpers again.
+pub(crate) fn release() {
+    CREW.released.fetch_add(1, Release);
+}
 
 /// Runs `f(i)` for `i in 0..n`, each exactly once, on this thread and up to `threads - 1`
 /// polling rayon workers. Returns `false` (having run nothing) when another caller holds the
@@ -69,7 +82,8 @@ pub(super) fn run(n: usize, threads: usize, f: Task) -> bool {
     let want = threads.min(n).saturating_sub(1);
     while crew.helpers.load(Acquire) < want {
         crew.helpers.fetch_add(1, AcqRel);
-        rayon::spawn(|| CREW.help());
+        let released = crew.released.load(Acquire);
+        rayon::spawn(move || CREW.help(IDLE, released));
     }
     // SAFETY: the task is only called while this function waits for every claimed chunk: the
     // guard below does that wait on every exit, unwinding included, so the extended lifetime
@@ -156,8 +170,9 @@ impl Crew {
         }
     }
 
-    /// A helper's life: poll for chunks until `IDLE` passes without any.
-    fn help(&self) {
+    /// A helper's life: poll for chunks until `idle` passes without any, or until
+    /// [`release`] moves `released` on while there is none.
+    fn help(&self, idle: Duration, released: u64) {
         let mut last = Instant::now();
         let mut polls = 0u32;
         loop {
@@ -165,8 +180,11 @@ impl Crew {
                 last = Instant::now();
                 continue;
             }
+            if self.released.load(Acquire) != released {
+                break;
+            }
             pause(&mut polls);
-            if polls.is_multiple_of(256) && last.elapsed() > IDLE {
+            if polls.is_multiple_of(256) && last.elapsed() > idle {
                 break;
             }
         }
@@ -204,6 +222,30 @@ mod tests {
             hits[i].fetch_add(1, Relaxed);
         }));
         assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
+    }
+
+    #[test]
+    fn a_released_helper_stops_polling_before_its_idle_time() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // A helper that would poll for an hour: only the release can end it.
+        let released = CREW.released.load(Acquire);
+        CREW.helpers.fetch_add(1, AcqRel);
+        let (done, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            CREW.help(Duration::from_secs(3600), released);
+            done.send(()).ok();
+        });
+        release();
+        assert!(
+            ended.recv_timeout(Duration::from_secs(60)).is_ok(),
+            "a released helper kept polling"
+        );
+        // The crew still runs jobs afterwards (with helpers spawned anew).
+        let count = AtomicUsize::new(0);
+        assert!(run(64, 2, &|_| {
+            count.fetch_add(1, Relaxed);
+        }));
+        assert_eq!(count.load(Relaxed), 64);
     }
 
     /// Issue 7: a chunk that panics on the calling thread used to unwind out of `run` while

@@ -318,6 +318,12 @@ thread_local! {
     static SCRATCH: RefCell<Activations> = RefCell::new(Activations::default());
 }
 
+/// Lets the matmul helper threads go back to sleep now: for an engine about to wait for work,
+/// so its helpers do not poll a core away from other processes meanwhile.
+pub fn release_helpers() {
+    crew::release();
+}
+
 /// Runs `f(i)` for every `i in 0..n`, each once, on the engine's threads: the polling crew
 /// when the caller is outside rayon's pool (the engine thread; the same helpers the matmuls
 /// keep spinning, so no wake-up and no helper left spinning beside a rayon job), rayon's
