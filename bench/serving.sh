@@ -58,6 +58,6 @@ case " ${UP_ARGS:-} " in
   *" --ledger none "*) ;;
   *) for _ in $(seq 300); do grep -q 'API key: ' "$log" && break; sleep 0.2; done ;;
 esac
-API_KEY=$(grep -o 'API key: [^ ]*' "$log" | head -1 | cut -d' ' -f3)
+API_KEY=$(grep -o 'API key: [^ ]*' "$log" | head -1 | cut -d' ' -f3 || true)
 export API_KEY
 run up "$url"

@@ -18,6 +18,8 @@
 //!   never one with a running call) and is refused with `Busy` when that is not enough.
 //! - A call whose caller went away (its reply stream closed), or whose session is closed, is
 //!   dropped, queued or running.
+//! - Coming back from idle, the engine waits briefly (bounded) for the other sessions the last
+//!   step answered, so one round of decodes runs as one step ([`crate::gather`]).
 //!
 //! Sessions are keyed by (caller, session id), hold at most the model's context, expire after
 //! `session_ttl` without use, and are capped in number: when a new one would exceed the cap,
@@ -39,6 +41,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
+
+use crate::gather::Gather;
 
 /// A stage call waiting for the engine.
 pub struct Job {
@@ -241,6 +245,8 @@ pub struct EngineActor {
     running: Vec<Call>,
     budget: KvBudget,
     gauges: Arc<EngineGauges>,
+    /// The sessions expected back after the last step.
+    gather: Gather,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
@@ -269,6 +275,7 @@ impl EngineActor {
             sessions: HashMap::new(),
             running: Vec::new(),
             gauges: Arc::clone(&gauges),
+            gather: Gather::default(),
         };
         let alive = Arc::new(AtomicBool::new(true));
         let guard = AliveGuard(Arc::clone(&alive));
@@ -302,6 +309,7 @@ impl EngineActor {
             sessions: HashMap::new(),
             running: Vec::new(),
             gauges: Arc::default(),
+            gather: Gather::default(),
         }
     }
 
@@ -350,10 +358,12 @@ impl EngineActor {
         loop {
             // Idle: wait for work (waking now and then to expire sessions). Busy: take what
             // is queued without waiting, so new calls join at the next step.
+            let mut woke = None;
             if self.running.is_empty() {
                 plexus_model::kernels::release_helpers();
                 match jobs.recv_timeout(Duration::from_secs(1)) {
                     Ok(job) => {
+                        woke = Some(Instant::now());
                         if !self.take(job, &replies) {
                             break;
                         }
@@ -381,9 +391,23 @@ impl EngineActor {
             if !open {
                 break;
             }
+            if let Some(woke) = woke {
+                if !self.gather_awaited(&jobs, &replies, woke) {
+                    break;
+                }
+            }
             self.drop_abandoned();
             if !self.running.is_empty() {
-                for (_, response, reply) in self.step() {
+                let started = Instant::now();
+                let finished = self.step();
+                self.gather.stepped(
+                    finished
+                        .iter()
+                        .filter(|(_, r, _)| !matches!(r, Response::Error { .. }))
+                        .map(|(key, _, _)| *key),
+                    started.elapsed(),
+                );
+                for (_, response, reply) in finished {
                     if let Some(reply) = reply {
                         if replies.blocking_send((reply, response)).is_err() {
                             return;
@@ -394,6 +418,37 @@ impl EngineActor {
             self.expire();
         }
         debug!("engine stopped");
+    }
+
+    /// Takes jobs until the sessions the last step answered are back in the batch or the
+    /// gather's bound passed ([`Gather::wait_until`], counted from `woke`); `false` when the
+    /// engine should stop.
+    fn gather_awaited(
+        &mut self,
+        jobs: &Receiver<Job>,
+        replies: &mpsc::Sender<(Reply, Response)>,
+        woke: Instant,
+    ) -> bool {
+        while let Some(until) = self
+            .gather
+            .wait_until(self.running.iter().map(|c| &c.key), woke)
+        {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match jobs.recv_timeout(left) {
+                Ok(job) => {
+                    if !self.take(job, replies) {
+                        return false;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                // Run what is in hand; the loop stops once it is done.
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        true
     }
 
     /// Handles one job from the inbox; `false` when the replies channel closed.
@@ -415,6 +470,7 @@ impl EngineActor {
             Work::Close(session) => {
                 let key = (peer, session);
                 self.sessions.remove(&key);
+                self.gather.closed(&key);
                 // A running call of a closed session is dropped; its caller learns why.
                 if let Some(at) = self.running.iter().position(|c| c.key == key) {
                     let call = self.running.remove(at);

@@ -19,6 +19,7 @@ pub mod client;
 pub mod directory;
 pub mod discovery;
 pub mod engine;
+pub mod gather;
 pub mod measure;
 pub mod metering;
 pub mod placement;
