@@ -302,6 +302,10 @@ pub struct TrainArgs {
     /// and messages) or `stale` (last round's contribution re-sent as this round's).
     #[arg(long, hide = true, requires = "distributed")]
     pub cheat: Option<String>,
+    /// With --distributed: the text file of a text run (the spec names its digest; another
+    /// file is refused). Refused for a synthetic-task run.
+    #[arg(long, value_name = "FILE", requires = "distributed")]
+    pub text: Option<PathBuf>,
     /// Synthetic task: addition, reverse or sort.
     #[arg(long, default_value = "addition")]
     pub task: String,
@@ -372,6 +376,14 @@ pub struct TrainSpecArgs {
     /// Task size (digits or letters).
     #[arg(long, default_value_t = 4)]
     pub size: usize,
+    /// Train on this UTF-8 text instead of a synthetic task (character tokens, windows held
+    /// out by hash): the spec records its sha256, and every worker passes the same file with
+    /// `plexus train --distributed SPEC --text FILE`.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["task", "size"])]
+    pub text: Option<PathBuf>,
+    /// With --text: predictions per training window (default 32).
+    #[arg(long, requires = "text")]
+    pub seq_len: Option<usize>,
     /// Model width.
     #[arg(long, default_value_t = 64)]
     pub hidden: usize,

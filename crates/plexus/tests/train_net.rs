@@ -167,10 +167,20 @@ impl Worker {
         }
     }
 
-    /// Waits for a clean exit and returns the final line's (exact match %, state digest).
     /// Waits for the worker's final line and exit; its held-out exact match (%), held-out
     /// loss and final state digest.
     fn finish(&mut self) -> (f64, f64, String) {
+        let line = self.finish_line();
+        let pct: f64 = field(&line, "held-out exact match ")
+            .trim_end_matches('%')
+            .parse()
+            .unwrap();
+        let loss: f64 = field(&line, "held-out loss ").parse().unwrap();
+        (pct, loss, field(&line, "state ").to_string())
+    }
+
+    /// Waits for the worker's final line and a clean exit; the line.
+    fn finish_line(&mut self) -> String {
         let line = self.wait_for("final |", RUN_TIMEOUT);
         let until = Instant::now() + Duration::from_secs(60);
         let status = loop {
@@ -181,12 +191,7 @@ impl Worker {
             std::thread::sleep(Duration::from_millis(100));
         };
         assert!(status.success(), "{} failed:\n{}", self.name, self.text());
-        let pct: f64 = field(&line, "held-out exact match ")
-            .trim_end_matches('%')
-            .parse()
-            .unwrap();
-        let loss: f64 = field(&line, "held-out loss ").parse().unwrap();
-        (pct, loss, field(&line, "state ").to_string())
+        line
     }
 
     fn kill(&mut self) {
@@ -489,4 +494,109 @@ fn bad_flags_and_bad_specs_are_refused_before_anything_starts() {
         ]);
         assert!(err.contains(want), "{want}: {err}");
     }
+}
+
+/// About 20,000 characters of sentences of words drawn by a seeded generator.
+fn sentences(seed: u64) -> String {
+    const WORDS: [&str; 16] = [
+        "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "we", "pack",
+        "my", "box", "with", "jugs",
+    ];
+    let mut x = seed;
+    let mut out = String::new();
+    while out.len() < 20_000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        out.push_str(WORDS[(x >> 33) as usize % WORDS.len()]);
+        out.push_str(if (x >> 20).is_multiple_of(7) {
+            ". "
+        } else {
+            " "
+        });
+    }
+    out
+}
+
+/// A text run: the spec names the text's digest; a worker without the text or with another
+/// one is refused before it joins; two workers train on it over libp2p, agree on the final
+/// state, and the held-out loss ends below the text's unigram loss (the model learned
+/// context, not only character frequencies).
+#[test]
+fn a_text_run_trains_across_workers_and_refuses_another_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("corpus.txt");
+    std::fs::write(&text, sentences(1)).unwrap();
+    let other = tmp.path().join("other.txt");
+    std::fs::write(&other, sentences(2)).unwrap();
+    let spec = tmp.path().join("spec.json");
+    let o = Command::new(BIN)
+        .args(["train", "spec", "--out"])
+        .arg(&spec)
+        .arg("--data-dir")
+        .arg(tmp.path().join("creator"))
+        .arg("--text")
+        .arg(&text)
+        .args(["--seq-len", "16", "--hidden", "64", "--layers", "2"])
+        .args(["--rounds", "8", "--workers-min", "2", "--inner-steps", "10"])
+        .args(["--batch-size", "8", "--lr", "1e-2", "--warmup", "10"])
+        .args([
+            "--codec",
+            "f16",
+            "--score-examples",
+            "16",
+            "--eval-examples",
+            "64",
+        ])
+        .args([
+            "--deadline-initial-ms",
+            "60000",
+            "--deadline-min-ms",
+            "3000",
+        ])
+        .args(["--outer-momentum", "0.5"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&spec).unwrap()).unwrap();
+    assert_eq!(json["spec"]["data"]["task"], "text", "{json}");
+
+    let refused = |extra: &[&std::ffi::OsStr]| {
+        let o = Command::new(BIN)
+            .args(["train", "--distributed"])
+            .arg(&spec)
+            .arg("--data-dir")
+            .arg(tmp.path().join("refused"))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = refused(&[]);
+    assert!(e.contains("--text FILE"), "{e}");
+    let e = refused(&["--text".as_ref(), other.as_os_str()]);
+    assert!(e.contains("digest"), "{e}");
+
+    let text_arg = text.to_str().unwrap();
+    let mut a = Worker::start("a", &spec, tmp.path(), &[], &["--text", text_arg]);
+    let mut b = Worker::start("b", &spec, tmp.path(), &[&a.addr], &["--text", text_arg]);
+    let unigram = plexus_model::train::text::TextShard::open(&text, 16)
+        .unwrap()
+        .unigram_loss();
+    let mut states = Vec::new();
+    for w in [&mut a, &mut b] {
+        let line = w.finish_line();
+        assert!(line.contains("held-out exact match n/a"), "{line}");
+        let loss: f64 = field(&line, "held-out loss ").parse().unwrap();
+        assert!(
+            loss < unigram,
+            "{}: held-out loss {loss} not below the unigram loss {unigram}:\n{}",
+            w.name,
+            w.text()
+        );
+        states.push(field(&line, "state ").to_string());
+    }
+    assert_eq!(states[0], states[1]);
 }

@@ -71,6 +71,9 @@ pub trait LocalData {
 
     /// Tokens in one training example.
     fn tokens_per_example(&self) -> u64;
+
+    /// The tokenizer a checkpoint of the run is saved with.
+    fn tokenizer<'a>(&self, shard: &'a Self::Shard) -> &'a tokenizers::Tokenizer;
 }
 
 impl LocalData for TaskSetup {
@@ -92,6 +95,10 @@ impl LocalData for TaskSetup {
     fn tokens_per_example(&self) -> u64 {
         let (p, a) = self.task.lengths();
         (p + a + 1) as u64
+    }
+
+    fn tokenizer<'a>(&self, shard: &'a TaskShard) -> &'a tokenizers::Tokenizer {
+        shard.tokenizer()
     }
 }
 
@@ -124,6 +131,10 @@ impl LocalData for TextSetup {
 
     fn tokens_per_example(&self) -> u64 {
         self.shard.seq_len() as u64 + 1
+    }
+
+    fn tokenizer<'a>(&self, shard: &'a TextShard) -> &'a tokenizers::Tokenizer {
+        shard.tokenizer()
     }
 }
 

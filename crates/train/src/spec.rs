@@ -15,14 +15,16 @@
 use crate::codec::Codec;
 use crate::config::{RoundConfig, ScorePolicy};
 use crate::deadline::DeadlinePolicy;
-use crate::local::TaskSetup;
+use crate::local::{TaskSetup, TextSetup};
 use crate::outer::OuterConfig;
 use plexus_core::keys::NodeKey;
 use plexus_core::Digest;
 use plexus_model::train::task::Task;
+use plexus_model::train::text::TextShard;
 use plexus_model::train::{AdamWConfig, InnerConfig};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::Arc;
 
 /// The spec format this build reads and writes.
 pub const SPEC_VERSION: u32 = 1;
@@ -40,7 +42,10 @@ pub struct ModelSpec {
     pub init_seed: u64,
 }
 
-/// The data: a synthetic task (addition, reverse or sort) with its seed.
+/// The data: a synthetic task (addition, reverse or sort) with its seed, or a UTF-8 text
+/// ([`TEXT_TASK`]): `size` is then the predictions per window and `text` the digest of the
+/// file, which every worker holds and checks before round 0
+/// ([`plexus_model::train::text`]: character tokens, windows held out by hash).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
@@ -48,6 +53,23 @@ pub struct DataSpec {
     pub size: usize,
     /// Seed of the training examples, of their assignment to workers and of the scoring draw.
     pub seed: u64,
+    /// Text runs: sha256 of the text file. Absent for synthetic tasks (and then not in the
+    /// signed bytes, so task specs keep the bytes they had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<Digest>,
+}
+
+/// `DataSpec::task` of a text run.
+pub const TEXT_TASK: &str = "text";
+
+/// Longest text window a spec may ask for.
+pub const MAX_TEXT_WINDOW: usize = 4096;
+
+/// What a run trains on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Data {
+    Task(Task),
+    Text { seq_len: usize, digest: Digest },
 }
 
 /// How many workers the run takes.
@@ -181,7 +203,33 @@ impl RunSpec {
 
     /// The synthetic task.
     pub fn task(&self) -> Result<Task, SpecError> {
-        Task::parse(&self.data.task, self.data.size).map_err(|e| invalid(e.to_string()))
+        match self.data()? {
+            Data::Task(task) => Ok(task),
+            Data::Text { .. } => Err(invalid("the run trains on a text, not a synthetic task")),
+        }
+    }
+
+    /// The data: a synthetic task, or a text with its window and digest.
+    pub fn data(&self) -> Result<Data, SpecError> {
+        let d = &self.data;
+        match (d.task.as_str(), d.text) {
+            (TEXT_TASK, Some(digest)) => {
+                if !(2..=MAX_TEXT_WINDOW).contains(&d.size) {
+                    return Err(invalid(format!(
+                        "a text run's size (predictions per window) must be 2..={MAX_TEXT_WINDOW}"
+                    )));
+                }
+                Ok(Data::Text {
+                    seq_len: d.size,
+                    digest,
+                })
+            }
+            (TEXT_TASK, None) => Err(invalid("a text run names its text's digest (data.text)")),
+            (_, Some(_)) => Err(invalid(format!("data.text is only for task {TEXT_TASK:?}"))),
+            (task, None) => Ok(Data::Task(
+                Task::parse(task, d.size).map_err(|e| invalid(e.to_string()))?,
+            )),
+        }
     }
 
     pub fn codec(&self) -> Result<Codec, SpecError> {
@@ -198,7 +246,7 @@ impl RunSpec {
         if self.name.is_empty() || self.name.len() > 128 {
             return Err(invalid("name must be 1 to 128 bytes"));
         }
-        self.task()?;
+        self.data()?;
         let m = &self.model;
         if !(1..=4096).contains(&m.hidden) || !(1..=64).contains(&m.layers) {
             return Err(invalid("model hidden 1..=4096 and layers 1..=64"));
@@ -314,6 +362,33 @@ impl RunSpec {
         })
     }
 
+    /// The local setup of a text run from the text `shard` a worker opened (with the spec's
+    /// window): refused unless it is the spec's text.
+    pub fn text_setup(&self, shard: Arc<TextShard>) -> Result<TextSetup, SpecError> {
+        let Data::Text { seq_len, digest } = self.data()? else {
+            return Err(invalid("the run trains on a synthetic task, not a text"));
+        };
+        if shard.digest() != digest {
+            return Err(invalid(format!(
+                "the text given has digest {}, the spec's text {digest}",
+                shard.digest()
+            )));
+        }
+        if shard.seq_len() != seq_len {
+            return Err(invalid(format!(
+                "the text was cut into windows of {} predictions, the spec's are {seq_len}",
+                shard.seq_len()
+            )));
+        }
+        Ok(TextSetup {
+            shard,
+            hidden: self.model.hidden,
+            layers: self.model.layers,
+            init_seed: self.model.init_seed,
+            eval_examples: self.eval_examples,
+        })
+    }
+
     /// Signs the spec with `key` (after validating it).
     pub fn sign(self, key: &NodeKey) -> Result<SignedSpec, SpecError> {
         self.validate()?;
@@ -399,6 +474,7 @@ mod tests {
                 task: "reverse".into(),
                 size: 3,
                 seed: 11,
+                text: None,
             },
             workers: WorkersSpec { min: 2, max: 8 },
             rounds: 5,
@@ -469,7 +545,7 @@ mod tests {
         assert!(matches!(e, SpecError::WrongCreator), "{e}");
         for (path, field) in [
             (None, "colour"),
-            (Some("data"), "text"),
+            (Some("data"), "corpus"),
             (Some("inner"), "nesterov"),
         ] {
             let mut v: serde_json::Value = serde_json::from_str(&s.to_json()).unwrap();
@@ -504,5 +580,93 @@ mod tests {
         let mut bad = example();
         bad.data.task = "poetry".into();
         assert!(bad.sign(&key()).is_err());
+    }
+
+    /// About 6,000 characters of words drawn by a seeded generator.
+    fn words(seed: u64) -> String {
+        const WORDS: [&str; 12] = [
+            "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "pack", "my",
+            "box",
+        ];
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut out = String::new();
+        while out.len() < 6000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            out.push_str(WORDS[(x >> 33) as usize % WORDS.len()]);
+            out.push(if (x >> 20).is_multiple_of(9) {
+                '.'
+            } else {
+                ' '
+            });
+        }
+        out
+    }
+
+    fn corpus() -> Arc<TextShard> {
+        Arc::new(TextShard::from_text(&words(1), 16).unwrap())
+    }
+
+    fn text_example(shard: &TextShard) -> RunSpec {
+        let mut s = example();
+        s.data = DataSpec {
+            task: TEXT_TASK.into(),
+            size: shard.seq_len(),
+            seed: 3,
+            text: Some(shard.digest()),
+        };
+        s
+    }
+
+    #[test]
+    fn a_text_spec_signs_parses_and_takes_only_its_text() {
+        let shard = corpus();
+        let signed = text_example(&shard).sign(&key()).unwrap();
+        let parsed = SignedSpec::from_json(&signed.to_json()).unwrap();
+        assert_eq!(parsed.run_id(), signed.run_id());
+        assert_eq!(
+            parsed.spec.data().unwrap(),
+            Data::Text {
+                seq_len: 16,
+                digest: shard.digest()
+            }
+        );
+        let setup = parsed.spec.text_setup(shard.clone()).unwrap();
+        assert_eq!(setup.shard.digest(), shard.digest());
+        // Another text, or the same text cut into other windows, is refused by name.
+        let other = Arc::new(TextShard::from_text(&words(2), 16).unwrap());
+        let e = parsed.spec.text_setup(other).err().unwrap().to_string();
+        assert!(e.contains("digest"), "{e}");
+        let recut = Arc::new(TextShard::from_text(&words(1), 8).unwrap());
+        let e = parsed.spec.text_setup(recut).err().unwrap().to_string();
+        assert!(e.contains("windows of 8"), "{e}");
+        // A task spec has no text to set up, and its JSON has no text field (its signed
+        // bytes are those of specs written before text runs).
+        assert!(example().text_setup(shard).is_err());
+        assert!(!example()
+            .sign(&key())
+            .unwrap()
+            .to_json()
+            .contains("\"text\""));
+    }
+
+    #[test]
+    fn text_fields_must_agree() {
+        let shard = corpus();
+        let mut no_digest = text_example(&shard);
+        no_digest.data.text = None;
+        let e = no_digest.sign(&key()).err().unwrap().to_string();
+        assert!(e.contains("data.text"), "{e}");
+        let mut task_with_text = example();
+        task_with_text.data.text = Some(shard.digest());
+        let e = task_with_text.sign(&key()).err().unwrap().to_string();
+        assert!(e.contains("data.text"), "{e}");
+        let mut huge = text_example(&shard);
+        huge.data.size = MAX_TEXT_WINDOW + 1;
+        assert!(huge.sign(&key()).is_err());
+        assert!(text_example(&shard).task().is_err());
     }
 }

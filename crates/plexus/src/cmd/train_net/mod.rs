@@ -33,16 +33,17 @@ use peers::Peers;
 use plexus_core::keys::NodeKey;
 use plexus_core::wire::{ErrorCode, Request, Response};
 use plexus_core::Digest;
-use plexus_model::train::{checkpoint, Layout, Params, TaskShard};
+use plexus_model::train::text::TextShard;
+use plexus_model::train::{checkpoint, Layout, Params};
 use plexus_model::ModelConfig;
 use plexus_net::{NetConfig, NetEvent, NetHandle, PeerId};
 use plexus_train::commit::{Contribution, Signed};
-use plexus_train::local::{evaluate_params, prepare, TaskSetup};
+use plexus_train::local::LocalData;
 use plexus_train::outer::OuterState;
 use plexus_train::protocol::{choose_target, encode};
 use plexus_train::round::{GlobalState, RoundMachine, RoundOutcome};
 use plexus_train::score::HeldOutScorer;
-use plexus_train::spec::SignedSpec;
+use plexus_train::spec::{Data, SignedSpec};
 use plexus_train::worker::{work_round, WorkerState};
 use plexus_train::{resume, RoundConfig};
 use shared::Shared;
@@ -67,12 +68,13 @@ enum Cheat {
     Stale,
 }
 
-struct Worker {
+/// One worker of a run on data `D`: a synthetic task or a text.
+struct Worker<D: LocalData> {
     spec: SignedSpec,
     cfg: RoundConfig,
-    setup: TaskSetup,
+    setup: D,
     model: Arc<ModelConfig>,
-    shard: Arc<TaskShard>,
+    shard: Arc<D::Shard>,
     init: Params,
     key: NodeKey,
     me: Vec<u8>,
@@ -102,8 +104,42 @@ pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
         net = net.with_listen(parse_addrs(&a.listen, "--listen")?);
     }
     let cfg = spec.round_config()?;
-    let setup = spec.spec.setup()?;
-    let (model, shard, init) = prepare(&setup, cfg.seed)?;
+    match (spec.spec.data()?, &a.text) {
+        (Data::Task(_), None) => {
+            let setup = spec.spec.setup()?;
+            start(&a, spec, cfg, setup, key, cheat, &data_dir, net)
+        }
+        (Data::Task(_), Some(_)) => {
+            bail!("--text: this run trains on a synthetic task ({}), not a text", spec.spec.data.task)
+        }
+        (Data::Text { seq_len, digest }, None) => bail!(
+            "this run trains on a text (sha256 {digest}, windows of {seq_len}): pass the file with --text FILE"
+        ),
+        (Data::Text { seq_len, .. }, Some(path)) => {
+            let shard = TextShard::open(path, seq_len)
+                .with_context(|| format!("--text {}", path.display()))?;
+            let setup = spec
+                .spec
+                .text_setup(Arc::new(shard))
+                .with_context(|| format!("--text {}", path.display()))?;
+            start(&a, spec, cfg, setup, key, cheat, &data_dir, net)
+        }
+    }
+}
+
+/// Builds the round-0 state of data `setup` and runs the worker.
+#[allow(clippy::too_many_arguments)]
+fn start<D: LocalData + Send + Sync + 'static>(
+    a: &TrainArgs,
+    spec: SignedSpec,
+    cfg: RoundConfig,
+    setup: D,
+    key: NodeKey,
+    cheat: Option<Cheat>,
+    data_dir: &Path,
+    net: NetConfig,
+) -> anyhow::Result<()> {
+    let (model, shard, init) = setup.prepare(cfg.seed)?;
     let worker = Worker {
         me: key.peer_id().to_bytes(),
         out: a.out.clone().unwrap_or_else(|| data_dir.join("model")),
@@ -170,7 +206,7 @@ async fn serve(
     }
 }
 
-impl Worker {
+impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     fn now(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
@@ -556,7 +592,8 @@ impl Worker {
             (s.machine.state().params.clone(), s.machine.state().digest())
         };
         let (loss, accuracy) = tokio::task::block_in_place(|| {
-            evaluate_params(&self.setup, &self.model, &self.shard, &params)
+            self.setup
+                .evaluate(&self.model, &self.shard, &params)
                 .map_err(anyhow::Error::from)
         })?;
         let spec = &self.spec.spec;
@@ -564,7 +601,7 @@ impl Worker {
             &self.out,
             &self.model,
             &params.to_tensors()?,
-            self.shard.tokenizer(),
+            self.setup.tokenizer(&self.shard),
             serde_json::json!({
                 "task": spec.data.task,
                 "task_size": spec.data.size,
@@ -574,15 +611,19 @@ impl Worker {
                 "codec": spec.codec,
                 "metrics": {
                     "held_out_loss": loss,
-                    "held_out_exact_match": accuracy,
+                    "held_out_exact_match": if accuracy.is_nan() { None } else { Some(accuracy) },
                     "held_out_examples": spec.eval_examples,
                 },
             }),
         )?;
         println!(
-            "final | {} rounds | held-out loss {loss:.4} | held-out exact match {:.1}% | state {} | saved {}",
+            "final | {} rounds | held-out loss {loss:.4} | held-out exact match {} | state {} | saved {}",
             spec.rounds,
-            100.0 * accuracy,
+            if accuracy.is_nan() {
+                "n/a (text)".to_string()
+            } else {
+                format!("{:.1}%", 100.0 * accuracy)
+            },
             digest.short(),
             self.out.display()
         );

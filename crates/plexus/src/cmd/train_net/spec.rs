@@ -4,11 +4,16 @@
 use crate::cli::TrainSpecArgs;
 use anyhow::Context as _;
 use plexus_core::keys::NodeKey;
+use plexus_model::train::text::TextShard;
+use plexus_train::spec::TEXT_TASK;
 use plexus_train::spec::{
     DataSpec, DeadlineSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, ScoreSpec, WorkersSpec,
     SPEC_VERSION,
 };
 use plexus_train::Codec;
+
+/// Predictions per window of a text run when `--seq-len` is not given.
+const DEFAULT_SEQ_LEN: usize = 32;
 
 pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
     let codec: Codec = a.codec.parse()?;
@@ -18,6 +23,25 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
         "off" => false,
         other => anyhow::bail!("--error-feedback {other:?}: expected auto, on or off"),
     };
+    let data = match &a.text {
+        None => DataSpec {
+            task: a.task.clone(),
+            size: a.size,
+            seed: a.seed,
+            text: None,
+        },
+        Some(path) => {
+            let seq_len = a.seq_len.unwrap_or(DEFAULT_SEQ_LEN);
+            let shard = TextShard::open(path, seq_len)
+                .with_context(|| format!("--text {}", path.display()))?;
+            DataSpec {
+                task: TEXT_TASK.into(),
+                size: seq_len,
+                seed: a.seed,
+                text: Some(shard.digest()),
+            }
+        }
+    };
     let spec = RunSpec {
         version: SPEC_VERSION,
         name: a.name.clone(),
@@ -26,11 +50,7 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
             layers: a.layers,
             init_seed: a.init_seed,
         },
-        data: DataSpec {
-            task: a.task.clone(),
-            size: a.size,
-            seed: a.seed,
-        },
+        data,
         workers: WorkersSpec {
             min: a.workers_min,
             max: a.workers_max,
