@@ -306,6 +306,10 @@ pub struct TrainArgs {
     /// file is refused). Refused for a synthetic-task run.
     #[arg(long, value_name = "FILE", requires = "distributed")]
     pub text: Option<PathBuf>,
+    /// With --distributed: exit when this process id is gone or stdin closes (used by
+    /// `plexus up --train`).
+    #[arg(long, hide = true, requires = "distributed")]
+    pub parent_pid: Option<u32>,
     /// Synthetic task: addition, reverse or sort.
     #[arg(long, default_value = "addition")]
     pub task: String,
@@ -621,9 +625,21 @@ pub struct PlacementArgs {
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    /// Node processes to split the model across.
+    /// Node processes to split the model across (with --train: training workers).
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
+    /// Run the distributed training of this signed spec (`plexus train spec`) on this machine
+    /// instead of serving: --nodes worker processes that find each other on loopback and are
+    /// restarted from their checkpoints if one fails. The serving flags are refused with it.
+    #[arg(long, value_name = "SPEC", conflicts_with_all = [
+        "port", "host", "model", "wire", "static_spans", "api_key", "cors_origins", "alias",
+        "ledger", "challenge_window", "faucet", "price", "node_price", "stages", "node_stake",
+        "cheat", "max_price", "time_value", "audit_probability", "collusion", "audit_referees",
+    ])]
+    pub train: Option<PathBuf>,
+    /// With --train: the text file of a text run (the spec names its digest).
+    #[arg(long, value_name = "FILE", requires = "train")]
+    pub text: Option<PathBuf>,
     /// Port of the OpenAI-compatible API (0: any free port).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,

@@ -181,7 +181,12 @@ impl Worker {
 
     /// Waits for the worker's final line and a clean exit; the line.
     fn finish_line(&mut self) -> String {
-        let line = self.wait_for("final |", RUN_TIMEOUT);
+        self.finish_line_of("final |")
+    }
+
+    /// Waits for a line containing `what` and a clean exit; the line.
+    fn finish_line_of(&mut self, what: &str) -> String {
+        let line = self.wait_for(what, RUN_TIMEOUT);
         let until = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -469,6 +474,13 @@ fn bad_flags_and_bad_specs_are_refused_before_anything_starts() {
         "lies",
     ]);
     assert!(err.contains("--cheat \"lies\""), "{err}");
+    // `up --train`: serving flags and a worker count outside the spec's are refused by name.
+    let err = run(&["up", "--train", s, "--port", "9000"]);
+    assert!(err.contains("--port"), "{err}");
+    let err = run(&["up", "--train", s, "--nodes", "65"]);
+    assert!(err.contains("--nodes 65"), "{err}");
+    let err = run(&["up", "--train", s, "--text", "/etc/hostname"]);
+    assert!(err.contains("--text"), "{err}");
     let text = std::fs::read_to_string(&spec).unwrap();
     let edited = tmp.path().join("edited.json");
     for (from, to, want) in [
@@ -599,4 +611,75 @@ fn a_text_run_trains_across_workers_and_refuses_another_text() {
         states.push(field(&line, "state ").to_string());
     }
     assert_eq!(states[0], states[1]);
+}
+
+/// The child processes of `pid` (from /proc).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(c) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// `plexus up --train SPEC`: the spec's run on this machine with two worker processes; one of
+/// them SIGKILLed mid-run is started again by `up`, resumes from its checkpoint, and both end
+/// on the same state; the trained model is where `up` says.
+#[test]
+fn plexus_up_trains_a_spec_and_restarts_a_killed_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec(tmp.path(), 16, 2, 60_000);
+    let mut child = Command::new(BIN)
+        .args(["up", "--train"])
+        .arg(&spec)
+        .args(["--nodes", "2", "--threads", "1"])
+        .env("PLEXUS_CACHE_DIR", tmp.path().join("cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    collect(child.stdout.take().unwrap(), lines.clone());
+    collect(child.stderr.take().unwrap(), lines.clone());
+    let mut up = Worker {
+        name: "up".into(),
+        child,
+        lines,
+        addr: String::new(),
+    };
+    up.wait_for("worker 0 | round 3/16", RUN_TIMEOUT);
+    // Kill worker 1 (the child whose data directory is worker-1).
+    let workers = children(pid);
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let victim = *workers
+        .iter()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("worker-1"))
+        })
+        .unwrap();
+    assert!(Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    up.wait_for("worker 1 exited", RUN_TIMEOUT);
+    up.wait_for("worker 1 | resumed from checkpoint", RUN_TIMEOUT);
+    let done = up.finish_line_of("trained: ");
+    let finals: Vec<String> = up
+        .text()
+        .lines()
+        .filter(|l| l.contains("| final |"))
+        .map(|l| field(l, "state ").to_string())
+        .collect();
+    assert_eq!(finals.len(), 2, "{}", up.text());
+    assert_eq!(finals[0], finals[1], "{}", up.text());
+    let model = field(&done, "trained: ");
+    assert!(Path::new(model).join("config.json").exists(), "{done}");
 }

@@ -16,6 +16,7 @@ pub mod sim;
 mod train;
 mod train_net;
 mod up;
+mod up_train;
 pub mod wallet;
 
 use crate::cli::{BenchCommand, Cli, Command, CommonArgs, ModelsCommand, SamplingArgs};

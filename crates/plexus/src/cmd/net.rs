@@ -119,3 +119,18 @@ pub async fn parent_gone(pid: Option<u32>) {
         }
     }
 }
+
+/// Resolves when stdin reaches end of file, if `watch` (a parent closes our stdin to stop us).
+pub async fn stdin_closed(watch: bool) {
+    if !watch {
+        return std::future::pending().await;
+    }
+    use tokio::io::AsyncReadExt as _;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = stdin.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}

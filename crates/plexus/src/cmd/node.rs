@@ -3,7 +3,7 @@
 //! Prints `peer <id>` and one `listening on <multiaddr>` line per address on stdout (scripts
 //! and `plexus up` read them), everything else goes to the log on stderr.
 
-use super::net::{parent_gone, runtime, shutdown_signal};
+use super::net::{parent_gone, runtime, shutdown_signal, stdin_closed};
 use crate::cli::NodeArgs;
 use anyhow::Context as _;
 use plexus_model::LayerSpan;
@@ -92,19 +92,4 @@ pub fn voucher_file(data_dir: &Option<std::path::PathBuf>) -> std::path::PathBuf
         .clone()
         .unwrap_or_else(super::net::default_data_dir)
         .join("vouchers.jsonl")
-}
-
-/// Resolves when stdin reaches end of file, if `watch` (a parent closes our stdin to stop us).
-async fn stdin_closed(watch: bool) {
-    if !watch {
-        return std::future::pending().await;
-    }
-    use tokio::io::AsyncReadExt as _;
-    let mut stdin = tokio::io::stdin();
-    let mut buf = [0u8; 64];
-    while let Ok(n) = stdin.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-    }
 }

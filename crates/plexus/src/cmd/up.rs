@@ -185,6 +185,9 @@ const DEFAULT_NODE_STAKE: plexus_ledger::Amount = 100_000_000;
 const DEFAULT_FAUCET: plexus_ledger::Amount = 100_000_000;
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    if let Some(spec) = &args.train {
+        return super::up_train::run(&args, spec);
+    }
     let model = super::model_path(args.model.as_deref())?;
     let files =
         ModelFiles::open(&model).with_context(|| format!("cannot open {}", model.display()))?;
@@ -298,22 +301,22 @@ struct Slot {
 /// Restart delays of a supervised process: 1 s, doubled after each exit up to 30 s, back to
 /// 1 s once a process ran [`Backoff::STABLE`]. Pure: the caller says how long a process ran.
 #[derive(Debug)]
-struct Backoff {
+pub(super) struct Backoff {
     next: Duration,
 }
 
 impl Backoff {
     const FIRST: Duration = Duration::from_secs(1);
     const MAX: Duration = Duration::from_secs(30);
-    const STABLE: Duration = Duration::from_secs(60);
+    pub(super) const STABLE: Duration = Duration::from_secs(60);
 
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self { next: Self::FIRST }
     }
 
     /// The delay before the next start, after a process that ran for `ran` (zero: it did not
     /// start at all).
-    fn after(&mut self, ran: Duration) -> Duration {
+    pub(super) fn after(&mut self, ran: Duration) -> Duration {
         if ran >= Self::STABLE {
             self.next = Self::FIRST;
         }

@@ -155,7 +155,14 @@ fn start<D: LocalData + Send + Sync + 'static>(
         epoch: Instant::now(),
     };
     let rt = super::net::runtime()?;
-    let result = rt.block_on(worker.run(net));
+    let parent = a.parent_pid;
+    let result = rt.block_on(async move {
+        tokio::select! {
+            r = worker.run(net) => r,
+            _ = super::net::parent_gone(parent) => Ok(()),
+            _ = super::net::stdin_closed(parent.is_some()) => Ok(()),
+        }
+    });
     rt.shutdown_timeout(Duration::from_secs(2));
     result
 }
