@@ -20,7 +20,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Chat interactively with a model using its chat template.
     Chat(ChatArgs),
-    /// Train a starter model on a synthetic task.
+    /// Train a starter model on a synthetic task, or join a distributed DiLoCo run (`--distributed
+    /// SPEC`; `train spec` writes one, on a task or a text).
     Train(TrainArgs),
     /// Measure prefill and decode speed and peak memory.
     Bench(BenchArgs),
