@@ -15,6 +15,7 @@ use super::net::{runtime, shutdown_signal};
 use super::up::Backoff;
 use crate::cli::UpArgs;
 use anyhow::{bail, Context as _};
+use plexus_model::train::text::TextShard;
 use plexus_train::spec::{Data, SignedSpec};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -50,7 +51,15 @@ pub fn run(args: &UpArgs, spec_path: &Path) -> anyhow::Result<()> {
             "--text: this run trains on a synthetic task ({}), not a text",
             spec.spec.data.task
         ),
-        _ => {}
+        // Checked here once, so a wrong file fails now rather than in every worker.
+        (Data::Text { seq_len, .. }, Some(path)) => {
+            let shard = TextShard::open(path, seq_len)
+                .with_context(|| format!("--text {}", path.display()))?;
+            spec.spec
+                .text_setup(Arc::new(shard))
+                .with_context(|| format!("--text {}", path.display()))?;
+        }
+        (Data::Task(_), None) => {}
     }
     let base = super::cache_dir()
         .unwrap_or_else(std::env::temp_dir)
@@ -168,11 +177,13 @@ async fn keep(
         let stdout = child.stdout.take().context("no stdout from the worker")?;
         let mut lines = BufReader::new(stdout).lines();
         let mut finished = false;
+        let mut listening = false;
         let status = loop {
             tokio::select! {
                 line = lines.next_line() => match line {
                     Ok(Some(line)) => {
                         if let Some(addr) = line.strip_prefix("listening on ") {
+                            listening = true;
                             book.lock().unwrap_or_else(|e| e.into_inner())[i] =
                                 Some(addr.to_string());
                         }
@@ -192,6 +203,10 @@ async fn keep(
         };
         if status.success() && finished {
             return Ok(());
+        }
+        // A first start that never got as far as listening is a setting, not a crash.
+        if !listening && restarts == 0 {
+            bail!("worker {i} could not start ({status}); see its error above");
         }
         if started.elapsed() >= Backoff::STABLE {
             restarts = 0;
