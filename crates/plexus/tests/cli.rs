@@ -552,3 +552,25 @@ fn ledger_flags_are_refused_without_a_ledger() {
     ]);
     assert_clean_failure(&out, "--price");
 }
+
+/// `plexus up` sets its nodes' price, so a `--max-price` below `--node-price` could only wait
+/// for a route that never comes: refused by name before anything starts.
+#[test]
+fn up_refuses_a_max_price_below_its_nodes_price() {
+    let model = tiny("smollm2/model-f32.gguf");
+    let model = model.to_str().unwrap();
+    let out = plexus(&[
+        "up",
+        "--model",
+        model,
+        "--nodes",
+        "2",
+        "--node-price",
+        "10",
+        "--max-price",
+        "5",
+        "--port",
+        "0",
+    ]);
+    assert_clean_failure(&out, "--max-price 5 is below --node-price 10");
+}

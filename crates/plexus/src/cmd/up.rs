@@ -200,6 +200,15 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if stages == 0 || stages > args.nodes {
         bail!("--stages must be between 1 and --nodes ({})", args.nodes);
     }
+    // `up` sets every node's price: a cap below it could only ever wait for a route.
+    if let Some(max) = args.routing.max_price {
+        if max < args.node_price {
+            bail!(
+                "--max-price {max} is below --node-price {}: the gateway could route to none of this network's nodes",
+                args.node_price
+            );
+        }
+    }
     let spans = spans(layers, args.nodes, stages)?;
     let base = super::cache_dir()
         .unwrap_or_else(std::env::temp_dir)
