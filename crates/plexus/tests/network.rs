@@ -406,3 +406,38 @@ fn auto_placement_splits_when_a_node_joins_and_merges_when_it_leaves() {
         (span_of(&rt, &client, a) == Some((0, 30))).then_some(())
     });
 }
+
+/// `--max-price` (issue 10): a client never routes to a node asking more. One node serves the
+/// whole model at price 50: a client capped at 10 knows its offer but finds no route; a client
+/// capped at 50 routes to it.
+#[test]
+fn a_max_price_keeps_the_client_off_dearer_nodes_issue_10() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = spawn_node_with(&["--span", "0..30", "--price", "50"], tmp.path(), None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let digest = plexus_model::identity::identity(&[model()], None, |_, _| {}).unwrap();
+    let capped = |max: u64| {
+        let _guard = rt.enter();
+        let net = NetConfig::new(NodeKey::generate())
+            .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()])
+            .with_bootstrap(vec![node.addr.clone()]);
+        let mut config = ClientConfig::new(net);
+        config.max_price = Some(max);
+        NetworkClient::start(config).unwrap()
+    };
+    let cheap = capped(10);
+    wait_for("the node's offer", 60, || {
+        let dir = cheap.directory();
+        let known = dir
+            .offers(&digest)
+            .into_iter()
+            .any(|(p, a, _)| p == node.peer && a.price == 50);
+        known.then_some(())
+    });
+    assert!(
+        !rt.block_on(cheap.wait_for_route(&digest, 30, Duration::from_secs(5))),
+        "a client capped at 10 routed to a node asking 50"
+    );
+    let willing = capped(50);
+    assert!(rt.block_on(willing.wait_for_route(&digest, 30, Duration::from_secs(60))));
+}
