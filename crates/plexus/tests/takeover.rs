@@ -11,6 +11,9 @@
 //! prints the median and worst pause: the figure in BENCHMARKS.md.
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
+#[path = "support/procs.rs"]
+mod procs;
+use procs::children_of;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -47,25 +50,6 @@ impl Drop for Up {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Pids of processes whose parent is `pid`, in start order.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
-        if after.split_whitespace().nth(1) == Some(&pid.to_string()) {
-            out.push(child);
-        }
-    }
-    out.sort_unstable();
-    out
 }
 
 /// A running `plexus up`: the API URL, the served model id and the node pids.

@@ -6,6 +6,9 @@
 
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
+#[path = "support/procs.rs"]
+mod procs;
+use procs::children_of;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -613,20 +616,6 @@ fn a_text_run_trains_across_workers_and_refuses_another_text() {
     assert_eq!(states[0], states[1]);
 }
 
-/// The child processes of `pid` (from /proc).
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        if let Ok(c) = std::fs::read_to_string(task.path().join("children")) {
-            out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-        }
-    }
-    out
-}
-
 /// `plexus up --train SPEC`: the spec's run on this machine with two worker processes; one of
 /// them SIGKILLed mid-run is started again by `up`, resumes from its checkpoint, and both end
 /// on the same state; the trained model is where `up` says.
@@ -655,7 +644,7 @@ fn plexus_up_trains_a_spec_and_restarts_a_killed_worker() {
     };
     up.wait_for("worker 0 | round 3/16", RUN_TIMEOUT);
     // Kill worker 1 (the child whose data directory is worker-1).
-    let workers = children(pid);
+    let workers = children_of(pid);
     assert_eq!(workers.len(), 2, "{workers:?}");
     let victim = *workers
         .iter()

@@ -7,6 +7,9 @@
 //! receipts' work times its price.
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
+#[path = "support/procs.rs"]
+mod procs;
+use procs::children_of;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,25 +34,6 @@ impl Drop for Up {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Pids of processes whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...
-        let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
-        if after.split_whitespace().nth(1) == Some(&pid.to_string()) {
-            out.push(child);
-        }
-    }
-    out
 }
 
 /// A started `plexus up`: its API URL, dev key and output lines up to the curl line.

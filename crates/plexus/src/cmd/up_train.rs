@@ -15,7 +15,6 @@ use super::net::{runtime, shutdown_signal};
 use super::up::Backoff;
 use crate::cli::UpArgs;
 use anyhow::{bail, Context as _};
-use plexus_model::train::text::TextShard;
 use plexus_train::spec::{Data, SignedSpec};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -53,11 +52,7 @@ pub fn run(args: &UpArgs, spec_path: &Path) -> anyhow::Result<()> {
         ),
         // Checked here once, so a wrong file fails now rather than in every worker.
         (Data::Text { seq_len, .. }, Some(path)) => {
-            let shard = TextShard::open(path, seq_len)
-                .with_context(|| format!("--text {}", path.display()))?;
-            spec.spec
-                .text_setup(Arc::new(shard))
-                .with_context(|| format!("--text {}", path.display()))?;
+            super::train_net::text_setup(&spec, seq_len, path)?;
         }
         (Data::Task(_), None) => {}
     }

@@ -116,15 +116,23 @@ pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
             "this run trains on a text (sha256 {digest}, windows of {seq_len}): pass the file with --text FILE"
         ),
         (Data::Text { seq_len, .. }, Some(path)) => {
-            let shard = TextShard::open(path, seq_len)
-                .with_context(|| format!("--text {}", path.display()))?;
-            let setup = spec
-                .spec
-                .text_setup(Arc::new(shard))
-                .with_context(|| format!("--text {}", path.display()))?;
+            let setup = text_setup(&spec, seq_len, path)?;
             start(&a, spec, cfg, setup, key, cheat, &data_dir, net)
         }
     }
+}
+
+/// The text run's setup from the file at `path`, refused unless it is the spec's text.
+pub(super) fn text_setup(
+    spec: &SignedSpec,
+    seq_len: usize,
+    path: &Path,
+) -> anyhow::Result<plexus_train::local::TextSetup> {
+    let shard =
+        TextShard::open(path, seq_len).with_context(|| format!("--text {}", path.display()))?;
+    spec.spec
+        .text_setup(Arc::new(shard))
+        .with_context(|| format!("--text {}", path.display()))
 }
 
 /// Builds the round-0 state of data `setup` and runs the worker.
