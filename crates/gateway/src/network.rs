@@ -89,6 +89,28 @@ impl NetworkBackend {
         &self.client
     }
 
+    /// Waits until some chain covers every offered model (false at `timeout`). A model seen
+    /// covered here stays listed while its route is briefly missing (a node restarting or
+    /// moving its span right after start), as one seen covered by a request does.
+    pub async fn wait_for_routes(&self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for m in &self.models {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !self
+                .client
+                .wait_for_route(&m.digest, m.num_layers, left)
+                .await
+            {
+                return false;
+            }
+            *m.last_covered
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(std::time::Instant::now());
+        }
+        true
+    }
+
     fn covered(&self, m: &NetModel) -> bool {
         let dir = self.client.directory();
         let cands: Vec<_> = dir

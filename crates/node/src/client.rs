@@ -14,7 +14,7 @@ use crate::metering::{check, ReceiptError, Usage};
 use crate::route::{best_route, price_s, Candidate, Hop};
 use crate::scoreboard::Scoreboard;
 use plexus_core::receipt::Receipt;
-use plexus_core::wire::{DType, Forward, Request, Response, SessionId};
+use plexus_core::wire::{DType, ErrorCode, Forward, Request, Response, SessionId};
 use plexus_core::Digest;
 use plexus_model::generate::TokenChain;
 use plexus_model::sampler::TokenLogprobs;
@@ -334,6 +334,7 @@ impl NetworkClient {
                 model,
                 gave_up: None,
                 lost: Vec::new(),
+                moved: Vec::new(),
                 usage: Usage::default(),
                 audits: crate::audit::ChainAudits::default(),
             },
@@ -448,6 +449,9 @@ pub(crate) struct NetTransport {
     /// Peers whose connection failed a call, with the [`Links`] number at the time (bounded
     /// by the failovers a chain allows).
     lost: Vec<(PeerId, u64)>,
+    /// Peers that refused a call for a span they no longer serve (they moved; our directory
+    /// had not heard yet), with that span: routable again once they announce another one.
+    moved: Vec<(PeerId, u32, u32)>,
     /// Accepted receipts of this chain's calls.
     pub(crate) usage: Usage,
     /// The audits of this chain's providers.
@@ -515,8 +519,12 @@ impl NetTransport {
 impl NetTransport {
     /// `exclude` without the peers whose connection failed and that have connected again
     /// since (restarted: a new session there is as good as anywhere).
+    /// A peer that refused for a span it had left stays excluded only while the directory
+    /// still shows it on that span.
     fn still_excluded(&self, exclude: &[PeerId]) -> Vec<PeerId> {
         let links = self.client.links.lock().unwrap_or_else(|e| e.into_inner());
+        let directory = self.client.directory();
+        let offers = directory.offers(&self.model);
         exclude
             .iter()
             .filter(|p| {
@@ -526,7 +534,18 @@ impl NetTransport {
                     .filter(|(q, _)| q == *p)
                     .map(|(_, at)| *at)
                     .max();
-                latest.is_none_or(|at| !links.back_since(p, at))
+                let back = latest.is_some_and(|at| links.back_since(p, at));
+                let refused: Vec<(u32, u32)> = self
+                    .moved
+                    .iter()
+                    .filter(|(q, ..)| q == *p)
+                    .map(|&(_, a, b)| (a, b))
+                    .collect();
+                let moved_on = !refused.is_empty()
+                    && offers
+                        .iter()
+                        .any(|(q, _, o)| q == *p && !refused.contains(&(o.start, o.end)));
+                !(back || moved_on)
             })
             .copied()
             .collect()
@@ -570,6 +589,16 @@ impl Transport for NetTransport {
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
         match result {
             Ok(resp) => {
+                if matches!(
+                    resp,
+                    Response::Error {
+                        code: ErrorCode::UnknownModel,
+                        ..
+                    }
+                ) && self.moved.len() < 64
+                {
+                    self.moved.push((peer, sent.start, sent.end));
+                }
                 let rtt = if positions == 1 {
                     client.runtime.block_on(client.handle.rtt(peer))
                 } else {

@@ -276,7 +276,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                     tokio::spawn(supervise(process, slot, stop_rx.clone()))
                 })
                 .collect();
-            let result = serve(&args, &model, &bootstrap, &spans, &book, layers, &base).await;
+            let result = serve(&args, &model, &bootstrap, &spans, &book, &base).await;
             let _ = stop_tx.send(true);
             for s in supervisors {
                 if let Ok(Some(process)) = s.await {
@@ -442,7 +442,6 @@ async fn serve(
     bootstrap: &[Multiaddr],
     spans: &[(usize, usize)],
     book: &Mutex<AddrBook>,
-    layers: usize,
     base: &Path,
 ) -> anyhow::Result<()> {
     // A persistent gateway key: it is the ledger account that opens escrows, so a restarted
@@ -494,11 +493,7 @@ async fn serve(
         .add_model(model, cache.as_deref())
         .with_context(|| format!("cannot read {}", model.display()))?
         .clone();
-    let digest = entry.identity.parse().context("model identity")?;
-    if !client
-        .wait_for_route(&digest, layers, Duration::from_secs(60))
-        .await
-    {
+    if !backend.wait_for_routes(Duration::from_secs(60)).await {
         bail!("the nodes did not announce a full chain within 60 s");
     }
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
