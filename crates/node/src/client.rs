@@ -535,16 +535,10 @@ impl NetTransport {
                     .map(|(_, at)| *at)
                     .max();
                 let back = latest.is_some_and(|at| links.back_since(p, at));
-                let refused: Vec<(u32, u32)> = self
-                    .moved
-                    .iter()
-                    .filter(|(q, ..)| q == *p)
-                    .map(|&(_, a, b)| (a, b))
-                    .collect();
-                let moved_on = !refused.is_empty()
+                let moved_on = self.moved.iter().any(|(q, ..)| q == *p)
                     && offers
                         .iter()
-                        .any(|(q, _, o)| q == *p && !refused.contains(&(o.start, o.end)));
+                        .any(|(q, _, o)| q == *p && !self.moved.contains(&(*q, o.start, o.end)));
                 !(back || moved_on)
             })
             .copied()
