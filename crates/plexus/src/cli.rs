@@ -300,7 +300,9 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR", requires = "distributed")]
     pub data_dir: Option<PathBuf>,
     /// Test-only misbehaviour of a distributed worker: `garbage` (undecodable pseudo-gradients
-    /// and messages) or `stale` (last round's contribution re-sent as this round's).
+    /// and messages), `stale` (last round's contribution re-sent as this round's), `lazy`
+    /// (trains on examples other than its assigned ones and commits as if it had not) or `ahead`
+    /// (claims a later round than its own, with a made-up state to match).
     #[arg(long, hide = true, requires = "distributed")]
     pub cheat: Option<String>,
     /// With --distributed: the text file of a text run (the spec names its digest; another
@@ -463,6 +465,12 @@ pub struct TrainSpecArgs {
     /// Held-out examples of the final evaluation.
     #[arg(long, default_value_t = 256)]
     pub eval_examples: usize,
+    /// Probability that a round's contribution is audited: every other worker re-executes it
+    /// from its commitment before closing the round, and one that does not match is dropped and
+    /// its worker refused for the rest of the run. Each worker re-executes about this rate times
+    /// the other workers' count of rounds per round. 0 disables audits.
+    #[arg(long, default_value_t = 0.05)]
+    pub audit_rate: f64,
 }
 
 #[derive(Subcommand, Debug)]

@@ -3,15 +3,42 @@
 //! against its digest), recomputes the example ids from the seed, runs the same inner loop and
 //! compares the payload digest. A mismatch drops the contribution; with settlement it is the
 //! evidence for a slash.
+//!
+//! [`drawn`] is the draw: which contributions of a round are re-executed. It is keyed by the
+//! digest of the round's whole set of commitments ([`crate::round::RoundMachine::held_set`]),
+//! which no worker knows when it commits (the others commit at the same time), and every
+//! worker holding the same set draws the same contributions, so they drop the same ones and
+//! still close on the same next state without a coordinator. A worker that waits for every
+//! other commitment before sending its own could try payloads until it is not drawn; the
+//! adaptive deadline bounds how long it may wait, and a commit-reveal of per-worker randomness
+//! would close this entirely (not built).
 
 use crate::assign::{example_ids, ids_digest};
 use crate::commit::Commitment;
 use crate::config::RoundConfig;
 use crate::worker::{compute_round, WorkError, WorkerState};
-use plexus_core::Digest;
+use plexus_core::{Digest, Sha256Stream};
 use plexus_model::train::{Params, Shard};
 use plexus_model::ModelConfig;
 use std::sync::Arc;
+
+/// Whether `worker`'s contribution to the round whose set has digest `set` is re-executed, at
+/// `rate` (0 never, 1 always).
+pub fn drawn(set: Digest, worker: &[u8], rate: f64) -> bool {
+    if rate <= 0.0 {
+        return false;
+    }
+    let mut h = Sha256Stream::new();
+    h.update(b"plexus-train-audit-draw-v1");
+    h.update(set.as_bytes());
+    h.update(worker);
+    let d = h.finish();
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&d.as_bytes()[..8]);
+    // The top 53 bits as a uniform number in [0, 1).
+    let u = (u64::from_be_bytes(head) >> 11) as f64 / (1u64 << 53) as f64;
+    u < rate
+}
 
 /// The result of a re-execution.
 #[derive(Debug, PartialEq, Eq)]
@@ -91,4 +118,29 @@ pub fn reexecute(
             recomputed,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_draw_is_a_deterministic_coin_of_the_rate_keyed_by_the_set() {
+        let set = Digest::of(b"set");
+        let workers: Vec<Vec<u8>> = (0..4000u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        assert!(workers.iter().all(|w| !drawn(set, w, 0.0)));
+        assert!(workers.iter().all(|w| drawn(set, w, 1.0)));
+        let hits = workers.iter().filter(|w| drawn(set, w, 0.25)).count();
+        // 4000 draws at 1/4: 1000 expected, sd ~27.
+        assert!((880..=1120).contains(&hits), "{hits}");
+        // The same inputs draw the same; another set draws others.
+        let again = workers.iter().filter(|w| drawn(set, w, 0.25)).count();
+        assert_eq!(hits, again);
+        let other = Digest::of(b"other set");
+        let differ = workers
+            .iter()
+            .filter(|w| drawn(set, w, 0.25) != drawn(other, w, 0.25))
+            .count();
+        assert!(differ > 1000, "{differ}");
+    }
 }

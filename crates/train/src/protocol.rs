@@ -12,18 +12,31 @@
 //!   set and compute the same next state without a coordinator.
 //! - `State`: the receiver's global state (round, weights, outer momentum), checked by the
 //!   asker against the digest the peers' statuses agree on.
+//! - `StartState { round }`: the receiver's own start state of a round it contributed to
+//!   (AdamW moments and error-feedback residual), which an auditor needs to re-execute that
+//!   contribution ([`crate::audit::reexecute`] checks it against the commitment's digests).
+//!   A worker keeps the last two rounds' start states.
 //!
 //! [`choose_target`] is the rule that decides, from the peers' statuses, which state a worker
-//! should hold: the highest round anyone has reached (up to the run's length), and among the
-//! workers there, the state digest most of them hold (ties to the smallest digest, so everyone
-//! with the same view picks the same one).
+//! should hold: among the states at its own round or later (up to the run's length; a worker
+//! is never pulled back), the one the most workers hold, the later round among equals, then
+//! the smallest digest (so everyone with the same view picks the same one). A status is a
+//! peer's claim: counting holders rather than taking the highest round means one peer that
+//! claims a later round, with a state it made up to match, cannot pull away workers that
+//! hold the same state as another (in a run of two the other worker decides anyway). Peers
+//! still closing the previous round have not voted yet: while a state ahead is held by no more
+//! workers than are behind, [`wait_for_stragglers`] says to ask again first (bounded by the
+//! caller), so a liar is not followed just because it answered while the others were busy.
 
+use crate::codec::ErrorFeedback;
 use crate::commit::Contribution;
 use crate::outer::OuterState;
 use crate::round::GlobalState;
+use crate::worker::WorkerState;
 use plexus_core::wire::MAX_FRAME_BYTES;
 use plexus_core::Digest;
-use plexus_model::train::{Layout, Params};
+use plexus_model::train::adamw::DecodeStateError;
+use plexus_model::train::{AdamWState, Layout, Params};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -56,6 +69,10 @@ pub enum TrainRequest {
     },
     State {
         run: Digest,
+    },
+    StartState {
+        run: Digest,
+        round: u64,
     },
 }
 
@@ -90,6 +107,51 @@ pub enum TrainResponse {
     State(StateTransfer),
     /// The round or contribution asked for is not held (any more).
     NotHeld,
+    StartState(WorkerStateTransfer),
+}
+
+/// A worker's start state of a round as it travels: the AdamW state's bytes and the residual's
+/// f32 little-endian bytes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStateTransfer {
+    pub round: u64,
+    pub opt: Vec<u8>,
+    pub residual: Vec<u8>,
+}
+
+impl WorkerStateTransfer {
+    pub fn of(round: u64, state: &WorkerState) -> Self {
+        Self {
+            round,
+            opt: state.opt.to_bytes(),
+            residual: f32_bytes(&state.feedback.residual),
+        }
+    }
+
+    /// The state for a model of `n` parameters (sizes and finiteness checked; the auditor
+    /// checks the digests against the commitment).
+    pub fn into_state(self, n: usize) -> Result<WorkerState, MessageError> {
+        let opt = AdamWState::from_bytes(&self.opt, n).map_err(|e| match e {
+            DecodeStateError::NonFinite => MessageError::NonFinite,
+            DecodeStateError::Length { got, expected, .. } => MessageError::StateSize {
+                round: self.round,
+                got,
+                expected,
+            },
+        })?;
+        if self.residual.len() != 4 * n {
+            return Err(MessageError::StateSize {
+                round: self.round,
+                got: self.residual.len(),
+                expected: 4 * n,
+            });
+        }
+        let residual = f32s_from(&self.residual, n).ok_or(MessageError::NonFinite)?;
+        Ok(WorkerState {
+            opt,
+            feedback: ErrorFeedback { residual },
+        })
+    }
 }
 
 /// Why a message was refused.
@@ -184,22 +246,32 @@ pub fn choose_target(
     peers: impl IntoIterator<Item = (u64, Digest)>,
     max_round: u64,
 ) -> Option<(u64, Digest)> {
-    let all: Vec<(u64, Digest)> = peers
+    let mut votes: BTreeMap<(u64, Digest), usize> = BTreeMap::new();
+    for state in peers
         .into_iter()
-        .filter(|(r, _)| *r <= max_round)
+        .filter(|(r, _)| *r <= max_round && *r >= mine.0)
         .chain(std::iter::once(mine))
-        .collect();
-    let top = all.iter().map(|(r, _)| *r).max()?;
-    let mut votes: BTreeMap<Digest, usize> = BTreeMap::new();
-    for (_, d) in all.iter().filter(|(r, _)| *r == top) {
-        *votes.entry(*d).or_default() += 1;
+    {
+        *votes.entry(state).or_default() += 1;
     }
-    // Most votes; among equals the smallest digest.
-    let (best, _) = votes
+    // Most holders; among equals the later round, then the smaller digest.
+    let (&target, _) = votes
         .iter()
-        .max_by_key(|(d, n)| (**n, std::cmp::Reverse(**d)))?;
-    let target = (top, *best);
+        .max_by_key(|((r, d), n)| (**n, *r, std::cmp::Reverse(*d)))?;
     (target != mine).then_some(target)
+}
+
+/// Whether a worker at `mine` should hear from its peers again before moving to `target`
+/// ([`choose_target`]'s answer, at its round or later): the target is held by no more peers
+/// than are still behind it, who may yet arrive at its state and outvote the target.
+pub fn wait_for_stragglers(
+    mine: (u64, Digest),
+    peers: &[(u64, Digest)],
+    target: (u64, Digest),
+) -> bool {
+    let holders = peers.iter().filter(|s| **s == target).count();
+    let behind = peers.iter().filter(|(r, _)| *r < mine.0).count();
+    holders <= behind
 }
 
 #[cfg(test)]
@@ -227,8 +299,58 @@ mod tests {
         // A tie goes to the smaller digest, for everyone.
         assert_eq!(choose_target((3, d(1)), [(3, d(2))], 10), None);
         assert_eq!(choose_target((3, d(2)), [(3, d(1))], 10), Some((3, d(1))));
-        // Peers behind do not pull a worker back; implausible rounds are ignored.
+        // Peers behind do not pull a worker back, even many; implausible rounds are ignored.
         assert_eq!(choose_target((3, d(1)), [(1, d(9)), (99, d(9))], 10), None);
+        assert_eq!(choose_target((3, d(1)), [(2, d(9)), (2, d(9))], 10), None);
+        // A joiner goes where the most workers are.
+        assert_eq!(
+            choose_target((0, d(0)), [(5, d(5)), (5, d(5)), (5, d(5))], 10),
+            Some((5, d(5)))
+        );
+    }
+
+    #[test]
+    fn one_peer_claiming_a_later_round_does_not_pull_away_workers_that_agree() {
+        // A liar ahead, with a state it made up, against two workers holding the same state.
+        assert_eq!(choose_target((3, d(1)), [(3, d(1)), (4, d(9))], 10), None);
+        assert_eq!(
+            choose_target((3, d(1)), [(3, d(1)), (3, d(1)), (9, d(0))], 10),
+            None
+        );
+        // A joiner is not fooled either while two honest peers agree.
+        assert_eq!(
+            choose_target((0, d(0)), [(5, d(5)), (5, d(5)), (6, d(9))], 10),
+            Some((5, d(5)))
+        );
+        // Two workers ahead that agree outvote one behind (the usual catch-up).
+        assert_eq!(
+            choose_target((3, d(1)), [(4, d(2)), (4, d(2)), (9, d(0))], 10),
+            Some((4, d(2)))
+        );
+    }
+
+    #[test]
+    fn a_lone_state_ahead_waits_for_the_peers_still_behind() {
+        // The liar answered first; two honest peers are still closing the last round.
+        let peers = [(4, d(9)), (2, d(1)), (2, d(1))];
+        let target = choose_target((3, d(1)), peers, 10).unwrap();
+        assert_eq!(target, (4, d(9)));
+        assert!(wait_for_stragglers((3, d(1)), &peers, target));
+        // Once they arrive they outvote it.
+        let peers = [(4, d(9)), (3, d(1)), (3, d(1))];
+        assert_eq!(choose_target((3, d(1)), peers, 10), None);
+        // Nobody behind (a run of two, or everyone has voted): move on.
+        assert!(!wait_for_stragglers((3, d(1)), &[(4, d(9))], (4, d(9))));
+        // More holders ahead than peers behind: they cannot be outvoted.
+        let peers = [(4, d(2)), (4, d(2)), (2, d(1))];
+        assert!(!wait_for_stragglers((3, d(1)), &peers, (4, d(2))));
+        // A lone other state at the same round (a liar a round behind claims one ahead) waits
+        // too; two holders against one straggler do not.
+        let peers = [(3, d(0)), (2, d(1))];
+        assert_eq!(choose_target((3, d(1)), peers, 10), Some((3, d(0))));
+        assert!(wait_for_stragglers((3, d(1)), &peers, (3, d(0))));
+        let peers = [(3, d(0)), (3, d(0)), (2, d(1))];
+        assert!(!wait_for_stragglers((3, d(1)), &peers, (3, d(0))));
     }
 
     #[test]
@@ -279,5 +401,33 @@ mod tests {
         let mut nan = t;
         nan.momentum[..4].copy_from_slice(&f32::NAN.to_le_bytes());
         assert_eq!(nan.into_state(layout), Err(MessageError::NonFinite));
+    }
+
+    #[test]
+    fn a_start_state_round_trips_and_one_of_the_wrong_size_or_with_nan_is_refused() {
+        let n = 10;
+        let mut state = WorkerState::new(n);
+        state.opt.step = 7;
+        state.opt.m[3] = 0.5;
+        state.feedback.residual[2] = -1.25;
+        let t = WorkerStateTransfer::of(4, &state);
+        let bytes = encode(&TrainResponse::StartState(t.clone()));
+        let TrainResponse::StartState(back) = decode(&bytes).unwrap() else {
+            panic!("not a start state")
+        };
+        assert_eq!(back.clone().into_state(n).unwrap(), state);
+        assert!(matches!(
+            back.clone().into_state(n + 1),
+            Err(MessageError::StateSize { .. })
+        ));
+        let mut nan = back.clone();
+        nan.residual[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(nan.into_state(n), Err(MessageError::NonFinite));
+        let mut short = back;
+        short.opt.pop();
+        assert!(matches!(
+            short.into_state(n),
+            Err(MessageError::StateSize { .. })
+        ));
     }
 }

@@ -78,6 +78,8 @@ pub enum Refusal {
     Payload(#[from] DecodeError),
     #[error("round already holds the run's maximum of {max} contributions")]
     Full { max: u32 },
+    #[error("this worker's contribution to the round was dropped after its audit")]
+    Dropped,
     #[error("round {round} closed for contributions at {deadline_ms} ms")]
     PastDeadline { round: u64, deadline_ms: u64 },
 }
@@ -111,6 +113,9 @@ pub struct RoundOutcome {
     pub applied: Vec<Scored>,
     /// Contributions that did not lower the held-out loss.
     pub rejected: Vec<Scored>,
+    /// Workers whose contribution was dropped before closing ([`RoundMachine::drop_contribution`]:
+    /// a failed audit), in order of worker id.
+    pub dropped: Vec<Vec<u8>>,
     /// Digest of the sorted commitment digests the round aggregated from.
     pub set: Digest,
     /// Digest of the next global state.
@@ -125,8 +130,21 @@ pub struct RoundMachine {
     hyper: Digest,
     opened_ms: u64,
     received: BTreeMap<Vec<u8>, Accepted>,
+    /// Dropped this round: not offered again, reported at close.
+    dropped: BTreeSet<Vec<u8>>,
     expected: BTreeSet<Vec<u8>>,
     deadline: Deadline,
+}
+
+/// Digest of a round's set: the round and its sorted commitment digests.
+fn set_digest<'a>(round: u64, commitments: impl Iterator<Item = &'a Digest>) -> Digest {
+    let mut set = Sha256Stream::new();
+    set.update(b"plexus-round-set-v1");
+    set.update(&round.to_le_bytes());
+    for c in commitments {
+        set.update(c.as_bytes());
+    }
+    set.finish()
 }
 
 impl RoundMachine {
@@ -146,6 +164,7 @@ impl RoundMachine {
             hyper,
             opened_ms: now_ms,
             received: BTreeMap::new(),
+            dropped: BTreeSet::new(),
             expected: expected.into_iter().collect(),
             deadline: Deadline::default(),
         }
@@ -183,6 +202,22 @@ impl RoundMachine {
         self.received.keys()
     }
 
+    /// Digest of the set held now (what [`RoundOutcome::set`] will be if nothing changes): the
+    /// key of the audit draw ([`crate::audit::drawn`]).
+    pub fn held_set(&self) -> Digest {
+        set_digest(
+            self.state.round,
+            self.received.values().map(|a| &a.commitment),
+        )
+    }
+
+    /// Removes `worker`'s contribution from this round (it failed its audit): not aggregated,
+    /// not offered again this round, reported in the outcome. Whether it was held.
+    pub fn drop_contribution(&mut self, worker: &[u8]) -> bool {
+        self.dropped.insert(worker.to_vec());
+        self.received.remove(worker).is_some()
+    }
+
     /// Whether the round should close now: past its deadline, or every expected worker in.
     pub fn should_close(&self, now_ms: u64) -> bool {
         now_ms >= self.deadline_at()
@@ -211,6 +246,9 @@ impl RoundMachine {
             });
         }
         let digest = cm.digest();
+        if self.dropped.contains(&cm.worker) {
+            return Err(Refusal::Dropped);
+        }
         if let Some(held) = self.received.get(&cm.worker) {
             return Err(if held.commitment == digest {
                 Refusal::Replayed
@@ -272,15 +310,12 @@ impl RoundMachine {
         } else {
             f32::NAN
         };
-        let mut set = Sha256Stream::new();
-        set.update(b"plexus-round-set-v1");
-        set.update(&round.to_le_bytes());
+        let set = set_digest(round, received.values().map(|a| &a.commitment));
         let (mut applied, mut rejected) = (Vec::new(), Vec::new());
         let n = self.state.params.values.len();
         let mut sum = vec![0f32; n];
         let share = 1.0 / received.len().max(1) as f32;
         for (worker, a) in &received {
-            set.update(a.commitment.as_bytes());
             self.deadline.record(&self.cfg.deadline, a.arrived_ms);
             let loss = if scoring {
                 let mut candidate = self.state.params.clone();
@@ -315,6 +350,7 @@ impl RoundMachine {
         }
         // Whoever sent a valid contribution is alive: expect them next round.
         self.expected = received.into_keys().collect();
+        let dropped = std::mem::take(&mut self.dropped).into_iter().collect();
         self.state.round += 1;
         self.start = self.state.params.digest();
         self.opened_ms = now_ms;
@@ -323,7 +359,8 @@ impl RoundMachine {
             loss_before,
             applied,
             rejected,
-            set: set.finish(),
+            dropped,
+            set,
             next: self.state.digest(),
         })
     }

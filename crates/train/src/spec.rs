@@ -127,6 +127,16 @@ pub struct ScoreSpec {
     pub tolerance: f32,
 }
 
+/// Round audits: after a round's set is fixed, each contribution is drawn for re-execution with
+/// probability `rate` ([`crate::audit::drawn`]); every other worker then re-executes the drawn
+/// ones from their commitments before closing, and one that does not match is dropped and its
+/// worker refused for the rest of the run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSpec {
+    pub rate: f64,
+}
+
 /// A distributed training run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,6 +160,10 @@ pub struct RunSpec {
     pub score: ScoreSpec,
     /// Held-out examples of the final evaluation (loss and exact match).
     pub eval_examples: usize,
+    /// Round audits. Absent: none (and not in the signed bytes, so specs written before audits
+    /// keep the bytes they had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditSpec>,
 }
 
 /// A spec with its creator's signature: the file a run is started from.
@@ -295,9 +309,19 @@ impl RunSpec {
         if !(1..=100_000).contains(&self.eval_examples) {
             return Err(invalid("eval_examples 1..=100000"));
         }
+        if let Some(a) = &self.audit {
+            if !(a.rate.is_finite() && (0.0..=1.0).contains(&a.rate)) {
+                return Err(invalid("audit.rate must be a probability, 0 to 1"));
+            }
+        }
         self.round_config(Digest::of(b"check"))?
             .validate()
             .map_err(|e| invalid(e.to_string()))
+    }
+
+    /// Probability that a contribution is re-executed by the other workers (0 without audits).
+    pub fn audit_rate(&self) -> f64 {
+        self.audit.as_ref().map_or(0.0, |a| a.rate)
     }
 
     /// The round settings of this run, named `run`.
@@ -509,6 +533,7 @@ mod tests {
                 tolerance: 0.0,
             },
             eval_examples: 64,
+            audit: None,
         }
     }
 
@@ -564,6 +589,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `trailer`"), "{e}");
+    }
+
+    #[test]
+    fn an_audit_rate_is_signed_a_spec_without_one_keeps_its_bytes_and_bad_rates_are_refused() {
+        let plain = example().sign(&key()).unwrap();
+        assert!(!plain.to_json().contains("audit"));
+        assert_eq!(plain.spec.audit_rate(), 0.0);
+        let mut audited = example();
+        audited.audit = Some(AuditSpec { rate: 0.25 });
+        let signed = audited.sign(&key()).unwrap();
+        let back = SignedSpec::from_json(&signed.to_json()).unwrap();
+        assert_eq!(back.spec.audit_rate(), 0.25);
+        assert_ne!(back.run_id(), plain.run_id());
+        let mut v: serde_json::Value = serde_json::from_str(&signed.to_json()).unwrap();
+        v["spec"]["audit"]["rate"] = 0.0.into();
+        let e = SignedSpec::from_json(&v.to_string()).unwrap_err();
+        assert!(matches!(e, SpecError::BadSignature), "{e}");
+        for rate in [-0.1, 1.5, f64::NAN] {
+            let mut bad = example();
+            bad.audit = Some(AuditSpec { rate });
+            let e = bad.sign(&key()).unwrap_err().to_string();
+            assert!(e.contains("audit.rate"), "{e}");
+        }
     }
 
     #[test]

@@ -267,6 +267,38 @@ fn machines_holding_the_same_set_agree_bit_for_bit() {
 }
 
 #[test]
+fn a_dropped_contribution_is_not_aggregated_nor_taken_again_and_the_outcome_names_it() {
+    let mut w = world(config(Codec::F16, false), 3);
+    let start = w.global.params.clone();
+    let cs: Vec<Contribution> = (0..3).map(|i| w.contribute(i, 0, &start)).collect();
+    let (mut dropping, mut without) = (w.machine(), w.machine());
+    for c in &cs {
+        dropping.offer(c, 10).unwrap();
+    }
+    for c in &cs[..2] {
+        without.offer(c, 10).unwrap();
+    }
+    // The draw's key is the set held now, and what the outcome will report if nothing changes.
+    let before_drop = dropping.held_set();
+    assert_ne!(before_drop, without.held_set());
+    let third = cs[2].signed.commitment.worker.clone();
+    assert!(dropping.drop_contribution(&third));
+    assert_eq!(dropping.held_set(), without.held_set());
+    assert_eq!(dropping.offer(&cs[2], 11), Err(Refusal::Dropped));
+    let od = dropping.close(30, &mut w.scorer()).unwrap();
+    let ow = without.close(30, &mut w.scorer()).unwrap();
+    assert_eq!(od.dropped, vec![third.clone()]);
+    assert!(ow.dropped.is_empty());
+    assert_eq!(od.set, ow.set);
+    assert_eq!(od.next, ow.next);
+    assert_eq!(od.applied.len() + od.rejected.len(), 2);
+    // A drop holds for its round only: the next round takes the worker's contribution.
+    let next = dropping.state().params.clone();
+    let c = w.contribute(2, 1, &next);
+    dropping.offer(&c, 40).unwrap();
+}
+
+#[test]
 fn reexecuting_a_round_from_its_commitment_reproduces_the_payload_bytes() {
     // Sparse with error feedback: round 1 depends on the residual and optimizer state that
     // round 0 left, so the auditor needs (and checks) all of them.

@@ -13,15 +13,27 @@
 //! 3. waits until every expected worker's contribution is in, the adaptive deadline passes, or
 //!    a peer says hello from a later round;
 //! 4. asks every peer which contributions it holds for the round and fetches the ones it
-//!    misses (they are signed, so any peer can relay them), then closes the round: scoring,
-//!    aggregation and the outer step are a pure function of the set, so workers holding the
-//!    same set compute the same next state; one that ended up with another set is outvoted at
-//!    the next hello and fetches the majority's state. No worker coordinates: any can die.
-//! 5. prints progress and checkpoints its state in the data directory.
+//!    misses (they are signed, so any peer can relay them);
+//! 5. audits: draws from the set's digest which contributions are re-executed (the spec's
+//!    audit rate, [`plexus_train::audit::drawn`]), fetches each drawn worker's start state from
+//!    it and re-executes its round from the commitment; a contribution that does not match (or
+//!    whose worker sends no usable start state) is dropped, and a worker proven to have lied is
+//!    refused for the rest of the run;
+//! 6. closes the round: scoring, aggregation and the outer step are a pure function of the
+//!    set, so workers holding the same set compute the same next state; one that ended up with
+//!    another set is outvoted at the next hello and fetches the majority's state. No worker
+//!    coordinates: any can die.
+//! 7. prints progress and checkpoints its state in the data directory.
+//!
+//! A peer's status is a claim: a worker moves to another state only when the most workers
+//! hold it ([`choose_target`]), and closes a round early only when at least half of its peers
+//! have moved past it.
 //!
 //! A contribution for another round is never applied to this one: the machine refuses stale
 //! and far-future ones; one for the next round waits until this one closes.
 
+mod audit;
+mod cheat;
 mod peers;
 mod shared;
 pub mod spec;
@@ -29,6 +41,8 @@ pub mod spec;
 use crate::cli::TrainArgs;
 use crate::cmd::net::{default_data_dir, parse_addrs};
 use anyhow::{bail, Context as _};
+use audit::AuditTally;
+use cheat::{lazy_round, made_up_ahead, Cheat};
 use peers::Peers;
 use plexus_core::keys::NodeKey;
 use plexus_core::wire::{ErrorCode, Request, Response};
@@ -40,7 +54,7 @@ use plexus_net::{NetConfig, NetEvent, NetHandle, PeerId};
 use plexus_train::commit::{Contribution, Signed};
 use plexus_train::local::LocalData;
 use plexus_train::outer::OuterState;
-use plexus_train::protocol::{choose_target, encode};
+use plexus_train::protocol::{choose_target, encode, wait_for_stragglers};
 use plexus_train::round::{GlobalState, RoundMachine, RoundOutcome};
 use plexus_train::score::HeldOutScorer;
 use plexus_train::spec::{Data, SignedSpec};
@@ -56,17 +70,11 @@ use tokio::sync::mpsc;
 const CHECKPOINT: &str = "train-state.bin";
 /// How long a finished worker keeps answering peers still closing the last round.
 const LINGER: Duration = Duration::from_secs(20);
+/// How long a worker waits for peers still closing the last round before following a state
+/// ahead that they might outvote.
+const STRAGGLERS: Duration = Duration::from_secs(10);
 /// How often a waiting worker looks again.
 const POLL: Duration = Duration::from_millis(20);
-
-/// Test-only misbehaviour (`--cheat`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Cheat {
-    /// Pseudo-gradients that do not decode (validly signed), and undecodable messages.
-    Garbage,
-    /// Each round, its contribution re-labelled as the previous round's.
-    Stale,
-}
 
 /// One worker of a run on data `D`: a synthetic task or a text.
 struct Worker<D: LocalData> {
@@ -91,7 +99,9 @@ pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
         None => None,
         Some("garbage") => Some(Cheat::Garbage),
         Some("stale") => Some(Cheat::Stale),
-        Some(other) => bail!("--cheat {other:?}: expected garbage or stale"),
+        Some("lazy") => Some(Cheat::Lazy),
+        Some("ahead") => Some(Cheat::Ahead),
+        Some(other) => bail!("--cheat {other:?}: expected garbage, stale, lazy or ahead"),
     };
     let data_dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
     let key_path = data_dir.join("node.key");
@@ -296,6 +306,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 break;
             }
             let began = Instant::now();
+            lock(&shared).keep_start(round, state.clone());
             let (c, train_loss, next) = self.train(round, start, state.clone()).await?;
             state = next;
             self.contribute(&peers, &shared, c, round).await;
@@ -303,9 +314,13 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 tokio::time::sleep(POLL).await;
             }
             let synced = self.sync(&peers, &shared, round).await;
+            let audits = self.audit(&peers, &shared, round).await;
             let outcome = tokio::task::block_in_place(|| -> anyhow::Result<RoundOutcome> {
                 let mut s = lock(&shared);
                 let outcome = s.machine.close(self.now(), &mut scorer)?;
+                if self.cheat == Some(Cheat::Ahead) {
+                    s.claim = Some(made_up_ahead(s.machine.state()));
+                }
                 let held = std::mem::take(&mut s.held);
                 s.closed = Some((round, held));
                 for (_, c) in std::mem::take(&mut s.early) {
@@ -320,17 +335,21 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 self.save(s.machine.state(), &state);
                 Ok(outcome)
             })?;
-            self.progress(&handle, &shared, &outcome, train_loss, synced, began);
+            self.progress(
+                &handle, &shared, &outcome, train_loss, synced, audits, began,
+            );
         }
         self.finish(&peers, &shared).await
     }
 
     /// Whether `round` should close now: every expected contribution is in, the deadline
-    /// passed, or a peer has moved on to a later round (it holds the set it closed on, which
-    /// the sync before closing fetches).
+    /// passed, or at least half of the peers have moved on to a later round (they hold the set
+    /// they closed on, which the sync before closing fetches; one peer claiming a later round
+    /// among several does not cut the round short).
     fn may_close(&self, shared: &Mutex<Shared>, round: u64) -> bool {
         let s = lock(shared);
-        s.machine.should_close(self.now()) || s.peers.values().any(|st| st.round > round)
+        let ahead = s.peers.values().filter(|st| st.round > round).count();
+        s.machine.should_close(self.now()) || (ahead > 0 && 2 * ahead >= s.peers.len())
     }
 
     /// Waits until the spec's minimum of workers is connected (or joins a run under way).
@@ -338,7 +357,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let min = self.spec.spec.workers.min as usize;
         let mut said = false;
         loop {
-            let me = lock(shared).status();
+            let me = lock(shared).told();
             let statuses = peers.hello_all(&me).await;
             let under_way = statuses.iter().any(|(_, s)| s.round > 0);
             {
@@ -364,19 +383,31 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
 
     /// Moves to the state the peers agree on if this worker is behind or outvoted.
     async fn catch_up(&self, peers: &Peers, shared: &Mutex<Shared>, state: &WorkerState) {
-        let me = lock(shared).status();
-        let statuses = peers.hello_all(&me).await;
-        {
-            let mut s = lock(shared);
-            for (p, st) in &statuses {
-                s.note_peer(*p, st.clone());
+        let (me, told) = {
+            let s = lock(shared);
+            (s.status(), s.told())
+        };
+        let mine = (me.round, me.state);
+        let asked = Instant::now();
+        let (statuses, (round, digest)) = loop {
+            let statuses = peers.hello_all(&told).await;
+            {
+                let mut s = lock(shared);
+                for (p, st) in &statuses {
+                    s.note_peer(*p, st.clone());
+                }
             }
-        }
-        let others = statuses.iter().map(|(_, s)| (s.round, s.state));
-        let Some((round, digest)) =
-            choose_target((me.round, me.state), others, self.spec.spec.rounds)
-        else {
-            return;
+            let others: Vec<(u64, Digest)> =
+                statuses.iter().map(|(_, s)| (s.round, s.state)).collect();
+            let Some(target) = choose_target(mine, others.iter().copied(), self.spec.spec.rounds)
+            else {
+                return;
+            };
+            if wait_for_stragglers(mine, &others, target) && asked.elapsed() < STRAGGLERS {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            break (statuses, target);
         };
         let holders = statuses
             .iter()
@@ -423,6 +454,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             .iter()
             .filter(|(_, st)| st.round == round && !st.done)
             .map(|(p, _)| p.to_bytes())
+            .filter(|w| !s.convicted.contains_key(w))
             .chain(std::iter::once(self.me.clone()))
             .collect();
         let from = s.machine.round();
@@ -440,7 +472,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             "caught up: at round {from}, adopted the state of round {round} ({}) from {peer}",
             digest.short()
         );
-        s.status()
+        s.told()
     }
 
     /// H inner steps off the async threads.
@@ -456,8 +488,10 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             self.shard.clone(),
             self.key.clone(),
         );
+        let lazy = self.cheat == Some(Cheat::Lazy);
         let (c, reports, state) = tokio::task::spawn_blocking(move || {
-            work_round(
+            let work = if lazy { lazy_round } else { work_round };
+            work(
                 &cfg,
                 &model,
                 shard.as_ref(),
@@ -484,7 +518,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 .collect()
         };
         let c = match self.cheat {
-            None => {
+            None | Some(Cheat::Lazy | Cheat::Ahead) => {
                 let now = self.now();
                 if let Err(why) = lock(shared).receive(c.clone(), now) {
                     eprintln!("this worker's own contribution to round {round} missed: {why}");
@@ -512,6 +546,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let mut cm = c.signed.commitment;
         let mut payload = c.payload;
         match cheat {
+            Cheat::Lazy | Cheat::Ahead => {}
             Cheat::Garbage => {
                 for (i, b) in payload.iter_mut().enumerate() {
                     *b = (i as u8).wrapping_mul(151) ^ 0x5a;
@@ -570,6 +605,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         o: &RoundOutcome,
         train_loss: f32,
         synced: usize,
+        audits: AuditTally,
         began: Instant,
     ) {
         let counters = handle.counters();
@@ -579,6 +615,8 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             "applied"
         } else if o.rejected.iter().any(|s| s.worker == self.me) {
             "rejected"
+        } else if o.dropped.contains(&self.me) {
+            "dropped"
         } else {
             "missing"
         };
@@ -587,13 +625,15 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             (s.peers.values().filter(|st| !st.done).count(), s.refused)
         };
         println!(
-            "round {}/{} | held-out loss {:.4} | train loss {:.4} | applied {}/{} (mine {mine}, {synced} fetched) | peers {peers} | refused {refused} | sent {sent} B | received {received} B | {:.1}s | state {}",
+            "round {}/{} | held-out loss {:.4} | train loss {:.4} | applied {}/{} (mine {mine}, {synced} fetched) | audits passed {}/{} | peers {peers} | refused {refused} | sent {sent} B | received {received} B | {:.1}s | state {}",
             o.round + 1,
             self.spec.spec.rounds,
             o.loss_before,
             train_loss,
             o.applied.len(),
             o.applied.len() + o.rejected.len(),
+            audits.passed,
+            audits.audited,
             began.elapsed().as_secs_f64(),
             o.next.short()
         );
@@ -644,7 +684,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         );
         let until = Instant::now() + LINGER;
         while Instant::now() < until {
-            let me = lock(shared).status();
+            let me = lock(shared).told();
             let statuses = peers.hello_all(&me).await;
             if statuses.iter().all(|(_, s)| s.done) {
                 break;

@@ -9,6 +9,7 @@ use plexus_net::{NetHandle, PeerId};
 use plexus_train::commit::Contribution;
 use plexus_train::protocol::{
     decode, encode, HeldEntry, StateTransfer, Status, TrainRequest, TrainResponse,
+    WorkerStateTransfer,
 };
 use std::time::Duration;
 
@@ -113,6 +114,18 @@ impl Peers {
         let req = TrainRequest::State { run: self.run };
         match self.ask(peer, &req, STATE_TIMEOUT).await {
             Some(TrainResponse::State(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// `peer`'s own start state of `round` (for an audit of its contribution).
+    pub async fn start_state(&self, peer: PeerId, round: u64) -> Option<WorkerStateTransfer> {
+        let req = TrainRequest::StartState {
+            run: self.run,
+            round,
+        };
+        match self.ask(peer, &req, STATE_TIMEOUT).await {
+            Some(TrainResponse::StartState(s)) if s.round == round => Some(s),
             _ => None,
         }
     }

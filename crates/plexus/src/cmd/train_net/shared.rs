@@ -1,19 +1,25 @@
 //! What a worker's round loop and its inbound-message handler share: the round machine (pure;
 //! times are passed in), the raw contributions it accepted (to serve peers that miss them),
-//! the set of the round just closed, contributions that arrived a round early, and the peers'
-//! last statuses. Every collection is bounded by the run's workers max or [`MAX_PEERS`].
+//! the set of the round just closed, contributions that arrived a round early, the peers'
+//! last statuses, this worker's start states of its last two rounds (for its auditors) and the
+//! workers convicted by an audit. Every collection is bounded by the run's workers max,
+//! [`MAX_PEERS`] or [`KEPT_STARTS`].
 
 use plexus_core::Digest;
 use plexus_net::PeerId;
 use plexus_train::commit::Contribution;
 use plexus_train::protocol::{
-    decode, HeldEntry, StateTransfer, Status, TrainRequest, TrainResponse,
+    decode, HeldEntry, StateTransfer, Status, TrainRequest, TrainResponse, WorkerStateTransfer,
 };
-use plexus_train::round::{Refusal, RoundMachine};
-use std::collections::{BTreeMap, HashMap};
+use plexus_train::round::{GlobalState, Refusal, RoundMachine};
+use plexus_train::worker::WorkerState;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Peers whose status is remembered.
 pub const MAX_PEERS: usize = 1024;
+/// Rounds whose start state this worker keeps for its auditors (the current one and the one
+/// before: a peer may still be auditing the last round when this worker has moved on).
+pub const KEPT_STARTS: usize = 2;
 
 pub struct Shared {
     pub run: Digest,
@@ -29,6 +35,12 @@ pub struct Shared {
     pub done: bool,
     /// Contributions and messages refused so far.
     pub refused: u64,
+    /// This worker's start state of its last rounds, oldest first.
+    pub starts: VecDeque<(u64, WorkerState)>,
+    /// Workers convicted by an audit, with the round: their contributions are refused.
+    pub convicted: BTreeMap<Vec<u8>, u64>,
+    /// Test-only (`--cheat ahead`): the status and state this worker claims to peers.
+    pub claim: Option<GlobalState>,
 }
 
 impl Shared {
@@ -42,6 +54,42 @@ impl Shared {
             peers: HashMap::new(),
             done: false,
             refused: 0,
+            starts: VecDeque::new(),
+            convicted: BTreeMap::new(),
+            claim: None,
+        }
+    }
+
+    /// The status this worker tells its peers: its own ([`Self::status`]) unless it lies.
+    pub fn told(&self) -> Status {
+        match &self.claim {
+            Some(g) => Status {
+                round: g.round,
+                state: g.digest(),
+                ..self.status()
+            },
+            None => self.status(),
+        }
+    }
+
+    /// Keeps this worker's start state of `round` for its auditors.
+    pub fn keep_start(&mut self, round: u64, state: WorkerState) {
+        self.starts.retain(|(r, _)| *r != round);
+        self.starts.push_back((round, state));
+        while self.starts.len() > KEPT_STARTS {
+            self.starts.pop_front();
+        }
+    }
+
+    /// Drops `worker`'s contribution to the current round after a failed audit; a convicted
+    /// worker's contributions are refused from now on.
+    pub fn drop_audited(&mut self, worker: &[u8], convict: bool) {
+        self.machine.drop_contribution(worker);
+        self.held.remove(worker);
+        if convict {
+            let round = self.machine.round();
+            self.convicted.entry(worker.to_vec()).or_insert(round);
+            self.early.remove(worker);
         }
     }
 
@@ -54,13 +102,18 @@ impl Shared {
         }
     }
 
-    /// Remembers `peer`'s status; a peer at this round is expected to contribute to it.
+    /// Remembers `peer`'s status; a peer at this round is expected to contribute to it (unless
+    /// an audit convicted it: its contributions are refused, so nobody waits for them).
     pub fn note_peer(&mut self, peer: PeerId, status: Status) {
         if status.run != self.run {
             return;
         }
-        if status.round == self.machine.round() && !status.done {
-            self.machine.expect(peer.to_bytes());
+        let worker = peer.to_bytes();
+        if status.round == self.machine.round()
+            && !status.done
+            && !self.convicted.contains_key(&worker)
+        {
+            self.machine.expect(worker);
         }
         if self.peers.len() < MAX_PEERS || self.peers.contains_key(&peer) {
             self.peers.insert(peer, status);
@@ -70,6 +123,12 @@ impl Shared {
     /// Offers `c` (arrived at `now_ms`): this round's go to the machine, next round's wait.
     pub fn receive(&mut self, c: Contribution, now_ms: u64) -> Result<(), String> {
         let cm = &c.signed.commitment;
+        if let Some(r) = self.convicted.get(&cm.worker) {
+            return Err(format!(
+                "the worker was convicted by the audit of round {}; refused for the rest of the run",
+                r + 1
+            ));
+        }
         let round = self.machine.round();
         if cm.round == round + 1 {
             c.signed
@@ -123,7 +182,7 @@ impl Shared {
                     return TrainResponse::Refused("another run".into());
                 }
                 self.note_peer(peer, status);
-                TrainResponse::Status(self.status())
+                TrainResponse::Status(self.told())
             }
             TrainRequest::Push(c) => {
                 let (round, worker) = (
@@ -175,7 +234,18 @@ impl Shared {
                 if other_run(run) {
                     return TrainResponse::Refused("another run".into());
                 }
-                TrainResponse::State(StateTransfer::of(self.machine.state()))
+                TrainResponse::State(StateTransfer::of(
+                    self.claim.as_ref().unwrap_or(self.machine.state()),
+                ))
+            }
+            TrainRequest::StartState { run, round } => {
+                if other_run(run) {
+                    return TrainResponse::Refused("another run".into());
+                }
+                match self.starts.iter().find(|(r, _)| *r == round) {
+                    Some((r, st)) => TrainResponse::StartState(WorkerStateTransfer::of(*r, st)),
+                    None => TrainResponse::NotHeld,
+                }
             }
         }
     }

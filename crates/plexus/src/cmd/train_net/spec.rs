@@ -7,8 +7,8 @@ use plexus_core::keys::NodeKey;
 use plexus_model::train::text::TextShard;
 use plexus_train::spec::TEXT_TASK;
 use plexus_train::spec::{
-    DataSpec, DeadlineSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, ScoreSpec, WorkersSpec,
-    SPEC_VERSION,
+    AuditSpec, DataSpec, DeadlineSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, ScoreSpec,
+    WorkersSpec, SPEC_VERSION,
 };
 use plexus_train::Codec;
 
@@ -87,6 +87,7 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
             tolerance: a.score_tolerance,
         },
         eval_examples: a.eval_examples,
+        audit: (a.audit_rate != 0.0).then_some(AuditSpec { rate: a.audit_rate }),
     };
     let dir = a
         .data_dir

@@ -1,0 +1,60 @@
+//! Test-only misbehaviour of a worker (`plexus train --distributed --cheat KIND`), so the
+//! process tests can show that honest workers refuse, drop or ignore each kind.
+
+use plexus_core::keys::NodeKey;
+use plexus_model::train::{Params, Shard, StepReport};
+use plexus_model::ModelConfig;
+use plexus_train::assign::{example_ids, ids_digest};
+use plexus_train::commit::{Contribution, Signed};
+use plexus_train::round::GlobalState;
+use plexus_train::worker::{compute_round, WorkError, WorkerState};
+use plexus_train::RoundConfig;
+use std::sync::Arc;
+
+/// Test-only misbehaviour (`--cheat`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cheat {
+    /// Pseudo-gradients that do not decode (validly signed), and undecodable messages.
+    Garbage,
+    /// Each round, its contribution re-labelled as the previous round's.
+    Stale,
+    /// Trains on the examples of another worker id and commits as if it had trained on its
+    /// own (valid, useful-looking, and not what it committed to: only an audit sees it).
+    Lazy,
+    /// Tells peers it is a round ahead, and serves a made-up state to match.
+    Ahead,
+}
+
+/// A lazy worker's round: trained on the examples assigned to another id, committed with the
+/// example digest of its own assignment and signed. Everything a receiver checks holds; the
+/// payload is not the one its commitment's inputs give, which only a re-execution shows.
+pub fn lazy_round(
+    cfg: &RoundConfig,
+    model: &Arc<ModelConfig>,
+    shard: &dyn Shard,
+    key: &NodeKey,
+    round: u64,
+    global: &Params,
+    state: &mut WorkerState,
+) -> Result<(Contribution, Vec<StepReport>), WorkError> {
+    let me = key.peer_id().to_bytes();
+    let mut w = compute_round(cfg, model, shard, b"someone else", round, global, state)?;
+    w.commitment.worker = me.clone();
+    w.commitment.examples =
+        ids_digest(&example_ids(cfg.seed, round, &me, cfg.examples_per_round()));
+    Ok((
+        Contribution {
+            signed: Signed::sign(key, w.commitment),
+            payload: w.payload,
+        },
+        w.reports,
+    ))
+}
+
+/// The state an `ahead` liar claims: a round later than `real`, with zeroed weights.
+pub fn made_up_ahead(real: &GlobalState) -> GlobalState {
+    let mut fake = real.clone();
+    fake.round += 1;
+    fake.params.values.iter_mut().for_each(|v| *v = 0.0);
+    fake
+}
