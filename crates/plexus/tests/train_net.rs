@@ -520,9 +520,14 @@ fn killing_every_worker_and_restarting_them_resumes_from_checkpoints() {
         assert_learned(w, pct, loss);
         finals.push(state);
     }
+    let logs: Vec<String> = std::iter::once(&r0)
+        .chain(rest.iter())
+        .map(|w| format!("{}:\n{}", w.name, w.text()))
+        .collect();
     assert!(
         finals.windows(2).all(|p| p[0] == p[1]),
-        "final states differ: {finals:?}"
+        "final states differ: {finals:?}\n{}",
+        logs.join("\n")
     );
 }
 
@@ -689,13 +694,14 @@ fn a_text_run_trains_across_workers_and_refuses_another_text() {
     assert_eq!(states[0], states[1]);
 }
 
-/// `plexus up --train SPEC`: the spec's run on this machine with two worker processes; one of
-/// them SIGKILLed mid-run is started again by `up`, resumes from its checkpoint, and both end
-/// on the same state; the trained model is where `up` says.
+/// `plexus up --train SPEC`: the spec's run on this machine with two worker processes. Each
+/// is SIGKILLed mid-run in turn, worker 1 first and then worker 0 (the one the others joined
+/// through); `up` starts each again, it resumes from its checkpoint, and both end on the same
+/// state; the trained model is where `up` says.
 #[test]
 fn plexus_up_trains_a_spec_and_restarts_a_killed_worker() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = spec(tmp.path(), 16, 2, 60_000);
+    let spec = spec(tmp.path(), 60, 2, 60_000);
     let mut child = Command::new(BIN)
         .args(["up", "--train"])
         .arg(&spec)
@@ -715,24 +721,17 @@ fn plexus_up_trains_a_spec_and_restarts_a_killed_worker() {
         lines,
         addr: String::new(),
     };
-    up.wait_for("worker 0 | round 3/16", RUN_TIMEOUT);
-    // Kill worker 1 (the child whose data directory is worker-1).
-    let workers = children_of(pid);
-    assert_eq!(workers.len(), 2, "{workers:?}");
-    let victim = *workers
-        .iter()
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("worker-1"))
-        })
-        .unwrap();
-    assert!(Command::new("kill")
-        .args(["-9", &victim.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    up.wait_for("worker 0 | round 3/60", RUN_TIMEOUT);
+    kill_worker(pid, 1);
     up.wait_for("worker 1 exited", RUN_TIMEOUT);
-    up.wait_for("worker 1 | resumed from checkpoint", RUN_TIMEOUT);
+    let resumed = up.wait_for("worker 1 | resumed from checkpoint", RUN_TIMEOUT);
+    let at: u64 = field(&resumed, "at round ").parse().unwrap();
+    // Worker 0 once worker 1 is back and a round has closed since (`up` relays worker 0's
+    // round lines).
+    up.wait_for(&format!("worker 0 | round {}/60", at + 2), RUN_TIMEOUT);
+    kill_worker(pid, 0);
+    up.wait_for("worker 0 exited", RUN_TIMEOUT);
+    up.wait_for("worker 0 | resumed from checkpoint", RUN_TIMEOUT);
     let done = up.finish_line_of("trained: ");
     let finals: Vec<String> = up
         .text()
@@ -744,4 +743,23 @@ fn plexus_up_trains_a_spec_and_restarts_a_killed_worker() {
     assert_eq!(finals[0], finals[1], "{}", up.text());
     let model = field(&done, "trained: ");
     assert!(Path::new(model).join("config.json").exists(), "{done}");
+}
+
+/// SIGKILLs the worker process of `plexus up` (`pid`) whose data directory is `worker-{i}`.
+fn kill_worker(pid: u32, i: usize) {
+    let workers = children_of(pid);
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let marker = format!("worker-{i}");
+    let victim = *workers
+        .iter()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker))
+        })
+        .unwrap();
+    assert!(Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap()
+        .success());
 }

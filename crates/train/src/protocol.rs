@@ -261,15 +261,17 @@ pub fn choose_target(
     (target != mine).then_some(target)
 }
 
-/// Whether a worker at `mine` should hear from its peers again before moving to `target`
-/// ([`choose_target`]'s answer, at its round or later): the target is held by no more peers
-/// than are still behind it, who may yet arrive at its state and outvote the target.
+/// Whether a worker at `mine` should hear from its peers again before acting on `target`
+/// ([`choose_target`]'s answer; `None`: stay): the state it would hold then is held by no more
+/// workers than are still behind it, who may yet arrive at another state and outvote it (the
+/// worker may be on a fork of its own, or a liar may have answered first).
 pub fn wait_for_stragglers(
     mine: (u64, Digest),
     peers: &[(u64, Digest)],
-    target: (u64, Digest),
+    target: Option<(u64, Digest)>,
 ) -> bool {
-    let holders = peers.iter().filter(|s| **s == target).count();
+    let target = target.unwrap_or(mine);
+    let holders = peers.iter().filter(|s| **s == target).count() + usize::from(target == mine);
     let behind = peers.iter().filter(|(r, _)| *r < mine.0).count();
     holders <= behind
 }
@@ -330,27 +332,29 @@ mod tests {
     }
 
     #[test]
-    fn a_lone_state_ahead_waits_for_the_peers_still_behind() {
+    fn a_lone_state_waits_for_the_peers_still_behind() {
         // The liar answered first; two honest peers are still closing the last round.
         let peers = [(4, d(9)), (2, d(1)), (2, d(1))];
-        let target = choose_target((3, d(1)), peers, 10).unwrap();
-        assert_eq!(target, (4, d(9)));
+        let target = choose_target((3, d(1)), peers, 10);
+        assert_eq!(target, Some((4, d(9))));
         assert!(wait_for_stragglers((3, d(1)), &peers, target));
         // Once they arrive they outvote it.
         let peers = [(4, d(9)), (3, d(1)), (3, d(1))];
         assert_eq!(choose_target((3, d(1)), peers, 10), None);
+        assert!(!wait_for_stragglers((3, d(1)), &peers, None));
         // Nobody behind (a run of two, or everyone has voted): move on.
-        assert!(!wait_for_stragglers((3, d(1)), &[(4, d(9))], (4, d(9))));
+        assert!(!wait_for_stragglers((3, d(1)), &[(4, d(9))], Some((4, d(9)))));
         // More holders ahead than peers behind: they cannot be outvoted.
         let peers = [(4, d(2)), (4, d(2)), (2, d(1))];
-        assert!(!wait_for_stragglers((3, d(1)), &peers, (4, d(2))));
-        // A lone other state at the same round (a liar a round behind claims one ahead) waits
-        // too; two holders against one straggler do not.
-        let peers = [(3, d(0)), (2, d(1))];
-        assert_eq!(choose_target((3, d(1)), peers, 10), Some((3, d(0))));
-        assert!(wait_for_stragglers((3, d(1)), &peers, (3, d(0))));
-        let peers = [(3, d(0)), (3, d(0)), (2, d(1))];
-        assert!(!wait_for_stragglers((3, d(1)), &peers, (3, d(0))));
+        assert!(!wait_for_stragglers((3, d(1)), &peers, Some((4, d(2)))));
+        // A worker alone on its state while three peers are behind: it may be on a fork of its
+        // own; it waits to hear where they arrive, and follows them if they agree elsewhere.
+        let behind = [(2, d(5)), (2, d(5)), (2, d(5))];
+        assert!(wait_for_stragglers((3, d(1)), &behind, None));
+        let arrived = [(3, d(7)), (3, d(7)), (3, d(7))];
+        assert_eq!(choose_target((3, d(1)), arrived, 10), Some((3, d(7))));
+        // Two holders of its state against one straggler: go on.
+        assert!(!wait_for_stragglers((3, d(1)), &[(3, d(1)), (2, d(5))], None));
     }
 
     #[test]

@@ -220,9 +220,17 @@ impl RoundMachine {
 
     /// Whether the round should close now: past its deadline, or every expected worker in.
     pub fn should_close(&self, now_ms: u64) -> bool {
+        self.past_deadline(now_ms) || self.all_in()
+    }
+
+    /// Whether the round's deadline has passed.
+    pub fn past_deadline(&self, now_ms: u64) -> bool {
         now_ms >= self.deadline_at()
-            || (!self.expected.is_empty()
-                && self.expected.iter().all(|w| self.received.contains_key(w)))
+    }
+
+    /// Whether every expected worker's contribution is in.
+    pub fn all_in(&self) -> bool {
+        !self.expected.is_empty() && self.expected.iter().all(|w| self.received.contains_key(w))
     }
 
     /// Checks and keeps `c`, which arrived at `now_ms`.

@@ -342,14 +342,19 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         self.finish(&peers, &shared).await
     }
 
-    /// Whether `round` should close now: every expected contribution is in, the deadline
-    /// passed, or at least half of the peers have moved on to a later round (they hold the set
-    /// they closed on, which the sync before closing fetches; one peer claiming a later round
-    /// among several does not cut the round short).
+    /// Whether `round` should close now: the deadline passed; every expected contribution is
+    /// in and no peer is still behind (a peer closing the last round joins this one at its next
+    /// hello; a worker that closed rounds without waiting for it would run away alone on a
+    /// state nobody else holds); or at least half of the peers have moved on to a later round
+    /// (they hold the set they closed on, which the sync before closing fetches; one peer
+    /// claiming a later round among several does not cut the round short).
     fn may_close(&self, shared: &Mutex<Shared>, round: u64) -> bool {
         let s = lock(shared);
         let ahead = s.peers.values().filter(|st| st.round > round).count();
-        s.machine.should_close(self.now()) || (ahead > 0 && 2 * ahead >= s.peers.len())
+        let behind = s.peers.values().any(|st| !st.done && st.round < round);
+        s.machine.past_deadline(self.now())
+            || (s.machine.all_in() && !behind)
+            || (ahead > 0 && 2 * ahead >= s.peers.len())
     }
 
     /// Waits until the spec's minimum of workers is connected (or joins a run under way).
@@ -399,15 +404,15 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             }
             let others: Vec<(u64, Digest)> =
                 statuses.iter().map(|(_, s)| (s.round, s.state)).collect();
-            let Some(target) = choose_target(mine, others.iter().copied(), self.spec.spec.rounds)
-            else {
-                return;
-            };
+            let target = choose_target(mine, others.iter().copied(), self.spec.spec.rounds);
             if wait_for_stragglers(mine, &others, target) && asked.elapsed() < STRAGGLERS {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
-            break (statuses, target);
+            match target {
+                Some(target) => break (statuses, target),
+                None => return,
+            }
         };
         let holders = statuses
             .iter()
