@@ -22,7 +22,7 @@ pub enum Command {
     Chat(ChatArgs),
     /// Train a starter model on a synthetic task, or join a distributed DiLoCo run (`--distributed
     /// SPEC`; `train spec` writes one, on a task or a text).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Measure prefill and decode speed and peak memory.
     Bench(BenchArgs),
     /// Serve a model over the OpenAI-compatible HTTP API.

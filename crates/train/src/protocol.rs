@@ -343,7 +343,11 @@ mod tests {
         assert_eq!(choose_target((3, d(1)), peers, 10), None);
         assert!(!wait_for_stragglers((3, d(1)), &peers, None));
         // Nobody behind (a run of two, or everyone has voted): move on.
-        assert!(!wait_for_stragglers((3, d(1)), &[(4, d(9))], Some((4, d(9)))));
+        assert!(!wait_for_stragglers(
+            (3, d(1)),
+            &[(4, d(9))],
+            Some((4, d(9)))
+        ));
         // More holders ahead than peers behind: they cannot be outvoted.
         let peers = [(4, d(2)), (4, d(2)), (2, d(1))];
         assert!(!wait_for_stragglers((3, d(1)), &peers, Some((4, d(2)))));
@@ -354,7 +358,11 @@ mod tests {
         let arrived = [(3, d(7)), (3, d(7)), (3, d(7))];
         assert_eq!(choose_target((3, d(1)), arrived, 10), Some((3, d(7))));
         // Two holders of its state against one straggler: go on.
-        assert!(!wait_for_stragglers((3, d(1)), &[(3, d(1)), (2, d(5))], None));
+        assert!(!wait_for_stragglers(
+            (3, d(1)),
+            &[(3, d(1)), (2, d(5))],
+            None
+        ));
     }
 
     #[test]

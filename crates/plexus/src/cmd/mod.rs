@@ -33,7 +33,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Some(BenchCommand::Settle(s)) => bench_settle::run(s),
             None => bench::run(a),
         },
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Gateway(a) => gateway::run(a),
         Command::Models {
             command: ModelsCommand::Inspect { path, json },

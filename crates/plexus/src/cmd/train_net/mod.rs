@@ -76,6 +76,16 @@ const STRAGGLERS: Duration = Duration::from_secs(10);
 /// How often a waiting worker looks again.
 const POLL: Duration = Duration::from_millis(20);
 
+/// What a round's progress line reports beside its outcome.
+#[derive(Clone, Copy)]
+struct RoundNotes {
+    train_loss: f32,
+    /// Contributions fetched from peers before closing.
+    synced: usize,
+    audits: AuditTally,
+    began: Instant,
+}
+
 /// One worker of a run on data `D`: a synthetic task or a text.
 struct Worker<D: LocalData> {
     spec: SignedSpec,
@@ -335,9 +345,13 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 self.save(s.machine.state(), &state);
                 Ok(outcome)
             })?;
-            self.progress(
-                &handle, &shared, &outcome, train_loss, synced, audits, began,
-            );
+            let notes = RoundNotes {
+                train_loss,
+                synced,
+                audits,
+                began,
+            };
+            self.progress(&handle, &shared, &outcome, &notes);
         }
         self.finish(&peers, &shared).await
     }
@@ -608,11 +622,14 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         handle: &NetHandle,
         shared: &Mutex<Shared>,
         o: &RoundOutcome,
-        train_loss: f32,
-        synced: usize,
-        audits: AuditTally,
-        began: Instant,
+        round: &RoundNotes,
     ) {
+        let RoundNotes {
+            train_loss,
+            synced,
+            audits,
+            began,
+        } = *round;
         let counters = handle.counters();
         let sent = counters.sent.load(std::sync::atomic::Ordering::Relaxed);
         let received = counters.received.load(std::sync::atomic::Ordering::Relaxed);
