@@ -8,7 +8,11 @@
 //! `\xHH`, `\uHHHH`, `\UHHHHHHHH` escapes), character classes (`[a-z0-9_]`, `[^"\\]`, same
 //! escapes), `.` (any character), rule references and groups `( ... )`, each followed by at most
 //! one of `*`, `+`, `?`, `{m}`, `{m,}`, `{m,n}`; `#` comments. A rule may span lines. Token
-//! references (`<...>`) are refused, as are undefined rules and a grammar without `root`.
+//! references match one token of the model's vocabulary: by id, `<[1000]>` (any token but it:
+//! `!<[1000]>`), or by text, `<think>`, which must be one of the model's special tokens (added
+//! tokens such as `<|im_end|>` or `<think>`; another text is refused by name when the grammar is
+//! compiled against the model's tokenizer; to exclude one, `!<[ID]>` with its id). Undefined
+//! rules and a grammar without `root` are refused.
 //!
 //! The rewrite is one to one: each GBNF rule becomes a Lark rule (`foo-Bar` -> `g-foo-_bar`,
 //! since Lark rule names are lower case), literals become JSON-escaped strings and classes
@@ -325,7 +329,11 @@ impl Parser<'_> {
                 }
                 Ok(format!("({inner})"))
             }
-            Some('<') => Err(self.error("token references (`<...>`) are not supported")),
+            Some('<') => self.token_ref(false),
+            Some('!') if self.peek_at(1) == Some('<') => {
+                self.pos += 1;
+                self.token_ref(true)
+            }
             Some(c) if is_name_char(c) => {
                 let name = self.name().unwrap_or_default();
                 used.push((name.clone(), at));
@@ -334,6 +342,43 @@ impl Parser<'_> {
             Some(c) => Err(self.error(format!("unexpected {c:?}"))),
             None => Err(self.error("unexpected end of grammar")),
         }
+    }
+
+    /// A token reference at `<` (after a `!` when `negate`): `<[ID]>` or `<TEXT>`, as Lark's
+    /// `<[ID]>`, `<[^ID]>` or `<TEXT>`.
+    fn token_ref(&mut self, negate: bool) -> Result<String, GbnfError> {
+        let at = self.pos;
+        self.pos += 1;
+        let mut text = String::new();
+        loop {
+            match self.peek() {
+                Some('>') => {
+                    self.pos += 1;
+                    break;
+                }
+                Some(c) if c != '<' && !c.is_whitespace() => {
+                    text.push(c);
+                    self.pos += 1;
+                }
+                _ => return Err(self.error_at(at, "token reference without its closing `>`")),
+            }
+        }
+        if text.is_empty() {
+            return Err(self.error_at(at, "empty token reference `<>`"));
+        }
+        if let Some(id) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            let id: u32 = id.parse().map_err(|_| {
+                self.error_at(at, format!("token id `{id}` is not a number (`<[1000]>`)"))
+            })?;
+            return Ok(format!("<[{}{id}]>", if negate { "^" } else { "" }));
+        }
+        if negate {
+            return Err(self.error_at(
+                at,
+                format!("`!<{text}>`: exclude a token by its id (`!<[ID]>`), not by its text"),
+            ));
+        }
+        Ok(format!("<{text}>"))
     }
 
     /// One character of a literal or class, escapes decoded.
@@ -490,6 +535,34 @@ ws ::= | " " | "\n" [ \t]{0,20}
         }
     }
 
+    fn compile(lark: String) -> Result<(), String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/tiny/smollm2");
+        let files = plexus_model::ModelFiles::open(&dir).unwrap();
+        let tokenizer = std::sync::Arc::new(files.tokenizer().unwrap());
+        crate::grammar::Grammars::default()
+            .compile(
+                "tiny",
+                &tokenizer,
+                llguidance::api::TopLevelGrammar::from_lark(lark),
+                "grammar",
+            )
+            .map(|_| ())
+            .map_err(|e| e.body().to_string())
+    }
+
+    #[test]
+    fn token_references_by_id_and_by_special_text_compile_and_unknown_text_is_refused() {
+        let lark = to_lark("root ::= <|im_start|> \"a\" !<[5]>* <[2]>").unwrap();
+        assert!(
+            lark.contains("<|im_start|>") && lark.contains("<[^5]>") && lark.contains("<[2]>"),
+            "{lark}"
+        );
+        compile(lark.clone()).unwrap_or_else(|e| panic!("{e}\n{lark}"));
+        let e = compile(to_lark("root ::= <not-a-token>").unwrap()).unwrap_err();
+        assert!(e.contains("<not-a-token>"), "{e}");
+    }
+
     #[test]
     fn names_keep_their_case_apart() {
         let lark = to_lark("root ::= Ab ab\nAb ::= \"x\"\nab ::= \"y\"").unwrap();
@@ -510,7 +583,10 @@ ws ::= | " " | "\n" [ \t]{0,20}
             ("root ::= \"a\"\nroot ::= \"b\"", "defined twice", 2),
             ("root ::= \"\\q\"", "unknown escape", 1),
             ("root ::= \"a\"{3,1}", "below the minimum", 1),
-            ("root ::= <think>", "token references", 1),
+            ("root ::= <[12x]>", "token id `12x` is not a number", 1),
+            ("root ::= \"a\"\n  !<think>", "exclude a token by its id", 2),
+            ("root ::= <think", "without its closing `>`", 1),
+            ("root ::= <>", "empty token reference", 1),
             ("root = \"a\"", "expected `::=`", 1),
             ("root ::= [z-a]", "backwards", 1),
         ] {

@@ -516,6 +516,18 @@ impl NetTransport {
     }
 }
 
+/// Whether `peer`, which refused calls for the spans recorded in `moved` (spans it had left),
+/// now announces a span it did not refuse (`announced`: its spans in the directory): it
+/// serves elsewhere and may be routed to again. A peer that never refused is not "moved on".
+fn moved_on(
+    peer: &PeerId,
+    moved: &[(PeerId, u32, u32)],
+    mut announced: impl Iterator<Item = (u32, u32)>,
+) -> bool {
+    moved.iter().any(|(q, ..)| q == peer)
+        && announced.any(|(start, end)| !moved.contains(&(*peer, start, end)))
+}
+
 impl NetTransport {
     /// `exclude` without the peers whose connection failed and that have connected again
     /// since (restarted: a new session there is as good as anywhere).
@@ -535,11 +547,11 @@ impl NetTransport {
                     .map(|(_, at)| *at)
                     .max();
                 let back = latest.is_some_and(|at| links.back_since(p, at));
-                let moved_on = self.moved.iter().any(|(q, ..)| q == *p)
-                    && offers
-                        .iter()
-                        .any(|(q, _, o)| q == *p && !self.moved.contains(&(*q, o.start, o.end)));
-                !(back || moved_on)
+                let spans = offers
+                    .iter()
+                    .filter(|(q, ..)| q == *p)
+                    .map(|(_, _, o)| (o.start, o.end));
+                !(back || moved_on(p, &self.moved, spans))
             })
             .copied()
             .collect()
@@ -711,5 +723,19 @@ mod tests {
             links.connected(PeerId::random(), &dir);
         }
         assert!(links.last.len() <= MAX_LINKS);
+    }
+
+    /// A peer that refused a call for 0..15 (it had moved back to 0..10) is routable again once
+    /// the directory shows it on 0..10, not while it still shows 0..15; a peer that never
+    /// refused is not "moved on" whatever it announces.
+    #[test]
+    fn a_peer_that_refused_for_a_span_it_left_is_back_once_it_announces_another() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let moved = vec![(a, 0, 15)];
+        assert!(!moved_on(&a, &moved, [(0, 15)].into_iter()));
+        assert!(!moved_on(&a, &moved, std::iter::empty()));
+        assert!(moved_on(&a, &moved, [(0, 10)].into_iter()));
+        assert!(moved_on(&a, &moved, [(0, 15), (15, 30)].into_iter()));
+        assert!(!moved_on(&b, &moved, [(0, 10)].into_iter()));
     }
 }

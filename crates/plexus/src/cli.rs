@@ -151,6 +151,13 @@ pub struct ChatArgs {
     /// System message.
     #[arg(long)]
     pub system: Option<String>,
+    /// On a terminal: where the messages typed are kept for Up/Down across sessions (default
+    /// `chat_history` in $PLEXUS_DATA_DIR, else ~/.local/share/plexus).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_history")]
+    pub history: Option<PathBuf>,
+    /// Keep no history file (Up/Down recall this session's messages only).
+    #[arg(long)]
+    pub no_history: bool,
 }
 
 #[derive(Args, Debug)]
@@ -301,8 +308,9 @@ pub struct TrainArgs {
     pub data_dir: Option<PathBuf>,
     /// Test-only misbehaviour of a distributed worker: `garbage` (undecodable pseudo-gradients
     /// and messages), `stale` (last round's contribution re-sent as this round's), `lazy`
-    /// (trains on examples other than its assigned ones and commits as if it had not) or `ahead`
-    /// (claims a later round than its own, with a made-up state to match).
+    /// (trains on examples other than its assigned ones and commits as if it had not), `ahead`
+    /// (claims a later round than its own, with a made-up state to match) or `harmful` (its
+    /// pseudo-gradient reversed and scaled by 4, validly committed).
     #[arg(long, hide = true, requires = "distributed")]
     pub cheat: Option<String>,
     /// With --distributed: the text file of a text run (the spec names its digest; another

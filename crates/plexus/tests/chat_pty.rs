@@ -2,15 +2,17 @@
 //! `plexus chat` on a pseudo-terminal, as a user meets it: the banner, line editing with the
 //! arrow keys, history, `/help` answered by plexus (not the model), Ctrl-C stopping a reply
 //! without ending the program, Ctrl-C at the prompt clearing the line, and Ctrl-D quitting
-//! with success. The real model writes a reply long enough to be interrupted.
+//! with success; a second session recalls the first one's lines from the history file. The
+//! real model writes a reply long enough to be interrupted.
 
 use rexpect::session::{spawn_with_options, PtySession};
 use std::process::Command;
 
 const TIMEOUT_MS: u64 = 120_000;
 
-fn start() -> PtySession {
+fn start(data_dir: &std::path::Path) -> PtySession {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_plexus"));
+    cmd.env("PLEXUS_DATA_DIR", data_dir);
     cmd.arg("chat")
         .arg("--model")
         .arg(plexus_testkit::real_model())
@@ -35,7 +37,8 @@ fn start() -> PtySession {
 
 #[test]
 fn chat_on_a_terminal_edits_lines_and_ctrl_c_stops_only_the_reply() {
-    let mut p = start();
+    let data = tempfile::tempdir().unwrap();
+    let mut p = start(data.path());
     // The banner says how to get help and how to quit.
     p.exp_string("plexus chat:").unwrap();
     p.exp_string("/help for commands").unwrap();
@@ -85,6 +88,22 @@ fn chat_on_a_terminal_edits_lines_and_ctrl_c_stops_only_the_reply() {
     p.exp_string(">>> ").unwrap();
 
     // Ctrl-D quits with success.
+    quit(p);
+
+    // The next session's Up recalls the last line typed in this one ("/reset").
+    let kept = std::fs::read_to_string(data.path().join("chat_history")).unwrap();
+    assert!(kept.contains("/reset") && kept.contains("dragon"), "{kept}");
+    let mut p = start(data.path());
+    p.exp_string(">>> ").unwrap();
+    p.send("\x1b[A\r").unwrap();
+    p.flush().unwrap();
+    p.exp_string("conversation cleared").unwrap();
+    p.exp_string(">>> ").unwrap();
+    quit(p);
+}
+
+/// Ctrl-D: the program ends with success.
+fn quit(mut p: PtySession) {
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
     let status = p.process().wait().unwrap();

@@ -46,6 +46,12 @@ GRAMMARS = [
         'root ::= "[" ws word ("," ws word){0,2} ws "]"\nword ::= "\\"" [a-z]{1,12} "\\""\nws ::= [ ]?',
         r'\[ ?"[a-z]{1,12}"(, ?"[a-z]{1,12}"){0,2} ?\]',
     ),
+    (
+        # Token references: the model's end-of-turn token by its text, and "not token 2" (that
+        # same token, by id) for the word before it.
+        'root ::= "ok " word <|im_end|>\nword ::= [a-z] !<[2]>{0,2}',
+        r"(?s)ok [a-z].*",
+    ),
 ]
 
 

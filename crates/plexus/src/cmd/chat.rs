@@ -1,8 +1,10 @@
 //! `plexus chat`: an interactive conversation using the model's chat template, as users of
 //! `ollama run` and `llama-cli` expect it. On a terminal: a banner, a line editor (arrow keys,
 //! history), `/help`, `/reset`, `/exit` or Ctrl-D to quit, and Ctrl-C stops the reply being
-//! written (at the prompt it clears the line). From a pipe: one user message per line, replies
-//! on stdout, nothing else.
+//! written (at the prompt it clears the line). The lines typed are kept in a history file
+//! (`chat_history` in the data directory, `--history FILE`, `--no-history`), so Up recalls
+//! them in the next session too, as in `ollama run`. From a pipe: one user message per line,
+//! replies on stdout, nothing else.
 
 use crate::cli::ChatArgs;
 use anyhow::{bail, Context as _};
@@ -10,6 +12,7 @@ use plexus_model::chat::Message;
 use plexus_model::generate::{generate, Flow, GenerateRequest};
 use plexus_model::LoadedModel;
 use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -18,7 +21,8 @@ const HELP: &str = "\
   /reset         forget the conversation (the system message stays)
   /exit, /bye    quit (or Ctrl-D)
   Ctrl-C         stop the reply being written; at the prompt, clear the line
-  Up/Down        earlier messages; Left/Right, Home/End, Ctrl-W edit the line";
+  Up/Down        earlier messages, this session's and the last ones' (--no-history: none kept)
+  Left/Right, Home/End, Ctrl-W edit the line";
 
 /// What a line of input asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -45,9 +49,10 @@ fn parse(line: &str) -> Line<'_> {
     }
 }
 
-/// Where lines come from: the line editor on a terminal, plain lines from a pipe.
+/// Where lines come from: the line editor on a terminal (with its history file, if any), plain
+/// lines from a pipe.
 enum Input {
-    Editor(Box<rustyline::DefaultEditor>),
+    Editor(Box<rustyline::DefaultEditor>, Option<PathBuf>),
     Pipe(std::io::Lines<std::io::StdinLock<'static>>),
 }
 
@@ -57,11 +62,19 @@ impl Input {
         use rustyline::error::ReadlineError;
         match self {
             Input::Pipe(lines) => lines.next().transpose().context("cannot read stdin"),
-            Input::Editor(ed) => loop {
+            Input::Editor(ed, file) => loop {
                 match ed.readline(">>> ") {
                     Ok(line) => {
-                        if !line.trim().is_empty() {
-                            let _ = ed.add_history_entry(line.as_str());
+                        if !line.trim().is_empty() && ed.add_history_entry(line.as_str())? {
+                            if let Some(path) = file {
+                                if let Err(e) = ed.append_history(path) {
+                                    eprintln!(
+                                        "(history not kept: cannot write {}: {e})",
+                                        path.display()
+                                    );
+                                    *file = None;
+                                }
+                            }
                         }
                         return Ok(Some(line));
                     }
@@ -113,6 +126,34 @@ fn banner(model: &LoadedModel, path: &str) -> String {
     )
 }
 
+/// The history file of this session, its earlier lines loaded into `ed`; `None` with
+/// `--no-history`. A file that cannot be read is said once and left alone.
+fn history_file(a: &ChatArgs, ed: &mut rustyline::DefaultEditor) -> Option<PathBuf> {
+    if a.no_history {
+        return None;
+    }
+    let path = a
+        .history
+        .clone()
+        .unwrap_or_else(|| super::net::default_data_dir().join("chat_history"));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("(history not kept: cannot create {}: {e})", dir.display());
+            return None;
+        }
+    }
+    match ed.load_history(&path) {
+        Ok(()) => {}
+        Err(rustyline::error::ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+        }
+        Err(e) => {
+            eprintln!("(history not kept: cannot read {}: {e})", path.display());
+            return None;
+        }
+    }
+    Some(path)
+}
+
 pub fn run(a: ChatArgs) -> anyhow::Result<()> {
     let model = super::load_model(&a.common)?;
     let Some(template) = &model.chat_template else {
@@ -120,14 +161,15 @@ pub fn run(a: ChatArgs) -> anyhow::Result<()> {
     };
     let interactive = std::io::stdin().is_terminal();
     let (mut input, stop) = if interactive {
-        let ed = rustyline::DefaultEditor::new().context("cannot set up the line editor")?;
+        let mut ed = rustyline::DefaultEditor::new().context("cannot set up the line editor")?;
+        let file = history_file(&a, &mut ed);
         let name = a
             .common
             .model
             .as_deref()
             .map_or("SmolLM2-135M-Instruct".into(), |p| p.display().to_string());
         eprintln!("{}", banner(&model, &name));
-        (Input::Editor(Box::new(ed)), Some(interrupt_flag()?))
+        (Input::Editor(Box::new(ed), file), Some(interrupt_flag()?))
     } else {
         (Input::Pipe(std::io::stdin().lock().lines()), None)
     };

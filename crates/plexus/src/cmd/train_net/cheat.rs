@@ -23,6 +23,9 @@ pub enum Cheat {
     Lazy,
     /// Tells peers it is a round ahead, and serves a made-up state to match.
     Ahead,
+    /// Sends its pseudo-gradient reversed and four times as large (decodes, signs and
+    /// commits validly; raises the held-out loss).
+    Harmful,
 }
 
 /// A lazy worker's round: trained on the examples assigned to another id, committed with the

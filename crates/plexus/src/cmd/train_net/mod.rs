@@ -111,7 +111,10 @@ pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
         Some("stale") => Some(Cheat::Stale),
         Some("lazy") => Some(Cheat::Lazy),
         Some("ahead") => Some(Cheat::Ahead),
-        Some(other) => bail!("--cheat {other:?}: expected garbage, stale, lazy or ahead"),
+        Some("harmful") => Some(Cheat::Harmful),
+        Some(other) => {
+            bail!("--cheat {other:?}: expected garbage, stale, lazy, ahead or harmful")
+        }
     };
     let data_dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
     let key_path = data_dir.join("node.key");
@@ -573,6 +576,14 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 cm.payload = Digest::of(&payload);
             }
             Cheat::Stale => cm.round = round.checked_sub(1)?,
+            Cheat::Harmful => {
+                let n = self.init.values.len();
+                let mut delta = self.cfg.codec.decode(&payload, n).ok()?;
+                delta.iter_mut().for_each(|d| *d *= -4.0);
+                payload = self.cfg.codec.encode(&delta).ok()?;
+                cm.payload = Digest::of(&payload);
+                cm.payload_len = payload.len() as u64;
+            }
         }
         Some(Contribution {
             signed: Signed::sign(&self.key, cm),
@@ -642,6 +653,16 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         } else {
             "missing"
         };
+        for r in o.rejected.iter().filter(|r| r.worker != self.me) {
+            let who = PeerId::from_bytes(&r.worker)
+                .map_or_else(|_| "an unnamed worker".to_string(), |p| p.to_string());
+            eprintln!(
+                "round {}: not applied the contribution of {who}: with it the held-out loss is {:.4}, above {:.4} without it",
+                o.round + 1,
+                r.loss,
+                o.loss_before
+            );
+        }
         let (peers, refused) = {
             let s = lock(shared);
             (s.peers.values().filter(|st| !st.done).count(), s.refused)
