@@ -535,7 +535,7 @@ ws ::= | " " | "\n" [ \t]{0,20}
         }
     }
 
-    fn compile(lark: String) -> Result<(), String> {
+    fn compile(lark: String) -> Result<plexus_model::constraint::SharedGrammar, String> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures/tiny/smollm2");
         let files = plexus_model::ModelFiles::open(&dir).unwrap();
@@ -547,8 +547,27 @@ ws ::= | " " | "\n" [ \t]{0,20}
                 llguidance::api::TopLevelGrammar::from_lark(lark),
                 "grammar",
             )
-            .map(|_| ())
             .map_err(|e| e.body().to_string())
+    }
+
+    fn allowed(mask: &[u32], token: u32) -> bool {
+        mask[(token / 32) as usize] >> (token % 32) & 1 == 1
+    }
+
+    /// The masks say what the references mean: `!<[5]>` allows every token but 5, `<[2]>`
+    /// only token 2.
+    #[test]
+    fn token_references_mask_exactly_the_tokens_they_name() {
+        let grammar = compile(to_lark("root ::= !<[5]> <[2]>").unwrap()).unwrap();
+        let mut c = grammar.start();
+        let first = c.mask().unwrap();
+        assert!(!allowed(&first, 5));
+        assert!(allowed(&first, 6) && allowed(&first, 40));
+        c.advance(6).unwrap();
+        let second = c.mask().unwrap();
+        assert!(allowed(&second, 2));
+        let count: u32 = second.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(count, 1);
     }
 
     #[test]
@@ -558,8 +577,12 @@ ws ::= | " " | "\n" [ \t]{0,20}
             lark.contains("<|im_start|>") && lark.contains("<[^5]>") && lark.contains("<[2]>"),
             "{lark}"
         );
-        compile(lark.clone()).unwrap_or_else(|e| panic!("{e}\n{lark}"));
-        let e = compile(to_lark("root ::= <not-a-token>").unwrap()).unwrap_err();
+        if let Err(e) = compile(lark.clone()) {
+            panic!("{e}\n{lark}");
+        }
+        let Err(e) = compile(to_lark("root ::= <not-a-token>").unwrap()) else {
+            panic!("an unknown token compiled");
+        };
         assert!(e.contains("<not-a-token>"), "{e}");
     }
 

@@ -222,7 +222,6 @@ impl Drop for Worker {
     }
 }
 
-/// The word after `key` in `line`.
 /// The peer id a worker printed in its first line.
 fn worker_id(w: &Worker) -> String {
     w.text()
@@ -235,6 +234,7 @@ fn worker_id(w: &Worker) -> String {
         .unwrap()
 }
 
+/// The word after `key` in `line`.
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
     line.split(key)
         .nth(1)

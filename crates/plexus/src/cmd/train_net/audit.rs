@@ -1,18 +1,27 @@
-//! Step 5 of a worker's round (see the parent module): the round's audits. From the digest of
-//! the set it is about to close on, the worker draws which contributions are re-executed
-//! ([`plexus_train::audit::drawn`], the spec's rate); for each drawn one of another worker it
-//! fetches that worker's start state of the round and re-executes the round from the
-//! commitment ([`plexus_train::audit::reexecute`]). Every honest worker holding the same set
-//! draws the same contributions and reaches the same verdicts, so they drop the same ones.
+//! Step 5 of a worker's round (see the parent module): the round's audits. The round's set is
+//! frozen first (a contribution arriving from now on is refused, so the set drawn from is the
+//! set closed on, less what the audits drop). From its digest the worker draws which
+//! contributions are re-executed ([`plexus_train::audit::drawn`], the spec's rate); for each
+//! drawn one of another worker it fetches that worker's start state of the round and
+//! re-executes the round from the commitment ([`plexus_train::audit::reexecute`]). A drawn
+//! worker re-executes its own round too, from the start state it kept: every worker then
+//! spends the same time auditing and closes with the others (a drawn worker that skipped it
+//! would close a round early and could run ahead alone), and a difference there is reported as
+//! this build's own non-determinism. Honest workers holding the same set draw the same
+//! contributions and, when the start state reaches each of them, reach the same verdicts.
 //!
 //! - Match: kept.
 //! - The payload does not match, or the start state sent does not match the commitment's
 //!   digests (or the commitment is not what the run prescribes): the worker lied. Its
 //!   contribution is dropped and the worker is refused for the rest of the run. (With stake
 //!   on a ledger this is the evidence a slash takes: the signed commitment and the
-//!   re-executed digest; training workers hold no ledger accounts yet.)
+//!   re-executed digest; training workers hold no ledger accounts yet.) This assumes training
+//!   gives the same bytes on the auditor's machine: it does across thread counts (tested);
+//!   across CPUs with other SIMD paths it is not tested.
 //! - No start state in time, or one that does not decode: the contribution cannot be checked
-//!   and is dropped; the worker is not convicted (it may have crashed).
+//!   and is dropped; the worker is not convicted (it may have crashed). Whether a start state
+//!   arrives in time depends on each auditor's link, so two honest workers may disagree here;
+//!   the next round's vote settles which state they go on from.
 
 use super::{lock, Peers, Shared, Worker};
 use plexus_net::PeerId;
@@ -48,20 +57,29 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         if rate <= 0.0 {
             return tally;
         }
-        let (chosen, global) = {
+        let (chosen, global, own_start) = {
             let s = lock(shared);
             let set = s.machine.held_set();
             let chosen: Vec<Contribution> = s
                 .held
                 .iter()
-                .filter(|(w, _)| **w != self.me && drawn(set, w, rate))
+                .filter(|(w, _)| drawn(set, w, rate))
                 .map(|(_, c)| c.clone())
                 .collect();
-            (chosen, s.machine.state().params.clone())
+            let own_start = s
+                .starts
+                .iter()
+                .find(|(r, _)| *r == round)
+                .map(|(_, st)| st.clone());
+            (chosen, s.machine.state().params.clone(), own_start)
         };
         for c in chosen {
-            tally.audited += 1;
             let worker = c.signed.commitment.worker.clone();
+            if worker == self.me {
+                self.check_own(&c, &global, own_start.clone()).await;
+                continue;
+            }
+            tally.audited += 1;
             let who = PeerId::from_bytes(&worker)
                 .map_or_else(|_| "an unnamed worker".to_string(), |p| p.to_string());
             match self.reexecute(peers, &c, round, &global).await {
@@ -83,6 +101,33 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             }
         }
         tally
+    }
+
+    /// Re-executes this worker's own drawn contribution from the start state it kept, as its
+    /// auditors do (same time spent); a difference is this build's non-determinism, said loudly.
+    async fn check_own(
+        &self,
+        c: &Contribution,
+        global: &plexus_model::train::Params,
+        start: Option<plexus_train::worker::WorkerState>,
+    ) {
+        let Some(state) = start else { return };
+        let (cfg, model, shard, global, cm) = (
+            self.cfg.clone(),
+            self.model.clone(),
+            self.shard.clone(),
+            global.clone(),
+            c.signed.commitment.clone(),
+        );
+        let verdict = tokio::task::spawn_blocking(move || {
+            reexecute(&cfg, &model, shard.as_ref(), &cm, &global, &state)
+        })
+        .await;
+        if !matches!(verdict, Ok(Ok(Verdict::Match))) {
+            eprintln!(
+                "warning: re-executing this worker's own round did not reproduce its contribution ({verdict:?}): training is not deterministic here, and auditors will drop it"
+            );
+        }
     }
 
     /// Fetches the start state of `c`'s worker and re-executes its round from `global`.

@@ -26,8 +26,10 @@
 //! 7. prints progress and checkpoints its state in the data directory.
 //!
 //! A peer's status is a claim: a worker moves to another state only when the most workers
-//! hold it ([`choose_target`]), and closes a round early only when at least half of its peers
-//! have moved past it.
+//! hold it ([`choose_target`]), waiting first for peers still closing the last round
+//! ([`wait_for_stragglers`]); it closes a round before its deadline only when every expected
+//! contribution is in and no peer is behind, or when more than half of its peers have moved
+//! past it ([`Worker::may_close`]).
 //!
 //! A contribution for another round is never applied to this one: the machine refuses stale
 //! and far-future ones; one for the next round waits until this one closes.
@@ -171,6 +173,14 @@ fn start<D: LocalData + Send + Sync + 'static>(
     net: NetConfig,
 ) -> anyhow::Result<()> {
     let (model, shard, init) = setup.prepare(cfg.seed)?;
+    // A start state travels in one frame (AdamW moments and residual: 12 bytes a parameter).
+    let n = init.values.len();
+    if spec.spec.audit_rate() > 0.0 && 12 * n + 4096 > plexus_core::wire::MAX_FRAME_BYTES {
+        bail!(
+            "this run audits rounds, but its model's {n} parameters make a start state larger than one message ({} MiB): audits could not fetch it; make the spec with --audit-rate 0 or a smaller model",
+            plexus_core::wire::MAX_FRAME_BYTES >> 20
+        );
+    }
     let worker = Worker {
         me: key.peer_id().to_bytes(),
         out: a.out.clone().unwrap_or_else(|| data_dir.join("model")),
@@ -327,6 +337,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 tokio::time::sleep(POLL).await;
             }
             let synced = self.sync(&peers, &shared, round).await;
+            lock(&shared).closing = Some(round);
             let audits = self.audit(&peers, &shared, round).await;
             let outcome = tokio::task::block_in_place(|| -> anyhow::Result<RoundOutcome> {
                 let mut s = lock(&shared);
@@ -336,6 +347,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 }
                 let held = std::mem::take(&mut s.held);
                 s.closed = Some((round, held));
+                s.closing = None;
                 for (_, c) in std::mem::take(&mut s.early) {
                     let now = self.now();
                     if let Err(why) = s.receive(c, now) {
@@ -362,16 +374,23 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     /// Whether `round` should close now: the deadline passed; every expected contribution is
     /// in and no peer is still behind (a peer closing the last round joins this one at its next
     /// hello; a worker that closed rounds without waiting for it would run away alone on a
-    /// state nobody else holds); or at least half of the peers have moved on to a later round
+    /// state nobody else holds); or more than half of the peers have moved on to a later round
     /// (they hold the set they closed on, which the sync before closing fetches; one peer
-    /// claiming a later round among several does not cut the round short).
+    /// claiming a later round does not cut the round short unless it is the only peer). Peers
+    /// convicted by an audit count for nothing.
     fn may_close(&self, shared: &Mutex<Shared>, round: u64) -> bool {
         let s = lock(shared);
-        let ahead = s.peers.values().filter(|st| st.round > round).count();
-        let behind = s.peers.values().any(|st| !st.done && st.round < round);
+        let counted: Vec<_> = s
+            .peers
+            .iter()
+            .filter(|(p, _)| !s.convicted.contains_key(&p.to_bytes()))
+            .map(|(_, st)| st)
+            .collect();
+        let ahead = counted.iter().filter(|st| st.round > round).count();
+        let behind = counted.iter().any(|st| !st.done && st.round < round);
         s.machine.past_deadline(self.now())
             || (s.machine.all_in() && !behind)
-            || (ahead > 0 && 2 * ahead >= s.peers.len())
+            || 2 * ahead > counted.len()
     }
 
     /// Waits until the spec's minimum of workers is connected (or joins a run under way).
@@ -483,6 +502,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         s.machine = RoundMachine::new(self.cfg.clone(), global, expected, self.now());
         s.held.clear();
         s.closed = None;
+        s.closing = None;
         for (_, c) in std::mem::take(&mut s.early) {
             if c.signed.commitment.round == round {
                 let now = self.now();

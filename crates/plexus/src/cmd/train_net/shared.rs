@@ -41,6 +41,9 @@ pub struct Shared {
     pub convicted: BTreeMap<Vec<u8>, u64>,
     /// Test-only (`--cheat ahead`): the status and state this worker claims to peers.
     pub claim: Option<GlobalState>,
+    /// The round whose set is fixed (after the sync, while its audits run and it closes):
+    /// contributions to it are refused from then on.
+    pub closing: Option<u64>,
 }
 
 impl Shared {
@@ -57,6 +60,7 @@ impl Shared {
             starts: VecDeque::new(),
             convicted: BTreeMap::new(),
             claim: None,
+            closing: None,
         }
     }
 
@@ -130,6 +134,9 @@ impl Shared {
             ));
         }
         let round = self.machine.round();
+        if cm.round == round && self.closing == Some(round) {
+            return Err(format!("round {} is closing: its set is fixed", round + 1));
+        }
         if cm.round == round + 1 {
             c.signed
                 .verify()
