@@ -13,6 +13,9 @@ release build, e.g.
 
     target/release/plexus gateway --model ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --port 8090 --ledger none
+
+It also runs against llama-server (no /metrics there); bench/structured_overhead.sh runs both
+in one go.
 """
 
 import statistics
@@ -49,7 +52,7 @@ def per_token(client, model, schema):
         stream_options={"include_usage": True}, **extra,
     )
     first = last = None
-    tokens = 0
+    tokens = chunks = 0
     for chunk in stream:
         now = time.perf_counter()
         if chunk.usage is not None:
@@ -57,6 +60,9 @@ def per_token(client, model, schema):
         if any(c.delta.content for c in chunk.choices):
             first = first or now
             last = now
+            chunks += 1
+    # A server that sends no usage (or a zero count) streams one token per chunk.
+    tokens = tokens or chunks
     if tokens < 2 or first is None:
         raise SystemExit(f"too few tokens ({tokens}) to time")
     return (last - first) / (tokens - 1) * 1000.0, tokens
@@ -81,7 +87,11 @@ def main():
     print(f"overhead:    {g - f:+.2f} ms/token ({g / f:.2f}x)")
     # The gateway's own count of the time spent computing masks (all requests so far).
     req = urllib.request.Request(url.rstrip("/") + "/metrics", headers={"Authorization": f"Bearer {key}"})
-    page = urllib.request.urlopen(req, timeout=30).read().decode()
+    try:
+        page = urllib.request.urlopen(req, timeout=30).read().decode()
+    except OSError:
+        return  # not a Plexus gateway (llama-server): no mask counters
+
     found = {}
     for line in page.splitlines():
         for name in ("plexus_grammar_masks_total", "plexus_grammar_mask_microseconds_total"):
