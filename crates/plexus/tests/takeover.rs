@@ -5,7 +5,8 @@
 //! chunk: two of three). The survivors take over the lost layers (nodes follow placement by
 //! default), the stream goes on, and its text is identical to the undisturbed run with the
 //! same sampling. `plexus up` starts a killed node again; it rejoins and the plan rebalances.
-//! Prints the pause each kill caused (SIGKILL to the next chunk).
+//! With four stages, two nodes killed in one stream. Prints the pause each kill caused (SIGKILL
+//! to the next chunk).
 //!
 //! `PLEXUS_TAKEOVER_KILLS=N` repeats single kills N times (round-robin over the nodes) and
 //! prints the median and worst pause: the figure in BENCHMARKS.md.
@@ -439,6 +440,30 @@ fn four_nodes_with_a_replica_lose_any_node_and_get_it_back_issue_7() {
         let (again, _) = stream(&net, SEEDED, &[]);
         assert_eq!(again, want, "text changed after the node came back");
     }
+}
+
+/// Four stages (`--nodes 4 --stages 4`: no span has a replica) and two nodes killed in one
+/// stream, one after the 10th chunk and another after the 30th: the survivors take over both
+/// losses and the text is the undisturbed run's.
+#[test]
+fn four_stages_lose_two_nodes_in_one_stream_issue_7() {
+    require_openai();
+    let net = up_with(4, 4);
+    assert_eq!(net.spans.len(), 4);
+    assert!(
+        net.spans.windows(2).all(|w| w[0] != w[1]),
+        "four distinct spans: {:?}",
+        net.spans
+    );
+    let (want, _) = stream(&net, SEEDED, &[]);
+    assert!(!want.is_empty());
+    let kills = [(net.nodes[1], At::Chunk(10)), (net.nodes[3], At::Chunk(30))];
+    let (got, p) = stream(&net, SEEDED, &kills);
+    eprintln!("four stages, nodes 1 and 3 killed: pauses {p:?} s");
+    assert_eq!(p.len(), 2, "both kills happened mid-stream");
+    assert_eq!(got, want, "text changed after two kills");
+    let (again, _) = stream(&net, SEEDED, &[]);
+    assert_eq!(again, want, "text changed after the take-overs");
 }
 
 /// A sample of the gateway's /metrics.
