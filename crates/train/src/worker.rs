@@ -117,6 +117,19 @@ pub fn compute_round(
     })
 }
 
+impl RoundWork {
+    /// The contribution `key` signs for this work, and the inner steps' reports.
+    pub fn signed(self, key: &NodeKey) -> (Contribution, Vec<StepReport>) {
+        (
+            Contribution {
+                signed: Signed::sign(key, self.commitment),
+                payload: self.payload,
+            },
+            self.reports,
+        )
+    }
+}
+
 /// [`compute_round`] for `key`'s worker, signed.
 pub fn work_round(
     cfg: &RoundConfig,
@@ -128,12 +141,5 @@ pub fn work_round(
     state: &mut WorkerState,
 ) -> Result<(Contribution, Vec<StepReport>), WorkError> {
     let worker = key.peer_id().to_bytes();
-    let w = compute_round(cfg, model, shard, &worker, round, global, state)?;
-    Ok((
-        Contribution {
-            signed: Signed::sign(key, w.commitment),
-            payload: w.payload,
-        },
-        w.reports,
-    ))
+    Ok(compute_round(cfg, model, shard, &worker, round, global, state)?.signed(key))
 }

@@ -5,7 +5,7 @@ use plexus_core::keys::NodeKey;
 use plexus_model::train::{Params, Shard, StepReport};
 use plexus_model::ModelConfig;
 use plexus_train::assign::{example_ids, ids_digest};
-use plexus_train::commit::{Contribution, Signed};
+use plexus_train::commit::Contribution;
 use plexus_train::round::GlobalState;
 use plexus_train::worker::{compute_round, WorkError, WorkerState};
 use plexus_train::RoundConfig;
@@ -45,13 +45,7 @@ pub fn lazy_round(
     w.commitment.worker = me.clone();
     w.commitment.examples =
         ids_digest(&example_ids(cfg.seed, round, &me, cfg.examples_per_round()));
-    Ok((
-        Contribution {
-            signed: Signed::sign(key, w.commitment),
-            payload: w.payload,
-        },
-        w.reports,
-    ))
+    Ok(w.signed(key))
 }
 
 /// The state an `ahead` liar claims: a round later than `real`, with zeroed weights.
