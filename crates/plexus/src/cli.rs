@@ -473,10 +473,10 @@ pub struct TrainSpecArgs {
     /// Held-out examples of the final evaluation.
     #[arg(long, default_value_t = 256)]
     pub eval_examples: usize,
-    /// Probability that a round's contribution is audited: every other worker re-executes it
-    /// from its commitment before closing the round, and one that does not match is dropped and
-    /// its worker refused for the rest of the run. Each worker re-executes about this rate times
-    /// the other workers' count of rounds per round. 0 disables audits.
+    /// Probability that a round's contribution is audited: every worker re-executes it from
+    /// its commitment before closing the round (its own worker too), and one that does not
+    /// match is dropped and its worker refused for the rest of the run. Each worker re-executes
+    /// about this rate times the workers' count of rounds per round. 0 disables audits.
     #[arg(long, default_value_t = 0.05)]
     pub audit_rate: f64,
 }

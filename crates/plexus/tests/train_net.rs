@@ -222,6 +222,13 @@ impl Drop for Worker {
     }
 }
 
+/// A worker's progress lines, one per closed round.
+fn round_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| l.starts_with("round ") && l.contains(" | held-out loss "))
+        .collect()
+}
+
 /// The peer id a worker printed in its first line.
 fn worker_id(w: &Worker) -> String {
     w.text()
@@ -387,10 +394,7 @@ fn garbage_stale_and_harmful_contributions_of_hostile_workers_are_refused() {
             "{}: the harmful contribution was not stopped by its score (or another was):\n{text}",
             h.name
         );
-        let rounds: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("round ") && l.contains(" | held-out loss "))
-            .collect();
+        let rounds = round_lines(&text);
         assert_eq!(rounds.len(), 4, "{text}");
         for l in &rounds {
             let (applied, held) = field(l, "applied ").split_once('/').unwrap();
@@ -456,10 +460,7 @@ fn a_lazy_worker_is_caught_by_the_audits_and_a_peer_lying_about_its_round_is_not
             "{}: followed the liar:\n{text}",
             h.name
         );
-        let rounds: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("round ") && l.contains(" | held-out loss "))
-            .collect();
+        let rounds = round_lines(&text);
         assert_eq!(rounds.len(), 5, "{text}");
         // The round that convicted the lazy worker audited it and the two honest others.
         assert!(

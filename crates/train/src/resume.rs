@@ -7,13 +7,12 @@
 //! the previous checkpoint. A file that fails its hash, names another run or does not fit the
 //! run's model is refused (the worker then starts from its peers or from round 0).
 
-use crate::codec::ErrorFeedback;
 use crate::outer::OuterState;
-use crate::protocol::{f32_bytes, f32s_from};
+use crate::protocol::{f32_bytes, f32s_from, WorkerStateTransfer};
 use crate::round::GlobalState;
 use crate::worker::WorkerState;
 use plexus_core::Digest;
-use plexus_model::train::{AdamWState, Layout, Params};
+use plexus_model::train::{Layout, Params};
 use serde::{Deserialize, Serialize};
 use std::io::Write as _;
 use std::path::Path;
@@ -58,13 +57,15 @@ pub fn save(
         path: path.to_owned(),
         source,
     };
+    // The worker's own state is encoded as it travels to an auditor.
+    let WorkerStateTransfer { opt, residual, .. } = WorkerStateTransfer::of(global.round, worker);
     let body = Body {
         run,
         round: global.round,
         params: f32_bytes(&global.params.values),
         momentum: f32_bytes(&global.outer.momentum),
-        opt: worker.opt.to_bytes(),
-        residual: f32_bytes(&worker.feedback.residual),
+        opt,
+        residual,
     };
     let mut bytes = MAGIC.to_vec();
     bytes.extend(postcard::to_allocvec(&body).unwrap_or_default());
@@ -119,18 +120,20 @@ pub fn load(
     let wrong = || ResumeError::WrongSize(path.to_owned());
     let values = f32s_from(&body.params, n).ok_or_else(wrong)?;
     let momentum = f32s_from(&body.momentum, n).ok_or_else(wrong)?;
-    let residual = f32s_from(&body.residual, n).ok_or_else(wrong)?;
-    let opt = AdamWState::from_bytes(&body.opt, n).map_err(|_| wrong())?;
+    let worker = WorkerStateTransfer {
+        round: body.round,
+        opt: body.opt,
+        residual: body.residual,
+    }
+    .into_state(n)
+    .map_err(|_| wrong())?;
     Ok(Some((
         GlobalState {
             round: body.round,
             params: Params { layout, values },
             outer: OuterState { momentum },
         },
-        WorkerState {
-            opt,
-            feedback: ErrorFeedback { residual },
-        },
+        worker,
     )))
 }
 

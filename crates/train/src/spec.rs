@@ -128,9 +128,9 @@ pub struct ScoreSpec {
 }
 
 /// Round audits: after a round's set is fixed, each contribution is drawn for re-execution with
-/// probability `rate` ([`crate::audit::drawn`]); every other worker then re-executes the drawn
-/// ones from their commitments before closing, and one that does not match is dropped and its
-/// worker refused for the rest of the run.
+/// probability `rate` ([`crate::audit::drawn`]); every worker then re-executes the drawn ones
+/// from their commitments before closing (a drawn worker its own too), and one that does not
+/// match is dropped and its worker refused for the rest of the run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditSpec {

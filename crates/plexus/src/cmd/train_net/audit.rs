@@ -23,19 +23,21 @@
 //!   arrives in time depends on each auditor's link, so two honest workers may disagree here;
 //!   the next round's vote settles which state they go on from.
 
+use super::shared::worker_name;
 use super::{lock, Peers, Shared, Worker};
+use plexus_model::train::Params;
 use plexus_net::PeerId;
 use plexus_train::audit::{drawn, reexecute, AuditError, Verdict};
-use plexus_train::commit::Contribution;
+use plexus_train::commit::{Commitment, Contribution};
 use plexus_train::local::LocalData;
+use plexus_train::worker::WorkerState;
 use std::sync::Mutex;
 
-/// What one round's audits found.
+/// What one round's audits of other workers found (those not passed were dropped).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AuditTally {
     pub audited: usize,
     pub passed: usize,
-    pub dropped: usize,
 }
 
 /// Why a drawn contribution was dropped, and whether its worker is convicted.
@@ -80,16 +82,14 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 continue;
             }
             tally.audited += 1;
-            let who = PeerId::from_bytes(&worker)
-                .map_or_else(|_| "an unnamed worker".to_string(), |p| p.to_string());
             match self.reexecute(peers, &c, round, &global).await {
                 Ok(()) => tally.passed += 1,
                 Err(f) => {
-                    tally.dropped += 1;
                     lock(shared).drop_audited(&worker, f.convict);
                     eprintln!(
-                        "audit of round {}: dropped the contribution of {who}: {}{}",
+                        "audit of round {}: dropped the contribution of {}: {}{}",
                         round + 1,
+                        worker_name(&worker),
                         f.why,
                         if f.convict {
                             "; the worker is refused for the rest of the run"
@@ -105,29 +105,34 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
 
     /// Re-executes this worker's own drawn contribution from the start state it kept, as its
     /// auditors do (same time spent); a difference is this build's non-determinism, said loudly.
-    async fn check_own(
-        &self,
-        c: &Contribution,
-        global: &plexus_model::train::Params,
-        start: Option<plexus_train::worker::WorkerState>,
-    ) {
+    async fn check_own(&self, c: &Contribution, global: &Params, start: Option<WorkerState>) {
         let Some(state) = start else { return };
-        let (cfg, model, shard, global, cm) = (
-            self.cfg.clone(),
-            self.model.clone(),
-            self.shard.clone(),
-            global.clone(),
-            c.signed.commitment.clone(),
-        );
-        let verdict = tokio::task::spawn_blocking(move || {
-            reexecute(&cfg, &model, shard.as_ref(), &cm, &global, &state)
-        })
-        .await;
+        let verdict = self.rerun(&c.signed.commitment, global, state).await;
         if !matches!(verdict, Ok(Ok(Verdict::Match))) {
             eprintln!(
                 "warning: re-executing this worker's own round did not reproduce its contribution ({verdict:?}): training is not deterministic here, and auditors will drop it"
             );
         }
+    }
+
+    /// [`reexecute`] of `cm` from `global` and `state`, off the async threads.
+    async fn rerun(
+        &self,
+        cm: &Commitment,
+        global: &Params,
+        state: WorkerState,
+    ) -> Result<Result<Verdict, AuditError>, tokio::task::JoinError> {
+        let (cfg, model, shard, global, cm) = (
+            self.cfg.clone(),
+            self.model.clone(),
+            self.shard.clone(),
+            global.clone(),
+            cm.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            reexecute(&cfg, &model, shard.as_ref(), &cm, &global, &state)
+        })
+        .await
     }
 
     /// Fetches the start state of `c`'s worker and re-executes its round from `global`.
@@ -136,9 +141,9 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         peers: &Peers,
         c: &Contribution,
         round: u64,
-        global: &plexus_model::train::Params,
+        global: &Params,
     ) -> Result<(), Failed> {
-        let cm = c.signed.commitment.clone();
+        let cm = &c.signed.commitment;
         let peer = PeerId::from_bytes(&cm.worker).map_err(|_| Failed {
             why: "its worker id is not a peer id".into(),
             convict: false,
@@ -153,17 +158,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 why: format!("its start state does not decode: {e}"),
                 convict: false,
             })?;
-        let (cfg, model, shard, global) = (
-            self.cfg.clone(),
-            self.model.clone(),
-            self.shard.clone(),
-            global.clone(),
-        );
-        let verdict = tokio::task::spawn_blocking(move || {
-            reexecute(&cfg, &model, shard.as_ref(), &cm, &global, &state)
-        })
-        .await
-        .map_err(|e| Failed {
+        let verdict = self.rerun(cm, global, state).await.map_err(|e| Failed {
             why: format!("the re-execution failed: {e}"),
             convict: false,
         })?;

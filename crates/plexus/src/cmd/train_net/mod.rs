@@ -62,7 +62,7 @@ use plexus_train::score::HeldOutScorer;
 use plexus_train::spec::{Data, SignedSpec};
 use plexus_train::worker::{work_round, WorkerState};
 use plexus_train::{resume, RoundConfig};
-use shared::Shared;
+use shared::{worker_name, Shared};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -330,7 +330,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             }
             let began = Instant::now();
             lock(&shared).keep_start(round, state.clone());
-            let (c, train_loss, next) = self.train(round, start, state.clone()).await?;
+            let (c, train_loss, next) = self.train(round, start, state).await?;
             state = next;
             self.contribute(&peers, &shared, c, round).await;
             while !self.may_close(&shared, round) {
@@ -380,17 +380,18 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     /// convicted by an audit count for nothing.
     fn may_close(&self, shared: &Mutex<Shared>, round: u64) -> bool {
         let s = lock(shared);
-        let counted: Vec<_> = s
-            .peers
-            .iter()
-            .filter(|(p, _)| !s.convicted.contains_key(&p.to_bytes()))
-            .map(|(_, st)| st)
-            .collect();
-        let ahead = counted.iter().filter(|st| st.round > round).count();
-        let behind = counted.iter().any(|st| !st.done && st.round < round);
+        let (mut counted, mut ahead, mut behind) = (0, 0, false);
+        for (p, st) in &s.peers {
+            if s.convicted.contains_key(&p.to_bytes()) {
+                continue;
+            }
+            counted += 1;
+            ahead += usize::from(st.round > round);
+            behind |= !st.done && st.round < round;
+        }
         s.machine.past_deadline(self.now())
             || (s.machine.all_in() && !behind)
-            || 2 * ahead > counted.len()
+            || 2 * ahead > counted
     }
 
     /// Waits until the spec's minimum of workers is connected (or joins a run under way).
@@ -674,11 +675,10 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             "missing"
         };
         for r in o.rejected.iter().filter(|r| r.worker != self.me) {
-            let who = PeerId::from_bytes(&r.worker)
-                .map_or_else(|_| "an unnamed worker".to_string(), |p| p.to_string());
             eprintln!(
-                "round {}: not applied the contribution of {who}: with it the held-out loss is {:.4}, above {:.4} without it",
+                "round {}: not applied the contribution of {}: with it the held-out loss is {:.4}, above {:.4} without it",
                 o.round + 1,
+                worker_name(&r.worker),
                 r.loss,
                 o.loss_before
             );

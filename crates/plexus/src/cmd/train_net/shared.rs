@@ -3,7 +3,8 @@
 //! the set of the round just closed, contributions that arrived a round early, the peers'
 //! last statuses, this worker's start states of its last two rounds (for its auditors) and the
 //! workers convicted by an audit. Every collection is bounded by the run's workers max,
-//! [`MAX_PEERS`] or [`KEPT_STARTS`].
+//! [`MAX_PEERS`] or [`KEPT_STARTS`], except the convicted, which grow by at most the run's
+//! workers max a round (only contributions a round held can be convicted).
 
 use plexus_core::Digest;
 use plexus_net::PeerId;
@@ -20,6 +21,11 @@ pub const MAX_PEERS: usize = 1024;
 /// Rounds whose start state this worker keeps for its auditors (the current one and the one
 /// before: a peer may still be auditing the last round when this worker has moved on).
 pub const KEPT_STARTS: usize = 2;
+
+/// A worker id as people read it: its peer id, or "an unnamed worker" when the bytes are none.
+pub fn worker_name(worker: &[u8]) -> String {
+    PeerId::from_bytes(worker).map_or_else(|_| "an unnamed worker".to_string(), |p| p.to_string())
+}
 
 pub struct Shared {
     pub run: Digest,
@@ -200,8 +206,7 @@ impl Shared {
                     Ok(()) => TrainResponse::Accepted,
                     Err(why) => {
                         self.refused += 1;
-                        let who = PeerId::from_bytes(&worker)
-                            .map_or_else(|_| "an unnamed worker".to_string(), |p| p.to_string());
+                        let who = worker_name(&worker);
                         eprintln!(
                             "refused a contribution from {who} (sent by {peer}) for round {round} at round {}: {why}",
                             self.machine.round()
