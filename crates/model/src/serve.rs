@@ -25,6 +25,10 @@
 //!   prefix cache gave back what it holds.
 //! - Prefix cache ([`crate::prefix`]): a finished or cancelled sequence's KV rows are kept; a
 //!   new prompt that shares a prefix with one of them starts after it, with the same bits.
+//! - Shared prompts (the `n` choices of one request): a sequence whose prompt equals that of
+//!   a running one waits for it to compute all but the prompt's last position, takes a copy
+//!   of those rows and computes only the last one, so the prompt is prefilled once. Exact for
+//!   the same reason as the prefix cache, and only where that is on.
 
 use crate::batch::{plan, BudgetError, KvBudget, KvReservation, Want, STEP_POSITIONS};
 use crate::constraint::{follow, next_mask, Constraint, ConstraintError};
@@ -34,7 +38,7 @@ use crate::sampler::{sample_scored, SamplingParams, TokenLogprobs};
 use crate::stage::{BatchItem, ForwardError, Logits, Stage, StageInput, StageOutput};
 use crate::KvCache;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -126,6 +130,8 @@ pub struct BatchHandle {
     eos: Arc<HashSet<u32>>,
     alive: Arc<AtomicBool>,
     prefix: Arc<Mutex<PrefixCache>>,
+    /// Prompt positions copied from a running sequence with the same prompt, since start.
+    shared: Arc<AtomicU64>,
 }
 
 /// One generation's side of the engine; a [`TokenChain`] for
@@ -155,6 +161,7 @@ impl BatchHandle {
             0
         };
         let prefix = Arc::new(Mutex::new(PrefixCache::new(entries)));
+        let shared = Arc::new(AtomicU64::new(0));
         let handle = Self {
             inbox: tx,
             budget: KvBudget::new(config.kv_budget),
@@ -165,13 +172,17 @@ impl BatchHandle {
             eos: Arc::new(eos),
             alive: Arc::clone(&alive),
             prefix: Arc::clone(&prefix),
+            shared: Arc::clone(&shared),
         };
         let actor = BatchActor {
+            share_prompts: entries > 0,
             stage,
             step_positions: config.step_positions.max(1),
             run_ahead: config.run_ahead.max(1),
             seqs: Vec::new(),
             prefix,
+            shared,
+            next_id: 0,
         };
         let spawned = std::thread::Builder::new()
             .name("plexus-batch".into())
@@ -203,6 +214,12 @@ impl BatchHandle {
     /// Prompt positions the prefix cache saved from being computed, since start.
     pub fn prefix_reused_positions(&self) -> u64 {
         lock(&self.prefix).reused_positions()
+    }
+
+    /// Prompt positions copied from a running sequence with the same prompt (the choices of
+    /// one request) instead of computed, since start.
+    pub fn shared_prompt_positions(&self) -> u64 {
+        self.shared.load(Ordering::Relaxed)
     }
 
     /// Reserves `positions`, evicting prefix-cache entries (oldest first) while that is
@@ -343,6 +360,11 @@ impl Drop for AliveGuard {
 
 /// One sequence inside the engine.
 struct Seq {
+    /// Unique within the engine (what a sequence waiting for a shared prompt names).
+    id: u64,
+    /// A running sequence with the same prompt whose rows this one will copy (see the module
+    /// docs); it runs nothing until then.
+    waits_for: Option<u64>,
     open: Opening,
     cache: KvCache,
     /// Every token fed so far (prompt, then sampled tokens).
@@ -362,7 +384,9 @@ impl Seq {
 
     /// Positions this sequence can run now.
     fn ready(&self, run_ahead: usize) -> usize {
-        if !self.decoding() {
+        if self.waits_for.is_some() {
+            0
+        } else if !self.decoding() {
             self.open.prompt.len() - self.prefilled
         } else if self.next.is_some() && self.open.unread.load(Ordering::Acquire) < run_ahead {
             1
@@ -400,6 +424,10 @@ struct BatchActor {
     /// Sequences in arrival order (the planner serves prompts oldest first).
     seqs: Vec<Seq>,
     prefix: Arc<Mutex<PrefixCache>>,
+    /// Whether sequences with the same prompt share its rows (the stage is split-invariant).
+    share_prompts: bool,
+    shared: Arc<AtomicU64>,
+    next_id: u64,
 }
 
 fn lock(prefix: &Mutex<PrefixCache>) -> MutexGuard<'_, PrefixCache> {
@@ -450,13 +478,32 @@ impl BatchActor {
         if open.cancelled.load(Ordering::Acquire) {
             return;
         }
-        let (prefilled, mut cache) = lock(&self.prefix)
-            .take_longest(&open.prompt)
-            .unwrap_or_else(|| (0, self.stage.new_cache()));
+        let id = self.next_id;
+        self.next_id += 1;
+        // A running sequence with the same prompt (another choice of the same request): copy
+        // its rows once it has them, rather than computing them again.
+        let leader = self
+            .share_prompts
+            .then(|| {
+                self.seqs
+                    .iter()
+                    .find(|s| s.waits_for.is_none() && s.open.prompt == open.prompt)
+                    .map(|s| s.id)
+            })
+            .flatten()
+            .filter(|_| open.prompt.len() > 1);
+        let (prefilled, mut cache) = match leader {
+            Some(_) => (0, self.stage.new_cache()),
+            None => lock(&self.prefix)
+                .take_longest(&open.prompt)
+                .unwrap_or_else(|| (0, self.stage.new_cache())),
+        };
         cache.limit_growth(open.reservation.positions());
         let mut history = Vec::with_capacity(open.reservation.positions());
         history.extend_from_slice(&open.prompt[..prefilled]);
         self.seqs.push(Seq {
+            id,
+            waits_for: leader,
             cache,
             history,
             prefilled,
@@ -464,6 +511,46 @@ impl BatchActor {
             next: None,
             open,
         });
+        self.share_ready();
+    }
+
+    /// Sequences waiting for a shared prompt whose leader now holds all but its last
+    /// position take a copy of those rows; those whose leader left prefill on their own (from
+    /// the prefix cache, where the leader's rows may have gone).
+    fn share_ready(&mut self) {
+        for i in 0..self.seqs.len() {
+            let Some(leader) = self.seqs[i].waits_for else {
+                continue;
+            };
+            let keep = self.seqs[i].open.prompt.len() - 1;
+            match self.seqs.iter().find(|s| s.id == leader) {
+                Some(l) if l.cache.len() < keep => {}
+                Some(l) => {
+                    let mut cache = l.cache.clone();
+                    cache.truncate(keep);
+                    let s = &mut self.seqs[i];
+                    cache.limit_growth(s.open.reservation.positions());
+                    s.cache = cache;
+                    s.history.clear();
+                    s.history.extend_from_slice(&s.open.prompt[..keep]);
+                    s.prefilled = keep;
+                    s.waits_for = None;
+                    self.shared.fetch_add(keep as u64, Ordering::Relaxed);
+                }
+                None => {
+                    let s = &mut self.seqs[i];
+                    s.waits_for = None;
+                    if let Some((prefilled, mut cache)) =
+                        lock(&self.prefix).take_longest(&s.open.prompt)
+                    {
+                        cache.limit_growth(s.open.reservation.positions());
+                        s.cache = cache;
+                        s.history.extend_from_slice(&s.open.prompt[..prefilled]);
+                        s.prefilled = prefilled;
+                    }
+                }
+            }
+        }
     }
 
     /// Hands a sequence that left (finished or cancelled) to the prefix cache.
@@ -485,6 +572,7 @@ impl BatchActor {
 
     /// Runs one batched step; `false` when no sequence could run.
     fn step(&mut self) -> bool {
+        self.share_ready();
         let wants: Vec<Want> = self
             .seqs
             .iter()
@@ -618,6 +706,7 @@ mod tests {
             eos: Arc::default(),
             alive: Arc::new(AtomicBool::new(true)),
             prefix: Arc::new(Mutex::new(PrefixCache::new(4))),
+            shared: Arc::default(),
         };
         let p = SamplingParams::default();
         assert!(matches!(h.open(&[], &p, 5), Err(OpenError::EmptyPrompt)));

@@ -424,6 +424,59 @@ mod engine {
         drop(running);
     }
 
+    /// Issue 9: the `n` choices of one request, opened together as the local backend opens
+    /// them, prefill the prompt once (the others copy all but its last position from the
+    /// first) and each still gives the tokens and log-probabilities of its solo run with its
+    /// own seed. Without the prefix cache (a stage that is not split-invariant) nothing is
+    /// shared.
+    #[test]
+    fn choices_of_one_prompt_share_its_rows_and_keep_their_solo_tokens_issue_9() {
+        let m = model();
+        let mut base = request(&mut Rng(9));
+        base.prompt_tokens = m
+            .tokenizer
+            .encode(&"Tell me a short story about a lighthouse keeper. ".repeat(3), false)
+            .unwrap();
+        base.max_tokens = 12;
+        base.sampling.temperature = 1.0;
+        base.sampling.logprobs = Some(2);
+        let reqs: Vec<GenerateRequest> = (0..4u32)
+            .map(|i| {
+                let mut r = base.clone();
+                r.sampling.seed = plexus_model::generate::choice_seed(7, i);
+                r
+            })
+            .collect();
+        let want: Vec<Completion> = reqs.iter().map(solo).collect();
+        assert!(
+            want.windows(2).any(|w| w[0].tokens != w[1].tokens),
+            "the seeds should give different choices"
+        );
+        let prompt = base.prompt_tokens.len() as u64;
+        for entries in [16, 0] {
+            let h = engine(ServeConfig {
+                step_positions: 16,
+                prefix_entries: entries,
+                ..ServeConfig::default()
+            });
+            let mut streams: Vec<_> = reqs
+                .iter()
+                .map(|r| h.open(&r.prompt_tokens, &r.sampling, r.max_tokens).unwrap())
+                .collect();
+            for (i, (st, (r, w))) in streams.iter_mut().zip(reqs.iter().zip(&want)).enumerate() {
+                let g = generate_with(st, &m.tokenizer, r, |_| Flow::Continue).unwrap();
+                assert_eq!(g.tokens, w.tokens, "prefix entries {entries}, choice {i}");
+                assert_eq!(g.logprobs, w.logprobs, "prefix entries {entries}, choice {i}");
+            }
+            let shared = h.shared_prompt_positions();
+            if entries == 0 {
+                assert_eq!(shared, 0);
+            } else {
+                assert_eq!(shared, 3 * (prompt - 1), "positions copied from choice 0");
+            }
+        }
+    }
+
     /// Issue 8: the prefix cache on and off gives every generation its solo tokens, text,
     /// finish and log-probabilities, and on it does reuse positions: chats sharing a system
     /// prompt, a multi-turn chat resent with its reply and one more message, the same prompt
