@@ -219,6 +219,27 @@ impl Activations {
         })
     }
 
+    /// The first `rows` rows (what a forked session was fed: the shared prompt's positions).
+    pub fn head_rows(&self, rows: usize) -> Self {
+        let rows = rows.min(self.rows as usize);
+        let cols = self.cols as usize;
+        let data = match self.dtype {
+            DType::F32 | DType::F16 => self.data[..self.dtype.tensor_bytes(rows, cols)].to_vec(),
+            DType::I8 => {
+                let n = self.rows as usize;
+                let mut d = self.data[..rows * 4].to_vec();
+                d.extend_from_slice(&self.data[n * 4..n * 4 + rows * cols]);
+                d
+            }
+        };
+        Self {
+            dtype: self.dtype,
+            rows: rows as u32,
+            cols: self.cols,
+            data,
+        }
+    }
+
     /// The last `rows` rows (a replay returns only the positions of its final chunk).
     pub fn tail_rows(&self, rows: usize) -> Self {
         let rows = rows.min(self.rows as usize);
@@ -311,6 +332,17 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         msg: Vec<u8>,
     },
+    /// Open session `to` holding a copy of the first `positions` positions of the caller's
+    /// session `from` (the prompt shared by the `n` choices of one request: each choice's
+    /// chain continues from the copy instead of computing the prompt again). Answered
+    /// [`Response::Forked`]; refused when `from` is unknown, busy or shorter, or when the
+    /// node's stage would not give the same bits for positions computed in another split
+    /// (then the caller opens `to` from position 0). Appended last, like every new variant.
+    Fork {
+        from: SessionId,
+        to: SessionId,
+        positions: u32,
+    },
 }
 
 /// Largest voucher a [`Request::Voucher`] carries (a signed voucher's JSON is ~450 bytes).
@@ -377,6 +409,10 @@ pub enum Response {
     Train {
         #[serde(with = "serde_bytes")]
         msg: Vec<u8>,
+    },
+    /// A [`Request::Fork`] done: the new session holds `positions` positions.
+    Forked {
+        positions: u32,
     },
 }
 
@@ -497,6 +533,19 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, DecodeError> {
     let req: Request = decode(bytes)?;
     if let Request::Forward(f) = &req {
         validate_forward(f)?;
+    }
+    if let Request::Fork {
+        from,
+        to,
+        positions,
+    } = &req
+    {
+        if from == to {
+            return Err(DecodeError::Invalid("a fork onto its own session".into()));
+        }
+        if *positions == 0 {
+            return Err(DecodeError::Invalid("a fork of no positions".into()));
+        }
     }
     if let Request::Voucher { voucher } = &req {
         if voucher.len() > MAX_VOUCHER_BYTES {

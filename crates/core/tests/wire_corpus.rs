@@ -275,6 +275,30 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
             msg: vec![0, 1, 2, 3],
         },
     );
+    req(
+        "ok-fork",
+        Request::Fork {
+            from: SessionId([0xAB; 16]),
+            to: SessionId([0xCD; 16]),
+            positions: 300,
+        },
+    );
+    req(
+        "invalid-fork-onto-itself",
+        Request::Fork {
+            from: SessionId([0xAB; 16]),
+            to: SessionId([0xAB; 16]),
+            positions: 3,
+        },
+    );
+    req(
+        "invalid-fork-no-positions",
+        Request::Fork {
+            from: SessionId([0xAB; 16]),
+            to: SessionId([0xCD; 16]),
+            positions: 0,
+        },
+    );
     // Decodes: the decoder checks shapes, the engine checks them against its model.
     req(
         "ok-forward-hidden-cols-zero",
@@ -417,6 +441,7 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
         Response::VoucherKept { cumulative: 1_234 },
     );
     resp("ok-train", Response::Train { msg: vec![4, 5, 6] });
+    resp("ok-forked", Response::Forked { positions: 300 });
     resp("ok-described", Response::Described(announcement()));
     for code in [
         ErrorCode::BadRequest,
@@ -575,6 +600,7 @@ fn request_variant(r: &Request) -> &'static str {
         Request::Describe => "describe",
         Request::Voucher { .. } => "voucher",
         Request::Train { .. } => "train",
+        Request::Fork { .. } => "fork",
     }
 }
 
@@ -589,6 +615,7 @@ fn response_variant(r: &Response) -> &'static str {
         Response::Receipted { .. } => "receipted",
         Response::VoucherKept { .. } => "voucher-kept",
         Response::Train { .. } => "train",
+        Response::Forked { .. } => "forked",
     }
 }
 

@@ -34,6 +34,11 @@ impl<'m, 'p> Live<'m, 'p> {
         &self.chain
     }
 
+    /// The chain, taken out (to fork the next choice from it).
+    pub fn into_chain(self) -> RemoteChain {
+        self.chain
+    }
+
     fn sampled_one(&mut self) {
         self.sampled += 1;
         self.since += 1;

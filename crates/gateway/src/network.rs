@@ -15,7 +15,7 @@ use plexus_model::generate::{
 };
 use plexus_model::identity::identity;
 use plexus_model::ModelFiles;
-use plexus_node::client::{ChainError, NetworkClient};
+use plexus_node::client::{ChainError, NetworkClient, RemoteChain};
 use plexus_node::route::best_route;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -182,7 +182,10 @@ impl Backend for NetworkBackend {
         req: &GenerateRequest,
         on_text: &mut dyn FnMut(&Piece) -> Flow,
     ) -> Result<Completion, BackendError> {
-        self.generate_one(model_id, req, None, on_text, &mut Metering::total(), 0)
+        let mut one = |_: usize, p: &Piece| on_text(p);
+        let mut c = self.choices(model_id, req, 1, None, &mut one, &mut Metering::total())?;
+        c.pop()
+            .ok_or_else(|| BackendError::Internal("no choice generated".into()))
     }
 
     fn generate_metered(
@@ -302,8 +305,23 @@ impl Backend for NetworkBackend {
         );
         counter(
             "plexus_chains_opened",
-            "Chains opened (one per generation).",
+            "Chains opened from position 0.",
             m.chains_opened.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_chain_forks",
+            "Chains forked from the chain of the choice before (n > 1: the prompt is shared).",
+            m.forks.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_chain_forked_positions",
+            "Prompt positions forked chains did not compute again.",
+            m.forked_positions.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_chain_forks_refused",
+            "Forks a stage refused (the choice opened its own chain).",
+            m.forks_refused.load(Ordering::Relaxed),
         );
         counter(
             "plexus_wire_sent_bytes",
@@ -347,7 +365,10 @@ impl Backend for NetworkBackend {
 }
 
 impl NetworkBackend {
-    /// `n` choices one after the other, each through its own chain.
+    /// `n` choices one after the other. The first opens a chain; each next one forks the
+    /// chain of the one before after all but the prompt's last position (its stages copy
+    /// those positions, see [`RemoteChain::fork`]), so the prompt is computed once. A choice
+    /// whose fork a stage refused opens a chain of its own.
     fn choices(
         &self,
         model_id: &str,
@@ -357,47 +378,52 @@ impl NetworkBackend {
         on_text: &mut dyn FnMut(usize, &Piece) -> Flow,
         metering: &mut Metering<'_>,
     ) -> Result<Vec<Completion>, BackendError> {
-        let mut out: Vec<Completion> = Vec::with_capacity(n);
-        for i in 0..n {
-            let mut r = req.clone();
-            r.sampling.seed = choice_seed(req.sampling.seed, i as u32);
-            let sampled = out.iter().map(|c| c.tokens.len()).sum();
-            let c = self.generate_one(
-                model_id,
-                &r,
-                grammar,
-                &mut |p| on_text(i, p),
-                metering,
-                sampled,
-            )?;
-            let cancelled = c.finish == FinishReason::Cancelled;
-            out.push(c);
-            if cancelled {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
-    /// One generation through a chain, after `sampled` tokens of earlier choices; the chain's
-    /// metered work is reported to `metering` as it runs and added to its usage whether it
-    /// finished, was cancelled or failed (work done is paid).
-    fn generate_one(
-        &self,
-        model_id: &str,
-        req: &GenerateRequest,
-        grammar: Option<&SharedGrammar>,
-        on_text: &mut dyn FnMut(&Piece) -> Flow,
-        metering: &mut Metering<'_>,
-        sampled: usize,
-    ) -> Result<Completion, BackendError> {
         let m = self
             .models
             .iter()
             .find(|m| m.entry.id == model_id)
             .ok_or_else(|| BackendError::Invalid(format!("unknown model {model_id}")))?;
-        let chain = self
-            .client
+        let mut out: Vec<Completion> = Vec::with_capacity(n);
+        let mut before: Option<RemoteChain> = None;
+        for i in 0..n {
+            let mut r = req.clone();
+            r.sampling.seed = choice_seed(req.sampling.seed, i as u32);
+            let forked = before
+                .take()
+                .map(|mut b| b.fork(&r.prompt_tokens, r.sampling.clone()));
+            let chain = match forked {
+                Some(Ok(chain)) => chain,
+                Some(Err(why)) => {
+                    tracing::info!(choice = i, "the prompt is computed again: {why}");
+                    self.open(m, &r)?
+                }
+                None => self.open(m, &r)?,
+            };
+            let sampled = out.iter().map(|c| c.tokens.len()).sum();
+            let (c, chain) = self.generate_on(
+                chain,
+                m,
+                &r,
+                grammar,
+                &mut |p| on_text(i, p),
+                metering,
+                sampled,
+            );
+            let c = c?;
+            let cancelled = c.finish == FinishReason::Cancelled;
+            out.push(c);
+            if cancelled {
+                break;
+            }
+            if i + 1 < n {
+                before = Some(chain);
+            }
+        }
+        Ok(out)
+    }
+
+    fn open(&self, m: &NetModel, req: &GenerateRequest) -> Result<RemoteChain, BackendError> {
+        self.client
             .open_chain(
                 m.digest,
                 m.num_layers,
@@ -405,18 +431,34 @@ impl NetworkBackend {
                 req.sampling.clone(),
             )
             .map_err(|e| BackendError::Unavailable {
-                model: model_id.to_string(),
+                model: m.entry.id.clone(),
                 reason: e.to_string(),
-            })?;
+            })
+    }
+
+    /// One generation through `chain`, after `sampled` tokens of earlier choices; the chain's
+    /// metered work is reported to `metering` as it runs and added to its usage whether it
+    /// finished, was cancelled or failed (work done is paid). The chain comes back (its
+    /// sessions open until it is dropped).
+    #[allow(clippy::too_many_arguments)]
+    fn generate_on(
+        &self,
+        chain: RemoteChain,
+        m: &NetModel,
+        req: &GenerateRequest,
+        grammar: Option<&SharedGrammar>,
+        on_text: &mut dyn FnMut(&Piece) -> Flow,
+        metering: &mut Metering<'_>,
+        sampled: usize,
+    ) -> (Result<Completion, BackendError>, RemoteChain) {
         let tokenizer = &m.entry.tokenizer;
         let Some(grammar) = grammar else {
             let mut live = Live::new(chain, metering, sampled);
             let result =
                 generate_with(&mut live, tokenizer, req, |t| on_text(t)).map_err(map_error);
-            let work = live.chain().usage().clone();
-            drop(live);
-            self.meter(&mut metering.usage, &work);
-            return result;
+            let chain = live.into_chain();
+            self.meter(&mut metering.usage, chain.usage());
+            return (result, chain);
         };
         let mut guided = Guided::new(Live::new(chain, metering, sampled), grammar.start());
         let result =
@@ -433,10 +475,9 @@ impl NetworkBackend {
                 }
                 GenerateError::Tokenizer(t) => map_error(GenerateError::Tokenizer(t)),
             });
-        let work = guided.inner().chain().usage().clone();
-        drop(guided);
-        self.meter(&mut metering.usage, &work);
-        result
+        let chain = guided.into_inner().into_chain();
+        self.meter(&mut metering.usage, chain.usage());
+        (result, chain)
     }
 
     /// Adds a chain's metered work to the request's `usage` and to every provider's total

@@ -102,6 +102,11 @@ impl<C: Maskable> Guided<C> {
         &self.chain
     }
 
+    /// The chain inside, taken out.
+    pub fn into_inner(self) -> C {
+        self.chain
+    }
+
     fn step(
         &mut self,
         feed: impl FnOnce(&mut C) -> Result<u32, C::Error>,

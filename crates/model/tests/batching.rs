@@ -435,7 +435,10 @@ mod engine {
         let mut base = request(&mut Rng(9));
         base.prompt_tokens = m
             .tokenizer
-            .encode(&"Tell me a short story about a lighthouse keeper. ".repeat(3), false)
+            .encode(
+                &"Tell me a short story about a lighthouse keeper. ".repeat(3),
+                false,
+            )
             .unwrap();
         base.max_tokens = 12;
         base.sampling.temperature = 1.0;
@@ -466,7 +469,10 @@ mod engine {
             for (i, (st, (r, w))) in streams.iter_mut().zip(reqs.iter().zip(&want)).enumerate() {
                 let g = generate_with(st, &m.tokenizer, r, |_| Flow::Continue).unwrap();
                 assert_eq!(g.tokens, w.tokens, "prefix entries {entries}, choice {i}");
-                assert_eq!(g.logprobs, w.logprobs, "prefix entries {entries}, choice {i}");
+                assert_eq!(
+                    g.logprobs, w.logprobs,
+                    "prefix entries {entries}, choice {i}"
+                );
             }
             let shared = h.shared_prompt_positions();
             if entries == 0 {

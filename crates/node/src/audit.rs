@@ -225,6 +225,20 @@ pub struct CallLog {
 }
 
 impl CallLog {
+    /// What a forked session holds before its first call: `tokens`, fed as one call, with the
+    /// activations that entered the stage (`None` for a first stage).
+    pub fn shared(tokens: &[u32], hidden: Option<Activations>) -> Self {
+        Self {
+            tokens: tokens.to_vec(),
+            hidden: hidden.into_iter().collect(),
+            chunks: vec![tokens.len() as u32],
+        }
+    }
+
+    pub fn positions(&self) -> usize {
+        self.tokens.len()
+    }
+
     pub fn push(&mut self, f: &Forward) {
         self.tokens.extend_from_slice(&f.tokens);
         self.hidden.extend(f.hidden.clone());
@@ -266,6 +280,20 @@ enum HopAudit {
 #[derive(Debug, Default)]
 pub struct ChainAudits {
     hops: HashMap<PeerId, HopAudit>,
+    /// A forked chain's stages already hold the shared prompt when their job starts: what each
+    /// was fed for it, so that a drawn auditor gets those positions too (its session starts
+    /// empty) and the provider cannot tell an audit from a fork.
+    shared: HashMap<PeerId, CallLog>,
+}
+
+impl ChainAudits {
+    /// The audits of a chain forked after `shared` positions (one log per stage).
+    pub fn forked(shared: HashMap<PeerId, CallLog>) -> Self {
+        Self {
+            hops: HashMap::new(),
+            shared,
+        }
+    }
 }
 
 /// Most peers the gateway keeps an audit record of.
@@ -504,9 +532,21 @@ impl NetTransport {
             return None;
         };
         let session = SessionId(crate::client::rand_session());
-        let sent = Forward {
-            session,
-            ..f.clone()
+        // A forked session's job starts with positions the provider holds from the fork: the
+        // auditor's fresh session is fed them with the first call, as one replay.
+        let log = match self.audits.shared.get(&peer) {
+            Some(shared) if f.position as usize == shared.positions() => shared.clone(),
+            _ => CallLog::default(),
+        };
+        let sent = if f.position == 0 {
+            Forward {
+                session,
+                ..f.clone()
+            }
+        } else {
+            let mut with = log.clone();
+            with.push(f);
+            with.replay(f, session)
         };
         info!(provider = %peer, %auditor, "audit drawn: shadowing the provider's calls");
         let reply = self.send(auditor, sent.clone());
@@ -516,7 +556,7 @@ impl NetTransport {
                 auditor,
                 session,
                 position: 0,
-                log: CallLog::default(),
+                log,
             },
         );
         Some((auditor, sent, reply))

@@ -57,6 +57,9 @@ pub enum ChainError {
     Busy { model: String, message: String },
     #[error("stage {peer} sent an unexpected answer")]
     Protocol { peer: PeerId },
+    /// A forked chain was fed a prompt that does not continue the positions it holds.
+    #[error("a forked chain was fed a prompt other than the one it shares")]
+    ForkDiverged,
 }
 
 /// A call that got no answer (transport failure). `retryable: false` when the caller itself
@@ -80,6 +83,15 @@ pub trait Transport {
     fn close(&mut self, peer: PeerId, session: SessionId);
     /// `peer` failed a call or answered nonsense (for the scoreboard).
     fn blame(&mut self, peer: PeerId);
+    /// Opens session `to` on `peer` with a copy of the first `positions` positions of its
+    /// session `from` (see [`fork`]); the refusal's reason otherwise.
+    fn fork(
+        &mut self,
+        peer: PeerId,
+        from: SessionId,
+        to: SessionId,
+        positions: usize,
+    ) -> Result<(), String>;
 }
 
 /// What the machine wants done next.
@@ -263,6 +275,56 @@ impl Chain {
     /// Every peer holding a session of this chain (to close when it ends).
     pub fn peers(&self) -> Vec<PeerId> {
         self.hops.iter().map(|h| h.hop.peer).collect()
+    }
+
+    /// The chain of another generation continuing from this one's first `keep` positions
+    /// (the prompt shared by the `n` choices of a request): the same stages, each holding
+    /// those positions under `session` once [`fork`] has copied them there, and the log a
+    /// failover replays (the tokens, and every stage's inputs, of those positions, as one
+    /// call: the stages that agreed to fork give the same bits for any split). `None` when a
+    /// call is in flight or a stage holds fewer positions.
+    pub fn forked(&self, session: SessionId, params: SamplingParams, keep: usize) -> Option<Chain> {
+        if !matches!(self.phase, Phase::Idle)
+            || keep == 0
+            || self.tokens.len() < keep
+            || self.hops.iter().any(|h| h.position < keep)
+        {
+            return None;
+        }
+        let hops = self
+            .hops
+            .iter()
+            .map(|h| {
+                let inputs = if h.hop.start == 0 {
+                    Vec::new()
+                } else {
+                    let fed = Activations::concat(&h.inputs)?;
+                    if (fed.rows as usize) < keep {
+                        return None;
+                    }
+                    vec![fed.head_rows(keep)]
+                };
+                Some(HopState {
+                    hop: h.hop.clone(),
+                    position: keep,
+                    inputs,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let mut config = self.config.clone();
+        config.session = session;
+        config.params = params;
+        let mut child = Chain::new(config, Vec::new());
+        child.hops = hops;
+        child.tokens = self.tokens[..keep].to_vec();
+        child.calls = vec![keep as u32];
+        child.exclude = self.exclude.clone();
+        Some(child)
+    }
+
+    /// The tokens this chain's stages hold (every feed so far).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 
     /// Starts feeding `tokens`: the first request.
@@ -683,6 +745,33 @@ enum Outcome {
     Token(u32),
 }
 
+/// Forks `chain` after its first `keep` positions into a new chain under `session` sampling
+/// with `params` ([`Chain::forked`]): every stage copies those positions of its session. When
+/// any stage refuses, the copies already made are closed and the reason is returned: the
+/// caller then opens a chain from position 0.
+pub fn fork(
+    chain: &Chain,
+    keep: usize,
+    session: SessionId,
+    params: SamplingParams,
+    transport: &mut impl Transport,
+) -> Result<Chain, String> {
+    let child = chain
+        .forked(session, params, keep)
+        .ok_or_else(|| format!("the chain does not hold {keep} positions to share"))?;
+    let mut done: Vec<PeerId> = Vec::new();
+    for peer in chain.peers() {
+        if let Err(why) = transport.fork(peer, chain.session(), session, keep) {
+            for p in done {
+                transport.close(p, session);
+            }
+            return Err(format!("stage {peer} did not fork: {why}"));
+        }
+        done.push(peer);
+    }
+    Ok(child)
+}
+
 /// Runs one feed to its end through `transport`.
 pub fn drive(
     chain: &mut Chain,
@@ -846,6 +935,8 @@ mod tests {
         peers: Vec<MemPeer>,
         faults: Vec<(usize, Fault)>,
         calls: usize,
+        /// Positions sent in all calls.
+        positions: usize,
         blamed: Vec<PeerId>,
         /// The `wait` of every route look-up.
         waits: Vec<bool>,
@@ -870,6 +961,7 @@ mod tests {
                 peers,
                 faults,
                 calls: 0,
+                positions: 0,
                 blamed: Vec::new(),
                 waits: Vec::new(),
             }
@@ -880,6 +972,7 @@ mod tests {
         fn call(&mut self, peer: PeerId, f: Forward) -> Result<Response, CallFailed> {
             let n = self.calls;
             self.calls += 1;
+            self.positions += f.tokens.len();
             let fault = self.faults.iter().find(|(at, _)| *at == n).map(|(_, f)| *f);
             let me = self.me;
             let p = self.peers.iter_mut().find(|p| p.id == peer).unwrap();
@@ -953,6 +1046,24 @@ mod tests {
         fn blame(&mut self, peer: PeerId) {
             self.blamed.push(peer);
         }
+
+        fn fork(
+            &mut self,
+            peer: PeerId,
+            from: SessionId,
+            to: SessionId,
+            positions: usize,
+        ) -> Result<(), String> {
+            let me = self.me;
+            let p = self.peers.iter_mut().find(|p| p.id == peer).unwrap();
+            if !p.alive {
+                return Err("connection closed".into());
+            }
+            match p.engine.fork(me, from, to, positions) {
+                Response::Forked { positions: n } if n as usize == positions => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
     }
 
     /// Generates `STEPS` tokens through `mem`; the tokens and the chain.
@@ -996,6 +1107,100 @@ mod tests {
             // One call per stage per feed.
             assert_eq!(mem.calls, fx.stages() * STEPS);
         }
+    }
+
+    fn sampled(seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: 1.0,
+            seed,
+            ..SamplingParams::greedy()
+        }
+    }
+
+    /// Feeds `first`, then every sampled token, until `STEPS` tokens.
+    fn run(c: &mut Chain, mem: &mut Mem, first: &[u32]) -> Result<Vec<u32>, ChainError> {
+        let mut out = Vec::new();
+        let mut feed = first.to_vec();
+        while out.len() < STEPS {
+            let t = drive(c, &feed, mem)?;
+            out.push(t);
+            feed = vec![t];
+        }
+        Ok(out)
+    }
+
+    fn fresh(mem: &mut Mem, params: SamplingParams, session: u8) -> Chain {
+        let fx = mem.fx.clone();
+        let route = mem.route(0, fx.layers, &[], false).unwrap();
+        Chain::new(
+            ChainConfig {
+                model: MODEL,
+                num_layers: fx.layers,
+                hidden: fx.hidden,
+                params,
+                wire: DType::F32,
+                session: SessionId([session; 16]),
+                max_failovers: 4,
+            },
+            route,
+        )
+    }
+
+    /// Issue 9: the second choice of a request, forked from the first's chain after all but
+    /// the prompt's last position, samples the tokens a fresh chain with its seed samples,
+    /// and computes only the prompt's last position again; with a stage killed or a reply
+    /// lost at any of its calls, the failover replays the shared positions from the fork's
+    /// log and the text is still the fresh chain's.
+    #[test]
+    fn a_forked_chain_gives_a_fresh_chains_tokens_and_replays_the_shared_prompt_issue_9() {
+        for fx in [tiny(), smol()] {
+            let mut mem = Mem::new(&fx, Vec::new());
+            let mut c = fresh(&mut mem, sampled(11), 2);
+            let want = run(&mut c, &mut mem, &fx.prompt).unwrap();
+            let mut parent = fresh(&mut mem, sampled(10), 3);
+            let first = run(&mut parent, &mut mem, &fx.prompt).unwrap();
+            assert_ne!(first, want, "the seeds should sample differently");
+            let keep = fx.prompt.len() - 1;
+            let before = mem.positions;
+            let mut child = fork(&parent, keep, SessionId([4; 16]), sampled(11), &mut mem).unwrap();
+            assert_eq!(child.tokens(), &fx.prompt[..keep]);
+            let got = run(&mut child, &mut mem, &fx.prompt[keep..]).unwrap();
+            assert_eq!(got, want);
+            // One position per stage per token: the shared prompt was not computed again.
+            assert_eq!(mem.positions - before, fx.stages() * STEPS);
+
+            let stages = fx.stages();
+            for fault in [Fault::KillBefore, Fault::LoseReply] {
+                for at in 0..stages * 2 {
+                    let mut mem = Mem::new(&fx, Vec::new());
+                    let mut parent = fresh(&mut mem, sampled(10), 3);
+                    run(&mut parent, &mut mem, &fx.prompt).unwrap();
+                    let mut child =
+                        fork(&parent, keep, SessionId([4; 16]), sampled(11), &mut mem).unwrap();
+                    mem.faults = vec![(mem.calls + at, fault)];
+                    let got = run(&mut child, &mut mem, &fx.prompt[keep..]);
+                    assert_eq!(got.unwrap(), want, "{fault:?} at the fork's call {at}");
+                    assert_eq!(child.failovers(), 1, "{fault:?} at the fork's call {at}");
+                }
+            }
+        }
+    }
+
+    /// A stage that cannot fork (dead, or its session gone) fails the fork as a whole, and
+    /// the copies the others made are closed; a chain that holds fewer positions than asked
+    /// is not forked.
+    #[test]
+    fn a_fork_refused_by_any_stage_is_no_fork_issue_9() {
+        let fx = tiny();
+        let mut mem = Mem::new(&fx, Vec::new());
+        let mut parent = fresh(&mut mem, sampled(10), 3);
+        run(&mut parent, &mut mem, &fx.prompt).unwrap();
+        let held = fx.prompt.len() + STEPS - 1;
+        assert!(fork(&parent, held + 1, SessionId([4; 16]), sampled(1), &mut mem).is_err());
+        let last = parent.peers()[1];
+        mem.peers.iter_mut().find(|p| p.id == last).unwrap().alive = false;
+        let err = fork(&parent, 3, SessionId([4; 16]), sampled(1), &mut mem).unwrap_err();
+        assert!(err.contains("did not fork"), "{err}");
     }
 
     /// Runs with one fault at call `at` and checks the text and the failover count.

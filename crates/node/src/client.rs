@@ -7,6 +7,7 @@
 //! directory, with the client's measurements ([`crate::scoreboard`]) in place of the nodes'
 //! claims.
 
+use crate::audit::ChainAudits;
 use crate::chain::{drive, CallFailed, Chain, ChainConfig, Transport};
 use crate::directory::Directory;
 use crate::discovery::DirectoryKeeper;
@@ -91,6 +92,12 @@ pub struct ClientMetrics {
     /// Audited calls whose commitments differed (sent to referees), and the convictions.
     pub audit_disputes: AtomicU64,
     pub audit_convictions: AtomicU64,
+    /// Chains forked from another generation's (choices sharing a prompt), the prompt
+    /// positions they did not compute again, and forks a stage refused (the choice then
+    /// opened a chain of its own).
+    pub forks: AtomicU64,
+    pub forked_positions: AtomicU64,
+    pub forks_refused: AtomicU64,
 }
 
 pub use crate::chain::ChainError;
@@ -329,17 +336,10 @@ impl NetworkClient {
             max_failovers: self.config.max_failovers,
         };
         Ok(RemoteChain {
-            transport: NetTransport {
-                client: self.clone(),
-                model,
-                gave_up: None,
-                lost: Vec::new(),
-                moved: Vec::new(),
-                usage: Usage::default(),
-                audits: crate::audit::ChainAudits::default(),
-            },
+            transport: NetTransport::new(self.clone(), model, ChainAudits::default()),
             chain: Chain::new(config, route),
             context,
+            held: Vec::new(),
         })
     }
 }
@@ -383,9 +383,56 @@ pub struct RemoteChain {
     transport: NetTransport,
     chain: Chain,
     context: usize,
+    /// A forked chain's shared prompt positions, held by its stages before the first feed:
+    /// the prompt it is fed must start with them, and only the rest is sent.
+    held: Vec<u32>,
 }
 
 impl RemoteChain {
+    /// A chain for another generation with the same prompt (the next of `n` choices),
+    /// sampling with `params`: every stage copies the first `prompt.len() - 1` positions of
+    /// this chain's session, so the new chain computes only the prompt's last position
+    /// before it samples. The stages' refusal (a stage whose weights would not give the same
+    /// bits that way, a full node, a lost session) or a prompt this chain was not fed comes
+    /// back as the reason; the caller then opens a chain of its own.
+    pub fn fork(&mut self, prompt: &[u32], params: SamplingParams) -> Result<RemoteChain, String> {
+        let keep = prompt.len().saturating_sub(1);
+        if keep == 0 || self.chain.tokens().get(..keep) != Some(&prompt[..keep]) {
+            return Err("this chain was not fed that prompt".into());
+        }
+        let client = self.transport.client.clone();
+        let m = &client.metrics;
+        let session = SessionId(rand_session());
+        let child =
+            match crate::chain::fork(&self.chain, keep, session, params, &mut self.transport) {
+                Ok(child) => child,
+                Err(why) => {
+                    m.forks_refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(why);
+                }
+            };
+        m.forks.fetch_add(1, Ordering::Relaxed);
+        m.forked_positions.fetch_add(keep as u64, Ordering::Relaxed);
+        let shared = child
+            .hops()
+            .iter()
+            .map(|h| {
+                let log = crate::audit::CallLog::shared(&prompt[..keep], h.inputs.first().cloned());
+                (h.hop.peer, log)
+            })
+            .collect();
+        Ok(RemoteChain {
+            transport: NetTransport::new(
+                client.clone(),
+                self.transport.model,
+                ChainAudits::forked(shared),
+            ),
+            chain: child,
+            context: self.context,
+            held: prompt[..keep].to_vec(),
+        })
+    }
+
     /// The peers of the current chain, first stage first.
     pub fn route(&self) -> Vec<Hop> {
         self.chain.route()
@@ -415,7 +462,23 @@ impl TokenChain for RemoteChain {
         self.context
     }
 
+    /// A forked chain sends only the prompt positions its stages do not hold.
+    fn feed_prompt(&mut self, prompt: &[u32]) -> Result<u32, ChainError> {
+        let held = std::mem::take(&mut self.held);
+        if !held.is_empty() && (prompt.len() <= held.len() || !prompt.starts_with(&held)) {
+            return Err(ChainError::ForkDiverged);
+        }
+        let mut next = 0;
+        for chunk in prompt[held.len()..].chunks(plexus_model::generate::PREFILL_CHUNK) {
+            next = self.feed(chunk)?;
+        }
+        Ok(next)
+    }
+
     fn feed(&mut self, tokens: &[u32]) -> Result<u32, ChainError> {
+        if !self.held.is_empty() {
+            return Err(ChainError::ForkDiverged);
+        }
         let before = self.chain.failovers();
         let token = drive(&mut self.chain, tokens, &mut self.transport)?;
         let m = &self.transport.client.metrics;
@@ -459,6 +522,18 @@ pub(crate) struct NetTransport {
 }
 
 impl NetTransport {
+    fn new(client: NetworkClient, model: Digest, audits: ChainAudits) -> Self {
+        Self {
+            client,
+            model,
+            gave_up: None,
+            lost: Vec::new(),
+            moved: Vec::new(),
+            usage: Usage::default(),
+            audits,
+        }
+    }
+
     /// Meters one answered call: accepted receipts add the peer's work, anything else is
     /// counted and logged (the call was computed but is not paid). The answer, and the
     /// commitment of an accepted receipt.
@@ -697,6 +772,27 @@ impl Transport for NetTransport {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .record_failure(peer);
+    }
+
+    fn fork(
+        &mut self,
+        peer: PeerId,
+        from: SessionId,
+        to: SessionId,
+        positions: usize,
+    ) -> Result<(), String> {
+        let request = Request::Fork {
+            from,
+            to,
+            positions: u32::try_from(positions).map_err(|e| e.to_string())?,
+        };
+        let client = &self.client;
+        match client.runtime.block_on(client.handle.call(peer, request)) {
+            Ok(Response::Forked { positions: n }) if n as usize == positions => Ok(()),
+            Ok(Response::Error { code, message }) => Err(format!("{code:?}: {message}")),
+            Ok(_) => Err("an unexpected answer".into()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
 

@@ -52,9 +52,19 @@ pub struct Job {
     pub reply: Option<Reply>,
 }
 
+/// A [`Work::Fork`]: session `to` gets the first `positions` positions of session `from`.
+pub struct Fork {
+    pub from: SessionId,
+    pub to: SessionId,
+    pub positions: u32,
+}
+
 pub enum Work {
     Forward(Box<Forward>),
     Close(SessionId),
+    /// Open a session with a copy of another's first positions (both the caller's): see
+    /// [`plexus_core::wire::Request::Fork`].
+    Fork(Box<Fork>),
     /// Serve another span to new sessions from now on (placement moved this node); open
     /// sessions keep the stage they were opened on until they end or expire.
     Swap(Arc<Stage>),
@@ -483,6 +493,7 @@ impl EngineActor {
                 }
                 Response::Closed
             }
+            Work::Fork(f) => self.fork(peer, f.from, f.to, f.positions as usize),
             Work::Swap(stage) => {
                 self.stage = stage;
                 Response::Closed
@@ -698,6 +709,90 @@ impl EngineActor {
             reply: None,
             started,
         })
+    }
+
+    /// Opens the caller's session `to` holding a copy of the first `positions` positions of
+    /// its session `from`: the prompt the `n` choices of a request share. Refused when `from`
+    /// is unknown or in a running call, holds fewer positions, or its stage is not
+    /// split-invariant (the copied rows then need not be the bits a fresh session computing
+    /// the same positions in other calls would hold); and, like a new session, when no slot
+    /// or KV room can be made.
+    pub(crate) fn fork(
+        &mut self,
+        peer: PeerId,
+        from: SessionId,
+        to: SessionId,
+        positions: usize,
+    ) -> Response {
+        let (src, dst) = ((peer, from), (peer, to));
+        if self.running.iter().any(|c| c.key == dst || c.key == src) {
+            return error(
+                ErrorCode::BadRequest,
+                "a fork of or onto a session with a running call",
+            );
+        }
+        let Some(source) = self.sessions.get(&src) else {
+            return error(
+                ErrorCode::UnknownSession,
+                format!("no session {from} to fork (expired or never opened)"),
+            );
+        };
+        if source.cache.len() < positions {
+            return error(
+                ErrorCode::PositionMismatch,
+                format!(
+                    "session {from} holds {} positions, fewer than the {positions} to fork",
+                    source.cache.len()
+                ),
+            );
+        }
+        if !source.stage.split_invariant() {
+            return error(
+                ErrorCode::BadRequest,
+                "this node's weights are not split-invariant: a forked session would not be \
+                 exact (open the session from position 0)",
+            );
+        }
+        let stage = Arc::clone(&source.stage);
+        let mut cache = source.cache.clone();
+        let history = source.history[..positions.min(source.history.len())].to_vec();
+        cache.truncate(positions);
+        self.sessions.remove(&dst);
+        while self.held_sessions() >= self.config.max_sessions {
+            if self.sessions.len() <= 1 {
+                return error(
+                    ErrorCode::Busy,
+                    format!("all {} session slots are taken", self.config.max_sessions),
+                );
+            }
+            self.evict_for_new();
+            if !self.sessions.contains_key(&src) {
+                return error(
+                    ErrorCode::UnknownSession,
+                    format!("session {from} was evicted to make room for its fork"),
+                );
+            }
+        }
+        let mut session = Session {
+            stage,
+            cache,
+            history,
+            last_used: Instant::now(),
+            reservation: None,
+        };
+        if let Err(message) = self.reserve(&dst, &mut session, positions) {
+            return error(ErrorCode::Busy, message);
+        }
+        if let Some(s) = self.sessions.get_mut(&src) {
+            s.last_used = Instant::now();
+        }
+        self.sessions.insert(dst, session);
+        self.gauges
+            .sessions
+            .store(self.held_sessions() as u32, Ordering::Relaxed);
+        Response::Forked {
+            positions: positions as u32,
+        }
     }
 
     /// Grows `session`'s KV reservation to hold `positions`, evicting idle sessions (least
@@ -1108,6 +1203,68 @@ mod tests {
             engine.forward(peer, &call(2, 2, 0, &[1])),
             Response::Hidden { .. }
         ));
+    }
+
+    /// Issue 9: a forked session holds the source's first positions and continues exactly as
+    /// a session fed the same positions does; the source goes on unchanged. Forks of an
+    /// unknown session, of more positions than it holds, and on weights that are not
+    /// split-invariant are refused by name.
+    #[test]
+    fn a_forked_session_continues_as_a_fresh_one_issue_9() {
+        let peer = PeerId::random();
+        let stage = layers(0, 2);
+        let mut engine = EngineActor::local(Arc::clone(&stage), Digest([0; 32]));
+        let mut fresh = EngineActor::local(stage, Digest([0; 32]));
+        let prompt: Vec<u32> = (0..40).map(|t| 200 + 3 * t).collect();
+        engine.forward(peer, &call(1, 2, 0, &prompt));
+        engine.forward(peer, &call(1, 2, 40, &[7]));
+        let forked = engine.fork(peer, SessionId([1; 16]), SessionId([2; 16]), 39);
+        assert_eq!(forked, Response::Forked { positions: 39 });
+        fresh.forward(peer, &call(3, 2, 0, &prompt[..39]));
+        let got = engine.forward(peer, &call(2, 2, 39, &prompt[39..]));
+        let want = fresh.forward(peer, &call(3, 2, 39, &prompt[39..]));
+        assert_eq!(hidden_of(&got), hidden_of(&want));
+        // The source still holds its 41 positions.
+        let next = engine.forward(peer, &call(1, 2, 41, &[8]));
+        assert!(matches!(next, Response::Hidden { .. }), "{next:?}");
+        let refused = |r: Response, want: ErrorCode| match r {
+            Response::Error { code, message } => {
+                assert_eq!(code, want, "{message}");
+                message
+            }
+            other => panic!("{other:?}"),
+        };
+        refused(
+            engine.fork(peer, SessionId([9; 16]), SessionId([8; 16]), 3),
+            ErrorCode::UnknownSession,
+        );
+        // Another caller cannot fork this caller's session.
+        refused(
+            engine.fork(PeerId::random(), SessionId([1; 16]), SessionId([8; 16]), 3),
+            ErrorCode::UnknownSession,
+        );
+        refused(
+            engine.fork(peer, SessionId([1; 16]), SessionId([8; 16]), 43),
+            ErrorCode::PositionMismatch,
+        );
+        let f32_model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/tiny/smollm2/model-f32.gguf");
+        let files = ModelFiles::open(&f32_model).unwrap();
+        let whole = Arc::new(files.stage(None, Mode::Infer).unwrap());
+        assert!(!whole.split_invariant());
+        let end = whole.span().end as u32;
+        let mut f32_engine = EngineActor::local(whole, Digest([0; 32]));
+        let mut open = call(1, end, 0, &[1, 2, 3]);
+        open.sampling = Some(Box::default());
+        assert!(!matches!(
+            f32_engine.forward(peer, &open),
+            Response::Error { .. }
+        ));
+        let message = refused(
+            f32_engine.fork(peer, SessionId([1; 16]), SessionId([2; 16]), 2),
+            ErrorCode::BadRequest,
+        );
+        assert!(message.contains("split-invariant"), "{message}");
     }
 
     fn hidden_of(r: &Response) -> Vec<u32> {

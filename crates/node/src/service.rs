@@ -410,6 +410,15 @@ impl Node {
                         Work::Forward(Box::new(f))
                     }
                     Request::Close { session } => Work::Close(session),
+                    Request::Fork {
+                        from,
+                        to,
+                        positions,
+                    } => Work::Fork(Box::new(crate::engine::Fork {
+                        from,
+                        to,
+                        positions,
+                    })),
                     Request::Train { .. } => {
                         let response = Response::Error {
                             code: ErrorCode::BadRequest,

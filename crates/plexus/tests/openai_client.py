@@ -108,6 +108,31 @@ def check_logprobs(client, model, greedy_text):
                  lambda: client.chat.completions.create(model=model, messages=QUESTION, logprobs=True, top_logprobs=21))
 
 
+def philox4x32_10(counter, key):
+    # plexus_core::rng::philox4x32_10
+    m0, m1, w0, w1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+    mask = 0xFFFFFFFF
+    c, k = list(counter), list(key)
+    for r in range(10):
+        if r > 0:
+            k = [(k[0] + w0) & mask, (k[1] + w1) & mask]
+        p0, p1 = m0 * c[0], m1 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & mask, (p0 >> 32) ^ c[3] ^ k[1], p0 & mask]
+    return c
+
+
+def choice_seed(seed, index):
+    # plexus_model::generate::choice_seed: 64 bits at (seed, Sampling, u64::MAX, index).
+    if index == 0:
+        return seed
+    position = 2**64 - 1
+    b = philox4x32_10(
+        [position & 0xFFFFFFFF, position >> 32, index, 1], [seed & 0xFFFFFFFF, seed >> 32]
+    )
+    s = b[0] | (b[1] << 32)
+    return s - 2**64 if s >= 2**63 else s  # OpenAI's seed is a signed integer
+
+
 def check_choices(client, model, greedy_text):
     r = client.chat.completions.create(
         model=model, messages=QUESTION, temperature=1.0, seed=5, max_tokens=12, n=3
@@ -119,6 +144,14 @@ def check_choices(client, model, greedy_text):
         model=model, messages=QUESTION, temperature=1.0, seed=5, max_tokens=12
     )
     check(one.choices[0].message.content == texts[0], "choice 0 differs from the n=1 answer")
+    # Choices after the first continue from the first's prompt (its KV, copied): each must
+    # still be what a request of its own with that choice's seed gives.
+    for i in (1, 2):
+        alone = client.chat.completions.create(
+            model=model, messages=QUESTION, temperature=1.0, seed=choice_seed(5, i), max_tokens=12
+        )
+        check(alone.choices[0].message.content == texts[i],
+              f"choice {i} differs from its seed's own answer: {texts[i]!r} vs {alone.choices[0].message.content!r}")
     again = client.chat.completions.create(
         model=model, messages=QUESTION, temperature=1.0, seed=5, max_tokens=12, n=3
     )

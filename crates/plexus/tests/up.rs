@@ -267,6 +267,18 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
         0,
         "{metrics}"
     );
+    // Issue 9: the client's `n = 3` requests (two, and one streamed) share their prompt: each
+    // choice after the first forks the chain before it, and no stage refused a fork.
+    assert!(counter(&metrics, "plexus_chain_forks") >= 6, "{metrics}");
+    assert_eq!(
+        counter(&metrics, "plexus_chain_forks_refused"),
+        0,
+        "{metrics}"
+    );
+    assert!(
+        counter(&metrics, "plexus_chain_forked_positions") >= 6 * 10,
+        "{metrics}"
+    );
     // Every accepted receipt carries its 32-byte commitment.
     assert_eq!(
         counter(&metrics, "plexus_commitment_bytes"),

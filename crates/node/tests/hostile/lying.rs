@@ -54,6 +54,8 @@ async fn liar(model: plexus_core::Digest, width: usize) -> (PeerId, plexus_net::
                     }
                 }
                 Request::Close { .. } => Response::Closed,
+                // Claims to have forked without holding anything.
+                Request::Fork { positions, .. } => Response::Forked { positions },
                 Request::Voucher { .. } => Response::VoucherKept { cumulative: 0 },
                 Request::Train { .. } => Response::Error {
                     code: ErrorCode::BadRequest,

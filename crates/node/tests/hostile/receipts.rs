@@ -149,6 +149,8 @@ async fn inflating_liar(model: Digest) -> (NodeKey, PeerId, plexus_net::Multiadd
                     }
                 }
                 Request::Close { .. } => Response::Closed,
+                // Claims to have forked without holding anything.
+                Request::Fork { positions, .. } => Response::Forked { positions },
                 Request::Voucher { .. } => Response::VoucherKept { cumulative: 0 },
                 Request::Train { .. } => Response::Error {
                     code: ErrorCode::BadRequest,
