@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Two homes behind NAT and a public network, in network namespaces (crates/plexus/tests/nat.rs).
+# Homes behind NAT and a public network, in network namespaces (crates/plexus/tests/nat.rs).
 #
-#   bench/natns.sh up      NAME B     # build it (tears down a leftover first)
+#   bench/natns.sh up      NAME B [N] # build it with N homes (2, or 3), tearing down a leftover
+#   bench/natns.sh mgmt    NAME K B   # a side link root <-> home K (10.B.200.1 <-> .2) for the
+#                                     # test's HTTP client only: nothing else routes over it
 #   bench/natns.sh block   NAME K IP  # home K's router drops everything to IP (forced relaying)
 #   bench/natns.sh counters NAME K B  # bytes home K sent to the relay, the gateway, elsewhere
 #   bench/natns.sh down    NAME B
@@ -16,6 +18,7 @@
 #                                                                rest is dropped silently)
 #   NAMEh1      192.168.1.2            NAMEh2      192.168.2.2   (default route: the router)
 #
+# A third home (N = 3) is built like the others on 10.B.3.0/30 and 192.168.3.0/24.
 # The root namespace reaches 10.B.100.0/24 (the test's HTTP client talks to the gateway);
 # nothing outside a home reaches 192.168.K.0/24 except through its router's NAT.
 set -euo pipefail
@@ -77,7 +80,7 @@ EOF
     echo ok
     ;;
 up)
-    name=${2:?name} b=${3:?subnet byte}
+    name=${2:?name} b=${3:?subnet byte} homes=${4:-2}
     "$0" down "$name" "$b" 2>/dev/null || true
     pub=${name}pub
     ip netns add "$pub"
@@ -93,7 +96,7 @@ up)
     ip -n "$pub" addr add "10.$b.0.2/30" dev "${name}p0"
     ip -n "$pub" link set "${name}p0" up
     ip route add "10.$b.100.0/24" via "10.$b.0.2"
-    for k in 1 2; do
+    for k in $(seq 1 "$homes"); do
         rt=${name}rt$k h=${name}h$k
         ip netns add "$rt"
         ip netns add "$h"
@@ -123,6 +126,15 @@ up)
         router_rules "$b" | ip netns exec "$rt" nft -f -
     done
     ;;
+mgmt)
+    name=${2:?name} k=${3:?home} b=${4:?subnet byte}
+    ip link add "${name}m$k" type veth peer name "${name}n$k"
+    ip link set "${name}n$k" netns "${name}h$k"
+    ip addr add "10.$b.200.1/30" dev "${name}m$k"
+    ip link set "${name}m$k" up
+    ip -n "${name}h$k" addr add "10.$b.200.2/30" dev "${name}n$k"
+    ip -n "${name}h$k" link set "${name}n$k" up
+    ;;
 block)
     name=${2:?name} k=${3:?home} ip=${4:?address}
     ip netns exec "${name}rt$k" nft add rule ip plexus block ip daddr "$ip" drop
@@ -137,17 +149,19 @@ counters)
     ;;
 down)
     name=${2:?name} b=${3:?subnet byte}
-    for ns in "${name}h1" "${name}h2" "${name}rt1" "${name}rt2" "${name}pub"; do
+    all="${name}h1 ${name}h2 ${name}h3 ${name}rt1 ${name}rt2 ${name}rt3 ${name}pub"
+    for ns in $all; do
         ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true
     done
     ip route del "10.$b.100.0/24" 2>/dev/null || true
     ip link del "${name}r0" 2>/dev/null || true
-    for ns in "${name}h1" "${name}h2" "${name}rt1" "${name}rt2" "${name}pub"; do
+    ip link del "${name}m3" 2>/dev/null || true
+    for ns in $all; do
         ip netns del "$ns" 2>/dev/null || true
     done
     ;;
 *)
-    echo "usage: natns.sh up NAME B | block NAME K IP | counters NAME K | down NAME B | check" >&2
+    echo "usage: natns.sh up NAME B [N] | mgmt NAME K B | block NAME K IP | counters NAME K | down NAME B | check" >&2
     exit 2
     ;;
 esac

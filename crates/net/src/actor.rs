@@ -234,30 +234,15 @@ impl NetActor {
                     debug!(%addr, "dial failed: {e}");
                 }
             }
-            Command::AddAddress(peer, addr) => {
-                self.swarm.add_peer_address(peer, addr.clone());
-                self.swarm
-                    .behaviour_mut()
-                    .kad
-                    .add_address(&peer, addr.clone());
+            Command::AddAddresses(peer, addrs) => {
+                for addr in &addrs {
+                    self.swarm.add_peer_address(peer, addr.clone());
+                }
                 // Connect to announced peers directly (bounded by TARGET_PEERS): gossip
                 // relayed through a third node dies with it, and a direct connection is how
                 // a peer's death is noticed at once (its announcement would linger for its
                 // TTL otherwise).
-                if peer != *self.swarm.local_peer_id()
-                    && !self.swarm.is_connected(&peer)
-                    && self.swarm.connected_peers().count() < TARGET_PEERS
-                    && !self.is_banned(&peer)
-                {
-                    use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-                    let opts = DialOpts::peer_id(peer)
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
-                        .addresses(vec![addr])
-                        .build();
-                    if let Err(e) = self.swarm.dial(opts) {
-                        debug!(%peer, "dial failed: {e}");
-                    }
-                }
+                self.dial_if_new(peer, addrs);
             }
             Command::Disconnect(peer) => {
                 let _ = self.swarm.disconnect_peer_id(peer);
@@ -436,17 +421,33 @@ impl NetActor {
         self.strikes.is_banned(peer, Instant::now())
     }
 
-    fn dial_if_new(&mut self, peer: PeerId, addr: Multiaddr) {
-        self.swarm
-            .behaviour_mut()
-            .kad
-            .add_address(&peer, addr.clone());
+    /// Remembers `addrs` for `peer` and, when it is not connected (and the target peer count
+    /// is not reached), dials it on all of them at once: the first that connects wins. Dialing
+    /// one address at a time let an unreachable first address (a home node's LAN or loopback
+    /// address) hold up its relayed one until the next announcement, or for good.
+    fn dial_if_new(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        for addr in &addrs {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, addr.clone());
+        }
         if peer != *self.swarm.local_peer_id()
+            && !addrs.is_empty()
             && !self.swarm.is_connected(&peer)
             && self.swarm.connected_peers().count() < TARGET_PEERS
             && !self.is_banned(&peer)
         {
-            let _ = self.swarm.dial(addr);
+            use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+            // Not `DisconnectedAndNotDialing`: a dial already under way may be on the
+            // unreachable addresses alone.
+            let opts = DialOpts::peer_id(peer)
+                .condition(PeerCondition::Disconnected)
+                .addresses(addrs)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, "dial failed: {e}");
+            }
         }
     }
 
@@ -509,13 +510,11 @@ impl NetActor {
                 addresses,
                 ..
             })) => {
-                if let Some(addr) = addresses.iter().next().cloned() {
-                    self.dial_if_new(peer, addr);
-                }
+                self.dial_if_new(peer, addresses.into_vec());
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
-                    self.dial_if_new(peer, addr);
+                    self.dial_if_new(peer, vec![addr]);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {

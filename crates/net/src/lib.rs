@@ -275,7 +275,7 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<(), PublishError>>,
     },
     Dial(Multiaddr),
-    AddAddress(PeerId, Multiaddr),
+    AddAddresses(PeerId, Vec<Multiaddr>),
     Disconnect(PeerId),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Connected(oneshot::Sender<Vec<PeerId>>),
@@ -342,7 +342,17 @@ impl NetHandle {
     /// Remembers an address of `peer` (from its announcement) so calls can reach it, and
     /// connects to the peer if not connected yet (bounded by the target peer count).
     pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) {
-        let _ = self.commands.send(Command::AddAddress(peer, addr)).await;
+        self.add_addresses(peer, vec![addr]).await;
+    }
+
+    /// [`NetHandle::add_address`] for every address `peer` announced at once: one dial tries
+    /// them all (a node behind NAT announces unreachable direct addresses beside its relayed
+    /// one, and the relayed one must not wait for those to fail).
+    pub async fn add_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if addrs.is_empty() {
+            return;
+        }
+        let _ = self.commands.send(Command::AddAddresses(peer, addrs)).await;
     }
 
     pub async fn disconnect(&self, peer: PeerId) {

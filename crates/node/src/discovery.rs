@@ -153,9 +153,9 @@ impl DirectoryKeeper {
         let Some(a) = self.dir.get(&peer) else {
             return;
         };
-        for addr in dial_addrs(peer, &a.addrs) {
-            self.handle.add_address(peer, addr).await;
-        }
+        self.handle
+            .add_addresses(peer, dial_addrs(peer, &a.addrs))
+            .await;
     }
 
     /// Asks a newly connected peer for its announcement (in the background).

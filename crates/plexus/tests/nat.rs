@@ -6,15 +6,20 @@
 //!   come back in), serving layers 10..20 (home 1, `--relay-via` the relay) and 20..30 (home 2,
 //!   no NAT flag: AutoNAT finds it private and it picks the relay itself).
 //!
-//! Home 1's router also drops everything sent to the gateway's address: hole punching cannot
-//! pass it, so its stage calls must go through the relay. Home 2's router is a plain NAT,
-//! through which home 2 dials the public gateway itself. The test asks the gateway (over
-//! HTTP, from this namespace) for a greedy completion and checks the text against the whole
-//! model in this process; it reads the routers' nft counters (bytes each home sent to the
-//! relay and to the gateway during the generation) and the nodes' logs, prints for each link
-//! whether it was direct, hole-punched (DCUtR) or relayed, and checks: home 1's stage calls
-//! relayed, home 2's direct. Whether DCUtR punched a hole between the two homes (the one
-//! link here with NAT on both ends) is reported, not asserted.
+//! First test: home 1's router also drops everything sent to the gateway's address: hole
+//! punching cannot pass it, so its stage calls must go through the relay. Home 2's router is a
+//! plain NAT, through which home 2 dials the public gateway itself. The test asks the gateway
+//! (over HTTP, from this namespace) for a greedy completion and checks the text against the
+//! whole model in this process; it reads the routers' nft counters (bytes each home sent to
+//! the relay and to the gateway during the generation) and the nodes' logs, prints for each
+//! link whether it was direct, hole-punched (DCUtR) or relayed, and checks: home 1's stage
+//! calls relayed, home 2's direct, and a hole punched between the two homes (the one link
+//! there with NAT on both ends).
+//!
+//! Second test: the gateway sits in a third home, behind a NAT of its own (its API on a side
+//! link for this test's client only). It reaches both home nodes through the relay, DCUtR
+//! punches a hole to each, and the routers' counters show the stage answers going straight
+//! between the NATs, not through the relay.
 //!
 //! Needs root, `ip netns`, veth and nftables (`.ci/run` installs them); without them it fails
 //! saying what is missing.
@@ -60,7 +65,8 @@ fn gateway_ip() -> String {
 struct Topology;
 
 impl Topology {
-    fn up(blocked: &[usize]) -> Self {
+    /// Two homes, or three with the gateway in the third (`gateway_home`).
+    fn up(blocked: &[usize], gateway_home: bool) -> Self {
         let check = natns(&["check"]);
         assert!(
             check.status.success(),
@@ -68,12 +74,21 @@ impl Topology {
             String::from_utf8_lossy(&check.stdout).trim(),
             String::from_utf8_lossy(&check.stderr).trim()
         );
-        let out = natns(&["up", NS, &SUBNET.to_string()]);
+        let homes = if gateway_home { "3" } else { "2" };
+        let out = natns(&["up", NS, &SUBNET.to_string(), homes]);
         assert!(
             out.status.success(),
             "natns.sh up failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if gateway_home {
+            let out = natns(&["mgmt", NS, "3", &SUBNET.to_string()]);
+            assert!(
+                out.status.success(),
+                "natns.sh mgmt failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         for k in blocked {
             let out = natns(&["block", NS, &k.to_string(), &gateway_ip()]);
             assert!(out.status.success(), "natns.sh block failed");
@@ -88,8 +103,9 @@ impl Drop for Topology {
     }
 }
 
-/// Bytes home `k` sent through its router to the relay and to the gateway so far.
-fn counters(k: usize) -> (u64, u64) {
+/// Bytes home `k` sent through its router so far: to the relay, to the public gateway, and
+/// elsewhere (the other homes' routers: a gateway at home, another home).
+fn counters(k: usize) -> (u64, u64, u64) {
     let out = natns(&["counters", NS, &k.to_string()]);
     let line = String::from_utf8_lossy(&out.stdout).to_string();
     let field = |name: &str| -> u64 {
@@ -99,7 +115,7 @@ fn counters(k: usize) -> (u64, u64) {
             .parse()
             .unwrap()
     };
-    (field("to_relay"), field("to_gateway"))
+    (field("to_relay"), field("to_gateway"), field("to_other"))
 }
 
 /// A `plexus` process in a namespace, killed when dropped; its log goes to a file.
@@ -287,17 +303,19 @@ fn median_ms(gaps: &[Duration]) -> f64 {
 
 /// What one run of the topology showed.
 struct Outcome {
-    /// Per home: bytes sent to the relay and to the gateway during the generation.
-    sent: [(u64, u64); 2],
+    /// Per home: bytes sent to the relay, to the public gateway, and elsewhere (a gateway at
+    /// home) during the generation.
+    sent: [(u64, u64, u64); 2],
     /// Per home: how its link to the gateway, the relay and the other home (in this order)
     /// went.
     seen: [[LinkSeen; 3]; 2],
     per_token_ms: f64,
 }
 
-/// Builds the topology with homes `blocked` from the gateway, serves, checks the text.
-fn run(blocked: &[usize]) -> Outcome {
-    let _topology = Topology::up(blocked);
+/// Builds the topology with homes `blocked` from the gateway (public, or behind a NAT of its
+/// own in a third home when `gateway_home`), serves, checks the text.
+fn run(blocked: &[usize], gateway_home: bool) -> Outcome {
+    let _topology = Topology::up(blocked, gateway_home);
     let dir = tempfile::tempdir().unwrap();
     let pub_ns = format!("{NS}pub");
     let relay = node(
@@ -342,12 +360,23 @@ fn run(blocked: &[usize]) -> Outcome {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // At home, the gateway's API is on the side link (for this test's client) and its libp2p
+    // listens on the home LAN, behind the router's NAT.
+    let (gw_ns, host, p2p_ip) = if gateway_home {
+        (
+            format!("{NS}h3"),
+            format!("10.{SUBNET}.200.2"),
+            "192.168.3.2".to_string(),
+        )
+    } else {
+        (pub_ns.clone(), gateway_ip(), gateway_ip())
+    };
     args.extend([
-        gateway_ip(),
+        host,
         "--listen".into(),
-        format!("/ip4/{}/tcp/0", gateway_ip()),
+        format!("/ip4/{p2p_ip}/tcp/0"),
         "--listen".into(),
-        format!("/ip4/{}/udp/0/quic-v1", gateway_ip()),
+        format!("/ip4/{p2p_ip}/udp/0/quic-v1"),
         "--bootstrap".into(),
         relay_addr,
         "--data-dir".into(),
@@ -355,7 +384,7 @@ fn run(blocked: &[usize]) -> Outcome {
         "--model".into(),
         model().display().to_string(),
     ]);
-    let gateway = spawn(&pub_ns, &args, &gw_dir);
+    let gateway = spawn(&gw_ns, &args, &gw_dir);
     let url = gateway.addr.clone();
     let procs = [&relay, &home1, &home2, &gateway];
     let dump = || {
@@ -409,13 +438,14 @@ fn run(blocked: &[usize]) -> Outcome {
     }
     // Let the homes meet and DCUtR finish: home 2 announces a relayed address only once
     // AutoNAT found it private (its dial-back probes time out at the silent NAT), then the
-    // homes dial each other through the relay and try to punch a hole. Wait until every
-    // home's link to the gateway and to the other home is direct, punched or given up on.
+    // homes dial each other through the relay and try to punch a hole (and, with the gateway
+    // at home, the homes and the gateway). Wait until every home's link to the gateway and to
+    // the other home is direct, punched or given up on.
     let settle = Instant::now();
     let homes = [&home1, &home2];
     let home_ids = [home1.peer.unwrap(), home2.peer.unwrap()];
     let decided = |l: &LinkSeen| l.punched || l.punch_failed || l.direct;
-    while settle.elapsed() < Duration::from_secs(30) {
+    while settle.elapsed() < Duration::from_secs(60) {
         let logs: Vec<_> = homes.iter().map(|h| links(&h.log)).collect();
         let to_gateway = logs
             .iter()
@@ -425,7 +455,8 @@ fn run(blocked: &[usize]) -> Outcome {
                 .get(&home_ids[1 - h].to_string())
                 .is_some_and(decided)
         });
-        if to_gateway && between {
+        // A home the gateway cannot reach but through the relay never decides that link.
+        if (to_gateway || !blocked.is_empty()) && between {
             break;
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -474,14 +505,18 @@ fn run(blocked: &[usize]) -> Outcome {
             eprintln!("home {}: {line}", h + 1);
         }
     }
-    let sent = [
-        (after[0].0 - before[0].0, after[0].1 - before[0].1),
-        (after[1].0 - before[1].0, after[1].1 - before[1].1),
-    ];
-    for (h, (to_relay, to_gateway)) in sent.iter().enumerate() {
+    let delta = |k: usize| {
+        (
+            after[k].0 - before[k].0,
+            after[k].1 - before[k].1,
+            after[k].2 - before[k].2,
+        )
+    };
+    let sent = [delta(0), delta(1)];
+    for (h, (to_relay, to_gateway, to_other)) in sent.iter().enumerate() {
         eprintln!(
             "home {} sent during the generation: {to_relay} B to the relay, {to_gateway} B \
-             straight to the gateway",
+             straight to the public gateway, {to_other} B elsewhere",
             h + 1
         );
     }
@@ -503,7 +538,7 @@ const MIN_STAGE_BYTES: u64 = (TOKENS as u64 - 1) * 576 * 4;
 
 #[test]
 fn nodes_behind_nat_serve_relayed_or_direct_with_the_text_of_one_process_issue_7() {
-    let o = run(&[1]);
+    let o = run(&[1], false);
     // Home 1 cannot reach the gateway: every stage answer went through the relay.
     assert_eq!(
         o.sent[0].1, 0,
@@ -533,19 +568,48 @@ fn nodes_behind_nat_serve_relayed_or_direct_with_the_text_of_one_process_issue_7
         o.sent[1].1
     );
     // The two homes, each behind its own NAT, meet through the relay once home 2's AutoNAT
-    // found it private, and DCUtR tries to punch a hole between them (both routers drop
-    // unsolicited packets silently, so a simultaneous TCP open can pass). Reported, not
-    // asserted: it punched in 7 of 9 runs read; in 2 runs on a heavily loaded machine the
-    // homes had not met within the wait (home 2's AutoNAT probes time out at its silent NAT).
-    eprintln!(
-        "hole punch between the homes: {}",
-        if o.seen[0][2].punched || o.seen[1][2].punched {
-            "yes"
-        } else {
-            "no"
-        }
+    // found it private, and DCUtR punches a hole between them (both routers drop unsolicited
+    // packets silently, so a simultaneous open passes). Each home dials the other on every
+    // address it announced at once (the relayed one among them); when homes dialed one
+    // address at a time, an unreachable LAN address first often kept them from meeting.
+    assert!(
+        o.seen[0][2].punched || o.seen[1][2].punched,
+        "no hole punched between the homes: home 1 saw {:?}, home 2 saw {:?}",
+        o.seen[0][2],
+        o.seen[1][2]
     );
     assert!(o.per_token_ms.is_finite());
+}
+
+/// The gateway at home too, behind its own NAT: it reaches both home nodes through the relay
+/// (their relayed addresses), DCUtR punches a hole to each, and the stage calls of the
+/// generation then go direct between the NATs, not through the relay (the routers' counters
+/// say where the homes' bytes went).
+#[test]
+fn a_gateway_behind_nat_calls_home_nodes_through_punched_holes_not_the_relay_issue_7() {
+    let o = run(&[], true);
+    for h in 0..2 {
+        assert!(
+            o.seen[h][0].punched,
+            "home {} <-> gateway at home: {:?}",
+            h + 1,
+            o.seen[h][0]
+        );
+        let (to_relay, to_public_gateway, to_other) = o.sent[h];
+        assert_eq!(to_public_gateway, 0);
+        assert!(
+            to_other > 4 * to_relay,
+            "home {}'s stage answers went through the relay ({to_relay} B) rather than \
+             straight to the gateway's NAT ({to_other} B)",
+            h + 1
+        );
+    }
+    // Home 1 (layers 10..20) answers 576 f32 activations per position, all of them direct.
+    assert!(
+        o.sent[0].2 >= MIN_STAGE_BYTES,
+        "home 1 sent only {} B straight to the gateway",
+        o.sent[0].2
+    );
 }
 
 /// Benchmark (BENCHMARKS.md): per-token latency with both homes direct (hole-punched) and
@@ -564,7 +628,7 @@ fn nat_latency_direct_vs_relayed() {
             ("both homes direct", &[][..]),
             ("both homes relayed", &[1, 2][..]),
         ] {
-            let o = run(blocked);
+            let o = run(blocked, false);
             rows.push(format!(
                 "round {round}: {label}: {:.1} ms/token (home 1: {}, home 2: {})",
                 o.per_token_ms,
