@@ -385,6 +385,9 @@ impl NetworkBackend {
             .ok_or_else(|| BackendError::Invalid(format!("unknown model {model_id}")))?;
         let mut out: Vec<Completion> = Vec::with_capacity(n);
         let mut before: Option<RemoteChain> = None;
+        // After one refusal (weights that are not split-invariant refuse every fork), the
+        // remaining choices open their own chains.
+        let mut fork_refused = false;
         for i in 0..n {
             let mut r = req.clone();
             r.sampling.seed = choice_seed(req.sampling.seed, i as u32);
@@ -395,6 +398,7 @@ impl NetworkBackend {
                 Some(Ok(chain)) => chain,
                 Some(Err(why)) => {
                     tracing::info!(choice = i, "the prompt is computed again: {why}");
+                    fork_refused = true;
                     self.open(m, &r)?
                 }
                 None => self.open(m, &r)?,
@@ -415,7 +419,7 @@ impl NetworkBackend {
             if cancelled {
                 break;
             }
-            if i + 1 < n {
+            if i + 1 < n && !fork_refused && r.prompt_tokens.len() > 1 {
                 before = Some(chain);
             }
         }

@@ -71,6 +71,27 @@ impl KvCache {
         }
     }
 
+    /// A copy of the first `len` positions (at most what is held), its buffers sized to them:
+    /// what a sequence sharing this one's prompt starts from.
+    pub fn prefix(&self, len: usize) -> KvCache {
+        let len = self.len.min(len);
+        let n = len * self.row;
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerKv {
+                    k: l.k[..n].to_vec(),
+                    v: l.v[..n].to_vec(),
+                })
+                .collect(),
+            row: self.row,
+            len,
+            max_len: self.max_len,
+            grow_limit: self.grow_limit,
+        }
+    }
+
     pub fn clear(&mut self) {
         self.truncate(0);
     }

@@ -526,8 +526,7 @@ impl BatchActor {
             match self.seqs.iter().find(|s| s.id == leader) {
                 Some(l) if l.cache.len() < keep => {}
                 Some(l) => {
-                    let mut cache = l.cache.clone();
-                    cache.truncate(keep);
+                    let mut cache = l.cache.prefix(keep);
                     let s = &mut self.seqs[i];
                     cache.limit_growth(s.open.reservation.positions());
                     s.cache = cache;

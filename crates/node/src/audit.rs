@@ -512,6 +512,16 @@ impl NetTransport {
         if !config.key.audits(&job, &commitment, p) {
             return None;
         }
+        // The auditor's fresh session must be fed everything the provider holds before `f`:
+        // known only from position 0, or for a forked session's shared positions. A job whose
+        // first accepted call comes later (an earlier answer was not receipted) cannot be
+        // replayed faithfully and is not audited (an auditor fed `f` alone would commit to
+        // other positions, and referees replaying the same log would convict an honest node).
+        let log = match self.audits.shared.get(&peer) {
+            _ if f.position == 0 => CallLog::default(),
+            Some(shared) if f.position as usize == shared.positions() => shared.clone(),
+            _ => return None,
+        };
         let m = &self.client.metrics;
         m.audits.fetch_add(1, Ordering::Relaxed);
         let book = self.client.book();
@@ -534,10 +544,6 @@ impl NetTransport {
         let session = SessionId(crate::client::rand_session());
         // A forked session's job starts with positions the provider holds from the fork: the
         // auditor's fresh session is fed them with the first call, as one replay.
-        let log = match self.audits.shared.get(&peer) {
-            Some(shared) if f.position as usize == shared.positions() => shared.clone(),
-            _ => CallLog::default(),
-        };
         let sent = if f.position == 0 {
             Forward {
                 session,

@@ -318,7 +318,8 @@ impl Chain {
         child.hops = hops;
         child.tokens = self.tokens[..keep].to_vec();
         child.calls = vec![keep as u32];
-        child.exclude = self.exclude.clone();
+        // Nothing excluded: a peer that failed this chain may be back (a fresh chain would
+        // route to it too), and the transport that knows is the new chain's.
         Some(child)
     }
 
@@ -762,7 +763,8 @@ pub fn fork(
     let mut done: Vec<PeerId> = Vec::new();
     for peer in chain.peers() {
         if let Err(why) = transport.fork(peer, chain.session(), session, keep) {
-            for p in done {
+            // The refusing peer too: a lost answer may hide a fork that was made.
+            for p in done.into_iter().chain([peer]) {
                 transport.close(p, session);
             }
             return Err(format!("stage {peer} did not fork: {why}"));
@@ -938,6 +940,7 @@ mod tests {
         /// Positions sent in all calls.
         positions: usize,
         blamed: Vec<PeerId>,
+        closed: Vec<(PeerId, SessionId)>,
         /// The `wait` of every route look-up.
         waits: Vec<bool>,
     }
@@ -963,6 +966,7 @@ mod tests {
                 calls: 0,
                 positions: 0,
                 blamed: Vec::new(),
+                closed: Vec::new(),
                 waits: Vec::new(),
             }
         }
@@ -1041,7 +1045,9 @@ mod tests {
             best_route(&cands, from, to, exclude).map(|(r, _)| r)
         }
 
-        fn close(&mut self, _peer: PeerId, _session: SessionId) {}
+        fn close(&mut self, peer: PeerId, session: SessionId) {
+            self.closed.push((peer, session));
+        }
 
         fn blame(&mut self, peer: PeerId) {
             self.blamed.push(peer);
@@ -1197,10 +1203,16 @@ mod tests {
         run(&mut parent, &mut mem, &fx.prompt).unwrap();
         let held = fx.prompt.len() + STEPS - 1;
         assert!(fork(&parent, held + 1, SessionId([4; 16]), sampled(1), &mut mem).is_err());
-        let last = parent.peers()[1];
+        let [first, last] = parent.peers()[..] else {
+            panic!("two stages")
+        };
         mem.peers.iter_mut().find(|p| p.id == last).unwrap().alive = false;
+        mem.closed.clear();
         let err = fork(&parent, 3, SessionId([4; 16]), sampled(1), &mut mem).unwrap_err();
         assert!(err.contains("did not fork"), "{err}");
+        // The first stage's copy is freed (and the refusing stage told to free any it made).
+        let child = SessionId([4; 16]);
+        assert_eq!(mem.closed, vec![(first, child), (last, child)]);
     }
 
     /// Runs with one fault at call `at` and checks the text and the failover count.

@@ -754,9 +754,10 @@ impl EngineActor {
             );
         }
         let stage = Arc::clone(&source.stage);
-        let mut cache = source.cache.clone();
-        let history = source.history[..positions.min(source.history.len())].to_vec();
-        cache.truncate(positions);
+        // The source is in use: not the session evicted to make room for its fork.
+        if let Some(s) = self.sessions.get_mut(&src) {
+            s.last_used = Instant::now();
+        }
         self.sessions.remove(&dst);
         while self.held_sessions() >= self.config.max_sessions {
             if self.sessions.len() <= 1 {
@@ -773,19 +774,30 @@ impl EngineActor {
                 );
             }
         }
+        // Room first, then the copy of only the rows asked for.
         let mut session = Session {
-            stage,
-            cache,
-            history,
+            stage: Arc::clone(&stage),
+            cache: stage.new_cache(),
+            history: Vec::new(),
             last_used: Instant::now(),
             reservation: None,
         };
         if let Err(message) = self.reserve(&dst, &mut session, positions) {
             return error(ErrorCode::Busy, message);
         }
-        if let Some(s) = self.sessions.get_mut(&src) {
-            s.last_used = Instant::now();
-        }
+        let Some(source) = self.sessions.get(&src) else {
+            return error(
+                ErrorCode::UnknownSession,
+                format!("session {from} was evicted to make room for its fork"),
+            );
+        };
+        let limit = session
+            .reservation
+            .as_ref()
+            .map_or(positions, KvReservation::positions);
+        session.cache = source.cache.prefix(positions);
+        session.cache.limit_growth(limit);
+        session.history = source.history[..positions.min(source.history.len())].to_vec();
         self.sessions.insert(dst, session);
         self.gauges
             .sessions
@@ -1265,6 +1277,30 @@ mod tests {
             ErrorCode::BadRequest,
         );
         assert!(message.contains("split-invariant"), "{message}");
+    }
+
+    /// Issue 9: a fork takes a session slot like a new session: with every slot held, the
+    /// caller's least recently used other session makes room, never the source.
+    #[test]
+    fn a_fork_makes_room_without_evicting_its_source_issue_9() {
+        let peer = PeerId::random();
+        let config = EngineConfig {
+            max_sessions: 2,
+            ..EngineConfig::default()
+        };
+        let mut engine = EngineActor::local_with(layers(0, 1), Digest([0; 32]), config);
+        let prompt: Vec<u32> = (0..12).map(|t| 300 + t).collect();
+        engine.forward(peer, &call(1, 1, 0, &prompt));
+        std::thread::sleep(Duration::from_millis(5));
+        engine.forward(peer, &call(2, 1, 0, &prompt));
+        // Session 1 is the least recently used; forking it evicts session 2 instead.
+        let forked = engine.fork(peer, SessionId([1; 16]), SessionId([3; 16]), 11);
+        assert_eq!(forked, Response::Forked { positions: 11 });
+        assert!(engine.sessions.contains_key(&(peer, SessionId([1; 16]))));
+        assert!(engine.sessions.contains_key(&(peer, SessionId([3; 16]))));
+        assert!(!engine.sessions.contains_key(&(peer, SessionId([2; 16]))));
+        let next = engine.forward(peer, &call(3, 1, 11, &prompt[11..]));
+        assert!(matches!(next, Response::Hidden { .. }), "{next:?}");
     }
 
     fn hidden_of(r: &Response) -> Vec<u32> {

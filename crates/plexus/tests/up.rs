@@ -573,6 +573,41 @@ fn a_cheating_node_is_caught_excluded_and_slashed_while_streams_go_on_issue_11()
         reputations.iter().filter(|r| **r > 0.0).count() >= 2,
         "{metrics}"
     );
+
+    // Issue 9: `n = 2` with every job still audited, through the two honest nodes (one
+    // serves, the other audits). The second choice forks the first's chain: its provider
+    // already holds the shared prompt when its job is drawn, and its auditor is fed those
+    // positions with the first call, so their commitments agree: no dispute, no conviction.
+    let before = (c("plexus_audit_calls_passed"), c("plexus_chain_forks"));
+    let body = serde_json::json!({
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "Name three colours of the sea."}],
+        "n": 2,
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "seed": 3,
+    });
+    let answer = ureq::post(&format!("{url}/v1/chat/completions"))
+        .header("Authorization", &format!("Bearer {key}"))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        answer["choices"].as_array().map(Vec::len),
+        Some(2),
+        "{answer}"
+    );
+    let metrics = http_get(&url, "/metrics", &key);
+    let c = |name: &str| counter(&metrics, name);
+    assert_eq!(c("plexus_chain_forks"), before.1 + 1, "{metrics}");
+    assert_eq!(c("plexus_chain_forks_refused"), 0, "{metrics}");
+    assert!(c("plexus_audit_calls_passed") >= before.0 + 16, "{metrics}");
+    assert_eq!(c("plexus_audit_disputes"), 1, "{metrics}");
+    assert_eq!(c("plexus_audit_convictions"), 1, "{metrics}");
     stop_up(up);
 
     let base = cache.path().join("up");
