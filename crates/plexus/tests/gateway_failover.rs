@@ -9,8 +9,9 @@
 //!
 //! Also issue 8's refusal through the network: a node whose KV budget is taken by a running
 //! stream refuses a new session `Busy`, and the gateway answers 429 `server_overloaded` with
-//! `Retry-After` while the running stream finishes; and a flood of long generations at a
-//! one-process gateway whose memory (peak RSS, measured) stays within its KV budget.
+//! `Retry-After` while the running stream finishes; a second stream goes to a node with KV
+//! room while the first holds another's; and a flood of long generations at a one-process
+//! gateway whose memory (peak RSS, measured) stays within its KV budget.
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
 use plexus_core::keys::NodeKey;
@@ -252,6 +253,119 @@ fn a_full_node_gives_429_server_overloaded_and_the_running_stream_finishes_issue
     }
     assert!(refused, "the stream ended before the second request");
     assert_eq!(text, want);
+}
+
+/// Issue 8, KV room across processes: two whole-model nodes whose budgets hold one generation
+/// each. While a stream holds the first node's room, a second stream is served by the other
+/// node (routing avoids the full node, or routes around its `Busy`); with both full, a third
+/// request is 429 `server_overloaded`; both streams end with the whole model's text.
+#[test]
+fn a_second_stream_goes_to_the_node_with_kv_room_and_a_third_is_429_issue_8() {
+    let dir = tempfile::tempdir().unwrap();
+    let n0 = node_with(
+        "0..30",
+        &["--kv-budget-mib", "6"],
+        &dir.path().join("n0"),
+        None,
+    );
+    let n1 = node_with(
+        "0..30",
+        &["--kv-budget-mib", "6"],
+        &dir.path().join("n1"),
+        Some(&n0.first_line),
+    );
+    let nodes = [n0, n1];
+    let gw = gateway(&nodes, &dir.path().join("gw"));
+    let url = gw.first_line.clone();
+    let prompt = "Once upon a time, in a small village by the sea,";
+    let want = local_greedy(prompt, 100);
+    wait_for_model(&url);
+    // Both nodes announced: the gateway knows two routes.
+    let started = Instant::now();
+    while !ureq::get(&format!("{url}/metrics"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap()
+        .contains("plexus_directory_peers 2")
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "one node seen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let body = |stream: bool| {
+        serde_json::json!({
+            "model": "SmolLM2-135M-Instruct",
+            "prompt": prompt,
+            "max_tokens": 100,
+            "temperature": 0,
+            "stream": stream,
+        })
+        .to_string()
+    };
+    let open = || {
+        let resp = ureq::post(&format!("{url}/v1/completions"))
+            .header("Content-Type", "application/json")
+            .send(body(true))
+            .unwrap();
+        BufReader::new(resp.into_body().into_reader())
+    };
+    // Reads a stream until it has some text (`until_text`) or to its end; the text.
+    let read = |reader: &mut BufReader<_>, text: &mut String, until_text: bool| {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                return;
+            }
+            let Some(data) = line.trim_end().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                return;
+            }
+            let v: serde_json::Value = serde_json::from_str(data).unwrap();
+            assert!(v.get("error").is_none(), "{v}");
+            text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+            if until_text && !text.is_empty() {
+                return;
+            }
+        }
+    };
+    let (mut text_a, mut text_b) = (String::new(), String::new());
+    let mut a = open();
+    read(&mut a, &mut text_a, true);
+    let mut b = open();
+    read(&mut b, &mut text_b, true);
+    assert!(!text_b.is_empty(), "the second stream produced nothing");
+    // Both nodes hold a running generation: nowhere to put a third.
+    let got = ureq::post(&format!("{url}/v1/completions"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("Content-Type", "application/json")
+        .send(body(false))
+        .unwrap();
+    assert_eq!(got.status().as_u16(), 429);
+    let err: serde_json::Value =
+        serde_json::from_str(&got.into_body().read_to_string().unwrap()).unwrap();
+    assert_eq!(err["error"]["code"], "server_overloaded", "{err}");
+    read(&mut b, &mut text_b, false);
+    read(&mut a, &mut text_a, false);
+    assert_eq!(text_a, want);
+    assert_eq!(text_b, want);
+    let metrics = ureq::get(&format!("{url}/metrics"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    let failovers = metrics
+        .lines()
+        .find(|l| l.starts_with("plexus_chain_failovers_total"))
+        .unwrap_or_default()
+        .to_owned();
+    eprintln!("{failovers} (a second stream sent to the full node first fails over)");
 }
 
 /// Peak resident memory of process `pid` (`VmHWM`), in bytes.

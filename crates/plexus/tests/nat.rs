@@ -612,8 +612,9 @@ fn a_gateway_behind_nat_calls_home_nodes_through_punched_holes_not_the_relay_iss
     );
 }
 
-/// Benchmark (BENCHMARKS.md): per-token latency with both homes direct (hole-punched) and
-/// both relayed, in the same namespaces. Run:
+/// Benchmark (BENCHMARKS.md): per-token latency with both homes dialing the public gateway
+/// (direct), both relayed, and the gateway at home (stage calls through punched holes), in the
+/// same namespaces. Run:
 /// `target/debug/deps/nat-* --exact nat_latency_direct_vs_relayed --ignored --nocapture`.
 #[test]
 #[ignore = "benchmark; prints figures"]
@@ -624,11 +625,12 @@ fn nat_latency_direct_vs_relayed() {
         .unwrap_or(2);
     let mut rows = Vec::new();
     for round in 0..rounds {
-        for (label, blocked) in [
-            ("both homes direct", &[][..]),
-            ("both homes relayed", &[1, 2][..]),
+        for (label, blocked, gateway_home) in [
+            ("both homes direct", &[][..], false),
+            ("both homes relayed", &[1, 2][..], false),
+            ("gateway at home, holes punched", &[][..], true),
         ] {
-            let o = run(blocked, false);
+            let o = run(blocked, gateway_home);
             rows.push(format!(
                 "round {round}: {label}: {:.1} ms/token (home 1: {}, home 2: {})",
                 o.per_token_ms,

@@ -150,9 +150,10 @@ pub struct Running {
     pub events: mpsc::Receiver<Event>,
 }
 
-/// Admits and starts `job`; returns once its prompt is tokenized and checked, so that every
-/// request error is still an HTTP status. Cancel-safe: dropping the future while queued gives
-/// the place back; dropping it later stops the generation at its next piece of text.
+/// Admits and starts `job`; returns once the backend has admitted it (its first piece of
+/// text) or it ended, so that every request error, a backend's refusal included (a full KV
+/// budget, no route), is still an HTTP status. Cancel-safe: dropping the future while queued
+/// gives the place back; dropping it later stops the generation at its next piece of text.
 pub async fn start(state: &AppState, job: Job) -> Result<Running, ApiError> {
     let arrived = Instant::now();
     let entry = state
@@ -227,9 +228,14 @@ impl Task {
             }
         };
         let prompt_tokens = req.prompt_tokens.len();
-        if ready.send(Ok(prompt_tokens)).is_err() {
+        if ready.is_closed() {
             return; // The client left while the prompt was prepared.
         }
+        // The response starts (a 200, and for a stream its headers) once the backend has
+        // admitted the generation: at its first piece of text, or at its end. A refusal before
+        // that (a full KV budget: 429 `server_overloaded`; no route) is still an HTTP status,
+        // not an error event after a 200.
+        let mut ready = Some(ready);
         let metrics = self.state.metrics();
         metrics.prompt_tokens.inc_by(prompt_tokens as u64);
         let mut pending = Pending::default();
@@ -240,6 +246,12 @@ impl Task {
                 metrics
                     .time_to_first_token
                     .observe(self.arrived.elapsed().as_secs_f64());
+                if ready
+                    .take()
+                    .is_some_and(|r| r.send(Ok(prompt_tokens)).is_err())
+                {
+                    return Flow::Stop; // The client left during the prefill.
+                }
             }
             if self.state.is_cancelled() || self.tx.is_closed() {
                 return Flow::Stop;
@@ -330,6 +342,16 @@ impl Task {
             }
             Err(e) => Err(backend_error(e)),
         };
+        if let Some(ready) = ready.take() {
+            // Nothing was sent yet: a failure is the response's status.
+            if let Err(e) = result {
+                let _ = ready.send(Err(e));
+                return;
+            }
+            if ready.send(Ok(prompt_tokens)).is_err() {
+                return;
+            }
+        }
         // The engine is free; hand over what is left, waiting a bounded time for a stalled
         // client.
         let tx = self.tx;

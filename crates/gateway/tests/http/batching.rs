@@ -83,8 +83,20 @@ async fn a_request_beyond_the_kv_budget_is_429_server_overloaded_issue_8() {
             .contains("KV cache budget"),
         "{v}"
     );
-    // A request that fits is served.
+    // Streamed, the refusal is still the response's status, not an error event after a 200
+    // (the stream starts once the engine admitted the generation).
+    b["stream"] = json!(true);
+    let res = send(&app, post("/v1/chat/completions", &b)).await;
+    assert_eq!(res.status(), 429);
+    let v = json(res).await;
+    assert_eq!(v["error"]["code"], "server_overloaded", "{v}");
+    // A request that fits is served, streamed or not.
     b["max_tokens"] = json!(4);
+    assert_eq!(
+        send(&app, post("/v1/chat/completions", &b)).await.status(),
+        200
+    );
+    b["stream"] = json!(false);
     assert_eq!(
         send(&app, post("/v1/chat/completions", &b)).await.status(),
         200

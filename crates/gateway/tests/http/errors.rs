@@ -242,9 +242,17 @@ async fn backend_failures() {
     )
     .await;
     assert!(!v.to_string().contains("10.1.2.3"), "the cause leaked: {v}");
-    // Mid-stream failures arrive as an error event.
+    // Streamed, a failure before any text is still the response's status...
     let mut sreq = req.clone();
     sreq["stream"] = json!(true);
+    expect_error(
+        send(&app, post("/v1/chat/completions", &sreq)).await,
+        500,
+        "server_error",
+    )
+    .await;
+    // ...and a failure mid-stream arrives as an error event.
+    let app = scripted_app(Scripted::new(Script::FailAfterA), GatewayConfig::new());
     let res = send(&app, post("/v1/chat/completions", &sreq)).await;
     assert_eq!(res.status(), 200);
     let body = text(res).await;

@@ -103,6 +103,8 @@ pub enum Script {
     Gated,
     Unavailable,
     Internal,
+    /// Emits "a", then fails (an internal error carrying a secret).
+    FailAfterA,
 }
 
 /// A backend that follows a script instead of running a model, and reports what happened.
@@ -204,6 +206,12 @@ impl Backend for Scripted {
                 return Err(BackendError::Internal(
                     "secret stage address 10.1.2.3".into(),
                 ))
+            }
+            Script::FailAfterA => {
+                on_text(&Piece::plain("a"));
+                return Err(BackendError::Internal(
+                    "secret stage address 10.1.2.3".into(),
+                ));
             }
             Script::Gated => {
                 let (lock, cv) = &self.gate;
