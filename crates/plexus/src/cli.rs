@@ -309,8 +309,9 @@ pub struct TrainArgs {
     /// Test-only misbehaviour of a distributed worker: `garbage` (undecodable pseudo-gradients
     /// and messages), `stale` (last round's contribution re-sent as this round's), `lazy`
     /// (trains on examples other than its assigned ones and commits as if it had not), `ahead`
-    /// (claims a later round than its own, with a made-up state to match) or `harmful` (its
-    /// pseudo-gradient reversed and scaled by 4, validly committed).
+    /// (claims a later round than its own, with a made-up state to match), `behind` (claims to
+    /// be at round 0, forever) or `harmful` (its pseudo-gradient reversed and
+    /// scaled by 4, validly committed).
     #[arg(long, hide = true, requires = "distributed")]
     pub cheat: Option<String>,
     /// With --distributed: the text file of a text run (the spec names its digest; another

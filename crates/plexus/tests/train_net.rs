@@ -481,6 +481,45 @@ fn a_lazy_worker_is_caught_by_the_audits_and_a_peer_lying_about_its_round_is_not
     drop((lazy, liar));
 }
 
+/// A worker that says it is still at round 0, forever (otherwise honest), would hold
+/// every round open to its deadline (the honest workers wait for peers still behind). Seen
+/// behind for two rounds in a row, it is no longer waited for: the honest workers' rounds close
+/// as soon as their contributions are in ("closed all-in") from then on, and they end on the
+/// same state.
+#[test]
+fn a_peer_that_says_it_is_behind_forever_holds_rounds_open_for_two_rounds_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec_with(tmp.path(), 6, 3, 4_000, &["--audit-rate", "0"]);
+    let h0 = Worker::start("h0", &spec, tmp.path(), &[], &[]);
+    let h1 = Worker::start("h1", &spec, tmp.path(), &[&h0.addr], &[]);
+    let peers = [h0.addr.as_str(), h1.addr.as_str()];
+    let liar = Worker::start("behind", &spec, tmp.path(), &peers, &["--cheat", "behind"]);
+    let mut states = Vec::new();
+    for mut h in [h0, h1] {
+        let (_, _, state) = h.finish();
+        states.push(state);
+        let text = h.text();
+        let rounds = round_lines(&text);
+        assert_eq!(rounds.len(), 6, "{text}");
+        let closed: Vec<&str> = rounds.iter().map(|l| field(l, "closed ")).collect();
+        eprintln!("{}: closed {closed:?}", h.name);
+        // Believed at first (an honest straggler looks the same)...
+        assert!(
+            closed[..3].contains(&"deadline"),
+            "{}: the claim never held a round open: {closed:?}\n{text}",
+            h.name
+        );
+        // ...then not waited for any more.
+        assert!(
+            closed[3..].iter().all(|c| *c == "all-in"),
+            "{}: rounds still held open by the peer stuck behind: {closed:?}\n{text}",
+            h.name
+        );
+    }
+    assert_eq!(states[0], states[1]);
+    drop(liar);
+}
+
 #[test]
 fn killing_every_worker_and_restarting_them_resumes_from_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();

@@ -29,7 +29,8 @@
 //! hold it ([`choose_target`]), waiting first for peers still closing the last round
 //! ([`wait_for_stragglers`]); it closes a round before its deadline only when every expected
 //! contribution is in and no peer is behind, or when more than half of its peers have moved
-//! past it ([`Worker::may_close`]).
+//! past it ([`Worker::may_close`]). A peer that says it is behind for two of the worker's
+//! rounds in a row is not waited for any more (an honest straggler catches up within one).
 //!
 //! A contribution for another round is never applied to this one: the machine refuses stale
 //! and far-future ones; one for the next round waits until this one closes.
@@ -86,6 +87,28 @@ struct RoundNotes {
     synced: usize,
     audits: AuditTally,
     began: Instant,
+    closed: Closed,
+}
+
+/// Why a round closed ([`Worker::may_close`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closed {
+    /// Every expected contribution was in and no peer was behind.
+    AllIn,
+    /// More than half of the peers had moved past it.
+    PeersAhead,
+    /// Its deadline passed.
+    Deadline,
+}
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Closed::AllIn => "all-in",
+            Closed::PeersAhead => "peers-ahead",
+            Closed::Deadline => "deadline",
+        })
+    }
 }
 
 /// One worker of a run on data `D`: a synthetic task or a text.
@@ -114,8 +137,9 @@ pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
         Some("lazy") => Some(Cheat::Lazy),
         Some("ahead") => Some(Cheat::Ahead),
         Some("harmful") => Some(Cheat::Harmful),
+        Some("behind") => Some(Cheat::Behind),
         Some(other) => {
-            bail!("--cheat {other:?}: expected garbage, stale, lazy, ahead or harmful")
+            bail!("--cheat {other:?}: expected garbage, stale, lazy, ahead, behind or harmful")
         }
     };
     let data_dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
@@ -305,7 +329,9 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let (handle, events) = plexus_net::start(net)?;
         let mut machine = RoundMachine::new(self.cfg.clone(), global, [], self.now());
         machine.expect(self.me.clone());
-        let shared = Arc::new(Mutex::new(Shared::new(run, machine)));
+        let mut initial = Shared::new(run, machine);
+        initial.claim_behind = self.cheat == Some(Cheat::Behind);
+        let shared = Arc::new(Mutex::new(initial));
         tokio::spawn(serve(handle.clone(), events, shared.clone(), self.epoch));
         let peers = Peers {
             net: handle.clone(),
@@ -333,9 +359,12 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             let (c, train_loss, next) = self.train(round, start, state).await?;
             state = next;
             self.contribute(&peers, &shared, c, round).await;
-            while !self.may_close(&shared, round) {
-                tokio::time::sleep(POLL).await;
-            }
+            let closed = loop {
+                match self.may_close(&shared, round) {
+                    Some(why) => break why,
+                    None => tokio::time::sleep(POLL).await,
+                }
+            };
             let synced = self.sync(&peers, &shared, round).await;
             lock(&shared).closing = Some(round);
             let audits = self.audit(&peers, &shared, round).await;
@@ -365,6 +394,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 synced,
                 audits,
                 began,
+                closed,
             };
             self.progress(&handle, &shared, &outcome, &notes);
         }
@@ -378,7 +408,9 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     /// (they hold the set they closed on, which the sync before closing fetches; one peer
     /// claiming a later round does not cut the round short unless it is the only peer). Peers
     /// convicted by an audit count for nothing.
-    fn may_close(&self, shared: &Mutex<Shared>, round: u64) -> bool {
+    /// A peer that has said it is behind for [`shared::STUCK_ROUNDS`] rounds in a row holds no
+    /// round open. `None` while the round stays open.
+    fn may_close(&self, shared: &Mutex<Shared>, round: u64) -> Option<Closed> {
         let s = lock(shared);
         let (mut counted, mut ahead, mut behind) = (0, 0, false);
         for (p, st) in &s.peers {
@@ -387,11 +419,17 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             }
             counted += 1;
             ahead += usize::from(st.round > round);
-            behind |= !st.done && st.round < round;
+            behind |= !st.done && st.round < round && !s.stuck(p);
         }
-        s.machine.past_deadline(self.now())
-            || (s.machine.all_in() && !behind)
-            || 2 * ahead > counted
+        if s.machine.all_in() && !behind {
+            Some(Closed::AllIn)
+        } else if 2 * ahead > counted {
+            Some(Closed::PeersAhead)
+        } else if s.machine.past_deadline(self.now()) {
+            Some(Closed::Deadline)
+        } else {
+            None
+        }
     }
 
     /// Waits until the spec's minimum of workers is connected (or joins a run under way).
@@ -442,7 +480,16 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             let others: Vec<(u64, Digest)> =
                 statuses.iter().map(|(_, s)| (s.round, s.state)).collect();
             let target = choose_target(mine, others.iter().copied(), self.spec.spec.rounds);
-            if wait_for_stragglers(mine, &others, target) && asked.elapsed() < STRAGGLERS {
+            // Peers stuck behind are not waited for (see `shared::STUCK_ROUNDS`).
+            let waited: Vec<(u64, Digest)> = {
+                let s = lock(shared);
+                statuses
+                    .iter()
+                    .filter(|(p, _)| !s.stuck(p))
+                    .map(|(_, st)| (st.round, st.state))
+                    .collect()
+            };
+            if wait_for_stragglers(mine, &waited, target) && asked.elapsed() < STRAGGLERS {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
@@ -561,7 +608,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 .collect()
         };
         let c = match self.cheat {
-            None | Some(Cheat::Lazy | Cheat::Ahead) => {
+            None | Some(Cheat::Lazy | Cheat::Ahead | Cheat::Behind) => {
                 let now = self.now();
                 if let Err(why) = lock(shared).receive(c.clone(), now) {
                     eprintln!("this worker's own contribution to round {round} missed: {why}");
@@ -589,7 +636,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let mut cm = c.signed.commitment;
         let mut payload = c.payload;
         match cheat {
-            Cheat::Lazy | Cheat::Ahead => {}
+            Cheat::Lazy | Cheat::Ahead | Cheat::Behind => {}
             Cheat::Garbage => {
                 for (i, b) in payload.iter_mut().enumerate() {
                     *b = (i as u8).wrapping_mul(151) ^ 0x5a;
@@ -661,6 +708,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             synced,
             audits,
             began,
+            closed,
         } = *round;
         let counters = handle.counters();
         let sent = counters.sent.load(std::sync::atomic::Ordering::Relaxed);
@@ -688,7 +736,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             (s.peers.values().filter(|st| !st.done).count(), s.refused)
         };
         println!(
-            "round {}/{} | held-out loss {:.4} | train loss {:.4} | applied {}/{} (mine {mine}, {synced} fetched) | audits passed {}/{} | peers {peers} | refused {refused} | sent {sent} B | received {received} B | {:.1}s | state {}",
+            "round {}/{} | held-out loss {:.4} | train loss {:.4} | applied {}/{} (mine {mine}, {synced} fetched) | audits passed {}/{} | peers {peers} | refused {refused} | sent {sent} B | received {received} B | closed {closed} | {:.1}s | state {}",
             o.round + 1,
             self.spec.spec.rounds,
             o.loss_before,

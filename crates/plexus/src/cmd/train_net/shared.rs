@@ -18,6 +18,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Peers whose status is remembered.
 pub const MAX_PEERS: usize = 1024;
+
+/// A peer seen behind this worker's round at every look for this many of this worker's rounds
+/// in a row is no longer waited for. An honest straggler (slow, restarting, catching up) is
+/// seen at the round once it has caught up, within a round; a peer that says it is behind
+/// forever would otherwise hold every round to its deadline.
+pub const STUCK_ROUNDS: u64 = 2;
 /// Rounds whose start state this worker keeps for its auditors (the current one and the one
 /// before: a peer may still be auditing the last round when this worker has moved on).
 pub const KEPT_STARTS: usize = 2;
@@ -47,6 +53,11 @@ pub struct Shared {
     pub convicted: BTreeMap<Vec<u8>, u64>,
     /// Test-only (`--cheat ahead`): the status and state this worker claims to peers.
     pub claim: Option<GlobalState>,
+    /// Test-only (`--cheat behind`): this worker tells peers it is still at round 0.
+    pub claim_behind: bool,
+    /// Peers seen behind this worker's round, with this worker's round when that began (reset
+    /// when one is seen at or past it): see [`STUCK_ROUNDS`].
+    pub behind_since: HashMap<PeerId, u64>,
     /// The round whose set is fixed (after the sync, while its audits run and it closes):
     /// contributions to it are refused from then on.
     pub closing: Option<u64>,
@@ -66,6 +77,8 @@ impl Shared {
             starts: VecDeque::new(),
             convicted: BTreeMap::new(),
             claim: None,
+            claim_behind: false,
+            behind_since: HashMap::new(),
             closing: None,
         }
     }
@@ -78,8 +91,20 @@ impl Shared {
                 state: g.digest(),
                 ..self.status()
             },
+            None if self.claim_behind => Status {
+                round: 0,
+                ..self.status()
+            },
             None => self.status(),
         }
+    }
+
+    /// Whether `peer` has said it is behind for [`STUCK_ROUNDS`] of this worker's rounds in a
+    /// row: its claim no longer holds a round open.
+    pub fn stuck(&self, peer: &PeerId) -> bool {
+        self.behind_since
+            .get(peer)
+            .is_some_and(|since| self.machine.round() >= since + STUCK_ROUNDS)
     }
 
     /// Keeps this worker's start state of `round` for its auditors.
@@ -126,6 +151,12 @@ impl Shared {
             self.machine.expect(worker);
         }
         if self.peers.len() < MAX_PEERS || self.peers.contains_key(&peer) {
+            if status.round < self.machine.round() && !status.done {
+                let round = self.machine.round();
+                self.behind_since.entry(peer).or_insert(round);
+            } else {
+                self.behind_since.remove(&peer);
+            }
             self.peers.insert(peer, status);
         }
     }
