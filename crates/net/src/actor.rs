@@ -61,6 +61,10 @@ pub struct NetActor {
     inbound: HashMap<PeerId, u32>,
     /// Peers DCUtR punched a hole to (bounded by the connections there can be).
     punched: HashSet<PeerId>,
+    /// Addresses of each peer a dial is under way on (until it connects or the dial fails):
+    /// a new address of the peer is dialed, one already being dialed is not again (kad
+    /// reports every address added, one at a time, and announcements repeat).
+    dialing: HashMap<PeerId, HashSet<Multiaddr>>,
 }
 
 #[derive(Clone, Debug)]
@@ -154,6 +158,7 @@ impl NetActor {
             retire: HashSet::new(),
             inbound: HashMap::new(),
             punched: HashSet::new(),
+            dialing: HashMap::new(),
         };
         tokio::spawn(actor.run());
         Ok((
@@ -439,8 +444,18 @@ impl NetActor {
             && !self.is_banned(&peer)
         {
             use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+            if !self.dialing.contains_key(&peer) && self.dialing.len() >= 4 * TARGET_PEERS {
+                return;
+            }
+            let pending = self.dialing.entry(peer).or_default();
+            let addrs: Vec<Multiaddr> =
+                addrs.into_iter().filter(|a| !pending.contains(a)).collect();
+            if addrs.is_empty() {
+                return;
+            }
+            pending.extend(addrs.iter().cloned());
             // Not `DisconnectedAndNotDialing`: a dial already under way may be on the
-            // unreachable addresses alone.
+            // unreachable addresses alone; only addresses not being dialed yet are tried.
             let opts = DialOpts::peer_id(peer)
                 .condition(PeerCondition::Disconnected)
                 .addresses(addrs)
@@ -531,6 +546,7 @@ impl NetActor {
                 num_established,
                 ..
             } => {
+                self.dialing.remove(&peer_id);
                 let relayed = endpoint.is_relayed();
                 let dialed = match &endpoint {
                     libp2p::core::ConnectedPoint::Dialer { address, .. } if !relayed => {
@@ -597,6 +613,9 @@ impl NetActor {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, "dial failed: {error}");
+                if let Some(peer) = peer_id {
+                    self.dialing.remove(&peer);
+                }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.emit(NetEvent::ListenExpired(address));

@@ -310,7 +310,7 @@ pub struct TrainArgs {
     /// and messages), `stale` (last round's contribution re-sent as this round's), `lazy`
     /// (trains on examples other than its assigned ones and commits as if it had not), `ahead`
     /// (claims a later round than its own, with a made-up state to match), `behind` (claims to
-    /// be at round 0, forever) or `harmful` (its pseudo-gradient reversed and
+    /// be at round 0, forever, and sends no contribution) or `harmful` (its pseudo-gradient reversed and
     /// scaled by 4, validly committed).
     #[arg(long, hide = true, requires = "distributed")]
     pub cheat: Option<String>,

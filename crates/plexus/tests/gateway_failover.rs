@@ -278,7 +278,7 @@ fn a_second_stream_goes_to_the_node_with_kv_room_and_a_third_is_429_issue_8() {
     let gw = gateway(&nodes, &dir.path().join("gw"));
     let url = gw.first_line.clone();
     let prompt = "Once upon a time, in a small village by the sea,";
-    let want = local_greedy(prompt, 100);
+    let want = local_greedy(prompt, 200);
     wait_for_model(&url);
     // Both nodes announced: the gateway knows two routes.
     let started = Instant::now();
@@ -297,7 +297,7 @@ fn a_second_stream_goes_to_the_node_with_kv_room_and_a_third_is_429_issue_8() {
         serde_json::json!({
             "model": "SmolLM2-135M-Instruct",
             "prompt": prompt,
-            "max_tokens": 100,
+            "max_tokens": 200,
             "temperature": 0,
             "stream": stream,
         })
@@ -344,8 +344,9 @@ fn a_second_stream_goes_to_the_node_with_kv_room_and_a_third_is_429_issue_8() {
         .http_status_as_error(false)
         .build()
         .header("Content-Type", "application/json")
-        .send(body(false))
+        .send(body(true))
         .unwrap();
+    // Streamed too: the refusal is the status, not an error event after a 200.
     assert_eq!(got.status().as_u16(), 429);
     let err: serde_json::Value =
         serde_json::from_str(&got.into_body().read_to_string().unwrap()).unwrap();

@@ -481,7 +481,7 @@ fn a_lazy_worker_is_caught_by_the_audits_and_a_peer_lying_about_its_round_is_not
     drop((lazy, liar));
 }
 
-/// A worker that says it is still at round 0, forever (otherwise honest), would hold
+/// A worker that says it is still at round 0, forever, and sends nothing, would hold
 /// every round open to its deadline (the honest workers wait for peers still behind). Seen
 /// behind for two rounds in a row, it is no longer waited for: the honest workers' rounds close
 /// as soon as their contributions are in ("closed all-in") from then on, and they end on the

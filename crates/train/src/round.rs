@@ -228,6 +228,16 @@ impl RoundMachine {
         now_ms >= self.deadline_at()
     }
 
+    /// No longer waits for `worker`'s contribution this round (it is still taken if it comes).
+    pub fn unexpect(&mut self, worker: &[u8]) {
+        self.expected.remove(worker);
+    }
+
+    /// Whether `worker`'s contribution to this round is held.
+    pub fn contributes(&self, worker: &[u8]) -> bool {
+        self.received.contains_key(worker)
+    }
+
     /// Whether every expected worker's contribution is in.
     pub fn all_in(&self) -> bool {
         !self.expected.is_empty() && self.expected.iter().all(|w| self.received.contains_key(w))

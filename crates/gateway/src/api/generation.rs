@@ -3,9 +3,11 @@
 //! ```text
 //! handler ──start(job)──> find model ─> admit (slot or queue or 429)
 //!                             │
-//!                 spawn_blocking: render + tokenize + check context
-//!                             │── ready: Ok(prompt tokens) / Err(400) ──> handler answers
-//!                             │── backend.generate(on_text) ──> Event::Piece (bounded channel)
+//!                 spawn_blocking: render + tokenize + check context ── Err(400) ──> handler
+//!                             │── backend.generate(on_text)
+//!                             │     first piece: ready Ok(prompt tokens) ──> handler answers
+//!                             │     then Event::Piece (bounded channel)
+//!                             │   (no piece: ready Ok at the end, or Err(429/503/500) as status)
 //!                             └── Event::Done(completion or error)
 //! ```
 //!
@@ -246,6 +248,9 @@ impl Task {
                 metrics
                     .time_to_first_token
                     .observe(self.arrived.elapsed().as_secs_f64());
+                if self.state.is_cancelled() {
+                    return Flow::Stop; // Shutting down: the status says so (below).
+                }
                 if ready
                     .take()
                     .is_some_and(|r| r.send(Ok(prompt_tokens)).is_err())

@@ -26,9 +26,10 @@ pub enum Cheat {
     /// Sends its pseudo-gradient reversed and four times as large (decodes, signs and
     /// commits validly; raises the held-out loss).
     Harmful,
-    /// Tells peers it is still at round 0, forever (otherwise honest): peers that believed it
-    /// would hold every round open to its deadline. (A claim of one round behind is no lie
-    /// worth telling: it is what an honest peer a little ahead says.)
+    /// Tells peers it is still at round 0, forever, and neither sends nor holds a contribution
+    /// (as a worker still catching up would): peers that believed it would hold every round open to its
+    /// deadline. (A claim of one round behind is no lie worth telling: it is what an honest
+    /// peer a little ahead says; and a peer whose contribution is in is not behind.)
     Behind,
 }
 

@@ -270,7 +270,9 @@ async fn serve(
                 }
             }
             NetEvent::Disconnected(peer) => {
-                lock(&shared).peers.remove(&peer);
+                let mut s = lock(&shared);
+                s.peers.remove(&peer);
+                s.behind_since.remove(&peer);
             }
             NetEvent::Announcement { .. } | NetEvent::Connected(_) | NetEvent::ListenExpired(_) => {
             }
@@ -408,18 +410,33 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     /// (they hold the set they closed on, which the sync before closing fetches; one peer
     /// claiming a later round does not cut the round short unless it is the only peer). Peers
     /// convicted by an audit count for nothing.
-    /// A peer that has said it is behind for [`shared::STUCK_ROUNDS`] rounds in a row holds no
-    /// round open. `None` while the round stays open.
+    /// A peer that has said it is behind for [`shared::STUCK_ROUNDS`] rounds in a row counts
+    /// for nothing here, like a convicted one. `None` while the round stays open.
     fn may_close(&self, shared: &Mutex<Shared>, round: u64) -> Option<Closed> {
-        let s = lock(shared);
+        let mut s = lock(shared);
+        // Nor is a stuck peer's contribution waited for (it contributed last round, say, and
+        // then stopped while claiming to catch up).
+        let stuck: Vec<Vec<u8>> = s
+            .peers
+            .keys()
+            .filter(|p| s.stuck(p))
+            .map(|p| p.to_bytes())
+            .collect();
+        for w in &stuck {
+            s.machine.unexpect(w);
+        }
         let (mut counted, mut ahead, mut behind) = (0, 0, false);
         for (p, st) in &s.peers {
             if s.convicted.contains_key(&p.to_bytes()) {
                 continue;
             }
+            if s.stuck(p) {
+                continue;
+            }
             counted += 1;
             ahead += usize::from(st.round > round);
-            behind |= !st.done && st.round < round && !s.stuck(p);
+            // A peer whose contribution to this round is in is at it, whatever it said.
+            behind |= !st.done && st.round < round && !s.machine.contributes(&p.to_bytes());
         }
         if s.machine.all_in() && !behind {
             Some(Closed::AllIn)
@@ -608,7 +625,8 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 .collect()
         };
         let c = match self.cheat {
-            None | Some(Cheat::Lazy | Cheat::Ahead | Cheat::Behind) => {
+            Some(Cheat::Behind) => return, // Says it is still catching up: holds nothing.
+            None | Some(Cheat::Lazy | Cheat::Ahead) => {
                 let now = self.now();
                 if let Err(why) = lock(shared).receive(c.clone(), now) {
                     eprintln!("this worker's own contribution to round {round} missed: {why}");

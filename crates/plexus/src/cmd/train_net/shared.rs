@@ -234,7 +234,15 @@ impl Shared {
                     c.signed.commitment.worker.clone(),
                 );
                 match self.receive(*c, now_ms) {
-                    Ok(()) => TrainResponse::Accepted,
+                    Ok(()) => {
+                        // Contributing to this round is being at it, whatever its last hello
+                        // said (a joiner says hello before it fetches the state it catches up
+                        // to).
+                        if round == self.machine.round() {
+                            self.behind_since.remove(&peer);
+                        }
+                        TrainResponse::Accepted
+                    }
                     Err(why) => {
                         self.refused += 1;
                         let who = worker_name(&worker);
