@@ -87,11 +87,7 @@ pub trait TokenChain {
     /// chunks of [`PREFILL_CHUNK`]; a chain that schedules its own chunks (the batching
     /// engine, [`crate::serve`]) overrides it.
     fn feed_prompt(&mut self, prompt: &[u32]) -> Result<u32, Self::Error> {
-        let mut next = 0;
-        for chunk in prompt.chunks(PREFILL_CHUNK) {
-            next = self.feed(chunk)?;
-        }
-        Ok(next)
+        feed_in_chunks(self, prompt)
     }
 
     /// The log-probabilities of the token the last [`TokenChain::feed`] returned, when the
@@ -99,6 +95,19 @@ pub trait TokenChain {
     fn take_logprobs(&mut self) -> Option<TokenLogprobs> {
         None
     }
+}
+
+/// Feeds `tokens` in chunks of [`PREFILL_CHUNK`] (what [`TokenChain::feed_prompt`] does by
+/// default); the token sampled after the last.
+pub fn feed_in_chunks<C: TokenChain + ?Sized>(
+    chain: &mut C,
+    tokens: &[u32],
+) -> Result<u32, C::Error> {
+    let mut next = 0;
+    for chunk in tokens.chunks(PREFILL_CHUNK) {
+        next = chain.feed(chunk)?;
+    }
+    Ok(next)
 }
 
 /// The whole model (or a chain of stages) in this process.

@@ -434,6 +434,17 @@ fn lock(prefix: &Mutex<PrefixCache>) -> MutexGuard<'_, PrefixCache> {
     prefix.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Starts `s` (nothing computed yet) after the longest prefix of its prompt the prefix cache
+/// holds, if any.
+fn start_from_prefix_cache(prefix: &Mutex<PrefixCache>, s: &mut Seq) {
+    if let Some((prefilled, mut cache)) = lock(prefix).take_longest(&s.open.prompt) {
+        cache.limit_growth(s.open.reservation.positions());
+        s.cache = cache;
+        s.history.extend_from_slice(&s.open.prompt[..prefilled]);
+        s.prefilled = prefilled;
+    }
+}
+
 impl BatchActor {
     fn run(mut self, inbox: Receiver<Opening>) {
         loop {
@@ -492,25 +503,22 @@ impl BatchActor {
             })
             .flatten()
             .filter(|_| open.prompt.len() > 1);
-        let (prefilled, mut cache) = match leader {
-            Some(_) => (0, self.stage.new_cache()),
-            None => lock(&self.prefix)
-                .take_longest(&open.prompt)
-                .unwrap_or_else(|| (0, self.stage.new_cache())),
-        };
+        let mut cache = self.stage.new_cache();
         cache.limit_growth(open.reservation.positions());
-        let mut history = Vec::with_capacity(open.reservation.positions());
-        history.extend_from_slice(&open.prompt[..prefilled]);
-        self.seqs.push(Seq {
+        let mut seq = Seq {
             id,
             waits_for: leader,
             cache,
-            history,
-            prefilled,
+            history: Vec::with_capacity(open.reservation.positions()),
+            prefilled: 0,
             produced: 0,
             next: None,
             open,
-        });
+        };
+        if leader.is_none() {
+            start_from_prefix_cache(&self.prefix, &mut seq);
+        }
+        self.seqs.push(seq);
         self.share_ready();
     }
 
@@ -539,14 +547,7 @@ impl BatchActor {
                 None => {
                     let s = &mut self.seqs[i];
                     s.waits_for = None;
-                    if let Some((prefilled, mut cache)) =
-                        lock(&self.prefix).take_longest(&s.open.prompt)
-                    {
-                        cache.limit_growth(s.open.reservation.positions());
-                        s.cache = cache;
-                        s.history.extend_from_slice(&s.open.prompt[..prefilled]);
-                        s.prefilled = prefilled;
-                    }
+                    start_from_prefix_cache(&self.prefix, s);
                 }
             }
         }

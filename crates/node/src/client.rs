@@ -417,7 +417,7 @@ impl RemoteChain {
             .hops()
             .iter()
             .map(|h| {
-                let log = crate::audit::CallLog::shared(&prompt[..keep], h.inputs.first().cloned());
+                let log = crate::audit::CallLog::shared(child.tokens(), h.inputs.first().cloned());
                 (h.hop.peer, log)
             })
             .collect();
@@ -468,11 +468,7 @@ impl TokenChain for RemoteChain {
         if !held.is_empty() && (prompt.len() <= held.len() || !prompt.starts_with(&held)) {
             return Err(ChainError::ForkDiverged);
         }
-        let mut next = 0;
-        for chunk in prompt[held.len()..].chunks(plexus_model::generate::PREFILL_CHUNK) {
-            next = self.feed(chunk)?;
-        }
-        Ok(next)
+        plexus_model::generate::feed_in_chunks(self, &prompt[held.len()..])
     }
 
     fn feed(&mut self, tokens: &[u32]) -> Result<u32, ChainError> {

@@ -631,17 +631,14 @@ impl EngineActor {
             self.sessions.remove(&key);
             // Sessions in a running call are out of the map but still held: count them, so
             // the node never holds (nor announces) more than `max_sessions`.
-            while self.held_sessions() >= self.config.max_sessions {
-                if self.sessions.is_empty() {
-                    return Err(error(
-                        ErrorCode::Busy,
-                        format!(
-                            "all {} session slots are in running calls",
-                            self.config.max_sessions
-                        ),
-                    ));
-                }
-                self.evict_for_new();
+            if !self.make_slot(None) {
+                return Err(error(
+                    ErrorCode::Busy,
+                    format!(
+                        "all {} session slots are in running calls",
+                        self.config.max_sessions
+                    ),
+                ));
             }
             self.sessions.insert(
                 key,
@@ -754,25 +751,17 @@ impl EngineActor {
             );
         }
         let stage = Arc::clone(&source.stage);
-        // The source is in use: not the session evicted to make room for its fork.
+        // The source is in use (not idle for the KV eviction in `reserve`), and never the
+        // session evicted to make room for its fork.
         if let Some(s) = self.sessions.get_mut(&src) {
             s.last_used = Instant::now();
         }
         self.sessions.remove(&dst);
-        while self.held_sessions() >= self.config.max_sessions {
-            if self.sessions.len() <= 1 {
-                return error(
-                    ErrorCode::Busy,
-                    format!("all {} session slots are taken", self.config.max_sessions),
-                );
-            }
-            self.evict_for_new();
-            if !self.sessions.contains_key(&src) {
-                return error(
-                    ErrorCode::UnknownSession,
-                    format!("session {from} was evicted to make room for its fork"),
-                );
-            }
+        if !self.make_slot(Some(&src)) {
+            return error(
+                ErrorCode::Busy,
+                format!("all {} session slots are taken", self.config.max_sessions),
+            );
         }
         // Room first, then the copy of only the rows asked for.
         let mut session = Session {
@@ -1110,12 +1099,24 @@ impl EngineActor {
         self.sessions.len() + self.running.len()
     }
 
+    /// Evicts idle sessions until one more fits under `max_sessions` (sessions in a running
+    /// call count too), never `spare`; `false` when no session is left to evict.
+    fn make_slot(&mut self, spare: Option<&Key>) -> bool {
+        while self.held_sessions() >= self.config.max_sessions {
+            if !self.evict_for_new(spare) {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Makes room for one more session: the peer holding the most sessions gives up its least
-    /// recently used one (the oldest such session on a tie). One peer opening many sessions
-    /// thus evicts its own, not everyone else's.
-    fn evict_for_new(&mut self) {
+    /// recently used one (the oldest such session on a tie), other than `spare`. One peer
+    /// opening many sessions thus evicts its own, not everyone else's. `false` when there was
+    /// none to evict.
+    fn evict_for_new(&mut self, spare: Option<&Key>) -> bool {
         let mut holders: HashMap<PeerId, (usize, Instant, SessionId)> = HashMap::new();
-        for ((peer, id), s) in &self.sessions {
+        for ((peer, id), s) in self.sessions.iter().filter(|(k, _)| Some(*k) != spare) {
             let h = holders.entry(*peer).or_insert((0, s.last_used, *id));
             h.0 += 1;
             if s.last_used < h.1 {
@@ -1126,10 +1127,12 @@ impl EngineActor {
             .into_iter()
             .max_by(|(_, a), (_, b)| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
             .map(|(peer, (_, _, id))| (peer, id));
-        if let Some(key) = victim {
-            debug!(peer = %key.0, session = %key.1, "evicting a session to make room");
-            self.sessions.remove(&key);
-        }
+        let Some(key) = victim else {
+            return false;
+        };
+        debug!(peer = %key.0, session = %key.1, "evicting a session to make room");
+        self.sessions.remove(&key);
+        true
     }
 }
 

@@ -413,18 +413,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     /// A peer that has said it is behind for [`shared::STUCK_ROUNDS`] rounds in a row counts
     /// for nothing here, like a convicted one. `None` while the round stays open.
     fn may_close(&self, shared: &Mutex<Shared>, round: u64) -> Option<Closed> {
-        let mut s = lock(shared);
-        // Nor is a stuck peer's contribution waited for (it contributed last round, say, and
-        // then stopped while claiming to catch up).
-        let stuck: Vec<Vec<u8>> = s
-            .peers
-            .keys()
-            .filter(|p| s.stuck(p))
-            .map(|p| p.to_bytes())
-            .collect();
-        for w in &stuck {
-            s.machine.unexpect(w);
-        }
+        let s = lock(shared);
         let (mut counted, mut ahead, mut behind) = (0, 0, false);
         for (p, st) in &s.peers {
             if s.convicted.contains_key(&p.to_bytes()) {

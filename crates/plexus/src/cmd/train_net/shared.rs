@@ -154,6 +154,11 @@ impl Shared {
             if status.round < self.machine.round() && !status.done {
                 let round = self.machine.round();
                 self.behind_since.entry(peer).or_insert(round);
+                if self.stuck(&peer) {
+                    // Nor is its contribution waited for (say it contributed last round, then
+                    // stopped while claiming to catch up).
+                    self.machine.unexpect(&peer.to_bytes());
+                }
             } else {
                 self.behind_since.remove(&peer);
             }
