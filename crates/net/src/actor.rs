@@ -3,9 +3,12 @@
 //!
 //! NAT traversal: AutoNAT verdicts and relay-capable peers feed the [`NatPolicy`], whose
 //! actions open and close relayed listeners. Once a peer has a direct connection (dialed, or
-//! punched by DCUtR) beside a relayed one, the relayed ones are closed as soon as no stage
-//! call is in flight with that peer (request/response spreads calls over every connection),
-//! so stage calls go direct.
+//! punched by DCUtR) beside a relayed one, the relayed ones this side dialed are closed as soon
+//! as no stage call is in flight with that peer (request/response spreads calls over every
+//! connection), so stage calls go direct. Only the dialer of a relayed connection closes it:
+//! the listener cannot see the calls its caller has sent and it has not read yet, and closing
+//! between two of its answers would cut them. New calls to a peer wait until its retired
+//! connections are gone: request/response would otherwise send them on a closing one.
 
 use crate::behaviour::{self, Behaviour, BehaviourEvent, BehaviourSettings, ANNOUNCE_TOPIC};
 use crate::codec::StageCodec;
@@ -24,7 +27,7 @@ use libp2p::{
     autonat, dcutr, gossipsub, identify, kad, mdns, noise, ping, relay, tcp, yamux, Multiaddr,
     PeerId, Swarm,
 };
-use plexus_core::wire::{DecodeError, ErrorCode, Response};
+use plexus_core::wire::{DecodeError, ErrorCode, Request, Response};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +62,10 @@ pub struct NetActor {
     retire: HashSet<PeerId>,
     /// Inbound stage calls not answered yet, per peer.
     inbound: HashMap<PeerId, u32>,
+    /// Relayed connections asked to close and not closed yet, per peer.
+    closing: HashMap<PeerId, HashSet<ConnectionId>>,
+    /// Calls to a peer with connections closing, sent once they are gone.
+    held: HashMap<PeerId, Vec<HeldCall>>,
     /// Peers DCUtR punched a hole to (bounded by the connections there can be).
     punched: HashSet<PeerId>,
     /// Addresses of each peer a dial is under way on (until it connects or the dial fails):
@@ -67,10 +74,22 @@ pub struct NetActor {
     dialing: HashMap<PeerId, HashSet<Multiaddr>>,
 }
 
+type HeldCall = (Request, oneshot::Sender<Result<Response, CallError>>);
+
 #[derive(Clone, Debug)]
 struct Conn {
     relayed: bool,
+    /// This side dialed the connection (through a relay or not).
+    outbound: bool,
+    /// The address dialed, for direct outbound connections.
     dialed: Option<Multiaddr>,
+}
+
+impl Conn {
+    /// A relayed connection this side may close once a direct one is open.
+    fn retirable(&self) -> bool {
+        self.relayed && self.outbound
+    }
 }
 
 impl NetActor {
@@ -157,6 +176,8 @@ impl NetActor {
             conns: HashMap::new(),
             retire: HashSet::new(),
             inbound: HashMap::new(),
+            closing: HashMap::new(),
+            held: HashMap::new(),
             punched: HashSet::new(),
             dialing: HashMap::new(),
         };
@@ -197,12 +218,11 @@ impl NetActor {
                 request,
                 reply,
             } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .stage
-                    .send_request(&peer, Ok(request));
-                self.pending.insert(id, (peer, reply));
+                if self.closing.contains_key(&peer) {
+                    self.held.entry(peer).or_default().push((request, reply));
+                } else {
+                    self.send_call(peer, request, reply);
+                }
             }
             Command::Respond { reply, response } => {
                 // Fails only if the peer went away; nothing to do then.
@@ -321,6 +341,36 @@ impl NetActor {
         }
     }
 
+    fn send_call(
+        &mut self,
+        peer: PeerId,
+        request: Request,
+        reply: oneshot::Sender<Result<Response, CallError>>,
+    ) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .stage
+            .send_request(&peer, Ok(request));
+        self.pending.insert(id, (peer, reply));
+    }
+
+    /// Notes that `conn` of `peer` closed; once none of the peer's retired connections is
+    /// left, the calls held for them go out.
+    fn on_closed(&mut self, peer: PeerId, conn: ConnectionId) {
+        let Some(closing) = self.closing.get_mut(&peer) else {
+            return;
+        };
+        closing.remove(&conn);
+        if !closing.is_empty() {
+            return;
+        }
+        self.closing.remove(&peer);
+        for (request, reply) in self.held.remove(&peer).unwrap_or_default() {
+            self.send_call(peer, request, reply);
+        }
+    }
+
     /// Stage calls in flight with `peer`, either way.
     fn in_flight(&self, peer: &PeerId) -> usize {
         self.pending.values().filter(|(p, _)| p == peer).count()
@@ -341,12 +391,14 @@ impl NetActor {
         }
         let relayed: Vec<ConnectionId> = conns
             .iter()
-            .filter(|(_, c)| c.relayed)
+            .filter(|(_, c)| c.retirable())
             .map(|(id, _)| *id)
             .collect();
         for id in relayed {
             debug!(%peer, "closing a relayed connection: a direct one is open");
-            self.swarm.close_connection(id);
+            if self.swarm.close_connection(id) {
+                self.closing.entry(*peer).or_default().insert(id);
+            }
         }
     }
 
@@ -561,8 +613,16 @@ impl NetActor {
                     "connection established"
                 );
                 let conns = self.conns.entry(peer_id).or_default();
-                conns.insert(connection_id, Conn { relayed, dialed });
-                if conns.values().any(|c| c.relayed) && conns.values().any(|c| !c.relayed) {
+                let outbound = endpoint.is_dialer();
+                conns.insert(
+                    connection_id,
+                    Conn {
+                        relayed,
+                        outbound,
+                        dialed,
+                    },
+                );
+                if conns.values().any(Conn::retirable) && conns.values().any(|c| !c.relayed) {
                     self.retire.insert(peer_id);
                     self.maybe_retire(&peer_id);
                 }
@@ -585,6 +645,7 @@ impl NetActor {
                         self.conns.remove(&peer_id);
                     }
                 }
+                self.on_closed(peer_id, connection_id);
                 if num_established == 0 {
                     self.rtts.remove(&peer_id);
                     self.retire.remove(&peer_id);

@@ -113,6 +113,28 @@ async fn a_node_listening_through_a_relay_is_called_relayed_then_direct_after_dc
     .expect("the relayed call hung")
     .unwrap();
     assert_eq!(got, Response::Described(b"node".to_vec()));
+    // Calls keep coming while DCUtR punches the hole and the relayed connection is retired:
+    // none of them may be lost with it (either side closing the relayed connection between
+    // two of the node's answers would cut a call the client has already sent).
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    let got = tokio::time::timeout(
+                        Duration::from_secs(20),
+                        client.call(node_id, Request::Describe),
+                    )
+                    .await
+                    .expect("a call hung");
+                    assert_eq!(got.unwrap(), Response::Described(b"node".to_vec()));
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
 
     // DCUtR upgrades the connection; the relayed one goes once no call is in flight. On a
     // heavily loaded machine DCUtR can give up (three attempts, timed by a measured round
