@@ -9,6 +9,12 @@
 //! the listener cannot see the calls its caller has sent and it has not read yet, and closing
 //! between two of its answers would cut them. New calls to a peer wait until its retired
 //! connections are gone: request/response would otherwise send them on a closing one.
+//!
+//! A failed hole punch is tried again on a fresh relayed connection (up to [`MAX_REPUNCHES`]
+//! times, a little later each time): DCUtR runs once per relayed connection, with the observed
+//! addresses known when it opened, so a circuit opened before identify had told this side its
+//! address (or a punch lost to timing) would otherwise stay relayed for good. The older relayed
+//! connection is retired once the new one is open.
 
 use crate::behaviour::{self, Behaviour, BehaviourEvent, BehaviourSettings, ANNOUNCE_TOPIC};
 use crate::codec::StageCodec;
@@ -40,6 +46,10 @@ const EVENT_QUEUE: usize = 256;
 const TARGET_PEERS: usize = 64;
 /// How long a failed relay reservation waits before it is tried again.
 const RELAY_BACKOFF: Duration = Duration::from_secs(5);
+/// Fresh relayed connections dialed for another hole punch after one failed, per peer.
+pub(crate) const MAX_REPUNCHES: u8 = 3;
+/// The wait before the first re-punch; the n-th waits n times as long.
+const REPUNCH_DELAY: Duration = Duration::from_secs(1);
 
 /// Owns the swarm; see the crate docs.
 pub struct NetActor {
@@ -66,6 +76,11 @@ pub struct NetActor {
     closing: HashMap<PeerId, HashSet<ConnectionId>>,
     /// Calls to a peer with connections closing, sent once they are gone.
     held: HashMap<PeerId, Vec<HeldCall>>,
+    /// Peers whose hole punch failed: re-punches tried so far, and when the next one is due
+    /// (`None` while its relayed connection is being dialed). Connected peers only.
+    repunch: HashMap<PeerId, (u8, Option<Instant>)>,
+    /// Connections opened so far (orders a peer's connections: the newest relayed one stays).
+    opened: u64,
     /// Peers DCUtR punched a hole to (bounded by the connections there can be).
     punched: HashSet<PeerId>,
     /// Addresses of each peer a dial is under way on (until it connects or the dial fails):
@@ -81,15 +96,33 @@ struct Conn {
     relayed: bool,
     /// This side dialed the connection (through a relay or not).
     outbound: bool,
-    /// The address dialed, for direct outbound connections.
+    /// The address dialed, for outbound connections (a `/p2p-circuit` one when relayed).
     dialed: Option<Multiaddr>,
+    /// When it opened, in this node's count of connections.
+    seq: u64,
 }
 
 impl Conn {
-    /// A relayed connection this side may close once a direct one is open.
+    /// A relayed connection this side may close once a direct one (or a newer relayed one it
+    /// dialed) is open.
     fn retirable(&self) -> bool {
         self.relayed && self.outbound
     }
+}
+
+/// The connections among `conns` to retire: every relayed one this side dialed when a direct
+/// one is open, else all of those but the newest.
+fn stale(conns: &HashMap<ConnectionId, Conn>) -> Vec<ConnectionId> {
+    let mut retirable: Vec<(u64, ConnectionId)> = conns
+        .iter()
+        .filter(|(_, c)| c.retirable())
+        .map(|(id, c)| (c.seq, *id))
+        .collect();
+    retirable.sort_unstable();
+    if !conns.values().any(|c| !c.relayed) {
+        retirable.pop();
+    }
+    retirable.into_iter().map(|(_, id)| id).collect()
 }
 
 impl NetActor {
@@ -178,6 +211,8 @@ impl NetActor {
             inbound: HashMap::new(),
             closing: HashMap::new(),
             held: HashMap::new(),
+            repunch: HashMap::new(),
+            opened: 0,
             punched: HashSet::new(),
             dialing: HashMap::new(),
         };
@@ -205,6 +240,7 @@ impl NetActor {
                 _ = nat_tick.tick() => {
                     let actions = self.nat.tick(Instant::now());
                     self.apply(actions);
+                    self.repunch_due(Instant::now());
                 }
             }
         }
@@ -371,6 +407,62 @@ impl NetActor {
         }
     }
 
+    /// DCUtR gave up on `peer`: when this side dialed the relayed connection and no direct one
+    /// is open, a fresh relayed connection is dialed a little later (a new hole punch).
+    fn hole_punch_failed(&mut self, peer: PeerId, now: Instant) {
+        let Some(conns) = self.conns.get(&peer) else {
+            return;
+        };
+        if conns.values().any(|c| !c.relayed) || !conns.values().any(Conn::retirable) {
+            return;
+        }
+        let (tries, due) = self.repunch.entry(peer).or_insert((0, None));
+        if *tries < MAX_REPUNCHES {
+            *due = Some(now + REPUNCH_DELAY * (u32::from(*tries) + 1));
+        }
+    }
+
+    /// Dials the re-punches that are due, each on the circuit its newest relayed connection
+    /// was dialed on.
+    fn repunch_due(&mut self, now: Instant) {
+        use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+        let due: Vec<PeerId> = self
+            .repunch
+            .iter()
+            .filter(|(_, (_, due))| due.is_some_and(|d| d <= now))
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in due {
+            let circuit = self.conns.get(&peer).and_then(|conns| {
+                if conns.values().any(|c| !c.relayed) {
+                    return None;
+                }
+                conns
+                    .values()
+                    .filter(|c| c.retirable())
+                    .max_by_key(|c| c.seq)
+                    .and_then(|c| c.dialed.clone())
+            });
+            let Some(circuit) = circuit else {
+                self.repunch.remove(&peer);
+                continue;
+            };
+            if let Some((tries, due)) = self.repunch.get_mut(&peer) {
+                *tries += 1;
+                *due = None;
+                info!(%peer, tries = *tries, "dialing a fresh relayed connection for another hole punch");
+            }
+            let opts = DialOpts::peer_id(peer)
+                .condition(PeerCondition::Always)
+                .addresses(vec![circuit])
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, "re-punch dial failed: {e}");
+                self.repunch.remove(&peer);
+            }
+        }
+    }
+
     /// Stage calls in flight with `peer`, either way.
     fn in_flight(&self, peer: &PeerId) -> usize {
         self.pending.values().filter(|(p, _)| p == peer).count()
@@ -386,16 +478,8 @@ impl NetActor {
         let Some(conns) = self.conns.get(peer) else {
             return;
         };
-        if !conns.values().any(|c| !c.relayed) {
-            return;
-        }
-        let relayed: Vec<ConnectionId> = conns
-            .iter()
-            .filter(|(_, c)| c.retirable())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in relayed {
-            debug!(%peer, "closing a relayed connection: a direct one is open");
+        for id in stale(conns) {
+            debug!(%peer, "closing a relayed connection: a direct or newer one is open");
             if self.swarm.close_connection(id) {
                 self.closing.entry(*peer).or_default().insert(id);
             }
@@ -418,10 +502,11 @@ impl NetActor {
             return;
         }
         // An address known to work (we dialed it), else one it listens on.
-        let dialed = self
-            .conns
-            .get(&peer)
-            .and_then(|c| c.values().find_map(|c| c.dialed.clone()));
+        let dialed = self.conns.get(&peer).and_then(|c| {
+            c.values()
+                .filter(|c| !c.relayed)
+                .find_map(|c| c.dialed.clone())
+        });
         let addr = dialed.or_else(|| {
             info.listen_addrs
                 .iter()
@@ -540,8 +625,12 @@ impl NetActor {
                 Ok(_) => {
                     info!(peer = %remote_peer_id, "hole punched: direct connection");
                     self.punched.insert(remote_peer_id);
+                    self.repunch.remove(&remote_peer_id);
                 }
-                Err(e) => info!(peer = %remote_peer_id, "hole punch failed: {e}"),
+                Err(e) => {
+                    info!(peer = %remote_peer_id, "hole punch failed: {e}");
+                    self.hole_punch_failed(remote_peer_id, Instant::now());
+                }
             },
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => match e {
                 relay::client::Event::ReservationReqAccepted { relay_peer_id, .. } => {
@@ -601,11 +690,10 @@ impl NetActor {
                 self.dialing.remove(&peer_id);
                 let relayed = endpoint.is_relayed();
                 let dialed = match &endpoint {
-                    libp2p::core::ConnectedPoint::Dialer { address, .. } if !relayed => {
-                        Some(address.clone())
-                    }
+                    libp2p::core::ConnectedPoint::Dialer { address, .. } => Some(address.clone()),
                     _ => None,
                 };
+                self.opened += 1;
                 info!(
                     peer = %peer_id,
                     kind = if relayed { "relayed" } else { "direct" },
@@ -620,9 +708,10 @@ impl NetActor {
                         relayed,
                         outbound,
                         dialed,
+                        seq: self.opened,
                     },
                 );
-                if conns.values().any(Conn::retirable) && conns.values().any(|c| !c.relayed) {
+                if !stale(conns).is_empty() {
                     self.retire.insert(peer_id);
                     self.maybe_retire(&peer_id);
                 }
@@ -649,6 +738,7 @@ impl NetActor {
                 if num_established == 0 {
                     self.rtts.remove(&peer_id);
                     self.retire.remove(&peer_id);
+                    self.repunch.remove(&peer_id);
                     self.inbound.remove(&peer_id);
                     self.punched.remove(&peer_id);
                     let actions = self.nat.on_disconnected(&peer_id, Instant::now());
@@ -795,4 +885,61 @@ fn is_loopback(addr: &Multiaddr) -> bool {
         Protocol::Ip6(ip) => ip.is_loopback(),
         _ => false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(relayed: bool, outbound: bool, seq: u64) -> Conn {
+        Conn {
+            relayed,
+            outbound,
+            dialed: None,
+            seq,
+        }
+    }
+
+    fn conns(list: &[(usize, Conn)]) -> HashMap<ConnectionId, Conn> {
+        list.iter()
+            .map(|(id, c)| (ConnectionId::new_unchecked(*id), c.clone()))
+            .collect()
+    }
+
+    fn ids(mut v: Vec<ConnectionId>) -> Vec<ConnectionId> {
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn relayed_connections_this_side_dialed_go_once_a_direct_one_is_open() {
+        let c = conns(&[
+            (1, conn(true, true, 1)),
+            (2, conn(true, false, 2)),
+            (3, conn(false, false, 3)),
+        ]);
+        // The inbound relayed one is its dialer's to close.
+        assert_eq!(stale(&c), vec![ConnectionId::new_unchecked(1)]);
+        let c = conns(&[(1, conn(true, true, 1)), (2, conn(true, true, 4))]);
+        let c2 = conns(&[
+            (1, conn(true, true, 1)),
+            (2, conn(true, true, 4)),
+            (3, conn(false, true, 5)),
+        ]);
+        // Without a direct one the newest relayed one stays (a re-punch's fresh circuit).
+        assert_eq!(stale(&c), vec![ConnectionId::new_unchecked(1)]);
+        assert_eq!(
+            ids(stale(&c2)),
+            vec![
+                ConnectionId::new_unchecked(1),
+                ConnectionId::new_unchecked(2)
+            ]
+        );
+        assert!(stale(&conns(&[(1, conn(true, true, 1))])).is_empty());
+        assert!(stale(&conns(&[
+            (1, conn(true, false, 1)),
+            (2, conn(false, true, 2))
+        ]))
+        .is_empty());
+    }
 }

@@ -2,8 +2,9 @@
 //! serving node that listens only through it (`--relay-via`), and a client that reaches the
 //! node by the relayed address it announces. The call goes through the relay first; DCUtR
 //! then punches a direct connection (on loopback it can, unless the machine is so loaded that
-//! its three timed attempts fail), the relayed one is closed once idle, and calls go on over
-//! the direct one (or through the relay when no hole was punched).
+//! its timed attempts fail; a failed punch is tried again on a fresh circuit), the relayed one
+//! is closed once idle by the client that dialed it, and calls go on over the direct one (or
+//! through the relay when no hole was punched). Calls made meanwhile are never lost.
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
 use plexus_core::keys::NodeKey;
@@ -136,22 +137,24 @@ async fn a_node_listening_through_a_relay_is_called_relayed_then_direct_after_dc
         caller.await.unwrap();
     }
 
-    // DCUtR upgrades the connection; the relayed one goes once no call is in flight. On a
-    // heavily loaded machine DCUtR can give up (three attempts, timed by a measured round
-    // trip): then the calls must still go through the relay.
+    // DCUtR upgrades the connection (on loopback an AutoNAT dial-back may open a direct one
+    // first); the relayed one goes once no call is in flight. On a heavily loaded machine
+    // DCUtR can give up (three attempts, timed by a measured round trip, then up to three
+    // fresh circuits): then the calls must still go through the relay.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let punched = loop {
+    let direct = loop {
         let link = client
             .links()
             .await
             .into_iter()
             .find(|l| l.peer == node_id)
             .expect("connected to the node");
-        if link.hole_punched && link.relayed == 0 && link.direct > 0 {
+        if link.relayed == 0 && link.direct > 0 {
+            eprintln!("direct: {link:?}");
             break true;
         }
         if tokio::time::Instant::now() >= deadline {
-            eprintln!("no hole punched within 20 s: {link:?}");
+            eprintln!("no direct connection within 20 s: {link:?}");
             break false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -166,7 +169,7 @@ async fn a_node_listening_through_a_relay_is_called_relayed_then_direct_after_dc
         .into_iter()
         .find(|l| l.peer == node_id)
         .unwrap();
-    if punched {
+    if direct {
         assert_eq!(
             link.relayed, 0,
             "calls went over the direct connection only"
