@@ -199,7 +199,6 @@ impl Stage {
         )
     }
 
-    /// Bytes of f16 keys and values one position of one sequence takes in this stage's cache.
     /// Whether computing a sequence's positions in any split into calls gives the same bits:
     /// true when every matrix multiplication runs on our row-independent kernels (Q4_0,
     /// Q4_1, Q8_0); other formats go through candle's matmul, whose summation may depend on
@@ -213,6 +212,7 @@ impl Stage {
         })
     }
 
+    /// Bytes of f16 keys and values one position of one sequence takes in this stage's cache.
     pub fn kv_bytes_per_position(&self) -> u64 {
         (self.blocks.len() * self.cfg.num_kv_heads * self.cfg.head_dim * 2 * 2) as u64
     }
