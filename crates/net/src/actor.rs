@@ -7,18 +7,22 @@
 //! as no stage call is in flight with that peer (request/response spreads calls over every
 //! connection), so stage calls go direct. Only the dialer of a relayed connection closes it:
 //! the listener cannot see the calls its caller has sent and it has not read yet, and closing
-//! between two of its answers would cut them. New calls to a peer wait until its retired
-//! connections are gone: request/response would otherwise send them on a closing one.
+//! between two of its answers would cut them. New calls to a peer are held while it has
+//! connections to retire or closing (request/response spreads calls round-robin, and would send
+//! them on a closing one), and on the listener's side while the dialer has yet to close its
+//! relayed connection beside a direct one; held calls go out once the connections are gone, or
+//! after [`HOLD_LIMIT`] whatever the state, and fail if the peer disconnects.
 //!
-//! A failed hole punch is tried again on a fresh relayed connection (up to [`MAX_REPUNCHES`]
-//! times, a little later each time): DCUtR runs once per relayed connection, with the observed
-//! addresses known when it opened, so a circuit opened before identify had told this side its
-//! address (or a punch lost to timing) would otherwise stay relayed for good. The older relayed
-//! connection is retired once the new one is open.
+//! A failed hole punch is tried again on a fresh relayed connection ([`crate::repunch`]): DCUtR
+//! runs once per relayed connection, with the observed addresses known when it opened, so a
+//! circuit opened before identify had told this side its address (or a punch lost to timing)
+//! would otherwise stay relayed for good. The older relayed connection is retired once the new
+//! one is open.
 
 use crate::behaviour::{self, Behaviour, BehaviourEvent, BehaviourSettings, ANNOUNCE_TOPIC};
 use crate::codec::StageCodec;
 use crate::nat::{is_relayed, peer_of, NatAction, NatPolicy, Reachability};
+use crate::repunch::Repunch;
 use crate::strikes::{Strikes, Verdict};
 use crate::{
     CallError, Command, Link, NatStatus, NetConfig, NetEvent, NetHandle, PublishError, Reply,
@@ -46,10 +50,11 @@ const EVENT_QUEUE: usize = 256;
 const TARGET_PEERS: usize = 64;
 /// How long a failed relay reservation waits before it is tried again.
 const RELAY_BACKOFF: Duration = Duration::from_secs(5);
-/// Fresh relayed connections dialed for another hole punch after one failed, per peer.
-pub(crate) const MAX_REPUNCHES: u8 = 3;
-/// The wait before the first re-punch; the n-th waits n times as long.
-const REPUNCH_DELAY: Duration = Duration::from_secs(1);
+/// How long a relayed connection is kept after a direct one opens beside it, at least (twice
+/// the measured round trip when that is longer).
+pub const RETIRE_GRACE: Duration = Duration::from_millis(300);
+/// The longest a call is held back while a peer's relayed connections are retired.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(5);
 
 /// Owns the swarm; see the crate docs.
 pub struct NetActor {
@@ -69,16 +74,21 @@ pub struct NetActor {
     /// Open connections per peer: relayed or not, and the address dialed for outbound ones.
     conns: HashMap<PeerId, HashMap<ConnectionId, Conn>>,
     /// Peers with a direct connection beside relayed ones, to close once no call is in flight.
-    retire: HashSet<PeerId>,
+    /// (The value: not before then. Calls the peer sent on the relayed connection before it saw
+    /// the direct one are still on their way; they are counted once read.)
+    retire: HashMap<PeerId, Instant>,
     /// Inbound stage calls not answered yet, per peer.
     inbound: HashMap<PeerId, u32>,
     /// Relayed connections asked to close and not closed yet, per peer.
     closing: HashMap<PeerId, HashSet<ConnectionId>>,
-    /// Calls to a peer with connections closing, sent once they are gone.
-    held: HashMap<PeerId, Vec<HeldCall>>,
-    /// Peers whose hole punch failed: re-punches tried so far, and when the next one is due
-    /// (`None` while its relayed connection is being dialed). Connected peers only.
-    repunch: HashMap<PeerId, (u8, Option<Instant>)>,
+    /// Calls to a peer held while its relayed connections are retired, since when.
+    held: HashMap<PeerId, (Instant, Vec<HeldCall>)>,
+    /// Peers whose dialer left a relayed connection open past [`HOLD_LIMIT`]: calls to them
+    /// are no longer held for it (until they disconnect).
+    unheld: HashSet<PeerId>,
+    /// Peers reached only through relayed connections this side dialed: when to dial a fresh
+    /// circuit for another hole punch. Connected peers only.
+    repunch: HashMap<PeerId, Repunch>,
     /// Connections opened so far (orders a peer's connections: the newest relayed one stays).
     opened: u64,
     /// Peers DCUtR punched a hole to (bounded by the connections there can be).
@@ -207,10 +217,11 @@ impl NetActor {
             nat,
             relay_listeners: HashMap::new(),
             conns: HashMap::new(),
-            retire: HashSet::new(),
+            retire: HashMap::new(),
             inbound: HashMap::new(),
             closing: HashMap::new(),
             held: HashMap::new(),
+            unheld: HashSet::new(),
             repunch: HashMap::new(),
             opened: 0,
             punched: HashSet::new(),
@@ -230,6 +241,8 @@ impl NetActor {
     /// Runs until every [`NetHandle`] is dropped.
     async fn run(mut self) {
         let mut nat_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut retire_tick = tokio::time::interval(Duration::from_millis(100));
+        retire_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
@@ -237,10 +250,17 @@ impl NetActor {
                     None => break,
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = retire_tick.tick() => {
+                    let due: Vec<PeerId> = self.retire.keys().copied().collect();
+                    for peer in due {
+                        self.maybe_retire(&peer);
+                    }
+                }
                 _ = nat_tick.tick() => {
                     let actions = self.nat.tick(Instant::now());
                     self.apply(actions);
                     self.repunch_due(Instant::now());
+                    self.release_overdue(Instant::now());
                 }
             }
         }
@@ -254,8 +274,12 @@ impl NetActor {
                 request,
                 reply,
             } => {
-                if self.closing.contains_key(&peer) {
-                    self.held.entry(peer).or_default().push((request, reply));
+                if self.holds_calls(&peer) {
+                    self.held
+                        .entry(peer)
+                        .or_insert_with(|| (Instant::now(), Vec::new()))
+                        .1
+                        .push((request, reply));
                 } else {
                     self.send_call(peer, request, reply);
                 }
@@ -391,45 +415,77 @@ impl NetActor {
         self.pending.insert(id, (peer, reply));
     }
 
+    /// Whether new calls to `peer` wait: relayed connections of it are to be retired or
+    /// closing (this side dialed them), or it dialed a relayed connection that a direct one
+    /// now stands beside (its dialer will close it).
+    fn holds_calls(&self, peer: &PeerId) -> bool {
+        if self.closing.contains_key(peer) || self.retire.contains_key(peer) {
+            return true;
+        }
+        !self.unheld.contains(peer)
+            && self.conns.get(peer).is_some_and(|conns| {
+                conns.values().any(|c| c.relayed && !c.outbound)
+                    && conns.values().any(|c| !c.relayed)
+            })
+    }
+
+    /// Sends `peer`'s held calls once nothing holds them.
+    fn release_held(&mut self, peer: PeerId) {
+        if self.holds_calls(&peer) {
+            return;
+        }
+        self.send_held(peer);
+    }
+
+    fn send_held(&mut self, peer: PeerId) {
+        for (request, reply) in self.held.remove(&peer).map(|h| h.1).unwrap_or_default() {
+            if !reply.is_closed() {
+                self.send_call(peer, request, reply);
+            }
+        }
+    }
+
+    /// Calls held longer than [`HOLD_LIMIT`] go out whatever the connections' state (a close
+    /// that stalls, a dialer that never retires its relayed connection).
+    fn release_overdue(&mut self, now: Instant) {
+        let overdue: Vec<PeerId> = self
+            .held
+            .iter()
+            .filter(|(_, (since, _))| now.duration_since(*since) >= HOLD_LIMIT)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in overdue {
+            debug!(%peer, "held calls go out after {HOLD_LIMIT:?}");
+            if !self.closing.contains_key(&peer) && !self.retire.contains_key(&peer) {
+                self.unheld.insert(peer);
+            }
+            self.send_held(peer);
+        }
+    }
+
     /// Notes that `conn` of `peer` closed; once none of the peer's retired connections is
-    /// left, the calls held for them go out.
+    /// left, the calls held for them go out (while the peer is still connected: held calls to
+    /// a peer that went away fail with it).
     fn on_closed(&mut self, peer: PeerId, conn: ConnectionId) {
-        let Some(closing) = self.closing.get_mut(&peer) else {
-            return;
-        };
-        closing.remove(&conn);
-        if !closing.is_empty() {
-            return;
+        if let Some(closing) = self.closing.get_mut(&peer) {
+            closing.remove(&conn);
+            if closing.is_empty() {
+                self.closing.remove(&peer);
+            }
         }
-        self.closing.remove(&peer);
-        for (request, reply) in self.held.remove(&peer).unwrap_or_default() {
-            self.send_call(peer, request, reply);
+        if self.conns.contains_key(&peer) {
+            self.release_held(peer);
         }
     }
 
-    /// DCUtR gave up on `peer`: when this side dialed the relayed connection and no direct one
-    /// is open, a fresh relayed connection is dialed a little later (a new hole punch).
-    fn hole_punch_failed(&mut self, peer: PeerId, now: Instant) {
-        let Some(conns) = self.conns.get(&peer) else {
-            return;
-        };
-        if conns.values().any(|c| !c.relayed) || !conns.values().any(Conn::retirable) {
-            return;
-        }
-        let (tries, due) = self.repunch.entry(peer).or_insert((0, None));
-        if *tries < MAX_REPUNCHES {
-            *due = Some(now + REPUNCH_DELAY * (u32::from(*tries) + 1));
-        }
-    }
-
-    /// Dials the re-punches that are due, each on the circuit its newest relayed connection
-    /// was dialed on.
+    /// Dials a fresh circuit to each peer whose re-punch is due, on the circuit its newest
+    /// relayed connection was dialed on.
     fn repunch_due(&mut self, now: Instant) {
         use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
         let due: Vec<PeerId> = self
             .repunch
             .iter()
-            .filter(|(_, (_, due))| due.is_some_and(|d| d <= now))
+            .filter(|(_, r)| r.due(now))
             .map(|(peer, _)| *peer)
             .collect();
         for peer in due {
@@ -447,18 +503,21 @@ impl NetActor {
                 self.repunch.remove(&peer);
                 continue;
             };
-            if let Some((tries, due)) = self.repunch.get_mut(&peer) {
-                *tries += 1;
-                *due = None;
-                info!(%peer, tries = *tries, "dialing a fresh relayed connection for another hole punch");
-            }
             let opts = DialOpts::peer_id(peer)
                 .condition(PeerCondition::Always)
                 .addresses(vec![circuit])
                 .build();
+            let conn = opts.connection_id();
+            let Some(r) = self.repunch.get_mut(&peer) else {
+                continue;
+            };
+            r.dialing(conn);
+            info!(%peer, tries = r.tries(), "dialing a fresh relayed connection for another hole punch");
             if let Err(e) = self.swarm.dial(opts) {
                 debug!(%peer, "re-punch dial failed: {e}");
-                self.repunch.remove(&peer);
+                if let Some(r) = self.repunch.get_mut(&peer) {
+                    r.dial_failed(conn, now);
+                }
             }
         }
     }
@@ -471,7 +530,10 @@ impl NetActor {
 
     /// Closes `peer`'s relayed connections if a direct one is open and no call is in flight.
     fn maybe_retire(&mut self, peer: &PeerId) {
-        if !self.retire.contains(peer) || self.in_flight(peer) > 0 {
+        let Some(&after) = self.retire.get(peer) else {
+            return;
+        };
+        if Instant::now() < after || self.in_flight(peer) > 0 {
             return;
         }
         self.retire.remove(peer);
@@ -484,6 +546,7 @@ impl NetActor {
                 self.closing.entry(*peer).or_default().insert(id);
             }
         }
+        self.release_held(*peer);
     }
 
     fn inbound_done(&mut self, peer: &PeerId) {
@@ -629,7 +692,9 @@ impl NetActor {
                 }
                 Err(e) => {
                     info!(peer = %remote_peer_id, "hole punch failed: {e}");
-                    self.hole_punch_failed(remote_peer_id, Instant::now());
+                    if let Some(r) = self.repunch.get_mut(&remote_peer_id) {
+                        r.punch_failed(Instant::now());
+                    }
                 }
             },
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => match e {
@@ -711,9 +776,23 @@ impl NetActor {
                         seq: self.opened,
                     },
                 );
+                let only_relayed = conns.values().all(|c| c.relayed);
                 if !stale(conns).is_empty() {
-                    self.retire.insert(peer_id);
+                    // The peer's calls sent on the relayed connection before it saw the direct
+                    // one arrive within a one-way trip; they must be read (and counted) first.
+                    let rtt = self.rtts.get(&peer_id).copied().unwrap_or_default();
+                    let after = Instant::now() + RETIRE_GRACE.max(2 * rtt);
+                    self.retire.entry(peer_id).or_insert(after);
                     self.maybe_retire(&peer_id);
+                }
+                if !relayed {
+                    self.repunch.remove(&peer_id);
+                } else if outbound && only_relayed {
+                    let now = Instant::now();
+                    self.repunch
+                        .entry(peer_id)
+                        .or_insert_with(|| Repunch::new(now))
+                        .circuit_opened(now);
                 }
                 if self.is_banned(&peer_id) {
                     debug!(%peer_id, "refusing a banned peer");
@@ -734,11 +813,21 @@ impl NetActor {
                         self.conns.remove(&peer_id);
                     }
                 }
+                if self.conns.get(&peer_id).is_none_or(|c| stale(c).is_empty()) {
+                    // Nothing left to retire (the direct connection went first).
+                    self.retire.remove(&peer_id);
+                }
                 self.on_closed(peer_id, connection_id);
                 if num_established == 0 {
                     self.rtts.remove(&peer_id);
                     self.retire.remove(&peer_id);
                     self.repunch.remove(&peer_id);
+                    self.closing.remove(&peer_id);
+                    self.unheld.remove(&peer_id);
+                    // Sending them would dial the peer again (a banned one too): they fail.
+                    for (_, reply) in self.held.remove(&peer_id).map(|h| h.1).unwrap_or_default() {
+                        let _ = reply.send(Err(CallError::ConnectionClosed(peer_id)));
+                    }
                     self.inbound.remove(&peer_id);
                     self.punched.remove(&peer_id);
                     let actions = self.nat.on_disconnected(&peer_id, Instant::now());
@@ -762,10 +851,17 @@ impl NetActor {
                 }
                 self.emit(NetEvent::Listening(address));
             }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                connection_id,
+                error,
+            } => {
                 debug!(peer = ?peer_id, "dial failed: {error}");
                 if let Some(peer) = peer_id {
                     self.dialing.remove(&peer);
+                    if let Some(r) = self.repunch.get_mut(&peer) {
+                        r.dial_failed(connection_id, Instant::now());
+                    }
                 }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {

@@ -22,6 +22,7 @@ pub mod actor;
 pub mod behaviour;
 pub mod codec;
 pub mod nat;
+pub mod repunch;
 pub mod strikes;
 
 pub use codec::WireCounters;

@@ -83,12 +83,14 @@ async fn a_node_listening_through_a_relay_is_called_relayed_then_direct_after_dc
     let status = node.nat().await.unwrap();
     assert_eq!(status.relays, vec![relay_id]);
     answer(node.clone(), node_events, b"node");
+    let client_key = NodeKey::generate();
+    let client_id = client_key.peer_id();
 
     // The client knows the node only by its relayed address.
     let (client, mut client_events) = plexus_net::start(
-        NetConfig::new(NodeKey::generate())
+        // It serves stage calls too (as a node does): the node calls it back.
+        NetConfig::new(client_key)
             .with_listen(loopback())
-            .with_serve(false)
             .with_bootstrap(vec![relay_addr]),
     )
     .unwrap();
@@ -105,6 +107,7 @@ async fn a_node_listening_through_a_relay_is_called_relayed_then_direct_after_dc
     })
     .await
     .expect("the client never reached the relay");
+    answer(client.clone(), client_events, b"client");
     client.add_address(node_id, circuit.clone()).await;
     let got = tokio::time::timeout(
         Duration::from_secs(20),
@@ -114,23 +117,27 @@ async fn a_node_listening_through_a_relay_is_called_relayed_then_direct_after_dc
     .expect("the relayed call hung")
     .unwrap();
     assert_eq!(got, Response::Described(b"node".to_vec()));
-    // Calls keep coming while DCUtR punches the hole and the relayed connection is retired:
-    // none of them may be lost with it (either side closing the relayed connection between
-    // two of the node's answers would cut a call the client has already sent).
+    // Calls keep coming, both ways, while DCUtR punches the hole and the relayed connection
+    // is retired: none of them may be lost with it (closing the relayed connection between
+    // two answers would cut a call already sent on it).
+    let busy = |from: NetHandle, to, name: &'static [u8]| {
+        tokio::spawn(async move {
+            for _ in 0..50 {
+                let got =
+                    tokio::time::timeout(Duration::from_secs(20), from.call(to, Request::Describe))
+                        .await
+                        .expect("a call hung");
+                assert_eq!(got.unwrap(), Response::Described(name.to_vec()));
+            }
+        })
+    };
     let callers: Vec<_> = (0..4)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                for _ in 0..50 {
-                    let got = tokio::time::timeout(
-                        Duration::from_secs(20),
-                        client.call(node_id, Request::Describe),
-                    )
-                    .await
-                    .expect("a call hung");
-                    assert_eq!(got.unwrap(), Response::Described(b"node".to_vec()));
-                }
-            })
+        .map(|i| {
+            if i % 2 == 0 {
+                busy(client.clone(), node_id, b"node")
+            } else {
+                busy(node.clone(), client_id, b"client")
+            }
         })
         .collect();
     for caller in callers {
@@ -155,6 +162,10 @@ async fn a_node_listening_through_a_relay_is_called_relayed_then_direct_after_dc
         }
         if tokio::time::Instant::now() >= deadline {
             eprintln!("no direct connection within 20 s: {link:?}");
+            assert_eq!(
+                link.direct, 0,
+                "a direct connection, yet the relayed one was kept"
+            );
             break false;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
