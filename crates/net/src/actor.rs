@@ -7,11 +7,15 @@
 //! as no stage call is in flight with that peer (request/response spreads calls over every
 //! connection), so stage calls go direct. Only the dialer of a relayed connection closes it:
 //! the listener cannot see the calls its caller has sent and it has not read yet, and closing
-//! between two of its answers would cut them. New calls to a peer are held while it has
-//! connections to retire or closing (request/response spreads calls round-robin, and would send
-//! them on a closing one), and on the listener's side while the dialer has yet to close its
-//! relayed connection beside a direct one; held calls go out once the connections are gone, or
-//! after [`HOLD_LIMIT`] whatever the state, and fail if the peer disconnects.
+//! between two of its answers would cut them. The dialer waits [`RETIRE_GRACE`] (or two round
+//! trips) after the direct connection opened, so calls its peer sent before seeing it arrive
+//! and are counted, then closes once no call is in flight. New calls to a peer are held during
+//! that grace and while its retired connections close (request/response spreads calls
+//! round-robin, and would send them on a closing one), and on the listener's side while the
+//! dialer has yet to close a relayed connection it superseded; held calls go out once the
+//! connections are gone, or after [`HOLD_LIMIT`] whatever the state, and fail if the peer
+//! disconnects. A request still being read when the dialer closes (larger than the grace lets
+//! through a slow relay) is lost: the caller sees `ConnectionClosed` and fails over.
 //!
 //! A failed hole punch is tried again on a fresh relayed connection ([`crate::repunch`]): DCUtR
 //! runs once per relayed connection, with the observed addresses known when it opened, so a
@@ -118,6 +122,13 @@ impl Conn {
     fn retirable(&self) -> bool {
         self.relayed && self.outbound
     }
+}
+
+/// Whether the peer dialed a relayed connection of `conns` that it is about to retire: one
+/// beside a direct connection or beside a newer relayed one it dialed (a re-punch's circuit).
+fn awaits_dialer(conns: &HashMap<ConnectionId, Conn>) -> bool {
+    let inbound_relayed = conns.values().filter(|c| c.relayed && !c.outbound).count();
+    inbound_relayed > 0 && (inbound_relayed > 1 || conns.values().any(|c| !c.relayed))
 }
 
 /// The connections among `conns` to retire: every relayed one this side dialed when a direct
@@ -250,10 +261,13 @@ impl NetActor {
                     None => break,
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                _ = retire_tick.tick() => {
+                _ = retire_tick.tick(), if !self.retire.is_empty() => {
                     let due: Vec<PeerId> = self.retire.keys().copied().collect();
                     for peer in due {
                         self.maybe_retire(&peer);
+                        // Past the grace, calls held for it go out even if calls are still
+                        // in flight (the relayed connection then goes when they are done).
+                        self.release_held(peer);
                     }
                 }
                 _ = nat_tick.tick() => {
@@ -419,14 +433,19 @@ impl NetActor {
     /// closing (this side dialed them), or it dialed a relayed connection that a direct one
     /// now stands beside (its dialer will close it).
     fn holds_calls(&self, peer: &PeerId) -> bool {
-        if self.closing.contains_key(peer) || self.retire.contains_key(peer) {
+        if self.closing.contains_key(peer) {
             return true;
         }
-        !self.unheld.contains(peer)
-            && self.conns.get(peer).is_some_and(|conns| {
-                conns.values().any(|c| c.relayed && !c.outbound)
-                    && conns.values().any(|c| !c.relayed)
-            })
+        // During the grace only: calls in flight then drain so the retirement can go ahead,
+        // and a long call in flight never makes new ones wait longer than the grace.
+        if self
+            .retire
+            .get(peer)
+            .is_some_and(|after| Instant::now() < *after)
+        {
+            return true;
+        }
+        !self.unheld.contains(peer) && self.conns.get(peer).is_some_and(awaits_dialer)
     }
 
     /// Sends `peer`'s held calls once nothing holds them.
@@ -473,7 +492,10 @@ impl NetActor {
                 self.closing.remove(&peer);
             }
         }
-        if self.conns.contains_key(&peer) {
+        if let Some(conns) = self.conns.get(&peer) {
+            if !awaits_dialer(conns) {
+                self.unheld.remove(&peer);
+            }
             self.release_held(peer);
         }
     }
@@ -817,6 +839,15 @@ impl NetActor {
                     // Nothing left to retire (the direct connection went first).
                     self.retire.remove(&peer_id);
                 }
+                if let Some(conns) = self.conns.get(&peer_id) {
+                    // The direct connection went: back to relayed only, re-punch again.
+                    if conns.values().all(|c| c.relayed) && conns.values().any(Conn::retirable) {
+                        let now = Instant::now();
+                        self.repunch
+                            .entry(peer_id)
+                            .or_insert_with(|| Repunch::new(now));
+                    }
+                }
                 self.on_closed(peer_id, connection_id);
                 if num_established == 0 {
                     self.rtts.remove(&peer_id);
@@ -1032,6 +1063,26 @@ mod tests {
             ]
         );
         assert!(stale(&conns(&[(1, conn(true, true, 1))])).is_empty());
+    }
+
+    #[test]
+    fn the_listener_waits_for_its_dialer_to_close_a_relayed_connection_it_superseded() {
+        // Beside a direct connection, or beside a newer circuit of the same dialer.
+        assert!(awaits_dialer(&conns(&[
+            (1, conn(true, false, 1)),
+            (2, conn(false, true, 2))
+        ])));
+        assert!(awaits_dialer(&conns(&[
+            (1, conn(true, false, 1)),
+            (2, conn(true, false, 2))
+        ])));
+        // Alone, or dialed by this side (then this side retires it), nothing to wait for.
+        assert!(!awaits_dialer(&conns(&[(1, conn(true, false, 1))])));
+        assert!(!awaits_dialer(&conns(&[
+            (1, conn(true, true, 1)),
+            (2, conn(false, true, 2))
+        ])));
+        assert!(!awaits_dialer(&conns(&[(1, conn(false, false, 1))])));
         assert!(stale(&conns(&[
             (1, conn(true, false, 1)),
             (2, conn(false, true, 2))
