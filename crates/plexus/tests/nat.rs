@@ -453,10 +453,12 @@ fn run(blocked: &[usize], gateway_home: bool) -> Outcome {
             .enumerate()
             .filter(|(h, _)| !blocked.contains(&(h + 1)))
             .all(|(_, l)| l.get(&gw_peer.to_string()).is_some_and(decided));
+        // A failed punch between the homes is tried again on a fresh circuit (by the home
+        // that dialed it): only a punched hole (or a direct link) settles this one.
         let between = (0..2).any(|h| {
             logs[h]
                 .get(&home_ids[1 - h].to_string())
-                .is_some_and(decided)
+                .is_some_and(|l| l.punched || l.direct)
         });
         if to_gateway && between {
             break;
