@@ -93,8 +93,6 @@ pub struct NetActor {
     /// Peers reached only through relayed connections this side dialed: when to dial a fresh
     /// circuit for another hole punch. Connected peers only.
     repunch: HashMap<PeerId, Repunch>,
-    /// Connections opened so far (orders a peer's connections: the newest relayed one stays).
-    opened: u64,
     /// Peers DCUtR punched a hole to (bounded by the connections there can be).
     punched: HashSet<PeerId>,
     /// Addresses of each peer a dial is under way on (until it connects or the dial fails):
@@ -112,8 +110,6 @@ struct Conn {
     outbound: bool,
     /// The address dialed, for outbound connections (a `/p2p-circuit` one when relayed).
     dialed: Option<Multiaddr>,
-    /// When it opened, in this node's count of connections.
-    seq: u64,
 }
 
 impl Conn {
@@ -132,18 +128,32 @@ fn awaits_dialer(conns: &HashMap<ConnectionId, Conn>) -> bool {
 }
 
 /// The connections among `conns` to retire: every relayed one this side dialed when a direct
-/// one is open, else all of those but the newest.
+/// one is open, else all of those but the newest (connection ids grow as connections are
+/// opened).
 fn stale(conns: &HashMap<ConnectionId, Conn>) -> Vec<ConnectionId> {
-    let mut retirable: Vec<(u64, ConnectionId)> = conns
+    let mut retirable: Vec<ConnectionId> = conns
         .iter()
         .filter(|(_, c)| c.retirable())
-        .map(|(id, c)| (c.seq, *id))
+        .map(|(id, _)| *id)
         .collect();
     retirable.sort_unstable();
     if !conns.values().any(|c| !c.relayed) {
         retirable.pop();
     }
-    retirable.into_iter().map(|(_, id)| id).collect()
+    retirable
+}
+
+/// The circuit this side dialed last to a peer it reaches through relays only (none when a
+/// direct connection is open): where a re-punch dials.
+fn newest_circuit(conns: &HashMap<ConnectionId, Conn>) -> Option<&Multiaddr> {
+    if conns.values().any(|c| !c.relayed) {
+        return None;
+    }
+    conns
+        .iter()
+        .filter(|(_, c)| c.retirable())
+        .max_by_key(|(id, _)| **id)
+        .and_then(|(_, c)| c.dialed.as_ref())
 }
 
 impl NetActor {
@@ -234,7 +244,6 @@ impl NetActor {
             held: HashMap::new(),
             unheld: HashSet::new(),
             repunch: HashMap::new(),
-            opened: 0,
             punched: HashSet::new(),
             dialing: HashMap::new(),
         };
@@ -511,16 +520,7 @@ impl NetActor {
             .map(|(peer, _)| *peer)
             .collect();
         for peer in due {
-            let circuit = self.conns.get(&peer).and_then(|conns| {
-                if conns.values().any(|c| !c.relayed) {
-                    return None;
-                }
-                conns
-                    .values()
-                    .filter(|c| c.retirable())
-                    .max_by_key(|c| c.seq)
-                    .and_then(|c| c.dialed.clone())
-            });
+            let circuit = self.conns.get(&peer).and_then(newest_circuit).cloned();
             let Some(circuit) = circuit else {
                 self.repunch.remove(&peer);
                 continue;
@@ -780,7 +780,6 @@ impl NetActor {
                     libp2p::core::ConnectedPoint::Dialer { address, .. } => Some(address.clone()),
                     _ => None,
                 };
-                self.opened += 1;
                 info!(
                     peer = %peer_id,
                     kind = if relayed { "relayed" } else { "direct" },
@@ -795,10 +794,9 @@ impl NetActor {
                         relayed,
                         outbound,
                         dialed,
-                        seq: self.opened,
                     },
                 );
-                let only_relayed = conns.values().all(|c| c.relayed);
+                let circuit_only = newest_circuit(conns).is_some();
                 if !stale(conns).is_empty() {
                     // The peer's calls sent on the relayed connection before it saw the direct
                     // one arrive within a one-way trip; they must be read (and counted) first.
@@ -809,7 +807,7 @@ impl NetActor {
                 }
                 if !relayed {
                     self.repunch.remove(&peer_id);
-                } else if outbound && only_relayed {
+                } else if outbound && circuit_only {
                     let now = Instant::now();
                     self.repunch
                         .entry(peer_id)
@@ -839,19 +837,16 @@ impl NetActor {
                     // Nothing left to retire (the direct connection went first).
                     self.retire.remove(&peer_id);
                 }
-                if let Some(conns) = self.conns.get(&peer_id) {
+                if self.conns.get(&peer_id).and_then(newest_circuit).is_some() {
                     // The direct connection went: back to relayed only, re-punch again.
-                    if conns.values().all(|c| c.relayed) && conns.values().any(Conn::retirable) {
-                        let now = Instant::now();
-                        self.repunch
-                            .entry(peer_id)
-                            .or_insert_with(|| Repunch::new(now));
-                    }
+                    let now = Instant::now();
+                    self.repunch
+                        .entry(peer_id)
+                        .or_insert_with(|| Repunch::new(now));
                 }
                 self.on_closed(peer_id, connection_id);
                 if num_established == 0 {
                     self.rtts.remove(&peer_id);
-                    self.retire.remove(&peer_id);
                     self.repunch.remove(&peer_id);
                     self.closing.remove(&peer_id);
                     self.unheld.remove(&peer_id);
@@ -1018,12 +1013,11 @@ fn is_loopback(addr: &Multiaddr) -> bool {
 mod tests {
     use super::*;
 
-    fn conn(relayed: bool, outbound: bool, seq: u64) -> Conn {
+    fn conn(relayed: bool, outbound: bool) -> Conn {
         Conn {
             relayed,
             outbound,
             dialed: None,
-            seq,
         }
     }
 
@@ -1041,17 +1035,17 @@ mod tests {
     #[test]
     fn relayed_connections_this_side_dialed_go_once_a_direct_one_is_open() {
         let c = conns(&[
-            (1, conn(true, true, 1)),
-            (2, conn(true, false, 2)),
-            (3, conn(false, false, 3)),
+            (1, conn(true, true)),
+            (2, conn(true, false)),
+            (3, conn(false, false)),
         ]);
         // The inbound relayed one is its dialer's to close.
         assert_eq!(stale(&c), vec![ConnectionId::new_unchecked(1)]);
-        let c = conns(&[(1, conn(true, true, 1)), (2, conn(true, true, 4))]);
+        let c = conns(&[(1, conn(true, true)), (2, conn(true, true))]);
         let c2 = conns(&[
-            (1, conn(true, true, 1)),
-            (2, conn(true, true, 4)),
-            (3, conn(false, true, 5)),
+            (1, conn(true, true)),
+            (2, conn(true, true)),
+            (3, conn(false, true)),
         ]);
         // Without a direct one the newest relayed one stays (a re-punch's fresh circuit).
         assert_eq!(stale(&c), vec![ConnectionId::new_unchecked(1)]);
@@ -1062,31 +1056,27 @@ mod tests {
                 ConnectionId::new_unchecked(2)
             ]
         );
-        assert!(stale(&conns(&[(1, conn(true, true, 1))])).is_empty());
+        assert!(stale(&conns(&[(1, conn(true, true))])).is_empty());
     }
 
     #[test]
     fn the_listener_waits_for_its_dialer_to_close_a_relayed_connection_it_superseded() {
         // Beside a direct connection, or beside a newer circuit of the same dialer.
         assert!(awaits_dialer(&conns(&[
-            (1, conn(true, false, 1)),
-            (2, conn(false, true, 2))
+            (1, conn(true, false)),
+            (2, conn(false, true))
         ])));
         assert!(awaits_dialer(&conns(&[
-            (1, conn(true, false, 1)),
-            (2, conn(true, false, 2))
+            (1, conn(true, false)),
+            (2, conn(true, false))
         ])));
         // Alone, or dialed by this side (then this side retires it), nothing to wait for.
-        assert!(!awaits_dialer(&conns(&[(1, conn(true, false, 1))])));
+        assert!(!awaits_dialer(&conns(&[(1, conn(true, false))])));
         assert!(!awaits_dialer(&conns(&[
-            (1, conn(true, true, 1)),
-            (2, conn(false, true, 2))
+            (1, conn(true, true)),
+            (2, conn(false, true))
         ])));
-        assert!(!awaits_dialer(&conns(&[(1, conn(false, false, 1))])));
-        assert!(stale(&conns(&[
-            (1, conn(true, false, 1)),
-            (2, conn(false, true, 2))
-        ]))
-        .is_empty());
+        assert!(!awaits_dialer(&conns(&[(1, conn(false, false))])));
+        assert!(stale(&conns(&[(1, conn(true, false)), (2, conn(false, true))])).is_empty());
     }
 }
