@@ -25,6 +25,9 @@ pub const ANNOUNCE_TOPIC: &str = "plexus/announce/1";
 /// The identify protocol version; peers with another major version are not ours.
 pub const IDENTIFY_VERSION: &str = "/plexus/1.0.0";
 const KAD_PROTOCOL: &str = "/plexus/kad/1.0.0";
+/// How long an AutoNAT probe may take, on the client and on the server: a dial-back to two or
+/// three silent addresses, one after another (see [`build`]).
+const AUTONAT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
@@ -131,6 +134,13 @@ pub(crate) fn build(
     // Quick verdicts: a node learns within seconds of joining whether it needs a relay.
     // Servers dial back only the IP they saw the client at (never a third party), so private
     // addresses are allowed (home networks and test namespaces use them).
+    //
+    // The timeout bounds both sides of a probe, and must outlast the server's dial-back: it
+    // dials the client's addresses one at a time, and behind a NAT that drops packets silently
+    // each one fails only when the swarm's connection timeout (10 s) or QUIC's handshake
+    // timeout (5 s) runs out. With 10 s here the server gave up on the request before its own
+    // dial failed, so a private verdict came only when a late dial error happened to meet the
+    // next probe: 6 s to over 70 s on a busy machine.
     let autonat = autonat::Behaviour::new(
         peer_id,
         autonat::Config {
@@ -138,7 +148,7 @@ pub(crate) fn build(
             retry_interval: Duration::from_secs(5),
             refresh_interval: Duration::from_secs(60),
             throttle_server_period: Duration::from_secs(5),
-            timeout: Duration::from_secs(10),
+            timeout: AUTONAT_TIMEOUT,
             only_global_ips: false,
             ..autonat::Config::default()
         },

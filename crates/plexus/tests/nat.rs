@@ -142,7 +142,11 @@ fn spawn(ns: &str, args: &[String], dir: &Path) -> Proc {
         .arg(env!("CARGO_BIN_EXE_plexus"))
         .args(args)
         .env("PLEXUS_CACHE_DIR", dir.join("cache"))
-        .env("PLEXUS_LOG", "warn,plexus_net=info")
+        // The links are read from `plexus_net` info lines; more may be asked for when digging.
+        .env(
+            "PLEXUS_LOG",
+            std::env::var("PLEXUS_NAT_TEST_LOG").unwrap_or_else(|_| "warn,plexus_net=info".into()),
+        )
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -316,12 +320,20 @@ struct Outcome {
 /// own in a third home when `gateway_home`), serves, checks the text.
 fn run(blocked: &[usize], gateway_home: bool) -> Outcome {
     let _topology = Topology::up(blocked, gateway_home);
-    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // Keep the processes' logs for digging (`PLEXUS_NAT_TEST_KEEP=1`).
+    let (root, _tmp) = if std::env::var_os("PLEXUS_NAT_TEST_KEEP").is_some() {
+        let root = tmp.keep();
+        eprintln!("logs kept in {}", root.display());
+        (root, None)
+    } else {
+        (tmp.path().to_path_buf(), Some(tmp))
+    };
     let pub_ns = format!("{NS}pub");
     let relay = node(
         &pub_ns,
         "0..10",
-        &dir.path().join("relay"),
+        &root.join("relay"),
         &[
             "--relay".into(),
             "--listen".into(),
@@ -334,7 +346,7 @@ fn run(blocked: &[usize], gateway_home: bool) -> Outcome {
     let home1 = node(
         &format!("{NS}h1"),
         "10..20",
-        &dir.path().join("home1"),
+        &root.join("home1"),
         &[
             "--relay-via".into(),
             relay_addr.clone(),
@@ -345,11 +357,11 @@ fn run(blocked: &[usize], gateway_home: bool) -> Outcome {
     let home2 = node(
         &format!("{NS}h2"),
         "20..30",
-        &dir.path().join("home2"),
+        &root.join("home2"),
         &["--bootstrap".into(), relay_addr.clone()],
     );
     // The gateway's key made here, so its peer id is known.
-    let gw_dir = dir.path().join("gateway");
+    let gw_dir = root.join("gateway");
     std::fs::create_dir_all(&gw_dir).unwrap();
     let gw_peer = NodeKey::load_or_create(&gw_dir.join("node.key"))
         .unwrap()
@@ -442,6 +454,7 @@ fn run(blocked: &[usize], gateway_home: bool) -> Outcome {
     // at home, the homes and the gateway). Wait until every home's link to the gateway and to
     // the other home is direct, punched or given up on.
     let settle = Instant::now();
+    let mut settled = false;
     let homes = [&home1, &home2];
     let home_ids = [home1.peer.unwrap(), home2.peer.unwrap()];
     let decided = |l: &LinkSeen| l.punched || l.punch_failed || l.direct;
@@ -461,12 +474,14 @@ fn run(blocked: &[usize], gateway_home: bool) -> Outcome {
                 .is_some_and(|l| l.punched || l.direct)
         });
         if to_gateway && between {
+            settled = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(250));
     }
     eprintln!(
-        "links settled {:.1} s after the route appeared",
+        "links {} {:.1} s after the route appeared",
+        if settled { "settled" } else { "NOT settled" },
         settle.elapsed().as_secs_f64()
     );
     let before = [counters(1), counters(2)];
