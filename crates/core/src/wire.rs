@@ -294,6 +294,12 @@ pub struct Forward {
     /// Return the activations of every new position, not only the final chunk's (a replay
     /// through a replacement stage that feeds another replacement).
     pub all_rows: bool,
+    /// The session's leading positions whose attention takes llama.cpp's tiled kernel: those
+    /// of its prompt that llama.cpp computes in ubatches of 64 rows or more
+    /// (`plexus_model::attention::tiled_prompt_rows` of the prompt's length; 0: none). The
+    /// same on every call of a session, replays included, so a position's bits never depend
+    /// on how the calls cut the positions.
+    pub tiled: u32,
 }
 
 impl Forward {
@@ -679,6 +685,7 @@ mod tests {
             sampling: Some(Box::new(SamplingParams::greedy())),
             reply_dtype: DType::F16,
             all_rows: false,
+            tiled: 0,
         }
     }
 

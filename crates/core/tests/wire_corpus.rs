@@ -123,6 +123,7 @@ fn forward() -> Forward {
         sampling: Some(Box::new(SamplingParams::greedy())),
         reply_dtype: DType::F16,
         all_rows: false,
+        tiled: 0,
     }
 }
 

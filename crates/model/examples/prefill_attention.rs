@@ -1,20 +1,21 @@
 //! Prefill attention on every backend this CPU has, for SmolLM2-135M's shape (9 query heads,
-//! 3 key/value heads of 64), one layer of a 128- and a 512-token prompt (best of 5), then a
-//! whole prefill of the real model (best of 3). BENCHMARKS.md quotes it:
+//! 3 key/value heads of 64), one layer of a 128-, 256- and a 512-token prompt (best of 5) with
+//! each of ggml's kernels (one-chunk and tiled), then a whole prefill of the real model (best
+//! of 3). BENCHMARKS.md quotes it:
 //!
 //! ```sh
 //! cargo run -p plexus-model --example prefill_attention
 //! ```
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 use half::f16;
-use plexus_model::attention::{flash_attention_into, AttnShape};
+use plexus_model::attention::{flash_attention_into, AttnKernel, AttnShape};
 use plexus_model::kernels::Backend;
 use plexus_model::kv_cache::LayerKv;
 use std::time::Instant;
 
 fn main() {
     let (heads, kv_heads, d) = (9, 3, 64);
-    for len in [128usize, 512] {
+    for len in [128usize, 256, 512] {
         let q: Vec<f32> = (0..len * heads * d)
             .map(|i| ((i * 7919) % 251) as f32 / 50.0 - 2.5)
             .collect();
@@ -26,26 +27,29 @@ fn main() {
                 .map(|i| f16::from_f32(((i * 17) % 89) as f32 / 30.0 - 1.5))
                 .collect(),
         };
-        let s = AttnShape {
-            heads,
-            kv_heads,
-            head_dim: d,
-            past: 0,
-            scale: 0.125,
-        };
         let mut out = vec![0f32; q.len()];
-        for b in Backend::available() {
-            let mut best = f64::MAX;
-            for _ in 0..5 {
-                let t = Instant::now();
-                flash_attention_into(b, &q, &kv, s, &mut out);
-                best = best.min(t.elapsed().as_secs_f64());
+        for kernel in [AttnKernel::OneChunk, AttnKernel::Tiled] {
+            let s = AttnShape {
+                heads,
+                kv_heads,
+                head_dim: d,
+                past: 0,
+                scale: 0.125,
+                kernel,
+            };
+            for b in Backend::available() {
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    flash_attention_into(b, &q, &kv, s, &mut out);
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                println!(
+                    "len {len} {kernel:?} {b:?}: one layer's attention {:.2} ms, x30 layers {:.1} ms",
+                    best * 1e3,
+                    best * 30e3
+                );
             }
-            println!(
-                "len {len} {b:?}: one layer's attention {:.2} ms, x30 layers {:.1} ms",
-                best * 1e3,
-                best * 30e3
-            );
         }
     }
     let p = plexus_testkit::real_model();

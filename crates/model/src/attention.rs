@@ -19,6 +19,39 @@ use half::f16;
 
 #[cfg(target_arch = "x86_64")]
 mod simd;
+mod tiled;
+
+pub use tiled::flash_attention_tiled_into;
+
+/// Which of ggml-cpu's flash-attention kernels a call reproduces. llama.cpp picks per ubatch
+/// (`Tiled` when it has 64 query rows or more); Plexus picks per position, from the prompt
+/// feed the row belongs to ([`tiled_prompt_rows`]), so any chunking gives the same bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// `ggml_compute_forward_flash_attn_ext_f16_one_chunk`: f16 query and V accumulator, one
+    /// key at a time.
+    #[default]
+    OneChunk,
+    /// `ggml_compute_forward_flash_attn_ext_tiled`: f32 query, 64-key tiles, f32 accumulator.
+    Tiled,
+}
+
+/// llama.cpp's default `n_ubatch`: a prompt is fed in ubatches of this many rows.
+pub const LLAMA_UBATCH: usize = 512;
+/// Rows from which a ubatch takes ggml's tiled kernel (`GGML_FA_TILE_Q`).
+pub const TILED_MIN_ROWS: usize = 64;
+
+/// How many leading rows of a prompt feed of `len` rows llama.cpp computes with the tiled
+/// kernel: every whole ubatch of [`LLAMA_UBATCH`] rows, and the last partial one when it has
+/// [`TILED_MIN_ROWS`] rows or more. Decode steps (one row) are never tiled.
+pub const fn tiled_prompt_rows(len: usize) -> usize {
+    let rest = len % LLAMA_UBATCH;
+    if rest > 0 && rest < TILED_MIN_ROWS {
+        len - rest
+    } else {
+        len
+    }
+}
 
 /// Rotary embedding parameters in ggml's form.
 #[derive(Clone, Debug)]
@@ -133,6 +166,11 @@ pub fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
     sum as f32
 }
 
+/// The positions of a prompt fed as `[start, start + len)` that take the tiled kernel.
+pub fn prompt_tiled_range(start: usize, len: usize) -> std::ops::Range<usize> {
+    start..start + tiled_prompt_rows(len)
+}
+
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -142,6 +180,8 @@ pub struct AttnShape {
     /// Cached positions before the first query row.
     pub past: usize,
     pub scale: f32,
+    /// The kernel every row of the call takes.
+    pub kernel: AttnKernel,
 }
 
 /// Causal attention of the query rows `q` (`[len][heads][head_dim]`, positions `past..`) over
@@ -162,6 +202,9 @@ pub fn flash_attention_into(
     s: AttnShape,
     out: &mut [f32],
 ) {
+    if s.kernel == AttnKernel::Tiled {
+        return flash_attention_tiled_into(backend, q, kv, s, out);
+    }
     let d = s.head_dim;
     let rep = s.heads / s.kv_heads;
     let row = s.kv_heads * d;
@@ -390,6 +433,7 @@ mod tests {
                 head_dim: d,
                 past,
                 scale: 1.0 / (d as f32).sqrt(),
+                kernel: AttnKernel::OneChunk,
             };
             let mut want = vec![0f32; q.len()];
             flash_attention_into(Backend::Scalar, &q, &kv, shape, &mut want);
@@ -428,6 +472,7 @@ mod tests {
             head_dim: d,
             past: 0,
             scale,
+            kernel: AttnKernel::OneChunk,
         };
         let out = flash_attention(&q, &kv, shape);
         for i in 0..len {

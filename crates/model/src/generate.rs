@@ -166,6 +166,16 @@ impl TokenChain for LocalChain<'_> {
         Ok(self.resample())
     }
 
+    /// Feeds the prompt in chunks, its rows taking the attention kernels llama.cpp gives a
+    /// prompt fed at once ([`crate::attention::tiled_prompt_rows`]).
+    fn feed_prompt(&mut self, prompt: &[u32]) -> Result<u32, ForwardError> {
+        let tiled = crate::attention::prompt_tiled_range(self.history.len(), prompt.len());
+        for c in &mut self.caches {
+            c.set_tiled(tiled.clone());
+        }
+        feed_in_chunks(self, prompt)
+    }
+
     fn take_logprobs(&mut self) -> Option<TokenLogprobs> {
         self.scores.take()
     }

@@ -4,6 +4,7 @@
 //! replay, speculative steps).
 
 use half::f16;
+use std::ops::Range;
 
 /// K and V rows of one layer.
 #[derive(Clone, Debug, Default)]
@@ -24,6 +25,8 @@ pub struct KvCache {
     /// Positions the buffers may grow to ahead of need (a sequence's KV reservation), so
     /// capacity doubling never holds more than was reserved.
     grow_limit: usize,
+    /// Positions whose attention takes ggml's tiled kernel (see [`KvCache::set_tiled`]).
+    tiled: Range<usize>,
 }
 
 impl KvCache {
@@ -34,6 +37,7 @@ impl KvCache {
             len: 0,
             max_len,
             grow_limit: max_len,
+            tiled: 0..0,
         }
     }
 
@@ -60,6 +64,21 @@ impl KvCache {
 
     pub fn max_len(&self) -> usize {
         self.max_len
+    }
+
+    /// Declares which positions llama.cpp computes with its tiled attention kernel: the rows
+    /// `[a, a + tiled_prompt_rows(n))` of a prompt fed as positions `[a, a + n)` (see
+    /// [`crate::attention::tiled_prompt_rows`]). The kernel of every position written from now
+    /// on follows it, whatever calls the positions arrive in, so a sequence gets the same bits
+    /// fed in one call or in chunks, batched or alone, here or split across stages. Empty (the
+    /// default): every position takes the one-chunk kernel.
+    pub fn set_tiled(&mut self, tiled: Range<usize>) {
+        self.tiled = tiled;
+    }
+
+    /// The positions declared by [`KvCache::set_tiled`].
+    pub fn tiled(&self) -> Range<usize> {
+        self.tiled.clone()
     }
 
     /// Forgets everything after the first `len` positions.
@@ -89,6 +108,7 @@ impl KvCache {
             len,
             max_len: self.max_len,
             grow_limit: self.grow_limit,
+            tiled: self.tiled.start.min(len)..self.tiled.end.min(len),
         }
     }
 

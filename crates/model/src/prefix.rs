@@ -6,7 +6,11 @@
 //! - Bit-identical: the key and value rows of position `p` depend only on the tokens `0..=p`
 //!   (causal attention, every row computed from its own inputs), so the rows of a shared
 //!   prefix are those the new prompt would compute, and prefilling its rest after them is the
-//!   same as prefilling in two chunks cut there, which gives the one-shot bits.
+//!   same as prefilling in two chunks cut there, which gives the one-shot bits. Rows count as
+//!   shared only as far as they were computed with the attention kernels the new prompt takes
+//!   (llama.cpp's tiled kernel for prompts of 64 tokens or more, see
+//!   [`crate::attention::tiled_prompt_rows`]): the output is always that of the prompt run
+//!   alone on a fresh cache, never something that depends on what ran before.
 //! - Bounded: at most `capacity` entries, each holding the KV reservation of the generation it
 //!   came from, from the same budget as running generations; a generation that does not fit
 //!   evicts entries (least recently stored first) before it is refused. A reused entry leaves
@@ -16,6 +20,7 @@
 use crate::batch::KvReservation;
 use crate::KvCache;
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One finished generation's cache: `cache` holds the rows of `tokens`.
@@ -80,13 +85,23 @@ impl PrefixCache {
 
     /// The entry sharing the longest prefix with `prompt`, truncated to it (at most
     /// `prompt.len() - 1` positions), out of the cache; `None` when none shares a token.
-    pub(crate) fn take_longest(&mut self, prompt: &[u32]) -> Option<(usize, KvCache)> {
+    /// Shared rows count only as far as the entry computed them with the attention kernels
+    /// `prompt` takes (`tiled`: its positions on the tiled kernel): a row's bits depend on
+    /// the kernels of every row before it.
+    pub(crate) fn take_longest(
+        &mut self,
+        prompt: &[u32],
+        tiled: &Range<usize>,
+    ) -> Option<(usize, KvCache)> {
         let limit = prompt.len().saturating_sub(1);
         let (at, shared) = self
             .entries
             .iter()
             .enumerate()
-            .map(|(i, e)| (i, common_prefix(&e.tokens, prompt).min(limit)))
+            .map(|(i, e)| {
+                let same = common_prefix(&e.tokens, prompt).min(limit);
+                (i, same_kernels_until(&e.cache.tiled(), tiled, same))
+            })
             .max_by_key(|&(i, n)| (n, i))?;
         if shared == 0 {
             return None;
@@ -96,6 +111,19 @@ impl PrefixCache {
         self.reused.fetch_add(shared as u64, Ordering::Relaxed);
         Some((shared, entry.cache))
     }
+}
+
+/// The first position before `limit` where a row on the tiled kernel in `a` is not in `b`
+/// or the other way round (`limit` when they agree on all of `0..limit`).
+fn same_kernels_until(a: &Range<usize>, b: &Range<usize>, limit: usize) -> usize {
+    let mut cuts = [a.start, a.end, b.start, b.end];
+    cuts.sort_unstable();
+    // Membership changes only at the cuts: compare at 0 and at each cut.
+    std::iter::once(0)
+        .chain(cuts)
+        .filter(|&p| p < limit)
+        .find(|p| a.contains(p) != b.contains(p))
+        .unwrap_or(limit)
 }
 
 /// Length of the common prefix of `a` and `b`.
@@ -130,16 +158,34 @@ mod tests {
         c.store(entry(&budget, &[1, 2, 3, 4, 5]));
         c.store(entry(&budget, &[1, 2, 9]));
         assert_eq!(budget.used(), 80);
-        assert!(c.take_longest(&[7, 1, 2]).is_none());
-        let (n, cache) = c.take_longest(&[1, 2, 3, 8]).unwrap();
+        assert!(c.take_longest(&[7, 1, 2], &(0..0)).is_none());
+        let (n, cache) = c.take_longest(&[1, 2, 3, 8], &(0..0)).unwrap();
         assert_eq!((n, cache.len()), (3, 3));
         // The taken entry left the cache and gave its reservation back.
         assert_eq!((c.len(), budget.used()), (1, 30));
         // The same prompt again: all but its last position.
         c.store(entry(&budget, &[1, 2, 3, 4]));
-        let (n, _) = c.take_longest(&[1, 2, 3, 4]).unwrap();
+        let (n, _) = c.take_longest(&[1, 2, 3, 4], &(0..0)).unwrap();
         assert_eq!(n, 3);
         assert_eq!(c.reused_positions(), 6);
+    }
+
+    #[test]
+    fn rows_are_shared_only_as_far_as_their_kernels_agree() {
+        assert_eq!(same_kernels_until(&(0..0), &(0..0), 50), 50);
+        assert_eq!(same_kernels_until(&(0..100), &(0..100), 70), 70);
+        // A 100-token prompt (tiled) against a 30-token one (not): nothing in common.
+        assert_eq!(same_kernels_until(&(0..100), &(0..0), 30), 0);
+        // Both tiled, to different ends: up to the shorter.
+        assert_eq!(same_kernels_until(&(0..100), &(0..180), 150), 100);
+        assert_eq!(same_kernels_until(&(0..512), &(0..520), 515), 512);
+        let budget = KvBudget::new(10_000);
+        let mut c = PrefixCache::new(4);
+        let mut e = entry(&budget, &[1, 2, 3, 4, 5]);
+        e.cache.set_tiled(0..3);
+        c.store(e);
+        let (n, _) = c.take_longest(&[1, 2, 3, 4, 5, 6], &(0..6)).unwrap();
+        assert_eq!(n, 3);
     }
 
     #[test]
@@ -151,8 +197,8 @@ mod tests {
         }
         assert_eq!((c.len(), budget.used()), (2, 40));
         assert!(c.evict_oldest());
-        assert!(c.take_longest(&[2, 2, 2]).is_none());
-        assert!(c.take_longest(&[3, 3, 3]).is_some());
+        assert!(c.take_longest(&[2, 2, 2], &(0..0)).is_none());
+        assert!(c.take_longest(&[3, 3, 3], &(0..0)).is_some());
         assert!(!c.evict_oldest());
         assert_eq!(budget.used(), 0);
         let mut off = PrefixCache::new(0);

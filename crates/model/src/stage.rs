@@ -10,7 +10,7 @@
 //! - stages chained in one process give bit-identical logits to the whole model, because they
 //!   run exactly the same ops on exactly the same tensors.
 
-use crate::attention::{flash_attention_into, AttnShape};
+use crate::attention::{flash_attention_into, AttnKernel, AttnShape};
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::layers::{causal_mask, softmax_last_dim, Embedding, Linear, Mlp, Mode, RmsNorm, Rope};
@@ -451,22 +451,39 @@ impl Stage {
             let ks = &mut k[start * kw..(start + len) * kw];
             rope.apply(qs, past, nh);
             rope.apply(ks, past, kvh);
+            let tiled = item.cache.tiled();
             let kv = item
                 .cache
                 .append(layer, ks, &v[start * kw..(start + len) * kw]);
-            let shape = AttnShape {
-                heads: nh,
-                kv_heads: kvh,
-                head_dim: hd,
+            // The rows before, inside and after the sequence's tiled positions, each a job
+            // with its kernel (usually one of the three).
+            let cuts = [
                 past,
-                scale: 1.0 / (hd as f32).sqrt(),
-            };
-            jobs.push(AttnJob {
-                start,
-                len,
-                kv,
-                shape,
-            });
+                tiled.start.clamp(past, past + len),
+                tiled.end.clamp(past, past + len).max(tiled.start.clamp(past, past + len)),
+                past + len,
+            ];
+            for (w, kernel) in cuts.windows(2).zip([
+                AttnKernel::OneChunk,
+                AttnKernel::Tiled,
+                AttnKernel::OneChunk,
+            ]) {
+                if w[1] > w[0] {
+                    jobs.push(AttnJob {
+                        start: start + (w[0] - past),
+                        len: w[1] - w[0],
+                        kv,
+                        shape: AttnShape {
+                            heads: nh,
+                            kv_heads: kvh,
+                            head_dim: hd,
+                            past: w[0],
+                            scale: 1.0 / (hd as f32).sqrt(),
+                            kernel,
+                        },
+                    });
+                }
+            }
             start += len;
         }
         let mut attn = vec![0f32; total * qw];

@@ -5,6 +5,7 @@
 
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
+use plexus_model::attention::prompt_tiled_range;
 use plexus_model::layers::Mode;
 use plexus_model::stage::BatchItem;
 use plexus_model::{KvCache, LayerSpan, Logits, ModelFiles, Stage, StageInput, StageOutput};
@@ -60,7 +61,18 @@ fn bits(t: &StageOutput) -> Vec<u32> {
 
 /// One sequence alone: `calls` consecutive forward calls, the output of each.
 fn solo(stage: &Stage, calls: &[Vec<u32>], logits: Logits) -> Vec<Vec<u32>> {
+    solo_tiled(stage, calls, logits, 0..0)
+}
+
+/// [`solo`] with the positions `tiled` on llama.cpp's tiled attention kernel.
+fn solo_tiled(
+    stage: &Stage,
+    calls: &[Vec<u32>],
+    logits: Logits,
+    tiled: std::ops::Range<usize>,
+) -> Vec<Vec<u32>> {
     let mut cache = stage.new_cache();
+    cache.set_tiled(tiled);
     calls
         .iter()
         .map(|c| {
@@ -79,18 +91,33 @@ fn chunked_prefill_is_bit_identical_to_one_shot_issue_8() {
     let mut rng = Rng(8);
     // Longer than llama.cpp's 64-token switch and than one kernel tile.
     let prompt = rng.tokens(150);
-    let one_shot = solo(stage, std::slice::from_ref(&prompt), Logits::All).remove(0);
-    for cuts in [vec![1], vec![7, 50, 51], vec![149]] {
-        let mut calls = Vec::new();
-        let mut at = 0;
-        for &c in &cuts {
-            calls.push(prompt[at..c].to_vec());
-            at = c;
+    // The kernel is chosen per position (llama.cpp's tiled one for the whole 150-token prompt,
+    // or the one-chunk kernel everywhere, or a mix), never from where the calls cut.
+    let mut outputs = Vec::new();
+    for tiled in [0..0, 0..150, 64..128] {
+        let one_shot = solo_tiled(
+            stage,
+            std::slice::from_ref(&prompt),
+            Logits::All,
+            tiled.clone(),
+        )
+        .remove(0);
+        for cuts in [vec![1], vec![7, 50, 51], vec![63, 64, 65], vec![149]] {
+            let mut calls = Vec::new();
+            let mut at = 0;
+            for &c in &cuts {
+                calls.push(prompt[at..c].to_vec());
+                at = c;
+            }
+            calls.push(prompt[at..].to_vec());
+            let chunked: Vec<u32> = solo_tiled(stage, &calls, Logits::All, tiled.clone()).concat();
+            assert_eq!(chunked, one_shot, "tiled {tiled:?}, prefill cut at {cuts:?}");
         }
-        calls.push(prompt[at..].to_vec());
-        let chunked: Vec<u32> = solo(stage, &calls, Logits::All).concat();
-        assert_eq!(chunked, one_shot, "prefill cut at {cuts:?}");
+        outputs.push(one_shot);
     }
+    // And the kernels differ: the test compares something.
+    assert_ne!(outputs[0], outputs[1]);
+    assert_ne!(outputs[1], outputs[2]);
 }
 
 /// Random mixes: sequences with different prompt lengths, some decoding, some prefilling, in
@@ -129,12 +156,20 @@ fn batched_sequences_equal_their_solo_runs_issue_8() {
         let want: Vec<Vec<Vec<u32>>> = plans
             .iter()
             .zip(&kinds)
-            .map(|(p, &k)| solo(stage, p, k))
+            .map(|(p, &k)| solo_tiled(stage, p, k, prompt_tiled_range(0, p[0].len())))
             .collect();
         // Batched: at each step, every sequence with calls left (and that has "joined": a
-        // random start step) contributes its next call.
+        // random start step) contributes its next call. Prompts of 64 tokens or more take the
+        // tiled kernel, in the same batches as the others.
         let joins: Vec<usize> = (0..n).map(|_| rng.below(3)).collect();
-        let mut caches: Vec<KvCache> = (0..n).map(|_| stage.new_cache()).collect();
+        let mut caches: Vec<KvCache> = plans
+            .iter()
+            .map(|p| {
+                let mut c = stage.new_cache();
+                c.set_tiled(prompt_tiled_range(0, p[0].len()));
+                c
+            })
+            .collect();
         let mut next = vec![0usize; n];
         let mut got: Vec<Vec<Vec<u32>>> = vec![Vec::new(); n];
         for step in 0.. {
@@ -279,7 +314,9 @@ mod engine {
         let words = [
             "the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "far",
         ];
-        let n = 1 + rng.below(60);
+        // Up to 90 words: prompts on both sides of llama.cpp's 64-row switch to its tiled
+        // attention kernel.
+        let n = 1 + rng.below(90);
         let text: Vec<&str> = (0..n).map(|_| words[rng.below(words.len())]).collect();
         let mut sampling = SamplingParams::default();
         match rng.below(3) {
@@ -511,6 +548,26 @@ mod engine {
             .extend(m.tokenizer.encode(" And then?", false).unwrap());
         reqs.push(turn);
         reqs.push(reqs[1].clone());
+        // A short conversation (under llama.cpp's 64-row switch) resent past it: the first
+        // turn's rows took the one-chunk kernel, the resent prompt's take the tiled one, so
+        // none of them may be reused.
+        let mut short = request(&mut rng);
+        short.prompt_tokens = m.tokenizer.encode("Tell me a story.", false).unwrap();
+        short.max_tokens = 8;
+        // Log-probabilities show the last bit of a logit: the kernels' rounding differences
+        // rarely change a greedy token.
+        short.sampling = SamplingParams::greedy();
+        short.sampling.logprobs = Some(5);
+        let reply = solo(&short);
+        let mut resent = short.clone();
+        resent.prompt_tokens.extend(&reply.tokens);
+        resent
+            .prompt_tokens
+            .extend(m.tokenizer.encode(&" Go on, please.".repeat(12), false).unwrap());
+        assert!(short.prompt_tokens.len() + reply.tokens.len() < 64);
+        assert!(resent.prompt_tokens.len() >= 64);
+        reqs.push(short);
+        reqs.push(resent);
         let want: Vec<Completion> = reqs.iter().map(solo).collect();
         for entries in [0, 16] {
             let h = engine(ServeConfig {
@@ -561,6 +618,8 @@ mod engine {
                 // At least the system prompt of every sequential request after the first.
                 let shared = m.tokenizer.encode(&system, false).unwrap().len() as u64;
                 assert!(reused >= 6 * (shared - 2), "{reused} positions reused");
+                // (The resent short conversation reused nothing: its tokens would have
+                // agreed, its kernels did not; the test above checks its tokens.)
             }
         }
     }

@@ -195,6 +195,9 @@ pub struct Chain {
     /// is looking for a route around it: when none is left, the generation fails as
     /// [`ChainError::Busy`] rather than as a missing route.
     busy: Option<String>,
+    /// The session's leading positions that take the tiled attention kernel
+    /// ([`Forward::tiled`], sent with every call).
+    tiled: u32,
 }
 
 /// Whether a refusal is worth routing around (the node is gone or lost our session) rather
@@ -217,6 +220,7 @@ impl Chain {
             to_close: Vec::new(),
             to_blame: Vec::new(),
             scores: None,
+            tiled: 0,
             busy: None,
         }
     }
@@ -230,6 +234,13 @@ impl Chain {
     /// sent with every call to it; a token outside it is a faulty stage's (failed over).
     pub fn set_mask(&mut self, mask: Option<Vec<u32>>) {
         self.config.params.allowed = mask;
+    }
+
+    /// Declares the session's tiled positions: those of its prompt that take the tiled
+    /// attention kernel (`tiled_prompt_rows` of the whole prompt's length). Set before the
+    /// prompt is fed; every call and replay carries it.
+    pub fn set_tiled(&mut self, rows: u32) {
+        self.tiled = rows;
     }
 
     /// Whether the mask in force allows `token`.
@@ -318,6 +329,7 @@ impl Chain {
         child.hops = hops;
         child.tokens = self.tokens[..keep].to_vec();
         child.calls = vec![keep as u32];
+        child.tiled = self.tiled;
         // Nothing excluded: a peer that failed this chain may be back (a fresh chain would
         // route to it too), and the transport that knows is the new chain's.
         Some(child)
@@ -458,6 +470,7 @@ impl Chain {
                 .then(|| Box::new(self.config.params.clone())),
             reply_dtype: self.config.wire,
             all_rows,
+            tiled: self.tiled,
         })
     }
 

@@ -468,6 +468,9 @@ impl TokenChain for RemoteChain {
         if !held.is_empty() && (prompt.len() <= held.len() || !prompt.starts_with(&held)) {
             return Err(ChainError::ForkDiverged);
         }
+        let tiled = plexus_model::attention::tiled_prompt_rows(prompt.len());
+        self.chain
+            .set_tiled(u32::try_from(tiled).unwrap_or(u32::MAX));
         plexus_model::generate::feed_in_chunks(self, &prompt[held.len()..])
     }
 

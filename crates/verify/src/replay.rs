@@ -153,7 +153,8 @@ pub struct Replayed {
 
 /// Replays `stage` over `input` from position 0, `chunk` positions per call (the whole input
 /// in one teacher-forced pass when `chunk >= positions`). A last stage's fingerprint covers
-/// positions `cover_from..` (the provider's `prompt_len - 1`).
+/// positions `cover_from..` (the provider's `prompt_len - 1`); the prompt's rows take the
+/// attention kernels the provider's did (`tiled_prompt_rows(cover_from + 1)` on the tiled one).
 pub fn replay(
     stage: &Stage,
     input: &Input,
@@ -166,6 +167,7 @@ pub fn replay(
         return Err(ReplayError::Input("nothing to replay"));
     }
     let mut cache = stage.new_cache();
+    cache.set_tiled(plexus_model::attention::prompt_tiled_range(0, cover_from + 1));
     let cfg = stage.config();
     let out_width = if stage.is_last() {
         cfg.vocab_size
@@ -279,7 +281,14 @@ pub fn run_chain(
             )
         })
         .collect::<Result<_, _>>()?;
-    let mut caches: Vec<_> = stages.iter().map(|s| s.new_cache()).collect();
+    let mut caches: Vec<_> = stages
+        .iter()
+        .map(|s| {
+            let mut c = s.new_cache();
+            c.set_tiled(plexus_model::attention::prompt_tiled_range(0, prompt.len()));
+            c
+        })
+        .collect();
     let mut computed = vec![0u64; stages.len()];
     let mut history: Vec<u32> = prompt.to_vec();
     let mut tokens = Vec::new();

@@ -45,6 +45,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     // One warm-up pass, then timed repetitions.
     for rep in 0..=a.repetitions {
         let mut caches = vec![model.stage.new_cache()];
+        // The kernels llama-bench's prompt takes (tiled from 64 rows on), as generation does.
+        caches[0].set_tiled(plexus_model::attention::prompt_tiled_range(0, prompt.len()));
         let t = Instant::now();
         let logits = forward_chain(stages, &mut caches, &prompt, Logits::Last)?;
         let pt = t.elapsed().as_secs_f64();
