@@ -460,7 +460,10 @@ impl Stage {
             let cuts = [
                 past,
                 tiled.start.clamp(past, past + len),
-                tiled.end.clamp(past, past + len).max(tiled.start.clamp(past, past + len)),
+                tiled
+                    .end
+                    .clamp(past, past + len)
+                    .max(tiled.start.clamp(past, past + len)),
                 past + len,
             ];
             for (w, kernel) in cuts.windows(2).zip([

@@ -111,7 +111,10 @@ fn chunked_prefill_is_bit_identical_to_one_shot_issue_8() {
             }
             calls.push(prompt[at..].to_vec());
             let chunked: Vec<u32> = solo_tiled(stage, &calls, Logits::All, tiled.clone()).concat();
-            assert_eq!(chunked, one_shot, "tiled {tiled:?}, prefill cut at {cuts:?}");
+            assert_eq!(
+                chunked, one_shot,
+                "tiled {tiled:?}, prefill cut at {cuts:?}"
+            );
         }
         outputs.push(one_shot);
     }
@@ -561,9 +564,11 @@ mod engine {
         let reply = solo(&short);
         let mut resent = short.clone();
         resent.prompt_tokens.extend(&reply.tokens);
-        resent
-            .prompt_tokens
-            .extend(m.tokenizer.encode(&" Go on, please.".repeat(12), false).unwrap());
+        resent.prompt_tokens.extend(
+            m.tokenizer
+                .encode(&" Go on, please.".repeat(12), false)
+                .unwrap(),
+        );
         assert!(short.prompt_tokens.len() + reply.tokens.len() < 64);
         assert!(resent.prompt_tokens.len() >= 64);
         reqs.push(short);

@@ -167,7 +167,10 @@ pub fn replay(
         return Err(ReplayError::Input("nothing to replay"));
     }
     let mut cache = stage.new_cache();
-    cache.set_tiled(plexus_model::attention::prompt_tiled_range(0, cover_from + 1));
+    cache.set_tiled(plexus_model::attention::prompt_tiled_range(
+        0,
+        cover_from + 1,
+    ));
     let cfg = stage.config();
     let out_width = if stage.is_last() {
         cfg.vocab_size
