@@ -59,12 +59,8 @@ fn bits(t: &StageOutput) -> Vec<u32> {
         .collect()
 }
 
-/// One sequence alone: `calls` consecutive forward calls, the output of each.
-fn solo(stage: &Stage, calls: &[Vec<u32>], logits: Logits) -> Vec<Vec<u32>> {
-    solo_tiled(stage, calls, logits, 0..0)
-}
-
-/// [`solo`] with the positions `tiled` on llama.cpp's tiled attention kernel.
+/// One sequence alone: `calls` consecutive forward calls, the output of each, with the
+/// positions `tiled` on llama.cpp's tiled attention kernel.
 fn solo_tiled(
     stage: &Stage,
     calls: &[Vec<u32>],
