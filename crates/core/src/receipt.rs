@@ -88,11 +88,14 @@ fn hash_activations(h: &mut Sha256Stream, a: &Activations) {
     h.update(&a.data);
 }
 
-/// The digest of a call's input: its token ids (little-endian u32) and, for a stage after the
-/// first, the incoming activations (dtype, rows, cols, bytes), under a domain tag.
+/// The digest of a call's input: the session's tiled positions (they pick the attention
+/// kernel, so they are part of what was computed), its token ids (little-endian u32) and, for
+/// a stage after the first, the incoming activations (dtype, rows, cols, bytes), under a
+/// domain tag.
 pub fn input_digest(f: &Forward) -> Digest {
     let mut h = Sha256Stream::new();
-    h.update(b"plexus/receipt/input/1");
+    h.update(b"plexus/receipt/input/2");
+    h.update(&f.tiled.to_le_bytes());
     h.update(&(f.tokens.len() as u32).to_le_bytes());
     f.tokens.iter().for_each(|t| h.update(&t.to_le_bytes()));
     match &f.hidden {
@@ -163,6 +166,9 @@ mod tests {
         assert_ne!(input_digest(&f), input_digest(&g));
         let mut g = f.clone();
         g.hidden = None;
+        assert_ne!(input_digest(&f), input_digest(&g));
+        let mut g = f.clone();
+        g.tiled = 64;
         assert_ne!(input_digest(&f), input_digest(&g));
     }
 

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The libp2p protocol name of stage calls.
-pub const STAGE_PROTOCOL: &str = "/plexus/stage/1";
+pub const STAGE_PROTOCOL: &str = "/plexus/stage/2";
 /// Largest frame a node reads (a 256-position chunk of an 8192-wide model in f32 is 8 MiB).
 pub const MAX_FRAME_BYTES: usize = 32 << 20;
 /// Most positions in one call.

@@ -227,6 +227,14 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
             Request::Forward(later_stage(dtype)),
         );
     }
+    // The session's tiled positions: a prompt's 76 rows, and a hostile maximum (a node
+    // clamps it to the positions it computes).
+    for (name, tiled) in [("76", 76), ("max", u32::MAX)] {
+        req(
+            &format!("ok-forward-tiled-{name}"),
+            Request::Forward(Forward { tiled, ..forward() }),
+        );
+    }
     req(
         "ok-forward-chunks-all-rows",
         Request::Forward(Forward {

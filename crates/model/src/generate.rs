@@ -71,8 +71,11 @@ pub enum GenerateError<E: std::error::Error + 'static = ForwardError> {
 
 /// A model that extends one token sequence: the whole model in this process ([`LocalChain`]) or
 /// a chain of stages on other machines. [`generate_with`] feeds it the prompt in chunks of
-/// [`PREFILL_CHUNK`] and then one token at a time; implementations must keep that chunking so a
-/// split model computes exactly what the whole model computes.
+/// [`PREFILL_CHUNK`] and then one token at a time. Bits do not depend on the chunking, but they
+/// do on the attention kernel of each position: an implementation's `feed_prompt` must declare
+/// the prompt's tiled positions ([`crate::KvCache::set_tiled`] with
+/// [`crate::attention::prompt_tiled_range`], or `Forward::tiled` on the network) before feeding
+/// it; the default [`feed_in_chunks`] declares none.
 pub trait TokenChain {
     type Error: std::error::Error + Send + Sync + 'static;
 

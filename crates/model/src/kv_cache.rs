@@ -71,7 +71,9 @@ impl KvCache {
     /// [`crate::attention::tiled_prompt_rows`]). The kernel of every position written from now
     /// on follows it, whatever calls the positions arrive in, so a sequence gets the same bits
     /// fed in one call or in chunks, batched or alone, here or split across stages. Empty (the
-    /// default): every position takes the one-chunk kernel.
+    /// default): every position takes the one-chunk kernel. A declaration about positions, not
+    /// about rows held: [`KvCache::truncate`] and [`KvCache::prefix`] keep it, so a sequence
+    /// rolled back and fed again computes its positions with the same kernels.
     pub fn set_tiled(&mut self, tiled: Range<usize>) {
         self.tiled = tiled;
     }
@@ -108,7 +110,7 @@ impl KvCache {
             len,
             max_len: self.max_len,
             grow_limit: self.grow_limit,
-            tiled: self.tiled.start.min(len)..self.tiled.end.min(len),
+            tiled: self.tiled.clone(),
         }
     }
 

@@ -4,7 +4,8 @@
 //! instead of recomputing it, as llama-server reuses a slot's cache.
 //!
 //! - Bit-identical: the key and value rows of position `p` depend only on the tokens `0..=p`
-//!   (causal attention, every row computed from its own inputs), so the rows of a shared
+//!   and the attention kernels of positions `0..=p` (causal attention, every row computed
+//!   from its own inputs), so the rows of a shared
 //!   prefix are those the new prompt would compute, and prefilling its rest after them is the
 //!   same as prefilling in two chunks cut there, which gives the one-shot bits. Rows count as
 //!   shared only as far as they were computed with the attention kernels the new prompt takes

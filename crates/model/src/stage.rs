@@ -241,7 +241,8 @@ impl Stage {
     /// is read once for all of them), attention runs per item against its own cache. Every
     /// operation computes each row from that row alone (quantized dot products per activation
     /// row, row-wise norms, element-wise activations, attention per query row over its own
-    /// sequence's keys), so each item's output is bit-identical to running it alone, and to
+    /// sequence's keys, with the kernel its cache declares for the row's position,
+    /// [`KvCache::tiled`]), so each item's output is bit-identical to running it alone, and to
     /// running its positions in any split into consecutive calls.
     ///
     /// Checks every item before computing anything: on `Err` no cache has changed.

@@ -149,6 +149,8 @@ pub(crate) fn build(
             refresh_interval: Duration::from_secs(60),
             throttle_server_period: Duration::from_secs(5),
             timeout: AUTONAT_TIMEOUT,
+            // Dialed back one at a time, each up to 10 s: three keep a probe inside the timeout.
+            max_peer_addresses: 3,
             only_global_ips: false,
             ..autonat::Config::default()
         },

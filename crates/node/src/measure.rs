@@ -11,14 +11,17 @@ pub struct Speed {
     pub prefill_s_per_layer: f64,
 }
 
-/// Runs a short prefill (32 positions) and 8 decode steps through `stage`.
+/// Runs a short prefill (64 positions, on the tiled attention kernel as a prompt of that length
+/// takes) and 8 decode steps through `stage`.
 pub fn measure(stage: &Stage) -> Result<Speed, plexus_model::stage::ForwardError> {
     let hidden = stage.config().hidden_size;
     let layers = stage.span().len().max(1) as f64;
+    let prefill = 64;
     let mut cache = stage.new_cache();
+    cache.set_tiled(plexus_model::attention::prompt_tiled_range(0, prefill));
     let input = |n: usize| -> Result<StageInput<'static>, plexus_model::stage::ForwardError> {
         if stage.is_first() {
-            static TOKENS: [u32; 32] = [1; 32];
+            static TOKENS: [u32; 64] = [1; 64];
             Ok(StageInput::Tokens(&TOKENS[..n]))
         } else {
             let values: Vec<f32> = (0..n * hidden)
@@ -31,7 +34,6 @@ pub fn measure(stage: &Stage) -> Result<Speed, plexus_model::stage::ForwardError
             )?))
         }
     };
-    let prefill = 32;
     let t = Instant::now();
     stage.forward(input(prefill)?, &mut cache, Logits::Last)?;
     let prefill_s = t.elapsed().as_secs_f64() / prefill as f64 / layers;

@@ -152,25 +152,24 @@ pub struct Replayed {
 }
 
 /// Replays `stage` over `input` from position 0, `chunk` positions per call (the whole input
-/// in one teacher-forced pass when `chunk >= positions`). A last stage's fingerprint covers
-/// positions `cover_from..` (the provider's `prompt_len - 1`); the prompt's rows take the
-/// attention kernels the provider's did (`tiled_prompt_rows(cover_from + 1)` on the tiled one).
+/// in one teacher-forced pass when `chunk >= positions`), for a generation whose prompt had
+/// `prompt_len` tokens: the prompt's rows take the attention kernels the provider's did
+/// (`tiled_prompt_rows(prompt_len)` of them the tiled one), and a last stage's fingerprint
+/// covers positions `prompt_len - 1..` (those that sampled a token).
 pub fn replay(
     stage: &Stage,
     input: &Input,
     chunk: usize,
     schemes: &[Scheme],
-    cover_from: usize,
+    prompt_len: usize,
 ) -> Result<Replayed, ReplayError> {
     let positions = input.positions();
-    if positions == 0 || chunk == 0 {
+    if positions == 0 || chunk == 0 || prompt_len == 0 {
         return Err(ReplayError::Input("nothing to replay"));
     }
+    let cover_from = prompt_len - 1;
     let mut cache = stage.new_cache();
-    cache.set_tiled(plexus_model::attention::prompt_tiled_range(
-        0,
-        cover_from + 1,
-    ));
+    cache.set_tiled(plexus_model::attention::prompt_tiled_range(0, prompt_len));
     let cfg = stage.config();
     let out_width = if stage.is_last() {
         cfg.vocab_size

@@ -87,7 +87,7 @@ fn audit(
     let mut tokens = (0, 0);
     for (i, stage) in real.iter().enumerate() {
         let (input, prints) = &run.stages[i];
-        let r = replay(stage, input, chunk, &SCHEMES, prompt.len() - 1).unwrap();
+        let r = replay(stage, input, chunk, &SCHEMES, prompt.len()).unwrap();
         let exact = prints
             .iter()
             .zip(&r.prints)
@@ -278,7 +278,7 @@ fn honest_replays_are_exact_and_substitutes_are_caught() {
             for (s, st) in cmp.iter().enumerate() {
                 let tol = {
                     let (input, prints) = &run.stages[s];
-                    let r = replay(&real[s], input, 4096, &SCHEMES, prompt.len() - 1).unwrap();
+                    let r = replay(&real[s], input, 4096, &SCHEMES, prompt.len()).unwrap();
                     compare(&prints[0], &r.prints[0], Mode::Within(Tolerance::PUBLISHED))
                 };
                 eprintln!(

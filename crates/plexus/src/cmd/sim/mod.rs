@@ -191,7 +191,7 @@ impl Engine {
     fn recompute(&self, node: &Node, job: &Job<'_>) -> anyhow::Result<Answer> {
         let stage = &self.real[job.slot];
         let r = self.on(node, || {
-            replay(stage, job.input, 4096, &SCHEMES, job.prompt.len() - 1)
+            replay(stage, job.input, 4096, &SCHEMES, job.prompt.len())
         })?;
         let tokens_ok = match &r.logits {
             Some(l) => {
