@@ -299,14 +299,26 @@ fn killing_a_stage_mid_generation_fails_over_with_identical_text() {
     let client = client(&rt, &nodes, None);
     let digest = plexus_model::identity::identity(&[model()], None, |_, _| {}).unwrap();
     assert!(rt.block_on(client.wait_for_route(&digest, 30, Duration::from_secs(60))));
+    // Past llama.cpp's 64-row switch: the prompt's rows take the tiled attention kernel, on
+    // the replacement stage's replay too.
     let tokens = local
         .tokenizer
-        .encode("Write a story about a lighthouse keeper:", true)
+        .encode(
+            "The lighthouse stood on a rocky island far from the coast. Every night its keeper \
+             climbed the one hundred and twelve steps to light the lamp, and every morning he \
+             wrote in his log what the sea had done. Storms came in winter and fog in spring, \
+             but the light never failed. Write a story about this lighthouse keeper:",
+            true,
+        )
         .unwrap();
+    assert!(tokens.len() >= 64, "{} prompt tokens", tokens.len());
     let mut req = request(&tokens, 48);
     req.sampling = SamplingParams {
         temperature: 0.7,
         seed: 42,
+        // Log-probabilities show a logit's last bit: the replay must compute what the dead
+        // stage computed, kernels included, not only something that samples the same tokens.
+        logprobs: Some(3),
         ..SamplingParams::default()
     };
     let context = local.config.max_position_embeddings;
@@ -337,6 +349,8 @@ fn killing_a_stage_mid_generation_fails_over_with_identical_text() {
     assert_ne!(chain.route()[1].peer, middle);
     assert_eq!(got.tokens, want.tokens);
     assert_eq!(got.text, want.text);
+    assert_eq!(got.logprobs, want.logprobs);
+    assert!(!got.logprobs.is_empty());
 }
 
 /// The span a node serves now, from its freshly signed announcement.
