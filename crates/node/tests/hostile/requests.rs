@@ -126,6 +126,20 @@ async fn wrong_calls_get_precise_errors_and_leave_sessions_intact() {
         reference.next_token(&fed)
     );
 
+    // Tiled positions past everything (the kernel choice is the caller's, for its own
+    // session): clamped to the positions computed, answered, and the session goes on.
+    let hostile = Forward {
+        tiled: u32::MAX,
+        ..f(session(5), 0, &PROMPT)
+    };
+    let t5 = token(&c.forward(hostile).await);
+    assert!(t5 < VOCAB);
+    let next = Forward {
+        tiled: u32::MAX,
+        ..f(session(5), PROMPT.len() as u32, &[t5])
+    };
+    assert!(token(&c.forward(next).await) < VOCAB);
+
     // Closed sessions are gone.
     assert_eq!(
         c.call(Request::Close {
