@@ -17,7 +17,7 @@ const ROUND: i32 = _MM_FROUND_TO_NEAREST_INT;
 /// the upper 4 + lower 4, then `(t0 + t2) + (t1 + t3)`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn fold16(lo: __m256, hi: __m256) -> f32 {
+pub(super) fn fold16(lo: __m256, hi: __m256) -> f32 {
     let t3 = _mm256_add_ps(hi, lo);
     let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
     let t7 = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));

@@ -4,6 +4,8 @@
 // The steps index several per-(row, head) arrays (`[_; R]`) by the same `r`.
 #![allow(clippy::needless_range_loop)]
 
+// The 16-lane fold (GCC's `_mm512_reduce_add_ps` order) the one-chunk kernel uses too.
+use super::super::simd::fold16;
 use super::{Rows, Tile, TILE};
 use half::f16;
 use std::arch::x86_64::*;
@@ -35,17 +37,6 @@ pub(super) unsafe fn widen(src: &[f16], dst: &mut [f32]) {
     for (y, x) in dst[i..n].iter_mut().zip(&src[i..n]) {
         *y = x.to_f32();
     }
-}
-
-/// The scalar definition's fold of 16 lanes (as two 8-lane halves): `hi + lo`, then the
-/// upper 4 + lower 4, then `(t0 + t2) + (t1 + t3)` (GCC's `_mm512_reduce_add_ps`).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn fold16(lo: __m256, hi: __m256) -> f32 {
-    let t3 = _mm256_add_ps(hi, lo);
-    let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
-    let t7 = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
-    _mm_cvtss_f32(_mm_add_ss(t7, _mm_movehdup_ps(t7)))
 }
 
 /// `numerics::expf` on 16 lanes: ggml's AVX-512 `ggml_v_expf`, of which it is the scalar
