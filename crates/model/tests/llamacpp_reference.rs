@@ -19,7 +19,7 @@ const MIN_IDENTICAL: usize = 32;
 /// and both flash-attention kernels (each op of layer 0 compared against llama.cpp's debug
 /// dump of "The capital of France is"): the one-chunk kernel for short prompts and decode, and
 /// the tiled kernel llama.cpp switches to for ubatches of 64 rows or more (chat_two_turn, 76
-/// tokens, parted after 2 tokens before it was mirrored).
+/// tokens, parted after 6 tokens before it was mirrored).
 const MIN_PROMPTS_AT_BAR: usize = 11;
 /// Identical leading tokens summed over all prompts (measured 528 of 528; 486 before the
 /// tiled kernel).
