@@ -154,12 +154,7 @@ pub fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
     for l in 0..16 {
         v[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
     }
-    let mut t3 = [0f32; 8];
-    for j in 0..8 {
-        t3[j] = v[8 + j] + v[j];
-    }
-    let t6 = [t3[4] + t3[0], t3[5] + t3[1], t3[6] + t3[2], t3[7] + t3[3]];
-    let mut sum = f64::from((t6[0] + t6[2]) + (t6[1] + t6[3]));
+    let mut sum = f64::from(reduce16(&v));
     for k in np..n {
         sum += f64::from(x[k].to_f32() * y[k].to_f32());
     }
@@ -169,6 +164,17 @@ pub fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
 /// The positions of a prompt fed as `[start, start + len)` that take the tiled kernel.
 pub fn prompt_tiled_range(start: usize, len: usize) -> std::ops::Range<usize> {
     start..start + tiled_prompt_rows(len)
+}
+
+/// GCC's `_mm512_reduce_add_ps` over 16 lanes: `hi8 + lo8`, `hi4 + lo4`, `(0+2) + (1+3)`
+/// (both kernels' scalar definitions fold 16 lanes this way).
+fn reduce16(v: &[f32]) -> f32 {
+    let mut t3 = [0f32; 8];
+    for j in 0..8 {
+        t3[j] = v[8 + j] + v[j];
+    }
+    let t6 = [t3[4] + t3[0], t3[5] + t3[1], t3[6] + t3[2], t3[7] + t3[3]];
+    (t6[0] + t6[2]) + (t6[1] + t6[3])
 }
 
 /// Shapes of one attention call.

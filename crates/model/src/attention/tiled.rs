@@ -21,7 +21,7 @@
 //! The steps run the V chain over the visible keys only and then add +0.0 once, which is the
 //! same thing: `fma(+0, +0, a) = a + 0`, and adding +0 twice is adding it once.
 
-use super::AttnShape;
+use super::{reduce16, AttnShape};
 use crate::kernels::Backend;
 use crate::kv_cache::LayerKv;
 use half::f16;
@@ -285,16 +285,6 @@ fn step_scalar(t: &Tile<'_>, visible: usize, r: usize, rows: &mut Rows<'_>) {
         // The hidden keys' `fma(+0.0, +0.0, a)`.
         acc.iter_mut().for_each(|a| *a += 0.0);
     }
-}
-
-/// GCC's `_mm512_reduce_add_ps` over 16 lanes: `hi8 + lo8`, `hi4 + lo4`, `(0+2) + (1+3)`.
-fn reduce16(v: &[f32]) -> f32 {
-    let mut t3 = [0f32; 8];
-    for j in 0..8 {
-        t3[j] = v[8 + j] + v[j];
-    }
-    let t6 = [t3[4] + t3[0], t3[5] + t3[1], t3[6] + t3[2], t3[7] + t3[3]];
-    (t6[0] + t6[2]) + (t6[1] + t6[3])
 }
 
 /// The tile step in AVX2 and AVX-512, bit-identical to [`step_scalar`] lane by lane.
