@@ -217,8 +217,14 @@ impl Worker {
 }
 
 impl Drop for Worker {
+    /// Kills the process; when a test failed, prints what every worker said (a failure in one
+    /// worker is often explained by what another did).
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            std::thread::sleep(Duration::from_millis(200));
+            eprintln!("\n----- {} said:\n{}", self.name, self.text());
+        }
     }
 }
 
@@ -415,7 +421,8 @@ fn garbage_stale_and_harmful_contributions_of_hostile_workers_are_refused() {
 /// examples, committed as if on its own: it passes every check a receiver makes and lowers
 /// the loss) is caught in its first round, dropped and refused from then on, while the honest
 /// workers' audits of each other all pass. A worker that claims a later round than it holds,
-/// with a made-up state to match, is never followed.
+/// with a made-up state to match, is never followed; nor is the convicted worker's state (its
+/// own fork), even when it is a round ahead.
 #[test]
 fn a_lazy_worker_is_caught_by_the_audits_and_a_peer_lying_about_its_round_is_not_followed() {
     let tmp = tempfile::tempdir().unwrap();
@@ -453,13 +460,18 @@ fn a_lazy_worker_is_caught_by_the_audits_and_a_peer_lying_about_its_round_is_not
             "{}: the convicted worker's next contribution was not refused:\n{text}",
             h.name
         );
-        assert!(
-            !text
-                .lines()
-                .any(|l| l.contains("caught up") && l.contains(&liar_id)),
-            "{}: followed the liar:\n{text}",
-            h.name
-        );
+        for (who, id) in [
+            ("the liar", &liar_id),
+            ("the convicted lazy worker", &lazy_id),
+        ] {
+            assert!(
+                !text
+                    .lines()
+                    .any(|l| l.contains("caught up") && l.contains(id.as_str())),
+                "{}: followed {who}:\n{text}",
+                h.name
+            );
+        }
         let rounds = round_lines(&text);
         assert_eq!(rounds.len(), 5, "{text}");
         // The round that convicted the lazy worker audited it and the two honest others.

@@ -477,12 +477,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let asked = Instant::now();
         let (statuses, (round, digest)) = loop {
             let statuses = peers.hello_all(&told).await;
-            {
-                let mut s = lock(shared);
-                for (p, st) in &statuses {
-                    s.note_peer(*p, st.clone());
-                }
-            }
+            let statuses = lock(shared).note_voters(statuses);
             let others: Vec<(u64, Digest)> =
                 statuses.iter().map(|(_, s)| (s.round, s.state)).collect();
             let target = choose_target(mine, others.iter().copied(), self.spec.spec.rounds);

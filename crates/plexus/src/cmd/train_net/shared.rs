@@ -166,6 +166,20 @@ impl Shared {
         }
     }
 
+    /// Notes every status (see [`Self::note_peer`]) and keeps those whose peers may vote on the
+    /// state to hold and serve it. A worker convicted by an audit trains on a state of its own
+    /// making (its own contributions in, the others' refused): following it would fork this
+    /// worker off the honest ones.
+    pub fn note_voters(&mut self, statuses: Vec<(PeerId, Status)>) -> Vec<(PeerId, Status)> {
+        for (p, st) in &statuses {
+            self.note_peer(*p, st.clone());
+        }
+        statuses
+            .into_iter()
+            .filter(|(p, _)| !self.convicted.contains_key(&p.to_bytes()))
+            .collect()
+    }
+
     /// Offers `c` (arrived at `now_ms`): this round's go to the machine, next round's wait.
     pub fn receive(&mut self, c: Contribution, now_ms: u64) -> Result<(), String> {
         let cm = &c.signed.commitment;
@@ -304,5 +318,79 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plexus_model::train::task::Task;
+    use plexus_train::local::{prepare, TaskSetup};
+    use plexus_train::outer::OuterState;
+    use plexus_train::protocol::choose_target;
+
+    fn shared() -> Shared {
+        let setup = TaskSetup {
+            task: Task::Reverse { len: 3 },
+            hidden: 32,
+            layers: 1,
+            init_seed: 1,
+            eval_examples: 4,
+        };
+        let (_, _, params) = prepare(&setup, 1).unwrap();
+        let n = params.values.len();
+        let global = GlobalState {
+            round: 4,
+            params,
+            outer: OuterState::new(n),
+        };
+        let cfg = plexus_train::RoundConfig {
+            run: Digest::of(b"run"),
+            seed: 1,
+            inner_steps: 1,
+            batch_size: 1,
+            inner: plexus_model::train::InnerConfig {
+                lr: 1e-3,
+                warmup: 0,
+                min_lr_ratio: 1.0,
+                schedule_steps: 1,
+                clip: 0.0,
+                adamw: plexus_model::train::AdamWConfig::default(),
+            },
+            codec: plexus_train::Codec::F32,
+            error_feedback: false,
+            outer: plexus_train::OuterConfig::default(),
+            deadline: plexus_train::deadline::DeadlinePolicy::default(),
+            score: plexus_train::ScorePolicy::default(),
+            max_workers: 4,
+        };
+        Shared::new(cfg.run, RoundMachine::new(cfg, global, [], 0))
+    }
+
+    #[test]
+    fn a_convicted_worker_neither_votes_nor_serves_its_state() {
+        let mut s = shared();
+        let (honest, convicted) = (PeerId::random(), PeerId::random());
+        s.convicted.insert(convicted.to_bytes(), 1);
+        let at = |round: u64, byte: u8| Status {
+            run: s.run,
+            round,
+            state: Digest([byte; 32]),
+            done: false,
+        };
+        let mine = (4, s.status().state);
+        // The fork would win a tie (the smaller digest).
+        let (theirs, forked) = (at(5, 9), at(5, 0));
+        let statuses = vec![(honest, theirs.clone()), (convicted, forked.clone())];
+        // Both statuses are noted; only the honest one votes.
+        let voters = s.note_voters(statuses);
+        assert_eq!(voters, vec![(honest, theirs.clone())]);
+        assert_eq!(s.peers.get(&convicted), Some(&forked));
+        let votes = voters.iter().map(|(_, st)| (st.round, st.state));
+        assert_eq!(
+            choose_target(mine, votes, 10),
+            Some((5, theirs.state)),
+            "followed the convicted worker"
+        );
     }
 }
