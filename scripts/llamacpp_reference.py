@@ -111,6 +111,40 @@ GENERATE_CASES = [
     ]),
 ]
 
+# Long generations (`--long`, a fixture of their own): past position 256, where llama.cpp's
+# decode of a row alone in its ubatch splits the keys by its thread count (`-t 2`), and
+# prompts of more than one 512-row ubatch whose last ubatch has one row (split-KV too) or
+# 28 rows (one-chunk). Greedy with ignore_eos, so every case runs to n_predict.
+# (name, kind, plain prompt text | chat messages | number of tokens of LONG_TEXT, n_predict)
+LONG_TEXT = (
+    "The history of the lighthouse begins in the ancient world, where fires were lit on hills "
+    "and towers to guide ships into harbour. The most famous of these was the Pharos of "
+    "Alexandria, built in the third century before the common era, which stood for more than a "
+    "thousand years before earthquakes brought it down. In the centuries that followed, "
+    "lighthouses spread along the coasts of Europe, each one a tower of stone with a fire or a "
+    "lamp at its top, tended by keepers who lived beside them with their families. The keepers "
+    "trimmed the wicks, polished the lenses, wound the clockwork that turned the lights, and "
+    "wrote in their logs what the weather had done. In storms they stayed awake through the "
+    "night; in fog they sounded horns and bells. The invention of the Fresnel lens in the "
+    "nineteenth century changed everything: a lens of many rings of glass could bend the light "
+    "of a single lamp into a beam seen twenty miles out to sea. Later came electricity, then "
+    "automatic lamps, and finally the satellites that told every ship where it was, so that "
+    "one by one the keepers left their towers. Today most lighthouses run on their own, their "
+    "lamps switched by sensors and their lenses turned by small motors, and many have become "
+    "museums where visitors climb the stairs to look out over the water. Yet sailors still "
+    "watch for them, and on a dark night a light on the shore means the same thing it meant "
+    "two thousand years ago: here is land, here is danger, here is the way home. "
+) * 4
+
+LONG_CASES = [
+    ("long_story", "plain", "Once upon a time, in a small village by the sea, there lived an old lighthouse keeper who", 300),
+    ("long_chat_essay", "chat", [
+        {"role": "user", "content": "Write a long essay about the history of bread, with many details."},
+    ], 320),
+    ("long_prompt_513", "tokens", 513, 40),
+    ("long_prompt_540", "tokens", 540, 40),
+]
+
 # --------------------------------------------------------------------------------------
 # HTTP helpers
 # --------------------------------------------------------------------------------------
@@ -217,23 +251,35 @@ def record_tokenize(base):
     return out
 
 
-def record_generate(base):
+def record_generate(base, cases=None):
     out = []
-    for name, kind, spec in GENERATE_CASES:
+    for case in cases or [(n, k, s, N_PREDICT) for n, k, s in GENERATE_CASES]:
+        name, kind, spec, n_predict = case
         if kind == "chat":
             messages = spec
             prompt = http_json(base, "/apply-template", {"messages": messages})["prompt"]
+        elif kind == "tokens":
+            messages = None
+            prompt = None
+            prompt_tokens = tokenize(base, LONG_TEXT, add_special=False)[0][:spec]
+            if len(prompt_tokens) != spec:
+                raise RuntimeError(f"{name}: LONG_TEXT has only {len(prompt_tokens)} tokens")
         else:
             messages = None
             prompt = spec
-        prompt_tokens, _ = tokenize(base, prompt, add_special=False)
-        with_special, _ = tokenize(base, prompt, add_special=True)
-        if with_special != prompt_tokens:
-            raise RuntimeError(f"{name}: add_special changes the prompt tokens: {with_special[:4]}...")
-        resp = http_json(base, "/completion", {
-            "prompt": prompt, "n_predict": N_PREDICT, "temperature": 0, "top_k": 1, "seed": 0,
+        if prompt is not None:
+            prompt_tokens, _ = tokenize(base, prompt, add_special=False)
+            with_special, _ = tokenize(base, prompt, add_special=True)
+            if with_special != prompt_tokens:
+                raise RuntimeError(f"{name}: add_special changes the prompt tokens: {with_special[:4]}...")
+        body = {
+            "prompt": prompt if prompt is not None else prompt_tokens, "n_predict": n_predict,
+            "temperature": 0, "top_k": 1, "seed": 0,
             "cache_prompt": False, "n_probs": N_PROBS, "return_tokens": True,
-        })
+        }
+        if cases is not None:
+            body["ignore_eos"] = True
+        resp = http_json(base, "/completion", body)
         output_tokens = [int(t) for t in resp["tokens"]]
         if resp.get("tokens_evaluated") not in (None, len(prompt_tokens)):
             raise RuntimeError(f"{name}: server evaluated {resp['tokens_evaluated']} prompt tokens, "
@@ -257,7 +303,7 @@ def record_generate(base):
         if messages is not None:
             entry["messages"] = messages
         entry.update({
-            "prompt": prompt,
+            "prompt": prompt if prompt is not None else "",
             "prompt_tokens": prompt_tokens,
             "output_tokens": output_tokens,
             "output_text": resp["content"],
@@ -316,9 +362,14 @@ def main():
     ap.add_argument("--llama-server", default=DEFAULT_SERVER)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--long", action="store_true",
+                    help="record the long generations (LONG_CASES) into --out instead "
+                         "(default tests/fixtures/llamacpp/smollm2-135m-q4_1-long.json)")
     ap.add_argument("--allow-short", action="store_true",
                     help=f"do not fail when a generation has fewer than {MIN_GENERATED} tokens")
     a = ap.parse_args()
+    if a.long and a.out == DEFAULT_OUT:
+        a.out = DEFAULT_OUT.replace(".json", "-long.json")
 
     if not os.path.isfile(a.llama_server):
         sys.exit(f"llama-server not found at {a.llama_server} (build it as in ANCHORS.md)")
@@ -329,8 +380,12 @@ def main():
     try:
         server.start()
         props = http_json(server.base, "/props")
-        tok = record_tokenize(server.base)
-        gen = record_generate(server.base)
+        if a.long:
+            tok = []
+            gen = record_generate(server.base, LONG_CASES)
+        else:
+            tok = record_tokenize(server.base)
+            gen = record_generate(server.base)
     finally:
         server.stop()
 
@@ -350,9 +405,14 @@ def main():
         "notes": [
             "Recorded by scripts/llamacpp_reference.py with llama-server; do not edit by hand.",
             "tokenize: POST /tokenize {content, add_special: false, parse_special: true}.",
-            "generate: POST /completion {prompt, n_predict: %d, temperature: 0, top_k: 1, seed: 0, "
-            "cache_prompt: false, n_probs: %d, return_tokens: true}; chat prompts rendered by "
-            "POST /apply-template {messages} (GGUF chat template, add_generation_prompt)." % (N_PREDICT, N_PROBS),
+            ("generate (--long): POST /completion {prompt (text, or token ids for kind tokens: the "
+             "first N tokens of LONG_TEXT), n_predict (per case), temperature: 0, top_k: 1, seed: 0, "
+             "cache_prompt: false, n_probs: %d, return_tokens: true, ignore_eos: true}" % N_PROBS
+             if a.long else
+             "generate: POST /completion {prompt, n_predict: %d, temperature: 0, top_k: 1, seed: 0, "
+             "cache_prompt: false, n_probs: %d, return_tokens: true}" % (N_PREDICT, N_PROBS))
+            + "; chat prompts rendered by POST /apply-template {messages} (GGUF chat template, "
+            "add_generation_prompt).",
             "prompt_tokens: /tokenize of prompt, parse_special true; identical with add_special true/false "
             "(add_bos_token=false).",
             "top_logprobs[i]: top-%d [token_id, natural-log prob] over the full vocabulary (raw logits "

@@ -88,14 +88,14 @@ fn hash_activations(h: &mut Sha256Stream, a: &Activations) {
     h.update(&a.data);
 }
 
-/// The digest of a call's input: the session's tiled positions (they pick the attention
-/// kernel, so they are part of what was computed), its token ids (little-endian u32) and, for
+/// The digest of a call's input: the session's prompt length (it picks the attention
+/// kernels, so it is part of what was computed), its token ids (little-endian u32) and, for
 /// a stage after the first, the incoming activations (dtype, rows, cols, bytes), under a
 /// domain tag.
 pub fn input_digest(f: &Forward) -> Digest {
     let mut h = Sha256Stream::new();
-    h.update(b"plexus/receipt/input/2");
-    h.update(&f.tiled.to_le_bytes());
+    h.update(b"plexus/receipt/input/3");
+    h.update(&f.prompt_len.to_le_bytes());
     h.update(&(f.tokens.len() as u32).to_le_bytes());
     f.tokens.iter().for_each(|t| h.update(&t.to_le_bytes()));
     match &f.hidden {
@@ -145,7 +145,7 @@ mod tests {
             sampling: None,
             reply_dtype: DType::F32,
             all_rows: false,
-            tiled: 0,
+            prompt_len: 0,
         }
     }
 
@@ -168,7 +168,7 @@ mod tests {
         g.hidden = None;
         assert_ne!(input_digest(&f), input_digest(&g));
         let mut g = f.clone();
-        g.tiled = 64;
+        g.prompt_len = 64;
         assert_ne!(input_digest(&f), input_digest(&g));
     }
 

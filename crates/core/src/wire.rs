@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The libp2p protocol name of stage calls.
-pub const STAGE_PROTOCOL: &str = "/plexus/stage/2";
+pub const STAGE_PROTOCOL: &str = "/plexus/stage/3";
 /// Largest frame a node reads (a 256-position chunk of an 8192-wide model in f32 is 8 MiB).
 pub const MAX_FRAME_BYTES: usize = 32 << 20;
 /// Most positions in one call.
@@ -294,12 +294,13 @@ pub struct Forward {
     /// Return the activations of every new position, not only the final chunk's (a replay
     /// through a replacement stage that feeds another replacement).
     pub all_rows: bool,
-    /// The session's leading positions whose attention takes llama.cpp's tiled kernel: those
-    /// of its prompt that llama.cpp computes in ubatches of 64 rows or more
-    /// (`plexus_model::attention::tiled_prompt_rows` of the prompt's length; 0: none). The
-    /// same on every call of a session, replays included, so a position's bits never depend
-    /// on how the calls cut the positions.
-    pub tiled: u32,
+    /// The length of the session's prompt (positions `0..prompt_len`; 0: none declared): it
+    /// picks llama.cpp's attention kernel of every position
+    /// (`plexus_model::attention::kernel_at`: tiled for a prompt's rows in ubatches of 64 rows
+    /// or more, split-KV for rows alone in their ubatch from position 256). The same on every
+    /// call of a session, replays included, so a position's bits never depend on how the calls
+    /// cut the positions.
+    pub prompt_len: u32,
 }
 
 impl Forward {
@@ -685,7 +686,7 @@ mod tests {
             sampling: Some(Box::new(SamplingParams::greedy())),
             reply_dtype: DType::F16,
             all_rows: false,
-            tiled: 0,
+            prompt_len: 0,
         }
     }
 

@@ -123,7 +123,7 @@ fn forward() -> Forward {
         sampling: Some(Box::new(SamplingParams::greedy())),
         reply_dtype: DType::F16,
         all_rows: false,
-        tiled: 0,
+        prompt_len: 0,
     }
 }
 
@@ -227,12 +227,15 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
             Request::Forward(later_stage(dtype)),
         );
     }
-    // The session's tiled positions: a prompt's 76 rows, and a hostile maximum (a node
-    // clamps it to the positions it computes).
-    for (name, tiled) in [("76", 76), ("max", u32::MAX)] {
+    // The session's prompt length: a prompt of 76 rows, and a hostile maximum (only the
+    // positions a node computes take kernels from it).
+    for (name, prompt_len) in [("76", 76), ("max", u32::MAX)] {
         req(
-            &format!("ok-forward-tiled-{name}"),
-            Request::Forward(Forward { tiled, ..forward() }),
+            &format!("ok-forward-prompt-{name}"),
+            Request::Forward(Forward {
+                prompt_len,
+                ..forward()
+            }),
         );
     }
     req(

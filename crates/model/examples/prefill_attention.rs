@@ -60,7 +60,7 @@ fn main() {
         for _ in 0..3 {
             let mut c = m.stage.new_cache();
             // The kernels a prompt of this length takes (tiled, as in llama.cpp).
-            c.set_tiled(plexus_model::attention::prompt_tiled_range(0, len));
+            c.set_prompt(0..len);
             let t = Instant::now();
             m.stage
                 .forward(

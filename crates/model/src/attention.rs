@@ -34,6 +34,95 @@ pub enum AttnKernel {
     OneChunk,
     /// `ggml_compute_forward_flash_attn_ext_tiled`: f32 query, 64-key tiles, f32 accumulator.
     Tiled,
+    /// ggml's split-KV path for a one-row ubatch over a cache view of [`SPLIT_KV_MIN_CELLS`]
+    /// cells or more: the one-chunk kernel over each of [`LLAMA_THREADS`] key ranges of the
+    /// view, the partial results merged in order (`ggml_flash_attn_ext_reduce_partials`).
+    SplitKv,
+}
+
+/// The thread count of the llama.cpp whose split-KV decode Plexus reproduces. From position
+/// 256 on, llama.cpp's decode splits the keys by its thread count, so its bits depend on it;
+/// Plexus computes as `-t 2` (the setting of its recorded fixtures) on any machine.
+pub const LLAMA_THREADS: usize = 2;
+/// llama.cpp pads the KV cache view an ubatch attends over to a multiple of this many cells.
+pub const LLAMA_KV_PAD: usize = 256;
+/// Cells of that view from which a one-row ubatch takes the split-KV path.
+pub const SPLIT_KV_MIN_CELLS: usize = 512;
+/// The first position whose one-row ubatch llama.cpp computes on the split-KV path.
+const SPLIT_KV_FROM: usize = SPLIT_KV_MIN_CELLS - LLAMA_KV_PAD;
+
+/// The cells of llama.cpp's KV view when it computes position `p` of a sequence whose cache
+/// holds positions `0..=p` (`n_kv`: at least one pad, rounded up to whole pads; llama.cpp's
+/// `-c` is assumed to be a multiple of the pad above `p`).
+pub const fn llama_kv_cells(p: usize) -> usize {
+    let padded = (p + 1).div_ceil(LLAMA_KV_PAD) * LLAMA_KV_PAD;
+    if padded > LLAMA_KV_PAD {
+        padded
+    } else {
+        LLAMA_KV_PAD
+    }
+}
+
+/// The kernel llama.cpp computes position `p` with, in a sequence whose latest prompt was fed
+/// as the positions `prompt`: the prompt's rows in ubatches of 64 rows or more take the tiled
+/// kernel ([`tiled_prompt_rows`]); a row alone in its ubatch (a decode step, or a prompt's last
+/// ubatch of one row) takes the split-KV path once llama.cpp's view has 512 cells; every other
+/// row the one-chunk kernel. Positions outside the prompt are decode steps.
+pub fn kernel_at(prompt: &std::ops::Range<usize>, p: usize) -> AttnKernel {
+    let alone = if prompt.contains(&p) {
+        let n = prompt.len();
+        if p - prompt.start < tiled_prompt_rows(n) {
+            return AttnKernel::Tiled;
+        }
+        // Not tiled: in the last ubatch, alone when it has one row.
+        n % LLAMA_UBATCH == 1
+    } else {
+        true
+    };
+    if alone && llama_kv_cells(p) >= SPLIT_KV_MIN_CELLS {
+        AttnKernel::SplitKv
+    } else {
+        AttnKernel::OneChunk
+    }
+}
+
+/// The positions where [`kernel_at`] for `prompt` may change (it is constant between them).
+pub fn kernel_cuts(prompt: &std::ops::Range<usize>) -> [usize; 5] {
+    [
+        prompt.start,
+        prompt.start + tiled_prompt_rows(prompt.len()),
+        prompt.end.saturating_sub(1).max(prompt.start),
+        prompt.end,
+        SPLIT_KV_FROM,
+    ]
+}
+
+/// The positions `from..to` cut into runs of one kernel each ([`kernel_at`]), in order.
+pub fn kernel_runs(
+    prompt: &std::ops::Range<usize>,
+    from: usize,
+    to: usize,
+) -> Vec<(std::ops::Range<usize>, AttnKernel)> {
+    let mut cuts: Vec<usize> = kernel_cuts(prompt)
+        .into_iter()
+        .filter(|&c| c > from && c < to)
+        .collect();
+    cuts.sort_unstable();
+    cuts.push(to);
+    let mut runs: Vec<(std::ops::Range<usize>, AttnKernel)> = Vec::new();
+    let mut start = from;
+    for end in cuts {
+        if end <= start {
+            continue;
+        }
+        let kernel = kernel_at(prompt, start);
+        match runs.last_mut() {
+            Some((r, k)) if *k == kernel => r.end = end,
+            _ => runs.push((start..end, kernel)),
+        }
+        start = end;
+    }
+    runs
 }
 
 /// llama.cpp's default `n_ubatch`: a prompt is fed in ubatches of this many rows.
@@ -161,11 +250,6 @@ pub fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
     sum as f32
 }
 
-/// The positions of a prompt fed as `[start, start + len)` that take the tiled kernel.
-pub fn prompt_tiled_range(start: usize, len: usize) -> std::ops::Range<usize> {
-    start..start + tiled_prompt_rows(len)
-}
-
 /// GCC's `_mm512_reduce_add_ps` over 16 lanes: `hi8 + lo8`, `hi4 + lo4`, `(0+2) + (1+3)`
 /// (both kernels' scalar definitions fold 16 lanes this way).
 fn reduce16(v: &[f32]) -> f32 {
@@ -220,6 +304,12 @@ pub fn flash_attention_into(
     // The same query as f32 (exact): the SIMD loops multiply by it directly.
     let mut qf = vec![0f32; d];
     let mut acc = vec![0f32; d];
+    // One key range's partial output (the split-KV path).
+    let mut part = if s.kernel == AttnKernel::SplitKv {
+        vec![0f32; d]
+    } else {
+        Vec::new()
+    };
     for i in 0..len {
         let keys = s.past + i + 1;
         for h in 0..s.heads {
@@ -233,10 +323,15 @@ pub fn flash_attention_into(
                 v: &kv.v,
                 stride: row,
                 offset: (h / rep) * d,
+                first: 0,
                 keys,
                 scale: s.scale,
             };
-            let inv = kernel.run(&head, &q16, &qf, &mut acc);
+            let inv = if s.kernel == AttnKernel::SplitKv {
+                split_kv(kernel, &head, &q16, &qf, &mut part, &mut acc)
+            } else {
+                kernel.run(&head, &q16, &qf, &mut acc).inv_sum()
+            };
             for (o, a) in out[base..base + d].iter_mut().zip(&acc) {
                 *o = a * inv;
             }
@@ -244,13 +339,64 @@ pub fn flash_attention_into(
     }
 }
 
+/// ggml's split-KV path for one row and head (ops.cpp 9492-9520, then
+/// `ggml_flash_attn_ext_reduce_partials`): llama.cpp's view of `llama_kv_cells(keys - 1)` cells
+/// is cut into [`LLAMA_THREADS`] ranges of `ceil(cells / threads)` keys; the one-chunk kernel
+/// runs on each (keys past the row's own are masked: a range holding none is skipped), and the
+/// partial outputs (f16 accumulators read as f32), maxima and sums merge in range order:
+/// `acc = fma(acc, exp(m - m'), part * exp(m_c - m'))`, `sum` likewise (GCC's contraction of
+/// ggml's `a * b + c * d`, checked against ggml in `docs/design/llamacpp-tiled-attention.md`).
+/// Leaves the merged unnormalised output in `acc` and returns `1 / sum` (0 for no key).
+fn split_kv(
+    kernel: HeadKernel,
+    head: &Head<'_>,
+    q16: &[f16],
+    qf: &[f32],
+    part: &mut [f32],
+    acc: &mut [f32],
+) -> f32 {
+    let cells = llama_kv_cells(head.keys.max(1) - 1);
+    let chunk = cells.div_ceil(LLAMA_THREADS);
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+    acc.fill(0.0);
+    for t in 0..LLAMA_THREADS {
+        let (first, end) = (t * chunk, ((t + 1) * chunk).min(head.keys));
+        if first >= end {
+            continue;
+        }
+        let range = Head {
+            first,
+            keys: end,
+            ..*head
+        };
+        let c = kernel.run(&range, q16, qf, part);
+        if c.sum == 0.0 {
+            continue;
+        }
+        let new = max.max(c.max);
+        let (old_scale, new_scale) = ((max - new).exp(), (c.max - new).exp());
+        for (a, p) in acc.iter_mut().zip(part.iter()) {
+            *a = a.mul_add(old_scale, p * new_scale);
+        }
+        sum = sum.mul_add(old_scale, c.sum * new_scale);
+        max = new;
+    }
+    if sum == 0.0 {
+        0.0
+    } else {
+        1.0 / sum
+    }
+}
+
 /// One query head's keys and values: key `j` is `k[j * stride + offset..][..head_dim]`.
+#[derive(Clone, Copy)]
 pub(crate) struct Head<'a> {
     pub k: &'a [f16],
     pub v: &'a [f16],
     pub stride: usize,
     pub offset: usize,
-    /// Keys attended to: `0..keys`.
+    /// Keys attended to: `first..keys`.
+    pub first: usize,
     pub keys: usize,
     pub scale: f32,
 }
@@ -285,8 +431,9 @@ impl HeadKernel {
         }
     }
 
-    /// Leaves the head's unnormalised output (f16 values) in `acc` and returns `1 / sum`.
-    fn run(self, head: &Head<'_>, q16: &[f16], qf: &[f32], acc: &mut [f32]) -> f32 {
+    /// Leaves the head's unnormalised output (f16 values) in `acc` and returns its softmax's
+    /// max and sum.
+    fn run(self, head: &Head<'_>, q16: &[f16], qf: &[f32], acc: &mut [f32]) -> OnlineSoftmax {
         match self {
             HeadKernel::Scalar => head_scalar(head, q16, acc),
             // SAFETY: `pick` chose these only when the CPU has the features and `head_dim` is a
@@ -319,11 +466,11 @@ impl Head<'_> {
 
 /// The definition (ggml's `flash_attn_ext_f16_one_chunk` for one row and head): one pass over
 /// the keys with an online softmax; V accumulates in f16 (`acc` holds f16 values in f32).
-fn head_scalar(head: &Head<'_>, q16: &[f16], acc: &mut [f32]) -> f32 {
+fn head_scalar(head: &Head<'_>, q16: &[f16], acc: &mut [f32]) -> OnlineSoftmax {
     let d = q16.len();
     acc.fill(0.0);
     let mut softmax = OnlineSoftmax::new();
-    for ic in 0..head.keys {
+    for ic in head.first..head.keys {
         let off = ic * head.stride + head.offset;
         let score = dot_f16(&head.k[off..off + d], q16) * head.scale;
         let (rescale, vs) = softmax.push(score);
@@ -336,14 +483,14 @@ fn head_scalar(head: &Head<'_>, q16: &[f16], acc: &mut [f32]) -> f32 {
             *a = f16::from_f32(v.to_f32().mul_add(vs, *a)).to_f32();
         }
     }
-    softmax.inv_sum()
+    softmax
 }
 
 /// The running max and denominator of a softmax over scores seen one at a time, shared by the
 /// scalar definition and the SIMD loops so all keep the same arithmetic: a score above the max
 /// rescales what was accumulated by `exp(old - new)` and weighs its value 1; any other score
 /// weighs its value `exp(score - max)`.
-struct OnlineSoftmax {
+pub(crate) struct OnlineSoftmax {
     max: f32,
     sum: f32,
 }
@@ -416,12 +563,16 @@ mod tests {
             seed ^= seed << 17;
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
-        for (heads, kv_heads, d, past, len, amp) in [
-            (9, 3, 64, 0, 37, 3.0),
-            (9, 3, 64, 50, 9, 12.0),
-            (4, 4, 128, 7, 20, 4.0),
-            (2, 1, 48, 3, 5, 2.0),
-            (3, 1, 64, 0, 1, 30.0),
+        for (heads, kv_heads, d, past, len, amp, kernel) in [
+            (9, 3, 64, 0, 37, 3.0, AttnKernel::OneChunk),
+            (9, 3, 64, 50, 9, 12.0, AttnKernel::OneChunk),
+            (4, 4, 128, 7, 20, 4.0, AttnKernel::OneChunk),
+            (2, 1, 48, 3, 5, 2.0, AttnKernel::OneChunk),
+            (3, 1, 64, 0, 1, 30.0, AttnKernel::OneChunk),
+            (9, 3, 64, 300, 2, 12.0, AttnKernel::SplitKv),
+            (4, 4, 128, 511, 3, 4.0, AttnKernel::SplitKv),
+            (2, 1, 48, 256, 1, 2.0, AttnKernel::SplitKv),
+            (3, 1, 64, 0, 1, 30.0, AttnKernel::SplitKv),
         ] {
             let total = past + len;
             let q: Vec<f32> = (0..len * heads * d).map(|_| amp * next()).collect();
@@ -439,7 +590,7 @@ mod tests {
                 head_dim: d,
                 past,
                 scale: 1.0 / (d as f32).sqrt(),
-                kernel: AttnKernel::OneChunk,
+                kernel,
             };
             let mut want = vec![0f32; q.len()];
             flash_attention_into(Backend::Scalar, &q, &kv, shape, &mut want);
@@ -452,8 +603,115 @@ mod tests {
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(
                     same,
-                    "{backend:?}, heads {heads}/{kv_heads}, d {d}, past {past}"
+                    "{backend:?}, {kernel:?}, heads {heads}/{kv_heads}, d {d}, past {past}"
                 );
+            }
+        }
+    }
+
+    /// The split-KV path computes the same attention (within f16 rounding of the two
+    /// partial accumulators) with other bits: the merge is not a no-op.
+    #[test]
+    fn split_kv_stays_close_to_one_chunk_with_other_bits() {
+        let (heads, kv_heads, d, past) = (4, 2, 64, 400);
+        let f = |i: usize, s: f32| ((i as f32) * s).sin();
+        let q: Vec<f32> = (0..heads * d).map(|i| 2.0 * f(i, 0.7)).collect();
+        let kv = LayerKv {
+            k: (0..(past + 1) * kv_heads * d)
+                .map(|i| f16::from_f32(f(i, 0.3)))
+                .collect(),
+            v: (0..(past + 1) * kv_heads * d)
+                .map(|i| f16::from_f32(f(i, 0.5)))
+                .collect(),
+        };
+        let shape = |kernel| AttnShape {
+            heads,
+            kv_heads,
+            head_dim: d,
+            past,
+            scale: 1.0 / (d as f32).sqrt(),
+            kernel,
+        };
+        let one = flash_attention(&q, &kv, shape(AttnKernel::OneChunk));
+        let split = flash_attention(&q, &kv, shape(AttnKernel::SplitKv));
+        for (a, b) in one.iter().zip(&split) {
+            assert!((a - b).abs() <= 2e-3 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        assert!(one
+            .iter()
+            .zip(&split)
+            .any(|(a, b)| a.to_bits() != b.to_bits()));
+    }
+
+    #[test]
+    fn kernels_follow_llama_cpp_ubatches() {
+        use AttnKernel::{OneChunk, SplitKv, Tiled};
+        for (p, cells) in [(0, 256), (255, 256), (256, 512), (511, 512), (512, 768)] {
+            assert_eq!(llama_kv_cells(p), cells, "position {p}");
+        }
+        for (prompt, p, kernel) in [
+            // Short prompt: one-chunk, decode steps split from 256.
+            (0..10, 5, OneChunk),
+            (0..10, 10, OneChunk),
+            (0..10, 255, OneChunk),
+            (0..10, 256, SplitKv),
+            // Nothing declared: every position a decode step.
+            (0..0, 0, OneChunk),
+            (0..0, 300, SplitKv),
+            // A one-token prompt is alone in its ubatch.
+            (0..1, 0, OneChunk),
+            (300..301, 300, SplitKv),
+            // Tiled prompts, then decode.
+            (0..100, 0, Tiled),
+            (0..100, 99, Tiled),
+            (0..100, 100, OneChunk),
+            (0..300, 299, Tiled),
+            (0..300, 300, SplitKv),
+            // A last ubatch of one row: split; of 28 rows: one-chunk.
+            (0..513, 511, Tiled),
+            (0..513, 512, SplitKv),
+            (0..513, 513, SplitKv),
+            (0..540, 512, OneChunk),
+            (0..540, 539, OneChunk),
+            (0..540, 540, SplitKv),
+        ] {
+            assert_eq!(
+                kernel_at(&prompt, p),
+                kernel,
+                "prompt {prompt:?}, position {p}"
+            );
+        }
+        assert_eq!(
+            kernel_runs(&(0..540), 500, 545),
+            vec![(500..512, Tiled), (512..540, OneChunk), (540..545, SplitKv)]
+        );
+        assert_eq!(
+            kernel_runs(&(0..0), 250, 260),
+            vec![(250..256, OneChunk), (256..260, SplitKv)]
+        );
+        assert_eq!(kernel_runs(&(0..0), 7, 7), vec![]);
+        // Runs cover the positions in order, each with the kernel of every position in it.
+        for prompt in [0..0, 0..1, 0..70, 5..69, 0..513, 0..540, 0..1100, 200..264] {
+            for (from, to) in [
+                (0, 1200),
+                (0, 1),
+                (255, 257),
+                (63, 65),
+                (511, 514),
+                (530, 600),
+            ] {
+                let runs = kernel_runs(&prompt, from, to);
+                let mut at = from;
+                for (r, k) in &runs {
+                    assert_eq!(r.start, at);
+                    assert!(r.end > r.start);
+                    assert!(
+                        r.clone().all(|p| kernel_at(&prompt, p) == *k),
+                        "{prompt:?} {r:?}"
+                    );
+                    at = r.end;
+                }
+                assert_eq!(at, to, "{prompt:?} {from}..{to}");
             }
         }
     }

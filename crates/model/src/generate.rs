@@ -73,9 +73,9 @@ pub enum GenerateError<E: std::error::Error + 'static = ForwardError> {
 /// a chain of stages on other machines. [`generate_with`] feeds it the prompt in chunks of
 /// [`PREFILL_CHUNK`] and then one token at a time. Bits do not depend on the chunking, but they
 /// do on the attention kernel of each position: an implementation's `feed_prompt` must declare
-/// the prompt's tiled positions ([`crate::KvCache::set_tiled`] with
-/// [`crate::attention::prompt_tiled_range`], or `Forward::tiled` on the network) before feeding
-/// it; the default [`feed_in_chunks`] declares none.
+/// the prompt's positions ([`crate::KvCache::set_prompt`], or `Forward::prompt` on the
+/// network) before feeding it; the default [`feed_in_chunks`] declares none (every position a
+/// decode step).
 pub trait TokenChain {
     type Error: std::error::Error + Send + Sync + 'static;
 
@@ -170,11 +170,11 @@ impl TokenChain for LocalChain<'_> {
     }
 
     /// Feeds the prompt in chunks, its rows taking the attention kernels llama.cpp gives a
-    /// prompt fed at once ([`crate::attention::tiled_prompt_rows`]).
+    /// prompt fed at once ([`crate::attention::kernel_at`]).
     fn feed_prompt(&mut self, prompt: &[u32]) -> Result<u32, ForwardError> {
-        let tiled = crate::attention::prompt_tiled_range(self.history.len(), prompt.len());
+        let start = self.history.len();
         for c in &mut self.caches {
-            c.set_tiled(tiled.clone());
+            c.set_prompt(start..start + prompt.len());
         }
         feed_in_chunks(self, prompt)
     }

@@ -25,8 +25,8 @@ pub struct KvCache {
     /// Positions the buffers may grow to ahead of need (a sequence's KV reservation), so
     /// capacity doubling never holds more than was reserved.
     grow_limit: usize,
-    /// Positions whose attention takes ggml's tiled kernel (see [`KvCache::set_tiled`]).
-    tiled: Range<usize>,
+    /// The latest prompt's positions (see [`KvCache::set_prompt`]).
+    prompt: Range<usize>,
 }
 
 impl KvCache {
@@ -37,7 +37,7 @@ impl KvCache {
             len: 0,
             max_len,
             grow_limit: max_len,
-            tiled: 0..0,
+            prompt: 0..0,
         }
     }
 
@@ -66,21 +66,23 @@ impl KvCache {
         self.max_len
     }
 
-    /// Declares which positions llama.cpp computes with its tiled attention kernel: the rows
-    /// `[a, a + tiled_prompt_rows(n))` of a prompt fed as positions `[a, a + n)` (see
-    /// [`crate::attention::tiled_prompt_rows`]). The kernel of every position written from now
-    /// on follows it, whatever calls the positions arrive in, so a sequence gets the same bits
-    /// fed in one call or in chunks, batched or alone, here or split across stages. Empty (the
-    /// default): every position takes the one-chunk kernel. A declaration about positions, not
-    /// about rows held: [`KvCache::truncate`] and [`KvCache::prefix`] keep it, so a sequence
-    /// rolled back and fed again computes its positions with the same kernels.
-    pub fn set_tiled(&mut self, tiled: Range<usize>) {
-        self.tiled = tiled;
+    /// Declares the positions of the sequence's latest prompt, as it was fed to llama.cpp in
+    /// one go: they pick the attention kernel of every position
+    /// ([`crate::attention::kernel_at`]: the prompt's rows in ubatches of 64 or more take the
+    /// tiled kernel, rows alone in their ubatch from position 256 the split-KV path). The
+    /// kernel of every position written from now on follows it, whatever calls the positions
+    /// arrive in, so a sequence gets the same bits fed in one call or in chunks, batched or
+    /// alone, here or split across stages. Empty (the default): every position is a decode
+    /// step. A declaration about positions, not about rows held: [`KvCache::truncate`] and
+    /// [`KvCache::prefix`] keep it, so a sequence rolled back and fed again computes its
+    /// positions with the same kernels.
+    pub fn set_prompt(&mut self, prompt: Range<usize>) {
+        self.prompt = prompt;
     }
 
-    /// The positions declared by [`KvCache::set_tiled`].
-    pub fn tiled(&self) -> Range<usize> {
-        self.tiled.clone()
+    /// The positions declared by [`KvCache::set_prompt`].
+    pub fn prompt(&self) -> Range<usize> {
+        self.prompt.clone()
     }
 
     /// Forgets everything after the first `len` positions.
@@ -110,7 +112,7 @@ impl KvCache {
             len,
             max_len: self.max_len,
             grow_limit: self.grow_limit,
-            tiled: self.tiled.clone(),
+            prompt: self.prompt.clone(),
         }
     }
 

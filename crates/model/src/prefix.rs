@@ -9,8 +9,8 @@
 //!   prefix are those the new prompt would compute, and prefilling its rest after them is the
 //!   same as prefilling in two chunks cut there, which gives the one-shot bits. Rows count as
 //!   shared only as far as they were computed with the attention kernels the new prompt takes
-//!   (llama.cpp's tiled kernel for prompts of 64 tokens or more, see
-//!   [`crate::attention::tiled_prompt_rows`]): the output is always that of the prompt run
+//!   (llama.cpp's tiled kernel for prompts of 64 tokens or more, its split-KV path for rows
+//!   alone in their ubatch from position 256, see [`crate::attention::kernel_at`]): the output is always that of the prompt run
 //!   alone on a fresh cache, never something that depends on what ran before.
 //! - Bounded: at most `capacity` entries, each holding the KV reservation of the generation it
 //!   came from, from the same budget as running generations; a generation that does not fit
@@ -18,6 +18,7 @@
 //!   the cache (its rows move into the new generation, whose own reservation then covers them).
 //! - At least one prompt position is always computed: the last one's logits are needed.
 
+use crate::attention::{kernel_at, kernel_cuts};
 use crate::batch::KvReservation;
 use crate::KvCache;
 use std::collections::VecDeque;
@@ -87,12 +88,12 @@ impl PrefixCache {
     /// The entry sharing the longest prefix with `prompt`, truncated to it (at most
     /// `prompt.len() - 1` positions), out of the cache; `None` when none shares a token.
     /// Shared rows count only as far as the entry computed them with the attention kernels
-    /// `prompt` takes (`tiled`: its positions on the tiled kernel): a row's bits depend on
-    /// the kernels of every row before it.
+    /// `prompt` takes (`declared`: the positions [`KvCache::set_prompt`] declares for it): a
+    /// row's bits depend on the kernels of every row before it.
     pub(crate) fn take_longest(
         &mut self,
         prompt: &[u32],
-        tiled: &Range<usize>,
+        declared: &Range<usize>,
     ) -> Option<(usize, KvCache)> {
         let limit = prompt.len().saturating_sub(1);
         let (at, shared) = self
@@ -101,7 +102,7 @@ impl PrefixCache {
             .enumerate()
             .map(|(i, e)| {
                 let same = common_prefix(&e.tokens, prompt).min(limit);
-                (i, same_kernels_until(&e.cache.tiled(), tiled, same))
+                (i, same_kernels_until(&e.cache.prompt(), declared, same))
             })
             .max_by_key(|&(i, n)| (n, i))?;
         if shared == 0 {
@@ -114,16 +115,17 @@ impl PrefixCache {
     }
 }
 
-/// The first position before `limit` where a row on the tiled kernel in `a` is not in `b`
-/// or the other way round (`limit` when they agree on all of `0..limit`).
+/// The first position before `limit` where a sequence whose latest prompt was fed as `a`
+/// computes a row with another attention kernel than one whose prompt is `b`
+/// ([`kernel_at`]), or `limit` when they agree on all of `0..limit`.
 fn same_kernels_until(a: &Range<usize>, b: &Range<usize>, limit: usize) -> usize {
-    let mut cuts = [a.start, a.end, b.start, b.end];
+    let mut cuts: Vec<usize> = kernel_cuts(a).into_iter().chain(kernel_cuts(b)).collect();
     cuts.sort_unstable();
-    // Membership changes only at the cuts: compare at 0 and at each cut.
+    // The kernels change only at the cuts: compare at 0 and at each cut.
     std::iter::once(0)
         .chain(cuts)
         .filter(|&p| p < limit)
-        .find(|p| a.contains(p) != b.contains(p))
+        .find(|&p| kernel_at(a, p) != kernel_at(b, p))
         .unwrap_or(limit)
 }
 
@@ -176,14 +178,21 @@ mod tests {
         assert_eq!(same_kernels_until(&(0..0), &(0..0), 50), 50);
         assert_eq!(same_kernels_until(&(0..100), &(0..100), 70), 70);
         // A 100-token prompt (tiled) against a 30-token one (not): nothing in common.
-        assert_eq!(same_kernels_until(&(0..100), &(0..0), 30), 0);
+        assert_eq!(same_kernels_until(&(0..100), &(0..30), 30), 0);
         // Both tiled, to different ends: up to the shorter.
         assert_eq!(same_kernels_until(&(0..100), &(0..180), 150), 100);
+        // 512 tiled rows, then a decode step (split-KV) against a last ubatch of 8 rows.
         assert_eq!(same_kernels_until(&(0..512), &(0..520), 515), 512);
+        // A last ubatch of one row is alone: split-KV, as a decode step is.
+        assert_eq!(same_kernels_until(&(0..513), &(0..512), 600), 600);
+        assert_eq!(same_kernels_until(&(0..513), &(0..600), 599), 512);
+        // Short prompts: decode steps from 256 on take the split-KV path in both.
+        assert_eq!(same_kernels_until(&(0..10), &(0..30), 400), 400);
         let budget = KvBudget::new(10_000);
         let mut c = PrefixCache::new(4);
         let mut e = entry(&budget, &[1, 2, 3, 4, 5]);
-        e.cache.set_tiled(0..3);
+        // Fed after 3 positions as a 64-row prompt: tiled from position 3.
+        e.cache.set_prompt(3..67);
         c.store(e);
         let (n, _) = c.take_longest(&[1, 2, 3, 4, 5, 6], &(0..6)).unwrap();
         assert_eq!(n, 3);

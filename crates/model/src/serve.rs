@@ -437,8 +437,8 @@ fn lock(prefix: &Mutex<PrefixCache>) -> MutexGuard<'_, PrefixCache> {
 /// Starts `s` (nothing computed yet) after the longest prefix of its prompt the prefix cache
 /// holds, if any.
 fn start_from_prefix_cache(prefix: &Mutex<PrefixCache>, s: &mut Seq) {
-    let tiled = crate::attention::prompt_tiled_range(0, s.open.prompt.len());
-    if let Some((prefilled, mut cache)) = lock(prefix).take_longest(&s.open.prompt, &tiled) {
+    let declared = 0..s.open.prompt.len();
+    if let Some((prefilled, mut cache)) = lock(prefix).take_longest(&s.open.prompt, &declared) {
         cache.limit_growth(s.open.reservation.positions());
         s.cache = cache;
         s.history.extend_from_slice(&s.open.prompt[..prefilled]);
@@ -607,8 +607,7 @@ impl BatchActor {
                 };
                 let last = s.decoding() || s.prefilled + tokens.len() == s.open.prompt.len();
                 // The prompt's rows take the kernels of a fresh llama.cpp run of it.
-                s.cache
-                    .set_tiled(crate::attention::prompt_tiled_range(0, s.open.prompt.len()));
+                s.cache.set_prompt(0..s.open.prompt.len());
                 items.push(BatchItem {
                     input: StageInput::Tokens(tokens),
                     cache: &mut s.cache,

@@ -10,7 +10,7 @@
 //! - stages chained in one process give bit-identical logits to the whole model, because they
 //!   run exactly the same ops on exactly the same tensors.
 
-use crate::attention::{flash_attention_into, AttnKernel, AttnShape};
+use crate::attention::{flash_attention_into, kernel_runs, AttnShape};
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::layers::{causal_mask, softmax_last_dim, Embedding, Linear, Mlp, Mode, RmsNorm, Rope};
@@ -242,7 +242,7 @@ impl Stage {
     /// operation computes each row from that row alone (quantized dot products per activation
     /// row, row-wise norms, element-wise activations, attention per query row over its own
     /// sequence's keys, with the kernel its cache declares for the row's position,
-    /// [`KvCache::tiled`]), so each item's output is bit-identical to running it alone, and to
+    /// [`KvCache::prompt`]), so each item's output is bit-identical to running it alone, and to
     /// running its positions in any split into consecutive calls.
     ///
     /// Checks every item before computing anything: on `Err` no cache has changed.
@@ -452,41 +452,25 @@ impl Stage {
             let ks = &mut k[start * kw..(start + len) * kw];
             rope.apply(qs, past, nh);
             rope.apply(ks, past, kvh);
-            let tiled = item.cache.tiled();
+            let prompt = item.cache.prompt();
             let kv = item
                 .cache
                 .append(layer, ks, &v[start * kw..(start + len) * kw]);
-            // The rows before, inside and after the sequence's tiled positions, each a job
-            // with its kernel (usually one of the three).
-            let cuts = [
-                past,
-                tiled.start.clamp(past, past + len),
-                tiled
-                    .end
-                    .clamp(past, past + len)
-                    .max(tiled.start.clamp(past, past + len)),
-                past + len,
-            ];
-            for (w, kernel) in cuts.windows(2).zip([
-                AttnKernel::OneChunk,
-                AttnKernel::Tiled,
-                AttnKernel::OneChunk,
-            ]) {
-                if w[1] > w[0] {
-                    jobs.push(AttnJob {
-                        start: start + (w[0] - past),
-                        len: w[1] - w[0],
-                        kv,
-                        shape: AttnShape {
-                            heads: nh,
-                            kv_heads: kvh,
-                            head_dim: hd,
-                            past: w[0],
-                            scale: 1.0 / (hd as f32).sqrt(),
-                            kernel,
-                        },
-                    });
-                }
+            // The rows in runs of one kernel each (usually one run).
+            for (run, kernel) in kernel_runs(&prompt, past, past + len) {
+                jobs.push(AttnJob {
+                    start: start + (run.start - past),
+                    len: run.len(),
+                    kv,
+                    shape: AttnShape {
+                        heads: nh,
+                        kv_heads: kvh,
+                        head_dim: hd,
+                        past: run.start,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                        kernel,
+                    },
+                });
             }
             start += len;
         }

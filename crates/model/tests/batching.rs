@@ -5,7 +5,6 @@
 
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
-use plexus_model::attention::prompt_tiled_range;
 use plexus_model::layers::Mode;
 use plexus_model::stage::BatchItem;
 use plexus_model::{KvCache, LayerSpan, Logits, ModelFiles, Stage, StageInput, StageOutput};
@@ -59,16 +58,16 @@ fn bits(t: &StageOutput) -> Vec<u32> {
         .collect()
 }
 
-/// One sequence alone: `calls` consecutive forward calls, the output of each, with the
-/// positions `tiled` on llama.cpp's tiled attention kernel.
-fn solo_tiled(
+/// One sequence alone: `calls` consecutive forward calls, the output of each, with `prompt`
+/// declared as its prompt's positions (they pick each position's attention kernel).
+fn solo_declared(
     stage: &Stage,
     calls: &[Vec<u32>],
     logits: Logits,
-    tiled: std::ops::Range<usize>,
+    prompt: std::ops::Range<usize>,
 ) -> Vec<Vec<u32>> {
     let mut cache = stage.new_cache();
-    cache.set_tiled(tiled);
+    cache.set_prompt(prompt);
     calls
         .iter()
         .map(|c| {
@@ -85,20 +84,28 @@ fn solo_tiled(
 fn chunked_prefill_is_bit_identical_to_one_shot_issue_8() {
     let stage = whole();
     let mut rng = Rng(8);
-    // Longer than llama.cpp's 64-token switch and than one kernel tile.
-    let prompt = rng.tokens(150);
-    // The kernel is chosen per position (llama.cpp's tiled one for the whole 150-token prompt,
-    // or the one-chunk kernel everywhere, or a mix), never from where the calls cut.
+    // Longer than llama.cpp's 64-token switch, than one kernel tile, and than the 256
+    // positions from which a row alone in its ubatch takes the split-KV path.
+    let prompt = rng.tokens(300);
+    // The kernel is chosen per position from the declared prompt (llama.cpp's tiled one for
+    // the whole 300-token prompt; none declared: every position a decode step, one-chunk and
+    // then split-KV from 256; a 64-row prompt fed at 64, tiled there), never from where the
+    // calls cut.
     let mut outputs = Vec::new();
-    for tiled in [0..0, 0..150, 64..128] {
-        let one_shot = solo_tiled(
+    for declared in [0..0, 0..300, 64..128] {
+        let one_shot = solo_declared(
             stage,
             std::slice::from_ref(&prompt),
             Logits::All,
-            tiled.clone(),
+            declared.clone(),
         )
         .remove(0);
-        for cuts in [vec![1], vec![7, 50, 51], vec![63, 64, 65], vec![149]] {
+        for cuts in [
+            vec![1],
+            vec![7, 50, 51],
+            vec![63, 64, 65],
+            vec![255, 256, 257, 299],
+        ] {
             let mut calls = Vec::new();
             let mut at = 0;
             for &c in &cuts {
@@ -106,10 +113,11 @@ fn chunked_prefill_is_bit_identical_to_one_shot_issue_8() {
                 at = c;
             }
             calls.push(prompt[at..].to_vec());
-            let chunked: Vec<u32> = solo_tiled(stage, &calls, Logits::All, tiled.clone()).concat();
+            let chunked: Vec<u32> =
+                solo_declared(stage, &calls, Logits::All, declared.clone()).concat();
             assert_eq!(
                 chunked, one_shot,
-                "tiled {tiled:?}, prefill cut at {cuts:?}"
+                "declared {declared:?}, prefill cut at {cuts:?}"
             );
         }
         outputs.push(one_shot);
@@ -155,7 +163,7 @@ fn batched_sequences_equal_their_solo_runs_issue_8() {
         let want: Vec<Vec<Vec<u32>>> = plans
             .iter()
             .zip(&kinds)
-            .map(|(p, &k)| solo_tiled(stage, p, k, prompt_tiled_range(0, p[0].len())))
+            .map(|(p, &k)| solo_declared(stage, p, k, 0..p[0].len()))
             .collect();
         // Batched: at each step, every sequence with calls left (and that has "joined": a
         // random start step) contributes its next call. Prompts of 64 tokens or more take the
@@ -165,7 +173,7 @@ fn batched_sequences_equal_their_solo_runs_issue_8() {
             .iter()
             .map(|p| {
                 let mut c = stage.new_cache();
-                c.set_tiled(prompt_tiled_range(0, p[0].len()));
+                c.set_prompt(0..p[0].len());
                 c
             })
             .collect();

@@ -173,7 +173,7 @@ fn teacher_forced_logprobs_stay_close_to_llama_cpp() {
         let prompt = ids(&c["prompt_tokens"]);
         let out = ids(&c["output_tokens"]);
         let mut cache = m.stage.new_cache();
-        cache.set_tiled(plexus_model::attention::prompt_tiled_range(0, prompt.len()));
+        cache.set_prompt(0..prompt.len());
         // teacher-forced over the reference output
         let mut logits = forward_chain(
             std::slice::from_ref(&m.stage),
@@ -215,5 +215,87 @@ fn teacher_forced_logprobs_stay_close_to_llama_cpp() {
     assert!(
         mean < MAX_MEAN_LOGPROB_GAP,
         "mean log-prob gap {mean} >= {MAX_MEAN_LOGPROB_GAP}"
+    );
+}
+
+fn long_fixture() -> &'static Value {
+    static F: OnceLock<Value> = OnceLock::new();
+    F.get_or_init(|| {
+        let p = root().join("tests/fixtures/llamacpp/smollm2-135m-q4_1-long.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    })
+}
+
+/// Past position 256 llama.cpp (`-t 2`) decodes a row alone in its ubatch on its split-KV
+/// path, and a prompt longer than one 512-row ubatch ends in a ubatch of its own (one row:
+/// split-KV; 28 rows: one-chunk). Recorded greedy with `ignore_eos` (`scripts/
+/// llamacpp_reference.py --long`): 300 and 320 generated tokens after short prompts, 40 after
+/// prompts of 513 and 540 tokens. Every token is llama.cpp's: the prompt fed as one prompt,
+/// then llama.cpp's own tokens fed back one at a time as decode steps, our greedy choice
+/// compared at every position.
+#[test]
+fn long_generations_match_llama_cpp_token_for_token() {
+    use plexus_model::stage::forward_chain;
+    let m = model();
+    let mut report = Vec::new();
+    let mut parted = Vec::new();
+    let cases = long_fixture()["generate"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    for c in cases {
+        let name = c["name"].as_str().unwrap();
+        let prompt = ids(&c["prompt_tokens"]);
+        if c["kind"] != "tokens" {
+            let text = c["prompt"].as_str().unwrap();
+            assert_eq!(m.tokenizer.encode(text, true).unwrap(), prompt, "{name}");
+        }
+        let out = ids(&c["output_tokens"]);
+        assert!(
+            prompt.len() + out.len() > 300,
+            "{name}: too short to reach split-KV"
+        );
+        let mut cache = m.stage.new_cache();
+        cache.set_prompt(0..prompt.len());
+        let mut logits = forward_chain(
+            std::slice::from_ref(&m.stage),
+            std::slice::from_mut(&mut cache),
+            &prompt,
+            plexus_model::Logits::Last,
+        )
+        .unwrap();
+        let mut same = 0;
+        for &tok in &out {
+            let l: Vec<f32> = logits.to_vec1().unwrap();
+            // Greedy: the first of the largest, as llama.cpp's top-k 1 picks.
+            let best = l
+                .iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+                .0 as u32;
+            if best != tok {
+                break;
+            }
+            same += 1;
+            logits = forward_chain(
+                std::slice::from_ref(&m.stage),
+                std::slice::from_mut(&mut cache),
+                &[tok],
+                plexus_model::Logits::Last,
+            )
+            .unwrap();
+        }
+        report.push(format!(
+            "{name}: {} prompt tokens, first {same}/{} generated tokens identical",
+            prompt.len(),
+            out.len()
+        ));
+        if same < out.len() {
+            parted.push(name);
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(
+        parted.is_empty(),
+        "parted from llama.cpp:\n{}",
+        report.join("\n")
     );
 }

@@ -873,7 +873,7 @@ mod tests {
             sampling: None,
             reply_dtype: DType::F32,
             all_rows: false,
-            tiled: 0,
+            prompt_len: 0,
         }
     }
 

@@ -195,9 +195,9 @@ pub struct Chain {
     /// is looking for a route around it: when none is left, the generation fails as
     /// [`ChainError::Busy`] rather than as a missing route.
     busy: Option<String>,
-    /// The session's leading positions that take the tiled attention kernel
-    /// ([`Forward::tiled`], sent with every call).
-    tiled: u32,
+    /// The session's prompt length: it picks every position's attention kernel
+    /// ([`Forward::prompt_len`], sent with every call).
+    prompt_len: u32,
 }
 
 /// Whether a refusal is worth routing around (the node is gone or lost our session) rather
@@ -220,7 +220,7 @@ impl Chain {
             to_close: Vec::new(),
             to_blame: Vec::new(),
             scores: None,
-            tiled: 0,
+            prompt_len: 0,
             busy: None,
         }
     }
@@ -236,11 +236,11 @@ impl Chain {
         self.config.params.allowed = mask;
     }
 
-    /// Declares the session's tiled positions: those of its prompt that take the tiled
-    /// attention kernel (`tiled_prompt_rows` of the whole prompt's length). Set before the
-    /// prompt is fed; every call and replay carries it.
-    pub fn set_tiled(&mut self, rows: u32) {
-        self.tiled = rows;
+    /// Declares the session's prompt length (the whole prompt's, from position 0): it picks
+    /// every position's attention kernel. Set before the prompt is fed; every call and replay
+    /// carries it.
+    pub fn set_prompt_len(&mut self, len: u32) {
+        self.prompt_len = len;
     }
 
     /// Whether the mask in force allows `token`.
@@ -329,7 +329,7 @@ impl Chain {
         child.hops = hops;
         child.tokens = self.tokens[..keep].to_vec();
         child.calls = vec![keep as u32];
-        child.tiled = self.tiled;
+        child.prompt_len = self.prompt_len;
         // Nothing excluded: a peer that failed this chain may be back (a fresh chain would
         // route to it too), and the transport that knows is the new chain's.
         Some(child)
@@ -470,7 +470,7 @@ impl Chain {
                 .then(|| Box::new(self.config.params.clone())),
             reply_dtype: self.config.wire,
             all_rows,
-            tiled: self.tiled,
+            prompt_len: self.prompt_len,
         })
     }
 

@@ -471,9 +471,8 @@ impl TokenChain for RemoteChain {
         // The prompt's kernels, declared while the stages hold nothing but the shared part of
         // this same prompt (a fresh or forked chain): positions already computed keep theirs.
         if self.chain.tokens().len() == held.len() {
-            let tiled = plexus_model::attention::tiled_prompt_rows(prompt.len());
             self.chain
-                .set_tiled(u32::try_from(tiled).unwrap_or(u32::MAX));
+                .set_prompt_len(u32::try_from(prompt.len()).unwrap_or(u32::MAX));
         }
         plexus_model::generate::feed_in_chunks(self, &prompt[held.len()..])
     }

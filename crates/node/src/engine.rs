@@ -955,8 +955,8 @@ impl EngineActor {
                 let (a, n) = (c.done, sizes[i]);
                 inputs.push((a, n));
                 let last = a + n == c.forward.tokens.len();
-                // The caller says which of the session's positions take the tiled kernel.
-                c.session.cache.set_tiled(0..c.forward.tiled as usize);
+                // The caller declares the session's prompt: it picks the attention kernels.
+                c.session.cache.set_prompt(0..c.forward.prompt_len as usize);
                 let input = match hidden_in.next().flatten() {
                     Some(h) => StageInput::Hidden(h),
                     None => StageInput::Tokens(&c.forward.tokens[a..a + n]),
@@ -1184,7 +1184,7 @@ mod tests {
             sampling: None,
             reply_dtype: plexus_core::wire::DType::F32,
             all_rows: false,
-            tiled: 0,
+            prompt_len: 0,
         }
     }
 

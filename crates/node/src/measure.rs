@@ -11,14 +11,14 @@ pub struct Speed {
     pub prefill_s_per_layer: f64,
 }
 
-/// Runs a short prefill (64 positions, on the tiled attention kernel as a prompt of that length
-/// takes) and 8 decode steps through `stage`.
+/// Runs a short prefill (a 64-position prompt, on the tiled attention kernel as llama.cpp
+/// computes it) and 8 decode steps through `stage`.
 pub fn measure(stage: &Stage) -> Result<Speed, plexus_model::stage::ForwardError> {
     let hidden = stage.config().hidden_size;
     let layers = stage.span().len().max(1) as f64;
     let prefill = 64;
     let mut cache = stage.new_cache();
-    cache.set_tiled(plexus_model::attention::prompt_tiled_range(0, prefill));
+    cache.set_prompt(0..prefill);
     let input = |n: usize| -> Result<StageInput<'static>, plexus_model::stage::ForwardError> {
         if stage.is_first() {
             static TOKENS: [u32; 64] = [1; 64];

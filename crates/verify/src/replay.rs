@@ -153,8 +153,8 @@ pub struct Replayed {
 
 /// Replays `stage` over `input` from position 0, `chunk` positions per call (the whole input
 /// in one teacher-forced pass when `chunk >= positions`), for a generation whose prompt had
-/// `prompt_len` tokens: the prompt's rows take the attention kernels the provider's did
-/// (`tiled_prompt_rows(prompt_len)` of them the tiled one), and a last stage's fingerprint
+/// `prompt_len` tokens: every row takes the attention kernel the provider's did
+/// (`plexus_model::attention::kernel_at` of the declared prompt), and a last stage's fingerprint
 /// covers positions `prompt_len - 1..` (those that sampled a token).
 pub fn replay(
     stage: &Stage,
@@ -169,7 +169,7 @@ pub fn replay(
     }
     let cover_from = prompt_len - 1;
     let mut cache = stage.new_cache();
-    cache.set_tiled(plexus_model::attention::prompt_tiled_range(0, prompt_len));
+    cache.set_prompt(0..prompt_len);
     let cfg = stage.config();
     let out_width = if stage.is_last() {
         cfg.vocab_size
@@ -287,7 +287,7 @@ pub fn run_chain(
         .iter()
         .map(|s| {
             let mut c = s.new_cache();
-            c.set_tiled(plexus_model::attention::prompt_tiled_range(0, prompt.len()));
+            c.set_prompt(0..prompt.len());
             c
         })
         .collect();

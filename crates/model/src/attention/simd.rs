@@ -24,21 +24,23 @@ pub(super) fn fold16(lo: __m256, hi: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(t7, _mm_movehdup_ps(t7)))
 }
 
-/// The unnormalised output of one head into `acc` (f16 values), returning `1 / sum`.
+/// The unnormalised output of one head into `acc` (f16 values), returning its softmax's max
+/// and sum.
 ///
 /// `q` is the query rounded to f16 (held in f32).
 ///
 /// # Safety
 /// AVX2, FMA and F16C are available; `q.len() == acc.len()` is a multiple of 64; every key
-/// and value row `j * stride + offset .. + head_dim` for `j < keys` lies inside `k` and `v`.
+/// and value row `j * stride + offset .. + head_dim` for `first <= j < keys` lies inside `k`
+/// and `v`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn head_avx2(head: &Head<'_>, q: &[f32], acc: &mut [f32]) -> f32 {
+pub(super) unsafe fn head_avx2(head: &Head<'_>, q: &[f32], acc: &mut [f32]) -> OnlineSoftmax {
     let d = q.len();
     let qp = q.as_ptr();
     let ap = acc.as_mut_ptr();
     acc.fill(0.0);
     let mut softmax = OnlineSoftmax::new();
-    for ic in 0..head.keys {
+    for ic in head.first..head.keys {
         let off = ic * head.stride + head.offset;
         let kp = head.k.as_ptr().add(off) as *const __m128i;
         // Lanes 0..8 and 8..16 of the four accumulators.
@@ -77,7 +79,7 @@ pub(super) unsafe fn head_avx2(head: &Head<'_>, q: &[f32], acc: &mut [f32]) -> f
             _mm256_storeu_ps(ap.add(c), a);
         }
     }
-    softmax.inv_sum()
+    softmax
 }
 
 /// [`head_avx2`] with 16-lane registers.
@@ -85,13 +87,13 @@ pub(super) unsafe fn head_avx2(head: &Head<'_>, q: &[f32], acc: &mut [f32]) -> f
 /// # Safety
 /// As [`head_avx2`], plus AVX-512 F.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) unsafe fn head_avx512(head: &Head<'_>, q: &[f32], acc: &mut [f32]) -> f32 {
+pub(super) unsafe fn head_avx512(head: &Head<'_>, q: &[f32], acc: &mut [f32]) -> OnlineSoftmax {
     let d = q.len();
     let qp = q.as_ptr();
     let ap = acc.as_mut_ptr();
     acc.fill(0.0);
     let mut softmax = OnlineSoftmax::new();
-    for ic in 0..head.keys {
+    for ic in head.first..head.keys {
         let off = ic * head.stride + head.offset;
         let kp = head.k.as_ptr().add(off) as *const __m256i;
         let mut acc4 = [_mm512_setzero_ps(); 4];
@@ -127,5 +129,5 @@ pub(super) unsafe fn head_avx512(head: &Head<'_>, q: &[f32], acc: &mut [f32]) ->
             _mm512_storeu_ps(ap.add(c), a);
         }
     }
-    softmax.inv_sum()
+    softmax
 }

@@ -126,16 +126,17 @@ async fn wrong_calls_get_precise_errors_and_leave_sessions_intact() {
         reference.next_token(&fed)
     );
 
-    // Tiled positions past everything (the kernel choice is the caller's, for its own
-    // session): clamped to the positions computed, answered, and the session goes on.
+    // A prompt length past everything (the kernel choice is the caller's, for its own
+    // session): only the positions computed take kernels from it, answered, and the session
+    // goes on.
     let hostile = Forward {
-        tiled: u32::MAX,
+        prompt_len: u32::MAX,
         ..f(session(5), 0, &PROMPT)
     };
     let t5 = token(&c.forward(hostile).await);
     assert!(t5 < VOCAB);
     let next = Forward {
-        tiled: u32::MAX,
+        prompt_len: u32::MAX,
         ..f(session(5), PROMPT.len() as u32, &[t5])
     };
     assert!(token(&c.forward(next).await) < VOCAB);

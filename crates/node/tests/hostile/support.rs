@@ -408,7 +408,7 @@ pub fn forward(
         sampling: (node.span.end == LAYERS).then(|| Box::new(SamplingParams::greedy())),
         reply_dtype: DType::F32,
         all_rows: false,
-        tiled: 0,
+        prompt_len: 0,
     }
 }
 

@@ -46,7 +46,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     for rep in 0..=a.repetitions {
         let mut caches = vec![model.stage.new_cache()];
         // The kernels llama-bench's prompt takes (tiled from 64 rows on), as generation does.
-        caches[0].set_tiled(plexus_model::attention::prompt_tiled_range(0, prompt.len()));
+        caches[0].set_prompt(0..prompt.len());
         let t = Instant::now();
         let logits = forward_chain(stages, &mut caches, &prompt, Logits::Last)?;
         let pt = t.elapsed().as_secs_f64();
