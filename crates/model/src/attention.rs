@@ -23,9 +23,10 @@ mod tiled;
 
 pub use tiled::flash_attention_tiled_into;
 
-/// Which of ggml-cpu's flash-attention kernels a call reproduces. llama.cpp picks per ubatch
-/// (`Tiled` when it has 64 query rows or more); Plexus picks per position, from the prompt
-/// feed the row belongs to ([`tiled_prompt_rows`]), so any chunking gives the same bits.
+/// Which of ggml-cpu's flash-attention paths a call reproduces. llama.cpp picks per ubatch
+/// (`Tiled` when it has 64 query rows or more, `SplitKv` for one row over a view of 512
+/// cells or more); Plexus picks per position, from the prompt the sequence declared
+/// ([`kernel_at`]), so any chunking gives the same bits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttnKernel {
     /// `ggml_compute_forward_flash_attn_ext_f16_one_chunk`: f16 query and V accumulator, one
@@ -641,6 +642,63 @@ mod tests {
             .iter()
             .zip(&split)
             .any(|(a, b)| a.to_bits() != b.to_bits()));
+    }
+
+    /// Output bits of ggml-cpu's own split-KV path (one query row, a view of 512 or 768
+    /// cells, 2 threads), printed by `scripts/ggml_fa_check/split_pin.c` built against the
+    /// reference llama.cpp on the same inputs: every backend gives them, the one-chunk kernel
+    /// does not.
+    #[test]
+    fn split_kv_bits_are_pinned_against_ggml() {
+        #[rustfmt::skip]
+        let cases = [
+            ((9, 3, 64), 300, (3.0, 3.0, 3.0), 0x2545_f491_4f6c_dd1d, 0xca12_7efa_4a93_9c4b, [0xbdf4_15e7, 0x3ff4_5af2]),
+            ((9, 3, 64), 256, (4.0, 4.0, 2.0), 0x9e37_79b9_7f4a_7c15, 0x1f9b_b78c_22e4_2965, [0xbf3a_4d7d, 0xbd66_a42f]),
+            ((9, 3, 64), 511, (40.0, 30.0, 3.0), 0xdead_beef_cafe_f00d, 0x1206_aa54_f6c7_d53c, [0x3f90_a000, 0x4028_0000]),
+            ((9, 3, 64), 700, (6.0, 6.0, 3.0), 0x1234_5678_90ab_cdef, 0x3da7_098e_92fc_99dc, [0xbc05_a5e4, 0x3d3a_40ca]),
+            ((4, 2, 128), 600, (3.0, 3.0, 3.0), 0x0bad_c0ff_ee0d_df00, 0x89f4_4212_1b89_dc97, [0xbf17_b193, 0x3e33_b79b]),
+        ];
+        let fnv = |values: &[f32]| {
+            values.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+                (h ^ u64::from(x.to_bits())).wrapping_mul(0x100_0000_01b3)
+            })
+        };
+        for ((heads, kv_heads, d), past, (qa, ka, va), seed, hash, ends) in cases {
+            let mut state: u64 = seed;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) & 0xff_ffff) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            };
+            let q: Vec<f32> = (0..heads * d).map(|_| qa * next()).collect();
+            let mut kv = LayerKv::default();
+            for _ in 0..(past + 1) * kv_heads * d {
+                kv.k.push(f16::from_f32(ka * next()));
+                kv.v.push(f16::from_f32(va * next()));
+            }
+            let shape = |kernel| AttnShape {
+                heads,
+                kv_heads,
+                head_dim: d,
+                past,
+                scale: 1.0 / (d as f32).sqrt(),
+                kernel,
+            };
+            for backend in Backend::available() {
+                let mut out = vec![f32::NAN; q.len()];
+                flash_attention_into(backend, &q, &kv, shape(AttnKernel::SplitKv), &mut out);
+                let got_ends = [out[0].to_bits(), out[out.len() - 1].to_bits()];
+                assert_eq!(got_ends, ends, "{backend:?} past {past}");
+                assert_eq!(fnv(&out), hash, "{backend:?} past {past}");
+                flash_attention_into(backend, &q, &kv, shape(AttnKernel::OneChunk), &mut out);
+                assert_ne!(
+                    fnv(&out),
+                    hash,
+                    "{backend:?} past {past}: one-chunk gives them too"
+                );
+            }
+        }
     }
 
     #[test]

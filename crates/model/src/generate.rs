@@ -73,7 +73,7 @@ pub enum GenerateError<E: std::error::Error + 'static = ForwardError> {
 /// a chain of stages on other machines. [`generate_with`] feeds it the prompt in chunks of
 /// [`PREFILL_CHUNK`] and then one token at a time. Bits do not depend on the chunking, but they
 /// do on the attention kernel of each position: an implementation's `feed_prompt` must declare
-/// the prompt's positions ([`crate::KvCache::set_prompt`], or `Forward::prompt` on the
+/// the prompt's positions ([`crate::KvCache::set_prompt`], or `Forward::prompt_len` on the
 /// network) before feeding it; the default [`feed_in_chunks`] declares none (every position a
 /// decode step).
 pub trait TokenChain {

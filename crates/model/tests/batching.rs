@@ -633,6 +633,69 @@ mod engine {
         }
     }
 
+    /// Past position 256 a decode step takes llama.cpp's split-KV path, and a prompt of 513
+    /// tokens ends in a ubatch of one row that takes it too: through the batching engine
+    /// (prompts cut into steps, prefix reuse of a prompt sent twice, generations side by side)
+    /// every generation still gets its solo tokens and log-probabilities.
+    #[test]
+    fn generations_past_position_256_equal_their_solo_runs_issue_8() {
+        let m = model();
+        let text =
+            "The keeper climbed the steps at dusk and lit the lamp above the sea. ".repeat(40);
+        let all = m.tokenizer.encode(&text, false).unwrap();
+        let mut reqs = Vec::new();
+        for (len, max_tokens, temperature) in [
+            (250, 30, 0.0),
+            (250, 30, 0.0),
+            (300, 12, 0.9),
+            (513, 8, 0.0),
+        ] {
+            let mut sampling = SamplingParams::greedy();
+            sampling.temperature = temperature;
+            sampling.seed = len as u64;
+            sampling.logprobs = Some(3);
+            reqs.push(GenerateRequest {
+                prompt_tokens: all[..len].to_vec(),
+                max_tokens,
+                sampling,
+                stop: Vec::new(),
+            });
+        }
+        let want: Vec<Completion> = reqs.iter().map(solo).collect();
+        assert!(
+            want[0].tokens.len() > 6,
+            "the first generation stopped before position 256"
+        );
+        let h = engine(ServeConfig {
+            step_positions: 96,
+            prefix_entries: 8,
+            ..ServeConfig::default()
+        });
+        for (i, (r, w)) in reqs.iter().zip(&want).enumerate() {
+            let g = batched(&h, r);
+            assert_eq!(g.tokens, w.tokens, "request {i}");
+            assert_eq!(g.logprobs, w.logprobs, "request {i}");
+        }
+        assert!(
+            h.prefix_reused_positions() >= 249,
+            "the repeated prompt was not reused"
+        );
+        let got: Vec<Completion> = std::thread::scope(|s| {
+            let joins: Vec<_> = reqs
+                .iter()
+                .map(|r| {
+                    let h = h.clone();
+                    s.spawn(move || batched(&h, r))
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.tokens, w.tokens, "concurrent, request {i}");
+            assert_eq!(g.logprobs, w.logprobs, "concurrent, request {i}");
+        }
+    }
+
     /// Issue 8: what the prefix cache holds never refuses a generation: a budget for one
     /// generation, kept by a finished one in the cache, is given back to the next.
     #[test]

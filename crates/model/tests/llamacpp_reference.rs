@@ -284,7 +284,8 @@ fn long_generations_match_llama_cpp_token_for_token() {
                 let id = pair[0].as_u64().unwrap() as usize;
                 let want = lp0 - pair[1].as_f64().unwrap();
                 let gap = (f64::from(l[id0]) - f64::from(l[id]) - want).abs();
-                let worst = if prompt.len() + i < 256 {
+                // Step i's logits are those of position prompt.len() + i - 1.
+                let worst = if prompt.len() + i - 1 < 256 {
                     &mut worst_early
                 } else {
                     &mut worst_late

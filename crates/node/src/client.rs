@@ -470,6 +470,8 @@ impl TokenChain for RemoteChain {
         }
         // The prompt's kernels, declared while the stages hold nothing but the shared part of
         // this same prompt (a fresh or forked chain): positions already computed keep theirs.
+        // (`generate_with` feeds one prompt per chain; a second prompt on a chain that holds
+        // more would keep the first's declaration, where `LocalChain` declares the new one.)
         if self.chain.tokens().len() == held.len() {
             self.chain
                 .set_prompt_len(u32::try_from(prompt.len()).unwrap_or(u32::MAX));
