@@ -13,6 +13,8 @@
 #   ANCHORS   [~/.cache/anchors]  where llama.cpp is (or gets) built, see docs ANCHORS.md
 #   OUTDIR    [mktemp -d]  raw JSON outputs of every run are kept here
 #   PP, TG    [128, 64]  prompt and generated tokens (PP=512 for the pp512 figure)
+#   DEPTH     [0]  positions of context before each measurement (llama-bench -d; plexus
+#             bench --depth): DEPTH=512 measures decode on llama.cpp's split-KV path
 #   LLAMA_BENCH  [the build under ANCHORS]  an llama-bench binary built elsewhere
 set -euo pipefail
 
@@ -30,6 +32,7 @@ LLAMA_SRC="$A/llama_cpp_python-$LLAMA_VERSION_PKG/vendor/llama.cpp"
 LLAMA_BENCH="${LLAMA_BENCH:-$LLAMA_SRC/build/bin/llama-bench}"
 PP="${PP:-128}"
 TG="${TG:-64}"
+DEPTH="${DEPTH:-0}"
 
 die() { echo "error: $*" >&2; exit 1; }
 
@@ -74,7 +77,7 @@ mkdir -p "$OUTDIR"
 echo "date:    $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 echo "machine: $(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1), nproc $(nproc)"
 echo "model:   $MODEL"
-echo "threads: $THREADS, pp$PP / tg$TG, rounds: $ROUNDS, raw outputs: $OUTDIR"
+echo "threads: $THREADS, pp$PP / tg$TG at depth $DEPTH, rounds: $ROUNDS, raw outputs: $OUTDIR"
 # Busy share of the CPUs over 2 s (the load average lags by minutes).
 BUSY=$(python3 -c "
 import time
@@ -91,11 +94,11 @@ echo "llama.cpp: $("$LLAMA_BENCH" --version 2>&1 | head -1 || true)"
 echo
 
 for r in $(seq 1 "$ROUNDS"); do
-    "$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p "$PP" -n "$TG" -o json \
+    "$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -p "$PP" -n "$TG" -d "$DEPTH" -o json \
         >"$OUTDIR/llama_$r.json" 2>"$OUTDIR/llama_$r.log" \
         || { tail -20 "$OUTDIR/llama_$r.log" >&2; die "llama-bench failed (round $r)"; }
     if [[ "$LLAMA_ONLY" != 1 ]]; then
-        "$PLEXUS" bench --model "$MODEL" --threads "$THREADS" --prompt-tokens "$PP" --gen-tokens "$TG" --json \
+        "$PLEXUS" bench --model "$MODEL" --threads "$THREADS" --prompt-tokens "$PP" --gen-tokens "$TG" --depth "$DEPTH" --json \
             >"$OUTDIR/plexus_$r.json" 2>"$OUTDIR/plexus_$r.log" \
             || { tail -20 "$OUTDIR/plexus_$r.log" >&2; die "plexus bench failed (round $r)"; }
     fi

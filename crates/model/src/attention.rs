@@ -296,10 +296,33 @@ pub fn flash_attention_into(
     if s.kernel == AttnKernel::Tiled {
         return flash_attention_tiled_into(backend, q, kv, s, out);
     }
+    flash_attention_heads_into(backend, q, kv, s, 0..s.heads, out);
+}
+
+/// [`flash_attention_into`] for the query heads `heads` only, on the one-chunk or split-KV
+/// path: `q` and `out` hold `[len][heads.len()][head_dim]`. Each head's output is the one
+/// [`flash_attention_into`] gives it (threads may share a row's heads).
+///
+/// # Panics
+/// On the tiled kernel (it computes every head of a tile together), or on heads outside
+/// the shape.
+pub fn flash_attention_heads_into(
+    backend: Backend,
+    q: &[f32],
+    kv: &LayerKv,
+    s: AttnShape,
+    heads: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    assert!(
+        s.kernel != AttnKernel::Tiled && heads.end <= s.heads,
+        "a subset of heads on the one-chunk or split-KV path"
+    );
     let d = s.head_dim;
     let rep = s.heads / s.kv_heads;
     let row = s.kv_heads * d;
-    let len = q.len() / (s.heads * d);
+    let nh = heads.len();
+    let len = q.len() / (nh * d).max(1);
     let kernel = HeadKernel::pick(backend, d);
     let mut q16 = vec![f16::ZERO; d];
     // The same query as f32 (exact): the SIMD loops multiply by it directly.
@@ -313,8 +336,8 @@ pub fn flash_attention_into(
     };
     for i in 0..len {
         let keys = s.past + i + 1;
-        for h in 0..s.heads {
-            let base = (i * s.heads + h) * d;
+        for (j, h) in heads.clone().enumerate() {
+            let base = (i * nh + j) * d;
             for ((h16, hf), &x) in q16.iter_mut().zip(qf.iter_mut()).zip(&q[base..base + d]) {
                 *h16 = f16::from_f32(x);
                 *hf = h16.to_f32();
@@ -697,6 +720,53 @@ mod tests {
                     hash,
                     "{backend:?} past {past}: one-chunk gives them too"
                 );
+            }
+        }
+    }
+
+    /// Heads computed in subsets (as threads share a decode row) give the bits of the whole.
+    #[test]
+    fn heads_in_subsets_give_the_whole_rows_bits() {
+        let (heads, kv_heads, d, past, len) = (9, 3, 64, 300, 2);
+        let f = |i: usize, s: f32| ((i as f32) * s).sin();
+        let q: Vec<f32> = (0..len * heads * d).map(|i| 3.0 * f(i, 0.7)).collect();
+        let kv = LayerKv {
+            k: (0..(past + len) * kv_heads * d)
+                .map(|i| f16::from_f32(2.0 * f(i, 0.3)))
+                .collect(),
+            v: (0..(past + len) * kv_heads * d)
+                .map(|i| f16::from_f32(f(i, 0.5)))
+                .collect(),
+        };
+        for kernel in [AttnKernel::OneChunk, AttnKernel::SplitKv] {
+            let s = AttnShape {
+                heads,
+                kv_heads,
+                head_dim: d,
+                past,
+                scale: 0.125,
+                kernel,
+            };
+            let whole = flash_attention(&q, &kv, s);
+            for backend in Backend::available() {
+                for i in 0..len {
+                    let row = AttnShape {
+                        past: past + i,
+                        ..s
+                    };
+                    for hs in [0..4, 4..9, 2..3] {
+                        let qs = &q[(i * heads + hs.start) * d..(i * heads + hs.end) * d];
+                        let mut got = vec![f32::NAN; qs.len()];
+                        flash_attention_heads_into(backend, qs, &kv, row, hs.clone(), &mut got);
+                        let want = &whole[(i * heads + hs.start) * d..(i * heads + hs.end) * d];
+                        assert!(
+                            got.iter()
+                                .zip(want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{backend:?} {kernel:?} row {i} heads {hs:?}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -10,7 +10,9 @@
 //! - stages chained in one process give bit-identical logits to the whole model, because they
 //!   run exactly the same ops on exactly the same tensors.
 
-use crate::attention::{flash_attention_into, kernel_runs, AttnShape};
+use crate::attention::{
+    flash_attention_heads_into, flash_attention_into, kernel_runs, AttnKernel, AttnShape,
+};
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::layers::{causal_mask, softmax_last_dim, Embedding, Linear, Mlp, Mode, RmsNorm, Rope};
@@ -547,8 +549,15 @@ fn attention_many(q: &[f32], out: &mut [f32], width: usize, jobs: &[AttnJob<'_>]
         .map(|j| j.len * (j.shape.past + j.len) * heads)
         .sum();
     let threads = rayon::current_num_threads().max(1);
-    // (query rows, output rows, keys, shape with `past` moved to the first row).
-    let mut tasks: Vec<(&[f32], &mut [f32], &LayerKv, AttnShape)> = Vec::new();
+    // (query rows, output rows, keys, shape with `past` moved to the first row, heads).
+    type Task<'a> = (
+        &'a [f32],
+        &'a mut [f32],
+        &'a LayerKv,
+        AttnShape,
+        Range<usize>,
+    );
+    let mut tasks: Vec<Task<'_>> = Vec::new();
     let mut rest = out;
     for job in jobs {
         let (mine, tail) = std::mem::take(&mut rest).split_at_mut(job.len * width);
@@ -559,6 +568,32 @@ fn attention_many(q: &[f32], out: &mut [f32], width: usize, jobs: &[AttnJob<'_>]
         } else {
             threads.min(job.len)
         };
+        // A few rows (decode steps) over many keys: each row's heads split across the
+        // threads instead, off the tiled kernel (which computes a tile's heads together).
+        if pieces == 1
+            && threads > 1
+            && dots >= PARALLEL_ATTENTION_DOTS
+            && job.shape.kernel != AttnKernel::Tiled
+            && jobs.len() < threads
+        {
+            let d = job.shape.head_dim;
+            let parts = threads.min(heads);
+            let (mut q, mut mine) = (q, mine);
+            for r in 0..job.len {
+                let shape = AttnShape {
+                    past: job.shape.past + r,
+                    ..job.shape
+                };
+                for p in 0..parts {
+                    let hs = heads * p / parts..heads * (p + 1) / parts;
+                    let (qa, qb) = q.split_at(hs.len() * d);
+                    let (oa, ob) = std::mem::take(&mut mine).split_at_mut(hs.len() * d);
+                    tasks.push((qa, oa, job.kv, shape, hs));
+                    (q, mine) = (qb, ob);
+                }
+            }
+            continue;
+        }
         // Row boundaries where the running key count (past + i + 1 for row i) reaches k/pieces.
         let past = job.shape.past;
         let work = |r: usize| r * past + r * (r + 1) / 2;
@@ -579,15 +614,19 @@ fn attention_many(q: &[f32], out: &mut [f32], width: usize, jobs: &[AttnJob<'_>]
                     past: past + r0,
                     ..job.shape
                 };
-                tasks.push((qa, oa, job.kv, shape));
+                tasks.push((qa, oa, job.kv, shape, 0..heads));
             }
             (q, mine, r0) = (qb, ob, r1);
         }
     }
     // Chosen here: a backend forced on this thread does not reach the crew's threads.
     let backend = crate::kernels::current_backend();
-    let run = |(q, out, kv, shape): &mut (&[f32], &mut [f32], &LayerKv, AttnShape)| {
-        flash_attention_into(backend, q, kv, *shape, out);
+    let run = |(q, out, kv, shape, hs): &mut Task<'_>| {
+        if hs.len() == shape.heads {
+            flash_attention_into(backend, q, kv, *shape, out);
+        } else {
+            flash_attention_heads_into(backend, q, kv, *shape, hs.clone(), out);
+        }
     };
     if dots < PARALLEL_ATTENTION_DOTS || threads == 1 || tasks.len() == 1 {
         tasks.iter_mut().for_each(run);

@@ -178,6 +178,10 @@ pub struct BenchArgs {
     /// Tokens generated for the decode measurement.
     #[arg(long, default_value_t = 64)]
     pub gen_tokens: usize,
+    /// Positions of context already in the cache before each measurement starts (as
+    /// llama-bench's `-d`): decode from position 256 on takes llama.cpp's split-KV path.
+    #[arg(long, default_value_t = 0)]
+    pub depth: usize,
     /// Runs of each measurement; the mean is reported.
     #[arg(long, default_value_t = 3)]
     pub repetitions: usize,

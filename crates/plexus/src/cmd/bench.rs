@@ -27,7 +27,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     let cfg = &model.config;
     anyhow::ensure!(
-        a.prompt_tokens + a.gen_tokens < cfg.max_position_embeddings,
+        a.depth + a.prompt_tokens.max(a.gen_tokens + 1) < cfg.max_position_embeddings,
         "prompt + generated tokens exceed the context of {}",
         cfg.max_position_embeddings
     );
@@ -37,21 +37,34 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     );
     let vocab = cfg.vocab_size as u64;
     // Deterministic pseudo-random prompt, like llama-bench's random tokens.
-    let prompt: Vec<u32> = (0..a.prompt_tokens as u64)
-        .map(|i| ((i * 7919 + 104_729) % vocab) as u32)
-        .collect();
+    let tokens = |n: usize, from: u64| -> Vec<u32> {
+        (from..from + n as u64)
+            .map(|i| ((i * 7919 + 104_729) % vocab) as u32)
+            .collect()
+    };
+    let prompt = tokens(a.prompt_tokens, a.depth as u64);
+    let context = tokens(a.depth, 0);
     let stages = std::slice::from_ref(&model.stage);
+    // A cache holding `depth` positions of context, fed as llama-bench feeds it: one prompt.
+    let cache_with_context = || -> anyhow::Result<Vec<plexus_model::KvCache>> {
+        let mut caches = vec![model.stage.new_cache()];
+        if a.depth > 0 {
+            caches[0].set_prompt(0..a.depth);
+            forward_chain(stages, &mut caches, &context, Logits::Last)?;
+        }
+        Ok(caches)
+    };
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     // One warm-up pass, then timed repetitions.
     for rep in 0..=a.repetitions {
-        let mut caches = vec![model.stage.new_cache()];
+        let mut caches = cache_with_context()?;
         // The kernels llama-bench's prompt takes (tiled from 64 rows on), as generation does.
-        caches[0].set_prompt(0..prompt.len());
+        caches[0].set_prompt(a.depth..a.depth + prompt.len());
         let t = Instant::now();
         let logits = forward_chain(stages, &mut caches, &prompt, Logits::Last)?;
         let pt = t.elapsed().as_secs_f64();
         let mut token = plexus_model::stage::argmax(&logits)?;
-        let mut caches = vec![model.stage.new_cache()];
+        let mut caches = cache_with_context()?;
         forward_chain(stages, &mut caches, &[token], Logits::Last)?;
         let t = Instant::now();
         for _ in 0..a.gen_tokens {
@@ -72,6 +85,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         "threads": threads,
         "prompt_tokens": a.prompt_tokens,
         "gen_tokens": a.gen_tokens,
+        "depth": a.depth,
         "repetitions": a.repetitions,
         "prefill_tok_s": mean(&prefill),
         "decode_tok_s": mean(&decode),
@@ -83,13 +97,18 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         println!("{out}");
     } else {
         println!(
-            "model {} | threads {} | pp{} {:.1} tok/s | tg{} {:.1} tok/s | peak RSS {:.1} MiB",
+            "model {} | threads {} | pp{} {:.1} tok/s | tg{} {:.1} tok/s{} | peak RSS {:.1} MiB",
             path.display(),
             threads,
             a.prompt_tokens,
             mean(&prefill),
             a.gen_tokens,
             mean(&decode),
+            if a.depth > 0 {
+                format!(" | at depth {}", a.depth)
+            } else {
+                String::new()
+            },
             peak_rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64
         );
     }
