@@ -539,9 +539,10 @@ struct AttnJob<'a> {
 const PARALLEL_ATTENTION_DOTS: usize = 4096;
 
 /// Attention of every job into its rows of `out` (`width = heads * head_dim` per row). Long
-/// jobs are split into runs of query rows with about equal key counts and run on rayon's
-/// threads with the short ones; each row is computed by [`flash_attention_into`] from its own query
-/// and its sequence's keys, so the split never changes a value.
+/// jobs are split into runs of query rows with about equal key counts, and a few short rows
+/// over many keys (decode steps) into runs of heads, and run on rayon's threads with the
+/// short ones; each row and head is computed as [`flash_attention_into`] computes it, from its
+/// own query and its sequence's keys, so the split never changes a value.
 fn attention_many(q: &[f32], out: &mut [f32], width: usize, jobs: &[AttnJob<'_>]) {
     let heads = jobs.first().map_or(1, |j| j.shape.heads);
     let dots: usize = jobs

@@ -127,6 +127,60 @@ fn chunked_prefill_is_bit_identical_to_one_shot_issue_8() {
     assert_ne!(outputs[1], outputs[2]);
 }
 
+/// Decode steps over 500 positions (their heads split across the threads), in a batch beside
+/// a prefill chunk or alone, give the same bits whatever the thread count.
+#[test]
+fn decode_over_many_keys_is_bit_identical_at_any_thread_count_issue_8() {
+    let stage = whole();
+    let mut rng = Rng(500);
+    let prompt = rng.tokens(500);
+    let other = rng.tokens(40);
+    let run = |threads: usize| -> Vec<Vec<u32>> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut a = stage.new_cache();
+            a.set_prompt(0..prompt.len());
+            stage
+                .forward(StageInput::Tokens(&prompt), &mut a, Logits::Last)
+                .unwrap();
+            let mut outs = Vec::new();
+            for t in [5u32, 6, 7] {
+                outs.push(bits(
+                    &stage
+                        .forward(StageInput::Tokens(&[t]), &mut a, Logits::Last)
+                        .unwrap(),
+                ));
+            }
+            // Beside a prefill chunk of another sequence, in one batch.
+            let mut b = stage.new_cache();
+            b.set_prompt(0..other.len());
+            let got = stage
+                .forward_many(&mut [
+                    BatchItem {
+                        input: StageInput::Tokens(&[8]),
+                        cache: &mut a,
+                        logits: Some(Logits::Last),
+                    },
+                    BatchItem {
+                        input: StageInput::Tokens(&other),
+                        cache: &mut b,
+                        logits: Some(Logits::Last),
+                    },
+                ])
+                .unwrap();
+            outs.extend(got.iter().map(bits));
+            outs
+        })
+    };
+    let want = run(1);
+    for threads in [2, 3, 7] {
+        assert_eq!(run(threads), want, "{threads} threads");
+    }
+}
+
 /// Random mixes: sequences with different prompt lengths, some decoding, some prefilling, in
 /// batches of 1 to 6; each item's output equals the solo run of the same calls.
 #[test]

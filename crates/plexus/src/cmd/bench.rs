@@ -22,13 +22,18 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let model = plexus_model::load(&path)
         .with_context(|| format!("cannot load model {}", path.display()))?;
     pb.finish_and_clear();
+    anyhow::ensure!(
+        a.depth == 0 || a.concurrency.is_empty(),
+        "--depth is not supported with --concurrency (the batching benchmark starts every \
+         generation on an empty cache)"
+    );
     if !a.concurrency.is_empty() {
         return super::bench_batch::run(&a, &path, model);
     }
     let cfg = &model.config;
     anyhow::ensure!(
-        a.depth + a.prompt_tokens.max(a.gen_tokens + 1) < cfg.max_position_embeddings,
-        "prompt + generated tokens exceed the context of {}",
+        a.depth + a.prompt_tokens.max(a.gen_tokens + 1) <= cfg.max_position_embeddings,
+        "depth + prompt (or + generated) tokens exceed the context of {}",
         cfg.max_position_embeddings
     );
     anyhow::ensure!(
@@ -45,15 +50,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let prompt = tokens(a.prompt_tokens, a.depth as u64);
     let context = tokens(a.depth, 0);
     let stages = std::slice::from_ref(&model.stage);
-    // A cache holding `depth` positions of context, fed as llama-bench feeds it: one prompt.
-    let cache_with_context = || -> anyhow::Result<Vec<plexus_model::KvCache>> {
-        let mut caches = vec![model.stage.new_cache()];
-        if a.depth > 0 {
-            caches[0].set_prompt(0..a.depth);
-            forward_chain(stages, &mut caches, &context, Logits::Last)?;
-        }
-        Ok(caches)
-    };
+    // A cache holding `depth` positions of context, fed as llama-bench feeds it: one prompt
+    // (computed once, copied for each measurement).
+    let mut with_context = vec![model.stage.new_cache()];
+    if a.depth > 0 {
+        with_context[0].set_prompt(0..a.depth);
+        forward_chain(stages, &mut with_context, &context, Logits::Last)?;
+    }
+    let cache_with_context =
+        || -> anyhow::Result<Vec<plexus_model::KvCache>> { Ok(with_context.clone()) };
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     // One warm-up pass, then timed repetitions.
     for rep in 0..=a.repetitions {
