@@ -559,6 +559,25 @@ impl OnlineSoftmax {
 mod tests {
     use super::*;
 
+    /// Smooth deterministic inputs: `q_len` query values `qa * sin(0.7 i)` and `cells` cache
+    /// rows of `row` values, keys `ka * sin(0.3 i)`, values `sin(0.5 i)`.
+    fn sine_inputs(
+        q_len: usize,
+        cells: usize,
+        row: usize,
+        (qa, ka): (f32, f32),
+    ) -> (Vec<f32>, LayerKv) {
+        let f = |i: usize, s: f32| ((i as f32) * s).sin();
+        let q = (0..q_len).map(|i| qa * f(i, 0.7)).collect();
+        let kv = LayerKv {
+            k: (0..cells * row)
+                .map(|i| f16::from_f32(ka * f(i, 0.3)))
+                .collect(),
+            v: (0..cells * row).map(|i| f16::from_f32(f(i, 0.5))).collect(),
+        };
+        (q, kv)
+    }
+
     #[test]
     fn dot_matches_plain_sum() {
         let x: Vec<f16> = (0..200)
@@ -638,16 +657,7 @@ mod tests {
     #[test]
     fn split_kv_stays_close_to_one_chunk_with_other_bits() {
         let (heads, kv_heads, d, past) = (4, 2, 64, 400);
-        let f = |i: usize, s: f32| ((i as f32) * s).sin();
-        let q: Vec<f32> = (0..heads * d).map(|i| 2.0 * f(i, 0.7)).collect();
-        let kv = LayerKv {
-            k: (0..(past + 1) * kv_heads * d)
-                .map(|i| f16::from_f32(f(i, 0.3)))
-                .collect(),
-            v: (0..(past + 1) * kv_heads * d)
-                .map(|i| f16::from_f32(f(i, 0.5)))
-                .collect(),
-        };
+        let (q, kv) = sine_inputs(heads * d, past + 1, kv_heads * d, (2.0, 1.0));
         let shape = |kernel| AttnShape {
             heads,
             kv_heads,
@@ -673,6 +683,7 @@ mod tests {
     /// does not.
     #[test]
     fn split_kv_bits_are_pinned_against_ggml() {
+        use tiled::tests::{fnv, inputs};
         #[rustfmt::skip]
         let cases = [
             ((9, 3, 64), 300, (3.0, 3.0, 3.0), 0x2545_f491_4f6c_dd1d, 0xca12_7efa_4a93_9c4b, [0xbdf4_15e7, 0x3ff4_5af2]),
@@ -681,33 +692,10 @@ mod tests {
             ((9, 3, 64), 700, (6.0, 6.0, 3.0), 0x1234_5678_90ab_cdef, 0x3da7_098e_92fc_99dc, [0xbc05_a5e4, 0x3d3a_40ca]),
             ((4, 2, 128), 600, (3.0, 3.0, 3.0), 0x0bad_c0ff_ee0d_df00, 0x89f4_4212_1b89_dc97, [0xbf17_b193, 0x3e33_b79b]),
         ];
-        let fnv = |values: &[f32]| {
-            values.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
-                (h ^ u64::from(x.to_bits())).wrapping_mul(0x100_0000_01b3)
-            })
-        };
-        for ((heads, kv_heads, d), past, (qa, ka, va), seed, hash, ends) in cases {
-            let mut state: u64 = seed;
-            let mut next = move || {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) & 0xff_ffff) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            };
-            let q: Vec<f32> = (0..heads * d).map(|_| qa * next()).collect();
-            let mut kv = LayerKv::default();
-            for _ in 0..(past + 1) * kv_heads * d {
-                kv.k.push(f16::from_f32(ka * next()));
-                kv.v.push(f16::from_f32(va * next()));
-            }
-            let shape = |kernel| AttnShape {
-                heads,
-                kv_heads,
-                head_dim: d,
-                past,
-                scale: 1.0 / (d as f32).sqrt(),
-                kernel,
-            };
+        for (heads, past, amps, seed, hash, ends) in cases {
+            // The tiled kernel's pinned inputs, drawn the same way (one row, `past + 1` cells).
+            let (q, kv, s) = inputs(heads, past, 1, past + 1, amps, seed);
+            let shape = |kernel| AttnShape { kernel, ..s };
             for backend in Backend::available() {
                 let mut out = vec![f32::NAN; q.len()];
                 flash_attention_into(backend, &q, &kv, shape(AttnKernel::SplitKv), &mut out);
@@ -728,16 +716,7 @@ mod tests {
     #[test]
     fn heads_in_subsets_give_the_whole_rows_bits() {
         let (heads, kv_heads, d, past, len) = (9, 3, 64, 300, 2);
-        let f = |i: usize, s: f32| ((i as f32) * s).sin();
-        let q: Vec<f32> = (0..len * heads * d).map(|i| 3.0 * f(i, 0.7)).collect();
-        let kv = LayerKv {
-            k: (0..(past + len) * kv_heads * d)
-                .map(|i| f16::from_f32(2.0 * f(i, 0.3)))
-                .collect(),
-            v: (0..(past + len) * kv_heads * d)
-                .map(|i| f16::from_f32(f(i, 0.5)))
-                .collect(),
-        };
+        let (q, kv) = sine_inputs(len * heads * d, past + len, kv_heads * d, (3.0, 2.0));
         for kernel in [AttnKernel::OneChunk, AttnKernel::SplitKv] {
             let s = AttnShape {
                 heads,
@@ -847,16 +826,7 @@ mod tests {
     #[test]
     fn attention_matches_softmax_reference() {
         let (heads, kv_heads, d, len) = (4, 2, 8, 5);
-        let f = |i: usize, s: f32| ((i as f32) * s).sin();
-        let q: Vec<f32> = (0..len * heads * d).map(|i| f(i, 0.7)).collect();
-        let kv = LayerKv {
-            k: (0..len * kv_heads * d)
-                .map(|i| f16::from_f32(f(i, 0.3)))
-                .collect(),
-            v: (0..len * kv_heads * d)
-                .map(|i| f16::from_f32(f(i, 0.5)))
-                .collect(),
-        };
+        let (q, kv) = sine_inputs(len * heads * d, len, kv_heads * d, (1.0, 1.0));
         let scale = 1.0 / (d as f32).sqrt();
         let shape = AttnShape {
             heads,

@@ -411,6 +411,20 @@ mod engine {
         .unwrap()
     }
 
+    /// Every request on its own thread, all at once; the completions in request order.
+    fn all_at_once(h: &BatchHandle, reqs: &[GenerateRequest]) -> Vec<Completion> {
+        std::thread::scope(|s| {
+            let joins: Vec<_> = reqs
+                .iter()
+                .map(|r| {
+                    let h = h.clone();
+                    s.spawn(move || batched(&h, r))
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        })
+    }
+
     fn batched(h: &BatchHandle, req: &GenerateRequest) -> Completion {
         let m = model();
         let mut s = h
@@ -654,16 +668,7 @@ mod engine {
                     "prefix entries {entries}, request {i}"
                 );
             }
-            let got: Vec<Completion> = std::thread::scope(|s| {
-                let joins: Vec<_> = reqs
-                    .iter()
-                    .map(|r| {
-                        let h = h.clone();
-                        s.spawn(move || batched(&h, r))
-                    })
-                    .collect();
-                joins.into_iter().map(|j| j.join().unwrap()).collect()
-            });
+            let got = all_at_once(&h, &reqs);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(
                     g.tokens, w.tokens,
@@ -734,16 +739,7 @@ mod engine {
             h.prefix_reused_positions() >= 249,
             "the repeated prompt was not reused"
         );
-        let got: Vec<Completion> = std::thread::scope(|s| {
-            let joins: Vec<_> = reqs
-                .iter()
-                .map(|r| {
-                    let h = h.clone();
-                    s.spawn(move || batched(&h, r))
-                })
-                .collect();
-            joins.into_iter().map(|j| j.join().unwrap()).collect()
-        });
+        let got = all_at_once(&h, &reqs);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g.tokens, w.tokens, "concurrent, request {i}");
             assert_eq!(g.logprobs, w.logprobs, "concurrent, request {i}");

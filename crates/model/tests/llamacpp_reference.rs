@@ -98,6 +98,34 @@ fn chat_template_renders_like_llama_cpp() {
     }
 }
 
+/// Feeds `prompt` (declared as the prompt, as llama.cpp feeds it at once) and then each token
+/// of `out` as a decode step; `each(i, logits)` sees the logits that predict `out[i]` and says
+/// whether to go on.
+fn teacher_forced(prompt: &[u32], out: &[u32], mut each: impl FnMut(usize, &[f32]) -> bool) {
+    use plexus_model::stage::forward_chain;
+    let m = model();
+    let mut cache = m.stage.new_cache();
+    cache.set_prompt(0..prompt.len());
+    let mut next = |tokens: &[u32]| -> Vec<f32> {
+        forward_chain(
+            std::slice::from_ref(&m.stage),
+            std::slice::from_mut(&mut cache),
+            tokens,
+            plexus_model::Logits::Last,
+        )
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+    };
+    let mut logits = next(prompt);
+    for (i, &tok) in out.iter().enumerate() {
+        if !each(i, &logits) {
+            return;
+        }
+        logits = next(&[tok]);
+    }
+}
+
 #[test]
 fn greedy_generation_matches_llama_cpp() {
     let m = model();
@@ -166,24 +194,11 @@ const MAX_MEAN_LOGPROB_GAP: f64 = 0.001;
 
 #[test]
 fn teacher_forced_logprobs_stay_close_to_llama_cpp() {
-    use plexus_model::stage::forward_chain;
-    let m = model();
     let (mut worst, mut total, mut count) = (0f64, 0f64, 0usize);
     for c in fixture()["generate"].as_array().unwrap() {
         let prompt = ids(&c["prompt_tokens"]);
         let out = ids(&c["output_tokens"]);
-        let mut cache = m.stage.new_cache();
-        cache.set_prompt(0..prompt.len());
-        // teacher-forced over the reference output
-        let mut logits = forward_chain(
-            std::slice::from_ref(&m.stage),
-            std::slice::from_mut(&mut cache),
-            &prompt,
-            plexus_model::Logits::Last,
-        )
-        .unwrap();
-        for (pos, &tok) in out.iter().enumerate().take(12) {
-            let l: Vec<f32> = logits.to_vec1().unwrap();
+        teacher_forced(&prompt, &out[..out.len().min(12)], |pos, l| {
             let mx = l.iter().cloned().fold(f32::MIN, f32::max) as f64;
             let lse = mx + l.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
             for pair in c["top_logprobs"][pos].as_array().unwrap() {
@@ -194,14 +209,8 @@ fn teacher_forced_logprobs_stay_close_to_llama_cpp() {
                 total += (got - want).abs();
                 count += 1;
             }
-            logits = forward_chain(
-                std::slice::from_ref(&m.stage),
-                std::slice::from_mut(&mut cache),
-                &[tok],
-                plexus_model::Logits::Last,
-            )
-            .unwrap();
-        }
+            true
+        });
     }
     eprintln!(
         "|log p(ours) - log p(llama.cpp)| over the top-5 of 12 positions x 11 prompts: worst {worst:.4}, mean {:.4}",
@@ -242,7 +251,6 @@ fn long_fixture() -> &'static Value {
 /// our logits of its top 5 compared at every position.
 #[test]
 fn long_generations_match_llama_cpp_token_for_token() {
-    use plexus_model::stage::forward_chain;
     let m = model();
     let mut report = Vec::new();
     let mut parted = Vec::new();
@@ -261,18 +269,8 @@ fn long_generations_match_llama_cpp_token_for_token() {
             prompt.len() + out.len() > 300,
             "{name}: too short to reach split-KV"
         );
-        let mut cache = m.stage.new_cache();
-        cache.set_prompt(0..prompt.len());
-        let mut logits = forward_chain(
-            std::slice::from_ref(&m.stage),
-            std::slice::from_mut(&mut cache),
-            &prompt,
-            plexus_model::Logits::Last,
-        )
-        .unwrap();
         let mut same = 0;
-        for (i, &tok) in out.iter().enumerate() {
-            let l: Vec<f32> = logits.to_vec1().unwrap();
+        teacher_forced(&prompt, &out, |i, l| {
             // llama-server's log-probabilities of its top 5 share one softmax denominator:
             // their differences are differences of llama.cpp's logits (to f32 rounding).
             let top = c["top_logprobs"][i].as_array().unwrap();
@@ -298,18 +296,9 @@ fn long_generations_match_llama_cpp_token_for_token() {
                 .enumerate()
                 .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
                 .0 as u32;
-            if best != tok {
-                break;
-            }
-            same += 1;
-            logits = forward_chain(
-                std::slice::from_ref(&m.stage),
-                std::slice::from_mut(&mut cache),
-                &[tok],
-                plexus_model::Logits::Last,
-            )
-            .unwrap();
-        }
+            same += usize::from(best == out[i]);
+            best == out[i]
+        });
         report.push(format!(
             "{name}: {} prompt tokens, first {same}/{} generated tokens identical",
             prompt.len(),

@@ -292,4 +292,4 @@ fn step_scalar(t: &Tile<'_>, visible: usize, r: usize, rows: &mut Rows<'_>) {
 mod simd;
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

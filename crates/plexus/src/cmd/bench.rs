@@ -57,19 +57,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         with_context[0].set_prompt(0..a.depth);
         forward_chain(stages, &mut with_context, &context, Logits::Last)?;
     }
-    let cache_with_context =
-        || -> anyhow::Result<Vec<plexus_model::KvCache>> { Ok(with_context.clone()) };
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     // One warm-up pass, then timed repetitions.
     for rep in 0..=a.repetitions {
-        let mut caches = cache_with_context()?;
+        let mut caches = with_context.clone();
         // The kernels llama-bench's prompt takes (tiled from 64 rows on), as generation does.
         caches[0].set_prompt(a.depth..a.depth + prompt.len());
         let t = Instant::now();
         let logits = forward_chain(stages, &mut caches, &prompt, Logits::Last)?;
         let pt = t.elapsed().as_secs_f64();
         let mut token = plexus_model::stage::argmax(&logits)?;
-        let mut caches = cache_with_context()?;
+        let mut caches = with_context.clone();
         forward_chain(stages, &mut caches, &[token], Logits::Last)?;
         let t = Instant::now();
         for _ in 0..a.gen_tokens {

@@ -5,7 +5,7 @@ use super::*;
 use crate::attention::{flash_attention_into, AttnKernel};
 
 /// `frand` of `scripts/ggml_fa_check/fa_check.c`: xorshift64, uniform in [-1, 1).
-fn rng(mut seed: u64) -> impl FnMut() -> f32 {
+pub(crate) fn rng(mut seed: u64) -> impl FnMut() -> f32 {
     move || {
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -18,7 +18,7 @@ fn rng(mut seed: u64) -> impl FnMut() -> f32 {
 /// order of the C program that produced [`ggml_bits_are_pinned`]'s hashes: all of `q`,
 /// then per cell, kv head and value K then V.
 #[allow(clippy::too_many_arguments)]
-fn inputs(
+pub(crate) fn inputs(
     (heads, kv_heads, d): (usize, usize, usize),
     past: usize,
     len: usize,
@@ -272,7 +272,7 @@ fn hidden_keys_turn_a_negative_zero_accumulator_positive() {
 }
 
 /// FNV-1a over the bits of every value, in order.
-fn fnv(values: &[f32]) -> u64 {
+pub(crate) fn fnv(values: &[f32]) -> u64 {
     values.iter().fold(0xcbf2_9ce4_8422_2325, |h, x| {
         (h ^ u64::from(x.to_bits())).wrapping_mul(0x100_0000_01b3)
     })
