@@ -175,6 +175,11 @@ pub enum SlashError {
     Zero,
     #[error("{offender} has no stake, unbonding stake or locked earnings to slash")]
     NothingToSlash { offender: Address },
+    #[error("{offender} was already slashed for request {request}")]
+    AlreadySlashed {
+        offender: Address,
+        request: RequestId,
+    },
     #[error(transparent)]
     Invariant(#[from] InvariantError),
 }

@@ -11,7 +11,7 @@ use crate::types::{Address, Amount, Bucket, Posting, RequestId, Timestamp, MAX_A
 use crate::voucher::SignedVoucher;
 use plexus_core::Digest;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// An open escrow.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +85,9 @@ pub struct Ledger {
     locked: BTreeMap<(Address, RequestId), Earning>,
     /// Per client: paid to providers over all settled requests.
     spent: BTreeMap<Address, Amount>,
+    /// Offenders already slashed for a request: one verdict slashes once, however many
+    /// challengers bring it (every honest auditor of a training round does).
+    slashed: BTreeSet<(Address, RequestId)>,
     next_seq: u64,
     head: Digest,
 }
@@ -105,6 +108,7 @@ impl Ledger {
             unbonding: BTreeMap::new(),
             locked: BTreeMap::new(),
             spent: BTreeMap::new(),
+            slashed: BTreeSet::new(),
             next_seq: 0,
             head: GENESIS,
         }
@@ -801,7 +805,8 @@ impl Ledger {
     /// release first), then locked earnings (`request`'s first, then latest unlock first). Of
     /// what is taken, [`Config::challenger_bps`] goes to `challenger`, [`Config::refund_bps`] to
     /// the client of `request` (when it names one this ledger knows), the rest to the treasury.
-    /// A challenge on `request`'s earnings ends with the slash.
+    /// A challenge on `request`'s earnings ends with the slash. An offender is slashed at most
+    /// once per request: a second slash for the same one is refused.
     pub fn slash(
         &mut self,
         offender: Address,
@@ -812,6 +817,14 @@ impl Ledger {
     ) -> Result<Entry, SlashError> {
         if amount == 0 {
             return Err(SlashError::Zero);
+        }
+        if let Some(r) = request {
+            if self.slashed.contains(&(offender, r)) {
+                return Err(SlashError::AlreadySlashed {
+                    offender,
+                    request: r,
+                });
+            }
         }
         let mut left = amount;
         let from_stake = self.balance(Bucket::Staked(offender)).min(left);
@@ -921,6 +934,7 @@ impl Ledger {
             if let Some(e) = self.locked.get_mut(&(offender, r)) {
                 e.challenger = None;
             }
+            self.slashed.insert((offender, r));
         }
         Ok(entry)
     }

@@ -41,7 +41,9 @@ pub use error::*;
 pub use journal::{derive_balances, verify_chain, Entry};
 pub use ledger::{AccountView, Earning, Escrow, Ledger, Settlement, Tranche};
 pub use op::{Op, Payout};
-pub use types::{address_of, Address, Amount, Bucket, Posting, RequestId, Timestamp};
+pub use types::{
+    address_of, address_of_peer, Address, Amount, Bucket, Posting, RequestId, Timestamp,
+};
 pub use voucher::{SignedVoucher, Voucher};
 
 // Dev-dependencies used by the integration tests only.

@@ -33,6 +33,19 @@ pub fn address_of(public: &libp2p_identity::PublicKey) -> Option<Address> {
     Some(Address::from_raw_public_key(&uncompressed[1..]))
 }
 
+/// The account of a peer id given as bytes: the address of the secp256k1 key the id inlines
+/// (identity multihash: code 0, one length byte, the protobuf-encoded key). `None` for ids
+/// that hash their key (long keys) or whose key is not secp256k1.
+pub fn address_of_peer(peer: &[u8]) -> Option<Address> {
+    let (&code, rest) = peer.split_first()?;
+    let (&len, key) = rest.split_first()?;
+    if code != 0 || len >= 0x80 || usize::from(len) != key.len() {
+        return None;
+    }
+    let key = libp2p_identity::PublicKey::try_decode_protobuf(key).ok()?;
+    address_of(&key)
+}
+
 /// The identity of one request (or lease) whose payment an escrow holds: 32 bytes, the
 /// `bytes32 requestId` of a voucher. Displays as 64 hex characters.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -458,3 +458,27 @@ fn slash_reaches_stake_then_unbonding_then_earnings_and_splits() {
     ));
     l.check_invariants().unwrap();
 }
+
+/// One verdict slashes once: the same offender and request a second time is refused (every
+/// honest auditor of a training round brings the same verdict), without touching a balance;
+/// another request, or a slash without one, still reaches what is left.
+#[test]
+fn an_offender_is_slashed_once_per_request() {
+    let mut l = Ledger::new(config());
+    let (offender, first, second) = (addr(0), addr(1), addr(2));
+    l.deposit(offender, 1_000, 0).unwrap();
+    l.stake(offender, 1_000, 0).unwrap();
+    l.slash(offender, 400, first, Some(rid(3)), 1).unwrap();
+    let before = l.balances();
+    assert!(matches!(
+        l.slash(offender, 400, second, Some(rid(3)), 2),
+        Err(SlashError::AlreadySlashed { request, .. }) if request == rid(3)
+    ));
+    assert_eq!(l.balances(), before);
+    assert_eq!(l.account(second).available, 0);
+    l.slash(offender, 100, second, Some(rid(4)), 3).unwrap();
+    l.slash(offender, 100, second, None, 4).unwrap();
+    l.slash(offender, 100, second, None, 5).unwrap();
+    assert_eq!(l.account(offender).staked, 300);
+    l.check_invariants().unwrap();
+}

@@ -318,6 +318,13 @@ pub struct TrainArgs {
     /// scaled by 4, validly committed).
     #[arg(long, hide = true, requires = "distributed")]
     pub cheat: Option<String>,
+    /// With --distributed, for a run whose spec asks a stake: the run's ledger, the same for
+    /// every worker (sqlite://PATH on one machine, postgres://USER:PASS@HOST/DB across
+    /// machines). The worker's account (the address of its node key, `plexus wallet address`)
+    /// must hold the spec's stake; other workers' contributions count only while theirs do,
+    /// and a worker an audit convicts is slashed on it. Refused for a run without stake.
+    #[arg(long, value_name = "URL", requires = "distributed")]
+    pub ledger: Option<String>,
     /// With --distributed: the text file of a text run (the spec names its digest; another
     /// file is refused). Refused for a synthetic-task run.
     #[arg(long, value_name = "FILE", requires = "distributed")]
@@ -484,6 +491,11 @@ pub struct TrainSpecArgs {
     /// about this rate times the workers' count of rounds per round. 0 disables audits.
     #[arg(long, default_value_t = 0.05)]
     pub audit_rate: f64,
+    /// Stake every worker must hold on the run's ledger (`1.5PLX` or ledger units) for its
+    /// contributions to count; a worker an audit convicts is slashed there. Workers then join
+    /// with `--ledger URL` (the operator's ledger, the same for all). Default: no stake.
+    #[arg(long, value_name = "AMOUNT")]
+    pub min_stake: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -652,10 +664,12 @@ pub struct UpArgs {
     pub nodes: usize,
     /// Run the distributed training of this signed spec (`plexus train spec`) on this machine
     /// instead of serving: --nodes worker processes that find each other on loopback and are
-    /// restarted from their checkpoints if one fails. The serving flags are refused with it.
+    /// restarted from their checkpoints if one fails. A spec that asks a stake settles on
+    /// --ledger (default a SQLite file in the run's directory), each worker staked from its
+    /// faucet. The serving flags are refused with it.
     #[arg(long, value_name = "SPEC", conflicts_with_all = [
         "port", "host", "model", "wire", "static_spans", "api_key", "cors_origins", "alias",
-        "ledger", "challenge_window", "faucet", "price", "node_price", "stages", "node_stake",
+        "challenge_window", "faucet", "price", "node_price", "stages", "node_stake",
         "cheat", "max_price", "time_value", "audit_probability", "collusion", "audit_referees",
     ])]
     pub train: Option<PathBuf>,

@@ -416,24 +416,104 @@ fn garbage_stale_and_harmful_contributions_of_hostile_workers_are_refused() {
     assert_eq!(states[0], states[1]);
 }
 
-/// Every contribution is audited (`--audit-rate 1`): every worker re-executes the others'
-/// rounds from their commitments before closing. A lazy worker (trained on another id's
-/// examples, committed as if on its own: it passes every check a receiver makes and lowers
-/// the loss) is caught in its first round, dropped and refused from then on, while the honest
-/// workers' audits of each other all pass. A worker that claims a later round than it holds,
-/// with a made-up state to match, is never followed; nor is the convicted worker's state (its
-/// own fork), even when it is a round ahead.
+/// `plexus wallet ARGS` for the account of the key in `dir` on the ledger at `url`.
+fn wallet(dir: &Path, url: &str, args: &[&str]) -> std::process::Output {
+    let o = Command::new(BIN)
+        .arg("wallet")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--ledger", url])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// A bucket's amount in `plexus wallet` output (`staked     2000000`).
+fn bucket(o: &std::process::Output, name: &str) -> u64 {
+    let text = String::from_utf8_lossy(&o.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Every contribution is audited (`--audit-rate 1`) and every worker stakes 2 PLX on the run's
+/// ledger (`--min-stake 2PLX`, a SQLite file all four share): every worker re-executes the
+/// others' rounds from their commitments before closing. A lazy worker (trained on another
+/// id's examples, committed as if on its own: it passes every check a receiver makes and
+/// lowers the loss) is caught in its first round, dropped, refused from then on and slashed
+/// once on the ledger (each honest auditor brings the verdict; the first recorded takes the
+/// challenger's half), while the honest workers' audits of each other all pass and their
+/// stakes stay. A worker that claims a later round than it holds, with a made-up state to
+/// match, is never followed; nor is the convicted worker's state (its own fork), even when it
+/// is a round ahead. A worker without the stake does not start, and the run's ledger is asked
+/// for by name.
 #[test]
-fn a_lazy_worker_is_caught_by_the_audits_and_a_peer_lying_about_its_round_is_not_followed() {
+fn a_lazy_worker_is_caught_by_the_audits_and_slashed_and_a_peer_lying_about_its_round_is_not_followed(
+) {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = spec_with(tmp.path(), 5, 4, 30_000, &["--audit-rate", "1"]);
-    let h0 = Worker::start("h0", &spec, tmp.path(), &[], &[]);
-    let h1 = Worker::start("h1", &spec, tmp.path(), &[&h0.addr], &[]);
+    let url = format!("sqlite://{}", tmp.path().join("run-ledger.db").display());
+    let spec = spec_with(
+        tmp.path(),
+        5,
+        4,
+        30_000,
+        &["--audit-rate", "1", "--min-stake", "2PLX"],
+    );
+    let stake = 2_000_000u64;
+    for name in ["h0", "h1", "lazy", "liar"] {
+        let dir = tmp.path().join(name);
+        wallet(&dir, &url, &["faucet", "5PLX"]);
+        assert_eq!(
+            bucket(&wallet(&dir, &url, &["stake", "2PLX"]), "staked"),
+            stake
+        );
+    }
+    let refused = |args: &[&str]| {
+        let o = Command::new(BIN)
+            .args(["train", "--distributed"])
+            .arg(&spec)
+            .arg("--data-dir")
+            .arg(tmp.path().join("unstaked"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = refused(&["--ledger", &url]);
+    assert!(
+        e.contains("asks every worker to hold 2000000 staked"),
+        "{e}"
+    );
+    let e = refused(&[]);
+    assert!(e.contains("--ledger URL"), "{e}");
+
+    let with_ledger = ["--ledger", url.as_str()];
+    let h0 = Worker::start("h0", &spec, tmp.path(), &[], &with_ledger);
+    let h1 = Worker::start("h1", &spec, tmp.path(), &[&h0.addr], &with_ledger);
     let peers = [h0.addr.as_str(), h1.addr.as_str()];
-    let lazy = Worker::start("lazy", &spec, tmp.path(), &peers, &["--cheat", "lazy"]);
-    let liar = Worker::start("liar", &spec, tmp.path(), &peers, &["--cheat", "ahead"]);
+    let lazy = Worker::start(
+        "lazy",
+        &spec,
+        tmp.path(),
+        &peers,
+        &["--cheat", "lazy", "--ledger", &url],
+    );
+    let liar = Worker::start(
+        "liar",
+        &spec,
+        tmp.path(),
+        &peers,
+        &["--cheat", "ahead", "--ledger", &url],
+    );
     let (lazy_id, liar_id) = (worker_id(&lazy), worker_id(&liar));
     let mut states = Vec::new();
+    let mut slashes = Vec::new();
     for mut h in [h0, h1] {
         let (_, _, state) = h.finish();
         states.push(state);
@@ -488,9 +568,50 @@ fn a_lazy_worker_is_caught_by_the_audits_and_a_peer_lying_about_its_round_is_not
         let first: f64 = field(rounds[0], "held-out loss ").parse().unwrap();
         let last: f64 = field(rounds[4], "held-out loss ").parse().unwrap();
         assert!(last < first, "held-out loss did not fall: {text}");
+        assert!(
+            !text.contains("not staked") && !text.contains("could not slash"),
+            "{}: {text}",
+            h.name
+        );
+        let slashed = text
+            .lines()
+            .any(|l| l.starts_with(&format!("slashed {lazy_id} {stake} on the run's ledger")));
+        let second = text.lines().any(|l| {
+            l.starts_with(&lazy_id)
+                && (l.contains("was already slashed") || l.contains("nothing left to slash"))
+        });
+        assert!(slashed != second, "{}: {text}", h.name);
+        slashes.push(slashed);
     }
     assert_eq!(states[0], states[1]);
+    // The liar audits honestly: it may be the one whose verdict was recorded.
+    let liar_text = liar.text();
+    slashes.push(
+        liar_text
+            .lines()
+            .any(|l| l.starts_with(&format!("slashed {lazy_id} {stake} on the run's ledger"))),
+    );
     drop((lazy, liar));
+
+    // One slash, its challenger's half to the worker that recorded it, the honest workers'
+    // and the liar's stakes untouched.
+    assert_eq!(
+        slashes.iter().filter(|s| **s).count(),
+        1,
+        "{slashes:?}\n{liar_text}"
+    );
+    let balance = |name: &str| wallet(&tmp.path().join(name), &url, &["balance"]);
+    let lazy = balance("lazy");
+    assert_eq!(
+        (bucket(&lazy, "staked"), bucket(&lazy, "unbonding")),
+        (0, 0)
+    );
+    for (name, slashed) in ["h0", "h1", "liar"].into_iter().zip(slashes) {
+        let b = balance(name);
+        assert_eq!(bucket(&b, "staked"), stake, "{name}");
+        let reward = if slashed { stake / 2 } else { 0 };
+        assert_eq!(bucket(&b, "available"), 3_000_000 + reward, "{name}");
+    }
 }
 
 /// A worker that says it is still at round 0, forever, and sends nothing, would hold

@@ -40,6 +40,18 @@ pub fn drawn(set: Digest, worker: &[u8], rate: f64) -> bool {
     u < rate
 }
 
+/// The ledger request id a conviction for `worker`'s contribution to `round` of `run` is
+/// slashed under: every honest auditor derives the same one, so the ledger slashes once
+/// (`sha256("plexus-train-slash-v1" || run || round u64 LE || worker)`).
+pub fn slash_request(run: Digest, round: u64, worker: &[u8]) -> [u8; 32] {
+    let mut h = Sha256Stream::new();
+    h.update(b"plexus-train-slash-v1");
+    h.update(run.as_bytes());
+    h.update(&round.to_le_bytes());
+    h.update(worker);
+    h.finish().0
+}
+
 /// The result of a re-execution.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {

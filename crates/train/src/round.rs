@@ -192,6 +192,11 @@ impl RoundMachine {
         self.expected.insert(worker);
     }
 
+    /// Whether the round waits for `worker`'s contribution.
+    pub fn expects(&self, worker: &[u8]) -> bool {
+        self.expected.contains(worker)
+    }
+
     /// Time at which the round stops accepting contributions.
     pub fn deadline_at(&self) -> u64 {
         self.opened_ms + self.deadline.current_ms(&self.cfg.deadline)

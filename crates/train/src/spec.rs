@@ -137,6 +137,17 @@ pub struct AuditSpec {
     pub rate: f64,
 }
 
+/// Stake: a worker's contributions count only while its account on the run's ledger (the
+/// operator's, given to every worker with `--ledger`) has at least `min` staked (ledger units,
+/// 1 PLX = 1,000,000). A worker an audit convicts is slashed there: everything slashable, once
+/// per round's verdict ([`crate::audit::slash_request`]), the first honest auditor to record
+/// it taking the challenger's share.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StakeSpec {
+    pub min: u64,
+}
+
 /// A distributed training run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -164,6 +175,9 @@ pub struct RunSpec {
     /// keep the bytes they had).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditSpec>,
+    /// Stake asked of every worker. Absent: none (and not in the signed bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stake: Option<StakeSpec>,
 }
 
 /// A spec with its creator's signature: the file a run is started from.
@@ -314,6 +328,11 @@ impl RunSpec {
                 return Err(invalid("audit.rate must be a probability, 0 to 1"));
             }
         }
+        if self.stake.as_ref().is_some_and(|s| s.min == 0) {
+            return Err(invalid(
+                "stake.min must be above 0 (leave stake out for a run without one)",
+            ));
+        }
         self.round_config(Digest::of(b"check"))?
             .validate()
             .map_err(|e| invalid(e.to_string()))
@@ -322,6 +341,11 @@ impl RunSpec {
     /// Probability that a contribution is re-executed by the other workers (0 without audits).
     pub fn audit_rate(&self) -> f64 {
         self.audit.as_ref().map_or(0.0, |a| a.rate)
+    }
+
+    /// Stake (ledger units) a worker must hold for its contributions to count (0: none).
+    pub fn min_stake(&self) -> u64 {
+        self.stake.as_ref().map_or(0, |s| s.min)
     }
 
     /// The round settings of this run, named `run`.
@@ -534,6 +558,7 @@ mod tests {
             },
             eval_examples: 64,
             audit: None,
+            stake: None,
         }
     }
 
@@ -612,6 +637,27 @@ mod tests {
             let e = bad.sign(&key()).unwrap_err().to_string();
             assert!(e.contains("audit.rate"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_stake_is_signed_a_spec_without_one_keeps_its_bytes_and_zero_is_refused() {
+        let plain = example().sign(&key()).unwrap();
+        assert!(!plain.to_json().contains("stake"));
+        assert_eq!(plain.spec.min_stake(), 0);
+        let mut staked = example();
+        staked.stake = Some(StakeSpec { min: 2_000_000 });
+        let signed = staked.sign(&key()).unwrap();
+        let back = SignedSpec::from_json(&signed.to_json()).unwrap();
+        assert_eq!(back.spec.min_stake(), 2_000_000);
+        assert_ne!(back.run_id(), plain.run_id());
+        let mut v: serde_json::Value = serde_json::from_str(&signed.to_json()).unwrap();
+        v["spec"]["stake"]["min"] = 1.into();
+        let e = SignedSpec::from_json(&v.to_string()).unwrap_err();
+        assert!(matches!(e, SpecError::BadSignature), "{e}");
+        let mut bad = example();
+        bad.stake = Some(StakeSpec { min: 0 });
+        let e = bad.sign(&key()).unwrap_err().to_string();
+        assert!(e.contains("stake.min"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub struct LedgerArgs {
     /// `none` runs without accounts (every request free). Default: sqlite://DATA_DIR/ledger.db.
     /// With a ledger, completions need a per-account key (`Authorization: Bearer KEY`, from
     /// `plexus keys create`) and are charged to its account.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", global = true)]
     pub ledger: Option<String>,
 }
 

@@ -60,10 +60,22 @@ pub fn run(args: &UpArgs, spec_path: &Path) -> anyhow::Result<()> {
         .unwrap_or_else(std::env::temp_dir)
         .join("up-train")
         .join(spec.run_id().to_string());
+    // A run that asks a stake settles on a ledger: this machine's (sqlite in the run's
+    // directory unless --ledger), each worker topped up to the stake from its faucet.
+    let ledger = match (spec.spec.min_stake(), &args.ledger.ledger) {
+        (0, None) => None,
+        (0, Some(_)) => {
+            bail!("--ledger: this run asks no stake (its spec has none), so it has no ledger")
+        }
+        (_, _) => Some(args.ledger.url(&base)?.context(
+            "--ledger none: this run asks every worker a stake, which lives on a ledger",
+        )?),
+    };
     let plan = Plan {
         spec: spec_path.to_path_buf(),
         text: args.text.clone(),
         threads: args.threads,
+        ledger,
         base,
     };
     eprintln!(
@@ -74,6 +86,9 @@ pub fn run(args: &UpArgs, spec_path: &Path) -> anyhow::Result<()> {
     );
     let rt = runtime()?;
     rt.block_on(async move {
+        if let Some(url) = &plan.ledger {
+            stake_workers(url, &plan.base, workers, spec.spec.min_stake()).await?;
+        }
         let book = Arc::new(Mutex::new(vec![None::<String>; workers]));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -124,7 +139,39 @@ struct Plan {
     spec: PathBuf,
     text: Option<PathBuf>,
     threads: Option<usize>,
+    /// The run's ledger, for a spec that asks a stake.
+    ledger: Option<String>,
     base: PathBuf,
+}
+
+/// Tops up the stake of each worker's account (its key in `base/worker-I`) to `min`, from
+/// the ledger's faucet.
+async fn stake_workers(url: &str, base: &Path, workers: usize, min: u64) -> anyhow::Result<()> {
+    let mut store = plexus_ledger_store::Store::open(url, plexus_ledger::Config::default())
+        .await
+        .with_context(|| format!("cannot open the ledger {}", super::ledger::redact(url)))?;
+    for i in 0..workers {
+        let path = base.join(format!("worker-{i}")).join("node.key");
+        let key = plexus_core::keys::NodeKey::load_or_create(&path)
+            .with_context(|| format!("cannot load the worker key {}", path.display()))?;
+        let account =
+            plexus_ledger::address_of(&key.public()).context("worker key not secp256k1")?;
+        let amount = min.saturating_sub(store.ledger().account(account).staked);
+        if amount == 0 {
+            continue;
+        }
+        let now = plexus_gateway::accounts::now_ms();
+        for op in [
+            plexus_ledger::Op::Faucet { account, amount },
+            plexus_ledger::Op::Stake { account, amount },
+        ] {
+            store
+                .execute(op, now)
+                .await
+                .with_context(|| format!("cannot stake {amount} for worker {i} ({account})"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs worker `i` until it finished the run (exit 0 after its final line), restarting it
@@ -160,6 +207,9 @@ async fn keep(
         }
         if let Some(t) = plan.threads {
             cmd.arg("--threads").arg(t.to_string());
+        }
+        if let Some(url) = &plan.ledger {
+            cmd.arg("--ledger").arg(url);
         }
         for p in &peers {
             cmd.arg("--peer").arg(p);

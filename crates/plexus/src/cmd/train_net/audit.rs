@@ -13,9 +13,9 @@
 //! - Match: kept.
 //! - The payload does not match, or the start state sent does not match the commitment's
 //!   digests (or the commitment is not what the run prescribes): the worker lied. Its
-//!   contribution is dropped and the worker is refused for the rest of the run. (With stake
-//!   on a ledger this is the evidence a slash takes: the signed commitment and the
-//!   re-executed digest; training workers hold no ledger accounts yet.) This assumes training
+//!   contribution is dropped and the worker is refused for the rest of the run. In a run that
+//!   asks a stake, it is also slashed on the run's ledger ([`super::stake`]): every honest
+//!   auditor brings the verdict, the ledger records the first. This assumes training
 //!   gives the same bytes on the auditor's machine: it does across thread counts (tested);
 //!   across CPUs with other SIMD paths it is not tested.
 //! - No start state in time, or one that does not decode: the contribution cannot be checked
@@ -24,6 +24,7 @@
 //!   the next round's vote settles which state they go on from.
 
 use super::shared::worker_name;
+use super::stake::Slashed;
 use super::{lock, Peers, Shared, Worker};
 use plexus_model::train::Params;
 use plexus_net::PeerId;
@@ -86,6 +87,9 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 Ok(()) => tally.passed += 1,
                 Err(f) => {
                     lock(shared).drop_audited(&worker, f.convict);
+                    if f.convict {
+                        self.slash(&worker, round).await;
+                    }
                     eprintln!(
                         "audit of round {}: dropped the contribution of {}: {}{}",
                         round + 1,
@@ -101,6 +105,25 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             }
         }
         tally
+    }
+
+    /// Slashes `worker`, convicted by this worker's audit of `round`, on the run's ledger (a
+    /// run with stake); says what became of it.
+    async fn slash(&self, worker: &[u8], round: u64) {
+        let Some(ledger) = &self.ledger else { return };
+        let who = worker_name(worker);
+        match ledger.slash(self.cfg.run, round, worker).await {
+            Ok(Slashed::Taken(amount)) => println!(
+                "slashed {who} {amount} on the run's ledger for its contribution to round {} (this worker brought the verdict)",
+                round + 1
+            ),
+            Ok(Slashed::AlreadyDone) => println!(
+                "{who} was already slashed for round {} (another auditor recorded the verdict first)",
+                round + 1
+            ),
+            Ok(Slashed::Nothing) => println!("{who} has nothing left to slash"),
+            Err(e) => eprintln!("warning: could not slash {who} on the run's ledger: {e:#}"),
+        }
     }
 
     /// Re-executes this worker's own drawn contribution from the start state it kept, as its

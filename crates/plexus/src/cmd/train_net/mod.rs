@@ -40,6 +40,7 @@ mod cheat;
 mod peers;
 mod shared;
 pub mod spec;
+mod stake;
 
 use crate::cli::TrainArgs;
 use crate::cmd::net::{default_data_dir, parse_addrs};
@@ -64,6 +65,7 @@ use plexus_train::spec::{Data, SignedSpec};
 use plexus_train::worker::{work_round, WorkerState};
 use plexus_train::{resume, RoundConfig};
 use shared::{worker_name, Shared};
+use stake::{RunLedger, StakeGate};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -125,6 +127,10 @@ struct Worker<D: LocalData> {
     out: PathBuf,
     cheat: Option<Cheat>,
     epoch: Instant,
+    /// The run's ledger (`--ledger`), for a spec that asks a stake.
+    ledger_url: Option<String>,
+    /// Opened from `ledger_url` when the run starts.
+    ledger: Option<Arc<RunLedger>>,
 }
 
 pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
@@ -143,6 +149,24 @@ pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
         }
     };
     let data_dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
+    let min = spec.spec.min_stake();
+    match (&a.ledger, min) {
+        (None, 0) => {}
+        (None, min) => bail!(
+            "this run asks every worker to hold {min} staked on its ledger: pass the run's ledger with --ledger URL"
+        ),
+        (Some(_), 0) => bail!(
+            "--ledger: this run asks no stake (its spec has none), so it has no ledger"
+        ),
+        (Some(url), _) => {
+            let args = super::ledger::LedgerArgs {
+                ledger: Some(url.clone()),
+            };
+            if args.url(&data_dir)?.is_none() {
+                bail!("--ledger none: this run asks a stake of {min}, which lives on a ledger");
+            }
+        }
+    }
     let key_path = data_dir.join("node.key");
     let key = NodeKey::load_or_create(&key_path)
         .with_context(|| format!("cannot load the node key {}", key_path.display()))?;
@@ -218,6 +242,8 @@ fn start<D: LocalData + Send + Sync + 'static>(
         key,
         cheat,
         epoch: Instant::now(),
+        ledger_url: a.ledger.clone(),
+        ledger: None,
     };
     let rt = super::net::runtime()?;
     let parent = a.parent_pid;
@@ -305,8 +331,19 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         }
     }
 
-    async fn run(self, net: NetConfig) -> anyhow::Result<()> {
+    async fn run(mut self, net: NetConfig) -> anyhow::Result<()> {
         let run = self.cfg.run;
+        if let Some(url) = &self.ledger_url {
+            let me = plexus_ledger::address_of(&self.key.public())
+                .context("the node key is not secp256k1: it has no ledger account")?;
+            let min = self.spec.spec.min_stake();
+            let ledger = RunLedger::open(url, me, min).await?;
+            println!(
+                "stake: account {me} holds {} staked on the run's ledger (the run asks {min})",
+                ledger.staked(me).await
+            );
+            self.ledger = Some(Arc::new(ledger));
+        }
         let (global, mut state) = match resume::load(&self.checkpoint, run, self.layout()) {
             Ok(Some((g, w))) => {
                 println!("resumed from checkpoint at round {}", g.round);
@@ -333,7 +370,15 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         machine.expect(self.me.clone());
         let mut initial = Shared::new(run, machine);
         initial.claim_behind = self.cheat == Some(Cheat::Behind);
+        if let Some(ledger) = &self.ledger {
+            let mut gate = StakeGate::new(ledger.min());
+            gate.update(ledger.read(true).await.unwrap_or_default());
+            initial.stake = Some(gate);
+        }
         let shared = Arc::new(Mutex::new(initial));
+        if let Some(ledger) = &self.ledger {
+            tokio::spawn(Arc::clone(ledger).keep_current(shared.clone()));
+        }
         tokio::spawn(serve(handle.clone(), events, shared.clone(), self.epoch));
         let peers = Peers {
             net: handle.clone(),
@@ -409,17 +454,14 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     /// state nobody else holds); or more than half of the peers have moved on to a later round
     /// (they hold the set they closed on, which the sync before closing fetches; one peer
     /// claiming a later round does not cut the round short unless it is the only peer). Peers
-    /// convicted by an audit count for nothing.
+    /// convicted by an audit, or under the run's stake, count for nothing.
     /// A peer that has said it is behind for [`shared::STUCK_ROUNDS`] rounds in a row counts
     /// for nothing here, like a convicted one. `None` while the round stays open.
     fn may_close(&self, shared: &Mutex<Shared>, round: u64) -> Option<Closed> {
         let s = lock(shared);
         let (mut counted, mut ahead, mut behind) = (0, 0, false);
         for (p, st) in &s.peers {
-            if s.convicted.contains_key(&p.to_bytes()) {
-                continue;
-            }
-            if s.stuck(p) {
+            if s.excluded(&p.to_bytes()) || s.stuck(p) {
                 continue;
             }
             counted += 1;
@@ -544,7 +586,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             .iter()
             .filter(|(_, st)| st.round == round && !st.done)
             .map(|(p, _)| p.to_bytes())
-            .filter(|w| !s.convicted.contains_key(w))
+            .filter(|w| !s.excluded(w))
             .chain(std::iter::once(self.me.clone()))
             .collect();
         let from = s.machine.round();
@@ -614,7 +656,11 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 let now = self.now();
                 if let Err(why) = lock(shared).receive(c.clone(), now) {
                     eprintln!("this worker's own contribution to round {round} missed: {why}");
-                    return;
+                    // A lazy cheater sends anyway (after its conviction and slash, say):
+                    // the others' refusal is what is tested.
+                    if self.cheat != Some(Cheat::Lazy) {
+                        return;
+                    }
                 }
                 c
             }

@@ -6,6 +6,7 @@
 //! [`MAX_PEERS`] or [`KEPT_STARTS`], except the convicted, which grow by at most the run's
 //! workers max a round (only contributions a round held can be convicted).
 
+use super::stake::StakeGate;
 use plexus_core::Digest;
 use plexus_net::PeerId;
 use plexus_train::commit::Contribution;
@@ -61,6 +62,8 @@ pub struct Shared {
     /// The round whose set is fixed (after the sync, while its audits run and it closes):
     /// contributions to it are refused from then on.
     pub closing: Option<u64>,
+    /// For a run that asks a stake: who holds it, as last read from the run's ledger.
+    pub stake: Option<StakeGate>,
 }
 
 impl Shared {
@@ -80,7 +83,14 @@ impl Shared {
             claim_behind: false,
             behind_since: HashMap::new(),
             closing: None,
+            stake: None,
         }
+    }
+
+    /// Whether `worker` counts for nothing this round: convicted by an audit, or under the
+    /// run's stake. Its contributions are refused, its status is no vote, nobody waits for it.
+    pub fn excluded(&self, worker: &[u8]) -> bool {
+        self.convicted.contains_key(worker) || self.stake.as_ref().is_some_and(|g| !g.holds(worker))
     }
 
     /// The status this worker tells its peers: its own ([`Self::status`]) unless it lies.
@@ -144,10 +154,7 @@ impl Shared {
             return;
         }
         let worker = peer.to_bytes();
-        if status.round == self.machine.round()
-            && !status.done
-            && !self.convicted.contains_key(&worker)
-        {
+        if status.round == self.machine.round() && !status.done && !self.excluded(&worker) {
             self.machine.expect(worker);
         }
         if self.peers.len() < MAX_PEERS || self.peers.contains_key(&peer) {
@@ -169,14 +176,14 @@ impl Shared {
     /// Notes every status (see [`Self::note_peer`]) and keeps those whose peers may vote on the
     /// state to hold and serve it. A worker convicted by an audit trains on a state of its own
     /// making (its own contributions in, the others' refused): following it would fork this
-    /// worker off the honest ones.
+    /// worker off the honest ones. Nor does a worker under the run's stake vote.
     pub fn note_voters(&mut self, statuses: Vec<(PeerId, Status)>) -> Vec<(PeerId, Status)> {
         for (p, st) in &statuses {
             self.note_peer(*p, st.clone());
         }
         statuses
             .into_iter()
-            .filter(|(p, _)| !self.convicted.contains_key(&p.to_bytes()))
+            .filter(|(p, _)| !self.excluded(&p.to_bytes()))
             .collect()
     }
 
@@ -188,6 +195,9 @@ impl Shared {
                 "the worker was convicted by the audit of round {}; refused for the rest of the run",
                 r + 1
             ));
+        }
+        if let Some(why) = self.stake.as_ref().and_then(|g| g.refusal(&cm.worker)) {
+            return Err(why);
         }
         let round = self.machine.round();
         if cm.round == round && self.closing == Some(round) {
@@ -392,5 +402,65 @@ mod tests {
             Some((5, theirs.state)),
             "followed the convicted worker"
         );
+    }
+
+    /// A run that asks a stake: a worker under it is refused, not waited for and no voter;
+    /// once the ledger shows its stake, its contribution gets past the gate (on to the round
+    /// machine's own checks).
+    #[test]
+    fn a_worker_under_the_runs_stake_counts_for_nothing_until_it_stakes() {
+        use plexus_core::keys::NodeKey;
+        use plexus_train::commit::{Commitment, Contribution, Signed};
+        let mut s = shared();
+        s.stake = Some(StakeGate::new(1_000));
+        let key = NodeKey::generate();
+        let (peer, worker) = (key.peer_id(), key.peer_id().to_bytes());
+        let account = plexus_ledger::address_of(&key.public()).unwrap();
+        let round = s.machine.round();
+        let c = Contribution {
+            signed: Signed::sign(
+                &key,
+                Commitment {
+                    run: s.run,
+                    round,
+                    worker: worker.clone(),
+                    start_weights: s.machine.start(),
+                    start_optimizer: Digest([0; 32]),
+                    start_residual: Digest([0; 32]),
+                    examples: Digest([0; 32]),
+                    seed: 1,
+                    first_step: 0,
+                    inner_steps: 1,
+                    batch_size: 1,
+                    hyper: Digest([0; 32]),
+                    payload: Digest([0; 32]),
+                    payload_len: 0,
+                },
+            ),
+            payload: Vec::new(),
+        };
+        let status = Status {
+            run: s.run,
+            round,
+            state: s.status().state,
+            done: false,
+        };
+        let why = s.receive(c.clone(), 0).unwrap_err();
+        assert!(
+            why.contains("not staked") && why.contains(&account.to_string()),
+            "{why}"
+        );
+        assert!(s.note_voters(vec![(peer, status.clone())]).is_empty());
+        assert!(!s.machine.expects(&worker), "waited for an unstaked worker");
+
+        s.stake.as_mut().unwrap().update([(account, 1_000)].into());
+        if let Err(why) = s.receive(c, 0) {
+            assert!(!why.contains("not staked"), "{why}");
+        }
+        assert_eq!(
+            s.note_voters(vec![(peer, status.clone())]),
+            vec![(peer, status)]
+        );
+        assert!(s.machine.expects(&worker));
     }
 }

@@ -8,7 +8,7 @@ use plexus_model::train::text::TextShard;
 use plexus_train::spec::TEXT_TASK;
 use plexus_train::spec::{
     AuditSpec, DataSpec, DeadlineSpec, InnerSpec, ModelSpec, OuterSpec, RunSpec, ScoreSpec,
-    WorkersSpec, SPEC_VERSION,
+    StakeSpec, WorkersSpec, SPEC_VERSION,
 };
 use plexus_train::Codec;
 
@@ -88,6 +88,15 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
         },
         eval_examples: a.eval_examples,
         audit: (a.audit_rate != 0.0).then_some(AuditSpec { rate: a.audit_rate }),
+        stake: a
+            .min_stake
+            .as_deref()
+            .map(|s| {
+                crate::cmd::ledger::parse_amount(s)
+                    .map_err(|e| anyhow::anyhow!("--min-stake {s:?}: {e}"))
+                    .map(|min| StakeSpec { min })
+            })
+            .transpose()?,
     };
     let dir = a
         .data_dir
