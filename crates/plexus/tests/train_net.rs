@@ -892,6 +892,14 @@ fn a_text_run_trains_across_workers_and_refuses_another_text() {
             w.text()
         );
         states.push(field(&line, "state ").to_string());
+        // The audits' draw (rate 0.05) is keyed by both workers' nonces, revealed once each
+        // had fixed the round's set: none went missing in a calm run.
+        assert!(
+            !w.text().contains("no audit nonce"),
+            "{}: {}",
+            w.name,
+            w.text()
+        );
     }
     assert_eq!(states[0], states[1]);
 }

@@ -4,14 +4,13 @@
 //! compares the payload digest. A mismatch drops the contribution; with settlement it is the
 //! evidence for a slash.
 //!
-//! [`drawn`] is the draw: which contributions of a round are re-executed. It is keyed by the
-//! digest of the round's whole set of commitments ([`crate::round::RoundMachine::held_set`]),
-//! which no worker knows when it commits (the others commit at the same time), and every
-//! worker holding the same set draws the same contributions, so they drop the same ones and
-//! still close on the same next state without a coordinator. A worker that waits for every
-//! other commitment before sending its own could try payloads until it is not drawn; the
-//! adaptive deadline bounds how long it may wait, and a commit-reveal of per-worker randomness
-//! would close this entirely (not built).
+//! [`drawn`] is the coin: whether a contribution is re-executed, from a key and the rate. The
+//! key is [`crate::reveal::draw_key`]: the digest of the round's whole set of commitments
+//! ([`crate::round::RoundMachine::held_set`]) and the audit nonces the set's members reveal
+//! once the set is fixed (commit-reveal: see [`crate::reveal`]), so no worker can compute it
+//! when it commits, not even the last to commit. Every worker holding the same set and nonces
+//! draws the same contributions, so they drop the same ones and still close on the same next
+//! state without a coordinator.
 
 use crate::assign::{example_ids, ids_digest};
 use crate::commit::Commitment;

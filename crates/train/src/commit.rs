@@ -38,6 +38,9 @@ pub struct Commitment {
     /// Digest and length of the encoded pseudo-gradient.
     pub payload: Digest,
     pub payload_len: u64,
+    /// The worker's sealed audit nonce for the round ([`crate::reveal::sealed`]), told only
+    /// once the round's set is fixed.
+    pub reveal: Digest,
 }
 
 /// Why a signed commitment was refused.
@@ -125,6 +128,7 @@ mod tests {
             hyper: Digest::of(b"h"),
             payload: Digest::of(b"p"),
             payload_len: 1,
+            reveal: Digest::of(b"n"),
         }
     }
 

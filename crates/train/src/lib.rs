@@ -8,7 +8,8 @@
 //! - [`round`]: the round state machine every worker runs: refusal of bad contributions,
 //!   Gauntlet-style scoring, deterministic aggregation, the [`outer`] step, the adaptive
 //!   [`deadline`].
-//! - [`audit`]: re-execution of a round from its commitment.
+//! - [`audit`]: re-execution of a round from its commitment; [`reveal`]: the commit-reveal of
+//!   per-worker nonces that keys which contributions are re-executed.
 //! - [`local`]: a run of several workers in one process (tests, `plexus bench train`).
 //! - [`spec`]: the signed run spec a distributed run starts from; [`protocol`]: the messages
 //!   workers exchange over the network (`plexus train --distributed` drives them);
@@ -27,6 +28,7 @@ pub mod local;
 pub mod outer;
 pub mod protocol;
 pub mod resume;
+pub mod reveal;
 pub mod round;
 pub mod score;
 pub mod spec;

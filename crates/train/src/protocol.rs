@@ -16,6 +16,9 @@
 //!   (AdamW moments and error-feedback residual), which an auditor needs to re-execute that
 //!   contribution ([`crate::audit::reexecute`] checks it against the commitment's digests).
 //!   A worker keeps the last two rounds' start states.
+//! - `Reveals { round }`: the audit nonces of the round's set the receiver knows (its own and
+//!   those it collected, each opening a member's sealed value), answered only once the
+//!   receiver has fixed that set ([`crate::reveal`]); `NotHeld` before.
 //!
 //! [`choose_target`] is the rule that decides, from the peers' statuses, which state a worker
 //! should hold: among the states at its own round or later (up to the run's length; a worker
@@ -74,6 +77,19 @@ pub enum TrainRequest {
         run: Digest,
         round: u64,
     },
+    /// The audit nonces of `round`'s set the peer knows ([`crate::reveal`]); answered only
+    /// once the peer has fixed that set.
+    Reveals {
+        run: Digest,
+        round: u64,
+    },
+}
+
+/// One worker's audit nonce for a round, as revealed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reveal {
+    pub worker: Vec<u8>,
+    pub nonce: [u8; 32],
 }
 
 /// One contribution a peer holds.
@@ -108,6 +124,10 @@ pub enum TrainResponse {
     /// The round or contribution asked for is not held (any more).
     NotHeld,
     StartState(WorkerStateTransfer),
+    Reveals {
+        round: u64,
+        reveals: Vec<Reveal>,
+    },
 }
 
 /// A worker's start state of a round as it travels: the AdamW state's bytes and the residual's

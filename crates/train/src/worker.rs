@@ -109,6 +109,7 @@ pub fn compute_round(
         hyper: cfg.hyper_digest(),
         payload: Digest::of(&payload),
         payload_len: payload.len() as u64,
+        reveal: Digest([0; 32]),
     };
     Ok(RoundWork {
         commitment,
@@ -118,8 +119,11 @@ pub fn compute_round(
 }
 
 impl RoundWork {
-    /// The contribution `key` signs for this work, and the inner steps' reports.
-    pub fn signed(self, key: &NodeKey) -> (Contribution, Vec<StepReport>) {
+    /// The contribution `key` signs for this work, sealing its audit nonce for the round
+    /// ([`crate::reveal`]), and the inner steps' reports.
+    pub fn signed(mut self, key: &NodeKey) -> (Contribution, Vec<StepReport>) {
+        let c = &mut self.commitment;
+        c.reveal = crate::reveal::sealed(&crate::reveal::nonce(key, c.run, c.round));
         (
             Contribution {
                 signed: Signed::sign(key, self.commitment),

@@ -1,7 +1,10 @@
 //! Step 5 of a worker's round (see the parent module): the round's audits. The round's set is
 //! frozen first (a contribution arriving from now on is refused, so the set drawn from is the
-//! set closed on, less what the audits drop). From its digest the worker draws which
-//! contributions are re-executed ([`plexus_train::audit::drawn`], the spec's rate); for each
+//! set closed on, less what the audits drop). The worker then tells its audit nonce for the
+//! round and collects the other members' ([`plexus_train::reveal`]: each sealed in its
+//! commitment, told only once the teller's set is fixed); from the set's digest and the nonces
+//! it draws which contributions are re-executed ([`plexus_train::reveal::drawn_revealed`], the
+//! spec's rate; a member whose nonce did not come by the round's deadline is drawn); for each
 //! drawn one of another worker it fetches that worker's start state of the round and
 //! re-executes the round from the commitment ([`plexus_train::audit::reexecute`]). A drawn
 //! worker re-executes its own round too, from the start state it kept: every worker then
@@ -28,11 +31,19 @@ use super::stake::Slashed;
 use super::{lock, Peers, Shared, Worker};
 use plexus_model::train::Params;
 use plexus_net::PeerId;
-use plexus_train::audit::{drawn, reexecute, AuditError, Verdict};
+use plexus_train::audit::{reexecute, AuditError, Verdict};
 use plexus_train::commit::{Commitment, Contribution};
 use plexus_train::local::LocalData;
+use plexus_train::protocol::Reveal;
+use plexus_train::reveal::{drawn_revealed, nonce};
 use plexus_train::worker::WorkerState;
 use std::sync::Mutex;
+use std::time::Duration;
+
+/// Shortest wait for the round's audit nonces (when the round's deadline is nearer).
+const MIN_REVEAL_WAIT: u64 = 2_000;
+/// Spacing of the asks for missing audit nonces.
+const REVEAL_POLL: Duration = Duration::from_millis(100);
 
 /// What one round's audits of other workers found (those not passed were dropped).
 #[derive(Clone, Copy, Debug, Default)]
@@ -60,13 +71,17 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         if rate <= 0.0 {
             return tally;
         }
+        if rate < 1.0 {
+            self.gather_reveals(peers, shared, round).await;
+        }
         let (chosen, global, own_start) = {
             let s = lock(shared);
             let set = s.machine.held_set();
+            let revealed = s.revealed(round);
             let chosen: Vec<Contribution> = s
                 .held
                 .iter()
-                .filter(|(w, _)| drawn(set, w, rate))
+                .filter(|(w, _)| drawn_revealed(set, &revealed, w, rate))
                 .map(|(_, c)| c.clone())
                 .collect();
             let own_start = s
@@ -105,6 +120,57 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             }
         }
         tally
+    }
+
+    /// Collects the audit nonces of `round`'s fixed set ([`plexus_train::reveal`]): this
+    /// worker's own, then the others' from every peer (each answers once it has fixed its own
+    /// set), until every member's is in or the round's deadline has passed (at least
+    /// [`MIN_REVEAL_WAIT`] from now). A member whose nonce did not come is drawn.
+    async fn gather_reveals(&self, peers: &Peers, shared: &Mutex<Shared>, round: u64) {
+        let own = Reveal {
+            worker: self.me.clone(),
+            nonce: nonce(&self.key, self.cfg.run, round),
+        };
+        let until = {
+            let mut s = lock(shared);
+            s.add_reveals(round, vec![own]);
+            s.machine.deadline_at().max(self.now() + MIN_REVEAL_WAIT)
+        };
+        loop {
+            let (missing, targets) = {
+                let s = lock(shared);
+                let targets: Vec<PeerId> = s.peers.keys().copied().collect();
+                (s.unrevealed(round), targets)
+            };
+            let now = self.now();
+            if missing.is_empty() || now >= until {
+                for w in missing {
+                    eprintln!(
+                        "audit of round {}: no audit nonce from {} in time: its contribution is drawn",
+                        round + 1,
+                        worker_name(&w)
+                    );
+                }
+                return;
+            }
+            let timeout = Duration::from_millis(until - now);
+            let lists = futures::future::join_all(
+                targets
+                    .into_iter()
+                    .map(|p| async move { peers.reveals(p, round, timeout).await }),
+            )
+            .await;
+            let complete = {
+                let mut s = lock(shared);
+                for list in lists.into_iter().flatten() {
+                    s.add_reveals(round, list);
+                }
+                s.unrevealed(round).is_empty()
+            };
+            if !complete {
+                tokio::time::sleep(REVEAL_POLL).await;
+            }
+        }
     }
 
     /// Slashes `worker`, convicted by this worker's audit of `round`, on the run's ledger (a

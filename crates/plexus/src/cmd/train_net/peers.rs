@@ -8,7 +8,7 @@ use plexus_core::Digest;
 use plexus_net::{NetHandle, PeerId};
 use plexus_train::commit::Contribution;
 use plexus_train::protocol::{
-    decode, encode, HeldEntry, StateTransfer, Status, TrainRequest, TrainResponse,
+    decode, encode, HeldEntry, Reveal, StateTransfer, Status, TrainRequest, TrainResponse,
     WorkerStateTransfer,
 };
 use std::time::Duration;
@@ -114,6 +114,24 @@ impl Peers {
         let req = TrainRequest::State { run: self.run };
         match self.ask(peer, &req, STATE_TIMEOUT).await {
             Some(TrainResponse::State(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The audit nonces of `round` that `peer` knows, once it has fixed that round's set
+    /// (waiting at most `timeout`, capped at the small-message timeout).
+    pub async fn reveals(
+        &self,
+        peer: PeerId,
+        round: u64,
+        timeout: Duration,
+    ) -> Option<Vec<Reveal>> {
+        let req = TrainRequest::Reveals {
+            run: self.run,
+            round,
+        };
+        match self.ask(peer, &req, timeout.min(CALL_TIMEOUT)).await {
+            Some(TrainResponse::Reveals { round: r, reveals }) if r == round => Some(reveals),
             _ => None,
         }
     }

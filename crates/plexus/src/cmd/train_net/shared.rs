@@ -11,8 +11,10 @@ use plexus_core::Digest;
 use plexus_net::PeerId;
 use plexus_train::commit::Contribution;
 use plexus_train::protocol::{
-    decode, HeldEntry, StateTransfer, Status, TrainRequest, TrainResponse, WorkerStateTransfer,
+    decode, HeldEntry, Reveal, StateTransfer, Status, TrainRequest, TrainResponse,
+    WorkerStateTransfer,
 };
+use plexus_train::reveal::sealed;
 use plexus_train::round::{GlobalState, Refusal, RoundMachine};
 use plexus_train::worker::WorkerState;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -64,6 +66,9 @@ pub struct Shared {
     pub closing: Option<u64>,
     /// For a run that asks a stake: who holds it, as last read from the run's ledger.
     pub stake: Option<StakeGate>,
+    /// Audit nonces revealed for the rounds whose sets are fixed (the last [`KEPT_STARTS`]),
+    /// each opening its member's sealed value.
+    pub reveals: BTreeMap<u64, BTreeMap<Vec<u8>, [u8; 32]>>,
 }
 
 impl Shared {
@@ -84,7 +89,61 @@ impl Shared {
             behind_since: HashMap::new(),
             closing: None,
             stake: None,
+            reveals: BTreeMap::new(),
         }
+    }
+
+    /// The set of `round` once this worker has fixed it (it is closing, or closed last).
+    fn fixed_set(&self, round: u64) -> Option<&BTreeMap<Vec<u8>, Contribution>> {
+        if self.closing == Some(round) {
+            return Some(&self.held);
+        }
+        match &self.closed {
+            Some((r, set)) if *r == round => Some(set),
+            _ => None,
+        }
+    }
+
+    /// Keeps the nonces of `reveals` that open the sealed value of a member of `round`'s fixed
+    /// set; how many were new.
+    pub fn add_reveals(&mut self, round: u64, reveals: Vec<Reveal>) -> usize {
+        let Some(set) = self.fixed_set(round) else {
+            return 0;
+        };
+        let fresh: Vec<(Vec<u8>, [u8; 32])> = reveals
+            .into_iter()
+            .filter(|r| {
+                set.get(&r.worker)
+                    .is_some_and(|c| c.signed.commitment.reveal == sealed(&r.nonce))
+            })
+            .map(|r| (r.worker, r.nonce))
+            .collect();
+        let known = self.reveals.entry(round).or_default();
+        let before = known.len();
+        known.extend(fresh);
+        let added = known.len() - before;
+        while self.reveals.len() > KEPT_STARTS {
+            self.reveals.pop_first();
+        }
+        added
+    }
+
+    /// The nonces revealed for `round`.
+    pub fn revealed(&self, round: u64) -> BTreeMap<Vec<u8>, [u8; 32]> {
+        self.reveals.get(&round).cloned().unwrap_or_default()
+    }
+
+    /// Members of `round`'s fixed set whose nonce has not been revealed.
+    pub fn unrevealed(&self, round: u64) -> Vec<Vec<u8>> {
+        let known = self.reveals.get(&round);
+        self.fixed_set(round)
+            .map(|set| {
+                set.keys()
+                    .filter(|w| !known.is_some_and(|k| k.contains_key(*w)))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Whether `worker` counts for nothing this round: convicted by an audit, or under the
@@ -318,6 +377,24 @@ impl Shared {
                     self.claim.as_ref().unwrap_or(self.machine.state()),
                 ))
             }
+            TrainRequest::Reveals { run, round } => {
+                if other_run(run) {
+                    return TrainResponse::Refused("another run".into());
+                }
+                // Nonces are told only once this worker's set of the round is fixed: a
+                // contribution it still took could otherwise be made knowing them.
+                if self.fixed_set(round).is_none() {
+                    return TrainResponse::NotHeld;
+                }
+                TrainResponse::Reveals {
+                    round,
+                    reveals: self
+                        .revealed(round)
+                        .into_iter()
+                        .map(|(worker, nonce)| Reveal { worker, nonce })
+                        .collect(),
+                }
+            }
             TrainRequest::StartState { run, round } => {
                 if other_run(run) {
                     return TrainResponse::Refused("another run".into());
@@ -334,7 +411,9 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use plexus_core::keys::NodeKey;
     use plexus_model::train::task::Task;
+    use plexus_train::commit::{Commitment, Signed};
     use plexus_train::local::{prepare, TaskSetup};
     use plexus_train::outer::OuterState;
     use plexus_train::protocol::choose_target;
@@ -404,26 +483,16 @@ mod tests {
         );
     }
 
-    /// A run that asks a stake: a worker under it is refused, not waited for and no voter;
-    /// once the ledger shows its stake, its contribution gets past the gate (on to the round
-    /// machine's own checks).
-    #[test]
-    fn a_worker_under_the_runs_stake_counts_for_nothing_until_it_stakes() {
-        use plexus_core::keys::NodeKey;
-        use plexus_train::commit::{Commitment, Contribution, Signed};
-        let mut s = shared();
-        s.stake = Some(StakeGate::new(1_000));
-        let key = NodeKey::generate();
-        let (peer, worker) = (key.peer_id(), key.peer_id().to_bytes());
-        let account = plexus_ledger::address_of(&key.public()).unwrap();
-        let round = s.machine.round();
-        let c = Contribution {
+    /// A contribution of `key`'s worker to `s`'s current round, with sealed nonce `reveal`
+    /// (valid as far as its signature goes).
+    fn contribution(s: &Shared, key: &NodeKey, reveal: Digest) -> Contribution {
+        Contribution {
             signed: Signed::sign(
-                &key,
+                key,
                 Commitment {
                     run: s.run,
-                    round,
-                    worker: worker.clone(),
+                    round: s.machine.round(),
+                    worker: key.peer_id().to_bytes(),
                     start_weights: s.machine.start(),
                     start_optimizer: Digest([0; 32]),
                     start_residual: Digest([0; 32]),
@@ -435,10 +504,70 @@ mod tests {
                     hyper: Digest([0; 32]),
                     payload: Digest([0; 32]),
                     payload_len: 0,
+                    reveal,
                 },
             ),
             payload: Vec::new(),
+        }
+    }
+
+    /// A worker tells audit nonces only once it has fixed the round's set, and keeps only
+    /// those that open a member's sealed value.
+    #[test]
+    fn nonces_are_told_once_the_set_is_fixed_and_kept_only_when_they_open_the_seal() {
+        use plexus_train::protocol::encode;
+        use plexus_train::reveal::nonce;
+        let mut s = shared();
+        let round = s.machine.round();
+        let key = NodeKey::generate();
+        let worker = key.peer_id().to_bytes();
+        let n = nonce(&key, s.run, round);
+        s.held
+            .insert(worker.clone(), contribution(&s, &key, sealed(&n)));
+        let ask = TrainRequest::Reveals { run: s.run, round };
+        let peer = PeerId::random();
+        assert_eq!(s.handle(peer, &encode(&ask), 0), TrainResponse::NotHeld);
+        let told = || Reveal {
+            worker: worker.clone(),
+            nonce: n,
         };
+        assert_eq!(s.add_reveals(round, vec![told()]), 0, "kept before fixing");
+        s.closing = Some(round);
+        let wrong = vec![
+            Reveal {
+                worker: worker.clone(),
+                nonce: [0; 32],
+            },
+            Reveal {
+                worker: vec![1, 2],
+                nonce: n,
+            },
+        ];
+        assert_eq!(s.add_reveals(round, wrong), 0);
+        assert_eq!(s.unrevealed(round), vec![worker.clone()]);
+        assert_eq!(s.add_reveals(round, vec![told()]), 1);
+        assert!(s.unrevealed(round).is_empty());
+        assert_eq!(
+            s.handle(peer, &encode(&ask), 0),
+            TrainResponse::Reveals {
+                round,
+                reveals: vec![told()]
+            }
+        );
+    }
+
+    /// A run that asks a stake: a worker under it is refused, not waited for and no voter;
+    /// once the ledger shows its stake, its contribution gets past the gate (on to the round
+    /// machine's own checks).
+    #[test]
+    fn a_worker_under_the_runs_stake_counts_for_nothing_until_it_stakes() {
+        let mut s = shared();
+        s.stake = Some(StakeGate::new(1_000));
+        let key = NodeKey::generate();
+        let (peer, worker) = (key.peer_id(), key.peer_id().to_bytes());
+        let account = plexus_ledger::address_of(&key.public()).unwrap();
+        let round = s.machine.round();
+        let c = contribution(&s, &key, Digest([0; 32]));
         let status = Status {
             run: s.run,
             round,

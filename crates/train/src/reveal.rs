@@ -1,0 +1,128 @@
+//! Commit-reveal of per-worker randomness for the round audits' draw.
+//!
+//! The draw must be unknown to a worker when it commits, or a worker that waits for the others
+//! could try payloads until it is not drawn. Keying it by the round's set of commitments alone
+//! is not enough: the last worker to commit knows every other commitment, so it can compute
+//! the draw for each payload it tries. So:
+//!
+//! ```text
+//! commit   a worker's signed commitment carries sealed(nonce): the nonce is a secret derived
+//!          from its key, the run and the round, so it cannot be changed afterwards
+//! fix      each worker fixes the round's set (after the sync) and only then tells its nonce
+//!          (a worker whose set is fixed takes no more contributions to the round)
+//! reveal   workers collect the nonces of the set's members from each other; a nonce counts
+//!          only if it opens the member's sealed value
+//! draw     key = sha256(set digest, every revealed (worker, nonce) in worker order); a member
+//!          whose nonce did not come is drawn whatever the key says
+//! ```
+//!
+//! Any contribution in a worker's set reached it before that worker told its nonce, so its
+//! author could not know that nonce when it committed, and without every member's nonce the
+//! draw is a coin it cannot compute. What is left: the last member to reveal may withhold its
+//! nonce, which only gets itself drawn (and, with a colluder in the set, picks between two
+//! draws for the colluder: its escape chance goes from 1 - p to 1 - p²).
+
+use crate::audit::drawn;
+use plexus_core::keys::NodeKey;
+use plexus_core::{Digest, Sha256Stream};
+use std::collections::BTreeMap;
+
+/// A worker's nonce for `round` of `run`: secret, and the same after a restart.
+pub fn nonce(key: &NodeKey, run: Digest, round: u64) -> [u8; 32] {
+    let mut label = b"plexus-train-audit-nonce-v1".to_vec();
+    label.extend_from_slice(run.as_bytes());
+    label.extend_from_slice(&round.to_le_bytes());
+    key.derive_secret(&label)
+}
+
+/// What a commitment carries of a nonce: `sha256("plexus-train-reveal-v1" || nonce)`.
+pub fn sealed(nonce: &[u8; 32]) -> Digest {
+    let mut h = Sha256Stream::new();
+    h.update(b"plexus-train-reveal-v1");
+    h.update(nonce);
+    h.finish()
+}
+
+/// The key of the draw of a set with digest `set`, from the nonces revealed for it.
+pub fn draw_key(set: Digest, revealed: &BTreeMap<Vec<u8>, [u8; 32]>) -> Digest {
+    let mut h = Sha256Stream::new();
+    h.update(b"plexus-train-draw-v2");
+    h.update(set.as_bytes());
+    for (worker, nonce) in revealed {
+        h.update(&(worker.len() as u64).to_le_bytes());
+        h.update(worker);
+        h.update(nonce);
+    }
+    h.finish()
+}
+
+/// Whether `worker`'s contribution is re-executed: always when its nonce was not revealed,
+/// otherwise the coin of `rate` keyed by [`draw_key`].
+pub fn drawn_revealed(
+    set: Digest,
+    revealed: &BTreeMap<Vec<u8>, [u8; 32]>,
+    worker: &[u8],
+    rate: f64,
+) -> bool {
+    if rate <= 0.0 {
+        return false;
+    }
+    !revealed.contains_key(worker) || drawn(draw_key(set, revealed), worker, rate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonces_are_per_key_run_and_round_and_sealed_values_open_only_to_them() {
+        let (a, b) = (
+            NodeKey::from_secret([1; 32]).unwrap(),
+            NodeKey::from_secret([2; 32]).unwrap(),
+        );
+        let run = Digest::of(b"run");
+        let n = nonce(&a, run, 3);
+        assert_eq!(n, nonce(&a, run, 3), "the same after a restart");
+        for other in [
+            nonce(&a, run, 4),
+            nonce(&a, Digest::of(b"other"), 3),
+            nonce(&b, run, 3),
+        ] {
+            assert_ne!(n, other);
+            assert_ne!(sealed(&n), sealed(&other));
+        }
+    }
+
+    #[test]
+    fn the_draw_needs_every_nonce_and_a_missing_one_is_drawn() {
+        let set = Digest::of(b"set");
+        let workers: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 8]).collect();
+        let all: BTreeMap<Vec<u8>, [u8; 32]> =
+            workers.iter().map(|w| (w.clone(), [w[0]; 32])).collect();
+        let draws = |revealed: &BTreeMap<Vec<u8>, [u8; 32]>| -> Vec<bool> {
+            workers
+                .iter()
+                .map(|w| drawn_revealed(set, revealed, w, 0.5))
+                .collect()
+        };
+        let full = draws(&all);
+        let hits = full.iter().filter(|d| **d).count();
+        assert!((16..=48).contains(&hits), "{hits}");
+        // One nonce changed: another draw for (about half of) everyone.
+        let mut changed = all.clone();
+        changed.insert(workers[5].clone(), [0xee; 32]);
+        let differ = full
+            .iter()
+            .zip(draws(&changed))
+            .filter(|(a, b)| **a != *b)
+            .count();
+        assert!(differ > 10, "{differ}");
+        // One nonce withheld: its worker is drawn.
+        let mut withheld = all.clone();
+        withheld.remove(&workers[9]);
+        assert!(drawn_revealed(set, &withheld, &workers[9], 0.01));
+        assert!(!drawn_revealed(set, &withheld, &workers[9], 0.0));
+        // Rate 1 draws everyone.
+        assert!(workers.iter().all(|w| drawn_revealed(set, &all, w, 1.0)));
+    }
+}
