@@ -23,6 +23,8 @@ pub enum Backend {
 pub enum OpenError {
     #[error("the ledger URL {url:?} is neither sqlite://PATH nor postgres://...")]
     BadUrl { url: String },
+    #[error("the SQLite ledger URL option {option:?} is not supported (only mode=ro, read only)")]
+    SqliteOption { option: String },
     #[error("cannot create the directory {path} for the SQLite ledger")]
     Dir {
         path: PathBuf,
@@ -102,27 +104,45 @@ pub fn hash_api_key(key: &str) -> String {
 
 impl Store {
     /// Opens (creating if needed) the ledger at `url`: `sqlite://PATH` (the file and its
-    /// directory are created) or `postgres://...`. A new ledger gets `config`; an existing one
-    /// keeps the rules it was created with.
+    /// directory are created), `sqlite://PATH?mode=ro` (an existing ledger, read only: every
+    /// write fails; other options are refused by name) or `postgres://...`. A new ledger gets
+    /// `config`; an existing one keeps the rules it was created with.
     pub async fn open(url: &str, config: Config) -> Result<Self, OpenError> {
         config.validate()?;
         sqlx::any::install_default_drivers();
-        let (backend, connect_url) = if let Some(path) = url.strip_prefix("sqlite://") {
-            let path = path.split('?').next().unwrap_or(path);
+        let mut read_only = false;
+        let (backend, connect_url) = if let Some(rest) = url.strip_prefix("sqlite://") {
+            let (path, options) = rest.split_once('?').unwrap_or((rest, ""));
             if path.is_empty() {
                 return Err(OpenError::BadUrl {
                     url: url.to_owned(),
                 });
             }
-            if let Some(dir) = std::path::Path::new(path).parent() {
-                if !dir.as_os_str().is_empty() {
-                    std::fs::create_dir_all(dir).map_err(|source| OpenError::Dir {
-                        path: dir.to_owned(),
-                        source,
-                    })?;
+            for option in options.split('&').filter(|o| !o.is_empty()) {
+                match option {
+                    "mode=ro" => read_only = true,
+                    "mode=rwc" => {}
+                    other => {
+                        return Err(OpenError::SqliteOption {
+                            option: other.to_owned(),
+                        })
+                    }
                 }
             }
-            (Backend::Sqlite, format!("sqlite://{path}?mode=rwc"))
+            if read_only {
+                // An existing ledger, read only: nothing is created or migrated.
+                (Backend::Sqlite, format!("sqlite://{path}?mode=ro"))
+            } else {
+                if let Some(dir) = std::path::Path::new(path).parent() {
+                    if !dir.as_os_str().is_empty() {
+                        std::fs::create_dir_all(dir).map_err(|source| OpenError::Dir {
+                            path: dir.to_owned(),
+                            source,
+                        })?;
+                    }
+                }
+                (Backend::Sqlite, format!("sqlite://{path}?mode=rwc"))
+            }
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             (Backend::Postgres, url.to_owned())
         } else {
@@ -140,9 +160,12 @@ impl Store {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
                         // WAL: readers never block the writer; FULL: a committed settlement
-                        // survives power loss, not only a killed process.
-                        conn.execute("PRAGMA journal_mode=WAL").await?;
-                        conn.execute("PRAGMA synchronous=FULL").await?;
+                        // survives power loss, not only a killed process. (A read-only
+                        // connection reads the mode the ledger was created with.)
+                        if !read_only {
+                            conn.execute("PRAGMA journal_mode=WAL").await?;
+                            conn.execute("PRAGMA synchronous=FULL").await?;
+                        }
                         conn.execute("PRAGMA busy_timeout=10000").await?;
                     }
                     Ok(())
@@ -151,7 +174,9 @@ impl Store {
             .connect(&connect_url)
             .await
             .map_err(connect)?;
-        migrate(&pool).await.map_err(connect)?;
+        if !read_only {
+            migrate(&pool).await.map_err(connect)?;
+        }
         let config = load_or_init_config(&pool, config).await?;
         let ledger = load(&pool, config).await?;
         Ok(Self {

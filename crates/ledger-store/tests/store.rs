@@ -290,6 +290,46 @@ fn two_writers_on_one_database_stay_consistent() {
     });
 }
 
+/// `sqlite://PATH?mode=ro`: an existing ledger opened read only follows what a writer
+/// records and refuses every write of its own; a missing file is not created; any other URL
+/// option is refused by name, not dropped.
+#[test]
+fn a_read_only_sqlite_ledger_reads_and_refuses_writes() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let url = format!("sqlite://{}", path.display());
+        let mut writer = Store::open(&url, config()).await.unwrap();
+        let deposit = |amount| Op::Deposit {
+            account: addr(0),
+            amount,
+        };
+        writer.execute(deposit(10), 1).await.unwrap();
+        let mut reader = Store::open(&format!("{url}?mode=ro"), config())
+            .await
+            .unwrap();
+        assert_eq!(reader.ledger().account(addr(0)).available, 10);
+        writer.execute(deposit(5), 2).await.unwrap();
+        assert_eq!(reader.catch_up().await.unwrap(), 1);
+        assert_eq!(reader.ledger().account(addr(0)).available, 15);
+        assert!(reader.execute(deposit(1), 3).await.is_err());
+        reader.reload().await.unwrap();
+        assert_eq!(reader.ledger().account(addr(0)).available, 15);
+
+        let missing = format!("sqlite://{}?mode=ro", dir.path().join("none.db").display());
+        assert!(Store::open(&missing, config()).await.is_err());
+        assert!(!dir.path().join("none.db").exists());
+        let e = Store::open(&format!("{url}?cache=shared"), config())
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&e, OpenError::SqliteOption { option } if option == "cache=shared"),
+            "{e}"
+        );
+    });
+}
+
 #[derive(Clone, Debug)]
 enum Step {
     Deposit(u8, u64),

@@ -816,7 +816,8 @@ fn sentences(seed: u64) -> String {
 /// A text run: the spec names the text's digest; a worker without the text or with another
 /// one is refused before it joins; two workers train on it over libp2p, agree on the final
 /// state, and the held-out loss ends below the text's unigram loss (the model learned
-/// context, not only character frequencies).
+/// context, not only character frequencies). A third worker seals audit nonces it never
+/// tells: its contributions are dropped, and the rounds do not wait for its nonce.
 #[test]
 fn a_text_run_trains_across_workers_and_refuses_another_text() {
     let tmp = tempfile::tempdir().unwrap();
@@ -877,6 +878,14 @@ fn a_text_run_trains_across_workers_and_refuses_another_text() {
     let text_arg = text.to_str().unwrap();
     let mut a = Worker::start("a", &spec, tmp.path(), &[], &["--text", text_arg]);
     let mut b = Worker::start("b", &spec, tmp.path(), &[&a.addr], &["--text", text_arg]);
+    let withholder = Worker::start(
+        "withholder",
+        &spec,
+        tmp.path(),
+        &[&a.addr, &b.addr],
+        &["--text", text_arg, "--cheat", "withhold"],
+    );
+    let withholder_id = worker_id(&withholder);
     let unigram = plexus_model::train::text::TextShard::open(&text, 16)
         .unwrap()
         .unigram_loss();
@@ -892,16 +901,42 @@ fn a_text_run_trains_across_workers_and_refuses_another_text() {
             w.text()
         );
         states.push(field(&line, "state ").to_string());
-        // The audits' draw (rate 0.05) is keyed by both workers' nonces, revealed once each
-        // had fixed the round's set: none went missing in a calm run.
+        // The audits' draw (rate 0.05) is keyed by the members' nonces, told once each had
+        // fixed the round's set. The withholder's never opens its seal: its contribution is
+        // dropped by both honest workers in every round it sent one, and nobody waits for
+        // the deadline (60 s, with 8 rounds inside the run's timeout) once it has answered
+        // without it; the honest workers' nonces always came.
+        let text = w.text();
+        let drops: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("its audit nonce did not come in time"))
+            .collect();
         assert!(
-            !w.text().contains("no audit nonce"),
-            "{}: {}",
-            w.name,
-            w.text()
+            drops.iter().all(|l| l.contains(&withholder_id)),
+            "{}: {text}",
+            w.name
         );
+        assert!(drops.len() >= 4, "{}: {text}", w.name);
+        let rounds = round_lines(&text);
+        // Waiting out the deadline for its nonce would take 60 s.
+        let secs = |l: &str| {
+            l.split(" | ")
+                .find_map(|p| p.strip_suffix('s')?.parse::<f64>().ok())
+                .unwrap()
+        };
+        assert!(
+            rounds.iter().all(|l| secs(l) < 30.0),
+            "{}: {rounds:?}",
+            w.name
+        );
+        let deadline = rounds
+            .iter()
+            .filter(|l| field(l, "closed ") == "deadline")
+            .count();
+        assert!(deadline <= 1, "{}: {rounds:?}", w.name);
     }
     assert_eq!(states[0], states[1]);
+    drop(withholder);
 }
 
 /// `plexus up --train SPEC`: the spec's run on this machine with two worker processes. Each

@@ -1,7 +1,7 @@
 //! Signed round commitments: what a worker binds itself to when it sends a pseudo-gradient, and
 //! all an auditor needs to re-execute the round and compare bytes.
 //!
-//! The signed bytes are `"plexus-train-commitment-v1" || postcard(commitment)`, signed with the
+//! The signed bytes are `"plexus-train-commitment-v2" || postcard(commitment)`, signed with the
 //! worker's node key (secp256k1, the same key as its libp2p identity). A commitment names its
 //! worker by peer id and carries the public key; [`Signed::verify`] checks that the key hashes
 //! to that peer id and that the signature holds, so a forged or altered commitment is refused.
@@ -10,7 +10,7 @@ use plexus_core::keys::NodeKey;
 use plexus_core::Digest;
 use serde::{Deserialize, Serialize};
 
-const DOMAIN: &[u8] = b"plexus-train-commitment-v1";
+const DOMAIN: &[u8] = b"plexus-train-commitment-v2";
 
 /// One worker's claims about one round.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,21 +6,26 @@
 //! the draw for each payload it tries. So:
 //!
 //! ```text
-//! commit   a worker's signed commitment carries sealed(nonce): the nonce is a secret derived
-//!          from its key, the run and the round, so it cannot be changed afterwards
+//! commit   a worker's signed commitment carries sealed(nonce), so the nonce is fixed before
+//!          anything else of the round is known (an honest worker derives it from its key,
+//!          the run and the round, so it is the same after a restart)
 //! fix      each worker fixes the round's set (after the sync) and only then tells its nonce
 //!          (a worker whose set is fixed takes no more contributions to the round)
 //! reveal   workers collect the nonces of the set's members from each other; a nonce counts
 //!          only if it opens the member's sealed value
-//! draw     key = sha256(set digest, every revealed (worker, nonce) in worker order); a member
-//!          whose nonce did not come is drawn whatever the key says
+//! drop     a member whose nonce did not come is dropped from the round (not convicted: it
+//!          may have crashed), so withholding buys nothing and costs nobody a re-execution
+//! draw     key = sha256(digest of the remaining set, every (worker, nonce) in worker order)
 //! ```
 //!
 //! Any contribution in a worker's set reached it before that worker told its nonce, so its
 //! author could not know that nonce when it committed, and without every member's nonce the
-//! draw is a coin it cannot compute. What is left: the last member to reveal may withhold its
-//! nonce, which only gets itself drawn (and, with a colluder in the set, picks between two
-//! draws for the colluder: its escape chance goes from 1 - p to 1 - p²).
+//! draw is a coin it cannot compute. What is left: members may withhold their nonces, each
+//! dropping its own contribution; k colluders doing so after seeing the others' nonces choose
+//! among 2^k draws for a colluder still in the set. And a nonce told to some honest workers
+//! and not others by their deadline gives them different sets (they keep asking each other, so
+//! this needs the nonce to come at the very end); the next round's vote on the state to hold
+//! settles it, as for a start state that reaches some auditors and not others.
 
 use crate::audit::drawn;
 use plexus_core::keys::NodeKey;
@@ -56,18 +61,16 @@ pub fn draw_key(set: Digest, revealed: &BTreeMap<Vec<u8>, [u8; 32]>) -> Digest {
     h.finish()
 }
 
-/// Whether `worker`'s contribution is re-executed: always when its nonce was not revealed,
-/// otherwise the coin of `rate` keyed by [`draw_key`].
+/// Whether member `worker`'s contribution is re-executed: the coin of `rate` keyed by
+/// [`draw_key`]. Members whose nonce was not revealed are dropped before the draw; asked
+/// about one, this says no.
 pub fn drawn_revealed(
     set: Digest,
     revealed: &BTreeMap<Vec<u8>, [u8; 32]>,
     worker: &[u8],
     rate: f64,
 ) -> bool {
-    if rate <= 0.0 {
-        return false;
-    }
-    !revealed.contains_key(worker) || drawn(draw_key(set, revealed), worker, rate)
+    revealed.contains_key(worker) && drawn(draw_key(set, revealed), worker, rate)
 }
 
 #[cfg(test)]
@@ -94,7 +97,7 @@ mod tests {
     }
 
     #[test]
-    fn the_draw_needs_every_nonce_and_a_missing_one_is_drawn() {
+    fn the_draw_needs_every_nonce_and_one_changed_redraws_everyone() {
         let set = Digest::of(b"set");
         let workers: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 8]).collect();
         let all: BTreeMap<Vec<u8>, [u8; 32]> =
@@ -117,12 +120,12 @@ mod tests {
             .filter(|(a, b)| **a != *b)
             .count();
         assert!(differ > 10, "{differ}");
-        // One nonce withheld: its worker is drawn.
+        // A member without a nonce is not in the draw (the caller dropped it).
         let mut withheld = all.clone();
         withheld.remove(&workers[9]);
-        assert!(drawn_revealed(set, &withheld, &workers[9], 0.01));
-        assert!(!drawn_revealed(set, &withheld, &workers[9], 0.0));
-        // Rate 1 draws everyone.
+        assert!(!drawn_revealed(set, &withheld, &workers[9], 1.0));
+        // Rate 1 draws every member, rate 0 none.
         assert!(workers.iter().all(|w| drawn_revealed(set, &all, w, 1.0)));
+        assert!(workers.iter().all(|w| !drawn_revealed(set, &all, w, 0.0)));
     }
 }

@@ -34,14 +34,17 @@ use plexus_net::PeerId;
 use plexus_train::audit::{reexecute, AuditError, Verdict};
 use plexus_train::commit::{Commitment, Contribution};
 use plexus_train::local::LocalData;
-use plexus_train::protocol::Reveal;
-use plexus_train::reveal::{drawn_revealed, nonce};
+use plexus_train::reveal::drawn_revealed;
 use plexus_train::worker::WorkerState;
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// Shortest wait for the round's audit nonces (when the round's deadline is nearer).
+/// Shortest wait for the round's audit nonces (when the round's deadline is nearer), ms.
 const MIN_REVEAL_WAIT: u64 = 2_000;
+/// Longest wait for one peer's answer to an ask for nonces, ms (a peer that does not answer
+/// must not hold up the next ask of the others).
+const REVEAL_CALL_MS: u64 = 1_000;
 /// Spacing of the asks for missing audit nonces.
 const REVEAL_POLL: Duration = Duration::from_millis(100);
 
@@ -81,7 +84,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             let chosen: Vec<Contribution> = s
                 .held
                 .iter()
-                .filter(|(w, _)| drawn_revealed(set, &revealed, w, rate))
+                .filter(|(w, _)| rate >= 1.0 || drawn_revealed(set, &revealed, w, rate))
                 .map(|(_, c)| c.clone())
                 .collect();
             let own_start = s
@@ -103,7 +106,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 Err(f) => {
                     lock(shared).drop_audited(&worker, f.convict);
                     if f.convict {
-                        self.slash(&worker, round).await;
+                        self.slash(&worker, round);
                     }
                     eprintln!(
                         "audit of round {}: dropped the contribution of {}: {}{}",
@@ -122,74 +125,95 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         tally
     }
 
-    /// Collects the audit nonces of `round`'s fixed set ([`plexus_train::reveal`]): this
-    /// worker's own, then the others' from every peer (each answers once it has fixed its own
-    /// set), until every member's is in or the round's deadline has passed (at least
-    /// [`MIN_REVEAL_WAIT`] from now). A member whose nonce did not come is drawn.
+    /// Collects the audit nonces of `round`'s fixed set ([`plexus_train::reveal`]; this
+    /// worker's own was added when it fixed the set) from every peer, each of which answers
+    /// once it has fixed its own set, until every member's is in, every member still missing
+    /// has answered without its own (it withholds it), or the round's deadline has passed (at
+    /// least [`MIN_REVEAL_WAIT`] from now). The contributions of members whose nonce did not
+    /// come are then dropped (not convicted: they may have crashed).
     async fn gather_reveals(&self, peers: &Peers, shared: &Mutex<Shared>, round: u64) {
-        let own = Reveal {
-            worker: self.me.clone(),
-            nonce: nonce(&self.key, self.cfg.run, round),
-        };
-        let until = {
-            let mut s = lock(shared);
-            s.add_reveals(round, vec![own]);
-            s.machine.deadline_at().max(self.now() + MIN_REVEAL_WAIT)
-        };
+        let until = lock(shared)
+            .machine
+            .deadline_at()
+            .max(self.now() + MIN_REVEAL_WAIT);
+        // This worker's own nonce was added when it fixed the set: never waited for (missing
+        // only when it does not open this worker's own seal).
+        let mut withheld: BTreeSet<Vec<u8>> = BTreeSet::from([self.me.clone()]);
         loop {
-            let (missing, targets) = {
+            let (waiting, targets) = {
                 let s = lock(shared);
-                let targets: Vec<PeerId> = s.peers.keys().copied().collect();
-                (s.unrevealed(round), targets)
+                let waiting = s
+                    .unrevealed(round)
+                    .into_iter()
+                    .any(|w| !withheld.contains(&w));
+                (waiting, s.peers.keys().copied().collect::<Vec<PeerId>>())
             };
             let now = self.now();
-            if missing.is_empty() || now >= until {
-                for w in missing {
-                    eprintln!(
-                        "audit of round {}: no audit nonce from {} in time: its contribution is drawn",
-                        round + 1,
-                        worker_name(&w)
-                    );
-                }
-                return;
+            if !waiting || now >= until {
+                break;
             }
-            let timeout = Duration::from_millis(until - now);
-            let lists = futures::future::join_all(
-                targets
-                    .into_iter()
-                    .map(|p| async move { peers.reveals(p, round, timeout).await }),
-            )
-            .await;
-            let complete = {
+            let timeout = Duration::from_millis((until - now).min(REVEAL_CALL_MS));
+            let lists =
+                futures::future::join_all(targets.into_iter().map(|p| async move {
+                    (p.to_bytes(), peers.reveals(p, round, timeout).await)
+                }))
+                .await;
+            let waiting = {
                 let mut s = lock(shared);
-                for list in lists.into_iter().flatten() {
+                let mut told = Vec::new();
+                for (teller, list) in lists {
+                    let Some(list) = list else { continue };
                     s.add_reveals(round, list);
+                    told.push(teller);
                 }
-                s.unrevealed(round).is_empty()
+                // A worker that has fixed its set tells its own nonce with the others': a
+                // member that answered without one opening its seal withholds it.
+                let missing = s.unrevealed(round);
+                withheld.extend(told.into_iter().filter(|t| missing.contains(t)));
+                missing.into_iter().any(|w| !withheld.contains(&w))
             };
-            if !complete {
+            if waiting {
                 tokio::time::sleep(REVEAL_POLL).await;
             }
+        }
+        let mut s = lock(shared);
+        for w in s.unrevealed(round) {
+            s.drop_audited(&w, false);
+            eprintln!(
+                "audit of round {}: dropped the contribution of {}: its audit nonce did not come in time",
+                round + 1,
+                worker_name(&w)
+            );
         }
     }
 
     /// Slashes `worker`, convicted by this worker's audit of `round`, on the run's ledger (a
-    /// run with stake); says what became of it.
-    async fn slash(&self, worker: &[u8], round: u64) {
-        let Some(ledger) = &self.ledger else { return };
-        let who = worker_name(worker);
-        match ledger.slash(self.cfg.run, round, worker).await {
-            Ok(Slashed::Taken(amount)) => println!(
-                "slashed {who} {amount} on the run's ledger for its contribution to round {} (this worker brought the verdict)",
-                round + 1
-            ),
-            Ok(Slashed::AlreadyDone) => println!(
-                "{who} was already slashed for round {} (another auditor recorded the verdict first)",
-                round + 1
-            ),
-            Ok(Slashed::Nothing) => println!("{who} has nothing left to slash"),
-            Err(e) => eprintln!("warning: could not slash {who} on the run's ledger: {e:#}"),
-        }
+    /// run with stake), off the round's path (the ledger is a database other workers write
+    /// too); says what became of it. [`Worker::finish`] waits for it.
+    fn slash(&self, worker: &[u8], round: u64) {
+        let Some(ledger) = self.ledger.clone() else {
+            return;
+        };
+        let (run, worker) = (self.cfg.run, worker.to_vec());
+        let task = tokio::spawn(async move {
+            let who = worker_name(&worker);
+            match ledger.slash(run, round, &worker).await {
+                Ok(Slashed::Taken(amount)) => println!(
+                    "slashed {who} {amount} on the run's ledger for its contribution to round {} (this worker brought the verdict)",
+                    round + 1
+                ),
+                Ok(Slashed::AlreadyDone) => println!(
+                    "{who} was already slashed for round {} (another auditor recorded the verdict first)",
+                    round + 1
+                ),
+                Ok(Slashed::Nothing) => println!("{who} has nothing left to slash"),
+                Err(e) => eprintln!("warning: could not slash {who} on the run's ledger: {e:#}"),
+            }
+        });
+        self.slashes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
     }
 
     /// Re-executes this worker's own drawn contribution from the start state it kept, as its

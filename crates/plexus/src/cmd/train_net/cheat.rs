@@ -31,6 +31,9 @@ pub enum Cheat {
     /// deadline. (A claim of one round behind is no lie worth telling: it is what an honest
     /// peer a little ahead says; and a peer whose contribution is in is not behind.)
     Behind,
+    /// Seals an audit nonce it never tells (a random value in its commitment, so the nonce it
+    /// answers with opens nothing): the draw could not be computed with its contribution in.
+    Withhold,
 }
 
 /// A lazy worker's round: trained on the examples assigned to another id, committed with the

@@ -58,7 +58,9 @@ use plexus_net::{NetConfig, NetEvent, NetHandle, PeerId};
 use plexus_train::commit::{Contribution, Signed};
 use plexus_train::local::LocalData;
 use plexus_train::outer::OuterState;
+use plexus_train::protocol::Reveal;
 use plexus_train::protocol::{choose_target, encode, wait_for_stragglers};
+use plexus_train::reveal::nonce;
 use plexus_train::round::{GlobalState, RoundMachine, RoundOutcome};
 use plexus_train::score::HeldOutScorer;
 use plexus_train::spec::{Data, SignedSpec};
@@ -131,6 +133,8 @@ struct Worker<D: LocalData> {
     ledger_url: Option<String>,
     /// Opened from `ledger_url` when the run starts.
     ledger: Option<Arc<RunLedger>>,
+    /// Slashes being recorded on the ledger (awaited before the worker ends).
+    slashes: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
@@ -144,8 +148,11 @@ pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
         Some("ahead") => Some(Cheat::Ahead),
         Some("harmful") => Some(Cheat::Harmful),
         Some("behind") => Some(Cheat::Behind),
+        Some("withhold") => Some(Cheat::Withhold),
         Some(other) => {
-            bail!("--cheat {other:?}: expected garbage, stale, lazy, ahead, behind or harmful")
+            bail!(
+                "--cheat {other:?}: expected garbage, stale, lazy, ahead, behind, harmful or withhold"
+            )
         }
     };
     let data_dir = a.data_dir.clone().unwrap_or_else(default_data_dir);
@@ -244,6 +251,7 @@ fn start<D: LocalData + Send + Sync + 'static>(
         epoch: Instant::now(),
         ledger_url: a.ledger.clone(),
         ledger: None,
+        slashes: Mutex::new(Vec::new()),
     };
     let rt = super::net::runtime()?;
     let parent = a.parent_pid;
@@ -413,7 +421,11 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 }
             };
             let synced = self.sync(&peers, &shared, round).await;
-            lock(&shared).closing = Some(round);
+            let own = Reveal {
+                worker: self.me.clone(),
+                nonce: nonce(&self.key, run, round),
+            };
+            lock(&shared).fix_set(round, own);
             let audits = self.audit(&peers, &shared, round).await;
             let outcome = tokio::task::block_in_place(|| -> anyhow::Result<RoundOutcome> {
                 let mut s = lock(&shared);
@@ -424,6 +436,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 let held = std::mem::take(&mut s.held);
                 s.closed = Some((round, held));
                 s.closing = None;
+                s.fixed_by.clear();
                 for (_, c) in std::mem::take(&mut s.early) {
                     let now = self.now();
                     if let Err(why) = s.receive(c, now) {
@@ -452,7 +465,8 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     /// in and no peer is still behind (a peer closing the last round joins this one at its next
     /// hello; a worker that closed rounds without waiting for it would run away alone on a
     /// state nobody else holds); or more than half of the peers have moved on to a later round
-    /// (they hold the set they closed on, which the sync before closing fetches; one peer
+    /// or fixed this round's set (they hold the set they closed on, which the sync before
+    /// closing fetches, and they wait for this worker's audit nonce; one peer
     /// claiming a later round does not cut the round short unless it is the only peer). Peers
     /// convicted by an audit, or under the run's stake, count for nothing.
     /// A peer that has said it is behind for [`shared::STUCK_ROUNDS`] rounds in a row counts
@@ -465,7 +479,8 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 continue;
             }
             counted += 1;
-            ahead += usize::from(st.round > round);
+            // A peer that asked for this round's nonces has fixed its set: it has moved on.
+            ahead += usize::from(st.round > round || s.fixed_by.contains(p));
             // A peer whose contribution to this round is in is at it, whatever it said.
             behind |= !st.done && st.round < round && !s.machine.contributes(&p.to_bytes());
         }
@@ -594,6 +609,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         s.held.clear();
         s.closed = None;
         s.closing = None;
+        s.fixed_by.clear();
         for (_, c) in std::mem::take(&mut s.early) {
             if c.signed.commitment.round == round {
                 let now = self.now();
@@ -652,7 +668,17 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         };
         let c = match self.cheat {
             Some(Cheat::Behind) => return, // Says it is still catching up: holds nothing.
-            None | Some(Cheat::Lazy | Cheat::Ahead) => {
+            None | Some(Cheat::Lazy | Cheat::Ahead | Cheat::Withhold) => {
+                let c = if self.cheat == Some(Cheat::Withhold) {
+                    let mut cm = c.signed.commitment;
+                    cm.reveal = Digest::of(&self.now().to_le_bytes());
+                    Contribution {
+                        signed: Signed::sign(&self.key, cm),
+                        payload: c.payload,
+                    }
+                } else {
+                    c
+                };
                 let now = self.now();
                 if let Err(why) = lock(shared).receive(c.clone(), now) {
                     eprintln!("this worker's own contribution to round {round} missed: {why}");
@@ -684,7 +710,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let mut cm = c.signed.commitment;
         let mut payload = c.payload;
         match cheat {
-            Cheat::Lazy | Cheat::Ahead | Cheat::Behind => {}
+            Cheat::Lazy | Cheat::Ahead | Cheat::Behind | Cheat::Withhold => {}
             Cheat::Garbage => {
                 for (i, b) in payload.iter_mut().enumerate() {
                     *b = (i as u8).wrapping_mul(151) ^ 0x5a;
@@ -800,6 +826,10 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
 
     /// Evaluates and saves the final model, then answers peers a while.
     async fn finish(&self, peers: &Peers, shared: &Mutex<Shared>) -> anyhow::Result<()> {
+        let slashes = std::mem::take(&mut *self.slashes.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in slashes {
+            let _ = task.await;
+        }
         let (params, digest) = {
             let mut s = lock(shared);
             s.done = true;

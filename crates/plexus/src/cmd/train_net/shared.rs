@@ -69,6 +69,12 @@ pub struct Shared {
     /// Audit nonces revealed for the rounds whose sets are fixed (the last [`KEPT_STARTS`]),
     /// each opening its member's sealed value.
     pub reveals: BTreeMap<u64, BTreeMap<Vec<u8>, [u8; 32]>>,
+    /// This worker's own nonce of the round it fixed last: told with the others' (even when
+    /// its own contribution is not in its set: peers holding it need it).
+    own_reveal: Option<(u64, Reveal)>,
+    /// Peers that asked for the current round's nonces: they have fixed its set (cleared when
+    /// the round changes).
+    pub fixed_by: std::collections::HashSet<PeerId>,
 }
 
 impl Shared {
@@ -90,7 +96,17 @@ impl Shared {
             closing: None,
             stake: None,
             reveals: BTreeMap::new(),
+            own_reveal: None,
+            fixed_by: Default::default(),
         }
+    }
+
+    /// Fixes the set of `round` (contributions to it are refused from now on) and from then on
+    /// tells this worker's audit nonce for it, `own`.
+    pub fn fix_set(&mut self, round: u64, own: Reveal) {
+        self.closing = Some(round);
+        self.add_reveals(round, vec![own.clone()]);
+        self.own_reveal = Some((round, own));
     }
 
     /// The set of `round` once this worker has fixed it (it is closing, or closed last).
@@ -128,9 +144,36 @@ impl Shared {
         added
     }
 
-    /// The nonces revealed for `round`.
+    /// The nonces revealed for members of `round`'s fixed set.
     pub fn revealed(&self, round: u64) -> BTreeMap<Vec<u8>, [u8; 32]> {
-        self.reveals.get(&round).cloned().unwrap_or_default()
+        let Some(set) = self.fixed_set(round) else {
+            return BTreeMap::new();
+        };
+        self.reveals
+            .get(&round)
+            .map(|known| {
+                known
+                    .iter()
+                    .filter(|(w, _)| set.contains_key(*w))
+                    .map(|(w, n)| (w.clone(), *n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// What this worker tells of `round`: the members' nonces it knows and its own.
+    fn told_reveals(&self, round: u64) -> Vec<Reveal> {
+        let mut told: Vec<Reveal> = self
+            .revealed(round)
+            .into_iter()
+            .map(|(worker, nonce)| Reveal { worker, nonce })
+            .collect();
+        if let Some((r, own)) = &self.own_reveal {
+            if *r == round && !told.iter().any(|t| t.worker == own.worker) {
+                told.push(own.clone());
+            }
+        }
+        told
     }
 
     /// Members of `round`'s fixed set whose nonce has not been revealed.
@@ -381,6 +424,9 @@ impl Shared {
                 if other_run(run) {
                     return TrainResponse::Refused("another run".into());
                 }
+                if round == self.machine.round() && self.fixed_by.len() < MAX_PEERS {
+                    self.fixed_by.insert(peer);
+                }
                 // Nonces are told only once this worker's set of the round is fixed: a
                 // contribution it still took could otherwise be made knowing them.
                 if self.fixed_set(round).is_none() {
@@ -388,11 +434,7 @@ impl Shared {
                 }
                 TrainResponse::Reveals {
                     round,
-                    reveals: self
-                        .revealed(round)
-                        .into_iter()
-                        .map(|(worker, nonce)| Reveal { worker, nonce })
-                        .collect(),
+                    reveals: self.told_reveals(round),
                 }
             }
             TrainRequest::StartState { run, round } => {

@@ -4,9 +4,9 @@
 //!
 //! ```text
 //! start ─▶ this worker's own account must hold stake.min staked, else it does not start
-//! every REFRESH ─▶ catch up with the ledger's journal ─▶ the staked amounts, into Shared's
-//!                  StakeGate (plain data: the round loop and the message handler read it
-//!                  without waiting on the database)
+//! every REFRESH ─▶ catch up with the ledger's journal ─▶ every account's stake still
+//!                  slashable (staked + unbonding), into Shared's StakeGate (plain data: the
+//!                  round loop and the message handler read it without waiting on the database)
 //! a contribution, a status ─▶ from a worker under stake.min: refused / not waited for, not
 //!                  a voter (as if convicted, until it stakes)
 //! an audit convicts W in round r ─▶ Op::Slash { W, everything slashable, challenger: this
@@ -20,8 +20,15 @@
 //! Workers read the ledger at slightly different moments, so one may still refuse a
 //! contribution another accepted; the round's sync fetches it again from the holder, by then
 //! with a fresher view (a worker stakes before it starts, seconds before its first
-//! contribution). Unbonding stake stays slashable for the ledger's unbonding period, so a
-//! worker that unbonds mid-run can still be slashed for the rounds it committed to.
+//! contribution). Stake counts while it is slashable: unbonding stake stays slashable for the
+//! ledger's unbonding period (7 days by default), so unbonding mid-run changes nothing here
+//! (and cannot make honest workers' sets differ); what leaves the count is a claim after that
+//! period, or a slash (of a worker already refused as convicted).
+//!
+//! Trust: `--ledger` is a database URL, and whoever holds a writable one can record any
+//! operation. Give workers you do not run a read-only URL (SQLite `?mode=ro`, a read-only
+//! PostgreSQL role): they check stakes, and their slashes fail (said on their terminal); the
+//! operator's own workers, with a writable URL, record the slashes their audits find.
 
 use super::lock;
 use super::shared::{worker_name, Shared};
@@ -34,6 +41,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// Writes of one slash tried again after losing a race with another writer.
+const SLASH_ATTEMPTS: u64 = 4;
+
 /// How often a worker catches up with the ledger.
 pub const REFRESH: Duration = Duration::from_millis(500);
 
@@ -42,7 +52,8 @@ pub fn worker_account(worker: &[u8]) -> Option<Address> {
     plexus_ledger::address_of_peer(worker)
 }
 
-/// Who holds the run's stake, as last read from the ledger.
+/// Who holds the run's stake (staked or unbonding: still slashable), as last read from the
+/// ledger.
 #[derive(Debug, Clone)]
 pub struct StakeGate {
     pub min: Amount,
@@ -79,7 +90,7 @@ impl StakeGate {
         }
         Some(match worker_account(worker) {
             Some(a) => format!(
-                "not staked: its account {a} holds {} staked on the run's ledger, the run asks {}",
+                "not staked: its account {a} holds {} slashable stake on the run's ledger, the run asks {}",
                 self.staked(worker),
                 self.min
             ),
@@ -157,7 +168,10 @@ impl RunLedger {
             let l = store.ledger();
             l.accounts()
                 .into_iter()
-                .map(|a| (a, l.account(a).staked))
+                .map(|a| {
+                    let v = l.account(a);
+                    (a, v.staked.saturating_add(v.unbonding))
+                })
                 .filter(|(_, s)| *s > 0)
                 .collect()
         })
@@ -182,30 +196,39 @@ impl RunLedger {
             .with_context(|| format!("{} names no ledger account", worker_name(worker)))?;
         let request = RequestId(slash_request(run, round, worker));
         let mut store = self.store.lock().await;
-        let _ = store.catch_up().await;
-        let v = store.ledger().account(offender);
-        let amount = v
-            .staked
-            .saturating_add(v.unbonding)
-            .saturating_add(v.locked);
-        if amount == 0 {
-            return Ok(Slashed::Nothing);
-        }
-        let op = Op::Slash {
-            offender,
-            amount,
-            challenger: self.me,
-            request: Some(request),
-        };
-        match store.execute(op, plexus_gateway::accounts::now_ms()).await {
-            Ok(_) => Ok(Slashed::Taken(amount)),
-            Err(StoreError::Refused(OpError::Slash(SlashError::AlreadySlashed { .. }))) => {
-                Ok(Slashed::AlreadyDone)
-            }
-            Err(StoreError::Refused(OpError::Slash(SlashError::NothingToSlash { .. }))) => {
-                Ok(Slashed::Nothing)
-            }
-            Err(e) => Err(e.into()),
+        let mut attempt = 0;
+        loop {
+            let _ = store.catch_up().await;
+            let v = store.ledger().account(offender);
+            let amount = v
+                .staked
+                .saturating_add(v.unbonding)
+                .saturating_add(v.locked);
+            // With nothing left, still asked for 1: the ledger then says whether another
+            // auditor's slash of this verdict took it.
+            let op = Op::Slash {
+                offender,
+                amount: amount.max(1),
+                challenger: self.me,
+                request: Some(request),
+            };
+            return match store.execute(op, plexus_gateway::accounts::now_ms()).await {
+                Ok(_) => Ok(Slashed::Taken(amount)),
+                Err(StoreError::Refused(OpError::Slash(SlashError::AlreadySlashed { .. }))) => {
+                    Ok(Slashed::AlreadyDone)
+                }
+                Err(StoreError::Refused(OpError::Slash(SlashError::NothingToSlash { .. }))) => {
+                    Ok(Slashed::Nothing)
+                }
+                // Other workers write the same ledger: a write that lost a race is tried
+                // again on the caught-up state.
+                Err(StoreError::Db(_) | StoreError::Reload(_)) if attempt < SLASH_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                    continue;
+                }
+                Err(e) => Err(e.into()),
+            };
         }
     }
 }
@@ -228,7 +251,7 @@ mod tests {
         assert_eq!(worker_account(&hashed), None);
 
         let mut gate = StakeGate::new(1_000);
-        assert!(gate.refusal(&worker).unwrap().contains("holds 0 staked"));
+        assert!(gate.refusal(&worker).unwrap().contains("holds 0 slashable"));
         gate.update([(account, 999)].into());
         assert!(!gate.holds(&worker));
         gate.update([(account, 1_000)].into());
