@@ -416,6 +416,20 @@ fn garbage_stale_and_harmful_contributions_of_hostile_workers_are_refused() {
     assert_eq!(states[0], states[1]);
 }
 
+/// What `plexus train --distributed SPEC --data-dir DIR ARGS` says when it refuses to start.
+fn refused_start(spec: &Path, dir: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> String {
+    let o = Command::new(BIN)
+        .args(["train", "--distributed"])
+        .arg(spec)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 /// `plexus wallet ARGS` for the account of the key in `dir` on the ledger at `url`.
 fn wallet(dir: &Path, url: &str, args: &[&str]) -> std::process::Output {
     let o = Command::new(BIN)
@@ -473,18 +487,7 @@ fn a_lazy_worker_is_caught_by_the_audits_and_slashed_and_a_peer_lying_about_its_
             stake
         );
     }
-    let refused = |args: &[&str]| {
-        let o = Command::new(BIN)
-            .args(["train", "--distributed"])
-            .arg(&spec)
-            .arg("--data-dir")
-            .arg(tmp.path().join("unstaked"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(!o.status.success());
-        String::from_utf8_lossy(&o.stderr).into_owned()
-    };
+    let refused = |args: &[&str]| refused_start(&spec, &tmp.path().join("unstaked"), args);
     let e = refused(&["--ledger", &url]);
     assert!(
         e.contains("asks every worker to hold 2000000 staked"),
@@ -858,18 +861,8 @@ fn a_text_run_trains_across_workers_and_refuses_another_text() {
         serde_json::from_str(&std::fs::read_to_string(&spec).unwrap()).unwrap();
     assert_eq!(json["spec"]["data"]["task"], "text", "{json}");
 
-    let refused = |extra: &[&std::ffi::OsStr]| {
-        let o = Command::new(BIN)
-            .args(["train", "--distributed"])
-            .arg(&spec)
-            .arg("--data-dir")
-            .arg(tmp.path().join("refused"))
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(!o.status.success());
-        String::from_utf8_lossy(&o.stderr).to_string()
-    };
+    let refused =
+        |args: &[&std::ffi::OsStr]| refused_start(&spec, &tmp.path().join("refused"), args);
     let e = refused(&[]);
     assert!(e.contains("--text FILE"), "{e}");
     let e = refused(&["--text".as_ref(), other.as_os_str()]);
@@ -942,11 +935,12 @@ fn a_text_run_trains_across_workers_and_refuses_another_text() {
 /// `plexus up --train SPEC`: the spec's run on this machine with two worker processes. Each
 /// is SIGKILLed mid-run in turn, worker 1 first and then worker 0 (the one the others joined
 /// through); `up` starts each again, it resumes from its checkpoint, and both end on the same
-/// state; the trained model is where `up` says.
+/// state; the trained model is where `up` says. The spec asks a stake: `up` stakes each
+/// worker on its own ledger, so they start (and start again).
 #[test]
 fn plexus_up_trains_a_spec_and_restarts_a_killed_worker() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = spec(tmp.path(), 60, 2, 60_000);
+    let spec = spec_with(tmp.path(), 60, 2, 60_000, &["--min-stake", "1PLX"]);
     let mut child = Command::new(BIN)
         .args(["up", "--train"])
         .arg(&spec)
@@ -986,6 +980,13 @@ fn plexus_up_trains_a_spec_and_restarts_a_killed_worker() {
         .collect();
     assert_eq!(finals.len(), 2, "{}", up.text());
     assert_eq!(finals[0], finals[1], "{}", up.text());
+    let staked = "worker 0 | stake: account ";
+    let starts = up
+        .text()
+        .lines()
+        .filter(|l| l.starts_with(staked) && l.contains(" holds 1000000 staked "))
+        .count();
+    assert_eq!(starts, 2, "worker 0 started twice, staked: {}", up.text());
     let model = field(&done, "trained: ");
     assert!(Path::new(model).join("config.json").exists(), "{done}");
 }
