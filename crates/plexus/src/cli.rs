@@ -491,6 +491,11 @@ pub struct TrainSpecArgs {
     /// about this rate times the workers' count of rounds per round. 0 disables audits.
     #[arg(long, default_value_t = 0.05)]
     pub audit_rate: f64,
+    /// Delegated auditors per drawn contribution: only these workers (drawn with the round's
+    /// audit nonces) re-execute it; the others take their verdicts, and re-execute it
+    /// themselves only on a mismatch or when no verdict comes. Default: every worker audits.
+    #[arg(long, value_name = "K")]
+    pub auditors: Option<u32>,
     /// Stake every worker must hold on the run's ledger (`1.5PLX` or ledger units) for its
     /// contributions to count; a worker an audit convicts is slashed there. Workers then join
     /// with `--ledger URL` (the operator's ledger, the same for all). Default: no stake.

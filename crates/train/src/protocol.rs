@@ -16,6 +16,8 @@
 //!   (AdamW moments and error-feedback residual), which an auditor needs to re-execute that
 //!   contribution ([`crate::audit::reexecute`] checks it against the commitment's digests).
 //!   A worker keeps the last two rounds' start states.
+//! - `Verdicts { round }`: the receiver's verdicts so far on the contributions of the round
+//!   it audits as a delegated auditor ([`crate::reveal::committee`]).
 //! - `Reveals { round }`: the audit nonces of the round's set the receiver knows (its own and
 //!   those it collected, each opening a member's sealed value), answered only once the
 //!   receiver has fixed that set ([`crate::reveal`]); `NotHeld` before.
@@ -83,6 +85,19 @@ pub enum TrainRequest {
         run: Digest,
         round: u64,
     },
+    /// The verdicts of the receiver's delegated audits of `round` so far.
+    Verdicts {
+        run: Digest,
+        round: u64,
+    },
+}
+
+/// A delegated auditor's verdict on one worker's contribution: `pass` when the re-execution
+/// reproduced its payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerdict {
+    pub worker: Vec<u8>,
+    pub pass: bool,
 }
 
 /// One worker's audit nonce for a round, as revealed.
@@ -127,6 +142,10 @@ pub enum TrainResponse {
     Reveals {
         round: u64,
         reveals: Vec<Reveal>,
+    },
+    Verdicts {
+        round: u64,
+        verdicts: Vec<AuditVerdict>,
     },
 }
 

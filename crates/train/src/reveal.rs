@@ -73,6 +73,34 @@ pub fn drawn_revealed(
     revealed.contains_key(worker) && drawn(draw_key(set, revealed), worker, rate)
 }
 
+/// The delegated auditors of `worker`'s drawn contribution: the `k` other members whose
+/// `sha256("plexus-train-auditor-v1" || key || worker || member)` is smallest, with `key` the
+/// round's [`draw_key`] (so, like the draw, unknown to anyone when they commit). Every worker
+/// holding the same set and nonces names the same ones.
+pub fn committee<'a>(
+    key: Digest,
+    worker: &[u8],
+    members: impl IntoIterator<Item = &'a Vec<u8>>,
+    k: usize,
+) -> Vec<Vec<u8>> {
+    let rank = |member: &[u8]| {
+        let mut h = Sha256Stream::new();
+        h.update(b"plexus-train-auditor-v1");
+        h.update(key.as_bytes());
+        h.update(&(worker.len() as u64).to_le_bytes());
+        h.update(worker);
+        h.update(member);
+        h.finish()
+    };
+    let mut ranked: Vec<(Digest, &Vec<u8>)> = members
+        .into_iter()
+        .filter(|m| m.as_slice() != worker)
+        .map(|m| (rank(m), m))
+        .collect();
+    ranked.sort();
+    ranked.into_iter().take(k).map(|(_, m)| m.clone()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +122,33 @@ mod tests {
             assert_ne!(n, other);
             assert_ne!(sealed(&n), sealed(&other));
         }
+    }
+
+    #[test]
+    fn committees_are_k_other_members_spread_over_the_set_and_redrawn_by_the_key() {
+        let members: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 4]).collect();
+        let key = Digest::of(b"key");
+        let mut load = [0usize; 8];
+        for w in &members {
+            let c = committee(key, w, &members, 2);
+            assert_eq!(c.len(), 2);
+            assert!(!c.contains(w));
+            assert_eq!(c, committee(key, w, members.iter().rev(), 2), "order-free");
+            for m in &c {
+                load[m[0] as usize] += 1;
+            }
+        }
+        // 16 seats over 8 members: nobody audits everyone.
+        assert!(load.iter().all(|l| *l < 7), "{load:?}");
+        let other = Digest::of(b"other key");
+        assert!(members
+            .iter()
+            .any(|w| committee(key, w, &members, 2) != committee(other, w, &members, 2)));
+        // Fewer members than seats: all the others.
+        assert_eq!(
+            committee(key, &members[0], &members[..2], 3),
+            vec![members[1].clone()]
+        );
     }
 
     #[test]

@@ -135,6 +135,11 @@ pub struct ScoreSpec {
 #[serde(deny_unknown_fields)]
 pub struct AuditSpec {
     pub rate: f64,
+    /// Delegated auditors per drawn contribution ([`crate::reveal::committee`]): only they
+    /// re-execute it, and the others take their verdicts (re-executing themselves on a
+    /// mismatch or a silence). Absent: every worker re-executes every drawn contribution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auditors: Option<u32>,
 }
 
 /// Stake: a worker's contributions count only while its account on the run's ledger (the
@@ -327,6 +332,11 @@ impl RunSpec {
             if !(a.rate.is_finite() && (0.0..=1.0).contains(&a.rate)) {
                 return Err(invalid("audit.rate must be a probability, 0 to 1"));
             }
+            if a.auditors.is_some_and(|k| k == 0 || k >= self.workers.max) {
+                return Err(invalid(
+                    "audit.auditors must be at least 1 and below workers.max (leave it out for every worker to audit)",
+                ));
+            }
         }
         if self.stake.as_ref().is_some_and(|s| s.min == 0) {
             return Err(invalid(
@@ -341,6 +351,11 @@ impl RunSpec {
     /// Probability that a contribution is re-executed by the other workers (0 without audits).
     pub fn audit_rate(&self) -> f64 {
         self.audit.as_ref().map_or(0.0, |a| a.rate)
+    }
+
+    /// Delegated auditors per drawn contribution (`None`: every worker audits).
+    pub fn audit_committee(&self) -> Option<usize> {
+        self.audit.as_ref()?.auditors.map(|k| k as usize)
     }
 
     /// Stake (ledger units) a worker must hold for its contributions to count (0: none).
@@ -622,7 +637,10 @@ mod tests {
         assert!(!plain.to_json().contains("audit"));
         assert_eq!(plain.spec.audit_rate(), 0.0);
         let mut audited = example();
-        audited.audit = Some(AuditSpec { rate: 0.25 });
+        audited.audit = Some(AuditSpec {
+            rate: 0.25,
+            auditors: None,
+        });
         let signed = audited.sign(&key()).unwrap();
         let back = SignedSpec::from_json(&signed.to_json()).unwrap();
         assert_eq!(back.spec.audit_rate(), 0.25);
@@ -633,9 +651,35 @@ mod tests {
         assert!(matches!(e, SpecError::BadSignature), "{e}");
         for rate in [-0.1, 1.5, f64::NAN] {
             let mut bad = example();
-            bad.audit = Some(AuditSpec { rate });
+            bad.audit = Some(AuditSpec {
+                rate,
+                auditors: None,
+            });
             let e = bad.sign(&key()).unwrap_err().to_string();
             assert!(e.contains("audit.rate"), "{e}");
+        }
+    }
+
+    #[test]
+    fn delegated_auditors_are_signed_and_their_count_is_checked() {
+        let plain = example().sign(&key()).unwrap();
+        assert_eq!(plain.spec.audit_committee(), None);
+        let mut delegated = example();
+        delegated.audit = Some(AuditSpec {
+            rate: 0.5,
+            auditors: Some(1),
+        });
+        let back =
+            SignedSpec::from_json(&delegated.clone().sign(&key()).unwrap().to_json()).unwrap();
+        assert_eq!(back.spec.audit_committee(), Some(1));
+        for k in [0, delegated.workers.max] {
+            let mut bad = delegated.clone();
+            bad.audit = Some(AuditSpec {
+                rate: 0.5,
+                auditors: Some(k),
+            });
+            let e = bad.sign(&key()).unwrap_err().to_string();
+            assert!(e.contains("audit.auditors"), "{e}");
         }
     }
 

@@ -13,6 +13,18 @@
 //! this build's own non-determinism. Honest workers holding the same set draw the same
 //! contributions and, when the start state reaches each of them, reach the same verdicts.
 //!
+//! With delegated auditors (the spec's `audit.auditors`, `train spec --auditors K`), each
+//! drawn contribution is re-executed only by its committee: the K other members the round's
+//! draw key names ([`plexus_train::reveal::committee`], so nobody knows it when committing).
+//! The others ask the committee for its verdicts (`TrainRequest::Verdicts`) and keep a
+//! contribution every auditor passed; on a mismatch, or with no verdict by the round's
+//! deadline (at least three times their own training time of the round), they re-execute it
+//! themselves, so a lying or silent auditor costs time and never decides alone that a
+//! contribution is dropped. An auditor that passes a bad contribution without computing is
+//! not caught (at K = 1 a cheater's colluder on its committee lets it through: choose K for
+//! the collusion share you assume). Audits then cost about `rate x K` re-executions per
+//! contribution instead of `rate x (workers - 1)`.
+//!
 //! - Match: kept.
 //! - The payload does not match, or the start state sent does not match the commitment's
 //!   digests (or the commitment is not what the run prescribes): the worker lied. Its
@@ -34,9 +46,9 @@ use plexus_net::PeerId;
 use plexus_train::audit::{reexecute, AuditError, Verdict};
 use plexus_train::commit::{Commitment, Contribution};
 use plexus_train::local::LocalData;
-use plexus_train::reveal::drawn_revealed;
+use plexus_train::reveal::{committee, draw_key, drawn_revealed};
 use plexus_train::worker::WorkerState;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -51,8 +63,11 @@ const REVEAL_POLL: Duration = Duration::from_millis(100);
 /// What one round's audits of other workers found (those not passed were dropped).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AuditTally {
+    /// Re-executed by this worker, and of those passed.
     pub audited: usize,
     pub passed: usize,
+    /// Kept on their delegated auditors' word.
+    pub delegated: usize,
 }
 
 /// Why a drawn contribution was dropped, and whether its worker is convicted.
@@ -62,22 +77,27 @@ struct Failed {
 }
 
 impl<D: LocalData + Send + Sync + 'static> Worker<D> {
-    /// Audits the drawn contributions of `round` before it closes.
+    /// Audits the drawn contributions of `round` before it closes. With delegated auditors,
+    /// this worker re-executes only the contributions whose committee names it, then takes
+    /// the committees' verdicts on the others (`train_ms`: how long its own training of the
+    /// round took, which bounds how long a re-execution should take).
     pub(super) async fn audit(
         &self,
         peers: &Peers,
         shared: &Mutex<Shared>,
         round: u64,
+        train_ms: u64,
     ) -> AuditTally {
         let rate = self.spec.spec.audit_rate();
+        let committee_k = self.spec.spec.audit_committee();
         let mut tally = AuditTally::default();
         if rate <= 0.0 {
             return tally;
         }
-        if rate < 1.0 {
+        if rate < 1.0 || committee_k.is_some() {
             self.gather_reveals(peers, shared, round).await;
         }
-        let (chosen, global, own_start) = {
+        let (chosen, global, own_start, key, members) = {
             let s = lock(shared);
             let set = s.machine.held_set();
             let revealed = s.revealed(round);
@@ -92,37 +112,167 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 .iter()
                 .find(|(r, _)| *r == round)
                 .map(|(_, st)| st.clone());
-            (chosen, s.machine.state().params.clone(), own_start)
+            let members: Vec<Vec<u8>> = s.held.keys().cloned().collect();
+            (
+                chosen,
+                s.machine.state().params.clone(),
+                own_start,
+                draw_key(set, &revealed),
+                members,
+            )
         };
+        let mut delegated = Vec::new();
         for c in chosen {
             let worker = c.signed.commitment.worker.clone();
+            let auditors = committee_k.map(|k| committee(key, &worker, &members, k));
             if worker == self.me {
-                self.check_own(&c, &global, own_start.clone()).await;
+                if auditors.is_none() {
+                    self.check_own(&c, &global, own_start.clone()).await;
+                }
                 continue;
             }
-            tally.audited += 1;
-            match self.reexecute(peers, &c, round, &global).await {
-                Ok(()) => tally.passed += 1,
-                Err(f) => {
-                    lock(shared).drop_audited(&worker, f.convict);
-                    if f.convict {
-                        self.slash(&worker, round);
+            match auditors {
+                Some(auditors) if !auditors.contains(&self.me) => delegated.push((c, auditors)),
+                _ => {
+                    let pass = self
+                        .audit_one(peers, shared, &c, round, &global, &mut tally)
+                        .await;
+                    if committee_k.is_some() {
+                        lock(shared).record_verdict(round, worker, pass);
                     }
-                    eprintln!(
-                        "audit of round {}: dropped the contribution of {}: {}{}",
-                        round + 1,
-                        worker_name(&worker),
-                        f.why,
-                        if f.convict {
-                            "; the worker is refused for the rest of the run"
-                        } else {
-                            ""
-                        }
-                    );
                 }
             }
         }
+        if !delegated.is_empty() {
+            self.take_verdicts(
+                peers, shared, round, &global, delegated, train_ms, &mut tally,
+            )
+            .await;
+        }
         tally
+    }
+
+    /// Re-executes `c` itself; drops (and, when it lied, convicts and slashes) what does not
+    /// match. Whether it passed.
+    async fn audit_one(
+        &self,
+        peers: &Peers,
+        shared: &Mutex<Shared>,
+        c: &Contribution,
+        round: u64,
+        global: &Params,
+        tally: &mut AuditTally,
+    ) -> bool {
+        let worker = c.signed.commitment.worker.clone();
+        tally.audited += 1;
+        match self.reexecute(peers, c, round, global).await {
+            Ok(()) => {
+                tally.passed += 1;
+                true
+            }
+            Err(f) => {
+                lock(shared).drop_audited(&worker, f.convict);
+                if f.convict {
+                    self.slash(&worker, round);
+                }
+                eprintln!(
+                    "audit of round {}: dropped the contribution of {}: {}{}",
+                    round + 1,
+                    worker_name(&worker),
+                    f.why,
+                    if f.convict {
+                        "; the worker is refused for the rest of the run"
+                    } else {
+                        ""
+                    }
+                );
+                false
+            }
+        }
+    }
+
+    /// Takes the delegated auditors' verdicts on `pending` (each with its committee): a
+    /// contribution every auditor passed is kept; one an auditor found different, or on which
+    /// no verdict came by the round's deadline (at least three times this worker's own
+    /// training time of the round), this worker re-executes itself, so a lying or silent
+    /// auditor costs time, never a wrong verdict.
+    #[allow(clippy::too_many_arguments)]
+    async fn take_verdicts(
+        &self,
+        peers: &Peers,
+        shared: &Mutex<Shared>,
+        round: u64,
+        global: &Params,
+        pending: Vec<(Contribution, Vec<Vec<u8>>)>,
+        train_ms: u64,
+        tally: &mut AuditTally,
+    ) {
+        let until = lock(shared)
+            .machine
+            .deadline_at()
+            .max(self.now() + MIN_REVEAL_WAIT.max(3 * train_ms));
+        let auditors: BTreeSet<Vec<u8>> = pending.iter().flat_map(|(_, a)| a.clone()).collect();
+        // (contribution's worker, auditor) -> pass
+        let mut heard: BTreeMap<(Vec<u8>, Vec<u8>), bool> = BTreeMap::new();
+        let settled =
+            |heard: &BTreeMap<(Vec<u8>, Vec<u8>), bool>, c: &Contribution, a: &[Vec<u8>]| {
+                let w = &c.signed.commitment.worker;
+                let said: Vec<bool> = a
+                    .iter()
+                    .filter_map(|m| heard.get(&(w.clone(), m.clone())).copied())
+                    .collect();
+                said.contains(&false) || said.len() == a.len()
+            };
+        loop {
+            let now = self.now();
+            if pending.iter().all(|(c, a)| settled(&heard, c, a)) || now >= until {
+                break;
+            }
+            let timeout = Duration::from_millis((until - now).min(REVEAL_CALL_MS));
+            let asks = auditors
+                .iter()
+                .filter_map(|a| PeerId::from_bytes(a).ok())
+                .map(|p| async move { (p.to_bytes(), peers.verdicts(p, round, timeout).await) });
+            for (auditor, list) in futures::future::join_all(asks).await {
+                for v in list.into_iter().flatten() {
+                    heard.insert((v.worker, auditor.clone()), v.pass);
+                }
+            }
+            if !pending.iter().all(|(c, a)| settled(&heard, c, a)) {
+                tokio::time::sleep(REVEAL_POLL).await;
+            }
+        }
+        for (c, a) in pending {
+            let w = c.signed.commitment.worker.clone();
+            let said: Vec<bool> = a
+                .iter()
+                .filter_map(|m| heard.get(&(w.clone(), m.clone())).copied())
+                .collect();
+            if !said.is_empty() && said.len() == a.len() && said.iter().all(|p| *p) {
+                tally.delegated += 1;
+                continue;
+            }
+            let why = if said.contains(&false) {
+                "its delegated auditor found a different pseudo-gradient"
+            } else {
+                "no verdict from its delegated auditors in time"
+            };
+            eprintln!(
+                "audit of round {}: re-executing the contribution of {} itself: {why}",
+                round + 1,
+                worker_name(&w)
+            );
+            let pass = self
+                .audit_one(peers, shared, &c, round, global, tally)
+                .await;
+            if said.contains(&false) && pass {
+                eprintln!(
+                    "audit of round {}: the contribution of {} matched: its auditor's mismatch was not reproduced",
+                    round + 1,
+                    worker_name(&w)
+                );
+            }
+        }
     }
 
     /// Collects the audit nonces of `round`'s fixed set ([`plexus_train::reveal`]; this

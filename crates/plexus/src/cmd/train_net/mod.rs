@@ -411,7 +411,9 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             }
             let began = Instant::now();
             lock(&shared).keep_start(round, state.clone());
+            let trained = Instant::now();
             let (c, train_loss, next) = self.train(round, start, state).await?;
+            let train_ms = trained.elapsed().as_millis() as u64;
             state = next;
             self.contribute(&peers, &shared, c, round).await;
             let closed = loop {
@@ -426,7 +428,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 nonce: nonce(&self.key, run, round),
             };
             lock(&shared).fix_set(round, own);
-            let audits = self.audit(&peers, &shared, round).await;
+            let audits = self.audit(&peers, &shared, round, train_ms).await;
             let outcome = tokio::task::block_in_place(|| -> anyhow::Result<RoundOutcome> {
                 let mut s = lock(&shared);
                 let outcome = s.machine.close(self.now(), &mut scorer)?;
@@ -810,7 +812,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             (s.peers.values().filter(|st| !st.done).count(), s.refused)
         };
         println!(
-            "round {}/{} | held-out loss {:.4} | train loss {:.4} | applied {}/{} (mine {mine}, {synced} fetched) | audits passed {}/{} | peers {peers} | refused {refused} | sent {sent} B | received {received} B | closed {closed} | {:.1}s | state {}",
+            "round {}/{} | held-out loss {:.4} | train loss {:.4} | applied {}/{} (mine {mine}, {synced} fetched) | audits passed {}/{}{} | peers {peers} | refused {refused} | sent {sent} B | received {received} B | closed {closed} | {:.1}s | state {}",
             o.round + 1,
             self.spec.spec.rounds,
             o.loss_before,
@@ -819,6 +821,11 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             o.applied.len() + o.rejected.len(),
             audits.passed,
             audits.audited,
+            if self.spec.spec.audit_committee().is_some() {
+                format!(" (+{} on delegates' word)", audits.delegated)
+            } else {
+                String::new()
+            },
             began.elapsed().as_secs_f64(),
             o.next.short()
         );

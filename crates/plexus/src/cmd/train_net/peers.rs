@@ -8,8 +8,8 @@ use plexus_core::Digest;
 use plexus_net::{NetHandle, PeerId};
 use plexus_train::commit::Contribution;
 use plexus_train::protocol::{
-    decode, encode, HeldEntry, Reveal, StateTransfer, Status, TrainRequest, TrainResponse,
-    WorkerStateTransfer,
+    decode, encode, AuditVerdict, HeldEntry, Reveal, StateTransfer, Status, TrainRequest,
+    TrainResponse, WorkerStateTransfer,
 };
 use std::time::Duration;
 
@@ -132,6 +132,24 @@ impl Peers {
         };
         match self.ask(peer, &req, timeout.min(CALL_TIMEOUT)).await {
             Some(TrainResponse::Reveals { round: r, reveals }) if r == round => Some(reveals),
+            _ => None,
+        }
+    }
+
+    /// `peer`'s verdicts so far as a delegated auditor of `round` (waiting at most
+    /// `timeout`, capped at the small-message timeout).
+    pub async fn verdicts(
+        &self,
+        peer: PeerId,
+        round: u64,
+        timeout: Duration,
+    ) -> Option<Vec<AuditVerdict>> {
+        let req = TrainRequest::Verdicts {
+            run: self.run,
+            round,
+        };
+        match self.ask(peer, &req, timeout.min(CALL_TIMEOUT)).await {
+            Some(TrainResponse::Verdicts { round: r, verdicts }) if r == round => Some(verdicts),
             _ => None,
         }
     }

@@ -11,7 +11,7 @@ use plexus_core::Digest;
 use plexus_net::PeerId;
 use plexus_train::commit::Contribution;
 use plexus_train::protocol::{
-    decode, HeldEntry, Reveal, StateTransfer, Status, TrainRequest, TrainResponse,
+    decode, AuditVerdict, HeldEntry, Reveal, StateTransfer, Status, TrainRequest, TrainResponse,
     WorkerStateTransfer,
 };
 use plexus_train::reveal::sealed;
@@ -75,6 +75,8 @@ pub struct Shared {
     /// Peers that asked for the current round's nonces: they have fixed its set (cleared when
     /// the round changes).
     pub fixed_by: std::collections::HashSet<PeerId>,
+    /// This worker's verdicts as a delegated auditor, by round (the last [`KEPT_STARTS`]).
+    verdicts: BTreeMap<u64, BTreeMap<Vec<u8>, bool>>,
 }
 
 impl Shared {
@@ -98,6 +100,16 @@ impl Shared {
             reveals: BTreeMap::new(),
             own_reveal: None,
             fixed_by: Default::default(),
+            verdicts: BTreeMap::new(),
+        }
+    }
+
+    /// Keeps this worker's verdict, as a delegated auditor, on `worker`'s contribution to
+    /// `round`, for the peers that take its word.
+    pub fn record_verdict(&mut self, round: u64, worker: Vec<u8>, pass: bool) {
+        self.verdicts.entry(round).or_default().insert(worker, pass);
+        while self.verdicts.len() > KEPT_STARTS {
+            self.verdicts.pop_first();
         }
     }
 
@@ -144,21 +156,20 @@ impl Shared {
         added
     }
 
-    /// The nonces revealed for members of `round`'s fixed set.
+    /// The nonces revealed for members of `round`'s fixed set (for a round closed before the
+    /// last one, those kept: each opened a member's seal when it came).
     pub fn revealed(&self, round: u64) -> BTreeMap<Vec<u8>, [u8; 32]> {
-        let Some(set) = self.fixed_set(round) else {
+        let Some(known) = self.reveals.get(&round) else {
             return BTreeMap::new();
         };
-        self.reveals
-            .get(&round)
-            .map(|known| {
-                known
-                    .iter()
-                    .filter(|(w, _)| set.contains_key(*w))
-                    .map(|(w, n)| (w.clone(), *n))
-                    .collect()
-            })
-            .unwrap_or_default()
+        match self.fixed_set(round) {
+            Some(set) => known
+                .iter()
+                .filter(|(w, _)| set.contains_key(*w))
+                .map(|(w, n)| (w.clone(), *n))
+                .collect(),
+            None => known.clone(),
+        }
     }
 
     /// What this worker tells of `round`: the members' nonces it knows and its own.
@@ -427,14 +438,36 @@ impl Shared {
                 if round == self.machine.round() && self.fixed_by.len() < MAX_PEERS {
                     self.fixed_by.insert(peer);
                 }
-                // Nonces are told only once this worker's set of the round is fixed: a
-                // contribution it still took could otherwise be made knowing them.
-                if self.fixed_set(round).is_none() {
+                // Nonces are told only once this worker's set of the round is fixed (or the
+                // round is behind it): a contribution it still took could otherwise be made
+                // knowing them. A peer still closing a round this worker closed earlier (a
+                // joiner, a straggler) needs them as much as the others did.
+                if self.fixed_set(round).is_none() && round >= self.machine.round() {
                     return TrainResponse::NotHeld;
                 }
                 TrainResponse::Reveals {
                     round,
                     reveals: self.told_reveals(round),
+                }
+            }
+            TrainRequest::Verdicts { run, round } => {
+                if other_run(run) {
+                    return TrainResponse::Refused("another run".into());
+                }
+                TrainResponse::Verdicts {
+                    round,
+                    verdicts: self
+                        .verdicts
+                        .get(&round)
+                        .map(|v| {
+                            v.iter()
+                                .map(|(worker, pass)| AuditVerdict {
+                                    worker: worker.clone(),
+                                    pass: *pass,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 }
             }
             TrainRequest::StartState { run, round } => {
@@ -593,6 +626,21 @@ mod tests {
             s.handle(peer, &encode(&ask), 0),
             TrainResponse::Reveals {
                 round,
+                reveals: vec![told()]
+            }
+        );
+        // A round this worker closed before its last one is still told: a joiner or a
+        // straggler closing it now needs its nonces.
+        let earlier = round - 1;
+        s.reveals.insert(earlier, [(worker.clone(), n)].into());
+        let ask_earlier = TrainRequest::Reveals {
+            run: s.run,
+            round: earlier,
+        };
+        assert_eq!(
+            s.handle(peer, &encode(&ask_earlier), 0),
+            TrainResponse::Reveals {
+                round: earlier,
                 reveals: vec![told()]
             }
         );

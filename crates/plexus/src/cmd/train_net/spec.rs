@@ -87,7 +87,16 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
             tolerance: a.score_tolerance,
         },
         eval_examples: a.eval_examples,
-        audit: (a.audit_rate != 0.0).then_some(AuditSpec { rate: a.audit_rate }),
+        audit: match (a.audit_rate != 0.0, a.auditors) {
+            (true, auditors) => Some(AuditSpec {
+                rate: a.audit_rate,
+                auditors,
+            }),
+            (false, None) => None,
+            (false, Some(_)) => {
+                anyhow::bail!("--auditors: this spec audits nothing (--audit-rate 0)")
+            }
+        },
         stake: a
             .min_stake
             .as_deref()
