@@ -432,6 +432,26 @@ fn refused_start(spec: &Path, dir: &Path, args: &[impl AsRef<std::ffi::OsStr>]) 
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `name`'s output shows the lazy worker (`lazy_id`) dropped and convicted by an audit, and
+/// no other contribution dropped.
+fn assert_only_the_lazy_worker_convicted(name: &str, text: &str, lazy_id: &str) {
+    let drops: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("dropped the contribution of"))
+        .collect();
+    assert!(
+        drops.iter().all(|l| l.contains(lazy_id)),
+        "{name}: an honest contribution was dropped:\n{text}"
+    );
+    assert!(
+        drops
+            .iter()
+            .any(|l| l.contains("not the committed")
+                && l.contains("refused for the rest of the run")),
+        "{name}: the lazy worker was not convicted:\n{text}"
+    );
+}
+
 /// `plexus wallet ARGS` for the account of the key in `dir` on the ledger at `url`.
 fn wallet(dir: &Path, url: &str, args: &[&str]) -> std::process::Output {
     let o = Command::new(BIN)
@@ -523,21 +543,7 @@ fn a_lazy_worker_is_caught_by_the_audits_and_slashed_and_a_peer_lying_about_its_
         let (_, _, state) = h.finish();
         states.push(state);
         let text = h.text();
-        let drops: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("dropped the contribution of"))
-            .collect();
-        assert!(
-            drops.iter().all(|l| l.contains(&lazy_id)),
-            "{}: an honest contribution was dropped:\n{text}",
-            h.name
-        );
-        assert!(
-            drops.iter().any(|l| l.contains("not the committed")
-                && l.contains("refused for the rest of the run")),
-            "{}: the lazy worker was not convicted:\n{text}",
-            h.name
-        );
+        assert_only_the_lazy_worker_convicted(&h.name, &text, &lazy_id);
         assert!(
             text.lines()
                 .any(|l| l.contains(&format!("from {lazy_id} "))
@@ -645,22 +651,7 @@ fn delegated_auditors_catch_a_lazy_worker_and_spare_the_others_their_re_executio
         let (_, _, state) = h.finish();
         states.push(state);
         let text = h.text();
-        let drops: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("dropped the contribution of"))
-            .collect();
-        assert!(
-            drops.iter().all(|l| l.contains(&lazy_id)),
-            "{}: an honest contribution was dropped:\n{text}",
-            h.name
-        );
-        assert!(
-            drops
-                .iter()
-                .any(|l| l.contains("not the committed") && l.contains("refused for the rest")),
-            "{}: the lazy worker was not convicted:\n{text}",
-            h.name
-        );
+        assert_only_the_lazy_worker_convicted(&h.name, &text, &lazy_id);
         let rounds = round_lines(&text);
         assert_eq!(rounds.len(), 5, "{text}");
         for l in &rounds {
