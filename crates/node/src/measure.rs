@@ -12,11 +12,15 @@ pub struct Speed {
 }
 
 /// Runs a short prefill (a 64-position prompt, on the tiled attention kernel as llama.cpp
-/// computes it) and 8 decode steps through `stage`.
+/// computes it) and 8 decode steps through `stage`; a model whose context holds fewer than
+/// 72 positions (a small trained checkpoint) is measured on a prompt that leaves room for the
+/// decode steps.
 pub fn measure(stage: &Stage) -> Result<Speed, plexus_model::stage::ForwardError> {
     let hidden = stage.config().hidden_size;
     let layers = stage.span().len().max(1) as f64;
-    let prefill = 64;
+    let context = stage.config().max_position_embeddings.max(2);
+    let steps = 8.min(context / 2);
+    let prefill = 64.min(context - steps);
     let mut cache = stage.new_cache();
     cache.set_prompt(0..prefill);
     let input = |n: usize| -> Result<StageInput<'static>, plexus_model::stage::ForwardError> {
@@ -37,7 +41,6 @@ pub fn measure(stage: &Stage) -> Result<Speed, plexus_model::stage::ForwardError
     let t = Instant::now();
     stage.forward(input(prefill)?, &mut cache, Logits::Last)?;
     let prefill_s = t.elapsed().as_secs_f64() / prefill as f64 / layers;
-    let steps = 8;
     let t = Instant::now();
     for _ in 0..steps {
         stage.forward(input(1)?, &mut cache, Logits::Last)?;

@@ -4,7 +4,8 @@
 //! not applied, a lazy one is caught by the round audits, and a peer lying about its round is
 //! not followed; killing every worker and starting them again resumes from their checkpoints;
 //! `plexus up --train` restarts each killed worker. The trained model's held-out
-//! exact match is asserted, and `plexus generate` loads the final checkpoint.
+//! exact match is asserted; `plexus generate` loads the final checkpoint and `plexus up
+//! --model` serves it.
 
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
@@ -327,6 +328,82 @@ fn a_sigkilled_worker_does_not_stop_the_run_and_a_late_joiner_contributes() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "cba");
+    // ... and `plexus up --model` serves to the official client, refusing a prompt with a
+    // character the model has no token for (its tokenizer would leave it out).
+    let (text, refusal) = complete_with_up(&tmp.path().join("w0/model"), tmp.path(), "abc|", 4);
+    assert_eq!(text, "cba");
+    assert!(
+        refusal.contains("Error code: 400") && refusal.contains("no token for 'H'"),
+        "{refusal}"
+    );
+}
+
+/// Serves the checkpoint `model` with `plexus up --model` (two node processes, every other
+/// setting its default, its ledger and API key included) and asks for a greedy completion of
+/// `prompt` through the official `openai` client (`PLEXUS_PYTHON`, with its defaults), then
+/// for one of `Hello|`; stops `up` with Ctrl-C. The completion's text, and the error the
+/// second request raised in the client (or `no error`).
+fn complete_with_up(model: &Path, dir: &Path, prompt: &str, max_tokens: u32) -> (String, String) {
+    let python = std::env::var("PLEXUS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut child = Command::new(BIN)
+        .args(["up", "--model"])
+        .arg(model)
+        .args(["--nodes", "2", "--port", "0", "--threads", "1"])
+        .env("PLEXUS_CACHE_DIR", dir.join("up-cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    collect(child.stdout.take().unwrap(), lines.clone());
+    collect(child.stderr.take().unwrap(), lines.clone());
+    let mut up = Worker {
+        name: "up".into(),
+        child,
+        lines,
+        addr: String::new(),
+    };
+    let api = up.wait_for("API: ", Duration::from_secs(180));
+    let key = up.wait_for("API key: ", Duration::from_secs(10));
+    let url = api.trim_start_matches("API: ").trim().to_string();
+    let key = key.trim_start_matches("API key: ").trim().to_string();
+    let script = r#"
+import sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1], api_key=sys.argv[2])
+model = client.models.list().data[0].id
+r = client.completions.create(model=model, prompt=sys.argv[3], max_tokens=int(sys.argv[4]), temperature=0)
+print(repr(r.choices[0].text))
+try:
+    client.completions.create(model=model, prompt="Hello|", max_tokens=2)
+    print("no error")
+except Exception as e:
+    print(e)
+"#;
+    let o = Command::new(&python)
+        .args(["-c", script, &url, &key, prompt, &max_tokens.to_string()])
+        .output()
+        .expect("run the python client");
+    let pid = up.child.id();
+    Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while up.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < until, "plexus up did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        o.status.success(),
+        "the client failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        up.text()
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (text, refusal) = out.split_once('\n').unwrap_or((&out, ""));
+    let text = text.trim().trim_matches('\'').to_string();
+    (text, refusal.trim().to_string())
 }
 
 #[test]

@@ -485,11 +485,44 @@ pub fn encode(entry: &ModelEntry, prompt: &Prompt) -> Result<Vec<u32>, ApiError>
                 .bos()
                 .and_then(|b| tok.token_text(b))
                 .is_some_and(|b| !b.is_empty() && text.starts_with(&b));
+            refuse_untokenizable(entry, &text, "messages")?;
             tok.encode(&text, !bos_in_text)
         }
-        Prompt::Text(text) => tok.encode(text, true),
+        Prompt::Text(text) => {
+            refuse_untokenizable(entry, text, "prompt")?;
+            tok.encode(text, true)
+        }
     }
     .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))
+}
+
+/// Refuses `text` when the model's vocabulary has no token for some of its characters (a
+/// character-level checkpoint `plexus train` wrote knows only its task's characters): its
+/// tokenizer would leave them out without a word. Byte-level vocabularies cover every text.
+fn refuse_untokenizable(
+    entry: &ModelEntry,
+    text: &str,
+    param: &'static str,
+) -> Result<(), ApiError> {
+    let missing = entry.tokenizer.untokenizable(text);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = missing.iter().take(16).map(|c| format!("{c:?}")).collect();
+    let more = missing.len().saturating_sub(list.len());
+    Err(ApiError::invalid(
+        format!(
+            "the vocabulary of `{}` has no token for {}{}: they cannot be given to the model",
+            entry.id,
+            list.join(", "),
+            if more > 0 {
+                format!(" and {more} more characters")
+            } else {
+                String::new()
+            }
+        ),
+        Some(param),
+    ))
 }
 
 fn backend_error(e: BackendError) -> ApiError {

@@ -522,10 +522,18 @@ async fn serve(
         },
     };
     println!("Try:");
-    println!(
-        "  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'",
-        served
-    );
+    if entry.chat_template.is_some() {
+        println!(
+            "  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'",
+            served
+        );
+    } else {
+        // A model without a chat template (a checkpoint `plexus train` wrote) only completes.
+        println!(
+            "  curl {url}/v1/completions{auth} -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"prompt\":\"Hello\",\"max_tokens\":8}}'",
+            served
+        );
+    }
     println!("Ctrl-C stops everything.");
     use std::io::Write as _;
     std::io::stdout().flush()?;
