@@ -512,7 +512,7 @@ fn refuse_untokenizable(
     let more = missing.len().saturating_sub(list.len());
     Err(ApiError::invalid(
         format!(
-            "the vocabulary of `{}` has no token for {}{}: they cannot be given to the model",
+            "the vocabulary of `{}` has no token for {}{}: such characters cannot be given to the model",
             entry.id,
             list.join(", "),
             if more > 0 {
