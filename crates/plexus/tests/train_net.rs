@@ -89,25 +89,32 @@ impl Worker {
             .arg("--data-dir")
             .arg(dir.join(name))
             .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--threads", "1"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .args(extra);
         for p in peers {
             cmd.args(["--peer", p]);
         }
-        let mut child = cmd.spawn().unwrap();
+        let mut w = Worker::spawn(name, &mut cmd);
+        let line = w.wait_for("listening on /ip4/127.0.0.1/tcp/", Duration::from_secs(60));
+        w.addr = line.trim_start_matches("listening on ").to_string();
+        w
+    }
+
+    /// Starts `cmd` with its stdout and stderr collected (no address yet).
+    fn spawn(name: &str, cmd: &mut Command) -> Worker {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         collect(child.stdout.take().unwrap(), lines.clone());
         collect(child.stderr.take().unwrap(), lines.clone());
-        let mut w = Worker {
+        Worker {
             name: name.into(),
             child,
             lines,
             addr: String::new(),
-        };
-        let line = w.wait_for("listening on /ip4/127.0.0.1/tcp/", Duration::from_secs(60));
-        w.addr = line.trim_start_matches("listening on ").to_string();
-        w
+        }
     }
 
     fn text(&self) -> String {
@@ -345,24 +352,14 @@ fn a_sigkilled_worker_does_not_stop_the_run_and_a_late_joiner_contributes() {
 /// second request raised in the client (or `no error`).
 fn complete_with_up(model: &Path, dir: &Path, prompt: &str, max_tokens: u32) -> (String, String) {
     let python = std::env::var("PLEXUS_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut child = Command::new(BIN)
-        .args(["up", "--model"])
-        .arg(model)
-        .args(["--nodes", "2", "--port", "0", "--threads", "1"])
-        .env("PLEXUS_CACHE_DIR", dir.join("up-cache"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    collect(child.stdout.take().unwrap(), lines.clone());
-    collect(child.stderr.take().unwrap(), lines.clone());
-    let mut up = Worker {
-        name: "up".into(),
-        child,
-        lines,
-        addr: String::new(),
-    };
+    let mut up = Worker::spawn(
+        "up",
+        Command::new(BIN)
+            .args(["up", "--model"])
+            .arg(model)
+            .args(["--nodes", "2", "--port", "0", "--threads", "1"])
+            .env("PLEXUS_CACHE_DIR", dir.join("up-cache")),
+    );
     let api = up.wait_for("API: ", Duration::from_secs(180));
     let key = up.wait_for("API key: ", Duration::from_secs(10));
     let url = api.trim_start_matches("API: ").trim().to_string();
@@ -1075,25 +1072,15 @@ fn a_text_run_trains_across_workers_and_refuses_another_text() {
 fn plexus_up_trains_a_spec_and_restarts_a_killed_worker() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = spec_with(tmp.path(), 60, 2, 60_000, &["--min-stake", "1PLX"]);
-    let mut child = Command::new(BIN)
-        .args(["up", "--train"])
-        .arg(&spec)
-        .args(["--nodes", "2", "--threads", "1"])
-        .env("PLEXUS_CACHE_DIR", tmp.path().join("cache"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    collect(child.stdout.take().unwrap(), lines.clone());
-    collect(child.stderr.take().unwrap(), lines.clone());
-    let mut up = Worker {
-        name: "up".into(),
-        child,
-        lines,
-        addr: String::new(),
-    };
+    let mut up = Worker::spawn(
+        "up",
+        Command::new(BIN)
+            .args(["up", "--train"])
+            .arg(&spec)
+            .args(["--nodes", "2", "--threads", "1"])
+            .env("PLEXUS_CACHE_DIR", tmp.path().join("cache")),
+    );
+    let pid = up.child.id();
     up.wait_for("worker 0 | round 3/60", RUN_TIMEOUT);
     kill_worker(pid, 1);
     up.wait_for("worker 1 exited", RUN_TIMEOUT);
