@@ -3,6 +3,9 @@
 //! on bad input (one message, non-zero exit, no panic, nothing on stdout), and training a
 //! starter model to the accuracy target.
 
+#[path = "support/served.rs"]
+mod served;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -323,6 +326,50 @@ fn starter_model_trains_to_target_and_generates() {
         "{}",
         stderr(&o)
     );
+
+    // `plexus gateway --model` serves the checkpoint: a completion as `generate` gives it, and
+    // a prompt with characters outside the vocabulary refused by name (400), not cut.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_plexus"));
+    cmd.args(["gateway", "--model"])
+        .arg(&out)
+        .args(["--port", "0", "--ledger", "none"]);
+    let (_server, url) = served::start(cmd);
+    let (status, body) = post_json(
+        &url,
+        "/v1/completions",
+        r#"{"model":"reverse","prompt":"abcde|","max_tokens":8,"temperature":0}"#,
+    );
+    assert!(status.contains(" 200 "), "{status}: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["choices"][0]["text"], "edcba", "{body}");
+    let (status, body) = post_json(
+        &url,
+        "/v1/completions",
+        r#"{"model":"reverse","prompt":"ABCDE|","max_tokens":8}"#,
+    );
+    assert!(status.contains(" 400 "), "{status}: {body}");
+    assert!(
+        body.contains("no token for 'A', 'B', 'C', 'D', 'E'") && body.contains("\"prompt\""),
+        "{body}"
+    );
+}
+
+/// `POST path` with a JSON `body` to the server at `url`; its status line and body.
+fn post_json(url: &str, path: &str, body: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body.to_owned())
 }
 
 #[test]
