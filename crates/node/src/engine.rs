@@ -1600,6 +1600,8 @@ mod tests {
         }
         stop.store(true, Ordering::Release);
         let worst = watcher.join().unwrap();
-        assert!(worst <= 65, "queued gauge reached {worst}");
+        // At most the 64 queued, plus the job the engine has received but not yet counted
+        // out (`take`), plus the submission being tried: never a wrapped ~4e9.
+        assert!(worst <= 66, "queued gauge reached {worst}");
     }
 }

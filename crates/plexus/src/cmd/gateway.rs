@@ -248,6 +248,8 @@ async fn listen_and_serve(
             Duration::from_secs(5),
         ));
     }
+    // Ctrl-C is caught from here on, before the address is printed.
+    let shutdown = super::net::shutdown_signal();
     let mut stdout = std::io::stdout();
     writeln!(stdout, "listening on http://{addr}")?;
     stdout.flush()?;
@@ -258,7 +260,7 @@ async fn listen_and_serve(
         config = config.with_alias(model, name);
     }
     let state = plexus_gateway::AppState::with_accounts(backend, config, accounts);
-    plexus_gateway::serve_state(listener, state, super::net::shutdown_signal())
+    plexus_gateway::serve_state(listener, state, shutdown)
         .await
         .context("the server failed")
 }

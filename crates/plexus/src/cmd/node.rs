@@ -60,6 +60,8 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         let node = Node::start(config)
             .await
             .with_context(|| format!("cannot start a node for {}", args.model.display()))?;
+        // Ctrl-C is caught from here on, before the addresses are printed.
+        let shutdown = shutdown_signal();
         let mut out = std::io::stdout().lock();
         writeln!(out, "peer {}", node.peer_id())?;
         writeln!(
@@ -76,7 +78,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         drop(out);
         let stop = async {
             tokio::select! {
-                _ = shutdown_signal() => {}
+                _ = shutdown => {}
                 _ = parent_gone(args.parent_pid) => {}
                 _ = stdin_closed(args.parent_pid.is_some()) => {}
             }

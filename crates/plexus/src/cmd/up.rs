@@ -503,6 +503,8 @@ async fn serve(
     let url = format!("http://{addr}");
     let spans: Vec<String> = spans.iter().map(|s| format!("{}..{}", s.0, s.1)).collect();
     let served = args.alias.clone().unwrap_or_else(|| entry.id.clone());
+    // Ctrl-C is caught from here on, before the address and the hint are printed.
+    let shutdown = shutdown_signal();
     println!(
         "Plexus is up: {} nodes serving {} (layers {})",
         spans.len(),
@@ -547,7 +549,7 @@ async fn serve(
         .with_cors_origins(args.cors_origins.clone()),
         accounts,
     );
-    plexus_gateway::serve_state(listener, state, shutdown_signal()).await?;
+    plexus_gateway::serve_state(listener, state, shutdown).await?;
     eprintln!("stopping the nodes");
     Ok(())
 }
