@@ -278,8 +278,9 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     /// Collects the audit nonces of `round`'s fixed set ([`plexus_train::reveal`]; this
     /// worker's own was added when it fixed the set) from every peer, each of which answers
     /// once it has fixed its own set, until every member's is in, every member still missing
-    /// has answered without its own (it withholds it), or the round's deadline has passed (at
-    /// least [`MIN_REVEAL_WAIT`] from now). The contributions of members whose nonce did not
+    /// has answered without its own (it withholds it), no peer is still at the round (those
+    /// past it have told all they know), or the round's deadline has passed (at least
+    /// [`MIN_REVEAL_WAIT`] from now). The contributions of members whose nonce did not
     /// come are then dropped (not convicted: they may have crashed).
     async fn gather_reveals(&self, peers: &Peers, shared: &Mutex<Shared>, round: u64) {
         let until = lock(shared)
@@ -320,11 +321,19 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 // member that answered without one opening its seal withholds it.
                 let missing = s.unrevealed(round);
                 withheld.extend(told.into_iter().filter(|t| missing.contains(t)));
-                missing.into_iter().any(|w| !withheld.contains(&w))
+                // Peers that have closed the round told all they will ever know of it (a
+                // joiner closing a round its peers left would otherwise wait for a departed
+                // member's nonce until the deadline, while they run on and finish): only a
+                // peer still at the round may yet learn one.
+                let learning = s.peers.iter().any(|(p, st)| {
+                    st.round == round && !st.done && !s.excluded(&p.to_bytes()) && !s.stuck(p)
+                });
+                learning && missing.into_iter().any(|w| !withheld.contains(&w))
             };
-            if waiting {
-                tokio::time::sleep(REVEAL_POLL).await;
+            if !waiting {
+                break;
             }
+            tokio::time::sleep(REVEAL_POLL).await;
         }
         let mut s = lock(shared);
         for w in s.unrevealed(round) {
