@@ -45,6 +45,9 @@ pub struct Tokenizer {
     eos: Vec<u32>,
     /// Control tokens: never printed, and end generation when they are EOS/EOT.
     special: Vec<u32>,
+    /// How [`Self::untokenizable`] finds the characters the vocabulary has no token for:
+    /// decided once, when the tokenizer is built.
+    coverage: Coverage,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -164,6 +167,7 @@ impl Tokenizer {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         Ok(Self {
+            coverage: Coverage::of(&inner),
             inner,
             bos,
             add_bos,
@@ -211,6 +215,7 @@ impl Tokenizer {
             .map(|(&id, _)| id)
             .collect();
         Ok(Self {
+            coverage: Coverage::of(&inner),
             inner,
             bos,
             add_bos,
@@ -233,6 +238,7 @@ impl Tokenizer {
             .map(|(&id, _)| id)
             .collect();
         Self {
+            coverage: Coverage::of(&inner),
             inner,
             bos,
             add_bos,
@@ -255,18 +261,37 @@ impl Tokenizer {
 
     /// The characters of `text` (each once, in order of appearance) that encode to no token at
     /// all, so `encode` drops them silently: e.g. capitals for a trained task model whose
-    /// vocabulary is lower-case letters and digits. Empty for byte-level tokenizers.
+    /// vocabulary is lower-case letters and digits. Empty at once for tokenizers that cover
+    /// every text ([`Self::covers_every_text`]).
     pub fn untokenizable(&self, text: &str) -> Vec<char> {
         let mut seen = std::collections::HashSet::new();
         let mut buf = [0u8; 4];
-        text.chars()
-            .filter(|c| seen.insert(*c))
-            .filter(|c| {
-                self.inner
-                    .encode(&*c.encode_utf8(&mut buf), false)
-                    .is_ok_and(|e| e.get_ids().is_empty())
-            })
-            .collect()
+        let chars = text.chars().filter(|c| seen.insert(*c));
+        match &self.coverage {
+            Coverage::Every => Vec::new(),
+            Coverage::BytesMissing(missing) => chars
+                .filter(|c| {
+                    c.encode_utf8(&mut buf)
+                        .bytes()
+                        .any(|b| missing[usize::from(b)])
+                })
+                .collect(),
+            Coverage::PerChar => chars
+                .filter(|c| {
+                    self.inner
+                        .encode(&*c.encode_utf8(&mut buf), false)
+                        .is_ok_and(|e| e.get_ids().is_empty())
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether every text encodes without loss: a byte-level BPE whose vocabulary holds the
+    /// symbol of every byte valid UTF-8 uses, or a BPE with byte fallback and its `<0xNN>`
+    /// tokens. SmolLM2's lacks six control characters (U+0004, for one); a vocabulary of some
+    /// characters only (a task model `plexus train` wrote) lacks most.
+    pub fn covers_every_text(&self) -> bool {
+        matches!(self.coverage, Coverage::Every)
     }
 
     /// Text of `ids`, special tokens included (they are part of what the model said).
@@ -401,6 +426,71 @@ impl<'a> TextStream<'a> {
     }
 }
 
+/// How a tokenizer's vocabulary covers text (see [`Tokenizer::untokenizable`]).
+#[derive(Clone, Debug)]
+enum Coverage {
+    /// Every text encodes.
+    Every,
+    /// A byte-level BPE: the bytes whose symbol its vocabulary lacks (a character with one of
+    /// them in its UTF-8 is dropped, wholly or in part).
+    BytesMissing(Box<[bool; 256]>),
+    /// Anything else: each character is encoded alone to see whether it gives a token.
+    PerChar,
+}
+
+impl Coverage {
+    fn of(inner: &tokenizers::Tokenizer) -> Self {
+        let has = |t: &str| inner.token_to_id(t).is_some();
+        // Bytes that valid UTF-8 never holds: no text needs their symbols.
+        let in_utf8 = |b: u8| !matches!(b, 0xC0 | 0xC1 | 0xF5..=0xFF);
+        // Pre-tokenizers are enums nested in sequences: their serialised form names each part.
+        let byte_level = inner
+            .get_pre_tokenizer()
+            .and_then(|p| serde_json::to_string(p).ok())
+            .is_some_and(|j| j.contains("\"type\":\"ByteLevel\""));
+        if byte_level {
+            let mut missing = Box::new([false; 256]);
+            for b in (0..=255u8).filter(|b| in_utf8(*b)) {
+                missing[usize::from(b)] = !has(&byte_symbol(b).to_string());
+            }
+            return if missing.iter().any(|m| *m) {
+                Coverage::BytesMissing(missing)
+            } else {
+                Coverage::Every
+            };
+        }
+        let fallback = matches!(inner.get_model(), tokenizers::ModelWrapper::BPE(b) if b.byte_fallback)
+            && (0..=255u8)
+                .filter(|b| in_utf8(*b))
+                .all(|b| has(&format!("<0x{b:02X}>")));
+        if fallback {
+            Coverage::Every
+        } else {
+            Coverage::PerChar
+        }
+    }
+}
+
+/// The character GPT-2's byte-level alphabet writes byte `b` as: printable Latin-1 bytes as
+/// themselves, the others as U+0100 onwards in byte order.
+fn byte_symbol(b: u8) -> char {
+    let printable = |x: u8| matches!(x, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    if printable(b) {
+        return char::from(b);
+    }
+    let n = (0..b).filter(|x| !printable(*x)).count() as u32;
+    char::from_u32(256 + n).expect("below U+0200")
+}
+
+/// `chars` as an error message names them: quoted, the first 16, then how many more.
+pub fn name_chars(chars: &[char]) -> String {
+    let list: Vec<String> = chars.iter().take(16).map(|c| format!("{c:?}")).collect();
+    match chars.len().saturating_sub(list.len()) {
+        0 => list.join(", "),
+        more => format!("{} and {more} more characters", list.join(", ")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,5 +510,42 @@ mod tests {
             "only '|' is kept"
         );
         assert!(t.untokenizable("hello|").is_empty());
+        assert!(matches!(t.coverage, Coverage::PerChar));
+    }
+
+    #[test]
+    fn byte_symbols_are_gpt2_s_alphabet() {
+        let mine: std::collections::HashSet<char> = (0..=255u8).map(byte_symbol).collect();
+        let theirs: std::collections::HashSet<char> = ByteLevel::alphabet().into_iter().collect();
+        assert_eq!(mine, theirs);
+        assert_eq!(byte_symbol(b' '), '\u{120}');
+        assert_eq!(byte_symbol(4), '\u{104}');
+    }
+
+    /// The byte-level shortcut finds exactly the characters that encoding each alone drops.
+    #[test]
+    fn a_byte_level_vocabulary_names_what_it_drops_without_encoding() {
+        let g = crate::gguf::GgufFile::open(&plexus_testkit::real_model()).unwrap();
+        let t = Tokenizer::from_gguf(&g).unwrap();
+        assert!(matches!(t.coverage, Coverage::BytesMissing(_)));
+        assert!(!t.covers_every_text());
+        assert!(t.untokenizable("Hello, Ж 😀 \t\n").is_empty());
+        assert_eq!(t.untokenizable("a\u{4}b\u{6}\u{4}"), vec!['\u{4}', '\u{6}']);
+        let slow = Tokenizer {
+            coverage: Coverage::PerChar,
+            ..t.clone()
+        };
+        let text: String = (0..0x800u32)
+            .chain(0x1F600..0x1F650)
+            .filter_map(char::from_u32)
+            .collect();
+        assert_eq!(t.untokenizable(&text), slow.untokenizable(&text));
+    }
+
+    #[test]
+    fn chars_are_named_sixteen_at_most() {
+        assert_eq!(name_chars(&['A', '\'']), "'A', '\\''");
+        let many: Vec<char> = ('a'..='z').collect();
+        assert!(name_chars(&many).ends_with("'p' and 10 more characters"));
     }
 }

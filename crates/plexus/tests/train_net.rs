@@ -362,6 +362,13 @@ fn complete_with_up(model: &Path, dir: &Path, prompt: &str, max_tokens: u32) -> 
     );
     let api = up.wait_for("API: ", Duration::from_secs(180));
     let key = up.wait_for("API key: ", Duration::from_secs(10));
+    // The hint's example request is one the model takes (its prompt in the vocabulary).
+    let hint = up.wait_for("/v1/completions", Duration::from_secs(10));
+    let hinted = field(&hint, "\"prompt\":\"")
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
     let url = api.trim_start_matches("API: ").trim().to_string();
     let key = key.trim_start_matches("API key: ").trim().to_string();
     let script = r#"
@@ -369,6 +376,7 @@ import sys
 from openai import OpenAI
 client = OpenAI(base_url=sys.argv[1], api_key=sys.argv[2])
 model = client.models.list().data[0].id
+client.completions.create(model=model, prompt=sys.argv[5], max_tokens=2)
 r = client.completions.create(model=model, prompt=sys.argv[3], max_tokens=int(sys.argv[4]), temperature=0)
 print(repr(r.choices[0].text))
 try:
@@ -378,7 +386,15 @@ except Exception as e:
     print(e)
 "#;
     let o = Command::new(&python)
-        .args(["-c", script, &url, &key, prompt, &max_tokens.to_string()])
+        .args([
+            "-c",
+            script,
+            &url,
+            &key,
+            prompt,
+            &max_tokens.to_string(),
+            &hinted,
+        ])
         .output()
         .expect("run the python client");
     let pid = up.child.id();

@@ -498,7 +498,8 @@ pub fn encode(entry: &ModelEntry, prompt: &Prompt) -> Result<Vec<u32>, ApiError>
 
 /// Refuses `text` when the model's vocabulary has no token for some of its characters (a
 /// character-level checkpoint `plexus train` wrote knows only its task's characters): its
-/// tokenizer would leave them out without a word. Byte-level vocabularies cover every text.
+/// tokenizer would leave them out without a word. Byte-level vocabularies cover every text
+/// (decided once per model: [`plexus_model::Tokenizer::covers_every_text`]).
 fn refuse_untokenizable(
     entry: &ModelEntry,
     text: &str,
@@ -508,18 +509,11 @@ fn refuse_untokenizable(
     if missing.is_empty() {
         return Ok(());
     }
-    let list: Vec<String> = missing.iter().take(16).map(|c| format!("{c:?}")).collect();
-    let more = missing.len().saturating_sub(list.len());
     Err(ApiError::invalid(
         format!(
-            "the vocabulary of `{}` has no token for {}{}: such characters cannot be given to the model",
+            "the vocabulary of `{}` has no token for {}: such characters cannot be given to the model",
             entry.id,
-            list.join(", "),
-            if more > 0 {
-                format!(" and {more} more characters")
-            } else {
-                String::new()
-            }
+            plexus_model::tokenizer::name_chars(&missing)
         ),
         Some(param),
     ))

@@ -118,10 +118,9 @@ pub fn cache_dir() -> Option<PathBuf> {
 pub fn warn_untokenizable(tokenizer: &plexus_model::Tokenizer, text: &str) {
     let missing = tokenizer.untokenizable(text);
     if !missing.is_empty() {
-        let list: Vec<String> = missing.iter().map(|c| format!("{c:?}")).collect();
         eprintln!(
             "warning: the model's vocabulary has no token for {}: left out of the prompt",
-            list.join(", ")
+            plexus_model::tokenizer::name_chars(&missing)
         );
     }
 }

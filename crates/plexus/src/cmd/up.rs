@@ -530,9 +530,15 @@ async fn serve(
             served
         );
     } else {
-        // A model without a chat template (a checkpoint `plexus train` wrote) only completes.
+        // A model without a chat template (a checkpoint `plexus train` wrote) only completes,
+        // and its vocabulary may know a task's characters only: the example prompt is one it
+        // encodes.
+        let prompt = ["Hello", "hello", "abc|", "123"]
+            .into_iter()
+            .find(|p| entry.tokenizer.untokenizable(p).is_empty())
+            .unwrap_or("Hello");
         println!(
-            "  curl {url}/v1/completions{auth} -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"prompt\":\"Hello\",\"max_tokens\":8}}'",
+            "  curl {url}/v1/completions{auth} -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"prompt\":\"{prompt}\",\"max_tokens\":8}}'",
             served
         );
     }
