@@ -45,6 +45,8 @@ pub mod limits {
     pub const MAX_PRICE: u64 = 1_000_000_000;
     /// Positions of KV cache one offer's budget may claim (2^28: terabytes for any model).
     pub const MAX_KV_POSITIONS: u32 = 1 << 28;
+    /// Peers' speeds one announcement reports as measured.
+    pub const MAX_OBSERVATIONS: usize = 64;
 }
 
 /// One model a node serves: which layers, how fast.
@@ -101,6 +103,24 @@ pub struct Announcement {
     /// [`limits::MAX_PRICE`].
     pub price: u64,
     pub models: Vec<ModelOffer>,
+    /// The decode speeds this node measured of peers serving its model (placement's input:
+    /// a peer's announced speed is a claim, these are the measurements that check it; see
+    /// `plexus_node::probe`). At most [`limits::MAX_OBSERVATIONS`]. Appended last.
+    pub observed: Vec<Observation>,
+}
+
+/// One peer's decode speed on one model, as the announcing node measured it (stage calls it
+/// timed itself, the round trip taken off).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Observation {
+    /// The measured peer's id, as text.
+    pub peer: String,
+    pub model: Digest,
+    /// Measured seconds per layer per decoded token: a decode call's time, less the round
+    /// trip, over the layers it ran.
+    pub decode_s_per_layer: f32,
+    /// The layers of the peer's span when it was measured.
+    pub layers: u32,
 }
 
 /// An announcement with its signature, as it travels.
@@ -210,6 +230,20 @@ impl Announcement {
                 return Err(bad("kv positions", (o.kv_free_positions, o.kv_positions)));
             }
         }
+        if self.observed.len() > MAX_OBSERVATIONS {
+            return Err(bad("observation count", self.observed.len()));
+        }
+        for o in &self.observed {
+            if o.peer.parse::<PeerId>().is_err() {
+                return Err(bad("observed peer", &o.peer));
+            }
+            if !(o.decode_s_per_layer > 0.0 && o.decode_s_per_layer <= MAX_SECONDS_PER_LAYER) {
+                return Err(bad("observed decode_s_per_layer", o.decode_s_per_layer));
+            }
+            if o.layers == 0 || o.layers > MAX_LAYERS {
+                return Err(bad("observed layers", o.layers));
+            }
+        }
         Ok(())
     }
 
@@ -294,6 +328,12 @@ mod tests {
                 layer_bytes: 3 << 20,
                 kv_positions: 100_000,
                 kv_free_positions: 60_000,
+            }],
+            observed: vec![Observation {
+                peer: NodeKey::generate().peer_id().to_string(),
+                model: Digest::of(b"weights"),
+                decode_s_per_layer: 2e-4,
+                layers: 10,
             }],
         }
     }
@@ -382,6 +422,26 @@ mod tests {
             (
                 "more free KV than budget",
                 Box::new(|a| a.models[0].kv_free_positions = 100_001),
+            ),
+            (
+                "observed peer not a peer id",
+                Box::new(|a| a.observed[0].peer = "me".into()),
+            ),
+            (
+                "observed speed zero",
+                Box::new(|a| a.observed[0].decode_s_per_layer = 0.0),
+            ),
+            (
+                "observed speed NaN",
+                Box::new(|a| a.observed[0].decode_s_per_layer = f32::NAN),
+            ),
+            ("observed no layers", Box::new(|a| a.observed[0].layers = 0)),
+            (
+                "too many observations",
+                Box::new(|a| {
+                    let o = a.observed[0].clone();
+                    a.observed = vec![o; limits::MAX_OBSERVATIONS + 1];
+                }),
             ),
             (
                 "huge KV budget",

@@ -15,7 +15,7 @@
 //!   printed.
 #![allow(unused_crate_dependencies, clippy::unwrap_used)]
 
-use plexus_core::announce::{Announcement, ModelOffer};
+use plexus_core::announce::{Announcement, ModelOffer, Observation};
 use plexus_core::keys::NodeKey;
 use plexus_core::rng::{CounterRng, Stream};
 use plexus_core::sampling::SamplingParams;
@@ -171,6 +171,12 @@ fn announcement() -> Vec<u8> {
             layer_bytes: 1 << 20,
             kv_positions: 100_000,
             kv_free_positions: 90_000,
+        }],
+        observed: vec![Observation {
+            peer: NodeKey::from_secret([8; 32]).unwrap().peer_id().to_string(),
+            model: Digest::of(b"tiny model"),
+            decode_s_per_layer: 2e-4,
+            layers: 2,
         }],
     }
     .sign(&key)

@@ -157,6 +157,7 @@ mod tests {
             queue: 0,
             price: 0,
             models: Vec::new(),
+            observed: Vec::new(),
         }
         .sign(key)
         .encode()

@@ -247,6 +247,7 @@ mod tests {
             queue: 0,
             price: 0,
             models: Vec::new(),
+            observed: Vec::new(),
         }
         .sign(key)
         .encode()

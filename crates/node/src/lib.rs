@@ -23,6 +23,7 @@ pub mod gather;
 pub mod measure;
 pub mod metering;
 pub mod placement;
+pub mod probe;
 pub mod reputation;
 pub mod route;
 pub mod scoreboard;

@@ -19,10 +19,11 @@ use crate::discovery::{now_ms, DirectoryKeeper, DiscoveryCounters};
 use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, SubmitError, Work};
 use crate::measure::{free_memory, measure, Speed};
 use crate::placement::{covers, keep_spans, plan, NodeCapacity};
-use plexus_core::announce::{limits, Announcement, ModelOffer};
+use crate::probe::{checked_speed, observed_speeds, probe_peer, Probes};
+use plexus_core::announce::{limits, Announcement, ModelOffer, Observation};
 use plexus_core::keys::NodeKey;
 use plexus_core::receipt::Receipt;
-use plexus_core::wire::{ErrorCode, Request, Response};
+use plexus_core::wire::{ErrorCode, Request, Response, SessionId};
 use plexus_core::Digest;
 use plexus_model::layers::Mode;
 use plexus_model::load::ModelFiles;
@@ -58,6 +59,9 @@ pub struct NodeConfig {
     pub auto: Option<AutoPlacement>,
     /// Where the payers' vouchers for this node are kept (JSON lines; `None`: in memory).
     pub vouchers: Option<PathBuf>,
+    /// Tests only: announce this decode speed (seconds per layer per token) instead of the
+    /// measured one: a node lying about its speed, for placement's check ([`crate::probe`]).
+    pub claim_decode_s_per_layer: Option<f64>,
 }
 
 /// Settings of automatic placement.
@@ -99,6 +103,7 @@ impl NodeConfig {
             chain_id: DEFAULT_CHAIN_ID,
             auto: None,
             vouchers: None,
+            claim_decode_s_per_layer: None,
         }
     }
 }
@@ -171,6 +176,13 @@ pub struct Node {
     drafts: BTreeMap<u64, Receipt>,
     /// The latest voucher per request that payers sent for this node's work.
     vouchers: crate::vouchers::VoucherLog,
+    /// What this node measured of its peers' speeds (automatic placement), the measurements
+    /// its last announcement carried, and whether a probe is under way.
+    probes: Probes,
+    observed: Vec<Observation>,
+    probing: bool,
+    probed_tx: mpsc::Sender<(PeerId, ModelOffer, Result<f64, String>)>,
+    probed: mpsc::Receiver<(PeerId, ModelOffer, Result<f64, String>)>,
 }
 
 /// A finished load of a new span: the engine already serves it when `Ok`.
@@ -204,7 +216,10 @@ fn load(config: &NodeConfig) -> Result<Served, StartNodeError> {
     let layer_bytes =
         plexus_model::identity::total_size(&files.weight_files) / layers.max(1) as u64;
     let stage = files.stage(Some(span), Mode::Infer)?;
-    let speed = measure(&stage)?;
+    let mut speed = measure(&stage)?;
+    if let Some(claim) = config.claim_decode_s_per_layer {
+        speed.decode_s_per_layer = claim;
+    }
     let name = config
         .model
         .file_stem()
@@ -280,6 +295,7 @@ impl Node {
         );
         let (keeper, directory) = DirectoryKeeper::new(handle.clone());
         let (loaded_tx, loaded) = mpsc::channel(1);
+        let (probed_tx, probed) = mpsc::channel(1);
         // Collect the first listen addresses; keep any other early event for `run`.
         let mut listen = Vec::new();
         let mut early = Vec::new();
@@ -310,6 +326,11 @@ impl Node {
             signer,
             drafts: BTreeMap::new(),
             vouchers,
+            probes: Probes::default(),
+            observed: Vec::new(),
+            probing: false,
+            probed_tx,
+            probed,
         };
         node.current = node.announcement().sign(&node.config.net.key).encode();
         for e in early {
@@ -379,10 +400,12 @@ impl Node {
                 kv_positions,
                 kv_free_positions,
             }],
+            observed: self.observed.clone(),
         }
     }
 
     async fn announce(&mut self) {
+        self.observed = self.probes.observations(self.served.model, now_ms());
         self.current = self.announcement().sign(&self.config.net.key).encode();
         if let Err(e) = self.handle.publish(self.current.clone()).await {
             debug!("announcement not published: {e}");
@@ -543,22 +566,57 @@ impl Node {
             (free.saturating_add(layer_bytes.saturating_mul(held as u64)) / layer_bytes)
                 .min(layers as u64) as usize
         };
-        let speed = |s: f64| if auto.equal_speeds { 1e-3 } else { s };
-        let mut current = vec![(me, (span.start, span.end))];
-        let mut nodes = vec![NodeCapacity {
-            peer: me,
-            decode_s_per_layer: speed(self.served.speed.decode_s_per_layer),
-            max_layers: cap(free_memory().unwrap_or(0), span.len()),
-        }];
-        for (peer, a, o) in self.keeper.directory().offers(&self.served.model) {
-            if peer != me {
-                current.push((peer, (o.start as usize, o.end as usize)));
-                nodes.push(NodeCapacity {
-                    peer,
-                    decode_s_per_layer: speed(o.decode_s_per_layer as f64),
-                    max_layers: cap(a.free_memory, (o.end - o.start) as usize),
-                });
+        let model = self.served.model;
+        let (current, nodes, probed) = {
+            let offers = self.keeper.directory().offers(&model);
+            // A node's speed is its claim checked against what the others measured of it (this
+            // node's own measurements as its last announcement told them): see `crate::probe`.
+            let observers: Vec<(PeerId, &Announcement)> = offers
+                .iter()
+                .map(|(p, a, _)| (*p, *a))
+                .filter(|(p, _)| *p != me)
+                .collect();
+            let speed = |peer: PeerId, claim: f64| {
+                if auto.equal_speeds {
+                    return 1e-3;
+                }
+                let mut seen = observed_speeds(observers.iter().copied(), model, peer);
+                let name = peer.to_string();
+                if peer != me {
+                    seen.extend(
+                        self.observed
+                            .iter()
+                            .filter(|o| o.model == model && o.peer == name)
+                            .map(|o| (f64::from(o.decode_s_per_layer), o.layers)),
+                    );
+                }
+                checked_speed(claim, seen)
+            };
+            let mut current = vec![(me, (span.start, span.end))];
+            let mut nodes = vec![NodeCapacity {
+                peer: me,
+                decode_s_per_layer: speed(me, self.served.speed.decode_s_per_layer),
+                max_layers: cap(free_memory().unwrap_or(0), span.len()),
+            }];
+            for (peer, a, o) in &offers {
+                if *peer != me {
+                    current.push((*peer, (o.start as usize, o.end as usize)));
+                    nodes.push(NodeCapacity {
+                        peer: *peer,
+                        decode_s_per_layer: speed(*peer, o.decode_s_per_layer as f64),
+                        max_layers: cap(a.free_memory, (o.end - o.start) as usize),
+                    });
+                }
             }
+            let probed: Vec<(PeerId, ModelOffer)> = offers
+                .iter()
+                .filter(|(p, _, _)| *p != me)
+                .map(|(p, _, o)| (*p, (*o).clone()))
+                .collect();
+            (current, nodes, probed)
+        };
+        if !auto.equal_speeds {
+            self.probe_next(probed);
         }
         let Ok(plan) = plan(&nodes, layers, auto.stages) else {
             return;
@@ -628,6 +686,44 @@ impl Node {
         });
     }
 
+    /// Starts a probe of the peer serving this node's model that is due one, if none is under
+    /// way (off the event loop; the answer comes back to [`Self::on_probed`]).
+    fn probe_next(&mut self, offers: Vec<(PeerId, ModelOffer)>) {
+        if self.probing {
+            return;
+        }
+        let model = self.served.model;
+        let peers: Vec<PeerId> = offers.iter().map(|(p, _)| *p).collect();
+        let now = now_ms();
+        let Some(peer) = self.probes.due(model, &peers, now) else {
+            return;
+        };
+        let Some(offer) = offers.into_iter().find(|(p, _)| *p == peer).map(|(_, o)| o) else {
+            return;
+        };
+        self.probes.tried(model, peer, now);
+        self.probing = true;
+        let (net, tx) = (self.handle.clone(), self.probed_tx.clone());
+        let session = SessionId(crate::client::rand_session());
+        tokio::spawn(async move {
+            let result = probe_peer(&net, peer, &offer, session).await;
+            let _ = tx.send((peer, offer, result)).await;
+        });
+    }
+
+    /// A probe finished: its measurement is kept for the next announcement.
+    fn on_probed(&mut self, peer: PeerId, offer: ModelOffer, result: Result<f64, String>) {
+        self.probing = false;
+        match result {
+            Ok(s) => {
+                debug!(%peer, measured_ms_per_layer = s * 1e3, claimed_ms_per_layer = f64::from(offer.decode_s_per_layer) * 1e3, "probed a peer's speed");
+                self.probes
+                    .record(offer.model, peer, s, offer.end - offer.start, now_ms());
+            }
+            Err(e) => debug!(%peer, "probe failed: {e}"),
+        }
+    }
+
     /// A placement move finished: announce the new span only if the engine took it.
     async fn on_loaded(&mut self, done: Loaded) {
         self.loading = false;
@@ -674,6 +770,7 @@ impl Node {
                     self.keeper.admit(&bytes, Some(peer)).await;
                 }
                 Some(done) = self.loaded.recv() => self.on_loaded(done).await,
+                Some((peer, offer, result)) = self.probed.recv() => self.on_probed(peer, offer, result),
                 _ = replan.tick(), if self.config.auto.is_some() => self.rebalance().await,
                 _ = announce.tick() => {
                     if !self.engine.is_alive() {

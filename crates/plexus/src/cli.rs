@@ -614,6 +614,10 @@ pub struct NodeArgs {
     /// audits can be tested against a real cheating process.
     #[arg(long, hide = true, value_name = "KIND")]
     pub cheat: Option<plexus_node::cheat::Cheat>,
+    /// Tests only: announce this decode speed (seconds per layer per token) instead of the
+    /// measured one, so placement's check of claimed speeds is tested against a real liar.
+    #[arg(long, hide = true, value_name = "SECONDS")]
+    pub claim_decode_s_per_layer: Option<f64>,
     #[command(flatten)]
     pub nat: NatArgs,
 }

@@ -359,6 +359,16 @@ fn span_of(
     client: &NetworkClient,
     peer: PeerId,
 ) -> Option<(u32, u32)> {
+    let a = announcement_of(rt, client, peer)?;
+    a.models.first().map(|o| (o.start, o.end))
+}
+
+/// A node's current announcement, as it answers `Describe`, verified.
+fn announcement_of(
+    rt: &tokio::runtime::Runtime,
+    client: &NetworkClient,
+    peer: PeerId,
+) -> Option<plexus_core::announce::Announcement> {
     let resp = rt
         .block_on(
             client
@@ -369,11 +379,10 @@ fn span_of(
     let plexus_core::wire::Response::Described(bytes) = resp else {
         return None;
     };
-    let a = plexus_core::announce::SignedAnnouncement::decode(&bytes)
+    plexus_core::announce::SignedAnnouncement::decode(&bytes)
         .ok()?
         .verify(plexus_node::discovery::now_ms())
-        .ok()?;
-    a.models.first().map(|o| (o.start, o.end))
+        .ok()
 }
 
 fn spawn_auto(dir: &Path, bootstrap: Option<&Multiaddr>) -> NodeProc {
@@ -419,6 +428,64 @@ fn auto_placement_splits_when_a_node_joins_and_merges_when_it_leaves() {
     wait_for("a to serve every layer again", 60, || {
         (span_of(&rt, &client, a) == Some((0, 30))).then_some(())
     });
+}
+
+/// Issue 11: a node's announced speed is a claim. Node b claims a decode speed a thousand
+/// times its own (`--claim-decode-s-per-layer`, hidden); placed on claims, it would take all
+/// but one of the model's 30 layers. Each node times the other's stage calls and announces
+/// what it measured; placement takes the measurement over a claim more than twice too fast,
+/// so b ends up with a share like a's.
+#[test]
+fn placement_checks_a_claimed_speed_against_measurement_issue_11() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a = spawn_auto(&dir.path().join("a"), None);
+    let liar = spawn_node_with(
+        &[
+            "--span",
+            "auto",
+            "--stages",
+            "2",
+            "--claim-decode-s-per-layer",
+            "1e-7",
+        ],
+        &dir.path().join("b"),
+        Some(&a.addr),
+    );
+    let (a_peer, b_peer) = (a.peer, liar.peer);
+    let nodes = [a, liar];
+    let client = client(&rt, &nodes, None);
+    // Each measured the other, and the split settled with the liar on at most 20 layers:
+    // the same split seen twice, a second apart.
+    let seen = |of: PeerId, by: PeerId| -> Option<f32> {
+        let ann = announcement_of(&rt, &client, by)?;
+        ann.observed
+            .iter()
+            .find(|o| o.peer == of.to_string())
+            .map(|o| o.decode_s_per_layer)
+    };
+    let split = || -> Option<((u32, u32), (u32, u32))> {
+        let (sa, sb) = (
+            span_of(&rt, &client, a_peer)?,
+            span_of(&rt, &client, b_peer)?,
+        );
+        let (first, second) = if sa.0 == 0 { (sa, sb) } else { (sb, sa) };
+        (first.0 == 0 && first.1 == second.0 && second.1 == 30).then_some((sa, sb))
+    };
+    let (measured, claimed_by_b, sb) = wait_for("a measured split", 120, || {
+        let measured = seen(b_peer, a_peer)?;
+        let by_b = seen(a_peer, b_peer)?;
+        let (_, sb) = split()?;
+        if sb.1 - sb.0 > 20 {
+            return None;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        (split()?.1 == sb).then_some((measured, by_b, sb))
+    });
+    println!(
+        "b claims 1e-7 s/layer; a measured it at {measured:e}; b measured a at {claimed_by_b:e}; b serves {sb:?}"
+    );
+    assert!(measured > 1e-5, "a measured b at {measured}");
 }
 
 /// `--max-price` (issue 10): a client never routes to a node asking more. One node serves the

@@ -860,6 +860,7 @@ pub fn announcement(key: &NodeKey) -> Announcement {
             kv_positions: 100_000,
             kv_free_positions: 100_000,
         }],
+        observed: Vec::new(),
     }
 }
 

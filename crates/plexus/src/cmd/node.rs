@@ -50,6 +50,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     config.cache_dir = super::cache_dir();
     config.price = args.price;
     config.vouchers = Some(voucher_file(&args.net.data_dir));
+    config.claim_decode_s_per_layer = args.claim_decode_s_per_layer;
     config.auto = (auto || args.follow_placement).then(|| AutoPlacement {
         stages: args.stages,
         equal_speeds: args.plan_equal_speeds,
