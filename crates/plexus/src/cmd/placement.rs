@@ -1,10 +1,13 @@
 //! `plexus placement --model ID`: joins the network as a client, listens for announcements,
-//! and prints who serves which layers now and the plan placement would choose.
+//! and prints who serves which layers now and the plan placement would choose (from each
+//! node's claimed speed checked against what its peers measured, as the nodes plan:
+//! `plexus_node::probe`).
 
 use super::net::runtime;
 use crate::cli::PlacementArgs;
 use plexus_node::client::{ClientConfig, NetworkClient};
 use plexus_node::placement::{plan, NodeCapacity};
+use plexus_node::probe::{checked_speed, observed_speeds};
 use std::time::Duration;
 
 pub fn run(args: PlacementArgs) -> anyhow::Result<()> {
@@ -37,23 +40,48 @@ pub fn run(args: PlacementArgs) -> anyhow::Result<()> {
         );
         println!("serving now:");
         let mut rtts = Vec::new();
+        let mut checked = Vec::new();
         for (peer, a, o) in &offers {
             let rtt = client.handle().rtt(*peer).await;
             rtts.extend(rtt);
+            let observers = dir.iter().map(|(p, a)| {
+                let a: &plexus_core::announce::Announcement = a;
+                (*p, a)
+            });
+            let seen = observed_speeds(observers, o.model, *peer);
+            let claim = f64::from(o.decode_s_per_layer);
+            let speed = checked_speed(claim, seen.clone());
+            checked.push(speed);
+            let measured = match seen.len() {
+                0 => "not measured by peers".to_string(),
+                n => format!(
+                    "measured by {n} peers at {} ms/layer",
+                    seen.iter()
+                        .map(|(s, _)| format!("{:.3}", s * 1e3))
+                        .collect::<Vec<_>>()
+                        .join("/")
+                ),
+            };
             println!(
-                "  layers {:>3}..{:<3} {peer}  {:.3} ms/layer decode, {} sessions, {:.1} GiB free",
+                "  layers {:>3}..{:<3} {peer}  {:.3} ms/layer decode claimed, {measured}{}, {} sessions, {:.1} GiB free",
                 o.start,
                 o.end,
-                o.decode_s_per_layer * 1e3,
+                claim * 1e3,
+                if speed == claim {
+                    String::new()
+                } else {
+                    format!(" (placement uses {:.3}: the claim is too fast)", speed * 1e3)
+                },
                 a.sessions,
                 a.free_memory as f64 / (1u64 << 30) as f64
             );
         }
         let nodes: Vec<NodeCapacity> = offers
             .iter()
-            .map(|(peer, a, o)| NodeCapacity {
+            .zip(&checked)
+            .map(|((peer, a, o), speed)| NodeCapacity {
                 peer: *peer,
-                decode_s_per_layer: o.decode_s_per_layer as f64,
+                decode_s_per_layer: *speed,
                 max_layers: ((a.free_memory + o.layer_bytes * (o.end - o.start) as u64)
                     / o.layer_bytes.max(1))
                 .min(layers as u64) as usize,
