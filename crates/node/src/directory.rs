@@ -137,12 +137,13 @@ impl Directory {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use plexus_core::announce::Announcement;
     use plexus_core::keys::NodeKey;
 
-    fn announce(key: &NodeKey, issued: u64) -> Vec<u8> {
+    /// An announcement of `key` issued at `issued` (30 s to live) offering nothing.
+    pub(crate) fn bare(key: &NodeKey, issued: u64) -> Announcement {
         Announcement {
             public_key: key.public().encode_protobuf(),
             peer: key.peer_id().to_string(),
@@ -159,8 +160,10 @@ mod tests {
             models: Vec::new(),
             observed: Vec::new(),
         }
-        .sign(key)
-        .encode()
+    }
+
+    fn announce(key: &NodeKey, issued: u64) -> Vec<u8> {
+        bare(key, issued).sign(key).encode()
     }
 
     #[test]

@@ -234,20 +234,8 @@ mod tests {
 
     fn announcement(key: &NodeKey, addrs: Vec<String>) -> Vec<u8> {
         Announcement {
-            public_key: key.public().encode_protobuf(),
-            peer: key.peer_id().to_string(),
-            issued_at_ms: now_ms(),
-            ttl_ms: 30_000,
-            version: "test".into(),
             addrs,
-            threads: 1,
-            free_memory: 0,
-            sessions: 0,
-            max_sessions: 1,
-            queue: 0,
-            price: 0,
-            models: Vec::new(),
-            observed: Vec::new(),
+            ..crate::directory::tests::bare(key, now_ms())
         }
         .sign(key)
         .encode()

@@ -277,22 +277,9 @@ mod tests {
     }
 
     fn announcing(observed: Vec<Observation>) -> Announcement {
-        let key = NodeKey::generate();
         Announcement {
-            public_key: key.public().encode_protobuf(),
-            peer: key.peer_id().to_string(),
-            issued_at_ms: 0,
-            ttl_ms: 1,
-            version: String::new(),
-            addrs: Vec::new(),
-            threads: 1,
-            free_memory: 0,
-            sessions: 0,
-            max_sessions: 1,
-            queue: 0,
-            price: 0,
-            models: Vec::new(),
             observed,
+            ..crate::directory::tests::bare(&NodeKey::generate(), 0)
         }
     }
 
