@@ -19,7 +19,7 @@ use crate::discovery::{now_ms, DirectoryKeeper, DiscoveryCounters};
 use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, SubmitError, Work};
 use crate::measure::{free_memory, measure, Speed};
 use crate::placement::{covers, keep_spans, plan, NodeCapacity};
-use crate::probe::{checked_speed, observed_speeds, probe_peer, Probes};
+use crate::probe::{checked_speed, observed_speeds, probe_peer, ProbeFailure, Probes};
 use plexus_core::announce::{limits, Announcement, ModelOffer, Observation};
 use plexus_core::keys::NodeKey;
 use plexus_core::receipt::Receipt;
@@ -180,9 +180,9 @@ pub struct Node {
     /// its last announcement carried, and whether a probe is under way.
     probes: Probes,
     observed: Vec<Observation>,
-    probing: bool,
-    probed_tx: mpsc::Sender<(PeerId, ModelOffer, Result<f64, String>)>,
-    probed: mpsc::Receiver<(PeerId, ModelOffer, Result<f64, String>)>,
+    probing: usize,
+    probed_tx: mpsc::Sender<(PeerId, ModelOffer, Result<f64, ProbeFailure>)>,
+    probed: mpsc::Receiver<(PeerId, ModelOffer, Result<f64, ProbeFailure>)>,
 }
 
 /// A finished load of a new span: the engine already serves it when `Ok`.
@@ -295,7 +295,7 @@ impl Node {
         );
         let (keeper, directory) = DirectoryKeeper::new(handle.clone());
         let (loaded_tx, loaded) = mpsc::channel(1);
-        let (probed_tx, probed) = mpsc::channel(1);
+        let (probed_tx, probed) = mpsc::channel(crate::probe::MAX_IN_FLIGHT);
         // Collect the first listen addresses; keep any other early event for `run`.
         let mut listen = Vec::new();
         let mut early = Vec::new();
@@ -328,7 +328,7 @@ impl Node {
             vouchers,
             probes: Probes::default(),
             observed: Vec::new(),
-            probing: false,
+            probing: 0,
             probed_tx,
             probed,
         };
@@ -686,10 +686,11 @@ impl Node {
         });
     }
 
-    /// Starts a probe of the peer serving this node's model that is due one, if none is under
-    /// way (off the event loop; the answer comes back to [`Self::on_probed`]).
+    /// Starts a probe of the peer serving this node's model that is due one, if fewer than
+    /// [`crate::probe::MAX_IN_FLIGHT`] are under way (off the event loop; the answer comes
+    /// back to [`Self::on_probed`]).
     fn probe_next(&mut self, offers: Vec<(PeerId, ModelOffer)>) {
-        if self.probing {
+        if self.probing >= crate::probe::MAX_IN_FLIGHT {
             return;
         }
         let model = self.served.model;
@@ -702,7 +703,7 @@ impl Node {
             return;
         };
         self.probes.tried(model, peer, now);
-        self.probing = true;
+        self.probing += 1;
         let (net, tx) = (self.handle.clone(), self.probed_tx.clone());
         let session = SessionId(crate::client::rand_session());
         tokio::spawn(async move {
@@ -712,15 +713,21 @@ impl Node {
     }
 
     /// A probe finished: its measurement is kept for the next announcement.
-    fn on_probed(&mut self, peer: PeerId, offer: ModelOffer, result: Result<f64, String>) {
-        self.probing = false;
+    fn on_probed(&mut self, peer: PeerId, offer: ModelOffer, result: Result<f64, ProbeFailure>) {
+        self.probing = self.probing.saturating_sub(1);
+        let layers = offer.end - offer.start;
         match result {
             Ok(s) => {
                 debug!(%peer, measured_ms_per_layer = s * 1e3, claimed_ms_per_layer = f64::from(offer.decode_s_per_layer) * 1e3, "probed a peer's speed");
-                self.probes
-                    .record(offer.model, peer, s, offer.end - offer.start, now_ms());
+                self.probes.record(offer.model, peer, s, layers, now_ms());
             }
-            Err(e) => debug!(%peer, "probe failed: {e}"),
+            Err(ProbeFailure::Stalled(why)) => {
+                warn!(%peer, "a probe of the peer's speed stalled ({why}): taken as a timed-out call");
+                let slow = crate::probe::stalled_speed(layers);
+                self.probes
+                    .record(offer.model, peer, slow, layers, now_ms());
+            }
+            Err(ProbeFailure::Gone(why)) => debug!(%peer, "probe not made: {why}"),
         }
     }
 

@@ -79,6 +79,13 @@ fn placement_lists_the_nodes_and_plans_a_cover() {
         text.contains("plan:") && text.contains("chain 0:"),
         "{text}"
     );
+    // Nodes on fixed spans do not probe each other: each claim is shown unmeasured.
+    assert_eq!(
+        text.matches("ms/layer decode claimed, not measured by peers")
+            .count(),
+        2,
+        "{text}"
+    );
     // The plan: two contiguous spans covering 0..30 (where the cut falls depends on the
     // speeds the nodes measured).
     let plan: Vec<(usize, usize)> = text
