@@ -177,7 +177,7 @@ pub struct Node {
     /// The latest voucher per request that payers sent for this node's work.
     vouchers: crate::vouchers::VoucherLog,
     /// What this node measured of its peers' speeds (automatic placement), the measurements
-    /// its last announcement carried, and whether a probe is under way.
+    /// its last announcement carried, and how many probes are under way.
     probes: Probes,
     observed: Vec<Observation>,
     probing: usize,
