@@ -353,6 +353,33 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// A caught claim is replaced by something slower, never by something faster.
+        #[test]
+        fn the_checked_speed_is_never_faster_than_the_claim(
+            claim in 1e-7f64..1e-2,
+            observed in proptest::collection::vec((1e-7f64..1.0, 1u32..64), 0..9),
+        ) {
+            proptest::prop_assert!(checked_speed(claim, observed) >= claim);
+        }
+
+        /// Observers fewer than the honest ones (who agree on one measurement) change nothing,
+        /// whatever they announce.
+        #[test]
+        fn a_minority_of_observers_cannot_move_the_checked_speed(
+            claim in 1e-7f64..1e-2,
+            honest in (1e-7f64..1.0, 1u32..64),
+            n_honest in 1usize..6,
+            liars in proptest::collection::vec((1e-9f64..60.0, 1u32..4096), 0..6),
+        ) {
+            let liars = &liars[..liars.len().min(n_honest - 1)];
+            let alone = checked_speed(claim, vec![honest; n_honest]);
+            let mut all = vec![honest; n_honest];
+            all.extend_from_slice(liars);
+            proptest::prop_assert_eq!(checked_speed(claim, all), alone);
+        }
+    }
+
     #[test]
     fn only_other_nodes_measurements_of_the_node_on_the_model_count() {
         let (model, other_model) = (Digest::of(b"m"), Digest::of(b"n"));
