@@ -27,7 +27,7 @@
 //! median); observers colluding with a node, as many as the honest ones, can vouch for its
 //! lie, and a lie small against the allowance goes through.
 
-use plexus_core::announce::{limits::MAX_OBSERVATIONS, Announcement, ModelOffer, Observation};
+use plexus_core::announce::{limits::MAX_OBSERVATIONS, ModelOffer, Observation};
 use plexus_core::sampling::SamplingParams;
 use plexus_core::wire::{Activations, DType, ErrorCode, Forward, Request, Response, SessionId};
 use plexus_core::Digest;
@@ -166,27 +166,29 @@ impl Probes {
     }
 }
 
-/// What the nodes of `announcements` other than `subject` measured of `subject` on `model`:
-/// seconds per layer, over how many layers.
+/// What each of `observers` (a node, and the measurements it announced) measured of the
+/// others on `model`, by measured node: seconds per layer, over how many layers. One
+/// measurement per observer and node; a node's word on itself is left out.
 pub fn observed_speeds<'a>(
-    announcements: impl IntoIterator<Item = (PeerId, &'a Announcement)>,
+    observers: impl IntoIterator<Item = (PeerId, &'a [Observation])>,
     model: Digest,
-    subject: PeerId,
-) -> Vec<(f64, u32)> {
-    let name = subject.to_string();
-    let mut seen = std::collections::HashSet::new();
-    announcements
-        .into_iter()
-        .filter(|(observer, _)| *observer != subject && seen.insert(*observer))
-        .flat_map(|(_, a)| {
-            a.observed
-                .iter()
-                .filter(|o| o.model == model && o.peer == name)
-                .map(|o| (f64::from(o.decode_s_per_layer), o.layers))
-                .take(1)
-                .collect::<Vec<_>>()
-        })
-        .collect()
+) -> HashMap<PeerId, Vec<(f64, u32)>> {
+    let mut by_node: HashMap<PeerId, Vec<(f64, u32)>> = HashMap::new();
+    let mut counted = std::collections::HashSet::new();
+    for (observer, list) in observers {
+        for o in list.iter().filter(|o| o.model == model) {
+            let Ok(node) = o.peer.parse::<PeerId>() else {
+                continue;
+            };
+            if node != observer && counted.insert((observer, node)) {
+                by_node
+                    .entry(node)
+                    .or_default()
+                    .push((f64::from(o.decode_s_per_layer), o.layers));
+            }
+        }
+    }
+    by_node
 }
 
 /// The speed placement uses for a node claiming `claim` seconds per layer that its peers
@@ -296,6 +298,7 @@ pub async fn probe_peer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use plexus_core::announce::Announcement;
     use plexus_core::keys::NodeKey;
 
     fn peer() -> PeerId {
@@ -387,12 +390,11 @@ mod tests {
         let by_a = announcing(vec![seen(liar, model, 2e-4), seen(b, model, 1e-4)]);
         let by_b = announcing(vec![seen(liar, other_model, 9.0), seen(a, model, 3e-4)]);
         let by_liar = announcing(vec![seen(liar, model, 1e-9)]);
-        let all = [(a, &by_a), (b, &by_b), (liar, &by_liar), (a, &by_a)];
-        assert_eq!(
-            observed_speeds(all, model, liar),
-            vec![(2e-4_f32 as f64, 10)]
-        );
-        assert_eq!(observed_speeds(all, model, a), vec![(3e-4_f32 as f64, 10)]);
+        let all = [(a, &by_a), (b, &by_b), (liar, &by_liar), (a, &by_a)]
+            .map(|(p, ann)| (p, ann.observed.as_slice()));
+        let measured = observed_speeds(all, model);
+        assert_eq!(measured[&liar], vec![(2e-4_f32 as f64, 10)]);
+        assert_eq!(measured[&a], vec![(3e-4_f32 as f64, 10)]);
     }
 
     #[test]

@@ -571,26 +571,19 @@ impl Node {
             let offers = self.keeper.directory().offers(&model);
             // A node's speed is its claim checked against what the others measured of it (this
             // node's own measurements as its last announcement told them): see `crate::probe`.
-            let observers: Vec<(PeerId, &Announcement)> = offers
-                .iter()
-                .map(|(p, a, _)| (*p, *a))
-                .filter(|(p, _)| *p != me)
-                .collect();
+            let observed = observed_speeds(
+                offers
+                    .iter()
+                    .filter(|(p, _, _)| *p != me)
+                    .map(|(p, a, _)| (*p, a.observed.as_slice()))
+                    .chain(std::iter::once((me, self.observed.as_slice()))),
+                model,
+            );
             let speed = |peer: PeerId, claim: f64| {
                 if auto.equal_speeds {
                     return 1e-3;
                 }
-                let mut seen = observed_speeds(observers.iter().copied(), model, peer);
-                let name = peer.to_string();
-                if peer != me {
-                    seen.extend(
-                        self.observed
-                            .iter()
-                            .filter(|o| o.model == model && o.peer == name)
-                            .map(|o| (f64::from(o.decode_s_per_layer), o.layers)),
-                    );
-                }
-                checked_speed(claim, seen)
+                checked_speed(claim, observed.get(&peer).cloned().unwrap_or_default())
             };
             let mut current = vec![(me, (span.start, span.end))];
             let mut nodes = vec![NodeCapacity {

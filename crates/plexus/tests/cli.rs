@@ -339,7 +339,7 @@ fn starter_model_trains_to_target_and_generates() {
         "/v1/completions",
         r#"{"model":"reverse","prompt":"abcde|","max_tokens":8,"temperature":0}"#,
     );
-    assert!(status.contains(" 200 "), "{status}: {body}");
+    assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["choices"][0]["text"], "edcba", "{body}");
     let (status, body) = post_json(
@@ -347,29 +347,24 @@ fn starter_model_trains_to_target_and_generates() {
         "/v1/completions",
         r#"{"model":"reverse","prompt":"ABCDE|","max_tokens":8}"#,
     );
-    assert!(status.contains(" 400 "), "{status}: {body}");
+    assert_eq!(status, 400, "{body}");
     assert!(
         body.contains("no token for 'A', 'B', 'C', 'D', 'E'") && body.contains("\"prompt\""),
         "{body}"
     );
 }
 
-/// `POST path` with a JSON `body` to the server at `url`; its status line and body.
-fn post_json(url: &str, path: &str, body: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let addr = url.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    (status, body.to_owned())
+/// `POST path` with a JSON `body` to the server at `url`; its status and body.
+fn post_json(url: &str, path: &str, body: &str) -> (u16, String) {
+    let resp = ureq::post(&format!("{url}{path}"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("Content-Type", "application/json")
+        .send(body)
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.into_body().read_to_string().unwrap())
 }
 
 #[test]

@@ -41,14 +41,14 @@ pub fn run(args: PlacementArgs) -> anyhow::Result<()> {
         println!("serving now:");
         let mut rtts = Vec::new();
         let mut checked = Vec::new();
+        let observed = observed_speeds(
+            dir.iter().map(|(p, a)| (*p, a.observed.as_slice())),
+            offers[0].2.model,
+        );
         for (peer, a, o) in &offers {
             let rtt = client.handle().rtt(*peer).await;
             rtts.extend(rtt);
-            let observers = dir.iter().map(|(p, a)| {
-                let a: &plexus_core::announce::Announcement = a;
-                (*p, a)
-            });
-            let seen = observed_speeds(observers, o.model, *peer);
+            let seen = observed.get(peer).cloned().unwrap_or_default();
             let claim = f64::from(o.decode_s_per_layer);
             let speed = checked_speed(claim, seen.clone());
             checked.push(speed);
