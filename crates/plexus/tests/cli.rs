@@ -616,3 +616,21 @@ fn up_refuses_a_max_price_below_its_nodes_price() {
     ]);
     assert_clean_failure(&out, "--max-price 5 is below --node-price 10");
 }
+
+/// The hidden test flag that makes a node lie about its speed still refuses a speed no
+/// announcement may carry (peers would refuse every announcement of the node).
+#[test]
+fn node_refuses_a_claimed_speed_announcements_cannot_carry() {
+    let model = tiny("smollm2/model-f32.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let out = plexus(&[
+        "node",
+        "--model",
+        model.to_str().unwrap(),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--claim-decode-s-per-layer",
+        "0",
+    ]);
+    assert_clean_failure(&out, "--claim-decode-s-per-layer 0 is not a speed");
+}

@@ -50,6 +50,13 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     config.cache_dir = super::cache_dir();
     config.price = args.price;
     config.vouchers = Some(voucher_file(&args.net.data_dir));
+    if let Some(s) = args.claim_decode_s_per_layer {
+        let max = f64::from(plexus_core::announce::limits::MAX_SECONDS_PER_LAYER);
+        anyhow::ensure!(
+            s > 0.0 && s <= max,
+            "--claim-decode-s-per-layer {s} is not a speed an announcement may carry (0 < s <= {max})"
+        );
+    }
     config.claim_decode_s_per_layer = args.claim_decode_s_per_layer;
     config.auto = (auto || args.follow_placement).then(|| AutoPlacement {
         stages: args.stages,
