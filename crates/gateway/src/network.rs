@@ -289,13 +289,28 @@ impl Backend for NetworkBackend {
             m.audits_unavailable.load(Ordering::Relaxed),
         );
         counter(
+            "plexus_audits_cross_build",
+            "Jobs audited by a node of another build (compared within the published band).",
+            m.audits_cross_build.load(Ordering::Relaxed),
+        );
+        counter(
             "plexus_audit_calls_passed",
-            "Audited stage calls whose auditor recomputed the same commitment.",
+            "Audited stage calls whose auditor's answer agreed (same commitment, or within the band across builds).",
             m.audit_calls_passed.load(Ordering::Relaxed),
         );
         counter(
+            "plexus_audit_band_comparisons",
+            "Cross-build audit comparisons (windows of activation rows, or sampled tokens).",
+            m.audit_band_comparisons.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_audit_band_misses",
+            "Cross-build comparisons outside the band that the referees confirmed.",
+            m.audit_band_misses.load(Ordering::Relaxed),
+        );
+        counter(
             "plexus_audit_disputes",
-            "Audited stage calls whose commitments differed (sent to referees).",
+            "Audited stage calls whose answers disagreed (sent to referees).",
             m.audit_disputes.load(Ordering::Relaxed),
         );
         counter(

@@ -41,8 +41,11 @@ use plexus_ledger::Address;
 use plexus_net::{CallError, PeerId};
 use plexus_verify::arbitration::{ArbitrationError, Case, State, Verdict, Vote};
 use plexus_verify::commitment::call_commitment;
+use plexus_verify::compare::{Answer, CrossCheck};
 use plexus_verify::draw::DrawKey;
+use plexus_verify::fingerprint::{fingerprint, Scheme};
 use plexus_verify::reputation::Record;
+use plexus_verify::stats::MissRecord;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use tracing::{info, warn};
@@ -126,7 +129,76 @@ pub fn job_id(session: SessionId, provider: &PeerId) -> [u8; 32] {
     Digest::of(&bytes).0
 }
 
-/// The outcome of comparing the provider's commitment for a call with the auditor's.
+/// One party's answer to an audited call as the gateway saw it: the build the node announces,
+/// the commitment its receipt carries, and what of the answer can be compared across builds.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub version: String,
+    pub commitment: [u8; 32],
+    pub answer: Option<Answer>,
+}
+
+impl Seen {
+    /// `answer` (unwrapped from its receipt) to a call of `positions` new positions from
+    /// `position`, by a node announcing `version`, committed to `commitment`.
+    pub fn of(
+        version: &str,
+        position: u32,
+        positions: u32,
+        answer: &Response,
+        commitment: [u8; 32],
+    ) -> Self {
+        let answer = match answer {
+            Response::Hidden { hidden, .. } => {
+                let first = u64::from(position) + u64::from(positions.saturating_sub(hidden.rows));
+                fingerprint(
+                    Scheme::DEFAULT,
+                    hidden.cols as usize,
+                    first,
+                    &hidden.to_f32(),
+                )
+                .ok()
+                .map(Answer::Rows)
+            }
+            Response::Token { token, .. } | Response::Scored { token, .. } => {
+                Some(Answer::Token(*token))
+            }
+            _ => None,
+        };
+        Self {
+            version: version.to_string(),
+            commitment,
+            answer,
+        }
+    }
+
+    /// Whether the two answers come from nodes announcing different builds.
+    pub fn cross_build(&self, other: &Seen) -> bool {
+        self.version != other.version
+    }
+}
+
+/// How two answers to one call compare across builds (`None` on one build, where only the
+/// commitments count, or when either answer cannot be compared).
+pub fn cross_check(a: &Seen, b: &Seen) -> Option<CrossCheck> {
+    if !a.cross_build(b) {
+        return None;
+    }
+    Some(a.answer.as_ref()?.cross_check(b.answer.as_ref()?))
+}
+
+/// Whether two answers to one call agree: on one build the commitments are equal (the engine
+/// is bit-exact), across builds every window of rows is inside the published band and a
+/// sampled token is the same.
+pub fn agree(a: &Seen, b: &Seen) -> bool {
+    if a.cross_build(b) {
+        cross_check(a, b).is_some_and(|c| c.agrees())
+    } else {
+        a.commitment == b.commitment
+    }
+}
+
+/// The outcome of comparing the provider's answer to a call with the auditor's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PairCheck {
     Pass,
@@ -135,45 +207,45 @@ pub enum PairCheck {
     AuditorLost,
 }
 
-pub fn check_pair(provider: [u8; 32], auditor: Option<[u8; 32]>) -> PairCheck {
+pub fn check_pair(provider: &Seen, auditor: Option<&Seen>) -> PairCheck {
     match auditor {
         None => PairCheck::AuditorLost,
-        Some(a) if a == provider => PairCheck::Pass,
+        Some(a) if agree(provider, a) => PairCheck::Pass,
         Some(_) => PairCheck::Dispute,
     }
 }
 
-/// A referee's vote from its recomputed commitment (`None`: it did not answer, no vote).
-pub fn vote(referee: Option<[u8; 32]>, provider: [u8; 32], auditor: [u8; 32]) -> Option<Vote> {
+/// A referee's vote from its recomputation (`None`: it did not answer, or, across builds, its
+/// answer agrees with both parties: no vote).
+pub fn vote(referee: Option<&Seen>, provider: &Seen, auditor: &Seen) -> Option<Vote> {
     let r = referee?;
-    Some(if r == provider {
-        Vote::Provider
-    } else if r == auditor {
-        Vote::Accuser
-    } else {
-        Vote::Neither
-    })
+    match (agree(r, provider), agree(r, auditor)) {
+        (true, false) => Some(Vote::Provider),
+        (false, true) => Some(Vote::Accuser),
+        (false, false) => Some(Vote::Neither),
+        (true, true) => None,
+    }
 }
 
 /// Milliseconds referees have to answer.
 pub const REFEREE_TIMEOUT_MS: u64 = 120_000;
 
-/// Decides a dispute from the referees' recomputations (`answers`: each referee's commitment,
+/// Decides a dispute from the referees' recomputations (`answers`: each referee's answer,
 /// `None` when it gave none), at `now` (ms) with the answers in; referees that did not answer
 /// abstain, and a strict majority of all of them is still needed.
 pub fn arbitrate(
     job: [u8; 32],
     provider: PeerId,
     auditor: PeerId,
-    provider_commitment: [u8; 32],
-    auditor_commitment: [u8; 32],
-    answers: &[(PeerId, Option<[u8; 32]>)],
+    provider_answer: &Seen,
+    auditor_answer: &Seen,
+    answers: &[(PeerId, Option<Seen>)],
     now: u64,
 ) -> Result<Verdict<PeerId>, ArbitrationError> {
     let referees: Vec<PeerId> = answers.iter().map(|(p, _)| *p).collect();
     let mut case = Case::open(job, provider, auditor, referees, now, REFEREE_TIMEOUT_MS)?;
     for (referee, answer) in answers {
-        if let Some(v) = vote(*answer, provider_commitment, auditor_commitment) {
+        if let Some(v) = vote(answer.as_ref(), provider_answer, auditor_answer) {
             if case.vote(*referee, v)?.is_some() {
                 break;
             }
@@ -306,6 +378,9 @@ pub struct AuditBook {
     convicted: BTreeSet<PeerId>,
     records: BTreeMap<PeerId, Record>,
     stakes: HashMap<Address, u64>,
+    /// Cross-build comparisons of each node's answers and the misses referees confirmed, per
+    /// kind of answer (`true`: sampled tokens, `false`: windows of rows).
+    band: BTreeMap<(PeerId, bool), MissRecord>,
 }
 
 impl AuditBook {
@@ -368,6 +443,43 @@ impl AuditBook {
         self.entry(peer).convicted = true;
     }
 
+    /// Records `compared` cross-build comparisons of `peer`'s answers (tokens when `token`,
+    /// else windows of rows), `missed` of them confirmed outside the band; whether its record
+    /// now convicts it (a binomial tail under 1e-6 at the honest rate of that kind of answer).
+    pub fn on_cross_check(
+        &mut self,
+        peer: PeerId,
+        token: bool,
+        compared: u64,
+        missed: u64,
+    ) -> bool {
+        if self.band.len() >= MAX_RECORDS && !self.band.contains_key(&(peer, token)) {
+            if let Some(victim) = self
+                .band
+                .iter()
+                .filter(|(_, r)| r.misses == 0)
+                .min_by_key(|(_, r)| r.comparisons)
+                .map(|(k, _)| *k)
+            {
+                self.band.remove(&victim);
+            }
+        }
+        let r = self.band.entry((peer, token)).or_default();
+        r.comparisons += compared;
+        r.misses += missed;
+        let rate = if token {
+            plexus_verify::compare::CROSS_BUILD_TOKEN_FPR
+        } else {
+            plexus_verify::compare::CROSS_BUILD_ROWS_FPR
+        };
+        r.convicts(rate)
+    }
+
+    /// `peer`'s cross-build record for tokens (`token`) or windows of rows.
+    pub fn band_record(&self, peer: &PeerId, token: bool) -> MissRecord {
+        self.band.get(&(*peer, token)).copied().unwrap_or_default()
+    }
+
     pub fn set_stakes(&mut self, stakes: HashMap<Address, u64>) {
         self.stakes = stakes;
     }
@@ -384,22 +496,30 @@ pub fn account_of(dir: &Directory, peer: &PeerId) -> Option<Address> {
         .and_then(|k| plexus_ledger::address_of(&k))
 }
 
-/// Peers serving exactly `start..end` of `model` on `version`, other than `not`.
+/// Peers serving exactly `start..end` of `model` (on `version` when given), other than `not`.
 fn same_span(
     dir: &Directory,
     model: &Digest,
     start: u32,
     end: u32,
-    version: &str,
+    version: Option<&str>,
     not: &[PeerId],
 ) -> Vec<PeerId> {
     dir.offers(model)
         .into_iter()
         .filter(|(p, a, o)| {
-            o.start == start && o.end == end && a.version == version && !not.contains(p)
+            o.start == start
+                && o.end == end
+                && version.is_none_or(|v| a.version == v)
+                && !not.contains(p)
         })
         .map(|(p, _, _)| p)
         .collect()
+}
+
+/// Whether an answer is a sampled token (a last stage's) rather than activation rows.
+fn is_token(answer: &Response) -> bool {
+    matches!(answer, Response::Token { .. } | Response::Scored { .. })
 }
 
 /// What a provider's call came to after its audit.
@@ -463,16 +583,33 @@ impl NetTransport {
             },
         };
         let (auditor, sent, reply) = shadow;
-        let auditor_commitment = self.metered_commitment(auditor, &sent, reply.ok());
+        let version = self.version_of(&peer);
+        let provider_seen = Seen::of(
+            &version,
+            f.position,
+            f.tokens.len() as u32,
+            &answer,
+            commitment,
+        );
+        let auditor_seen = self.metered_seen(auditor, &sent, reply.ok());
         if let Some(HopAudit::Shadowed { log, position, .. }) = self.audits.hops.get_mut(&peer) {
             log.push(f);
             *position = f.position + f.tokens.len() as u32;
         }
         let m = &self.client.metrics;
-        match check_pair(commitment, auditor_commitment) {
+        match check_pair(&provider_seen, auditor_seen.as_ref()) {
             PairCheck::Pass => {
                 m.audit_calls_passed.fetch_add(1, Ordering::Relaxed);
-                self.client.book().on_audit(peer, true);
+                let mut book = self.client.book();
+                book.on_audit(peer, true);
+                if let Some(c) = auditor_seen
+                    .as_ref()
+                    .and_then(|a| cross_check(&provider_seen, a))
+                {
+                    m.audit_band_comparisons
+                        .fetch_add(c.compared, Ordering::Relaxed);
+                    book.on_cross_check(peer, is_token(&answer), c.compared, 0);
+                }
                 Ok(answer)
             }
             PairCheck::AuditorLost => {
@@ -484,11 +621,21 @@ impl NetTransport {
             }
             PairCheck::Dispute => {
                 m.audit_disputes.fetch_add(1, Ordering::Relaxed);
-                let auditor_commitment = auditor_commitment.unwrap_or_default();
-                let verdict = self.dispute(peer, auditor, f, commitment, auditor_commitment);
+                let Some(auditor_seen) = auditor_seen else {
+                    return Ok(answer); // unreachable: a dispute has the auditor's answer
+                };
+                let verdict = self.dispute(peer, auditor, f, &provider_seen, &auditor_seen);
                 self.end_audit(&peer);
                 self.audits.hops.insert(peer, HopAudit::Unaudited);
-                self.apply(verdict, peer, auditor, answer)
+                if provider_seen.cross_build(&auditor_seen) {
+                    let check = cross_check(&provider_seen, &auditor_seen).unwrap_or(CrossCheck {
+                        compared: 1,
+                        missed: 1,
+                    });
+                    self.apply_cross_build(verdict, peer, auditor, check, answer)
+                } else {
+                    self.apply(verdict, peer, auditor, answer)
+                }
             }
         }
     }
@@ -524,23 +671,29 @@ impl NetTransport {
         };
         let m = &self.client.metrics;
         m.audits.fetch_add(1, Ordering::Relaxed);
+        // An auditor on the provider's build compares exactly (one mismatch is conclusive);
+        // without one, a node of another build compares within the published band, so a
+        // provider cannot escape audits by announcing a build nobody else runs.
         let book = self.client.book();
-        let candidates: Vec<PeerId> = same_span(
-            &dir,
-            &f.model,
-            f.start,
-            f.end,
-            &announcement.version,
-            &[peer],
-        )
-        .into_iter()
-        .filter(|p| !book.is_convicted(p))
-        .collect();
+        let eligible = |version: Option<&str>| -> Vec<PeerId> {
+            same_span(&dir, &f.model, f.start, f.end, version, &[peer])
+                .into_iter()
+                .filter(|p| !book.is_convicted(p))
+                .collect()
+        };
+        let mut candidates = eligible(Some(&announcement.version));
+        let cross_build = candidates.is_empty();
+        if cross_build {
+            candidates = eligible(None);
+        }
         drop(book);
         let Some(&auditor) = pick(&config.key, &job, &candidates, 1, false).first() else {
             m.audits_unavailable.fetch_add(1, Ordering::Relaxed);
             return None;
         };
+        if cross_build {
+            m.audits_cross_build.fetch_add(1, Ordering::Relaxed);
+        }
         let session = SessionId(crate::client::rand_session());
         // A forked session's job starts with positions the provider holds from the fork: the
         // auditor's fresh session is fed them with the first call, as one replay.
@@ -576,21 +729,41 @@ impl NetTransport {
             .block_on(client.handle.call(peer, Request::Forward(f)))
     }
 
+    /// The build `peer` announces (empty when unknown).
+    fn version_of(&self, peer: &PeerId) -> String {
+        self.client
+            .directory()
+            .get(peer)
+            .map(|a| a.version.clone())
+            .unwrap_or_default()
+    }
+
     /// Meters an audit call's answer like any other (auditors and referees are paid for their
-    /// work); its accepted commitment.
-    fn metered_commitment(
+    /// work); the answer as seen, when its receipt was accepted.
+    fn metered_seen(
         &mut self,
         peer: PeerId,
         sent: &Forward,
         reply: Option<Response>,
-    ) -> Option<[u8; 32]> {
-        let price = self.client.directory().get(&peer).map(|a| a.price)?;
+    ) -> Option<Seen> {
+        let (price, version) = self
+            .client
+            .directory()
+            .get(&peer)
+            .map(|a| (a.price, a.version.clone()))?;
         let expected = Receipt::for_call(sent, price, Digest([0; 32]));
         let reply = reply?;
         if matches!(reply, Response::Error { .. }) {
             return None;
         }
-        self.meter(peer, Some(expected), reply).1
+        let (answer, commitment) = self.meter(peer, Some(expected), reply);
+        Some(Seen::of(
+            &version,
+            sent.position,
+            sent.tokens.len() as u32,
+            &answer,
+            commitment?,
+        ))
     }
 
     /// Sends every referee the replay of what `peer` was fed and decides the case.
@@ -599,22 +772,21 @@ impl NetTransport {
         peer: PeerId,
         auditor: PeerId,
         f: &Forward,
-        provider_commitment: [u8; 32],
-        auditor_commitment: [u8; 32],
+        provider_answer: &Seen,
+        auditor_answer: &Seen,
     ) -> Verdict<PeerId> {
         let Some(HopAudit::Shadowed { log, .. }) = self.audits.hops.get(&peer) else {
             return Verdict::Inconclusive;
         };
         let log = log.clone();
         let dir = self.client.directory();
-        let version = dir
-            .get(&peer)
-            .map(|a| a.version.clone())
-            .unwrap_or_default();
         let job = job_id(f.session, &peer);
         let book = self.client.book();
+        // On one build, referees of that build (exact votes); across builds, any build.
+        let version = (!provider_answer.cross_build(auditor_answer))
+            .then_some(provider_answer.version.as_str());
         let candidates: Vec<PeerId> =
-            same_span(&dir, &f.model, f.start, f.end, &version, &[peer, auditor])
+            same_span(&dir, &f.model, f.start, f.end, version, &[peer, auditor])
                 .into_iter()
                 .filter(|p| !book.is_convicted(p))
                 .collect();
@@ -651,8 +823,8 @@ impl NetTransport {
             .collect();
         let mut answers = Vec::new();
         for ((referee, sent), reply) in calls.iter().zip(replies) {
-            let c = self.metered_commitment(*referee, sent, reply);
-            answers.push((*referee, c));
+            let seen = self.metered_seen(*referee, sent, reply);
+            answers.push((*referee, seen));
             self.close(*referee, sent.session);
         }
         let now = crate::discovery::now_ms();
@@ -660,8 +832,8 @@ impl NetTransport {
             job,
             peer,
             auditor,
-            provider_commitment,
-            auditor_commitment,
+            provider_answer,
+            auditor_answer,
             &answers,
             now,
         )
@@ -702,6 +874,56 @@ impl NetTransport {
                 )))
             }
         }
+    }
+
+    /// Acts on the verdict of a dispute between nodes of different builds, whose honest answers
+    /// differ a little: one miss proves nothing (Gonka's rule). The side the referees found
+    /// outside the band gets `check`'s misses recorded and is convicted only once its record
+    /// is improbable for an honest node ([`AuditBook::on_cross_check`]); referees are never
+    /// slashed for a vote across builds. An answer the referees reject is not used (the call
+    /// fails over), so the client's text stays the majority's.
+    fn apply_cross_build(
+        &mut self,
+        verdict: Verdict<PeerId>,
+        provider: PeerId,
+        auditor: PeerId,
+        check: CrossCheck,
+        answer: Response,
+    ) -> Audited {
+        let failed = |message: String| crate::chain::CallFailed {
+            retryable: true,
+            message,
+        };
+        let token = is_token(&answer);
+        let m = &self.client.metrics;
+        m.audit_band_comparisons
+            .fetch_add(check.compared, Ordering::Relaxed);
+        let off = match &verdict {
+            Verdict::ProviderCheated { .. } => provider,
+            Verdict::FalseAccusation { .. } => auditor,
+            Verdict::Inconclusive => return self.apply(verdict, provider, auditor, answer),
+        };
+        m.audit_band_misses
+            .fetch_add(check.missed, Ordering::Relaxed);
+        let convicts = {
+            let mut book = self.client.book();
+            book.on_audit(off, false);
+            book.on_cross_check(off, token, check.compared, check.missed)
+        };
+        warn!(%off, misses = check.missed, of = check.compared, convicts, "cross-build audit: the referees found this node outside the band");
+        let (challenger, outcome) = if off == provider {
+            let outcome = Err(failed(format!(
+                "{provider}'s output is outside the band of the other builds' recomputations"
+            )));
+            (auditor, outcome)
+        } else {
+            self.client.book().on_audit(provider, true);
+            (provider, Ok(answer))
+        };
+        if convicts {
+            self.convict(off, challenger, &[]);
+        }
+        outcome
     }
 
     /// Convicts `offender`: never routed to again, its work in this generation unpaid, and a
@@ -758,33 +980,137 @@ mod tests {
     use super::*;
     use plexus_core::wire::DType;
 
+    /// An answer on build "v" committed to `c`.
+    fn seen(c: [u8; 32]) -> Seen {
+        Seen {
+            version: "v".into(),
+            commitment: c,
+            answer: None,
+        }
+    }
+
     fn peers(n: usize) -> Vec<PeerId> {
         (0..n).map(|_| PeerId::random()).collect()
     }
 
     #[test]
     fn pairs_pass_only_when_equal() {
-        assert_eq!(check_pair([1; 32], Some([1; 32])), PairCheck::Pass);
-        assert_eq!(check_pair([1; 32], Some([2; 32])), PairCheck::Dispute);
-        assert_eq!(check_pair([1; 32], None), PairCheck::AuditorLost);
+        assert_eq!(
+            check_pair(&seen([1; 32]), Some(&seen([1; 32]))),
+            PairCheck::Pass
+        );
+        assert_eq!(
+            check_pair(&seen([1; 32]), Some(&seen([2; 32]))),
+            PairCheck::Dispute
+        );
+        assert_eq!(check_pair(&seen([1; 32]), None), PairCheck::AuditorLost);
+    }
+
+    /// Rows of a 64-wide hidden state for positions `first..first + n`, scaled by `1 + eps`
+    /// in every other column (a relative difference of about `eps`).
+    fn hidden_answer(version: &str, first: u32, n: usize, eps: f32) -> Seen {
+        let rows: Vec<f32> = (0..n * 64)
+            .map(|i| {
+                let v = ((i as f32) * 0.37).sin() * 2.0;
+                if i % 2 == 0 {
+                    v * (1.0 + eps)
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let answer = Response::Hidden {
+            hidden: Activations::encode(&rows, n, 64, DType::F32),
+            compute_us: 0,
+        };
+        let c = expected_commitment(first, n as u32, &answer, [0; 32]);
+        Seen::of(version, first, n as u32, &answer, c)
+    }
+
+    #[test]
+    fn across_builds_answers_agree_within_the_band_and_tokens_exactly() {
+        let a = hidden_answer("1", 0, 70, 0.0);
+        let slightly = hidden_answer("1+untiled", 0, 70, 0.01);
+        let far = hidden_answer("1+untiled", 0, 70, 0.5);
+        // On one build any difference is a dispute; across builds the band decides.
+        assert!(!agree(&a, &hidden_answer("1", 0, 70, 0.01)));
+        assert!(agree(&a, &slightly));
+        assert_eq!(check_pair(&a, Some(&slightly)), PairCheck::Pass);
+        assert_eq!(check_pair(&a, Some(&far)), PairCheck::Dispute);
+        // 70 rows from position 0: windows 0, 1 and 2, every one outside.
+        assert_eq!(
+            cross_check(&a, &far),
+            Some(CrossCheck {
+                compared: 3,
+                missed: 3
+            })
+        );
+        assert_eq!(cross_check(&a, &hidden_answer("1", 0, 70, 0.5)), None);
+        let token = |version: &str, t: u32| {
+            Seen::of(
+                version,
+                5,
+                1,
+                &Response::Token {
+                    token: t,
+                    compute_us: 0,
+                },
+                [t as u8; 32],
+            )
+        };
+        assert!(agree(&token("1", 4), &token("2", 4)));
+        assert!(!agree(&token("1", 4), &token("2", 5)));
+        // Different kinds of answer never agree.
+        assert!(!agree(&a, &token("2", 4)));
+        // Referees across builds: a vote for the side within the band; none when both are.
+        let referee = hidden_answer("1+untiled", 0, 70, 0.02);
+        assert_eq!(vote(Some(&referee), &far, &a), Some(Vote::Accuser));
+        assert_eq!(vote(Some(&referee), &a, &far), Some(Vote::Provider));
+        assert_eq!(
+            vote(Some(&hidden_answer("3", 0, 70, 2.0)), &a, &far),
+            Some(Vote::Neither)
+        );
+        // (a referee on the build of one party compares exactly with that party)
+        let third = hidden_answer("3", 0, 70, 0.02);
+        assert_eq!(vote(Some(&third), &a, &slightly), None);
+        assert_eq!(vote(Some(&referee), &a, &slightly), Some(Vote::Provider));
+    }
+
+    #[test]
+    fn cross_build_misses_convict_only_when_improbable_for_an_honest_node() {
+        let p = peers(2);
+        let mut book = AuditBook::default();
+        // An honest node of another build: long runs of windows with a few misses.
+        for round in 0..200 {
+            assert!(!book.on_cross_check(p[0], false, 4, u64::from(round % 50 == 0)));
+        }
+        assert_eq!(book.band_record(&p[0], false).comparisons, 800);
+        // Garbage: every window of its first prefill outside (4 windows, 0.01^4 < 1e-6).
+        assert!(!book.on_cross_check(p[1], false, 3, 3));
+        assert!(book.on_cross_check(p[1], false, 1, 1));
+        // Tokens flip honestly more often: 7 in a row is not enough at 0.15, 8 is.
+        for _ in 0..7 {
+            assert!(!book.on_cross_check(p[0], true, 1, 1));
+        }
+        assert!(book.on_cross_check(p[0], true, 1, 1));
     }
 
     #[test]
     fn referees_decide_by_majority() {
         let p = peers(5);
         let (provider, auditor) = (p[0], p[1]);
-        let (honest, cheat) = ([7u8; 32], [9u8; 32]);
+        let (honest, cheat) = (seen([7u8; 32]), seen([9u8; 32]));
         // The provider cheated: two of three referees recompute the auditor's answer.
         let v = arbitrate(
             [0; 32],
             provider,
             auditor,
-            cheat,
-            honest,
+            &cheat,
+            &honest,
             &[
-                (p[2], Some(honest)),
-                (p[3], Some(cheat)),
-                (p[4], Some(honest)),
+                (p[2], Some(honest.clone())),
+                (p[3], Some(cheat.clone())),
+                (p[4], Some(honest.clone())),
             ],
             1_000,
         )
@@ -802,9 +1128,9 @@ mod tests {
             [0; 32],
             provider,
             auditor,
-            honest,
-            cheat,
-            &[(p[2], Some(honest))],
+            &honest,
+            &cheat,
+            &[(p[2], Some(honest.clone()))],
             1_000,
         )
         .unwrap();
@@ -818,21 +1144,21 @@ mod tests {
         // Silent or third-answer referees: nobody is convicted.
         for answers in [
             vec![(p[2], None)],
-            vec![(p[2], Some([3; 32]))],
-            vec![(p[2], None), (p[3], Some(honest)), (p[4], None)],
+            vec![(p[2], Some(seen([3; 32])))],
+            vec![(p[2], None), (p[3], Some(honest.clone())), (p[4], None)],
         ] {
-            let v = arbitrate([0; 32], provider, auditor, cheat, honest, &answers, 5).unwrap();
+            let v = arbitrate([0; 32], provider, auditor, &cheat, &honest, &answers, 5).unwrap();
             assert_eq!(v, Verdict::Inconclusive, "{answers:?}");
         }
         // A panel must be odd and exclude the parties.
-        assert!(arbitrate([0; 32], provider, auditor, cheat, honest, &[], 0).is_err());
+        assert!(arbitrate([0; 32], provider, auditor, &cheat, &honest, &[], 0).is_err());
         assert!(arbitrate(
             [0; 32],
             provider,
             auditor,
-            cheat,
-            honest,
-            &[(provider, Some(cheat))],
+            &cheat,
+            &honest,
+            &[(provider, Some(cheat.clone()))],
             0
         )
         .is_err());

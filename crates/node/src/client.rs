@@ -84,11 +84,18 @@ pub struct ClientMetrics {
     /// Bytes of commitments in accepted receipts (32 a stage call).
     pub commitment_bytes: AtomicU64,
     /// Jobs (one provider's part of one generation) drawn for audit; of those, how many found
-    /// no auditor (no other node serves the span on the same build).
+    /// no auditor (no other node serves the span), and how many were audited by a node of
+    /// another build (compared within the published band).
     pub audits: AtomicU64,
     pub audits_unavailable: AtomicU64,
-    /// Audited stage calls whose auditor recomputed the same commitment.
+    pub audits_cross_build: AtomicU64,
+    /// Audited stage calls whose auditor's answer agreed (the same commitment on one build,
+    /// within the band across builds).
     pub audit_calls_passed: AtomicU64,
+    /// Across builds: comparisons made (windows of rows, or tokens) and misses the referees
+    /// confirmed (they count towards a statistical conviction).
+    pub audit_band_comparisons: AtomicU64,
+    pub audit_band_misses: AtomicU64,
     /// Audited calls whose commitments differed (sent to referees), and the convictions.
     pub audit_disputes: AtomicU64,
     pub audit_convictions: AtomicU64,

@@ -91,6 +91,43 @@ pub struct EngineConfig {
     pub kv_evict_idle_after: Duration,
     /// Tests only (`plexus node --cheat`): corrupt every answer (see [`crate::cheat`]).
     pub cheat: Option<crate::cheat::Cheat>,
+    /// Tests only (`plexus node --arithmetic`): the arithmetic prompts are computed with.
+    pub arithmetic: Arithmetic,
+}
+
+/// The attention arithmetic of a node: the current build's, or an honest older one whose bits
+/// differ, so audits across builds (`crate::audit`) are tested against a real difference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Arithmetic {
+    /// llama.cpp's kernels for each position, as the caller's declared prompt picks them.
+    #[default]
+    Current,
+    /// Every prompt row on the one-chunk kernel, as builds before the tiled prompt-attention
+    /// kernel (4321ffc) computed them: honest, not bit-identical (up to a few % relative
+    /// difference in the activations, `plexus-verify`'s `tests/cross_build.rs`).
+    Untiled,
+}
+
+impl Arithmetic {
+    /// The build identity a node announces: the package version, marked when the arithmetic
+    /// differs from this build's (auditors compare exactly only within one identity).
+    pub fn version(self) -> String {
+        match self {
+            Arithmetic::Current => env!("CARGO_PKG_VERSION").to_string(),
+            Arithmetic::Untiled => format!("{}+untiled", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+impl std::str::FromStr for Arithmetic {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "current" => Ok(Arithmetic::Current),
+            "untiled" => Ok(Arithmetic::Untiled),
+            _ => Err(format!("unknown arithmetic {s:?} (current or untiled)")),
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -104,6 +141,7 @@ impl Default for EngineConfig {
             max_call_positions: plexus_core::wire::MAX_POSITIONS,
             kv_evict_idle_after: KV_EVICT_IDLE_AFTER,
             cheat: None,
+            arithmetic: Arithmetic::Current,
         }
     }
 }
@@ -956,7 +994,11 @@ impl EngineActor {
                 inputs.push((a, n));
                 let last = a + n == c.forward.tokens.len();
                 // The caller declares the session's prompt: it picks the attention kernels.
-                c.session.cache.set_prompt(0..c.forward.prompt_len as usize);
+                let prompt = match self.config.arithmetic {
+                    Arithmetic::Current => c.forward.prompt_len as usize,
+                    Arithmetic::Untiled => 0,
+                };
+                c.session.cache.set_prompt(0..prompt);
                 let input = match hidden_in.next().flatten() {
                     Some(h) => StageInput::Hidden(h),
                     None => StageInput::Tokens(&c.forward.tokens[a..a + n]),

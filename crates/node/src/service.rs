@@ -379,7 +379,7 @@ impl Node {
             peer: key.peer_id().to_string(),
             issued_at_ms: now_ms(),
             ttl_ms: self.config.announce_ttl.as_millis() as u64,
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: self.config.engine.arithmetic.version(),
             addrs: announced_addrs(&self.listen_addrs()),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             free_memory: free_memory().unwrap_or(0),

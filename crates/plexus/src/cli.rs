@@ -614,6 +614,11 @@ pub struct NodeArgs {
     /// audits can be tested against a real cheating process.
     #[arg(long, hide = true, value_name = "KIND")]
     pub cheat: Option<plexus_node::cheat::Cheat>,
+    /// Tests only: compute prompts with another honest arithmetic (`untiled`: as builds before
+    /// the tiled attention kernel), announced as another build, so audits across builds are
+    /// tested against a real difference.
+    #[arg(long, hide = true, value_name = "KIND", default_value = "current")]
+    pub arithmetic: plexus_node::engine::Arithmetic,
     /// Tests only: announce this decode speed (seconds per layer per token) instead of the
     /// measured one, so placement's check of claimed speeds is tested against a real liar.
     #[arg(long, hide = true, value_name = "SECONDS")]
@@ -680,6 +685,7 @@ pub struct UpArgs {
         "port", "host", "model", "wire", "static_spans", "api_key", "cors_origins", "alias",
         "challenge_window", "faucet", "price", "node_price", "stages", "node_stake",
         "cheat", "max_price", "time_value", "audit_probability", "collusion", "audit_referees",
+        "node0_arithmetic",
     ])]
     pub train: Option<PathBuf>,
     /// With --train: the text file of a text run (the spec names its digest).
@@ -751,6 +757,10 @@ pub struct UpArgs {
     /// prefers it.
     #[arg(long, hide = true, value_name = "KIND")]
     pub cheat: Option<plexus_node::cheat::Cheat>,
+    /// Tests only: node 0 computes with this arithmetic (`plexus node --arithmetic`), so it
+    /// announces a build no other node has.
+    #[arg(long, hide = true, value_name = "KIND", default_value = "current")]
+    pub node0_arithmetic: plexus_node::engine::Arithmetic,
     #[command(flatten)]
     pub routing: crate::cmd::gateway::RoutingArgs,
 }

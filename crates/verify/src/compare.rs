@@ -29,14 +29,16 @@ pub struct Tolerance {
 }
 
 impl Tolerance {
-    /// The published band (calibrated in `tests/real_model.rs`; BENCHMARKS.md). Across thread
-    /// counts, prefill chunkings, replay chunkings and the scalar/AVX2 kernels the measured
-    /// honest distance is exactly 0 (the engine is bit-exact); the same weights re-quantized to
-    /// Q8_0 sit at 1-4% relative sketch error, to Q4_0 at 10-35%. 1% leaves room for builds
-    /// that are not bit-exact with ours (not measurable on this machine) while still flagging
-    /// most Q8_0 windows; exact mode catches every substitute on a matching build.
+    /// The published band across builds (BENCHMARKS.md). On one build the honest distance is
+    /// exactly 0 whatever the thread count, chunking or SIMD kernels (`tests/real_model.rs`),
+    /// so exact mode applies there and catches every substitute. Across builds whose
+    /// arithmetic differs (`tests/cross_build.rs`: tiled against one-chunk prompt attention)
+    /// honest activation rows differ by up to 3.6% relative sketch error per call (median
+    /// 1.2-1.4%); the band sits above that at 5%. It still separates the same weights
+    /// re-quantized to Q4_0 (10-35%) and garbage, not a Q8_0 substitute (1-4%, inside what
+    /// honest builds differ by): only exact mode or the token check tells those apart.
     pub const PUBLISHED: Tolerance = Tolerance {
-        sketch_rel: 0.01,
+        sketch_rel: 0.05,
         topk_index_miss: 0.30,
         topk_value_rel: 0.05,
     };
@@ -175,6 +177,85 @@ pub fn compare(claimed: &Fingerprint, recomputed: &Fingerprint, mode: Mode) -> C
             score,
             windows_outside: outside,
         },
+    }
+}
+
+/// What a gateway saw of one stage call's answer, compared across builds: the fingerprint
+/// ([`Scheme::DEFAULT`](crate::fingerprint::Scheme::DEFAULT)) of the activation rows it
+/// received, or the token a last stage sampled (its logits never reach the gateway).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer {
+    Rows(Fingerprint),
+    Token(u32),
+}
+
+/// Honest answers of two builds whose arithmetic differs miss [`Tolerance::PUBLISHED`] at most
+/// at these rates (calibrated in `tests/cross_build.rs` on the real model: the current build
+/// against the arithmetic of builds without the tiled prompt-attention kernel; BENCHMARKS.md):
+/// per window of activation rows,
+pub const CROSS_BUILD_ROWS_FPR: f64 = 0.01;
+/// and per token a last stage sampled (the measured honest rate is 7% on the real model, with
+/// greedy and temperature-0.8 sampling: near-ties flip; Token-DiFR reports > 98% agreement on
+/// larger models). Misses convict only through a binomial tail under
+/// [`crate::stats::CONVICTION_TAIL`] at these rates.
+pub const CROSS_BUILD_TOKEN_FPR: f64 = 0.15;
+
+/// How two answers to the same call compare across builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CrossCheck {
+    /// Comparisons made: windows of rows, or 1 for a token.
+    pub compared: u64,
+    /// Of them outside the band (rows) or different (a token).
+    pub missed: u64,
+}
+
+impl CrossCheck {
+    pub fn agrees(&self) -> bool {
+        self.missed == 0
+    }
+}
+
+impl Answer {
+    /// Compares two answers to the same call across builds: each window of rows against
+    /// [`Tolerance::PUBLISHED`], a token for equality. Answers that cannot be compared window
+    /// by window (other kinds, layouts or widths) are one comparison, missed.
+    pub fn cross_check(&self, other: &Answer) -> CrossCheck {
+        match (self, other) {
+            (Answer::Rows(a), Answer::Rows(b)) => {
+                match compare(a, b, Mode::Within(Tolerance::PUBLISHED)) {
+                    Comparison::Identical | Comparison::Within { .. } => CrossCheck {
+                        compared: a.windows.len() as u64,
+                        missed: 0,
+                    },
+                    Comparison::Outside {
+                        windows_outside, ..
+                    } => CrossCheck {
+                        compared: a.windows.len() as u64,
+                        missed: windows_outside as u64,
+                    },
+                    Comparison::Incomparable(_) => CrossCheck {
+                        compared: 1,
+                        missed: 1,
+                    },
+                }
+            }
+            (Answer::Token(a), Answer::Token(b)) => CrossCheck {
+                compared: 1,
+                missed: u64::from(a != b),
+            },
+            _ => CrossCheck {
+                compared: 1,
+                missed: 1,
+            },
+        }
+    }
+
+    /// The honest cross-build miss rate of one comparison of this kind of answer.
+    pub fn false_positive_rate(&self) -> f64 {
+        match self {
+            Answer::Rows(_) => CROSS_BUILD_ROWS_FPR,
+            Answer::Token(_) => CROSS_BUILD_TOKEN_FPR,
+        }
     }
 }
 

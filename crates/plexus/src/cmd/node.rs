@@ -46,6 +46,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         max_call_positions: args.max_call_positions.max(1),
         kv_evict_idle_after: plexus_node::engine::KV_EVICT_IDLE_AFTER,
         cheat: args.cheat,
+        arithmetic: args.arithmetic,
     };
     config.cache_dir = super::cache_dir();
     config.price = args.price;

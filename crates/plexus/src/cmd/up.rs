@@ -77,6 +77,8 @@ struct NodeOptions {
     price: u64,
     /// Tests: this node cheats (and asks price 0).
     cheat: Option<plexus_node::cheat::Cheat>,
+    /// Tests: this node's arithmetic (another build's).
+    arithmetic: plexus_node::engine::Arithmetic,
 }
 
 async fn start_node(
@@ -107,6 +109,9 @@ async fn start_node(
             plexus_node::cheat::Cheat::Noise => "noise",
             plexus_node::cheat::Cheat::Token => "token",
         });
+    }
+    if options.arithmetic == plexus_node::engine::Arithmetic::Untiled {
+        cmd.arg("--arithmetic").arg("untiled");
     }
     if let Some(t) = options.threads {
         cmd.arg("--threads").arg(t.to_string());
@@ -233,11 +238,19 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 follow: (!args.static_spans).then_some(stages),
                 price: args.node_price,
                 cheat: None,
+                arithmetic: plexus_node::engine::Arithmetic::Current,
             };
             let first_options = NodeOptions {
                 cheat: args.cheat,
+                arithmetic: args.node0_arithmetic,
                 ..options
             };
+            if args.node0_arithmetic != plexus_node::engine::Arithmetic::Current {
+                eprintln!(
+                    "test mode: node 0 computes with the {:?} arithmetic (another build)",
+                    args.node0_arithmetic
+                );
+            }
             if let Some(cheat) = args.cheat {
                 eprintln!("test mode: node 0 cheats ({cheat:?}) and asks price 0");
             }

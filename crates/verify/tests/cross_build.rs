@@ -1,0 +1,217 @@
+#![allow(unused_crate_dependencies, clippy::unwrap_used)]
+//! Calibration of the cross-build tolerance on a real arithmetic difference.
+//!
+//! Two honest builds of Plexus do not always compute the same bits: builds before the tiled
+//! attention kernel (4321ffc) computed every prompt row with the one-chunk kernel, which a
+//! node started with `--arithmetic untiled` still does (it declares no prompt to its cache).
+//! The gateway compares such an auditor's answers with a provider's per stage call, the way
+//! [`plexus_verify::compare::Answer`] says: the fingerprint of the returned rows within the
+//! published band, a last stage's token exactly. This test drives the real model as a
+//! three-stage chain on long prompts (the tiled kernel starts at 64 rows), feeds the untiled
+//! stages the tiled chain's inputs (the auditor is teacher-forced), and asserts that every
+//! honest difference stays under the false-positive rates the gateway assumes.
+//!
+//! Run with `--nocapture` for the figures (BENCHMARKS.md).
+
+use candle_core::{Device, Tensor};
+use plexus_model::{LayerSpan, Logits, ModelFiles, SamplingParams, Stage, StageInput, StageOutput};
+use plexus_verify::compare::{
+    compare, window_score, Answer, Comparison, Mode, Tolerance, CROSS_BUILD_ROWS_FPR,
+    CROSS_BUILD_TOKEN_FPR,
+};
+use plexus_verify::fingerprint::{fingerprint, Scheme};
+use plexus_verify::stats::MissRecord;
+
+fn stages(files: &ModelFiles) -> Vec<Stage> {
+    let n = files.config.num_layers;
+    let cuts = [0, n / 3, 2 * n / 3, n];
+    cuts.windows(2)
+        .map(|w| {
+            files
+                .stage(
+                    Some(LayerSpan::new(w[0], w[1])),
+                    plexus_model::layers::Mode::Infer,
+                )
+                .unwrap()
+        })
+        .collect()
+}
+
+const TOPICS: [&str; 6] = [
+    "the history of the printing press and how it changed the spread of ideas in Europe",
+    "how a compiler turns source code into machine instructions, step by step",
+    "why the sky is blue during the day and red at sunset, explained for a child",
+    "the rules of chess, the movement of each piece, and a few opening principles",
+    "the water cycle: evaporation, condensation, precipitation and collection",
+    "what a hash function is, what makes one cryptographic, and where they are used",
+];
+
+/// Chat prompts of 80 to 300 tokens (a long system prompt and question).
+fn prompts(files: &ModelFiles) -> Vec<Vec<u32>> {
+    let tok = files.tokenizer().unwrap();
+    TOPICS
+        .iter()
+        .enumerate()
+        .map(|(i, topic)| {
+            let system = "You are a careful assistant. Answer in plain English, in short \
+                          paragraphs, with concrete examples, and say when you are unsure. "
+                .repeat(1 + i % 3);
+            let text = format!(
+                "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nPlease explain {topic}. \
+                 Keep it brief but complete.<|im_end|>\n<|im_start|>assistant\n"
+            );
+            tok.encode(&text, false).unwrap()
+        })
+        .collect()
+}
+
+fn rows_of(out: StageOutput) -> Vec<f32> {
+    match out {
+        StageOutput::Hidden(h) | StageOutput::Logits(h) => {
+            h.flatten_all().unwrap().to_vec1().unwrap()
+        }
+    }
+}
+
+fn input<'a>(tokens: &'a [u32], hidden: Option<&[f32]>, width: usize) -> StageInput<'a> {
+    match hidden {
+        None => StageInput::Tokens(tokens),
+        Some(rows) => StageInput::Hidden(
+            Tensor::from_slice(rows, (1, rows.len() / width, width), &Device::Cpu).unwrap(),
+        ),
+    }
+}
+
+#[test]
+fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
+    let files = ModelFiles::open(&plexus_testkit::real_model()).unwrap();
+    let chain = stages(&files);
+    let cfg = files.config.clone();
+    let width = cfg.hidden_size;
+    let max_tokens = 48;
+    let tol = Tolerance::PUBLISHED;
+    let (mut rows_cmp, mut token_cmp) = (MissRecord::default(), MissRecord::default());
+    let (mut differing_calls, mut worst, mut calls_missed) = (0u64, 0f32, 0u64);
+    let mut prompt_lens = Vec::new();
+    let mut scores: Vec<Vec<f32>> = vec![Vec::new(); chain.len()];
+    for (i, prompt) in prompts(&files).iter().enumerate() {
+        prompt_lens.push(prompt.len());
+        assert!(
+            prompt.len() >= 64,
+            "prompt {i}: the tiled kernel needs 64 rows"
+        );
+        let params = SamplingParams {
+            temperature: if i % 2 == 0 { 0.0 } else { 0.8 },
+            seed: 1000 + i as u64,
+            ..SamplingParams::default()
+        };
+        // Provider: the current build (tiled prompt rows). Auditor: the untiled arithmetic.
+        let mut tiled: Vec<_> = chain.iter().map(|s| s.new_cache()).collect();
+        let mut untiled: Vec<_> = chain.iter().map(|s| s.new_cache()).collect();
+        tiled.iter_mut().for_each(|c| c.set_prompt(0..prompt.len()));
+        let mut history = prompt.clone();
+        let mut feed = prompt.clone();
+        for _ in 0..max_tokens {
+            let position = (history.len() - feed.len()) as u64;
+            let mut x: Option<Vec<f32>> = None;
+            let mut tokens = (0u32, 0u32);
+            for (s, stage) in chain.iter().enumerate() {
+                let a = rows_of(
+                    stage
+                        .forward(
+                            input(&feed, x.as_deref(), width),
+                            &mut tiled[s],
+                            Logits::Last,
+                        )
+                        .unwrap(),
+                );
+                let b = rows_of(
+                    stage
+                        .forward(
+                            input(&feed, x.as_deref(), width),
+                            &mut untiled[s],
+                            Logits::Last,
+                        )
+                        .unwrap(),
+                );
+                if a != b {
+                    differing_calls += 1;
+                }
+                if stage.is_last() {
+                    let at = history.len() as u64;
+                    tokens = (
+                        plexus_model::sampler::sample(&a, &history, &params, at),
+                        plexus_model::sampler::sample(&b, &history, &params, at),
+                    );
+                } else {
+                    let fa = fingerprint(Scheme::DEFAULT, width, position, &a).unwrap();
+                    let fb = fingerprint(Scheme::DEFAULT, width, position, &b).unwrap();
+                    let score = fa
+                        .windows
+                        .iter()
+                        .zip(&fb.windows)
+                        .map(|(p, q)| window_score(&p.data, &q.data, &tol).unwrap())
+                        .fold(0f32, f32::max);
+                    scores[s].push(score * tol.sketch_rel);
+                    if let Comparison::Within { worst: w } = compare(&fa, &fb, Mode::Within(tol)) {
+                        worst = worst.max(w);
+                    }
+                    let c = Answer::Rows(fa).cross_check(&Answer::Rows(fb));
+                    rows_cmp.comparisons += c.compared;
+                    rows_cmp.misses += c.missed;
+                    calls_missed += u64::from(!c.agrees());
+                    x = Some(a);
+                }
+            }
+            token_cmp.record(tokens.0 != tokens.1);
+            history.push(tokens.0);
+            if cfg.eos_token_ids.contains(&tokens.0) {
+                break;
+            }
+            feed = vec![tokens.0];
+        }
+    }
+    for (s, v) in scores.iter_mut().enumerate() {
+        v.sort_by(f32::total_cmp);
+        let q = |f: f64| v[((v.len() - 1) as f64 * f) as usize];
+        if !v.is_empty() {
+            eprintln!(
+                "stage {s}: relative sketch error per call p50 {:.4} p90 {:.4} p99 {:.4} max {:.4} over {} calls",
+                q(0.5), q(0.9), q(0.99), q(1.0), v.len()
+            );
+        }
+    }
+    let rate = |r: &MissRecord| r.misses as f64 / r.comparisons.max(1) as f64;
+    eprintln!(
+        "cross-build (tiled vs untiled prompt attention), prompts of {prompt_lens:?} tokens: \
+         {differing_calls} stage calls with different bits; activation windows {} compared, {} \
+         outside the {}% band (rate {:.4}; {calls_missed} calls with a window outside; worst \
+         in-band score {worst:.3}); tokens {} compared, {} different (rate {:.4})",
+        rows_cmp.comparisons,
+        rows_cmp.misses,
+        tol.sketch_rel * 100.0,
+        rate(&rows_cmp),
+        token_cmp.comparisons,
+        token_cmp.misses,
+        rate(&token_cmp),
+    );
+    assert!(
+        differing_calls > 0,
+        "the two arithmetics gave the same bits: nothing was calibrated"
+    );
+    assert!(
+        rate(&rows_cmp) <= CROSS_BUILD_ROWS_FPR,
+        "honest activation misses {:.4} above the assumed {}",
+        rate(&rows_cmp),
+        CROSS_BUILD_ROWS_FPR
+    );
+    assert!(
+        rate(&token_cmp) <= CROSS_BUILD_TOKEN_FPR,
+        "honest token misses {:.4} above the assumed {}",
+        rate(&token_cmp),
+        CROSS_BUILD_TOKEN_FPR
+    );
+    // Whatever an honest node's record looks like here, it never convicts.
+    assert!(!rows_cmp.convicts(CROSS_BUILD_ROWS_FPR));
+    assert!(!token_cmp.convicts(CROSS_BUILD_TOKEN_FPR));
+}
