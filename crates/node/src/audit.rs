@@ -5,24 +5,34 @@
 //! its output rows, and of its sampled token)          ── the provider has committed
 //!   └─ draw: HMAC(gateway key, request, commitment) < p ?   (p from price and stake, PoSP)
 //!        no  ─▶ Unaudited (nothing more for this provider in this generation)
-//!        yes ─▶ pick an auditor serving the same span and build (not the provider)
+//!        yes ─▶ pick an auditor serving the same span (not the provider): one on the
+//!               provider's build when there is one (exact comparison), else one of another
+//!               build (comparison within the published band)
 //!               Shadowed: call 1, then every later call of the provider, is also sent to the
 //!               auditor under a session of its own (ordinary stage calls: the auditor is not
 //!               told the provider's commitment, the provider sees nothing)
-//!                 commitments equal ─▶ pass (the answer goes on down the chain)
-//!                 differ ─▶ Dispute: k referees (same span and build, neither party) each get
-//!                          one replay of everything the provider was fed (an ordinary
-//!                          failover replay); their commitments vote (plexus_verify::arbitration)
-//!                     provider cheated ─▶ convicted: excluded from routing, slashed, its work
-//!                          in this generation unpaid; the call fails over (the chain replays
-//!                          to an honest node, so the text is the honest one)
-//!                     false accusation ─▶ the auditor is convicted; the answer goes on
+//!                 answers agree ─▶ pass (the answer goes on down the chain)
+//!                 differ ─▶ Dispute: k referees (same span, neither party; on the provider's
+//!                          build for an exact dispute, any build across builds) each get one
+//!                          replay of everything the provider was fed (an ordinary failover
+//!                          replay); their answers vote (plexus_verify::arbitration)
+//!                     provider cheated ─▶ on one build: convicted (excluded from routing,
+//!                          slashed, its work in this generation unpaid); across builds: its
+//!                          misses recorded, convicted once improbable for an honest node;
+//!                          either way the call fails over (the text stays the honest one)
+//!                     false accusation ─▶ the same for the auditor; the answer goes on
 //!                     inconclusive ─▶ nobody slashed; the call fails over
 //! ```
 //!
-//! Comparisons are exact: the engine gives the same bits whatever the thread count, chunking,
-//! batching and SIMD kernels, so on one build an honest recomputation has the same commitment.
-//! Auditors and referees are therefore picked among nodes announcing the provider's `version`.
+//! Comparisons on one build are exact: the engine gives the same bits whatever the thread
+//! count, chunking, batching and SIMD kernels, so an honest recomputation has the same
+//! commitment and one mismatch is conclusive. Builds whose arithmetic differs (a node announces
+//! its build as `version`) give honest answers a few % apart, so across builds each window of
+//! activation rows (the sketch fingerprint of the rows the gateway received) must sit inside
+//! `plexus_verify::compare::Tolerance::PUBLISHED` and a sampled token must be equal; a miss the
+//! referees confirm is one observation, and only a binomial tail under 1e-6 at the measured
+//! honest rate convicts (Gonka's rule; [`AuditBook::on_cross_check`]). Without cross-build
+//! audits a node could escape every audit by announcing a build nobody else runs.
 //! For activations the gateway recomputes the commitment from the rows it received (a node
 //! cannot commit to something other than what it sent); a last stage's commitment covers the
 //! logits it sampled from, which only a recomputation can check.

@@ -758,7 +758,7 @@ pub struct UpArgs {
     #[arg(long, hide = true, value_name = "KIND")]
     pub cheat: Option<plexus_node::cheat::Cheat>,
     /// Tests only: node 0 computes with this arithmetic (`plexus node --arithmetic`), so it
-    /// announces a build no other node has.
+    /// announces a build no other node has, and asks price 0 so routing prefers it.
     #[arg(long, hide = true, value_name = "KIND", default_value = "current")]
     pub node0_arithmetic: plexus_node::engine::Arithmetic,
     #[command(flatten)]

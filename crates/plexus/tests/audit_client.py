@@ -2,7 +2,10 @@
 """Streams the same greedy chat N times through a running gateway with the official `openai`
 client and prints the texts as one JSON line: `{"texts": [...]}`.
 
-    python3 crates/plexus/tests/audit_client.py http://127.0.0.1:PORT API_KEY N
+    python3 crates/plexus/tests/audit_client.py http://127.0.0.1:PORT API_KEY N [SYSTEM_REPEATS]
+
+SYSTEM_REPEATS > 0 adds a system prompt of that many sentences (about 25 tokens each), for
+prompts long enough to take the tiled attention kernel (64 rows or more).
 
 Used by tests/audit.rs: while a cheating node is caught mid-stream, every stream must still
 complete with the honest text. Exits 3 when the `openai` package is missing (install: pip
@@ -25,13 +28,20 @@ except ImportError:
 
 def main():
     url, key, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    system = (
+        "You are a careful assistant. Answer in plain English, in short paragraphs, with "
+        "concrete examples, and say when you are unsure. "
+    ) * repeats
+    messages = [{"role": "system", "content": system}] if repeats else []
+    messages.append({"role": "user", "content": "Name three colours of the rainbow."})
     client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
     model = client.models.list().data[0].id
     texts = []
     for i in range(n):
         stream = client.chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": "Name three colours of the rainbow."}],
+            messages=messages,
             temperature=0,
             max_tokens=24,
             stream=True,

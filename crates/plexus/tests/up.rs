@@ -649,6 +649,139 @@ fn a_cheating_node_is_caught_excluded_and_slashed_while_streams_go_on_issue_11()
     assert_eq!(available + spent, 100_000_000 + stake / 4, "{client}");
 }
 
+/// Runs `audit_client.py` (the official `openai` client): `n` greedy streams of the same chat
+/// with a system prompt of `repeats` sentences; the texts.
+fn audited_streams(url: &str, key: &str, n: usize, repeats: usize) -> Vec<String> {
+    let python = std::env::var("PLEXUS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .arg(repo().join("crates/plexus/tests/audit_client.py"))
+        .arg(url)
+        .arg(key)
+        .arg(n.to_string())
+        .arg(repeats.to_string())
+        .output()
+        .expect("run the python client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the streams failed");
+    let texts: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    texts["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Issue 11, across builds: five nodes in chains of two stages, node 0 on a build of its own
+/// (`--node0-arithmetic untiled`: honest, but its activations differ from the others' by up to
+/// a few %) and asking price 0 so routing picks it, every job audited. Before, a node whose
+/// build nobody else announced was never audited (`plexus_audits_unavailable`): a cheater
+/// only had to announce a build of its own.
+///
+/// - Honest: its jobs are audited by nodes of the other build within the published band, and
+///   it is never disputed, let alone convicted.
+/// - Cheating as well (`--cheat random`): the first audited call's windows are all outside
+///   the band, the referee confirms it, and the misses are improbable for an honest node
+///   (binomial tail under 1e-6): convicted and slashed, with the streams going on with the
+///   honest text.
+#[test]
+fn audits_across_builds_spare_an_honest_node_of_another_build_and_convict_a_cheating_one_issue_11()
+{
+    let run = |cheat: bool| {
+        let cache = tempfile::tempdir().unwrap();
+        let mut args = vec![
+            "--nodes",
+            "5",
+            "--stages",
+            "2",
+            "--static-spans",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--node-price",
+            "20000",
+            "--audit-probability",
+            "1",
+            "--audit-referees",
+            "1",
+            "--node0-arithmetic",
+            "untiled",
+        ];
+        if cheat {
+            args.extend(["--cheat", "random"]);
+        }
+        let Started {
+            up,
+            url,
+            key,
+            lines,
+            ..
+        } = start_up(&args, cache.path());
+        // Node 0 shares its span with two nodes of the other build: an auditor and a referee.
+        assert!(
+            lines[0].contains("0..15, 0..15, 0..15, 15..30, 15..30"),
+            "{lines:?}"
+        );
+        // About 150 prompt positions: the tiled kernel, and five windows in the prefill call.
+        let texts = audited_streams(&url, &key, 3, 5);
+        let metrics = http_get(&url, "/metrics", &key);
+        stop_up(up);
+        let c = |name: &str| counter(&metrics, name);
+        eprintln!(
+            "cheat {cheat}: audits {} (unavailable {}, across builds {}), calls passed {}, band \
+             comparisons {} (misses {}), disputes {}, convictions {}",
+            c("plexus_audits"),
+            c("plexus_audits_unavailable"),
+            c("plexus_audits_cross_build"),
+            c("plexus_audit_calls_passed"),
+            c("plexus_audit_band_comparisons"),
+            c("plexus_audit_band_misses"),
+            c("plexus_audit_disputes"),
+            c("plexus_audit_convictions"),
+        );
+        assert_eq!(c("plexus_audits_unavailable"), 0, "{metrics}");
+        assert!(c("plexus_audits_cross_build") >= 1, "{metrics}");
+        let stakes: Vec<u64> = (0..5)
+            .map(|i| {
+                let base = cache.path().join("up");
+                mine(&status(&base, &format!("node-{i}")))["staked"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        (texts, metrics, stakes)
+    };
+    let c = |metrics: &str, name: &str| counter(metrics, name);
+
+    let (_, metrics, stakes) = run(false);
+    // Three jobs of node 0, each with a prefill of 5 windows and 23 one-token windows.
+    assert!(c(&metrics, "plexus_audits_cross_build") >= 3, "{metrics}");
+    assert!(
+        c(&metrics, "plexus_audit_band_comparisons") >= 3 * 28,
+        "{metrics}"
+    );
+    assert_eq!(c(&metrics, "plexus_audit_band_misses"), 0, "{metrics}");
+    assert_eq!(c(&metrics, "plexus_audit_disputes"), 0, "{metrics}");
+    assert_eq!(c(&metrics, "plexus_audit_convictions"), 0, "{metrics}");
+    assert!(stakes.iter().all(|s| *s == 100_000_000), "{stakes:?}");
+
+    let (texts, metrics, stakes) = run(true);
+    assert_eq!(c(&metrics, "plexus_audit_disputes"), 1, "{metrics}");
+    assert_eq!(c(&metrics, "plexus_audit_convictions"), 1, "{metrics}");
+    assert!(c(&metrics, "plexus_audit_band_misses") >= 4, "{metrics}");
+    assert!(c(&metrics, "plexus_chain_failovers") >= 1, "{metrics}");
+    // The stream that met the cheater went on with the honest text, as the later ones.
+    assert!(
+        texts.len() == 3 && texts.iter().all(|t| *t == texts[0]),
+        "{texts:?}"
+    );
+    assert_eq!(stakes[0], 0, "{stakes:?}");
+    assert!(stakes[1..].iter().all(|s| *s == 100_000_000), "{stakes:?}");
+}
+
 /// Issue 10: the gateway pays providers during a stream, not only when it ends. `plexus up` is
 /// SIGKILLed (then its nodes) in the middle of a long stream, after the nodes have kept
 /// vouchers for three windows of it: each node holds a voucher of the gateway for its work

@@ -77,8 +77,15 @@ struct NodeOptions {
     price: u64,
     /// Tests: this node cheats (and asks price 0).
     cheat: Option<plexus_node::cheat::Cheat>,
-    /// Tests: this node's arithmetic (another build's).
+    /// Tests: this node's arithmetic (another build's; it then asks price 0 too).
     arithmetic: plexus_node::engine::Arithmetic,
+}
+
+impl NodeOptions {
+    /// Whether this is a test-mode node that asks price 0 so routing prefers it.
+    fn undercuts(&self) -> bool {
+        self.cheat.is_some() || self.arithmetic != plexus_node::engine::Arithmetic::Current
+    }
 }
 
 async fn start_node(
@@ -102,7 +109,14 @@ async fn start_node(
         .arg("--parent-pid")
         .arg(std::process::id().to_string())
         .arg("--price")
-        .arg(options.cheat.map_or(options.price, |_| 0).to_string());
+        .arg(
+            if options.undercuts() {
+                0
+            } else {
+                options.price
+            }
+            .to_string(),
+        );
     if let Some(cheat) = options.cheat {
         cmd.arg("--cheat").arg(match cheat {
             plexus_node::cheat::Cheat::Random => "random",
@@ -247,7 +261,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             };
             if args.node0_arithmetic != plexus_node::engine::Arithmetic::Current {
                 eprintln!(
-                    "test mode: node 0 computes with the {:?} arithmetic (another build)",
+                    "test mode: node 0 computes with the {:?} arithmetic (another build) and asks price 0",
                     args.node0_arithmetic
                 );
             }
