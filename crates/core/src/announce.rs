@@ -85,7 +85,8 @@ pub struct Announcement {
     /// Unix milliseconds when signed.
     pub issued_at_ms: u64,
     pub ttl_ms: u64,
-    /// Software version (`CARGO_PKG_VERSION`).
+    /// Software build: the package version and the engine's arithmetic identity
+    /// (`0.1.0+<id>`); audits compare answers bit for bit only between equal builds.
     pub version: String,
     /// Multiaddrs the node listens on.
     pub addrs: Vec<String>,

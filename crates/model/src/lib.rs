@@ -12,6 +12,10 @@
 //!
 //! The engine is synchronous and CPU-bound; async callers reach it from a dedicated thread.
 
+/// The identity of this build's arithmetic: a digest of this crate's sources (`build.rs`).
+/// Engines announcing the same one compute the same bits; others may differ slightly.
+pub const ARITHMETIC_ID: &str = env!("PLEXUS_ARITHMETIC_ID");
+
 pub mod attention;
 pub mod batch;
 pub mod chat;

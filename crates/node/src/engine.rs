@@ -109,12 +109,18 @@ pub enum Arithmetic {
 }
 
 impl Arithmetic {
-    /// The build identity a node announces: the package version, marked when the arithmetic
-    /// differs from this build's (auditors compare exactly only within one identity).
+    /// The build identity a node announces: the package version and the engine's
+    /// [`plexus_model::ARITHMETIC_ID`], marked when the arithmetic differs from this build's
+    /// (auditors compare bit for bit only within one identity).
     pub fn version(self) -> String {
+        let base = format!(
+            "{}+{}",
+            env!("CARGO_PKG_VERSION"),
+            plexus_model::ARITHMETIC_ID
+        );
         match self {
-            Arithmetic::Current => env!("CARGO_PKG_VERSION").to_string(),
-            Arithmetic::Untiled => format!("{}+untiled", env!("CARGO_PKG_VERSION")),
+            Arithmetic::Current => base,
+            Arithmetic::Untiled => format!("{base}.untiled"),
         }
     }
 }
@@ -1195,6 +1201,19 @@ fn candle_tensor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builds_announce_their_arithmetic() {
+        let (current, untiled) = (Arithmetic::Current.version(), Arithmetic::Untiled.version());
+        assert!(current.starts_with(env!("CARGO_PKG_VERSION")));
+        assert!(current.ends_with(plexus_model::ARITHMETIC_ID), "{current}");
+        assert_eq!(plexus_model::ARITHMETIC_ID.len(), 12);
+        assert_ne!(current, untiled);
+        assert!(untiled.starts_with(&current));
+        assert!(current.chars().count() <= plexus_core::announce::limits::MAX_NAME_CHARS);
+        assert_eq!("untiled".parse::<Arithmetic>(), Ok(Arithmetic::Untiled));
+        assert!("tiled".parse::<Arithmetic>().is_err());
+    }
     use plexus_model::layers::Mode;
     use plexus_model::load::ModelFiles;
     use plexus_model::LayerSpan;
