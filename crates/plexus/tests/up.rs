@@ -478,7 +478,6 @@ fn http_get(url: &str, path: &str, key: &str) -> String {
 /// their stakes.
 #[test]
 fn a_cheating_node_is_caught_excluded_and_slashed_while_streams_go_on_issue_11() {
-    let python = std::env::var("PLEXUS_PYTHON").unwrap_or_else(|_| "python3".into());
     let cache = tempfile::tempdir().unwrap();
     let Started {
         up,
@@ -514,24 +513,7 @@ fn a_cheating_node_is_caught_excluded_and_slashed_while_streams_go_on_issue_11()
         lines[0].contains("3 nodes") && lines[0].contains("0..30, 0..30, 0..30"),
         "{lines:?}"
     );
-    let out = Command::new(&python)
-        .arg(repo().join("crates/plexus/tests/audit_client.py"))
-        .arg(&url)
-        .arg(&key)
-        .arg("3")
-        .output()
-        .expect("run the python client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "the streams failed");
-    let texts: serde_json::Value =
-        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
-    let texts: Vec<&str> = texts["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let texts = audited_streams(&url, &key, 3, 0);
     // The first stream met the cheater; the later ones only honest nodes: same greedy text.
     assert!(
         texts.len() == 3 && texts.iter().all(|t| *t == texts[0]),
