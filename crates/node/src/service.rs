@@ -64,6 +64,10 @@ pub struct NodeConfig {
     pub claim_decode_s_per_layer: Option<f64>,
 }
 
+/// How long a node with automatic placement keeps its span at start-up while no plan has seen
+/// every layer of its model served (see `rebalance`).
+pub const ASSEMBLY_GRACE: Duration = Duration::from_secs(30);
+
 /// Settings of automatic placement.
 #[derive(Clone, Debug)]
 pub struct AutoPlacement {
@@ -170,6 +174,9 @@ pub struct Node {
     /// Some plan saw every layer served: a gap after that is a loss (a take-over), not a
     /// network still assembling at start-up.
     seen_covered: bool,
+    /// When this node started: until some plan sees every layer served, it keeps its span for
+    /// [`ASSEMBLY_GRACE`] while its peers load theirs and announce.
+    started: std::time::Instant,
     /// Signs receipts (the node key as a k256 key).
     signer: k256::ecdsa::SigningKey,
     /// Receipts of calls waiting for the engine, by reply id.
@@ -323,6 +330,7 @@ impl Node {
             loaded,
             loading: false,
             seen_covered: false,
+            started: std::time::Instant::now(),
             signer,
             drafts: BTreeMap::new(),
             vouchers,
@@ -639,7 +647,12 @@ impl Node {
             return;
         };
         let want = LayerSpan::new(start, end);
-        if want == span {
+        // Still assembling (no plan has seen every layer served yet, and the grace is not
+        // over): peers started beside this node may still be loading their spans, and a plan
+        // over the few already seen would have this node load layers it is about to give
+        // back (under `plexus up`, node 0 took the whole model before its peers announced).
+        let assembling = !self.seen_covered && self.started.elapsed() < ASSEMBLY_GRACE;
+        if want == span || assembling {
             self.pending = None;
             return;
         }
