@@ -337,7 +337,9 @@ impl CallLog {
             tokens: self.tokens.clone(),
             hidden: Activations::concat(&self.hidden),
             chunks: self.chunks.clone(),
-            all_rows: false,
+            // As the call replayed asked: a failover replay feeding another replacement wants
+            // every row, and the provider's answer then covers them all.
+            all_rows: last.all_rows,
             ..last.clone()
         }
     }
@@ -453,36 +455,31 @@ impl AuditBook {
         self.entry(peer).convicted = true;
     }
 
-    /// Records `compared` cross-build comparisons of `peer`'s answers (tokens when `token`,
-    /// else windows of rows), `missed` of them confirmed outside the band; whether its record
-    /// now convicts it (a binomial tail under 1e-6 at the honest rate of that kind of answer).
-    pub fn on_cross_check(
-        &mut self,
-        peer: PeerId,
-        token: bool,
-        compared: u64,
-        missed: u64,
-    ) -> bool {
+    /// Records one cross-build comparison of `peer`'s answer to a call (a sampled token when
+    /// `token`, else activation rows), `missed` when the referees confirmed it outside the
+    /// band; whether its record now convicts it (a binomial tail under 1e-6 at the honest rate
+    /// of that kind of answer). Auditors are recorded as well as providers, so an honest
+    /// auditor's lost disputes are weighed against all the calls it compared.
+    pub fn on_cross_check(&mut self, peer: PeerId, token: bool, missed: bool) -> bool {
         if self.band.len() >= MAX_RECORDS && !self.band.contains_key(&(peer, token)) {
+            // Forget the least suspicious record: fewest misses, then least history.
             if let Some(victim) = self
                 .band
                 .iter()
-                .filter(|(_, r)| r.misses == 0)
-                .min_by_key(|(_, r)| r.comparisons)
+                .min_by_key(|(_, r)| (r.misses, r.comparisons))
                 .map(|(k, _)| *k)
             {
                 self.band.remove(&victim);
             }
         }
         let r = self.band.entry((peer, token)).or_default();
-        r.comparisons += compared;
-        r.misses += missed;
+        r.record(missed);
         let rate = if token {
             plexus_verify::compare::CROSS_BUILD_TOKEN_FPR
         } else {
             plexus_verify::compare::CROSS_BUILD_ROWS_FPR
         };
-        r.convicts(rate)
+        missed && r.convicts(rate)
     }
 
     /// `peer`'s cross-build record for tokens (`token`) or windows of rows.
@@ -612,13 +609,14 @@ impl NetTransport {
                 m.audit_calls_passed.fetch_add(1, Ordering::Relaxed);
                 let mut book = self.client.book();
                 book.on_audit(peer, true);
-                if let Some(c) = auditor_seen
+                if auditor_seen
                     .as_ref()
-                    .and_then(|a| cross_check(&provider_seen, a))
+                    .is_some_and(|a| provider_seen.cross_build(a))
                 {
-                    m.audit_band_comparisons
-                        .fetch_add(c.compared, Ordering::Relaxed);
-                    book.on_cross_check(peer, is_token(&answer), c.compared, 0);
+                    m.audit_band_comparisons.fetch_add(1, Ordering::Relaxed);
+                    let token = is_token(&answer);
+                    book.on_cross_check(peer, token, false);
+                    book.on_cross_check(auditor, token, false);
                 }
                 Ok(answer)
             }
@@ -641,6 +639,7 @@ impl NetTransport {
                     let check = cross_check(&provider_seen, &auditor_seen).unwrap_or(CrossCheck {
                         compared: 1,
                         missed: 1,
+                        worst: f32::INFINITY,
                     });
                     self.apply_cross_build(verdict, peer, auditor, check, answer)
                 } else {
@@ -887,11 +886,14 @@ impl NetTransport {
     }
 
     /// Acts on the verdict of a dispute between nodes of different builds, whose honest answers
-    /// differ a little: one miss proves nothing (Gonka's rule). The side the referees found
-    /// outside the band gets `check`'s misses recorded and is convicted only once its record
-    /// is improbable for an honest node ([`AuditBook::on_cross_check`]); referees are never
-    /// slashed for a vote across builds. An answer the referees reject is not used (the call
-    /// fails over), so the client's text stays the majority's.
+    /// differ a little. The side the referees found outside the band is convicted at once when
+    /// the difference is gross ([`CrossCheck::gross`]: far beyond what honest builds differ
+    /// by, as conclusive as an exact mismatch on one build); a marginal miss proves nothing
+    /// alone (Gonka's rule) and is recorded, convicting only once the node's record is
+    /// improbable for an honest one ([`AuditBook::on_cross_check`]; the other side is recorded
+    /// as agreeing). Referees are never slashed for a vote across builds. An answer the
+    /// referees reject is not used (the call fails over), so the client's text stays the
+    /// majority's.
     fn apply_cross_build(
         &mut self,
         verdict: Verdict<PeerId>,
@@ -904,36 +906,33 @@ impl NetTransport {
             retryable: true,
             message,
         };
-        let token = is_token(&answer);
-        let m = &self.client.metrics;
-        m.audit_band_comparisons
-            .fetch_add(check.compared, Ordering::Relaxed);
-        let off = match &verdict {
-            Verdict::ProviderCheated { .. } => provider,
-            Verdict::FalseAccusation { .. } => auditor,
+        let (off, fine) = match &verdict {
+            Verdict::ProviderCheated { .. } => (provider, auditor),
+            Verdict::FalseAccusation { .. } => (auditor, provider),
             Verdict::Inconclusive => return self.apply(verdict, provider, auditor, answer),
         };
-        m.audit_band_misses
-            .fetch_add(check.missed, Ordering::Relaxed);
+        let token = is_token(&answer);
+        let m = &self.client.metrics;
+        m.audit_band_comparisons.fetch_add(1, Ordering::Relaxed);
+        m.audit_band_misses.fetch_add(1, Ordering::Relaxed);
         let convicts = {
             let mut book = self.client.book();
             book.on_audit(off, false);
-            book.on_cross_check(off, token, check.compared, check.missed)
+            book.on_audit(fine, true);
+            book.on_cross_check(fine, token, false);
+            book.on_cross_check(off, token, true) || check.gross()
         };
-        warn!(%off, misses = check.missed, of = check.compared, convicts, "cross-build audit: the referees found this node outside the band");
-        let (challenger, outcome) = if off == provider {
-            let outcome = Err(failed(format!(
-                "{provider}'s output is outside the band of the other builds' recomputations"
-            )));
-            (auditor, outcome)
-        } else {
-            self.client.book().on_audit(provider, true);
-            (provider, Ok(answer))
-        };
+        warn!(%off, windows_outside = check.missed, of = check.compared, worst = check.worst, convicts, "cross-build audit: the referees found this node outside the band");
         if convicts {
-            self.convict(off, challenger, &[]);
+            self.convict(off, fine, &[]);
         }
-        outcome
+        if off == provider {
+            Err(failed(format!(
+                "{provider}'s output is outside the band of the other builds' recomputations"
+            )))
+        } else {
+            Ok(answer)
+        }
     }
 
     /// Convicts `offender`: never routed to again, its work in this generation unpaid, and a
@@ -1041,20 +1040,23 @@ mod tests {
     fn across_builds_answers_agree_within_the_band_and_tokens_exactly() {
         let a = hidden_answer("1", 0, 70, 0.0);
         let slightly = hidden_answer("1+untiled", 0, 70, 0.01);
-        let far = hidden_answer("1+untiled", 0, 70, 0.5);
+        let far = hidden_answer("1+untiled", 0, 70, 2.0);
         // On one build any difference is a dispute; across builds the band decides.
         assert!(!agree(&a, &hidden_answer("1", 0, 70, 0.01)));
         assert!(agree(&a, &slightly));
         assert_eq!(check_pair(&a, Some(&slightly)), PairCheck::Pass);
         assert_eq!(check_pair(&a, Some(&far)), PairCheck::Dispute);
-        // 70 rows from position 0: windows 0, 1 and 2, every one outside.
-        assert_eq!(
-            cross_check(&a, &far),
-            Some(CrossCheck {
-                compared: 3,
-                missed: 3
-            })
-        );
+        // 70 rows from position 0: windows 0, 1 and 2, every one outside, far beyond the
+        // band (gross); 1% is inside it.
+        let c = cross_check(&a, &far).unwrap();
+        assert_eq!((c.compared, c.missed), (3, 3));
+        assert!(c.gross(), "{c:?}");
+        let c = cross_check(&a, &slightly).unwrap();
+        assert_eq!((c.compared, c.missed), (3, 0));
+        assert!(!c.gross() && c.worst < 1.0, "{c:?}");
+        // A marginal miss: outside the 5% band, not gross.
+        let c = cross_check(&a, &hidden_answer("2", 0, 70, 0.3)).unwrap();
+        assert!(c.missed > 0 && !c.gross(), "{c:?}");
         assert_eq!(cross_check(&a, &hidden_answer("1", 0, 70, 0.5)), None);
         let token = |version: &str, t: u32| {
             Seen::of(
@@ -1077,7 +1079,7 @@ mod tests {
         assert_eq!(vote(Some(&referee), &far, &a), Some(Vote::Accuser));
         assert_eq!(vote(Some(&referee), &a, &far), Some(Vote::Provider));
         assert_eq!(
-            vote(Some(&hidden_answer("3", 0, 70, 2.0)), &a, &far),
+            vote(Some(&hidden_answer("3", 0, 70, 6.0)), &a, &far),
             Some(Vote::Neither)
         );
         // (a referee on the build of one party compares exactly with that party)
@@ -1088,21 +1090,26 @@ mod tests {
 
     #[test]
     fn cross_build_misses_convict_only_when_improbable_for_an_honest_node() {
-        let p = peers(2);
+        let p = peers(3);
         let mut book = AuditBook::default();
-        // An honest node of another build: long runs of windows with a few misses.
-        for round in 0..200 {
-            assert!(!book.on_cross_check(p[0], false, 4, u64::from(round % 50 == 0)));
+        // An honest node of another build: a long run of calls with a few confirmed misses.
+        for call in 0..800 {
+            assert!(!book.on_cross_check(p[0], false, call % 200 == 0));
         }
         assert_eq!(book.band_record(&p[0], false).comparisons, 800);
-        // Garbage: every window of its first prefill outside (4 windows, 0.01^4 < 1e-6).
-        assert!(!book.on_cross_check(p[1], false, 3, 3));
-        assert!(book.on_cross_check(p[1], false, 1, 1));
+        assert_eq!(book.band_record(&p[0], false).misses, 4);
+        // Marginal misses on every call: three in a row are not enough at 1% (tail 1e-6), four are.
+        for _ in 0..3 {
+            assert!(!book.on_cross_check(p[1], false, true));
+        }
+        assert!(book.on_cross_check(p[1], false, true));
         // Tokens flip honestly more often: 7 in a row is not enough at 0.15, 8 is.
         for _ in 0..7 {
-            assert!(!book.on_cross_check(p[0], true, 1, 1));
+            assert!(!book.on_cross_check(p[2], true, true));
         }
-        assert!(book.on_cross_check(p[0], true, 1, 1));
+        assert!(book.on_cross_check(p[2], true, true));
+        // An agreeing call never convicts, whatever the record holds.
+        assert!(!book.on_cross_check(p[2], true, false));
     }
 
     #[test]

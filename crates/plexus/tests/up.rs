@@ -664,10 +664,9 @@ fn audited_streams(url: &str, key: &str, n: usize, repeats: usize) -> Vec<String
 ///
 /// - Honest: its jobs are audited by nodes of the other build within the published band, and
 ///   it is never disputed, let alone convicted.
-/// - Cheating as well (`--cheat random`): the first audited call's windows are all outside
-///   the band, the referee confirms it, and the misses are improbable for an honest node
-///   (binomial tail under 1e-6): convicted and slashed, with the streams going on with the
-///   honest text.
+/// - Cheating as well (`--cheat random`): the first audited call's windows are far outside the
+///   band (gross, not a marginal miss), the referee confirms it: convicted and slashed, with
+///   the streams going on with the honest text.
 #[test]
 fn audits_across_builds_spare_an_honest_node_of_another_build_and_convict_a_cheating_one_issue_11()
 {
@@ -739,10 +738,10 @@ fn audits_across_builds_spare_an_honest_node_of_another_build_and_convict_a_chea
     let c = |metrics: &str, name: &str| counter(metrics, name);
 
     let (_, metrics, stakes) = run(false);
-    // Three jobs of node 0, each with a prefill of 5 windows and 23 one-token windows.
+    // Three jobs of node 0, each a prefill call and 23 one-token calls, all compared.
     assert!(c(&metrics, "plexus_audits_cross_build") >= 3, "{metrics}");
     assert!(
-        c(&metrics, "plexus_audit_band_comparisons") >= 3 * 28,
+        c(&metrics, "plexus_audit_band_comparisons") >= 3 * 24,
         "{metrics}"
     );
     assert_eq!(c(&metrics, "plexus_audit_band_misses"), 0, "{metrics}");
@@ -753,7 +752,8 @@ fn audits_across_builds_spare_an_honest_node_of_another_build_and_convict_a_chea
     let (texts, metrics, stakes) = run(true);
     assert_eq!(c(&metrics, "plexus_audit_disputes"), 1, "{metrics}");
     assert_eq!(c(&metrics, "plexus_audit_convictions"), 1, "{metrics}");
-    assert!(c(&metrics, "plexus_audit_band_misses") >= 4, "{metrics}");
+    // Its first call's windows are far outside the band (gross): one confirmed miss convicts.
+    assert_eq!(c(&metrics, "plexus_audit_band_misses"), 1, "{metrics}");
     assert!(c(&metrics, "plexus_chain_failovers") >= 1, "{metrics}");
     // The stream that met the cheater went on with the honest text, as the later ones.
     assert!(

@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 /// The conviction threshold on the binomial tail.
 pub const CONVICTION_TAIL: f64 = 1e-6;
 
-/// `P[X >= k]` for `X ~ Binomial(n, q)`, computed in log space (exact sum of the tail terms).
+/// `P[X >= k]` for `X ~ Binomial(n, q)`, computed in log space. The terms are summed from `k`
+/// away from the mode (upwards above the mean, and as `1 - P[X <= k - 1]` downwards below it),
+/// where they shrink, so the 100,000 terms kept at most cover everything that counts whatever
+/// `n` is.
 pub fn binomial_tail(n: u64, k: u64, q: f64) -> f64 {
     if k == 0 {
         return 1.0;
@@ -22,21 +25,41 @@ pub fn binomial_tail(n: u64, k: u64, q: f64) -> f64 {
         return 1.0;
     }
     let (lq, lp) = (q.ln(), (1.0 - q).ln());
-    // log C(n, i) built incrementally from i = k.
-    let mut log_c = ln_choose(n, k);
-    let mut terms = Vec::with_capacity((n - k + 1).min(100_000) as usize);
-    let mut i = k;
-    loop {
-        terms.push(log_c + i as f64 * lq + (n - i) as f64 * lp);
-        if i == n || terms.len() >= 100_000 {
-            break;
+    let term = |log_c: f64, i: u64| log_c + i as f64 * lq + (n - i) as f64 * lp;
+    let log_sum = |terms: &[f64]| {
+        let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        max + terms.iter().map(|t| (t - max).exp()).sum::<f64>().ln()
+    };
+    const MAX_TERMS: usize = 100_000;
+    if (k as f64) > n as f64 * q {
+        // Upper tail: i = k, k + 1, ... (log C(n, i) built incrementally).
+        let mut log_c = ln_choose(n, k);
+        let mut terms = Vec::with_capacity((n - k + 1).min(MAX_TERMS as u64) as usize);
+        let mut i = k;
+        loop {
+            terms.push(term(log_c, i));
+            if i == n || terms.len() >= MAX_TERMS {
+                break;
+            }
+            log_c += ((n - i) as f64).ln() - ((i + 1) as f64).ln();
+            i += 1;
         }
-        log_c += ((n - i) as f64).ln() - ((i + 1) as f64).ln();
-        i += 1;
+        log_sum(&terms).exp().min(1.0)
+    } else {
+        // At or below the mean: 1 - P[X <= k - 1], i = k - 1, k - 2, ..., 0.
+        let mut i = k - 1;
+        let mut log_c = ln_choose(n, i);
+        let mut terms = Vec::with_capacity(k.min(MAX_TERMS as u64) as usize);
+        loop {
+            terms.push(term(log_c, i));
+            if i == 0 || terms.len() >= MAX_TERMS {
+                break;
+            }
+            log_c += (i as f64).ln() - ((n - i + 1) as f64).ln();
+            i -= 1;
+        }
+        (1.0 - log_sum(&terms).exp()).clamp(0.0, 1.0)
     }
-    let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let sum: f64 = terms.iter().map(|t| (t - max).exp()).sum();
-    (max + sum.ln()).exp().min(1.0)
 }
 
 fn ln_choose(n: u64, k: u64) -> f64 {
@@ -102,6 +125,28 @@ mod tests {
             misses: 3,
         };
         assert!(!honest.convicts(0.001));
+    }
+
+    #[test]
+    fn tails_far_below_the_mean_stay_near_one_for_any_n() {
+        // 60,000 misses in 2,000,000 comparisons at q = 0.15 (mean 300,000): an honest record.
+        let t = binomial_tail(2_000_000, 60_000, 0.15);
+        assert!(t > 0.999_999, "{t}");
+        let honest = MissRecord {
+            comparisons: 2_000_000,
+            misses: 60_001,
+        };
+        assert!(!honest.convicts(0.15));
+        // Both branches agree around the mean.
+        let (n, q) = (1000u64, 0.1f64);
+        for k in [90u64, 100, 101, 110] {
+            let direct: f64 = (k..=n)
+                .map(|i| {
+                    (ln_choose(n, i) + i as f64 * q.ln() + (n - i) as f64 * (1.0 - q).ln()).exp()
+                })
+                .sum();
+            assert!((binomial_tail(n, k, q) - direct).abs() < 1e-9, "{k}");
+        }
     }
 
     proptest! {
