@@ -17,8 +17,9 @@
 //!                          replay of everything the provider was fed (an ordinary failover
 //!                          replay); their answers vote (plexus_verify::arbitration)
 //!                     provider cheated ─▶ on one build: convicted (excluded from routing,
-//!                          slashed, its work in this generation unpaid); across builds: its
-//!                          misses recorded, convicted once improbable for an honest node;
+//!                          slashed, its work in this generation unpaid); across builds: the
+//!                          same for a gross miss, else the miss recorded, convicted once
+//!                          improbable for an honest node;
 //!                          either way the call fails over (the text stays the honest one)
 //!                     false accusation ─▶ the same for the auditor; the answer goes on
 //!                     inconclusive ─▶ nobody slashed; the call fails over
@@ -29,10 +30,11 @@
 //! commitment and one mismatch is conclusive. Builds whose arithmetic differs (a node announces
 //! its build as `version`) give honest answers a few % apart, so across builds each window of
 //! activation rows (the sketch fingerprint of the rows the gateway received) must sit inside
-//! `plexus_verify::compare::Tolerance::PUBLISHED` and a sampled token must be equal; a miss the
-//! referees confirm is one observation, and only a binomial tail under 1e-6 at the measured
-//! honest rate convicts (Gonka's rule; [`AuditBook::on_cross_check`]). Without cross-build
-//! audits a node could escape every audit by announcing a build nobody else runs.
+//! `plexus_verify::compare::Tolerance::PUBLISHED` and a sampled token must be equal. A miss the
+//! referees confirm far outside the band (`CrossCheck::gross`) is conclusive; a marginal one is
+//! one observation per call, and only a binomial tail under 1e-6 at the measured honest rate
+//! convicts (Gonka's rule; [`AuditBook::on_cross_check`]). Without cross-build audits a node
+//! could escape every audit by announcing a build nobody else runs.
 //! For activations the gateway recomputes the commitment from the rows it received (a node
 //! cannot commit to something other than what it sent); a last stage's commitment covers the
 //! logits it sampled from, which only a recomputation can check.
