@@ -52,10 +52,9 @@ use plexus_core::Digest;
 use plexus_ledger::Address;
 use plexus_net::{CallError, PeerId};
 use plexus_verify::arbitration::{ArbitrationError, Case, State, Verdict, Vote};
-use plexus_verify::commitment::call_commitment;
+use plexus_verify::commitment::{call_commitment, call_fingerprint};
 use plexus_verify::compare::{Answer, CrossCheck};
 use plexus_verify::draw::DrawKey;
-use plexus_verify::fingerprint::{fingerprint, Scheme};
 use plexus_verify::reputation::Record;
 use plexus_verify::stats::MissRecord;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -125,12 +124,20 @@ pub fn expected_commitment(
     claimed: [u8; 32],
 ) -> [u8; 32] {
     match answer {
-        Response::Hidden { hidden, .. } => {
-            let first = u64::from(position) + u64::from(positions.saturating_sub(hidden.rows));
-            call_commitment(hidden.cols as usize, first, &hidden.to_f32(), &[])
-        }
+        Response::Hidden { hidden, .. } => call_commitment(
+            hidden.cols as usize,
+            first_row(position, positions, hidden),
+            &hidden.to_f32(),
+            &[],
+        ),
         _ => claimed,
     }
+}
+
+/// The absolute position of the first row of `hidden`, the reply to a call of `positions` new
+/// positions from `position` (a reply covers the call's last rows).
+fn first_row(position: u32, positions: u32, hidden: &Activations) -> u64 {
+    u64::from(position) + u64::from(positions.saturating_sub(hidden.rows))
 }
 
 /// The id of one provider's job in a generation (what the draw is keyed on with the
@@ -161,17 +168,12 @@ impl Seen {
         commitment: [u8; 32],
     ) -> Self {
         let answer = match answer {
-            Response::Hidden { hidden, .. } => {
-                let first = u64::from(position) + u64::from(positions.saturating_sub(hidden.rows));
-                fingerprint(
-                    Scheme::DEFAULT,
-                    hidden.cols as usize,
-                    first,
-                    &hidden.to_f32(),
-                )
-                .ok()
-                .map(Answer::Rows)
-            }
+            Response::Hidden { hidden, .. } => call_fingerprint(
+                hidden.cols as usize,
+                first_row(position, positions, hidden),
+                &hidden.to_f32(),
+            )
+            .map(Answer::Rows),
             Response::Token { token, .. } | Response::Scored { token, .. } => {
                 Some(Answer::Token(*token))
             }

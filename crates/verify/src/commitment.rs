@@ -58,6 +58,16 @@ fn fingerprinter(width: usize) -> Option<Fingerprinter> {
     Some(f)
 }
 
+/// The [`Scheme::DEFAULT`] fingerprint of a stage call's output rows (row-major, `width`
+/// wide, the first at absolute position `first`), with the directions of `width` kept built:
+/// what [`call_commitment`] commits to, and what an audit across builds compares. `None` for
+/// rows that cannot be fingerprinted (non-finite values, a ragged or zero width).
+pub fn call_fingerprint(width: usize, first: u64, rows: &[f32]) -> Option<Fingerprint> {
+    let mut f = fingerprinter(width)?;
+    f.push(first, rows).ok()?;
+    Some(f.finish())
+}
+
 /// The commitment of one stage call: the [`Scheme::DEFAULT`] fingerprint of the output rows it
 /// returned or sampled from (`rows`, row-major, `width` wide, the first at absolute position
 /// `first`) and the tokens it sampled ([`Commitment::digest`]). A node signs it into the call's
@@ -67,11 +77,7 @@ fn fingerprinter(width: usize) -> Option<Fingerprinter> {
 /// Rows that cannot be fingerprinted (non-finite values, a ragged or zero width) commit to
 /// their raw bytes instead, so the function is total and still the same on both sides.
 pub fn call_commitment(width: usize, first: u64, rows: &[f32], tokens: &[u32]) -> [u8; 32] {
-    let printed = fingerprinter(width).and_then(|mut f| {
-        f.push(first, rows).ok()?;
-        Some(f.finish())
-    });
-    match printed {
+    match call_fingerprint(width, first, rows) {
         Some(fingerprint) => Commitment {
             fingerprint,
             tokens: tokens.to_vec(),
