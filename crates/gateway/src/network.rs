@@ -309,6 +309,16 @@ impl Backend for NetworkBackend {
             m.audit_band_misses.load(Ordering::Relaxed),
         );
         counter(
+            "plexus_audit_token_near_ties",
+            "Cross-build audits of a last stage whose token differed from the checker's but was a near tie under its draw (passed).",
+            m.audit_token_near_ties.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_audit_unpaid_calls",
+            "Stage calls the referees rejected across builds without a conviction: not paid.",
+            m.audit_unpaid_calls.load(Ordering::Relaxed),
+        );
+        counter(
             "plexus_audit_disputes",
             "Audited stage calls whose answers disagreed (sent to referees).",
             m.audit_disputes.load(Ordering::Relaxed),

@@ -30,8 +30,10 @@
 //! commitment and one mismatch is conclusive. Builds whose arithmetic differs (a node announces
 //! its build as `version`) give honest answers a few % apart, so across builds each window of
 //! activation rows (the sketch fingerprint of the rows the gateway received) must sit inside
-//! `plexus_verify::compare::Tolerance::PUBLISHED` and a sampled token must be equal. A miss the
-//! referees confirm far outside the band (`CrossCheck::gross`) is conclusive; a marginal one is
+//! `plexus_verify::compare::Tolerance::PUBLISHED` and a sampled token must be equal or a near tie
+//! under the checker's draw (the auditor and referees of another build report their top
+//! log-probabilities: [`checker_call`], `plexus_verify::near_tie`). A miss the referees
+//! confirm far outside the band (`CrossCheck::gross`) is conclusive; a marginal one is
 //! one observation per call, and only a binomial tail under 1e-6 at the measured honest rate
 //! convicts (Gonka's rule; [`AuditBook::on_cross_check`]). Without cross-build audits a node
 //! could escape every audit by announcing a build nobody else runs.
@@ -47,6 +49,7 @@ use crate::chain::Transport as _;
 use crate::client::NetTransport;
 use crate::directory::Directory;
 use plexus_core::receipt::Receipt;
+use plexus_core::sampling::MAX_TOP_LOGPROBS;
 use plexus_core::wire::{Activations, Forward, Request, Response, SessionId};
 use plexus_core::Digest;
 use plexus_ledger::Address;
@@ -55,6 +58,7 @@ use plexus_verify::arbitration::{ArbitrationError, Case, State, Verdict, Vote};
 use plexus_verify::commitment::{call_commitment, call_fingerprint};
 use plexus_verify::compare::{Answer, CrossCheck};
 use plexus_verify::draw::DrawKey;
+use plexus_verify::near_tie::TokenDraw;
 use plexus_verify::reputation::Record;
 use plexus_verify::stats::MissRecord;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -158,25 +162,31 @@ pub struct Seen {
 }
 
 impl Seen {
-    /// `answer` (unwrapped from its receipt) to a call of `positions` new positions from
-    /// `position`, by a node announcing `version`, committed to `commitment`.
-    pub fn of(
-        version: &str,
-        position: u32,
-        positions: u32,
-        answer: &Response,
-        commitment: [u8; 32],
-    ) -> Self {
+    /// `answer` (unwrapped from its receipt) to the call `f`, by a node announcing `version`,
+    /// committed to `commitment`. A last stage's reported log-probabilities make its draw
+    /// (used only when this node is the checker).
+    pub fn of(version: &str, f: &Forward, answer: &Response, commitment: [u8; 32]) -> Self {
+        let positions = f.tokens.len() as u32;
         let answer = match answer {
             Response::Hidden { hidden, .. } => call_fingerprint(
                 hidden.cols as usize,
-                first_row(position, positions, hidden),
+                first_row(f.position, positions, hidden),
                 &hidden.to_f32(),
             )
             .map(Answer::Rows),
-            Response::Token { token, .. } | Response::Scored { token, .. } => {
-                Some(Answer::Token(*token))
-            }
+            Response::Token { token, .. } => Some(Answer::Token {
+                token: *token,
+                draw: None,
+            }),
+            Response::Scored {
+                token, logprobs, ..
+            } => Some(Answer::Token {
+                token: *token,
+                draw: f.sampling.as_deref().map(|params| {
+                    let at = u64::from(f.position) + u64::from(positions);
+                    TokenDraw::new(*token, logprobs.top.clone(), params, at)
+                }),
+            }),
             _ => None,
         };
         Self {
@@ -192,8 +202,8 @@ impl Seen {
     }
 }
 
-/// How two answers to one call compare across builds (`None` on one build, where only the
-/// commitments count, or when either answer cannot be compared).
+/// How an answer compares with a checker's answer `b` to the same call across builds (`None`
+/// on one build, where only the commitments count, or when either answer cannot be compared).
 pub fn cross_check(a: &Seen, b: &Seen) -> Option<CrossCheck> {
     if !a.cross_build(b) {
         return None;
@@ -201,9 +211,10 @@ pub fn cross_check(a: &Seen, b: &Seen) -> Option<CrossCheck> {
     Some(a.answer.as_ref()?.cross_check(b.answer.as_ref()?))
 }
 
-/// Whether two answers to one call agree: on one build the commitments are equal (the engine
-/// is bit-exact), across builds every window of rows is inside the published band and a
-/// sampled token is the same.
+/// Whether an answer agrees with a checker's answer `b` to the same call: on one build the
+/// commitments are equal (the engine is bit-exact), across builds every window of rows is
+/// inside the published band and a sampled token is the same or a near tie under the
+/// checker's draw.
 pub fn agree(a: &Seen, b: &Seen) -> bool {
     if a.cross_build(b) {
         cross_check(a, b).is_some_and(|c| c.agrees())
@@ -233,7 +244,7 @@ pub fn check_pair(provider: &Seen, auditor: Option<&Seen>) -> PairCheck {
 /// answer agrees with both parties: no vote).
 pub fn vote(referee: Option<&Seen>, provider: &Seen, auditor: &Seen) -> Option<Vote> {
     let r = referee?;
-    match (agree(r, provider), agree(r, auditor)) {
+    match (agree(provider, r), agree(auditor, r)) {
         (true, false) => Some(Vote::Provider),
         (false, true) => Some(Vote::Accuser),
         (false, false) => Some(Vote::Neither),
@@ -361,6 +372,8 @@ enum HopAudit {
         /// Positions the auditor's session holds.
         position: u32,
         log: CallLog,
+        /// The auditor announces another build than the provider.
+        cross_build: bool,
     },
 }
 
@@ -533,6 +546,18 @@ fn is_token(answer: &Response) -> bool {
     matches!(answer, Response::Token { .. } | Response::Scored { .. })
 }
 
+/// The call a checker (auditor or referee) gets for `f`: the same call, and across builds a
+/// last stage also reports its top log-probabilities, which make its draw for the near-tie
+/// check ([`plexus_verify::near_tie`]; they do not change the token or the commitment).
+pub fn checker_call(mut f: Forward, cross_build: bool) -> Forward {
+    if cross_build {
+        if let Some(params) = f.sampling.as_deref_mut() {
+            params.logprobs = Some(MAX_TOP_LOGPROBS);
+        }
+    }
+    f
+}
+
 /// What a provider's call came to after its audit.
 pub(crate) type Audited = Result<Response, crate::chain::CallFailed>;
 
@@ -545,13 +570,17 @@ impl NetTransport {
                 auditor,
                 session,
                 position,
+                cross_build,
                 ..
             } if *position == f.position && f.position > 0 => Some((
                 *auditor,
-                Forward {
-                    session: *session,
-                    ..f.clone()
-                },
+                checker_call(
+                    Forward {
+                        session: *session,
+                        ..f.clone()
+                    },
+                    *cross_build,
+                ),
             )),
             _ => None,
         }
@@ -595,13 +624,7 @@ impl NetTransport {
         };
         let (auditor, sent, reply) = shadow;
         let version = self.version_of(&peer);
-        let provider_seen = Seen::of(
-            &version,
-            f.position,
-            f.tokens.len() as u32,
-            &answer,
-            commitment,
-        );
+        let provider_seen = Seen::of(&version, f, &answer, commitment);
         let auditor_seen = self.metered_seen(auditor, &sent, reply.ok());
         if let Some(HopAudit::Shadowed { log, position, .. }) = self.audits.hops.get_mut(&peer) {
             log.push(f);
@@ -613,11 +636,13 @@ impl NetTransport {
                 m.audit_calls_passed.fetch_add(1, Ordering::Relaxed);
                 let mut book = self.client.book();
                 book.on_audit(peer, true);
-                if auditor_seen
+                if let Some(check) = auditor_seen
                     .as_ref()
-                    .is_some_and(|a| provider_seen.cross_build(a))
+                    .and_then(|a| cross_check(&provider_seen, a))
                 {
                     m.audit_band_comparisons.fetch_add(1, Ordering::Relaxed);
+                    m.audit_token_near_ties
+                        .fetch_add(check.near_ties, Ordering::Relaxed);
                     let token = is_token(&answer);
                     book.on_cross_check(peer, token, false);
                     book.on_cross_check(auditor, token, false);
@@ -643,9 +668,10 @@ impl NetTransport {
                     let check = cross_check(&provider_seen, &auditor_seen).unwrap_or(CrossCheck {
                         compared: 1,
                         missed: 1,
+                        near_ties: 0,
                         worst: f32::INFINITY,
                     });
-                    self.apply_cross_build(verdict, peer, auditor, check, answer)
+                    self.apply_cross_build(verdict, peer, auditor, f, check, answer)
                 } else {
                     self.apply(verdict, peer, auditor, answer)
                 }
@@ -720,6 +746,7 @@ impl NetTransport {
             with.push(f);
             with.replay(f, session)
         };
+        let sent = checker_call(sent, cross_build);
         info!(provider = %peer, %auditor, "audit drawn: shadowing the provider's calls");
         let reply = self.send(auditor, sent.clone());
         self.audits.hops.insert(
@@ -729,6 +756,7 @@ impl NetTransport {
                 session,
                 position: 0,
                 log,
+                cross_build,
             },
         );
         Some((auditor, sent, reply))
@@ -770,13 +798,7 @@ impl NetTransport {
             return None;
         }
         let (answer, commitment) = self.meter(peer, Some(expected), reply);
-        Some(Seen::of(
-            &version,
-            sent.position,
-            sent.tokens.len() as u32,
-            &answer,
-            commitment?,
-        ))
+        Some(Seen::of(&version, sent, &answer, commitment?))
     }
 
     /// Sends every referee the replay of what `peer` was fed and decides the case.
@@ -815,9 +837,13 @@ impl NetTransport {
         if referees.is_empty() {
             return Verdict::Inconclusive;
         }
+        let cross_build = provider_answer.cross_build(auditor_answer);
         let calls: Vec<(PeerId, Forward)> = referees
             .iter()
-            .map(|r| (*r, log.replay(f, SessionId(crate::client::rand_session()))))
+            .map(|r| {
+                let replay = log.replay(f, SessionId(crate::client::rand_session()));
+                (*r, checker_call(replay, cross_build))
+            })
             .collect();
         // All referees at once.
         let client = self.client.clone();
@@ -903,6 +929,7 @@ impl NetTransport {
         verdict: Verdict<PeerId>,
         provider: PeerId,
         auditor: PeerId,
+        f: &Forward,
         check: CrossCheck,
         answer: Response,
     ) -> Audited {
@@ -929,6 +956,9 @@ impl NetTransport {
         warn!(%off, windows_outside = check.missed, of = check.compared, worst = check.worst, convicts, "cross-build audit: the referees found this node outside the band");
         if convicts {
             self.convict(off, fine, &[]);
+        } else {
+            // Not proof of cheating, but not an answer the client is charged for either.
+            self.unpay(off, f);
         }
         if off == provider {
             Err(failed(format!(
@@ -967,6 +997,25 @@ impl NetTransport {
                 .filter_map(|c| account_of(&dir, c))
                 .collect(),
         });
+    }
+
+    /// Takes `peer`'s rejected answer to `f` (or to the auditor's copy of it: the same
+    /// positions and span) out of what the generation pays it.
+    fn unpay(&mut self, peer: PeerId, f: &Forward) {
+        let dir = self.client.directory();
+        let (Some(account), Some(price)) =
+            (account_of(&dir, &peer), dir.get(&peer).map(|a| a.price))
+        else {
+            return;
+        };
+        let work = u64::from(f.end.saturating_sub(f.start)) * f.tokens.len() as u64;
+        if self.usage.unrecord(account, price, work) {
+            self.usage.refused += 1;
+            self.client
+                .metrics
+                .audit_unpaid_calls
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Stops auditing `peer` in this chain, closing the auditor's session.
@@ -1037,7 +1086,7 @@ mod tests {
             compute_us: 0,
         };
         let c = expected_commitment(first, n as u32, &answer, [0; 32]);
-        Seen::of(version, first, n as u32, &answer, c)
+        Seen::of(version, &call(first, vec![0; n], 0), &answer, c)
     }
 
     #[test]
@@ -1062,11 +1111,14 @@ mod tests {
         let c = cross_check(&a, &hidden_answer("2", 0, 70, 0.3)).unwrap();
         assert!(c.missed > 0 && !c.gross(), "{c:?}");
         assert_eq!(cross_check(&a, &hidden_answer("1", 0, 70, 0.5)), None);
+        let greedy = |mut f: Forward| {
+            f.sampling = Some(Box::new(plexus_core::sampling::SamplingParams::greedy()));
+            f
+        };
         let token = |version: &str, t: u32| {
             Seen::of(
                 version,
-                5,
-                1,
+                &greedy(call(5, vec![1], 1)),
                 &Response::Token {
                     token: t,
                     compute_us: 0,
@@ -1076,6 +1128,30 @@ mod tests {
         };
         assert!(agree(&token("1", 4), &token("2", 4)));
         assert!(!agree(&token("1", 4), &token("2", 5)));
+        // A checker that reports its draw admits a near tie (greedy: within twice
+        // NEAR_TIE_NATS of its top), not a token further down; a provider's own report
+        // admits nothing.
+        let scored = |version: &str, t: u32, top: Vec<(u32, f32)>| {
+            Seen::of(
+                version,
+                &checker_call(greedy(call(5, vec![1], 1)), true),
+                &Response::Scored {
+                    token: t,
+                    compute_us: 0,
+                    logprobs: plexus_core::sampling::TokenLogprobs {
+                        token: t,
+                        logprob: top[0].1,
+                        top,
+                    },
+                },
+                [t as u8; 32],
+            )
+        };
+        let checker = scored("2", 4, vec![(4, -0.6), (5, -0.8), (9, -3.0)]);
+        assert!(agree(&token("1", 5), &checker));
+        assert_eq!(cross_check(&token("1", 5), &checker).unwrap().near_ties, 1);
+        assert!(!agree(&token("1", 9), &checker));
+        assert!(!agree(&checker, &token("1", 5)));
         // Different kinds of answer never agree.
         assert!(!agree(&a, &token("2", 4)));
         // Referees across builds: a vote for the side within the band; none when both are.
@@ -1107,8 +1183,8 @@ mod tests {
             assert!(!book.on_cross_check(p[1], false, true));
         }
         assert!(book.on_cross_check(p[1], false, true));
-        // Tokens flip honestly more often: 7 in a row is not enough at 0.15, 8 is.
-        for _ in 0..7 {
+        // Tokens (near ties admitted) at 5%: 4 in a row are not enough, 5 are.
+        for _ in 0..4 {
             assert!(!book.on_cross_check(p[2], true, true));
         }
         assert!(book.on_cross_check(p[2], true, true));

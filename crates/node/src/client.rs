@@ -96,6 +96,11 @@ pub struct ClientMetrics {
     /// confirmed (they count towards a statistical conviction).
     pub audit_band_comparisons: AtomicU64,
     pub audit_band_misses: AtomicU64,
+    /// Across builds: last-stage tokens that differed from the checker's but were near ties
+    /// under its draw (`plexus_verify::near_tie`), so passed.
+    pub audit_token_near_ties: AtomicU64,
+    /// Calls the referees rejected across builds without convicting: their work not paid.
+    pub audit_unpaid_calls: AtomicU64,
     /// Audited calls whose commitments differed (sent to referees), and the convictions.
     pub audit_disputes: AtomicU64,
     pub audit_convictions: AtomicU64,

@@ -136,6 +136,23 @@ impl Usage {
         w.calls += 1;
     }
 
+    /// Takes back one call of `work` at `price` recorded for `account` (its answer was
+    /// rejected); false when there is no such call to take back.
+    pub fn unrecord(&mut self, account: Address, price: u64, work: u64) -> bool {
+        let Some(w) = self.providers.get_mut(&(account, price)) else {
+            return false;
+        };
+        if w.calls == 0 || w.work < work {
+            return false;
+        }
+        w.work -= work;
+        w.calls -= 1;
+        if w.calls == 0 {
+            self.providers.remove(&(account, price));
+        }
+        true
+    }
+
     pub fn merge(&mut self, other: &Usage) {
         for (k, w) in &other.providers {
             let mine = self.providers.entry(*k).or_default();
@@ -285,5 +302,21 @@ mod tests {
         assert_eq!(costs[&b], 60);
         assert_eq!(u.refused, 2);
         assert_eq!(u.providers[&(a, 10)].calls, 10);
+    }
+
+    #[test]
+    fn a_rejected_call_is_taken_back_once() {
+        let a = Address::repeat_byte(3);
+        let f = forward(); // 60 position-layers
+        let mut u = Usage::default();
+        u.record(a, &Receipt::for_call(&f, 1000, Digest([0; 32])));
+        u.record(a, &Receipt::for_call(&f, 1000, Digest([0; 32])));
+        assert!(!u.unrecord(a, 999, 60), "no call at that price");
+        assert!(!u.unrecord(a, 1000, 121), "more work than was recorded");
+        assert!(u.unrecord(a, 1000, 60));
+        assert_eq!(u.costs()[&a], 60);
+        assert!(u.unrecord(a, 1000, 60));
+        assert!(u.costs().is_empty());
+        assert!(!u.unrecord(a, 1000, 60), "nothing left to take back");
     }
 }

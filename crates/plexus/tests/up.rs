@@ -764,6 +764,69 @@ fn audits_across_builds_spare_an_honest_node_of_another_build_and_convict_a_chea
     assert!(stakes[1..].iter().all(|s| *s == 100_000_000), "{stakes:?}");
 }
 
+/// Issue 11, a last stage across builds: three nodes each serving the whole model, node 0 on
+/// the untiled arithmetic (another build) at price 0, every job audited. Its logits differ from
+/// the other build's by a few %, so some greedy tokens flip between near-equal candidates:
+/// each auditor reports its top log-probabilities, and the gateway admits such a flip as a
+/// near tie (`plexus_verify::near_tie`) instead of disputing it. Before, every flip was a
+/// dispute, a failover and a recorded miss against an honest node.
+#[test]
+fn a_last_stage_of_another_build_passes_its_near_ties_issue_11() {
+    let cache = tempfile::tempdir().unwrap();
+    let args = [
+        "--nodes",
+        "3",
+        "--stages",
+        "1",
+        "--static-spans",
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--node-price",
+        "20000",
+        "--audit-probability",
+        "1",
+        "--audit-referees",
+        "1",
+        "--node0-arithmetic",
+        "untiled",
+    ];
+    let Started { up, url, key, .. } = start_up(&args, cache.path());
+    let texts = audited_streams(&url, &key, 3, 5);
+    let metrics = http_get(&url, "/metrics", &key);
+    stop_up(up);
+    let c = |name: &str| counter(&metrics, name);
+    eprintln!(
+        "audits {} (across builds {}), calls passed {}, band comparisons {} (near ties {}, \
+         misses {}), disputes {}, failovers {}; texts {texts:?}",
+        c("plexus_audits"),
+        c("plexus_audits_cross_build"),
+        c("plexus_audit_calls_passed"),
+        c("plexus_audit_band_comparisons"),
+        c("plexus_audit_token_near_ties"),
+        c("plexus_audit_band_misses"),
+        c("plexus_audit_disputes"),
+        c("plexus_chain_failovers"),
+    );
+    assert!(c("plexus_audits_cross_build") >= 3, "{metrics}");
+    assert!(c("plexus_audit_band_comparisons") >= 3 * 24, "{metrics}");
+    assert!(c("plexus_audit_token_near_ties") >= 1, "{metrics}");
+    assert_eq!(c("plexus_audit_disputes"), 0, "{metrics}");
+    assert_eq!(c("plexus_audit_band_misses"), 0, "{metrics}");
+    assert_eq!(c("plexus_audit_convictions"), 0, "{metrics}");
+    assert_eq!(c("plexus_chain_failovers"), 0, "{metrics}");
+    let stakes: Vec<u64> = (0..3)
+        .map(|i| {
+            let base = cache.path().join("up");
+            mine(&status(&base, &format!("node-{i}")))["staked"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(stakes.iter().all(|s| *s == 100_000_000), "{stakes:?}");
+}
+
 /// Issue 10: the gateway pays providers during a stream, not only when it ends. `plexus up` is
 /// SIGKILLed (then its nodes) in the middle of a long stream, after the nodes have kept
 /// vouchers for three windows of it: each node holds a voucher of the gateway for its work

@@ -24,6 +24,7 @@ pub mod compare;
 pub mod draw;
 pub mod fingerprint;
 pub mod known_answer;
+pub mod near_tie;
 pub mod replay;
 pub mod reputation;
 pub mod seed;

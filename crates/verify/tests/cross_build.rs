@@ -6,7 +6,8 @@
 //! node started with `--arithmetic untiled` still does (it declares no prompt to its cache).
 //! The gateway compares such an auditor's answers with a provider's per stage call, the way
 //! [`plexus_verify::compare::Answer`] says: the fingerprint of the returned rows within the
-//! published band, a last stage's token exactly. This test drives the real model as a
+//! published band, a last stage's token exactly or as a near tie under the auditor's draw
+//! ([`plexus_verify::near_tie`]). This test drives the real model as a
 //! three-stage chain on long prompts (the tiled kernel starts at 64 rows), feeds the untiled
 //! stages the tiled chain's inputs (the auditor is teacher-forced), and asserts that every
 //! honest difference stays under the false-positive rates the gateway assumes.
@@ -20,6 +21,7 @@ use plexus_verify::compare::{
     CROSS_BUILD_TOKEN_FPR,
 };
 use plexus_verify::fingerprint::{fingerprint, Scheme};
+use plexus_verify::near_tie::TokenDraw;
 use plexus_verify::stats::MissRecord;
 
 fn stages(files: &ModelFiles) -> Vec<Stage> {
@@ -94,6 +96,11 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
     let (mut differing_calls, mut worst) = (0u64, 0f32);
     let (mut windows, mut windows_missed, mut gross) = (0u64, 0u64, 0u64);
     let mut prompt_lens = Vec::new();
+    // Near ties: honest flips the auditor's draw admits, and what it admits of three cheats
+    // (a token drawn uniformly from the vocabulary, the auditor's second choice, and a draw
+    // with another seed where it differs from the honest token).
+    let (mut flips, mut flips_admitted, mut probes) = (0u64, 0u64, [(0u64, 0u64); 3]);
+    let mut lp_moves: Vec<f32> = Vec::new();
     let mut scores: Vec<Vec<f32>> = vec![Vec::new(); chain.len()];
     for (i, prompt) in prompts(&files).iter().enumerate() {
         prompt_lens.push(prompt.len());
@@ -149,10 +156,57 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
                     // Logits never reach the gateway (a last stage is compared by its token
                     // across builds); measured to show why they would need a wider band.
                     let at = history.len() as u64;
+                    let scored = SamplingParams {
+                        logprobs: Some(plexus_model::sampler::MAX_TOP_LOGPROBS),
+                        ..params.clone()
+                    };
+                    let (token_b, scores) =
+                        plexus_model::sampler::sample_scored(&b, &history, &scored, at);
                     tokens = (
                         plexus_model::sampler::sample(&a, &history, &params, at),
-                        plexus_model::sampler::sample(&b, &history, &params, at),
+                        token_b,
                     );
+                    let draw = TokenDraw::new(token_b, scores.unwrap().top, &params, at);
+                    // How far the provider's log-probabilities of the checker's top tokens
+                    // lie from the checker's (what NEAR_TIE_NATS bounds).
+                    let mut adjusted = a.clone();
+                    plexus_model::sampler::adjust(&mut adjusted, &history, &params);
+                    let m = adjusted.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let z = adjusted.iter().map(|l| (l - m).exp()).sum::<f32>().ln() + m;
+                    lp_moves.push(
+                        draw.top
+                            .iter()
+                            .map(|&(id, lp)| (adjusted[id as usize] - z - lp).abs())
+                            .fold(0f32, f32::max),
+                    );
+                    // What the gateway decides: the provider's token against the checker's
+                    // draw.
+                    let c = Answer::Token {
+                        token: tokens.0,
+                        draw: None,
+                    }
+                    .cross_check(&Answer::Token {
+                        token: token_b,
+                        draw: Some(draw.clone()),
+                    });
+                    flips += u64::from(tokens.0 != tokens.1);
+                    flips_admitted += c.near_ties;
+                    token_cmp.record(!c.agrees());
+                    let other_seed = SamplingParams {
+                        seed: params.seed ^ 0x5eed,
+                        ..params.clone()
+                    };
+                    let cheats = [
+                        Some((at.wrapping_mul(2654435761) % cfg.vocab_size as u64) as u32),
+                        draw.top.get(1).map(|t| t.0),
+                        Some(plexus_model::sampler::sample(&a, &history, &other_seed, at)),
+                    ];
+                    for (probe, cheat) in probes.iter_mut().zip(cheats) {
+                        if let Some(t) = cheat.filter(|&t| t != tokens.0 && t != token_b) {
+                            probe.0 += 1;
+                            probe.1 += u64::from(draw.admits(t));
+                        }
+                    }
                 } else {
                     let c = Answer::Rows(fa).cross_check(&Answer::Rows(fb));
                     rows_cmp.record(!c.agrees());
@@ -162,7 +216,6 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
                     x = Some(a);
                 }
             }
-            token_cmp.record(tokens.0 != tokens.1);
             history.push(tokens.0);
             if cfg.eos_token_ids.contains(&tokens.0) {
                 break;
@@ -191,7 +244,7 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
          {differing_calls} stage calls with different bits; activation calls {} compared, {} \
          with a window outside the {}% band (rate {:.4}; windows {windows} compared, \
          {windows_missed} outside, worst in-band score {worst:.3}, {gross} gross); tokens {} \
-         compared, {} different (rate {:.4})",
+         compared, {} missed (different and not a near tie; rate {:.4})",
         rows_cmp.comparisons,
         rows_cmp.misses,
         tol.sketch_rel * 100.0,
@@ -199,6 +252,29 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
         token_cmp.comparisons,
         token_cmp.misses,
         rate(&token_cmp),
+    );
+    lp_moves.sort_by(f32::total_cmp);
+    let q = |f: f64| lp_moves[((lp_moves.len() - 1) as f64 * f) as usize];
+    eprintln!(
+        "last stage: largest log-probability move among the checker's top 20 per position p50 \
+         {:.4} p90 {:.4} p99 {:.4} max {:.4} nats over {} positions",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(1.0),
+        lp_moves.len()
+    );
+    eprintln!(
+        "near ties (log-probabilities within {} nats): honest flips admitted {flips_admitted} of {flips}; \
+         admitted cheats: uniform random token {}/{}, the auditor's second choice {}/{}, \
+         another seed's draw {}/{}",
+        plexus_verify::near_tie::NEAR_TIE_NATS,
+        probes[0].1,
+        probes[0].0,
+        probes[1].1,
+        probes[1].0,
+        probes[2].1,
+        probes[2].0,
     );
     assert!(
         differing_calls > 0,
@@ -217,6 +293,19 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
         CROSS_BUILD_TOKEN_FPR
     );
     assert_eq!(gross, 0, "an honest difference counted as gross");
+    assert!(
+        flips > 0,
+        "no token flipped: the near-tie rule was not exercised"
+    );
+    // The rule admits honest flips, not cheats: never a token drawn at random, and at most
+    // half of the auditor's second choices (only where it is nearly as likely).
+    assert_eq!(probes[0].1, 0, "a random token passed as a near tie");
+    assert!(
+        probes[1].1 * 2 <= probes[1].0,
+        "second choices admitted {} of {}",
+        probes[1].1,
+        probes[1].0
+    );
     // Whatever an honest node's record looks like here, it never convicts.
     assert!(!rows_cmp.convicts(CROSS_BUILD_ROWS_FPR));
     assert!(!token_cmp.convicts(CROSS_BUILD_TOKEN_FPR));
