@@ -690,9 +690,35 @@ impl NetTransport {
         let dir = self.client.directory();
         let announcement = dir.get(&peer)?;
         let config = &self.client.config.audit;
+        // An auditor on the provider's build compares exactly (one mismatch is conclusive);
+        // without one, a node of another build compares within the published band, so a
+        // provider cannot escape audits by announcing a build nobody else runs (and is
+        // audited more often for it: `cross_build_probability`).
+        let book = self.client.book();
+        let eligible = |version: Option<&str>| -> Vec<PeerId> {
+            same_span(&dir, &f.model, f.start, f.end, version, &[peer])
+                .into_iter()
+                .filter(|p| !book.is_convicted(p))
+                .collect()
+        };
+        let mut candidates = eligible(Some(&announcement.version));
+        let cross_build = candidates.is_empty();
+        if cross_build {
+            candidates = eligible(None);
+        }
+        let stake = account_of(&dir, &peer).map_or(0, |a| book.stake(&a));
+        drop(book);
         let p = config.probability.unwrap_or_else(|| {
-            let stake = account_of(&dir, &peer).map_or(0, |a| self.client.book().stake(&a));
-            plexus_verify::draw::network_probability(announcement.price, stake, config.collusion)
+            let p = plexus_verify::draw::network_probability(
+                announcement.price,
+                stake,
+                config.collusion,
+            );
+            if cross_build {
+                plexus_verify::draw::cross_build_probability(p)
+            } else {
+                p
+            }
         });
         let job = job_id(f.session, &peer);
         if !config.key.audits(&job, &commitment, p) {
@@ -710,22 +736,6 @@ impl NetTransport {
         };
         let m = &self.client.metrics;
         m.audits.fetch_add(1, Ordering::Relaxed);
-        // An auditor on the provider's build compares exactly (one mismatch is conclusive);
-        // without one, a node of another build compares within the published band, so a
-        // provider cannot escape audits by announcing a build nobody else runs.
-        let book = self.client.book();
-        let eligible = |version: Option<&str>| -> Vec<PeerId> {
-            same_span(&dir, &f.model, f.start, f.end, version, &[peer])
-                .into_iter()
-                .filter(|p| !book.is_convicted(p))
-                .collect()
-        };
-        let mut candidates = eligible(Some(&announcement.version));
-        let cross_build = candidates.is_empty();
-        if cross_build {
-            candidates = eligible(None);
-        }
-        drop(book);
         let Some(&auditor) = pick(&config.key, &job, &candidates, 1, false).first() else {
             m.audits_unavailable.fetch_add(1, Ordering::Relaxed);
             return None;

@@ -114,6 +114,19 @@ pub fn network_probability(price: u64, stake: u64, collusion: f64) -> f64 {
     .unwrap_or(1.0)
 }
 
+/// How much more often a provider is audited when no other node of its span announces its
+/// build. Its audits then compare across builds (`crate::compare`), where a gross miss
+/// convicts at once as on one build but a marginal one convicts only after four confirmed
+/// calls in a row (a binomial tail under 1e-6 at 1% per call): four times the audits keep
+/// the expected penalty of such a cheat where PoSP put it. Announcing a build of one's own
+/// (the way to trade exact comparison for the band) costs that much more scrutiny.
+pub const CROSS_BUILD_AUDIT_FACTOR: f64 = 4.0;
+
+/// The audit probability `p` for a provider whose audits compare across builds.
+pub fn cross_build_probability(p: f64) -> f64 {
+    (p * CROSS_BUILD_AUDIT_FACTOR).min(1.0)
+}
+
 /// The gateway's secret draw key.
 #[derive(Clone)]
 pub struct DrawKey([u8; 32]);
@@ -230,6 +243,10 @@ mod tests {
         assert!((p - 0.2185).abs() < 1e-3, "{p}");
         assert!(network_probability(10, 3_000, 0.5) > p);
         assert_eq!(network_probability(10, 3_000, 1.0), 1.0);
+        // A build of its own: four times the probability, at most 1.
+        assert_eq!(cross_build_probability(NETWORK_FLOOR), 4.0 * NETWORK_FLOOR);
+        assert_eq!(cross_build_probability(p), 1.0f64.min(4.0 * p));
+        assert_eq!(cross_build_probability(1.0), 1.0);
     }
 
     #[test]

@@ -251,7 +251,8 @@ pub struct StatusArgs {
     pub data_dir: Option<PathBuf>,
     /// One JSON object: `{"accounts": [{"account", "available", "staked", "unbonding",
     /// "locked", "claimable", "escrow", "spent", "earnings", "this_node",
-    /// "audit_probability"}], "supply", "audit": {"node_price", "collusion"}}`.
+    /// "audit_probability"}], "supply", "audit": {"node_price", "collusion",
+    /// "cross_build_factor"}}`.
     #[arg(long)]
     pub json: bool,
     /// The node price the audit probability column assumes (micro-PLX per 1000 positions per
@@ -327,7 +328,11 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
                 serde_json::json!({
                     "accounts": accounts,
                     "supply": ledger.issued(),
-                    "audit": {"node_price": a.node_price, "collusion": a.collusion},
+                    "audit": {
+                        "node_price": a.node_price,
+                        "collusion": a.collusion,
+                        "cross_build_factor": plexus_verify::draw::CROSS_BUILD_AUDIT_FACTOR,
+                    },
                 })
             );
         } else {
@@ -360,10 +365,12 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
             }
             println!(
                 "amounts in micro-PLX; supply {}; audit p: Proof-of-Sampling probability for a \
-                 node of that stake at price {} with collusion share {}",
+                 node of that stake at price {} with collusion share {} (x{}, at most 1, for a \
+                 node whose build no other node of its span announces)",
                 ledger.issued(),
                 a.node_price,
-                a.collusion
+                a.collusion,
+                plexus_verify::draw::CROSS_BUILD_AUDIT_FACTOR
             );
         }
         store.close().await;
