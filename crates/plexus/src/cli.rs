@@ -214,8 +214,9 @@ pub struct BenchTrainArgs {
     /// Inner steps per round (H) [default: 30].
     #[arg(long)]
     pub inner_steps: Option<u32>,
-    /// Pseudo-gradient codec [default: f32]: f32, f16, int8 (blocks of 256) or sparse (top 64
-    /// of 4096, 2 bits); with parameters: int8/BLOCK, sparse/KofCHUNK/BITSbit.
+    /// Pseudo-gradient codec [default: f32]: f32, f16, int8 (blocks of 256), int8ans (int8
+    /// entropy-coded) or sparse (top 64 of 4096, 2 bits); with parameters: int8/BLOCK,
+    /// int8ans/BLOCK, sparse/KofCHUNK/BITSbit.
     #[arg(long)]
     pub codec: Option<String>,
     /// Several DiLoCo runs against one synchronous run, e.g. "10:f32 100:int8 30:sparse"
@@ -456,7 +457,8 @@ pub struct TrainSpecArgs {
     /// Outer Nesterov momentum; 0 means plain SGD.
     #[arg(long, default_value_t = 0.9)]
     pub outer_momentum: f32,
-    /// Pseudo-gradient codec: f32, f16, int8 (blocks of 256) or sparse (top 64 of 4096, 2 bits).
+    /// Pseudo-gradient codec: f32, f16, int8 (blocks of 256), int8ans (int8 entropy-coded) or
+    /// sparse (top 64 of 4096, 2 bits).
     #[arg(long, default_value = "f16")]
     pub codec: String,
     /// Error feedback: auto (on for sparse only), on or off.

@@ -18,6 +18,7 @@
 //! The math (forward, backward, AdamW) is in `plexus_model::train`; this crate keeps the
 //! protocol. Nothing here reads the clock: times are passed in.
 
+pub mod ans;
 pub mod assign;
 pub mod audit;
 pub mod codec;

@@ -246,24 +246,26 @@ fn contribution_that_raises_held_out_loss_is_not_applied() {
 
 #[test]
 fn machines_holding_the_same_set_agree_bit_for_bit() {
-    let mut w = world(config(Codec::Int8 { block: 64 }, true), 3);
-    let start = w.global.params.clone();
-    let cs: Vec<Contribution> = (0..3).map(|i| w.contribute(i, 0, &start)).collect();
-    let mut a = w.machine();
-    let mut b = w.machine();
-    for c in &cs {
-        a.offer(c, 10).unwrap();
+    for codec in [Codec::Int8 { block: 64 }, Codec::Int8Ans { block: 64 }] {
+        let mut w = world(config(codec, true), 3);
+        let start = w.global.params.clone();
+        let cs: Vec<Contribution> = (0..3).map(|i| w.contribute(i, 0, &start)).collect();
+        let mut a = w.machine();
+        let mut b = w.machine();
+        for c in &cs {
+            a.offer(c, 10).unwrap();
+        }
+        for c in cs.iter().rev() {
+            b.offer(c, 20).unwrap();
+        }
+        assert!(a.should_close(10), "all expected workers are in");
+        let oa = a.close(30, &mut w.scorer()).unwrap();
+        let ob = b.close(40, &mut w.scorer()).unwrap();
+        assert_eq!(oa.set, ob.set);
+        assert_eq!(oa.next, ob.next);
+        assert_eq!(a.state(), b.state());
+        assert_ne!(a.start(), start.digest());
     }
-    for c in cs.iter().rev() {
-        b.offer(c, 20).unwrap();
-    }
-    assert!(a.should_close(10), "all expected workers are in");
-    let oa = a.close(30, &mut w.scorer()).unwrap();
-    let ob = b.close(40, &mut w.scorer()).unwrap();
-    assert_eq!(oa.set, ob.set);
-    assert_eq!(oa.next, ob.next);
-    assert_eq!(a.state(), b.state());
-    assert_ne!(a.start(), start.digest());
 }
 
 #[test]
