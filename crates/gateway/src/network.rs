@@ -314,6 +314,11 @@ impl Backend for NetworkBackend {
             m.audit_token_near_ties.load(Ordering::Relaxed),
         );
         counter(
+            "plexus_audit_token_undecided",
+            "Cross-build audits of a last stage whose token differed where the checker's draw could not judge (temperature above 1 without top-k; passed).",
+            m.audit_token_undecided.load(Ordering::Relaxed),
+        );
+        counter(
             "plexus_audit_unpaid_calls",
             "Stage calls the referees rejected across builds without a conviction: not paid.",
             m.audit_unpaid_calls.load(Ordering::Relaxed),

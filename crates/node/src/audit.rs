@@ -182,10 +182,15 @@ impl Seen {
                 token, logprobs, ..
             } => Some(Answer::Token {
                 token: *token,
-                draw: f.sampling.as_deref().map(|params| {
-                    let at = u64::from(f.position) + u64::from(positions);
-                    TokenDraw::new(*token, logprobs.top.clone(), params, at)
-                }),
+                // A report about another token than the one returned is no draw.
+                draw: f
+                    .sampling
+                    .as_deref()
+                    .filter(|_| logprobs.token == *token)
+                    .map(|params| {
+                        let at = u64::from(f.position) + u64::from(positions);
+                        TokenDraw::new(*token, logprobs.top.clone(), params, at)
+                    }),
             }),
             _ => None,
         };
@@ -643,6 +648,8 @@ impl NetTransport {
                     m.audit_band_comparisons.fetch_add(1, Ordering::Relaxed);
                     m.audit_token_near_ties
                         .fetch_add(check.near_ties, Ordering::Relaxed);
+                    m.audit_token_undecided
+                        .fetch_add(check.undecided, Ordering::Relaxed);
                     let token = is_token(&answer);
                     book.on_cross_check(peer, token, false);
                     book.on_cross_check(auditor, token, false);
@@ -669,9 +676,10 @@ impl NetTransport {
                         compared: 1,
                         missed: 1,
                         near_ties: 0,
+                        undecided: 0,
                         worst: f32::INFINITY,
                     });
-                    self.apply_cross_build(verdict, peer, auditor, f, check, answer)
+                    self.apply_cross_build(verdict, peer, auditor, (f, &sent), check, answer)
                 } else {
                     self.apply(verdict, peer, auditor, answer)
                 }
@@ -939,7 +947,7 @@ impl NetTransport {
         verdict: Verdict<PeerId>,
         provider: PeerId,
         auditor: PeerId,
-        f: &Forward,
+        (provider_call, auditor_call): (&Forward, &Forward),
         check: CrossCheck,
         answer: Response,
     ) -> Audited {
@@ -968,7 +976,12 @@ impl NetTransport {
             self.convict(off, fine, &[]);
         } else {
             // Not proof of cheating, but not an answer the client is charged for either.
-            self.unpay(off, f);
+            let call = if off == provider {
+                provider_call
+            } else {
+                auditor_call
+            };
+            self.unpay(off, call);
         }
         if off == provider {
             Err(failed(format!(
@@ -1009,8 +1022,8 @@ impl NetTransport {
         });
     }
 
-    /// Takes `peer`'s rejected answer to `f` (or to the auditor's copy of it: the same
-    /// positions and span) out of what the generation pays it.
+    /// Takes `peer`'s rejected answer to its call `f` out of what the generation pays it (at
+    /// the price it announces, which its receipt was checked against).
     fn unpay(&mut self, peer: PeerId, f: &Forward) {
         let dir = self.client.directory();
         let (Some(account), Some(price)) =

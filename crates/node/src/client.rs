@@ -99,6 +99,9 @@ pub struct ClientMetrics {
     /// Across builds: last-stage tokens that differed from the checker's but were near ties
     /// under its draw (`plexus_verify::near_tie`), so passed.
     pub audit_token_near_ties: AtomicU64,
+    /// Across builds: last-stage tokens that differed where the checker's draw could not judge
+    /// (temperature above 1 without top-k), so passed.
+    pub audit_token_undecided: AtomicU64,
     /// Calls the referees rejected across builds without convicting: their work not paid.
     pub audit_unpaid_calls: AtomicU64,
     /// Audited calls whose commitments differed (sent to referees), and the convictions.

@@ -14,7 +14,7 @@
 //!   relative error of the values at the shared indices (TOPLOC's two checks).
 
 use crate::fingerprint::{Fingerprint, WindowData};
-use crate::near_tie::TokenDraw;
+use crate::near_tie::{Judgement, TokenDraw};
 use half::f16;
 use serde::{Deserialize, Serialize};
 
@@ -219,6 +219,9 @@ pub struct CrossCheck {
     pub missed: u64,
     /// Tokens that differ but that the checker's draw admits as near ties (not missed).
     pub near_ties: u64,
+    /// Tokens that differ where the checker's draw cannot judge (its unreported tokens have no
+    /// bound: temperature above 1 without top-k); passed, not missed.
+    pub undecided: u64,
     /// The largest window score (distance over the band; a differing token scores 1, answers
     /// that cannot be compared infinity).
     pub worst: f32,
@@ -247,6 +250,7 @@ impl Answer {
             compared: 1,
             missed: 1,
             near_ties: 0,
+            undecided: 0,
             worst: f32::INFINITY,
         };
         match (self, other) {
@@ -272,16 +276,22 @@ impl Answer {
                     compared: scores.len() as u64,
                     missed: scores.iter().filter(|s| **s >= 1.0).count() as u64,
                     near_ties: 0,
+                    undecided: 0,
                     worst: scores.iter().copied().fold(0.0, f32::max),
                 }
             }
             (Answer::Token { token: a, .. }, Answer::Token { token: b, draw }) => {
-                let near_tie = a != b && draw.as_ref().is_some_and(|d| d.admits(*a));
-                let missed = a != b && !near_tie;
+                let judgement = match draw {
+                    _ if a == b => Judgement::Same,
+                    Some(d) => d.judge(*a),
+                    None => Judgement::Miss,
+                };
+                let missed = judgement == Judgement::Miss;
                 CrossCheck {
                     compared: 1,
                     missed: u64::from(missed),
-                    near_ties: u64::from(near_tie),
+                    near_ties: u64::from(judgement == Judgement::NearTie),
+                    undecided: u64::from(judgement == Judgement::Undecided),
                     worst: if missed { 1.0 } else { 0.0 },
                 }
             }

@@ -63,36 +63,59 @@ impl TokenDraw {
 
     /// Whether `token` is the checker's token or a near tie of it (see the module docs).
     pub fn admits(&self, token: u32) -> bool {
+        matches!(
+            self.judge(token),
+            Judgement::Same | Judgement::NearTie | Judgement::Undecided
+        )
+    }
+
+    /// How `token` (the provider's) stands against this draw.
+    pub fn judge(&self, token: u32) -> Judgement {
         if token == self.token {
-            return true;
+            return Judgement::Same;
         }
-        let list = self.listed();
-        let Some(t) = list.iter().position(|x| x.0 == token) else {
-            return false;
+        let list = &self.top;
+        let well_formed = !list.is_empty()
+            && list.iter().all(|x| !x.1.is_nan() && x.1 <= 1e-4)
+            && list.windows(2).all(|w| w[0].1 >= w[1].1);
+        let Some(t) = list
+            .iter()
+            .position(|x| x.0 == token)
+            .filter(|_| well_formed)
+        else {
+            return Judgement::Miss;
         };
         let lp_t = list[t].1;
         let slack = 2.0 * NEAR_TIE_NATS;
+        let verdict = |near: bool| {
+            if near {
+                Judgement::NearTie
+            } else {
+                Judgement::Miss
+            }
+        };
         if self.temperature <= 0.0 {
-            return list[0].1 - lp_t <= slack;
+            return verdict(list[0].1 - lp_t <= slack);
         }
-        let Some(kept) = self.kept(&list) else {
-            return false;
+        let Some(kept) = self.kept() else {
+            return Judgement::Undecided;
         };
         if !kept.maybe[t] {
-            return false;
+            return Judgement::Miss;
         }
         // Tempered weights (any common scale cancels in the sampler's normalisation), and
         // how far one may move: each log-probability by up to NEAR_TIE_NATS.
         let inv_t = 1.0 / f64::from(self.temperature);
         let w = |lp: f32| (f64::from(lp) * inv_t).exp();
         let up = (f64::from(NEAR_TIE_NATS) * inv_t).exp();
-        let (mut surely_above, mut maybe_above, mut surely_below, mut maybe_below) =
-            (0.0f64, 0.0f64, 0.0f64, kept.unknown);
+        let (mut surely_above, mut maybe_above) = (0.0f64, 0.0f64);
+        let (mut surely_below, mut maybe_below) = (kept.unknown_lo, kept.unknown_hi);
         for (j, &(_, lp)) in list.iter().enumerate() {
             if j == t || !kept.maybe[j] {
                 continue;
             }
             if lp > lp_t + slack {
+                // Above the token whatever the moves, and kept whenever the token is.
                 surely_above += w(lp);
             } else if lp >= lp_t - slack {
                 maybe_above += w(lp);
@@ -111,75 +134,130 @@ impl TokenDraw {
             surely_above / up / (surely_above / up + (w_t + maybe_below + surely_below) * up);
         let above = surely_above + maybe_above + w_t;
         let end = above * up / (above * up + surely_below / up);
-        start <= self.u && self.u < end
+        verdict(start <= self.u && self.u < end)
     }
 
-    /// The reported list after the sampler's top-k cut.
-    fn listed(&self) -> Vec<(u32, f32)> {
-        let mut list = self.top.clone();
-        if self.top_k > 0 && self.top_k < list.len() {
-            list.truncate(self.top_k);
-        }
-        list
-    }
-
-    /// Which listed tokens the sampler's top-p and min-p cuts keep surely or maybe (log-
-    /// probabilities moved by up to [`NEAR_TIE_NATS`]), and the largest tempered weight the
-    /// unreported tokens could add; `None` when that weight has no bound.
-    fn kept(&self, list: &[(u32, f32)]) -> Option<Kept> {
-        let margin = (2.0 * f64::from(NEAR_TIE_NATS)).exp();
+    /// Which reported tokens the sampler's top-k, top-p and min-p cuts keep surely or maybe
+    /// (log-probabilities moved by up to [`NEAR_TIE_NATS`], which may also reorder tokens
+    /// within twice that), and bounds on the tempered weight the unreported tokens add; `None`
+    /// when their weight has no bound.
+    fn kept(&self) -> Option<Kept> {
+        let list = &self.top;
+        let delta = f64::from(NEAR_TIE_NATS);
+        let (e1, e2) = (delta.exp(), (2.0 * delta).exp());
+        let slack = 2.0 * NEAR_TIE_NATS;
+        let n = list.len();
         let p: Vec<f64> = list.iter().map(|&(_, lp)| f64::from(lp).exp()).collect();
-        let listed: f64 = p.iter().sum();
-        let (p0, p_last) = (*p.first()?, *p.last()?);
-        // Tokens the top-k set holds beyond the list (all less likely than the last listed).
-        let beyond = match self.top_k {
-            0 => None,
-            k if k > list.len() => Some(k - list.len()),
-            _ => Some(0),
-        };
-        let unknown_mass = match beyond {
-            Some(0) => 0.0,
-            Some(n) => (1.0 - listed).max(0.0).min(n as f64 * p_last),
-            None => (1.0 - listed).max(0.0),
-        };
-        let top_p = f64::from(self.top_p);
-        let floor = p0 * f64::from(self.min_p);
-        let (mut surely, mut maybe) = (Vec::with_capacity(p.len()), Vec::with_capacity(p.len()));
-        let mut before = 0.0;
-        for &q in &p {
-            let (p_sure, p_maybe) = if top_p >= 1.0 {
-                (true, true)
+        let (p0, p_last, lp_last) = (p[0], p[n - 1], list[n - 1].1);
+        let unlisted = (1.0 - p.iter().sum::<f64>()).max(0.0);
+        // Top-k: a token within the slack of the k-th may be in or out.
+        let (mut surely, mut maybe) = (vec![true; n], vec![true; n]);
+        let mut unknown_count: Option<usize> = None; // None: no bound
+        let mut unknown_maybe = unlisted > 0.0;
+        if self.top_k > 0 {
+            let k = self.top_k;
+            if k < n {
+                let (lp_k, lp_km1) = (list[k].1, list[k - 1].1);
+                for i in 0..n {
+                    surely[i] = i < k && list[i].1 > lp_k + slack;
+                    maybe[i] = list[i].1 >= lp_km1 - slack;
+                }
+                unknown_maybe &= lp_last >= lp_km1 - slack;
+                unknown_count = Some(k);
             } else {
-                (
-                    before < top_p * listed / margin,
-                    before < top_p * (listed + unknown_mass) * margin,
-                )
-            };
-            surely.push(p_sure && q >= floor * margin);
-            maybe.push(p_maybe && q >= floor / margin);
-            before += q;
-        }
-        let open = unknown_mass > 0.0
-            && (top_p >= 1.0 || before < top_p * (listed + unknown_mass) * margin)
-            && p_last >= floor / margin;
-        let unknown = if !open {
-            0.0
-        } else {
-            let inv_t = 1.0 / f64::from(self.temperature);
-            // Each unreported token has p <= p_last: at T <= 1, p^(1/T) <= p * p_last^(1/T-1)
-            // bounds them by their mass; above, only their count does.
-            match (inv_t >= 1.0, beyond) {
-                (true, _) => unknown_mass * p_last.powf(inv_t - 1.0),
-                (false, Some(n)) => n as f64 * p_last.powf(inv_t),
-                (false, None) => return None,
+                unknown_count = Some(k - n);
+                unknown_maybe &= k > n;
             }
+        }
+        let unknown_mass = match unknown_count {
+            Some(c) => unlisted.min(c as f64 * p_last),
+            None => unlisted,
         };
+        let unknown_mass = if unknown_maybe { unknown_mass } else { 0.0 };
+        // Top-p: kept while the normalised mass before the token is under top_p.
+        let top_p = f64::from(self.top_p);
+        if top_p < 1.0 {
+            let in_set_lo: f64 = (0..n).filter(|&i| surely[i]).map(|i| p[i]).sum();
+            let in_set_hi: f64 =
+                (0..n).filter(|&i| maybe[i]).map(|i| p[i]).sum::<f64>() + unknown_mass;
+            let frac = |before: f64, rest: f64, grow: f64| {
+                let b = before * grow;
+                if b <= 0.0 {
+                    0.0
+                } else {
+                    b / (b + rest / grow)
+                }
+            };
+            let mut next = (surely.clone(), maybe.clone());
+            for i in 0..n {
+                let lp = list[i].1;
+                let may_precede = |j: usize| j != i && maybe[j] && list[j].1 >= lp - slack;
+                let must_precede = |j: usize| j != i && surely[j] && list[j].1 > lp + slack;
+                let before_hi: f64 = (0..n).filter(|&j| may_precede(j)).map(|j| p[j]).sum();
+                let before_lo: f64 = (0..n).filter(|&j| must_precede(j)).map(|j| p[j]).sum();
+                // The largest and smallest share of the set that can come before the token.
+                let share_hi = frac(before_hi, (in_set_lo - before_hi).max(0.0), e1);
+                let share_lo = frac(before_lo, (in_set_hi - before_lo).max(0.0), 1.0 / e1);
+                next.0[i] &= share_hi < top_p;
+                next.1[i] &= share_lo < top_p;
+            }
+            let before_unknown: f64 = (0..n)
+                .filter(|&j| surely[j] && list[j].1 > lp_last + slack)
+                .map(|j| p[j])
+                .sum();
+            unknown_maybe &= frac(
+                before_unknown,
+                (in_set_hi - before_unknown).max(0.0),
+                1.0 / e1,
+            ) < top_p;
+            (surely, maybe) = next;
+        }
+        // Min-p: relative to the top token, which moves too.
+        let floor = p0 * f64::from(self.min_p);
+        for i in 0..n {
+            surely[i] &= p[i] >= floor * e2;
+            maybe[i] &= p[i] >= floor / e2;
+        }
+        unknown_maybe &= p_last >= floor / e2;
+        let unknown_mass = if unknown_maybe { unknown_mass } else { 0.0 };
+        let inv_t = 1.0 / f64::from(self.temperature);
+        // Each unreported token has p <= p_last: at T <= 1, p^(1/T) <= p * p_last^(1/T-1)
+        // bounds them by their mass; above, only their count does.
+        let unknown_hi = match (inv_t >= 1.0, unknown_count) {
+            _ if unknown_mass == 0.0 => 0.0,
+            (true, _) => unknown_mass * p_last.powf(inv_t - 1.0),
+            (false, Some(c)) => c as f64 * p_last.powf(inv_t),
+            (false, None) => return None,
+        };
+        // Surely kept only without any filter that could cut them; at T = 1 their weight is
+        // their mass, at other temperatures it has no useful lower bound.
+        let unknown_surely = unknown_mass > 0.0
+            && self.top_k == 0
+            && top_p >= 1.0
+            && self.min_p <= 0.0
+            && inv_t == 1.0;
+        let unknown_lo = if unknown_surely { unknown_mass } else { 0.0 };
         Some(Kept {
             surely,
             maybe,
-            unknown,
+            unknown_lo,
+            unknown_hi,
         })
     }
+}
+
+/// How a provider's token stands against a checker's draw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judgement {
+    /// The checker drew the same token.
+    Same,
+    /// Another token, within the slack of the checker's draw.
+    NearTie,
+    /// Another token of the checker's reported top list, where the unreported tokens have no
+    /// bound (temperature above 1 without top-k): passed, not counted either way.
+    Undecided,
+    /// Outside the slack, or not among the checker's reported tokens.
+    Miss,
 }
 
 /// The sampler's candidate set as far as a reported top list can tell.
@@ -188,9 +266,10 @@ struct Kept {
     surely: Vec<bool>,
     /// Per listed token: kept under some.
     maybe: Vec<bool>,
-    /// The largest tempered weight (on the scale of the listed `exp(logprob)^(1/T)`) the
-    /// unreported tokens can add.
-    unknown: f64,
+    /// Bounds on the tempered weight (on the scale of the listed `exp(logprob)^(1/T)`) the
+    /// unreported tokens add.
+    unknown_lo: f64,
+    unknown_hi: f64,
 }
 
 #[cfg(test)]
@@ -270,10 +349,46 @@ mod tests {
         assert!(!d.admits(2));
     }
 
+    /// The token the sampler draws at `u` from full `logits` (its candidates, tempered).
+    fn reference(logits: &[f32], params: &SamplingParams, u: f64) -> u32 {
+        let mut c = plexus_model::sampler::candidates(logits, params);
+        let inv_t = 1.0 / f64::from(params.temperature);
+        c.iter_mut().for_each(|x| x.1 = x.1.powf(inv_t));
+        let total: f64 = c.iter().map(|x| x.1).sum();
+        let mut cum = 0.0;
+        for &(id, q) in &c {
+            cum += q / total;
+            if u < cum {
+                return id;
+            }
+        }
+        c[c.len() - 1].0
+    }
+
+    /// Over a grid of draws `u`, the share of those where the honest token differs from
+    /// `cheat` that still admit `cheat` (the checker's logits are the honest ones).
+    fn admitted_share(logits: &[f32], params: &SamplingParams, cheat: u32) -> f64 {
+        let top: Vec<(u32, f32)> = log_softmax(logits).into_iter().take(20).collect();
+        let (mut differ, mut admitted) = (0, 0);
+        for i in 0..2000 {
+            let u = (f64::from(i) + 0.5) / 2000.0;
+            let honest = reference(logits, params, u);
+            if honest == cheat {
+                continue;
+            }
+            let mut d = draw(&top, params, honest);
+            d.u = u;
+            differ += 1;
+            admitted += usize::from(d.admits(cheat));
+        }
+        admitted as f64 / differ.max(1) as f64
+    }
+
     #[test]
-    fn unreported_tokens_are_bounded_or_nothing_else_is_admitted() {
-        // A flat distribution over 100 tokens, 20 reported: at T = 1 the 80 unreported weigh
-        // at most their mass, and every reported token may honestly take any place.
+    fn unreported_tokens_are_bounded_or_the_token_is_undecided() {
+        // A flat distribution over 100 tokens, 20 reported: at T = 1 without filters the 80
+        // unreported weigh exactly their mass, and the reported ones fill the first 20% of
+        // the draw's range in any order.
         let top: Vec<(u32, f32)> = log_softmax(&[0.0f32; 100]).into_iter().take(20).collect();
         let flat = SamplingParams {
             temperature: 1.0,
@@ -282,17 +397,108 @@ mod tests {
             min_p: 0.0,
             ..SamplingParams::default()
         };
-        let d = draw(&top, &flat, 5);
-        assert!(d.admits(6), "equal logits: any order is honest");
-        assert!(!d.admits(50), "an unreported token is never admitted");
-        // Above T = 1 without top-k the unreported tokens have no bound.
+        let mut d = draw(&top, &flat, 5);
+        d.u = 0.1;
+        assert_eq!(
+            d.judge(6),
+            Judgement::NearTie,
+            "equal logits: any order is honest"
+        );
+        d.u = 0.6;
+        assert_eq!(
+            d.judge(6),
+            Judgement::Miss,
+            "the draw lands past every reported token"
+        );
+        assert_eq!(
+            d.judge(50),
+            Judgement::Miss,
+            "an unreported token is never admitted"
+        );
+        // Above T = 1 without top-k the unreported tokens have no bound: a reported token is
+        // undecided (passed, not counted), an unreported one still a miss.
         let hot = SamplingParams {
             temperature: 1.5,
             ..flat
         };
-        assert!(draw(&top, &hot, 5).kept(&top).is_none());
-        assert!(!draw(&top, &hot, 5).admits(6));
-        assert!(draw(&top, &hot, 5).admits(5));
+        let d = draw(&top, &hot, 5);
+        assert_eq!(d.judge(6), Judgement::Undecided);
+        assert_eq!(d.judge(50), Judgement::Miss);
+        assert_eq!(d.judge(5), Judgement::Same);
+    }
+
+    #[test]
+    fn a_list_holding_little_of_the_mass_does_not_admit_what_the_sampler_would_not_draw() {
+        // 20 reported tokens holding 6.4% of the mass, 980 others: token 0 is drawn for u
+        // under 0.7%; at T = 1 without filters the unreported weigh exactly their mass. With
+        // every log-probability 0.25 nats off, tokens 1-5 (within 0.5 nats) may come before
+        // it: its interval may end at about 5%, never at 64% (before the unreported tokens
+        // were weighed).
+        let mut logits = vec![0.0f32; 1000];
+        for (i, l) in logits.iter_mut().take(20).enumerate() {
+            *l = 2.0 - 0.1 * i as f32;
+        }
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..SamplingParams::default()
+        };
+        let share = admitted_share(&logits, &params, 0);
+        assert!(share < 0.06, "token 0 admitted for {share} of the draws");
+    }
+
+    #[test]
+    fn a_node_answering_greedily_is_not_admitted_wherever_it_samples_otherwise() {
+        // A peaked Zipf distribution (exponent 2.5) under the default filters: the argmax is
+        // drawn for u under 0.87, and with log-probabilities 0.25 nats off up to about 0.93,
+        // so about half of the other draws (0.87-1) admit it; never all of them (before, the
+        // second token was not counted as surely kept).
+        let logits: Vec<f32> = (1..=1000).map(|k| -2.5 * (k as f32).ln()).collect();
+        let share = admitted_share(&logits, &SamplingParams::default(), 0);
+        assert!(
+            share < 0.6,
+            "the argmax admitted for {share} of the other draws"
+        );
+        // Over a flatter one (exponent 1) ranks 6-14 lie within 0.5 nats of rank 9 and may
+        // take any order, so the rank-9 token is admitted for about half of the other draws;
+        // never all of them (before, when the unreported tokens made the set too uncertain).
+        let flat: Vec<f32> = (1..=1000).map(|k| -(k as f32).ln()).collect();
+        let share = admitted_share(&flat, &SamplingParams::default(), 8);
+        assert!(
+            share < 0.6,
+            "the rank-9 token admitted for {share} of the other draws"
+        );
+    }
+
+    #[test]
+    fn top_k_of_one_is_greedy_up_to_the_slack() {
+        let top = log_softmax(&[3.0, 2.8, 1.0]);
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_k: 1,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..SamplingParams::default()
+        };
+        let d = draw(&top, &params, 0);
+        assert_eq!(
+            d.judge(1),
+            Judgement::NearTie,
+            "0.2 nats: may be the top one"
+        );
+        assert_eq!(d.judge(2), Judgement::Miss);
+    }
+
+    #[test]
+    fn a_malformed_report_admits_nothing() {
+        let params = SamplingParams::default();
+        let unsorted = draw(&[(1, -2.0), (0, -0.1)], &params, 0);
+        assert_eq!(unsorted.judge(1), Judgement::Miss);
+        let nan = draw(&[(0, -0.1), (1, f32::NAN)], &params, 0);
+        assert_eq!(nan.judge(1), Judgement::Miss);
+        assert_eq!(nan.judge(0), Judgement::Same);
     }
 
     #[test]
@@ -304,8 +510,8 @@ mod tests {
         let top: Vec<(u32, f32)> = log_softmax(&logits).into_iter().take(20).collect();
         let params = SamplingParams::default();
         let mut d = draw(&top, &params, 0);
-        let kept = d.kept(&top).unwrap();
-        assert_eq!(kept.unknown, 0.0);
+        let kept = d.kept().unwrap();
+        assert_eq!(kept.unknown_hi, 0.0);
         assert!(kept.maybe[..3].iter().all(|&m| m) && !kept.maybe[4..].iter().any(|&m| m));
         let inv_t = 1.0 / f64::from(params.temperature);
         let w: Vec<f64> = top[..4]
