@@ -193,10 +193,17 @@ fn pick(logits: &[f32], params: &SamplingParams, position: u64) -> u32 {
     if c.is_empty() {
         return argmax(logits);
     }
-    // Temperature after the filters: p_i^(1/T), renormalised.
+    // Temperature after the filters: p_i^(1/T), renormalised; taken relative to the most
+    // likely candidate ((p_i / p_0)^(1/T), the same distribution) so that a small T cannot
+    // round every weight to 0 (which drew the least likely candidate).
     let inv_t = 1.0 / f64::from(params.temperature);
+    let top = c[0].1;
     for x in c.iter_mut() {
-        x.1 = x.1.powf(inv_t);
+        x.1 = if top > 0.0 {
+            (x.1 / top).powf(inv_t)
+        } else {
+            x.1.powf(inv_t)
+        };
     }
     normalise(&mut c);
     let u = uniform(params.seed, Stream::Sampling, position, 0);
@@ -222,6 +229,18 @@ mod tests {
             top_p: 1.0,
             min_p: 0.0,
             ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn a_tiny_temperature_draws_the_most_likely_candidate() {
+        // Every p^(1/T) underflowed to 0 at T = 0.001 and the last candidate was drawn.
+        let logits: Vec<f32> = (0..50).map(|i| -0.05 * i as f32).collect();
+        for t in [1e-3f32, 1e-6] {
+            let p = params(t);
+            for position in 0..20 {
+                assert_eq!(sample(&logits, &[], &p, position), 0, "T {t}");
+            }
         }
     }
 

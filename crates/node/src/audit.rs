@@ -246,13 +246,18 @@ pub fn check_pair(provider: &Seen, auditor: Option<&Seen>) -> PairCheck {
 }
 
 /// A referee's vote from its recomputation (`None`: it did not answer, or, across builds, its
-/// answer agrees with both parties: no vote).
+/// rows are within the band of both parties' rows: no vote). A token the referee's draw admits
+/// is a vote for the provider even when the auditor's token is admitted too: the dispute asks
+/// whether the provider's token is one an honest node could draw, and the auditor (whose own
+/// report opened it) must not be able to fail an answer every referee accepts.
 pub fn vote(referee: Option<&Seen>, provider: &Seen, auditor: &Seen) -> Option<Vote> {
     let r = referee?;
+    let token = matches!(provider.answer, Some(Answer::Token { .. }));
     match (agree(provider, r), agree(auditor, r)) {
         (true, false) => Some(Vote::Provider),
         (false, true) => Some(Vote::Accuser),
         (false, false) => Some(Vote::Neither),
+        (true, true) if token => Some(Vote::Provider),
         (true, true) => None,
     }
 }
@@ -1175,6 +1180,16 @@ mod tests {
         assert_eq!(cross_check(&token("1", 5), &checker).unwrap().near_ties, 1);
         assert!(!agree(&token("1", 9), &checker));
         assert!(!agree(&checker, &token("1", 5)));
+        // A referee whose draw admits both tokens votes for the provider's.
+        let referee = scored("3", 4, vec![(4, -0.6), (5, -0.7), (9, -3.0)]);
+        assert_eq!(
+            vote(Some(&referee), &token("1", 5), &checker),
+            Some(Vote::Provider)
+        );
+        assert_eq!(
+            vote(Some(&referee), &token("1", 9), &checker),
+            Some(Vote::Accuser)
+        );
         // Different kinds of answer never agree.
         assert!(!agree(&a, &token("2", 4)));
         // Referees across builds: a vote for the side within the band; none when both are.

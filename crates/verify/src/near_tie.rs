@@ -94,7 +94,12 @@ impl TokenDraw {
                 Judgement::Miss
             }
         };
-        if self.temperature <= 0.0 {
+        if !lp_t.is_finite() {
+            return Judgement::Miss; // a token of probability 0 is never drawn
+        }
+        // Greedy, and the filters that leave one candidate (top-k 1, top-p 0): the top token
+        // up to the slack.
+        if self.temperature <= 0.0 || self.top_k == 1 || self.top_p <= 0.0 {
             return verdict(list[0].1 - lp_t <= slack);
         }
         let Some(kept) = self.kept() else {
@@ -103,37 +108,61 @@ impl TokenDraw {
         if !kept.maybe[t] {
             return Judgement::Miss;
         }
-        // Tempered weights (any common scale cancels in the sampler's normalisation), and
-        // how far one may move: each log-probability by up to NEAR_TIE_NATS.
+        // Tempered log-weights `lp / T` (any common scale cancels in the sampler's
+        // normalisation), summed in log space so that no temperature under- or overflows;
+        // each log-probability may move by up to NEAR_TIE_NATS, a weight by `up` = d / T.
         let inv_t = 1.0 / f64::from(self.temperature);
-        let w = |lp: f32| (f64::from(lp) * inv_t).exp();
-        let up = (f64::from(NEAR_TIE_NATS) * inv_t).exp();
-        let (mut surely_above, mut maybe_above) = (0.0f64, 0.0f64);
-        let (mut surely_below, mut maybe_below) = (kept.unknown_lo, kept.unknown_hi);
+        let lw = |lp: f32| f64::from(lp) * inv_t;
+        let up = f64::from(NEAR_TIE_NATS) * inv_t;
+        let (mut surely_above, mut maybe_above) = (Vec::new(), Vec::new());
+        let (mut surely_below, mut maybe_below) = (Vec::new(), Vec::new());
+        // The unreported tokens are all less likely than the last reported one: below the
+        // token, unless that one is within the slack of it.
+        if list[list.len() - 1].1 < lp_t - slack {
+            surely_below.push(kept.unknown_lo_ln);
+            maybe_below.push(kept.unknown_hi_ln);
+        } else {
+            maybe_above.push(kept.unknown_hi_ln);
+            maybe_below.push(kept.unknown_hi_ln);
+        }
         for (j, &(_, lp)) in list.iter().enumerate() {
             if j == t || !kept.maybe[j] {
                 continue;
             }
             if lp > lp_t + slack {
                 // Above the token whatever the moves, and kept whenever the token is.
-                surely_above += w(lp);
+                surely_above.push(lw(lp));
             } else if lp >= lp_t - slack {
-                maybe_above += w(lp);
-                maybe_below += w(lp);
+                maybe_above.push(lw(lp));
+                // Placed after the token, it weighs no more than the token does.
+                maybe_below.push(lw(lp.min(lp_t)));
             } else if kept.surely[j] {
-                surely_below += w(lp);
+                surely_below.push(lw(lp));
             } else {
-                maybe_below += w(lp);
+                maybe_below.push(lw(lp));
             }
         }
-        let w_t = w(lp_t);
+        let w_t = lw(lp_t);
+        let (sa, ma, sb, mb) = (
+            log_sum(&surely_above),
+            log_sum(&maybe_above),
+            log_sum(&surely_below),
+            log_sum(&maybe_below),
+        );
         // The earliest the token's interval can start: what is surely above shrinks, all the
         // rest grows. The latest it can end: everything that may be above grows with it, and
-        // only what is surely kept below counts against it.
-        let start =
-            surely_above / up / (surely_above / up + (w_t + maybe_below + surely_below) * up);
-        let above = surely_above + maybe_above + w_t;
-        let end = above * up / (above * up + surely_below / up);
+        // only what is surely kept below counts against it. x / (x + y) = 1 / (1 + e^(y - x)).
+        let share = |x: f64, y: f64| {
+            if x == f64::NEG_INFINITY {
+                0.0
+            } else if y == f64::NEG_INFINITY {
+                1.0
+            } else {
+                1.0 / (1.0 + (y - x).exp())
+            }
+        };
+        let start = share(sa - up, log_sum(&[w_t, mb, sb]) + up);
+        let end = share(log_sum(&[sa, ma, w_t]) + up, sb - up);
         verdict(start <= self.u && self.u < end)
     }
 
@@ -222,11 +251,12 @@ impl TokenDraw {
         let unknown_mass = if unknown_maybe { unknown_mass } else { 0.0 };
         let inv_t = 1.0 / f64::from(self.temperature);
         // Each unreported token has p <= p_last: at T <= 1, p^(1/T) <= p * p_last^(1/T-1)
-        // bounds them by their mass; above, only their count does.
-        let unknown_hi = match (inv_t >= 1.0, unknown_count) {
-            _ if unknown_mass == 0.0 => 0.0,
-            (true, _) => unknown_mass * p_last.powf(inv_t - 1.0),
-            (false, Some(c)) => c as f64 * p_last.powf(inv_t),
+        // bounds them by their mass; above, only their count does (log-weights, as `judge`).
+        let ln_last = f64::from(lp_last);
+        let unknown_hi_ln = match (inv_t >= 1.0, unknown_count) {
+            _ if unknown_mass == 0.0 => f64::NEG_INFINITY,
+            (true, _) => unknown_mass.ln() + (inv_t - 1.0) * ln_last,
+            (false, Some(c)) => (c as f64).ln() + inv_t * ln_last,
             (false, None) => return None,
         };
         // Surely kept only without any filter that could cut them; at T = 1 their weight is
@@ -236,14 +266,27 @@ impl TokenDraw {
             && top_p >= 1.0
             && self.min_p <= 0.0
             && inv_t == 1.0;
-        let unknown_lo = if unknown_surely { unknown_mass } else { 0.0 };
+        let unknown_lo_ln = if unknown_surely {
+            unknown_mass.ln()
+        } else {
+            f64::NEG_INFINITY
+        };
         Some(Kept {
             surely,
             maybe,
-            unknown_lo,
-            unknown_hi,
+            unknown_lo_ln,
+            unknown_hi_ln,
         })
     }
+}
+
+/// `ln(sum(exp(x)))` of log-weights (-inf for none).
+fn log_sum(xs: &[f64]) -> f64 {
+    let m = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY || m.is_nan() {
+        return m;
+    }
+    m + xs.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
 }
 
 /// How a provider's token stands against a checker's draw.
@@ -266,10 +309,10 @@ struct Kept {
     surely: Vec<bool>,
     /// Per listed token: kept under some.
     maybe: Vec<bool>,
-    /// Bounds on the tempered weight (on the scale of the listed `exp(logprob)^(1/T)`) the
-    /// unreported tokens add.
-    unknown_lo: f64,
-    unknown_hi: f64,
+    /// Bounds on the log of the tempered weight (on the scale of the listed `logprob / T`)
+    /// the unreported tokens add (-inf: none).
+    unknown_lo_ln: f64,
+    unknown_hi_ln: f64,
 }
 
 #[cfg(test)]
@@ -386,9 +429,8 @@ mod tests {
 
     #[test]
     fn unreported_tokens_are_bounded_or_the_token_is_undecided() {
-        // A flat distribution over 100 tokens, 20 reported: at T = 1 without filters the 80
-        // unreported weigh exactly their mass, and the reported ones fill the first 20% of
-        // the draw's range in any order.
+        // A flat distribution over 100 tokens, 20 reported: every token may take any place,
+        // the unreported ones too (they are as likely as the reported ones).
         let top: Vec<(u32, f32)> = log_softmax(&[0.0f32; 100]).into_iter().take(20).collect();
         let flat = SamplingParams {
             temperature: 1.0,
@@ -398,23 +440,27 @@ mod tests {
             ..SamplingParams::default()
         };
         let mut d = draw(&top, &flat, 5);
-        d.u = 0.1;
-        assert_eq!(
-            d.judge(6),
-            Judgement::NearTie,
-            "equal logits: any order is honest"
-        );
-        d.u = 0.6;
-        assert_eq!(
-            d.judge(6),
-            Judgement::Miss,
-            "the draw lands past every reported token"
-        );
+        for u in [0.1, 0.6] {
+            d.u = u;
+            assert_eq!(d.judge(6), Judgement::NearTie, "equal logits: any order");
+        }
         assert_eq!(
             d.judge(50),
             Judgement::Miss,
             "an unreported token is never admitted"
         );
+        // Ten tokens 3 nats above the 90 others (20 reported): the unreported ones are then
+        // below every token of the top ten whatever the moves, and at T = 1 without filters
+        // weigh exactly their mass. The top ten fill the first 69% of the draw's range (79%
+        // at most with the moves); a draw past that is none of theirs.
+        let mut logits = vec![0.0f32; 100];
+        logits[..10].fill(3.0);
+        let top3: Vec<(u32, f32)> = log_softmax(&logits).into_iter().take(20).collect();
+        let mut d = draw(&top3, &flat, 5);
+        d.u = 0.5;
+        assert_eq!(d.judge(6), Judgement::NearTie);
+        d.u = 0.85;
+        assert_eq!(d.judge(6), Judgement::Miss, "past the top ten");
         // Above T = 1 without top-k the unreported tokens have no bound: a reported token is
         // undecided (passed, not counted), an unreported one still a miss.
         let hot = SamplingParams {
@@ -473,6 +519,34 @@ mod tests {
     }
 
     #[test]
+    fn tiny_temperatures_and_a_top_p_of_zero_judge_like_greedy_without_overflow() {
+        let top = log_softmax(&[3.0, 2.8, 1.0, 0.0]);
+        for t in [1e-3f32, 1e-5, 1e-30] {
+            let params = SamplingParams {
+                temperature: t,
+                ..SamplingParams::default()
+            };
+            let mut d = draw(&top, &params, 0);
+            for u in [0.01, 0.5, 0.99] {
+                d.u = u;
+                assert_eq!(
+                    d.judge(1),
+                    Judgement::NearTie,
+                    "T {t} u {u}: 0.2 nats below"
+                );
+                assert_eq!(d.judge(2), Judgement::Miss, "T {t} u {u}: 2 nats below");
+            }
+        }
+        let params = SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::default()
+        };
+        let d = draw(&top, &params, 0);
+        assert_eq!(d.judge(1), Judgement::NearTie);
+        assert_eq!(d.judge(2), Judgement::Miss);
+    }
+
+    #[test]
     fn top_k_of_one_is_greedy_up_to_the_slack() {
         let top = log_softmax(&[3.0, 2.8, 1.0]);
         let params = SamplingParams {
@@ -511,7 +585,7 @@ mod tests {
         let params = SamplingParams::default();
         let mut d = draw(&top, &params, 0);
         let kept = d.kept().unwrap();
-        assert_eq!(kept.unknown_hi, 0.0);
+        assert_eq!(kept.unknown_hi_ln, f64::NEG_INFINITY);
         assert!(kept.maybe[..3].iter().all(|&m| m) && !kept.maybe[4..].iter().any(|&m| m));
         let inv_t = 1.0 / f64::from(params.temperature);
         let w: Vec<f64> = top[..4]
