@@ -656,6 +656,31 @@ fn audited_streams(url: &str, key: &str, n: usize, repeats: usize) -> Vec<String
         .collect()
 }
 
+/// `plexus up` flags for the cross-build audit tests: `nodes` nodes in `stages` stages on
+/// static spans, one thread each, every job audited with one referee, node 0 on the untiled
+/// arithmetic (another build, and price 0 so routing prefers it).
+fn untiled_node0_args(nodes: &'static str, stages: &'static str) -> Vec<&'static str> {
+    vec![
+        "--nodes",
+        nodes,
+        "--stages",
+        stages,
+        "--static-spans",
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--node-price",
+        "20000",
+        "--audit-probability",
+        "1",
+        "--audit-referees",
+        "1",
+        "--node0-arithmetic",
+        "untiled",
+    ]
+}
+
 /// Issue 11, across builds: five nodes in chains of two stages, node 0 on a build of its own
 /// (`--node0-arithmetic untiled`: honest, but its activations differ from the others' by up to
 /// a few %) and asking price 0 so routing picks it, every job audited. Before, a node whose
@@ -672,25 +697,7 @@ fn audits_across_builds_spare_an_honest_node_of_another_build_and_convict_a_chea
 {
     let run = |cheat: bool| {
         let cache = tempfile::tempdir().unwrap();
-        let mut args = vec![
-            "--nodes",
-            "5",
-            "--stages",
-            "2",
-            "--static-spans",
-            "--port",
-            "0",
-            "--threads",
-            "1",
-            "--node-price",
-            "20000",
-            "--audit-probability",
-            "1",
-            "--audit-referees",
-            "1",
-            "--node0-arithmetic",
-            "untiled",
-        ];
+        let mut args = untiled_node0_args("5", "2");
         if cheat {
             args.extend(["--cheat", "random"]);
         }
@@ -773,25 +780,7 @@ fn audits_across_builds_spare_an_honest_node_of_another_build_and_convict_a_chea
 #[test]
 fn a_last_stage_of_another_build_passes_its_near_ties_issue_11() {
     let cache = tempfile::tempdir().unwrap();
-    let args = [
-        "--nodes",
-        "3",
-        "--stages",
-        "1",
-        "--static-spans",
-        "--port",
-        "0",
-        "--threads",
-        "1",
-        "--node-price",
-        "20000",
-        "--audit-probability",
-        "1",
-        "--audit-referees",
-        "1",
-        "--node0-arithmetic",
-        "untiled",
-    ];
+    let args = untiled_node0_args("3", "1");
     let Started { up, url, key, .. } = start_up(&args, cache.path());
     let texts = audited_streams(&url, &key, 3, 5);
     let metrics = http_get(&url, "/metrics", &key);

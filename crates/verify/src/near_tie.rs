@@ -319,6 +319,17 @@ struct Kept {
 mod tests {
     use super::*;
 
+    /// Sampling at temperature `t` with no top-k, top-p or min-p filter.
+    fn unfiltered(t: f32) -> SamplingParams {
+        SamplingParams {
+            temperature: t,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..SamplingParams::default()
+        }
+    }
+
     fn draw(top: &[(u32, f32)], params: &SamplingParams, token: u32) -> TokenDraw {
         TokenDraw::new(token, top.to_vec(), params, 7)
     }
@@ -379,13 +390,7 @@ mod tests {
         // Tokens 0 and 1 within 0.1 nats: an honest build may order them the other way, so
         // a draw deep inside token 0's interval admits token 1 too; token 2 stays out.
         let top = log_softmax(&[3.0, 2.9, 0.0]);
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            ..SamplingParams::default()
-        };
+        let params = unfiltered(1.0);
         let mut d = draw(&top, &params, 0);
         d.u = 0.1;
         assert!(d.admits(1));
@@ -432,13 +437,7 @@ mod tests {
         // A flat distribution over 100 tokens, 20 reported: every token may take any place,
         // the unreported ones too (they are as likely as the reported ones).
         let top: Vec<(u32, f32)> = log_softmax(&[0.0f32; 100]).into_iter().take(20).collect();
-        let flat = SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            ..SamplingParams::default()
-        };
+        let flat = unfiltered(1.0);
         let mut d = draw(&top, &flat, 5);
         for u in [0.1, 0.6] {
             d.u = u;
@@ -484,13 +483,7 @@ mod tests {
         for (i, l) in logits.iter_mut().take(20).enumerate() {
             *l = 2.0 - 0.1 * i as f32;
         }
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            ..SamplingParams::default()
-        };
+        let params = unfiltered(1.0);
         let share = admitted_share(&logits, &params, 0);
         assert!(share < 0.06, "token 0 admitted for {share} of the draws");
     }
