@@ -178,7 +178,7 @@ impl Store {
             migrate(&pool).await.map_err(connect)?;
         }
         let config = load_or_init_config(&pool, config).await?;
-        let ledger = load(&pool, config).await?;
+        let ledger = load(&pool, backend, config).await?;
         Ok(Self {
             pool,
             backend,
@@ -262,7 +262,7 @@ impl Store {
 
     /// Rebuilds the in-memory ledger from the database (journal replayed, balances checked).
     pub async fn reload(&mut self) -> Result<(), VerifyError> {
-        self.ledger = load(&self.pool, self.ledger.config().clone()).await?;
+        self.ledger = load(&self.pool, self.backend, self.ledger.config().clone()).await?;
         Ok(())
     }
 
@@ -294,7 +294,7 @@ impl Store {
     /// Re-reads everything and checks it: hash chain, every operation re-executed, stored
     /// balances equal to re-derived ones, and the in-memory ledger equal to both.
     pub async fn verify(&self) -> Result<(), VerifyError> {
-        let fresh = load(&self.pool, self.ledger.config().clone()).await?;
+        let fresh = load(&self.pool, self.backend, self.ledger.config().clone()).await?;
         let (a, b) = (fresh.balances(), self.ledger.balances());
         if a != b {
             let bucket = a
@@ -438,10 +438,14 @@ async fn load_or_init_config(pool: &AnyPool, config: Config) -> Result<Config, V
     Ok(config)
 }
 
+const SELECT_JOURNAL: &str = "SELECT seq, entry FROM plexus_journal ORDER BY seq";
+
 async fn read_journal(pool: &AnyPool) -> Result<Vec<Entry>, VerifyError> {
-    let rows: Vec<AnyRow> = sqlx::query("SELECT seq, entry FROM plexus_journal ORDER BY seq")
-        .fetch_all(pool)
-        .await?;
+    let rows: Vec<AnyRow> = sqlx::query(SELECT_JOURNAL).fetch_all(pool).await?;
+    decode_journal(&rows)
+}
+
+fn decode_journal(rows: &[AnyRow]) -> Result<Vec<Entry>, VerifyError> {
     rows.iter()
         .map(|r| {
             let seq: i64 = r.try_get(0)?;
@@ -454,13 +458,27 @@ async fn read_journal(pool: &AnyPool) -> Result<Vec<Entry>, VerifyError> {
         .collect()
 }
 
-async fn load(pool: &AnyPool, config: Config) -> Result<Ledger, VerifyError> {
-    let entries = read_journal(pool).await?;
+/// Reads the journal and the stored balances from one snapshot (another process may commit
+/// an entry between two reads: without a snapshot its balances would be read beside a
+/// journal without it, and an intact ledger refused), replays the journal and checks that
+/// both agree.
+async fn load(pool: &AnyPool, backend: Backend, config: Config) -> Result<Ledger, VerifyError> {
+    let mut tx = pool.begin().await?;
+    if backend == Backend::Postgres {
+        // SQLite's read transaction is a snapshot already (WAL); PostgreSQL's default (read
+        // committed) takes one per statement.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *tx)
+            .await?;
+    }
+    let journal: Vec<AnyRow> = sqlx::query(SELECT_JOURNAL).fetch_all(&mut *tx).await?;
+    let rows = sqlx::query("SELECT bucket, amount FROM plexus_balances")
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.rollback().await?;
+    let entries = decode_journal(&journal)?;
     let ledger = Ledger::replay(config, &entries)?;
     let derived = derive_balances(&entries);
-    let rows = sqlx::query("SELECT bucket, amount FROM plexus_balances")
-        .fetch_all(pool)
-        .await?;
     let mut stored: BTreeMap<String, i128> = BTreeMap::new();
     for r in rows {
         let amount: i64 = r.try_get(1)?;
