@@ -197,13 +197,10 @@ fn pick(logits: &[f32], params: &SamplingParams, position: u64) -> u32 {
     // likely candidate ((p_i / p_0)^(1/T), the same distribution) so that a small T cannot
     // round every weight to 0 (which drew the least likely candidate).
     let inv_t = 1.0 / f64::from(params.temperature);
+    // (p_0 > 0: the first candidate holds the largest logit, weight e^0 before normalising.)
     let top = c[0].1;
     for x in c.iter_mut() {
-        x.1 = if top > 0.0 {
-            (x.1 / top).powf(inv_t)
-        } else {
-            x.1.powf(inv_t)
-        };
+        x.1 = (x.1 / top).powf(inv_t);
     }
     normalise(&mut c);
     let u = uniform(params.seed, Stream::Sampling, position, 0);

@@ -677,13 +677,8 @@ impl NetTransport {
                 self.end_audit(&peer);
                 self.audits.hops.insert(peer, HopAudit::Unaudited);
                 if provider_seen.cross_build(&auditor_seen) {
-                    let check = cross_check(&provider_seen, &auditor_seen).unwrap_or(CrossCheck {
-                        compared: 1,
-                        missed: 1,
-                        near_ties: 0,
-                        undecided: 0,
-                        worst: f32::INFINITY,
-                    });
+                    let check = cross_check(&provider_seen, &auditor_seen)
+                        .unwrap_or(CrossCheck::INCOMPARABLE);
                     self.apply_cross_build(verdict, peer, auditor, (f, &sent), check, answer)
                 } else {
                     self.apply(verdict, peer, auditor, answer)
@@ -703,10 +698,30 @@ impl NetTransport {
         let dir = self.client.directory();
         let announcement = dir.get(&peer)?;
         let config = &self.client.config.audit;
+        // Audited when the keyed uniform falls under p (`DrawKey::audits`); p is the set one,
+        // or PoSP's from price and stake, `cross_build_probability` of it when no auditor
+        // shares the provider's build. The directory is searched for auditors only when the
+        // uniform falls under the larger of the two (most jobs are not drawn).
+        let job = job_id(f.session, &peer);
+        let u = config.key.uniform(&job, &commitment);
+        let (p, p_cross) = match config.probability {
+            Some(p) => (p, p),
+            None => {
+                let stake = account_of(&dir, &peer).map_or(0, |a| self.client.book().stake(&a));
+                let p = plexus_verify::draw::network_probability(
+                    announcement.price,
+                    stake,
+                    config.collusion,
+                );
+                (p, plexus_verify::draw::cross_build_probability(p))
+            }
+        };
+        if u >= p.max(p_cross) {
+            return None;
+        }
         // An auditor on the provider's build compares exactly (one mismatch is conclusive);
         // without one, a node of another build compares within the published band, so a
-        // provider cannot escape audits by announcing a build nobody else runs (and is
-        // audited more often for it: `cross_build_probability`).
+        // provider cannot escape audits by announcing a build nobody else runs.
         let book = self.client.book();
         let eligible = |version: Option<&str>| -> Vec<PeerId> {
             same_span(&dir, &f.model, f.start, f.end, version, &[peer])
@@ -719,22 +734,8 @@ impl NetTransport {
         if cross_build {
             candidates = eligible(None);
         }
-        let stake = account_of(&dir, &peer).map_or(0, |a| book.stake(&a));
         drop(book);
-        let p = config.probability.unwrap_or_else(|| {
-            let p = plexus_verify::draw::network_probability(
-                announcement.price,
-                stake,
-                config.collusion,
-            );
-            if cross_build {
-                plexus_verify::draw::cross_build_probability(p)
-            } else {
-                p
-            }
-        });
-        let job = job_id(f.session, &peer);
-        if !config.key.audits(&job, &commitment, p) {
+        if u >= if cross_build { p_cross } else { p } {
             return None;
         }
         // The auditor's fresh session must be fed everything the provider holds before `f`:
@@ -1036,7 +1037,7 @@ impl NetTransport {
         else {
             return;
         };
-        let work = u64::from(f.end.saturating_sub(f.start)) * f.tokens.len() as u64;
+        let work = Receipt::for_call(f, price, Digest([0; 32])).work();
         if self.usage.unrecord(account, price, work) {
             self.usage.refused += 1;
             self.client

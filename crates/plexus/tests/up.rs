@@ -152,6 +152,19 @@ fn mine(v: &serde_json::Value) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no account of this node: {v}"))
 }
 
+/// What each of the first `n` nodes of a `plexus up` run in `cache` has staked, from its own
+/// `plexus status`.
+fn node_stakes(cache: &Path, n: usize) -> Vec<u64> {
+    let base = cache.join("up");
+    (0..n)
+        .map(|i| {
+            mine(&status(&base, &format!("node-{i}")))["staked"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
 /// A counter from a `/metrics` page.
 fn counter(metrics: &str, name: &str) -> u64 {
     metrics
@@ -732,14 +745,7 @@ fn audits_across_builds_spare_an_honest_node_of_another_build_and_convict_a_chea
         );
         assert_eq!(c("plexus_audits_unavailable"), 0, "{metrics}");
         assert!(c("plexus_audits_cross_build") >= 1, "{metrics}");
-        let stakes: Vec<u64> = (0..5)
-            .map(|i| {
-                let base = cache.path().join("up");
-                mine(&status(&base, &format!("node-{i}")))["staked"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect();
+        let stakes = node_stakes(cache.path(), 5);
         (texts, metrics, stakes)
     };
     let c = |metrics: &str, name: &str| counter(metrics, name);
@@ -805,14 +811,7 @@ fn a_last_stage_of_another_build_passes_its_near_ties_issue_11() {
     assert_eq!(c("plexus_audit_band_misses"), 0, "{metrics}");
     assert_eq!(c("plexus_audit_convictions"), 0, "{metrics}");
     assert_eq!(c("plexus_chain_failovers"), 0, "{metrics}");
-    let stakes: Vec<u64> = (0..3)
-        .map(|i| {
-            let base = cache.path().join("up");
-            mine(&status(&base, &format!("node-{i}")))["staked"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let stakes = node_stakes(cache.path(), 3);
     assert!(stakes.iter().all(|s| *s == 100_000_000), "{stakes:?}");
 }
 

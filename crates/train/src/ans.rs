@@ -1,15 +1,15 @@
 //! Order-0 range asymmetric numeral systems (rANS, Duda 2013; the byte-wise 32-bit variant of
 //! ryg_rans): the lossless stage of the `int8ans` codec. The int8 values of a pseudo-gradient
-//! are far from uniform (6.2-6.9 bits of order-0 entropy per value measured on DiLoCo rounds of
-//! the addition task), so coding them with their own frequencies saves about a sixth of the
-//! bytes. Pure integer arithmetic: the same symbols give the same bytes on every machine, which
-//! commitments to a contribution's bytes need.
+//! are far from uniform, so coding them with their own frequencies saves 11-13% of the payload
+//! (`plexus bench train --runs "100:int8/4096 100:int8ans/4096"`, BENCHMARKS.md). Pure integer arithmetic: the same symbols give the same bytes on every
+//! machine, which commitments to a contribution's bytes need.
 //!
 //! Layout: the frequency table (one LEB128 varint per symbol of the alphabet, scaled to sum to
 //! [`SCALE`]), then the coder's final state (u32 LE), then the renormalisation bytes in the
-//! order the decoder reads them. The decoder checks everything a hostile payload could bend:
-//! the table's sum, a symbol of frequency 0, running out of bytes, bytes left over, and the
-//! final state (it must return to the encoder's initial one).
+//! order the decoder reads them. The decoder refuses what would decode wrongly or not at all:
+//! a table that does not sum to the scale, running out of bytes, bytes left over, and a final
+//! state other than the encoder's initial one. (A non-canonical stream that decodes to the same
+//! symbols passes; a contribution's signed digest covers its bytes.)
 
 /// Frequencies are scaled to sum to `1 << SCALE_BITS`.
 const SCALE_BITS: u32 = 12;

@@ -228,6 +228,16 @@ pub struct CrossCheck {
 }
 
 impl CrossCheck {
+    /// Answers that cannot be compared window by window (other kinds, layouts or widths): one
+    /// comparison, missed grossly.
+    pub const INCOMPARABLE: CrossCheck = CrossCheck {
+        compared: 1,
+        missed: 1,
+        near_ties: 0,
+        undecided: 0,
+        worst: f32::INFINITY,
+    };
+
     pub fn agrees(&self) -> bool {
         self.missed == 0
     }
@@ -246,17 +256,10 @@ impl Answer {
     /// Answers that cannot be compared window by window (other kinds, layouts or widths) are
     /// one comparison, missed grossly.
     pub fn cross_check(&self, other: &Answer) -> CrossCheck {
-        let incomparable = CrossCheck {
-            compared: 1,
-            missed: 1,
-            near_ties: 0,
-            undecided: 0,
-            worst: f32::INFINITY,
-        };
         match (self, other) {
             (Answer::Rows(a), Answer::Rows(b)) => {
                 if let Comparison::Incomparable(_) = compare(a, b, Mode::Exact) {
-                    return incomparable;
+                    return CrossCheck::INCOMPARABLE;
                 }
                 let tol = Tolerance::PUBLISHED;
                 let scores: Vec<f32> = a
@@ -295,7 +298,7 @@ impl Answer {
                     worst: if missed { 1.0 } else { 0.0 },
                 }
             }
-            _ => incomparable,
+            _ => CrossCheck::INCOMPARABLE,
         }
     }
 }
