@@ -327,6 +327,8 @@ fn run_all<D: LocalData>(
             "codec_detail": s.codec.to_string(),
             "error_feedback": cfg.error_feedback,
             "outer": format!("{:?}", cfg.outer),
+            "inner_lr": a.lr,
+            "batch_size": a.batch_size,
             "score_examples": a.score_examples,
             "score_tolerance": a.score_tolerance,
             "tokens": d.tokens,
