@@ -97,6 +97,10 @@ pub struct EngineConfig {
 
 /// The attention arithmetic of a node: the current build's, or an honest older one whose bits
 /// differ, so audits across builds (`crate::audit`) are tested against a real difference.
+/// A digest of the node code on the compute path of a stage call (`build.rs` names the files):
+/// part of the announced build identity, since a change there may change the bits.
+pub const NODE_COMPUTE_ID: &str = env!("PLEXUS_NODE_COMPUTE_ID");
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Arithmetic {
     /// llama.cpp's kernels for each position, as the caller's declared prompt picks them.
@@ -109,12 +113,12 @@ pub enum Arithmetic {
 }
 
 impl Arithmetic {
-    /// The build identity a node announces: the package version and the engine's
-    /// [`plexus_model::ARITHMETIC_ID`], marked when the arithmetic differs from this build's
-    /// (auditors compare bit for bit only within one identity).
+    /// The build identity a node announces: the package version, the engine's
+    /// [`plexus_model::ARITHMETIC_ID`] and [`NODE_COMPUTE_ID`], marked when the arithmetic
+    /// differs from this build's (auditors compare bit for bit only within one identity).
     pub fn version(self) -> String {
         let base = format!(
-            "{}+{}",
+            "{}+{}.{NODE_COMPUTE_ID}",
             env!("CARGO_PKG_VERSION"),
             plexus_model::ARITHMETIC_ID
         );
@@ -1206,8 +1210,10 @@ mod tests {
     fn builds_announce_their_arithmetic() {
         let (current, untiled) = (Arithmetic::Current.version(), Arithmetic::Untiled.version());
         assert!(current.starts_with(env!("CARGO_PKG_VERSION")));
-        assert!(current.ends_with(plexus_model::ARITHMETIC_ID), "{current}");
+        let ids = format!("+{}.{NODE_COMPUTE_ID}", plexus_model::ARITHMETIC_ID);
+        assert!(current.ends_with(&ids), "{current}");
         assert_eq!(plexus_model::ARITHMETIC_ID.len(), 12);
+        assert_eq!(NODE_COMPUTE_ID.len(), 8);
         assert_ne!(current, untiled);
         assert!(untiled.starts_with(&current));
         assert!(current.chars().count() <= plexus_core::announce::limits::MAX_NAME_CHARS);
