@@ -26,6 +26,8 @@ def label(key):
 def best(losses_by_lr, seeds):
     """The learning rate with the lowest mean loss among those every seed ran."""
     full = {lr: v for lr, v in losses_by_lr.items() if set(v) >= seeds}
+    if not full:
+        return None
     return min(full, key=lambda lr: statistics.mean(full[lr][s] for s in seeds))
 
 
@@ -71,6 +73,8 @@ def main(paths):
     for k in keys:
         by_lr = {lr: {sd: r["diloco"]["loss"] for sd, r in dil[k][lr].items()} for lr in dil[k]}
         lr = best(by_lr, seeds)
+        if lr is None:
+            continue
         runs = [dil[k][lr][sd] for sd in s]
         ratios = [r["diloco"]["loss"] / sync_loss[sync_lr][sd] - 1 for r, sd in zip(runs, s)]
         fewer = statistics.mean(r["bytes_ratio"] for r in runs)
