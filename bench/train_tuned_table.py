@@ -37,8 +37,12 @@ def main(paths):
     sync = defaultdict(dict)  # lr -> seed -> (loss, accuracy)
     dil = defaultdict(lambda: defaultdict(dict))  # key -> lr -> seed -> row
     for r in rows:
+        if "inner_lr" not in r:
+            sys.exit("a row without inner_lr: runs of `plexus bench train` before af448da")
         lr, seed = r["inner_lr"], r["seed"]
-        sync[lr][seed] = (r["sync"]["loss"], r["sync"]["accuracy"])
+        seen = (r["sync"]["loss"], r["sync"]["accuracy"])
+        if sync[lr].setdefault(seed, seen) != seen:
+            sys.exit(f"two synchronous runs at lr {lr:g}, seed {seed} disagree")
         dil[(r["inner_steps"], r["codec"], r["error_feedback"])][lr][seed] = r
     lrs = sorted(sync)
     keys = sorted(dil, key=lambda k: (not k[1].startswith("f32"), k[1], k[0]))
@@ -65,6 +69,8 @@ def main(paths):
 
     sync_loss = {lr: {sd: v[0] for sd, v in sync[lr].items()} for lr in lrs}
     sync_lr = best(sync_loss, seeds)
+    if sync_lr is None:
+        sys.exit("no learning rate has a synchronous run for every seed")
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
     print(f"\nEach at its own best learning rate; DiLoCo against sync at lr {sync_lr:g}:\n")
     print("| setting | best lr | loss (seeds) | sync loss at its best lr | DiLoCo vs sync (seeds) "
