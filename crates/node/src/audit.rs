@@ -735,7 +735,8 @@ impl NetTransport {
             candidates = eligible(None);
         }
         drop(book);
-        if u >= if cross_build { p_cross } else { p } {
+        let p = if cross_build { p_cross } else { p };
+        if u >= p {
             return None;
         }
         // The auditor's fresh session must be fed everything the provider holds before `f`:

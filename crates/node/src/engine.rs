@@ -95,12 +95,12 @@ pub struct EngineConfig {
     pub arithmetic: Arithmetic,
 }
 
-/// The attention arithmetic of a node: the current build's, or an honest older one whose bits
-/// differ, so audits across builds (`crate::audit`) are tested against a real difference.
 /// A digest of the node code on the compute path of a stage call (`build.rs` names the files):
 /// part of the announced build identity, since a change there may change the bits.
 pub const NODE_COMPUTE_ID: &str = env!("PLEXUS_NODE_COMPUTE_ID");
 
+/// The attention arithmetic of a node: the current build's, or an honest older one whose bits
+/// differ, so audits across builds (`crate::audit`) are tested against a real difference.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Arithmetic {
     /// llama.cpp's kernels for each position, as the caller's declared prompt picks them.

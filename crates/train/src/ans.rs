@@ -1,8 +1,9 @@
 //! Order-0 range asymmetric numeral systems (rANS, Duda 2013; the byte-wise 32-bit variant of
 //! ryg_rans): the lossless stage of the `int8ans` codec. The int8 values of a pseudo-gradient
 //! are far from uniform, so coding them with their own frequencies saves 11-13% of the payload
-//! (`plexus bench train --runs "100:int8/4096 100:int8ans/4096"`, BENCHMARKS.md). Pure integer arithmetic: the same symbols give the same bytes on every
-//! machine, which commitments to a contribution's bytes need.
+//! (`plexus bench train --runs "100:int8/4096 100:int8ans/4096"`, BENCHMARKS.md). Pure integer
+//! arithmetic: the same symbols give the same bytes on every machine, which commitments to a
+//! contribution's bytes need.
 //!
 //! Layout: the frequency table (one LEB128 varint per symbol of the alphabet, scaled to sum to
 //! [`SCALE`]), then the coder's final state (u32 LE), then the renormalisation bytes in the
