@@ -15,6 +15,8 @@
 #   ARGS    []      the data and model flags for every run (e.g. "--task addition --size 2")
 #   OUT     [bench/results/train_tuned.jsonl]
 #   RUNS    ["100:f32 100:int8ans/4096 10:sparse 30:sparse 100:sparse"]
+#   OUTER   []      the outer step as LR:MOMENTUM (e.g. "1.0:0" for plain averaging); empty:
+#                   each codec's published default (Nesterov 0.7/0.9; sparse SGD 1.0)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,16 +28,21 @@ STEPS="${STEPS:-1500}"
 ARGS="${ARGS:-}"
 OUT="${OUT:-bench/results/train_tuned.jsonl}"
 RUNS="${RUNS:-100:f32 100:int8ans/4096 10:sparse 30:sparse 100:sparse}"
+OUTER="${OUTER:-}"
+OUTER_ARGS=""
+if [ -n "$OUTER" ]; then
+  OUTER_ARGS="--outer-lr ${OUTER%%:*} --outer-momentum ${OUTER##*:}"
+fi
 LOG="${OUT%.jsonl}.log"
 mkdir -p "$(dirname "$OUT")"
 : > "$OUT"
 : > "$LOG"
 for seed in $SEEDS; do
   for lr in $LRS; do
-    echo "seed $seed, lr $lr: $RUNS, $STEPS steps" | tee -a "$LOG" >&2
+    echo "seed $seed, lr $lr: $RUNS, $STEPS steps${OUTER:+, outer $OUTER}" | tee -a "$LOG" >&2
     # shellcheck disable=SC2086
     "$PLEXUS" bench train --workers 4 --runs "$RUNS" --total-steps "$STEPS" --seed "$seed" \
-      --lr "$lr" $ARGS --json 2>> "$LOG" >> "$OUT"
+      --lr "$lr" $OUTER_ARGS $ARGS --json 2>> "$LOG" >> "$OUT"
   done
 done
 python3 bench/train_tuned_table.py "$OUT"

@@ -19,8 +19,21 @@ from train_table import target
 
 
 def label(key):
-    h, codec, ef = key
-    return f"H={h} {codec}{'+EF' if ef else ''}"
+    h, codec, ef, outer = key
+    return f"H={h} {codec}{'+EF' if ef else ''}" + (f", outer {outer}" if outer else "")
+
+
+# The outer step `plexus bench train` uses when not told: DiLoCo's Nesterov for dense codecs,
+# SparseLoCo's plain SGD (error feedback in place of momentum) for sparse ones.
+DEFAULT_OUTER = {False: "Nesterov { lr: 0.7, momentum: 0.9 }", True: "Sgd { lr: 1.0 }"}
+
+
+def outer_label(r):
+    """The run's outer step, empty when it is its codec's default."""
+    o = r.get("outer", "")
+    if o == DEFAULT_OUTER[r["codec"].startswith("sparse")]:
+        return ""
+    return o.replace("{ ", "").replace(" }", "").replace("lr: ", "").replace("momentum: ", "m ")
 
 
 def best(losses_by_lr, seeds):
@@ -43,7 +56,8 @@ def main(paths):
         seen = (r["sync"]["loss"], r["sync"]["accuracy"])
         if sync[lr].setdefault(seed, seen) != seen:
             sys.exit(f"two synchronous runs at lr {lr:g}, seed {seed} disagree")
-        dil[(r["inner_steps"], r["codec"], r["error_feedback"])][lr][seed] = r
+        key = (r["inner_steps"], r["codec"], r["error_feedback"], outer_label(r))
+        dil[key][lr][seed] = r
     lrs = sorted(sync)
     keys = sorted(dil, key=lambda k: (not k[1].startswith("f32"), k[1], k[0]))
     s = sorted(seeds)
@@ -88,7 +102,7 @@ def main(paths):
         accs_d = [r["diloco"]["accuracy"] for r in runs]
         acc = (f"{pct(statistics.mean(accs_s))} / {pct(statistics.mean(accs_d))}"
                if None not in accs_s + accs_d else "n/a")
-        t = target(*k)
+        t = target(*k[:3])
         if t is None:
             goal, met = "", ""
         else:

@@ -314,6 +314,16 @@ impl Backend for NetworkBackend {
             m.audit_token_near_ties.load(Ordering::Relaxed),
         );
         counter(
+            "plexus_audit_token_wide_near_ties",
+            "Of the near ties, those that needed more than the narrow slack (0.1 nats).",
+            m.audit_token_wide_near_ties.load(Ordering::Relaxed),
+        );
+        counter(
+            "plexus_audit_near_tie_convictions",
+            "Last stages convicted because their near ties were improbable for an honest node (crate plexus_verify::ties).",
+            m.audit_near_tie_convictions.load(Ordering::Relaxed),
+        );
+        counter(
             "plexus_audit_token_undecided",
             "Cross-build audits of a last stage whose token differed where the checker's draw could not judge (temperature above 1 without top-k; passed).",
             m.audit_token_undecided.load(Ordering::Relaxed),

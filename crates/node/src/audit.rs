@@ -61,6 +61,7 @@ use plexus_verify::draw::DrawKey;
 use plexus_verify::near_tie::TokenDraw;
 use plexus_verify::reputation::Record;
 use plexus_verify::stats::MissRecord;
+use plexus_verify::ties::{TieBook, TieCounts};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use tracing::{info, warn};
@@ -420,6 +421,8 @@ pub struct AuditBook {
     /// Cross-build comparisons of each node's answers and the misses referees confirmed, per
     /// kind of answer (`true`: sampled tokens, `false`: windows of rows).
     band: BTreeMap<(PeerId, bool), MissRecord>,
+    /// Cross-build token comparisons of each last stage, per checker: its near ties.
+    ties: TieBook<PeerId>,
 }
 
 impl AuditBook {
@@ -507,6 +510,26 @@ impl AuditBook {
             plexus_verify::compare::CROSS_BUILD_ROWS_FPR
         };
         missed && r.convicts(rate)
+    }
+
+    /// Records a token of `provider`'s that `checker`'s draw (another build's) judged the same
+    /// or a near tie (`check`, one token); whether `provider`'s near ties now convict it
+    /// ([`plexus_verify::ties`]). Undecided tokens are not observations.
+    pub fn on_token_tie(&mut self, provider: PeerId, checker: PeerId, check: &CrossCheck) -> bool {
+        if check.undecided > 0 || check.missed > 0 {
+            return false;
+        }
+        self.ties.record(
+            provider,
+            checker,
+            check.near_ties > 0,
+            check.wide_near_ties > 0,
+        )
+    }
+
+    /// `peer`'s near ties as a last stage across builds.
+    pub fn tie_counts(&self, peer: &PeerId) -> TieCounts {
+        self.ties.counts(peer)
     }
 
     /// `peer`'s cross-build record for tokens (`token`) or windows of rows.
@@ -653,11 +676,28 @@ impl NetTransport {
                     m.audit_band_comparisons.fetch_add(1, Ordering::Relaxed);
                     m.audit_token_near_ties
                         .fetch_add(check.near_ties, Ordering::Relaxed);
+                    m.audit_token_wide_near_ties
+                        .fetch_add(check.wide_near_ties, Ordering::Relaxed);
                     m.audit_token_undecided
                         .fetch_add(check.undecided, Ordering::Relaxed);
                     let token = is_token(&answer);
                     book.on_cross_check(peer, token, false);
                     book.on_cross_check(auditor, token, false);
+                    if token && book.on_token_tie(peer, auditor, &check) {
+                        drop(book);
+                        let counts = self.client.book().tie_counts(&peer);
+                        warn!(%peer, tokens = counts.tokens, near_ties = counts.near_ties, wide = counts.wide, "cross-build audits: this last stage's near ties are improbable for an honest node");
+                        m.audit_near_tie_convictions.fetch_add(1, Ordering::Relaxed);
+                        self.convict(peer, auditor, &[]);
+                        self.end_audit(&peer);
+                        self.audits.hops.insert(peer, HopAudit::Unaudited);
+                        return Err(crate::chain::CallFailed {
+                            retryable: true,
+                            message: format!(
+                                "{peer} picks among near ties more than an honest node would"
+                            ),
+                        });
+                    }
                 }
                 Ok(answer)
             }
@@ -1230,6 +1270,52 @@ mod tests {
         assert!(book.on_cross_check(p[2], true, true));
         // An agreeing call never convicts, whatever the record holds.
         assert!(!book.on_cross_check(p[2], true, false));
+    }
+
+    #[test]
+    fn near_ties_convict_a_picking_last_stage_against_two_checkers() {
+        let p = peers(4);
+        let (same, tie, wide) = (
+            CrossCheck {
+                compared: 1,
+                ..CrossCheck::default()
+            },
+            CrossCheck {
+                compared: 1,
+                near_ties: 1,
+                ..CrossCheck::default()
+            },
+            CrossCheck {
+                compared: 1,
+                near_ties: 1,
+                wide_near_ties: 1,
+                ..CrossCheck::default()
+            },
+        );
+        let mut book = AuditBook::default();
+        // An honest last stage: one near tie in 12 tokens, one in 250 wide, three checkers.
+        for t in 0..3000u32 {
+            let check = match t {
+                _ if t % 250 == 0 => &wide,
+                _ if t % 12 == 0 => &tie,
+                _ => &same,
+            };
+            assert!(!book.on_token_tie(p[0], p[1 + (t % 3) as usize], check));
+        }
+        assert_eq!(book.tie_counts(&p[0]).tokens, 3000);
+        // Wide near ties seen by one checker only convict nobody; a second checker's do.
+        for _ in 0..200 {
+            assert!(!book.on_token_tie(p[3], p[1], &wide));
+        }
+        assert!((0..50).any(|_| book.on_token_tie(p[3], p[2], &wide)));
+        // Misses and undecided tokens are judged elsewhere.
+        let missed = CrossCheck {
+            compared: 1,
+            missed: 1,
+            ..CrossCheck::default()
+        };
+        assert!(!book.on_token_tie(p[0], p[1], &missed));
+        assert_eq!(book.tie_counts(&p[0]).tokens, 3000);
     }
 
     #[test]

@@ -99,6 +99,12 @@ pub struct ClientMetrics {
     /// Across builds: last-stage tokens that differed from the checker's but were near ties
     /// under its draw (`plexus_verify::near_tie`), so passed.
     pub audit_token_near_ties: AtomicU64,
+    /// Of those, near ties that needed more than the narrow slack
+    /// (`plexus_verify::near_tie::NARROW_NEAR_TIE_NATS`).
+    pub audit_token_wide_near_ties: AtomicU64,
+    /// Providers convicted because their near ties were improbable for an honest node
+    /// (`plexus_verify::ties`); also counted in the convictions.
+    pub audit_near_tie_convictions: AtomicU64,
     /// Across builds: last-stage tokens that differed where the checker's draw could not judge
     /// (temperature above 1 without top-k), so passed.
     pub audit_token_undecided: AtomicU64,

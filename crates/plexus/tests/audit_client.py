@@ -2,10 +2,13 @@
 """Streams the same greedy chat N times through a running gateway with the official `openai`
 client and prints the texts as one JSON line: `{"texts": [...]}`.
 
-    python3 crates/plexus/tests/audit_client.py http://127.0.0.1:PORT API_KEY N [SYSTEM_REPEATS]
+    python3 crates/plexus/tests/audit_client.py http://127.0.0.1:PORT API_KEY N \
+        [SYSTEM_REPEATS [MAX_TOKENS [vary]]]
 
 SYSTEM_REPEATS > 0 adds a system prompt of that many sentences (about 25 tokens each), for
-prompts long enough to take the tiled attention kernel (64 rows or more).
+prompts long enough to take the tiled attention kernel (64 rows or more). MAX_TOKENS is 24 by
+default. `vary` asks a different question in each chat (cycling through a list), so that the
+answers are not the same N times.
 
 Used by tests/audit.rs: while a cheating node is caught mid-stream, every stream must still
 complete with the honest text. Exits 3 when the `openai` package is missing (install: pip
@@ -29,21 +32,37 @@ except ImportError:
 def main():
     url, key, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    max_tokens = int(sys.argv[5]) if len(sys.argv) > 5 else 24
+    vary = len(sys.argv) > 6 and sys.argv[6] == "vary"
     system = (
         "You are a careful assistant. Answer in plain English, in short paragraphs, with "
         "concrete examples, and say when you are unsure. "
     ) * repeats
     messages = [{"role": "system", "content": system}] if repeats else []
-    messages.append({"role": "user", "content": "Name three colours of the rainbow."})
+    questions = [
+        "Name three colours of the rainbow.",
+        "Why is the sky blue?",
+        "Give me a tip for learning to cook.",
+        "What does a bee do all day?",
+        "Describe a rainy morning in a small town.",
+        "How do I keep a plant alive indoors?",
+        "Write two lines about the sea.",
+        "What is a good name for a grey cat?",
+        "Explain what a library is to a child.",
+        "Suggest a weekend walk near a river.",
+        "What should I pack for a day at the beach?",
+        "Tell me something surprising about the moon.",
+    ]
     client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
     model = client.models.list().data[0].id
     texts = []
     for i in range(n):
+        question = questions[i % len(questions)] if vary else questions[0]
         stream = client.chat.completions.create(
             model=model,
-            messages=messages,
+            messages=messages + [{"role": "user", "content": question}],
             temperature=0,
-            max_tokens=24,
+            max_tokens=max_tokens,
             stream=True,
         )
         parts = []

@@ -647,6 +647,18 @@ fn a_cheating_node_is_caught_excluded_and_slashed_while_streams_go_on_issue_11()
 /// Runs `audit_client.py` (the official `openai` client): `n` greedy streams of the same chat
 /// with a system prompt of `repeats` sentences; the texts.
 fn audited_streams(url: &str, key: &str, n: usize, repeats: usize) -> Vec<String> {
+    audited_chats(url, key, n, repeats, 24, false)
+}
+
+/// [`audited_streams`] of `max_tokens` each, a different question in each chat when `vary`.
+fn audited_chats(
+    url: &str,
+    key: &str,
+    n: usize,
+    repeats: usize,
+    max_tokens: usize,
+    vary: bool,
+) -> Vec<String> {
     let python = std::env::var("PLEXUS_PYTHON").unwrap_or_else(|_| "python3".into());
     let out = Command::new(&python)
         .arg(repo().join("crates/plexus/tests/audit_client.py"))
@@ -654,6 +666,8 @@ fn audited_streams(url: &str, key: &str, n: usize, repeats: usize) -> Vec<String
         .arg(key)
         .arg(n.to_string())
         .arg(repeats.to_string())
+        .arg(max_tokens.to_string())
+        .arg(if vary { "vary" } else { "same" })
         .output()
         .expect("run the python client");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -813,6 +827,43 @@ fn a_last_stage_of_another_build_passes_its_near_ties_issue_11() {
     assert_eq!(c("plexus_chain_failovers"), 0, "{metrics}");
     let stakes = node_stakes(cache.path(), 3);
     assert!(stakes.iter().all(|s| *s == 100_000_000), "{stakes:?}");
+}
+
+/// Issue 11, a last stage that steers within the near-tie rule: as above, with node 0 also
+/// returning its runner-up token wherever that token's logit is within 0.5 of the sampled one's
+/// (`--cheat pick`). Many such tokens pass its checkers of the other build as near ties, some
+/// do not (disputes, failovers); what convicts it is their number: near ties, and wide ones,
+/// improbable for an honest node against both checkers (`plexus_verify::ties`). The streams
+/// all complete, and node 0 alone is slashed.
+#[test]
+fn a_last_stage_that_picks_among_near_ties_is_convicted_by_their_number_issue_11() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut args = untiled_node0_args("3", "1");
+    args.extend(["--cheat", "pick"]);
+    let Started { up, url, key, .. } = start_up(&args, cache.path());
+    let texts = audited_chats(&url, &key, 40, 2, 48, true);
+    let metrics = http_get(&url, "/metrics", &key);
+    stop_up(up);
+    let c = |name: &str| counter(&metrics, name);
+    eprintln!(
+        "audits {} (across builds {}), band comparisons {} (near ties {}, wide {}, misses {}), \
+         disputes {}, failovers {}, near-tie convictions {}, convictions {}; texts {texts:?}",
+        c("plexus_audits"),
+        c("plexus_audits_cross_build"),
+        c("plexus_audit_band_comparisons"),
+        c("plexus_audit_token_near_ties"),
+        c("plexus_audit_token_wide_near_ties"),
+        c("plexus_audit_band_misses"),
+        c("plexus_audit_disputes"),
+        c("plexus_chain_failovers"),
+        c("plexus_audit_near_tie_convictions"),
+        c("plexus_audit_convictions"),
+    );
+    assert_eq!(texts.len(), 40);
+    assert_eq!(c("plexus_audit_near_tie_convictions"), 1, "{metrics}");
+    let stakes = node_stakes(cache.path(), 3);
+    assert!(stakes[0] < 100_000_000, "{stakes:?}");
+    assert!(stakes[1..].iter().all(|s| *s == 100_000_000), "{stakes:?}");
 }
 
 /// Issue 10: the gateway pays providers during a stream, not only when it ends. `plexus up` is

@@ -211,7 +211,7 @@ pub const CROSS_BUILD_TOKEN_FPR: f64 = 0.05;
 pub const GROSS_SCORE: f32 = 4.0;
 
 /// How two answers to the same call compare across builds.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CrossCheck {
     /// Comparisons made: windows of rows, or 1 for a token.
     pub compared: u64,
@@ -219,6 +219,9 @@ pub struct CrossCheck {
     pub missed: u64,
     /// Tokens that differ but that the checker's draw admits as near ties (not missed).
     pub near_ties: u64,
+    /// Of those, near ties that need more than
+    /// [`NARROW_NEAR_TIE_NATS`](crate::near_tie::NARROW_NEAR_TIE_NATS) of slack.
+    pub wide_near_ties: u64,
     /// Tokens that differ where the checker's draw cannot judge (its unreported tokens have no
     /// bound: temperature above 1 without top-k); passed, not missed.
     pub undecided: u64,
@@ -234,6 +237,7 @@ impl CrossCheck {
         compared: 1,
         missed: 1,
         near_ties: 0,
+        wide_near_ties: 0,
         undecided: 0,
         worst: f32::INFINITY,
     };
@@ -279,6 +283,7 @@ impl Answer {
                     compared: scores.len() as u64,
                     missed: scores.iter().filter(|s| **s >= 1.0).count() as u64,
                     near_ties: 0,
+                    wide_near_ties: 0,
                     undecided: 0,
                     worst: scores.iter().copied().fold(0.0, f32::max),
                 }
@@ -290,10 +295,13 @@ impl Answer {
                     None => Judgement::Miss,
                 };
                 let missed = judgement == Judgement::Miss;
+                let wide = judgement == Judgement::NearTie
+                    && draw.as_ref().is_some_and(|d| d.is_wide_near_tie(*a));
                 CrossCheck {
                     compared: 1,
                     missed: u64::from(missed),
                     near_ties: u64::from(judgement == Judgement::NearTie),
+                    wide_near_ties: u64::from(wide),
                     undecided: u64::from(judgement == Judgement::Undecided),
                     worst: if missed { 1.0 } else { 0.0 },
                 }

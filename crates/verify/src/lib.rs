@@ -29,6 +29,7 @@ pub mod replay;
 pub mod reputation;
 pub mod seed;
 pub mod stats;
+pub mod ties;
 pub mod tokens;
 
 pub use commitment::Commitment;

@@ -30,6 +30,12 @@ use serde::{Deserialize, Serialize};
 /// the seeded draw inside its interval.
 pub const NEAR_TIE_NATS: f32 = 0.25;
 
+/// The slack under which a near tie is *narrow*: honest flips across builds almost all are
+/// (1 of 288 tokens measured needed more; `tests/cross_build.rs`), while a provider that picks
+/// the token it likes among near ties often needs more. Near ties, and wide ones apart, are
+/// counted per provider and convict when improbable for an honest node ([`crate::ties`]).
+pub const NARROW_NEAR_TIE_NATS: f32 = 0.10;
+
 /// A checker's draw at one position: what the gateway needs to judge another token against it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TokenDraw {
@@ -71,6 +77,40 @@ impl TokenDraw {
 
     /// How `token` (the provider's) stands against this draw.
     pub fn judge(&self, token: u32) -> Judgement {
+        self.judge_within(token, NEAR_TIE_NATS)
+    }
+
+    /// Whether `token`, a near tie of this draw, needs more than [`NARROW_NEAR_TIE_NATS`] of
+    /// slack: a wide near tie (false for the same token, a narrow near tie or a miss).
+    pub fn is_wide_near_tie(&self, token: u32) -> bool {
+        self.judge(token) == Judgement::NearTie
+            && self.judge_within(token, NARROW_NEAR_TIE_NATS) == Judgement::Miss
+    }
+
+    /// The least slack (in nats, to 0.005) under which `token` is a near tie of this draw:
+    /// `Some(0.0)` for the checker's own token, `None` when not even [`NEAR_TIE_NATS`]
+    /// admits it, or when the draw cannot judge it (calibration and reports).
+    pub fn slack_needed(&self, token: u32) -> Option<f32> {
+        match self.judge(token) {
+            Judgement::Same => return Some(0.0),
+            Judgement::NearTie => {}
+            Judgement::Miss | Judgement::Undecided => return None,
+        }
+        // Admission grows with the slack: bisect between what misses and what admits.
+        let (mut lo, mut hi) = (0.0f32, NEAR_TIE_NATS);
+        while hi - lo > 0.005 {
+            let mid = 0.5 * (lo + hi);
+            if self.judge_within(token, mid) == Judgement::NearTie {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Some(hi)
+    }
+
+    /// [`Self::judge`] with each log-probability allowed to move by `nats`.
+    fn judge_within(&self, token: u32, nats: f32) -> Judgement {
         if token == self.token {
             return Judgement::Same;
         }
@@ -86,7 +126,7 @@ impl TokenDraw {
             return Judgement::Miss;
         };
         let lp_t = list[t].1;
-        let slack = 2.0 * NEAR_TIE_NATS;
+        let slack = 2.0 * nats;
         let verdict = |near: bool| {
             if near {
                 Judgement::NearTie
@@ -102,7 +142,7 @@ impl TokenDraw {
         if self.temperature <= 0.0 || self.top_k == 1 || self.top_p <= 0.0 {
             return verdict(list[0].1 - lp_t <= slack);
         }
-        let Some(kept) = self.kept() else {
+        let Some(kept) = self.kept(nats) else {
             return Judgement::Undecided;
         };
         if !kept.maybe[t] {
@@ -110,10 +150,10 @@ impl TokenDraw {
         }
         // Tempered log-weights `lp / T` (any common scale cancels in the sampler's
         // normalisation), summed in log space so that no temperature under- or overflows;
-        // each log-probability may move by up to NEAR_TIE_NATS, a weight by `up` = d / T.
+        // each log-probability may move by up to `nats`, a weight by `up` = d / T.
         let inv_t = 1.0 / f64::from(self.temperature);
         let lw = |lp: f32| f64::from(lp) * inv_t;
-        let up = f64::from(NEAR_TIE_NATS) * inv_t;
+        let up = f64::from(nats) * inv_t;
         let (mut surely_above, mut maybe_above) = (Vec::new(), Vec::new());
         let (mut surely_below, mut maybe_below) = (Vec::new(), Vec::new());
         // The unreported tokens are all less likely than the last reported one: below the
@@ -167,14 +207,14 @@ impl TokenDraw {
     }
 
     /// Which reported tokens the sampler's top-k, top-p and min-p cuts keep surely or maybe
-    /// (log-probabilities moved by up to [`NEAR_TIE_NATS`], which may also reorder tokens
-    /// within twice that), and bounds on the tempered weight the unreported tokens add; `None`
-    /// when their weight has no bound.
-    fn kept(&self) -> Option<Kept> {
+    /// (log-probabilities moved by up to `nats`, which may also reorder tokens within twice
+    /// that), and bounds on the tempered weight the unreported tokens add; `None` when their
+    /// weight has no bound.
+    fn kept(&self, nats: f32) -> Option<Kept> {
         let list = &self.top;
-        let delta = f64::from(NEAR_TIE_NATS);
+        let delta = f64::from(nats);
         let (e1, e2) = (delta.exp(), (2.0 * delta).exp());
-        let slack = 2.0 * NEAR_TIE_NATS;
+        let slack = 2.0 * nats;
         let n = list.len();
         let p: Vec<f64> = list.iter().map(|&(_, lp)| f64::from(lp).exp()).collect();
         let (p0, p_last, lp_last) = (p[0], p[n - 1], list[n - 1].1);
@@ -577,7 +617,7 @@ mod tests {
         let top: Vec<(u32, f32)> = log_softmax(&logits).into_iter().take(20).collect();
         let params = SamplingParams::default();
         let mut d = draw(&top, &params, 0);
-        let kept = d.kept().unwrap();
+        let kept = d.kept(NEAR_TIE_NATS).unwrap();
         assert_eq!(kept.unknown_hi_ln, f64::NEG_INFINITY);
         assert!(kept.maybe[..3].iter().all(|&m| m) && !kept.maybe[4..].iter().any(|&m| m));
         let inv_t = 1.0 / f64::from(params.temperature);

@@ -101,6 +101,12 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
     // with another seed where it differs from the honest token).
     let (mut flips, mut flips_admitted, mut probes) = (0u64, 0u64, [(0u64, 0u64); 3]);
     let mut lp_moves: Vec<f32> = Vec::new();
+    // Slack (nats) each honest flip needs; wide near ties among honest tokens and among the
+    // second choices admitted; and a picker: the provider's own second choice wherever its
+    // log-probability is within 2 x NEAR_TIE_NATS of its top (deviations, admitted narrowly,
+    // widely, missed).
+    let (mut flip_slack, mut honest_wide, mut second_wide) = (Vec::new(), 0u64, 0u64);
+    let mut picker = [0u64; 4];
     let mut scores: Vec<Vec<f32>> = vec![Vec::new(); chain.len()];
     for (i, prompt) in prompts(&files).iter().enumerate() {
         prompt_lens.push(prompt.len());
@@ -191,6 +197,29 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
                     });
                     flips += u64::from(tokens.0 != tokens.1);
                     flips_admitted += c.near_ties;
+                    honest_wide += c.wide_near_ties;
+                    if tokens.0 != tokens.1 {
+                        flip_slack.extend(draw.slack_needed(tokens.0));
+                    }
+                    let mut own: Vec<(usize, f32)> =
+                        adjusted.iter().map(|l| l - z).enumerate().collect();
+                    own.sort_by(|x, y| y.1.total_cmp(&x.1));
+                    let second = own[1].0 as u32;
+                    if own[0].1 - own[1].1 <= 2.0 * plexus_verify::near_tie::NEAR_TIE_NATS
+                        && second != tokens.0
+                    {
+                        picker[0] += 1;
+                        match draw.judge(second) {
+                            plexus_verify::near_tie::Judgement::Same => {}
+                            plexus_verify::near_tie::Judgement::NearTie
+                                if draw.is_wide_near_tie(second) =>
+                            {
+                                picker[2] += 1
+                            }
+                            plexus_verify::near_tie::Judgement::NearTie => picker[1] += 1,
+                            _ => picker[3] += 1,
+                        }
+                    }
                     token_cmp.record(!c.agrees());
                     let other_seed = SamplingParams {
                         seed: params.seed ^ 0x5eed,
@@ -201,10 +230,13 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
                         draw.top.get(1).map(|t| t.0),
                         Some(plexus_model::sampler::sample(&a, &history, &other_seed, at)),
                     ];
-                    for (probe, cheat) in probes.iter_mut().zip(cheats) {
+                    for (k, (probe, cheat)) in probes.iter_mut().zip(cheats).enumerate() {
                         if let Some(t) = cheat.filter(|&t| t != tokens.0 && t != token_b) {
                             probe.0 += 1;
                             probe.1 += u64::from(draw.admits(t));
+                            if k == 1 && draw.is_wide_near_tie(t) {
+                                second_wide += 1;
+                            }
                         }
                     }
                 } else {
@@ -275,6 +307,28 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
         probes[1].0,
         probes[2].1,
         probes[2].0,
+    );
+    flip_slack.sort_by(f32::total_cmp);
+    let tokens = token_cmp.comparisons;
+    eprintln!(
+        "near ties as evidence (crate::ties): honest flips need slack {flip_slack:?} nats; \
+         honest near ties {flips_admitted} of {tokens} tokens, wide (over {} nats) {honest_wide}; \
+         second choices admitted widely {second_wide} of {}; a picker (its own second choice \
+         within {} nats of its top) deviated on {} tokens: {} narrow near ties, {} wide, {} missed",
+        plexus_verify::near_tie::NARROW_NEAR_TIE_NATS,
+        probes[1].1,
+        2.0 * plexus_verify::near_tie::NEAR_TIE_NATS,
+        picker[0],
+        picker[1],
+        picker[2],
+        picker[3],
+    );
+    let rate_of = |k: u64| k as f64 / tokens.max(1) as f64;
+    assert!(
+        rate_of(flips_admitted) <= plexus_verify::ties::CROSS_BUILD_NEAR_TIE_RATE / 1.5
+            && rate_of(honest_wide) <= plexus_verify::ties::CROSS_BUILD_WIDE_NEAR_TIE_RATE / 1.5,
+        "honest near ties {flips_admitted} (wide {honest_wide}) of {tokens}: the assumed rates \
+         leave too little margin"
     );
     assert!(
         differing_calls > 0,

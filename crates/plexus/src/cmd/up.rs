@@ -122,6 +122,7 @@ async fn start_node(
             plexus_node::cheat::Cheat::Random => "random",
             plexus_node::cheat::Cheat::Noise => "noise",
             plexus_node::cheat::Cheat::Token => "token",
+            plexus_node::cheat::Cheat::Pick => "pick",
         });
     }
     if options.arithmetic == plexus_node::engine::Arithmetic::Untiled {
