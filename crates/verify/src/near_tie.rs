@@ -642,4 +642,41 @@ mod tests {
             "a token far outside the set is not admitted"
         );
     }
+
+    proptest::proptest! {
+        /// A near tie under some slack stays one under any larger slack (what
+        /// `slack_needed` bisects on), and the slack it reports admits the token.
+        #[test]
+        fn more_slack_admits_at_least_as_much(
+            logits in proptest::collection::vec(-6.0f32..6.0, 4..40),
+            t in 0.0f32..1.5,
+            top_k in 0usize..8,
+            top_p in 0.5f32..1.0,
+            min_p in 0.0f32..0.2,
+            seed in 0u64..1000,
+            pick in 0usize..40,
+        ) {
+            let params = SamplingParams { temperature: t, top_k, top_p, min_p, seed,
+                ..SamplingParams::default() };
+            let mut top = log_softmax(&logits);
+            top.truncate(20);
+            let token = top[pick % top.len()].0;
+            let d = TokenDraw::new(top[0].0, top, &params, 3);
+            let mut admitted = false;
+            for i in 0..=25 {
+                let now = d.judge_within(token, 0.01 * i as f32) != Judgement::Miss;
+                proptest::prop_assert!(now || !admitted, "slack {} lost the token", 0.01 * i as f32);
+                admitted = now;
+            }
+            if let Some(s) = d.slack_needed(token) {
+                proptest::prop_assert!(d.judge_within(token, s) != Judgement::Miss);
+                // (to the bisection's resolution, 0.005 nats)
+                if d.is_wide_near_tie(token) {
+                    proptest::prop_assert!(s >= NARROW_NEAR_TIE_NATS);
+                } else if d.judge(token) == Judgement::NearTie {
+                    proptest::prop_assert!(s <= NARROW_NEAR_TIE_NATS + 0.005);
+                }
+            }
+        }
+    }
 }
