@@ -483,6 +483,8 @@ impl AuditBook {
             self.convicted.insert(peer);
         }
         self.entry(peer).convicted = true;
+        // What it reported of others as a checker is no longer evidence.
+        self.ties.forget(&peer);
     }
 
     /// Records one cross-build comparison of `peer`'s answer to a call (a sampled token when

@@ -217,7 +217,9 @@ pub struct CrossCheck {
     pub compared: u64,
     /// Of them outside the band (rows) or different and not a near tie (a token).
     pub missed: u64,
-    /// Tokens that differ but that the checker's draw admits as near ties (not missed).
+    /// Tokens that differ but that the checker's draw admits as near ties (not missed); a
+    /// token its draw gives as reported, without slack, is not one (the checker's own token
+    /// then disagrees with its own numbers).
     pub near_ties: u64,
     /// Of those, near ties that need more than
     /// [`NARROW_NEAR_TIE_NATS`](crate::near_tie::NARROW_NEAR_TIE_NATS) of slack.
@@ -295,12 +297,13 @@ impl Answer {
                     None => Judgement::Miss,
                 };
                 let missed = judgement == Judgement::Miss;
-                let wide = judgement == Judgement::NearTie
-                    && draw.as_ref().is_some_and(|d| d.is_wide_near_tie(*a));
+                let near = judgement == Judgement::NearTie
+                    && draw.as_ref().is_some_and(|d| !d.drawn_as_reported(*a));
+                let wide = near && draw.as_ref().is_some_and(|d| d.is_wide_near_tie(*a));
                 CrossCheck {
                     compared: 1,
                     missed: u64::from(missed),
-                    near_ties: u64::from(judgement == Judgement::NearTie),
+                    near_ties: u64::from(near),
                     wide_near_ties: u64::from(wide),
                     undecided: u64::from(judgement == Judgement::Undecided),
                     worst: if missed { 1.0 } else { 0.0 },

@@ -83,6 +83,7 @@ impl TokenDraw {
     /// Whether `token`, a near tie of this draw, needs more than [`NARROW_NEAR_TIE_NATS`] of
     /// slack: a wide near tie (false for the same token, a narrow near tie or a miss).
     pub fn is_wide_near_tie(&self, token: u32) -> bool {
+        // (a token drawn as reported needs no slack: see `drawn_as_reported`)
         self.judge(token) == Judgement::NearTie
             && self.judge_within(token, NARROW_NEAR_TIE_NATS) == Judgement::Miss
     }
@@ -95,6 +96,9 @@ impl TokenDraw {
             Judgement::Same => return Some(0.0),
             Judgement::NearTie => {}
             Judgement::Miss | Judgement::Undecided => return None,
+        }
+        if self.drawn_as_reported(token) {
+            return Some(0.0);
         }
         // Admission grows with the slack: bisect between what misses and what admits.
         let (mut lo, mut hi) = (0.0f32, NEAR_TIE_NATS);
@@ -109,11 +113,25 @@ impl TokenDraw {
         Some(hi)
     }
 
+    /// Whether the draw as reported (no slack) gives `token`: the checker's own token when it
+    /// sampled honestly from what it reports, or another one when it did not (a checker that
+    /// picks reports honest log-probabilities but another token). Such a token is not a near
+    /// tie of the provider's: it is what the checker's own numbers say.
+    pub fn drawn_as_reported(&self, token: u32) -> bool {
+        self.within(token, 0.0) == Judgement::NearTie
+    }
+
     /// [`Self::judge`] with each log-probability allowed to move by `nats`.
     fn judge_within(&self, token: u32, nats: f32) -> Judgement {
         if token == self.token {
             return Judgement::Same;
         }
+        self.within(token, nats)
+    }
+
+    /// Whether moving each log-probability by up to `nats` can make the draw give `token`
+    /// (`NearTie`), whatever token the checker itself returned.
+    fn within(&self, token: u32, nats: f32) -> Judgement {
         let list = &self.top;
         let well_formed = !list.is_empty()
             && list.iter().all(|x| !x.1.is_nan() && x.1 <= 1e-4)
@@ -640,6 +658,46 @@ mod tests {
         assert!(
             !d.admits(500),
             "a token far outside the set is not admitted"
+        );
+    }
+
+    #[test]
+    fn a_checker_that_picks_does_not_make_honest_tokens_near_ties() {
+        // Greedy: the checker reports honest log-probabilities but returns its runner-up.
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        };
+        let top = vec![(4, -0.6), (5, -0.8), (9, -3.0)];
+        let picker = draw(&top, &greedy, 5);
+        assert!(
+            picker.drawn_as_reported(4),
+            "the honest token is what its numbers give"
+        );
+        assert!(!picker.drawn_as_reported(5), "its own token is not");
+        let c = crate::compare::Answer::Token {
+            token: 4,
+            draw: None,
+        }
+        .cross_check(&crate::compare::Answer::Token {
+            token: 5,
+            draw: Some(picker),
+        });
+        assert_eq!((c.missed, c.near_ties, c.wide_near_ties), (0, 0, 0));
+        // Against an honest checker the runner-up is a near tie (0.2 nats: 0.1 of slack each).
+        let honest = draw(&top, &greedy, 4);
+        let c = crate::compare::Answer::Token {
+            token: 5,
+            draw: None,
+        }
+        .cross_check(&crate::compare::Answer::Token {
+            token: 4,
+            draw: Some(honest.clone()),
+        });
+        assert_eq!((c.missed, c.near_ties), (0, 1));
+        assert_eq!(
+            honest.slack_needed(5).map(|s| (s * 100.0).round()),
+            Some(10.0)
         );
     }
 

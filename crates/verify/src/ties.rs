@@ -13,22 +13,32 @@
 //! (Gonka's rule, as [`crate::stats`]). What a provider can still steer unseen is bounded by
 //! those rates less the honest ones.
 //!
-//! A checker could frame a provider with a draw of its own making (log-probabilities that
-//! admit the provider's token only widely). So each verdict leaves out the checker whose
-//! observations weigh most against the provider: conviction needs the excess to hold against
-//! the others, and a lone framer convicts nobody (two framers that collude are the collusion
-//! share PoSP prices in). With a single checker nobody can be blamed, and nobody is.
+//! A checker that itself picks reports honest log-probabilities with another token: an honest
+//! provider's token is then what the checker's own numbers give, which is not counted as a
+//! near tie ([`crate::near_tie::TokenDraw::drawn_as_reported`]). A checker could still frame a
+//! provider with a draw of its own making (log-probabilities that admit the provider's token
+//! only widely). So each verdict leaves out, per count, the checkers whose observations weigh
+//! most against the provider (the largest excess over the honest rate): one of two or three,
+//! and up to half less one of more. Conviction needs the excess to hold against the rest, so a
+//! minority of framing checkers convicts nobody; with a single checker nobody can be blamed,
+//! and nobody is. A convicted node's observations, as provider and as checker, are dropped
+//! ([`TieBook::forget`]).
 
 use crate::stats::{binomial_tail, CONVICTION_TAIL};
 use std::collections::BTreeMap;
 
-/// Honest near ties per compared token across builds, assumed: measured 20 of 288 (6.9%) in
-/// `tests/cross_build.rs` and 6 of 72 (8.3%) in the network (`binary(up) & test(near_ties)`);
-/// about twice that is assumed.
+/// Honest near ties per compared token across builds, assumed: measured 16 of 288 (5.6%; 20
+/// flips, 4 of them what the checker's own numbers give) in `tests/cross_build.rs`, and 6 of
+/// 72 (8.3%, flips counted before that distinction) in the network
+/// (`binary(up) & test(near_ties)`); about twice that is assumed. Both measurements are of
+/// one pair of builds (the tiled and the untiled prompt attention) on short greedy and
+/// temperature-0.8 chats: a pair of builds further apart, or answers of higher entropy, flip
+/// more often.
 pub const CROSS_BUILD_NEAR_TIE_RATE: f64 = 0.15;
 
 /// Honest wide near ties per compared token across builds, assumed: measured 1 of 288 (0.35%)
-/// in `tests/cross_build.rs` (the 99% upper confidence bound of that is 2.3%); 3% assumed.
+/// in `tests/cross_build.rs` (2.3% is the 99% upper confidence bound of that, were the tokens
+/// independent; tokens of one answer are not quite); 3% assumed.
 pub const CROSS_BUILD_WIDE_NEAR_TIE_RATE: f64 = 0.03;
 
 /// How many providers, and checkers per provider, a book keeps (the least observed go first).
@@ -51,30 +61,6 @@ impl TieCounts {
         self.tokens += o.tokens;
         self.near_ties += o.near_ties;
         self.wide += o.wide;
-    }
-
-    fn minus(&self, o: &TieCounts) -> TieCounts {
-        TieCounts {
-            tokens: self.tokens - o.tokens,
-            near_ties: self.near_ties - o.near_ties,
-            wide: self.wide - o.wide,
-        }
-    }
-
-    /// The smaller of the two honest tails: how probable, for an honest node, the more
-    /// suspicious of the two counts is (1 for a count at or under its honest mean, which
-    /// is never suspicious; that saves summing the tail where it cannot matter).
-    pub fn honest_tail(&self) -> f64 {
-        let tail = |k: u64, q: f64| {
-            if k as f64 <= self.tokens as f64 * q {
-                1.0
-            } else {
-                binomial_tail(self.tokens, k, q)
-            }
-        };
-        let all = tail(self.near_ties, CROSS_BUILD_NEAR_TIE_RATE);
-        let wide = tail(self.wide, CROSS_BUILD_WIDE_NEAR_TIE_RATE);
-        all.min(wide)
     }
 }
 
@@ -130,21 +116,72 @@ impl<P: Ord + Copy> TieBook<P> {
         total
     }
 
-    /// How probable `provider`'s record is for an honest node once the checker that weighs
-    /// most against it is left out (1 with fewer than two checkers).
-    pub fn honest_tail(&self, provider: &P) -> f64 {
-        let Some(by) = self.providers.get(provider) else {
-            return 1.0;
+    /// `provider`'s observations without the checkers that weigh most against it, per count:
+    /// (tokens, near ties) and (tokens, wide near ties); `None` with fewer than two checkers.
+    fn trimmed(&self, provider: &P) -> Option<[(u64, u64, f64); 2]> {
+        let by = self.providers.get(provider)?;
+        let m = by.len();
+        if m < 2 {
+            return None;
+        }
+        let leave_out = ((m - 1) / 2).max(1);
+        let rest = |count: fn(&TieCounts) -> u64, q: f64| {
+            let mut cs: Vec<&TieCounts> = by.values().collect();
+            // The largest excess over the honest rate first.
+            let excess = |c: &TieCounts| count(c) as f64 - c.tokens as f64 * q;
+            cs.sort_by(|a, b| excess(b).total_cmp(&excess(a)));
+            let kept = &cs[leave_out..];
+            let n = kept.iter().map(|c| c.tokens).sum::<u64>();
+            (n, kept.iter().map(|c| count(c)).sum::<u64>(), q)
         };
-        let total = self.counts(provider);
-        by.values()
-            .map(|c| total.minus(c).honest_tail())
-            .fold(if by.len() < 2 { 1.0 } else { 0.0 }, f64::max)
+        Some([
+            rest(|c| c.near_ties, CROSS_BUILD_NEAR_TIE_RATE),
+            rest(|c| c.wide, CROSS_BUILD_WIDE_NEAR_TIE_RATE),
+        ])
     }
 
-    /// Whether `provider`'s near ties convict it.
+    /// How probable `provider`'s record is for an honest node, the more suspicious of its two
+    /// counts, once the checkers that weigh most against it are left out (1 with fewer than
+    /// two checkers).
+    pub fn honest_tail(&self, provider: &P) -> f64 {
+        self.trimmed(provider).map_or(1.0, |counts| {
+            counts
+                .iter()
+                .map(|&(n, k, q)| binomial_tail(n, k, q))
+                .fold(1.0, f64::min)
+        })
+    }
+
+    /// Whether `provider`'s near ties convict it. The exact tail is summed only where a
+    /// lower bound on it (method of types: `P[X >= k] >= exp(-n KL(k/n, q)) / (n + 1)`) does
+    /// not already clear the threshold: a verdict runs under the gateway's audit lock.
     pub fn convicts(&self, provider: &P) -> bool {
-        self.honest_tail(provider) < CONVICTION_TAIL
+        let Some(counts) = self.trimmed(provider) else {
+            return false;
+        };
+        counts.iter().any(|&(n, k, q)| {
+            let a = k as f64 / n.max(1) as f64;
+            if a <= q {
+                return false;
+            }
+            let kl = a * (a / q).ln()
+                + if a < 1.0 {
+                    (1.0 - a) * ((1.0 - a) / (1.0 - q)).ln()
+                } else {
+                    0.0
+                };
+            let lower = (-(n as f64) * kl).exp() / (n as f64 + 1.0);
+            lower < CONVICTION_TAIL && binomial_tail(n, k, q) < CONVICTION_TAIL
+        })
+    }
+
+    /// Drops everything recorded of `peer`, as a provider and as a checker (a convicted node:
+    /// it is no longer routed to, and what it reported of others is not evidence).
+    pub fn forget(&mut self, peer: &P) {
+        self.providers.remove(peer);
+        for by in self.providers.values_mut() {
+            by.remove(peer);
+        }
     }
 }
 
@@ -171,21 +208,26 @@ mod tests {
         (u < r.near, u < r.wide)
     }
 
-    /// Tokens until `rates[provider]` is convicted, checked by the other nodes in turn (a
-    /// node checked by a cheater is observed at the cheater's rate: its draw is off by the
-    /// cheater's picks); `None` when not within `tokens`.
-    fn run(rates: &[Rates], provider: usize, tokens: u64, seed: u64) -> Option<u64> {
+    /// Tokens until `rates[provider]` is convicted, checked by the other nodes in turn, each
+    /// observed at the provider's rates, except that a checker in `framers` reports a wide
+    /// near tie for every token; `None` when not within `tokens`.
+    fn run(
+        rates: &[Rates],
+        provider: usize,
+        framers: &[usize],
+        tokens: u64,
+        seed: u64,
+    ) -> Option<u64> {
         let mut rng = CounterRng::new(seed, Stream::Audit, 7);
         let mut book = TieBook::default();
         let n = rates.len();
         for t in 0..tokens {
             let checker = (provider + 1 + (t as usize % (n - 1))) % n;
-            let worse = if rates[checker].near > rates[provider].near {
-                rates[checker]
+            let (near, wide) = if framers.contains(&checker) {
+                (true, true)
             } else {
-                rates[provider]
+                observe(&mut rng, rates[provider])
             };
-            let (near, wide) = observe(&mut rng, worse);
             if book.record(provider, checker, near, wide) {
                 return Some(t + 1);
             }
@@ -196,18 +238,12 @@ mod tests {
     #[test]
     fn honest_providers_are_never_convicted() {
         for seed in 0..20 {
-            assert_eq!(run(&[HONEST; 4], 0, 10_000, seed), None, "seed {seed}");
+            assert_eq!(run(&[HONEST; 4], 0, &[], 10_000, seed), None, "seed {seed}");
         }
-        // Nor when one of their checkers picks (its draws differ from theirs as often).
-        let picker = Rates {
-            near: 0.35,
-            wide: 0.15,
-        };
+        // Nor when a minority of their checkers frames them: one of three, two of five.
         for seed in 0..4 {
-            assert_eq!(
-                run(&[HONEST, picker, HONEST, HONEST], 0, 10_000, seed),
-                None
-            );
+            assert_eq!(run(&[HONEST; 4], 0, &[1], 10_000, seed), None);
+            assert_eq!(run(&[HONEST; 6], 0, &[2, 4], 10_000, seed), None);
         }
     }
 
@@ -215,14 +251,15 @@ mod tests {
     fn a_provider_that_picks_its_near_ties_is_convicted() {
         // Taking its own second choice wherever it is within 0.5 nats of its top, as measured
         // in tests/cross_build.rs: 60 deviations in 288 tokens, 26 narrow near ties, 18 wide,
-        // 14 misses; with the 20 honest flips, 64 near ties (0.22 per token), 19 wide (0.066).
+        // 14 misses, 2 the checker's own token; with the honest near ties (16, 1 wide), about
+        // 0.21 near ties and 0.066 wide ones per token (0.22 here, erring high).
         let picker = Rates {
             near: 0.22,
             wide: 0.066,
         };
         let mut took: Vec<u64> = (0..20)
             .map(|seed| {
-                run(&[picker, HONEST, HONEST, HONEST], 0, 10_000, seed)
+                run(&[picker, HONEST, HONEST, HONEST], 0, &[], 10_000, seed)
                     .unwrap_or_else(|| panic!("seed {seed}: the picker was not convicted"))
             })
             .collect();
@@ -235,7 +272,10 @@ mod tests {
             near: 0.12,
             wide: 0.0035,
         };
-        assert_eq!(run(&[narrow, HONEST, HONEST, HONEST], 0, 10_000, 1), None);
+        assert_eq!(
+            run(&[narrow, HONEST, HONEST, HONEST], 0, &[], 10_000, 1),
+            None
+        );
     }
 
     #[test]
@@ -263,6 +303,24 @@ mod tests {
         // A second checker that sees the same makes it conclusive.
         let convicted = (0..100).any(|_| one.record(5u32, 7, true, true));
         assert!(convicted);
+    }
+
+    #[test]
+    fn a_convicted_node_is_forgotten_as_provider_and_as_checker() {
+        let mut book = TieBook::default();
+        book.record(1u32, 2, true, true);
+        book.record(3, 1, true, false);
+        book.record(3, 2, false, false);
+        book.forget(&1);
+        assert_eq!(book.counts(&1), TieCounts::default());
+        assert_eq!(
+            book.counts(&3),
+            TieCounts {
+                tokens: 1,
+                near_ties: 0,
+                wide: 0
+            }
+        );
     }
 
     #[test]

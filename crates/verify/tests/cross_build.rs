@@ -106,7 +106,9 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
     // log-probability is within 2 x NEAR_TIE_NATS of its top (deviations, admitted narrowly,
     // widely, missed).
     let (mut flip_slack, mut honest_wide, mut second_wide) = (Vec::new(), 0u64, 0u64);
-    let mut picker = [0u64; 4];
+    let mut honest_near = 0u64;
+    // deviations, narrow near ties, wide ones, misses, the checker's own token
+    let mut picker = [0u64; 5];
     let mut scores: Vec<Vec<f32>> = vec![Vec::new(); chain.len()];
     for (i, prompt) in prompts(&files).iter().enumerate() {
         prompt_lens.push(prompt.len());
@@ -196,7 +198,8 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
                         draw: Some(draw.clone()),
                     });
                     flips += u64::from(tokens.0 != tokens.1);
-                    flips_admitted += c.near_ties;
+                    flips_admitted += u64::from(tokens.0 != tokens.1 && c.agrees());
+                    honest_near += c.near_ties;
                     honest_wide += c.wide_near_ties;
                     if tokens.0 != tokens.1 {
                         flip_slack.extend(draw.slack_needed(tokens.0));
@@ -210,7 +213,7 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
                     {
                         picker[0] += 1;
                         match draw.judge(second) {
-                            plexus_verify::near_tie::Judgement::Same => {}
+                            plexus_verify::near_tie::Judgement::Same => picker[4] += 1,
                             plexus_verify::near_tie::Judgement::NearTie
                                 if draw.is_wide_near_tie(second) =>
                             {
@@ -312,9 +315,10 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
     let tokens = token_cmp.comparisons;
     eprintln!(
         "near ties as evidence (crate::ties): honest flips need slack {flip_slack:?} nats; \
-         honest near ties {flips_admitted} of {tokens} tokens, wide (over {} nats) {honest_wide}; \
-         second choices admitted widely {second_wide} of {}; a picker (its own second choice \
-         within {} nats of its top) deviated on {} tokens: {} narrow near ties, {} wide, {} missed",
+         honest near ties (flips its numbers do not give as reported) {honest_near} of {tokens} \
+         tokens, wide (over {} nats) {honest_wide}; second choices admitted widely {second_wide} \
+         of {}; a picker (its own second choice within {} nats of its top) deviated on {} tokens: \
+         {} narrow near ties, {} wide, {} missed, {} the checker's own token",
         plexus_verify::near_tie::NARROW_NEAR_TIE_NATS,
         probes[1].1,
         2.0 * plexus_verify::near_tie::NEAR_TIE_NATS,
@@ -322,12 +326,13 @@ fn honest_builds_that_differ_stay_inside_the_cross_build_band() {
         picker[1],
         picker[2],
         picker[3],
+        picker[4],
     );
     let rate_of = |k: u64| k as f64 / tokens.max(1) as f64;
     assert!(
-        rate_of(flips_admitted) <= plexus_verify::ties::CROSS_BUILD_NEAR_TIE_RATE / 1.5
+        rate_of(honest_near) <= plexus_verify::ties::CROSS_BUILD_NEAR_TIE_RATE / 1.5
             && rate_of(honest_wide) <= plexus_verify::ties::CROSS_BUILD_WIDE_NEAR_TIE_RATE / 1.5,
-        "honest near ties {flips_admitted} (wide {honest_wide}) of {tokens}: the assumed rates \
+        "honest near ties {honest_near} (wide {honest_wide}) of {tokens}: the assumed rates \
          leave too little margin"
     );
     assert!(
