@@ -686,8 +686,8 @@ impl NetTransport {
                     book.on_cross_check(peer, token, false);
                     book.on_cross_check(auditor, token, false);
                     if token && book.on_token_tie(peer, auditor, &check) {
+                        let counts = book.tie_counts(&peer);
                         drop(book);
-                        let counts = self.client.book().tie_counts(&peer);
                         warn!(%peer, tokens = counts.tokens, near_ties = counts.near_ties, wide = counts.wide, "cross-build audits: this last stage's near ties are improbable for an honest node");
                         m.audit_near_tie_convictions.fetch_add(1, Ordering::Relaxed);
                         self.convict(peer, auditor, &[]);

@@ -33,7 +33,10 @@ def main():
     url, key, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     max_tokens = int(sys.argv[5]) if len(sys.argv) > 5 else 24
-    vary = len(sys.argv) > 6 and sys.argv[6] == "vary"
+    mode = sys.argv[6] if len(sys.argv) > 6 else "same"
+    if mode not in ("same", "vary"):
+        sys.exit(f"unknown question mode {mode!r}: same or vary")
+    vary = mode == "vary"
     system = (
         "You are a careful assistant. Answer in plain English, in short paragraphs, with "
         "concrete examples, and say when you are unsure. "
