@@ -5,7 +5,8 @@
 //!
 //! `--runs "H:CODEC ..."` runs several DiLoCo settings against one synchronous run in the same
 //! process (it is a pure function of seed, steps and batch, so it would come out bit-identical
-//! each time) and prints one JSON object per setting, one per line.
+//! each time) and prints one JSON object per setting, one per line. A setting may name its own
+//! outer step after `@` as LR:MOMENTUM (`"100:f32@1.0:0.5"`; momentum 0 is plain SGD).
 //!
 //! Bytes are payload bytes each worker sends (sync: its f32 gradient every step; DiLoCo: its
 //! encoded pseudo-gradient every round), counted from the encoded buffers. The modelled wall
@@ -67,6 +68,26 @@ struct Setting {
     inner_steps: u32,
     codec: Codec,
     name: String,
+    /// The outer step's learning rate and momentum, when the setting names them.
+    outer: Option<(f32, f32)>,
+}
+
+/// `LR:MOMENTUM` after a setting's `@`: both finite, the rate positive, the momentum in [0, 1).
+fn parse_outer(run: &str, s: &str) -> anyhow::Result<(f32, f32)> {
+    let (lr, m) = s
+        .split_once(':')
+        .with_context(|| format!("--runs {run:?}: expected @LR:MOMENTUM after the codec"))?;
+    let lr = lr
+        .parse::<f32>()
+        .with_context(|| format!("--runs {run:?}: outer LR is not a number"))?;
+    let m = m
+        .parse::<f32>()
+        .with_context(|| format!("--runs {run:?}: outer momentum is not a number"))?;
+    anyhow::ensure!(
+        lr.is_finite() && lr > 0.0 && (0.0..1.0).contains(&m),
+        "--runs {run:?}: the outer LR must be > 0 and the momentum in [0, 1)"
+    );
+    Ok((lr, m))
 }
 
 /// `--runs "10:f32 30:sparse"` or `--inner-steps` / `--codec` (not both).
@@ -76,6 +97,7 @@ fn settings(a: &BenchTrainArgs) -> anyhow::Result<Vec<Setting>> {
             inner_steps: h,
             codec: c.parse().with_context(|| format!("--codec {c}"))?,
             name: c.to_string(),
+            outer: None,
         })
     };
     let Some(runs) = &a.runs else {
@@ -98,7 +120,17 @@ fn settings(a: &BenchTrainArgs) -> anyhow::Result<Vec<Setting>> {
             let h = h
                 .parse::<u32>()
                 .with_context(|| format!("--runs {r:?}: H is not a number"))?;
-            one(h, c)
+            let Some((c, outer)) = c.split_once('@') else {
+                return one(h, c);
+            };
+            anyhow::ensure!(
+                a.outer_lr.is_none() && a.outer_momentum.is_none(),
+                "--runs {r:?} names its outer step: drop --outer-lr and --outer-momentum"
+            );
+            Ok(Setting {
+                outer: Some(parse_outer(r, outer)?),
+                ..one(h, c)?
+            })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(!out.is_empty(), "--runs is empty");
@@ -128,8 +160,10 @@ pub fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
     };
     let config = |s: &Setting| -> anyhow::Result<RoundConfig> {
         let sparse = matches!(s.codec, Codec::Sparse { .. });
-        let outer_lr = a.outer_lr.unwrap_or(if sparse { 1.0 } else { 0.7 });
-        let momentum = a.outer_momentum.unwrap_or(if sparse { 0.0 } else { 0.9 });
+        let (outer_lr, momentum) = s.outer.unwrap_or((
+            a.outer_lr.unwrap_or(if sparse { 1.0 } else { 0.7 }),
+            a.outer_momentum.unwrap_or(if sparse { 0.0 } else { 0.9 }),
+        ));
         let outer = if momentum == 0.0 {
             OuterConfig::Sgd { lr: outer_lr }
         } else {
@@ -309,9 +343,10 @@ fn run_all<D: LocalData>(
             .context("DiLoCo run failed")
         })?;
         eprintln!(
-            "diloco H={} {} | held-out loss {:.4} | exact match {} | {} bytes per worker | {:.0}s",
+            "diloco H={} {} {:?} | held-out loss {:.4} | exact match {} | {} bytes per worker | {:.0}s",
             s.inner_steps,
             s.codec,
+            cfg.outer,
             diloco.value.loss,
             pct(diloco.value.accuracy),
             diloco.value.bytes_per_worker,
@@ -358,4 +393,18 @@ fn run_all<D: LocalData>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_outer;
+
+    #[test]
+    fn a_settings_outer_step_is_parsed_and_bad_ones_are_refused() {
+        assert_eq!(parse_outer("r", "1.0:0.5").unwrap(), (1.0, 0.5));
+        assert_eq!(parse_outer("r", "0.7:0").unwrap(), (0.7, 0.0));
+        for bad in ["1.0", "x:0.5", "1.0:y", "0:0.5", "-1:0.5", "1.0:1.0", "nan:0.5", "1:-0.1"] {
+            assert!(parse_outer("r", bad).is_err(), "{bad} accepted");
+        }
+    }
 }
