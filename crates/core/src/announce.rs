@@ -47,6 +47,8 @@ pub mod limits {
     pub const MAX_KV_POSITIONS: u32 = 1 << 28;
     /// Peers' speeds one announcement reports as measured.
     pub const MAX_OBSERVATIONS: usize = 64;
+    /// Convicted peers one announcement lists.
+    pub const MAX_VERDICTS: usize = 256;
 }
 
 /// One model a node serves: which layers, how fast.
@@ -74,6 +76,10 @@ pub struct ModelOffer {
     /// [`limits::MAX_KV_POSITIONS`], free at most all.
     pub kv_positions: u32,
     pub kv_free_positions: u32,
+    /// Layers of this model the node loads besides its span to check other nodes' work: an
+    /// audit of a span nobody else serves goes to a node that loads it for the audit (0: the
+    /// node checks no other span). At most `num_layers`.
+    pub check_layers: u32,
 }
 
 /// What a node publishes about itself.
@@ -106,8 +112,12 @@ pub struct Announcement {
     pub models: Vec<ModelOffer>,
     /// The decode speeds this node measured of peers serving its model (placement's input:
     /// a peer's announced speed is a claim, these are the measurements that check it; see
-    /// `plexus_node::probe`). At most [`limits::MAX_OBSERVATIONS`]. Appended last.
+    /// `plexus_node::probe`). At most [`limits::MAX_OBSERVATIONS`].
     pub observed: Vec<Observation>,
+    /// Peers the announcer convicted by audit (a gateway's verdicts, newest last): nodes that
+    /// trust the announcer's verdicts plan placement without them. At most
+    /// [`limits::MAX_VERDICTS`]. Appended last.
+    pub convicted: Vec<String>,
 }
 
 /// One peer's decode speed on one model, as the announcing node measured it (stage calls it
@@ -230,6 +240,9 @@ impl Announcement {
             if o.kv_positions > MAX_KV_POSITIONS || o.kv_free_positions > o.kv_positions {
                 return Err(bad("kv positions", (o.kv_free_positions, o.kv_positions)));
             }
+            if o.check_layers > o.num_layers {
+                return Err(bad("check_layers", (o.check_layers, o.num_layers)));
+            }
         }
         if self.observed.len() > MAX_OBSERVATIONS {
             return Err(bad("observation count", self.observed.len()));
@@ -244,6 +257,12 @@ impl Announcement {
             if o.layers == 0 || o.layers > MAX_LAYERS {
                 return Err(bad("observed layers", o.layers));
             }
+        }
+        if self.convicted.len() > MAX_VERDICTS {
+            return Err(bad("convicted count", self.convicted.len()));
+        }
+        if let Some(p) = self.convicted.iter().find(|p| p.parse::<PeerId>().is_err()) {
+            return Err(bad("convicted peer", p));
         }
         Ok(())
     }
@@ -329,6 +348,7 @@ mod tests {
                 layer_bytes: 3 << 20,
                 kv_positions: 100_000,
                 kv_free_positions: 60_000,
+                check_layers: 30,
             }],
             observed: vec![Observation {
                 peer: NodeKey::generate().peer_id().to_string(),
@@ -336,6 +356,7 @@ mod tests {
                 decode_s_per_layer: 2e-4,
                 layers: 10,
             }],
+            convicted: vec![NodeKey::generate().peer_id().to_string()],
         }
     }
 
@@ -442,6 +463,21 @@ mod tests {
                 Box::new(|a| {
                     let o = a.observed[0].clone();
                     a.observed = vec![o; limits::MAX_OBSERVATIONS + 1];
+                }),
+            ),
+            (
+                "checks more layers than the model has",
+                Box::new(|a| a.models[0].check_layers = 31),
+            ),
+            (
+                "convicted peer not a peer id",
+                Box::new(|a| a.convicted[0] = "someone".into()),
+            ),
+            (
+                "too many verdicts",
+                Box::new(|a| {
+                    let c = a.convicted[0].clone();
+                    a.convicted = vec![c; limits::MAX_VERDICTS + 1];
                 }),
             ),
             (

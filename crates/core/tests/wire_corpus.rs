@@ -171,6 +171,7 @@ fn announcement() -> Vec<u8> {
             layer_bytes: 1 << 20,
             kv_positions: 100_000,
             kv_free_positions: 90_000,
+            check_layers: 2,
         }],
         observed: vec![Observation {
             peer: NodeKey::from_secret([8; 32]).unwrap().peer_id().to_string(),
@@ -178,6 +179,7 @@ fn announcement() -> Vec<u8> {
             decode_s_per_layer: 2e-4,
             layers: 2,
         }],
+        convicted: vec![NodeKey::from_secret([9; 32]).unwrap().peer_id().to_string()],
     }
     .sign(&key)
     .encode()

@@ -416,6 +416,9 @@ const MAX_RECORDS: usize = 4096;
 #[derive(Debug, Default)]
 pub struct AuditBook {
     convicted: BTreeSet<PeerId>,
+    /// The latest convictions, oldest first (at most `MAX_VERDICTS`): what the gateway
+    /// announces ([`Self::verdicts`]).
+    recent: std::collections::VecDeque<PeerId>,
     records: BTreeMap<PeerId, Record>,
     stakes: HashMap<Address, u64>,
     /// Cross-build comparisons of each node's answers and the misses referees confirmed, per
@@ -428,6 +431,13 @@ pub struct AuditBook {
 impl AuditBook {
     pub fn is_convicted(&self, peer: &PeerId) -> bool {
         self.convicted.contains(peer)
+    }
+
+    /// The latest peers convicted, oldest first, at most
+    /// [`plexus_core::announce::limits::MAX_VERDICTS`]: the gateway announces them, and nodes
+    /// that trust its verdicts plan placement without them.
+    pub fn verdicts(&self) -> Vec<PeerId> {
+        self.recent.iter().copied().collect()
     }
 
     /// The published reputation ([`Record::score`], [`crate::reputation`]) of `peer`, with
@@ -481,6 +491,12 @@ impl AuditBook {
     pub fn convict(&mut self, peer: PeerId) {
         if self.convicted.len() < MAX_RECORDS {
             self.convicted.insert(peer);
+        }
+        if !self.recent.contains(&peer) {
+            if self.recent.len() >= plexus_core::announce::limits::MAX_VERDICTS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(peer);
         }
         self.entry(peer).convicted = true;
         // What it reported of others as a checker is no longer evidence.
@@ -574,6 +590,51 @@ fn same_span(
         })
         .map(|(p, _, _)| p)
         .collect()
+}
+
+/// Nodes of `model` (on build `version` when given, none of `not`) that load other spans to
+/// check them (`ModelOffer::check_layers`) and can hold `start..end`, not serving it
+/// themselves: who checks a span that nobody else serves.
+fn span_checkers(
+    dir: &Directory,
+    model: &Digest,
+    start: u32,
+    end: u32,
+    version: Option<&str>,
+    not: &[PeerId],
+) -> Vec<PeerId> {
+    dir.offers(model)
+        .into_iter()
+        .filter(|(p, a, o)| {
+            (o.start, o.end) != (start, end)
+                && o.check_layers >= end.saturating_sub(start)
+                && version.is_none_or(|v| a.version == v)
+                && !not.contains(p)
+        })
+        .map(|(p, _, _)| p)
+        .collect()
+}
+
+/// Who may check `start..end`: the nodes serving that span; when there are fewer than
+/// `wanted` of them, nodes that load it to check it as well (so a span with a single server
+/// is audited too).
+fn checkers(
+    dir: &Directory,
+    model: &Digest,
+    (start, end): (u32, u32),
+    version: Option<&str>,
+    not: &[PeerId],
+    wanted: usize,
+) -> Vec<PeerId> {
+    let mut out = same_span(dir, model, start, end, version, not);
+    if out.len() < wanted {
+        for p in span_checkers(dir, model, start, end, version, not) {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 /// Whether an answer is a sampled token (a last stage's) rather than activation rows.
@@ -766,7 +827,7 @@ impl NetTransport {
         // provider cannot escape audits by announcing a build nobody else runs.
         let book = self.client.book();
         let eligible = |version: Option<&str>| -> Vec<PeerId> {
-            same_span(&dir, &f.model, f.start, f.end, version, &[peer])
+            checkers(&dir, &f.model, (f.start, f.end), version, &[peer], 1)
                 .into_iter()
                 .filter(|p| !book.is_convicted(p))
                 .collect()
@@ -887,11 +948,18 @@ impl NetTransport {
         // On one build, referees of that build (exact votes); across builds, any build.
         let version = (!provider_answer.cross_build(auditor_answer))
             .then_some(provider_answer.version.as_str());
-        let candidates: Vec<PeerId> =
-            same_span(&dir, &f.model, f.start, f.end, version, &[peer, auditor])
-                .into_iter()
-                .filter(|p| !book.is_convicted(p))
-                .collect();
+        let wanted = self.client.config.audit.referees;
+        let candidates: Vec<PeerId> = checkers(
+            &dir,
+            &f.model,
+            (f.start, f.end),
+            version,
+            &[peer, auditor],
+            wanted,
+        )
+        .into_iter()
+        .filter(|p| !book.is_convicted(p))
+        .collect();
         drop(book);
         let referees = pick(
             &self.client.config.audit.key,

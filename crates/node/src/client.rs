@@ -10,7 +10,7 @@
 use crate::audit::ChainAudits;
 use crate::chain::{drive, CallFailed, Chain, ChainConfig, Transport};
 use crate::directory::Directory;
-use crate::discovery::DirectoryKeeper;
+use crate::discovery::{now_ms, DirectoryKeeper};
 use crate::metering::{check, ReceiptError, Usage};
 use crate::route::{best_route, price_s, Candidate, Hop};
 use crate::scoreboard::Scoreboard;
@@ -173,6 +173,50 @@ impl Links {
     }
 }
 
+/// How often a gateway that has convicted nodes announces them (its announcement lives
+/// [`VERDICTS_TTL`]: nodes trusting its verdicts forget them soon after it stops).
+pub const VERDICTS_EVERY: Duration = Duration::from_secs(2);
+pub const VERDICTS_TTL: Duration = Duration::from_secs(30);
+
+/// A gateway's announcement of its verdicts: no models, the peers it convicted (oldest
+/// first), its listen addresses.
+pub fn verdict_announcement(
+    key: &plexus_core::keys::NodeKey,
+    convicted: &[PeerId],
+    listen: &[plexus_net::Multiaddr],
+    now_ms: u64,
+) -> plexus_core::announce::Announcement {
+    use plexus_core::announce::limits;
+    plexus_core::announce::Announcement {
+        public_key: key.public().encode_protobuf(),
+        peer: key.peer_id().to_string(),
+        issued_at_ms: now_ms,
+        ttl_ms: VERDICTS_TTL.as_millis() as u64,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        addrs: listen
+            .iter()
+            .map(|a| a.to_string())
+            .filter(|a| a.len() <= limits::MAX_ADDR_CHARS)
+            .take(limits::MAX_ADDRS)
+            .collect(),
+        threads: 1,
+        free_memory: 0,
+        sessions: 0,
+        max_sessions: 0,
+        queue: 0,
+        price: 0,
+        models: Vec::new(),
+        observed: Vec::new(),
+        convicted: convicted
+            .iter()
+            .rev()
+            .take(limits::MAX_VERDICTS)
+            .rev()
+            .map(|p| p.to_string())
+            .collect(),
+    }
+}
+
 impl NetworkClient {
     /// Joins the network (on the current runtime) and starts tracking announcements.
     pub fn start(config: ClientConfig) -> Result<Self, StartNetError> {
@@ -180,8 +224,11 @@ impl NetworkClient {
         let (mut keeper, directory) = DirectoryKeeper::new(handle.clone());
         let links: Arc<Mutex<Links>> = Arc::default();
         let links_ = Arc::clone(&links);
+        let book: Arc<Mutex<crate::audit::AuditBook>> = Arc::default();
+        let (book_, handle_, key) = (Arc::clone(&book), handle.clone(), config.net.key.clone());
         tokio::spawn(async move {
             let mut prune = tokio::time::interval(Duration::from_secs(1));
+            let mut verdicts = tokio::time::interval(VERDICTS_EVERY);
             loop {
                 let flush_at = keeper.flush_at();
                 tokio::select! {
@@ -201,6 +248,16 @@ impl NetworkClient {
                     },
                     Some((peer, bytes)) = keeper.described.recv() => keeper.admit(&bytes, Some(peer)).await,
                     _ = prune.tick() => keeper.prune(),
+                    _ = verdicts.tick() => {
+                        let convicted = book_.lock().unwrap_or_else(|e| e.into_inner()).verdicts();
+                        if !convicted.is_empty() {
+                            let listen = handle_.listen_addrs().await;
+                            let a = verdict_announcement(&key, &convicted, &listen, now_ms());
+                            if let Err(e) = handle_.publish(a.sign(&key).encode()).await {
+                                tracing::debug!("verdicts not published: {e}");
+                            }
+                        }
+                    }
                 }
             }
         });
@@ -211,7 +268,7 @@ impl NetworkClient {
             config,
             metrics: Arc::new(ClientMetrics::default()),
             scores: Arc::default(),
-            book: Arc::default(),
+            book,
             links,
         })
     }
@@ -595,6 +652,15 @@ impl NetTransport {
             }
         };
         let mut committed = None;
+        // A node convicted while this generation ran (as provider of another hop) is paid
+        // nothing more in it, its answers as an auditor included.
+        let verdict = verdict.and_then(|account| {
+            if self.client.book().is_convicted(&peer) {
+                Err(ReceiptError::Convicted)
+            } else {
+                Ok(account)
+            }
+        });
         match (verdict, receipt) {
             (Ok(account), Some(r)) => {
                 self.usage.record(account, &r);

@@ -159,6 +159,7 @@ pub(crate) mod tests {
             price: 0,
             models: Vec::new(),
             observed: Vec::new(),
+            convicted: Vec::new(),
         }
     }
 

@@ -68,10 +68,18 @@ pub enum Work {
     /// Serve another span to new sessions from now on (placement moved this node); open
     /// sessions keep the stage they were opened on until they end or expire.
     Swap(Arc<Stage>),
+    /// Keep this stage (another span of the same model) to check other nodes' work with: new
+    /// sessions asking for its span open on it. At most [`MAX_CHECK_STAGES`] are kept, the
+    /// oldest dropped first (its open sessions go on with it).
+    Check(Arc<Stage>),
     /// Tests: make the engine thread panic.
     #[cfg(test)]
     Panic,
 }
+
+/// Stages of spans this node does not serve that the engine keeps for checks (audits of a
+/// span nobody else serves).
+pub const MAX_CHECK_STAGES: usize = 2;
 
 /// Limits of the engine.
 #[derive(Clone, Debug)]
@@ -216,9 +224,19 @@ impl EngineHandle {
     /// Hands the engine a new stage, waiting for room in the queue. Blocking: call it from a
     /// blocking thread. `Err` if the engine is gone, so the caller must not announce the span.
     pub fn swap_blocking(&self, peer: PeerId, stage: Arc<Stage>) -> Result<(), SwapError> {
+        self.send_blocking(peer, Work::Swap(stage))
+    }
+
+    /// Hands the engine a stage to check another span with ([`Work::Check`]), waiting for
+    /// room in the queue. Blocking, as [`Self::swap_blocking`].
+    pub fn check_blocking(&self, peer: PeerId, stage: Arc<Stage>) -> Result<(), SwapError> {
+        self.send_blocking(peer, Work::Check(stage))
+    }
+
+    fn send_blocking(&self, peer: PeerId, work: Work) -> Result<(), SwapError> {
         let job = Job {
             peer,
-            work: Work::Swap(stage),
+            work,
             reply: None,
         };
         // Count before sending: the engine decrements when it takes the job.
@@ -296,6 +314,8 @@ impl Call {
 /// Owns the stage and the sessions; see the module docs.
 pub struct EngineActor {
     stage: Arc<Stage>,
+    /// Stages kept to check other spans with ([`Work::Check`]), oldest first.
+    checks: Vec<Arc<Stage>>,
     model: Digest,
     config: EngineConfig,
     sessions: HashMap<Key, Session>,
@@ -327,6 +347,7 @@ impl EngineActor {
         gauges.kv_budget.store(config.kv_budget, Ordering::Relaxed);
         let actor = EngineActor {
             stage,
+            checks: Vec::new(),
             model,
             budget: KvBudget::new(config.kv_budget),
             config,
@@ -361,6 +382,7 @@ impl EngineActor {
     pub(crate) fn local_with(stage: Arc<Stage>, model: Digest, config: EngineConfig) -> Self {
         EngineActor {
             stage,
+            checks: Vec::new(),
             model,
             budget: KvBudget::new(config.kv_budget),
             config,
@@ -546,6 +568,14 @@ impl EngineActor {
                 self.stage = stage;
                 Response::Closed
             }
+            Work::Check(stage) => {
+                self.checks.retain(|c| c.span() != stage.span());
+                if self.checks.len() >= MAX_CHECK_STAGES {
+                    self.checks.remove(0);
+                }
+                self.checks.push(stage);
+                Response::Closed
+            }
             #[cfg(test)]
             Work::Panic => panic!("injected engine failure"),
         };
@@ -611,10 +641,18 @@ impl EngineActor {
                 "chunk sizes must be positive and sum to the call's positions",
             ));
         }
-        // New sessions open on the current stage; open ones continue on their own.
+        // New sessions open on the current stage, or on a check stage of the span they ask
+        // for; open ones continue on their own.
+        let asked = (f.start as usize, f.end as usize);
         let stage = match self.sessions.get(&key) {
             Some(s) if f.position != 0 => Arc::clone(&s.stage),
-            _ => Arc::clone(&self.stage),
+            _ => self
+                .checks
+                .iter()
+                .find(|c| (c.span().start, c.span().end) == asked)
+                .filter(|_| (self.stage.span().start, self.stage.span().end) != asked)
+                .unwrap_or(&self.stage)
+                .clone(),
         };
         let span = stage.span();
         if f.model != self.model || f.start as usize != span.start || f.end as usize != span.end {
@@ -1252,6 +1290,48 @@ mod tests {
             reply_dtype: plexus_core::wire::DType::F32,
             all_rows: false,
             prompt_len: 0,
+        }
+    }
+
+    /// Issue 11: a node checks a span it does not serve (an audit of a span nobody else
+    /// serves) on a check stage: new sessions for that span open on it and compute what a
+    /// node serving the span computes; sessions of the served span are untouched, and a span
+    /// with no stage is still refused.
+    #[test]
+    fn a_check_stage_answers_new_sessions_of_its_span_as_a_server_of_it_would() {
+        let peer = PeerId::random();
+        let mut engine = EngineActor::local(layers(0, 2), Digest([0; 32]));
+        let mut server = EngineActor::local(layers(0, 1), Digest([0; 32]));
+        let mut whole = EngineActor::local(layers(0, 2), Digest([0; 32]));
+        let refused = engine.forward(peer, &call(1, 1, 0, &[1, 2, 3]));
+        assert!(
+            matches!(
+                refused,
+                Response::Error {
+                    code: ErrorCode::UnknownModel,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        engine.checks.push(layers(0, 1));
+        for (session, pos, tokens) in [(1, 0, &[1u32, 2, 3][..]), (1, 3, &[4][..])] {
+            let got = engine.forward(peer, &call(session, 1, pos, tokens));
+            let want = server.forward(peer, &call(session, 1, pos, tokens));
+            match (got, want) {
+                (Response::Hidden { hidden: a, .. }, Response::Hidden { hidden: b, .. }) => {
+                    assert_eq!(a, b, "the check computes what the span's server computes")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let got = engine.forward(peer, &call(2, 2, 0, &[1, 2]));
+        let want = whole.forward(peer, &call(2, 2, 0, &[1, 2]));
+        match (got, want) {
+            (Response::Hidden { hidden: a, .. }, Response::Hidden { hidden: b, .. }) => {
+                assert_eq!(a, b, "the served span is unchanged")
+            }
+            other => panic!("{other:?}"),
         }
     }
 

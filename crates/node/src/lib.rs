@@ -15,6 +15,7 @@
 pub mod audit;
 pub mod chain;
 pub mod cheat;
+pub mod checks;
 pub mod client;
 pub mod directory;
 pub mod discovery;

@@ -23,6 +23,8 @@ use std::collections::BTreeMap;
 pub enum ReceiptError {
     #[error("the answer carries no receipt")]
     Missing,
+    #[error("the node was convicted by audit")]
+    Convicted,
     #[error("the peer's key is not secp256k1 (it has no ledger account)")]
     NoAccount,
     #[error("the receipt's signature is malformed")]

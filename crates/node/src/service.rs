@@ -14,6 +14,7 @@
 //! on the event loop: about 2 ms per MB of activations plus ~0.1 ms, against the forward pass
 //! of those same positions on the engine thread.
 
+use crate::checks::{Checks, Hold};
 use crate::directory::Directory;
 use crate::discovery::{now_ms, DirectoryKeeper, DiscoveryCounters};
 use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, SubmitError, Work};
@@ -62,6 +63,12 @@ pub struct NodeConfig {
     /// Tests only: announce this decode speed (seconds per layer per token) instead of the
     /// measured one: a node lying about its speed, for placement's check ([`crate::probe`]).
     pub claim_decode_s_per_layer: Option<f64>,
+    /// Load spans this node does not serve to check other nodes' work (audits of spans
+    /// nobody else serves; see [`crate::checks`]), as many layers as free memory holds.
+    pub checks: bool,
+    /// Gateways whose verdicts this node trusts: peers they announce as convicted are left
+    /// out of placement (see `rebalance`).
+    pub trust_verdicts: Vec<PeerId>,
 }
 
 /// How long a node with automatic placement keeps its span at start-up while no plan has seen
@@ -108,6 +115,8 @@ impl NodeConfig {
             auto: None,
             vouchers: None,
             claim_decode_s_per_layer: None,
+            checks: true,
+            trust_verdicts: Vec::new(),
         }
     }
 }
@@ -190,6 +199,10 @@ pub struct Node {
     probing: usize,
     probed_tx: mpsc::Sender<(PeerId, ModelOffer, Result<f64, ProbeFailure>)>,
     probed: mpsc::Receiver<(PeerId, ModelOffer, Result<f64, ProbeFailure>)>,
+    /// Stages of other spans loaded to check other nodes' work, and calls waiting for them.
+    checks: Checks,
+    check_tx: mpsc::Sender<(LayerSpan, Result<(), String>)>,
+    check_done: mpsc::Receiver<(LayerSpan, Result<(), String>)>,
 }
 
 /// A finished load of a new span: the engine already serves it when `Ok`.
@@ -239,6 +252,16 @@ fn load(config: &NodeConfig) -> Result<Served, StartNodeError> {
         speed,
         layer_bytes,
     })
+}
+
+/// The peers that the gateways in `trusted` announce as convicted (while their
+/// announcements live).
+fn trusted_verdicts(dir: &Directory, trusted: &[PeerId]) -> std::collections::HashSet<PeerId> {
+    trusted
+        .iter()
+        .filter_map(|t| dir.get(t))
+        .flat_map(|a| a.convicted.iter().filter_map(|p| p.parse().ok()))
+        .collect()
 }
 
 /// The addresses to announce: relayed ones first (a node behind NAT is reached only through
@@ -303,6 +326,7 @@ impl Node {
         let (keeper, directory) = DirectoryKeeper::new(handle.clone());
         let (loaded_tx, loaded) = mpsc::channel(1);
         let (probed_tx, probed) = mpsc::channel(crate::probe::MAX_IN_FLIGHT);
+        let (check_tx, check_done) = mpsc::channel(1);
         // Collect the first listen addresses; keep any other early event for `run`.
         let mut listen = Vec::new();
         let mut early = Vec::new();
@@ -339,6 +363,9 @@ impl Node {
             probing: 0,
             probed_tx,
             probed,
+            checks: Checks::default(),
+            check_tx,
+            check_done,
         };
         node.current = node.announcement().sign(&node.config.net.key).encode();
         for e in early {
@@ -407,8 +434,97 @@ impl Node {
                 layer_bytes: self.served.layer_bytes,
                 kv_positions,
                 kv_free_positions,
+                check_layers: self.check_layers() as u32,
             }],
             observed: self.observed.clone(),
+            convicted: Vec::new(),
+        }
+    }
+
+    /// Layers of other spans this node loads to check them: as many as its free memory
+    /// holds (0 when checks are off).
+    fn check_layers(&self) -> usize {
+        if !self.config.checks {
+            return 0;
+        }
+        let layers = self.served.stage.config().num_layers;
+        let room = free_memory().unwrap_or(0) / self.served.layer_bytes.max(1);
+        room.min(layers as u64) as usize
+    }
+
+    /// Starts loading `span` to check with, off the event loop; the engine keeps it before
+    /// [`Self::on_check_loaded`] hears of it.
+    fn load_check(&self, span: LayerSpan) {
+        let files = Arc::clone(&self.served.files);
+        let engine = self.engine.clone();
+        let tx = self.check_tx.clone();
+        let me = self.peer_id();
+        info!(%span, "loading a span to check another node's work");
+        tokio::task::spawn_blocking(move || {
+            let result = files
+                .stage(Some(span), Mode::Infer)
+                .map_err(|e| e.to_string())
+                .and_then(|stage| {
+                    engine
+                        .check_blocking(me, Arc::new(stage))
+                        .map_err(|e| e.to_string())
+                });
+            let _ = tx.blocking_send((span, result));
+        });
+    }
+
+    /// A check stage loaded (or failed to): the calls that waited for it go to the engine (or
+    /// are refused), and the next span waited for starts loading.
+    async fn on_check_loaded(&mut self, span: LayerSpan, result: Result<(), String>) {
+        if let Err(e) = &result {
+            warn!(%span, "cannot load a span to check: {e}");
+        }
+        let (held, next) = self.checks.loaded(span, result.is_ok());
+        for h in held {
+            match &result {
+                Ok(()) => {
+                    self.draft(h.reply.id(), &h.forward);
+                    self.submit(h.peer, Work::Forward(h.forward), h.reply).await;
+                }
+                Err(e) => {
+                    let response = Response::Error {
+                        code: ErrorCode::Internal,
+                        message: format!("cannot load layers {span} to check them: {e}"),
+                    };
+                    self.handle.respond(h.reply, response).await;
+                }
+            }
+        }
+        if let Some(next) = next {
+            self.load_check(next);
+        }
+    }
+
+    /// Queues `work` on the engine, or answers at once why it cannot take it.
+    async fn submit(&mut self, peer: PeerId, work: Work, reply: plexus_net::Reply) {
+        let job = Job {
+            peer,
+            work,
+            reply: Some(reply),
+        };
+        let (job, code, message) = match self.engine.try_submit(job) {
+            Ok(()) => return,
+            Err(SubmitError::Full(job)) => (job, ErrorCode::Busy, "the engine queue is full"),
+            // Callers fail over on Internal; the event loop stops announcing this node at its
+            // next tick.
+            Err(SubmitError::Stopped(job)) => (job, ErrorCode::Internal, "the engine stopped"),
+        };
+        if let Some(reply) = job.reply {
+            self.drafts.remove(&reply.id());
+            self.handle
+                .respond(
+                    reply,
+                    Response::Error {
+                        code,
+                        message: message.into(),
+                    },
+                )
+                .await;
         }
     }
 
@@ -437,6 +553,27 @@ impl Node {
                         return;
                     }
                     Request::Forward(f) => {
+                        let stage = &self.served.stage;
+                        if let Some(span) = self.checks.needs_stage(
+                            &f,
+                            &self.served.model,
+                            stage.span(),
+                            stage.config().num_layers,
+                            self.check_layers(),
+                        ) {
+                            match self.checks.hold(peer, Box::new(f), reply, span) {
+                                Hold::Load(span) => self.load_check(span),
+                                Hold::Queued => {}
+                                Hold::Full(reply) => {
+                                    let response = Response::Error {
+                                        code: ErrorCode::Busy,
+                                        message: "too many checks wait for their layers".into(),
+                                    };
+                                    self.handle.respond(reply, response).await;
+                                }
+                            }
+                            return;
+                        }
                         self.draft(reply.id(), &f);
                         Work::Forward(Box::new(f))
                     }
@@ -473,34 +610,7 @@ impl Node {
                         return;
                     }
                 };
-                let job = Job {
-                    peer,
-                    work,
-                    reply: Some(reply),
-                };
-                let (job, code, message) = match self.engine.try_submit(job) {
-                    Ok(()) => return,
-                    Err(SubmitError::Full(job)) => {
-                        (job, ErrorCode::Busy, "the engine queue is full")
-                    }
-                    // Callers fail over on Internal; the event loop stops announcing this node
-                    // at its next tick.
-                    Err(SubmitError::Stopped(job)) => {
-                        (job, ErrorCode::Internal, "the engine stopped")
-                    }
-                };
-                if let Some(reply) = job.reply {
-                    self.drafts.remove(&reply.id());
-                    self.handle
-                        .respond(
-                            reply,
-                            Response::Error {
-                                code,
-                                message: message.into(),
-                            },
-                        )
-                        .await;
-                }
+                self.submit(peer, work, reply).await;
             }
             NetEvent::Announcement { source, data } => self.keeper.admit(&data, source).await,
             NetEvent::Connected(peer) => self.keeper.describe(peer),
@@ -575,8 +685,18 @@ impl Node {
                 .min(layers as u64) as usize
         };
         let model = self.served.model;
+        let convicted = trusted_verdicts(self.keeper.directory(), &self.config.trust_verdicts);
+        if convicted.contains(&me) {
+            // Nobody trusting the same gateways routes to this node or counts it: moving
+            // would only take layers from the nodes that replace it.
+            return;
+        }
         let (current, nodes, probed) = {
-            let offers = self.keeper.directory().offers(&model);
+            let mut offers = self.keeper.directory().offers(&model);
+            // Convicted nodes still announce their spans, but the gateways whose verdicts
+            // this node trusts never route to them: plan as if they were gone, so the layers
+            // they served alone are taken over.
+            offers.retain(|(p, _, _)| !convicted.contains(p));
             // A node's speed is its claim checked against what the others measured of it (this
             // node's own measurements as its last announcement told them): see `crate::probe`.
             let observed = observed_speeds(
@@ -783,6 +903,7 @@ impl Node {
                     self.keeper.admit(&bytes, Some(peer)).await;
                 }
                 Some(done) = self.loaded.recv() => self.on_loaded(done).await,
+                Some((span, result)) = self.check_done.recv() => self.on_check_loaded(span, result).await,
                 Some((peer, offer, result)) = self.probed.recv() => self.on_probed(peer, offer, result),
                 _ = replan.tick(), if self.config.auto.is_some() => self.rebalance().await,
                 _ = announce.tick() => {

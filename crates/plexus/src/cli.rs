@@ -612,6 +612,16 @@ pub struct NodeArgs {
     /// Exit when this process id is gone (used by `plexus up`).
     #[arg(long, hide = true)]
     pub parent_pid: Option<u32>,
+    /// Never load layers outside the served span to check other nodes' work (by default a
+    /// node checks, for the gateways' audits, spans that no other node serves, as many layers
+    /// as its free memory holds).
+    #[arg(long)]
+    pub no_checks: bool,
+    /// Trust this gateway's verdicts (its peer id; repeatable): nodes it announces as
+    /// convicted by audit are left out of placement, so the layers a convicted node served
+    /// alone are taken over by the others.
+    #[arg(long, value_name = "PEER")]
+    pub trust_verdicts: Vec<String>,
     /// Tests only: return wrong results (`random`, `noise` or `token`, see plexus_node::cheat), so
     /// audits can be tested against a real cheating process.
     #[arg(long, hide = true, value_name = "KIND")]

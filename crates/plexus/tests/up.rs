@@ -644,6 +644,73 @@ fn a_cheating_node_is_caught_excluded_and_slashed_while_streams_go_on_issue_11()
     assert_eq!(available + spent, 100_000_000 + stake / 4, "{client}");
 }
 
+/// Issue 11: `plexus up`'s default network, one node per span (three stages, no replica),
+/// every job audited, node 0 cheating (random activations, asking price 0) alone on layers
+/// 0..10. Before, no node shared its span, so it was never audited (`plexus_audits_unavailable`)
+/// and cheated unseen; and once a sole server was convicted, placement still counted it, so
+/// no honest node took its layers and every request waited for a route. Now the other nodes
+/// load 0..10 to audit and referee it, the gateway convicts and slashes it and announces the
+/// verdict, the nodes (trusting `plexus up`'s gateway) plan without it and take its layers
+/// over, and every stream completes with the honest text.
+#[test]
+fn a_cheater_alone_on_its_span_is_audited_convicted_and_its_layers_taken_over_issue_11() {
+    let cache = tempfile::tempdir().unwrap();
+    let Started {
+        up,
+        url,
+        key,
+        lines,
+        ..
+    } = start_up(
+        &[
+            "--nodes",
+            "3",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--node-price",
+            "20000",
+            "--node-stake",
+            "100PLX",
+            "--audit-probability",
+            "1",
+            "--audit-referees",
+            "1",
+            "--cheat",
+            "random",
+        ],
+        cache.path(),
+    );
+    assert!(
+        lines[0].contains("3 nodes") && lines[0].contains("0..10, 10..20, 20..30"),
+        "{lines:?}"
+    );
+    let texts = audited_streams(&url, &key, 4, 0);
+    assert!(
+        texts.len() == 4 && texts.iter().all(|t| *t == texts[0]) && !texts[0].is_empty(),
+        "{texts:?}"
+    );
+    let metrics = http_get(&url, "/metrics", &key);
+    let c = |name: &str| counter(&metrics, name);
+    eprintln!(
+        "audits {} (unavailable {}), calls passed {}, disputes {}, convictions {}, failovers {}",
+        c("plexus_audits"),
+        c("plexus_audits_unavailable"),
+        c("plexus_audit_calls_passed"),
+        c("plexus_audit_disputes"),
+        c("plexus_audit_convictions"),
+        c("plexus_chain_failovers"),
+    );
+    assert_eq!(c("plexus_audit_convictions"), 1, "{metrics}");
+    assert_eq!(c("plexus_audits_unavailable"), 0, "{metrics}");
+    assert!(c("plexus_audit_calls_passed") > 0, "{metrics}");
+    assert!(c("plexus_chain_failovers") >= 1, "{metrics}");
+    stop_up(up);
+    // The cheater (node 0) lost its stake; the honest nodes kept theirs.
+    assert_eq!(node_stakes(cache.path(), 3), [0, 100_000_000, 100_000_000]);
+}
+
 /// Runs `audit_client.py` (the official `openai` client): `n` greedy streams of the same chat
 /// with a system prompt of `repeats` sentences; the texts.
 fn audited_streams(url: &str, key: &str, n: usize, repeats: usize) -> Vec<String> {

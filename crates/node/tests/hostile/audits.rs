@@ -89,7 +89,8 @@ async fn caught(cheater_span: LayerSpan, other: LayerSpan, cheat: Cheat) {
             .await,
         );
     }
-    let rest = start_node(Some(other), |_| {}).await;
+    let rest_key = NodeKey::generate();
+    let rest = start_node(Some(other), |c| c.net.key = rest_key.clone()).await;
     let nodes = [&cheater, &honest[0], &honest[1], &rest];
     let client = auditing_client(&nodes);
     let runs = two_generations(&client, &nodes).await;
@@ -97,13 +98,21 @@ async fn caught(cheater_span: LayerSpan, other: LayerSpan, cheat: Cheat) {
     for (tokens, _) in &runs {
         assert_eq!(tokens, &want, "{cheat:?} at {cheater_span}");
     }
-    // The first generation met the cheater and convicted it, with an honest auditor as
-    // challenger; its work there is not paid.
+    // The first generation met the cheater and convicted it, with an honest node as
+    // challenger: the auditor of its span, or, when the cheater was drawn to check the other
+    // span (it loads spans it does not serve) and cheated there, that span's provider; its
+    // work there is not paid.
     let (_, usage) = &runs[0];
     assert_eq!(usage.convictions.len(), 1, "{usage:?}");
     let verdict = &usage.convictions[0];
     assert_eq!(verdict.offender, account(&keys[0]));
-    assert!(keys[1..].iter().any(|k| account(k) == verdict.challenger));
+    assert!(
+        keys[1..]
+            .iter()
+            .chain([&rest_key])
+            .any(|k| account(k) == verdict.challenger),
+        "{verdict:?}"
+    );
     assert!(verdict.colluders.is_empty());
     assert!(
         usage.providers.keys().all(|(a, _)| *a != account(&keys[0])),
@@ -167,6 +176,66 @@ async fn honest_replicas_audited_on_every_job_are_never_disputed_issue_11() {
         2 * 2 * want.len() as u64
     );
     for n in [a, b, c, d] {
+        n.stop().await;
+    }
+}
+
+/// Issue 11: a span with a single server used to go unaudited (no other node announced it, so
+/// every draw counted in `audits_unavailable`); `plexus up`'s default network, one node per
+/// span, audited nothing. Nodes now load spans they do not serve to check them
+/// (`NodeConfig::checks`, announced as `check_layers`): the cheater, alone on layers 0..1, is
+/// audited by a node serving other layers that loads 0..1 for the audit, the referee loads it
+/// too, and the generation fails over to the node holding the whole model, with the honest
+/// tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cheater_alone_on_its_span_is_audited_by_nodes_that_load_it_issue_11() {
+    let reference = Reference::load();
+    let key = NodeKey::generate();
+    let cheater = start_node(Some(LayerSpan::new(0, 1)), |c| {
+        c.net.key = key.clone();
+        c.engine.cheat = Some(Cheat::Random);
+    })
+    .await;
+    let last = start_node(Some(LayerSpan::new(1, 2)), |_| {}).await;
+    let whole = start_node(Some(LayerSpan::new(0, 2)), |c| c.price = 100).await;
+    let nodes = [&cheater, &last, &whole];
+    let client = auditing_client(&nodes);
+    let runs = two_generations(&client, &nodes).await;
+    let want = reference.generate(&greedy_request());
+    for (tokens, _) in &runs {
+        assert_eq!(tokens, &want);
+    }
+    let convictions: Vec<_> = runs.iter().flat_map(|(_, u)| &u.convictions).collect();
+    assert_eq!(convictions.len(), 1, "{convictions:?}");
+    assert_eq!(convictions[0].offender, account(&key));
+    assert!(client.book().is_convicted(&cheater.peer));
+    let m = client.metrics();
+    assert_eq!(m.audits_unavailable.load(Ordering::Relaxed), 0);
+    assert_eq!(m.audit_convictions.load(Ordering::Relaxed), 1);
+    assert!(m.audit_calls_passed.load(Ordering::Relaxed) > 0);
+    for n in [cheater, last, whole] {
+        n.stop().await;
+    }
+}
+
+/// A node started without checks announces none and is never asked to check another span:
+/// a sole server then goes unaudited, as the metric says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_checks_a_sole_server_is_counted_unaudited_issue_11() {
+    let reference = Reference::load();
+    let first = start_node(Some(LayerSpan::new(0, 1)), |c| c.checks = false).await;
+    let last = start_node(Some(LayerSpan::new(1, 2)), |c| c.checks = false).await;
+    let nodes = [&first, &last];
+    let client = auditing_client(&nodes);
+    let runs = two_generations(&client, &nodes).await;
+    let want = reference.generate(&greedy_request());
+    for (tokens, usage) in &runs {
+        assert_eq!(tokens, &want);
+        assert!(usage.convictions.is_empty(), "{usage:?}");
+    }
+    let m = client.metrics();
+    assert_eq!(m.audits_unavailable.load(Ordering::Relaxed), 4);
+    for n in [first, last] {
         n.stop().await;
     }
 }

@@ -30,6 +30,7 @@ async fn liar(model: plexus_core::Digest, width: usize) -> (PeerId, plexus_net::
         layer_bytes: 1,
         kv_positions: 100_000,
         kv_free_positions: 100_000,
+        check_layers: 0,
     }];
     tokio::spawn(async move {
         while let Some(e) = events.recv().await {

@@ -52,14 +52,18 @@ async fn each_provider_is_metered_by_its_signed_receipts() {
     let reference = Reference::load();
     let (k0, k1) = (NodeKey::generate(), NodeKey::generate());
     let (a0, a1) = (account(&k0), account(&k1));
+    // Without checks: each node would also audit the other's span (both stake nothing, so
+    // every job is drawn), and be paid for that work too; this test meters serving alone.
     let first = start_node(Some(LayerSpan::new(0, 1)), |c| {
         c.price = 100;
         c.net.key = k0.clone();
+        c.checks = false;
     })
     .await;
     let last = start_node(Some(LayerSpan::new(1, 2)), |c| {
         c.price = 3_000;
         c.net.key = k1.clone();
+        c.checks = false;
     })
     .await;
 
@@ -123,6 +127,7 @@ async fn inflating_liar(model: Digest) -> (NodeKey, PeerId, plexus_net::Multiadd
         layer_bytes: 1,
         kv_positions: 100_000,
         kv_free_positions: 100_000,
+        check_layers: 0,
     }];
     let me = key.clone();
     tokio::spawn(async move {

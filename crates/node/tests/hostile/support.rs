@@ -859,8 +859,10 @@ pub fn announcement(key: &NodeKey) -> Announcement {
             layer_bytes: 1,
             kv_positions: 100_000,
             kv_free_positions: 100_000,
+            check_layers: 0,
         }],
         observed: Vec::new(),
+        convicted: Vec::new(),
     }
 }
 

@@ -403,7 +403,9 @@ mod tests {
     fn a_settings_outer_step_is_parsed_and_bad_ones_are_refused() {
         assert_eq!(parse_outer("r", "1.0:0.5").unwrap(), (1.0, 0.5));
         assert_eq!(parse_outer("r", "0.7:0").unwrap(), (0.7, 0.0));
-        for bad in ["1.0", "x:0.5", "1.0:y", "0:0.5", "-1:0.5", "1.0:1.0", "nan:0.5", "1:-0.1"] {
+        for bad in [
+            "1.0", "x:0.5", "1.0:y", "0:0.5", "-1:0.5", "1.0:1.0", "nan:0.5", "1:-0.1",
+        ] {
             assert!(parse_outer("r", bad).is_err(), "{bad} accepted");
         }
     }

@@ -59,6 +59,15 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         );
     }
     config.claim_decode_s_per_layer = args.claim_decode_s_per_layer;
+    config.checks = !args.no_checks;
+    config.trust_verdicts = args
+        .trust_verdicts
+        .iter()
+        .map(|p| {
+            p.parse()
+                .with_context(|| format!("--trust-verdicts {p:?} is not a peer id"))
+        })
+        .collect::<anyhow::Result<_>>()?;
     config.auto = (auto || args.follow_placement).then(|| AutoPlacement {
         stages: args.stages,
         equal_speeds: args.plan_equal_speeds,

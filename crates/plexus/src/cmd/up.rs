@@ -79,6 +79,8 @@ struct NodeOptions {
     cheat: Option<plexus_node::cheat::Cheat>,
     /// Tests: this node's arithmetic (another build's; it then asks price 0 too).
     arithmetic: plexus_node::engine::Arithmetic,
+    /// The gateway whose verdicts the node trusts (`--trust-verdicts`): `plexus up`'s own.
+    trust: Option<plexus_net::PeerId>,
 }
 
 impl NodeOptions {
@@ -130,6 +132,9 @@ async fn start_node(
     }
     if let Some(t) = options.threads {
         cmd.arg("--threads").arg(t.to_string());
+    }
+    if let Some(gateway) = options.trust {
+        cmd.arg("--trust-verdicts").arg(gateway.to_string());
     }
     if let Some(stages) = options.follow {
         cmd.arg("--follow-placement")
@@ -248,12 +253,18 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         eprintln!("starting {} nodes for {}", spans.len(), model.display());
         let mut nodes: Vec<NodeProcess> = Vec::new();
         let result = async {
+            // The nodes trust the verdicts of the gateway started beside them: a node it
+            // convicts is left out of their placement, and its layers taken over.
+            let gateway = NodeKey::load_or_create(&gateway_key_path(&base))
+                .with_context(|| "cannot load the gateway key")?
+                .peer_id();
             let options = NodeOptions {
                 threads: args.threads,
                 follow: (!args.static_spans).then_some(stages),
                 price: args.node_price,
                 cheat: None,
                 arithmetic: plexus_node::engine::Arithmetic::Current,
+                trust: Some(gateway),
             };
             let first_options = NodeOptions {
                 cheat: args.cheat,
@@ -464,6 +475,11 @@ async fn stake_nodes(
     Ok(())
 }
 
+/// Where `plexus up` keeps its gateway's key.
+fn gateway_key_path(base: &Path) -> PathBuf {
+    base.join("gateway").join("node.key")
+}
+
 async fn serve(
     args: &UpArgs,
     model: &Path,
@@ -474,7 +490,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     // A persistent gateway key: it is the ledger account that opens escrows, so a restarted
     // `plexus up` finds (and releases) what a killed one left open.
-    let key_path = base.join("gateway").join("node.key");
+    let key_path = gateway_key_path(base);
     let key = NodeKey::load_or_create(&key_path)
         .with_context(|| format!("cannot load the gateway key {}", key_path.display()))?;
     let accounts =

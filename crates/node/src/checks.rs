@@ -1,0 +1,220 @@
+//! Checks of spans this node does not serve: an audit (or a dispute) of a span that no other
+//! node serves goes to a node that holds the model file and loads that span for it.
+//!
+//! ```text
+//! Forward for another span ─▶ Checks::needs_stage ─▶ held (Checks::hold)
+//!   first one held ─▶ load the span off the event loop ─▶ EngineHandle::check_blocking
+//!   loaded ─▶ Checks::loaded ─▶ the held calls go to the engine (new sessions open on it)
+//! ```
+//!
+//! The engine keeps at most [`MAX_CHECK_STAGES`] such stages, the oldest dropped first; this
+//! module mirrors which ones, so a call for a kept span goes straight to the engine. Calls
+//! wait here while their span loads, at most [`MAX_HELD`] at once (more are refused `Busy`:
+//! a peer cannot queue work without bound). Only a session's first call (position 0) needs
+//! the stage: later calls continue on the stage their session opened on.
+
+use crate::engine::MAX_CHECK_STAGES;
+use plexus_core::wire::Forward;
+use plexus_core::Digest;
+use plexus_model::LayerSpan;
+use plexus_net::{PeerId, Reply};
+
+/// Calls held while a check stage loads.
+pub const MAX_HELD: usize = 32;
+
+/// A call waiting for its span to load (`R`: where its answer goes).
+pub struct Held<R = Reply> {
+    pub peer: PeerId,
+    pub forward: Box<Forward>,
+    pub reply: R,
+    span: LayerSpan,
+}
+
+/// What became of a call [`Checks::hold`] was given.
+#[derive(Debug, PartialEq)]
+pub enum Hold<R = Reply> {
+    /// Held; load this span now (nothing else is loading).
+    Load(LayerSpan),
+    /// Held until the load under way finishes.
+    Queued,
+    /// Too many calls held: answer this one `Busy`.
+    Full(R),
+}
+
+/// The check stages of one node (see the module docs).
+pub struct Checks<R = Reply> {
+    /// Spans the engine keeps, oldest first (as the engine evicts them).
+    kept: Vec<LayerSpan>,
+    loading: Option<LayerSpan>,
+    held: Vec<Held<R>>,
+}
+
+impl<R> Default for Checks<R> {
+    fn default() -> Self {
+        Self {
+            kept: Vec::new(),
+            loading: None,
+            held: Vec::new(),
+        }
+    }
+}
+
+impl<R> Checks<R> {
+    /// The span `f` needs a check stage of, when it opens a session on a span of `model`
+    /// other than `served` that the engine does not keep and that fits in `capacity` layers
+    /// of a model of `layers` layers; `None` sends the call to the engine as it is (which
+    /// answers calls for unknown spans with an error).
+    pub fn needs_stage(
+        &self,
+        f: &Forward,
+        model: &Digest,
+        served: LayerSpan,
+        layers: usize,
+        capacity: usize,
+    ) -> Option<LayerSpan> {
+        let (start, end) = (f.start as usize, f.end as usize);
+        if &f.model != model || f.position != 0 || start >= end || end > layers {
+            return None;
+        }
+        let span = LayerSpan::new(start, end);
+        if span == served || span.len() > capacity || self.kept.contains(&span) {
+            return None;
+        }
+        Some(span)
+    }
+
+    /// Holds a call until `span` is loaded.
+    pub fn hold(
+        &mut self,
+        peer: PeerId,
+        forward: Box<Forward>,
+        reply: R,
+        span: LayerSpan,
+    ) -> Hold<R> {
+        if self.held.len() >= MAX_HELD {
+            return Hold::Full(reply);
+        }
+        self.held.push(Held {
+            peer,
+            forward,
+            reply,
+            span,
+        });
+        if self.loading.is_some() {
+            return Hold::Queued;
+        }
+        self.loading = Some(span);
+        Hold::Load(span)
+    }
+
+    /// The load of `span` finished (`ok`: the engine keeps it now). Returns the calls that
+    /// waited for it (to submit, or to refuse when the load failed) and the next span to
+    /// load, if calls wait for another.
+    pub fn loaded(&mut self, span: LayerSpan, ok: bool) -> (Vec<Held<R>>, Option<LayerSpan>) {
+        self.loading = None;
+        if ok {
+            self.kept.retain(|s| *s != span);
+            if self.kept.len() >= MAX_CHECK_STAGES {
+                self.kept.remove(0);
+            }
+            self.kept.push(span);
+        }
+        let (done, rest): (Vec<Held<R>>, Vec<Held<R>>) =
+            self.held.drain(..).partition(|h| h.span == span);
+        self.held = rest;
+        self.loading = self.held.first().map(|h| h.span);
+        (done, self.loading)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plexus_core::wire::{DType, SessionId};
+
+    fn call(start: u32, end: u32, position: u32) -> Forward {
+        Forward {
+            session: SessionId([1; 16]),
+            model: Digest([7; 32]),
+            start,
+            end,
+            position,
+            tokens: vec![1],
+            hidden: None,
+            chunks: Vec::new(),
+            sampling: None,
+            reply_dtype: DType::F32,
+            all_rows: false,
+            prompt_len: 0,
+        }
+    }
+
+    #[test]
+    fn only_a_new_session_of_another_span_that_fits_needs_a_check_stage() {
+        let checks = Checks::<u32>::default();
+        let model = Digest([7; 32]);
+        let served = LayerSpan::new(10, 20);
+        let needs = |f: &Forward, capacity| checks.needs_stage(f, &model, served, 30, capacity);
+        assert_eq!(needs(&call(0, 10, 0), 30), Some(LayerSpan::new(0, 10)));
+        assert_eq!(needs(&call(10, 20, 0), 30), None, "the served span");
+        assert_eq!(
+            needs(&call(0, 10, 5), 30),
+            None,
+            "a later call of a session"
+        );
+        assert_eq!(
+            needs(&call(0, 10, 0), 9),
+            None,
+            "more layers than it checks"
+        );
+        assert_eq!(needs(&call(0, 31, 0), 31), None, "past the model");
+        assert_eq!(needs(&call(5, 5, 0), 30), None, "empty");
+        let mut other = call(0, 10, 0);
+        other.model = Digest([8; 32]);
+        assert_eq!(needs(&other, 30), None, "another model");
+    }
+
+    #[test]
+    fn kept_spans_mirror_the_engine_and_the_oldest_goes_first() {
+        let mut checks = Checks::<u32>::default();
+        let model = Digest([7; 32]);
+        let served = LayerSpan::new(10, 20);
+        for (s, e) in [(0, 10), (20, 30), (0, 5)] {
+            checks.loading = Some(LayerSpan::new(s, e));
+            checks.loaded(LayerSpan::new(s, e), true);
+        }
+        assert_eq!(checks.kept.len(), MAX_CHECK_STAGES);
+        let needs = |c: &Checks<u32>, s, e| c.needs_stage(&call(s, e, 0), &model, served, 30, 30);
+        assert_eq!(
+            needs(&checks, 0, 10),
+            Some(LayerSpan::new(0, 10)),
+            "evicted"
+        );
+        assert_eq!(needs(&checks, 20, 30), None);
+        assert_eq!(needs(&checks, 0, 5), None);
+        // A failed load keeps nothing.
+        checks.loaded(LayerSpan::new(5, 10), false);
+        assert_eq!(needs(&checks, 5, 10), Some(LayerSpan::new(5, 10)));
+    }
+
+    #[test]
+    fn calls_wait_for_their_span_one_load_at_a_time_and_the_queue_is_bounded() {
+        let mut checks = Checks::<u32>::default();
+        let (a, b) = (LayerSpan::new(0, 10), LayerSpan::new(20, 30));
+        let peer = PeerId::random();
+        let f = || Box::new(call(0, 10, 0));
+        assert_eq!(checks.hold(peer, f(), 1, a), Hold::Load(a));
+        assert_eq!(checks.hold(peer, f(), 2, a), Hold::Queued);
+        assert_eq!(checks.hold(peer, f(), 3, b), Hold::Queued);
+        let (done, next) = checks.loaded(a, true);
+        assert_eq!(done.iter().map(|h| h.reply).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(next, Some(b), "the other span loads next");
+        let (done, next) = checks.loaded(b, false);
+        assert_eq!(done.iter().map(|h| h.reply).collect::<Vec<_>>(), [3]);
+        assert_eq!(next, None);
+        for i in 0..MAX_HELD as u32 {
+            assert_ne!(checks.hold(peer, f(), i, a), Hold::Full(i));
+        }
+        assert_eq!(checks.hold(peer, f(), 99, a), Hold::Full(99));
+    }
+}
