@@ -297,8 +297,12 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot read model {}", a.model.display()))?
             .clone();
         eprintln!(
-            "serving {} through the network (identity {})",
-            entry.id, entry.identity
+            "serving {} through the network (identity {}); gateway peer {} (nodes trust its \
+             audit verdicts with --trust-verdicts {})",
+            entry.id,
+            entry.identity,
+            client.handle().peer_id(),
+            client.handle().peer_id()
         );
         listen_and_serve(&a, Arc::new(backend), Some(client), &entry.id).await
     })?;
