@@ -615,21 +615,23 @@ fn span_checkers(
         .collect()
 }
 
-/// Who may check `start..end`: the nodes serving that span; when there are fewer than
-/// `wanted` of them, nodes that load it to check it as well (so a span with a single server
-/// is audited too).
+/// Who may check `start..end`: the nodes serving that span that `ok` accepts; when there are
+/// fewer than `wanted` of them, nodes that load it to check it as well (so a span with a
+/// single server, or whose other servers were convicted, is audited too).
 fn checkers(
     dir: &Directory,
     model: &Digest,
     (start, end): (u32, u32),
     version: Option<&str>,
     not: &[PeerId],
+    ok: impl Fn(&PeerId) -> bool,
     wanted: usize,
 ) -> Vec<PeerId> {
     let mut out = same_span(dir, model, start, end, version, not);
+    out.retain(&ok);
     if out.len() < wanted {
         for p in span_checkers(dir, model, start, end, version, not) {
-            if !out.contains(&p) {
+            if ok(&p) && !out.contains(&p) {
                 out.push(p);
             }
         }
@@ -827,10 +829,15 @@ impl NetTransport {
         // provider cannot escape audits by announcing a build nobody else runs.
         let book = self.client.book();
         let eligible = |version: Option<&str>| -> Vec<PeerId> {
-            checkers(&dir, &f.model, (f.start, f.end), version, &[peer], 1)
-                .into_iter()
-                .filter(|p| !book.is_convicted(p))
-                .collect()
+            checkers(
+                &dir,
+                &f.model,
+                (f.start, f.end),
+                version,
+                &[peer],
+                |p| !book.is_convicted(p),
+                1,
+            )
         };
         let mut candidates = eligible(Some(&announcement.version));
         let cross_build = candidates.is_empty();
@@ -955,11 +962,9 @@ impl NetTransport {
             (f.start, f.end),
             version,
             &[peer, auditor],
+            |p| !book.is_convicted(p),
             wanted,
-        )
-        .into_iter()
-        .filter(|p| !book.is_convicted(p))
-        .collect();
+        );
         drop(book);
         let referees = pick(
             &self.client.config.audit.key,
@@ -1181,6 +1186,58 @@ impl NetTransport {
 mod tests {
     use super::*;
     use plexus_core::wire::DType;
+
+    /// Issue 11: who checks a span. Its other servers first; nodes that load spans to check
+    /// them when there are too few (a single server), counting only the ones `ok` accepts (a
+    /// convicted other server does not leave the span unaudited); never a node that announces
+    /// it checks nothing or fewer layers than the span has.
+    #[test]
+    fn a_span_is_checked_by_its_servers_then_by_nodes_that_load_it() {
+        use plexus_core::announce::ModelOffer;
+        use plexus_core::keys::NodeKey;
+        let model = Digest([3; 32]);
+        let mut dir = Directory::default();
+        let mut node = |start: u32, end: u32, check_layers: u32| {
+            let key = NodeKey::generate();
+            let mut a = crate::directory::tests::bare(&key, 1_000);
+            a.models.push(ModelOffer {
+                model,
+                name: "m".into(),
+                num_layers: 30,
+                start,
+                end,
+                hidden: 64,
+                decode_s_per_layer: 1e-3,
+                prefill_s_per_layer: 1e-4,
+                layer_bytes: 1 << 20,
+                kv_positions: 1000,
+                kv_free_positions: 1000,
+                check_layers,
+            });
+            dir.admit(&a.sign(&key).encode(), None, 1_000).unwrap();
+            key.peer_id()
+        };
+        let provider = node(0, 10, 30);
+        let replica = node(0, 10, 30);
+        let checker = node(10, 30, 30);
+        let no_checks = node(10, 30, 0);
+        let too_small = node(20, 30, 5);
+        let span = (0, 10);
+        let all = |_: &PeerId| true;
+        let got = |ok: &dyn Fn(&PeerId) -> bool, wanted| {
+            let mut v = checkers(&dir, &model, span, None, &[provider], ok, wanted);
+            v.sort();
+            v
+        };
+        assert_eq!(got(&all, 1), [replica]);
+        let mut both = vec![replica, checker];
+        both.sort();
+        assert_eq!(got(&all, 2), both);
+        let not_replica = |p: &PeerId| *p != replica;
+        assert_eq!(got(&not_replica, 1), [checker]);
+        assert!(!got(&all, 5).contains(&no_checks));
+        assert!(!got(&all, 5).contains(&too_small));
+    }
 
     /// An answer on build "v" committed to `c`.
     fn seen(c: [u8; 32]) -> Seen {

@@ -2,25 +2,32 @@
 //! node serves goes to a node that holds the model file and loads that span for it.
 //!
 //! ```text
-//! Forward for another span ─▶ Checks::needs_stage ─▶ held (Checks::hold)
+//! Forward opening a session on another span ─▶ Checks::needs_stage ─▶ held (Checks::hold)
 //!   first one held ─▶ load the span off the event loop ─▶ EngineHandle::check_blocking
 //!   loaded ─▶ Checks::loaded ─▶ the held calls go to the engine (new sessions open on it)
 //! ```
 //!
-//! The engine keeps at most [`MAX_CHECK_STAGES`] such stages, the oldest dropped first; this
-//! module mirrors which ones, so a call for a kept span goes straight to the engine. Calls
-//! wait here while their span loads, at most [`MAX_HELD`] at once (more are refused `Busy`:
-//! a peer cannot queue work without bound). Only a session's first call (position 0) needs
-//! the stage: later calls continue on the stage their session opened on.
+//! Any peer may send such a call (a node cannot tell a gateway from anyone else), so what it
+//! can cost is bounded: the engine keeps at most [`MAX_CHECK_STAGES`] check stages, the oldest
+//! dropped first together with the sessions opened on it (so evicted stages are not kept
+//! alive); loads start at most one per [`LOAD_EVERY`]; at most [`MAX_HELD`] calls wait for a
+//! load (more are refused `Busy`); and a span must fit in the layers the node announces it
+//! checks (`check_layers`: its free memory less its unused KV budget, shared by the stages it
+//! keeps). This module mirrors which spans the engine keeps, so a call for a kept span goes
+//! straight to the engine; only a session's first call (position 0) needs the stage.
 
 use crate::engine::MAX_CHECK_STAGES;
 use plexus_core::wire::Forward;
 use plexus_core::Digest;
 use plexus_model::LayerSpan;
 use plexus_net::{PeerId, Reply};
+use std::time::{Duration, Instant};
 
 /// Calls held while a check stage loads.
 pub const MAX_HELD: usize = 32;
+
+/// Least time between the starts of two loads.
+pub const LOAD_EVERY: Duration = Duration::from_secs(2);
 
 /// A call waiting for its span to load (`R`: where its answer goes).
 pub struct Held<R = Reply> {
@@ -33,8 +40,8 @@ pub struct Held<R = Reply> {
 /// What became of a call [`Checks::hold`] was given.
 #[derive(Debug, PartialEq)]
 pub enum Hold<R = Reply> {
-    /// Held; load this span now (nothing else is loading).
-    Load(LayerSpan),
+    /// Held; load this span after this long (nothing else is loading).
+    Load(LayerSpan, Duration),
     /// Held until the load under way finishes.
     Queued,
     /// Too many calls held: answer this one `Busy`.
@@ -47,6 +54,8 @@ pub struct Checks<R = Reply> {
     kept: Vec<LayerSpan>,
     loading: Option<LayerSpan>,
     held: Vec<Held<R>>,
+    /// When the latest load started (or is due to).
+    last_load: Option<Instant>,
 }
 
 impl<R> Default for Checks<R> {
@@ -55,6 +64,7 @@ impl<R> Default for Checks<R> {
             kept: Vec::new(),
             loading: None,
             held: Vec::new(),
+            last_load: None,
         }
     }
 }
@@ -83,13 +93,14 @@ impl<R> Checks<R> {
         Some(span)
     }
 
-    /// Holds a call until `span` is loaded.
+    /// Holds a call until `span` is loaded (`now`: the time of the call).
     pub fn hold(
         &mut self,
         peer: PeerId,
         forward: Box<Forward>,
         reply: R,
         span: LayerSpan,
+        now: Instant,
     ) -> Hold<R> {
         if self.held.len() >= MAX_HELD {
             return Hold::Full(reply);
@@ -103,14 +114,33 @@ impl<R> Checks<R> {
         if self.loading.is_some() {
             return Hold::Queued;
         }
+        Hold::Load(span, self.start(span, now))
+    }
+
+    /// Starts loading `span`: how long to wait first, so loads start [`LOAD_EVERY`] apart.
+    fn start(&mut self, span: LayerSpan, now: Instant) -> Duration {
+        let after = self.last_load.map_or(Duration::ZERO, |t| {
+            (t + LOAD_EVERY).saturating_duration_since(now)
+        });
+        self.last_load = Some(now + after);
         self.loading = Some(span);
-        Hold::Load(span)
+        // The engine drops its oldest check stage when this one arrives: from now on calls
+        // for that span wait for a load of their own rather than reach a stage about to go.
+        if !self.kept.contains(&span) && self.kept.len() >= MAX_CHECK_STAGES {
+            self.kept.remove(0);
+        }
+        after
     }
 
     /// The load of `span` finished (`ok`: the engine keeps it now). Returns the calls that
     /// waited for it (to submit, or to refuse when the load failed) and the next span to
-    /// load, if calls wait for another.
-    pub fn loaded(&mut self, span: LayerSpan, ok: bool) -> (Vec<Held<R>>, Option<LayerSpan>) {
+    /// load with the wait before it, if calls wait for another.
+    pub fn loaded(
+        &mut self,
+        span: LayerSpan,
+        ok: bool,
+        now: Instant,
+    ) -> (Vec<Held<R>>, Option<(LayerSpan, Duration)>) {
         self.loading = None;
         if ok {
             self.kept.retain(|s| *s != span);
@@ -122,8 +152,13 @@ impl<R> Checks<R> {
         let (done, rest): (Vec<Held<R>>, Vec<Held<R>>) =
             self.held.drain(..).partition(|h| h.span == span);
         self.held = rest;
-        self.loading = self.held.first().map(|h| h.span);
-        (done, self.loading)
+        let next = self.held.first().map(|h| h.span);
+        (done, next.map(|n| (n, self.start(n, now))))
+    }
+
+    /// The node now serves `span` (placement moved it): the engine drops a check stage of it.
+    pub fn serving(&mut self, span: LayerSpan) {
+        self.kept.retain(|s| *s != span);
     }
 }
 
@@ -179,9 +214,10 @@ mod tests {
         let mut checks = Checks::<u32>::default();
         let model = Digest([7; 32]);
         let served = LayerSpan::new(10, 20);
+        let t = Instant::now();
         for (s, e) in [(0, 10), (20, 30), (0, 5)] {
-            checks.loading = Some(LayerSpan::new(s, e));
-            checks.loaded(LayerSpan::new(s, e), true);
+            checks.start(LayerSpan::new(s, e), t);
+            checks.loaded(LayerSpan::new(s, e), true, t);
         }
         assert_eq!(checks.kept.len(), MAX_CHECK_STAGES);
         let needs = |c: &Checks<u32>, s, e| c.needs_stage(&call(s, e, 0), &model, served, 30, 30);
@@ -193,8 +229,16 @@ mod tests {
         assert_eq!(needs(&checks, 20, 30), None);
         assert_eq!(needs(&checks, 0, 5), None);
         // A failed load keeps nothing.
-        checks.loaded(LayerSpan::new(5, 10), false);
+        checks.loaded(LayerSpan::new(5, 10), false, t);
         assert_eq!(needs(&checks, 5, 10), Some(LayerSpan::new(5, 10)));
+        // A load about to evict the oldest kept span sends calls for it to a load of their
+        // own at once (the engine may drop it before they reach it).
+        checks.start(LayerSpan::new(5, 10), t);
+        assert_eq!(needs(&checks, 20, 30), Some(LayerSpan::new(20, 30)));
+        assert_eq!(needs(&checks, 0, 5), None);
+        // Serving a span drops a check stage of it.
+        checks.serving(LayerSpan::new(0, 5));
+        assert_eq!(needs(&checks, 0, 5), Some(LayerSpan::new(0, 5)));
     }
 
     #[test]
@@ -203,18 +247,30 @@ mod tests {
         let (a, b) = (LayerSpan::new(0, 10), LayerSpan::new(20, 30));
         let peer = PeerId::random();
         let f = || Box::new(call(0, 10, 0));
-        assert_eq!(checks.hold(peer, f(), 1, a), Hold::Load(a));
-        assert_eq!(checks.hold(peer, f(), 2, a), Hold::Queued);
-        assert_eq!(checks.hold(peer, f(), 3, b), Hold::Queued);
-        let (done, next) = checks.loaded(a, true);
+        let t = Instant::now();
+        assert_eq!(
+            checks.hold(peer, f(), 1, a, t),
+            Hold::Load(a, Duration::ZERO)
+        );
+        assert_eq!(checks.hold(peer, f(), 2, a, t), Hold::Queued);
+        assert_eq!(checks.hold(peer, f(), 3, b, t), Hold::Queued);
+        // Loaded 0.5 s later: the other span waits out the rest of LOAD_EVERY.
+        let (done, next) = checks.loaded(a, true, t + Duration::from_millis(500));
         assert_eq!(done.iter().map(|h| h.reply).collect::<Vec<_>>(), [1, 2]);
-        assert_eq!(next, Some(b), "the other span loads next");
-        let (done, next) = checks.loaded(b, false);
+        assert_eq!(next, Some((b, LOAD_EVERY - Duration::from_millis(500))));
+        let (done, next) = checks.loaded(b, false, t + LOAD_EVERY);
         assert_eq!(done.iter().map(|h| h.reply).collect::<Vec<_>>(), [3]);
         assert_eq!(next, None);
+        // However fast spans are asked for, loads start LOAD_EVERY apart.
+        let c = LayerSpan::new(5, 10);
+        assert_eq!(
+            checks.hold(peer, f(), 4, c, t + LOAD_EVERY),
+            Hold::Load(c, LOAD_EVERY)
+        );
+        checks.loaded(c, true, t + 2 * LOAD_EVERY);
         for i in 0..MAX_HELD as u32 {
-            assert_ne!(checks.hold(peer, f(), i, a), Hold::Full(i));
+            assert_ne!(checks.hold(peer, f(), i, a, t), Hold::Full(i));
         }
-        assert_eq!(checks.hold(peer, f(), 99, a), Hold::Full(99));
+        assert_eq!(checks.hold(peer, f(), 99, a, t), Hold::Full(99));
     }
 }

@@ -173,6 +173,14 @@ impl Links {
     }
 }
 
+/// The failure of a call to a convicted node: the chain fails over.
+fn convicted(peer: &PeerId) -> CallFailed {
+    CallFailed {
+        retryable: true,
+        message: format!("{peer} was convicted by audit"),
+    }
+}
+
 /// How often a gateway that has convicted nodes announces them (its announcement lives
 /// [`VERDICTS_TTL`]: nodes trusting its verdicts forget them soon after it stops).
 pub const VERDICTS_EVERY: Duration = Duration::from_secs(2);
@@ -726,6 +734,11 @@ impl NetTransport {
 
 impl Transport for NetTransport {
     fn call(&mut self, peer: PeerId, f: Forward) -> Result<Response, CallFailed> {
+        // A node convicted meanwhile (by another chain, or as an auditor in this one) is
+        // failed over at once, as at its conviction: its answers are not used.
+        if self.client.book().is_convicted(&peer) {
+            return Err(convicted(&peer));
+        }
         let started = Instant::now();
         let (layers, positions) = ((f.end - f.start) as usize, f.tokens.len());
         if f.position == 0 && !f.chunks.is_empty() {
@@ -792,6 +805,8 @@ impl Transport for NetTransport {
                     (answer, Some(commitment)) => {
                         self.audit(peer, &sent, answer, commitment, shadow)
                     }
+                    // Convicted while the call ran: not paid, not used.
+                    (_, None) if client.book().is_convicted(&peer) => Err(convicted(&peer)),
                     (answer, None) => Ok(answer),
                 }
             }

@@ -565,15 +565,12 @@ impl EngineActor {
             }
             Work::Fork(f) => self.fork(peer, f.from, f.to, f.positions as usize),
             Work::Swap(stage) => {
+                self.checks.retain(|c| c.span() != stage.span());
                 self.stage = stage;
                 Response::Closed
             }
             Work::Check(stage) => {
-                self.checks.retain(|c| c.span() != stage.span());
-                if self.checks.len() >= MAX_CHECK_STAGES {
-                    self.checks.remove(0);
-                }
-                self.checks.push(stage);
+                self.keep_check(stage);
                 Response::Closed
             }
             #[cfg(test)]
@@ -583,6 +580,19 @@ impl EngineActor {
             Some(reply) => replies.blocking_send((reply, answer)).is_ok(),
             None => true,
         }
+    }
+
+    /// Keeps `stage` to check its span with ([`Work::Check`]). Beyond [`MAX_CHECK_STAGES`]
+    /// the oldest goes, with the sessions opened on it (idle ones; a running call keeps its
+    /// session until it ends): a peer asking for span after span cannot keep every stage it
+    /// had loaded alive through their sessions.
+    fn keep_check(&mut self, stage: Arc<Stage>) {
+        self.checks.retain(|c| c.span() != stage.span());
+        if self.checks.len() >= MAX_CHECK_STAGES {
+            let gone = self.checks.remove(0);
+            self.sessions.retain(|_, s| !Arc::ptr_eq(&s.stage, &gone));
+        }
+        self.checks.push(stage);
     }
 
     /// Drops the calls whose callers went away: nobody would read the answer.
@@ -1314,7 +1324,7 @@ mod tests {
             ),
             "{refused:?}"
         );
-        engine.checks.push(layers(0, 1));
+        engine.keep_check(layers(0, 1));
         for (session, pos, tokens) in [(1, 0, &[1u32, 2, 3][..]), (1, 3, &[4][..])] {
             let got = engine.forward(peer, &call(session, 1, pos, tokens));
             let want = server.forward(peer, &call(session, 1, pos, tokens));
@@ -1333,6 +1343,17 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // Two more check stages: the first one goes, and the session opened on it with it.
+        engine.keep_check(layers(1, 2));
+        assert_eq!(engine.sessions.len(), 2);
+        engine.keep_check(layers(2, 3));
+        assert_eq!(
+            engine.sessions.len(),
+            1,
+            "the evicted stage's session is gone"
+        );
+        let after = engine.forward(peer, &call(1, 1, 4, &[5]));
+        assert!(matches!(after, Response::Error { .. }), "{after:?}");
     }
 
     /// Issue 7: a swap used to drop every open session, breaking the streams running through

@@ -29,6 +29,7 @@ pub mod reputation;
 pub mod route;
 pub mod scoreboard;
 pub mod service;
+pub mod verdicts;
 pub mod vouchers;
 
 pub use service::{AutoPlacement, Node, NodeConfig, StartNodeError};

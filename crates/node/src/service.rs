@@ -21,6 +21,7 @@ use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, SubmitError, W
 use crate::measure::{free_memory, measure, Speed};
 use crate::placement::{covers, keep_spans, plan, NodeCapacity};
 use crate::probe::{checked_speed, observed_speeds, probe_peer, ProbeFailure, Probes};
+use crate::verdicts::TrustedVerdicts;
 use plexus_core::announce::{limits, Announcement, ModelOffer, Observation};
 use plexus_core::keys::NodeKey;
 use plexus_core::receipt::Receipt;
@@ -64,7 +65,8 @@ pub struct NodeConfig {
     /// measured one: a node lying about its speed, for placement's check ([`crate::probe`]).
     pub claim_decode_s_per_layer: Option<f64>,
     /// Load spans this node does not serve to check other nodes' work (audits of spans
-    /// nobody else serves; see [`crate::checks`]), as many layers as free memory holds.
+    /// nobody else serves; see [`crate::checks`]), as many layers per span as its free memory
+    /// holds beyond its unused KV budget, shared by the check stages it may keep.
     pub checks: bool,
     /// Gateways whose verdicts this node trusts: peers they announce as convicted are left
     /// out of placement (see `rebalance`).
@@ -201,6 +203,10 @@ pub struct Node {
     probed: mpsc::Receiver<(PeerId, ModelOffer, Result<f64, ProbeFailure>)>,
     /// Stages of other spans loaded to check other nodes' work, and calls waiting for them.
     checks: Checks,
+    /// Layers of another span this node loads to check it, as last announced.
+    check_room: usize,
+    /// The convictions announced by the gateways this node trusts.
+    verdicts: TrustedVerdicts,
     check_tx: mpsc::Sender<(LayerSpan, Result<(), String>)>,
     check_done: mpsc::Receiver<(LayerSpan, Result<(), String>)>,
 }
@@ -254,14 +260,24 @@ fn load(config: &NodeConfig) -> Result<Served, StartNodeError> {
     })
 }
 
-/// The peers that the gateways in `trusted` announce as convicted (while their
-/// announcements live).
-fn trusted_verdicts(dir: &Directory, trusted: &[PeerId]) -> std::collections::HashSet<PeerId> {
-    trusted
-        .iter()
-        .filter_map(|t| dir.get(t))
-        .flat_map(|a| a.convicted.iter().filter_map(|p| p.parse().ok()))
-        .collect()
+/// Reports a check load's end to the event loop exactly once, an error if the loading
+/// thread panicked before reporting.
+struct CheckReport(Option<(mpsc::Sender<(LayerSpan, Result<(), String>)>, LayerSpan)>);
+
+impl CheckReport {
+    fn send(mut self, result: Result<(), String>) {
+        if let Some((tx, span)) = self.0.take() {
+            let _ = tx.blocking_send((span, result));
+        }
+    }
+}
+
+impl Drop for CheckReport {
+    fn drop(&mut self) {
+        if let Some((tx, span)) = self.0.take() {
+            let _ = tx.try_send((span, Err("the loading thread panicked".into())));
+        }
+    }
 }
 
 /// The addresses to announce: relayed ones first (a node behind NAT is reached only through
@@ -326,7 +342,7 @@ impl Node {
         let (keeper, directory) = DirectoryKeeper::new(handle.clone());
         let (loaded_tx, loaded) = mpsc::channel(1);
         let (probed_tx, probed) = mpsc::channel(crate::probe::MAX_IN_FLIGHT);
-        let (check_tx, check_done) = mpsc::channel(1);
+        let (check_tx, check_done) = mpsc::channel(4);
         // Collect the first listen addresses; keep any other early event for `run`.
         let mut listen = Vec::new();
         let mut early = Vec::new();
@@ -364,9 +380,13 @@ impl Node {
             probed_tx,
             probed,
             checks: Checks::default(),
+            check_room: 0,
+            verdicts: TrustedVerdicts::default(),
             check_tx,
             check_done,
         };
+        node.check_room = node.check_layers();
+        node.verdicts = TrustedVerdicts::new(node.config.trust_verdicts.clone());
         node.current = node.announcement().sign(&node.config.net.key).encode();
         for e in early {
             node.on_event(e).await;
@@ -434,33 +454,43 @@ impl Node {
                 layer_bytes: self.served.layer_bytes,
                 kv_positions,
                 kv_free_positions,
-                check_layers: self.check_layers() as u32,
+                check_layers: self.check_room as u32,
             }],
             observed: self.observed.clone(),
             convicted: Vec::new(),
         }
     }
 
-    /// Layers of other spans this node loads to check them: as many as its free memory
-    /// holds (0 when checks are off).
+    /// Layers of another span this node loads to check it (0 when checks are off): what its
+    /// free memory holds beyond the KV budget it has not used yet, shared by the
+    /// [`crate::engine::MAX_CHECK_STAGES`] stages it may keep. Measured at each announcement.
     fn check_layers(&self) -> usize {
         if !self.config.checks {
             return 0;
         }
         let layers = self.served.stage.config().num_layers;
-        let room = free_memory().unwrap_or(0) / self.served.layer_bytes.max(1);
+        let gauges = &self.engine.gauges;
+        let kv_unused = gauges
+            .kv_budget
+            .load(Ordering::Relaxed)
+            .saturating_sub(gauges.kv_used.load(Ordering::Relaxed));
+        let room = free_memory().unwrap_or(0).saturating_sub(kv_unused)
+            / self.served.layer_bytes.max(1)
+            / crate::engine::MAX_CHECK_STAGES as u64;
         room.min(layers as u64) as usize
     }
 
-    /// Starts loading `span` to check with, off the event loop; the engine keeps it before
-    /// [`Self::on_check_loaded`] hears of it.
-    fn load_check(&self, span: LayerSpan) {
+    /// Starts loading `span` to check with after `after`, off the event loop; the engine
+    /// keeps it before [`Self::on_check_loaded`] hears of it, which it always does (a load
+    /// that panics reports an error).
+    fn load_check(&self, span: LayerSpan, after: Duration) {
         let files = Arc::clone(&self.served.files);
         let engine = self.engine.clone();
-        let tx = self.check_tx.clone();
+        let report = CheckReport(Some((self.check_tx.clone(), span)));
         let me = self.peer_id();
         info!(%span, "loading a span to check another node's work");
         tokio::task::spawn_blocking(move || {
+            std::thread::sleep(after);
             let result = files
                 .stage(Some(span), Mode::Infer)
                 .map_err(|e| e.to_string())
@@ -469,7 +499,7 @@ impl Node {
                         .check_blocking(me, Arc::new(stage))
                         .map_err(|e| e.to_string())
                 });
-            let _ = tx.blocking_send((span, result));
+            report.send(result);
         });
     }
 
@@ -479,7 +509,9 @@ impl Node {
         if let Err(e) = &result {
             warn!(%span, "cannot load a span to check: {e}");
         }
-        let (held, next) = self.checks.loaded(span, result.is_ok());
+        let (held, next) = self
+            .checks
+            .loaded(span, result.is_ok(), std::time::Instant::now());
         for h in held {
             match &result {
                 Ok(()) => {
@@ -495,8 +527,8 @@ impl Node {
                 }
             }
         }
-        if let Some(next) = next {
-            self.load_check(next);
+        if let Some((next, after)) = next {
+            self.load_check(next, after);
         }
     }
 
@@ -530,6 +562,7 @@ impl Node {
 
     async fn announce(&mut self) {
         self.observed = self.probes.observations(self.served.model, now_ms());
+        self.check_room = self.check_layers();
         self.current = self.announcement().sign(&self.config.net.key).encode();
         if let Err(e) = self.handle.publish(self.current.clone()).await {
             debug!("announcement not published: {e}");
@@ -559,10 +592,11 @@ impl Node {
                             &self.served.model,
                             stage.span(),
                             stage.config().num_layers,
-                            self.check_layers(),
+                            self.check_room,
                         ) {
-                            match self.checks.hold(peer, Box::new(f), reply, span) {
-                                Hold::Load(span) => self.load_check(span),
+                            let now = std::time::Instant::now();
+                            match self.checks.hold(peer, Box::new(f), reply, span, now) {
+                                Hold::Load(span, after) => self.load_check(span, after),
                                 Hold::Queued => {}
                                 Hold::Full(reply) => {
                                     let response = Response::Error {
@@ -685,7 +719,7 @@ impl Node {
                 .min(layers as u64) as usize
         };
         let model = self.served.model;
-        let convicted = trusted_verdicts(self.keeper.directory(), &self.config.trust_verdicts);
+        let convicted = self.verdicts.convicted(self.keeper.directory(), now_ms());
         if convicted.contains(&me) {
             // Nobody trusting the same gateways routes to this node or counts it: moving
             // would only take layers from the nodes that replace it.
@@ -862,6 +896,7 @@ impl Node {
         self.loading = false;
         match done.result {
             Ok(stage) => {
+                self.checks.serving(stage.span());
                 self.served.stage = stage;
                 info!(
                     from = %done.from,
