@@ -207,8 +207,8 @@ pub struct Node {
     check_room: usize,
     /// The convictions announced by the gateways this node trusts.
     verdicts: TrustedVerdicts,
-    check_tx: mpsc::Sender<(LayerSpan, Result<(), String>)>,
-    check_done: mpsc::Receiver<(LayerSpan, Result<(), String>)>,
+    check_tx: mpsc::Sender<CheckDone>,
+    check_done: mpsc::Receiver<CheckDone>,
 }
 
 /// A finished load of a new span: the engine already serves it when `Ok`.
@@ -262,7 +262,10 @@ fn load(config: &NodeConfig) -> Result<Served, StartNodeError> {
 
 /// Reports a check load's end to the event loop exactly once, an error if the loading
 /// thread panicked before reporting.
-struct CheckReport(Option<(mpsc::Sender<(LayerSpan, Result<(), String>)>, LayerSpan)>);
+struct CheckReport(Option<(mpsc::Sender<CheckDone>, LayerSpan)>);
+
+/// A check load's end: its span, and whether the engine keeps it.
+type CheckDone = (LayerSpan, Result<(), String>);
 
 impl CheckReport {
     fn send(mut self, result: Result<(), String>) {
