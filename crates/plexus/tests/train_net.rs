@@ -269,6 +269,7 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
 const TARGET_EXACT_MATCH: f64 = 80.0;
 
 fn assert_learned(w: &Worker, pct: f64, loss: f64) {
+    eprintln!("{}: held-out exact match {pct}% (loss {loss})", w.name);
     assert!(
         pct >= TARGET_EXACT_MATCH,
         "{}: held-out exact match {pct}% (loss {loss}):\n{}",
@@ -280,14 +281,17 @@ fn assert_learned(w: &Worker, pct: f64, loss: f64) {
 #[test]
 fn a_sigkilled_worker_does_not_stop_the_run_and_a_late_joiner_contributes() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = spec(tmp.path(), 30, 4, 60_000);
+    // 40 rounds: with 30, one CI run in seven (under a training benchmark's load) left the
+    // run on the task's plateau at 79.7% (held-out loss 0.20, still falling) where others
+    // reach 100% (loss 0.0002).
+    let spec = spec(tmp.path(), 40, 4, 60_000);
     let mut w0 = Worker::start("w0", &spec, tmp.path(), &[], &[]);
     let a0 = w0.addr.clone();
     let w1 = Worker::start("w1", &spec, tmp.path(), &[&a0], &[]);
     let w2 = Worker::start("w2", &spec, tmp.path(), &[&a0, &w1.addr], &[]);
     let mut w3 = Worker::start("w3", &spec, tmp.path(), &[&a0, &w1.addr, &w2.addr], &[]);
     w0.wait_for("applied 4/4", RUN_TIMEOUT);
-    w3.wait_for("round 5/30", RUN_TIMEOUT);
+    w3.wait_for("round 5/40", RUN_TIMEOUT);
     w3.kill();
     let mut joiner = Worker::start("late", &spec, tmp.path(), &[&a0, &w1.addr], &[]);
     let caught = joiner.wait_for("caught up: at round 0", RUN_TIMEOUT);
