@@ -1006,18 +1006,6 @@ impl NetTransport {
             answers.push((*referee, seen));
             self.close(*referee, sent.session);
         }
-        // A last stage's token that a referee of another build admits (as its own draw or a
-        // near tie) counts in the provider's near-tie record like one its auditor admitted:
-        // a picker's tokens that its auditor missed and a referee cleared are picks too. A
-        // conviction this makes takes effect at its next near tie.
-        if matches!(provider_answer.answer, Some(Answer::Token { .. })) {
-            let mut book = self.client.book();
-            for (referee, seen) in &answers {
-                if let Some(check) = seen.as_ref().and_then(|r| cross_check(provider_answer, r)) {
-                    book.on_token_tie(peer, *referee, &check);
-                }
-            }
-        }
         let now = crate::discovery::now_ms();
         arbitrate(
             job,
