@@ -132,22 +132,18 @@ impl<R> Checks<R> {
         after
     }
 
-    /// The load of `span` finished (`ok`: the engine keeps it now). Returns the calls that
-    /// waited for it (to submit, or to refuse when the load failed) and the next span to
-    /// load with the wait before it, if calls wait for another.
+    /// The load of `span` finished: `kept` is what the engine keeps now (`None`: the load
+    /// failed). Returns the calls that waited for it (to submit, or to refuse when `span` is
+    /// not kept) and the next span to load with the wait before it, if calls wait for another.
     pub fn loaded(
         &mut self,
         span: LayerSpan,
-        ok: bool,
+        kept: Option<Vec<LayerSpan>>,
         now: Instant,
     ) -> (Vec<Held<R>>, Option<(LayerSpan, Duration)>) {
         self.loading = None;
-        if ok {
-            self.kept.retain(|s| *s != span);
-            if self.kept.len() >= MAX_CHECK_STAGES {
-                self.kept.remove(0);
-            }
-            self.kept.push(span);
+        if let Some(kept) = kept {
+            self.kept = kept;
         }
         let (done, rest): (Vec<Held<R>>, Vec<Held<R>>) =
             self.held.drain(..).partition(|h| h.span == span);
@@ -159,6 +155,16 @@ impl<R> Checks<R> {
     /// The node now serves `span` (placement moved it): the engine drops a check stage of it.
     pub fn serving(&mut self, span: LayerSpan) {
         self.kept.retain(|s| *s != span);
+    }
+
+    /// Whether the engine keeps a check stage of `span`.
+    pub fn keeps(&self, span: LayerSpan) -> bool {
+        self.kept.contains(&span)
+    }
+
+    /// Layers of the check stages the engine keeps.
+    pub fn kept_layers(&self) -> usize {
+        self.kept.iter().map(|s| s.len()).sum()
     }
 }
 
@@ -215,11 +221,18 @@ mod tests {
         let model = Digest([7; 32]);
         let served = LayerSpan::new(10, 20);
         let t = Instant::now();
-        for (s, e) in [(0, 10), (20, 30), (0, 5)] {
-            checks.start(LayerSpan::new(s, e), t);
-            checks.loaded(LayerSpan::new(s, e), true, t);
-        }
+        // The mirror is what the engine says it keeps after each load.
+        let kept = |spans: &[(usize, usize)]| {
+            Some(spans.iter().map(|&(s, e)| LayerSpan::new(s, e)).collect())
+        };
+        checks.start(LayerSpan::new(0, 10), t);
+        checks.loaded(LayerSpan::new(0, 10), kept(&[(0, 10)]), t);
+        checks.start(LayerSpan::new(20, 30), t);
+        checks.loaded(LayerSpan::new(20, 30), kept(&[(0, 10), (20, 30)]), t);
+        checks.start(LayerSpan::new(0, 5), t);
+        checks.loaded(LayerSpan::new(0, 5), kept(&[(20, 30), (0, 5)]), t);
         assert_eq!(checks.kept.len(), MAX_CHECK_STAGES);
+        assert_eq!(checks.kept_layers(), 15);
         let needs = |c: &Checks<u32>, s, e| c.needs_stage(&call(s, e, 0), &model, served, 30, 30);
         assert_eq!(
             needs(&checks, 0, 10),
@@ -229,7 +242,7 @@ mod tests {
         assert_eq!(needs(&checks, 20, 30), None);
         assert_eq!(needs(&checks, 0, 5), None);
         // A failed load keeps nothing.
-        checks.loaded(LayerSpan::new(5, 10), false, t);
+        checks.loaded(LayerSpan::new(5, 10), None, t);
         assert_eq!(needs(&checks, 5, 10), Some(LayerSpan::new(5, 10)));
         // A load about to evict the oldest kept span sends calls for it to a load of their
         // own at once (the engine may drop it before they reach it).
@@ -255,10 +268,10 @@ mod tests {
         assert_eq!(checks.hold(peer, f(), 2, a, t), Hold::Queued);
         assert_eq!(checks.hold(peer, f(), 3, b, t), Hold::Queued);
         // Loaded 0.5 s later: the other span waits out the rest of LOAD_EVERY.
-        let (done, next) = checks.loaded(a, true, t + Duration::from_millis(500));
+        let (done, next) = checks.loaded(a, Some(vec![a]), t + Duration::from_millis(500));
         assert_eq!(done.iter().map(|h| h.reply).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(next, Some((b, LOAD_EVERY - Duration::from_millis(500))));
-        let (done, next) = checks.loaded(b, false, t + LOAD_EVERY);
+        let (done, next) = checks.loaded(b, None, t + LOAD_EVERY);
         assert_eq!(done.iter().map(|h| h.reply).collect::<Vec<_>>(), [3]);
         assert_eq!(next, None);
         // However fast spans are asked for, loads start LOAD_EVERY apart.
@@ -267,7 +280,8 @@ mod tests {
             checks.hold(peer, f(), 4, c, t + LOAD_EVERY),
             Hold::Load(c, LOAD_EVERY)
         );
-        checks.loaded(c, true, t + 2 * LOAD_EVERY);
+        checks.loaded(c, Some(vec![a, c]), t + 2 * LOAD_EVERY);
+        assert!(checks.keeps(c) && checks.keeps(a));
         for i in 0..MAX_HELD as u32 {
             assert_ne!(checks.hold(peer, f(), i, a, t), Hold::Full(i));
         }

@@ -32,7 +32,7 @@ use plexus_core::Digest;
 use plexus_model::batch::{plan, KvBudget, KvReservation, Want, STEP_POSITIONS};
 use plexus_model::sampler::sample_scored;
 use plexus_model::stage::{BatchItem, ForwardError};
-use plexus_model::{KvCache, Logits, Stage, StageInput, StageOutput};
+use plexus_model::{KvCache, LayerSpan, Logits, Stage, StageInput, StageOutput};
 use plexus_net::{PeerId, Reply};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -69,9 +69,9 @@ pub enum Work {
     /// sessions keep the stage they were opened on until they end or expire.
     Swap(Arc<Stage>),
     /// Keep this stage (another span of the same model) to check other nodes' work with: new
-    /// sessions asking for its span open on it. At most [`MAX_CHECK_STAGES`] are kept, the
-    /// oldest dropped first (its open sessions go on with it).
-    Check(Arc<Stage>),
+    /// sessions asking for its span open on it. The spans kept afterwards go back on the
+    /// channel (see [`EngineActor::keep_check`]).
+    Check(Arc<Stage>, std::sync::mpsc::SyncSender<Vec<LayerSpan>>),
     /// Tests: make the engine thread panic.
     #[cfg(test)]
     Panic,
@@ -227,10 +227,17 @@ impl EngineHandle {
         self.send_blocking(peer, Work::Swap(stage))
     }
 
-    /// Hands the engine a stage to check another span with ([`Work::Check`]), waiting for
-    /// room in the queue. Blocking, as [`Self::swap_blocking`].
-    pub fn check_blocking(&self, peer: PeerId, stage: Arc<Stage>) -> Result<(), SwapError> {
-        self.send_blocking(peer, Work::Check(stage))
+    /// Hands the engine a stage to check another span with ([`Work::Check`]) and waits for
+    /// the spans it keeps afterwards (the new one among them unless it refused it). Blocking,
+    /// as [`Self::swap_blocking`].
+    pub fn check_blocking(
+        &self,
+        peer: PeerId,
+        stage: Arc<Stage>,
+    ) -> Result<Vec<LayerSpan>, SwapError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.send_blocking(peer, Work::Check(stage, tx))?;
+        rx.recv().map_err(|_| SwapError::Stopped)
     }
 
     fn send_blocking(&self, peer: PeerId, work: Work) -> Result<(), SwapError> {
@@ -569,8 +576,9 @@ impl EngineActor {
                 self.stage = stage;
                 Response::Closed
             }
-            Work::Check(stage) => {
+            Work::Check(stage, kept) => {
                 self.keep_check(stage);
+                let _ = kept.send(self.checks.iter().map(|c| c.span()).collect());
                 Response::Closed
             }
             #[cfg(test)]
@@ -582,15 +590,29 @@ impl EngineActor {
         }
     }
 
-    /// Keeps `stage` to check its span with ([`Work::Check`]). Beyond [`MAX_CHECK_STAGES`]
-    /// the oldest goes, with the sessions opened on it (idle ones; a running call keeps its
-    /// session until it ends): a peer asking for span after span cannot keep every stage it
-    /// had loaded alive through their sessions.
+    /// Keeps `stage` to check its span with ([`Work::Check`]), at most [`MAX_CHECK_STAGES`]
+    /// stages: beyond them the oldest that no session uses goes. A stage some session uses
+    /// is never dropped (an audit keeps its session for a whole generation), so when every
+    /// kept stage is in use the new one is refused, as is one of the served span or of a
+    /// span already kept. So at most that many check stages are ever alive: only kept stages
+    /// open sessions, and a kept stage in use stays kept.
     fn keep_check(&mut self, stage: Arc<Stage>) {
-        self.checks.retain(|c| c.span() != stage.span());
+        let span = stage.span();
+        if span == self.stage.span() || self.checks.iter().any(|c| c.span() == span) {
+            return;
+        }
         if self.checks.len() >= MAX_CHECK_STAGES {
-            let gone = self.checks.remove(0);
-            self.sessions.retain(|_, s| !Arc::ptr_eq(&s.stage, &gone));
+            let used = |c: &Arc<Stage>| {
+                self.sessions.values().any(|s| Arc::ptr_eq(&s.stage, c))
+                    || self
+                        .running
+                        .iter()
+                        .any(|r| Arc::ptr_eq(&r.session.stage, c))
+            };
+            let Some(free) = self.checks.iter().position(|c| !used(c)) else {
+                return;
+            };
+            self.checks.remove(free);
         }
         self.checks.push(stage);
     }
@@ -1270,7 +1292,6 @@ mod tests {
     }
     use plexus_model::layers::Mode;
     use plexus_model::load::ModelFiles;
-    use plexus_model::LayerSpan;
 
     fn layers(start: usize, end: usize) -> Arc<Stage> {
         let path = plexus_testkit::real_model();
@@ -1343,17 +1364,41 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // Two more check stages: the first one goes, and the session opened on it with it.
-        engine.keep_check(layers(1, 2));
-        assert_eq!(engine.sessions.len(), 2);
+    }
+
+    /// Check stages never take sessions with them: a kept stage in use stays, a new span is
+    /// refused while every kept stage is in use, and replaces the oldest free one otherwise;
+    /// the served span and a span already kept are never loaded twice.
+    #[test]
+    fn check_stages_in_use_are_kept_and_no_span_is_held_twice() {
+        let peer = PeerId::random();
+        let mut engine = EngineActor::local(layers(2, 3), Digest([0; 32]));
+        let spans = |e: &EngineActor| -> Vec<(usize, usize)> {
+            e.checks
+                .iter()
+                .map(|c| (c.span().start, c.span().end))
+                .collect()
+        };
         engine.keep_check(layers(2, 3));
-        assert_eq!(
-            engine.sessions.len(),
-            1,
-            "the evicted stage's session is gone"
+        assert!(engine.checks.is_empty(), "the served span");
+        engine.keep_check(layers(0, 1));
+        engine.keep_check(layers(0, 1));
+        assert_eq!(spans(&engine), [(0, 1)], "no second copy");
+        engine.keep_check(layers(0, 2));
+        for (session, end) in [(1, 1), (2, 2)] {
+            let r = engine.forward(peer, &call(session, end, 0, &[1, 2]));
+            assert!(matches!(r, Response::Hidden { .. }), "{r:?}");
+        }
+        engine.keep_check(layers(0, 3));
+        assert_eq!(spans(&engine), [(0, 1), (0, 2)], "both in use: refused");
+        let r = engine.forward(peer, &call(1, 1, 2, &[3]));
+        assert!(
+            matches!(r, Response::Hidden { .. }),
+            "the session goes on: {r:?}"
         );
-        let after = engine.forward(peer, &call(1, 1, 4, &[5]));
-        assert!(matches!(after, Response::Error { .. }), "{after:?}");
+        engine.sessions.retain(|(_, s), _| *s != SessionId([1; 16]));
+        engine.keep_check(layers(0, 3));
+        assert_eq!(spans(&engine), [(0, 2), (0, 3)], "the free one replaced");
     }
 
     /// Issue 7: a swap used to drop every open session, breaking the streams running through

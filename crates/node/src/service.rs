@@ -264,11 +264,11 @@ fn load(config: &NodeConfig) -> Result<Served, StartNodeError> {
 /// thread panicked before reporting.
 struct CheckReport(Option<(mpsc::Sender<CheckDone>, LayerSpan)>);
 
-/// A check load's end: its span, and whether the engine keeps it.
-type CheckDone = (LayerSpan, Result<(), String>);
+/// A check load's end: its span, and the spans the engine keeps afterwards.
+type CheckDone = (LayerSpan, Result<Vec<LayerSpan>, String>);
 
 impl CheckReport {
-    fn send(mut self, result: Result<(), String>) {
+    fn send(mut self, result: Result<Vec<LayerSpan>, String>) {
         if let Some((tx, span)) = self.0.take() {
             let _ = tx.blocking_send((span, result));
         }
@@ -477,7 +477,12 @@ impl Node {
             .kv_budget
             .load(Ordering::Relaxed)
             .saturating_sub(gauges.kv_used.load(Ordering::Relaxed));
-        let room = free_memory().unwrap_or(0).saturating_sub(kv_unused)
+        // The check stages already kept count as room: the next load may replace them.
+        let kept = self.checks.kept_layers() as u64 * self.served.layer_bytes;
+        let room = free_memory()
+            .unwrap_or(0)
+            .saturating_add(kept)
+            .saturating_sub(kv_unused)
             / self.served.layer_bytes.max(1)
             / crate::engine::MAX_CHECK_STAGES as u64;
         room.min(layers as u64) as usize
@@ -491,9 +496,9 @@ impl Node {
         let engine = self.engine.clone();
         let report = CheckReport(Some((self.check_tx.clone(), span)));
         let me = self.peer_id();
-        info!(%span, "loading a span to check another node's work");
         tokio::task::spawn_blocking(move || {
             std::thread::sleep(after);
+            info!(%span, "loading a span to check another node's work");
             let result = files
                 .stage(Some(span), Mode::Infer)
                 .map_err(|e| e.to_string())
@@ -508,27 +513,35 @@ impl Node {
 
     /// A check stage loaded (or failed to): the calls that waited for it go to the engine (or
     /// are refused), and the next span waited for starts loading.
-    async fn on_check_loaded(&mut self, span: LayerSpan, result: Result<(), String>) {
+    async fn on_check_loaded(&mut self, span: LayerSpan, result: Result<Vec<LayerSpan>, String>) {
         if let Err(e) = &result {
             warn!(%span, "cannot load a span to check: {e}");
         }
-        let (held, next) = self
-            .checks
-            .loaded(span, result.is_ok(), std::time::Instant::now());
+        let now = std::time::Instant::now();
+        let (held, next) = self.checks.loaded(span, result.clone().ok(), now);
+        // The engine answers the span it keeps, or serves (placement may have moved this
+        // node onto it meanwhile); it refuses a new span while both its check stages are in
+        // use by audits.
+        let answered = self.checks.keeps(span) || self.served.stage.span() == span;
         for h in held {
-            match &result {
-                Ok(()) => {
-                    self.draft(h.reply.id(), &h.forward);
-                    self.submit(h.peer, Work::Forward(h.forward), h.reply).await;
-                }
-                Err(e) => {
-                    let response = Response::Error {
-                        code: ErrorCode::Internal,
-                        message: format!("cannot load layers {span} to check them: {e}"),
-                    };
-                    self.handle.respond(h.reply, response).await;
-                }
+            if answered {
+                self.draft(h.reply.id(), &h.forward);
+                self.submit(h.peer, Work::Forward(h.forward), h.reply).await;
+                continue;
             }
+            let (code, message) = match &result {
+                Err(e) => (
+                    ErrorCode::Internal,
+                    format!("cannot load layers {span} to check them: {e}"),
+                ),
+                Ok(_) => (
+                    ErrorCode::Busy,
+                    "every check stage of this node is in use".to_string(),
+                ),
+            };
+            self.handle
+                .respond(h.reply, Response::Error { code, message })
+                .await;
         }
         if let Some((next, after)) = next {
             self.load_check(next, after);

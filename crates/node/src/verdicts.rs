@@ -14,9 +14,16 @@ use std::collections::{HashMap, HashSet};
 #[derive(Debug, Default)]
 pub struct TrustedVerdicts {
     trusted: Vec<PeerId>,
-    /// Per trusted gateway: the peers it convicted, and when that announcement expires (unix
-    /// ms).
-    kept: HashMap<PeerId, (HashSet<PeerId>, u64)>,
+    /// Per trusted gateway: the peers it convicted, and when that announcement was issued and
+    /// expires (unix ms).
+    kept: HashMap<PeerId, Kept>,
+}
+
+#[derive(Debug)]
+struct Kept {
+    peers: HashSet<PeerId>,
+    issued: u64,
+    expires: u64,
 }
 
 impl TrustedVerdicts {
@@ -32,19 +39,19 @@ impl TrustedVerdicts {
     pub fn convicted(&mut self, dir: &Directory, now: u64) -> HashSet<PeerId> {
         for t in &self.trusted {
             let Some(a) = dir.get(t) else { continue };
-            let fresher = self
-                .kept
-                .get(t)
-                .is_none_or(|(_, expires)| a.expires_at_ms() >= *expires);
-            if fresher {
-                let peers = a.convicted.iter().filter_map(|p| p.parse().ok()).collect();
-                self.kept.insert(*t, (peers, a.expires_at_ms()));
+            if self.kept.get(t).is_none_or(|k| a.issued_at_ms >= k.issued) {
+                let kept = Kept {
+                    peers: a.convicted.iter().filter_map(|p| p.parse().ok()).collect(),
+                    issued: a.issued_at_ms,
+                    expires: a.expires_at_ms(),
+                };
+                self.kept.insert(*t, kept);
             }
         }
-        self.kept.retain(|_, (_, expires)| *expires > now);
+        self.kept.retain(|_, k| k.expires > now);
         self.kept
             .values()
-            .flat_map(|(p, _)| p.iter().copied())
+            .flat_map(|k| k.peers.iter().copied())
             .collect()
     }
 }
