@@ -29,6 +29,11 @@ pub const MAX_HELD: usize = 32;
 /// Least time between the starts of two loads.
 pub const LOAD_EVERY: Duration = Duration::from_secs(2);
 
+/// How long after placement moved a node off a span calls for it are not checks: they are
+/// stale routes (a gateway that has not seen the move), and get the engine's `UnknownModel`
+/// so the caller re-routes, rather than a load of the span the node just gave up.
+pub const LEFT_FOR: Duration = Duration::from_secs(60);
+
 /// A call waiting for its span to load (`R`: where its answer goes).
 pub struct Held<R = Reply> {
     pub peer: PeerId,
@@ -56,6 +61,8 @@ pub struct Checks<R = Reply> {
     held: Vec<Held<R>>,
     /// When the latest load started (or is due to).
     last_load: Option<Instant>,
+    /// Spans placement moved this node off, and when.
+    left: Vec<(LayerSpan, Instant)>,
 }
 
 impl<R> Default for Checks<R> {
@@ -65,22 +72,24 @@ impl<R> Default for Checks<R> {
             loading: None,
             held: Vec::new(),
             last_load: None,
+            left: Vec::new(),
         }
     }
 }
 
 impl<R> Checks<R> {
     /// The span `f` needs a check stage of, when it opens a session on a span of `model`
-    /// other than `served` that the engine does not keep and that fits in `capacity` layers
-    /// of a model of `layers` layers; `None` sends the call to the engine as it is (which
-    /// answers calls for unknown spans with an error).
+    /// other than `served` that the engine does not keep, that fits in `capacity` layers of a
+    /// model of `layers` layers, and that this node did not leave within [`LEFT_FOR`] of
+    /// `now`; `None` sends the call to the engine as it is (which answers calls for unknown
+    /// spans with an error).
     pub fn needs_stage(
         &self,
         f: &Forward,
         model: &Digest,
-        served: LayerSpan,
-        layers: usize,
+        (served, layers): (LayerSpan, usize),
         capacity: usize,
+        now: Instant,
     ) -> Option<LayerSpan> {
         let (start, end) = (f.start as usize, f.end as usize);
         if &f.model != model || f.position != 0 || start >= end || end > layers {
@@ -90,7 +99,19 @@ impl<R> Checks<R> {
         if span == served || span.len() > capacity || self.kept.contains(&span) {
             return None;
         }
+        let left =
+            |(s, at): &(LayerSpan, Instant)| *s == span && now.duration_since(*at) < LEFT_FOR;
+        if self.left.iter().any(left) {
+            return None;
+        }
         Some(span)
+    }
+
+    /// Placement moved this node off `span` at `now`.
+    pub fn leave(&mut self, span: LayerSpan, now: Instant) {
+        self.left
+            .retain(|(s, at)| *s != span && now.duration_since(*at) < LEFT_FOR);
+        self.left.push((span, now));
     }
 
     /// Holds a call until `span` is loaded (`now`: the time of the call).
@@ -195,7 +216,9 @@ mod tests {
         let checks = Checks::<u32>::default();
         let model = Digest([7; 32]);
         let served = LayerSpan::new(10, 20);
-        let needs = |f: &Forward, capacity| checks.needs_stage(f, &model, served, 30, capacity);
+        let t = Instant::now();
+        let needs =
+            |f: &Forward, capacity| checks.needs_stage(f, &model, (served, 30), capacity, t);
         assert_eq!(needs(&call(0, 10, 0), 30), Some(LayerSpan::new(0, 10)));
         assert_eq!(needs(&call(10, 20, 0), 30), None, "the served span");
         assert_eq!(
@@ -233,7 +256,8 @@ mod tests {
         checks.loaded(LayerSpan::new(0, 5), kept(&[(20, 30), (0, 5)]), t);
         assert_eq!(checks.kept.len(), MAX_CHECK_STAGES);
         assert_eq!(checks.kept_layers(), 15);
-        let needs = |c: &Checks<u32>, s, e| c.needs_stage(&call(s, e, 0), &model, served, 30, 30);
+        let needs =
+            |c: &Checks<u32>, s, e| c.needs_stage(&call(s, e, 0), &model, (served, 30), 30, t);
         assert_eq!(
             needs(&checks, 0, 10),
             Some(LayerSpan::new(0, 10)),
@@ -252,6 +276,13 @@ mod tests {
         // Serving a span drops a check stage of it.
         checks.serving(LayerSpan::new(0, 5));
         assert_eq!(needs(&checks, 0, 5), Some(LayerSpan::new(0, 5)));
+        // A span placement moved this node off is a stale route for LEFT_FOR, not a check.
+        checks.leave(LayerSpan::new(5, 10), t);
+        assert_eq!(needs(&checks, 5, 10), None);
+        let later = |c: &Checks<u32>| {
+            c.needs_stage(&call(5, 10, 0), &model, (served, 30), 30, t + LEFT_FOR)
+        };
+        assert_eq!(later(&checks), Some(LayerSpan::new(5, 10)));
     }
 
     #[test]

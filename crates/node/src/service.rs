@@ -117,7 +117,7 @@ impl NodeConfig {
             auto: None,
             vouchers: None,
             claim_decode_s_per_layer: None,
-            checks: true,
+            checks: false,
             trust_verdicts: Vec::new(),
         }
     }
@@ -603,14 +603,14 @@ impl Node {
                     }
                     Request::Forward(f) => {
                         let stage = &self.served.stage;
+                        let now = std::time::Instant::now();
                         if let Some(span) = self.checks.needs_stage(
                             &f,
                             &self.served.model,
-                            stage.span(),
-                            stage.config().num_layers,
+                            (stage.span(), stage.config().num_layers),
                             self.check_room,
+                            now,
                         ) {
-                            let now = std::time::Instant::now();
                             match self.checks.hold(peer, Box::new(f), reply, span, now) {
                                 Hold::Load(span, after) => self.load_check(span, after),
                                 Hold::Queued => {}
@@ -913,6 +913,7 @@ impl Node {
         match done.result {
             Ok(stage) => {
                 self.checks.serving(stage.span());
+                self.checks.leave(done.from, std::time::Instant::now());
                 self.served.stage = stage;
                 info!(
                     from = %done.from,

@@ -194,10 +194,15 @@ async fn a_cheater_alone_on_its_span_is_audited_by_nodes_that_load_it_issue_11()
     let cheater = start_node(Some(LayerSpan::new(0, 1)), |c| {
         c.net.key = key.clone();
         c.engine.cheat = Some(Cheat::Random);
+        c.checks = true;
     })
     .await;
-    let last = start_node(Some(LayerSpan::new(1, 2)), |_| {}).await;
-    let whole = start_node(Some(LayerSpan::new(0, 2)), |c| c.price = 100).await;
+    let last = start_node(Some(LayerSpan::new(1, 2)), |c| c.checks = true).await;
+    let whole = start_node(Some(LayerSpan::new(0, 2)), |c| {
+        c.price = 100;
+        c.checks = true;
+    })
+    .await;
     let nodes = [&cheater, &last, &whole];
     let client = auditing_client(&nodes);
     let runs = two_generations(&client, &nodes).await;

@@ -81,6 +81,8 @@ struct NodeOptions {
     arithmetic: plexus_node::engine::Arithmetic,
     /// The gateway whose verdicts the node trusts (`--trust-verdicts`): `plexus up`'s own.
     trust: Option<plexus_net::PeerId>,
+    /// `--checks`: load other nodes' spans to audit them.
+    checks: bool,
 }
 
 impl NodeOptions {
@@ -135,6 +137,9 @@ async fn start_node(
     }
     if let Some(gateway) = options.trust {
         cmd.arg("--trust-verdicts").arg(gateway.to_string());
+    }
+    if options.checks {
+        cmd.arg("--checks");
     }
     if let Some(stages) = options.follow {
         cmd.arg("--follow-placement")
@@ -265,6 +270,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 cheat: None,
                 arithmetic: plexus_node::engine::Arithmetic::Current,
                 trust: Some(gateway),
+                checks: args.node_checks,
             };
             let first_options = NodeOptions {
                 cheat: args.cheat,
