@@ -571,7 +571,23 @@ pub fn account_of(dir: &Directory, peer: &PeerId) -> Option<Address> {
         .and_then(|k| plexus_ledger::address_of(&k))
 }
 
-/// Peers serving exactly `start..end` of `model` (on `version` when given), other than `not`.
+/// The peers offering `model` (on build `version` when given, none of `not`) whose offer
+/// `fits`: the search behind [`same_span`] and [`span_checkers`].
+fn offering(
+    dir: &Directory,
+    model: &Digest,
+    version: Option<&str>,
+    not: &[PeerId],
+    fits: impl Fn(&plexus_core::announce::ModelOffer) -> bool,
+) -> Vec<PeerId> {
+    dir.offers(model)
+        .into_iter()
+        .filter(|(p, a, o)| fits(o) && version.is_none_or(|v| a.version == v) && !not.contains(p))
+        .map(|(p, _, _)| p)
+        .collect()
+}
+
+/// The peers serving exactly `start..end` of `model` (see [`offering`]).
 fn same_span(
     dir: &Directory,
     model: &Digest,
@@ -580,21 +596,13 @@ fn same_span(
     version: Option<&str>,
     not: &[PeerId],
 ) -> Vec<PeerId> {
-    dir.offers(model)
-        .into_iter()
-        .filter(|(p, a, o)| {
-            o.start == start
-                && o.end == end
-                && version.is_none_or(|v| a.version == v)
-                && !not.contains(p)
-        })
-        .map(|(p, _, _)| p)
-        .collect()
+    offering(dir, model, version, not, |o| {
+        (o.start, o.end) == (start, end)
+    })
 }
 
-/// Nodes of `model` (on build `version` when given, none of `not`) that load other spans to
-/// check them (`ModelOffer::check_layers`) and can hold `start..end`, not serving it
-/// themselves: who checks a span that nobody else serves.
+/// Nodes of `model` that load other spans to check them (`ModelOffer::check_layers`) and can
+/// hold `start..end`, not serving it themselves: who checks a span that nobody else serves.
 fn span_checkers(
     dir: &Directory,
     model: &Digest,
@@ -603,16 +611,9 @@ fn span_checkers(
     version: Option<&str>,
     not: &[PeerId],
 ) -> Vec<PeerId> {
-    dir.offers(model)
-        .into_iter()
-        .filter(|(p, a, o)| {
-            (o.start, o.end) != (start, end)
-                && o.check_layers >= end.saturating_sub(start)
-                && version.is_none_or(|v| a.version == v)
-                && !not.contains(p)
-        })
-        .map(|(p, _, _)| p)
-        .collect()
+    offering(dir, model, version, not, |o| {
+        (o.start, o.end) != (start, end) && o.check_layers >= end.saturating_sub(start)
+    })
 }
 
 /// Who may check `start..end`: the nodes serving that span that `ok` accepts; when there are
