@@ -198,6 +198,10 @@ pub struct Chain {
     /// The session's prompt length: it picks every position's attention kernel
     /// ([`Forward::prompt_len`], sent with every call).
     prompt_len: u32,
+    /// Peers sent a replay (a call from position 0, which restarts our session there) since
+    /// the chain last changed: an old stage on such a peer no longer holds what the chain
+    /// says it does, so a later route must not rejoin it (see [`Chain::replay_step`]).
+    reopened: Vec<PeerId>,
 }
 
 /// Whether a refusal is worth routing around (the node is gone or lost our session) rather
@@ -222,6 +226,7 @@ impl Chain {
             scores: None,
             prompt_len: 0,
             busy: None,
+            reopened: Vec::new(),
         }
     }
 
@@ -652,7 +657,11 @@ impl Chain {
         let Some(hop) = route.get(j).cloned() else {
             return self.no_route(replay.from);
         };
-        if let Some(m) = (k + 1..self.hops.len()).find(|&m| self.hops[m].hop == hop) {
+        // Not onto a stage whose peer an earlier replay of this failover already restarted
+        // (a route that failed further on): its session there holds another span now.
+        let rejoin = (k + 1..self.hops.len())
+            .find(|&m| self.hops[m].hop == hop && !self.reopened.contains(&hop.peer));
+        if let Some(m) = rejoin {
             // Rejoin: the old stages between the failed one and `m` are no longer used.
             let Some(next_input) = input.as_ref().map(|a| a.tail_rows(self.feed.len())) else {
                 return Next::Failed(ChainError::Protocol { peer: hop.peer });
@@ -674,6 +683,9 @@ impl Chain {
             !is_last,
         );
         let peer = hop.peer;
+        if !self.reopened.contains(&peer) {
+            self.reopened.push(peer);
+        }
         self.phase = Phase::Replay {
             k,
             replay,
@@ -743,6 +755,7 @@ impl Chain {
             }
         }
         self.hops = hops;
+        self.reopened.clear();
     }
 
     fn finish(&mut self, token: u32) -> Next {
@@ -941,6 +954,12 @@ mod tests {
         cost: f64,
         engine: EngineActor,
         alive: bool,
+        /// Another span the peer answers (a check stage its engine keeps) and lists at this
+        /// cost.
+        extra: Option<((usize, usize), f64)>,
+        /// Listed by the directory from this call number on (a node that takes layers over
+        /// announces them late).
+        listed_from: usize,
     }
 
     /// Stage calls as function calls; `faults` fire at the given call numbers (0-based).
@@ -969,6 +988,8 @@ mod tests {
                     cost,
                     engine: EngineActor::local(stage(&fx.path, span), MODEL),
                     alive: true,
+                    extra: None,
+                    listed_from: 0,
                 })
                 .collect();
             Self {
@@ -1044,15 +1065,20 @@ mod tests {
             let cands: Vec<Candidate> = self
                 .peers
                 .iter()
-                .map(|p| Candidate {
-                    peer: p.id,
-                    start: p.span.0,
-                    end: p.span.1,
-                    compute_s: p.cost,
-                    rtt: Some(Duration::from_millis(1)),
-                    load: 0.0,
-                    price_s: 0.0,
-                    full: false,
+                .filter(|p| p.listed_from <= self.calls)
+                .flat_map(|p| {
+                    std::iter::once((p.span, p.cost))
+                        .chain(p.extra)
+                        .map(|(span, cost)| Candidate {
+                            peer: p.id,
+                            start: span.0,
+                            end: span.1,
+                            compute_s: cost,
+                            rtt: Some(Duration::from_millis(1)),
+                            load: 0.0,
+                            price_s: 0.0,
+                            full: false,
+                        })
                 })
                 .collect();
             best_route(&cands, from, to, exclude).map(|(r, _)| r)
@@ -1113,6 +1139,45 @@ mod tests {
             }
         }
         (Ok(out), c)
+    }
+
+    /// A failover whose first replacement route fails half-way must not rejoin the old
+    /// chain on a peer that replay already restarted. The chain is A (0..1), C (1..2); A dies
+    /// on the second token. The first route from layer 0 replays to C's check stage of 0..1
+    /// (its session now holds those layers) and then to W, a node that just announced 1..2,
+    /// which dies too. The next route is Y (0..1) and C's old stage 1..2: C must be replayed
+    /// from position 0, not continued (its session holds the other span: it would refuse,
+    /// be excluded, and leave no route).
+    #[test]
+    fn a_failed_replay_never_rejoins_a_stage_it_restarted() {
+        let fx = tiny();
+        let mut mem = Mem::new(
+            &Fixture {
+                servers: vec![((0, 1), 1.0), ((1, 2), 1.0), ((1, 2), 0.5), ((0, 1), 1.5)],
+                ..fx.clone()
+            },
+            vec![(2, Fault::KillBefore), (4, Fault::KillBefore)],
+        );
+        let check = stage(&fx.path, (0, 1));
+        let c = &mut mem.peers[1];
+        c.engine.keep_check(check);
+        c.extra = Some(((0, 1), 2.0));
+        mem.peers[2].listed_from = 3;
+        mem.peers[3].listed_from = 5;
+        let (got, chain) = generate(&mut mem);
+        assert_eq!(got.unwrap(), reference(&fx));
+        let (a, c, w, y) = (
+            mem.peers[0].id,
+            mem.peers[1].id,
+            mem.peers[2].id,
+            mem.peers[3].id,
+        );
+        assert_eq!(chain.excluded(), &[a, w]);
+        assert_eq!(chain.failovers(), 2);
+        assert_eq!(
+            chain.route().iter().map(|h| h.peer).collect::<Vec<_>>(),
+            vec![y, c]
+        );
     }
 
     #[test]

@@ -609,7 +609,13 @@ pub(crate) struct NetTransport {
     pub(crate) usage: Usage,
     /// The audits of this chain's providers.
     pub(crate) audits: crate::audit::ChainAudits,
+    /// Session closes sent in the background and not yet answered, per peer: a later call to
+    /// the same peer waits for them (see [`Self::await_closes`]).
+    closing: Vec<(PeerId, tokio::task::JoinHandle<()>)>,
 }
+
+/// How long a call waits for an earlier close of the same session on its peer.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 impl NetTransport {
     fn new(client: NetworkClient, model: Digest, audits: ChainAudits) -> Self {
@@ -621,7 +627,35 @@ impl NetTransport {
             moved: Vec::new(),
             usage: Usage::default(),
             audits,
+            closing: Vec::new(),
         }
+    }
+
+    /// Waits (at most [`CLOSE_WAIT`]) for the closes still under way to `peer`: a failed
+    /// replay closes the sessions it opened, and when the next route goes back to one of
+    /// those peers, the close must not land after the call that reopens the session there
+    /// (it would kill the new session, and the next call would fail over from a healthy
+    /// node).
+    fn await_closes(&mut self, peer: &PeerId) {
+        self.closing.retain(|(_, h)| !h.is_finished());
+        let pending: Vec<_> = {
+            let (mine, others) = std::mem::take(&mut self.closing)
+                .into_iter()
+                .partition(|(p, _)| p == peer);
+            self.closing = others;
+            mine
+        };
+        if pending.is_empty() {
+            return;
+        }
+        self.client.runtime.block_on(async {
+            let all = async {
+                for (_, close) in pending {
+                    let _ = close.await;
+                }
+            };
+            let _ = tokio::time::timeout(CLOSE_WAIT, all).await;
+        });
     }
 
     /// Meters one answered call: accepted receipts add the peer's work, anything else is
@@ -739,6 +773,7 @@ impl Transport for NetTransport {
         if self.client.book().is_convicted(&peer) {
             return Err(convicted(&peer));
         }
+        self.await_closes(&peer);
         let started = Instant::now();
         let (layers, positions) = ((f.end - f.start) as usize, f.tokens.len());
         if f.position == 0 && !f.chunks.is_empty() {
@@ -867,9 +902,11 @@ impl Transport for NetTransport {
 
     fn close(&mut self, peer: PeerId, session: SessionId) {
         let handle = self.client.handle.clone();
-        self.client.runtime.spawn(async move {
+        let sent = self.client.runtime.spawn(async move {
             let _ = handle.call(peer, Request::Close { session }).await;
         });
+        self.closing.retain(|(_, h)| !h.is_finished());
+        self.closing.push((peer, sent));
     }
 
     fn blame(&mut self, peer: PeerId) {

@@ -596,7 +596,7 @@ impl EngineActor {
     /// kept stage is in use the new one is refused, as is one of the served span or of a
     /// span already kept. So at most that many check stages are ever alive: only kept stages
     /// open sessions, and a kept stage in use stays kept.
-    fn keep_check(&mut self, stage: Arc<Stage>) {
+    pub(crate) fn keep_check(&mut self, stage: Arc<Stage>) {
         let span = stage.span();
         if span == self.stage.span() || self.checks.iter().any(|c| c.span() == span) {
             return;
