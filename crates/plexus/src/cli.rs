@@ -612,11 +612,11 @@ pub struct NodeArgs {
     /// Exit when this process id is gone (used by `plexus up`).
     #[arg(long, hide = true)]
     pub parent_pid: Option<u32>,
-    /// Load layers outside the served span to check other nodes' work: for the gateways'
-    /// audits of spans that no other node serves (announced as `check_layers`: what free
-    /// memory holds beyond the unused KV budget).
+    /// Never load layers outside the served span. By default a node does, to check other
+    /// nodes' work: for the gateways' audits of spans that no other node serves (announced as
+    /// `check_layers`: what free memory holds beyond the unused KV budget).
     #[arg(long)]
-    pub checks: bool,
+    pub no_checks: bool,
     /// Trust this gateway's verdicts (its peer id; repeatable): nodes it announces as
     /// convicted by audit are left out of placement, so the layers a convicted node served
     /// alone are taken over by the others.
@@ -769,10 +769,10 @@ pub struct UpArgs {
     /// prefers it.
     #[arg(long, hide = true, value_name = "KIND")]
     pub cheat: Option<plexus_node::cheat::Cheat>,
-    /// Start the nodes with `--checks`: they load each other's spans to audit them, so a span
-    /// with a single server is audited too.
+    /// Start the nodes with `--no-checks`: they never load each other's spans to audit them,
+    /// so a span with a single server goes unaudited.
     #[arg(long)]
-    pub node_checks: bool,
+    pub no_node_checks: bool,
     /// Tests only: node 0 computes with this arithmetic (`plexus node --arithmetic`), so it
     /// announces a build no other node has, and asks price 0 so routing prefers it.
     #[arg(long, hide = true, value_name = "KIND", default_value = "current")]

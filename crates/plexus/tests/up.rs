@@ -331,9 +331,10 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
     stop_up(up);
 
     // The ledger it leaves: each node was paid into its locked earnings for its receipted
-    // work (equal spans at equal prices: equal pay; nodes here do not load each other's
-    // spans to check them, checks being opt-in), the gateway kept the rest of what the client
-    // spent, and nothing more was paid than spent.
+    // work (equal spans at equal prices: equal pay for serving, plus a checker's pay when a
+    // job was drawn for audit at the 1% floor: nodes load each other's spans to check them),
+    // the gateway kept the rest of what the client spent, and nothing more was paid than
+    // spent.
     let status = |dir: &str| status(&base, dir);
     let nodes: Vec<u64> = (0..3)
         .map(|i| {
@@ -351,10 +352,7 @@ fn plexus_up_serves_the_openai_client_and_stops_cleanly() {
         .map(|a| a["spent"].as_u64().unwrap())
         .sum();
     eprintln!("spent {spent}: nodes {nodes:?}, gateway {fee}");
-    assert!(
-        nodes[0] > 0 && nodes.iter().all(|&n| n == nodes[0]),
-        "{nodes:?}"
-    );
+    assert!(nodes.iter().all(|&n| n > 0), "{nodes:?}");
     assert_eq!(nodes.iter().sum::<u64>() + fee, spent, "{all}");
 
     // Each node's earnings are its accepted receipts' work x its price (1000 per 1000
@@ -680,7 +678,6 @@ fn a_cheater_alone_on_its_span_is_audited_convicted_and_its_layers_taken_over_is
             "1",
             "--cheat",
             "random",
-            "--node-checks",
         ],
         cache.path(),
     );

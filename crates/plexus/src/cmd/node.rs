@@ -59,7 +59,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         );
     }
     config.claim_decode_s_per_layer = args.claim_decode_s_per_layer;
-    config.checks = args.checks;
+    config.checks = !args.no_checks;
     config.trust_verdicts = args
         .trust_verdicts
         .iter()

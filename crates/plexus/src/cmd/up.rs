@@ -81,7 +81,7 @@ struct NodeOptions {
     arithmetic: plexus_node::engine::Arithmetic,
     /// The gateway whose verdicts the node trusts (`--trust-verdicts`): `plexus up`'s own.
     trust: Option<plexus_net::PeerId>,
-    /// `--checks`: load other nodes' spans to audit them.
+    /// Load other nodes' spans to audit them (else `--no-checks`).
     checks: bool,
 }
 
@@ -138,8 +138,8 @@ async fn start_node(
     if let Some(gateway) = options.trust {
         cmd.arg("--trust-verdicts").arg(gateway.to_string());
     }
-    if options.checks {
-        cmd.arg("--checks");
+    if !options.checks {
+        cmd.arg("--no-checks");
     }
     if let Some(stages) = options.follow {
         cmd.arg("--follow-placement")
@@ -270,7 +270,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 cheat: None,
                 arithmetic: plexus_node::engine::Arithmetic::Current,
                 trust: Some(gateway),
-                checks: args.node_checks,
+                checks: !args.no_node_checks,
             };
             let first_options = NodeOptions {
                 cheat: args.cheat,
