@@ -402,7 +402,16 @@ impl Chain {
             r.iter()
                 .any(|h| self.hops[..k].iter().any(|s| s.hop.peer == h.peer))
         };
-        let Some(route) = route.filter(|r| self.is_cover(r, replay.from) && !kept_peer(r)) else {
+        // A peer twice in one route would hold one session for two spans (the second replay
+        // restarts the first's): such a route is no route.
+        let distinct = |r: &Vec<Hop>| {
+            r.iter()
+                .enumerate()
+                .all(|(i, h)| r[..i].iter().all(|g| g.peer != h.peer))
+        };
+        let Some(route) =
+            route.filter(|r| self.is_cover(r, replay.from) && !kept_peer(r) && distinct(r))
+        else {
             if replay.from == 0 {
                 return self.no_route(0);
             }
@@ -657,10 +666,17 @@ impl Chain {
         let Some(hop) = route.get(j).cloned() else {
             return self.no_route(replay.from);
         };
-        // Not onto a stage whose peer an earlier replay of this failover already restarted
-        // (a route that failed further on): its session there holds another span now.
-        let rejoin = (k + 1..self.hops.len())
-            .find(|&m| self.hops[m].hop == hop && !self.reopened.contains(&hop.peer));
+        // Only onto a stage that has not taken the current feed yet (one after the stage that
+        // failed: a replay from layer 0 may pass stages before it), and whose peers from
+        // there on no replay of this failover restarted (a route that failed further on
+        // opened a session of another span there).
+        let rejoin = (k + 1..self.hops.len()).find(|&m| {
+            self.hops[m].hop == hop
+                && self.hops[m].position == self.tokens.len()
+                && !self.hops[m..]
+                    .iter()
+                    .any(|h| self.reopened.contains(&h.hop.peer))
+        });
         if let Some(m) = rejoin {
             // Rejoin: the old stages between the failed one and `m` are no longer used.
             let Some(next_input) = input.as_ref().map(|a| a.tail_rows(self.feed.len())) else {

@@ -609,9 +609,10 @@ pub(crate) struct NetTransport {
     pub(crate) usage: Usage,
     /// The audits of this chain's providers.
     pub(crate) audits: crate::audit::ChainAudits,
-    /// Session closes sent in the background and not yet answered, per peer: a later call to
-    /// the same peer waits for them (see [`Self::await_closes`]).
-    closing: Vec<(PeerId, tokio::task::JoinHandle<()>)>,
+    /// Session closes sent in the background and not yet answered, per peer and session: a
+    /// later call of that session to the same peer waits for them (see
+    /// [`Self::await_closes`]).
+    closing: Vec<((PeerId, SessionId), tokio::task::JoinHandle<()>)>,
 }
 
 /// How long a call waits for an earlier close of the same session on its peer.
@@ -636,25 +637,32 @@ impl NetTransport {
     /// those peers, the close must not land after the call that reopens the session there
     /// (it would kill the new session, and the next call would fail over from a healthy
     /// node).
-    fn await_closes(&mut self, peer: &PeerId) {
+    /// A close still unanswered then is aborted (if it has not gone out yet, it never
+    /// will; one already sent may still land late, which only the caller's next failover
+    /// repairs).
+    fn await_closes(&mut self, peer: &PeerId, session: SessionId) {
         self.closing.retain(|(_, h)| !h.is_finished());
+        let key = (*peer, session);
         let pending: Vec<_> = {
             let (mine, others) = std::mem::take(&mut self.closing)
                 .into_iter()
-                .partition(|(p, _)| p == peer);
+                .partition(|(k, _)| *k == key);
             self.closing = others;
             mine
         };
         if pending.is_empty() {
             return;
         }
+        let aborts: Vec<_> = pending.iter().map(|(_, h)| h.abort_handle()).collect();
         self.client.runtime.block_on(async {
             let all = async {
                 for (_, close) in pending {
                     let _ = close.await;
                 }
             };
-            let _ = tokio::time::timeout(CLOSE_WAIT, all).await;
+            if tokio::time::timeout(CLOSE_WAIT, all).await.is_err() {
+                aborts.iter().for_each(tokio::task::AbortHandle::abort);
+            }
         });
     }
 
@@ -773,7 +781,7 @@ impl Transport for NetTransport {
         if self.client.book().is_convicted(&peer) {
             return Err(convicted(&peer));
         }
-        self.await_closes(&peer);
+        self.await_closes(&peer, f.session);
         let started = Instant::now();
         let (layers, positions) = ((f.end - f.start) as usize, f.tokens.len());
         if f.position == 0 && !f.chunks.is_empty() {
@@ -906,7 +914,7 @@ impl Transport for NetTransport {
             let _ = handle.call(peer, Request::Close { session }).await;
         });
         self.closing.retain(|(_, h)| !h.is_finished());
-        self.closing.push((peer, sent));
+        self.closing.push(((peer, session), sent));
     }
 
     fn blame(&mut self, peer: PeerId) {
