@@ -138,6 +138,34 @@ impl<R> Checks<R> {
         Hold::Load(span, self.start(span, now))
     }
 
+    /// Starts loading `span` before any call asks for it, when the node has a stage slot to
+    /// spare (a guess never evicts a kept stage), nothing loads or waits, and `span` is not
+    /// `served`, kept, nor left within [`LEFT_FOR`] of `now`: how long to wait first (see
+    /// [`Self::start`]), `None` when it does not load. The node prefetches the spans a single
+    /// node serves, whose audits go to nodes that load them: an audited call then finds the
+    /// stage ready instead of waiting for the load beside the provider's answer.
+    pub fn prefetch(
+        &mut self,
+        span: LayerSpan,
+        served: LayerSpan,
+        now: Instant,
+    ) -> Option<Duration> {
+        let left = self
+            .left
+            .iter()
+            .any(|(s, at)| *s == span && now.duration_since(*at) < LEFT_FOR);
+        if self.loading.is_some()
+            || !self.held.is_empty()
+            || self.kept.len() >= MAX_CHECK_STAGES
+            || self.kept.contains(&span)
+            || span == served
+            || left
+        {
+            return None;
+        }
+        Some(self.start(span, now))
+    }
+
     /// Starts loading `span`: how long to wait first, so loads start [`LOAD_EVERY`] apart.
     fn start(&mut self, span: LayerSpan, now: Instant) -> Duration {
         let after = self.last_load.map_or(Duration::ZERO, |t| {
@@ -209,6 +237,47 @@ mod tests {
             all_rows: false,
             prompt_len: 0,
         }
+    }
+
+    #[test]
+    fn prefetch_uses_a_spare_slot_only_and_never_races_a_load() {
+        let t0 = Instant::now();
+        let served = LayerSpan::new(0, 10);
+        let (a, b, c) = (
+            LayerSpan::new(10, 20),
+            LayerSpan::new(20, 30),
+            LayerSpan::new(5, 15),
+        );
+        let mut checks = Checks::<u32>::default();
+        assert_eq!(checks.prefetch(served, served, t0), None, "the served span");
+        assert_eq!(checks.prefetch(a, served, t0), Some(Duration::ZERO));
+        assert_eq!(checks.prefetch(b, served, t0), None, "a load is under way");
+        let (held, next) = checks.loaded(a, Some(vec![a]), t0);
+        assert!(held.is_empty() && next.is_none());
+        assert_eq!(checks.prefetch(a, served, t0), None, "already kept");
+        // The next load starts LOAD_EVERY after the last.
+        assert_eq!(checks.prefetch(b, served, t0), Some(LOAD_EVERY));
+        checks.loaded(b, Some(vec![a, b]), t0 + LOAD_EVERY);
+        assert_eq!(
+            checks.prefetch(c, served, t0 + LOAD_EVERY * 2),
+            None,
+            "both slots taken: a guess never evicts"
+        );
+        // A call waiting for a load comes first.
+        let mut checks = Checks::<u32>::default();
+        assert!(matches!(
+            checks.hold(PeerId::random(), Box::new(call(5, 15, 0)), 1, c, t0),
+            Hold::Load(..)
+        ));
+        assert_eq!(checks.prefetch(a, served, t0), None);
+        // A span placement just moved the node off is not fetched back.
+        let mut checks = Checks::<u32>::default();
+        checks.leave(a, t0);
+        assert_eq!(
+            checks.prefetch(a, served, t0 + Duration::from_secs(1)),
+            None
+        );
+        assert!(checks.prefetch(a, served, t0 + LEFT_FOR).is_some());
     }
 
     #[test]

@@ -511,6 +511,40 @@ impl Node {
         });
     }
 
+    /// Loads ahead the next span a single other node serves (audits of it come to nodes that
+    /// load it, see [`crate::checks`]), when this node checks, has a stage slot to spare and
+    /// room for the span: the one nearest after its own span first, so nodes spread over the
+    /// sole servers. One load at a time; the next tick takes the next span.
+    fn prefetch_checks(&mut self) {
+        if !self.config.checks {
+            return;
+        }
+        let me = self.peer_id();
+        let served = self.served.stage.span();
+        let layers = self.served.stage.config().num_layers;
+        let mut servers: std::collections::BTreeMap<(usize, usize), usize> = Default::default();
+        for (peer, _, o) in self.keeper.directory().offers(&self.served.model) {
+            if peer != me && o.start < o.end && o.end as usize <= layers {
+                *servers
+                    .entry((o.start as usize, o.end as usize))
+                    .or_default() += 1;
+            }
+        }
+        let mut sole: Vec<LayerSpan> = servers
+            .into_iter()
+            .filter(|((a, b), n)| *n == 1 && b - a <= self.check_room)
+            .map(|((a, b), _)| LayerSpan::new(a, b))
+            .collect();
+        sole.sort_by_key(|s| (s.start + layers - served.end % layers) % layers);
+        let now = std::time::Instant::now();
+        for span in sole {
+            if let Some(after) = self.checks.prefetch(span, served, now) {
+                self.load_check(span, after);
+                return;
+            }
+        }
+    }
+
     /// A check stage loaded (or failed to): the calls that waited for it go to the engine (or
     /// are refused), and the next span waited for starts loading.
     async fn on_check_loaded(&mut self, span: LayerSpan, result: Result<Vec<LayerSpan>, String>) {
@@ -964,6 +998,7 @@ impl Node {
                     }
                     self.keeper.prune();
                     self.announce().await;
+                    self.prefetch_checks();
                 }
             }
         };
