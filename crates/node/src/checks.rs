@@ -5,6 +5,8 @@
 //! Forward opening a session on another span ─▶ Checks::needs_stage ─▶ held (Checks::hold)
 //!   first one held ─▶ load the span off the event loop ─▶ EngineHandle::check_blocking
 //!   loaded ─▶ Checks::loaded ─▶ the held calls go to the engine (new sessions open on it)
+//! announcement tick ─▶ a span with a single other server, a spare slot ─▶ Checks::prefetch
+//!   ─▶ the same load, with no call waiting (audits of a sole server find the stage ready)
 //! ```
 //!
 //! Any peer may send such a call (a node cannot tell a gateway from anyone else), so what it
