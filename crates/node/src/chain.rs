@@ -379,11 +379,18 @@ impl Chain {
         let Phase::Reroute { k, replay } = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return self.no_route(0);
         };
+        // A peer twice in one route would hold one session for two spans (the second replay
+        // restarts the first's): such a route is no route.
+        let distinct = |r: &Vec<Hop>| {
+            r.iter()
+                .enumerate()
+                .all(|(i, h)| r[..i].iter().all(|g| g.peer != h.peer))
+        };
         // A route from layer 0 also does when none from `from` exists (survivors re-planned
         // and now serve other spans): the whole log is replayed from the first layer.
         if let Some(r) = route
             .as_ref()
-            .filter(|r| replay.from > 0 && self.is_cover(r, 0))
+            .filter(|r| replay.from > 0 && self.is_cover(r, 0) && distinct(r))
         {
             let r = r.clone();
             let replay = Replay {
@@ -401,13 +408,6 @@ impl Chain {
         let kept_peer = |r: &Vec<Hop>| {
             r.iter()
                 .any(|h| self.hops[..k].iter().any(|s| s.hop.peer == h.peer))
-        };
-        // A peer twice in one route would hold one session for two spans (the second replay
-        // restarts the first's): such a route is no route.
-        let distinct = |r: &Vec<Hop>| {
-            r.iter()
-                .enumerate()
-                .all(|(i, h)| r[..i].iter().all(|g| g.peer != h.peer))
         };
         let Some(route) =
             route.filter(|r| self.is_cover(r, replay.from) && !kept_peer(r) && distinct(r))

@@ -65,6 +65,12 @@ pub struct Checks<R = Reply> {
     last_load: Option<Instant>,
     /// Spans placement moved this node off, and when.
     left: Vec<(LayerSpan, Instant)>,
+    /// The kept span the load under way will make the engine drop (put back if it fails).
+    dropping: Option<LayerSpan>,
+    /// Whether the load under way is a prefetch (not rate-limited: the node's own guess).
+    guessing: bool,
+    /// Spans whose prefetch failed, and when: not guessed again within [`LEFT_FOR`].
+    failed: Vec<(LayerSpan, Instant)>,
 }
 
 impl<R> Default for Checks<R> {
@@ -75,6 +81,9 @@ impl<R> Default for Checks<R> {
             held: Vec::new(),
             last_load: None,
             left: Vec::new(),
+            dropping: None,
+            guessing: false,
+            failed: Vec::new(),
         }
     }
 }
@@ -140,32 +149,32 @@ impl<R> Checks<R> {
         Hold::Load(span, self.start(span, now))
     }
 
-    /// Starts loading `span` before any call asks for it, when the node has a stage slot to
-    /// spare (a guess never evicts a kept stage), nothing loads or waits, and `span` is not
-    /// `served`, kept, nor left within [`LEFT_FOR`] of `now`: how long to wait first (see
-    /// [`Self::start`]), `None` when it does not load. The node prefetches the spans a single
-    /// node serves, whose audits go to nodes that load them: an audited call then finds the
-    /// stage ready instead of waiting for the load beside the provider's answer.
-    pub fn prefetch(
-        &mut self,
-        span: LayerSpan,
-        served: LayerSpan,
-        now: Instant,
-    ) -> Option<Duration> {
-        let left = self
-            .left
-            .iter()
-            .any(|(s, at)| *s == span && now.duration_since(*at) < LEFT_FOR);
+    /// Whether to load `span` now, before any call asks for it: when the node has a stage
+    /// slot to spare (a guess never evicts a kept stage), nothing loads or waits, and `span`
+    /// is not `served`, kept, left within [`LEFT_FOR`] of `now`, nor a span whose guess failed
+    /// within that time. The node prefetches the spans a single node serves, whose audits go
+    /// to nodes that load them: an audited call then finds the stage ready instead of waiting
+    /// for the load beside the provider's answer. A prefetch starts at once and does not
+    /// count for [`LOAD_EVERY`], so a call that needs another span right after it is not
+    /// made to wait for the guess's turn.
+    pub fn prefetch(&mut self, span: LayerSpan, served: LayerSpan, now: Instant) -> bool {
+        let recent = |list: &[(LayerSpan, Instant)]| {
+            list.iter()
+                .any(|(s, at)| *s == span && now.duration_since(*at) < LEFT_FOR)
+        };
         if self.loading.is_some()
             || !self.held.is_empty()
             || self.kept.len() >= MAX_CHECK_STAGES
             || self.kept.contains(&span)
             || span == served
-            || left
+            || recent(&self.left)
+            || recent(&self.failed)
         {
-            return None;
+            return false;
         }
-        Some(self.start(span, now))
+        self.loading = Some(span);
+        self.guessing = true;
+        true
     }
 
     /// Starts loading `span`: how long to wait first, so loads start [`LOAD_EVERY`] apart.
@@ -175,10 +184,11 @@ impl<R> Checks<R> {
         });
         self.last_load = Some(now + after);
         self.loading = Some(span);
+        self.guessing = false;
         // The engine drops its oldest check stage when this one arrives: from now on calls
         // for that span wait for a load of their own rather than reach a stage about to go.
         if !self.kept.contains(&span) && self.kept.len() >= MAX_CHECK_STAGES {
-            self.kept.remove(0);
+            self.dropping = Some(self.kept.remove(0));
         }
         after
     }
@@ -193,9 +203,22 @@ impl<R> Checks<R> {
         now: Instant,
     ) -> (Vec<Held<R>>, Option<(LayerSpan, Duration)>) {
         self.loading = None;
-        if let Some(kept) = kept {
-            self.kept = kept;
+        let dropping = self.dropping.take();
+        match kept {
+            Some(kept) => self.kept = kept,
+            None => {
+                // The engine kept what it had: the stage the load was to replace included.
+                if let Some(d) = dropping {
+                    self.kept.insert(0, d);
+                }
+                if self.guessing {
+                    self.failed
+                        .retain(|(_, at)| now.duration_since(*at) < LEFT_FOR);
+                    self.failed.push((span, now));
+                }
+            }
         }
+        self.guessing = false;
         let (done, rest): (Vec<Held<R>>, Vec<Held<R>>) =
             self.held.drain(..).partition(|h| h.span == span);
         self.held = rest;
@@ -251,35 +274,59 @@ mod tests {
             LayerSpan::new(5, 15),
         );
         let mut checks = Checks::<u32>::default();
-        assert_eq!(checks.prefetch(served, served, t0), None, "the served span");
-        assert_eq!(checks.prefetch(a, served, t0), Some(Duration::ZERO));
-        assert_eq!(checks.prefetch(b, served, t0), None, "a load is under way");
+        assert!(!checks.prefetch(served, served, t0), "the served span");
+        assert!(checks.prefetch(a, served, t0));
+        assert!(!checks.prefetch(b, served, t0), "a load is under way");
         let (held, next) = checks.loaded(a, Some(vec![a]), t0);
         assert!(held.is_empty() && next.is_none());
-        assert_eq!(checks.prefetch(a, served, t0), None, "already kept");
-        // The next load starts LOAD_EVERY after the last.
-        assert_eq!(checks.prefetch(b, served, t0), Some(LOAD_EVERY));
-        checks.loaded(b, Some(vec![a, b]), t0 + LOAD_EVERY);
+        assert!(!checks.prefetch(a, served, t0), "already kept");
+        // A guess does not count for the rate limit: a call's load right after starts at once.
+        let peer = PeerId::random();
         assert_eq!(
-            checks.prefetch(c, served, t0 + LOAD_EVERY * 2),
-            None,
+            checks.hold(peer, Box::new(call(5, 15, 0)), 1, c, t0),
+            Hold::Load(c, Duration::ZERO)
+        );
+        assert!(!checks.prefetch(b, served, t0), "a call waits for a load");
+        let (held, _) = checks.loaded(c, Some(vec![a, c]), t0);
+        assert_eq!(held.len(), 1);
+        assert!(
+            !checks.prefetch(b, served, t0 + LOAD_EVERY),
             "both slots taken: a guess never evicts"
         );
-        // A call waiting for a load comes first.
+        // A failed guess is not tried again for a while.
         let mut checks = Checks::<u32>::default();
-        assert!(matches!(
-            checks.hold(PeerId::random(), Box::new(call(5, 15, 0)), 1, c, t0),
-            Hold::Load(..)
-        ));
-        assert_eq!(checks.prefetch(a, served, t0), None);
+        assert!(checks.prefetch(b, served, t0));
+        checks.loaded(b, None, t0);
+        assert!(!checks.prefetch(b, served, t0 + Duration::from_secs(1)));
+        assert!(checks.prefetch(a, served, t0 + Duration::from_secs(1)));
+        checks.loaded(a, Some(vec![a]), t0 + Duration::from_secs(1));
+        assert!(checks.prefetch(b, served, t0 + LEFT_FOR));
         // A span placement just moved the node off is not fetched back.
         let mut checks = Checks::<u32>::default();
         checks.leave(a, t0);
-        assert_eq!(
-            checks.prefetch(a, served, t0 + Duration::from_secs(1)),
-            None
+        assert!(!checks.prefetch(a, served, t0 + Duration::from_secs(1)));
+        assert!(checks.prefetch(a, served, t0 + LEFT_FOR));
+    }
+
+    #[test]
+    fn a_failed_load_gives_back_the_stage_it_was_to_replace() {
+        let t0 = Instant::now();
+        let (a, b, c) = (
+            LayerSpan::new(0, 1),
+            LayerSpan::new(1, 2),
+            LayerSpan::new(2, 3),
         );
-        assert!(checks.prefetch(a, served, t0 + LEFT_FOR).is_some());
+        let mut checks = Checks::<u32>::default();
+        checks.loaded(a, Some(vec![a, b]), t0);
+        let peer = PeerId::random();
+        assert!(matches!(
+            checks.hold(peer, Box::new(call(2, 3, 0)), 1, c, t0),
+            Hold::Load(..)
+        ));
+        assert!(!checks.keeps(a), "about to be dropped");
+        checks.loaded(c, None, t0);
+        assert!(checks.keeps(a) && checks.keeps(b));
+        assert_eq!(checks.kept_layers(), 2);
     }
 
     #[test]

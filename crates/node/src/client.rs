@@ -637,9 +637,9 @@ impl NetTransport {
     /// those peers, the close must not land after the call that reopens the session there
     /// (it would kill the new session, and the next call would fail over from a healthy
     /// node).
-    /// A close still unanswered then is aborted (if it has not gone out yet, it never
-    /// will; one already sent may still land late, which only the caller's next failover
-    /// repairs).
+    /// A close still unanswered then is aborted, which stops it only if the network task
+    /// still holds it unsent; one already sent may land late, which only the chain's next
+    /// failover repairs.
     fn await_closes(&mut self, peer: &PeerId, session: SessionId) {
         self.closing.retain(|(_, h)| !h.is_finished());
         let key = (*peer, session);

@@ -516,15 +516,22 @@ impl Node {
     /// room for the span: the one nearest after its own span first, so nodes spread over the
     /// sole servers. One load at a time; the next tick takes the next span.
     fn prefetch_checks(&mut self) {
-        if !self.config.checks {
+        // Not while placement moves this node (both loads would compete for memory).
+        if !self.config.checks || self.loading {
             return;
         }
         let me = self.peer_id();
         let served = self.served.stage.span();
         let layers = self.served.stage.config().num_layers;
+        // Convicted servers are on their way out (their spans are taken over).
+        let convicted = self.verdicts.convicted(self.keeper.directory(), now_ms());
         let mut servers: std::collections::BTreeMap<(usize, usize), usize> = Default::default();
         for (peer, _, o) in self.keeper.directory().offers(&self.served.model) {
-            if peer != me && o.start < o.end && o.end as usize <= layers {
+            if peer != me
+                && !convicted.contains(&peer)
+                && o.start < o.end
+                && o.end as usize <= layers
+            {
                 *servers
                     .entry((o.start as usize, o.end as usize))
                     .or_default() += 1;
@@ -538,8 +545,8 @@ impl Node {
         sole.sort_by_key(|s| (s.start + layers - served.end % layers) % layers);
         let now = std::time::Instant::now();
         for span in sole {
-            if let Some(after) = self.checks.prefetch(span, served, now) {
-                self.load_check(span, after);
+            if self.checks.prefetch(span, served, now) {
+                self.load_check(span, Duration::ZERO);
                 return;
             }
         }
