@@ -1196,6 +1196,44 @@ mod tests {
         );
     }
 
+    /// A replay from layer 0 passes stages before the failed one, which already took the
+    /// current feed: it must replay them too, never rejoin them. The chain is A (0..10),
+    /// B (10..20), C (20..30); C dies on the second token. The only route from layer 20 is A's
+    /// check stage of 20..30, refused (A holds the chain's first stage), so the chain routes
+    /// from layer 0: Y (a node that just announced 0..10), B, A (20..30). B, already fed this
+    /// token, is replayed from position 0 (continued, it would take the token twice).
+    #[test]
+    fn a_replay_from_layer_0_never_rejoins_a_stage_that_took_the_feed() {
+        let fx = smol();
+        let mut mem = Mem::new(
+            &Fixture {
+                servers: vec![
+                    ((0, 10), 1.0),
+                    ((10, 20), 1.0),
+                    ((20, 30), 1.0),
+                    ((0, 10), 0.5),
+                ],
+                ..fx.clone()
+            },
+            vec![(5, Fault::KillBefore)],
+        );
+        mem.peers[0].engine.keep_check(stage(&fx.path, (20, 30)));
+        mem.peers[0].extra = Some(((20, 30), 2.0));
+        mem.peers[3].listed_from = 6;
+        let (got, chain) = generate(&mut mem);
+        assert_eq!(got.unwrap(), reference(&fx));
+        let (a, b, y) = (mem.peers[0].id, mem.peers[1].id, mem.peers[3].id);
+        assert_eq!(chain.failovers(), 1);
+        assert_eq!(
+            chain
+                .route()
+                .iter()
+                .map(|h| (h.peer, h.start))
+                .collect::<Vec<_>>(),
+            vec![(y, 0), (b, 10), (a, 20)]
+        );
+    }
+
     #[test]
     fn an_undisturbed_chain_gives_the_whole_models_tokens() {
         for fx in [tiny(), smol()] {
