@@ -572,7 +572,7 @@ pub fn account_of(dir: &Directory, peer: &PeerId) -> Option<Address> {
 }
 
 /// The peers offering `model` (on build `version` when given, none of `not`) whose offer
-/// `fits`: the search behind [`same_span`] and [`span_checkers`].
+/// `fits`.
 fn offering(
     dir: &Directory,
     model: &Digest,
@@ -587,38 +587,10 @@ fn offering(
         .collect()
 }
 
-/// The peers serving exactly `start..end` of `model` (see [`offering`]).
-fn same_span(
-    dir: &Directory,
-    model: &Digest,
-    start: u32,
-    end: u32,
-    version: Option<&str>,
-    not: &[PeerId],
-) -> Vec<PeerId> {
-    offering(dir, model, version, not, |o| {
-        (o.start, o.end) == (start, end)
-    })
-}
-
-/// Nodes of `model` that load other spans to check them (`ModelOffer::check_layers`) and can
-/// hold `start..end`, not serving it themselves: who checks a span that nobody else serves.
-fn span_checkers(
-    dir: &Directory,
-    model: &Digest,
-    start: u32,
-    end: u32,
-    version: Option<&str>,
-    not: &[PeerId],
-) -> Vec<PeerId> {
-    offering(dir, model, version, not, |o| {
-        (o.start, o.end) != (start, end) && o.check_layers >= end.saturating_sub(start)
-    })
-}
-
 /// Who may check `start..end`: the nodes serving that span that `ok` accepts; when there are
-/// fewer than `wanted` of them, nodes that load it to check it as well (so a span with a
-/// single server, or whose other servers were convicted, is audited too).
+/// fewer than `wanted` of them, nodes that load other spans to check them
+/// (`ModelOffer::check_layers`) and can hold this one as well (so a span with a single
+/// server, or whose other servers were convicted, is audited too).
 fn checkers(
     dir: &Directory,
     model: &Digest,
@@ -628,10 +600,14 @@ fn checkers(
     ok: impl Fn(&PeerId) -> bool,
     wanted: usize,
 ) -> Vec<PeerId> {
-    let mut out = same_span(dir, model, start, end, version, not);
+    let serves = |o: &plexus_core::announce::ModelOffer| (o.start, o.end) == (start, end);
+    let mut out = offering(dir, model, version, not, serves);
     out.retain(&ok);
     if out.len() < wanted {
-        for p in span_checkers(dir, model, start, end, version, not) {
+        let loads = |o: &plexus_core::announce::ModelOffer| {
+            !serves(o) && o.check_layers >= end.saturating_sub(start)
+        };
+        for p in offering(dir, model, version, not, loads) {
             if ok(&p) && !out.contains(&p) {
                 out.push(p);
             }

@@ -110,9 +110,7 @@ impl<R> Checks<R> {
         if span == served || span.len() > capacity || self.kept.contains(&span) {
             return None;
         }
-        let left =
-            |(s, at): &(LayerSpan, Instant)| *s == span && now.duration_since(*at) < LEFT_FOR;
-        if self.left.iter().any(left) {
+        if within(&self.left, span, now) {
             return None;
         }
         Some(span)
@@ -120,9 +118,7 @@ impl<R> Checks<R> {
 
     /// Placement moved this node off `span` at `now`.
     pub fn leave(&mut self, span: LayerSpan, now: Instant) {
-        self.left
-            .retain(|(s, at)| *s != span && now.duration_since(*at) < LEFT_FOR);
-        self.left.push((span, now));
+        remember(&mut self.left, span, now);
     }
 
     /// Holds a call until `span` is loaded (`now`: the time of the call).
@@ -158,17 +154,13 @@ impl<R> Checks<R> {
     /// count for [`LOAD_EVERY`], so a call that needs another span right after it is not
     /// made to wait for the guess's turn.
     pub fn prefetch(&mut self, span: LayerSpan, served: LayerSpan, now: Instant) -> bool {
-        let recent = |list: &[(LayerSpan, Instant)]| {
-            list.iter()
-                .any(|(s, at)| *s == span && now.duration_since(*at) < LEFT_FOR)
-        };
         if self.loading.is_some()
             || !self.held.is_empty()
             || self.kept.len() >= MAX_CHECK_STAGES
             || self.kept.contains(&span)
             || span == served
-            || recent(&self.left)
-            || recent(&self.failed)
+            || within(&self.left, span, now)
+            || within(&self.failed, span, now)
         {
             return false;
         }
@@ -212,9 +204,7 @@ impl<R> Checks<R> {
                     self.kept.insert(0, d);
                 }
                 if self.guessing {
-                    self.failed
-                        .retain(|(_, at)| now.duration_since(*at) < LEFT_FOR);
-                    self.failed.push((span, now));
+                    remember(&mut self.failed, span, now);
                 }
             }
         }
@@ -240,6 +230,19 @@ impl<R> Checks<R> {
     pub fn kept_layers(&self) -> usize {
         self.kept.iter().map(|s| s.len()).sum()
     }
+}
+
+/// Whether `list` holds `span` from less than [`LEFT_FOR`] before `now`.
+fn within(list: &[(LayerSpan, Instant)], span: LayerSpan, now: Instant) -> bool {
+    list.iter()
+        .any(|(s, at)| *s == span && now.duration_since(*at) < LEFT_FOR)
+}
+
+/// Records `span` at `now` in `list`, forgetting what is [`LEFT_FOR`] old (and `span`'s
+/// earlier entry).
+fn remember(list: &mut Vec<(LayerSpan, Instant)>, span: LayerSpan, now: Instant) {
+    list.retain(|(s, at)| *s != span && now.duration_since(*at) < LEFT_FOR);
+    list.push((span, now));
 }
 
 #[cfg(test)]

@@ -643,13 +643,7 @@ impl NetTransport {
     fn await_closes(&mut self, peer: &PeerId, session: SessionId) {
         self.closing.retain(|(_, h)| !h.is_finished());
         let key = (*peer, session);
-        let pending: Vec<_> = {
-            let (mine, others) = std::mem::take(&mut self.closing)
-                .into_iter()
-                .partition(|(k, _)| *k == key);
-            self.closing = others;
-            mine
-        };
+        let pending: Vec<_> = self.closing.extract_if(.., |(k, _)| *k == key).collect();
         if pending.is_empty() {
             return;
         }
