@@ -678,9 +678,15 @@ impl NetActor {
             pending.extend(addrs.iter().cloned());
             // Not `DisconnectedAndNotDialing`: a dial already under way may be on the
             // unreachable addresses alone; only addresses not being dialed yet are tried.
+            // From a fresh port, not the listening one: a dial to a NATed peer hangs until
+            // its timeout, and were it bound to the listening port it would hold the very
+            // address pair a hole punch then uses. The peer's punch then lands in this dial's
+            // socket, both sides run the handshake as its initiator and fail, and the
+            // sockets' TIME_WAIT spoils the re-punches on that pair for a minute.
             let opts = DialOpts::peer_id(peer)
                 .condition(PeerCondition::Disconnected)
                 .addresses(addrs)
+                .allocate_new_port()
                 .build();
             if let Err(e) = self.swarm.dial(opts) {
                 debug!(%peer, "dial failed: {e}");
