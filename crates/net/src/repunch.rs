@@ -2,15 +2,26 @@
 //! connection this side dialed. DCUtR runs once per relayed connection, with the addresses
 //! known when it opened, and only the side that accepted the circuit learns that its direct
 //! dials all failed; so the dialing side re-punches when DCUtR reports an error to it, or when
-//! no direct connection has appeared [`PUNCH_WAIT`] after its circuit opened. At most
-//! [`MAX_REPUNCHES`] fresh circuits per connected episode, each a little later than the last.
+//! no direct connection has appeared [`PUNCH_WAIT`] after its circuit opened: the first
+//! [`MAX_REPUNCHES`] fresh circuits a little later each, for punches lost to timing; after
+//! them, for as long as the peer stays reachable only through the relay, one every
+//! [`SLOW_REPUNCH`], doubling up to [`MAX_SLOW_REPUNCH`]. A punch that failed on a TCP
+//! simultaneous open can leave its address pair in TIME_WAIT on either host (60 s on Linux),
+//! and every punch on that pair fails until it expires; without the slow phase such a link
+//! stayed relayed until its circuit ended (10 minutes at the relay's default limit).
 //! Pure state: time is passed in; the swarm actor dials and reports back.
 
 use libp2p::swarm::ConnectionId;
 use std::time::{Duration, Instant};
 
-/// Fresh relayed connections dialed for another hole punch, per connected episode of a peer.
+/// Quick re-punches (fresh relayed connections a few seconds apart) per connected episode of
+/// a peer; slow ones follow.
 pub const MAX_REPUNCHES: u8 = 3;
+/// The wait before the first slow re-punch: past Linux's TIME_WAIT (60 s), so an address pair
+/// a failed simultaneous open left behind is free again.
+pub const SLOW_REPUNCH: Duration = Duration::from_secs(65);
+/// The longest wait between two slow re-punches.
+pub const MAX_SLOW_REPUNCH: Duration = Duration::from_secs(600);
 /// How long a circuit may stay without a direct connection beside it before a re-punch.
 pub const PUNCH_WAIT: Duration = Duration::from_secs(10);
 /// The wait before a re-punch after a reported failure; the n-th waits n times as long.
@@ -40,14 +51,26 @@ impl Repunch {
         }
     }
 
+    /// When the next re-punch is due after a failure at `now`: the n-th quick one n delays
+    /// later, a slow one [`SLOW_REPUNCH`] later, twice that for each slow one before it.
     fn backoff(&self, now: Instant) -> Instant {
-        now + REPUNCH_DELAY * (u32::from(self.tries) + 1)
+        now + match self.tries.checked_sub(MAX_REPUNCHES) {
+            None => REPUNCH_DELAY * (u32::from(self.tries) + 1),
+            Some(slow) => SLOW_REPUNCH
+                .saturating_mul(1 << slow.min(8))
+                .min(MAX_SLOW_REPUNCH),
+        }
     }
 
     /// Another circuit to the peer opened (the one this state dialed, or any other): DCUtR
-    /// gets [`PUNCH_WAIT`] on it.
+    /// gets [`PUNCH_WAIT`] on it; in the slow phase the next circuit waits its backoff too.
     pub fn circuit_opened(&mut self, now: Instant) {
-        self.state = State::Waiting(now + PUNCH_WAIT);
+        let wait = now + PUNCH_WAIT;
+        self.state = State::Waiting(if self.tries < MAX_REPUNCHES {
+            wait
+        } else {
+            wait.max(self.backoff(now))
+        });
     }
 
     /// DCUtR reported a failure: re-punch soon (not while a fresh circuit is being dialed,
@@ -65,15 +88,15 @@ impl Repunch {
         }
     }
 
-    /// Whether a fresh circuit should be dialed now (tries left and the wait over). The caller
-    /// dials and reports the connection with [`Repunch::dialing`].
+    /// Whether a fresh circuit should be dialed now (the wait is over). The caller dials and
+    /// reports the connection with [`Repunch::dialing`].
     pub fn due(&self, now: Instant) -> bool {
-        matches!(self.state, State::Waiting(t) if t <= now) && self.tries < MAX_REPUNCHES
+        matches!(self.state, State::Waiting(t) if t <= now)
     }
 
     /// A fresh circuit is being dialed on `conn`.
     pub fn dialing(&mut self, conn: ConnectionId) {
-        self.tries += 1;
+        self.tries = self.tries.saturating_add(1);
         self.state = State::Dialing(conn);
     }
 
@@ -132,7 +155,7 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_circuit_gets_the_full_wait_and_tries_are_capped() {
+    fn quick_tries_then_slow_ones_past_time_wait_doubling_to_a_cap() {
         let t0 = Instant::now();
         let mut r = Repunch::new(t0);
         let mut now = t0;
@@ -144,8 +167,25 @@ mod tests {
             r.circuit_opened(now);
             assert!(!r.due(now + PUNCH_WAIT - Duration::from_millis(1)));
         }
-        r.punch_failed(now);
-        assert!(!r.due(now + Duration::from_secs(3600)), "no tries left");
         assert_eq!(r.tries(), MAX_REPUNCHES);
+        // The quick tries are spent: the next waits out TIME_WAIT, failure reported or not.
+        r.punch_failed(now);
+        assert!(!r.due(now + Duration::from_secs(60)), "within TIME_WAIT");
+        assert!(r.due(now + SLOW_REPUNCH));
+        let mut waits = Vec::new();
+        for i in 0..8 {
+            now += waits.last().copied().unwrap_or(SLOW_REPUNCH);
+            assert!(r.due(now), "slow try {i}");
+            r.dialing(ConnectionId::new_unchecked(100 + i));
+            r.circuit_opened(now);
+            // No report: the wait after the fresh circuit is the backoff, not PUNCH_WAIT.
+            let mut wait = PUNCH_WAIT;
+            while !r.due(now + wait) {
+                wait += Duration::from_secs(1);
+            }
+            waits.push(wait);
+        }
+        let secs: Vec<u64> = waits.iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [130, 260, 520, 600, 600, 600, 600, 600]);
     }
 }

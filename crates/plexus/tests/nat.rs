@@ -472,11 +472,12 @@ fn run(blocked: &[usize], gateway_home: bool) -> Outcome {
     let homes = [&home1, &home2];
     let home_ids = [home1.peer.unwrap(), home2.peer.unwrap()];
     // A failed punch is not the end of a link: the side that dialed the relayed connection
-    // tries again on a fresh circuit (up to three times), so only a direct connection
-    // (dialed or punched) settles it. Measuring after a first failed punch counted the
-    // relayed calls made before the retry's hole opened (the test failed once that way).
+    // tries again on a fresh circuit (three times 10 s apart, then past TIME_WAIT, 95 s after
+    // the first), so only a direct connection (dialed or punched) settles it. Measuring after
+    // a first failed punch counted the relayed calls made before the retry's hole opened (the
+    // test failed once that way).
     let decided = |l: &LinkSeen| l.punched || l.direct;
-    while settle.elapsed() < Duration::from_secs(60) {
+    while settle.elapsed() < Duration::from_secs(120) {
         let logs: Vec<_> = homes.iter().map(|h| links(&h.log)).collect();
         // A home the gateway cannot reach but through the relay never decides that link.
         let to_gateway = logs
