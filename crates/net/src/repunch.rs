@@ -3,12 +3,13 @@
 //! known when it opened, and only the side that accepted the circuit learns that its direct
 //! dials all failed; so the dialing side re-punches when DCUtR reports an error to it, or when
 //! no direct connection has appeared [`PUNCH_WAIT`] after its circuit opened: the first
-//! [`MAX_REPUNCHES`] fresh circuits a little later each, for punches lost to timing; after
-//! them, for as long as the peer stays reachable only through the relay, one every
-//! [`SLOW_REPUNCH`], doubling up to [`MAX_SLOW_REPUNCH`]. A punch that failed on a TCP
+//! [`MAX_REPUNCHES`] fresh circuits a little later each, for punches lost to timing; then
+//! [`SLOW_REPUNCHES`] more, [`SLOW_REPUNCH`] apart and doubling. A punch that failed on a TCP
 //! simultaneous open can leave its address pair in TIME_WAIT on either host (60 s on Linux),
-//! and every punch on that pair fails until it expires; without the slow phase such a link
-//! stayed relayed until its circuit ended (10 minutes at the relay's default limit).
+//! and every punch on that pair fails until it expires; without the slow ones such a link
+//! stayed relayed until its circuit ended (10 minutes at the relay's default limit). They stop
+//! after that: a link no punch can open (a symmetric NAT, a firewall) stays relayed rather
+//! than hold calls while each fresh circuit retires the last one, for good.
 //! Pure state: time is passed in; the swarm actor dials and reports back.
 
 use libp2p::swarm::ConnectionId;
@@ -17,11 +18,11 @@ use std::time::{Duration, Instant};
 /// Quick re-punches (fresh relayed connections a few seconds apart) per connected episode of
 /// a peer; slow ones follow.
 pub const MAX_REPUNCHES: u8 = 3;
+/// Slow re-punches after the quick ones, each waiting twice as long as the one before.
+pub const SLOW_REPUNCHES: u8 = 3;
 /// The wait before the first slow re-punch: past Linux's TIME_WAIT (60 s), so an address pair
 /// a failed simultaneous open left behind is free again.
 pub const SLOW_REPUNCH: Duration = Duration::from_secs(65);
-/// The longest wait between two slow re-punches.
-pub const MAX_SLOW_REPUNCH: Duration = Duration::from_secs(600);
 /// How long a circuit may stay without a direct connection beside it before a re-punch.
 pub const PUNCH_WAIT: Duration = Duration::from_secs(10);
 /// The wait before a re-punch after a reported failure; the n-th waits n times as long.
@@ -56,25 +57,22 @@ impl Repunch {
     fn backoff(&self, now: Instant) -> Instant {
         now + match self.tries.checked_sub(MAX_REPUNCHES) {
             None => REPUNCH_DELAY * (u32::from(self.tries) + 1),
-            Some(slow) => SLOW_REPUNCH
-                .saturating_mul(1 << slow.min(8))
-                .min(MAX_SLOW_REPUNCH),
+            Some(slow) => SLOW_REPUNCH * (1 << slow.min(SLOW_REPUNCHES)),
         }
     }
 
     /// Another circuit to the peer opened (the one this state dialed, or any other): DCUtR
-    /// gets [`PUNCH_WAIT`] on it; in the slow phase the next circuit waits its backoff too.
+    /// gets [`PUNCH_WAIT`] on it; after the quick re-punches the next one waits its backoff.
     pub fn circuit_opened(&mut self, now: Instant) {
-        let wait = now + PUNCH_WAIT;
         self.state = State::Waiting(if self.tries < MAX_REPUNCHES {
-            wait
+            now + PUNCH_WAIT
         } else {
-            wait.max(self.backoff(now))
+            self.backoff(now)
         });
     }
 
-    /// DCUtR reported a failure: re-punch soon (not while a fresh circuit is being dialed,
-    /// whose own punch has not run yet).
+    /// DCUtR reported a failure: re-punch after the backoff, if that is sooner than planned
+    /// (not while a fresh circuit is being dialed, whose own punch has not run yet).
     pub fn punch_failed(&mut self, now: Instant) {
         if let State::Waiting(due) = self.state {
             self.state = State::Waiting(due.min(self.backoff(now)));
@@ -88,15 +86,16 @@ impl Repunch {
         }
     }
 
-    /// Whether a fresh circuit should be dialed now (the wait is over). The caller dials and
-    /// reports the connection with [`Repunch::dialing`].
+    /// Whether a fresh circuit should be dialed now (tries left and the wait over). The caller
+    /// dials and reports the connection with [`Repunch::dialing`].
     pub fn due(&self, now: Instant) -> bool {
         matches!(self.state, State::Waiting(t) if t <= now)
+            && self.tries < MAX_REPUNCHES + SLOW_REPUNCHES
     }
 
     /// A fresh circuit is being dialed on `conn`.
     pub fn dialing(&mut self, conn: ConnectionId) {
-        self.tries = self.tries.saturating_add(1);
+        self.tries += 1;
         self.state = State::Dialing(conn);
     }
 
@@ -155,7 +154,7 @@ mod tests {
     }
 
     #[test]
-    fn quick_tries_then_slow_ones_past_time_wait_doubling_to_a_cap() {
+    fn quick_tries_then_slow_ones_past_time_wait_doubling_then_none() {
         let t0 = Instant::now();
         let mut r = Repunch::new(t0);
         let mut now = t0;
@@ -172,20 +171,21 @@ mod tests {
         r.punch_failed(now);
         assert!(!r.due(now + Duration::from_secs(60)), "within TIME_WAIT");
         assert!(r.due(now + SLOW_REPUNCH));
-        let mut waits = Vec::new();
-        for i in 0..8 {
-            now += waits.last().copied().unwrap_or(SLOW_REPUNCH);
+        let mut waits = vec![SLOW_REPUNCH];
+        for i in 0..SLOW_REPUNCHES {
+            now += *waits.last().unwrap();
             assert!(r.due(now), "slow try {i}");
-            r.dialing(ConnectionId::new_unchecked(100 + i));
+            r.dialing(ConnectionId::new_unchecked(100 + usize::from(i)));
             r.circuit_opened(now);
             // No report: the wait after the fresh circuit is the backoff, not PUNCH_WAIT.
-            let mut wait = PUNCH_WAIT;
-            while !r.due(now + wait) {
-                wait += Duration::from_secs(1);
-            }
+            let wait = (1..=3600)
+                .map(Duration::from_secs)
+                .find(|w| r.due(now + *w))
+                .unwrap_or(Duration::MAX);
             waits.push(wait);
         }
         let secs: Vec<u64> = waits.iter().map(Duration::as_secs).collect();
-        assert_eq!(secs, [130, 260, 520, 600, 600, 600, 600, 600]);
+        assert_eq!(secs, [65, 130, 260, u64::MAX], "the last: no tries left");
+        assert_eq!(r.tries(), MAX_REPUNCHES + SLOW_REPUNCHES);
     }
 }

@@ -147,8 +147,8 @@ async fn a_node_listening_through_a_relay_is_called_relayed_then_direct_after_dc
 
     // DCUtR upgrades the connection (on loopback an AutoNAT dial-back may open a direct one
     // first); the relayed one goes once no call is in flight. On a heavily loaded machine
-    // DCUtR can give up (three attempts, timed by a measured round trip, then up to three
-    // fresh circuits): then the calls must still go through the relay.
+    // DCUtR can give up (three attempts, timed by a measured round trip, then fresh circuits
+    // for more): then the calls must still go through the relay.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let direct = loop {
         let link = client
