@@ -20,8 +20,8 @@
 //! A failed hole punch is tried again on a fresh relayed connection ([`crate::repunch`]): DCUtR
 //! runs once per relayed connection, with the observed addresses known when it opened, so a
 //! circuit opened before identify had told this side its address (or a punch lost to timing)
-//! would otherwise stay relayed for good; quick re-punches first, then a few slow ones. The older relayed connection is retired once the new one is
-//! open.
+//! would otherwise stay relayed for good; quick re-punches first, then a few slow ones. The
+//! older relayed connection is retired once the new one is open.
 
 use crate::behaviour::{self, Behaviour, BehaviourEvent, BehaviourSettings, ANNOUNCE_TOPIC};
 use crate::codec::StageCodec;
