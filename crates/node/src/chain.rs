@@ -25,6 +25,11 @@
 //! the whole log (tokens, and the activations that entered layer `from`) in the original call
 //! sizes, so their KV caches hold what the lost stage's held, and the last stage samples the
 //! token of the interrupted step. Greedy and seeded generations give the undisturbed text.
+//!
+//! Every replay opens its stage under a session id of its own ([`HopState::session`],
+//! derived from the chain's), never reused: a close of an abandoned session, which goes out
+//! in the background and may land late, can only ever free that session, not one the chain
+//! opened since on the same peer.
 
 use crate::route::Hop;
 use plexus_core::wire::{Activations, DType, ErrorCode, Forward, Response, SessionId};
@@ -112,6 +117,9 @@ pub enum Next {
 #[derive(Clone, Debug)]
 pub struct HopState {
     pub hop: Hop,
+    /// The session the stage holds this chain's positions under on its peer: the chain's
+    /// own for the stages it started with, a fresh one for each stage a failover replayed.
+    pub session: SessionId,
     /// Positions the stage holds for this session.
     pub position: usize,
     /// What the stage was fed (activations; empty for the first stage), all positions.
@@ -119,13 +127,26 @@ pub struct HopState {
 }
 
 impl HopState {
-    fn new(hop: Hop) -> Self {
+    fn new(hop: Hop, session: SessionId) -> Self {
         Self {
             hop,
+            session,
             position: 0,
             inputs: Vec::new(),
         }
     }
+}
+
+/// The session id of the `n`th stage a chain under `base` replays (`n` from 1): distinct for
+/// every `n`, and from every other chain's (the base ids are random).
+fn reopened_session(base: SessionId, n: u32) -> SessionId {
+    let mut bytes = base.0.to_vec();
+    bytes.extend_from_slice(b"/replay/");
+    bytes.extend_from_slice(&n.to_le_bytes());
+    let digest = Digest::of(&bytes).0;
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    SessionId(id)
 }
 
 /// What a failover replays to the replacement stages.
@@ -157,6 +178,8 @@ enum Phase {
         j: usize,
         /// Activations entering `route[j]`, all positions.
         input: Option<Activations>,
+        /// The fresh session `route[j]` is replayed under.
+        session: SessionId,
         replayed: Vec<HopState>,
     },
 }
@@ -187,7 +210,8 @@ pub struct Chain {
     phase: Phase,
     /// The current feed.
     feed: Vec<u32>,
-    to_close: Vec<PeerId>,
+    /// Sessions to free (abandoned stages), as peer and session.
+    to_close: Vec<(PeerId, SessionId)>,
     to_blame: Vec<PeerId>,
     /// The log-probabilities the last stage sent with its latest token (when asked for).
     scores: Option<TokenLogprobs>,
@@ -198,10 +222,8 @@ pub struct Chain {
     /// The session's prompt length: it picks every position's attention kernel
     /// ([`Forward::prompt_len`], sent with every call).
     prompt_len: u32,
-    /// Peers sent a replay (a call from position 0, which restarts our session there) since
-    /// the chain last changed: an old stage on such a peer no longer holds what the chain
-    /// says it does, so a later route must not rejoin it (see [`Chain::replay_step`]).
-    reopened: Vec<PeerId>,
+    /// Sessions opened by replays so far (each replay's session id derives from it).
+    reopened: u32,
 }
 
 /// Whether a refusal is worth routing around (the node is gone or lost our session) rather
@@ -212,9 +234,13 @@ fn retryable(code: ErrorCode) -> bool {
 
 impl Chain {
     pub fn new(config: ChainConfig, route: Vec<Hop>) -> Self {
+        let session = config.session;
         Self {
             config,
-            hops: route.into_iter().map(HopState::new).collect(),
+            hops: route
+                .into_iter()
+                .map(|h| HopState::new(h, session))
+                .collect(),
             tokens: Vec::new(),
             calls: Vec::new(),
             exclude: Vec::new(),
@@ -226,7 +252,7 @@ impl Chain {
             scores: None,
             prompt_len: 0,
             busy: None,
-            reopened: Vec::new(),
+            reopened: 0,
         }
     }
 
@@ -278,8 +304,8 @@ impl Chain {
         &self.exclude
     }
 
-    /// Sessions to free; the driver sends the closes.
-    pub fn take_closes(&mut self) -> Vec<PeerId> {
+    /// Sessions to free, as peer and session; the driver sends the closes.
+    pub fn take_closes(&mut self) -> Vec<(PeerId, SessionId)> {
         std::mem::take(&mut self.to_close)
     }
 
@@ -288,9 +314,10 @@ impl Chain {
         std::mem::take(&mut self.to_blame)
     }
 
-    /// Every peer holding a session of this chain (to close when it ends).
-    pub fn peers(&self) -> Vec<PeerId> {
-        self.hops.iter().map(|h| h.hop.peer).collect()
+    /// Every peer holding a session of this chain, with that session (to close when it
+    /// ends).
+    pub fn sessions(&self) -> Vec<(PeerId, SessionId)> {
+        self.hops.iter().map(|h| (h.hop.peer, h.session)).collect()
     }
 
     /// The chain of another generation continuing from this one's first `keep` positions
@@ -322,6 +349,7 @@ impl Chain {
                 };
                 Some(HopState {
                     hop: h.hop.clone(),
+                    session,
                     position: keep,
                     inputs,
                 })
@@ -361,8 +389,9 @@ impl Chain {
                 route,
                 j,
                 input,
+                session,
                 replayed,
-            } => self.replay_reply(k, replay, route, j, input, replayed, reply),
+            } => self.replay_reply(k, replay, route, (j, session), input, replayed, reply),
             phase @ (Phase::Idle | Phase::Reroute { .. }) => {
                 self.phase = phase;
                 Next::Failed(ChainError::NoRoute {
@@ -379,8 +408,8 @@ impl Chain {
         let Phase::Reroute { k, replay } = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return self.no_route(0);
         };
-        // A peer twice in one route would hold one session for two spans (the second replay
-        // restarts the first's): such a route is no route.
+        // A chain names each peer once (audits, blame and exclusion are per peer): a route
+        // naming a peer twice is no route.
         let distinct = |r: &Vec<Hop>| {
             r.iter()
                 .enumerate()
@@ -401,10 +430,10 @@ impl Chain {
             info!("no route from the failed stage; replaying from layer 0");
             return self.replay_step(0, replay, r, 0, None, Vec::new());
         }
-        // The stages before `k` stay in the chain with their sessions; a replacement on one of
-        // the same peers would open the same session id there at position 0 and wipe the one
-        // the kept stage holds (a survivor that took the lost span over next to its own). Such
-        // a route is refused: the whole chain is replaced from layer 0 instead.
+        // The stages before `k` stay in the chain; a replacement on one of the same peers (a
+        // survivor that took the lost span over next to its own) would name that peer twice
+        // in the chain. Such a route is refused: the whole chain is replaced from layer 0
+        // instead.
         let kept_peer = |r: &Vec<Hop>| {
             r.iter()
                 .any(|h| self.hops[..k].iter().any(|s| s.hop.peer == h.peer))
@@ -462,9 +491,11 @@ impl Chain {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn request(
         &self,
         hop: &Hop,
+        session: SessionId,
         position: usize,
         tokens: Vec<u32>,
         hidden: Option<Activations>,
@@ -472,7 +503,7 @@ impl Chain {
         all_rows: bool,
     ) -> Box<Forward> {
         Box::new(Forward {
-            session: self.config.session,
+            session,
             model: self.config.model,
             start: hop.start as u32,
             end: hop.end as u32,
@@ -496,6 +527,7 @@ impl Chain {
         let hop = state.hop.clone();
         let f = self.request(
             &hop,
+            state.session,
             state.position,
             self.feed.clone(),
             input.clone(),
@@ -611,15 +643,21 @@ impl Chain {
             tokens,
             chunks,
         };
-        let failed = self.hops[k].hop.clone();
+        let failed = (self.hops[k].hop.clone(), self.hops[k].session);
         self.reroute(k, replay, failed, why)
     }
 
-    /// Excludes `failed` and asks for a route from `replay.from`.
+    /// Excludes `failed` (a stage and its session) and asks for a route from `replay.from`.
     /// A stage that refused for lack of room (`Busy`) is routed around like a failed one, but
     /// not blamed (a full node is not a faulty one), and the route is looked for once rather
     /// than waited for (a busy node is not being replaced).
-    fn reroute(&mut self, k: usize, replay: Replay, failed: Hop, why: ChainError) -> Next {
+    fn reroute(
+        &mut self,
+        k: usize,
+        replay: Replay,
+        (failed, session): (Hop, SessionId),
+        why: ChainError,
+    ) -> Next {
         if !self.exclude.contains(&failed.peer) {
             self.exclude.push(failed.peer);
         }
@@ -634,7 +672,7 @@ impl Chain {
                 None
             }
         };
-        self.to_close.push(failed.peer);
+        self.to_close.push((failed.peer, session));
         self.failovers += 1;
         if self.failovers > self.config.max_failovers {
             warn!("giving up: {why}");
@@ -667,16 +705,11 @@ impl Chain {
             return self.no_route(replay.from);
         };
         // Only onto a stage that has not taken the current feed yet (one after the stage that
-        // failed: a replay from layer 0 may pass stages before it), and whose peers from
-        // there on no replay of this failover restarted (a route that failed further on
-        // opened a session of another span there).
-        let rejoin = (k + 1..self.hops.len()).find(|&m| {
-            self.hops[m].hop == hop
-                && self.hops[m].position == self.tokens.len()
-                && !self.hops[m..]
-                    .iter()
-                    .any(|h| self.reopened.contains(&h.hop.peer))
-        });
+        // failed: a replay from layer 0 may pass stages before it). A replay this failover
+        // sent to the same peer before (a route that failed further on) opened a session of
+        // its own there, so the old stage still holds what the chain says it does.
+        let rejoin = (k + 1..self.hops.len())
+            .find(|&m| self.hops[m].hop == hop && self.hops[m].position == self.tokens.len());
         if let Some(m) = rejoin {
             // Rejoin: the old stages between the failed one and `m` are no longer used.
             let Some(next_input) = input.as_ref().map(|a| a.tail_rows(self.feed.len())) else {
@@ -690,8 +723,11 @@ impl Chain {
             return self.forward_to(at, Some(next_input));
         }
         let is_last = hop.end == self.config.num_layers;
+        self.reopened += 1;
+        let session = reopened_session(self.config.session, self.reopened);
         let f = self.request(
             &hop,
+            session,
             0,
             replay.tokens.clone(),
             input.clone(),
@@ -699,15 +735,13 @@ impl Chain {
             !is_last,
         );
         let peer = hop.peer;
-        if !self.reopened.contains(&peer) {
-            self.reopened.push(peer);
-        }
         self.phase = Phase::Replay {
             k,
             replay,
             route,
             j,
             input,
+            session,
             replayed,
         };
         Next::Call(peer, f)
@@ -719,7 +753,7 @@ impl Chain {
         k: usize,
         replay: Replay,
         route: Vec<Hop>,
-        j: usize,
+        (j, session): (usize, SessionId),
         input: Option<Activations>,
         mut replayed: Vec<HopState>,
         reply: Result<Response, CallFailed>,
@@ -731,6 +765,7 @@ impl Chain {
             Ok(out) => {
                 replayed.push(HopState {
                     hop,
+                    session,
                     position: positions,
                     inputs: input.into_iter().collect(),
                 });
@@ -748,30 +783,24 @@ impl Chain {
             }
             Err((false, e)) => Next::Failed(e),
             Err((true, e)) => {
-                // A replacement failed too: drop what was replayed (unless the peer is also in
-                // the chain: its session there was just restarted, it goes with the next
-                // commit), route again from `from`.
-                self.to_close.extend(
-                    replayed
-                        .iter()
-                        .map(|r| r.hop.peer)
-                        .filter(|p| !self.hops.iter().any(|h| h.hop.peer == *p)),
-                );
-                self.reroute(k, replay, hop, e)
+                // A replacement failed too: drop what was replayed (sessions of their own,
+                // whatever else the chain holds on those peers), route again from `from`.
+                self.to_close
+                    .extend(replayed.iter().map(|r| (r.hop.peer, r.session)));
+                self.reroute(k, replay, (hop, session), e)
             }
         }
     }
 
-    /// Makes `hops` the chain; old stages no longer in it get their sessions closed (not one
-    /// still in it: a late close would kill the session it just rebuilt).
+    /// Makes `hops` the chain; old stages no longer in it get their sessions closed.
     fn commit(&mut self, hops: Vec<HopState>) {
         for old in &self.hops {
-            if !hops.iter().any(|h| h.hop.peer == old.hop.peer) {
-                self.to_close.push(old.hop.peer);
+            let key = (old.hop.peer, old.session);
+            if !hops.iter().any(|h| (h.hop.peer, h.session) == key) {
+                self.to_close.push(key);
             }
         }
         self.hops = hops;
-        self.reopened.clear();
     }
 
     fn finish(&mut self, token: u32) -> Next {
@@ -803,8 +832,8 @@ pub fn fork(
         .forked(session, params, keep)
         .ok_or_else(|| format!("the chain does not hold {keep} positions to share"))?;
     let mut done: Vec<PeerId> = Vec::new();
-    for peer in chain.peers() {
-        if let Err(why) = transport.fork(peer, chain.session(), session, keep) {
+    for (peer, from) in chain.sessions() {
+        if let Err(why) = transport.fork(peer, from, session, keep) {
             // The refusing peer too: a lost answer may hide a fork that was made.
             for p in done.into_iter().chain([peer]) {
                 transport.close(p, session);
@@ -824,8 +853,7 @@ pub fn drive(
 ) -> Result<u32, ChainError> {
     let mut next = chain.start(tokens);
     loop {
-        let session = chain.session();
-        for peer in chain.take_closes() {
+        for (peer, session) in chain.take_closes() {
             transport.close(peer, session);
         }
         for peer in chain.take_blamed() {
@@ -989,6 +1017,11 @@ mod tests {
         positions: usize,
         blamed: Vec<PeerId>,
         closed: Vec<(PeerId, SessionId)>,
+        /// Closes sent and not landed yet: each lands on its peer right after that peer's
+        /// next call (a close goes out in the background and may arrive after a later call).
+        in_flight: Vec<(PeerId, SessionId)>,
+        /// Every call as peer, session and position.
+        sessions_called: Vec<(PeerId, SessionId, u32)>,
         /// The `wait` of every route look-up.
         waits: Vec<bool>,
     }
@@ -1017,13 +1050,16 @@ mod tests {
                 positions: 0,
                 blamed: Vec::new(),
                 closed: Vec::new(),
+                in_flight: Vec::new(),
+                sessions_called: Vec::new(),
                 waits: Vec::new(),
             }
         }
     }
 
-    impl Transport for Mem {
-        fn call(&mut self, peer: PeerId, f: Forward) -> Result<Response, CallFailed> {
+    impl Mem {
+        /// One call as the peer answers it, faults included.
+        fn answer(&mut self, peer: PeerId, f: Forward) -> Result<Response, CallFailed> {
             let n = self.calls;
             self.calls += 1;
             self.positions += f.tokens.len();
@@ -1068,6 +1104,30 @@ mod tests {
                 _ => Ok(reply),
             }
         }
+    }
+
+    impl Transport for Mem {
+        fn call(&mut self, peer: PeerId, f: Forward) -> Result<Response, CallFailed> {
+            assert!(
+                !self.closed.contains(&(peer, f.session)),
+                "call {} goes to a session the chain closed on {peer}",
+                self.calls
+            );
+            self.sessions_called.push((peer, f.session, f.position));
+            let reply = self.answer(peer, f);
+            // The closes sent to this peer land now, after this call.
+            let me = self.me;
+            let landing: Vec<SessionId> = self
+                .in_flight
+                .extract_if(.., |(p, _)| *p == peer)
+                .map(|(_, s)| s)
+                .collect();
+            let p = self.peers.iter_mut().find(|p| p.id == peer).unwrap();
+            for session in landing {
+                p.engine.close(me, session);
+            }
+            reply
+        }
 
         fn route(
             &mut self,
@@ -1102,6 +1162,7 @@ mod tests {
 
         fn close(&mut self, peer: PeerId, session: SessionId) {
             self.closed.push((peer, session));
+            self.in_flight.push((peer, session));
         }
 
         fn blame(&mut self, peer: PeerId) {
@@ -1157,15 +1218,16 @@ mod tests {
         (Ok(out), c)
     }
 
-    /// A failover whose first replacement route fails half-way must not rejoin the old
-    /// chain on a peer that replay already restarted. The chain is A (0..1), C (1..2); A dies
-    /// on the second token. The first route from layer 0 replays to C's check stage of 0..1
-    /// (its session now holds those layers) and then to W, a node that just announced 1..2,
-    /// which dies too. The next route is Y (0..1) and C's old stage 1..2: C must be replayed
-    /// from position 0, not continued (its session holds the other span: it would refuse,
-    /// be excluded, and leave no route).
+    /// A failover whose first replacement route fails half-way may still rejoin the old
+    /// chain on a peer that replay called. The chain is A (0..1), C (1..2); A dies on the
+    /// second token. The first route from layer 0 replays to C's check stage of 0..1 (under a
+    /// session of its own) and then to W, a node that just announced 1..2, which dies too.
+    /// The next route is Y (0..1) and C's old stage 1..2, which still holds the chain's
+    /// positions under the chain's session: the chain rejoins it (with one session id for
+    /// both spans, the replay would have restarted it on the other span, and continuing it
+    /// would have been refused).
     #[test]
-    fn a_failed_replay_never_rejoins_a_stage_it_restarted() {
+    fn a_failed_replay_rejoins_a_stage_on_a_peer_it_called() {
         let fx = tiny();
         let mut mem = Mem::new(
             &Fixture {
@@ -1194,6 +1256,80 @@ mod tests {
             chain.route().iter().map(|h| h.peer).collect::<Vec<_>>(),
             vec![y, c]
         );
+        // C: its chain session opened once and continued; the replay's session (0..1) apart,
+        // and closed.
+        let on_c: Vec<(SessionId, u32)> = mem
+            .sessions_called
+            .iter()
+            .filter(|(p, ..)| *p == c)
+            .map(|&(_, s, at)| (s, at))
+            .collect();
+        let base = SessionId([1; 16]);
+        assert_eq!(
+            on_c.iter().filter(|(s, at)| *s == base && *at == 0).count(),
+            1
+        );
+        let replay = on_c.iter().find(|(s, _)| *s != base).unwrap().0;
+        assert!(mem.closed.contains(&(c, replay)));
+        assert_eq!(chain.sessions()[1], (c, base));
+    }
+
+    /// A close that lands late cannot touch the stage that replaced the session it frees.
+    /// The chain is A (0..1), B (1..2); A dies on the second token. The first route replays
+    /// to X (0..1) and W (1..2, just announced), which dies: X's replayed session is closed.
+    /// The next route goes back to X (and rejoins B); that close reaches X only after X's new
+    /// replay (the in-memory transport lands every close after the peer's next call). X
+    /// holds the new replay under another session id, so the generation goes on undisturbed
+    /// (with one session id per chain, the close would have wiped the new replay).
+    #[test]
+    fn a_late_close_never_frees_a_session_the_chain_uses() {
+        let fx = tiny();
+        let mut mem = Mem::new(
+            &Fixture {
+                servers: vec![((0, 1), 1.0), ((1, 2), 1.0), ((0, 1), 1.5), ((1, 2), 0.5)],
+                ..fx.clone()
+            },
+            vec![(2, Fault::KillBefore), (4, Fault::KillBefore)],
+        );
+        mem.peers[2].listed_from = 3;
+        mem.peers[3].listed_from = 3;
+        let (got, chain) = generate(&mut mem);
+        assert_eq!(got.unwrap(), reference(&fx));
+        let (a, b, x, w) = (
+            mem.peers[0].id,
+            mem.peers[1].id,
+            mem.peers[2].id,
+            mem.peers[3].id,
+        );
+        assert_eq!(chain.excluded(), &[a, w]);
+        assert_eq!(chain.failovers(), 2);
+        assert_eq!(
+            chain.route().iter().map(|h| h.peer).collect::<Vec<_>>(),
+            vec![x, b]
+        );
+        // X was replayed twice, under two sessions; the first is closed, the second is the
+        // chain's stage there.
+        let replays: Vec<SessionId> = mem
+            .sessions_called
+            .iter()
+            .filter(|&&(p, _, at)| p == x && at == 0)
+            .map(|&(_, s, _)| s)
+            .collect();
+        assert_eq!(replays.len(), 2);
+        assert_ne!(replays[0], replays[1]);
+        assert!(mem.closed.contains(&(x, replays[0])));
+        assert_eq!(chain.sessions()[0], (x, replays[1]));
+        // Every session id the chain opened on a peer is its own: no two replays share one.
+        let mut opened: Vec<(PeerId, SessionId)> = mem
+            .sessions_called
+            .iter()
+            .filter(|(.., at)| *at == 0)
+            .map(|&(p, s, _)| (p, s))
+            .collect();
+        let n = opened.len();
+        opened.sort_by_key(|(p, s)| (p.to_bytes(), s.0));
+        opened.dedup();
+        assert_eq!(opened.len(), n);
     }
 
     /// A replay from layer 0 passes stages before the failed one, which already took the
@@ -1335,7 +1471,7 @@ mod tests {
         run(&mut parent, &mut mem, &fx.prompt).unwrap();
         let held = fx.prompt.len() + STEPS - 1;
         assert!(fork(&parent, held + 1, SessionId([4; 16]), sampled(1), &mut mem).is_err());
-        let [first, last] = parent.peers()[..] else {
+        let [(first, _), (last, _)] = parent.sessions()[..] else {
             panic!("two stages")
         };
         mem.peers.iter_mut().find(|p| p.id == last).unwrap().alive = false;

@@ -585,8 +585,7 @@ impl TokenChain for RemoteChain {
 
 impl Drop for RemoteChain {
     fn drop(&mut self) {
-        let session = self.chain.session();
-        for peer in self.chain.peers() {
+        for (peer, session) in self.chain.sessions() {
             self.transport.close(peer, session);
         }
         self.transport.end_audits();
@@ -609,14 +608,7 @@ pub(crate) struct NetTransport {
     pub(crate) usage: Usage,
     /// The audits of this chain's providers.
     pub(crate) audits: crate::audit::ChainAudits,
-    /// Session closes sent in the background and not yet answered, per peer and session: a
-    /// later call of that session to the same peer waits for them (see
-    /// [`Self::await_closes`]).
-    closing: Vec<((PeerId, SessionId), tokio::task::JoinHandle<()>)>,
 }
-
-/// How long a call waits for an earlier close of the same session on its peer.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 impl NetTransport {
     fn new(client: NetworkClient, model: Digest, audits: ChainAudits) -> Self {
@@ -628,36 +620,7 @@ impl NetTransport {
             moved: Vec::new(),
             usage: Usage::default(),
             audits,
-            closing: Vec::new(),
         }
-    }
-
-    /// Waits (at most [`CLOSE_WAIT`]) for the closes still under way to `peer`: a failed
-    /// replay closes the sessions it opened, and when the next route goes back to one of
-    /// those peers, the close must not land after the call that reopens the session there
-    /// (it would kill the new session, and the next call would fail over from a healthy
-    /// node).
-    /// A close still unanswered then is aborted, which stops it only if the network task
-    /// still holds it unsent; one already sent may land late, which only the chain's next
-    /// failover repairs.
-    fn await_closes(&mut self, peer: &PeerId, session: SessionId) {
-        self.closing.retain(|(_, h)| !h.is_finished());
-        let key = (*peer, session);
-        let pending: Vec<_> = self.closing.extract_if(.., |(k, _)| *k == key).collect();
-        if pending.is_empty() {
-            return;
-        }
-        let aborts: Vec<_> = pending.iter().map(|(_, h)| h.abort_handle()).collect();
-        self.client.runtime.block_on(async {
-            let all = async {
-                for (_, close) in pending {
-                    let _ = close.await;
-                }
-            };
-            if tokio::time::timeout(CLOSE_WAIT, all).await.is_err() {
-                aborts.iter().for_each(tokio::task::AbortHandle::abort);
-            }
-        });
     }
 
     /// Meters one answered call: accepted receipts add the peer's work, anything else is
@@ -775,7 +738,6 @@ impl Transport for NetTransport {
         if self.client.book().is_convicted(&peer) {
             return Err(convicted(&peer));
         }
-        self.await_closes(&peer, f.session);
         let started = Instant::now();
         let (layers, positions) = ((f.end - f.start) as usize, f.tokens.len());
         if f.position == 0 && !f.chunks.is_empty() {
@@ -902,13 +864,13 @@ impl Transport for NetTransport {
         }
     }
 
+    /// Sent in the background: the chain never calls a session again once it closed it
+    /// (every replay opens a fresh one), so a close may land whenever it does.
     fn close(&mut self, peer: PeerId, session: SessionId) {
         let handle = self.client.handle.clone();
-        let sent = self.client.runtime.spawn(async move {
+        self.client.runtime.spawn(async move {
             let _ = handle.call(peer, Request::Close { session }).await;
         });
-        self.closing.retain(|(_, h)| !h.is_finished());
-        self.closing.push(((peer, session), sent));
     }
 
     fn blame(&mut self, peer: PeerId) {

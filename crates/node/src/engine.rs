@@ -406,6 +406,14 @@ impl EngineActor {
         self.forward(peer, f)
     }
 
+    /// Frees `peer`'s session as a [`Work::Close`] does (tests).
+    #[cfg(test)]
+    pub(crate) fn close(&mut self, peer: PeerId, session: SessionId) {
+        let key = (peer, session);
+        self.sessions.remove(&key);
+        self.gather.closed(&key);
+    }
+
     /// Runs one call to its end, alone (tests).
     #[cfg(test)]
     fn forward(&mut self, peer: PeerId, f: &Forward) -> Response {
