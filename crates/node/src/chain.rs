@@ -224,6 +224,10 @@ pub struct Chain {
     prompt_len: u32,
     /// Sessions opened by replays so far (each replay's session id derives from it).
     reopened: u32,
+    /// Sessions of old stages closed before the failover that dropped them committed (the
+    /// failed stage's, and those a replay to the same peer superseded): never rejoined, and
+    /// not closed again at the commit.
+    released: Vec<(PeerId, SessionId)>,
 }
 
 /// Whether a refusal is worth routing around (the node is gone or lost our session) rather
@@ -253,6 +257,7 @@ impl Chain {
             prompt_len: 0,
             busy: None,
             reopened: 0,
+            released: Vec::new(),
         }
     }
 
@@ -293,10 +298,6 @@ impl Chain {
 
     pub fn failovers(&self) -> usize {
         self.failovers
-    }
-
-    pub fn session(&self) -> SessionId {
-        self.config.session
     }
 
     /// Peers routing must avoid (they failed this chain).
@@ -672,7 +673,7 @@ impl Chain {
                 None
             }
         };
-        self.to_close.push((failed.peer, session));
+        self.release((failed.peer, session));
         self.failovers += 1;
         if self.failovers > self.config.max_failovers {
             warn!("giving up: {why}");
@@ -705,14 +706,28 @@ impl Chain {
             return self.no_route(replay.from);
         };
         // Only onto a stage that has not taken the current feed yet (one after the stage that
-        // failed: a replay from layer 0 may pass stages before it). A replay this failover
-        // sent to the same peer before (a route that failed further on) opened a session of
-        // its own there, so the old stage still holds what the chain says it does.
-        let rejoin = (k + 1..self.hops.len())
-            .find(|&m| self.hops[m].hop == hop && self.hops[m].position == self.tokens.len());
+        // failed: a replay from layer 0 may pass stages before it), whose peer this chain
+        // has not excluded (a failed peer the transport routes to again, reconnected: its
+        // session here was closed), whose session it has not released, and only when none
+        // of the stages kept from there on is on a peer this route replayed to (the chain
+        // names each peer once: audits, blame and exclusion are per peer). A replay an
+        // earlier route of this failover sent to the same peer (one that failed further on)
+        // opened a session of its own there, so the old stage still holds what the chain says.
+        let rejoin = (k + 1..self.hops.len()).find(|&m| {
+            let old = &self.hops[m];
+            old.hop == hop
+                && old.position == self.tokens.len()
+                && !self.exclude.contains(&old.hop.peer)
+                && !self.released.contains(&(old.hop.peer, old.session))
+                && !self.hops[m..]
+                    .iter()
+                    .any(|h| replayed.iter().any(|r| r.hop.peer == h.hop.peer))
+        });
         if let Some(m) = rejoin {
             // Rejoin: the old stages between the failed one and `m` are no longer used.
             let Some(next_input) = input.as_ref().map(|a| a.tail_rows(self.feed.len())) else {
+                self.to_close
+                    .extend(replayed.iter().map(|r| (r.hop.peer, r.session)));
                 return Next::Failed(ChainError::Protocol { peer: hop.peer });
             };
             let at = k + replayed.len();
@@ -722,6 +737,17 @@ impl Chain {
             self.commit(hops);
             return self.forward_to(at, Some(next_input));
         }
+        // An old stage on this peer that took the current feed (a replay from layer 0 passes
+        // it), or of this span (the replay takes its place), is not rejoined: its session
+        // goes now, before the replay reserves room for another (a survivor that took the
+        // lost layers over next to its own would otherwise hold both KV caches until the
+        // failover commits).
+        let superseded: Vec<(PeerId, SessionId)> = self.hops[k..]
+            .iter()
+            .filter(|h| h.hop.peer == hop.peer && (h.position != self.tokens.len() || h.hop == hop))
+            .map(|h| (h.hop.peer, h.session))
+            .collect();
+        superseded.into_iter().for_each(|s| self.release(s));
         let is_last = hop.end == self.config.num_layers;
         self.reopened += 1;
         let session = reopened_session(self.config.session, self.reopened);
@@ -781,7 +807,13 @@ impl Chain {
                     }
                 }
             }
-            Err((false, e)) => Next::Failed(e),
+            Err((false, e)) => {
+                // The generation ends here: what this failover opened goes too.
+                self.to_close
+                    .extend(replayed.iter().map(|r| (r.hop.peer, r.session)));
+                self.to_close.push((hop.peer, session));
+                Next::Failed(e)
+            }
             Err((true, e)) => {
                 // A replacement failed too: drop what was replayed (sessions of their own,
                 // whatever else the chain holds on those peers), route again from `from`.
@@ -792,15 +824,26 @@ impl Chain {
         }
     }
 
-    /// Makes `hops` the chain; old stages no longer in it get their sessions closed.
+    /// Closes an old stage's session before the failover commits (see `released`).
+    fn release(&mut self, key: (PeerId, SessionId)) {
+        if !self.released.contains(&key) {
+            self.released.push(key);
+            self.to_close.push(key);
+        }
+    }
+
+    /// Makes `hops` the chain; old stages no longer in it get their sessions closed (those
+    /// released already were).
     fn commit(&mut self, hops: Vec<HopState>) {
         for old in &self.hops {
             let key = (old.hop.peer, old.session);
-            if !hops.iter().any(|h| (h.hop.peer, h.session) == key) {
+            if !hops.iter().any(|h| (h.hop.peer, h.session) == key) && !self.released.contains(&key)
+            {
                 self.to_close.push(key);
             }
         }
         self.hops = hops;
+        self.released.clear();
     }
 
     fn finish(&mut self, token: u32) -> Next {
@@ -1022,6 +1065,8 @@ mod tests {
         in_flight: Vec<(PeerId, SessionId)>,
         /// Every call as peer, session and position.
         sessions_called: Vec<(PeerId, SessionId, u32)>,
+        /// Every close with the number of calls made before it.
+        closed_after: Vec<(PeerId, SessionId, usize)>,
         /// The `wait` of every route look-up.
         waits: Vec<bool>,
     }
@@ -1052,6 +1097,7 @@ mod tests {
                 closed: Vec::new(),
                 in_flight: Vec::new(),
                 sessions_called: Vec::new(),
+                closed_after: Vec::new(),
                 waits: Vec::new(),
             }
         }
@@ -1163,6 +1209,7 @@ mod tests {
         fn close(&mut self, peer: PeerId, session: SessionId) {
             self.closed.push((peer, session));
             self.in_flight.push((peer, session));
+            self.closed_after.push((peer, session, self.calls));
         }
 
         fn blame(&mut self, peer: PeerId) {
@@ -1368,6 +1415,65 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(y, 0), (b, 10), (a, 20)]
         );
+        // A's and B's old sessions (which took the feed) were closed before their replays,
+        // so neither peer holds two KV caches of this chain; each closed once.
+        let base = SessionId([1; 16]);
+        for peer in [a, b] {
+            let replay = mem
+                .sessions_called
+                .iter()
+                .position(|&(p, s, at)| p == peer && s != base && at == 0)
+                .unwrap();
+            let closes: Vec<usize> = mem
+                .closed_after
+                .iter()
+                .filter(|&&(p, s, _)| p == peer && s == base)
+                .map(|&(.., n)| n)
+                .collect();
+            assert_eq!(closes.len(), 1, "{peer}");
+            assert!(closes[0] <= replay, "{peer}: closed after its replay");
+        }
+    }
+
+    /// A route that replays to a peer holding a later stage of the old chain does not rejoin
+    /// the old chain before that stage: the chain would name the peer twice. The chain is A
+    /// (0..10), B (10..20), X (20..30); A dies on the first token. The route from layer 0 is
+    /// X's check stage of 0..10, B, and Y (20..30, just announced): B (not yet fed the token)
+    /// is replayed rather than rejoined, since rejoining it would keep X's old stage too.
+    #[test]
+    fn a_rejoin_never_keeps_a_stage_on_a_peer_the_route_replayed_to() {
+        let fx = smol();
+        let mut mem = Mem::new(
+            &Fixture {
+                servers: vec![
+                    ((0, 10), 1.0),
+                    ((10, 20), 1.0),
+                    ((20, 30), 1.0),
+                    ((20, 30), 0.5),
+                ],
+                ..fx.clone()
+            },
+            vec![(3, Fault::KillBefore)],
+        );
+        mem.peers[2].engine.keep_check(stage(&fx.path, (0, 10)));
+        mem.peers[2].extra = Some(((0, 10), 2.0));
+        mem.peers[3].listed_from = 4;
+        let (got, chain) = generate(&mut mem);
+        assert_eq!(got.unwrap(), reference(&fx));
+        let (b, x, y) = (mem.peers[1].id, mem.peers[2].id, mem.peers[3].id);
+        assert_eq!(chain.failovers(), 1);
+        assert_eq!(
+            chain
+                .route()
+                .iter()
+                .map(|h| (h.peer, h.start))
+                .collect::<Vec<_>>(),
+            vec![(x, 0), (b, 10), (y, 20)]
+        );
+        // Every stage under a replay's session; X's and B's old sessions closed.
+        let base = SessionId([1; 16]);
+        assert!(chain.sessions().iter().all(|(_, s)| *s != base));
+        assert!(mem.closed.contains(&(x, base)) && mem.closed.contains(&(b, base)));
     }
 
     #[test]

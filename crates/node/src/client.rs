@@ -477,7 +477,7 @@ pub struct RemoteChain {
 impl RemoteChain {
     /// A chain for another generation with the same prompt (the next of `n` choices),
     /// sampling with `params`: every stage copies the first `prompt.len() - 1` positions of
-    /// this chain's session, so the new chain computes only the prompt's last position
+    /// its session of this chain, so the new chain computes only the prompt's last position
     /// before it samples. The stages' refusal (a stage whose weights would not give the same
     /// bits that way, a full node, a lost session) or a prompt this chain was not fed comes
     /// back as the reason; the caller then opens a chain of its own.
