@@ -674,10 +674,7 @@ impl NetTransport {
     ) -> Audited {
         if f.position == 0 {
             // A new session on this provider (the chain opened or replayed it): a new job.
-            // Audits are per provider: a chain that holds two stages on one peer (a replay
-            // there, then a rejoin of its old stage of another span) ends that peer's audit
-            // at the next call out of step with the auditor's session (unaudited, never a
-            // dispute).
+            // Audits are per provider; a chain names each peer once.
             self.end_audit(&peer);
         }
         let shadowed = self

@@ -224,9 +224,9 @@ pub struct Chain {
     prompt_len: u32,
     /// Sessions opened by replays so far (each replay's session id derives from it).
     reopened: u32,
-    /// Sessions of old stages closed before the failover that dropped them committed (the
-    /// failed stage's, and those a replay to the same peer superseded): never rejoined, and
-    /// not closed again at the commit.
+    /// Sessions closed before the failover under way commits: the failed stages' (old
+    /// ones, and replays of this failover that failed) and the old stages on every peer
+    /// a replay went to. No stage of these is rejoined, nor closed again at the commit.
     released: Vec<(PeerId, SessionId)>,
 }
 
@@ -316,9 +316,13 @@ impl Chain {
     }
 
     /// Every peer holding a session of this chain, with that session (to close when it
-    /// ends).
+    /// ends); not those a failover that never committed closed already.
     pub fn sessions(&self) -> Vec<(PeerId, SessionId)> {
-        self.hops.iter().map(|h| (h.hop.peer, h.session)).collect()
+        self.hops
+            .iter()
+            .map(|h| (h.hop.peer, h.session))
+            .filter(|key| !self.released.contains(key))
+            .collect()
     }
 
     /// The chain of another generation continuing from this one's first `keep` positions
@@ -329,6 +333,7 @@ impl Chain {
     /// call is in flight or a stage holds fewer positions.
     pub fn forked(&self, session: SessionId, params: SamplingParams, keep: usize) -> Option<Chain> {
         if !matches!(self.phase, Phase::Idle)
+            || !self.released.is_empty()
             || keep == 0
             || self.tokens.len() < keep
             || self.hops.iter().any(|h| h.position < keep)
@@ -706,22 +711,20 @@ impl Chain {
             return self.no_route(replay.from);
         };
         // Only onto a stage that has not taken the current feed yet (one after the stage that
-        // failed: a replay from layer 0 may pass stages before it), whose peer this chain
-        // has not excluded (a failed peer the transport routes to again, reconnected: its
-        // session here was closed), whose session it has not released, and only when none
-        // of the stages kept from there on is on a peer this route replayed to (the chain
-        // names each peer once: audits, blame and exclusion are per peer). A replay an
-        // earlier route of this failover sent to the same peer (one that failed further on)
-        // opened a session of its own there, so the old stage still holds what the chain says.
+        // failed: a replay from layer 0 may pass stages before it), and only when every stage
+        // kept from there on is still good: not on a peer this chain excluded (a failed peer
+        // the transport routes to again, reconnected, or a dead one), not released (its
+        // session closed: a replay of this failover went to its peer), and not on a peer
+        // this route replayed to (the chain names each peer once: audits, blame and
+        // exclusion are per peer).
         let rejoin = (k + 1..self.hops.len()).find(|&m| {
-            let old = &self.hops[m];
-            old.hop == hop
-                && old.position == self.tokens.len()
-                && !self.exclude.contains(&old.hop.peer)
-                && !self.released.contains(&(old.hop.peer, old.session))
-                && !self.hops[m..]
-                    .iter()
-                    .any(|h| replayed.iter().any(|r| r.hop.peer == h.hop.peer))
+            self.hops[m].hop == hop
+                && self.hops[m].position == self.tokens.len()
+                && self.hops[m..].iter().all(|h| {
+                    !self.exclude.contains(&h.hop.peer)
+                        && !self.released.contains(&(h.hop.peer, h.session))
+                        && !replayed.iter().any(|r| r.hop.peer == h.hop.peer)
+                })
         });
         if let Some(m) = rejoin {
             // Rejoin: the old stages between the failed one and `m` are no longer used.
@@ -737,14 +740,14 @@ impl Chain {
             self.commit(hops);
             return self.forward_to(at, Some(next_input));
         }
-        // An old stage on this peer that took the current feed (a replay from layer 0 passes
-        // it), or of this span (the replay takes its place), is not rejoined: its session
-        // goes now, before the replay reserves room for another (a survivor that took the
-        // lost layers over next to its own would otherwise hold both KV caches until the
-        // failover commits).
+        // The old stages on this peer (a survivor that took the lost layers over next to its
+        // own, before or after the failed stage) are not rejoined: their sessions go now,
+        // before the replay reserves room for another, so the peer never holds two KV caches
+        // of this chain. (`hops[..k]` is never on a replacement's peer: `on_route` refuses
+        // such routes.)
         let superseded: Vec<(PeerId, SessionId)> = self.hops[k..]
             .iter()
-            .filter(|h| h.hop.peer == hop.peer && (h.position != self.tokens.len() || h.hop == hop))
+            .filter(|h| h.hop.peer == hop.peer)
             .map(|h| (h.hop.peer, h.session))
             .collect();
         superseded.into_iter().for_each(|s| self.release(s));
@@ -1265,16 +1268,14 @@ mod tests {
         (Ok(out), c)
     }
 
-    /// A failover whose first replacement route fails half-way may still rejoin the old
-    /// chain on a peer that replay called. The chain is A (0..1), C (1..2); A dies on the
-    /// second token. The first route from layer 0 replays to C's check stage of 0..1 (under a
-    /// session of its own) and then to W, a node that just announced 1..2, which dies too.
-    /// The next route is Y (0..1) and C's old stage 1..2, which still holds the chain's
-    /// positions under the chain's session: the chain rejoins it (with one session id for
-    /// both spans, the replay would have restarted it on the other span, and continuing it
-    /// would have been refused).
+    /// A replay to a peer that holds a later stage of the chain closes that stage first and
+    /// never rejoins it, even when its route fails. The chain is A (0..1), C (1..2); A dies on
+    /// the second token. The first route from layer 0 replays to C's check stage of 0..1
+    /// (closing C's stage 1..2 first: C never holds two KV caches of the chain) and then to
+    /// W, a node that just announced 1..2, which dies too. The next route is Y (0..1) and C
+    /// (1..2): C is replayed under a fresh session, not rejoined (its old session is closed).
     #[test]
-    fn a_failed_replay_rejoins_a_stage_on_a_peer_it_called() {
+    fn a_replay_to_a_later_stages_peer_closes_that_stage_first_and_never_rejoins_it() {
         let fx = tiny();
         let mut mem = Mem::new(
             &Fixture {
@@ -1303,22 +1304,29 @@ mod tests {
             chain.route().iter().map(|h| h.peer).collect::<Vec<_>>(),
             vec![y, c]
         );
-        // C: its chain session opened once and continued; the replay's session (0..1) apart,
-        // and closed.
-        let on_c: Vec<(SessionId, u32)> = mem
-            .sessions_called
-            .iter()
-            .filter(|(p, ..)| *p == c)
-            .map(|&(_, s, at)| (s, at))
-            .collect();
+        // C: its old session closed before its first replay; two replays (0..1, then 1..2)
+        // under sessions of their own, the first closed; the chain holds the second.
         let base = SessionId([1; 16]);
-        assert_eq!(
-            on_c.iter().filter(|(s, at)| *s == base && *at == 0).count(),
-            1
+        let replays: Vec<usize> = (0..mem.sessions_called.len())
+            .filter(|&i| {
+                let (p, s, at) = mem.sessions_called[i];
+                p == c && s != base && at == 0
+            })
+            .collect();
+        assert_eq!(replays.len(), 2);
+        let closed_base = mem
+            .closed_after
+            .iter()
+            .find(|&&(p, s, _)| p == c && s == base)
+            .unwrap()
+            .2;
+        assert!(closed_base <= replays[0]);
+        let (first, second) = (
+            mem.sessions_called[replays[0]].1,
+            mem.sessions_called[replays[1]].1,
         );
-        let replay = on_c.iter().find(|(s, _)| *s != base).unwrap().0;
-        assert!(mem.closed.contains(&(c, replay)));
-        assert_eq!(chain.sessions()[1], (c, base));
+        assert!(mem.closed.contains(&(c, first)));
+        assert_eq!(chain.sessions()[1], (c, second));
     }
 
     /// A close that lands late cannot touch the stage that replaced the session it frees.
@@ -1474,6 +1482,52 @@ mod tests {
         let base = SessionId([1; 16]);
         assert!(chain.sessions().iter().all(|(_, s)| *s != base));
         assert!(mem.closed.contains(&(x, base)) && mem.closed.contains(&(b, base)));
+    }
+
+    /// Two routes in one failover: stages the first route's replays released are never kept
+    /// by a rejoin in the second. The chain is A (0..8), C (8..16), P (16..24), Q (24..30), Q
+    /// also holding a check stage of 0..16; A dies on the first token. Route 1 is Q (0..16),
+    /// P, and Z (24..30, just announced), which dies: the replays to Q and P closed their old
+    /// stages. Route 2 is X (0..8), C, Y (16..30): C, not yet fed the token, would be a rejoin
+    /// point, but the stages after it (P, Q) were released, so C is replayed too.
+    #[test]
+    fn a_rejoin_never_keeps_a_stage_an_earlier_route_released() {
+        let fx = smol();
+        let mut mem = Mem::new(
+            &Fixture {
+                servers: vec![
+                    ((0, 8), 1.0),
+                    ((8, 16), 1.0),
+                    ((16, 24), 1.0),
+                    ((24, 30), 1.0),
+                    ((24, 30), 0.5),
+                    ((0, 8), 0.5),
+                    ((16, 30), 0.5),
+                ],
+                ..fx.clone()
+            },
+            vec![(4, Fault::KillBefore), (7, Fault::KillBefore)],
+        );
+        mem.peers[3].engine.keep_check(stage(&fx.path, (0, 16)));
+        mem.peers[3].extra = Some(((0, 16), 2.5));
+        mem.peers[4].listed_from = 5;
+        mem.peers[5].listed_from = 8;
+        mem.peers[6].listed_from = 8;
+        let (got, chain) = generate(&mut mem);
+        assert_eq!(got.unwrap(), reference(&fx));
+        let id = |i: usize| mem.peers[i].id;
+        assert_eq!(chain.excluded(), &[id(0), id(4)]);
+        assert_eq!(chain.failovers(), 2);
+        assert_eq!(
+            chain.route().iter().map(|h| h.peer).collect::<Vec<_>>(),
+            vec![id(5), id(1), id(6)]
+        );
+        // Every old session closed once (A's, the failed one, included).
+        let base = SessionId([1; 16]);
+        for i in 0..4 {
+            let n = mem.closed.iter().filter(|c| **c == (id(i), base)).count();
+            assert_eq!(n, 1, "peer {i}");
+        }
     }
 
     #[test]
@@ -1642,8 +1696,8 @@ mod tests {
     }
 
     /// Stage 10..20 of three fails and the only route from layer 10 goes through the first
-    /// stage's peer (it took the lost span over beside its own): replaying to it would reopen
-    /// the session its first stage holds, so the chain replays from layer 0 instead.
+    /// stage's peer (it took the lost span over beside its own): replaying to it would name
+    /// that peer twice in the chain, so the chain replays from layer 0 instead.
     #[test]
     fn a_replacement_on_a_kept_stages_peer_replays_from_layer_0() {
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
