@@ -5,8 +5,9 @@
 //! Forward opening a session on another span ─▶ Checks::needs_stage ─▶ held (Checks::hold)
 //!   first one held ─▶ load the span off the event loop ─▶ EngineHandle::check_blocking
 //!   loaded ─▶ Checks::loaded ─▶ the held calls go to the engine (new sessions open on it)
-//! announcement tick ─▶ a span with a single other server, a spare slot ─▶ Checks::prefetch
-//!   ─▶ the same load, with no call waiting (audits of a sole server find the stage ready)
+//! announcement tick ─▶ a span with a single other server, a spare slot (or one whose span
+//!   has gained another server since) ─▶ Checks::prefetch ─▶ the same load, with no call
+//!   waiting (audits of a sole server find the stage ready)
 //! ```
 //!
 //! Any peer may send such a call (a node cannot tell a gateway from anyone else), so what it
@@ -146,17 +147,26 @@ impl<R> Checks<R> {
     }
 
     /// Whether to load `span` now, before any call asks for it: when the node has a stage
-    /// slot to spare (a guess never evicts a kept stage), nothing loads or waits, and `span`
-    /// is not `served`, kept, left within [`LEFT_FOR`] of `now`, nor a span whose guess failed
-    /// within that time. The node prefetches the spans a single node serves, whose audits go
+    /// slot to spare, or keeps a stage of a span not in `needed` (the spans a guess is for,
+    /// those a single other node serves: one kept for a span that has since gained another
+    /// server goes for the guess, see [`Self::dropping`]; a guess never evicts a needed
+    /// stage), nothing loads or waits, and `span` is not `served`, kept, left within
+    /// [`LEFT_FOR`] of `now`, nor a span whose guess failed within that time. The node prefetches the spans a single node serves, whose audits go
     /// to nodes that load them: an audited call then finds the stage ready instead of waiting
     /// for the load beside the provider's answer. A prefetch starts at once and does not
     /// count for [`LOAD_EVERY`], so a call that needs another span right after it is not
     /// made to wait for the guess's turn.
-    pub fn prefetch(&mut self, span: LayerSpan, served: LayerSpan, now: Instant) -> bool {
+    pub fn prefetch(
+        &mut self,
+        span: LayerSpan,
+        served: LayerSpan,
+        now: Instant,
+        needed: &[LayerSpan],
+    ) -> bool {
+        let stale = self.kept.iter().position(|k| !needed.contains(k));
         if self.loading.is_some()
             || !self.held.is_empty()
-            || self.kept.len() >= MAX_CHECK_STAGES
+            || (self.kept.len() >= MAX_CHECK_STAGES && stale.is_none())
             || self.kept.contains(&span)
             || span == served
             || within(&self.left, span, now)
@@ -164,9 +174,20 @@ impl<R> Checks<R> {
         {
             return false;
         }
+        if self.kept.len() >= MAX_CHECK_STAGES {
+            // The engine is asked to drop this one ([`Self::dropping`]); calls for it wait for
+            // a load of their own from now on.
+            self.dropping = stale.map(|i| self.kept.remove(i));
+        }
         self.loading = Some(span);
         self.guessing = true;
         true
+    }
+
+    /// The kept span the load under way is to replace (the engine is asked to drop it
+    /// rather than its oldest unused stage), if any.
+    pub fn dropping(&self) -> Option<LayerSpan> {
+        self.dropping
     }
 
     /// Starts loading `span`: how long to wait first, so loads start [`LOAD_EVERY`] apart.
@@ -277,38 +298,82 @@ mod tests {
             LayerSpan::new(5, 15),
         );
         let mut checks = Checks::<u32>::default();
-        assert!(!checks.prefetch(served, served, t0), "the served span");
-        assert!(checks.prefetch(a, served, t0));
-        assert!(!checks.prefetch(b, served, t0), "a load is under way");
+        assert!(
+            !checks.prefetch(served, served, t0, &[a, b, c]),
+            "the served span"
+        );
+        assert!(checks.prefetch(a, served, t0, &[a, b, c]));
+        assert!(
+            !checks.prefetch(b, served, t0, &[a, b, c]),
+            "a load is under way"
+        );
         let (held, next) = checks.loaded(a, Some(vec![a]), t0);
         assert!(held.is_empty() && next.is_none());
-        assert!(!checks.prefetch(a, served, t0), "already kept");
+        assert!(!checks.prefetch(a, served, t0, &[a, b, c]), "already kept");
         // A guess does not count for the rate limit: a call's load right after starts at once.
         let peer = PeerId::random();
         assert_eq!(
             checks.hold(peer, Box::new(call(5, 15, 0)), 1, c, t0),
             Hold::Load(c, Duration::ZERO)
         );
-        assert!(!checks.prefetch(b, served, t0), "a call waits for a load");
+        assert!(
+            !checks.prefetch(b, served, t0, &[a, b, c]),
+            "a call waits for a load"
+        );
         let (held, _) = checks.loaded(c, Some(vec![a, c]), t0);
         assert_eq!(held.len(), 1);
         assert!(
-            !checks.prefetch(b, served, t0 + LOAD_EVERY),
+            !checks.prefetch(b, served, t0 + LOAD_EVERY, &[a, b, c]),
             "both slots taken: a guess never evicts"
         );
         // A failed guess is not tried again for a while.
         let mut checks = Checks::<u32>::default();
-        assert!(checks.prefetch(b, served, t0));
+        assert!(checks.prefetch(b, served, t0, &[a, b, c]));
         checks.loaded(b, None, t0);
-        assert!(!checks.prefetch(b, served, t0 + Duration::from_secs(1)));
-        assert!(checks.prefetch(a, served, t0 + Duration::from_secs(1)));
+        assert!(!checks.prefetch(b, served, t0 + Duration::from_secs(1), &[a, b, c]));
+        assert!(checks.prefetch(a, served, t0 + Duration::from_secs(1), &[a, b, c]));
         checks.loaded(a, Some(vec![a]), t0 + Duration::from_secs(1));
-        assert!(checks.prefetch(b, served, t0 + LEFT_FOR));
+        assert!(checks.prefetch(b, served, t0 + LEFT_FOR, &[a, b, c]));
         // A span placement just moved the node off is not fetched back.
         let mut checks = Checks::<u32>::default();
         checks.leave(a, t0);
-        assert!(!checks.prefetch(a, served, t0 + Duration::from_secs(1)));
-        assert!(checks.prefetch(a, served, t0 + LEFT_FOR));
+        assert!(!checks.prefetch(a, served, t0 + Duration::from_secs(1), &[a, b, c]));
+        assert!(checks.prefetch(a, served, t0 + LEFT_FOR, &[a, b, c]));
+    }
+
+    #[test]
+    fn a_guess_replaces_a_kept_stage_whose_span_gained_a_server_and_no_other() {
+        let t0 = Instant::now();
+        let served = LayerSpan::new(0, 10);
+        let (a, b, c) = (
+            LayerSpan::new(10, 20),
+            LayerSpan::new(20, 30),
+            LayerSpan::new(5, 15),
+        );
+        let mut checks = Checks::<u32>::default();
+        checks.loaded(a, Some(vec![a, c]), t0);
+        // Both kept spans still have a single server: the guess waits.
+        assert!(!checks.prefetch(b, served, t0, &[a, b, c]));
+        assert_eq!(checks.dropping(), None);
+        // `a` gained another server: the guess of `b` replaces it (the engine is told which).
+        assert!(checks.prefetch(b, served, t0, &[b, c]));
+        assert_eq!(checks.dropping(), Some(a));
+        assert!(
+            !checks.keeps(a),
+            "about to be dropped: calls for it wait for a load"
+        );
+        assert!(checks.keeps(c));
+        let (held, next) = checks.loaded(b, Some(vec![c, b]), t0);
+        assert!(held.is_empty() && next.is_none());
+        assert_eq!(checks.dropping(), None);
+        assert!(checks.keeps(b) && checks.keeps(c) && !checks.keeps(a));
+        // A failed guess gives the stage it was to replace back.
+        let mut checks = Checks::<u32>::default();
+        checks.loaded(a, Some(vec![a, c]), t0);
+        assert!(checks.prefetch(b, served, t0, &[b, a]));
+        assert_eq!(checks.dropping(), Some(c));
+        checks.loaded(b, None, t0);
+        assert!(checks.keeps(a) && checks.keeps(c));
     }
 
     #[test]

@@ -69,12 +69,21 @@ pub enum Work {
     /// sessions keep the stage they were opened on until they end or expire.
     Swap(Arc<Stage>),
     /// Keep this stage (another span of the same model) to check other nodes' work with: new
-    /// sessions asking for its span open on it. The spans kept afterwards go back on the
-    /// channel (see [`EngineActor::keep_check`]).
-    Check(Arc<Stage>, std::sync::mpsc::SyncSender<Vec<LayerSpan>>),
+    /// sessions asking for its span open on it; when a kept one must go, the one of the given
+    /// span if no session uses it. The spans kept afterwards go back on the channel (see
+    /// [`EngineActor::keep_check_instead`]).
+    Check(Box<CheckLoad>),
     /// Tests: make the engine thread panic.
     #[cfg(test)]
     Panic,
+}
+
+/// A [`Work::Check`]: the stage, the kept span to drop for it when one must go, and where
+/// the spans kept afterwards go.
+pub struct CheckLoad {
+    stage: Arc<Stage>,
+    instead: Option<LayerSpan>,
+    kept: std::sync::mpsc::SyncSender<Vec<LayerSpan>>,
 }
 
 /// Stages of spans this node does not serve that the engine keeps for checks (audits of a
@@ -227,16 +236,23 @@ impl EngineHandle {
         self.send_blocking(peer, Work::Swap(stage))
     }
 
-    /// Hands the engine a stage to check another span with ([`Work::Check`]) and waits for
-    /// the spans it keeps afterwards (the new one among them unless it refused it). Blocking,
-    /// as [`Self::swap_blocking`].
+    /// Hands the engine a stage to check another span with ([`Work::Check`]; `instead`: the
+    /// kept span to drop for it, when one must go) and waits for the spans it keeps
+    /// afterwards (the new one among them unless it refused it). Blocking, as
+    /// [`Self::swap_blocking`].
     pub fn check_blocking(
         &self,
         peer: PeerId,
         stage: Arc<Stage>,
+        instead: Option<LayerSpan>,
     ) -> Result<Vec<LayerSpan>, SwapError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.send_blocking(peer, Work::Check(stage, tx))?;
+        let load = CheckLoad {
+            stage,
+            instead,
+            kept: tx,
+        };
+        self.send_blocking(peer, Work::Check(Box::new(load)))?;
         rx.recv().map_err(|_| SwapError::Stopped)
     }
 
@@ -584,8 +600,13 @@ impl EngineActor {
                 self.stage = stage;
                 Response::Closed
             }
-            Work::Check(stage, kept) => {
-                self.keep_check(stage);
+            Work::Check(load) => {
+                let CheckLoad {
+                    stage,
+                    instead,
+                    kept,
+                } = *load;
+                self.keep_check_instead(stage, instead);
                 let _ = kept.send(self.checks.iter().map(|c| c.span()).collect());
                 Response::Closed
             }
@@ -604,7 +625,15 @@ impl EngineActor {
     /// kept stage is in use the new one is refused, as is one of the served span or of a
     /// span already kept. So at most that many check stages are ever alive: only kept stages
     /// open sessions, and a kept stage in use stays kept.
+    #[cfg(test)]
     pub(crate) fn keep_check(&mut self, stage: Arc<Stage>) {
+        self.keep_check_instead(stage, None);
+    }
+
+    /// [`Self::keep_check`], dropping the stage of span `instead` (when one must go and no
+    /// session uses it) rather than the oldest unused: a stage loaded ahead for a span that
+    /// has since gained a server of its own (audits of it no longer come here).
+    pub(crate) fn keep_check_instead(&mut self, stage: Arc<Stage>, instead: Option<LayerSpan>) {
         let span = stage.span();
         if span == self.stage.span() || self.checks.iter().any(|c| c.span() == span) {
             return;
@@ -617,7 +646,9 @@ impl EngineActor {
                         .iter()
                         .any(|r| Arc::ptr_eq(&r.session.stage, c))
             };
-            let Some(free) = self.checks.iter().position(|c| !used(c)) else {
+            let stale =
+                instead.and_then(|i| self.checks.iter().position(|c| c.span() == i && !used(c)));
+            let Some(free) = stale.or_else(|| self.checks.iter().position(|c| !used(c))) else {
                 return;
             };
             self.checks.remove(free);
@@ -1407,6 +1438,33 @@ mod tests {
         engine.sessions.retain(|(_, s), _| *s != SessionId([1; 16]));
         engine.keep_check(layers(0, 3));
         assert_eq!(spans(&engine), [(0, 2), (0, 3)], "the free one replaced");
+    }
+
+    /// A load may name the kept stage it replaces (one loaded ahead for a span that has
+    /// gained a server since): that one goes rather than the oldest, unless a session uses
+    /// it, when the oldest free one goes as before.
+    #[test]
+    fn a_check_stage_named_to_go_goes_unless_in_use() {
+        let peer = PeerId::random();
+        let mut engine = EngineActor::local(layers(2, 3), Digest([0; 32]));
+        let spans = |e: &EngineActor| -> Vec<(usize, usize)> {
+            e.checks
+                .iter()
+                .map(|c| (c.span().start, c.span().end))
+                .collect()
+        };
+        engine.keep_check(layers(0, 1));
+        engine.keep_check(layers(0, 2));
+        engine.keep_check_instead(layers(0, 3), Some(LayerSpan::new(0, 2)));
+        assert_eq!(spans(&engine), [(0, 1), (0, 3)], "the named one went");
+        let r = engine.forward(peer, &call(1, 3, 0, &[1, 2]));
+        assert!(matches!(r, Response::Hidden { .. }), "{r:?}");
+        engine.keep_check_instead(layers(1, 3), Some(LayerSpan::new(0, 3)));
+        assert_eq!(
+            spans(&engine),
+            [(0, 3), (1, 3)],
+            "in use: the oldest free one went"
+        );
     }
 
     /// Issue 7: a swap used to drop every open session, breaking the streams running through

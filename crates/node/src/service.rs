@@ -496,6 +496,8 @@ impl Node {
         let engine = self.engine.clone();
         let report = CheckReport(Some((self.check_tx.clone(), span)));
         let me = self.peer_id();
+        // The kept span this load is to replace, if one must go.
+        let instead = self.checks.dropping();
         tokio::task::spawn_blocking(move || {
             std::thread::sleep(after);
             info!(%span, "loading a span to check another node's work");
@@ -504,7 +506,7 @@ impl Node {
                 .map_err(|e| e.to_string())
                 .and_then(|stage| {
                     engine
-                        .check_blocking(me, Arc::new(stage))
+                        .check_blocking(me, Arc::new(stage), instead)
                         .map_err(|e| e.to_string())
                 });
             report.send(result);
@@ -512,9 +514,10 @@ impl Node {
     }
 
     /// Loads ahead the next span a single other node serves (audits of it come to nodes that
-    /// load it, see [`crate::checks`]), when this node checks, has a stage slot to spare and
-    /// room for the span: the one nearest after its own span first, so nodes spread over the
-    /// sole servers. One load at a time; the next tick takes the next span.
+    /// load it, see [`crate::checks`]), when this node checks, has a stage slot to spare (or
+    /// keeps a stage of a span that has since gained another server: the load replaces it)
+    /// and room for the span: the one nearest after its own span first, so nodes spread over
+    /// the sole servers. One load at a time; the next tick takes the next span.
     fn prefetch_checks(&mut self) {
         // Not while placement moves this node (both loads would compete for memory).
         if !self.config.checks || self.loading {
@@ -537,15 +540,20 @@ impl Node {
                     .or_default() += 1;
             }
         }
-        let mut sole: Vec<LayerSpan> = servers
+        let needed: Vec<LayerSpan> = servers
             .into_iter()
-            .filter(|((a, b), n)| *n == 1 && b - a <= self.check_room)
+            .filter(|(_, n)| *n == 1)
             .map(|((a, b), _)| LayerSpan::new(a, b))
+            .collect();
+        let mut sole: Vec<LayerSpan> = needed
+            .iter()
+            .copied()
+            .filter(|s| s.len() <= self.check_room)
             .collect();
         sole.sort_by_key(|s| (s.start + layers - served.end % layers) % layers);
         let now = std::time::Instant::now();
         for span in sole {
-            if self.checks.prefetch(span, served, now) {
+            if self.checks.prefetch(span, served, now, &needed) {
                 self.load_check(span, Duration::ZERO);
                 return;
             }
