@@ -149,7 +149,7 @@ impl<R> Checks<R> {
     /// Whether to load `span` now, before any call asks for it: when the node has a stage
     /// slot to spare, or keeps a stage of a span not in `needed` (the spans a guess is for,
     /// those a single other node serves: one kept for a span that has since gained another
-    /// server goes for the guess, see [`Self::dropping`]; a guess never evicts a needed
+    /// server goes for the guess, see [`Self::replacing`]; a guess never evicts a needed
     /// stage), nothing loads or waits, and `span` is not `served`, kept, left within
     /// [`LEFT_FOR`] of `now`, nor a span whose guess failed within that time. The node prefetches the spans a single node serves, whose audits go
     /// to nodes that load them: an audited call then finds the stage ready instead of waiting
@@ -175,7 +175,7 @@ impl<R> Checks<R> {
             return false;
         }
         if self.kept.len() >= MAX_CHECK_STAGES {
-            // The engine is asked to drop this one ([`Self::dropping`]); calls for it wait for
+            // The engine is asked to drop this one ([`Self::replacing`]); calls for it wait for
             // a load of their own from now on.
             self.dropping = stale.map(|i| self.kept.remove(i));
         }
@@ -184,10 +184,10 @@ impl<R> Checks<R> {
         true
     }
 
-    /// The kept span the load under way is to replace (the engine is asked to drop it
-    /// rather than its oldest unused stage), if any.
-    pub fn dropping(&self) -> Option<LayerSpan> {
-        self.dropping
+    /// The kept span the guess under way is to replace, if any: the engine is to drop that
+    /// one or refuse the guess (a call's load lets it drop its oldest unused stage).
+    pub fn replacing(&self) -> Option<LayerSpan> {
+        self.dropping.filter(|_| self.guessing)
     }
 
     /// Starts loading `span`: how long to wait first, so loads start [`LOAD_EVERY`] apart.
@@ -218,7 +218,14 @@ impl<R> Checks<R> {
         self.loading = None;
         let dropping = self.dropping.take();
         match kept {
-            Some(kept) => self.kept = kept,
+            Some(kept) => {
+                // A guess the engine refused (the stage it was to replace is in use) is not
+                // tried again for a while either.
+                if self.guessing && !kept.contains(&span) {
+                    remember(&mut self.failed, span, now);
+                }
+                self.kept = kept
+            }
             None => {
                 // The engine kept what it had: the stage the load was to replace included.
                 if let Some(d) = dropping {
@@ -354,10 +361,10 @@ mod tests {
         checks.loaded(a, Some(vec![a, c]), t0);
         // Both kept spans still have a single server: the guess waits.
         assert!(!checks.prefetch(b, served, t0, &[a, b, c]));
-        assert_eq!(checks.dropping(), None);
+        assert_eq!(checks.replacing(), None);
         // `a` gained another server: the guess of `b` replaces it (the engine is told which).
         assert!(checks.prefetch(b, served, t0, &[b, c]));
-        assert_eq!(checks.dropping(), Some(a));
+        assert_eq!(checks.replacing(), Some(a));
         assert!(
             !checks.keeps(a),
             "about to be dropped: calls for it wait for a load"
@@ -365,15 +372,23 @@ mod tests {
         assert!(checks.keeps(c));
         let (held, next) = checks.loaded(b, Some(vec![c, b]), t0);
         assert!(held.is_empty() && next.is_none());
-        assert_eq!(checks.dropping(), None);
+        assert_eq!(checks.replacing(), None);
         assert!(checks.keeps(b) && checks.keeps(c) && !checks.keeps(a));
         // A failed guess gives the stage it was to replace back.
         let mut checks = Checks::<u32>::default();
         checks.loaded(a, Some(vec![a, c]), t0);
         assert!(checks.prefetch(b, served, t0, &[b, a]));
-        assert_eq!(checks.dropping(), Some(c));
+        assert_eq!(checks.replacing(), Some(c));
         checks.loaded(b, None, t0);
         assert!(checks.keeps(a) && checks.keeps(c));
+        // A guess the engine refused (the stage to replace was in use) waits as a failed one.
+        let mut checks = Checks::<u32>::default();
+        checks.loaded(a, Some(vec![a, c]), t0);
+        assert!(checks.prefetch(b, served, t0, &[b, a]));
+        checks.loaded(b, Some(vec![a, c]), t0);
+        assert!(checks.keeps(a) && checks.keeps(c) && !checks.keeps(b));
+        assert!(!checks.prefetch(b, served, t0 + Duration::from_secs(1), &[b, a]));
+        assert!(checks.prefetch(b, served, t0 + LEFT_FOR, &[b, a]));
     }
 
     #[test]

@@ -630,9 +630,10 @@ impl EngineActor {
         self.keep_check_instead(stage, None);
     }
 
-    /// [`Self::keep_check`], dropping the stage of span `instead` (when one must go and no
-    /// session uses it) rather than the oldest unused: a stage loaded ahead for a span that
-    /// has since gained a server of its own (audits of it no longer come here).
+    /// [`Self::keep_check`], but when one must go and `instead` names a span, only the stage
+    /// of that span may go (a stage loaded ahead for a span no single other node serves any
+    /// more: audits of it no longer come here); while a session uses it, the new stage is
+    /// refused (a guess never evicts another).
     pub(crate) fn keep_check_instead(&mut self, stage: Arc<Stage>, instead: Option<LayerSpan>) {
         let span = stage.span();
         if span == self.stage.span() || self.checks.iter().any(|c| c.span() == span) {
@@ -646,9 +647,11 @@ impl EngineActor {
                         .iter()
                         .any(|r| Arc::ptr_eq(&r.session.stage, c))
             };
-            let stale =
-                instead.and_then(|i| self.checks.iter().position(|c| c.span() == i && !used(c)));
-            let Some(free) = stale.or_else(|| self.checks.iter().position(|c| !used(c))) else {
+            let free = match instead {
+                Some(i) => self.checks.iter().position(|c| c.span() == i && !used(c)),
+                None => self.checks.iter().position(|c| !used(c)),
+            };
+            let Some(free) = free else {
                 return;
             };
             self.checks.remove(free);
@@ -1441,8 +1444,8 @@ mod tests {
     }
 
     /// A load may name the kept stage it replaces (one loaded ahead for a span that has
-    /// gained a server since): that one goes rather than the oldest, unless a session uses
-    /// it, when the oldest free one goes as before.
+    /// gained a server since): that one goes rather than the oldest; while a session uses
+    /// it, the new stage is refused and the others stay.
     #[test]
     fn a_check_stage_named_to_go_goes_unless_in_use() {
         let peer = PeerId::random();
@@ -1462,8 +1465,8 @@ mod tests {
         engine.keep_check_instead(layers(1, 3), Some(LayerSpan::new(0, 3)));
         assert_eq!(
             spans(&engine),
-            [(0, 3), (1, 3)],
-            "in use: the oldest free one went"
+            [(0, 1), (0, 3)],
+            "in use: refused, nothing else went"
         );
     }
 

@@ -496,8 +496,8 @@ impl Node {
         let engine = self.engine.clone();
         let report = CheckReport(Some((self.check_tx.clone(), span)));
         let me = self.peer_id();
-        // The kept span this load is to replace, if one must go.
-        let instead = self.checks.dropping();
+        // The kept span a guess is to replace, if one must go.
+        let instead = self.checks.replacing();
         tokio::task::spawn_blocking(move || {
             std::thread::sleep(after);
             info!(%span, "loading a span to check another node's work");
