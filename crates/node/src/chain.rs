@@ -741,9 +741,9 @@ impl Chain {
             return self.forward_to(at, Some(next_input));
         }
         // The old stages on this peer (a survivor that took the lost layers over next to its
-        // own, before or after the failed stage) are not rejoined: their sessions go now,
-        // before the replay reserves room for another, so the peer never holds two KV caches
-        // of this chain. (`hops[..k]` is never on a replacement's peer: `on_route` refuses
+        // own, before or after the failed stage) are not rejoined: their closes go out now,
+        // before the replay reserves room for another, so the peer holds two KV caches of
+        // this chain at most until they land, not until the failover ends. (`hops[..k]` is never on a replacement's peer: `on_route` refuses
         // such routes.)
         let superseded: Vec<(PeerId, SessionId)> = self.hops[k..]
             .iter()
