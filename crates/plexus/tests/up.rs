@@ -907,8 +907,18 @@ fn a_last_stage_that_picks_among_near_ties_is_convicted_by_their_number_issue_11
     let mut args = untiled_node0_args("3", "1");
     args.extend(["--cheat", "pick"]);
     let Started { up, url, key, .. } = start_up(&args, cache.path());
-    let texts = audited_chats(&url, &key, 40, 2, 48, true);
-    let metrics = http_get(&url, "/metrics", &key);
+    // Chats in rounds of 40 until the conviction, at most 80: a statistical verdict (a
+    // binomial tail under 1e-6 against the less damning of the two checkers) came within 40
+    // chats in most runs, not in all (2 of about 12 runs over two sessions did not).
+    let mut texts = Vec::new();
+    let mut metrics = String::new();
+    for _ in 0..2 {
+        texts.extend(audited_chats(&url, &key, 40, 2, 48, true));
+        metrics = http_get(&url, "/metrics", &key);
+        if counter(&metrics, "plexus_audit_near_tie_convictions") > 0 {
+            break;
+        }
+    }
     stop_up(up);
     let c = |name: &str| counter(&metrics, name);
     eprintln!(
@@ -925,7 +935,7 @@ fn a_last_stage_that_picks_among_near_ties_is_convicted_by_their_number_issue_11
         c("plexus_audit_near_tie_convictions"),
         c("plexus_audit_convictions"),
     );
-    assert_eq!(texts.len(), 40);
+    assert!(texts.len() == 40 || texts.len() == 80, "{}", texts.len());
     assert_eq!(c("plexus_audit_near_tie_convictions"), 1, "{metrics}");
     let stakes = node_stakes(cache.path(), 3);
     assert!(stakes[0] < 100_000_000, "{stakes:?}");
