@@ -1335,6 +1335,14 @@ mod tests {
     use plexus_model::layers::Mode;
     use plexus_model::load::ModelFiles;
 
+    /// The spans of the check stages `e` keeps, oldest first.
+    fn spans(e: &EngineActor) -> Vec<(usize, usize)> {
+        e.checks
+            .iter()
+            .map(|c| (c.span().start, c.span().end))
+            .collect()
+    }
+
     fn layers(start: usize, end: usize) -> Arc<Stage> {
         let path = plexus_testkit::real_model();
         let files = ModelFiles::open(&path).unwrap();
@@ -1415,12 +1423,6 @@ mod tests {
     fn check_stages_in_use_are_kept_and_no_span_is_held_twice() {
         let peer = PeerId::random();
         let mut engine = EngineActor::local(layers(2, 3), Digest([0; 32]));
-        let spans = |e: &EngineActor| -> Vec<(usize, usize)> {
-            e.checks
-                .iter()
-                .map(|c| (c.span().start, c.span().end))
-                .collect()
-        };
         engine.keep_check(layers(2, 3));
         assert!(engine.checks.is_empty(), "the served span");
         engine.keep_check(layers(0, 1));
@@ -1450,12 +1452,6 @@ mod tests {
     fn a_check_stage_named_to_go_goes_unless_in_use() {
         let peer = PeerId::random();
         let mut engine = EngineActor::local(layers(2, 3), Digest([0; 32]));
-        let spans = |e: &EngineActor| -> Vec<(usize, usize)> {
-            e.checks
-                .iter()
-                .map(|c| (c.span().start, c.span().end))
-                .collect()
-        };
         engine.keep_check(layers(0, 1));
         engine.keep_check(layers(0, 2));
         engine.keep_check_instead(layers(0, 3), Some(LayerSpan::new(0, 2)));
