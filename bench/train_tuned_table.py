@@ -9,6 +9,9 @@ Prints two Markdown tables:
 2. each side at its own best learning rate (the lowest mean held-out loss over the seeds, among
    learning rates every seed ran): DiLoCo against the synchronous run at the synchronous run's
    best learning rate, seed by seed, and whether the issue's target is met on the worst seed.
+
+Rows of `--no-sync` runs (sync null) take the synchronous run from the other files (the same
+seed and learning rate); "fewer bytes" divides that run's bytes by DiLoCo's.
 """
 import json
 import statistics
@@ -48,17 +51,20 @@ def main(paths):
     rows = [json.loads(l) for p in paths for l in open(p) if l.strip()]
     seeds = {r["seed"] for r in rows}
     sync = defaultdict(dict)  # lr -> seed -> (loss, accuracy)
+    sync_bytes = {}  # seed -> bytes per worker (the same at every learning rate)
     dil = defaultdict(lambda: defaultdict(dict))  # key -> lr -> seed -> row
     for r in rows:
         if "inner_lr" not in r:
             sys.exit("a row without inner_lr: runs of `plexus bench train` before af448da")
         lr, seed = r["inner_lr"], r["seed"]
-        seen = (r["sync"]["loss"], r["sync"]["accuracy"])
-        if sync[lr].setdefault(seed, seen) != seen:
-            sys.exit(f"two synchronous runs at lr {lr:g}, seed {seed} disagree")
+        if r["sync"] is not None:
+            seen = (r["sync"]["loss"], r["sync"]["accuracy"])
+            if sync[lr].setdefault(seed, seen) != seen:
+                sys.exit(f"two synchronous runs at lr {lr:g}, seed {seed} disagree")
+            sync_bytes[seed] = r["sync"]["bytes_per_worker"]
         key = (r["inner_steps"], r["codec"], r["error_feedback"], outer_label(r))
         dil[key][lr][seed] = r
-    lrs = sorted(sync)
+    lrs = sorted(set(sync) | {lr for k in dil for lr in dil[k]})
     keys = sorted(dil, key=lambda k: (not k[1].startswith("f32"), k[1], k[0]))
     s = sorted(seeds)
 
@@ -66,7 +72,7 @@ def main(paths):
           "(the best of each row in bold):\n")
     print("| setting | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |")
     print("|---|" + "---|" * len(lrs))
-    grid = [("sync", {lr: {sd: v[0] for sd, v in sync[lr].items()} for lr in lrs})]
+    grid = [("sync", {lr: {sd: v[0] for sd, v in sync[lr].items()} for lr in sync})]
     grid += [(label(k), {lr: {sd: r["diloco"]["loss"] for sd, r in dil[k][lr].items()}
                          for lr in dil[k]}) for k in keys]
     for name, by_lr in grid:
@@ -81,7 +87,7 @@ def main(paths):
                 cells.append("")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
-    sync_loss = {lr: {sd: v[0] for sd, v in sync[lr].items()} for lr in lrs}
+    sync_loss = {lr: {sd: v[0] for sd, v in sync[lr].items()} for lr in sync}
     sync_lr = best(sync_loss, seeds)
     if sync_lr is None:
         sys.exit("no learning rate has a synchronous run for every seed")
@@ -97,7 +103,8 @@ def main(paths):
             continue
         runs = [dil[k][lr][sd] for sd in s]
         ratios = [r["diloco"]["loss"] / sync_loss[sync_lr][sd] - 1 for r, sd in zip(runs, s)]
-        fewer = statistics.mean(r["bytes_ratio"] for r in runs)
+        fewer = statistics.mean(sync_bytes[sd] / r["diloco"]["bytes_per_worker"]
+                                for r, sd in zip(runs, s))
         accs_s = [sync[sync_lr][sd][1] for sd in s]
         accs_d = [r["diloco"]["accuracy"] for r in runs]
         acc = (f"{pct(statistics.mean(accs_s))} / {pct(statistics.mean(accs_d))}"

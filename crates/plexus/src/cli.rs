@@ -281,6 +281,11 @@ pub struct BenchTrainArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Skip the synchronous run: it is a pure function of seed, data, model, batch, inner
+    /// learning rate and steps (bit-identical in every run that shares them), so a grid takes
+    /// it from one run and the others leave it out. "sync" and the ratios print as null.
+    #[arg(long)]
+    pub no_sync: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

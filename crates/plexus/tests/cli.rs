@@ -542,6 +542,49 @@ fn bench_train_runs_several_settings_on_a_text() {
         assert!(v["text"]["unigram_loss"].as_f64().unwrap() > 1.0);
     }
     assert_eq!(lines[1]["error_feedback"], true);
+
+    // --no-sync leaves the synchronous run out and changes nothing else: the DiLoCo side comes
+    // out bit-identical.
+    let args = &[
+        "bench",
+        "train",
+        "--workers",
+        "2",
+        "--runs",
+        "5:f32",
+        "--total-steps",
+        "10",
+        "--data",
+        &data,
+        "--seq-len",
+        "15",
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--batch-size",
+        "2",
+        "--eval-examples",
+        "16",
+        "--score-examples",
+        "8",
+        "--no-sync",
+        "--json",
+    ];
+    let o = plexus(args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["sync"].is_null() && v["sync_tokens"].is_null(), "{v}");
+    assert!(
+        v["loss_ratio"].is_null() && v["bytes_ratio"].is_null(),
+        "{v}"
+    );
+    assert_eq!(v["diloco"]["loss"], lines[0]["diloco"]["loss"]);
+    assert_eq!(
+        v["diloco"]["bytes_per_worker"],
+        lines[0]["diloco"]["bytes_per_worker"]
+    );
+    assert_eq!(v["tokens"], lines[0]["tokens"]);
 }
 
 #[test]

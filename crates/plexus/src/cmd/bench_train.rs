@@ -272,7 +272,8 @@ fn data_name(a: &BenchTrainArgs) -> String {
     }
 }
 
-/// The synchronous run, then each DiLoCo setting; one JSON line per setting.
+/// The synchronous run (unless `--no-sync`), then each DiLoCo setting; one JSON line per
+/// setting.
 fn run_all<D: LocalData>(
     a: &BenchTrainArgs,
     setup: &D,
@@ -288,9 +289,6 @@ fn run_all<D: LocalData>(
     // The synchronous run only reads seed, batch, inner settings and the step count, which
     // every setting shares.
     let sync_rounds = a.total_steps / configs[0].inner_steps as usize;
-    let sync = timed(|| {
-        run_sync(setup, &configs[0], a.workers, sync_rounds).context("synchronous run failed")
-    })?;
     let pct = |x: f64| {
         if x.is_nan() {
             "n/a".to_string()
@@ -298,13 +296,22 @@ fn run_all<D: LocalData>(
             format!("{:.1}%", 100.0 * x)
         }
     };
-    eprintln!(
-        "sync   | held-out loss {:.4} | exact match {} | {} bytes per worker | {:.0}s",
-        sync.value.loss,
-        pct(sync.value.accuracy),
-        sync.value.bytes_per_worker,
-        sync.wall
-    );
+    let sync = if a.no_sync {
+        eprintln!("sync   | skipped (--no-sync)");
+        None
+    } else {
+        let sync = timed(|| {
+            run_sync(setup, &configs[0], a.workers, sync_rounds).context("synchronous run failed")
+        })?;
+        eprintln!(
+            "sync   | held-out loss {:.4} | exact match {} | {} bytes per worker | {:.0}s",
+            sync.value.loss,
+            pct(sync.value.accuracy),
+            sync.value.bytes_per_worker,
+            sync.wall
+        );
+        Some(sync)
+    };
     let side = |t: &Timed<Report>, exchanges: usize| {
         let r = &t.value;
         serde_json::json!({
@@ -352,9 +359,10 @@ fn run_all<D: LocalData>(
             diloco.value.bytes_per_worker,
             diloco.wall
         );
-        let (d, y) = (&diloco.value, &sync.value);
+        let d = &diloco.value;
+        let y = sync.as_ref().map(|t| &t.value);
         let out = serde_json::json!({
-            "sync": side(&sync, a.total_steps),
+            "sync": sync.as_ref().map(|t| side(t, a.total_steps)),
             "diloco": side(&diloco, rounds),
             "workers": a.workers,
             "inner_steps": s.inner_steps,
@@ -367,7 +375,7 @@ fn run_all<D: LocalData>(
             "score_examples": a.score_examples,
             "score_tolerance": a.score_tolerance,
             "tokens": d.tokens,
-            "sync_tokens": y.tokens,
+            "sync_tokens": y.map(|y| y.tokens),
             "rounds": rounds,
             "seed": a.seed,
             "task": data_name(a),
@@ -375,12 +383,12 @@ fn run_all<D: LocalData>(
             "model": {"hidden": a.hidden, "layers": a.layers, "params": d.params.values.len()},
             "contributions_applied": applied,
             "contributions_rejected": rejected,
-            "loss_ratio": d.loss / y.loss,
-            "bytes_ratio": y.bytes_per_worker as f64 / d.bytes_per_worker.max(1) as f64,
+            "loss_ratio": y.map(|y| d.loss / y.loss),
+            "bytes_ratio": y.map(|y| y.bytes_per_worker as f64 / d.bytes_per_worker.max(1) as f64),
         });
         if a.json {
             println!("{out}");
-        } else {
+        } else if let Some(y) = y {
             println!(
                 "H={} {}: DiLoCo/sync held-out loss {:.3}x, {:.0}x fewer bytes per worker ({} vs {})",
                 s.inner_steps,
@@ -389,6 +397,11 @@ fn run_all<D: LocalData>(
                 y.bytes_per_worker as f64 / d.bytes_per_worker.max(1) as f64,
                 d.bytes_per_worker,
                 y.bytes_per_worker
+            );
+        } else {
+            println!(
+                "H={} {}: DiLoCo held-out loss {:.4}, {} bytes per worker (no synchronous run)",
+                s.inner_steps, s.codec, d.loss, d.bytes_per_worker
             );
         }
     }
