@@ -321,7 +321,8 @@ pub struct TrainArgs {
     /// (trains on examples other than its assigned ones and commits as if it had not), `ahead`
     /// (claims a later round than its own, with a made-up state to match), `behind` (claims to
     /// be at round 0, forever, and sends no contribution), `harmful` (its pseudo-gradient reversed and
-    /// scaled by 4, validly committed) or `withhold` (seals an audit nonce it never tells).
+    /// scaled by 4, validly committed), `withhold` (seals an audit nonce it never tells) or
+    /// `bad-state` (flips a bit of every value in the ranges of the global state it serves).
     #[arg(long, hide = true, requires = "distributed")]
     pub cheat: Option<String>,
     /// With --distributed, for a run whose spec asks a stake: the run's ledger, the same for

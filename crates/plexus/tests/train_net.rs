@@ -287,7 +287,8 @@ fn a_sigkilled_worker_does_not_stop_the_run_and_a_late_joiner_contributes() {
     let spec = spec(tmp.path(), 40, 4, 60_000);
     let mut w0 = Worker::start("w0", &spec, tmp.path(), &[], &[]);
     let a0 = w0.addr.clone();
-    let w1 = Worker::start("w1", &spec, tmp.path(), &[&a0], &[]);
+    // w1 trains honestly but flips a bit of every value in the state ranges it serves.
+    let w1 = Worker::start("w1", &spec, tmp.path(), &[&a0], &["--cheat", "bad-state"]);
     let w2 = Worker::start("w2", &spec, tmp.path(), &[&a0, &w1.addr], &[]);
     let mut w3 = Worker::start("w3", &spec, tmp.path(), &[&a0, &w1.addr, &w2.addr], &[]);
     w0.wait_for("applied 4/4", RUN_TIMEOUT);
@@ -296,6 +297,15 @@ fn a_sigkilled_worker_does_not_stop_the_run_and_a_late_joiner_contributes() {
     let mut joiner = Worker::start("late", &spec, tmp.path(), &[&a0, &w1.addr], &[]);
     let caught = joiner.wait_for("caught up: at round 0", RUN_TIMEOUT);
     let joined_at: u64 = field(&caught, "state of round ").parse().unwrap();
+    // The joiner asked every holder for ranges at once; w1's flipped bytes failed the digest,
+    // and the state came from one honest holder alone.
+    let bad = worker_id(&w1);
+    let refused = joiner.wait_for("does not match the digest they announced", RUN_TIMEOUT);
+    assert!(refused.contains(&bad), "{refused}");
+    assert!(
+        !caught.split(" from ").nth(1).unwrap().contains(&bad),
+        "{caught}"
+    );
     // w3 closed round 5 before it was killed; the others may still have been closing it.
     assert!(joined_at >= 4, "{caught}");
     // The joiner's pseudo-gradient was applied, beside others', in a round after it joined
@@ -918,6 +928,31 @@ fn bad_flags_and_bad_specs_are_refused_before_anything_starts() {
     assert!(err.contains("--nodes 65"), "{err}");
     let err = run(&["up", "--train", s, "--text", "/etc/hostname"]);
     assert!(err.contains("--text"), "{err}");
+    // A model whose pseudo-gradient cannot travel in one message is refused at start (the
+    // global state travels in ranges, whatever its size).
+    let big = tmp.path().join("big.json");
+    let o = Command::new(BIN)
+        .args(["train", "spec", "--out"])
+        .arg(&big)
+        .arg("--data-dir")
+        .arg(tmp.path().join("creator"))
+        .args(["--task", "reverse", "--size", "3", "--hidden", "768"])
+        .args(["--layers", "2", "--rounds", "2", "--codec", "f32"])
+        .args(["--audit-rate", "0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = run(&[
+        "train",
+        "--distributed",
+        big.to_str().unwrap(),
+        "--data-dir",
+        &dir,
+    ]);
+    assert!(
+        err.contains("larger than one message") && err.contains("int8, sparse"),
+        "{err}"
+    );
     let text = std::fs::read_to_string(&spec).unwrap();
     let edited = tmp.path().join("edited.json");
     for (from, to, want) in [

@@ -13,7 +13,8 @@
 //! - [`local`]: a run of several workers in one process (tests, `plexus bench train`).
 //! - [`spec`]: the signed run spec a distributed run starts from; [`protocol`]: the messages
 //!   workers exchange over the network (`plexus train --distributed` drives them);
-//!   [`resume`]: a worker's checkpoint between rounds.
+//!   [`transfer`]: a global state fetched in ranges from several peers; [`resume`]: a worker's
+//!   checkpoint between rounds.
 //!
 //! The math (forward, backward, AdamW) is in `plexus_model::train`; this crate keeps the
 //! protocol. Nothing here reads the clock: times are passed in.
@@ -33,6 +34,7 @@ pub mod reveal;
 pub mod round;
 pub mod score;
 pub mod spec;
+pub mod transfer;
 pub mod worker;
 
 pub use codec::Codec;

@@ -10,8 +10,11 @@
 //!   (its current one, or the one it just closed); `Fetch` gets one of them. Every worker asks
 //!   every peer before closing a round and fetches what it misses, so they close on the same
 //!   set and compute the same next state without a coordinator.
-//! - `State`: the receiver's global state (round, weights, outer momentum), checked by the
-//!   asker against the digest the peers' statuses agree on.
+//! - `StateRange { state, offset, len }`: bytes of the global state (round, weights, outer
+//!   momentum) whose digest is `state`, answered only by a worker holding that state; a
+//!   worker that catches up asks every holder for some of the ranges and checks the whole
+//!   against the digest the peers' statuses agree on ([`crate::transfer`]). `State` (the whole
+//!   state in one message) is still answered, for workers of earlier builds.
 //! - `StartState { round }`: the receiver's own start state of a round it contributed to
 //!   (AdamW moments and error-feedback residual), which an auditor needs to re-execute that
 //!   contribution ([`crate::audit::reexecute`] checks it against the commitment's digests).
@@ -90,6 +93,14 @@ pub enum TrainRequest {
         run: Digest,
         round: u64,
     },
+    /// Bytes `offset..offset + len` of the global state whose digest is `state`
+    /// ([`crate::transfer::state_bytes`]; `len` at most [`crate::transfer::MAX_RANGE_BYTES`]).
+    StateRange {
+        run: Digest,
+        state: Digest,
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// A delegated auditor's verdict on one worker's contribution: `pass` when the re-execution
@@ -146,6 +157,13 @@ pub enum TrainResponse {
     Verdicts {
         round: u64,
         verdicts: Vec<AuditVerdict>,
+    },
+    /// A range of a state's bytes; `total` is the length of them all.
+    StateRange {
+        state: Digest,
+        offset: u64,
+        total: u64,
+        bytes: Vec<u8>,
     },
 }
 

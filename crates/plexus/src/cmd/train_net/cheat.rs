@@ -34,6 +34,10 @@ pub enum Cheat {
     /// Seals an audit nonce it never tells (a random value in its commitment, so the nonce it
     /// answers with opens nothing): the draw could not be computed with its contribution in.
     Withhold,
+    /// Answers every range of the global state asked of it with the lowest bit of every value
+    /// flipped (the state it says it holds is everyone's): a joiner's assembled state fails
+    /// its digest.
+    BadState,
 }
 
 /// A lazy worker's round: trained on the examples assigned to another id, committed with the

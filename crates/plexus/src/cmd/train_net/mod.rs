@@ -64,6 +64,7 @@ use plexus_train::reveal::nonce;
 use plexus_train::round::{GlobalState, RoundMachine, RoundOutcome};
 use plexus_train::score::HeldOutScorer;
 use plexus_train::spec::{Data, SignedSpec};
+use plexus_train::transfer::{state_from_bytes, state_len};
 use plexus_train::worker::{work_round, WorkerState};
 use plexus_train::{resume, RoundConfig};
 use shared::{worker_name, Shared};
@@ -149,9 +150,10 @@ pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
         Some("harmful") => Some(Cheat::Harmful),
         Some("behind") => Some(Cheat::Behind),
         Some("withhold") => Some(Cheat::Withhold),
+        Some("bad-state") => Some(Cheat::BadState),
         Some(other) => {
             bail!(
-                "--cheat {other:?}: expected garbage, stale, lazy, ahead, behind, harmful or withhold"
+                "--cheat {other:?}: expected garbage, stale, lazy, ahead, behind, harmful, withhold or bad-state"
             )
         }
     };
@@ -228,8 +230,17 @@ fn start<D: LocalData + Send + Sync + 'static>(
     net: NetConfig,
 ) -> anyhow::Result<()> {
     let (model, shard, init) = setup.prepare(cfg.seed)?;
-    // A start state travels in one frame (AdamW moments and residual: 12 bytes a parameter).
     let n = init.values.len();
+    // A contribution travels in one frame (the global state in ranges, any size).
+    let payload = cfg.codec.encoded_len(n);
+    if payload + 4096 > plexus_core::wire::MAX_FRAME_BYTES {
+        bail!(
+            "the model's {n} parameters make a {} pseudo-gradient of {payload} bytes, larger than one message ({} MiB): make the spec with a smaller codec (int8, sparse) or a smaller model",
+            cfg.codec,
+            plexus_core::wire::MAX_FRAME_BYTES >> 20
+        );
+    }
+    // A start state travels in one frame (AdamW moments and residual: 12 bytes a parameter).
     if spec.spec.audit_rate() > 0.0 && 12 * n + 4096 > plexus_core::wire::MAX_FRAME_BYTES {
         bail!(
             "this run audits rounds, but its model's {n} parameters make a start state larger than one message ({} MiB): audits could not fetch it; make the spec with --audit-rate 0 or a smaller model",
@@ -378,6 +389,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         machine.expect(self.me.clone());
         let mut initial = Shared::new(run, machine);
         initial.claim_behind = self.cheat == Some(Cheat::Behind);
+        initial.corrupt_state = self.cheat == Some(Cheat::BadState);
         if let Some(ledger) = &self.ledger {
             let mut gate = StakeGate::new(ledger.min());
             gate.update(ledger.read(true).await.unwrap_or_default());
@@ -558,27 +570,39 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 None => return,
             }
         };
-        let holders = statuses
+        let holders: Vec<PeerId> = statuses
             .iter()
             .filter(|(_, s)| s.round == round && s.state == digest)
-            .map(|(p, _)| *p);
-        for peer in holders {
-            let Some(transfer) = peers.state(peer).await else {
-                eprintln!("no state from {peer} in time; trying another peer");
+            .map(|(p, _)| *p)
+            .collect();
+        // Ranges from every holder at once; if the whole does not match the digest (a holder
+        // sent wrong bytes), from one holder at a time, so one liar does not stop the catch-up.
+        let total = state_len(self.layout().len());
+        let one_by_one = holders.iter().map(|p| vec![*p]);
+        let tries =
+            std::iter::once(holders.clone()).chain(one_by_one.filter(|_| holders.len() > 1));
+        for from in tries {
+            let names = from
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let Some(bytes) = peers.state_bytes(&from, digest, total).await else {
+                eprintln!("no state from {names} in time; trying another peer");
                 continue;
             };
-            let global = match transfer.into_state(self.layout()) {
+            let global = match state_from_bytes(&bytes, self.layout()) {
                 Ok(g) if g.round == round && g.digest() == digest => g,
                 Ok(_) => {
-                    eprintln!("the state {peer} sent does not match the digest it announced");
+                    eprintln!("the state from {names} does not match the digest they announced");
                     continue;
                 }
                 Err(e) => {
-                    eprintln!("the state {peer} sent was refused: {e}");
+                    eprintln!("the state from {names} was refused: {e}");
                     continue;
                 }
             };
-            let me = self.adopt(shared, global, state, peer, digest);
+            let me = self.adopt(shared, global, state, &names, digest);
             // Tell the peers at once, so they expect this worker's contribution to this round.
             peers.hello_all(&me).await;
             return;
@@ -593,7 +617,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         shared: &Mutex<Shared>,
         global: GlobalState,
         state: &WorkerState,
-        peer: PeerId,
+        from: &str,
         digest: Digest,
     ) -> plexus_train::protocol::Status {
         let round = global.round;
@@ -606,7 +630,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             .filter(|w| !s.excluded(w))
             .chain(std::iter::once(self.me.clone()))
             .collect();
-        let from = s.machine.round();
+        let at = s.machine.round();
         s.machine = RoundMachine::new(self.cfg.clone(), global, expected, self.now());
         s.held.clear();
         s.closed = None;
@@ -620,7 +644,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         }
         self.save(s.machine.state(), state);
         println!(
-            "caught up: at round {from}, adopted the state of round {round} ({}) from {peer}",
+            "caught up: at round {at}, adopted the state of round {round} ({}) from {from}",
             digest.short()
         );
         s.told()
@@ -712,7 +736,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let mut cm = c.signed.commitment;
         let mut payload = c.payload;
         match cheat {
-            Cheat::Lazy | Cheat::Ahead | Cheat::Behind | Cheat::Withhold => {}
+            Cheat::Lazy | Cheat::Ahead | Cheat::Behind | Cheat::Withhold | Cheat::BadState => {}
             Cheat::Garbage => {
                 for (i, b) in payload.iter_mut().enumerate() {
                     *b = (i as u8).wrapping_mul(151) ^ 0x5a;

@@ -8,15 +8,25 @@ use plexus_core::Digest;
 use plexus_net::{NetHandle, PeerId};
 use plexus_train::commit::Contribution;
 use plexus_train::protocol::{
-    decode, encode, AuditVerdict, HeldEntry, Reveal, StateTransfer, Status, TrainRequest,
-    TrainResponse, WorkerStateTransfer,
+    decode, encode, AuditVerdict, HeldEntry, Reveal, Status, TrainRequest, TrainResponse,
+    WorkerStateTransfer,
 };
+use plexus_train::transfer::StateFetch;
 use std::time::Duration;
 
 /// How long one peer may take to answer a small message.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one peer may take to send the global state.
+/// How long one peer may take to send a worker's start state (one message).
 const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The slowest link a range of the global state is given time for: a home uplink.
+const SLOWEST_LINK_BITS_PER_S: f64 = 1e6;
+
+/// How long a holder may take to send `len` bytes of the global state: the small-message
+/// timeout plus the bytes at [`SLOWEST_LINK_BITS_PER_S`] (a range it misses goes to the next
+/// holder, so a slow one delays the fetch by one range, not the whole state).
+fn range_timeout(len: usize) -> Duration {
+    CALL_TIMEOUT + Duration::from_secs_f64(len as f64 * 8.0 / SLOWEST_LINK_BITS_PER_S)
+}
 
 #[derive(Clone)]
 pub struct Peers {
@@ -109,13 +119,57 @@ impl Peers {
         }
     }
 
-    /// `peer`'s global state.
-    pub async fn state(&self, peer: PeerId) -> Option<StateTransfer> {
-        let req = TrainRequest::State { run: self.run };
-        match self.ask(peer, &req, STATE_TIMEOUT).await {
-            Some(TrainResponse::State(s)) => Some(s),
-            _ => None,
+    /// The `total` bytes of the state whose digest is `digest`, in ranges asked of every one
+    /// of `holders` at once ([`StateFetch`]: a range one holder misses goes to the next);
+    /// `None` when some range came from none of them. The caller checks the digest.
+    pub async fn state_bytes(
+        &self,
+        holders: &[PeerId],
+        digest: Digest,
+        total: usize,
+    ) -> Option<Vec<u8>> {
+        if holders.is_empty() {
+            return None;
         }
+        let mut fetch = StateFetch::new(total, holders.len());
+        loop {
+            let asks = fetch.pending();
+            if asks.is_empty() {
+                break;
+            }
+            let answers = join_all(asks.into_iter().map(|(i, range, h)| {
+                let req = TrainRequest::StateRange {
+                    run: self.run,
+                    state: digest,
+                    offset: range.start as u64,
+                    // At most MAX_RANGE_BYTES (`transfer::ranges`).
+                    len: range.len() as u32,
+                };
+                async move {
+                    let answer = self.ask(holders[h], &req, range_timeout(range.len())).await;
+                    let bytes = match answer {
+                        Some(TrainResponse::StateRange {
+                            state,
+                            offset,
+                            total: t,
+                            bytes,
+                        }) if state == digest
+                            && offset == range.start as u64
+                            && t == total as u64 =>
+                        {
+                            Some(bytes)
+                        }
+                        _ => None,
+                    };
+                    (i, bytes)
+                }
+            }))
+            .await;
+            for (i, bytes) in answers {
+                fetch.on_answer(i, bytes.as_deref());
+            }
+        }
+        fetch.finish()
     }
 
     /// The audit nonces of `round` that `peer` knows, once it has fixed that round's set

@@ -1,8 +1,8 @@
 //! What a worker's round loop and its inbound-message handler share: the round machine (pure;
 //! times are passed in), the raw contributions it accepted (to serve peers that miss them),
 //! the set of the round just closed, contributions that arrived a round early, the peers'
-//! last statuses, this worker's start states of its last two rounds (for its auditors) and the
-//! workers convicted by an audit. Every collection is bounded by the run's workers max,
+//! last statuses, this worker's start states of its last two rounds (for its auditors), the
+//! workers convicted by an audit, and the bytes of the state peers fetch ranges of. Every collection is bounded by the run's workers max,
 //! [`MAX_PEERS`] or [`KEPT_STARTS`], except the convicted, which grow by at most the run's
 //! workers max a round (only contributions a round held can be convicted).
 
@@ -16,8 +16,10 @@ use plexus_train::protocol::{
 };
 use plexus_train::reveal::sealed;
 use plexus_train::round::{GlobalState, Refusal, RoundMachine};
+use plexus_train::transfer::{state_bytes, MAX_RANGE_BYTES};
 use plexus_train::worker::WorkerState;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 /// Peers whose status is remembered.
 pub const MAX_PEERS: usize = 1024;
@@ -58,6 +60,9 @@ pub struct Shared {
     pub claim: Option<GlobalState>,
     /// Test-only (`--cheat behind`): this worker tells peers it is still at round 0.
     pub claim_behind: bool,
+    /// Test-only (`--cheat bad-state`): this worker flips a bit of every value in the state
+    /// ranges it serves.
+    pub corrupt_state: bool,
     /// Peers seen behind this worker's round, with this worker's round when that began (reset
     /// when one is seen at or past it): see [`STUCK_ROUNDS`].
     pub behind_since: HashMap<PeerId, u64>,
@@ -77,6 +82,9 @@ pub struct Shared {
     pub fixed_by: std::collections::HashSet<PeerId>,
     /// This worker's verdicts as a delegated auditor, by round (the last [`KEPT_STARTS`]).
     verdicts: BTreeMap<u64, BTreeMap<Vec<u8>, bool>>,
+    /// The bytes of the last state a peer asked ranges of, with its digest: made once per
+    /// state, not once per range.
+    state_bytes: Option<(Digest, Arc<Vec<u8>>)>,
 }
 
 impl Shared {
@@ -94,6 +102,7 @@ impl Shared {
             convicted: BTreeMap::new(),
             claim: None,
             claim_behind: false,
+            corrupt_state: false,
             behind_since: HashMap::new(),
             closing: None,
             stake: None,
@@ -101,6 +110,7 @@ impl Shared {
             own_reveal: None,
             fixed_by: Default::default(),
             verdicts: BTreeMap::new(),
+            state_bytes: None,
         }
     }
 
@@ -249,6 +259,23 @@ impl Shared {
             self.convicted.entry(worker.to_vec()).or_insert(round);
             self.early.remove(worker);
         }
+    }
+
+    /// The bytes of the state whose digest is `digest`, if this worker holds it (or is the
+    /// last one peers asked for).
+    fn bytes_of_state(&mut self, digest: Digest) -> Option<Arc<Vec<u8>>> {
+        if let Some((d, b)) = &self.state_bytes {
+            if *d == digest {
+                return Some(b.clone());
+            }
+        }
+        let state = self.claim.as_ref().unwrap_or(self.machine.state());
+        if state.digest() != digest {
+            return None;
+        }
+        let bytes = Arc::new(state_bytes(state));
+        self.state_bytes = Some((digest, bytes.clone()));
+        Some(bytes)
     }
 
     pub fn status(&self) -> Status {
@@ -470,6 +497,47 @@ impl Shared {
                         .unwrap_or_default(),
                 }
             }
+            TrainRequest::StateRange {
+                run,
+                state,
+                offset,
+                len,
+            } => {
+                if other_run(run) {
+                    return TrainResponse::Refused("another run".into());
+                }
+                if len as usize > MAX_RANGE_BYTES {
+                    return TrainResponse::Refused(format!(
+                        "a state range of {len} bytes (at most {MAX_RANGE_BYTES})"
+                    ));
+                }
+                let Some(bytes) = self.bytes_of_state(state) else {
+                    return TrainResponse::NotHeld;
+                };
+                let total = bytes.len() as u64;
+                let end = offset.saturating_add(u64::from(len));
+                if end > total {
+                    return TrainResponse::Refused(format!(
+                        "bytes {offset}..{end} of a state of {total}"
+                    ));
+                }
+                let mut bytes = bytes[offset as usize..end as usize].to_vec();
+                if self.corrupt_state {
+                    // The lowest bit of every value: finite numbers stay finite, so only the
+                    // digest tells.
+                    for (i, b) in bytes.iter_mut().enumerate() {
+                        if (offset as usize + i).is_multiple_of(4) {
+                            *b ^= 1;
+                        }
+                    }
+                }
+                TrainResponse::StateRange {
+                    state,
+                    offset,
+                    total,
+                    bytes,
+                }
+            }
             TrainRequest::StartState { run, round } => {
                 if other_run(run) {
                     return TrainResponse::Refused("another run".into());
@@ -529,6 +597,61 @@ mod tests {
             max_workers: 4,
         };
         Shared::new(cfg.run, RoundMachine::new(cfg, global, [], 0))
+    }
+
+    fn ask_range(s: &mut Shared, state: Digest, offset: u64, len: u32) -> TrainResponse {
+        let req = TrainRequest::StateRange {
+            run: s.run,
+            state,
+            offset,
+            len,
+        };
+        s.handle(PeerId::random(), &plexus_train::protocol::encode(&req), 0)
+    }
+
+    #[test]
+    fn state_ranges_are_served_for_the_state_held_and_assemble_to_it() {
+        let mut s = shared();
+        let digest = s.machine.state().digest();
+        let n = s.machine.state().params.values.len();
+        let total = plexus_train::transfer::state_len(n);
+        // Three ranges, asked out of order, assemble to a state with the digest asked for.
+        let mut bytes = vec![0u8; total];
+        for r in plexus_train::transfer::ranges(total, 3).into_iter().rev() {
+            match ask_range(&mut s, digest, r.start as u64, r.len() as u32) {
+                TrainResponse::StateRange {
+                    state,
+                    offset,
+                    total: t,
+                    bytes: b,
+                } => {
+                    assert_eq!((state, offset, t), (digest, r.start as u64, total as u64));
+                    bytes[r].copy_from_slice(&b);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let layout = s.machine.state().params.layout.clone();
+        let back = plexus_train::transfer::state_from_bytes(&bytes, layout).unwrap();
+        assert_eq!(back.digest(), digest);
+        // Another state is not held; ranges past the end or over the limit are refused.
+        assert_eq!(
+            ask_range(&mut s, Digest::of(b"other"), 0, 8),
+            TrainResponse::NotHeld
+        );
+        assert!(matches!(
+            ask_range(&mut s, digest, total as u64 - 4, 8),
+            TrainResponse::Refused(_)
+        ));
+        let over = plexus_train::transfer::MAX_RANGE_BYTES as u32 + 1;
+        assert!(matches!(
+            ask_range(&mut s, digest, 0, over),
+            TrainResponse::Refused(_)
+        ));
+        assert!(matches!(
+            ask_range(&mut s, digest, u64::MAX, 8),
+            TrainResponse::Refused(_)
+        ));
     }
 
     #[test]

@@ -1,0 +1,258 @@
+//! Fetching a global state in byte ranges from several peers at once, so a state of any size
+//! travels in messages under the frame limit and a joiner does not depend on one peer's link.
+//!
+//! The state's bytes are [`state_bytes`]: the round (u64 little-endian), then the weights and
+//! the outer momentum as f32 little-endian values in the run's layout: `8 + 8 n` bytes for
+//! `n` parameters, a length the asker knows from its own layout before it asks. The asker names
+//! the state by its digest (the one the peers' statuses agree on,
+//! [`crate::protocol::choose_target`]) and asks each holder for some of the ranges
+//! ([`StateFetch`]); a holder answers only for that digest. A range that does not come back
+//! (timeout, refusal, wrong length) is asked of the next holder; the assembled bytes are checked
+//! against the digest as a whole ([`state_from_bytes`] and then [`GlobalState::digest`]), since
+//! one range cannot be: a caller whose assembly fails the check fetches from one holder at a
+//! time, so one lying holder cannot stop a joiner while an honest one answers.
+
+use crate::outer::OuterState;
+use crate::protocol::{f32_bytes, f32s_from, MessageError};
+use crate::round::GlobalState;
+use plexus_model::train::{Layout, Params};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Largest range asked in one message (well under the stage frame limit).
+pub const MAX_RANGE_BYTES: usize = 4 << 20;
+
+/// Bytes of a state of `n` parameters.
+pub fn state_len(n: usize) -> usize {
+    8 + 8 * n
+}
+
+/// The bytes a state travels as (module docs).
+pub fn state_bytes(state: &GlobalState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(state_len(state.params.values.len()));
+    out.extend_from_slice(&state.round.to_le_bytes());
+    out.extend(f32_bytes(&state.params.values));
+    out.extend(f32_bytes(&state.outer.momentum));
+    out
+}
+
+/// The state `bytes` hold in the run's `layout` (size and finiteness checked; the caller
+/// checks the digest).
+pub fn state_from_bytes(bytes: &[u8], layout: Arc<Layout>) -> Result<GlobalState, MessageError> {
+    let n = layout.len();
+    let round = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        .unwrap_or_default();
+    if bytes.len() != state_len(n) {
+        return Err(MessageError::StateSize {
+            round,
+            got: bytes.len().saturating_sub(8),
+            expected: 8 * n,
+        });
+    }
+    let (params, momentum) = bytes[8..].split_at(4 * n);
+    let values = f32s_from(params, n).ok_or(MessageError::NonFinite)?;
+    let momentum = f32s_from(momentum, n).ok_or(MessageError::NonFinite)?;
+    Ok(GlobalState {
+        round,
+        params: Params { layout, values },
+        outer: OuterState { momentum },
+    })
+}
+
+/// `total` bytes cut into ranges for `holders` peers: at least one range per holder (when
+/// there are that many bytes), none longer than [`MAX_RANGE_BYTES`], lengths within one byte
+/// of each other, in order and covering every byte once.
+pub fn ranges(total: usize, holders: usize) -> Vec<Range<usize>> {
+    if total == 0 {
+        return Vec::new();
+    }
+    let count = holders
+        .max(1)
+        .max(total.div_ceil(MAX_RANGE_BYTES))
+        .min(total);
+    let (base, extra) = (total / count, total % count);
+    let mut start = 0;
+    (0..count)
+        .map(|i| {
+            let len = base + usize::from(i < extra);
+            let r = start..start + len;
+            start += len;
+            r
+        })
+        .collect()
+}
+
+/// The ranges of one state being fetched from `holders` peers: range `i` is asked of holder
+/// `i mod holders` first, then of the next holder each time it does not come back, and fails
+/// once every holder has been asked for it.
+#[derive(Debug)]
+pub struct StateFetch {
+    buf: Vec<u8>,
+    ranges: Vec<Range<usize>>,
+    /// Per range: how many holders were asked for it and did not deliver it.
+    misses: Vec<usize>,
+    done: Vec<bool>,
+    holders: usize,
+}
+
+impl StateFetch {
+    /// A fetch of `total` bytes from `holders` peers (at least one).
+    pub fn new(total: usize, holders: usize) -> Self {
+        let holders = holders.max(1);
+        let ranges = ranges(total, holders);
+        Self {
+            buf: vec![0; total],
+            misses: vec![0; ranges.len()],
+            done: vec![false; ranges.len()],
+            ranges,
+            holders,
+        }
+    }
+
+    /// What to ask next: `(range index, byte range, holder index)` for every range not yet
+    /// delivered, each of the holder whose turn it is. Empty once every range is in, or once
+    /// one range has been missed by every holder ([`StateFetch::failed`]).
+    pub fn pending(&self) -> Vec<(usize, Range<usize>, usize)> {
+        if self.failed() {
+            return Vec::new();
+        }
+        (0..self.ranges.len())
+            .filter(|&i| !self.done[i])
+            .map(|i| {
+                (
+                    i,
+                    self.ranges[i].clone(),
+                    (i + self.misses[i]) % self.holders,
+                )
+            })
+            .collect()
+    }
+
+    /// The answer to range `i`: its bytes, or `None` (no answer, refused, or another length:
+    /// the holder missed it).
+    pub fn on_answer(&mut self, i: usize, bytes: Option<&[u8]>) {
+        let Some(range) = self.ranges.get(i).cloned() else {
+            return;
+        };
+        if self.done[i] {
+            return;
+        }
+        match bytes {
+            Some(b) if b.len() == range.len() => {
+                self.buf[range].copy_from_slice(b);
+                self.done[i] = true;
+            }
+            _ => self.misses[i] += 1,
+        }
+    }
+
+    /// Whether some range was missed by every holder.
+    pub fn failed(&self) -> bool {
+        self.misses.iter().any(|&m| m >= self.holders)
+    }
+
+    /// The bytes, once every range is in.
+    pub fn finish(self) -> Option<Vec<u8>> {
+        self.done.iter().all(|d| *d).then_some(self.buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn ranges_cover_every_byte_once_in_bounded_nearly_equal_pieces(
+            total in 0usize..(3 * MAX_RANGE_BYTES),
+            holders in 0usize..9,
+        ) {
+            let r = ranges(total, holders);
+            let mut next = 0;
+            for x in &r {
+                prop_assert_eq!(x.start, next);
+                prop_assert!(!x.is_empty() && x.len() <= MAX_RANGE_BYTES);
+                next = x.end;
+            }
+            prop_assert_eq!(next, total);
+            if total > 0 {
+                prop_assert!(r.len() >= holders.max(1).min(total));
+                let (lo, hi) = (r.iter().map(|x| x.len()).min().unwrap(), r.iter().map(|x| x.len()).max().unwrap());
+                prop_assert!(hi - lo <= 1);
+            }
+        }
+
+        /// Whatever the holders miss, the fetch ends with the exact bytes or fails, and fails
+        /// only when one range was missed by every holder.
+        #[test]
+        fn a_fetch_assembles_the_bytes_or_fails_only_when_every_holder_missed_a_range(
+            blob in proptest::collection::vec(any::<u8>(), 1..2000),
+            holders in 1usize..5,
+            // Per holder: whether it answers, and whether it answers with the wrong length.
+            answers in proptest::collection::vec((any::<bool>(), any::<bool>()), 5),
+        ) {
+            let mut f = StateFetch::new(blob.len(), holders);
+            let mut steps = 0;
+            loop {
+                let asks = f.pending();
+                if asks.is_empty() {
+                    break;
+                }
+                steps += 1;
+                prop_assert!(steps <= holders);
+                for (i, r, h) in asks {
+                    prop_assert!(h < holders);
+                    let (answers_at_all, short) = answers[h];
+                    let bytes = &blob[r.clone()];
+                    let wrong = &bytes[..bytes.len() - 1];
+                    f.on_answer(i, answers_at_all.then_some(if short { wrong } else { bytes }));
+                }
+            }
+            let good = answers[..holders].iter().any(|(a, s)| *a && !*s);
+            prop_assert_eq!(f.failed(), !good);
+            match f.finish() {
+                Some(b) => prop_assert_eq!(b, blob),
+                None => prop_assert!(!good),
+            }
+        }
+    }
+
+    #[test]
+    fn a_state_round_trips_through_its_bytes_and_bad_bytes_are_refused() {
+        use crate::local::{prepare, TaskSetup};
+        let setup = TaskSetup {
+            task: plexus_model::train::task::Task::Reverse { len: 3 },
+            hidden: 32,
+            layers: 1,
+            init_seed: 1,
+            eval_examples: 4,
+        };
+        let (_, _, params) = prepare(&setup, 1).unwrap();
+        let n = params.values.len();
+        let layout = params.layout.clone();
+        let state = GlobalState {
+            round: 7,
+            params,
+            outer: OuterState {
+                momentum: (0..n).map(|i| -(i as f32) * 1e-3).collect(),
+            },
+        };
+        let bytes = state_bytes(&state);
+        assert_eq!(bytes.len(), state_len(n));
+        let back = state_from_bytes(&bytes, layout.clone()).unwrap();
+        assert_eq!(back.digest(), state.digest());
+        assert!(matches!(
+            state_from_bytes(&bytes[..bytes.len() - 4], layout.clone()),
+            Err(MessageError::StateSize { round: 7, .. })
+        ));
+        let mut nan = bytes.clone();
+        nan[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(
+            state_from_bytes(&nan, layout).unwrap_err(),
+            MessageError::NonFinite
+        );
+    }
+}
