@@ -818,6 +818,51 @@ fn a_peer_that_says_it_is_behind_forever_holds_rounds_open_for_two_rounds_only()
 }
 
 #[test]
+fn a_worker_that_leaves_tells_its_peers_and_is_not_waited_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec_with(tmp.path(), 8, 3, 4_000, &["--audit-rate", "0"]);
+    let mut h0 = Worker::start("h0", &spec, tmp.path(), &[], &[]);
+    let h1 = Worker::start("h1", &spec, tmp.path(), &[&h0.addr], &[]);
+    let peers = [h0.addr.as_str(), h1.addr.as_str()];
+    let mut leaver = Worker::start("leaver", &spec, tmp.path(), &peers, &[]);
+    h0.wait_for("round 3/8", RUN_TIMEOUT);
+    let pid = leaver.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // It says so, tells both peers and exits cleanly.
+    let left = leaver.finish_line_of("left the run at round ");
+    assert!(left.contains("told 2 peers"), "{left}");
+    let at: usize = field(&left, "at round ")
+        .trim_end_matches(':')
+        .parse()
+        .unwrap();
+    let mut states = Vec::new();
+    for mut h in [h0, h1] {
+        let (_, _, state) = h.finish();
+        states.push(state);
+        let text = h.text();
+        let rounds = round_lines(&text);
+        assert_eq!(rounds.len(), 8, "{text}");
+        let closed: Vec<&str> = rounds.iter().map(|l| field(l, "closed ")).collect();
+        eprintln!(
+            "{}: the leaver left in round {at}; closed {closed:?}",
+            h.name
+        );
+        // From the round it left in on, no round waits for it (a crash would hold that round
+        // open to its deadline).
+        assert!(
+            closed[at - 1..].iter().all(|c| *c == "all-in"),
+            "{}: a round waited for the worker that left in round {at}: {closed:?}\n{text}",
+            h.name
+        );
+    }
+    assert_eq!(states[0], states[1]);
+}
+
+#[test]
 fn killing_every_worker_and_restarting_them_resumes_from_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();
     // Four workers: with three, DiLoCo on this task learns too unevenly for a fixed bar (the

@@ -57,7 +57,7 @@ pub struct Status {
     pub round: u64,
     /// [`GlobalState::digest`] of the state that round starts from.
     pub state: Digest,
-    /// The worker finished the run and is about to leave.
+    /// The worker finished the run, or is leaving it: it contributes nothing more.
     pub done: bool,
 }
 

@@ -25,6 +25,9 @@
 //!    coordinates: any can die.
 //! 7. prints progress and checkpoints its state in the data directory.
 //!
+//! A worker stopped by Ctrl-C or SIGTERM leaves: it tells its peers it is done, so they stop
+//! waiting for it at once ([`leave_on`]); a crashed one holds the round open to its deadline.
+//!
 //! A peer's status is a claim: a worker moves to another state only when the most workers
 //! hold it ([`choose_target`]), waiting first for peers still closing the last round
 //! ([`wait_for_stragglers`]); it closes a round before its deadline only when every expected
@@ -325,6 +328,26 @@ async fn serve(
     }
 }
 
+/// Leaves the run when `stop` resolves (Ctrl-C, SIGTERM): tells every peer this worker is done,
+/// so the round it is in closes without waiting for it (a crash holds the round open to its
+/// deadline), and exits. The checkpoint of the last closed round stays: started again, the
+/// worker resumes from it and catches up like a joiner.
+async fn leave_on(
+    stop: impl std::future::Future<Output = ()>,
+    peers: Peers,
+    shared: Arc<Mutex<Shared>>,
+) {
+    stop.await;
+    let me = {
+        let mut s = lock(&shared);
+        s.done = true;
+        s.told()
+    };
+    let told = peers.hello_all(&me).await.len();
+    println!("left the run at round {}: told {told} peers", me.round + 1);
+    std::process::exit(0);
+}
+
 impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     fn now(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
@@ -384,6 +407,8 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             self.cfg.inner_steps,
             self.spec.spec.rounds
         );
+        // Registered before the address is printed, so a signal right after it is a leave.
+        let stop = crate::cmd::net::shutdown_signal();
         let (handle, events) = plexus_net::start(net)?;
         let mut machine = RoundMachine::new(self.cfg.clone(), global, [], self.now());
         machine.expect(self.me.clone());
@@ -404,6 +429,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             net: handle.clone(),
             run,
         };
+        tokio::spawn(leave_on(stop, peers.clone(), shared.clone()));
         self.wait_for_workers(&peers, &shared).await;
         let mut scorer = HeldOutScorer {
             model: self.model.clone(),
@@ -444,6 +470,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             let outcome = tokio::task::block_in_place(|| -> anyhow::Result<RoundOutcome> {
                 let mut s = lock(&shared);
                 let outcome = s.machine.close(self.now(), &mut scorer)?;
+                s.forget_gone();
                 if self.cheat == Some(Cheat::Ahead) {
                     s.claim = Some(made_up_ahead(s.machine.state()));
                 }

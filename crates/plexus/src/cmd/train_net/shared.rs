@@ -60,6 +60,9 @@ pub struct Shared {
     pub claim: Option<GlobalState>,
     /// Test-only (`--cheat behind`): this worker tells peers it is still at round 0.
     pub claim_behind: bool,
+    /// Workers whose last status said they are done (finished or left the run): not expected
+    /// in the rounds this worker opens ([`Self::forget_gone`]) until they say otherwise.
+    pub gone: std::collections::HashSet<Vec<u8>>,
     /// Test-only (`--cheat bad-state`): this worker flips a bit of every value in the state
     /// ranges it serves.
     pub corrupt_state: bool,
@@ -103,6 +106,7 @@ impl Shared {
             claim: None,
             claim_behind: false,
             corrupt_state: false,
+            gone: Default::default(),
             behind_since: HashMap::new(),
             closing: None,
             stake: None,
@@ -261,6 +265,14 @@ impl Shared {
         }
     }
 
+    /// Stops waiting for workers that said they are done: called when a round opens, since
+    /// the machine expects whoever contributed to the round before.
+    pub fn forget_gone(&mut self) {
+        for w in &self.gone {
+            self.machine.unexpect(w);
+        }
+    }
+
     /// The bytes of the state whose digest is `digest`, if this worker holds it (or is the
     /// last one peers asked for).
     fn bytes_of_state(&mut self, digest: Digest) -> Option<Arc<Vec<u8>>> {
@@ -288,14 +300,25 @@ impl Shared {
     }
 
     /// Remembers `peer`'s status; a peer at this round is expected to contribute to it (unless
-    /// an audit convicted it: its contributions are refused, so nobody waits for them).
+    /// an audit convicted it: its contributions are refused, so nobody waits for them), and one
+    /// that says it is done (finished, or leaving the run) is no longer waited for.
     pub fn note_peer(&mut self, peer: PeerId, status: Status) {
         if status.run != self.run {
             return;
         }
         let worker = peer.to_bytes();
-        if status.round == self.machine.round() && !status.done && !self.excluded(&worker) {
-            self.machine.expect(worker);
+        if status.done {
+            // Finished or leaving (`leave_on`): nothing more will come from it, this round or
+            // the next (it may have contributed to this one, which makes it expected there).
+            self.machine.unexpect(&worker);
+            if self.gone.len() < MAX_PEERS {
+                self.gone.insert(worker);
+            }
+        } else {
+            self.gone.remove(&worker);
+            if status.round == self.machine.round() && !self.excluded(&worker) {
+                self.machine.expect(worker);
+            }
         }
         if self.peers.len() < MAX_PEERS || self.peers.contains_key(&peer) {
             if status.round < self.machine.round() && !status.done {
@@ -607,6 +630,26 @@ mod tests {
             len,
         };
         s.handle(PeerId::random(), &plexus_train::protocol::encode(&req), 0)
+    }
+
+    #[test]
+    fn a_worker_that_says_it_is_done_is_not_waited_for_until_it_says_otherwise() {
+        let mut s = shared();
+        let peer = PeerId::random();
+        let worker = peer.to_bytes();
+        let at = |s: &Shared, done: bool| Status { done, ..s.status() };
+        s.note_peer(peer, at(&s, false));
+        assert!(s.machine.expects(&worker));
+        s.note_peer(peer, at(&s, true));
+        assert!(!s.machine.expects(&worker), "waited for a worker that left");
+        // Closing a round expects whoever contributed to it; a gone worker is forgotten again.
+        s.machine.expect(worker.clone());
+        s.forget_gone();
+        assert!(!s.machine.expects(&worker), "waited for a worker that left");
+        // Back (restarted, caught up): expected again.
+        s.note_peer(peer, at(&s, false));
+        s.forget_gone();
+        assert!(s.machine.expects(&worker));
     }
 
     #[test]
