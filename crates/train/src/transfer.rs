@@ -9,8 +9,10 @@
 //! ([`StateFetch`]); a holder answers only for that digest. A range that does not come back
 //! (timeout, refusal, wrong length) is asked of the next holder; the assembled bytes are checked
 //! against the digest as a whole ([`state_from_bytes`] and then [`GlobalState::digest`]), since
-//! one range cannot be: a caller whose assembly fails the check fetches from one holder at a
-//! time, so one lying holder cannot stop a joiner while an honest one answers.
+//! one range cannot be: a caller whose assembly fails the check fetches again from one holder at
+//! a time, among those that delivered every range they were asked for, so a holder that sends
+//! wrong bytes costs a joiner one more download, and one that does not answer is not asked
+//! again.
 
 use crate::outer::OuterState;
 use crate::protocol::{f32_bytes, f32s_from, MessageError};
@@ -19,8 +21,13 @@ use plexus_model::train::{Layout, Params};
 use std::ops::Range;
 use std::sync::Arc;
 
-/// Largest range asked in one message (well under the stage frame limit).
-pub const MAX_RANGE_BYTES: usize = 4 << 20;
+/// Largest range asked in one message: well under the stage frame limit, and small enough to
+/// cross a slow home uplink (1 Mbit/s: 8.4 s) inside one call's timeout.
+pub const MAX_RANGE_BYTES: usize = 1 << 20;
+/// Ranges asked of one holder at a time: a holder serves a joiner without running into the
+/// transport's limit of concurrent streams per connection, and a hostile holder can answer at
+/// most this many asks with oversized messages at once.
+pub const IN_FLIGHT_PER_HOLDER: usize = 2;
 
 /// Bytes of a state of `n` parameters.
 pub fn state_len(n: usize) -> usize {
@@ -86,7 +93,8 @@ pub fn ranges(total: usize, holders: usize) -> Vec<Range<usize>> {
 
 /// The ranges of one state being fetched from `holders` peers: range `i` is asked of holder
 /// `i mod holders` first, then of the next holder each time it does not come back, and fails
-/// once every holder has been asked for it.
+/// once every holder has been asked for it. Each wave of asks ([`StateFetch::pending`]) gives
+/// a holder at most [`IN_FLIGHT_PER_HOLDER`] ranges.
 #[derive(Debug)]
 pub struct StateFetch {
     buf: Vec<u8>,
@@ -95,6 +103,8 @@ pub struct StateFetch {
     misses: Vec<usize>,
     done: Vec<bool>,
     holders: usize,
+    /// Per holder: whether it missed a range it was asked for.
+    missed: Vec<bool>,
 }
 
 impl StateFetch {
@@ -108,26 +118,38 @@ impl StateFetch {
             done: vec![false; ranges.len()],
             ranges,
             holders,
+            missed: vec![false; holders],
         }
     }
 
-    /// What to ask next: `(range index, byte range, holder index)` for every range not yet
-    /// delivered, each of the holder whose turn it is. Empty once every range is in, or once
-    /// one range has been missed by every holder ([`StateFetch::failed`]).
+    /// What to ask next: `(range index, byte range, holder index)` for ranges not yet
+    /// delivered, each of the holder whose turn it is, at most [`IN_FLIGHT_PER_HOLDER`] per
+    /// holder. Empty once every range is in, or once one range has been missed by every holder
+    /// ([`StateFetch::failed`]).
     pub fn pending(&self) -> Vec<(usize, Range<usize>, usize)> {
         if self.failed() {
             return Vec::new();
         }
-        (0..self.ranges.len())
-            .filter(|&i| !self.done[i])
-            .map(|i| {
-                (
-                    i,
-                    self.ranges[i].clone(),
-                    (i + self.misses[i]) % self.holders,
-                )
-            })
-            .collect()
+        let mut asked = vec![0usize; self.holders];
+        let mut out = Vec::new();
+        for i in (0..self.ranges.len()).filter(|&i| !self.done[i]) {
+            let h = self.holder_of(i);
+            if asked[h] < IN_FLIGHT_PER_HOLDER {
+                asked[h] += 1;
+                out.push((i, self.ranges[i].clone(), h));
+            }
+        }
+        out
+    }
+
+    /// The holder whose turn it is to be asked for range `i`.
+    fn holder_of(&self, i: usize) -> usize {
+        (i + self.misses[i]) % self.holders
+    }
+
+    /// The holders that delivered every range they were asked for.
+    pub fn never_missed(&self) -> Vec<usize> {
+        (0..self.holders).filter(|&h| !self.missed[h]).collect()
     }
 
     /// The answer to range `i`: its bytes, or `None` (no answer, refused, or another length:
@@ -144,7 +166,11 @@ impl StateFetch {
                 self.buf[range].copy_from_slice(b);
                 self.done[i] = true;
             }
-            _ => self.misses[i] += 1,
+            _ => {
+                let h = self.holder_of(i);
+                self.missed[h] = true;
+                self.misses[i] += 1;
+            }
         }
     }
 
@@ -202,7 +228,10 @@ mod tests {
                     break;
                 }
                 steps += 1;
-                prop_assert!(steps <= holders);
+                prop_assert!(steps <= holders * blob.len());
+                for h in 0..holders {
+                    prop_assert!(asks.iter().filter(|a| a.2 == h).count() <= IN_FLIGHT_PER_HOLDER);
+                }
                 for (i, r, h) in asks {
                     prop_assert!(h < holders);
                     let (answers_at_all, short) = answers[h];
@@ -213,6 +242,10 @@ mod tests {
             }
             let good = answers[..holders].iter().any(|(a, s)| *a && !*s);
             prop_assert_eq!(f.failed(), !good);
+            // A holder that answered wrong, and was asked, is never listed as never missing.
+            for h in f.never_missed() {
+                prop_assert!(answers[h].0 && !answers[h].1 || h >= blob.len());
+            }
             match f.finish() {
                 Some(b) => prop_assert_eq!(b, blob),
                 None => prop_assert!(!good),

@@ -602,39 +602,74 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             .filter(|(_, s)| s.round == round && s.state == digest)
             .map(|(p, _)| *p)
             .collect();
-        // Ranges from every holder at once; if the whole does not match the digest (a holder
-        // sent wrong bytes), from one holder at a time, so one liar does not stop the catch-up.
-        let total = state_len(self.layout().len());
-        let one_by_one = holders.iter().map(|p| vec![*p]);
-        let tries =
-            std::iter::once(holders.clone()).chain(one_by_one.filter(|_| holders.len() > 1));
-        for from in tries {
-            let names = from
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
-            let Some(bytes) = peers.state_bytes(&from, digest, total).await else {
-                eprintln!("no state from {names} in time; trying another peer");
-                continue;
-            };
-            let global = match state_from_bytes(&bytes, self.layout()) {
-                Ok(g) if g.round == round && g.digest() == digest => g,
-                Ok(_) => {
-                    eprintln!("the state from {names} does not match the digest they announced");
-                    continue;
-                }
-                Err(e) => {
-                    eprintln!("the state from {names} was refused: {e}");
-                    continue;
-                }
-            };
-            let me = self.adopt(shared, global, state, &names, digest);
-            // Tell the peers at once, so they expect this worker's contribution to this round.
-            peers.hello_all(&me).await;
+        if holders.is_empty() {
+            eprintln!("no peer holds the state of round {round} any more; going on from this worker's own");
             return;
         }
-        eprintln!("no peer sent the state of round {round}; going on from this worker's own");
+        let names = |from: &[PeerId]| {
+            from.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "fetching the state of round {round} ({}) from {}",
+            digest.short(),
+            names(&holders)
+        );
+        // Ranges from every holder at once; if the whole does not match the digest (a holder
+        // sent wrong bytes), from one holder at a time among those that delivered every range
+        // they were asked for, so one liar does not stop the catch-up.
+        let (mut got, delivered) = self.fetch_state(peers, &holders, round, digest).await;
+        let mut from = names(&holders);
+        if got.is_none() && holders.len() > 1 {
+            for p in delivered {
+                if let (Some(g), _) = self.fetch_state(peers, &[p], round, digest).await {
+                    (got, from) = (Some(g), p.to_string());
+                    break;
+                }
+            }
+        }
+        let Some(global) = got else {
+            eprintln!("no peer sent the state of round {round}; going on from this worker's own");
+            return;
+        };
+        let me = self.adopt(shared, global, state, &from, digest);
+        // Tell the peers at once, so they expect this worker's contribution to this round.
+        peers.hello_all(&me).await;
+    }
+
+    /// The state `digest` of `round`, in ranges from `from` and checked; and the holders that
+    /// delivered every range they were asked for.
+    async fn fetch_state(
+        &self,
+        peers: &Peers,
+        from: &[PeerId],
+        round: u64,
+        digest: Digest,
+    ) -> (Option<GlobalState>, Vec<PeerId>) {
+        let names = from
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let total = state_len(self.layout().len());
+        let (bytes, delivered) = peers.state_bytes(from, digest, total).await;
+        let Some(bytes) = bytes else {
+            eprintln!("the state of round {round} did not come from {names} (no answer in time, or not held)");
+            return (None, delivered);
+        };
+        match state_from_bytes(&bytes, self.layout()) {
+            Ok(g) if g.round == round && g.digest() == digest => (Some(g), delivered),
+            Ok(_) => {
+                eprintln!("the state from {names} does not match the digest they announced");
+                (None, delivered)
+            }
+            Err(e) => {
+                eprintln!("the state from {names} was refused: {e}");
+                (None, delivered)
+            }
+        }
     }
 
     /// Replaces this worker's round machine with one on `global` (verified by the caller),

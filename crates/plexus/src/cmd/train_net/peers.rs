@@ -23,7 +23,8 @@ const SLOWEST_LINK_BITS_PER_S: f64 = 1e6;
 
 /// How long a holder may take to send `len` bytes of the global state: the small-message
 /// timeout plus the bytes at [`SLOWEST_LINK_BITS_PER_S`] (a range it misses goes to the next
-/// holder, so a slow one delays the fetch by one range, not the whole state).
+/// holder, so a slow one delays the fetch by one wave, not the whole state). For the largest
+/// range, 18.4 s: inside the transport's own 30 s per call.
 fn range_timeout(len: usize) -> Duration {
     CALL_TIMEOUT + Duration::from_secs_f64(len as f64 * 8.0 / SLOWEST_LINK_BITS_PER_S)
 }
@@ -120,16 +121,17 @@ impl Peers {
     }
 
     /// The `total` bytes of the state whose digest is `digest`, in ranges asked of every one
-    /// of `holders` at once ([`StateFetch`]: a range one holder misses goes to the next);
-    /// `None` when some range came from none of them. The caller checks the digest.
+    /// of `holders` at once ([`StateFetch`]: a range one holder misses goes to the next), or
+    /// `None` when some range came from none of them; and the holders that delivered every
+    /// range they were asked for. The caller checks the digest.
     pub async fn state_bytes(
         &self,
         holders: &[PeerId],
         digest: Digest,
         total: usize,
-    ) -> Option<Vec<u8>> {
+    ) -> (Option<Vec<u8>>, Vec<PeerId>) {
         if holders.is_empty() {
-            return None;
+            return (None, Vec::new());
         }
         let mut fetch = StateFetch::new(total, holders.len());
         loop {
@@ -169,7 +171,12 @@ impl Peers {
                 fetch.on_answer(i, bytes.as_deref());
             }
         }
-        fetch.finish()
+        let delivered = fetch
+            .never_missed()
+            .into_iter()
+            .map(|h| holders[h])
+            .collect();
+        (fetch.finish(), delivered)
     }
 
     /// The audit nonces of `round` that `peer` knows, once it has fixed that round's set

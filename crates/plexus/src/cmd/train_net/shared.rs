@@ -16,7 +16,7 @@ use plexus_train::protocol::{
 };
 use plexus_train::reveal::sealed;
 use plexus_train::round::{GlobalState, Refusal, RoundMachine};
-use plexus_train::transfer::{state_bytes, MAX_RANGE_BYTES};
+use plexus_train::transfer::{state_bytes, state_len, MAX_RANGE_BYTES};
 use plexus_train::worker::WorkerState;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -477,9 +477,16 @@ impl Shared {
                 if other_run(run) {
                     return TrainResponse::Refused("another run".into());
                 }
-                TrainResponse::State(StateTransfer::of(
-                    self.claim.as_ref().unwrap_or(self.machine.state()),
-                ))
+                // Workers of earlier builds ask for the whole state in one message: answered
+                // only while it fits one.
+                let state = self.claim.as_ref().unwrap_or(self.machine.state());
+                let n = state.params.values.len();
+                if state_len(n) + 1024 > plexus_core::wire::MAX_FRAME_BYTES {
+                    return TrainResponse::Refused(
+                        "the state is larger than one message: ask for its ranges".into(),
+                    );
+                }
+                TrainResponse::State(StateTransfer::of(state))
             }
             TrainRequest::Reveals { run, round } => {
                 if other_run(run) {
@@ -546,8 +553,8 @@ impl Shared {
                 }
                 let mut bytes = bytes[offset as usize..end as usize].to_vec();
                 if self.corrupt_state {
-                    // The lowest bit of every value: finite numbers stay finite, so only the
-                    // digest tells.
+                    // The lowest bit of every value (and of the round's bytes 0 and 4): finite
+                    // numbers stay finite, so only the digest (or the round) tells.
                     for (i, b) in bytes.iter_mut().enumerate() {
                         if (offset as usize + i).is_multiple_of(4) {
                             *b ^= 1;
