@@ -297,15 +297,21 @@ fn a_sigkilled_worker_does_not_stop_the_run_and_a_late_joiner_contributes() {
     let mut joiner = Worker::start("late", &spec, tmp.path(), &[&a0, &w1.addr], &[]);
     let caught = joiner.wait_for("caught up: at round 0", RUN_TIMEOUT);
     let joined_at: u64 = field(&caught, "state of round ").parse().unwrap();
-    // The joiner asked every holder for ranges at once; w1's flipped bytes failed the digest,
-    // and the state came from one honest holder alone.
+    // The joiner asked every holder for ranges at once. The state never comes from w1; when
+    // w1 was among the holders (it is unless it was between rounds when the joiner looked),
+    // its flipped bytes failed the digest and the state came from one honest holder alone.
     let bad = worker_id(&w1);
-    let refused = joiner.wait_for("does not match the digest they announced", RUN_TIMEOUT);
-    assert!(refused.contains(&bad), "{refused}");
+    let fetching = joiner.wait_for("fetching the state of round", RUN_TIMEOUT);
     assert!(
         !caught.split(" from ").nth(1).unwrap().contains(&bad),
         "{caught}"
     );
+    if fetching.contains(&bad) {
+        let refused = joiner.wait_for("does not match the digest they announced", RUN_TIMEOUT);
+        assert!(refused.contains(&bad), "{refused}");
+    } else {
+        eprintln!("w1 was not among the holders the joiner asked: {fetching}");
+    }
     // w3 closed round 5 before it was killed; the others may still have been closing it.
     assert!(joined_at >= 4, "{caught}");
     // The joiner's pseudo-gradient was applied, beside others', in a round after it joined
