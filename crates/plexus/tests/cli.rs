@@ -493,31 +493,37 @@ fn bench_train_runs_several_settings_on_a_text() {
     let file = tmp.path().join("text.txt");
     std::fs::write(&file, &text).unwrap();
     let data = format!("text:{}", file.display());
-    let o = plexus(&[
-        "bench",
-        "train",
-        "--workers",
-        "2",
-        "--runs",
-        "5:f32 5:sparse/8of256/2bit",
-        "--total-steps",
-        "10",
-        "--data",
-        &data,
-        "--seq-len",
-        "15",
-        "--hidden",
-        "32",
-        "--layers",
-        "1",
-        "--batch-size",
-        "2",
-        "--eval-examples",
-        "16",
-        "--score-examples",
-        "8",
-        "--json",
-    ]);
+    // A small run on the text: `runs` and `extra` flags added.
+    let bench = |runs: &str, extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "train",
+            "--workers",
+            "2",
+            "--runs",
+            runs,
+            "--total-steps",
+            "10",
+            "--data",
+            &data,
+            "--seq-len",
+            "15",
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--batch-size",
+            "2",
+            "--eval-examples",
+            "16",
+            "--score-examples",
+            "8",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        plexus(&args)
+    };
+    let o = bench("5:f32 5:sparse/8of256/2bit", &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let lines: Vec<serde_json::Value> = o
         .stdout
@@ -545,33 +551,7 @@ fn bench_train_runs_several_settings_on_a_text() {
 
     // --no-sync leaves the synchronous run out and changes nothing else: the DiLoCo side comes
     // out bit-identical.
-    let args = &[
-        "bench",
-        "train",
-        "--workers",
-        "2",
-        "--runs",
-        "5:f32",
-        "--total-steps",
-        "10",
-        "--data",
-        &data,
-        "--seq-len",
-        "15",
-        "--hidden",
-        "32",
-        "--layers",
-        "1",
-        "--batch-size",
-        "2",
-        "--eval-examples",
-        "16",
-        "--score-examples",
-        "8",
-        "--no-sync",
-        "--json",
-    ];
-    let o = plexus(args);
+    let o = bench("5:f32", &["--no-sync"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["sync"].is_null() && v["sync_tokens"].is_null(), "{v}");
