@@ -328,6 +328,15 @@ async fn serve(
     }
 }
 
+/// Peer ids as people read them, comma-separated.
+fn peer_names(peers: &[PeerId]) -> String {
+    peers
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Leaves the run when `stop` resolves (Ctrl-C, SIGTERM): tells every peer this worker is done,
 /// so the round it is in closes without waiting for it (a crash holds the round open to its
 /// deadline), and exits. The checkpoint of the last closed round stays: started again, the
@@ -606,22 +615,16 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             eprintln!("no peer holds the state of round {round} any more; going on from this worker's own");
             return;
         }
-        let names = |from: &[PeerId]| {
-            from.iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         println!(
             "fetching the state of round {round} ({}) from {}",
             digest.short(),
-            names(&holders)
+            peer_names(&holders)
         );
         // Ranges from every holder at once; if the whole does not match the digest (a holder
         // sent wrong bytes), from one holder at a time among those that delivered every range
         // they were asked for, so one liar does not stop the catch-up.
         let (mut got, delivered) = self.fetch_state(peers, &holders, round, digest).await;
-        let mut from = names(&holders);
+        let mut from = peer_names(&holders);
         if got.is_none() && holders.len() > 1 {
             for p in delivered {
                 if let (Some(g), _) = self.fetch_state(peers, &[p], round, digest).await {
@@ -648,11 +651,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         round: u64,
         digest: Digest,
     ) -> (Option<GlobalState>, Vec<PeerId>) {
-        let names = from
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let names = peer_names(from);
         let total = state_len(self.layout().len());
         let (bytes, delivered) = peers.state_bytes(from, digest, total).await;
         let Some(bytes) = bytes else {
