@@ -355,18 +355,28 @@ pub fn dense_map(
     source: &HfTensors,
     cfg: &ModelConfig,
 ) -> Result<HashMap<String, Tensor>, LoadWeightsError> {
-    let src = WeightSource::Hf(source);
-    let mut out = HashMap::new();
-    for w in Weight::all_for(cfg, LayerSpan::full(cfg.num_layers)) {
-        out.insert(
-            w.hf_name(),
-            src.dense(w, cfg)?
-                .to_dtype(DType::F32)
-                .map_err(|source| LoadWeightsError::Tensor {
-                    name: w.hf_name(),
-                    source,
+    WeightSource::Hf(source).dense_map(cfg)
+}
+
+impl WeightSource<'_> {
+    /// Every weight of the model, dequantized to f32, by Hugging Face name (in the source's
+    /// own layout: a GGUF's Q and K rows stay in its interleaved rope order).
+    pub fn dense_map(
+        &self,
+        cfg: &ModelConfig,
+    ) -> Result<HashMap<String, Tensor>, LoadWeightsError> {
+        let mut out = HashMap::new();
+        for w in Weight::all_for(cfg, LayerSpan::full(cfg.num_layers)) {
+            out.insert(
+                w.hf_name(),
+                self.dense(w, cfg)?.to_dtype(DType::F32).map_err(|source| {
+                    LoadWeightsError::Tensor {
+                        name: w.hf_name(),
+                        source,
+                    }
                 })?,
-        );
+            );
+        }
+        Ok(out)
     }
-    Ok(out)
 }

@@ -38,12 +38,33 @@ fn json(value: &impl serde::Serialize) -> impl FnOnce(&Path) -> Result<(), Strin
     }
 }
 
-/// Saves a checkpoint that [`crate::load`] (and `transformers`) can read.
+/// Saves a checkpoint that [`crate::load`] (and `transformers`) can read, with the
+/// `tokenizer_config.json` of a model trained from scratch (the tasks' and texts' EOS and pad).
 pub fn save(
     dir: &Path,
     cfg: &ModelConfig,
     weights: &HashMap<String, Tensor>,
     tokenizer: &tokenizers::Tokenizer,
+    run: serde_json::Value,
+) -> Result<(), TrainError> {
+    let tc = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": super::task::EOS,
+        "pad_token": super::task::PAD,
+        "add_bos_token": false,
+        "model_max_length": cfg.max_position_embeddings,
+    });
+    save_with(dir, cfg, weights, tokenizer, tc, run)
+}
+
+/// [`save`] with the given `tokenizer_config.json` (a fine-tuned model keeps its own:
+/// [`super::pretrained::Pretrained::tokenizer_config`]).
+pub fn save_with(
+    dir: &Path,
+    cfg: &ModelConfig,
+    weights: &HashMap<String, Tensor>,
+    tokenizer: &tokenizers::Tokenizer,
+    tokenizer_config: serde_json::Value,
     run: serde_json::Value,
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir).map_err(|source| TrainError::Io {
@@ -57,14 +78,7 @@ pub fn save(
     write_atomic(dir, "tokenizer.json", |p| {
         tokenizer.save(p, true).map_err(|e| e.to_string())
     })?;
-    let tc = serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": super::task::EOS,
-        "pad_token": super::task::PAD,
-        "add_bos_token": false,
-        "model_max_length": cfg.max_position_embeddings,
-    });
-    write_atomic(dir, "tokenizer_config.json", json(&tc))?;
+    write_atomic(dir, "tokenizer_config.json", json(&tokenizer_config))?;
     write_atomic(dir, "plexus_train.json", json(&run))?;
     Ok(())
 }

@@ -16,6 +16,7 @@
 pub mod adamw;
 pub mod checkpoint;
 pub mod params;
+pub mod pretrained;
 pub mod shard;
 pub mod task;
 pub mod text;

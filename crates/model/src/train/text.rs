@@ -35,28 +35,52 @@ pub struct TextShard {
 impl TextShard {
     /// Reads `path` (UTF-8) and splits it into sequences of `seq_len` predictions.
     pub fn open(path: &std::path::Path, seq_len: usize) -> Result<Self, TrainError> {
-        let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            TrainError::Config(format!(
-                "{} is not UTF-8 (byte {})",
-                path.display(),
-                e.utf8_error().valid_up_to()
-            ))
-        })?;
-        Self::from_text(&text, seq_len)
+        Self::from_text(&read_utf8(path)?, seq_len)
     }
 
-    /// Tokenizes `text` and splits it into sequences of `seq_len` predictions.
+    /// [`Self::open`] with a model's own tokenizer (fine-tuning): a text with characters the
+    /// vocabulary has no token for is refused, naming them.
+    pub fn open_with(
+        path: &std::path::Path,
+        seq_len: usize,
+        tokenizer: &crate::tokenizer::Tokenizer,
+    ) -> Result<Self, TrainError> {
+        Self::from_text_with(&read_utf8(path)?, seq_len, tokenizer)
+    }
+
+    /// [`Self::from_text`] with a model's own tokenizer.
+    pub fn from_text_with(
+        text: &str,
+        seq_len: usize,
+        tokenizer: &crate::tokenizer::Tokenizer,
+    ) -> Result<Self, TrainError> {
+        let missing = tokenizer.untokenizable(text);
+        if !missing.is_empty() {
+            let shown: String = missing.iter().take(16).collect();
+            return Err(TrainError::Config(format!(
+                "the model's vocabulary has no token for {} character(s) of the text: {shown:?}",
+                missing.len()
+            )));
+        }
+        Self::split(text, seq_len, tokenizer.inner().clone())
+    }
+
+    /// Tokenizes `text` with a character tokenizer built from it and splits it into sequences
+    /// of `seq_len` predictions.
     pub fn from_text(text: &str, seq_len: usize) -> Result<Self, TrainError> {
+        Self::split(text, seq_len, char_tokenizer(text)?)
+    }
+
+    fn split(
+        text: &str,
+        seq_len: usize,
+        tokenizer: tokenizers::Tokenizer,
+    ) -> Result<Self, TrainError> {
         if seq_len < 2 {
             return Err(TrainError::Config(format!(
                 "text sequence length {seq_len} must be at least 2"
             )));
         }
-        let tokenizer = char_tokenizer(text)?;
         let tokens = tokenizer
             .encode(text, false)
             .map_err(|e| TrainError::Config(format!("cannot tokenize the text: {e}")))?
@@ -156,6 +180,20 @@ impl HeldOut for TextShard {
     fn held_out(&self, i: u64) -> Result<Sequence, TrainError> {
         Ok(self.window(self.held_out[(i % self.held_out.len() as u64) as usize]))
     }
+}
+
+fn read_utf8(path: &std::path::Path) -> Result<String, TrainError> {
+    let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        TrainError::Config(format!(
+            "{} is not UTF-8 (byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })
 }
 
 /// One token per distinct character of `text` (in code point order), after `<|pad|>` (0) and
