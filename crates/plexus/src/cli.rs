@@ -336,6 +336,11 @@ pub struct TrainArgs {
     /// file is refused). Refused for a synthetic-task run.
     #[arg(long, value_name = "FILE", requires = "distributed")]
     pub text: Option<PathBuf>,
+    /// With --distributed: the model a fine-tuning run starts from (a GGUF file or a checkpoint
+    /// directory; the spec names its digest; another is refused). Refused for a run that
+    /// trains a fresh model.
+    #[arg(long, value_name = "PATH", requires = "distributed")]
+    pub checkpoint: Option<PathBuf>,
     /// With --distributed: exit when this process id is gone or stdin closes (used by
     /// `plexus up --train`).
     #[arg(long, hide = true, requires = "distributed")]
@@ -418,6 +423,14 @@ pub struct TrainSpecArgs {
     /// With --text: predictions per training window (default 32).
     #[arg(long, requires = "text")]
     pub seq_len: Option<usize>,
+    /// Fine-tune this existing model (a GGUF file, any quantization, read as f32; or a
+    /// checkpoint directory) instead of training a fresh one: the spec records the digest of
+    /// its files, the text is tokenized with its tokenizer, and every worker passes the same
+    /// model with `--checkpoint PATH`. Needs --text.
+    #[arg(long, value_name = "PATH", requires = "text", conflicts_with_all = [
+        "hidden", "layers", "init_seed",
+    ])]
+    pub checkpoint: Option<PathBuf>,
     /// Model width.
     #[arg(long, default_value_t = 64)]
     pub hidden: usize,
@@ -709,6 +722,10 @@ pub struct UpArgs {
     /// With --train: the text file of a text run (the spec names its digest).
     #[arg(long, value_name = "FILE", requires = "train")]
     pub text: Option<PathBuf>,
+    /// With --train: the model a fine-tuning run starts from (a GGUF file or a checkpoint
+    /// directory; the spec names its digest).
+    #[arg(long, value_name = "PATH", requires = "train")]
+    pub checkpoint: Option<PathBuf>,
     /// Port of the OpenAI-compatible API (0: any free port).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,

@@ -16,6 +16,7 @@ use crate::round::{GlobalState, Refusal, RoundMachine, RoundOutcome};
 use crate::score::HeldOutScorer;
 use crate::worker::{work_round, WorkError, WorkerState};
 use plexus_core::keys::NodeKey;
+use plexus_model::train::pretrained::Pretrained;
 use plexus_model::train::task::Task;
 use plexus_model::train::text::TextShard;
 use plexus_model::train::{
@@ -48,6 +49,9 @@ pub struct TextSetup {
     pub init_seed: u64,
     /// Held-out windows of the final evaluation (loss).
     pub eval_examples: usize,
+    /// Fine-tuning: the model the run starts from (the shard is tokenized with its
+    /// tokenizer); `hidden`, `layers` and `init_seed` then describe it and are not used.
+    pub init: Option<Arc<Pretrained>>,
 }
 
 /// Model config, shard and initial weights of a run.
@@ -74,6 +78,12 @@ pub trait LocalData {
 
     /// The tokenizer a checkpoint of the run is saved with.
     fn tokenizer<'a>(&self, shard: &'a Self::Shard) -> &'a tokenizers::Tokenizer;
+
+    /// The `tokenizer_config.json` of the run's checkpoints when it is not the one of a model
+    /// trained from scratch (a fine-tuned model keeps its own).
+    fn tokenizer_config(&self) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 impl LocalData for TaskSetup {
@@ -106,6 +116,9 @@ impl LocalData for TextSetup {
     type Shard = TextShard;
 
     fn prepare(&self, _seed: u64) -> Result<Prepared<TextShard>, LocalError> {
+        if let Some(p) = &self.init {
+            return Ok((p.config.clone(), self.shard.clone(), p.params.clone()));
+        }
         let cfg = Arc::new(small_llama_config(
             self.hidden,
             self.layers,
@@ -135,6 +148,10 @@ impl LocalData for TextSetup {
 
     fn tokenizer<'a>(&self, shard: &'a TextShard) -> &'a tokenizers::Tokenizer {
         shard.tokenizer()
+    }
+
+    fn tokenizer_config(&self) -> Option<serde_json::Value> {
+        self.init.as_ref().map(|p| p.tokenizer_config())
     }
 }
 

@@ -19,6 +19,7 @@ use crate::local::{TaskSetup, TextSetup};
 use crate::outer::OuterConfig;
 use plexus_core::keys::NodeKey;
 use plexus_core::Digest;
+use plexus_model::train::pretrained::Pretrained;
 use plexus_model::train::task::Task;
 use plexus_model::train::text::TextShard;
 use plexus_model::train::{AdamWConfig, InnerConfig};
@@ -32,14 +33,25 @@ pub const SPEC_VERSION: u32 = 1;
 pub const MAX_SPEC_BYTES: u64 = 64 * 1024;
 const DOMAIN: &[u8] = b"plexus-train-spec-v1\n";
 
-/// The model trained: a fresh decoder sized for the task's tokenizer.
+/// The model trained: a fresh decoder sized for the data's tokenizer, or an existing model to
+/// fine-tune ([`ModelSpec::checkpoint`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
+    /// Width; a fine-tuning run states its model's (checked by every worker).
     pub hidden: usize,
+    /// Depth; a fine-tuning run states its model's (checked by every worker).
     pub layers: usize,
-    /// Seed of the initial weights (every worker builds the same round-0 weights from it).
+    /// Seed of the initial weights (every worker builds the same round-0 weights from it); 0
+    /// in a fine-tuning run, which starts from the model's weights.
     pub init_seed: u64,
+    /// Fine-tuning: the digest of the model's files
+    /// ([`plexus_model::train::pretrained::Pretrained::digest`]; a GGUF or a checkpoint
+    /// directory), which every worker holds and checks before round 0. The run trains on a
+    /// text tokenized with the model's tokenizer. Absent: a fresh model (and not in the signed
+    /// bytes, so specs written before fine-tuning keep the bytes they had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Digest>,
 }
 
 /// The data: a synthetic task (addition, reverse or sort) with its seed, or a UTF-8 text
@@ -281,8 +293,25 @@ impl RunSpec {
         }
         self.data()?;
         let m = &self.model;
-        if !(1..=4096).contains(&m.hidden) || !(1..=64).contains(&m.layers) {
-            return Err(invalid("model hidden 1..=4096 and layers 1..=64"));
+        if !(1..=65536).contains(&m.hidden) || !(1..=512).contains(&m.layers) {
+            return Err(invalid("model hidden 1..=65536 and layers 1..=512"));
+        }
+        if m.checkpoint.is_none() && (m.hidden > 4096 || m.layers > 64) {
+            return Err(invalid(
+                "a fresh model has hidden 1..=4096 and layers 1..=64 (fine-tune a larger one from its checkpoint)",
+            ));
+        }
+        if m.checkpoint.is_some() {
+            if m.init_seed != 0 {
+                return Err(invalid(
+                    "model.init_seed must be 0 in a fine-tuning run: it starts from the checkpoint's weights",
+                ));
+            }
+            if !matches!(self.data()?, Data::Text { .. }) {
+                return Err(invalid(format!(
+                    "model.checkpoint: a fine-tuning run trains on a text (data.task {TEXT_TASK:?}) tokenized with the model's tokenizer"
+                )));
+            }
         }
         let w = &self.workers;
         if w.min == 0 || w.min > w.max || w.max > 1024 {
@@ -426,8 +455,13 @@ impl RunSpec {
     }
 
     /// The local setup of a text run from the text `shard` a worker opened (with the spec's
-    /// window): refused unless it is the spec's text.
-    pub fn text_setup(&self, shard: Arc<TextShard>) -> Result<TextSetup, SpecError> {
+    /// window) and, in a fine-tuning run, the model `init` it read (the shard tokenized with
+    /// its tokenizer): refused unless they are the spec's text and model.
+    pub fn text_setup(
+        &self,
+        shard: Arc<TextShard>,
+        init: Option<Arc<Pretrained>>,
+    ) -> Result<TextSetup, SpecError> {
         let Data::Text { seq_len, digest } = self.data()? else {
             return Err(invalid("the run trains on a synthetic task, not a text"));
         };
@@ -443,12 +477,25 @@ impl RunSpec {
                 shard.seq_len()
             )));
         }
+        match (self.model.checkpoint, &init) {
+            (None, None) => {}
+            (Some(digest), None) => {
+                return Err(invalid(format!(
+                    "the run fine-tunes the model with digest {digest}: it was not given"
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(invalid("the run trains a fresh model, not a checkpoint"))
+            }
+            (Some(digest), Some(p)) => check_pretrained(&self.model, digest, p, seq_len)?,
+        }
         Ok(TextSetup {
             shard,
             hidden: self.model.hidden,
             layers: self.model.layers,
             init_seed: self.model.init_seed,
             eval_examples: self.eval_examples,
+            init,
         })
     }
 
@@ -463,6 +510,38 @@ impl RunSpec {
             spec: self,
         })
     }
+}
+
+/// A fine-tuning run's model `p` is the spec's: its files' digest, width and depth, and a
+/// context that holds the run's windows.
+fn check_pretrained(
+    m: &ModelSpec,
+    digest: Digest,
+    p: &Pretrained,
+    seq_len: usize,
+) -> Result<(), SpecError> {
+    if p.digest != digest {
+        return Err(invalid(format!(
+            "the model {} has digest {}, the spec's model {digest}",
+            p.path.display(),
+            p.digest
+        )));
+    }
+    let c = &p.config;
+    if (c.hidden_size, c.num_layers) != (m.hidden, m.layers) {
+        return Err(invalid(format!(
+            "the model has hidden {} and {} layers, the spec says hidden {} and {} layers",
+            c.hidden_size, c.num_layers, m.hidden, m.layers
+        )));
+    }
+    if seq_len + 1 > c.max_position_embeddings {
+        return Err(invalid(format!(
+            "windows of {} tokens are longer than the model's context of {}",
+            seq_len + 1,
+            c.max_position_embeddings
+        )));
+    }
+    Ok(())
 }
 
 impl SignedSpec {
@@ -532,6 +611,7 @@ mod tests {
                 hidden: 32,
                 layers: 1,
                 init_seed: 1,
+                checkpoint: None,
             },
             data: DataSpec {
                 task: "reverse".into(),
@@ -772,23 +852,103 @@ mod tests {
                 digest: shard.digest()
             }
         );
-        let setup = parsed.spec.text_setup(shard.clone()).unwrap();
+        let setup = parsed.spec.text_setup(shard.clone(), None).unwrap();
         assert_eq!(setup.shard.digest(), shard.digest());
         // Another text, or the same text cut into other windows, is refused by name.
         let other = Arc::new(TextShard::from_text(&words(2), 16).unwrap());
-        let e = parsed.spec.text_setup(other).err().unwrap().to_string();
+        let e = parsed
+            .spec
+            .text_setup(other, None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("digest"), "{e}");
         let recut = Arc::new(TextShard::from_text(&words(1), 8).unwrap());
-        let e = parsed.spec.text_setup(recut).err().unwrap().to_string();
+        let e = parsed
+            .spec
+            .text_setup(recut, None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("windows of 8"), "{e}");
         // A task spec has no text to set up, and its JSON has no text field (its signed
         // bytes are those of specs written before text runs).
-        assert!(example().text_setup(shard).is_err());
+        assert!(example().text_setup(shard, None).is_err());
         assert!(!example()
             .sign(&key())
             .unwrap()
             .to_json()
             .contains("\"text\""));
+    }
+
+    /// A checkpoint directory of a fresh 1-layer model with the text's character tokenizer.
+    fn saved_model(text: &str, seed: u64) -> (tempfile::TempDir, Arc<Pretrained>) {
+        use plexus_model::train::{checkpoint, init_weights, small_llama_config};
+        let base = TextShard::from_text(text, 16).unwrap();
+        let vocab = base.tokenizer().get_vocab_size(true);
+        let cfg = small_llama_config(32, 1, vocab, 17).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let w = init_weights(&cfg, seed).unwrap();
+        checkpoint::save(
+            dir.path(),
+            &cfg,
+            &w,
+            base.tokenizer(),
+            serde_json::json!({}),
+        )
+        .unwrap();
+        let p = Arc::new(Pretrained::open(dir.path()).unwrap());
+        (dir, p)
+    }
+
+    #[test]
+    fn a_fine_tuning_spec_starts_from_its_model_and_no_other() {
+        use crate::local::LocalData as _;
+        let text = words(1);
+        let (_dir, model) = saved_model(&text, 5);
+        let shard = Arc::new(TextShard::from_text_with(&text, 16, &model.tokenizer).unwrap());
+        let mut spec = text_example(&shard);
+        spec.model = ModelSpec {
+            hidden: 32,
+            layers: 1,
+            init_seed: 0,
+            checkpoint: Some(model.digest),
+        };
+        let signed = spec.clone().sign(&key()).unwrap();
+        let parsed = SignedSpec::from_json(&signed.to_json()).unwrap();
+        assert_eq!(parsed.run_id(), signed.run_id());
+        let setup = parsed
+            .spec
+            .text_setup(shard.clone(), Some(model.clone()))
+            .unwrap();
+        let (cfg, _, params) = setup.prepare(0).unwrap();
+        assert_eq!((&*cfg, &params), (&*model.config, &model.params));
+        let refused = |s: &RunSpec, m: Option<Arc<Pretrained>>| {
+            s.text_setup(shard.clone(), m).err().unwrap().to_string()
+        };
+        // Without the model, with another model, or with a spec that misstates it.
+        assert!(refused(&spec, None).contains("not given"));
+        let (_dir2, other) = saved_model(&text, 6);
+        assert!(refused(&spec, Some(other)).contains("digest"));
+        let mut wide = spec.clone();
+        wide.model.hidden = 64;
+        assert!(refused(&wide, Some(model.clone())).contains("hidden 32"));
+        // A fresh model's spec takes no model (and its JSON has no checkpoint field).
+        assert!(refused(&text_example(&shard), Some(model.clone())).contains("fresh"));
+        assert!(!example()
+            .sign(&key())
+            .unwrap()
+            .to_json()
+            .contains("checkpoint"));
+        // A seed, or a synthetic task, with a checkpoint is refused by name.
+        let mut seeded = spec.clone();
+        seeded.model.init_seed = 1;
+        let e = seeded.sign(&key()).err().unwrap().to_string();
+        assert!(e.contains("init_seed"), "{e}");
+        let mut task = example();
+        task.model = spec.model.clone();
+        let e = task.sign(&key()).err().unwrap().to_string();
+        assert!(e.contains("trains on a text"), "{e}");
     }
 
     #[test]

@@ -114,6 +114,7 @@ fn diloco_on_text_beats_a_context_free_model() {
         layers: 1,
         init_seed: 0,
         eval_examples: 64,
+        init: None,
     };
     let rounds = 20;
     let mut cfg = config(Codec::F32, 15, rounds, 2e-2);

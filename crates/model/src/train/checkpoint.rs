@@ -47,14 +47,25 @@ pub fn save(
     tokenizer: &tokenizers::Tokenizer,
     run: serde_json::Value,
 ) -> Result<(), TrainError> {
-    let tc = serde_json::json!({
+    save_with(
+        dir,
+        cfg,
+        weights,
+        tokenizer,
+        scratch_tokenizer_config(cfg),
+        run,
+    )
+}
+
+/// The `tokenizer_config.json` of a model trained from scratch on a task or a text.
+pub fn scratch_tokenizer_config(cfg: &ModelConfig) -> serde_json::Value {
+    serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": super::task::EOS,
         "pad_token": super::task::PAD,
         "add_bos_token": false,
         "model_max_length": cfg.max_position_embeddings,
-    });
-    save_with(dir, cfg, weights, tokenizer, tc, run)
+    })
 }
 
 /// [`save`] with the given `tokenizer_config.json` (a fine-tuned model keeps its own:

@@ -155,7 +155,7 @@ fn to_half_split(
             let dims = t.dims().to_vec();
             let cols: usize = dims[1..].iter().product();
             let half = cfg.head_dim / 2;
-            if dims[0] != heads * cfg.head_dim || cfg.head_dim % 2 != 0 {
+            if dims[0] != heads * cfg.head_dim || !cfg.head_dim.is_multiple_of(2) {
                 return Err(TrainError::Config(format!(
                     "{name} has {} rows, not {heads} heads of {}",
                     dims[0], cfg.head_dim

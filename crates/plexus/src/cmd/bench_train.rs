@@ -254,6 +254,7 @@ pub fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
                 layers: a.layers,
                 init_seed: a.seed,
                 eval_examples: a.eval_examples,
+                init: None,
             };
             run_all(&a, &setup, &settings, &configs, Some(text))
         }

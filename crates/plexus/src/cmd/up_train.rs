@@ -52,9 +52,13 @@ pub fn run(args: &UpArgs, spec_path: &Path) -> anyhow::Result<()> {
         ),
         // Checked here once, so a wrong file fails now rather than in every worker.
         (Data::Text { seq_len, .. }, Some(path)) => {
-            super::train_net::text_setup(&spec, seq_len, path)?;
+            super::train_net::text_setup(&spec, seq_len, path, args.checkpoint.as_deref())?;
         }
-        (Data::Task(_), None) => {}
+        (Data::Task(_), None) => {
+            if args.checkpoint.is_some() {
+                bail!("--checkpoint: this run trains a fresh model on a synthetic task");
+            }
+        }
     }
     let base = super::cache_dir()
         .unwrap_or_else(std::env::temp_dir)
@@ -74,6 +78,7 @@ pub fn run(args: &UpArgs, spec_path: &Path) -> anyhow::Result<()> {
     let plan = Plan {
         spec: spec_path.to_path_buf(),
         text: args.text.clone(),
+        checkpoint: args.checkpoint.clone(),
         threads: args.threads,
         ledger,
         base,
@@ -138,6 +143,7 @@ pub fn run(args: &UpArgs, spec_path: &Path) -> anyhow::Result<()> {
 struct Plan {
     spec: PathBuf,
     text: Option<PathBuf>,
+    checkpoint: Option<PathBuf>,
     threads: Option<usize>,
     /// The run's ledger, for a spec that asks a stake.
     ledger: Option<String>,
@@ -204,6 +210,9 @@ async fn keep(
             .arg(std::process::id().to_string());
         if let Some(text) = &plan.text {
             cmd.arg("--text").arg(text);
+        }
+        if let Some(c) = &plan.checkpoint {
+            cmd.arg("--checkpoint").arg(c);
         }
         if let Some(t) = plan.threads {
             cmd.arg("--threads").arg(t.to_string());

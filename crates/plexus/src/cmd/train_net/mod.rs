@@ -54,6 +54,7 @@ use peers::Peers;
 use plexus_core::keys::NodeKey;
 use plexus_core::wire::{ErrorCode, Request, Response};
 use plexus_core::Digest;
+use plexus_model::train::pretrained::Pretrained;
 use plexus_model::train::text::TextShard;
 use plexus_model::train::{checkpoint, Layout, Params};
 use plexus_model::ModelConfig;
@@ -191,6 +192,9 @@ pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
     let cfg = spec.round_config()?;
     match (spec.spec.data()?, &a.text) {
         (Data::Task(_), None) => {
+            if a.checkpoint.is_some() {
+                bail!("--checkpoint: this run trains a fresh model on a synthetic task");
+            }
             let setup = spec.spec.setup()?;
             start(&a, spec, cfg, setup, key, cheat, &data_dir, net)
         }
@@ -201,22 +205,39 @@ pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
             "this run trains on a text (sha256 {digest}, windows of {seq_len}): pass the file with --text FILE"
         ),
         (Data::Text { seq_len, .. }, Some(path)) => {
-            let setup = text_setup(&spec, seq_len, path)?;
+            let setup = text_setup(&spec, seq_len, path, a.checkpoint.as_deref())?;
             start(&a, spec, cfg, setup, key, cheat, &data_dir, net)
         }
     }
 }
 
-/// The text run's setup from the file at `path`, refused unless it is the spec's text.
+/// The text run's setup from the file at `path` and, in a fine-tuning run, the model at
+/// `checkpoint` (the text tokenized with its tokenizer): refused unless they are the spec's.
 pub(super) fn text_setup(
     spec: &SignedSpec,
     seq_len: usize,
     path: &Path,
+    checkpoint: Option<&Path>,
 ) -> anyhow::Result<plexus_train::local::TextSetup> {
-    let shard =
-        TextShard::open(path, seq_len).with_context(|| format!("--text {}", path.display()))?;
+    let init = match (spec.spec.model.checkpoint, checkpoint) {
+        (None, None) => None,
+        (Some(digest), None) => bail!(
+            "this run fine-tunes an existing model (digest {digest}): pass its file or directory with --checkpoint PATH"
+        ),
+        (None, Some(_)) => {
+            bail!("--checkpoint: this run trains a fresh model (its spec names no checkpoint)")
+        }
+        (Some(_), Some(p)) => Some(Arc::new(
+            Pretrained::open(p).with_context(|| format!("--checkpoint {}", p.display()))?,
+        )),
+    };
+    let shard = match &init {
+        Some(p) => TextShard::open_with(path, seq_len, &p.tokenizer),
+        None => TextShard::open(path, seq_len),
+    }
+    .with_context(|| format!("--text {}", path.display()))?;
     spec.spec
-        .text_setup(Arc::new(shard))
+        .text_setup(Arc::new(shard), init)
         .with_context(|| format!("--text {}", path.display()))
 }
 
@@ -933,12 +954,18 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 .map_err(anyhow::Error::from)
         })?;
         let spec = &self.spec.spec;
-        checkpoint::save(
+        let tokenizer_config = self
+            .setup
+            .tokenizer_config()
+            .unwrap_or_else(|| checkpoint::scratch_tokenizer_config(&self.model));
+        checkpoint::save_with(
             &self.out,
             &self.model,
             &params.to_tensors()?,
             self.setup.tokenizer(&self.shard),
+            tokenizer_config,
             serde_json::json!({
+                "checkpoint": spec.model.checkpoint.map(|d| d.to_string()),
                 "task": spec.data.task,
                 "task_size": spec.data.size,
                 "run": self.cfg.run.to_string(),

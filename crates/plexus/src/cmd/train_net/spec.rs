@@ -4,6 +4,7 @@
 use crate::cli::TrainSpecArgs;
 use anyhow::Context as _;
 use plexus_core::keys::NodeKey;
+use plexus_model::train::pretrained::Pretrained;
 use plexus_model::train::text::TextShard;
 use plexus_train::spec::TEXT_TASK;
 use plexus_train::spec::{
@@ -23,6 +24,11 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
         "off" => false,
         other => anyhow::bail!("--error-feedback {other:?}: expected auto, on or off"),
     };
+    let init = a
+        .checkpoint
+        .as_deref()
+        .map(|p| Pretrained::open(p).with_context(|| format!("--checkpoint {}", p.display())))
+        .transpose()?;
     let data = match &a.text {
         None => DataSpec {
             task: a.task.clone(),
@@ -32,8 +38,11 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
         },
         Some(path) => {
             let seq_len = a.seq_len.unwrap_or(DEFAULT_SEQ_LEN);
-            let shard = TextShard::open(path, seq_len)
-                .with_context(|| format!("--text {}", path.display()))?;
+            let shard = match &init {
+                Some(p) => TextShard::open_with(path, seq_len, &p.tokenizer),
+                None => TextShard::open(path, seq_len),
+            }
+            .with_context(|| format!("--text {}", path.display()))?;
             DataSpec {
                 task: TEXT_TASK.into(),
                 size: seq_len,
@@ -45,10 +54,19 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
     let spec = RunSpec {
         version: SPEC_VERSION,
         name: a.name.clone(),
-        model: ModelSpec {
-            hidden: a.hidden,
-            layers: a.layers,
-            init_seed: a.init_seed,
+        model: match &init {
+            None => ModelSpec {
+                hidden: a.hidden,
+                layers: a.layers,
+                init_seed: a.init_seed,
+                checkpoint: None,
+            },
+            Some(p) => ModelSpec {
+                hidden: p.config.hidden_size,
+                layers: p.config.num_layers,
+                init_seed: 0,
+                checkpoint: Some(p.digest),
+            },
         },
         data,
         workers: WorkersSpec {
