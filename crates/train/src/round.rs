@@ -197,6 +197,14 @@ impl RoundMachine {
         self.expected.contains(worker)
     }
 
+    /// Starts the round's clock at `now_ms` if that is later than when it opened: a worker
+    /// calls it when it starts training the round, so the time it spent closing the last one
+    /// (scoring, the outer step, saving; long for a large model) is not counted against the
+    /// contributions, whose measured arrival times never included it.
+    pub fn start_clock(&mut self, now_ms: u64) {
+        self.opened_ms = self.opened_ms.max(now_ms);
+    }
+
     /// Time at which the round stops accepting contributions.
     pub fn deadline_at(&self) -> u64 {
         self.opened_ms + self.deadline.current_ms(&self.cfg.deadline)

@@ -204,6 +204,30 @@ fn forged_stale_replayed_and_wrong_round_contributions_are_refused() {
 }
 
 #[test]
+fn a_rounds_deadline_counts_from_when_training_starts_not_from_the_last_close() {
+    let mut w = world(config(Codec::F32, false), 1);
+    let mut m = w.machine();
+    let start = w.global.params.clone();
+    let c = w.contribute(0, 0, &start);
+    m.offer(&c, 4_000).unwrap();
+    let mut scorer = w.scorer();
+    // Round 0 closes at 4 s; closing (scoring, saving) takes 30 s before round 1's training
+    // starts; its contribution takes the 4 s of round 0 again.
+    m.close(4_000, &mut scorer).unwrap();
+    m.start_clock(34_000);
+    let started = m.deadline_at();
+    assert!(
+        started > 38_000,
+        "the deadline {started} is before training ends"
+    );
+    m.start_clock(1_000); // never moves back
+    assert_eq!(m.deadline_at(), started);
+    let next = m.state().params.clone();
+    let c = w.contribute(0, 1, &next);
+    m.offer(&c, 38_000).unwrap();
+}
+
+#[test]
 fn contribution_that_raises_held_out_loss_is_not_applied() {
     let mut w = world(config(Codec::F32, false), 3);
     let start = w.global.params.clone();

@@ -110,7 +110,10 @@ impl AdamWState {
     pub fn digest(&self) -> Digest {
         let mut h = Sha256Stream::new();
         h.update(TAG);
-        h.update(&self.to_bytes());
+        // The bytes of `to_bytes`, streamed (a large model's state is gigabytes).
+        h.update(&self.step.to_le_bytes());
+        super::params::hash_f32s(&mut h, &self.m);
+        super::params::hash_f32s(&mut h, &self.v);
         h.finish()
     }
 

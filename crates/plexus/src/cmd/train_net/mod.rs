@@ -478,7 +478,11 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 break;
             }
             let began = Instant::now();
-            lock(&shared).keep_start(round, state.clone());
+            {
+                let mut s = lock(&shared);
+                s.keep_start(round, state.clone());
+                s.machine.start_clock(self.now());
+            }
             let trained = Instant::now();
             let (c, train_loss, next) = self.train(round, start, state).await?;
             let train_ms = trained.elapsed().as_millis() as u64;
