@@ -453,22 +453,32 @@ fn level_value(j: u32, levels: u32, lo: f32, hi: f32) -> f32 {
 fn encode_sparse(x: &[f32], chunk: u32, k: u32, bits: u8, out: &mut Vec<u8>) {
     let l = levels(bits);
     let ib = index_bits(chunk);
-    let mut picks: Vec<Vec<usize>> = Vec::new();
+    // The picks of every chunk back to back (at most k each), sorted within a chunk; one
+    // scratch order reused across chunks (a model's worth of indices would be 8 bytes a
+    // parameter).
+    let per = (k as usize).min(chunk as usize);
+    let mut picks: Vec<usize> = Vec::with_capacity(x.len().div_ceil(chunk as usize) * per);
+    let mut order: Vec<usize> = Vec::with_capacity(chunk as usize);
+    let mut bounds = Vec::with_capacity(x.len().div_ceil(chunk as usize) + 1);
+    bounds.push(0);
     for c in x.chunks(chunk as usize) {
-        let mut idx: Vec<usize> = (0..c.len()).collect();
+        order.clear();
+        order.extend(0..c.len());
         // Largest magnitude first, lower index on ties: a total, deterministic order.
-        idx.sort_unstable_by(|&a, &b| c[b].abs().total_cmp(&c[a].abs()).then(a.cmp(&b)));
-        idx.truncate((k as usize).min(c.len()));
-        idx.sort_unstable();
-        let (lo, hi) = idx.iter().fold((f32::INFINITY, 0f32), |(lo, hi), &i| {
+        order.sort_unstable_by(|&a, &b| c[b].abs().total_cmp(&c[a].abs()).then(a.cmp(&b)));
+        order.truncate((k as usize).min(c.len()));
+        order.sort_unstable();
+        let (lo, hi) = order.iter().fold((f32::INFINITY, 0f32), |(lo, hi), &i| {
             (lo.min(c[i].abs()), hi.max(c[i].abs()))
         });
         out.extend_from_slice(&lo.to_le_bytes());
         out.extend_from_slice(&hi.to_le_bytes());
-        picks.push(idx);
+        picks.extend_from_slice(&order);
+        bounds.push(picks.len());
     }
     let mut w = BitWriter { out, acc: 0, n: 0 };
-    for (c, idx) in x.chunks(chunk as usize).zip(&picks) {
+    for (i, c) in x.chunks(chunk as usize).enumerate() {
+        let idx = &picks[bounds[i]..bounds[i + 1]];
         let (lo, hi) = idx.iter().fold((f32::INFINITY, 0f32), |(lo, hi), &i| {
             (lo.min(c[i].abs()), hi.max(c[i].abs()))
         });
@@ -560,18 +570,30 @@ impl ErrorFeedback {
         codec: &Codec,
         delta: &[f32],
     ) -> Result<(Vec<u8>, Vec<f32>), EncodeError> {
-        let acc: Vec<f32> = self
-            .residual
-            .iter()
-            .zip(delta)
-            .map(|(r, d)| r + d)
-            .collect();
-        let bytes = codec.encode(&acc)?;
-        let sent = codec
-            .decode(&bytes, acc.len())
-            .map_err(|_| EncodeError::SelfCheck)?;
-        self.residual = acc.iter().zip(&sent).map(|(a, s)| a - s).collect();
-        Ok((bytes, sent))
+        // In place: the residual becomes the accumulated sum, then what was not sent (no
+        // copies of a model-sized vector beyond what the receivers decode).
+        if let Some(index) = delta.iter().position(|d| !d.is_finite()) {
+            return Err(EncodeError::NonFinite { index });
+        }
+        let acc = &mut self.residual;
+        acc.iter_mut().zip(delta).for_each(|(r, d)| *r += d);
+        let encoded = codec.encode(acc).and_then(|bytes| {
+            let sent = codec
+                .decode(&bytes, acc.len())
+                .map_err(|_| EncodeError::SelfCheck)?;
+            Ok((bytes, sent))
+        });
+        match encoded {
+            Ok((bytes, sent)) => {
+                acc.iter_mut().zip(&sent).for_each(|(a, s)| *a -= s);
+                Ok((bytes, sent))
+            }
+            Err(e) => {
+                // Refused: the residual goes back to what it was (up to rounding).
+                acc.iter_mut().zip(delta).for_each(|(r, d)| *r -= d);
+                Err(e)
+            }
+        }
     }
 }
 

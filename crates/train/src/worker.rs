@@ -78,8 +78,10 @@ pub fn compute_round(
     let first_step = round * u64::from(cfg.inner_steps);
     let start_optimizer = state.opt.digest();
     let start_residual = state.residual_digest();
-    let mut trainer =
-        Trainer::from_params(model.clone(), global.clone(), state.opt.clone(), cfg.inner)?;
+    // The optimizer state moves into the trainer (a model-sized copy saved); a failed round
+    // leaves the worker without one, which the size check above refuses from then on.
+    let opt = std::mem::replace(&mut state.opt, AdamWState::new(0));
+    let mut trainer = Trainer::from_params(model.clone(), global.clone(), opt, cfg.inner)?;
     let reports = trainer.run(shard, &ids, cfg.batch_size as usize, first_step as usize)?;
     let (local, opt) = trainer.into_state();
     let delta: Vec<f32> = global

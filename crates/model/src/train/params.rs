@@ -70,7 +70,7 @@ impl Params {
         let mut names: Vec<&String> = map.keys().collect();
         names.sort();
         let mut entries = Vec::with_capacity(names.len());
-        let mut values = Vec::new();
+        let mut values = Vec::with_capacity(map.values().map(|t| t.elem_count()).sum());
         for name in names {
             let t = &map[name];
             entries.push((name.clone(), t.dims().to_vec()));

@@ -480,7 +480,11 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             let began = Instant::now();
             {
                 let mut s = lock(&shared);
-                s.keep_start(round, state.clone());
+                // Start states are kept for auditors only (a model's optimizer state and
+                // residual: 12 bytes a parameter each).
+                if self.spec.spec.audit_rate() > 0.0 {
+                    s.keep_start(round, state.clone());
+                }
                 s.machine.start_clock(self.now());
             }
             let trained = Instant::now();
