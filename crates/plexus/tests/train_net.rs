@@ -1169,6 +1169,107 @@ fn a_text_run_trains_across_workers_and_refuses_another_text() {
     drop(withholder);
 }
 
+/// Fine-tuning the real model (SmolLM2-135M-Instruct, GGUF Q4_1, read as f32) on a text with
+/// its own tokenizer: the spec names the model's digest; a worker without the model, or given
+/// something else, is refused; two workers exchange sparse pseudo-gradients (the only codec
+/// whose 135M-parameter message fits), end on the same state with a held-out loss below the
+/// model's own at the start, and `plexus generate` loads the saved checkpoint, which keeps the
+/// model's chat template.
+#[test]
+fn fine_tuning_the_real_model_on_a_text_lowers_its_held_out_loss() {
+    let model = plexus_testkit::real_model();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("words.txt");
+    std::fs::write(&text, sentences(1)).unwrap();
+    let spec = tmp.path().join("spec.json");
+    let o = Command::new(BIN)
+        .args(["train", "spec", "--out"])
+        .arg(&spec)
+        .arg("--data-dir")
+        .arg(tmp.path().join("creator"))
+        .arg("--checkpoint")
+        .arg(&model)
+        .arg("--text")
+        .arg(&text)
+        .args(["--seq-len", "16", "--rounds", "2", "--workers-min", "2"])
+        .args(["--inner-steps", "3", "--batch-size", "2", "--lr", "3e-4"])
+        .args(["--warmup", "1", "--codec", "sparse", "--audit-rate", "0"])
+        .args(["--score-examples", "4", "--eval-examples", "32"])
+        .args(["--deadline-initial-ms", "600000", "--outer-momentum", "0.5"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&spec).unwrap()).unwrap();
+    assert_eq!(json["spec"]["model"]["layers"], 30, "{json}");
+    assert!(json["spec"]["model"]["checkpoint"].is_string(), "{json}");
+
+    let text_arg = text.to_str().unwrap();
+    let refused =
+        |args: &[&std::ffi::OsStr]| refused_start(&spec, &tmp.path().join("refused"), args);
+    let e = refused(&["--text".as_ref(), text.as_os_str()]);
+    assert!(e.contains("--checkpoint PATH"), "{e}");
+    let e = refused(&[
+        "--text".as_ref(),
+        text.as_os_str(),
+        "--checkpoint".as_ref(),
+        text.as_os_str(),
+    ]);
+    assert!(e.contains("cannot read the model"), "{e}");
+    // `plexus up --train` checks the same before it starts a worker.
+    let o = Command::new(BIN)
+        .args(["up", "--nodes", "2", "--train"])
+        .arg(&spec)
+        .arg("--text")
+        .arg(&text)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("--checkpoint PATH"),
+        "{e}"
+    );
+
+    let m = model.to_str().unwrap();
+    let args = ["--text", text_arg, "--checkpoint", m];
+    let mut a = Worker::start("a", &spec, tmp.path(), &[], &args);
+    let mut b = Worker::start("b", &spec, tmp.path(), &[&a.addr], &args);
+    let mut states = Vec::new();
+    for w in [&mut a, &mut b] {
+        let line = w.finish_line();
+        let start = w.wait_for("start | model", Duration::from_secs(1));
+        let before: f64 = field(&start, "held-out loss ").parse().unwrap();
+        let after: f64 = field(&line, "held-out loss ").parse().unwrap();
+        // Measured: 7.76 -> 6.73.
+        assert!(
+            after < 0.95 * before,
+            "{}: held-out loss {before} -> {after}:\n{}",
+            w.name,
+            w.text()
+        );
+        states.push(field(&line, "state ").to_string());
+    }
+    assert_eq!(states[0], states[1]);
+    let saved = tmp.path().join("a/model");
+    let tc = std::fs::read_to_string(saved.join("tokenizer_config.json")).unwrap();
+    assert!(tc.contains("chat_template"), "{tc}");
+    let o = Command::new(BIN)
+        .args(["generate", "--model"])
+        .arg(&saved)
+        .args([
+            "--prompt",
+            "the quick",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!String::from_utf8_lossy(&o.stdout).trim().is_empty());
+}
+
 /// `plexus up --train SPEC`: the spec's run on this machine with two worker processes. Each
 /// is SIGKILLed mid-run in turn, worker 1 first and then worker 0 (the one the others joined
 /// through); `up` starts each again, it resumes from its checkpoint, and both end on the same

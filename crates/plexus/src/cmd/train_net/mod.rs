@@ -70,6 +70,7 @@ use plexus_train::score::HeldOutScorer;
 use plexus_train::spec::{Data, SignedSpec};
 use plexus_train::transfer::{state_from_bytes, state_len};
 use plexus_train::worker::{work_round, WorkerState};
+use plexus_train::Codec;
 use plexus_train::{resume, RoundConfig};
 use shared::{worker_name, Shared};
 use stake::{RunLedger, StakeGate};
@@ -241,6 +242,27 @@ pub(super) fn text_setup(
         .with_context(|| format!("--text {}", path.display()))
 }
 
+/// Refuses a model of `n` parameters whose messages could not travel: a contribution in
+/// `codec` travels in one frame (the global state in ranges, any size), and so does an audited
+/// worker's start state (AdamW moments and residual: 12 bytes a parameter).
+pub(super) fn fits_messages(n: usize, codec: Codec, audit_rate: f64) -> anyhow::Result<()> {
+    let frame = plexus_core::wire::MAX_FRAME_BYTES;
+    let payload = codec.encoded_len(n);
+    if payload + 4096 > frame {
+        bail!(
+            "the model's {n} parameters make a {codec} pseudo-gradient of {payload} bytes, larger than one message ({} MiB): make the spec with a smaller codec (int8, sparse) or a smaller model",
+            frame >> 20
+        );
+    }
+    if audit_rate > 0.0 && 12 * n + 4096 > frame {
+        bail!(
+            "this run audits rounds, but its model's {n} parameters make a start state larger than one message ({} MiB): audits could not fetch it; make the spec with --audit-rate 0 or a smaller model",
+            frame >> 20
+        );
+    }
+    Ok(())
+}
+
 /// Builds the round-0 state of data `setup` and runs the worker.
 #[allow(clippy::too_many_arguments)]
 fn start<D: LocalData + Send + Sync + 'static>(
@@ -254,23 +276,7 @@ fn start<D: LocalData + Send + Sync + 'static>(
     net: NetConfig,
 ) -> anyhow::Result<()> {
     let (model, shard, init) = setup.prepare(cfg.seed)?;
-    let n = init.values.len();
-    // A contribution travels in one frame (the global state in ranges, any size).
-    let payload = cfg.codec.encoded_len(n);
-    if payload + 4096 > plexus_core::wire::MAX_FRAME_BYTES {
-        bail!(
-            "the model's {n} parameters make a {} pseudo-gradient of {payload} bytes, larger than one message ({} MiB): make the spec with a smaller codec (int8, sparse) or a smaller model",
-            cfg.codec,
-            plexus_core::wire::MAX_FRAME_BYTES >> 20
-        );
-    }
-    // A start state travels in one frame (AdamW moments and residual: 12 bytes a parameter).
-    if spec.spec.audit_rate() > 0.0 && 12 * n + 4096 > plexus_core::wire::MAX_FRAME_BYTES {
-        bail!(
-            "this run audits rounds, but its model's {n} parameters make a start state larger than one message ({} MiB): audits could not fetch it; make the spec with --audit-rate 0 or a smaller model",
-            plexus_core::wire::MAX_FRAME_BYTES >> 20
-        );
-    }
+    fits_messages(init.values.len(), cfg.codec, spec.spec.audit_rate())?;
     let worker = Worker {
         me: key.peer_id().to_bytes(),
         out: a.out.clone().unwrap_or_else(|| data_dir.join("model")),
@@ -437,6 +443,19 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             self.cfg.inner_steps,
             self.spec.spec.rounds
         );
+        if let Some(digest) = self.spec.spec.model.checkpoint {
+            // Where fine-tuning starts from: the model's own loss on the held-out windows.
+            let (loss, _) = tokio::task::block_in_place(|| {
+                self.setup
+                    .evaluate(&self.model, &self.shard, &global.params)
+                    .map_err(anyhow::Error::from)
+            })?;
+            println!(
+                "start | model {} | round {} | held-out loss {loss:.4}",
+                digest.short(),
+                global.round
+            );
+        }
         // Registered before the address is printed, so a signal right after it is a leave.
         let stop = crate::cmd::net::shutdown_signal();
         let (handle, events) = plexus_net::start(net)?;

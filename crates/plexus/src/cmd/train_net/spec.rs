@@ -125,6 +125,10 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
             })
             .transpose()?,
     };
+    if let Some(p) = &init {
+        // Refused now rather than by every worker at its start.
+        super::fits_messages(p.params.values.len(), codec, a.audit_rate)?;
+    }
     let dir = a
         .data_dir
         .clone()
