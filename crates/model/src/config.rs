@@ -287,7 +287,13 @@ impl HfConfig {
             tie_word_embeddings: cfg.tie_word_embeddings,
             attention_bias: Some(cfg.qkv_bias),
             bos_token_id: cfg.bos_token_id.map(|b| b.into()),
-            eos_token_id: cfg.eos_token_ids.first().map(|&e| e.into()),
+            // Every end token (an instruct model's end of text and end of turn): a list when
+            // there is more than one, as Hugging Face configs write it.
+            eos_token_id: match cfg.eos_token_ids.as_slice() {
+                [] => None,
+                [one] => Some((*one).into()),
+                many => Some(many.to_vec().into()),
+            },
             torch_dtype: Some("float32".into()),
         }
     }
@@ -309,6 +315,10 @@ mod tests {
         assert_eq!(cfg.head_dim, 4);
         assert_eq!(cfg.eos_token_ids, vec![3, 4]);
         assert!(matches!(cfg.rope_scaling, RopeScaling::Llama3(_)));
+        // Written back, every end token survives (a fine-tuned instruct model stops at both).
+        let json = serde_json::to_string(&HfConfig::from_config(&cfg)).unwrap();
+        let back: HfConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.into_config().unwrap().eos_token_ids, vec![3, 4]);
     }
 
     #[test]

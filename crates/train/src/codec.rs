@@ -589,7 +589,8 @@ impl ErrorFeedback {
                 Ok((bytes, sent))
             }
             Err(e) => {
-                // Refused: the residual goes back to what it was (up to rounding).
+                // Refused: the residual goes back to what it was (up to rounding; a sum that
+                // overflowed stays infinite, and every later round is refused as well).
                 acc.iter_mut().zip(delta).for_each(|(r, d)| *r -= d);
                 Err(e)
             }

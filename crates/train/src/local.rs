@@ -50,7 +50,7 @@ pub struct TextSetup {
     /// Held-out windows of the final evaluation (loss).
     pub eval_examples: usize,
     /// Fine-tuning: the model the run starts from (the shard is tokenized with its
-    /// tokenizer); `hidden`, `layers` and `init_seed` then describe it and are not used.
+    /// tokenizer); `hidden`, `layers` and `init_seed` (0) are then not used.
     pub init: Option<Arc<Pretrained>>,
 }
 
@@ -84,6 +84,10 @@ pub trait LocalData {
     fn tokenizer_config(&self) -> Option<serde_json::Value> {
         None
     }
+
+    /// Drops the initial weights the setup holds once a caller has [`Self::prepare`]d its own
+    /// copy and will not prepare again (a fine-tuned model's weights: a model-sized vector).
+    fn release_weights(&mut self) {}
 }
 
 impl LocalData for TaskSetup {
@@ -152,6 +156,12 @@ impl LocalData for TextSetup {
 
     fn tokenizer_config(&self) -> Option<serde_json::Value> {
         self.init.as_ref().map(|p| p.tokenizer_config())
+    }
+
+    fn release_weights(&mut self) {
+        if let Some(p) = &self.init {
+            self.init = Some(Arc::new(p.without_params()));
+        }
     }
 }
 

@@ -15,10 +15,13 @@
 //!   worker that catches up asks every holder for some of the ranges and checks the whole
 //!   against the digest the peers' statuses agree on ([`crate::transfer`]). `State` (the whole
 //!   state in one message) is still answered, for workers of earlier builds.
-//! - `StartState { round }`: the receiver's own start state of a round it contributed to
-//!   (AdamW moments and error-feedback residual), which an auditor needs to re-execute that
-//!   contribution ([`crate::audit::reexecute`] checks it against the commitment's digests).
-//!   A worker keeps the last two rounds' start states.
+//! - `StartRange { round, offset, len }`: bytes of the receiver's own start state of a round
+//!   it contributed to (AdamW moments and error-feedback residual), which an auditor needs to
+//!   re-execute that contribution ([`crate::audit::reexecute`] checks it against the
+//!   commitment's digests); asked in ranges ([`crate::transfer::start_slice`]), so a model of
+//!   any size can be audited. A worker of a run with audits keeps the last two rounds' start
+//!   states. `StartState` (the whole start state in one message) is still answered when it
+//!   fits, for workers of earlier builds.
 //! - `Verdicts { round }`: the receiver's verdicts so far on the contributions of the round
 //!   it audits as a delegated auditor ([`crate::reveal::committee`]).
 //! - `Reveals { round }`: the audit nonces of the round's set the receiver knows (its own and
@@ -101,6 +104,14 @@ pub enum TrainRequest {
         offset: u64,
         len: u32,
     },
+    /// Bytes `offset..offset + len` of the receiver's own start state of `round`
+    /// ([`crate::transfer::start_slice`]; `len` at most [`crate::transfer::MAX_RANGE_BYTES`]).
+    StartRange {
+        run: Digest,
+        round: u64,
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// A delegated auditor's verdict on one worker's contribution: `pass` when the re-execution
@@ -161,6 +172,13 @@ pub enum TrainResponse {
     /// A range of a state's bytes; `total` is the length of them all.
     StateRange {
         state: Digest,
+        offset: u64,
+        total: u64,
+        bytes: Vec<u8>,
+    },
+    /// A range of a start state's bytes; `total` is the length of them all.
+    StartRange {
+        round: u64,
         offset: u64,
         total: u64,
         bytes: Vec<u8>,

@@ -175,12 +175,14 @@ pub fn load(
     r.take(&mut id).map_err(|_| damaged())?;
     let round = r.u64().map_err(|_| damaged())?;
     let count = r.u64().map_err(|_| damaged())?;
-    if count != n as u64 || len != expected_len {
-        return Err(if Digest(id) == run {
-            wrong()
-        } else {
-            ResumeError::OtherRun(path.to_owned())
-        });
+    if Digest(id) != run {
+        return Err(ResumeError::OtherRun(path.to_owned()));
+    }
+    if count != n as u64 {
+        return Err(wrong());
+    }
+    if len != expected_len {
+        return Err(damaged());
     }
     let mut buf = Vec::with_capacity(4 * CHUNK);
     let mut body = || -> std::io::Result<_> {
@@ -197,9 +199,6 @@ pub fn load(
     r.inner.read_exact(&mut digest).map_err(|_| damaged())?;
     if r.hash.finish().as_bytes() != &digest {
         return Err(damaged());
-    }
-    if Digest(id) != run {
-        return Err(ResumeError::OtherRun(path.to_owned()));
     }
     let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
     if ![&values, &momentum, &opt.m, &opt.v, &residual]

@@ -199,8 +199,10 @@ impl RoundMachine {
 
     /// Starts the round's clock at `now_ms` if that is later than when it opened: a worker
     /// calls it when it starts training the round, so the time it spent closing the last one
-    /// (scoring, the outer step, saving; long for a large model) is not counted against the
-    /// contributions, whose measured arrival times never included it.
+    /// (scoring, the outer step, saving; long for a large model) does not eat the deadline.
+    /// Arrivals are then measured from here: a contribution taken before (an early one from a
+    /// faster peer) keeps its time from the opening, which only makes the next deadlines more
+    /// lenient.
     pub fn start_clock(&mut self, now_ms: u64) {
         self.opened_ms = self.opened_ms.max(now_ms);
     }

@@ -487,7 +487,7 @@ impl RunSpec {
             (None, Some(_)) => {
                 return Err(invalid("the run trains a fresh model, not a checkpoint"))
             }
-            (Some(digest), Some(p)) => check_pretrained(&self.model, digest, p, seq_len)?,
+            (Some(digest), Some(p)) => check_pretrained(&self.model, digest, p, &shard)?,
         }
         Ok(TextSetup {
             shard,
@@ -518,8 +518,9 @@ fn check_pretrained(
     m: &ModelSpec,
     digest: Digest,
     p: &Pretrained,
-    seq_len: usize,
+    shard: &TextShard,
 ) -> Result<(), SpecError> {
+    let seq_len = shard.seq_len();
     if p.digest != digest {
         return Err(invalid(format!(
             "the model {} has digest {}, the spec's model {digest}",
@@ -532,6 +533,16 @@ fn check_pretrained(
         return Err(invalid(format!(
             "the model has hidden {} and {} layers, the spec says hidden {} and {} layers",
             c.hidden_size, c.num_layers, m.hidden, m.layers
+        )));
+    }
+    let (theirs, mine) = (
+        shard.tokenizer().get_vocab_size(true),
+        p.tokenizer.inner().get_vocab_size(true),
+    );
+    if theirs != mine || mine > c.vocab_size {
+        return Err(invalid(format!(
+            "the text was tokenized with a vocabulary of {theirs} tokens, the model's has {mine} (of {} embeddings)",
+            c.vocab_size
         )));
     }
     if seq_len + 1 > c.max_position_embeddings {

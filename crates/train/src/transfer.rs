@@ -15,8 +15,9 @@
 //! again.
 
 use crate::outer::OuterState;
-use crate::protocol::{f32_bytes, f32s_from, MessageError};
+use crate::protocol::{f32_bytes, f32s_from, MessageError, WorkerStateTransfer};
 use crate::round::GlobalState;
+use crate::worker::WorkerState;
 use plexus_model::train::{Layout, Params};
 use std::ops::Range;
 use std::sync::Arc;
@@ -66,6 +67,65 @@ pub fn state_from_bytes(bytes: &[u8], layout: Arc<Layout>) -> Result<GlobalState
         params: Params { layout, values },
         outer: OuterState { momentum },
     })
+}
+
+/// Bytes of a worker's start state of `n` parameters, as an auditor fetches it in ranges from
+/// the worker it audits: the AdamW step (u64 little-endian), its first and second moments and
+/// the error-feedback residual (f32 little-endian): [`WorkerStateTransfer`]'s `opt` then
+/// `residual`, `8 + 12 n` bytes.
+pub fn start_len(n: usize) -> usize {
+    8 + 12 * n
+}
+
+/// Bytes `range` of `state`'s start-state bytes ([`start_len`]), read from its vectors without
+/// building the whole (a served range costs its own size, not the state's); `None` when the
+/// range is empty, longer than [`MAX_RANGE_BYTES`] or past the end.
+pub fn start_slice(state: &WorkerState, range: Range<usize>) -> Option<Vec<u8>> {
+    let n = state.opt.m.len();
+    if range.is_empty() || range.len() > MAX_RANGE_BYTES || range.end > start_len(n) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(range.len());
+    let step = state.opt.step.to_le_bytes();
+    let lo = range.start.min(8);
+    let hi = range.end.min(8);
+    out.extend_from_slice(&step[lo..hi]);
+    let sections = [&state.opt.m, &state.opt.v, &state.feedback.residual];
+    for (k, values) in sections.into_iter().enumerate() {
+        let base = 8 + 4 * n * k;
+        let lo = range.start.max(base);
+        let hi = range.end.min(base + 4 * values.len());
+        if lo >= hi {
+            continue;
+        }
+        let (first, last) = ((lo - base) / 4, (hi - base).div_ceil(4));
+        let bytes: Vec<u8> = values[first..last]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let skip = lo - base - 4 * first;
+        out.extend_from_slice(&bytes[skip..skip + (hi - lo)]);
+    }
+    Some(out)
+}
+
+/// The start state of `round` that `bytes` ([`start_len`]) hold for `n` parameters (sizes and
+/// finiteness checked; the auditor checks the commitment's digests).
+pub fn start_from_bytes(round: u64, bytes: &[u8], n: usize) -> Result<WorkerState, MessageError> {
+    if bytes.len() != start_len(n) {
+        return Err(MessageError::StateSize {
+            round,
+            got: bytes.len(),
+            expected: start_len(n),
+        });
+    }
+    let (opt, residual) = bytes.split_at(8 + 8 * n);
+    WorkerStateTransfer {
+        round,
+        opt: opt.to_vec(),
+        residual: residual.to_vec(),
+    }
+    .into_state(n)
 }
 
 /// `total` bytes cut into ranges for `holders` peers: at least one range per holder (when
@@ -188,6 +248,39 @@ impl StateFetch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_slices_are_the_bytes_of_the_whole_start_state_and_read_back() {
+        let n = 37;
+        let mut st = WorkerState::new(n);
+        st.opt.step = 0x0102_0304_0506_0708;
+        for i in 0..n {
+            st.opt.m[i] = i as f32 * 0.5 - 3.0;
+            st.opt.v[i] = i as f32 * 0.25;
+            st.feedback.residual[i] = -(i as f32) / 7.0;
+        }
+        let t = WorkerStateTransfer::of(4, &st);
+        let whole: Vec<u8> = t.opt.iter().chain(&t.residual).copied().collect();
+        assert_eq!(whole.len(), start_len(n));
+        // Every range, aligned or not, is the same bytes; ranges past the end are refused.
+        for start in 0..whole.len() {
+            for len in [1, 3, 4, 9, 64, whole.len()] {
+                let end = (start + len).min(whole.len());
+                assert_eq!(
+                    start_slice(&st, start..end).as_deref(),
+                    (start < end).then(|| &whole[start..end]),
+                    "{start}..{end}"
+                );
+            }
+        }
+        assert_eq!(start_slice(&st, 0..whole.len() + 1), None);
+        let assembled: Vec<u8> = ranges(whole.len(), 3)
+            .into_iter()
+            .flat_map(|r| start_slice(&st, r).unwrap())
+            .collect();
+        assert_eq!(start_from_bytes(4, &assembled, n).unwrap(), st);
+        assert!(start_from_bytes(4, &assembled[1..], n).is_err());
+    }
     use proptest::prelude::*;
 
     proptest! {

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Names and shapes of the tensors in a [`Params`], sorted by name.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Layout {
     entries: Vec<(String, Vec<usize>)>,
 }
@@ -58,7 +58,7 @@ impl Layout {
 }
 
 /// Weights as a flat vector under a [`Layout`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Params {
     pub layout: Arc<Layout>,
     pub values: Vec<f32>,

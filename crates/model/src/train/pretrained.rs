@@ -38,6 +38,16 @@ pub struct Pretrained {
 impl Pretrained {
     /// Reads the model at `path` (a `.gguf` file or a checkpoint directory).
     pub fn open(path: &Path) -> Result<Self, TrainError> {
+        Self::read(path, None)
+    }
+
+    /// [`Self::open`], refused right after hashing (before any weight is read) unless the
+    /// files' digest is `expected`.
+    pub fn open_checked(path: &Path, expected: Digest) -> Result<Self, TrainError> {
+        Self::read(path, Some(expected))
+    }
+
+    fn read(path: &Path, expected: Option<Digest>) -> Result<Self, TrainError> {
         let bad = |e: &dyn std::error::Error| {
             let mut msg = e.to_string();
             let mut cause = e.source();
@@ -49,6 +59,12 @@ impl Pretrained {
         };
         let files = ModelFiles::open(path).map_err(|e| bad(&e))?;
         let digest = files_digest(&files)?;
+        if let Some(expected) = expected.filter(|e| *e != digest) {
+            return Err(TrainError::Config(format!(
+                "the model {} has digest {digest}, not {expected}",
+                path.display()
+            )));
+        }
         let tokenizer = files.tokenizer().map_err(|e| bad(&e))?;
         let chat_template = files.chat_template_source();
         let mut config = files.config.clone();
@@ -68,6 +84,18 @@ impl Pretrained {
             chat_template,
             digest,
         })
+    }
+
+    /// The model without its weights (what a run keeps once its state holds them).
+    pub fn without_params(&self) -> Self {
+        Self {
+            path: self.path.clone(),
+            config: self.config.clone(),
+            params: Params::default(),
+            tokenizer: self.tokenizer.clone(),
+            chat_template: self.chat_template.clone(),
+            digest: self.digest,
+        }
     }
 
     /// The `tokenizer_config.json` of checkpoints trained from this model: its BOS, EOS and

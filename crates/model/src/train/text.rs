@@ -1,7 +1,8 @@
 //! Text data: a UTF-8 file tokenized with a character-level tokenizer built from the file (one
 //! token per distinct character, plus `<|pad|>` = 0 and `<|endoftext|>` = 1; a BPE without
-//! merges, saved as an ordinary `tokenizer.json` like the tasks' tokenizer), cut into
-//! non-overlapping windows of `seq_len + 1` tokens.
+//! merges, saved as an ordinary `tokenizer.json` like the tasks' tokenizer), or, to fine-tune a
+//! model, with that model's own tokenizer ([`TextShard::open_with`]), cut into non-overlapping
+//! windows of `seq_len + 1` tokens.
 //!
 //! A window is held out when the first byte of the sha256 of its tokens is below 16 (1/16 of
 //! the windows; the rule of the synthetic tasks): repeated passages land on the same side, so
@@ -62,7 +63,13 @@ impl TextShard {
                 missing.len()
             )));
         }
-        Self::split(text, seq_len, tokenizer.inner().clone())
+        // A tokenizer.json may carry a truncation or padding setting for its model's inputs:
+        // off, or the whole text would be cut to its first max_length tokens.
+        let mut t = tokenizer.inner().clone();
+        t.with_truncation(None)
+            .map_err(|e| TrainError::Config(format!("cannot use the model's tokenizer: {e}")))?;
+        t.with_padding(None);
+        Self::split(text, seq_len, t)
     }
 
     /// Tokenizes `text` with a character tokenizer built from it and splits it into sequences

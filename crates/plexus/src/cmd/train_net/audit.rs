@@ -420,14 +420,14 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             why: "its worker id is not a peer id".into(),
             convict: false,
         })?;
-        let transfer = peers.start_state(peer, round).await.ok_or_else(|| Failed {
-            why: format!("it sent no start state of round {} in time", round + 1),
-            convict: false,
-        })?;
-        let state = transfer
-            .into_state(global.values.len())
-            .map_err(|e| Failed {
-                why: format!("its start state does not decode: {e}"),
+        let state = peers
+            .start_state(peer, round, global.values.len())
+            .await
+            .ok_or_else(|| Failed {
+                why: format!(
+                    "it sent no usable start state of round {} in time",
+                    round + 1
+                ),
                 convict: false,
             })?;
         let verdict = self.rerun(cm, global, state).await.map_err(|e| Failed {

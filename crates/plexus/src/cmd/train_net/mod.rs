@@ -228,8 +228,9 @@ pub(super) fn text_setup(
         (None, Some(_)) => {
             bail!("--checkpoint: this run trains a fresh model (its spec names no checkpoint)")
         }
-        (Some(_), Some(p)) => Some(Arc::new(
-            Pretrained::open(p).with_context(|| format!("--checkpoint {}", p.display()))?,
+        (Some(digest), Some(p)) => Some(Arc::new(
+            Pretrained::open_checked(p, digest)
+                .with_context(|| format!("--checkpoint {}", p.display()))?,
         )),
     };
     let shard = match &init {
@@ -242,21 +243,14 @@ pub(super) fn text_setup(
         .with_context(|| format!("--text {}", path.display()))
 }
 
-/// Refuses a model of `n` parameters whose messages could not travel: a contribution in
-/// `codec` travels in one frame (the global state in ranges, any size), and so does an audited
-/// worker's start state (AdamW moments and residual: 12 bytes a parameter).
-pub(super) fn fits_messages(n: usize, codec: Codec, audit_rate: f64) -> anyhow::Result<()> {
+/// Refuses a model of `n` parameters whose contributions could not travel: one travels in
+/// one frame (the global state and an audited worker's start state go in ranges, any size).
+pub(super) fn fits_messages(n: usize, codec: Codec) -> anyhow::Result<()> {
     let frame = plexus_core::wire::MAX_FRAME_BYTES;
     let payload = codec.encoded_len(n);
     if payload + 4096 > frame {
         bail!(
             "the model's {n} parameters make a {codec} pseudo-gradient of {payload} bytes, larger than one message ({} MiB): make the spec with a smaller codec (int8, sparse) or a smaller model",
-            frame >> 20
-        );
-    }
-    if audit_rate > 0.0 && 12 * n + 4096 > frame {
-        bail!(
-            "this run audits rounds, but its model's {n} parameters make a start state larger than one message ({} MiB): audits could not fetch it; make the spec with --audit-rate 0 or a smaller model",
             frame >> 20
         );
     }
@@ -275,8 +269,10 @@ fn start<D: LocalData + Send + Sync + 'static>(
     data_dir: &Path,
     net: NetConfig,
 ) -> anyhow::Result<()> {
+    let mut setup = setup;
     let (model, shard, init) = setup.prepare(cfg.seed)?;
-    fits_messages(init.values.len(), cfg.codec, spec.spec.audit_rate())?;
+    setup.release_weights();
+    fits_messages(init.values.len(), cfg.codec)?;
     let worker = Worker {
         me: key.peer_id().to_bytes(),
         out: a.out.clone().unwrap_or_else(|| data_dir.join("model")),
@@ -443,19 +439,6 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             self.cfg.inner_steps,
             self.spec.spec.rounds
         );
-        if let Some(digest) = self.spec.spec.model.checkpoint {
-            // Where fine-tuning starts from: the model's own loss on the held-out windows.
-            let (loss, _) = tokio::task::block_in_place(|| {
-                self.setup
-                    .evaluate(&self.model, &self.shard, &global.params)
-                    .map_err(anyhow::Error::from)
-            })?;
-            println!(
-                "start | model {} | round {} | held-out loss {loss:.4}",
-                digest.short(),
-                global.round
-            );
-        }
         // Registered before the address is printed, so a signal right after it is a leave.
         let stop = crate::cmd::net::shutdown_signal();
         let (handle, events) = plexus_net::start(net)?;
@@ -479,6 +462,24 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             run,
         };
         tokio::spawn(leave_on(stop, peers.clone(), shared.clone()));
+        if let Some(digest) = self.spec.spec.model.checkpoint {
+            // With the network up: peers and `up --train` wait for the address, not for this.
+            let (round, params) = {
+                let s = lock(&shared);
+                (s.machine.round(), s.machine.state().params.clone())
+            };
+            // Where fine-tuning starts from: the model's own loss on the held-out windows.
+            let (loss, _) = tokio::task::block_in_place(|| {
+                self.setup
+                    .evaluate(&self.model, &self.shard, &params)
+                    .map_err(anyhow::Error::from)
+            })?;
+            println!(
+                "start | model {} | round {} | held-out loss {loss:.4}",
+                digest.short(),
+                round
+            );
+        }
         self.wait_for_workers(&peers, &shared).await;
         let mut scorer = HeldOutScorer {
             model: self.model.clone(),

@@ -9,15 +9,14 @@ use plexus_net::{NetHandle, PeerId};
 use plexus_train::commit::Contribution;
 use plexus_train::protocol::{
     decode, encode, AuditVerdict, HeldEntry, Reveal, Status, TrainRequest, TrainResponse,
-    WorkerStateTransfer,
 };
-use plexus_train::transfer::StateFetch;
+use plexus_train::transfer::{start_from_bytes, start_len, StateFetch};
+use plexus_train::worker::WorkerState;
+use std::ops::Range;
 use std::time::Duration;
 
 /// How long one peer may take to answer a small message.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one peer may take to send a worker's start state (one message).
-const STATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The slowest link a range of the global state is given time for: a home uplink.
 const SLOWEST_LINK_BITS_PER_S: f64 = 1e6;
 
@@ -130,6 +129,73 @@ impl Peers {
         digest: Digest,
         total: usize,
     ) -> (Option<Vec<u8>>, Vec<PeerId>) {
+        let run = self.run;
+        self.ranges_of(
+            holders,
+            total,
+            |range| TrainRequest::StateRange {
+                run,
+                state: digest,
+                offset: range.start as u64,
+                // At most MAX_RANGE_BYTES (`transfer::ranges`).
+                len: range.len() as u32,
+            },
+            |answer, range| match answer {
+                TrainResponse::StateRange {
+                    state,
+                    offset,
+                    total: t,
+                    bytes,
+                } if state == digest && offset == range.start as u64 && t == total as u64 => {
+                    Some(bytes)
+                }
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// `peer`'s own start state of `round` (for an audit of its contribution) for a model of
+    /// `n` parameters, in ranges ([`start_len`] bytes, any size); `None` when a range did not
+    /// come or the whole does not decode.
+    pub async fn start_state(&self, peer: PeerId, round: u64, n: usize) -> Option<WorkerState> {
+        let run = self.run;
+        let total = start_len(n);
+        let (bytes, _) = self
+            .ranges_of(
+                &[peer],
+                total,
+                |range| TrainRequest::StartRange {
+                    run,
+                    round,
+                    offset: range.start as u64,
+                    len: range.len() as u32,
+                },
+                |answer, range| match answer {
+                    TrainResponse::StartRange {
+                        round: r,
+                        offset,
+                        total: t,
+                        bytes,
+                    } if r == round && offset == range.start as u64 && t == total as u64 => {
+                        Some(bytes)
+                    }
+                    _ => None,
+                },
+            )
+            .await;
+        start_from_bytes(round, &bytes?, n).ok()
+    }
+
+    /// The `total` bytes asked in ranges of `holders` ([`StateFetch`]): `ask` makes a range's
+    /// request and `take` its bytes from an answer (`None` for a wrong one).
+    async fn ranges_of(
+        &self,
+        holders: &[PeerId],
+        total: usize,
+        ask: impl Fn(&Range<usize>) -> TrainRequest,
+        take: impl Fn(TrainResponse, &Range<usize>) -> Option<Vec<u8>>,
+    ) -> (Option<Vec<u8>>, Vec<PeerId>) {
         if holders.is_empty() {
             return (None, Vec::new());
         }
@@ -140,30 +206,11 @@ impl Peers {
                 break;
             }
             let answers = join_all(asks.into_iter().map(|(i, range, h)| {
-                let req = TrainRequest::StateRange {
-                    run: self.run,
-                    state: digest,
-                    offset: range.start as u64,
-                    // At most MAX_RANGE_BYTES (`transfer::ranges`).
-                    len: range.len() as u32,
-                };
+                let req = ask(&range);
+                let take = &take;
                 async move {
                     let answer = self.ask(holders[h], &req, range_timeout(range.len())).await;
-                    let bytes = match answer {
-                        Some(TrainResponse::StateRange {
-                            state,
-                            offset,
-                            total: t,
-                            bytes,
-                        }) if state == digest
-                            && offset == range.start as u64
-                            && t == total as u64 =>
-                        {
-                            Some(bytes)
-                        }
-                        _ => None,
-                    };
-                    (i, bytes)
+                    (i, answer.and_then(|a| take(a, &range)))
                 }
             }))
             .await;
@@ -211,18 +258,6 @@ impl Peers {
         };
         match self.ask(peer, &req, timeout.min(CALL_TIMEOUT)).await {
             Some(TrainResponse::Verdicts { round: r, verdicts }) if r == round => Some(verdicts),
-            _ => None,
-        }
-    }
-
-    /// `peer`'s own start state of `round` (for an audit of its contribution).
-    pub async fn start_state(&self, peer: PeerId, round: u64) -> Option<WorkerStateTransfer> {
-        let req = TrainRequest::StartState {
-            run: self.run,
-            round,
-        };
-        match self.ask(peer, &req, STATE_TIMEOUT).await {
-            Some(TrainResponse::StartState(s)) if s.round == round => Some(s),
             _ => None,
         }
     }

@@ -16,7 +16,7 @@ use plexus_train::protocol::{
 };
 use plexus_train::reveal::sealed;
 use plexus_train::round::{GlobalState, Refusal, RoundMachine};
-use plexus_train::transfer::{state_bytes, state_len, MAX_RANGE_BYTES};
+use plexus_train::transfer::{start_len, start_slice, state_bytes, state_len, MAX_RANGE_BYTES};
 use plexus_train::worker::WorkerState;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -573,8 +573,43 @@ impl Shared {
                     return TrainResponse::Refused("another run".into());
                 }
                 match self.starts.iter().find(|(r, _)| *r == round) {
+                    Some((_, st))
+                        if start_len(st.opt.len()) + 4096 > plexus_core::wire::MAX_FRAME_BYTES =>
+                    {
+                        TrainResponse::Refused(
+                            "the start state does not fit one message: ask for it in ranges".into(),
+                        )
+                    }
                     Some((r, st)) => TrainResponse::StartState(WorkerStateTransfer::of(*r, st)),
                     None => TrainResponse::NotHeld,
+                }
+            }
+            TrainRequest::StartRange {
+                run,
+                round,
+                offset,
+                len,
+            } => {
+                if other_run(run) {
+                    return TrainResponse::Refused("another run".into());
+                }
+                let Some((_, st)) = self.starts.iter().find(|(r, _)| *r == round) else {
+                    return TrainResponse::NotHeld;
+                };
+                let total = start_len(st.opt.len());
+                let end = offset.saturating_add(u64::from(len));
+                let range = usize::try_from(offset).unwrap_or(usize::MAX)
+                    ..usize::try_from(end).unwrap_or(usize::MAX);
+                match start_slice(st, range) {
+                    Some(bytes) => TrainResponse::StartRange {
+                        round,
+                        offset,
+                        total: total as u64,
+                        bytes,
+                    },
+                    None => TrainResponse::Refused(format!(
+                        "bytes {offset}..{end} of a start state of {total} (ranges of at most {MAX_RANGE_BYTES})"
+                    )),
                 }
             }
         }

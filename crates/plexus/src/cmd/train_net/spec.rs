@@ -29,6 +29,7 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|p| Pretrained::open(p).with_context(|| format!("--checkpoint {}", p.display())))
         .transpose()?;
+    let mut text_shard = None;
     let data = match &a.text {
         None => DataSpec {
             task: a.task.clone(),
@@ -43,11 +44,13 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
                 None => TextShard::open(path, seq_len),
             }
             .with_context(|| format!("--text {}", path.display()))?;
+            let digest = shard.digest();
+            text_shard = Some(std::sync::Arc::new(shard));
             DataSpec {
                 task: TEXT_TASK.into(),
                 size: seq_len,
                 seed: a.seed,
-                text: Some(shard.digest()),
+                text: Some(digest),
             }
         }
     };
@@ -125,9 +128,11 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
             })
             .transpose()?,
     };
-    if let Some(p) = &init {
+    if let (Some(p), Some(shard)) = (init, text_shard) {
         // Refused now rather than by every worker at its start.
-        super::fits_messages(p.params.values.len(), codec, a.audit_rate)?;
+        super::fits_messages(p.params.values.len(), codec)?;
+        spec.validate()?;
+        spec.text_setup(shard, Some(std::sync::Arc::new(p)))?;
     }
     let dir = a
         .data_dir
