@@ -784,6 +784,68 @@ fn delegated_auditors_catch_a_lazy_worker_and_spare_the_others_their_re_executio
     drop(lazy);
 }
 
+/// A model larger than one message's worth of start state (3.2M parameters: AdamW moments and
+/// residual are 38 MB, over the 32 MiB frame) is still audited: the auditors fetch the drawn
+/// worker's start state in 1 MiB ranges, re-execute its round, pass the honest workers and
+/// convict the lazy one.
+#[test]
+fn a_model_whose_start_state_exceeds_a_message_is_audited_in_ranges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = tmp.path().join("spec.json");
+    let o = Command::new(BIN)
+        .args(["train", "spec", "--out"])
+        .arg(&spec)
+        .arg("--data-dir")
+        .arg(tmp.path().join("creator"))
+        .args([
+            "--task", "reverse", "--size", "3", "--hidden", "256", "--layers", "4",
+        ])
+        .args(["--rounds", "3", "--workers-min", "3", "--inner-steps", "4"])
+        .args(["--batch-size", "8", "--lr", "3e-3", "--warmup", "4"])
+        .args([
+            "--codec",
+            "f16",
+            "--score-examples",
+            "8",
+            "--eval-examples",
+            "16",
+        ])
+        .args(["--audit-rate", "1", "--deadline-initial-ms", "120000"])
+        .args(["--deadline-min-ms", "3000"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let h0 = Worker::start("h0", &spec, tmp.path(), &[], &[]);
+    let params: u64 = h0
+        .text()
+        .split(" parameters")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(12 * params > 32 << 20, "{params} parameters");
+    let h1 = Worker::start("h1", &spec, tmp.path(), &[&h0.addr], &[]);
+    let peers = [h0.addr.as_str(), h1.addr.as_str()];
+    let lazy = Worker::start("lazy", &spec, tmp.path(), &peers, &["--cheat", "lazy"]);
+    let lazy_id = worker_id(&lazy);
+    let mut states = Vec::new();
+    for mut h in [h0, h1] {
+        let (_, _, state) = h.finish();
+        states.push(state);
+        let text = h.text();
+        assert_only_the_lazy_worker_convicted(&h.name, &text, &lazy_id);
+        // Every round re-executed the other honest worker's contribution and passed it.
+        let rounds = round_lines(&text);
+        assert_eq!(rounds.len(), 3, "{text}");
+        for l in rounds {
+            let (passed, _) = field(l, "audits passed ").split_once('/').unwrap();
+            assert!(passed.parse::<u32>().unwrap() >= 1, "{}: {l}", h.name);
+        }
+    }
+    assert_eq!(states[0], states[1]);
+    drop(lazy);
+}
+
 /// A worker that says it is still at round 0, forever, and sends nothing, would hold
 /// every round open to its deadline (the honest workers wait for peers still behind). Seen
 /// behind for two rounds in a row, it is no longer waited for: the honest workers' rounds close
