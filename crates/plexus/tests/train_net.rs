@@ -1309,6 +1309,26 @@ fn fine_tuning_the_real_model_on_a_text_lowers_its_held_out_loss() {
             w.name,
             w.text()
         );
+        // The bytes are counted, not estimated: round 1 sent the one peer the sparse payload
+        // of every parameter (3.9 MB, not the 538 MB of f32) plus the signed commitment and
+        // the round's small messages.
+        let text = w.text();
+        let params: usize = text
+            .split(" parameters")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        let payload = "sparse"
+            .parse::<plexus_train::Codec>()
+            .unwrap()
+            .encoded_len(params);
+        let sent: usize = field(round_lines(&text)[0], "sent ").parse().unwrap();
+        assert!(
+            (payload..payload + 16 * 1024).contains(&sent),
+            "{}: sent {sent} B in round 1, the payload is {payload} B",
+            w.name
+        );
         states.push(field(&line, "state ").to_string());
     }
     assert_eq!(states[0], states[1]);

@@ -197,6 +197,12 @@ impl RoundMachine {
         self.expected.contains(worker)
     }
 
+    /// Takes over `other`'s measured arrival times (a worker that adopts another state keeps
+    /// what it learned about its peers' speed, instead of waiting the initial deadline again).
+    pub fn keep_deadline_of(&mut self, other: &RoundMachine) {
+        self.deadline = other.deadline.clone();
+    }
+
     /// Starts the round's clock at `now_ms` if that is later than when it opened: a worker
     /// calls it when it starts training the round, so the time it spent closing the last one
     /// (scoring, the outer step, saving; long for a large model) does not eat the deadline.

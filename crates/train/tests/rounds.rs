@@ -204,7 +204,7 @@ fn forged_stale_replayed_and_wrong_round_contributions_are_refused() {
 }
 
 #[test]
-fn a_rounds_deadline_counts_from_when_training_starts_not_from_the_last_close() {
+fn a_rounds_deadline_counts_from_when_training_starts_and_survives_adopting_a_state() {
     let mut w = world(config(Codec::F32, false), 1);
     let mut m = w.machine();
     let start = w.global.params.clone();
@@ -225,6 +225,12 @@ fn a_rounds_deadline_counts_from_when_training_starts_not_from_the_last_close() 
     let next = m.state().params.clone();
     let c = w.contribute(0, 1, &next);
     m.offer(&c, 38_000).unwrap();
+    // A worker that adopts another state keeps the measured times: a fresh machine would wait
+    // the initial deadline (10 s here), this one the measured 5 s.
+    let mut adopted = RoundMachine::new(w.cfg.clone(), w.global.clone(), [], 50_000);
+    assert_eq!(adopted.deadline_at(), 50_000 + w.cfg.deadline.initial_ms);
+    adopted.keep_deadline_of(&m);
+    assert_eq!(adopted.deadline_at(), 55_000);
 }
 
 #[test]

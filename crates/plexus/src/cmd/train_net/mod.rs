@@ -741,7 +741,9 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             .chain(std::iter::once(self.me.clone()))
             .collect();
         let at = s.machine.round();
-        s.machine = RoundMachine::new(self.cfg.clone(), global, expected, self.now());
+        let mut machine = RoundMachine::new(self.cfg.clone(), global, expected, self.now());
+        machine.keep_deadline_of(&s.machine);
+        s.machine = machine;
         s.held.clear();
         s.closed = None;
         s.closing = None;
