@@ -286,6 +286,10 @@ pub struct BenchTrainArgs {
     /// it from one run and the others leave it out. "sync" and the ratios print as null.
     #[arg(long)]
     pub no_sync: bool,
+    /// With --data text:FILE: fine-tune this existing model (a GGUF file, read as f32, or a
+    /// checkpoint directory) instead of a fresh one, the text tokenized with its tokenizer.
+    #[arg(long, value_name = "PATH", requires = "data", conflicts_with_all = ["hidden", "layers"])]
+    pub checkpoint: Option<PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

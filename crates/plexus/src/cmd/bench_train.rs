@@ -18,6 +18,7 @@
 use crate::cli::BenchTrainArgs;
 use anyhow::Context as _;
 use plexus_core::Digest;
+use plexus_model::train::pretrained::Pretrained;
 use plexus_model::train::task::Task;
 use plexus_model::train::text::TextShard;
 use plexus_model::train::{AdamWConfig, InnerConfig};
@@ -229,8 +230,31 @@ pub fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
             let path = d
                 .strip_prefix("text:")
                 .with_context(|| format!("--data {d}: expected text:FILE"))?;
-            let shard =
-                TextShard::open(path.as_ref(), seq_len).with_context(|| format!("--data {d}"))?;
+            let init = a
+                .checkpoint
+                .as_deref()
+                .map(|p| {
+                    Pretrained::open(p).with_context(|| format!("--checkpoint {}", p.display()))
+                })
+                .transpose()?;
+            let shard = match &init {
+                Some(p) => TextShard::open_with(path.as_ref(), seq_len, &p.tokenizer),
+                None => TextShard::open(path.as_ref(), seq_len),
+            }
+            .with_context(|| format!("--data {d}"))?;
+            if let Some(p) = &init {
+                anyhow::ensure!(
+                    seq_len < p.config.max_position_embeddings,
+                    "--seq-len {seq_len}: the model's context is {} tokens",
+                    p.config.max_position_embeddings
+                );
+                eprintln!(
+                    "fine-tuning {} ({} parameters, digest {})",
+                    p.path.display(),
+                    p.params.values.len(),
+                    p.digest.short()
+                );
+            }
             eprintln!(
                 "text {path}: {} tokens, vocabulary {}, {} train and {} held-out windows of {} tokens; unigram held-out loss {:.4}",
                 shard.token_count(),
@@ -240,7 +264,7 @@ pub fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
                 seq_len + 1,
                 shard.unigram_loss()
             );
-            let text = serde_json::json!({
+            let mut text = serde_json::json!({
                 "file": path,
                 "sha256": shard.digest().to_string(),
                 "tokens": shard.token_count(),
@@ -248,13 +272,22 @@ pub fn run(a: BenchTrainArgs) -> anyhow::Result<()> {
                 "seq_len": seq_len,
                 "unigram_loss": shard.unigram_loss(),
             });
+            if let Some(p) = &init {
+                text["checkpoint"] = serde_json::json!({
+                    "path": p.path,
+                    "digest": p.digest.to_string(),
+                    "params": p.params.values.len(),
+                    "hidden": p.config.hidden_size,
+                    "layers": p.config.num_layers,
+                });
+            }
             let setup = TextSetup {
                 shard: Arc::new(shard),
                 hidden: a.hidden,
                 layers: a.layers,
                 init_seed: a.seed,
                 eval_examples: a.eval_examples,
-                init: None,
+                init: init.map(Arc::new),
             };
             run_all(&a, &setup, &settings, &configs, Some(text))
         }
@@ -282,10 +315,21 @@ fn run_all<D: LocalData>(
     configs: &[RoundConfig],
     text: Option<serde_json::Value>,
 ) -> anyhow::Result<()> {
+    let model = match &a.checkpoint {
+        Some(p) => format!("fine-tuning {}", p.display()),
+        None => format!("hidden {} x {} layers", a.hidden, a.layers),
+    };
     eprintln!(
-        "bench train: {} workers, {}, hidden {} x {} layers, {} steps per worker x {} sequences; DiLoCo runs: {}",
-        a.workers, data_name(a), a.hidden, a.layers, a.total_steps, a.batch_size,
-        settings.iter().map(|s| format!("H={} {}", s.inner_steps, s.codec)).collect::<Vec<_>>().join(", ")
+        "bench train: {} workers, {}, {model}, {} steps per worker x {} sequences; DiLoCo runs: {}",
+        a.workers,
+        data_name(a),
+        a.total_steps,
+        a.batch_size,
+        settings
+            .iter()
+            .map(|s| format!("H={} {}", s.inner_steps, s.codec))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     // The synchronous run only reads seed, batch, inner settings and the step count, which
     // every setting shares.
@@ -381,7 +425,15 @@ fn run_all<D: LocalData>(
             "seed": a.seed,
             "task": data_name(a),
             "text": text,
-            "model": {"hidden": a.hidden, "layers": a.layers, "params": d.params.values.len()},
+            "model": match &text.as_ref().and_then(|t| t.get("checkpoint")) {
+                // A fine-tuned model: its own width and depth.
+                Some(c) => serde_json::json!({
+                    "hidden": c["hidden"], "layers": c["layers"], "params": d.params.values.len(),
+                }),
+                None => serde_json::json!({
+                    "hidden": a.hidden, "layers": a.layers, "params": d.params.values.len(),
+                }),
+            },
             "contributions_applied": applied,
             "contributions_rejected": rejected,
             "loss_ratio": y.map(|y| d.loss / y.loss),
