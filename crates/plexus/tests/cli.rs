@@ -473,6 +473,17 @@ fn bench_train_prints_sync_and_diloco_side_by_side() {
     assert_clean_failure(&o, "drop --inner-steps and --codec");
     let o = plexus(&["bench", "train", "--runs", "10"]);
     assert_clean_failure(&o, "expected H:CODEC");
+    let o = plexus(&["bench", "train", "--checkpoint", "/nonexistent/m.gguf"]);
+    assert_clean_failure(&o, "--data");
+    let o = plexus(&[
+        "bench",
+        "train",
+        "--data",
+        "text:x.txt",
+        "--checkpoint",
+        "/nonexistent/m.gguf",
+    ]);
+    assert_clean_failure(&o, "--checkpoint /nonexistent/m.gguf");
     let o = plexus(&[
         "bench",
         "train",
