@@ -21,7 +21,7 @@
 //!   commitment's digests); asked in ranges ([`crate::transfer::start_slice`]), so a model of
 //!   any size can be audited. A worker of a run with audits keeps the last two rounds' start
 //!   states. `StartState` (the whole start state in one message) is still answered when it
-//!   fits, for workers of earlier builds.
+//!   fits, and asked when ranges get no answer, for workers of earlier builds.
 //! - `Verdicts { round }`: the receiver's verdicts so far on the contributions of the round
 //!   it audits as a delegated auditor ([`crate::reveal::committee`]).
 //! - `Reveals { round }`: the audit nonces of the round's set the receiver knows (its own and

@@ -14,10 +14,12 @@
 //! wrong bytes costs a joiner one more download, and one that does not answer is not asked
 //! again.
 
+use crate::codec::ErrorFeedback;
 use crate::outer::OuterState;
-use crate::protocol::{f32_bytes, f32s_from, MessageError, WorkerStateTransfer};
+use crate::protocol::{f32_bytes, f32s_from, MessageError};
 use crate::round::GlobalState;
 use crate::worker::WorkerState;
+use plexus_model::train::AdamWState;
 use plexus_model::train::{Layout, Params};
 use std::ops::Range;
 use std::sync::Arc;
@@ -120,12 +122,13 @@ pub fn start_from_bytes(round: u64, bytes: &[u8], n: usize) -> Result<WorkerStat
         });
     }
     let (opt, residual) = bytes.split_at(8 + 8 * n);
-    WorkerStateTransfer {
-        round,
-        opt: opt.to_vec(),
-        residual: residual.to_vec(),
-    }
-    .into_state(n)
+    // Read from the slices (a large model's start state is gigabytes: no copies of them).
+    let opt = AdamWState::from_bytes(opt, n).map_err(|_| MessageError::NonFinite)?;
+    let residual = f32s_from(residual, n).ok_or(MessageError::NonFinite)?;
+    Ok(WorkerState {
+        opt,
+        feedback: ErrorFeedback { residual },
+    })
 }
 
 /// `total` bytes cut into ranges for `holders` peers: at least one range per holder (when
@@ -153,8 +156,9 @@ pub fn ranges(total: usize, holders: usize) -> Vec<Range<usize>> {
 
 /// The ranges of one state being fetched from `holders` peers: range `i` is asked of holder
 /// `i mod holders` first, then of the next holder each time it does not come back, and fails
-/// once every holder has been asked for it. Each wave of asks ([`StateFetch::pending`]) gives
-/// a holder at most [`IN_FLIGHT_PER_HOLDER`] ranges.
+/// once every holder has been asked for it `tries` times ([`StateFetch::with_tries`]; once by
+/// default). Each wave of asks ([`StateFetch::pending`]) gives a holder at most
+/// [`IN_FLIGHT_PER_HOLDER`] ranges.
 #[derive(Debug)]
 pub struct StateFetch {
     buf: Vec<u8>,
@@ -165,11 +169,20 @@ pub struct StateFetch {
     holders: usize,
     /// Per holder: whether it missed a range it was asked for.
     missed: Vec<bool>,
+    /// Times each holder may be asked for one range.
+    tries: usize,
 }
 
 impl StateFetch {
     /// A fetch of `total` bytes from `holders` peers (at least one).
     pub fn new(total: usize, holders: usize) -> Self {
+        Self::with_tries(total, holders, 1)
+    }
+
+    /// A fetch that asks each holder for a range up to `tries` times (at least once): from one
+    /// holder (an audited worker's start state, thousands of ranges for a large model), one
+    /// lost range must not lose the whole.
+    pub fn with_tries(total: usize, holders: usize, tries: usize) -> Self {
         let holders = holders.max(1);
         let ranges = ranges(total, holders);
         Self {
@@ -179,6 +192,7 @@ impl StateFetch {
             ranges,
             holders,
             missed: vec![false; holders],
+            tries: tries.max(1),
         }
     }
 
@@ -234,9 +248,9 @@ impl StateFetch {
         }
     }
 
-    /// Whether some range was missed by every holder.
+    /// Whether some range was missed by every holder, `tries` times each.
     pub fn failed(&self) -> bool {
-        self.misses.iter().any(|&m| m >= self.holders)
+        self.misses.iter().any(|&m| m >= self.holders * self.tries)
     }
 
     /// The bytes, once every range is in.
@@ -250,7 +264,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_fetch_from_one_holder_with_tries_survives_lost_ranges_but_not_endless_ones() {
+        let total = 3 * MAX_RANGE_BYTES;
+        let mut f = StateFetch::with_tries(total, 1, 3);
+        for _ in 0..2 {
+            let (i, _, _) = f.pending()[0];
+            f.on_answer(i, None);
+            assert!(!f.failed());
+        }
+        let (i, _, _) = f.pending()[0];
+        f.on_answer(i, None);
+        assert!(f.failed() && f.pending().is_empty());
+        // With the default one try, one lost range fails a one-holder fetch.
+        let mut once = StateFetch::new(total, 1);
+        let (i, _, _) = once.pending()[0];
+        once.on_answer(i, None);
+        assert!(once.failed());
+    }
+
+    #[test]
     fn start_slices_are_the_bytes_of_the_whole_start_state_and_read_back() {
+        use crate::protocol::WorkerStateTransfer;
         let n = 37;
         let mut st = WorkerState::new(n);
         st.opt.step = 0x0102_0304_0506_0708;

@@ -3,7 +3,7 @@
 //! tries another or goes on without it).
 
 use futures::future::join_all;
-use plexus_core::wire::{Request, Response};
+use plexus_core::wire::{Request, Response, MAX_FRAME_BYTES};
 use plexus_core::Digest;
 use plexus_net::{NetHandle, PeerId};
 use plexus_train::commit::Contribution;
@@ -19,6 +19,12 @@ use std::time::Duration;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The slowest link a range of the global state is given time for: a home uplink.
 const SLOWEST_LINK_BITS_PER_S: f64 = 1e6;
+/// The slowest uplink a drawn worker's whole start state is given time for (1.6 GB of a 135M
+/// model: 21 minutes): an audit waits at most that long however its worker paces the ranges;
+/// one slower is not audited in time, and its contribution is dropped (not convicted).
+const AUDITED_LINK_BITS_PER_S: f64 = 10e6;
+/// Times one range of a start state is asked of its only holder before the fetch fails.
+const START_RANGE_TRIES: usize = 3;
 
 /// How long a holder may take to send `len` bytes of the global state: the small-message
 /// timeout plus the bytes at [`SLOWEST_LINK_BITS_PER_S`] (a range it misses goes to the next
@@ -133,6 +139,7 @@ impl Peers {
         self.ranges_of(
             holders,
             total,
+            1,
             |range| TrainRequest::StateRange {
                 run,
                 state: digest,
@@ -156,50 +163,67 @@ impl Peers {
     }
 
     /// `peer`'s own start state of `round` (for an audit of its contribution) for a model of
-    /// `n` parameters, in ranges ([`start_len`] bytes, any size); `None` when a range did not
-    /// come or the whole does not decode.
+    /// `n` parameters, in ranges ([`start_len`] bytes, any size; each range asked up to
+    /// [`START_RANGE_TRIES`] times, the whole within its bytes at [`AUDITED_LINK_BITS_PER_S`]);
+    /// from a worker of an earlier build, which answers only the whole, in one message when it
+    /// fits. `None` when it did not come in time or does not decode.
     pub async fn start_state(&self, peer: PeerId, round: u64, n: usize) -> Option<WorkerState> {
         let run = self.run;
         let total = start_len(n);
-        let (bytes, _) = self
-            .ranges_of(
-                &[peer],
-                total,
-                |range| TrainRequest::StartRange {
-                    run,
-                    round,
-                    offset: range.start as u64,
-                    len: range.len() as u32,
-                },
-                |answer, range| match answer {
-                    TrainResponse::StartRange {
-                        round: r,
-                        offset,
-                        total: t,
-                        bytes,
-                    } if r == round && offset == range.start as u64 && t == total as u64 => {
-                        Some(bytes)
-                    }
-                    _ => None,
-                },
-            )
-            .await;
-        start_from_bytes(round, &bytes?, n).ok()
+        let budget =
+            CALL_TIMEOUT + Duration::from_secs_f64(total as f64 * 8.0 / AUDITED_LINK_BITS_PER_S);
+        let holders = [peer];
+        let fetch = self.ranges_of(
+            &holders,
+            total,
+            START_RANGE_TRIES,
+            |range| TrainRequest::StartRange {
+                run,
+                round,
+                offset: range.start as u64,
+                len: range.len() as u32,
+            },
+            |answer, range| match answer {
+                TrainResponse::StartRange {
+                    round: r,
+                    offset,
+                    total: t,
+                    bytes,
+                } if r == round && offset == range.start as u64 && t == total as u64 => Some(bytes),
+                _ => None,
+            },
+        );
+        if let Ok((Some(bytes), _)) = tokio::time::timeout(budget, fetch).await {
+            return start_from_bytes(round, &bytes, n).ok();
+        }
+        if total + 4096 > MAX_FRAME_BYTES {
+            return None;
+        }
+        let req = TrainRequest::StartState { run, round };
+        match self
+            .ask(peer, &req, CALL_TIMEOUT.max(range_timeout(total)))
+            .await
+        {
+            Some(TrainResponse::StartState(s)) if s.round == round => s.into_state(n).ok(),
+            _ => None,
+        }
     }
 
-    /// The `total` bytes asked in ranges of `holders` ([`StateFetch`]): `ask` makes a range's
-    /// request and `take` its bytes from an answer (`None` for a wrong one).
+    /// The `total` bytes asked in ranges of `holders` ([`StateFetch`], each range `tries` times
+    /// per holder): `ask` makes a range's request and `take` its bytes from an answer (`None`
+    /// for a wrong one).
     async fn ranges_of(
         &self,
         holders: &[PeerId],
         total: usize,
+        tries: usize,
         ask: impl Fn(&Range<usize>) -> TrainRequest,
         take: impl Fn(TrainResponse, &Range<usize>) -> Option<Vec<u8>>,
     ) -> (Option<Vec<u8>>, Vec<PeerId>) {
         if holders.is_empty() {
             return (None, Vec::new());
         }
-        let mut fetch = StateFetch::new(total, holders.len());
+        let mut fetch = StateFetch::with_tries(total, holders.len(), tries);
         loop {
             let asks = fetch.pending();
             if asks.is_empty() {
