@@ -499,6 +499,12 @@ pub struct TrainSpecArgs {
     /// Deadline = median + k x MAD of measured arrival times.
     #[arg(long, default_value_t = 3.0)]
     pub deadline_k: f64,
+    /// ... and at least the median x (1 + slack): the headroom a round gives when arrival
+    /// times barely vary (MAD near 0). With the default a round in which every worker is more
+    /// than 25% slower than the median of the last rounds (machines busy with other work)
+    /// closes before any contribution is in; raise it for workers on shared machines.
+    #[arg(long, default_value_t = 0.25)]
+    pub deadline_slack: f64,
     /// Held-out examples each round scores contributions on; 0 disables scoring.
     #[arg(long, default_value_t = 32)]
     pub score_examples: usize,

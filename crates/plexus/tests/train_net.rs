@@ -1069,6 +1069,23 @@ fn bad_flags_and_bad_specs_are_refused_before_anything_starts() {
         err.contains("larger than one message") && err.contains("int8, sparse"),
         "{err}"
     );
+    // The deadline's headroom is the creator's to set, within range.
+    let slack = |value: &str| {
+        Command::new(BIN)
+            .args(["train", "spec", "--out"])
+            .arg(tmp.path().join("slack.json"))
+            .arg("--data-dir")
+            .arg(tmp.path().join("creator"))
+            .arg(format!("--deadline-slack={value}"))
+            .output()
+            .unwrap()
+    };
+    let o = slack("-1");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("slack"), "{err}");
+    assert!(slack("1.5").status.success());
+    let written = std::fs::read_to_string(tmp.path().join("slack.json")).unwrap();
+    assert!(written.contains("\"slack\": 1.5"), "{written}");
     let text = std::fs::read_to_string(&spec).unwrap();
     let edited = tmp.path().join("edited.json");
     for (from, to, want) in [

@@ -100,7 +100,7 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
             min_ms: a.deadline_min_ms,
             max_ms: a.deadline_max_ms,
             k: a.deadline_k,
-            slack: 0.25,
+            slack: a.deadline_slack,
             window: 64,
         },
         score: ScoreSpec {
