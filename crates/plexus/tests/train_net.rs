@@ -31,11 +31,7 @@ fn spec(dir: &Path, rounds: u64, min: u32, initial_ms: u64) -> PathBuf {
 /// [`spec`] with more `plexus train spec` flags.
 fn spec_with(dir: &Path, rounds: u64, min: u32, initial_ms: u64, extra: &[&str]) -> PathBuf {
     let out = dir.join("spec.json");
-    let o = Command::new(BIN)
-        .args(["train", "spec", "--out"])
-        .arg(&out)
-        .arg("--data-dir")
-        .arg(dir.join("creator"))
+    let o = train_spec(dir, &out)
         .args([
             "--task", "reverse", "--size", "3", "--hidden", "64", "--layers", "2",
         ])
@@ -63,6 +59,26 @@ fn spec_with(dir: &Path, rounds: u64, min: u32, initial_ms: u64, extra: &[&str])
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     out
+}
+
+/// `plexus train spec --out OUT`, signed with the creator key kept in `dir`; the caller adds
+/// the spec's flags and runs it.
+fn train_spec(dir: &Path, out: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["train", "spec", "--out"])
+        .arg(out)
+        .arg("--data-dir")
+        .arg(dir.join("creator"));
+    cmd
+}
+
+/// The parameter count a worker prints when it starts (`... | N parameters | ...`).
+fn params_of(text: &str) -> usize {
+    text.split(" parameters")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no parameter count in {text:?}"))
 }
 
 /// One worker process; its stdout and stderr lines are collected as they come.
@@ -792,11 +808,7 @@ fn delegated_auditors_catch_a_lazy_worker_and_spare_the_others_their_re_executio
 fn a_model_whose_start_state_exceeds_a_message_is_audited_in_ranges() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = tmp.path().join("spec.json");
-    let o = Command::new(BIN)
-        .args(["train", "spec", "--out"])
-        .arg(&spec)
-        .arg("--data-dir")
-        .arg(tmp.path().join("creator"))
+    let o = train_spec(tmp.path(), &spec)
         .args([
             "--task", "reverse", "--size", "3", "--hidden", "256", "--layers", "4",
         ])
@@ -819,13 +831,7 @@ fn a_model_whose_start_state_exceeds_a_message_is_audited_in_ranges() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let h0 = Worker::start("h0", &spec, tmp.path(), &[], &[]);
-    let params: u64 = h0
-        .text()
-        .split(" parameters")
-        .next()
-        .and_then(|s| s.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap();
+    let params = params_of(&h0.text());
     assert!(12 * params > 32 << 20, "{params} parameters");
     let h1 = Worker::start("h1", &spec, tmp.path(), &[&h0.addr], &[]);
     let peers = [h0.addr.as_str(), h1.addr.as_str()];
@@ -1047,11 +1053,7 @@ fn bad_flags_and_bad_specs_are_refused_before_anything_starts() {
     // A model whose pseudo-gradient cannot travel in one message is refused at start (the
     // global state travels in ranges, whatever its size).
     let big = tmp.path().join("big.json");
-    let o = Command::new(BIN)
-        .args(["train", "spec", "--out"])
-        .arg(&big)
-        .arg("--data-dir")
-        .arg(tmp.path().join("creator"))
+    let o = train_spec(tmp.path(), &big)
         .args(["--task", "reverse", "--size", "3", "--hidden", "768"])
         .args(["--layers", "2", "--rounds", "2", "--codec", "f32"])
         .args(["--audit-rate", "0"])
@@ -1071,11 +1073,7 @@ fn bad_flags_and_bad_specs_are_refused_before_anything_starts() {
     );
     // The deadline's headroom is the creator's to set, within range.
     let slack = |value: &str| {
-        Command::new(BIN)
-            .args(["train", "spec", "--out"])
-            .arg(tmp.path().join("slack.json"))
-            .arg("--data-dir")
-            .arg(tmp.path().join("creator"))
+        train_spec(tmp.path(), tmp.path().join("slack.json"))
             .arg(format!("--deadline-slack={value}"))
             .output()
             .unwrap()
@@ -1148,11 +1146,7 @@ fn a_text_run_trains_across_workers_and_refuses_another_text() {
     let other = tmp.path().join("other.txt");
     std::fs::write(&other, sentences(2)).unwrap();
     let spec = tmp.path().join("spec.json");
-    let o = Command::new(BIN)
-        .args(["train", "spec", "--out"])
-        .arg(&spec)
-        .arg("--data-dir")
-        .arg(tmp.path().join("creator"))
+    let o = train_spec(tmp.path(), &spec)
         .arg("--text")
         .arg(&text)
         .args(["--seq-len", "16", "--hidden", "64", "--layers", "2"])
@@ -1264,11 +1258,7 @@ fn fine_tuning_the_real_model_on_a_text_lowers_its_held_out_loss() {
     let text = tmp.path().join("words.txt");
     std::fs::write(&text, sentences(1)).unwrap();
     let spec = tmp.path().join("spec.json");
-    let o = Command::new(BIN)
-        .args(["train", "spec", "--out"])
-        .arg(&spec)
-        .arg("--data-dir")
-        .arg(tmp.path().join("creator"))
+    let o = train_spec(tmp.path(), &spec)
         .arg("--checkpoint")
         .arg(&model)
         .arg("--text")
@@ -1333,12 +1323,7 @@ fn fine_tuning_the_real_model_on_a_text_lowers_its_held_out_loss() {
         // of every parameter (3.9 MB, not the 538 MB of f32) plus the signed commitment and
         // the round's small messages.
         let text = w.text();
-        let params: usize = text
-            .split(" parameters")
-            .next()
-            .and_then(|s| s.rsplit(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap();
+        let params = params_of(&text);
         let payload = "sparse"
             .parse::<plexus_train::Codec>()
             .unwrap()

@@ -206,22 +206,33 @@ impl WorkerStateTransfer {
     /// The state for a model of `n` parameters (sizes and finiteness checked; the auditor
     /// checks the digests against the commitment).
     pub fn into_state(self, n: usize) -> Result<WorkerState, MessageError> {
-        let opt = AdamWState::from_bytes(&self.opt, n).map_err(|e| match e {
+        Self::decode(self.round, &self.opt, &self.residual, n)
+    }
+
+    /// [`Self::into_state`] from the two parts' bytes wherever they lie (an auditor's ranges
+    /// assembled into one buffer, [`crate::transfer::start_from_bytes`]).
+    pub fn decode(
+        round: u64,
+        opt: &[u8],
+        residual: &[u8],
+        n: usize,
+    ) -> Result<WorkerState, MessageError> {
+        let opt = AdamWState::from_bytes(opt, n).map_err(|e| match e {
             DecodeStateError::NonFinite => MessageError::NonFinite,
             DecodeStateError::Length { got, expected, .. } => MessageError::StateSize {
-                round: self.round,
+                round,
                 got,
                 expected,
             },
         })?;
-        if self.residual.len() != 4 * n {
+        if residual.len() != 4 * n {
             return Err(MessageError::StateSize {
-                round: self.round,
-                got: self.residual.len(),
+                round,
+                got: residual.len(),
                 expected: 4 * n,
             });
         }
-        let residual = f32s_from(&self.residual, n).ok_or(MessageError::NonFinite)?;
+        let residual = f32s_from(residual, n).ok_or(MessageError::NonFinite)?;
         Ok(WorkerState {
             opt,
             feedback: ErrorFeedback { residual },

@@ -14,12 +14,10 @@
 //! wrong bytes costs a joiner one more download, and one that does not answer is not asked
 //! again.
 
-use crate::codec::ErrorFeedback;
 use crate::outer::OuterState;
-use crate::protocol::{f32_bytes, f32s_from, MessageError};
+use crate::protocol::{f32_bytes, f32s_from, MessageError, WorkerStateTransfer};
 use crate::round::GlobalState;
 use crate::worker::WorkerState;
-use plexus_model::train::AdamWState;
 use plexus_model::train::{Layout, Params};
 use std::ops::Range;
 use std::sync::Arc;
@@ -121,14 +119,9 @@ pub fn start_from_bytes(round: u64, bytes: &[u8], n: usize) -> Result<WorkerStat
             expected: start_len(n),
         });
     }
-    let (opt, residual) = bytes.split_at(8 + 8 * n);
     // Read from the slices (a large model's start state is gigabytes: no copies of them).
-    let opt = AdamWState::from_bytes(opt, n).map_err(|_| MessageError::NonFinite)?;
-    let residual = f32s_from(residual, n).ok_or(MessageError::NonFinite)?;
-    Ok(WorkerState {
-        opt,
-        feedback: ErrorFeedback { residual },
-    })
+    let (opt, residual) = bytes.split_at(8 + 8 * n);
+    WorkerStateTransfer::decode(round, opt, residual, n)
 }
 
 /// `total` bytes cut into ranges for `holders` peers: at least one range per holder (when
@@ -284,7 +277,6 @@ mod tests {
 
     #[test]
     fn start_slices_are_the_bytes_of_the_whole_start_state_and_read_back() {
-        use crate::protocol::WorkerStateTransfer;
         let n = 37;
         let mut st = WorkerState::new(n);
         st.opt.step = 0x0102_0304_0506_0708;
