@@ -6,10 +6,18 @@
 //!   worker says hello to every peer at each round boundary; that is how a joiner is expected
 //!   and how a worker learns that it is behind or holds a state the others do not.
 //! - `Push(contribution)`: a signed pseudo-gradient for a round; `Accepted` or `Refused(why)`.
+//! - `Offer(signed commitment)`: a worker's own contribution whose payload is too large for one
+//!   message ([`travels_whole`]): the receiver checks the commitment as it would a push
+//!   (`Accepted` or `Refused(why)`), then asks the payload of the offering worker in ranges
+//!   (`PayloadRange { round, worker, offset, len }`, answered by any worker holding that
+//!   contribution) and checks it against the committed digest. The commitment's arrival is
+//!   what counts against the round's deadline; the payload may follow after it (bounded by
+//!   its bytes on a slow link).
 //! - `Held { round }`: the (worker, commitment digest) pairs the receiver holds for a round
 //!   (its current one, or the one it just closed); `Fetch` gets one of them. Every worker asks
 //!   every peer before closing a round and fetches what it misses, so they close on the same
-//!   set and compute the same next state without a coordinator.
+//!   set and compute the same next state without a coordinator. A contribution too large for
+//!   one message is answered as `Offered(signed commitment)`, and its payload asked in ranges.
 //! - `StateRange { state, offset, len }`: bytes of the global state (round, weights, outer
 //!   momentum) whose digest is `state`, answered only by a worker holding that state; a
 //!   worker that catches up asks every holder for some of the ranges and checks the whole
@@ -40,7 +48,7 @@
 //! caller), so a liar is not followed just because it answered while the others were busy.
 
 use crate::codec::ErrorFeedback;
-use crate::commit::Contribution;
+use crate::commit::{Contribution, Signed};
 use crate::outer::OuterState;
 use crate::round::GlobalState;
 use crate::worker::WorkerState;
@@ -109,6 +117,18 @@ pub enum TrainRequest {
     StartRange {
         run: Digest,
         round: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// The sender's own contribution, whose payload does not travel in one message
+    /// ([`travels_whole`]): the receiver asks it in ranges.
+    Offer(Box<Signed>),
+    /// Bytes `offset..offset + len` of the payload of `worker`'s contribution to `round`
+    /// (`len` at most [`crate::transfer::MAX_RANGE_BYTES`]).
+    PayloadRange {
+        run: Digest,
+        round: u64,
+        worker: Vec<u8>,
         offset: u64,
         len: u32,
     },
@@ -183,6 +203,27 @@ pub enum TrainResponse {
         total: u64,
         bytes: Vec<u8>,
     },
+    /// The answer to `Fetch` for a contribution whose payload does not travel in one message:
+    /// its signed commitment; the payload is asked in ranges.
+    Offered(Box<Signed>),
+    /// A range of a contribution's payload; `total` is its length.
+    PayloadRange {
+        round: u64,
+        worker: Vec<u8>,
+        offset: u64,
+        total: u64,
+        bytes: Vec<u8>,
+    },
+}
+
+/// Room a contribution's message takes besides its payload (the commitment, key, signature
+/// and framing are a few hundred bytes).
+const CONTRIBUTION_OVERHEAD: usize = 4096;
+
+/// Whether a contribution with a payload of `payload_len` bytes travels in one message (`Push`,
+/// `Contribution`); a larger one is offered and its payload asked in ranges.
+pub fn travels_whole(payload_len: usize) -> bool {
+    payload_len.saturating_add(CONTRIBUTION_OVERHEAD) <= MAX_FRAME_BYTES
 }
 
 /// A worker's start state of a round as it travels: the AdamW state's bytes and the residual's

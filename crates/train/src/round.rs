@@ -22,7 +22,7 @@
 //!   `set` digest and `next` hash let them check that they agree.
 
 use crate::codec::DecodeError;
-use crate::commit::{Contribution, VerifyError};
+use crate::commit::{Contribution, Signed, VerifyError};
 use crate::config::RoundConfig;
 use crate::deadline::Deadline;
 use crate::outer::OuterState;
@@ -74,6 +74,8 @@ pub enum Refusal {
     Equivocation,
     #[error("payload does not match its committed digest or length")]
     PayloadDigest,
+    #[error("a payload of {len} bytes committed, longer than the run's codec makes ({max})")]
+    PayloadLength { len: u64, max: u64 },
     #[error("payload does not decode")]
     Payload(#[from] DecodeError),
     #[error("round already holds the run's maximum of {max} contributions")]
@@ -266,8 +268,32 @@ impl RoundMachine {
 
     /// Checks and keeps `c`, which arrived at `now_ms`.
     pub fn offer(&mut self, c: &Contribution, now_ms: u64) -> Result<(), Refusal> {
+        let digest = self.check_commitment(&c.signed, now_ms)?;
         let cm = &c.signed.commitment;
-        c.signed.verify()?;
+        if cm.payload_len != c.payload.len() as u64 || Digest::of(&c.payload) != cm.payload {
+            return Err(Refusal::PayloadDigest);
+        }
+        let delta = self
+            .cfg
+            .codec
+            .decode(&c.payload, self.state.params.values.len())?;
+        self.received.insert(
+            cm.worker.clone(),
+            Accepted {
+                commitment: digest,
+                delta,
+                arrived_ms: now_ms.saturating_sub(self.opened_ms),
+            },
+        );
+        Ok(())
+    }
+
+    /// Checks a signed commitment that arrived at `now_ms` as [`Self::offer`] would, all but
+    /// its payload (which a contribution too large for one message sends after it): its
+    /// digest when this round would take a payload matching it.
+    pub fn check_commitment(&self, signed: &Signed, now_ms: u64) -> Result<Digest, Refusal> {
+        let cm = &signed.commitment;
+        signed.verify()?;
         if cm.run != self.cfg.run {
             return Err(Refusal::WrongRun);
         }
@@ -317,22 +343,14 @@ impl RoundMachine {
         {
             return Err(Refusal::WrongSettings);
         }
-        if cm.payload_len != c.payload.len() as u64 || Digest::of(&c.payload) != cm.payload {
-            return Err(Refusal::PayloadDigest);
+        let max = self.cfg.codec.encoded_len(self.state.params.values.len()) as u64;
+        if cm.payload_len > max {
+            return Err(Refusal::PayloadLength {
+                len: cm.payload_len,
+                max,
+            });
         }
-        let delta = self
-            .cfg
-            .codec
-            .decode(&c.payload, self.state.params.values.len())?;
-        self.received.insert(
-            cm.worker.clone(),
-            Accepted {
-                commitment: digest,
-                delta,
-                arrived_ms: now_ms.saturating_sub(self.opened_ms),
-            },
-        );
-        Ok(())
+        Ok(digest)
     }
 
     /// Closes the round at `now_ms`: scores, aggregates, steps, opens the next round.

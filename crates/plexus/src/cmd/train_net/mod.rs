@@ -40,6 +40,7 @@
 
 mod audit;
 mod cheat;
+mod offers;
 mod peers;
 mod shared;
 pub mod spec;
@@ -63,14 +64,13 @@ use plexus_train::commit::{Contribution, Signed};
 use plexus_train::local::LocalData;
 use plexus_train::outer::OuterState;
 use plexus_train::protocol::Reveal;
-use plexus_train::protocol::{choose_target, encode, wait_for_stragglers};
+use plexus_train::protocol::{choose_target, encode, travels_whole, wait_for_stragglers};
 use plexus_train::reveal::nonce;
 use plexus_train::round::{GlobalState, RoundMachine, RoundOutcome};
 use plexus_train::score::HeldOutScorer;
 use plexus_train::spec::{Data, SignedSpec};
 use plexus_train::transfer::{state_from_bytes, state_len};
 use plexus_train::worker::{work_round, WorkerState};
-use plexus_train::Codec;
 use plexus_train::{resume, RoundConfig};
 use shared::{worker_name, Shared};
 use stake::{RunLedger, StakeGate};
@@ -243,20 +243,6 @@ pub(super) fn text_setup(
         .with_context(|| format!("--text {}", path.display()))
 }
 
-/// Refuses a model of `n` parameters whose contributions could not travel: one travels in
-/// one frame (the global state and an audited worker's start state go in ranges, any size).
-pub(super) fn fits_messages(n: usize, codec: Codec) -> anyhow::Result<()> {
-    let frame = plexus_core::wire::MAX_FRAME_BYTES;
-    let payload = codec.encoded_len(n);
-    if payload + 4096 > frame {
-        bail!(
-            "the model's {n} parameters make a {codec} pseudo-gradient of {payload} bytes, larger than one message ({} MiB): make the spec with a smaller codec (int8, sparse) or a smaller model",
-            frame >> 20
-        );
-    }
-    Ok(())
-}
-
 /// Builds the round-0 state of data `setup` and runs the worker.
 #[allow(clippy::too_many_arguments)]
 fn start<D: LocalData + Send + Sync + 'static>(
@@ -272,7 +258,6 @@ fn start<D: LocalData + Send + Sync + 'static>(
     let mut setup = setup;
     let (model, shard, init) = setup.prepare(cfg.seed)?;
     setup.release_weights();
-    fits_messages(init.values.len(), cfg.codec)?;
     let worker = Worker {
         me: key.peer_id().to_bytes(),
         out: a.out.clone().unwrap_or_else(|| data_dir.join("model")),
@@ -314,6 +299,7 @@ async fn serve(
     shared: Arc<Mutex<Shared>>,
     epoch: Instant,
 ) {
+    let run = lock(&shared).run;
     while let Some(event) = events.recv().await {
         match event {
             NetEvent::Request {
@@ -322,7 +308,17 @@ async fn serve(
                 reply,
             } => {
                 let now = epoch.elapsed().as_millis() as u64;
-                let answer = lock(&shared).handle(peer, &msg, now);
+                let (answer, offered) = {
+                    let mut s = lock(&shared);
+                    (s.handle(peer, &msg, now), s.offers.take_queue())
+                };
+                for offer in offered {
+                    let peers = Peers {
+                        net: handle.clone(),
+                        run,
+                    };
+                    tokio::spawn(offers::fetch_offered(peers, shared.clone(), offer));
+                }
                 let msg = encode(&answer);
                 handle.respond(reply, Response::Train { msg }).await;
             }
@@ -839,7 +835,12 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 }
             }
         };
-        for (peer, why) in peers.push(&targets, &c).await {
+        let refusals = if travels_whole(c.payload.len()) {
+            peers.push(&targets, &c).await
+        } else {
+            peers.offer(&targets, &c.signed).await
+        };
+        for (peer, why) in refusals {
             eprintln!("{peer} did not take this worker's contribution to round {round}: {why}");
         }
     }
@@ -871,8 +872,12 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         })
     }
 
-    /// Fetches the contributions to `round` that peers hold and this worker misses.
+    /// Fetches the contributions to `round` that peers hold and this worker misses, once the
+    /// payloads offered to it for the round have come (or their fetches failed).
     async fn sync(&self, peers: &Peers, shared: &Mutex<Shared>, round: u64) -> usize {
+        while lock(shared).offers.pending_for(round) {
+            tokio::time::sleep(POLL).await;
+        }
         let targets: Vec<PeerId> = lock(shared).peers.keys().copied().collect();
         let lists = futures::future::join_all(
             targets
@@ -887,13 +892,14 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 if lock(shared).held.contains_key(&entry.worker) {
                     continue;
                 }
-                let Some(c) = peers.fetch(peer, round, entry.worker).await else {
+                let fetched = peers.fetch(peer, round, entry.worker, entry.commitment);
+                let Some(c) = fetched.await else {
+                    eprintln!(
+                        "{peer} did not send the contribution it listed for round {} (no answer in time, not held, or not the listed one)",
+                        round + 1
+                    );
                     continue;
                 };
-                if c.signed.commitment.digest() != entry.commitment {
-                    eprintln!("{peer} sent another contribution than the one it listed");
-                    continue;
-                }
                 let mut s = lock(shared);
                 // It was on time where it arrived; here it counts as arriving just in time.
                 let at = self.now().min(s.machine.deadline_at().saturating_sub(1));

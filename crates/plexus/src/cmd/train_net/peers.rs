@@ -6,7 +6,7 @@ use futures::future::join_all;
 use plexus_core::wire::{Request, Response, MAX_FRAME_BYTES};
 use plexus_core::Digest;
 use plexus_net::{NetHandle, PeerId};
-use plexus_train::commit::Contribution;
+use plexus_train::commit::{Contribution, Signed};
 use plexus_train::protocol::{
     decode, encode, AuditVerdict, HeldEntry, Reveal, Status, TrainRequest, TrainResponse,
 };
@@ -83,7 +83,12 @@ impl Peers {
 
     /// Sends `c` to each of `peers`; the refusals.
     pub async fn push(&self, peers: &[PeerId], c: &Contribution) -> Vec<(PeerId, String)> {
-        let msg = encode(&TrainRequest::Push(Box::new(c.clone())));
+        self.send_all(peers, encode(&TrainRequest::Push(Box::new(c.clone()))))
+            .await
+    }
+
+    /// Sends `msg` to each of `peers`; those that did not answer `Accepted`, and why.
+    async fn send_all(&self, peers: &[PeerId], msg: Vec<u8>) -> Vec<(PeerId, String)> {
         let answers = join_all(peers.iter().map(|&p| {
             let msg = msg.clone();
             async move { (p, self.ask_raw(p, msg, CALL_TIMEOUT).await) }
@@ -112,17 +117,87 @@ impl Peers {
         }
     }
 
-    /// `worker`'s contribution to `round`, from `peer`.
-    pub async fn fetch(&self, peer: PeerId, round: u64, worker: Vec<u8>) -> Option<Contribution> {
+    /// Offers this worker's own contribution, signed as `signed`, to each of `peers` (its
+    /// payload does not travel in one message: they fetch it in ranges); the refusals.
+    pub async fn offer(&self, peers: &[PeerId], signed: &Signed) -> Vec<(PeerId, String)> {
+        self.send_all(
+            peers,
+            encode(&TrainRequest::Offer(Box::new(signed.clone()))),
+        )
+        .await
+    }
+
+    /// The contribution whose commitment digest is `commitment` to `round` of `worker`, from
+    /// `peer`: in one message, or its commitment and then its payload in ranges.
+    pub async fn fetch(
+        &self,
+        peer: PeerId,
+        round: u64,
+        worker: Vec<u8>,
+        commitment: Digest,
+    ) -> Option<Contribution> {
         let req = TrainRequest::Fetch {
             run: self.run,
             round,
             worker,
         };
-        match self.ask(peer, &req, CALL_TIMEOUT).await {
-            Some(TrainResponse::Contribution(c)) => Some(*c),
+        match self.ask(peer, &req, CALL_TIMEOUT).await? {
+            TrainResponse::Contribution(c) if c.signed.commitment.digest() == commitment => {
+                Some(*c)
+            }
+            TrainResponse::Offered(s) if s.commitment.digest() == commitment => {
+                self.payload(peer, &s).await
+            }
             _ => None,
         }
+    }
+
+    /// The payload committed in `signed`, in ranges from `holder` (each range asked up to
+    /// [`START_RANGE_TRIES`] times, the whole within its bytes at [`AUDITED_LINK_BITS_PER_S`]),
+    /// checked against the committed length and digest; `None` when it did not come in time or
+    /// is not the committed bytes.
+    pub async fn payload(&self, holder: PeerId, signed: &Signed) -> Option<Contribution> {
+        let (run, cm) = (self.run, &signed.commitment);
+        let total = usize::try_from(cm.payload_len).ok()?;
+        let budget =
+            CALL_TIMEOUT + Duration::from_secs_f64(total as f64 * 8.0 / AUDITED_LINK_BITS_PER_S);
+        let holders = [holder];
+        let fetch = self.ranges_of(
+            &holders,
+            total,
+            START_RANGE_TRIES,
+            |range| TrainRequest::PayloadRange {
+                run,
+                round: cm.round,
+                worker: cm.worker.clone(),
+                offset: range.start as u64,
+                len: range.len() as u32,
+            },
+            |answer, range| match answer {
+                TrainResponse::PayloadRange {
+                    round,
+                    worker,
+                    offset,
+                    total: t,
+                    bytes,
+                } if round == cm.round
+                    && worker == cm.worker
+                    && offset == range.start as u64
+                    && t == total as u64 =>
+                {
+                    Some(bytes)
+                }
+                _ => None,
+            },
+        );
+        let payload = match tokio::time::timeout(budget, fetch).await {
+            Ok((Some(bytes), _)) => bytes,
+            _ => return None,
+        };
+        (Digest::of(&payload) == cm.payload).then(|| Contribution {
+            signed: signed.clone(),
+            payload,
+        })
     }
 
     /// The `total` bytes of the state whose digest is `digest`, in ranges asked of every one

@@ -6,13 +6,14 @@
 //! [`MAX_PEERS`] or [`KEPT_STARTS`], except the convicted, which grow by at most the run's
 //! workers max a round (only contributions a round held can be convicted).
 
+use super::offers::{Offered, Offers};
 use super::stake::StakeGate;
 use plexus_core::Digest;
 use plexus_net::PeerId;
-use plexus_train::commit::Contribution;
+use plexus_train::commit::{Contribution, Signed};
 use plexus_train::protocol::{
-    decode, AuditVerdict, HeldEntry, Reveal, StateTransfer, Status, TrainRequest, TrainResponse,
-    WorkerStateTransfer,
+    decode, travels_whole, AuditVerdict, HeldEntry, Reveal, StateTransfer, Status, TrainRequest,
+    TrainResponse, WorkerStateTransfer,
 };
 use plexus_train::reveal::sealed;
 use plexus_train::round::{GlobalState, Refusal, RoundMachine};
@@ -88,6 +89,8 @@ pub struct Shared {
     /// The bytes of the last state a peer asked ranges of, with its digest: made once per
     /// state, not once per range.
     state_bytes: Option<(Digest, Arc<Vec<u8>>)>,
+    /// Contributions offered by their workers whose payloads are being fetched.
+    pub offers: Offers,
 }
 
 impl Shared {
@@ -115,6 +118,7 @@ impl Shared {
             fixed_by: Default::default(),
             verdicts: BTreeMap::new(),
             state_bytes: None,
+            offers: Offers::default(),
         }
     }
 
@@ -352,7 +356,21 @@ impl Shared {
 
     /// Offers `c` (arrived at `now_ms`): this round's go to the machine, next round's wait.
     pub fn receive(&mut self, c: Contribution, now_ms: u64) -> Result<(), String> {
+        self.admit(&c.signed)?;
         let cm = &c.signed.commitment;
+        if cm.round == self.machine.round() + 1 {
+            self.early.insert(cm.worker.clone(), c);
+            return Ok(());
+        }
+        self.machine.offer(&c, now_ms).map_err(|e| e.to_string())?;
+        self.held.insert(c.signed.commitment.worker.clone(), c);
+        Ok(())
+    }
+
+    /// The checks of [`Self::receive`] that come before the machine's, and all of those for a
+    /// contribution to the next round.
+    fn admit(&self, signed: &Signed) -> Result<(), String> {
+        let cm = &signed.commitment;
         if let Some(r) = self.convicted.get(&cm.worker) {
             return Err(format!(
                 "the worker was convicted by the audit of round {}; refused for the rest of the run",
@@ -367,7 +385,7 @@ impl Shared {
             return Err(format!("round {} is closing: its set is fixed", round + 1));
         }
         if cm.round == round + 1 {
-            c.signed
+            signed
                 .verify()
                 .map_err(|e| Refusal::Forged(e).to_string())?;
             if cm.run != self.run {
@@ -376,18 +394,66 @@ impl Shared {
             if self.early.contains_key(&cm.worker) {
                 return Err(Refusal::Replayed.to_string());
             }
-            if self.early.len() >= self.machine.config().max_workers as usize {
-                return Err(Refusal::Full {
-                    max: self.machine.config().max_workers,
+            let max = self.machine.config().max_workers;
+            if self.early.len() + self.offers.count_for(round + 1) >= max as usize {
+                return Err(Refusal::Full { max }.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `peer`'s offer of its own contribution `signed` (arrived at `now_ms`) when a push
+    /// of it with the committed payload would be taken: its payload is then fetched
+    /// ([`super::offers`]).
+    pub fn offer(&mut self, peer: PeerId, signed: Signed, now_ms: u64) -> Result<(), String> {
+        let cm = &signed.commitment;
+        if peer.to_bytes() != cm.worker {
+            return Err(format!(
+                "{peer} offered {}'s contribution: a worker offers only its own",
+                worker_name(&cm.worker)
+            ));
+        }
+        if self.offers.is_pending(cm.round, &cm.worker) {
+            return Err(
+                "this contribution was offered already; its payload is being fetched".into(),
+            );
+        }
+        self.admit(&signed)?;
+        if cm.round == self.machine.round() + 1 {
+            // The machine checks the rest when the round opens; the length bounds the fetch.
+            let n = self.machine.state().params.values.len();
+            let longest = self.machine.config().codec.encoded_len(n) as u64;
+            if cm.payload_len > longest {
+                return Err(Refusal::PayloadLength {
+                    len: cm.payload_len,
+                    max: longest,
                 }
                 .to_string());
             }
-            self.early.insert(cm.worker.clone(), c);
-            return Ok(());
+        } else {
+            self.machine
+                .check_commitment(&signed, now_ms)
+                .map_err(|e| e.to_string())?;
+            let max = self.machine.config().max_workers as usize;
+            if self.held.len() + self.offers.count_for(cm.round) >= max {
+                return Err(Refusal::Full { max: max as u32 }.to_string());
+            }
         }
-        self.machine.offer(&c, now_ms).map_err(|e| e.to_string())?;
-        self.held.insert(c.signed.commitment.worker.clone(), c);
+        self.offers.add(Offered {
+            from: peer,
+            signed,
+            at_ms: now_ms,
+        });
         Ok(())
+    }
+
+    /// The contribution of `worker` to `round` this worker holds: of the round (or the one
+    /// just closed), or early for the next.
+    fn contribution_of(&self, round: u64, worker: &[u8]) -> Option<&Contribution> {
+        if round == self.machine.round() + 1 {
+            return self.early.get(worker);
+        }
+        self.set_of(round).and_then(|s| s.get(worker))
     }
 
     /// The contributions held for `round` (this one or the one just closed).
@@ -469,6 +535,9 @@ impl Shared {
                     return TrainResponse::Refused("another run".into());
                 }
                 match self.set_of(round).and_then(|s| s.get(&worker)) {
+                    Some(c) if !travels_whole(c.payload.len()) => {
+                        TrainResponse::Offered(Box::new(c.signed.clone()))
+                    }
                     Some(c) => TrainResponse::Contribution(Box::new(c.clone())),
                     None => TrainResponse::NotHeld,
                 }
@@ -610,6 +679,54 @@ impl Shared {
                     None => TrainResponse::Refused(format!(
                         "bytes {offset}..{end} of a start state of {total} (ranges of at most {MAX_RANGE_BYTES})"
                     )),
+                }
+            }
+            TrainRequest::Offer(signed) => {
+                let (round, worker) = (signed.commitment.round, signed.commitment.worker.clone());
+                match self.offer(peer, *signed, now_ms) {
+                    Ok(()) => {
+                        if round == self.machine.round() {
+                            self.behind_since.remove(&peer);
+                        }
+                        TrainResponse::Accepted
+                    }
+                    Err(why) => {
+                        self.refused += 1;
+                        eprintln!(
+                            "refused the offer of {}'s contribution for round {round} at round {}: {why}",
+                            worker_name(&worker),
+                            self.machine.round()
+                        );
+                        TrainResponse::Refused(why)
+                    }
+                }
+            }
+            TrainRequest::PayloadRange {
+                run,
+                round,
+                worker,
+                offset,
+                len,
+            } => {
+                if other_run(run) {
+                    return TrainResponse::Refused("another run".into());
+                }
+                let Some(c) = self.contribution_of(round, &worker) else {
+                    return TrainResponse::NotHeld;
+                };
+                let total = c.payload.len() as u64;
+                let end = offset.saturating_add(u64::from(len));
+                if len as usize > MAX_RANGE_BYTES || end > total {
+                    return TrainResponse::Refused(format!(
+                        "bytes {offset}..{end} of a payload of {total} (ranges of at most {MAX_RANGE_BYTES})"
+                    ));
+                }
+                TrainResponse::PayloadRange {
+                    round,
+                    worker,
+                    offset,
+                    total,
+                    bytes: c.payload[offset as usize..end as usize].to_vec(),
                 }
             }
         }
@@ -792,6 +909,131 @@ mod tests {
             ),
             payload: Vec::new(),
         }
+    }
+
+    /// A valid contribution of `key` to `round` of `s`'s run (payload: zeros in the codec).
+    fn valid_contribution(s: &Shared, key: &NodeKey, round: u64) -> Contribution {
+        let cfg = s.machine.config();
+        let n = s.machine.state().params.values.len();
+        let payload = cfg.codec.encode(&vec![0.0; n]).unwrap();
+        let mut c = contribution(s, key, Digest([0; 32]));
+        let cm = &mut c.signed.commitment;
+        cm.round = round;
+        cm.first_step = round * u64::from(cfg.inner_steps);
+        cm.hyper = cfg.hyper_digest();
+        cm.payload = Digest::of(&payload);
+        cm.payload_len = payload.len() as u64;
+        Contribution {
+            signed: Signed::sign(key, c.signed.commitment),
+            payload,
+        }
+    }
+
+    /// An offer is checked like a push but for its payload, made only by its own worker, and
+    /// pending (once) until its payload is fetched; then it is received as arriving when the
+    /// offer did, and any worker holding it serves its payload in ranges.
+    #[test]
+    fn offers_are_checked_like_pushes_and_their_payloads_served_in_ranges() {
+        use plexus_train::protocol::encode;
+        let mut s = shared();
+        let round = s.machine.round();
+        let key = NodeKey::generate();
+        let worker = key.peer_id().to_bytes();
+        let c = valid_contribution(&s, &key, round);
+        let offer = |s: &mut Shared, from: PeerId, signed: &Signed| {
+            let msg = encode(&TrainRequest::Offer(Box::new(signed.clone())));
+            s.handle(from, &msg, 10)
+        };
+        // Another peer cannot offer it; a forged or stale one is refused before any fetch.
+        let r = offer(&mut s, PeerId::random(), &c.signed);
+        assert!(
+            matches!(&r, TrainResponse::Refused(w) if w.contains("only its own")),
+            "{r:?}"
+        );
+        let mut forged = c.signed.clone();
+        forged.commitment.payload_len += 1;
+        assert!(matches!(
+            offer(&mut s, key.peer_id(), &forged),
+            TrainResponse::Refused(_)
+        ));
+        let stale = valid_contribution(&s, &key, round - 1);
+        assert!(matches!(
+            offer(&mut s, key.peer_id(), &stale.signed),
+            TrainResponse::Refused(_)
+        ));
+        let mut long = c.signed.commitment.clone();
+        long.payload_len = 1 << 40;
+        let long = Signed::sign(&key, long);
+        let r = offer(&mut s, key.peer_id(), &long);
+        assert!(
+            matches!(&r, TrainResponse::Refused(w) if w.contains("longer than")),
+            "{r:?}"
+        );
+        assert!(s.offers.take_queue().is_empty());
+        // Taken once, queued for its fetch; the same offer again is refused while pending.
+        assert_eq!(
+            offer(&mut s, key.peer_id(), &c.signed),
+            TrainResponse::Accepted
+        );
+        assert!(matches!(
+            offer(&mut s, key.peer_id(), &c.signed),
+            TrainResponse::Refused(_)
+        ));
+        let queued = s.offers.take_queue();
+        assert_eq!(queued.len(), 1);
+        assert_eq!((queued[0].from, queued[0].at_ms), (key.peer_id(), 10));
+        assert!(s.offers.pending_for(round));
+        // Its payload came: settled and received.
+        s.offers.settle(round, &worker);
+        s.receive(c.clone(), queued[0].at_ms).unwrap();
+        assert!(s.machine.contributes(&worker));
+        // Any worker holding it serves its payload, in ranges that assemble to it.
+        let total = c.payload.len();
+        let mut got = Vec::new();
+        for offset in (0..total).step_by(1000) {
+            let len = 1000.min(total - offset) as u32;
+            let req = TrainRequest::PayloadRange {
+                run: s.run,
+                round,
+                worker: worker.clone(),
+                offset: offset as u64,
+                len,
+            };
+            match s.handle(PeerId::random(), &encode(&req), 0) {
+                TrainResponse::PayloadRange {
+                    bytes, total: t, ..
+                } if t == total as u64 => got.extend(bytes),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(got, c.payload);
+        let past = TrainRequest::PayloadRange {
+            run: s.run,
+            round,
+            worker: worker.clone(),
+            offset: total as u64 - 1,
+            len: 2,
+        };
+        assert!(matches!(
+            s.handle(PeerId::random(), &encode(&past), 0),
+            TrainResponse::Refused(_)
+        ));
+        let other = TrainRequest::PayloadRange {
+            run: s.run,
+            round,
+            worker: vec![1, 2, 3],
+            offset: 0,
+            len: 1,
+        };
+        assert_eq!(
+            s.handle(PeerId::random(), &encode(&other), 0),
+            TrainResponse::NotHeld
+        );
+        // Once held, an offer of it is a replay.
+        assert!(matches!(
+            offer(&mut s, key.peer_id(), &c.signed),
+            TrainResponse::Refused(_)
+        ));
     }
 
     /// A worker tells audit nonces only once it has fixed the round's set, and keeps only

@@ -130,7 +130,6 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
     };
     if let (Some(p), Some(shard)) = (init, text_shard) {
         // Refused now rather than by every worker at its start.
-        super::fits_messages(p.params.values.len(), codec)?;
         spec.validate()?;
         spec.text_setup(shard, Some(std::sync::Arc::new(p)))?;
     }
