@@ -29,6 +29,7 @@ use crate::outer::OuterState;
 use plexus_core::{Digest, Sha256Stream};
 use plexus_model::train::{Params, TrainError};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// The state every participant holds between rounds (what a joiner fetches, by hash).
 #[derive(Clone, Debug, PartialEq)]
@@ -42,10 +43,16 @@ pub struct GlobalState {
 impl GlobalState {
     /// Digest of round, weights and outer momentum.
     pub fn digest(&self) -> Digest {
+        self.digest_with(self.params.digest())
+    }
+
+    /// [`Self::digest`] given the weights' digest (hashing a large model's weights takes
+    /// seconds: done once per state).
+    fn digest_with(&self, params: Digest) -> Digest {
         let mut h = Sha256Stream::new();
         h.update(b"plexus-global-v1");
         h.update(&self.round.to_le_bytes());
-        h.update(self.params.digest().as_bytes());
+        h.update(params.as_bytes());
         h.update(
             plexus_model::train::params::digest_f32s(b"outer", &self.outer.momentum).as_bytes(),
         );
@@ -82,6 +89,8 @@ pub enum Refusal {
     Full { max: u32 },
     #[error("this worker's contribution to the round was dropped after its audit")]
     Dropped,
+    #[error("round {round} is closing: its set is fixed")]
+    Closing { round: u64 },
     #[error("round {round} closed for contributions at {deadline_ms} ms")]
     PastDeadline { round: u64, deadline_ms: u64 },
 }
@@ -127,8 +136,12 @@ pub struct RoundOutcome {
 /// One participant's view of the run's rounds.
 pub struct RoundMachine {
     cfg: RoundConfig,
-    state: GlobalState,
+    /// Shared with a round being scored ([`Closing`]) and with a driver writing it to disk.
+    state: Arc<GlobalState>,
+    /// Digest of the state's weights (what contributions must start from).
     start: Digest,
+    /// [`GlobalState::digest`] of the state.
+    digest: Digest,
     hyper: Digest,
     opened_ms: u64,
     received: BTreeMap<Vec<u8>, Accepted>,
@@ -136,6 +149,8 @@ pub struct RoundMachine {
     dropped: BTreeSet<Vec<u8>>,
     expected: BTreeSet<Vec<u8>>,
     deadline: Deadline,
+    /// The set was taken out to be scored ([`Self::begin_close`]): no contribution is taken.
+    closing: bool,
 }
 
 /// Digest of a round's set: the round and its sorted commitment digests.
@@ -158,17 +173,20 @@ impl RoundMachine {
         now_ms: u64,
     ) -> Self {
         let start = state.params.digest();
+        let digest = state.digest_with(start);
         let hyper = cfg.hyper_digest();
         Self {
             cfg,
-            state,
+            state: Arc::new(state),
             start,
+            digest,
             hyper,
             opened_ms: now_ms,
             received: BTreeMap::new(),
             dropped: BTreeSet::new(),
             expected: expected.into_iter().collect(),
             deadline: Deadline::default(),
+            closing: false,
         }
     }
 
@@ -182,6 +200,16 @@ impl RoundMachine {
 
     pub fn state(&self) -> &GlobalState {
         &self.state
+    }
+
+    /// The state, shared (to write it to disk without holding the machine).
+    pub fn shared_state(&self) -> Arc<GlobalState> {
+        Arc::clone(&self.state)
+    }
+
+    /// [`GlobalState::digest`] of [`Self::state`], computed once per state.
+    pub fn state_digest(&self) -> Digest {
+        self.digest
     }
 
     /// Digest of the weights this round starts from.
@@ -298,6 +326,9 @@ impl RoundMachine {
             return Err(Refusal::WrongRun);
         }
         let current = self.state.round;
+        if self.closing {
+            return Err(Refusal::Closing { round: current });
+        }
         if cm.round < current {
             return Err(Refusal::Stale {
                 round: cm.round,
@@ -353,29 +384,123 @@ impl RoundMachine {
         Ok(digest)
     }
 
-    /// Closes the round at `now_ms`: scores, aggregates, steps, opens the next round.
+    /// Closes the round at `now_ms`: scores, aggregates, steps, opens the next round
+    /// ([`Self::begin_close`], [`Closing::score`] and [`Self::finish_close`] in one go).
     pub fn close(
         &mut self,
         now_ms: u64,
         scorer: &mut dyn Scorer,
     ) -> Result<RoundOutcome, TrainError> {
-        let round = self.state.round;
-        let received = std::mem::take(&mut self.received);
-        let scoring = self.cfg.score.examples > 0;
+        let scored = self.begin_close().score(scorer)?;
+        Ok(self.finish_close(scored, now_ms))
+    }
+
+    /// Takes the round's set out to be scored ([`Closing::score`], which needs no access to
+    /// the machine: a driver answers peers meanwhile). Until [`Self::finish_close`] the machine
+    /// refuses contributions and still holds the round's start state.
+    pub fn begin_close(&mut self) -> Closing {
+        self.closing = true;
+        Closing {
+            round: self.state.round,
+            received: std::mem::take(&mut self.received),
+            state: Arc::clone(&self.state),
+            scoring: self.cfg.score.examples > 0,
+            tolerance: self.cfg.score.tolerance,
+        }
+    }
+
+    /// Applies a scored set of this round: the outer step on the mean of the contributions
+    /// that improve the held-out loss; opens the next round at `now_ms`.
+    ///
+    /// # Panics
+    /// If `scored` is not of the round [`Self::begin_close`] took (a driver's bug).
+    pub fn finish_close(&mut self, scored: ScoredSet, now_ms: u64) -> RoundOutcome {
+        assert!(
+            self.closing && scored.round == self.state.round,
+            "finish_close of round {} while the machine is at round {} (closing: {})",
+            scored.round,
+            self.state.round,
+            self.closing
+        );
+        for &arrived in &scored.arrivals {
+            self.deadline.record(&self.cfg.deadline, arrived);
+        }
+        // The scored set dropped its handle on the state: stepped in place, not copied.
+        let state = Arc::make_mut(&mut self.state);
+        if let Some(mean) = &scored.mean {
+            state
+                .outer
+                .step(&self.cfg.outer, &mut state.params.values, mean);
+        }
+        state.round += 1;
+        // Whoever sent a valid contribution is alive: expect them next round.
+        self.expected = scored.workers.into_iter().collect();
+        let dropped = std::mem::take(&mut self.dropped).into_iter().collect();
+        self.start = self.state.params.digest();
+        self.digest = self.state.digest_with(self.start);
+        self.opened_ms = now_ms;
+        self.closing = false;
+        RoundOutcome {
+            round: scored.round,
+            loss_before: scored.loss_before,
+            applied: scored.applied,
+            rejected: scored.rejected,
+            dropped,
+            set: scored.set,
+            next: self.digest,
+        }
+    }
+}
+
+/// A round's set taken out of its machine to be scored ([`RoundMachine::begin_close`]).
+pub struct Closing {
+    round: u64,
+    received: BTreeMap<Vec<u8>, Accepted>,
+    state: Arc<GlobalState>,
+    scoring: bool,
+    tolerance: f32,
+}
+
+/// What scoring a round's set found ([`Closing::score`]), for [`RoundMachine::finish_close`].
+pub struct ScoredSet {
+    round: u64,
+    loss_before: f32,
+    applied: Vec<Scored>,
+    rejected: Vec<Scored>,
+    /// Mean of the applied contributions' deltas (`None` when none applies).
+    mean: Option<Vec<f32>>,
+    set: Digest,
+    /// When each contribution arrived, in ms after the round opened.
+    arrivals: Vec<u64>,
+    workers: Vec<Vec<u8>>,
+}
+
+impl Closing {
+    /// Scores every contribution by the held-out loss of `global - delta / k` (`k` the set's
+    /// size; Gauntlet-style), keeps those that do not make it worse than without them (within
+    /// the run's tolerance), and averages their deltas. Deterministic: every worker holding the
+    /// same set gets the same bytes.
+    pub fn score(self, scorer: &mut dyn Scorer) -> Result<ScoredSet, TrainError> {
+        let Closing {
+            round,
+            received,
+            state,
+            scoring,
+            tolerance,
+        } = self;
         let loss_before = if scoring {
-            scorer.loss(round, &self.state.params)?
+            scorer.loss(round, &state.params)?
         } else {
             f32::NAN
         };
         let set = set_digest(round, received.values().map(|a| &a.commitment));
         let (mut applied, mut rejected) = (Vec::new(), Vec::new());
-        let n = self.state.params.values.len();
+        let n = state.params.values.len();
         let mut sum = vec![0f32; n];
         let share = 1.0 / received.len().max(1) as f32;
         for (worker, a) in &received {
-            self.deadline.record(&self.cfg.deadline, a.arrived_ms);
             let loss = if scoring {
-                let mut candidate = self.state.params.clone();
+                let mut candidate = state.params.clone();
                 candidate
                     .values
                     .iter_mut()
@@ -389,8 +514,8 @@ impl RoundMachine {
                 worker: worker.clone(),
                 loss,
             };
-            let improves = !scoring
-                || (loss.is_finite() && loss <= loss_before * (1.0 + self.cfg.score.tolerance));
+            let improves =
+                !scoring || (loss.is_finite() && loss <= loss_before * (1.0 + tolerance));
             if improves {
                 sum.iter_mut().zip(&a.delta).for_each(|(s, d)| *s += d);
                 applied.push(scored);
@@ -398,27 +523,20 @@ impl RoundMachine {
                 rejected.push(scored);
             }
         }
-        if !applied.is_empty() {
+        let mean = (!applied.is_empty()).then(|| {
             let inv = 1.0 / applied.len() as f32;
             sum.iter_mut().for_each(|s| *s *= inv);
-            self.state
-                .outer
-                .step(&self.cfg.outer, &mut self.state.params.values, &sum);
-        }
-        // Whoever sent a valid contribution is alive: expect them next round.
-        self.expected = received.into_keys().collect();
-        let dropped = std::mem::take(&mut self.dropped).into_iter().collect();
-        self.state.round += 1;
-        self.start = self.state.params.digest();
-        self.opened_ms = now_ms;
-        Ok(RoundOutcome {
+            sum
+        });
+        Ok(ScoredSet {
             round,
             loss_before,
             applied,
             rejected,
-            dropped,
+            mean,
             set,
-            next: self.state.digest(),
+            arrivals: received.values().map(|a| a.arrived_ms).collect(),
+            workers: received.into_keys().collect(),
         })
     }
 }

@@ -290,11 +290,25 @@ fn machines_holding_the_same_set_agree_bit_for_bit() {
         }
         assert!(a.should_close(10), "all expected workers are in");
         let oa = a.close(30, &mut w.scorer()).unwrap();
-        let ob = b.close(40, &mut w.scorer()).unwrap();
+        // Closed in steps (the driver scores without holding the machine): same outcome, and
+        // no contribution is taken while the set is out.
+        let closing = b.begin_close();
+        assert!(matches!(
+            b.offer(&cs[0], 25),
+            Err(plexus_train::round::Refusal::Closing { round: 0 })
+        ));
+        let scored = closing.score(&mut w.scorer()).unwrap();
+        let ob = b.finish_close(scored, 40);
         assert_eq!(oa.set, ob.set);
         assert_eq!(oa.next, ob.next);
         assert_eq!(a.state(), b.state());
         assert_ne!(a.start(), start.digest());
+        // The kept digest is the state's, before and after closing.
+        assert_eq!(
+            (oa.next, a.state_digest()),
+            (a.state().digest(), a.state().digest())
+        );
+        assert_eq!(w.machine().state_digest(), w.global.digest());
     }
 }
 

@@ -521,9 +521,14 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             };
             lock(&shared).fix_set(round, own);
             let audits = self.audit(&peers, &shared, round, train_ms).await;
-            let outcome = tokio::task::block_in_place(|| -> anyhow::Result<RoundOutcome> {
+            // Scored without holding the shared state: peers are answered meanwhile (scoring
+            // a large model's set takes seconds, and a peer may be fetching this worker's
+            // payload).
+            let closing = lock(&shared).machine.begin_close();
+            let scored = tokio::task::block_in_place(|| closing.score(&mut scorer))?;
+            let (outcome, next) = tokio::task::block_in_place(|| {
                 let mut s = lock(&shared);
-                let outcome = s.machine.close(self.now(), &mut scorer)?;
+                let outcome = s.machine.finish_close(scored, self.now());
                 s.forget_gone();
                 if self.cheat == Some(Cheat::Ahead) {
                     s.claim = Some(made_up_ahead(s.machine.state()));
@@ -541,9 +546,12 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                         );
                     }
                 }
-                self.save(s.machine.state(), &state);
-                Ok(outcome)
-            })?;
+                (outcome, s.machine.shared_state())
+            });
+            // Written without holding it either (gigabytes for a large model).
+            tokio::task::block_in_place(|| self.save(&next, &state));
+            // Released before the next close steps the state in place.
+            drop(next);
             let notes = RoundNotes {
                 train_loss,
                 synced,
@@ -982,7 +990,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let (params, digest) = {
             let mut s = lock(shared);
             s.done = true;
-            (s.machine.state().params.clone(), s.machine.state().digest())
+            (s.machine.state().params.clone(), s.machine.state_digest())
         };
         let (loss, accuracy) = tokio::task::block_in_place(|| {
             self.setup

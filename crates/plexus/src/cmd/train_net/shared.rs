@@ -285,10 +285,12 @@ impl Shared {
                 return Some(b.clone());
             }
         }
-        let state = self.claim.as_ref().unwrap_or(self.machine.state());
-        if state.digest() != digest {
-            return None;
-        }
+        let state = match &self.claim {
+            Some(claim) if claim.digest() == digest => claim,
+            Some(_) => return None,
+            None if self.machine.state_digest() == digest => self.machine.state(),
+            None => return None,
+        };
         let bytes = Arc::new(state_bytes(state));
         self.state_bytes = Some((digest, bytes.clone()));
         Some(bytes)
@@ -298,7 +300,7 @@ impl Shared {
         Status {
             run: self.run,
             round: self.machine.round(),
-            state: self.machine.state().digest(),
+            state: self.machine.state_digest(),
             done: self.done,
         }
     }
