@@ -502,7 +502,8 @@ pub struct TrainSpecArgs {
     /// ... and at least the median x (1 + slack): the headroom a round gives when arrival
     /// times barely vary (MAD near 0). With the default a round in which every worker is more
     /// than 25% slower than the median of the last rounds (machines busy with other work)
-    /// closes before any contribution is in; raise it for workers on shared machines.
+    /// closes before any contribution is in (the deadline then restarts from those late
+    /// times: one round lost, not the run); raise it for workers on shared machines.
     #[arg(long, default_value_t = 0.25)]
     pub deadline_slack: f64,
     /// Held-out examples each round scores contributions on; 0 disables scoring.

@@ -858,8 +858,10 @@ fn a_model_whose_start_state_exceeds_a_message_is_audited_in_ranges() {
 /// A pseudo-gradient larger than one message (16.8M parameters in f32: 67 MB, over the 32 MiB
 /// frame) is offered and its payload fetched in 1 MiB ranges: three workers close round 1 on
 /// all three contributions (each received both peers' payloads whole, and audited one by
-/// re-executing it); one is then SIGKILLed, and the other two go on without it, ending on the
-/// same state with a lower held-out loss.
+/// re-executing it), although the third offers and serves its own to one peer only
+/// (`--cheat one-sided`): the other gets it relayed, commitment first and then the payload in
+/// ranges from that peer. The third is then SIGKILLed, and the other two go on without it,
+/// ending on the same state with a lower held-out loss.
 #[test]
 fn a_contribution_larger_than_a_message_travels_in_ranges_and_a_crash_does_not_stop_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -887,12 +889,21 @@ fn a_contribution_larger_than_a_message_travels_in_ranges_and_a_crash_does_not_s
     let params = params_of(&h0.text());
     let payload = 4 * params as u64;
     assert!(payload > 32 << 20, "{params} parameters");
-    let h1 = Worker::start("h1", &spec, tmp.path(), &[&h0.addr], &[]);
+    let mut h1 = Worker::start("h1", &spec, tmp.path(), &[&h0.addr], &[]);
     let peers = [h0.addr.as_str(), h1.addr.as_str()];
-    let mut victim = Worker::start("victim", &spec, tmp.path(), &peers, &[]);
+    let mut victim = Worker::start(
+        "victim",
+        &spec,
+        tmp.path(),
+        &peers,
+        &["--cheat", "one-sided"],
+    );
+    // Killed once both have closed round 1 (whose audit fetches its start state from it).
     h0.wait_for("round 1/3", Duration::from_secs(300));
+    h1.wait_for("round 1/3", Duration::from_secs(300));
     victim.kill();
     let mut states = Vec::new();
+    let mut relayed = 0;
     for mut h in [h0, h1] {
         let (_, _, state) = h.finish();
         states.push(state);
@@ -911,6 +922,12 @@ fn a_contribution_larger_than_a_message_travels_in_ranges_and_a_crash_does_not_s
             h.name,
             rounds[0]
         );
+        relayed += rounds[0]
+            .split(" fetched)")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap();
         let first: f64 = field(rounds[0], "held-out loss ").parse().unwrap();
         let last: f64 = field(&text, "final | 3 rounds | held-out loss ")
             .parse()
@@ -923,6 +940,10 @@ fn a_contribution_larger_than_a_message_travels_in_ranges_and_a_crash_does_not_s
         );
     }
     assert_eq!(states[0], states[1]);
+    assert_eq!(
+        relayed, 1,
+        "the one-sided contribution reached the other peer relayed"
+    );
 }
 
 /// A worker that says it is still at round 0, forever, and sends nothing, would hold

@@ -3,8 +3,10 @@
 //! 1.4826 to estimate a standard deviation), at least `median * (1 + slack)`, within
 //! `[min_ms, max_ms]`. Before any round was measured it is `initial_ms`.
 //!
-//! Crashed workers send nothing, so they add no samples and do not stretch the deadline;
-//! a straggler that is late once adds one large sample, which the median and MAD resist.
+//! Crashed workers send nothing, so they add no samples and do not stretch the deadline; a
+//! straggler's late arrival is not a sample at all. When most of a round's valid work arrives
+//! late, the round machine restarts the deadline from those late times
+//! ([`crate::round::RoundMachine::finish_close`]): every worker slowed down.
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;

@@ -17,7 +17,10 @@
 //!   (its current one, or the one it just closed); `Fetch` gets one of them. Every worker asks
 //!   every peer before closing a round and fetches what it misses, so they close on the same
 //!   set and compute the same next state without a coordinator. A contribution too large for
-//!   one message is answered as `Offered(signed commitment)`, and its payload asked in ranges.
+//!   one message is answered as `Offered(signed commitment)`, and its payload asked in ranges
+//!   once the commitment passed the checks of a push. `Pending { round }` lists the
+//!   commitments of the offers the receiver is still fetching: a worker that misses one waits
+//!   (bounded) until that peer holds it, so both close on the same set.
 //! - `StateRange { state, offset, len }`: bytes of the global state (round, weights, outer
 //!   momentum) whose digest is `state`, answered only by a worker holding that state; a
 //!   worker that catches up asks every holder for some of the ranges and checks the whole
@@ -132,6 +135,12 @@ pub enum TrainRequest {
         offset: u64,
         len: u32,
     },
+    /// The commitments of the contributions to `round` offered to the receiver whose payloads
+    /// it is still fetching.
+    Pending {
+        run: Digest,
+        round: u64,
+    },
 }
 
 /// A delegated auditor's verdict on one worker's contribution: `pass` when the re-execution
@@ -213,6 +222,10 @@ pub enum TrainResponse {
         offset: u64,
         total: u64,
         bytes: Vec<u8>,
+    },
+    Pending {
+        round: u64,
+        pending: Vec<Signed>,
     },
 }
 

@@ -151,6 +151,9 @@ pub struct RoundMachine {
     deadline: Deadline,
     /// The set was taken out to be scored ([`Self::begin_close`]): no contribution is taken.
     closing: bool,
+    /// Contributions of this round valid but for arriving after its deadline: when each
+    /// arrived, in ms after the round opened (at most the run's workers max).
+    late: BTreeMap<Vec<u8>, u64>,
 }
 
 /// Digest of a round's set: the round and its sorted commitment digests.
@@ -187,6 +190,7 @@ impl RoundMachine {
             expected: expected.into_iter().collect(),
             deadline: Deadline::default(),
             closing: false,
+            late: BTreeMap::new(),
         }
     }
 
@@ -319,7 +323,9 @@ impl RoundMachine {
     /// Checks a signed commitment that arrived at `now_ms` as [`Self::offer`] would, all but
     /// its payload (which a contribution too large for one message sends after it): its
     /// digest when this round would take a payload matching it.
-    pub fn check_commitment(&self, signed: &Signed, now_ms: u64) -> Result<Digest, Refusal> {
+    /// A commitment valid in every way but its lateness is remembered as a measurement of how
+    /// long the round's work takes ([`Self::finish_close`]).
+    pub fn check_commitment(&mut self, signed: &Signed, now_ms: u64) -> Result<Digest, Refusal> {
         let cm = &signed.commitment;
         signed.verify()?;
         if cm.run != self.cfg.run {
@@ -352,12 +358,6 @@ impl RoundMachine {
                 Refusal::Equivocation
             });
         }
-        if now_ms >= self.deadline_at() {
-            return Err(Refusal::PastDeadline {
-                round: current,
-                deadline_ms: self.deadline_at(),
-            });
-        }
         if self.received.len() >= self.cfg.max_workers as usize {
             return Err(Refusal::Full {
                 max: self.cfg.max_workers,
@@ -379,6 +379,17 @@ impl RoundMachine {
             return Err(Refusal::PayloadLength {
                 len: cm.payload_len,
                 max,
+            });
+        }
+        if now_ms >= self.deadline_at() {
+            // Valid in every other way: how long the work took, measured.
+            if self.late.len() < self.cfg.max_workers as usize {
+                let arrived = now_ms.saturating_sub(self.opened_ms);
+                self.late.entry(cm.worker.clone()).or_insert(arrived);
+            }
+            return Err(Refusal::PastDeadline {
+                round: current,
+                deadline_ms: self.deadline_at(),
             });
         }
         Ok(digest)
@@ -422,6 +433,18 @@ impl RoundMachine {
             self.state.round,
             self.closing
         );
+        // A straggler's late arrival does not stretch the deadline for everyone (the median
+        // and MAD of the on-time ones set it); but when most of the round's valid work came
+        // late, every worker slowed down (a loaded machine, a larger model than the first
+        // rounds measured): the deadline restarts from this round's times, late ones included,
+        // instead of closing every later round empty while its window of old samples decays.
+        let late = std::mem::take(&mut self.late);
+        if late.len() > scored.arrivals.len() {
+            self.deadline = Deadline::default();
+            for &arrived in late.values() {
+                self.deadline.record(&self.cfg.deadline, arrived);
+            }
+        }
         for &arrived in &scored.arrivals {
             self.deadline.record(&self.cfg.deadline, arrived);
         }

@@ -150,8 +150,9 @@ pub fn ranges(total: usize, holders: usize) -> Vec<Range<usize>> {
 /// The ranges of one state being fetched from `holders` peers: range `i` is asked of holder
 /// `i mod holders` first, then of the next holder each time it does not come back, and fails
 /// once every holder has been asked for it `tries` times ([`StateFetch::with_tries`]; once by
-/// default). Each wave of asks ([`StateFetch::pending`]) gives a holder at most
-/// [`IN_FLIGHT_PER_HOLDER`] ranges.
+/// default). A holder has at most [`IN_FLIGHT_PER_HOLDER`] ranges asked of it at a time, and
+/// gets the next as soon as one comes back ([`StateFetch::next_asks`]: a window, not waves
+/// that wait for their slowest range).
 #[derive(Debug)]
 pub struct StateFetch {
     buf: Vec<u8>,
@@ -159,6 +160,8 @@ pub struct StateFetch {
     /// Per range: how many holders were asked for it and did not deliver it.
     misses: Vec<usize>,
     done: Vec<bool>,
+    /// Per range: asked and not answered yet.
+    asking: Vec<bool>,
     holders: usize,
     /// Per holder: whether it missed a range it was asked for.
     missed: Vec<bool>,
@@ -182,6 +185,7 @@ impl StateFetch {
             buf: vec![0; total],
             misses: vec![0; ranges.len()],
             done: vec![false; ranges.len()],
+            asking: vec![false; ranges.len()],
             ranges,
             holders,
             missed: vec![false; holders],
@@ -189,24 +193,37 @@ impl StateFetch {
         }
     }
 
-    /// What to ask next: `(range index, byte range, holder index)` for ranges not yet
-    /// delivered, each of the holder whose turn it is, at most [`IN_FLIGHT_PER_HOLDER`] per
-    /// holder. Empty once every range is in, or once one range has been missed by every holder
-    /// ([`StateFetch::failed`]).
-    pub fn pending(&self) -> Vec<(usize, Range<usize>, usize)> {
+    /// What to ask now: `(range index, byte range, holder index)` for ranges neither delivered
+    /// nor being asked, each of the holder whose turn it is, while that holder has fewer than
+    /// [`IN_FLIGHT_PER_HOLDER`] asks out; they count as being asked until their answer comes
+    /// ([`StateFetch::on_answer`]). Empty when every range is in or being asked, or once one
+    /// range has been missed by every holder ([`StateFetch::failed`]).
+    pub fn next_asks(&mut self) -> Vec<(usize, Range<usize>, usize)> {
         if self.failed() {
             return Vec::new();
         }
-        let mut asked = vec![0usize; self.holders];
+        let mut out_of = vec![0usize; self.holders];
+        for i in (0..self.ranges.len()).filter(|&i| self.asking[i]) {
+            out_of[self.holder_of(i)] += 1;
+        }
         let mut out = Vec::new();
-        for i in (0..self.ranges.len()).filter(|&i| !self.done[i]) {
+        for i in 0..self.ranges.len() {
+            if self.done[i] || self.asking[i] {
+                continue;
+            }
             let h = self.holder_of(i);
-            if asked[h] < IN_FLIGHT_PER_HOLDER {
-                asked[h] += 1;
+            if out_of[h] < IN_FLIGHT_PER_HOLDER {
+                out_of[h] += 1;
+                self.asking[i] = true;
                 out.push((i, self.ranges[i].clone(), h));
             }
         }
         out
+    }
+
+    /// Ranges asked and not answered yet.
+    pub fn in_flight(&self) -> usize {
+        self.asking.iter().filter(|a| **a).count()
     }
 
     /// The holder whose turn it is to be asked for range `i`.
@@ -228,13 +245,14 @@ impl StateFetch {
         if self.done[i] {
             return;
         }
+        let h = self.holder_of(i);
+        self.asking[i] = false;
         match bytes {
             Some(b) if b.len() == range.len() => {
                 self.buf[range].copy_from_slice(b);
                 self.done[i] = true;
             }
             _ => {
-                let h = self.holder_of(i);
                 self.missed[h] = true;
                 self.misses[i] += 1;
             }
@@ -260,19 +278,45 @@ mod tests {
     fn a_fetch_from_one_holder_with_tries_survives_lost_ranges_but_not_endless_ones() {
         let total = 3 * MAX_RANGE_BYTES;
         let mut f = StateFetch::with_tries(total, 1, 3);
-        for _ in 0..2 {
-            let (i, _, _) = f.pending()[0];
-            f.on_answer(i, None);
-            assert!(!f.failed());
-        }
-        let (i, _, _) = f.pending()[0];
+        let (i, _, _) = f.next_asks()[0];
         f.on_answer(i, None);
-        assert!(f.failed() && f.pending().is_empty());
+        assert!(!f.failed());
+        // The lost range is asked again at once (range 1 is still out: a window of 2).
+        let again = f.next_asks();
+        assert_eq!(again.iter().map(|a| a.0).collect::<Vec<_>>(), vec![0]);
+        f.on_answer(i, None);
+        assert!(!f.failed());
+        let (i, _, _) = f.next_asks()[0];
+        f.on_answer(i, None);
+        assert!(f.failed() && f.next_asks().is_empty());
         // With the default one try, one lost range fails a one-holder fetch.
         let mut once = StateFetch::new(total, 1);
-        let (i, _, _) = once.pending()[0];
+        let (i, _, _) = once.next_asks()[0];
         once.on_answer(i, None);
         assert!(once.failed());
+    }
+
+    /// A holder gets its next range as soon as one comes back, never more than the window.
+    #[test]
+    fn each_holder_keeps_a_window_of_asks_refilled_as_answers_come() {
+        let total = 5 * MAX_RANGE_BYTES;
+        let mut f = StateFetch::new(total, 1);
+        let first = f.next_asks();
+        assert_eq!(first.iter().map(|a| a.0).collect::<Vec<_>>(), vec![0, 1]);
+        assert!(f.next_asks().is_empty(), "the window is full");
+        let bytes = vec![7u8; MAX_RANGE_BYTES];
+        f.on_answer(1, Some(&bytes));
+        assert_eq!(f.in_flight(), 1);
+        assert_eq!(
+            f.next_asks().iter().map(|a| a.0).collect::<Vec<_>>(),
+            vec![2]
+        );
+        for i in [0, 2, 3, 4] {
+            f.next_asks();
+            f.on_answer(i, Some(&bytes));
+        }
+        assert_eq!(f.in_flight(), 0);
+        assert_eq!(f.finish(), Some(vec![7u8; total]));
     }
 
     #[test]
@@ -342,7 +386,7 @@ mod tests {
             let mut f = StateFetch::new(blob.len(), holders);
             let mut steps = 0;
             loop {
-                let asks = f.pending();
+                let asks = f.next_asks();
                 if asks.is_empty() {
                     break;
                 }

@@ -233,6 +233,46 @@ fn a_rounds_deadline_counts_from_when_training_starts_and_survives_adopting_a_st
     assert_eq!(adopted.deadline_at(), 55_000);
 }
 
+/// A straggler's late arrival does not stretch the deadline for everyone; when most of a
+/// round's work arrives late (every worker slowed down), the round closes empty but the
+/// deadline restarts from the late times, so the next round takes their work.
+#[test]
+fn when_most_work_arrives_late_the_deadline_learns_it_and_a_straggler_does_not_stretch_it() {
+    let mut w = world(config(Codec::F32, false), 3);
+    let mut m = w.machine();
+    let mut scorer = w.scorer();
+    // Every worker's work of round r takes `took[i]` ms; the round closes when all are in or
+    // at its deadline. Returns the contributions taken.
+    let mut opened = 0;
+    let mut round = |m: &mut RoundMachine, took: [u64; 3]| {
+        let start = m.state().params.clone();
+        let r = m.round();
+        let mut taken = 0;
+        for (i, ms) in took.iter().enumerate() {
+            let c = w.contribute(i, r, &start);
+            taken += usize::from(m.offer(&c, opened + ms).is_ok());
+        }
+        let closed_at = opened + took.iter().max().unwrap();
+        m.close(closed_at, &mut scorer).unwrap();
+        opened = closed_at;
+        (taken, m.deadline_at() - opened)
+    };
+    for _ in 0..4 {
+        assert_eq!(round(&mut m, [1_000, 1_000, 1_000]).0, 3);
+    }
+    let (_, steady) = round(&mut m, [1_000, 1_000, 1_000]);
+    assert_eq!(steady, 1_250, "median 1 s plus the slack");
+    // One straggler at 5 s: refused, and the deadline stays.
+    let (taken, after) = round(&mut m, [1_000, 1_000, 5_000]);
+    assert_eq!((taken, after), (2, steady));
+    // Everyone at 3 s: the round closes with nothing, and the deadline learns it...
+    let (taken, after) = round(&mut m, [3_000, 3_000, 3_000]);
+    assert_eq!(taken, 0);
+    assert_eq!(after, 3_750, "median 3 s plus the slack");
+    // ...so the next round at the same speed takes everyone's work.
+    assert_eq!(round(&mut m, [3_000, 3_000, 3_000]).0, 3);
+}
+
 #[test]
 fn contribution_that_raises_held_out_loss_is_not_applied() {
     let mut w = world(config(Codec::F32, false), 3);

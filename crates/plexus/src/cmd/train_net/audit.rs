@@ -44,7 +44,7 @@ use super::{lock, Peers, Shared, Worker};
 use plexus_model::train::Params;
 use plexus_net::PeerId;
 use plexus_train::audit::{reexecute, AuditError, Verdict};
-use plexus_train::commit::{Commitment, Contribution};
+use plexus_train::commit::{Commitment, Signed};
 use plexus_train::local::LocalData;
 use plexus_train::reveal::{committee, draw_key, drawn_revealed};
 use plexus_train::worker::WorkerState;
@@ -101,11 +101,13 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             let s = lock(shared);
             let set = s.machine.held_set();
             let revealed = s.revealed(round);
-            let chosen: Vec<Contribution> = s
+            // The commitments only: an audit re-executes and compares digests (a payload can
+            // be hundreds of megabytes).
+            let chosen: Vec<Signed> = s
                 .held
                 .iter()
                 .filter(|(w, _)| rate >= 1.0 || drawn_revealed(set, &revealed, w, rate))
-                .map(|(_, c)| c.clone())
+                .map(|(_, c)| c.signed.clone())
                 .collect();
             let own_start = s
                 .starts
@@ -123,7 +125,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         };
         let mut delegated = Vec::new();
         for c in chosen {
-            let worker = c.signed.commitment.worker.clone();
+            let worker = c.commitment.worker.clone();
             let auditors = committee_k.map(|k| committee(key, &worker, &members, k));
             if worker == self.me {
                 if auditors.is_none() {
@@ -158,12 +160,12 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         &self,
         peers: &Peers,
         shared: &Mutex<Shared>,
-        c: &Contribution,
+        c: &Signed,
         round: u64,
         global: &Params,
         tally: &mut AuditTally,
     ) -> bool {
-        let worker = c.signed.commitment.worker.clone();
+        let worker = c.commitment.worker.clone();
         tally.audited += 1;
         match self.reexecute(peers, c, round, global).await {
             Ok(()) => {
@@ -203,7 +205,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         shared: &Mutex<Shared>,
         round: u64,
         global: &Params,
-        pending: Vec<(Contribution, Vec<Vec<u8>>)>,
+        pending: Vec<(Signed, Vec<Vec<u8>>)>,
         train_ms: u64,
         tally: &mut AuditTally,
     ) {
@@ -214,15 +216,14 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let auditors: BTreeSet<Vec<u8>> = pending.iter().flat_map(|(_, a)| a.clone()).collect();
         // (contribution's worker, auditor) -> pass
         let mut heard: BTreeMap<(Vec<u8>, Vec<u8>), bool> = BTreeMap::new();
-        let settled =
-            |heard: &BTreeMap<(Vec<u8>, Vec<u8>), bool>, c: &Contribution, a: &[Vec<u8>]| {
-                let w = &c.signed.commitment.worker;
-                let said: Vec<bool> = a
-                    .iter()
-                    .filter_map(|m| heard.get(&(w.clone(), m.clone())).copied())
-                    .collect();
-                said.contains(&false) || said.len() == a.len()
-            };
+        let settled = |heard: &BTreeMap<(Vec<u8>, Vec<u8>), bool>, c: &Signed, a: &[Vec<u8>]| {
+            let w = &c.commitment.worker;
+            let said: Vec<bool> = a
+                .iter()
+                .filter_map(|m| heard.get(&(w.clone(), m.clone())).copied())
+                .collect();
+            said.contains(&false) || said.len() == a.len()
+        };
         loop {
             let now = self.now();
             if pending.iter().all(|(c, a)| settled(&heard, c, a)) || now >= until {
@@ -243,7 +244,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             }
         }
         for (c, a) in pending {
-            let w = c.signed.commitment.worker.clone();
+            let w = c.commitment.worker.clone();
             let said: Vec<bool> = a
                 .iter()
                 .filter_map(|m| heard.get(&(w.clone(), m.clone())).copied())
@@ -377,9 +378,9 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
 
     /// Re-executes this worker's own drawn contribution from the start state it kept, as its
     /// auditors do (same time spent); a difference is this build's non-determinism, said loudly.
-    async fn check_own(&self, c: &Contribution, global: &Params, start: Option<WorkerState>) {
+    async fn check_own(&self, c: &Signed, global: &Params, start: Option<WorkerState>) {
         let Some(state) = start else { return };
-        let verdict = self.rerun(&c.signed.commitment, global, state).await;
+        let verdict = self.rerun(&c.commitment, global, state).await;
         if !matches!(verdict, Ok(Ok(Verdict::Match))) {
             eprintln!(
                 "warning: re-executing this worker's own round did not reproduce its contribution ({verdict:?}): training is not deterministic here, and auditors will drop it"
@@ -411,11 +412,11 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     async fn reexecute(
         &self,
         peers: &Peers,
-        c: &Contribution,
+        c: &Signed,
         round: u64,
         global: &Params,
     ) -> Result<(), Failed> {
-        let cm = &c.signed.commitment;
+        let cm = &c.commitment;
         let peer = PeerId::from_bytes(&cm.worker).map_err(|_| Failed {
             why: "its worker id is not a peer id".into(),
             convict: false,

@@ -38,6 +38,9 @@ pub enum Cheat {
     /// flipped (the state it says it holds is everyone's): a joiner's assembled state fails
     /// its digest.
     BadState,
+    /// Sends its contribution to one peer only (the first by peer id) and answers `Fetch` and
+    /// payload ranges of no other: the others get it only as relayed by that peer.
+    OneSided,
 }
 
 /// A lazy worker's round: trained on the examples assigned to another id, committed with the

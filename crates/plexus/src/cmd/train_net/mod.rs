@@ -9,11 +9,13 @@
 //!    and a worker that fell behind all catch up this way; per-peer timeouts, next peer on
 //!    failure);
 //! 2. runs H inner steps from the round's start weights on the examples the seed assigns it,
-//!    signs the encoded pseudo-gradient and pushes it to every peer;
+//!    signs the encoded pseudo-gradient and pushes it to every peer (or, too large for one
+//!    message, offers its commitment and serves the payload in ranges, [`offers`]);
 //! 3. waits until every expected worker's contribution is in, the adaptive deadline passes, or
 //!    a peer says hello from a later round;
 //! 4. asks every peer which contributions it holds for the round and fetches the ones it
-//!    misses (they are signed, so any peer can relay them);
+//!    misses (they are signed, so any peer can relay them), waiting for those a peer is still
+//!    fetching ([`sync`]);
 //! 5. audits: draws from the set's digest which contributions are re-executed (the spec's
 //!    audit rate, [`plexus_train::audit::drawn`]), fetches each drawn worker's start state from
 //!    it and re-executes its round from the commitment; a contribution that does not match (or
@@ -45,6 +47,7 @@ mod peers;
 mod shared;
 pub mod spec;
 mod stake;
+mod sync;
 
 use crate::cli::TrainArgs;
 use crate::cmd::net::{default_data_dir, parse_addrs};
@@ -81,7 +84,9 @@ use tokio::sync::mpsc;
 
 /// The per-round checkpoint in the data directory.
 const CHECKPOINT: &str = "train-state.bin";
-/// How long a finished worker keeps answering peers still closing the last round.
+/// How long a finished worker keeps answering peers still closing the last round (at least; a
+/// run whose payloads travel in ranges lingers as long as one may take to fetch). It stops as
+/// soon as every peer says it is done.
 const LINGER: Duration = Duration::from_secs(20);
 /// How long a worker waits for peers still closing the last round before following a state
 /// ahead that they might outvote.
@@ -128,7 +133,11 @@ struct Worker<D: LocalData> {
     setup: D,
     model: Arc<ModelConfig>,
     shard: Arc<D::Shard>,
-    init: Params,
+    /// The round-0 weights, until the run starts (then dropped: a model's worth of memory).
+    init: Option<Params>,
+    /// Parameters of the model.
+    n: usize,
+    layout: Arc<Layout>,
     key: NodeKey,
     me: Vec<u8>,
     checkpoint: PathBuf,
@@ -156,9 +165,10 @@ pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
         Some("behind") => Some(Cheat::Behind),
         Some("withhold") => Some(Cheat::Withhold),
         Some("bad-state") => Some(Cheat::BadState),
+        Some("one-sided") => Some(Cheat::OneSided),
         Some(other) => {
             bail!(
-                "--cheat {other:?}: expected garbage, stale, lazy, ahead, behind, harmful, withhold or bad-state"
+                "--cheat {other:?}: expected garbage, stale, lazy, ahead, behind, harmful, withhold, bad-state or one-sided"
             )
         }
     };
@@ -267,7 +277,9 @@ fn start<D: LocalData + Send + Sync + 'static>(
         setup,
         model,
         shard,
-        init,
+        n: init.values.len(),
+        layout: init.layout.clone(),
+        init: Some(init),
         key,
         cheat,
         epoch: Instant::now(),
@@ -382,17 +394,21 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     }
 
     fn layout(&self) -> Arc<Layout> {
-        self.init.layout.clone()
+        self.layout.clone()
     }
 
-    fn fresh(&self) -> (GlobalState, WorkerState) {
-        let n = self.init.values.len();
+    /// The run's round-0 state (from the round-0 weights, which it takes).
+    fn fresh(&mut self) -> anyhow::Result<(GlobalState, WorkerState)> {
+        let params = self
+            .init
+            .take()
+            .context("the round-0 weights were already taken")?;
         let global = GlobalState {
             round: 0,
-            params: self.init.clone(),
-            outer: OuterState::new(n),
+            params,
+            outer: OuterState::new(self.n),
         };
-        (global, WorkerState::new(n))
+        Ok((global, WorkerState::new(self.n)))
     }
 
     fn save(&self, global: &GlobalState, state: &WorkerState) {
@@ -419,18 +435,19 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 println!("resumed from checkpoint at round {}", g.round);
                 (g, w)
             }
-            Ok(None) => self.fresh(),
+            Ok(None) => self.fresh()?,
             Err(e) => {
                 eprintln!("warning: {e}; starting without it");
-                self.fresh()
+                self.fresh()?
             }
         };
+        self.init = None;
         println!(
             "run {} ({}) | worker {} | {} parameters | codec {} | H {} | {} rounds",
             run.short(),
             self.spec.spec.name,
             self.key.peer_id(),
-            self.init.values.len(),
+            self.n,
             self.cfg.codec,
             self.cfg.inner_steps,
             self.spec.spec.rounds
@@ -810,7 +827,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         };
         let c = match self.cheat {
             Some(Cheat::Behind) => return, // Says it is still catching up: holds nothing.
-            None | Some(Cheat::Lazy | Cheat::Ahead | Cheat::Withhold) => {
+            None | Some(Cheat::Lazy | Cheat::Ahead | Cheat::Withhold | Cheat::OneSided) => {
                 let c = if self.cheat == Some(Cheat::Withhold) {
                     let mut cm = c.signed.commitment;
                     cm.reveal = Digest::of(&self.now().to_le_bytes());
@@ -843,6 +860,12 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 }
             }
         };
+        let mut targets = targets;
+        if self.cheat == Some(Cheat::OneSided) {
+            targets.sort_by_key(|p| p.to_bytes());
+            targets.truncate(1);
+            lock(shared).serve_only = targets.first().copied();
+        }
         let refusals = if travels_whole(c.payload.len()) {
             peers.push(&targets, &c).await
         } else {
@@ -857,7 +880,12 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let mut cm = c.signed.commitment;
         let mut payload = c.payload;
         match cheat {
-            Cheat::Lazy | Cheat::Ahead | Cheat::Behind | Cheat::Withhold | Cheat::BadState => {}
+            Cheat::Lazy
+            | Cheat::Ahead
+            | Cheat::Behind
+            | Cheat::Withhold
+            | Cheat::BadState
+            | Cheat::OneSided => {}
             Cheat::Garbage => {
                 for (i, b) in payload.iter_mut().enumerate() {
                     *b = (i as u8).wrapping_mul(151) ^ 0x5a;
@@ -866,7 +894,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             }
             Cheat::Stale => cm.round = round.checked_sub(1)?,
             Cheat::Harmful => {
-                let n = self.init.values.len();
+                let n = self.n;
                 let mut delta = self.cfg.codec.decode(&payload, n).ok()?;
                 delta.iter_mut().for_each(|d| *d *= -4.0);
                 payload = self.cfg.codec.encode(&delta).ok()?;
@@ -878,48 +906,6 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             signed: Signed::sign(&self.key, cm),
             payload,
         })
-    }
-
-    /// Fetches the contributions to `round` that peers hold and this worker misses, once the
-    /// payloads offered to it for the round have come (or their fetches failed).
-    async fn sync(&self, peers: &Peers, shared: &Mutex<Shared>, round: u64) -> usize {
-        while lock(shared).offers.pending_for(round) {
-            tokio::time::sleep(POLL).await;
-        }
-        let targets: Vec<PeerId> = lock(shared).peers.keys().copied().collect();
-        let lists = futures::future::join_all(
-            targets
-                .into_iter()
-                .map(|p| async move { (p, peers.held(p, round).await) }),
-        )
-        .await;
-        let max = self.cfg.max_workers as usize;
-        let mut synced = 0;
-        for (peer, list) in lists {
-            for entry in list.unwrap_or_default().into_iter().take(max) {
-                if lock(shared).held.contains_key(&entry.worker) {
-                    continue;
-                }
-                let fetched = peers.fetch(peer, round, entry.worker, entry.commitment);
-                let Some(c) = fetched.await else {
-                    eprintln!(
-                        "{peer} did not send the contribution it listed for round {} (no answer in time, not held, or not the listed one)",
-                        round + 1
-                    );
-                    continue;
-                };
-                let mut s = lock(shared);
-                // It was on time where it arrived; here it counts as arriving just in time.
-                let at = self.now().min(s.machine.deadline_at().saturating_sub(1));
-                match s.receive(c, at) {
-                    Ok(()) => synced += 1,
-                    Err(why) => eprintln!(
-                        "a contribution {peer} holds for round {round} was refused: {why}"
-                    ),
-                }
-            }
-        }
-        synced
     }
 
     fn progress(
@@ -1034,7 +1020,15 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             digest.short(),
             self.out.display()
         );
-        let until = Instant::now() + LINGER;
+        // A peer still closing the last round may be fetching this worker's payload: a large
+        // one is given its whole time on a slow link.
+        let largest = self.cfg.codec.encoded_len(self.n);
+        let linger = if travels_whole(largest) {
+            LINGER
+        } else {
+            LINGER.max(peers::payload_budget(largest))
+        };
+        let until = Instant::now() + linger;
         while Instant::now() < until {
             let me = lock(shared).told();
             let statuses = peers.hello_all(&me).await;

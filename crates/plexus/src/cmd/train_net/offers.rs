@@ -8,10 +8,11 @@
 //! digest and length ([`fetch_offered`]); then it is received as a push that arrived when the
 //! offer did (the commitment binds the payload, so the deadline measures when the work was
 //! done, not how long its bytes took). A worker fixing a round's set first waits for the
-//! round's pending offers ([`Offers::pending_for`]); each fetch is bounded by its bytes on a
-//! slow link ([`super::peers::Peers::payload`]), so a worker that offers and then serves
-//! slowly delays a round by at most that bound, and a failed fetch leaves the contribution
-//! to the sync from the peers that hold it.
+//! round's pending offers ([`Offers::pending_for`]), and for those its peers are still
+//! fetching (listed by `Pending`) that it misses; each fetch is bounded by its bytes on a slow
+//! link ([`super::peers::Peers::payload`]), and a worker whose fetch failed cannot offer again
+//! in that round, so a worker that offers and then serves slowly delays a round by about that
+//! bound; a failed fetch leaves the contribution to the sync from the peers that hold it.
 //!
 //! Only a worker offers its own contribution (others relay through `Held`/`Fetch`), so a peer
 //! cannot block a worker's contribution by offering it first and then not serving it.
@@ -21,7 +22,7 @@ use super::peers::Peers;
 use super::shared::{worker_name, Shared};
 use plexus_net::PeerId;
 use plexus_train::commit::Signed;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 /// An accepted offer whose payload is to be fetched.
@@ -33,33 +34,52 @@ pub struct Offered {
     pub at_ms: u64,
 }
 
-/// Offers being fetched, by (round, worker), and those not yet handed to a fetch task.
+/// Offers being fetched, by (round, worker), those not yet handed to a fetch task, and those
+/// whose fetch failed (not taken again in that round).
 #[derive(Default)]
 pub struct Offers {
-    pending: BTreeSet<(u64, Vec<u8>)>,
+    pending: BTreeMap<(u64, Vec<u8>), Signed>,
     queue: Vec<Offered>,
+    failed: BTreeSet<(u64, Vec<u8>)>,
 }
 
 impl Offers {
     /// Whether `worker`'s contribution to `round` is being fetched.
     pub fn is_pending(&self, round: u64, worker: &[u8]) -> bool {
-        self.pending.contains(&(round, worker.to_vec()))
+        self.pending.contains_key(&(round, worker.to_vec()))
     }
 
     /// Whether any contribution to `round` is being fetched.
     pub fn pending_for(&self, round: u64) -> bool {
-        self.pending.iter().any(|(r, _)| *r == round)
+        self.pending.keys().any(|(r, _)| *r == round)
     }
 
     /// Offers being fetched for `round`.
     pub fn count_for(&self, round: u64) -> usize {
-        self.pending.iter().filter(|(r, _)| *r == round).count()
+        self.pending.keys().filter(|(r, _)| *r == round).count()
+    }
+
+    /// The commitments of the offers to `round` being fetched.
+    pub fn pending_of(&self, round: u64) -> Vec<Signed> {
+        self.pending
+            .iter()
+            .filter(|((r, _), _)| *r == round)
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    /// Whether `worker`'s offer for `round` was fetched and failed: its worker did not serve
+    /// the committed bytes in time, and another offer of it this round is refused (a worker
+    /// re-offering after every failure would hold the round's sync open again and again).
+    pub fn failed(&self, round: u64, worker: &[u8]) -> bool {
+        self.failed.contains(&(round, worker.to_vec()))
     }
 
     /// Keeps `offer` as pending and queues its fetch.
     pub fn add(&mut self, offer: Offered) {
         let cm = &offer.signed.commitment;
-        self.pending.insert((cm.round, cm.worker.clone()));
+        self.pending
+            .insert((cm.round, cm.worker.clone()), offer.signed.clone());
         self.queue.push(offer);
     }
 
@@ -68,9 +88,14 @@ impl Offers {
         std::mem::take(&mut self.queue)
     }
 
-    /// Ends the fetch of `worker`'s contribution to `round` (whatever came of it).
-    pub fn settle(&mut self, round: u64, worker: &[u8]) {
+    /// Ends the fetch of `worker`'s contribution to `round`: `ok` when its payload came.
+    pub fn settle(&mut self, round: u64, worker: &[u8], ok: bool) {
         self.pending.remove(&(round, worker.to_vec()));
+        if !ok {
+            // Older rounds' failures are forgotten (bounded by the workers of two rounds).
+            self.failed.retain(|(r, _)| *r + 1 >= round);
+            self.failed.insert((round, worker.to_vec()));
+        }
     }
 }
 
@@ -81,7 +106,7 @@ pub async fn fetch_offered(peers: Peers, shared: Arc<Mutex<Shared>>, offer: Offe
     let (round, worker) = (cm.round, cm.worker.clone());
     let got = peers.payload(offer.from, &offer.signed).await;
     let mut s = lock(&shared);
-    s.offers.settle(round, &worker);
+    s.offers.settle(round, &worker, got.is_some());
     let Some(c) = got else {
         eprintln!(
             "the payload of {}'s contribution to round {} did not come from it (no answer in time, not held, or not the committed bytes)",
@@ -146,8 +171,17 @@ mod tests {
         assert_eq!((o.count_for(3), o.count_for(4)), (1, 1));
         assert_eq!(o.take_queue().len(), 2);
         assert!(o.take_queue().is_empty());
-        o.settle(3, &a.peer_id().to_bytes());
-        assert!(!o.pending_for(3));
+        assert_eq!(o.pending_of(3).len(), 1);
+        o.settle(3, &a.peer_id().to_bytes(), false);
+        assert!(!o.pending_for(3) && o.pending_of(3).is_empty());
+        assert!(o.failed(3, &a.peer_id().to_bytes()));
+        assert!(!o.failed(4, &b.peer_id().to_bytes()));
+        o.settle(4, &b.peer_id().to_bytes(), true);
+        assert!(!o.failed(4, &b.peer_id().to_bytes()));
+        // Failures two rounds old are forgotten.
+        o.settle(5, &b.peer_id().to_bytes(), false);
+        assert!(!o.failed(3, &a.peer_id().to_bytes()));
+        o.add(offer(4, &b));
         assert!(o.pending_for(4));
     }
 }

@@ -3,6 +3,7 @@
 //! tries another or goes on without it).
 
 use futures::future::join_all;
+use futures::stream::{FuturesUnordered, StreamExt};
 use plexus_core::wire::{Request, Response, MAX_FRAME_BYTES};
 use plexus_core::Digest;
 use plexus_net::{NetHandle, PeerId};
@@ -32,6 +33,20 @@ const START_RANGE_TRIES: usize = 3;
 /// range, 18.4 s: inside the transport's own 30 s per call.
 fn range_timeout(len: usize) -> Duration {
     CALL_TIMEOUT + Duration::from_secs_f64(len as f64 * 8.0 / SLOWEST_LINK_BITS_PER_S)
+}
+
+/// How long a payload of `len` bytes may take to come in ranges from one holder: the
+/// small-message timeout plus its bytes at [`AUDITED_LINK_BITS_PER_S`] (269 MB, a 135M model's
+/// f16 pseudo-gradient: 225 s).
+pub fn payload_budget(len: usize) -> Duration {
+    CALL_TIMEOUT + Duration::from_secs_f64(len as f64 * 8.0 / AUDITED_LINK_BITS_PER_S)
+}
+
+/// A contribution as a peer relays it ([`Peers::fetch`]).
+pub enum Fetched {
+    Whole(Contribution),
+    /// Its payload does not travel in one message: asked in ranges once the commitment checks.
+    Offered(Signed),
 }
 
 #[derive(Clone)]
@@ -127,15 +142,17 @@ impl Peers {
         .await
     }
 
-    /// The contribution whose commitment digest is `commitment` to `round` of `worker`, from
-    /// `peer`: in one message, or its commitment and then its payload in ranges.
+    /// The contribution to `round` of `worker` whose commitment digest is `commitment`, from
+    /// `peer`: whole, or only its commitment when its payload does not travel in one message
+    /// (the caller checks it before asking the payload, [`Self::payload`]). `None` for no
+    /// answer or another contribution than the one asked.
     pub async fn fetch(
         &self,
         peer: PeerId,
         round: u64,
         worker: Vec<u8>,
         commitment: Digest,
-    ) -> Option<Contribution> {
+    ) -> Option<Fetched> {
         let req = TrainRequest::Fetch {
             run: self.run,
             round,
@@ -143,11 +160,23 @@ impl Peers {
         };
         match self.ask(peer, &req, CALL_TIMEOUT).await? {
             TrainResponse::Contribution(c) if c.signed.commitment.digest() == commitment => {
-                Some(*c)
+                Some(Fetched::Whole(*c))
             }
             TrainResponse::Offered(s) if s.commitment.digest() == commitment => {
-                self.payload(peer, &s).await
+                Some(Fetched::Offered(*s))
             }
+            _ => None,
+        }
+    }
+
+    /// The commitments of the offers to `round` that `peer` is still fetching.
+    pub async fn pending(&self, peer: PeerId, round: u64) -> Option<Vec<Signed>> {
+        let req = TrainRequest::Pending {
+            run: self.run,
+            round,
+        };
+        match self.ask(peer, &req, CALL_TIMEOUT).await {
+            Some(TrainResponse::Pending { round: r, pending }) if r == round => Some(pending),
             _ => None,
         }
     }
@@ -156,11 +185,11 @@ impl Peers {
     /// [`START_RANGE_TRIES`] times, the whole within its bytes at [`AUDITED_LINK_BITS_PER_S`]),
     /// checked against the committed length and digest; `None` when it did not come in time or
     /// is not the committed bytes.
+    /// The caller has checked the commitment (its length bounds the buffer).
     pub async fn payload(&self, holder: PeerId, signed: &Signed) -> Option<Contribution> {
         let (run, cm) = (self.run, &signed.commitment);
         let total = usize::try_from(cm.payload_len).ok()?;
-        let budget =
-            CALL_TIMEOUT + Duration::from_secs_f64(total as f64 * 8.0 / AUDITED_LINK_BITS_PER_S);
+        let budget = payload_budget(total);
         let holders = [holder];
         let fetch = self.ranges_of(
             &holders,
@@ -285,7 +314,7 @@ impl Peers {
     }
 
     /// The `total` bytes asked in ranges of `holders` ([`StateFetch`], each range `tries` times
-    /// per holder): `ask` makes a range's request and `take` its bytes from an answer (`None`
+    /// per holder, a window of asks per holder): `ask` makes a range's request and `take` its bytes from an answer (`None`
     /// for a wrong one).
     async fn ranges_of(
         &self,
@@ -299,22 +328,23 @@ impl Peers {
             return (None, Vec::new());
         }
         let mut fetch = StateFetch::with_tries(total, holders.len(), tries);
+        // A window per holder: the next range is asked as soon as one comes back.
+        let mut flying = FuturesUnordered::new();
         loop {
-            let asks = fetch.pending();
-            if asks.is_empty() {
-                break;
-            }
-            let answers = join_all(asks.into_iter().map(|(i, range, h)| {
+            for (i, range, h) in fetch.next_asks() {
                 let req = ask(&range);
-                let take = &take;
-                async move {
-                    let answer = self.ask(holders[h], &req, range_timeout(range.len())).await;
-                    (i, answer.and_then(|a| take(a, &range)))
-                }
-            }))
-            .await;
-            for (i, bytes) in answers {
-                fetch.on_answer(i, bytes.as_deref());
+                let peer = holders[h];
+                flying.push(async move {
+                    let answer = self.ask(peer, &req, range_timeout(range.len())).await;
+                    (i, range, answer)
+                });
+            }
+            let Some((i, range, answer)) = flying.next().await else {
+                break;
+            };
+            fetch.on_answer(i, answer.and_then(|a| take(a, &range)).as_deref());
+            if fetch.failed() {
+                break;
             }
         }
         let delivered = fetch

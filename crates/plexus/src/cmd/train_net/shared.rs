@@ -91,6 +91,8 @@ pub struct Shared {
     state_bytes: Option<(Digest, Arc<Vec<u8>>)>,
     /// Contributions offered by their workers whose payloads are being fetched.
     pub offers: Offers,
+    /// Test-only (`--cheat one-sided`): the one peer `Fetch` and payload ranges are answered.
+    pub serve_only: Option<PeerId>,
 }
 
 impl Shared {
@@ -119,6 +121,7 @@ impl Shared {
             verdicts: BTreeMap::new(),
             state_bytes: None,
             offers: Offers::default(),
+            serve_only: None,
         }
     }
 
@@ -420,6 +423,12 @@ impl Shared {
                 "this contribution was offered already; its payload is being fetched".into(),
             );
         }
+        if self.offers.failed(cm.round, &cm.worker) {
+            return Err(format!(
+                "its payload did not come when offered before: no other offer in round {}",
+                cm.round + 1
+            ));
+        }
         self.admit(&signed)?;
         if cm.round == self.machine.round() + 1 {
             // The machine checks the rest when the round opens; the length bounds the fetch.
@@ -447,6 +456,33 @@ impl Shared {
             at_ms: now_ms,
         });
         Ok(())
+    }
+
+    /// Checks a commitment a peer relays (`Fetch` answered `Offered`) as listed for `worker`'s
+    /// contribution to the current `round`, as a push of it at `at_ms` would be checked, before
+    /// any byte of its payload is asked.
+    pub fn check_relayed(
+        &mut self,
+        signed: &Signed,
+        worker: &[u8],
+        round: u64,
+        at_ms: u64,
+    ) -> Result<(), String> {
+        let cm = &signed.commitment;
+        if cm.worker != worker || cm.round != round || round != self.machine.round() {
+            return Err(format!(
+                "a commitment of {} to round {} where {} to round {} was listed",
+                worker_name(&cm.worker),
+                cm.round + 1,
+                worker_name(worker),
+                round + 1
+            ));
+        }
+        self.admit(signed)?;
+        self.machine
+            .check_commitment(signed, at_ms)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// The contribution of `worker` to `round` this worker holds: of the round (or the one
@@ -535,6 +571,9 @@ impl Shared {
             TrainRequest::Fetch { run, round, worker } => {
                 if other_run(run) {
                     return TrainResponse::Refused("another run".into());
+                }
+                if self.serve_only.is_some_and(|p| p != peer) {
+                    return TrainResponse::NotHeld;
                 }
                 match self.set_of(round).and_then(|s| s.get(&worker)) {
                     Some(c) if !travels_whole(c.payload.len()) => {
@@ -703,6 +742,15 @@ impl Shared {
                     }
                 }
             }
+            TrainRequest::Pending { run, round } => {
+                if other_run(run) {
+                    return TrainResponse::Refused("another run".into());
+                }
+                TrainResponse::Pending {
+                    round,
+                    pending: self.offers.pending_of(round),
+                }
+            }
             TrainRequest::PayloadRange {
                 run,
                 round,
@@ -712,6 +760,9 @@ impl Shared {
             } => {
                 if other_run(run) {
                     return TrainResponse::Refused("another run".into());
+                }
+                if self.serve_only.is_some_and(|p| p != peer) {
+                    return TrainResponse::NotHeld;
                 }
                 let Some(c) = self.contribution_of(round, &worker) else {
                     return TrainResponse::NotHeld;
@@ -986,7 +1037,7 @@ mod tests {
         assert_eq!((queued[0].from, queued[0].at_ms), (key.peer_id(), 10));
         assert!(s.offers.pending_for(round));
         // Its payload came: settled and received.
-        s.offers.settle(round, &worker);
+        s.offers.settle(round, &worker, true);
         s.receive(c.clone(), queued[0].at_ms).unwrap();
         assert!(s.machine.contributes(&worker));
         // Any worker holding it serves its payload, in ranges that assemble to it.
