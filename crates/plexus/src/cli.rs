@@ -500,11 +500,13 @@ pub struct TrainSpecArgs {
     #[arg(long, default_value_t = 3.0)]
     pub deadline_k: f64,
     /// ... and at least the median x (1 + slack): the headroom a round gives when arrival
-    /// times barely vary (MAD near 0). With the default a round in which every worker is more
-    /// than 25% slower than the median of the last rounds (machines busy with other work)
-    /// closes before any contribution is in (the deadline then restarts from those late
-    /// times: one round lost, not the run); raise it for workers on shared machines.
-    #[arg(long, default_value_t = 0.25)]
+    /// times barely vary (MAD near 0, as with two workers). The deadline only matters when a
+    /// worker crashed or stalls (a round closes as soon as every expected contribution is in),
+    /// so it is generous: at 0.25, two workers of a 135M fine-tune on one machine missed it
+    /// when one's close slowed the other's training. A round in which every worker is slower
+    /// than this closes empty (the deadline then restarts from those late times: one round
+    /// lost, not the run).
+    #[arg(long, default_value_t = 1.0)]
     pub deadline_slack: f64,
     /// Held-out examples each round scores contributions on; 0 disables scoring.
     #[arg(long, default_value_t = 32)]

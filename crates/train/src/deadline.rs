@@ -31,7 +31,7 @@ impl Default for DeadlinePolicy {
             min_ms: 1_000,
             max_ms: 3_600_000,
             k: 3.0,
-            slack: 0.25,
+            slack: 1.0,
             window: 64,
         }
     }
@@ -86,6 +86,7 @@ mod tests {
         let p = DeadlinePolicy {
             initial_ms: 60_000,
             min_ms: 100,
+            slack: 0.25,
             ..DeadlinePolicy::default()
         };
         let mut d = Deadline::default();

@@ -154,6 +154,8 @@ pub struct RoundMachine {
     /// Contributions of this round valid but for arriving after its deadline: when each
     /// arrived, in ms after the round opened (at most the run's workers max).
     late: BTreeMap<Vec<u8>, u64>,
+    /// When workers were seen starting this round ([`Self::note_started`]).
+    started: BTreeMap<Vec<u8>, u64>,
 }
 
 /// Digest of a round's set: the round and its sorted commitment digests.
@@ -191,6 +193,7 @@ impl RoundMachine {
             deadline: Deadline::default(),
             closing: false,
             late: BTreeMap::new(),
+            started: BTreeMap::new(),
         }
     }
 
@@ -247,9 +250,59 @@ impl RoundMachine {
         self.opened_ms = self.opened_ms.max(now_ms);
     }
 
-    /// Time at which the round stops accepting contributions.
+    /// Time at which the round stops accepting contributions from a worker not seen starting
+    /// it later than this one ([`Self::deadline_of`]).
     pub fn deadline_at(&self) -> u64 {
         self.opened_ms + self.deadline.current_ms(&self.cfg.deadline)
+    }
+
+    /// Notes that `worker` was seen starting this round at `now_ms` (its hello at the round,
+    /// the first one counts): a worker that closed the last round later than this one (a
+    /// slower close, a larger share of the audits) starts training later, and its own
+    /// deadline counts from then ([`Self::deadline_of`]). Without it, a worker that closes
+    /// fast would close each round on the deadline before a slower closer's work arrives, and
+    /// the two would hold different sets.
+    pub fn note_started(&mut self, worker: &[u8], now_ms: u64) {
+        if self.closing
+            || (self.started.len() >= self.cfg.max_workers as usize
+                && !self.started.contains_key(worker))
+        {
+            return;
+        }
+        self.started.entry(worker.to_vec()).or_insert(now_ms);
+    }
+
+    /// Time at which the round stops accepting `worker`'s contribution: the round's deadline,
+    /// or the deadline's length after the worker was seen starting the round if that is later,
+    /// at most one deadline's length later (a peer that says hello late cannot hold a round
+    /// open longer).
+    pub fn deadline_of(&self, worker: &[u8]) -> u64 {
+        let base = self.deadline_at();
+        match self.started.get(worker) {
+            Some(&seen) => {
+                let d = self.deadline.current_ms(&self.cfg.deadline);
+                seen.saturating_add(d).clamp(base, base.saturating_add(d))
+            }
+            None => base,
+        }
+    }
+
+    /// When `worker` started this round as far as this machine knows: when it was seen
+    /// starting it, or the round's opening if that is later. Its work's time counts from here.
+    fn start_of(&self, worker: &[u8]) -> u64 {
+        self.started
+            .get(worker)
+            .map_or(self.opened_ms, |&seen| seen.max(self.opened_ms))
+    }
+
+    /// When the round closes if not every expected contribution comes: the latest deadline of
+    /// the expected workers not in yet ([`Self::deadline_of`]), at least the round's.
+    pub fn closes_at(&self) -> u64 {
+        self.expected
+            .iter()
+            .filter(|w| !self.received.contains_key(*w))
+            .map(|w| self.deadline_of(w))
+            .fold(self.deadline_at(), u64::max)
     }
 
     /// Workers whose contribution this round holds.
@@ -278,9 +331,10 @@ impl RoundMachine {
         self.past_deadline(now_ms) || self.all_in()
     }
 
-    /// Whether the round's deadline has passed.
+    /// Whether the round's deadline has passed for every expected worker not in yet
+    /// ([`Self::closes_at`]).
     pub fn past_deadline(&self, now_ms: u64) -> bool {
-        now_ms >= self.deadline_at()
+        now_ms >= self.closes_at()
     }
 
     /// No longer waits for `worker`'s contribution this round (it is still taken if it comes).
@@ -314,7 +368,7 @@ impl RoundMachine {
             Accepted {
                 commitment: digest,
                 delta,
-                arrived_ms: now_ms.saturating_sub(self.opened_ms),
+                arrived_ms: now_ms.saturating_sub(self.start_of(&cm.worker)),
             },
         );
         Ok(())
@@ -381,15 +435,16 @@ impl RoundMachine {
                 max,
             });
         }
-        if now_ms >= self.deadline_at() {
+        let deadline = self.deadline_of(&cm.worker);
+        if now_ms >= deadline {
             // Valid in every other way: how long the work took, measured.
             if self.late.len() < self.cfg.max_workers as usize {
-                let arrived = now_ms.saturating_sub(self.opened_ms);
+                let arrived = now_ms.saturating_sub(self.start_of(&cm.worker));
                 self.late.entry(cm.worker.clone()).or_insert(arrived);
             }
             return Err(Refusal::PastDeadline {
                 round: current,
-                deadline_ms: self.deadline_at(),
+                deadline_ms: deadline,
             });
         }
         Ok(digest)
@@ -439,6 +494,7 @@ impl RoundMachine {
         // rounds measured): the deadline restarts from this round's times, late ones included,
         // instead of closing every later round empty while its window of old samples decays.
         let late = std::mem::take(&mut self.late);
+        self.started.clear();
         if late.len() > scored.arrivals.len() {
             self.deadline = Deadline::default();
             for &arrived in late.values() {

@@ -49,6 +49,7 @@ fn config(codec: Codec, error_feedback: bool) -> RoundConfig {
         deadline: DeadlinePolicy {
             initial_ms: 10_000,
             min_ms: 100,
+            slack: 0.25,
             ..DeadlinePolicy::default()
         },
         score: ScorePolicy {
@@ -231,6 +232,43 @@ fn a_rounds_deadline_counts_from_when_training_starts_and_survives_adopting_a_st
     assert_eq!(adopted.deadline_at(), 50_000 + w.cfg.deadline.initial_ms);
     adopted.keep_deadline_of(&m);
     assert_eq!(adopted.deadline_at(), 55_000);
+}
+
+/// A worker seen starting the round later than this one (it closed the last round later) has
+/// the deadline's length from then, at most one deadline more; the round stays open for an
+/// expected worker's later deadline; a worker never seen has the round's.
+#[test]
+fn a_worker_that_starts_a_round_later_gets_its_own_deadline_and_the_round_waits_for_it() {
+    let mut w = world(config(Codec::F32, false), 3);
+    let mut m = w.machine();
+    let start = m.state().params.clone();
+    let c: Vec<Contribution> = (0..3).map(|i| w.contribute(i, 0, &start)).collect();
+    let id: Vec<Vec<u8>> = w.keys.iter().map(|k| k.peer_id().to_bytes()).collect();
+    assert_eq!(m.deadline_at(), 10_000);
+    m.note_started(&id[1], 4_000);
+    m.note_started(&id[1], 9_000); // the first sighting counts
+    m.note_started(&id[2], 50_000); // a late hello holds the round one deadline more at most
+    assert_eq!(m.deadline_of(&id[0]), 10_000);
+    assert_eq!(m.deadline_of(&id[1]), 14_000);
+    assert_eq!(m.deadline_of(&id[2]), 20_000);
+    m.offer(&c[0], 2_000).unwrap();
+    assert!(
+        !m.past_deadline(12_000),
+        "workers 1 and 2 are expected and still in time"
+    );
+    m.offer(&c[1], 13_000).unwrap(); // past the round's deadline, within its own
+    assert_eq!(m.closes_at(), 20_000);
+    assert!(!m.should_close(19_999) && m.should_close(20_000));
+    // Not waited for any more: the round's own deadline applies again.
+    m.unexpect(&id[2]);
+    assert!(m.past_deadline(13_000));
+    assert!(matches!(
+        m.offer(&c[2], 20_000),
+        Err(Refusal::PastDeadline {
+            deadline_ms: 20_000,
+            ..
+        })
+    ));
 }
 
 /// A straggler's late arrival does not stretch the deadline for everyone; when most of a

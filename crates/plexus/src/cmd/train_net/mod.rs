@@ -626,7 +626,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             {
                 let mut s = lock(shared);
                 for (p, st) in &statuses {
-                    s.note_peer(*p, st.clone());
+                    s.note_peer(*p, st.clone(), self.now());
                 }
             }
             if statuses.len() + 1 >= min || under_way {
@@ -654,7 +654,8 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let asked = Instant::now();
         let (statuses, (round, digest)) = loop {
             let statuses = peers.hello_all(&told).await;
-            let statuses = lock(shared).note_voters(statuses);
+            let now = self.now();
+            let statuses = lock(shared).note_voters(statuses, now);
             let others: Vec<(u64, Digest)> =
                 statuses.iter().map(|(_, s)| (s.round, s.state)).collect();
             let target = choose_target(mine, others.iter().copied(), self.spec.spec.rounds);

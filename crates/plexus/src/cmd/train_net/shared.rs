@@ -311,7 +311,9 @@ impl Shared {
     /// Remembers `peer`'s status; a peer at this round is expected to contribute to it (unless
     /// an audit convicted it: its contributions are refused, so nobody waits for them), and one
     /// that says it is done (finished, or leaving the run) is no longer waited for.
-    pub fn note_peer(&mut self, peer: PeerId, status: Status) {
+    /// A peer at this worker's round is noted as having started it at `now_ms` (the first time
+    /// it is seen there: [`RoundMachine::note_started`]).
+    pub fn note_peer(&mut self, peer: PeerId, status: Status, now_ms: u64) {
         if status.run != self.run {
             return;
         }
@@ -326,6 +328,7 @@ impl Shared {
         } else {
             self.gone.remove(&worker);
             if status.round == self.machine.round() && !self.excluded(&worker) {
+                self.machine.note_started(&worker, now_ms);
                 self.machine.expect(worker);
             }
         }
@@ -349,9 +352,13 @@ impl Shared {
     /// state to hold and serve it. A worker convicted by an audit trains on a state of its own
     /// making (its own contributions in, the others' refused): following it would fork this
     /// worker off the honest ones. Nor does a worker under the run's stake vote.
-    pub fn note_voters(&mut self, statuses: Vec<(PeerId, Status)>) -> Vec<(PeerId, Status)> {
+    pub fn note_voters(
+        &mut self,
+        statuses: Vec<(PeerId, Status)>,
+        now_ms: u64,
+    ) -> Vec<(PeerId, Status)> {
         for (p, st) in &statuses {
-            self.note_peer(*p, st.clone());
+            self.note_peer(*p, st.clone(), now_ms);
         }
         statuses
             .into_iter()
@@ -521,7 +528,7 @@ impl Shared {
                 if other_run(status.run) {
                     return TrainResponse::Refused("another run".into());
                 }
-                self.note_peer(peer, status);
+                self.note_peer(peer, status, now_ms);
                 TrainResponse::Status(self.told())
             }
             TrainRequest::Push(c) => {
@@ -850,16 +857,16 @@ mod tests {
         let peer = PeerId::random();
         let worker = peer.to_bytes();
         let at = |s: &Shared, done: bool| Status { done, ..s.status() };
-        s.note_peer(peer, at(&s, false));
+        s.note_peer(peer, at(&s, false), 0);
         assert!(s.machine.expects(&worker));
-        s.note_peer(peer, at(&s, true));
+        s.note_peer(peer, at(&s, true), 0);
         assert!(!s.machine.expects(&worker), "waited for a worker that left");
         // Closing a round expects whoever contributed to it; a gone worker is forgotten again.
         s.machine.expect(worker.clone());
         s.forget_gone();
         assert!(!s.machine.expects(&worker), "waited for a worker that left");
         // Back (restarted, caught up): expected again.
-        s.note_peer(peer, at(&s, false));
+        s.note_peer(peer, at(&s, false), 0);
         s.forget_gone();
         assert!(s.machine.expects(&worker));
     }
@@ -925,7 +932,7 @@ mod tests {
         let (theirs, forked) = (at(5, 9), at(5, 0));
         let statuses = vec![(honest, theirs.clone()), (convicted, forked.clone())];
         // Both statuses are noted; only the honest one votes.
-        let voters = s.note_voters(statuses);
+        let voters = s.note_voters(statuses, 0);
         assert_eq!(voters, vec![(honest, theirs.clone())]);
         assert_eq!(s.peers.get(&convicted), Some(&forked));
         let votes = voters.iter().map(|(_, st)| (st.round, st.state));
@@ -1172,7 +1179,7 @@ mod tests {
             why.contains("not staked") && why.contains(&account.to_string()),
             "{why}"
         );
-        assert!(s.note_voters(vec![(peer, status.clone())]).is_empty());
+        assert!(s.note_voters(vec![(peer, status.clone())], 0).is_empty());
         assert!(!s.machine.expects(&worker), "waited for an unstaked worker");
 
         s.stake.as_mut().unwrap().update([(account, 1_000)].into());
@@ -1180,7 +1187,7 @@ mod tests {
             assert!(!why.contains("not staked"), "{why}");
         }
         assert_eq!(
-            s.note_voters(vec![(peer, status.clone())]),
+            s.note_voters(vec![(peer, status.clone())], 0),
             vec![(peer, status)]
         );
         assert!(s.machine.expects(&worker));

@@ -75,7 +75,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                     Some(Fetched::Offered(signed)) => {
                         let checked = {
                             let mut s = lock(shared);
-                            let at = self.listed_at(&s);
+                            let at = self.listed_at(&s, &worker);
                             s.check_relayed(&signed, &worker, round, at)
                         };
                         match checked {
@@ -96,7 +96,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                     break;
                 };
                 let mut s = lock(shared);
-                let at = self.listed_at(&s);
+                let at = self.listed_at(&s, &worker);
                 match s.receive(c, at) {
                     Ok(()) => synced += 1,
                     Err(why) => eprintln!(
@@ -109,10 +109,11 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         synced
     }
 
-    /// When a contribution fetched from a peer counts as arriving: now, or just before the
-    /// deadline if that has passed (it was on time where it arrived).
-    fn listed_at(&self, s: &Shared) -> u64 {
-        self.now().min(s.machine.deadline_at().saturating_sub(1))
+    /// When `worker`'s contribution fetched from a peer counts as arriving: now, or just
+    /// before its deadline if that has passed (it was on time where it arrived).
+    fn listed_at(&self, s: &Shared, worker: &[u8]) -> u64 {
+        self.now()
+            .min(s.machine.deadline_of(worker).saturating_sub(1))
     }
 
     /// Step 3 (module docs): whether a peer is still fetching a valid contribution to `round`
@@ -127,7 +128,6 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         .await;
         let max = self.cfg.max_workers as usize;
         let mut s = lock(shared);
-        let at = self.listed_at(&s);
         let mut seen = BTreeSet::new();
         lists
             .into_iter()
@@ -135,6 +135,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             .filter(|signed| seen.insert(signed.commitment.digest()))
             .any(|signed| {
                 let worker = signed.commitment.worker.clone();
+                let at = self.listed_at(&s, &worker);
                 !s.held.contains_key(&worker)
                     && s.check_relayed(&signed, &worker, round, at).is_ok()
             })
