@@ -940,8 +940,8 @@ fn a_contribution_larger_than_a_message_travels_in_ranges_and_a_crash_does_not_s
         );
     }
     assert_eq!(states[0], states[1]);
-    assert_eq!(
-        relayed, 1,
+    assert!(
+        relayed >= 1,
         "the one-sided contribution reached the other peer relayed"
     );
 }

@@ -154,8 +154,9 @@ pub struct RoundMachine {
     /// Contributions of this round valid but for arriving after its deadline: when each
     /// arrived, in ms after the round opened (at most the run's workers max).
     late: BTreeMap<Vec<u8>, u64>,
-    /// When workers were seen starting this round ([`Self::note_started`]).
-    started: BTreeMap<Vec<u8>, u64>,
+    /// The workers who did valid work last round, in its set or late (those expected when the
+    /// machine was made, for its first round): only their late arrivals count as measurements.
+    previous: BTreeSet<Vec<u8>>,
 }
 
 /// Digest of a round's set: the round and its sorted commitment digests.
@@ -180,7 +181,9 @@ impl RoundMachine {
         let start = state.params.digest();
         let digest = state.digest_with(start);
         let hyper = cfg.hyper_digest();
+        let expected: BTreeSet<Vec<u8>> = expected.into_iter().collect();
         Self {
+            previous: expected.clone(),
             cfg,
             state: Arc::new(state),
             start,
@@ -189,11 +192,10 @@ impl RoundMachine {
             opened_ms: now_ms,
             received: BTreeMap::new(),
             dropped: BTreeSet::new(),
-            expected: expected.into_iter().collect(),
+            expected,
             deadline: Deadline::default(),
             closing: false,
             late: BTreeMap::new(),
-            started: BTreeMap::new(),
         }
     }
 
@@ -250,59 +252,9 @@ impl RoundMachine {
         self.opened_ms = self.opened_ms.max(now_ms);
     }
 
-    /// Time at which the round stops accepting contributions from a worker not seen starting
-    /// it later than this one ([`Self::deadline_of`]).
+    /// Time at which the round stops accepting contributions.
     pub fn deadline_at(&self) -> u64 {
         self.opened_ms + self.deadline.current_ms(&self.cfg.deadline)
-    }
-
-    /// Notes that `worker` was seen starting this round at `now_ms` (its hello at the round,
-    /// the first one counts): a worker that closed the last round later than this one (a
-    /// slower close, a larger share of the audits) starts training later, and its own
-    /// deadline counts from then ([`Self::deadline_of`]). Without it, a worker that closes
-    /// fast would close each round on the deadline before a slower closer's work arrives, and
-    /// the two would hold different sets.
-    pub fn note_started(&mut self, worker: &[u8], now_ms: u64) {
-        if self.closing
-            || (self.started.len() >= self.cfg.max_workers as usize
-                && !self.started.contains_key(worker))
-        {
-            return;
-        }
-        self.started.entry(worker.to_vec()).or_insert(now_ms);
-    }
-
-    /// Time at which the round stops accepting `worker`'s contribution: the round's deadline,
-    /// or the deadline's length after the worker was seen starting the round if that is later,
-    /// at most one deadline's length later (a peer that says hello late cannot hold a round
-    /// open longer).
-    pub fn deadline_of(&self, worker: &[u8]) -> u64 {
-        let base = self.deadline_at();
-        match self.started.get(worker) {
-            Some(&seen) => {
-                let d = self.deadline.current_ms(&self.cfg.deadline);
-                seen.saturating_add(d).clamp(base, base.saturating_add(d))
-            }
-            None => base,
-        }
-    }
-
-    /// When `worker` started this round as far as this machine knows: when it was seen
-    /// starting it, or the round's opening if that is later. Its work's time counts from here.
-    fn start_of(&self, worker: &[u8]) -> u64 {
-        self.started
-            .get(worker)
-            .map_or(self.opened_ms, |&seen| seen.max(self.opened_ms))
-    }
-
-    /// When the round closes if not every expected contribution comes: the latest deadline of
-    /// the expected workers not in yet ([`Self::deadline_of`]), at least the round's.
-    pub fn closes_at(&self) -> u64 {
-        self.expected
-            .iter()
-            .filter(|w| !self.received.contains_key(*w))
-            .map(|w| self.deadline_of(w))
-            .fold(self.deadline_at(), u64::max)
     }
 
     /// Workers whose contribution this round holds.
@@ -331,10 +283,9 @@ impl RoundMachine {
         self.past_deadline(now_ms) || self.all_in()
     }
 
-    /// Whether the round's deadline has passed for every expected worker not in yet
-    /// ([`Self::closes_at`]).
+    /// Whether the round's deadline has passed.
     pub fn past_deadline(&self, now_ms: u64) -> bool {
-        now_ms >= self.closes_at()
+        now_ms >= self.deadline_at()
     }
 
     /// No longer waits for `worker`'s contribution this round (it is still taken if it comes).
@@ -368,7 +319,7 @@ impl RoundMachine {
             Accepted {
                 commitment: digest,
                 delta,
-                arrived_ms: now_ms.saturating_sub(self.start_of(&cm.worker)),
+                arrived_ms: now_ms.saturating_sub(self.opened_ms),
             },
         );
         Ok(())
@@ -435,16 +386,17 @@ impl RoundMachine {
                 max,
             });
         }
-        let deadline = self.deadline_of(&cm.worker);
-        if now_ms >= deadline {
-            // Valid in every other way: how long the work took, measured.
-            if self.late.len() < self.cfg.max_workers as usize {
-                let arrived = now_ms.saturating_sub(self.start_of(&cm.worker));
+        if now_ms >= self.deadline_at() {
+            // Valid in every other way: how long the work took, measured (only of a worker of
+            // the last round's set: a newcomer's or a stranger's key cannot stretch deadlines).
+            if self.late.len() < self.cfg.max_workers as usize && self.previous.contains(&cm.worker)
+            {
+                let arrived = now_ms.saturating_sub(self.opened_ms);
                 self.late.entry(cm.worker.clone()).or_insert(arrived);
             }
             return Err(Refusal::PastDeadline {
                 round: current,
-                deadline_ms: deadline,
+                deadline_ms: self.deadline_at(),
             });
         }
         Ok(digest)
@@ -493,12 +445,16 @@ impl RoundMachine {
         // late, every worker slowed down (a loaded machine, a larger model than the first
         // rounds measured): the deadline restarts from this round's times, late ones included,
         // instead of closing every later round empty while its window of old samples decays.
-        let late = std::mem::take(&mut self.late);
-        self.started.clear();
+        // (A late one that came back relayed is in the set: counted once, as on time.) Each
+        // late time counts at most twice the deadline it missed: a few workers arriving very
+        // late, on purpose or not, can only double it a round.
+        let mut late = std::mem::take(&mut self.late);
+        late.retain(|w, _| !scored.workers.contains(w));
         if late.len() > scored.arrivals.len() {
+            let cap = 2 * self.deadline.current_ms(&self.cfg.deadline);
             self.deadline = Deadline::default();
             for &arrived in late.values() {
-                self.deadline.record(&self.cfg.deadline, arrived);
+                self.deadline.record(&self.cfg.deadline, arrived.min(cap));
             }
         }
         for &arrived in &scored.arrivals {
@@ -514,6 +470,8 @@ impl RoundMachine {
         state.round += 1;
         // Whoever sent a valid contribution is alive: expect them next round.
         self.expected = scored.workers.into_iter().collect();
+        // Those who did valid work, late or not (a round that closed empty keeps measuring).
+        self.previous = self.expected.iter().chain(late.keys()).cloned().collect();
         let dropped = std::mem::take(&mut self.dropped).into_iter().collect();
         self.start = self.state.params.digest();
         self.digest = self.state.digest_with(self.start);

@@ -85,8 +85,8 @@ use tokio::sync::mpsc;
 /// The per-round checkpoint in the data directory.
 const CHECKPOINT: &str = "train-state.bin";
 /// How long a finished worker keeps answering peers still closing the last round (at least; a
-/// run whose payloads travel in ranges lingers as long as one may take to fetch). It stops as
-/// soon as every peer says it is done.
+/// run whose payloads travel in ranges lingers as long as one may take to fetch, an audited
+/// run as long as its start state may). It stops as soon as every peer says it is done.
 const LINGER: Duration = Duration::from_secs(20);
 /// How long a worker waits for peers still closing the last round before following a state
 /// ahead that they might outvote.
@@ -626,7 +626,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             {
                 let mut s = lock(shared);
                 for (p, st) in &statuses {
-                    s.note_peer(*p, st.clone(), self.now());
+                    s.note_peer(*p, st.clone());
                 }
             }
             if statuses.len() + 1 >= min || under_way {
@@ -654,8 +654,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let asked = Instant::now();
         let (statuses, (round, digest)) = loop {
             let statuses = peers.hello_all(&told).await;
-            let now = self.now();
-            let statuses = lock(shared).note_voters(statuses, now);
+            let statuses = lock(shared).note_voters(statuses);
             let others: Vec<(u64, Digest)> =
                 statuses.iter().map(|(_, s)| (s.round, s.state)).collect();
             let target = choose_target(mine, others.iter().copied(), self.spec.spec.rounds);
@@ -1023,12 +1022,17 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         );
         // A peer still closing the last round may be fetching this worker's payload: a large
         // one is given its whole time on a slow link.
+        // So may an auditor of the last round be, fetching this worker's start state.
         let largest = self.cfg.codec.encoded_len(self.n);
-        let linger = if travels_whole(largest) {
-            LINGER
-        } else {
-            LINGER.max(peers::payload_budget(largest))
-        };
+        let mut linger = LINGER;
+        if !travels_whole(largest) {
+            linger = linger.max(peers::payload_budget(largest));
+        }
+        if self.spec.spec.audit_rate() > 0.0 {
+            linger = linger.max(peers::payload_budget(plexus_train::transfer::start_len(
+                self.n,
+            )));
+        }
         let until = Instant::now() + linger;
         while Instant::now() < until {
             let me = lock(shared).told();

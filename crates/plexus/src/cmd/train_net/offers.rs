@@ -9,10 +9,11 @@
 //! offer did (the commitment binds the payload, so the deadline measures when the work was
 //! done, not how long its bytes took). A worker fixing a round's set first waits for the
 //! round's pending offers ([`Offers::pending_for`]), and for those its peers are still
-//! fetching (listed by `Pending`) that it misses; each fetch is bounded by its bytes on a slow
-//! link ([`super::peers::Peers::payload`]), and a worker whose fetch failed cannot offer again
-//! in that round, so a worker that offers and then serves slowly delays a round by about that
-//! bound; a failed fetch leaves the contribution to the sync from the peers that hold it.
+//! fetching (listed by `Pending`) that it misses ([`super::sync`]); each fetch is bounded by its
+//! bytes on a slow link ([`super::peers::Peers::payload`]), and a worker whose fetch failed
+//! cannot offer again in that round nor is asked for it directly, so a worker that offers and
+//! then serves slowly delays a round by at most about twice that bound (its offer's fetch, then
+//! the sync's); a failed fetch leaves the contribution to the sync from the peers that hold it.
 //!
 //! Only a worker offers its own contribution (others relay through `Held`/`Fetch`), so a peer
 //! cannot block a worker's contribution by offering it first and then not serving it.

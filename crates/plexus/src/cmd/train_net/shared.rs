@@ -311,9 +311,7 @@ impl Shared {
     /// Remembers `peer`'s status; a peer at this round is expected to contribute to it (unless
     /// an audit convicted it: its contributions are refused, so nobody waits for them), and one
     /// that says it is done (finished, or leaving the run) is no longer waited for.
-    /// A peer at this worker's round is noted as having started it at `now_ms` (the first time
-    /// it is seen there: [`RoundMachine::note_started`]).
-    pub fn note_peer(&mut self, peer: PeerId, status: Status, now_ms: u64) {
+    pub fn note_peer(&mut self, peer: PeerId, status: Status) {
         if status.run != self.run {
             return;
         }
@@ -328,7 +326,6 @@ impl Shared {
         } else {
             self.gone.remove(&worker);
             if status.round == self.machine.round() && !self.excluded(&worker) {
-                self.machine.note_started(&worker, now_ms);
                 self.machine.expect(worker);
             }
         }
@@ -352,13 +349,9 @@ impl Shared {
     /// state to hold and serve it. A worker convicted by an audit trains on a state of its own
     /// making (its own contributions in, the others' refused): following it would fork this
     /// worker off the honest ones. Nor does a worker under the run's stake vote.
-    pub fn note_voters(
-        &mut self,
-        statuses: Vec<(PeerId, Status)>,
-        now_ms: u64,
-    ) -> Vec<(PeerId, Status)> {
+    pub fn note_voters(&mut self, statuses: Vec<(PeerId, Status)>) -> Vec<(PeerId, Status)> {
         for (p, st) in &statuses {
-            self.note_peer(*p, st.clone(), now_ms);
+            self.note_peer(*p, st.clone());
         }
         statuses
             .into_iter()
@@ -528,7 +521,7 @@ impl Shared {
                 if other_run(status.run) {
                     return TrainResponse::Refused("another run".into());
                 }
-                self.note_peer(peer, status, now_ms);
+                self.note_peer(peer, status);
                 TrainResponse::Status(self.told())
             }
             TrainRequest::Push(c) => {
@@ -857,16 +850,16 @@ mod tests {
         let peer = PeerId::random();
         let worker = peer.to_bytes();
         let at = |s: &Shared, done: bool| Status { done, ..s.status() };
-        s.note_peer(peer, at(&s, false), 0);
+        s.note_peer(peer, at(&s, false));
         assert!(s.machine.expects(&worker));
-        s.note_peer(peer, at(&s, true), 0);
+        s.note_peer(peer, at(&s, true));
         assert!(!s.machine.expects(&worker), "waited for a worker that left");
         // Closing a round expects whoever contributed to it; a gone worker is forgotten again.
         s.machine.expect(worker.clone());
         s.forget_gone();
         assert!(!s.machine.expects(&worker), "waited for a worker that left");
         // Back (restarted, caught up): expected again.
-        s.note_peer(peer, at(&s, false), 0);
+        s.note_peer(peer, at(&s, false));
         s.forget_gone();
         assert!(s.machine.expects(&worker));
     }
@@ -932,7 +925,7 @@ mod tests {
         let (theirs, forked) = (at(5, 9), at(5, 0));
         let statuses = vec![(honest, theirs.clone()), (convicted, forked.clone())];
         // Both statuses are noted; only the honest one votes.
-        let voters = s.note_voters(statuses, 0);
+        let voters = s.note_voters(statuses);
         assert_eq!(voters, vec![(honest, theirs.clone())]);
         assert_eq!(s.peers.get(&convicted), Some(&forked));
         let votes = voters.iter().map(|(_, st)| (st.round, st.state));
@@ -1179,7 +1172,7 @@ mod tests {
             why.contains("not staked") && why.contains(&account.to_string()),
             "{why}"
         );
-        assert!(s.note_voters(vec![(peer, status.clone())], 0).is_empty());
+        assert!(s.note_voters(vec![(peer, status.clone())]).is_empty());
         assert!(!s.machine.expects(&worker), "waited for an unstaked worker");
 
         s.stake.as_mut().unwrap().update([(account, 1_000)].into());
@@ -1187,7 +1180,7 @@ mod tests {
             assert!(!why.contains("not staked"), "{why}");
         }
         assert_eq!(
-            s.note_voters(vec![(peer, status.clone())], 0),
+            s.note_voters(vec![(peer, status.clone())]),
             vec![(peer, status)]
         );
         assert!(s.machine.expects(&worker));
