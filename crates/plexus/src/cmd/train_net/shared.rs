@@ -10,7 +10,7 @@ use super::offers::{Offered, Offers};
 use super::stake::StakeGate;
 use plexus_core::Digest;
 use plexus_net::PeerId;
-use plexus_train::commit::{Contribution, Signed};
+use plexus_train::commit::{Commitment, Contribution, Signed};
 use plexus_train::protocol::{
     decode, travels_whole, AuditVerdict, HeldEntry, Reveal, StateTransfer, Status, TrainRequest,
     TrainResponse, WorkerStateTransfer,
@@ -505,6 +505,37 @@ impl Shared {
         }
     }
 
+    /// The answer to `peer`'s push or offer (`what`) of the contribution committed in `cm`,
+    /// which this worker took or refused (`taken`).
+    fn answer_contribution(
+        &mut self,
+        peer: PeerId,
+        cm: &Commitment,
+        taken: Result<(), String>,
+        what: &str,
+    ) -> TrainResponse {
+        match taken {
+            Ok(()) => {
+                // Contributing to this round is being at it, whatever its last hello said (a
+                // joiner says hello before it fetches the state it catches up to).
+                if cm.round == self.machine.round() {
+                    self.behind_since.remove(&peer);
+                }
+                TrainResponse::Accepted
+            }
+            Err(why) => {
+                self.refused += 1;
+                eprintln!(
+                    "refused {what} from {} (sent by {peer}) for round {} at round {}: {why}",
+                    worker_name(&cm.worker),
+                    cm.round,
+                    self.machine.round()
+                );
+                TrainResponse::Refused(why)
+            }
+        }
+    }
+
     /// Answers one message from `peer`.
     pub fn handle(&mut self, peer: PeerId, msg: &[u8], now_ms: u64) -> TrainResponse {
         let req = match decode::<TrainRequest>(msg) {
@@ -525,30 +556,9 @@ impl Shared {
                 TrainResponse::Status(self.told())
             }
             TrainRequest::Push(c) => {
-                let (round, worker) = (
-                    c.signed.commitment.round,
-                    c.signed.commitment.worker.clone(),
-                );
-                match self.receive(*c, now_ms) {
-                    Ok(()) => {
-                        // Contributing to this round is being at it, whatever its last hello
-                        // said (a joiner says hello before it fetches the state it catches up
-                        // to).
-                        if round == self.machine.round() {
-                            self.behind_since.remove(&peer);
-                        }
-                        TrainResponse::Accepted
-                    }
-                    Err(why) => {
-                        self.refused += 1;
-                        let who = worker_name(&worker);
-                        eprintln!(
-                            "refused a contribution from {who} (sent by {peer}) for round {round} at round {}: {why}",
-                            self.machine.round()
-                        );
-                        TrainResponse::Refused(why)
-                    }
-                }
+                let cm = c.signed.commitment.clone();
+                let taken = self.receive(*c, now_ms);
+                self.answer_contribution(peer, &cm, taken, "a contribution")
             }
             TrainRequest::Held { run, round } => {
                 if other_run(run) {
@@ -723,24 +733,9 @@ impl Shared {
                 }
             }
             TrainRequest::Offer(signed) => {
-                let (round, worker) = (signed.commitment.round, signed.commitment.worker.clone());
-                match self.offer(peer, *signed, now_ms) {
-                    Ok(()) => {
-                        if round == self.machine.round() {
-                            self.behind_since.remove(&peer);
-                        }
-                        TrainResponse::Accepted
-                    }
-                    Err(why) => {
-                        self.refused += 1;
-                        eprintln!(
-                            "refused the offer of {}'s contribution for round {round} at round {}: {why}",
-                            worker_name(&worker),
-                            self.machine.round()
-                        );
-                        TrainResponse::Refused(why)
-                    }
-                }
+                let cm = signed.commitment.clone();
+                let taken = self.offer(peer, *signed, now_ms);
+                self.answer_contribution(peer, &cm, taken, "the offer of a contribution")
             }
             TrainRequest::Pending { run, round } => {
                 if other_run(run) {
