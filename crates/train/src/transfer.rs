@@ -162,6 +162,8 @@ pub struct StateFetch {
     done: Vec<bool>,
     /// Per range: asked and not answered yet.
     asking: Vec<bool>,
+    /// Per range: the holder it was last asked of.
+    asked_of: Vec<usize>,
     holders: usize,
     /// Per holder: whether it missed a range it was asked for.
     missed: Vec<bool>,
@@ -186,6 +188,7 @@ impl StateFetch {
             misses: vec![0; ranges.len()],
             done: vec![false; ranges.len()],
             asking: vec![false; ranges.len()],
+            asked_of: vec![0; ranges.len()],
             ranges,
             holders,
             missed: vec![false; holders],
@@ -204,7 +207,7 @@ impl StateFetch {
         }
         let mut out_of = vec![0usize; self.holders];
         for i in (0..self.ranges.len()).filter(|&i| self.asking[i]) {
-            out_of[self.holder_of(i)] += 1;
+            out_of[self.asked_of[i]] += 1;
         }
         let mut out = Vec::new();
         for i in 0..self.ranges.len() {
@@ -215,6 +218,7 @@ impl StateFetch {
             if out_of[h] < IN_FLIGHT_PER_HOLDER {
                 out_of[h] += 1;
                 self.asking[i] = true;
+                self.asked_of[i] = h;
                 out.push((i, self.ranges[i].clone(), h));
             }
         }
@@ -226,9 +230,15 @@ impl StateFetch {
         self.asking.iter().filter(|a| **a).count()
     }
 
-    /// The holder whose turn it is to be asked for range `i`.
+    /// The holder whose turn it is to be asked for range `i`: the next one from `i` plus its
+    /// misses that has not missed a range yet (a holder that stalled once gets no more of the
+    /// ranges while another has not), or that one if all have.
     fn holder_of(&self, i: usize) -> usize {
-        (i + self.misses[i]) % self.holders
+        let turn = (i + self.misses[i]) % self.holders;
+        (0..self.holders)
+            .map(|k| (turn + k) % self.holders)
+            .find(|&h| !self.missed[h])
+            .unwrap_or(turn)
     }
 
     /// The holders that delivered every range they were asked for.
@@ -245,7 +255,11 @@ impl StateFetch {
         if self.done[i] {
             return;
         }
-        let h = self.holder_of(i);
+        let h = if self.asking[i] {
+            self.asked_of[i]
+        } else {
+            self.holder_of(i)
+        };
         self.asking[i] = false;
         match bytes {
             Some(b) if b.len() == range.len() => {
@@ -294,6 +308,37 @@ mod tests {
         let (i, _, _) = once.next_asks()[0];
         once.on_answer(i, None);
         assert!(once.failed());
+    }
+
+    /// A holder that missed a range is asked for no more while another has missed none.
+    #[test]
+    fn a_holder_that_missed_gets_no_more_ranges_while_others_deliver() {
+        let total = 12 * MAX_RANGE_BYTES;
+        let bytes = vec![1u8; MAX_RANGE_BYTES];
+        let mut f = StateFetch::new(total, 3);
+        // Holder 0 misses the first range it is asked for; every other answer comes.
+        let mut asked_of_0 = 0;
+        let mut missed_one = false;
+        loop {
+            let asks = f.next_asks();
+            if asks.is_empty() {
+                break;
+            }
+            // Asks made after the miss (not those of its own wave, already out).
+            let after_miss = missed_one;
+            for (i, _, h) in asks {
+                asked_of_0 += usize::from(h == 0 && after_miss);
+                if h == 0 && !missed_one {
+                    missed_one = true;
+                    f.on_answer(i, None);
+                } else {
+                    f.on_answer(i, Some(&bytes));
+                }
+            }
+        }
+        assert!(missed_one);
+        assert_eq!(asked_of_0, 0, "holder 0 stalled once and was asked again");
+        assert_eq!(f.finish().map(|b| b.len()), Some(total));
     }
 
     /// A holder gets its next range as soon as one comes back, never more than the window.
