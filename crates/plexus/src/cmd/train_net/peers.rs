@@ -35,7 +35,8 @@ fn range_timeout(len: usize) -> Duration {
     CALL_TIMEOUT + Duration::from_secs_f64(len as f64 * 8.0 / SLOWEST_LINK_BITS_PER_S)
 }
 
-/// How long a payload of `len` bytes may take to come in ranges from one holder: the
+/// How long `len` bytes (a payload, or an audited worker's start state) may take to come in
+/// ranges from one holder: the
 /// small-message timeout plus its bytes at [`AUDITED_LINK_BITS_PER_S`] (269 MB, a 135M model's
 /// f16 pseudo-gradient: 225 s).
 pub fn payload_budget(len: usize) -> Duration {
@@ -274,8 +275,7 @@ impl Peers {
     pub async fn start_state(&self, peer: PeerId, round: u64, n: usize) -> Option<WorkerState> {
         let run = self.run;
         let total = start_len(n);
-        let budget =
-            CALL_TIMEOUT + Duration::from_secs_f64(total as f64 * 8.0 / AUDITED_LINK_BITS_PER_S);
+        let budget = payload_budget(total);
         let holders = [peer];
         let fetch = self.ranges_of(
             &holders,
