@@ -9,6 +9,7 @@
 use plexus_core::keys::NodeKey;
 use plexus_core::Digest;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 const DOMAIN: &[u8] = b"plexus-train-commitment-v2";
 
@@ -102,10 +103,14 @@ impl Signed {
 }
 
 /// A pseudo-gradient as it travels: the signed commitment and the payload it commits to.
+///
+/// The payload is shared, not copied, between the holders of a contribution in one process
+/// (the round machine that aggregates it, the store that relays it to peers): on the wire it
+/// is the same byte sequence a `Vec<u8>` would be.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Contribution {
     pub signed: Signed,
-    pub payload: Vec<u8>,
+    pub payload: Arc<[u8]>,
 }
 
 #[cfg(test)]

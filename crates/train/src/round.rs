@@ -21,7 +21,7 @@
 //!   workers holding the same set compute the same next weights bit for bit; the outcome's
 //!   `set` digest and `next` hash let them check that they agree.
 
-use crate::codec::DecodeError;
+use crate::codec::{Codec, DecodeError};
 use crate::commit::{Contribution, Signed, VerifyError};
 use crate::config::RoundConfig;
 use crate::deadline::Deadline;
@@ -100,9 +100,12 @@ pub trait Scorer {
     fn loss(&mut self, round: u64, params: &Params) -> Result<f32, TrainError>;
 }
 
+/// A contribution the round holds: its payload as it came (encoded, shared with whoever relays
+/// it), decoded only while the round is scored, one at a time: a worker's memory grows by
+/// the encoded size of each contribution, not by a model-sized vector per worker.
 struct Accepted {
     commitment: Digest,
-    delta: Vec<f32>,
+    payload: Arc<[u8]>,
     arrived_ms: u64,
 }
 
@@ -310,15 +313,15 @@ impl RoundMachine {
         if cm.payload_len != c.payload.len() as u64 || Digest::of(&c.payload) != cm.payload {
             return Err(Refusal::PayloadDigest);
         }
-        let delta = self
-            .cfg
+        // Decoded here to refuse what does not decode, and again when the round is scored.
+        self.cfg
             .codec
             .decode(&c.payload, self.state.params.values.len())?;
         self.received.insert(
             cm.worker.clone(),
             Accepted {
                 commitment: digest,
-                delta,
+                payload: Arc::clone(&c.payload),
                 arrived_ms: now_ms.saturating_sub(self.opened_ms),
             },
         );
@@ -422,6 +425,7 @@ impl RoundMachine {
             round: self.state.round,
             received: std::mem::take(&mut self.received),
             state: Arc::clone(&self.state),
+            codec: self.cfg.codec,
             scoring: self.cfg.score.examples > 0,
             tolerance: self.cfg.score.tolerance,
         }
@@ -494,6 +498,7 @@ pub struct Closing {
     round: u64,
     received: BTreeMap<Vec<u8>, Accepted>,
     state: Arc<GlobalState>,
+    codec: Codec,
     scoring: bool,
     tolerance: f32,
 }
@@ -522,6 +527,7 @@ impl Closing {
             round,
             received,
             state,
+            codec,
             scoring,
             tolerance,
         } = self;
@@ -536,12 +542,16 @@ impl Closing {
         let mut sum = vec![0f32; n];
         let share = 1.0 / received.len().max(1) as f32;
         for (worker, a) in &received {
+            // Checked when offered; a payload that no longer decodes is a bug, not a peer's.
+            let delta = codec
+                .decode(&a.payload, n)
+                .expect("a held payload decodes (checked when it was offered)");
             let loss = if scoring {
                 let mut candidate = state.params.clone();
                 candidate
                     .values
                     .iter_mut()
-                    .zip(&a.delta)
+                    .zip(&delta)
                     .for_each(|(p, d)| *p -= d * share);
                 scorer.loss(round, &candidate)?
             } else {
@@ -554,7 +564,7 @@ impl Closing {
             let improves =
                 !scoring || (loss.is_finite() && loss <= loss_before * (1.0 + tolerance));
             if improves {
-                sum.iter_mut().zip(&a.delta).for_each(|(s, d)| *s += d);
+                sum.iter_mut().zip(&delta).for_each(|(s, d)| *s += d);
                 applied.push(scored);
             } else {
                 rejected.push(scored);

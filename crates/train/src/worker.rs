@@ -84,12 +84,13 @@ pub fn compute_round(
     let mut trainer = Trainer::from_params(model.clone(), global.clone(), opt, cfg.inner)?;
     let reports = trainer.run(shard, &ids, cfg.batch_size as usize, first_step as usize)?;
     let (local, opt) = trainer.into_state();
-    let delta: Vec<f32> = global
-        .values
-        .iter()
-        .zip(&local.values)
-        .map(|(g, l)| g - l)
-        .collect();
+    // The pseudo-gradient `global - local`, written over the local weights (one model-sized
+    // buffer fewer at the round's peak).
+    let mut delta = local.values;
+    delta
+        .iter_mut()
+        .zip(&global.values)
+        .for_each(|(d, g)| *d = g - *d);
     let payload = if cfg.error_feedback {
         state.feedback.compress(&cfg.codec, &delta)?.0
     } else {
@@ -129,7 +130,7 @@ impl RoundWork {
         (
             Contribution {
                 signed: Signed::sign(key, self.commitment),
-                payload: self.payload,
+                payload: self.payload.into(),
             },
             self.reports,
         )

@@ -135,7 +135,9 @@ fn forged_stale_replayed_and_wrong_round_contributions_are_refused() {
     assert!(matches!(m.offer(&stolen, 1), Err(Refusal::Forged(_))));
     // Payload swapped (garbage) under an honest commitment.
     let mut garbage = c0.clone();
-    garbage.payload[100] ^= 0xff;
+    let mut bytes = garbage.payload.to_vec();
+    bytes[100] ^= 0xff;
+    garbage.payload = bytes.into();
     assert_eq!(m.offer(&garbage, 1), Err(Refusal::PayloadDigest));
     // Garbage that the worker signed itself: digest matches, but it does not decode.
     let mut cm = c0.signed.commitment.clone();
@@ -144,7 +146,7 @@ fn forged_stale_replayed_and_wrong_round_contributions_are_refused() {
     cm.payload_len = 64;
     let signed_junk = Contribution {
         signed: Signed::sign(&w.keys[0], cm),
-        payload: junk,
+        payload: junk.into(),
     };
     assert!(matches!(m.offer(&signed_junk, 1), Err(Refusal::Payload(_))));
     // Wrong round, wrong run, wrong start weights, honestly signed.
@@ -301,7 +303,7 @@ fn contribution_that_raises_held_out_loss_is_not_applied() {
     cm.payload_len = payload.len() as u64;
     let evil = Contribution {
         signed: Signed::sign(&w.keys[2], cm),
-        payload,
+        payload: payload.into(),
     };
 
     let mut with_evil = w.machine();

@@ -878,7 +878,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
 
     fn cheat_on(&self, cheat: Cheat, c: Contribution, round: u64) -> Option<Contribution> {
         let mut cm = c.signed.commitment;
-        let mut payload = c.payload;
+        let mut payload = c.payload.to_vec();
         match cheat {
             Cheat::Lazy
             | Cheat::Ahead
@@ -904,7 +904,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         }
         Some(Contribution {
             signed: Signed::sign(&self.key, cm),
-            payload,
+            payload: payload.into(),
         })
     }
 

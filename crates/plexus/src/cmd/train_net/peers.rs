@@ -226,7 +226,7 @@ impl Peers {
         };
         (Digest::of(&payload) == cm.payload).then(|| Contribution {
             signed: signed.clone(),
-            payload,
+            payload: payload.into(),
         })
     }
 

@@ -955,7 +955,7 @@ mod tests {
                     reveal,
                 },
             ),
-            payload: Vec::new(),
+            payload: Vec::new().into(),
         }
     }
 
@@ -973,7 +973,7 @@ mod tests {
         cm.payload_len = payload.len() as u64;
         Contribution {
             signed: Signed::sign(key, c.signed.commitment),
-            payload,
+            payload: payload.into(),
         }
     }
 
@@ -1054,7 +1054,7 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(got, c.payload);
+        assert_eq!(got, &c.payload[..]);
         let past = TrainRequest::PayloadRange {
             run: s.run,
             round,
