@@ -368,7 +368,7 @@ pub fn run_sync<D: LocalData>(
             .collect();
         trainer.step_on(step, &shard.batch(&ids)?)?;
     }
-    let (params, _) = trainer.into_state();
+    let (params, _) = trainer.into_state()?;
     let (loss, accuracy) = setup.evaluate(&model, &shard, &params)?;
     let per_step = Codec::F32.encoded_len(n) as u64;
     Ok(Report {

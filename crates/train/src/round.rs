@@ -541,18 +541,26 @@ impl Closing {
         let n = state.params.values.len();
         let mut sum = vec![0f32; n];
         let share = 1.0 / received.len().max(1) as f32;
-        for (worker, a) in &received {
-            // Checked when offered; a payload that no longer decodes is a bug, not a peer's.
-            let delta = codec
+        // Checked when offered; a payload that no longer decodes is a bug, not a peer's.
+        let decode = |a: &Accepted| {
+            codec
                 .decode(&a.payload, n)
-                .expect("a held payload decodes (checked when it was offered)");
+                .expect("a held payload decodes (checked when it was offered)")
+        };
+        for (worker, a) in &received {
             let loss = if scoring {
-                let mut candidate = state.params.clone();
+                // The candidate `global - delta / k` is written over the decoded delta, and
+                // the payload decoded again if it joins the sum: one model-sized buffer for
+                // a contribution at a time, not two.
+                let mut candidate = decode(a);
                 candidate
-                    .values
                     .iter_mut()
-                    .zip(&delta)
-                    .for_each(|(p, d)| *p -= d * share);
+                    .zip(&state.params.values)
+                    .for_each(|(d, p)| *d = p - *d * share);
+                let candidate = Params {
+                    layout: Arc::clone(&state.params.layout),
+                    values: candidate,
+                };
                 scorer.loss(round, &candidate)?
             } else {
                 f32::NAN
@@ -564,7 +572,7 @@ impl Closing {
             let improves =
                 !scoring || (loss.is_finite() && loss <= loss_before * (1.0 + tolerance));
             if improves {
-                sum.iter_mut().zip(&delta).for_each(|(s, d)| *s += d);
+                sum.iter_mut().zip(&decode(a)).for_each(|(s, d)| *s += d);
                 applied.push(scored);
             } else {
                 rejected.push(scored);

@@ -81,9 +81,9 @@ pub fn compute_round(
     // The optimizer state moves into the trainer (a model-sized copy saved); a failed round
     // leaves the worker without one, which the size check above refuses from then on.
     let opt = std::mem::replace(&mut state.opt, AdamWState::new(0));
-    let mut trainer = Trainer::from_params(model.clone(), global.clone(), opt, cfg.inner)?;
+    let mut trainer = Trainer::from_weights(model.clone(), global, opt, cfg.inner)?;
     let reports = trainer.run(shard, &ids, cfg.batch_size as usize, first_step as usize)?;
-    let (local, opt) = trainer.into_state();
+    let (local, opt) = trainer.into_state()?;
     // The pseudo-gradient `global - local`, written over the local weights (one model-sized
     // buffer fewer at the round's peak).
     let mut delta = local.values;

@@ -120,27 +120,66 @@ impl AdamWState {
     /// One AdamW step at learning rate `lr`.
     pub fn step(&mut self, cfg: &AdamWConfig, params: &mut [f32], grads: &[f32], lr: f64) {
         debug_assert_eq!(params.len(), self.m.len());
-        debug_assert_eq!(grads.len(), self.m.len());
+        let k = self.begin_step(cfg, lr);
+        self.apply(&k, 0, params, grads);
+    }
+
+    /// Counts one step and gives its coefficients, for [`Self::apply`] to update the weights
+    /// slice by slice (a trainer steps one tensor at a time, so no flat copy of the weights
+    /// is needed). The same arithmetic as [`Self::step`], bit for bit.
+    pub fn begin_step(&mut self, cfg: &AdamWConfig, lr: f64) -> StepCoefficients {
         self.step += 1;
         let t = self.step as i32;
-        let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
-        let c1 = (1.0 - cfg.beta1.powi(t)) as f32;
-        let c2 = (1.0 - cfg.beta2.powi(t)) as f32;
-        let decay = (1.0 - lr * cfg.weight_decay) as f32;
-        let (lr, eps) = (lr as f32, cfg.eps as f32);
+        StepCoefficients {
+            b1: cfg.beta1 as f32,
+            b2: cfg.beta2 as f32,
+            c1: (1.0 - cfg.beta1.powi(t)) as f32,
+            c2: (1.0 - cfg.beta2.powi(t)) as f32,
+            decay: (1.0 - lr * cfg.weight_decay) as f32,
+            lr: lr as f32,
+            eps: cfg.eps as f32,
+        }
+    }
+
+    /// Applies the step `k` to `params`, the weights at `offset..offset + params.len()` of
+    /// the flat vector the moments cover, with their gradients `grads`.
+    ///
+    /// # Panics
+    /// If the slice runs past the moments or `grads` is shorter than `params`.
+    pub fn apply(
+        &mut self,
+        k: &StepCoefficients,
+        offset: usize,
+        params: &mut [f32],
+        grads: &[f32],
+    ) {
+        let end = offset + params.len();
+        assert!(end <= self.m.len() && grads.len() >= params.len());
         for (((p, &g), m), v) in params
             .iter_mut()
             .zip(grads)
-            .zip(self.m.iter_mut())
-            .zip(self.v.iter_mut())
+            .zip(self.m[offset..end].iter_mut())
+            .zip(self.v[offset..end].iter_mut())
         {
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            let m_hat = *m / c1;
-            let v_hat = *v / c2;
-            *p = *p * decay - lr * m_hat / (v_hat.sqrt() + eps);
+            *m = k.b1 * *m + (1.0 - k.b1) * g;
+            *v = k.b2 * *v + (1.0 - k.b2) * g * g;
+            let m_hat = *m / k.c1;
+            let v_hat = *v / k.c2;
+            *p = *p * k.decay - k.lr * m_hat / (v_hat.sqrt() + k.eps);
         }
     }
+}
+
+/// One step's constants ([`AdamWState::begin_step`]).
+#[derive(Clone, Copy, Debug)]
+pub struct StepCoefficients {
+    b1: f32,
+    b2: f32,
+    c1: f32,
+    c2: f32,
+    decay: f32,
+    lr: f32,
+    eps: f32,
 }
 
 #[cfg(test)]

@@ -314,10 +314,14 @@ pub fn loss_of(
 }
 
 /// The inner loop: a model being trained from given weights and optimizer state.
+///
+/// The weights live once, in the variables the stage computes with (no flat copy beside them):
+/// each step takes the gradients out tensor by tensor and updates each variable in place of
+/// its slice of the optimizer's moments. [`Self::params`] flattens them on demand.
 pub struct Trainer {
     model_config: Arc<ModelConfig>,
     inner: InnerConfig,
-    params: Params,
+    layout: Arc<Layout>,
     /// One variable per layout entry, in layout order; the stage computes with them.
     vars: Vec<Var>,
     stage: Stage,
@@ -332,6 +336,16 @@ impl Trainer {
         opt: AdamWState,
         inner: InnerConfig,
     ) -> Result<Self, TrainError> {
+        Self::from_weights(model_config, &params, opt, inner)
+    }
+
+    /// [`Self::from_params`] from borrowed weights (copied once, into the variables).
+    pub fn from_weights(
+        model_config: Arc<ModelConfig>,
+        params: &Params,
+        opt: AdamWState,
+        inner: InnerConfig,
+    ) -> Result<Self, TrainError> {
         if opt.len() != params.values.len() {
             return Err(TrainError::Config(format!(
                 "optimizer state covers {} parameters, the weights have {}",
@@ -339,19 +353,23 @@ impl Trainer {
                 params.values.len()
             )));
         }
-        let tensors = params.to_tensors()?;
-        let mut vars = Vec::with_capacity(params.layout.entries().len());
-        let mut map = HashMap::with_capacity(tensors.len());
-        for (name, _) in params.layout.entries() {
-            let var = Var::from_tensor(&tensors[name])?;
+        let entries = params.layout.entries();
+        let mut vars = Vec::with_capacity(entries.len());
+        let mut map = HashMap::with_capacity(entries.len());
+        let mut off = 0;
+        for (name, shape) in entries {
+            let n: usize = shape.iter().product();
+            let var =
+                Var::from_slice(&params.values[off..off + n], shape.as_slice(), &Device::Cpu)?;
             map.insert(name.clone(), var.as_tensor().clone());
             vars.push(var);
+            off += n;
         }
         let stage = train_stage(&model_config, map)?;
         Ok(Self {
             model_config,
             inner,
-            params,
+            layout: Arc::clone(&params.layout),
             vars,
             stage,
             opt,
@@ -366,9 +384,16 @@ impl Trainer {
         &self.inner
     }
 
-    /// The current weights.
-    pub fn params(&self) -> &Params {
-        &self.params
+    /// The current weights (a copy, flattened from the variables).
+    pub fn params(&self) -> Result<Params, TrainError> {
+        let mut values = Vec::with_capacity(self.layout.len());
+        for var in &self.vars {
+            values.extend(var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(Params {
+            layout: Arc::clone(&self.layout),
+            values,
+        })
     }
 
     pub fn opt_state(&self) -> &AdamWState {
@@ -376,22 +401,26 @@ impl Trainer {
     }
 
     /// Gives back weights and optimizer state.
-    pub fn into_state(self) -> (Params, AdamWState) {
-        (self.params, self.opt)
+    pub fn into_state(self) -> Result<(Params, AdamWState), TrainError> {
+        let params = self.params()?;
+        Ok((params, self.opt))
     }
 
     /// One optimizer step on `batch`; `step` (0-based, counted over the whole run) picks the
     /// learning rate from the schedule.
     pub fn step_on(&mut self, step: usize, batch: &[Sequence]) -> Result<StepReport, TrainError> {
         let loss = masked_loss(&self.stage, batch)?;
-        let grads = loss.backward()?;
-        let mut flat = Vec::with_capacity(self.params.values.len());
-        for (var, (_, shape)) in self.vars.iter().zip(self.params.layout.entries()) {
-            match grads.get(var.as_tensor()) {
+        let mut grads = loss.backward()?;
+        let loss = loss.to_scalar::<f32>()?; // the graph's activations are freed here
+                                             // Each gradient leaves the store as it is flattened: at most one extra tensor.
+        let mut flat = Vec::with_capacity(self.layout.len());
+        for (var, (_, shape)) in self.vars.iter().zip(self.layout.entries()) {
+            match grads.remove(var.as_tensor()) {
                 Some(g) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
                 None => flat.extend(std::iter::repeat_n(0.0, shape.iter().product())),
             }
         }
+        drop(grads);
         let grad_norm = flat
             .iter()
             .map(|&g| f64::from(g) * f64::from(g))
@@ -405,22 +434,18 @@ impl Trainer {
             flat.iter_mut().for_each(|g| *g *= scale);
         }
         let lr = self.inner.lr_for(step, self.opt.step);
-        self.opt
-            .step(&self.inner.adamw, &mut self.params.values, &flat, lr);
+        let k = self.opt.begin_step(&self.inner.adamw, lr);
         let mut off = 0;
-        for (var, (_, shape)) in self.vars.iter().zip(self.params.layout.entries()) {
+        for (var, (_, shape)) in self.vars.iter().zip(self.layout.entries()) {
             let n: usize = shape.iter().product();
-            let t = Tensor::from_slice(
-                &self.params.values[off..off + n],
-                shape.as_slice(),
-                &Device::Cpu,
-            )?;
-            var.set(&t)?;
+            let mut values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            self.opt.apply(&k, off, &mut values, &flat[off..off + n]);
+            var.set(&Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?)?;
             off += n;
         }
         Ok(StepReport {
             step,
-            loss: loss.to_scalar::<f32>()?,
+            loss,
             lr,
             grad_norm,
         })
@@ -450,7 +475,7 @@ impl Trainer {
 
     /// An inference stage over the current weights.
     pub fn inference_stage(&self) -> Result<Stage, TrainError> {
-        inference_stage(&self.model_config, &self.params)
+        inference_stage(&self.model_config, &self.params()?)
     }
 }
 
@@ -533,7 +558,7 @@ impl TaskTrainer {
 
     /// The current weights by Hugging Face name.
     pub fn weights(&self) -> Result<HashMap<String, Tensor>, TrainError> {
-        self.trainer.params().to_tensors()
+        self.trainer.params()?.to_tensors()
     }
 
     /// Greedy exact-match accuracy on the first `n` held-out examples.

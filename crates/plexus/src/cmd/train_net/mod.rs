@@ -578,6 +578,9 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             };
             self.progress(&handle, &shared, &outcome, &notes);
         }
+        // The optimizer moments (two model-sized vectors) are in the checkpoint: not needed
+        // to evaluate and save the final model.
+        drop(state);
         self.finish(&peers, &shared).await
     }
 
@@ -973,14 +976,16 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         for task in slashes {
             let _ = task.await;
         }
-        let (params, digest) = {
+        // Shared, not copied: the machine steps no more.
+        let (state, digest) = {
             let mut s = lock(shared);
             s.done = true;
-            (s.machine.state().params.clone(), s.machine.state_digest())
+            (s.machine.shared_state(), s.machine.state_digest())
         };
+        let params = &state.params;
         let (loss, accuracy) = tokio::task::block_in_place(|| {
             self.setup
-                .evaluate(&self.model, &self.shard, &params)
+                .evaluate(&self.model, &self.shard, params)
                 .map_err(anyhow::Error::from)
         })?;
         let spec = &self.spec.spec;
