@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Peak resident memory and wall time of two `plexus train --distributed` workers fine-tuning
+# the real model (SmolLM2-135M-Instruct, GGUF Q4_1, read as f32) on loopback: the spec of
+# `fine_tuning_the_real_model_on_a_text_lowers_its_held_out_loss` (crates/plexus/tests/train_net.rs)
+# with the codec and round count chosen here, the test's text of random words. Each worker runs
+# under `/usr/bin/time`; the script prints one line per worker: its peak resident KiB, its wall
+# seconds and its final line (held-out loss and state digest: both workers must print the same).
+#
+# Environment (defaults in brackets):
+#   PLEXUS  [target/debug/plexus]
+#   MODEL   [../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf]
+#   CODEC   [f16]
+#   ROUNDS  [3]
+#   OUT     [a fresh temporary directory]   the spec and the workers' logs (their data
+#           directories, 3 GiB each at 135M with the per-round checkpoint, are removed at the
+#           end unless KEEP=1)
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+PLEXUS="$(realpath "${PLEXUS:-target/debug/plexus}")"
+MODEL="$(realpath "${MODEL:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}")"
+CODEC="${CODEC:-f16}"
+ROUNDS="${ROUNDS:-3}"
+OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
+cd "$OUT"
+
+python3 - words.txt <<'EOF'
+import sys
+words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "we",
+         "pack", "my", "box", "with", "jugs"]
+x, out, mask = 1, [], (1 << 64) - 1
+n = 0
+while n < 20_000:
+    x = (x * 6364136223846793005 + 1442695040888963407) & mask
+    w = words[(x >> 33) % len(words)] + (". " if (x >> 20) % 7 == 0 else " ")
+    out.append(w)
+    n += len(w)
+open(sys.argv[1], "w").write("".join(out))
+EOF
+
+"$PLEXUS" train spec --out spec.json --data-dir creator --checkpoint "$MODEL" --text words.txt \
+  --seq-len 16 --rounds "$ROUNDS" --workers-min 2 --inner-steps 3 --batch-size 2 --lr 3e-4 \
+  --warmup 1 --codec "$CODEC" --audit-rate 0 --score-examples 4 --eval-examples 32 \
+  --deadline-initial-ms 600000 --outer-momentum 0.5 > spec.log
+
+worker() { # NAME [--peer ADDR]
+  local name=$1
+  shift
+  /usr/bin/time -f "%M KiB %e s" -o "$name.time" "$PLEXUS" train --distributed spec.json \
+    --data-dir "$name" --listen /ip4/127.0.0.1/tcp/0 --text words.txt --checkpoint "$MODEL" \
+    --threads 1 "$@" > "$name.log" 2>&1
+}
+
+worker w1 &
+first=$!
+addr=""
+for _ in $(seq 1 240); do
+  addr="$(grep -o '/ip4/127.0.0.1/tcp/[0-9]*/p2p/[A-Za-z0-9]*' w1.log | head -1 || true)"
+  [ -n "$addr" ] && break
+  sleep 0.5
+done
+[ -n "$addr" ] || { echo "the first worker printed no address" >&2; cat w1.log >&2; exit 1; }
+worker w2 --peer "$addr"
+wait "$first"
+for w in w1 w2; do
+  echo "$w: $(cat "$w.time") | $(grep '^final' "$w.log" || echo "no final line")"
+done
+[ "${KEEP:-0}" = 1 ] || rm -rf w1 w2 creator
+echo "logs: $OUT"
