@@ -92,6 +92,20 @@ fn a_gguf_read_for_training_computes_what_the_engine_computes() {
     let again = Pretrained::open(&path).unwrap();
     assert_eq!(again.digest, p.digest);
     assert_eq!(again.params.digest(), p.params.digest());
+    // Described without its weights (what a run's spec and `up --train` check): the same
+    // digest, configuration and tokenizer, no weight read; a wrong digest is refused.
+    let described = Pretrained::describe(&path).unwrap();
+    assert_eq!(described.digest, p.digest);
+    assert_eq!(described.config, p.config);
+    assert_eq!(
+        described.tokenizer.inner().get_vocab_size(true),
+        p.tokenizer.inner().get_vocab_size(true)
+    );
+    assert!(described.params.values.is_empty());
+    assert!(Pretrained::describe_checked(&path, p.digest).is_ok());
+    let wrong = plexus_core::Digest::of(b"another model");
+    let refused = Pretrained::describe_checked(&path, wrong).err().unwrap();
+    assert!(refused.to_string().contains("digest"), "{refused}");
 }
 
 #[test]

@@ -1371,6 +1371,22 @@ fn fine_tuning_the_real_model_on_a_text_lowers_its_held_out_loss() {
         !o.status.success() && e.contains("--checkpoint PATH"),
         "{e}"
     );
+    // It reads the model's files, not its weights (each worker loads those), and refuses
+    // another file by its digest.
+    let o = Command::new(BIN)
+        .args(["up", "--nodes", "2", "--train"])
+        .arg(&spec)
+        .arg("--text")
+        .arg(&text)
+        .arg("--checkpoint")
+        .arg(&text)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("cannot read the model"),
+        "{e}"
+    );
 
     let m = model.to_str().unwrap();
     let args = ["--text", text_arg, "--checkpoint", m];

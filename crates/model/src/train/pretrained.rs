@@ -38,16 +38,28 @@ pub struct Pretrained {
 impl Pretrained {
     /// Reads the model at `path` (a `.gguf` file or a checkpoint directory).
     pub fn open(path: &Path) -> Result<Self, TrainError> {
-        Self::read(path, None)
+        Self::read(path, None, true)
     }
 
     /// [`Self::open`], refused right after hashing (before any weight is read) unless the
     /// files' digest is `expected`.
     pub fn open_checked(path: &Path, expected: Digest) -> Result<Self, TrainError> {
-        Self::read(path, Some(expected))
+        Self::read(path, Some(expected), true)
     }
 
-    fn read(path: &Path, expected: Option<Digest>) -> Result<Self, TrainError> {
+    /// [`Self::open`] without the weights (see [`Self::describe_checked`]).
+    pub fn describe(path: &Path) -> Result<Self, TrainError> {
+        Self::read(path, None, false)
+    }
+
+    /// [`Self::open_checked`] without the weights (as [`Self::without_params`] gives): the
+    /// digest, configuration and tokenizer, to check a run's files before its workers load
+    /// the model (no weight is read or dequantized).
+    pub fn describe_checked(path: &Path, expected: Digest) -> Result<Self, TrainError> {
+        Self::read(path, Some(expected), false)
+    }
+
+    fn read(path: &Path, expected: Option<Digest>, weights: bool) -> Result<Self, TrainError> {
         let bad = |e: &dyn std::error::Error| {
             let mut msg = e.to_string();
             let mut cause = e.source();
@@ -68,6 +80,19 @@ impl Pretrained {
         let tokenizer = files.tokenizer().map_err(|e| bad(&e))?;
         let chat_template = files.chat_template_source();
         let mut config = files.config.clone();
+        if !weights {
+            if config.rope_layout == RopeLayout::Interleaved {
+                config.rope_layout = RopeLayout::HalfSplit;
+            }
+            return Ok(Self {
+                path: path.to_owned(),
+                params: Params::default(),
+                config: Arc::new(config),
+                tokenizer,
+                chat_template,
+                digest,
+            });
+        }
         let mut map = match files.gguf() {
             Some(g) => WeightSource::Gguf(g).dense_map(&config)?,
             None => WeightSource::Hf(&HfTensors::open(&files.weight_files)?).dense_map(&config)?,

@@ -52,7 +52,7 @@ pub fn run(args: &UpArgs, spec_path: &Path) -> anyhow::Result<()> {
         ),
         // Checked here once, so a wrong file fails now rather than in every worker.
         (Data::Text { seq_len, .. }, Some(path)) => {
-            super::train_net::text_setup(&spec, seq_len, path, args.checkpoint.as_deref())?;
+            super::train_net::check_text(&spec, seq_len, path, args.checkpoint.as_deref())?;
         }
         (Data::Task(_), None) => {
             if args.checkpoint.is_some() {

@@ -230,6 +230,35 @@ pub(super) fn text_setup(
     path: &Path,
     checkpoint: Option<&Path>,
 ) -> anyhow::Result<plexus_train::local::TextSetup> {
+    text_setup_of(spec, seq_len, path, checkpoint, Pretrained::open_checked)
+}
+
+/// Checks that the text at `path` and the model at `checkpoint` are the spec's, as
+/// [`text_setup`] does, reading the model's files but not its weights (`plexus up --train`
+/// checks once before its workers each load the model).
+pub(super) fn check_text(
+    spec: &SignedSpec,
+    seq_len: usize,
+    path: &Path,
+    checkpoint: Option<&Path>,
+) -> anyhow::Result<()> {
+    text_setup_of(
+        spec,
+        seq_len,
+        path,
+        checkpoint,
+        Pretrained::describe_checked,
+    )
+    .map(drop)
+}
+
+fn text_setup_of(
+    spec: &SignedSpec,
+    seq_len: usize,
+    path: &Path,
+    checkpoint: Option<&Path>,
+    open: fn(&Path, Digest) -> Result<Pretrained, plexus_model::train::TrainError>,
+) -> anyhow::Result<plexus_train::local::TextSetup> {
     let init = match (spec.spec.model.checkpoint, checkpoint) {
         (None, None) => None,
         (Some(digest), None) => bail!(
@@ -239,7 +268,7 @@ pub(super) fn text_setup(
             bail!("--checkpoint: this run trains a fresh model (its spec names no checkpoint)")
         }
         (Some(digest), Some(p)) => Some(Arc::new(
-            Pretrained::open_checked(p, digest)
+            open(p, digest)
                 .with_context(|| format!("--checkpoint {}", p.display()))?,
         )),
     };

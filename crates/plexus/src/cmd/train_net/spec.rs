@@ -27,7 +27,8 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
     let init = a
         .checkpoint
         .as_deref()
-        .map(|p| Pretrained::open(p).with_context(|| format!("--checkpoint {}", p.display())))
+        // Its digest, configuration and tokenizer: the weights are read by the workers.
+        .map(|p| Pretrained::describe(p).with_context(|| format!("--checkpoint {}", p.display())))
         .transpose()?;
     let mut text_shard = None;
     let data = match &a.text {
