@@ -4,7 +4,9 @@
 # `fine_tuning_the_real_model_on_a_text_lowers_its_held_out_loss` (crates/plexus/tests/train_net.rs)
 # with the codec and round count chosen here, the test's text of random words. Each worker runs
 # under `/usr/bin/time`; the script prints one line per worker: its peak resident KiB, its wall
-# seconds and its final line (held-out loss and state digest: both workers must print the same).
+# seconds and its final line (both workers must end on the same held-out loss and state).
+# The figures in BENCHMARKS.md used the dev profile's binary (target/debug: our crates at -O1,
+# the engine and dependencies at -O3), as the project's other training figures do.
 #
 # Environment (defaults in brackets):
 #   PLEXUS  [target/debug/plexus]
@@ -24,6 +26,7 @@ CODEC="${CODEC:-f16}"
 ROUNDS="${ROUNDS:-3}"
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
+OUT="$(realpath "$OUT")"
 cd "$OUT"
 
 python3 - words.txt <<'EOF'
@@ -49,12 +52,14 @@ worker() { # NAME [--peer ADDR]
   local name=$1
   shift
   /usr/bin/time -f "%M KiB %e s" -o "$name.time" "$PLEXUS" train --distributed spec.json \
-    --data-dir "$name" --listen /ip4/127.0.0.1/tcp/0 --text words.txt --checkpoint "$MODEL" \
+    --data-dir "$OUT/$name" --listen /ip4/127.0.0.1/tcp/0 --text words.txt --checkpoint "$MODEL" \
     --threads 1 "$@" > "$name.log" 2>&1
 }
 
 worker w1 &
 first=$!
+# On any failure: stop the first worker and drop the data directories.
+trap 'pkill -f -- "--data-dir $OUT/w" 2>/dev/null || true; [ "${KEEP:-0}" = 1 ] || rm -rf w1 w2 creator' EXIT
 addr=""
 for _ in $(seq 1 240); do
   addr="$(grep -o '/ip4/127.0.0.1/tcp/[0-9]*/p2p/[A-Za-z0-9]*' w1.log | head -1 || true)"
@@ -67,5 +72,4 @@ wait "$first"
 for w in w1 w2; do
   echo "$w: $(cat "$w.time") | $(grep '^final' "$w.log" || echo "no final line")"
 done
-[ "${KEEP:-0}" = 1 ] || rm -rf w1 w2 creator
 echo "logs: $OUT"

@@ -1371,8 +1371,8 @@ fn fine_tuning_the_real_model_on_a_text_lowers_its_held_out_loss() {
         !o.status.success() && e.contains("--checkpoint PATH"),
         "{e}"
     );
-    // It reads the model's files, not its weights (each worker loads those), and refuses
-    // another file by its digest.
+    // It reads the model's files, not its weights (each worker loads those): a file that is
+    // not a model is refused.
     let o = Command::new(BIN)
         .args(["up", "--nodes", "2", "--train"])
         .arg(&spec)
@@ -1387,6 +1387,20 @@ fn fine_tuning_the_real_model_on_a_text_lowers_its_held_out_loss() {
         !o.status.success() && e.contains("cannot read the model"),
         "{e}"
     );
+    // Another model is refused by its digest.
+    let other = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny/smollm2/model-f32.gguf");
+    let o = Command::new(BIN)
+        .args(["up", "--nodes", "2", "--train"])
+        .arg(&spec)
+        .arg("--text")
+        .arg(&text)
+        .arg("--checkpoint")
+        .arg(&other)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("digest"), "{e}");
 
     let m = model.to_str().unwrap();
     let args = ["--text", text_arg, "--checkpoint", m];

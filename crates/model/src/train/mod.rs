@@ -409,10 +409,13 @@ impl Trainer {
     /// One optimizer step on `batch`; `step` (0-based, counted over the whole run) picks the
     /// learning rate from the schedule.
     pub fn step_on(&mut self, step: usize, batch: &[Sequence]) -> Result<StepReport, TrainError> {
-        let loss = masked_loss(&self.stage, batch)?;
-        let mut grads = loss.backward()?;
-        let loss = loss.to_scalar::<f32>()?; // the graph's activations are freed here
-                                             // Each gradient leaves the store as it is flattened: at most one extra tensor.
+        let (loss, mut grads) = {
+            let loss = masked_loss(&self.stage, batch)?;
+            let grads = loss.backward()?;
+            // The loss tensor, and with it the step's graph and activations, goes here.
+            (loss.to_scalar::<f32>()?, grads)
+        };
+        // Each gradient leaves the store as it is flattened: at most one extra tensor.
         let mut flat = Vec::with_capacity(self.layout.len());
         for (var, (_, shape)) in self.vars.iter().zip(self.layout.entries()) {
             match grads.remove(var.as_tensor()) {

@@ -50,7 +50,9 @@ pub fn run(args: &UpArgs, spec_path: &Path) -> anyhow::Result<()> {
             "--text: this run trains on a synthetic task ({}), not a text",
             spec.spec.data.task
         ),
-        // Checked here once, so a wrong file fails now rather than in every worker.
+        // Checked here once, so a wrong file fails now rather than in every worker: the text
+        // and the model's files by digest (the spec's creator loaded those weights), without
+        // reading the weights, which each worker loads.
         (Data::Text { seq_len, .. }, Some(path)) => {
             super::train_net::check_text(&spec, seq_len, path, args.checkpoint.as_deref())?;
         }

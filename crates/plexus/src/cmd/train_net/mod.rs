@@ -532,9 +532,11 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         let rounds = self.spec.spec.rounds;
         loop {
             self.catch_up(&peers, &shared, &state).await;
+            // Shared, not copied: dropped when the round's training ends, before the close
+            // steps the state in place.
             let (round, start) = {
                 let s = lock(&shared);
-                (s.machine.round(), s.machine.state().params.clone())
+                (s.machine.round(), s.machine.shared_state())
             };
             if round >= rounds {
                 break;
@@ -580,7 +582,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                     s.claim = Some(made_up_ahead(s.machine.state()));
                 }
                 let held = std::mem::take(&mut s.held);
-                s.closed = Some((round, held));
+                s.keep_closed(round, held);
                 s.closing = None;
                 s.fixed_by.clear();
                 for (_, c) in std::mem::take(&mut s.early) {
@@ -798,7 +800,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         machine.keep_deadline_of(&s.machine);
         s.machine = machine;
         s.held.clear();
-        s.closed = None;
+        s.forget_closed();
         s.closing = None;
         s.fixed_by.clear();
         for (_, c) in std::mem::take(&mut s.early) {
@@ -819,7 +821,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     async fn train(
         &self,
         round: u64,
-        start: Params,
+        start: Arc<GlobalState>,
         mut state: WorkerState,
     ) -> anyhow::Result<(Contribution, f32, WorkerState)> {
         let (cfg, model, shard, key) = (
@@ -837,7 +839,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 shard.as_ref(),
                 &key,
                 round,
-                &start,
+                &start.params,
                 &mut state,
             )
             .map(|(c, r)| (c, r, state))

@@ -44,8 +44,11 @@ pub struct Shared {
     pub machine: RoundMachine,
     /// Contributions the machine accepted this round, by worker.
     pub held: BTreeMap<Vec<u8>, Contribution>,
-    /// The set of the round closed last.
-    pub closed: Option<(u64, BTreeMap<Vec<u8>, Contribution>)>,
+    /// The set of the round closed last ([`Self::keep_closed`]).
+    closed: Option<(u64, BTreeMap<Vec<u8>, Contribution>)>,
+    /// The payloads of [`Self::closed`] were dropped, no peer needing them any more
+    /// ([`Self::release_closed`]): its commitments are kept, its contributions not served.
+    closed_released: bool,
     /// Contributions for the next round, received before this one closed.
     pub early: BTreeMap<Vec<u8>, Contribution>,
     pub peers: HashMap<PeerId, Status>,
@@ -102,6 +105,7 @@ impl Shared {
             machine,
             held: BTreeMap::new(),
             closed: None,
+            closed_released: false,
             early: BTreeMap::new(),
             peers: HashMap::new(),
             done: false,
@@ -343,6 +347,48 @@ impl Shared {
             }
             self.peers.insert(peer, status);
         }
+        self.release_closed();
+    }
+
+    /// Keeps `set` as the set of `round`, just closed: peers still closing that round fetch
+    /// from it what they miss ([`Self::release_closed`] drops its payloads once none can).
+    pub fn keep_closed(&mut self, round: u64, set: BTreeMap<Vec<u8>, Contribution>) {
+        self.closed = Some((round, set));
+        self.closed_released = false;
+        self.release_closed();
+    }
+
+    /// Forgets the round closed last (this worker adopted another state).
+    pub fn forget_closed(&mut self) {
+        self.closed = None;
+        self.closed_released = false;
+    }
+
+    /// Drops the payloads of the round closed last once every peer this worker knows has said
+    /// it is past that round, done, or stuck behind ([`Self::stuck`]): nobody will fetch them
+    /// any more, and they are a pseudo-gradient per worker (a model-sized vector each with f32)
+    /// held through the next round's training. The commitments stay: the round's nonces are
+    /// still checked against them. A peer's claim to be ahead only releases them early for
+    /// that peer's own sake; an honest peer still closing the round keeps them.
+    fn release_closed(&mut self) {
+        let Some((round, _)) = &self.closed else {
+            return;
+        };
+        let round = *round;
+        if self.closed_released
+            || self
+                .peers
+                .iter()
+                .any(|(p, st)| !st.done && st.round <= round && !self.stuck(p))
+        {
+            return;
+        }
+        if let Some((_, set)) = &mut self.closed {
+            for c in set.values_mut() {
+                c.payload = Arc::from(Vec::new());
+            }
+        }
+        self.closed_released = true;
     }
 
     /// Notes every status (see [`Self::note_peer`]) and keeps those whose peers may vote on the
@@ -494,13 +540,14 @@ impl Shared {
         self.set_of(round).and_then(|s| s.get(worker))
     }
 
-    /// The contributions held for `round` (this one or the one just closed).
+    /// The contributions held for `round` (this one or the one just closed, until its
+    /// payloads are released).
     fn set_of(&self, round: u64) -> Option<&BTreeMap<Vec<u8>, Contribution>> {
         if round == self.machine.round() {
             return Some(&self.held);
         }
         match &self.closed {
-            Some((r, set)) if *r == round => Some(set),
+            Some((r, set)) if *r == round && !self.closed_released => Some(set),
             _ => None,
         }
     }
@@ -1081,6 +1128,65 @@ mod tests {
         assert!(matches!(
             offer(&mut s, key.peer_id(), &c.signed),
             TrainResponse::Refused(_)
+        ));
+    }
+
+    /// The round closed last is served to peers still closing it; its payloads are dropped
+    /// once every peer is past it, done or stuck, and its commitments kept.
+    #[test]
+    fn the_closed_rounds_payloads_are_released_once_every_peer_is_past_it() {
+        use plexus_train::protocol::encode;
+        let mut s = shared();
+        let closed = s.machine.round() - 1;
+        let key = NodeKey::generate();
+        let worker = key.peer_id().to_bytes();
+        let c = valid_contribution(&s, &key, closed);
+        let payload = Arc::clone(&c.payload);
+        let run = s.run;
+        let at = |round: u64, done: bool| Status {
+            run,
+            round,
+            state: Digest([0; 32]),
+            done,
+        };
+        let (a, b, gone) = (PeerId::random(), PeerId::random(), PeerId::random());
+        s.note_peer(a, at(closed, false));
+        s.note_peer(b, at(closed, false));
+        s.note_peer(gone, at(closed, true));
+        s.keep_closed(closed, [(worker.clone(), c.clone())].into());
+        let fetch = TrainRequest::Fetch {
+            run: s.run,
+            round: closed,
+            worker: worker.clone(),
+        };
+        let served = TrainResponse::Contribution(Box::new(c));
+        assert_eq!(s.handle(a, &encode(&fetch), 0), served);
+        // One peer past it, one still closing it: still served.
+        s.note_peer(a, at(closed + 1, false));
+        assert_eq!(s.handle(b, &encode(&fetch), 0), served);
+        assert!(Arc::strong_count(&payload) > 1);
+        // The last one past it: released, the commitment kept.
+        s.note_peer(b, at(closed + 1, false));
+        assert_eq!(s.handle(b, &encode(&fetch), 0), TrainResponse::NotHeld);
+        drop(served);
+        assert_eq!(Arc::strong_count(&payload), 1, "the payload is still held");
+        assert!(s
+            .fixed_set(closed)
+            .is_some_and(|set| set.contains_key(&worker)));
+        // A set kept while a peer is still at its round is served again (the release is per
+        // set).
+        let earlier = closed - 1;
+        s.note_peer(PeerId::random(), at(earlier, false));
+        let c = valid_contribution(&s, &key, earlier);
+        s.keep_closed(earlier, [(worker.clone(), c)].into());
+        let fetch_earlier = TrainRequest::Fetch {
+            run: s.run,
+            round: earlier,
+            worker,
+        };
+        assert!(matches!(
+            s.handle(a, &encode(&fetch_earlier), 0),
+            TrainResponse::Contribution(_)
         ));
     }
 

@@ -27,8 +27,9 @@ pub fn write(a: &TrainSpecArgs) -> anyhow::Result<()> {
     let init = a
         .checkpoint
         .as_deref()
-        // Its digest, configuration and tokenizer: the weights are read by the workers.
-        .map(|p| Pretrained::describe(p).with_context(|| format!("--checkpoint {}", p.display())))
+        // Read whole, weights included: a model whose weights do not load is refused here,
+        // and `plexus up --train` then checks only that its files are these (by digest).
+        .map(|p| Pretrained::open(p).with_context(|| format!("--checkpoint {}", p.display())))
         .transpose()?;
     let mut text_shard = None;
     let data = match &a.text {
