@@ -582,7 +582,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                     s.claim = Some(made_up_ahead(s.machine.state()));
                 }
                 let held = std::mem::take(&mut s.held);
-                s.keep_closed(round, held);
+                s.keep_closed(round, held, &self.me);
                 s.closing = None;
                 s.fixed_by.clear();
                 for (_, c) in std::mem::take(&mut s.early) {

@@ -49,6 +49,8 @@ pub struct Shared {
     /// The payloads of [`Self::closed`] were dropped, no peer needing them any more
     /// ([`Self::release_closed`]): its commitments are kept, its contributions not served.
     closed_released: bool,
+    /// The other workers whose contributions are in [`Self::closed`].
+    closed_members: Vec<PeerId>,
     /// Contributions for the next round, received before this one closed.
     pub early: BTreeMap<Vec<u8>, Contribution>,
     pub peers: HashMap<PeerId, Status>,
@@ -106,6 +108,7 @@ impl Shared {
             held: BTreeMap::new(),
             closed: None,
             closed_released: false,
+            closed_members: Vec::new(),
             early: BTreeMap::new(),
             peers: HashMap::new(),
             done: false,
@@ -350,9 +353,15 @@ impl Shared {
         self.release_closed();
     }
 
-    /// Keeps `set` as the set of `round`, just closed: peers still closing that round fetch
-    /// from it what they miss ([`Self::release_closed`] drops its payloads once none can).
-    pub fn keep_closed(&mut self, round: u64, set: BTreeMap<Vec<u8>, Contribution>) {
+    /// Keeps `set` as the set of `round`, just closed by worker `me`: peers still closing that
+    /// round fetch from it what they miss ([`Self::release_closed`] drops its payloads once
+    /// none can).
+    pub fn keep_closed(&mut self, round: u64, set: BTreeMap<Vec<u8>, Contribution>, me: &[u8]) {
+        self.closed_members = set
+            .keys()
+            .filter(|w| w.as_slice() != me)
+            .filter_map(|w| PeerId::from_bytes(w).ok())
+            .collect();
         self.closed = Some((round, set));
         self.closed_released = false;
         self.release_closed();
@@ -362,25 +371,33 @@ impl Shared {
     pub fn forget_closed(&mut self) {
         self.closed = None;
         self.closed_released = false;
+        self.closed_members.clear();
     }
 
-    /// Drops the payloads of the round closed last once every peer this worker knows has said
-    /// it is past that round, done, or stuck behind ([`Self::stuck`]): nobody will fetch them
-    /// any more, and they are a pseudo-gradient per worker (a model-sized vector each with f32)
-    /// held through the next round's training. The commitments stay: the round's nonces are
-    /// still checked against them. A peer's claim to be ahead only releases them early for
-    /// that peer's own sake; an honest peer still closing the round keeps them.
+    /// Drops the payloads of the round closed last once every peer this worker knows, and
+    /// every other worker whose contribution is in the set, has said it is past that round,
+    /// done, or stuck behind ([`Self::stuck`]): nobody will fetch them any more, and they are
+    /// a pseudo-gradient per worker (a model-sized vector each with f32) held through the next
+    /// round's training. The commitments stay: the round's nonces are still checked against
+    /// them. A peer's claim to be ahead only releases them early for that peer's own sake; an
+    /// honest peer still closing the round keeps them, and so does a member of the set that
+    /// this worker has no status of (disconnected a moment at the close: it may come back to
+    /// fetch; a crashed one keeps them to the next close, as before). Convicted or unstaked
+    /// peers are not waited for.
     fn release_closed(&mut self) {
         let Some((round, _)) = &self.closed else {
             return;
         };
         let round = *round;
-        if self.closed_released
-            || self
-                .peers
-                .iter()
-                .any(|(p, st)| !st.done && st.round <= round && !self.stuck(p))
-        {
+        let past = |p: &PeerId, st: &Status| st.done || st.round > round || self.stuck(p);
+        let waiting = self
+            .peers
+            .iter()
+            .any(|(p, st)| !past(p, st) && !self.excluded(&p.to_bytes()));
+        let member_unknown = self.closed_members.iter().any(|p| {
+            !self.excluded(&p.to_bytes()) && self.peers.get(p).is_none_or(|st| !past(p, st))
+        });
+        if self.closed_released || waiting || member_unknown {
             return;
         }
         if let Some((_, set)) = &mut self.closed {
@@ -1153,7 +1170,10 @@ mod tests {
         s.note_peer(a, at(closed, false));
         s.note_peer(b, at(closed, false));
         s.note_peer(gone, at(closed, true));
-        s.keep_closed(closed, [(worker.clone(), c.clone())].into());
+        let member = key.peer_id();
+        // Its member (the contributing worker) has no status yet: kept however the others
+        // stand.
+        s.keep_closed(closed, [(worker.clone(), c.clone())].into(), &[]);
         let fetch = TrainRequest::Fetch {
             run: s.run,
             round: closed,
@@ -1165,8 +1185,14 @@ mod tests {
         s.note_peer(a, at(closed + 1, false));
         assert_eq!(s.handle(b, &encode(&fetch), 0), served);
         assert!(Arc::strong_count(&payload) > 1);
-        // The last one past it: released, the commitment kept.
         s.note_peer(b, at(closed + 1, false));
+        assert_eq!(
+            s.handle(b, &encode(&fetch), 0),
+            served,
+            "a member not heard of"
+        );
+        // The member past it too: released, the commitment kept.
+        s.note_peer(member, at(closed + 1, false));
         assert_eq!(s.handle(b, &encode(&fetch), 0), TrainResponse::NotHeld);
         drop(served);
         assert_eq!(Arc::strong_count(&payload), 1, "the payload is still held");
@@ -1178,7 +1204,7 @@ mod tests {
         let earlier = closed - 1;
         s.note_peer(PeerId::random(), at(earlier, false));
         let c = valid_contribution(&s, &key, earlier);
-        s.keep_closed(earlier, [(worker.clone(), c)].into());
+        s.keep_closed(earlier, [(worker.clone(), c)].into(), &[]);
         let fetch_earlier = TrainRequest::Fetch {
             run: s.run,
             round: earlier,
