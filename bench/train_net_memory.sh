@@ -29,19 +29,7 @@ mkdir -p "$OUT"
 OUT="$(realpath "$OUT")"
 cd "$OUT"
 
-python3 - words.txt <<'EOF'
-import sys
-words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "we",
-         "pack", "my", "box", "with", "jugs"]
-x, out, mask = 1, [], (1 << 64) - 1
-n = 0
-while n < 20_000:
-    x = (x * 6364136223846793005 + 1442695040888963407) & mask
-    w = words[(x >> 33) % len(words)] + (". " if (x >> 20) % 7 == 0 else " ")
-    out.append(w)
-    n += len(w)
-open(sys.argv[1], "w").write("".join(out))
-EOF
+python3 "$REPO_ROOT/bench/words_text.py" words.txt
 
 "$PLEXUS" train spec --out spec.json --data-dir creator --checkpoint "$MODEL" --text words.txt \
   --seq-len 16 --rounds "$ROUNDS" --workers-min 2 --inner-steps 3 --batch-size 2 --lr 3e-4 \
