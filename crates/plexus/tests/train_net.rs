@@ -1358,49 +1358,31 @@ fn fine_tuning_the_real_model_on_a_text_lowers_its_held_out_loss() {
         text.as_os_str(),
     ]);
     assert!(e.contains("cannot read the model"), "{e}");
-    // `plexus up --train` checks the same before it starts a worker.
-    let o = Command::new(BIN)
-        .args(["up", "--nodes", "2", "--train"])
-        .arg(&spec)
-        .arg("--text")
-        .arg(&text)
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && e.contains("--checkpoint PATH"),
-        "{e}"
-    );
+    // `plexus up --train` checks the same before it starts a worker: its refusal (stderr).
+    let up_refused = |checkpoint: Option<&std::path::Path>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["up", "--nodes", "2", "--train"])
+            .arg(&spec)
+            .arg("--text")
+            .arg(&text);
+        if let Some(c) = checkpoint {
+            cmd.arg("--checkpoint").arg(c);
+        }
+        let o = cmd.output().unwrap();
+        assert!(!o.status.success(), "up --train started");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = up_refused(None);
+    assert!(e.contains("--checkpoint PATH"), "{e}");
     // It reads the model's files, not its weights (each worker loads those): a file that is
     // not a model is refused.
-    let o = Command::new(BIN)
-        .args(["up", "--nodes", "2", "--train"])
-        .arg(&spec)
-        .arg("--text")
-        .arg(&text)
-        .arg("--checkpoint")
-        .arg(&text)
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && e.contains("cannot read the model"),
-        "{e}"
-    );
+    let e = up_refused(Some(&text));
+    assert!(e.contains("cannot read the model"), "{e}");
     // Another model is refused by its digest.
     let other = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/tiny/smollm2/model-f32.gguf");
-    let o = Command::new(BIN)
-        .args(["up", "--nodes", "2", "--train"])
-        .arg(&spec)
-        .arg("--text")
-        .arg(&text)
-        .arg("--checkpoint")
-        .arg(&other)
-        .output()
-        .unwrap();
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("digest"), "{e}");
+    let e = up_refused(Some(&other));
+    assert!(e.contains("digest"), "{e}");
 
     let m = model.to_str().unwrap();
     let args = ["--text", text_arg, "--checkpoint", m];
