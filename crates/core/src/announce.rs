@@ -47,7 +47,7 @@ pub mod limits {
     pub const MAX_KV_POSITIONS: u32 = 1 << 28;
     /// Peers' speeds one announcement reports as measured.
     pub const MAX_OBSERVATIONS: usize = 64;
-    /// Convicted peers one announcement lists.
+    /// Convicted peers one announcement lists, and doubted peers.
     pub const MAX_VERDICTS: usize = 256;
 }
 
@@ -116,8 +116,12 @@ pub struct Announcement {
     pub observed: Vec<Observation>,
     /// Peers the announcer convicted by audit (a gateway's verdicts, newest last): nodes that
     /// trust the announcer's verdicts plan placement without them. At most
-    /// [`limits::MAX_VERDICTS`]. Appended last.
+    /// [`limits::MAX_VERDICTS`].
     pub convicted: Vec<String>,
+    /// Peers the announcer doubts (a gateway's audits confirmed misses improbable for an
+    /// honest node, short of a conviction): nodes that trust the announcer's verdicts place a
+    /// spare beside each. At most [`limits::MAX_VERDICTS`]. Appended last.
+    pub doubted: Vec<String>,
 }
 
 /// One peer's decode speed on one model, as the announcing node measured it (stage calls it
@@ -264,6 +268,12 @@ impl Announcement {
         if let Some(p) = self.convicted.iter().find(|p| p.parse::<PeerId>().is_err()) {
             return Err(bad("convicted peer", p));
         }
+        if self.doubted.len() > MAX_VERDICTS {
+            return Err(bad("doubted count", self.doubted.len()));
+        }
+        if let Some(p) = self.doubted.iter().find(|p| p.parse::<PeerId>().is_err()) {
+            return Err(bad("doubted peer", p));
+        }
         Ok(())
     }
 
@@ -357,6 +367,7 @@ mod tests {
                 layers: 10,
             }],
             convicted: vec![NodeKey::generate().peer_id().to_string()],
+            doubted: vec![NodeKey::generate().peer_id().to_string()],
         }
     }
 
@@ -478,6 +489,17 @@ mod tests {
                 Box::new(|a| {
                     let c = a.convicted[0].clone();
                     a.convicted = vec![c; limits::MAX_VERDICTS + 1];
+                }),
+            ),
+            (
+                "doubted peer not a peer id",
+                Box::new(|a| a.doubted[0] = "someone".into()),
+            ),
+            (
+                "too many doubted",
+                Box::new(|a| {
+                    let c = a.doubted[0].clone();
+                    a.doubted = vec![c; limits::MAX_VERDICTS + 1];
                 }),
             ),
             (

@@ -180,6 +180,10 @@ fn announcement() -> Vec<u8> {
             layers: 2,
         }],
         convicted: vec![NodeKey::from_secret([9; 32]).unwrap().peer_id().to_string()],
+        doubted: vec![NodeKey::from_secret([10; 32])
+            .unwrap()
+            .peer_id()
+            .to_string()],
     }
     .sign(&key)
     .encode()

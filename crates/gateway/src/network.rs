@@ -398,6 +398,13 @@ impl Backend for NetworkBackend {
         for (peer, score) in self.client.reputations() {
             let _ = writeln!(out, "plexus_node_reputation{{peer=\"{peer}\"}} {score:.4}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP plexus_node_doubted Nodes this gateway doubts (referee-confirmed audit misses improbable for an honest node, short of a conviction; announced, so that nodes trusting its verdicts put a spare beside them).\n# TYPE plexus_node_doubted gauge"
+        );
+        for peer in self.client.book().doubted() {
+            let _ = writeln!(out, "plexus_node_doubted{{peer=\"{peer}\"}} 1");
+        }
         if let Some(post) = &self.post {
             post.render(out);
         }

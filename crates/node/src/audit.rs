@@ -426,6 +426,9 @@ pub struct AuditBook {
     band: BTreeMap<(PeerId, bool), MissRecord>,
     /// Cross-build token comparisons of each last stage, per checker: its near ties.
     ties: TieBook<PeerId>,
+    /// The band records (keys of `band`) that doubt their node ([`MissRecord::doubts`]):
+    /// misses the referees confirmed, improbable for an honest node but short of a conviction.
+    doubted: BTreeSet<(PeerId, bool)>,
 }
 
 impl AuditBook {
@@ -438,6 +441,21 @@ impl AuditBook {
     /// that trust its verdicts plan placement without them.
     pub fn verdicts(&self) -> Vec<PeerId> {
         self.recent.iter().copied().collect()
+    }
+
+    /// The peers this gateway doubts (at most
+    /// [`plexus_core::announce::limits::MAX_VERDICTS`]), not convicted: their cross-build
+    /// misses, confirmed by referees, are improbable for an honest node but short of a
+    /// conviction ([`MissRecord::doubts`], with hysteresis). Only referee-confirmed misses
+    /// count: an inconclusive dispute doubts nobody, so an auditor cannot get an honest node
+    /// doubted by disputing it. The gateway announces them beside its convictions, and nodes
+    /// that trust its verdicts put a spare beside each (see [`crate::placement`]).
+    pub fn doubted(&self) -> Vec<PeerId> {
+        let mut peers: Vec<PeerId> = self.doubted.iter().map(|(p, _)| *p).collect();
+        peers.dedup();
+        peers.retain(|p| !self.is_convicted(p));
+        peers.truncate(plexus_core::announce::limits::MAX_VERDICTS);
+        peers
     }
 
     /// The published reputation ([`Record::score`], [`crate::reputation`]) of `peer`, with
@@ -501,6 +519,7 @@ impl AuditBook {
         self.entry(peer).convicted = true;
         // What it reported of others as a checker is no longer evidence.
         self.ties.forget(&peer);
+        self.doubted.retain(|(p, _)| *p != peer);
     }
 
     /// Records one cross-build comparison of `peer`'s answer to a call (a sampled token when
@@ -518,6 +537,7 @@ impl AuditBook {
                 .map(|(k, _)| *k)
             {
                 self.band.remove(&victim);
+                self.doubted.remove(&victim);
             }
         }
         let r = self.band.entry((peer, token)).or_default();
@@ -527,6 +547,12 @@ impl AuditBook {
         } else {
             plexus_verify::compare::CROSS_BUILD_ROWS_FPR
         };
+        let was = self.doubted.contains(&(peer, token));
+        if r.doubts(rate, was) && !self.convicted.contains(&peer) {
+            self.doubted.insert((peer, token));
+        } else {
+            self.doubted.remove(&(peer, token));
+        }
         missed && r.convicts(rate)
     }
 
@@ -1375,6 +1401,48 @@ mod tests {
         assert!(book.on_cross_check(p[2], true, true));
         // An agreeing call never convicts, whatever the record holds.
         assert!(!book.on_cross_check(p[2], true, false));
+    }
+
+    #[test]
+    fn confirmed_misses_doubt_a_node_until_a_clean_run_clears_it_and_disputes_alone_never() {
+        let p = peers(3);
+        let mut book = AuditBook::default();
+        // An honest node of another build (1 confirmed miss in 200) is never doubted.
+        for call in 0..800 {
+            book.on_cross_check(p[0], false, call % 200 == 0);
+            assert!(book.doubted().is_empty(), "call {call}");
+        }
+        // Two confirmed misses in three calls: doubted, not convicted.
+        book.on_cross_check(p[1], false, true);
+        assert!(book.doubted().is_empty(), "one miss");
+        book.on_cross_check(p[1], false, false);
+        assert!(!book.on_cross_check(p[1], false, true));
+        assert_eq!(book.doubted(), vec![p[1]]);
+        assert!(!book.is_convicted(&p[1]));
+        // It stays doubted through a short clean run (hysteresis), and is cleared by a long one.
+        for _ in 0..10 {
+            book.on_cross_check(p[1], false, false);
+        }
+        assert_eq!(book.doubted(), vec![p[1]]);
+        for _ in 0..200 {
+            book.on_cross_check(p[1], false, false);
+        }
+        assert!(book.doubted().is_empty());
+        // Inconclusive disputes and failed audits are not confirmed misses: no doubt.
+        for _ in 0..20 {
+            book.on_audit(p[2], false);
+        }
+        assert!(book.doubted().is_empty());
+        // Tokens (5% honest rate): three misses in three doubt a node. Once convicted it
+        // is excluded, not doubted.
+        for _ in 0..3 {
+            book.on_cross_check(p[2], true, true);
+        }
+        assert_eq!(book.doubted(), vec![p[2]]);
+        book.convict(p[2]);
+        assert!(book.doubted().is_empty());
+        book.on_cross_check(p[2], true, true);
+        assert!(book.doubted().is_empty());
     }
 
     #[test]

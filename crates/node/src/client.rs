@@ -181,16 +181,31 @@ fn convicted(peer: &PeerId) -> CallFailed {
     }
 }
 
-/// How often a gateway that has convicted nodes announces them (its announcement lives
-/// [`VERDICTS_TTL`]: nodes trusting its verdicts forget them soon after it stops).
+/// How often a gateway that has convicted or doubted nodes announces them (its announcement
+/// lives [`VERDICTS_TTL`]: nodes trusting its verdicts forget them soon after it stops).
 pub const VERDICTS_EVERY: Duration = Duration::from_secs(2);
 pub const VERDICTS_TTL: Duration = Duration::from_secs(30);
 
-/// A gateway's announcement of its verdicts: no models, the peers it convicted (oldest
-/// first), its listen addresses.
+/// A gateway's verdicts: the peers it convicted (oldest first) and those it doubts
+/// ([`crate::audit::AuditBook::doubted`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verdicts {
+    pub convicted: Vec<PeerId>,
+    pub doubted: Vec<PeerId>,
+}
+
+impl Verdicts {
+    pub fn is_empty(&self) -> bool {
+        self.convicted.is_empty() && self.doubted.is_empty()
+    }
+}
+
+/// A gateway's announcement of its verdicts: no models, the peers it convicted (the latest
+/// [`limits::MAX_VERDICTS`](plexus_core::announce::limits::MAX_VERDICTS)) and doubts, its
+/// listen addresses.
 pub fn verdict_announcement(
     key: &plexus_core::keys::NodeKey,
-    convicted: &[PeerId],
+    verdicts: &Verdicts,
     listen: &[plexus_net::Multiaddr],
     now_ms: u64,
 ) -> plexus_core::announce::Announcement {
@@ -215,11 +230,18 @@ pub fn verdict_announcement(
         price: 0,
         models: Vec::new(),
         observed: Vec::new(),
-        convicted: convicted
+        convicted: verdicts
+            .convicted
             .iter()
             .rev()
             .take(limits::MAX_VERDICTS)
             .rev()
+            .map(|p| p.to_string())
+            .collect(),
+        doubted: verdicts
+            .doubted
+            .iter()
+            .take(limits::MAX_VERDICTS)
             .map(|p| p.to_string())
             .collect(),
     }
@@ -237,6 +259,10 @@ impl NetworkClient {
         tokio::spawn(async move {
             let mut prune = tokio::time::interval(Duration::from_secs(1));
             let mut verdicts = tokio::time::interval(VERDICTS_EVERY);
+            // Whether the last verdicts announced were not empty: a gateway whose doubts
+            // cleared announces that once more, so nodes need not wait for the old list to
+            // expire.
+            let mut announced = false;
             loop {
                 let flush_at = keeper.flush_at();
                 tokio::select! {
@@ -257,10 +283,14 @@ impl NetworkClient {
                     Some((peer, bytes)) = keeper.described.recv() => keeper.admit(&bytes, Some(peer)).await,
                     _ = prune.tick() => keeper.prune(),
                     _ = verdicts.tick() => {
-                        let convicted = book_.lock().unwrap_or_else(|e| e.into_inner()).verdicts();
-                        if !convicted.is_empty() {
+                        let v = {
+                            let book = book_.lock().unwrap_or_else(|e| e.into_inner());
+                            Verdicts { convicted: book.verdicts(), doubted: book.doubted() }
+                        };
+                        let was = std::mem::replace(&mut announced, !v.is_empty());
+                        if !v.is_empty() || was {
                             let listen = handle_.listen_addrs().await;
-                            let a = verdict_announcement(&key, &convicted, &listen, now_ms());
+                            let a = verdict_announcement(&key, &v, &listen, now_ms());
                             if let Err(e) = handle_.publish(a.sign(&key).encode()).await {
                                 tracing::debug!("verdicts not published: {e}");
                             }

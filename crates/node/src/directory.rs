@@ -160,6 +160,7 @@ pub(crate) mod tests {
             models: Vec::new(),
             observed: Vec::new(),
             convicted: Vec::new(),
+            doubted: Vec::new(),
         }
     }
 

@@ -8,8 +8,16 @@
 //! sorted by speed, so chains come out alike) and leftovers replicate the slowest stage of the
 //! first chain. Pure and deterministic: the same inputs give the same plan on every node, so
 //! nodes rebalance to the same answer when peers join or leave.
+//!
+//! Reputation: convicted nodes are left out before planning (by the caller), and a spare goes
+//! first beside each stage whose node the trusted gateways doubt ([`plan_doubting`]), so
+//! routing, which prefers reputable nodes, has a reputable one to prefer there. Doubts never
+//! change the chains: a doubted node keeps its stage (a doubt is not proof), so nodes that
+//! trust different gateways, and see different doubts, still agree on who serves every layer;
+//! doubts only move spares.
 
 use plexus_net::PeerId;
+use std::collections::HashSet;
 use std::fmt;
 
 /// What placement knows of a node.
@@ -119,6 +127,16 @@ pub fn plan(
     num_layers: usize,
     stages: Option<usize>,
 ) -> Result<Plan, PlacementError> {
+    plan_doubting(nodes, num_layers, stages, &HashSet::new())
+}
+
+/// [`plan`], with spares going first beside the stages of `doubted` nodes (module docs).
+pub fn plan_doubting(
+    nodes: &[NodeCapacity],
+    num_layers: usize,
+    stages: Option<usize>,
+    doubted: &HashSet<PeerId>,
+) -> Result<Plan, PlacementError> {
     let mut nodes: Vec<NodeCapacity> = nodes.iter().filter(|n| n.max_layers > 0).cloned().collect();
     if nodes.is_empty() || num_layers == 0 {
         return Err(PlacementError::NoNodes);
@@ -159,7 +177,7 @@ pub fn plan(
             groups.iter().map(|g| balance(g, num_layers)).collect();
         match chains {
             Some(chains) => {
-                let replicas = replicate(&chains, &nodes[r * k..]);
+                let replicas = replicate(&chains, &nodes[r * k..], doubted);
                 return Ok(Plan {
                     num_layers,
                     chains,
@@ -244,6 +262,30 @@ pub fn keep_spans(
         .collect()
 }
 
+/// With interchangeable nodes ([`keep_spans`] hands a plan's spans to whoever holds them) the
+/// peers of a plan are only labels, and a doubt belongs to the span a doubted node holds: the
+/// chain peers of `plan` whose span a `doubted` node holds now (`current`), to plan again with
+/// [`plan_doubting`], so a spare goes beside that span. Whether other nodes hold it too does
+/// not count, or the spare that moved beside the doubted node would undo the doubt and move
+/// back: the plan is the same before and after the spare moves.
+pub fn doubts_by_span(
+    plan: &Plan,
+    current: &[(PeerId, (usize, usize))],
+    doubted: &HashSet<PeerId>,
+) -> HashSet<PeerId> {
+    let held: HashSet<(usize, usize)> = current
+        .iter()
+        .filter(|(peer, _)| doubted.contains(peer))
+        .map(|(_, span)| *span)
+        .collect();
+    plan.chains
+        .iter()
+        .flatten()
+        .filter(|a| held.contains(&(a.start, a.end)))
+        .map(|a| a.peer)
+        .collect()
+}
+
 /// Whether `spans` (`start..end` each) together serve every layer `0..layers`.
 pub fn covers(spans: &[(usize, usize)], layers: usize) -> bool {
     let mut sorted = spans.to_vec();
@@ -311,30 +353,67 @@ fn balance(nodes: &[&NodeCapacity], layers: usize) -> Option<Vec<Assignment>> {
     )
 }
 
-/// Leftover nodes copy the slowest stages of the first chain they can hold.
-fn replicate(chains: &[Vec<Assignment>], spare: &[NodeCapacity]) -> Vec<Assignment> {
+/// Leftover nodes copy stages. First, each spare not itself doubted goes beside a stage whose
+/// node is doubted (the costliest first, each span once; not a span a node not doubted also
+/// serves in another chain, nor one the spare cannot hold); the other spares copy the slowest
+/// stages of the first chain they can hold, in turn.
+fn replicate(
+    chains: &[Vec<Assignment>],
+    spare: &[NodeCapacity],
+    doubted: &HashSet<PeerId>,
+) -> Vec<Assignment> {
     let Some(first) = chains.first() else {
         return Vec::new();
     };
+    let span = |a: &Assignment| (a.start, a.end);
+    let costliest = |a: &&Assignment, b: &&Assignment| {
+        b.seconds
+            .total_cmp(&a.seconds)
+            .then(a.start.cmp(&b.start))
+            .then(a.end.cmp(&b.end))
+    };
     let mut by_cost: Vec<&Assignment> = first.iter().collect();
-    by_cost.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then(a.start.cmp(&b.start)));
-    spare
+    by_cost.sort_by(costliest);
+    let served_well: HashSet<(usize, usize)> = chains
         .iter()
-        .enumerate()
-        .filter_map(|(i, n)| {
-            let fitting: Vec<&&Assignment> = by_cost
+        .flatten()
+        .filter(|a| !doubted.contains(&a.peer))
+        .map(span)
+        .collect();
+    let mut suspects: Vec<&Assignment> = chains
+        .iter()
+        .flatten()
+        .filter(|a| doubted.contains(&a.peer) && !served_well.contains(&span(a)))
+        .collect();
+    suspects.sort_by(costliest);
+    let mut seen = HashSet::new();
+    suspects.retain(|a| seen.insert(span(a)));
+    let copy = |n: &NodeCapacity, (start, end): (usize, usize)| Assignment {
+        peer: n.peer,
+        start,
+        end,
+        seconds: (end - start) as f64 * n.decode_s_per_layer,
+    };
+    let mut out = Vec::new();
+    for (turn, n) in spare.iter().enumerate() {
+        if !doubted.contains(&n.peer) {
+            if let Some(i) = suspects
                 .iter()
-                .filter(|a| a.end - a.start <= n.max_layers)
-                .collect();
-            let a = fitting.get(i % fitting.len().max(1))?;
-            Some(Assignment {
-                peer: n.peer,
-                start: a.start,
-                end: a.end,
-                seconds: (a.end - a.start) as f64 * n.decode_s_per_layer,
-            })
-        })
-        .collect()
+                .position(|a| a.end - a.start <= n.max_layers)
+            {
+                out.push(copy(n, span(suspects.remove(i))));
+                continue;
+            }
+        }
+        let fitting: Vec<&&Assignment> = by_cost
+            .iter()
+            .filter(|a| a.end - a.start <= n.max_layers)
+            .collect();
+        if let Some(a) = fitting.get(turn % fitting.len().max(1)) {
+            out.push(copy(n, span(a)));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -385,6 +464,96 @@ mod tests {
         assert!(p.chains[0]
             .iter()
             .any(|a| a.start == r.start && a.end == r.end));
+    }
+
+    #[test]
+    fn a_spare_goes_beside_the_doubted_stage_and_the_chain_stays() {
+        // Three stages and two spares: without doubts the spares copy the two costliest stages.
+        let nodes = vec![
+            node(1e-3, 30),
+            node(1e-3, 30),
+            node(1e-3, 30),
+            node(2e-3, 30),
+            node(2e-3, 30),
+        ];
+        let clear = plan(&nodes, 30, Some(3)).unwrap();
+        assert_eq!((clear.chains.len(), clear.replicas.len()), (1, 2));
+        for stage in 0..3 {
+            let doubted_node = clear.chains[0][stage].clone();
+            let p =
+                plan_doubting(&nodes, 30, Some(3), &HashSet::from([doubted_node.peer])).unwrap();
+            assert_eq!(p.chains, clear.chains, "doubts never change the chains");
+            let span = (doubted_node.start, doubted_node.end);
+            let beside: Vec<&Assignment> = p
+                .replicas
+                .iter()
+                .filter(|r| (r.start, r.end) == span)
+                .collect();
+            assert!(!beside.is_empty(), "stage {stage}: {p}");
+            assert!(beside.iter().all(|r| r.peer != doubted_node.peer));
+        }
+        // A doubted spare is not what goes beside a doubted stage: the other spare is.
+        let (stage, spare) = (clear.chains[0][1].clone(), clear.replicas[0].peer);
+        let p = plan_doubting(&nodes, 30, Some(3), &HashSet::from([stage.peer, spare])).unwrap();
+        let beside: Vec<PeerId> = p
+            .replicas
+            .iter()
+            .filter(|r| (r.start, r.end) == (stage.start, stage.end))
+            .map(|r| r.peer)
+            .collect();
+        assert_eq!(beside, vec![clear.replicas[1].peer], "{p}");
+    }
+
+    #[test]
+    fn interchangeable_nodes_put_a_spare_beside_the_span_a_doubted_node_holds() {
+        // Equal nodes: the plan's labels need not be who holds what. Whoever the plan names,
+        // the span held by the doubted node alone gets the spare's copy.
+        for _ in 0..16 {
+            let nodes: Vec<NodeCapacity> = (0..3).map(|_| node(1e-3, 30)).collect();
+            let clear = plan(&nodes, 30, Some(2)).unwrap();
+            let spans: Vec<(usize, usize)> = clear
+                .chains
+                .iter()
+                .flatten()
+                .chain(&clear.replicas)
+                .map(|a| (a.start, a.end))
+                .collect();
+            assert_eq!(spans, vec![(0, 15), (15, 30), (0, 15)]);
+            // Held the other way round from the plan's labels: node 2 alone on 15..30.
+            let current = vec![
+                (nodes[0].peer, (0, 15)),
+                (nodes[1].peer, (0, 15)),
+                (nodes[2].peer, (15, 30)),
+            ];
+            let doubted = HashSet::from([nodes[2].peer]);
+            let hand_out = |current: &[(PeerId, (usize, usize))]| {
+                let mapped = doubts_by_span(&clear, current, &doubted);
+                let p = plan_doubting(&nodes, 30, Some(2), &mapped).unwrap();
+                let spans: Vec<(usize, usize)> = p
+                    .chains
+                    .iter()
+                    .flatten()
+                    .chain(&p.replicas)
+                    .map(|a| (a.start, a.end))
+                    .collect();
+                let mut handed = keep_spans(&spans, current);
+                handed.sort_by_key(|(p, _)| p.to_bytes());
+                handed
+            };
+            let handed = hand_out(&current);
+            let on = |span| handed.iter().filter(|(_, s)| *s == span).count();
+            assert_eq!((on((0, 15)), on((15, 30))), (1, 2), "{handed:?}");
+            assert!(
+                handed.contains(&(nodes[2].peer, (15, 30))),
+                "the doubted node stays"
+            );
+            // Once the spare has moved, the plan keeps it there (no flapping).
+            assert_eq!(hand_out(&handed), handed);
+            // Cleared: the spare goes back to copying the costliest stage.
+            let cleared = keep_spans(&[(0, 15), (15, 30), (0, 15)], &handed);
+            let on = |span| cleared.iter().filter(|(_, s)| *s == span).count();
+            assert_eq!((on((0, 15)), on((15, 30))), (2, 1), "{cleared:?}");
+        }
     }
 
     #[test]
@@ -472,6 +641,66 @@ mod tests {
                     prop_assert!(total < layers || nodes.len() > layers);
                 }
                 Err(e) => prop_assert!(false, "{e}"),
+            }
+        }
+
+        /// Doubts never change the chains (only spares move), and every stage of a doubted node
+        /// that no trusted node serves gets a trusted spare beside it while trusted spares that
+        /// can hold it remain.
+        #[test]
+        fn doubts_only_move_spares(
+            specs in proptest::collection::vec((1u32..50, 1usize..40, any::<bool>()), 1..9),
+            layers in 1usize..40,
+            stages in proptest::option::of(1usize..6),
+        ) {
+            let nodes: Vec<NodeCapacity> =
+                specs.iter().map(|&(ms, cap, _)| node(ms as f64 * 1e-4, cap)).collect();
+            let doubted: HashSet<PeerId> = nodes
+                .iter()
+                .zip(&specs)
+                .filter(|(_, s)| s.2)
+                .map(|(n, _)| n.peer)
+                .collect();
+            let (Ok(clear), Ok(p)) = (
+                plan(&nodes, layers, stages),
+                plan_doubting(&nodes, layers, stages, &doubted),
+            ) else {
+                return Ok(());
+            };
+            prop_assert_eq!(&p.chains, &clear.chains);
+            // The same spares copy stages (one more may, when a doubted stage of another chain
+            // is one it holds), each once, and no chain node.
+            let chained: HashSet<PeerId> = p.chains.iter().flatten().map(|a| a.peer).collect();
+            let copying: Vec<PeerId> = p.replicas.iter().map(|a| a.peer).collect();
+            let copying_set: HashSet<PeerId> = copying.iter().copied().collect();
+            prop_assert_eq!(copying.len(), copying_set.len());
+            prop_assert!(copying_set.is_disjoint(&chained));
+            prop_assert!(clear.replicas.iter().all(|a| copying_set.contains(&a.peer)));
+            let span = |a: &Assignment| (a.start, a.end);
+            let trusted_spans: HashSet<(usize, usize)> = p
+                .chains
+                .iter()
+                .flatten()
+                .chain(&p.replicas)
+                .filter(|a| !doubted.contains(&a.peer))
+                .map(span)
+                .collect();
+            for a in p.chains.iter().flatten().filter(|a| doubted.contains(&a.peer)) {
+                if trusted_spans.contains(&span(a)) {
+                    continue;
+                }
+                // Left alone only when every trusted spare is too small or beside another
+                // doubted stage.
+                for r in p.replicas.iter().filter(|r| !doubted.contains(&r.peer)) {
+                    let n = nodes.iter().find(|n| n.peer == r.peer).unwrap();
+                    let beside_doubt = p.chains.iter().flatten().any(|c| {
+                        doubted.contains(&c.peer) && span(c) == span(r)
+                    });
+                    prop_assert!(
+                        a.end - a.start > n.max_layers || beside_doubt,
+                        "{:?} left alone while {} copies {:?}", span(a), r.peer, span(r)
+                    );
+                }
             }
         }
 

@@ -19,7 +19,7 @@ use crate::directory::Directory;
 use crate::discovery::{now_ms, DirectoryKeeper, DiscoveryCounters};
 use crate::engine::{EngineActor, EngineConfig, EngineHandle, Job, SubmitError, Work};
 use crate::measure::{free_memory, measure, Speed};
-use crate::placement::{covers, keep_spans, plan, NodeCapacity};
+use crate::placement::{covers, doubts_by_span, keep_spans, plan, plan_doubting, NodeCapacity};
 use crate::probe::{checked_speed, observed_speeds, probe_peer, ProbeFailure, Probes};
 use crate::verdicts::TrustedVerdicts;
 use plexus_core::announce::{limits, Announcement, ModelOffer, Observation};
@@ -69,7 +69,7 @@ pub struct NodeConfig {
     /// holds beyond its unused KV budget, shared by the check stages it may keep.
     pub checks: bool,
     /// Gateways whose verdicts this node trusts: peers they announce as convicted are left
-    /// out of placement (see `rebalance`).
+    /// out of placement, and those they doubt get a spare beside them (see `rebalance`).
     pub trust_verdicts: Vec<PeerId>,
 }
 
@@ -461,6 +461,7 @@ impl Node {
             }],
             observed: self.observed.clone(),
             convicted: Vec::new(),
+            doubted: Vec::new(),
         }
     }
 
@@ -784,7 +785,8 @@ impl Node {
                 .min(layers as u64) as usize
         };
         let model = self.served.model;
-        let convicted = self.verdicts.convicted(self.keeper.directory(), now_ms());
+        let standing = self.verdicts.standing(self.keeper.directory(), now_ms());
+        let convicted = &standing.convicted;
         if convicted.contains(&me) {
             // Nobody trusting the same gateways routes to this node or counts it: moving
             // would only take layers from the nodes that replace it.
@@ -838,9 +840,23 @@ impl Node {
         if !auto.equal_speeds {
             self.probe_next(probed);
         }
-        let Ok(plan) = plan(&nodes, layers, auto.stages) else {
+        // The stages of nodes the trusted gateways doubt get a spare beside them (chains
+        // stay as they are: see `crate::placement`). Between interchangeable nodes the plan's
+        // peers are labels: the doubt goes with the span the doubted node holds.
+        let Ok(mut plan) = plan(&nodes, layers, auto.stages) else {
             return;
         };
+        let doubted = if auto.equal_speeds {
+            doubts_by_span(&plan, &current, &standing.doubted)
+        } else {
+            standing.doubted.clone()
+        };
+        if !doubted.is_empty() {
+            let Ok(doubting) = plan_doubting(&nodes, layers, auto.stages, &doubted) else {
+                return;
+            };
+            plan = doubting;
+        }
         let assigned = if auto.equal_speeds {
             let spans: Vec<(usize, usize)> = plan
                 .chains

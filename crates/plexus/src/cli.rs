@@ -651,7 +651,8 @@ pub struct NodeArgs {
     pub no_checks: bool,
     /// Trust this gateway's verdicts (its peer id; repeatable): nodes it announces as
     /// convicted by audit are left out of placement, so the layers a convicted node served
-    /// alone are taken over by the others.
+    /// alone are taken over by the others; beside a node it doubts (audit misses improbable
+    /// for an honest node, short of a conviction) placement puts a spare node, if any.
     #[arg(long, value_name = "PEER")]
     pub trust_verdicts: Vec<String>,
     /// Tests only: return wrong results (`random`, `noise` or `token`, see plexus_node::cheat), so

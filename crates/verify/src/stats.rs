@@ -91,7 +91,30 @@ impl MissRecord {
     pub fn convicts(&self, fpr: f64) -> bool {
         self.misses > 0 && self.honest_tail(fpr) < CONVICTION_TAIL
     }
+
+    /// Whether a node with this record is doubted, given whether it was before (`doubted`):
+    /// short of a conviction, but improbable for an honest node. Hysteresis, so a node near
+    /// the line does not flip with every comparison: it enters doubt with at least
+    /// [`DOUBT_MIN_MISSES`] misses and a tail under [`DOUBT_TAIL`], and leaves it only once
+    /// the tail is back above [`CLEAR_TAIL`] (at the rows' 1% rate, two misses in four
+    /// comparisons doubt a node; three misses then take about 80 clean comparisons to clear).
+    pub fn doubts(&self, fpr: f64, doubted: bool) -> bool {
+        let tail = self.honest_tail(fpr);
+        if doubted {
+            tail < CLEAR_TAIL
+        } else {
+            self.misses >= DOUBT_MIN_MISSES && tail < DOUBT_TAIL
+        }
+    }
 }
+
+/// The tail under which a record doubts a node ([`MissRecord::doubts`]): a thousand times
+/// short of the evidence that convicts.
+pub const DOUBT_TAIL: f64 = 1e-3;
+/// The tail above which a doubted node is cleared.
+pub const CLEAR_TAIL: f64 = 0.05;
+/// The fewest misses that doubt a node: one miss is never enough, here as for convictions.
+pub const DOUBT_MIN_MISSES: u64 = 2;
 
 #[cfg(test)]
 mod tests {
@@ -125,6 +148,41 @@ mod tests {
             misses: 3,
         };
         assert!(!honest.convicts(0.001));
+    }
+
+    #[test]
+    fn doubt_needs_two_improbable_misses_and_clears_only_after_a_long_clean_run() {
+        let rows = 0.01;
+        let mut r = MissRecord::default();
+        r.record(true);
+        assert!(!r.doubts(rows, false), "one miss");
+        r.record(false);
+        r.record(true);
+        // Two misses in three at 1%: tail 3e-4.
+        assert!(r.doubts(rows, false));
+        assert!(!r.convicts(rows));
+        // Hysteresis: a few clean comparisons later the tail is over the entry line (1e-3)
+        // but a doubted node stays doubted until it passes the clearing line (5%).
+        for _ in 0..5 {
+            r.record(false);
+        }
+        assert!(r.honest_tail(rows) > DOUBT_TAIL);
+        assert!(!r.doubts(rows, false));
+        assert!(r.doubts(rows, true));
+        let mut clean = 0;
+        while r.doubts(rows, true) {
+            r.record(false);
+            clean += 1;
+            assert!(clean < 1000);
+        }
+        assert!(r.honest_tail(rows) >= CLEAR_TAIL);
+        assert!(clean > 20, "cleared after {clean}");
+        // An honest node's record at its own rate is never doubted.
+        let honest = MissRecord {
+            comparisons: 1000,
+            misses: 10,
+        };
+        assert!(!honest.doubts(rows, false) && !honest.doubts(rows, true));
     }
 
     #[test]

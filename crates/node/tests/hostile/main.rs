@@ -9,6 +9,7 @@
 //! - [`announcements`]: forged, relayed, tampered and expired announcements on gossip.
 //! - [`receipts`]: signed receipts of stage calls, metering per provider, inflated claims.
 //! - [`audits`]: cheating nodes among honest replicas, caught by audits and excluded.
+//! - [`doubts`]: a trusted gateway's doubts move a spare beside the doubted node.
 //!
 //! After every attack a fresh client generates through the node and must get exactly what the
 //! model generates in this process ([`support::assert_serves`]).
@@ -16,6 +17,7 @@
 
 mod announcements;
 mod audits;
+mod doubts;
 mod frames;
 mod lying;
 mod receipts;

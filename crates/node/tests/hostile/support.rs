@@ -863,6 +863,7 @@ pub fn announcement(key: &NodeKey) -> Announcement {
         }],
         observed: Vec::new(),
         convicted: Vec::new(),
+        doubted: Vec::new(),
     }
 }
 
