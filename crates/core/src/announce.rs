@@ -120,7 +120,9 @@ pub struct Announcement {
     pub convicted: Vec<String>,
     /// Peers the announcer doubts (a gateway's audits confirmed misses improbable for an
     /// honest node, short of a conviction): nodes that trust the announcer's verdicts place a
-    /// spare beside each. At most [`limits::MAX_VERDICTS`]. Appended last.
+    /// spare beside each. At most [`limits::MAX_VERDICTS`]. Appended last: postcard ignores
+    /// trailing bytes, so earlier builds still read this build's announcements (without it),
+    /// while this build refuses theirs as malformed (one release of a network at a time).
     pub doubted: Vec<String>,
 }
 

@@ -450,12 +450,37 @@ impl AuditBook {
     /// count: an inconclusive dispute doubts nobody, so an auditor cannot get an honest node
     /// doubted by disputing it. The gateway announces them beside its convictions, and nodes
     /// that trust its verdicts put a spare beside each (see [`crate::placement`]).
+    ///
+    /// Most suspicious first (the least honest tail of its records), so that an announcement
+    /// that keeps only the first [`plexus_core::announce::limits::MAX_VERDICTS`] keeps those.
     pub fn doubted(&self) -> Vec<PeerId> {
-        let mut peers: Vec<PeerId> = self.doubted.iter().map(|(p, _)| *p).collect();
-        peers.dedup();
-        peers.retain(|p| !self.is_convicted(p));
-        peers.truncate(plexus_core::announce::limits::MAX_VERDICTS);
-        peers
+        let mut ranked: Vec<(f64, PeerId)> = self
+            .doubted
+            .iter()
+            .filter(|(p, _)| !self.is_convicted(p))
+            .map(|&(p, token)| {
+                let rate = if token {
+                    plexus_verify::compare::CROSS_BUILD_TOKEN_FPR
+                } else {
+                    plexus_verify::compare::CROSS_BUILD_ROWS_FPR
+                };
+                let tail = self.band_record(&p, token).honest_tail(rate);
+                (tail, p)
+            })
+            .collect();
+        ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut seen = BTreeSet::new();
+        ranked
+            .into_iter()
+            .filter(|(_, p)| seen.insert(*p))
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    /// Whether this gateway doubts `peer` ([`Self::doubted`]).
+    pub fn is_doubted(&self, peer: &PeerId) -> bool {
+        !self.is_convicted(peer)
+            && (self.doubted.contains(&(*peer, false)) || self.doubted.contains(&(*peer, true)))
     }
 
     /// The published reputation ([`Record::score`], [`crate::reputation`]) of `peer`, with
@@ -467,6 +492,7 @@ impl AuditBook {
         }
         let record = Record {
             latency: latency.unwrap_or(0.0),
+            doubted: self.is_doubted(peer),
             ..self.records.get(peer).copied().unwrap_or_default()
         };
         record.score(reference.unwrap_or(0.0))
@@ -1428,7 +1454,8 @@ mod tests {
             book.on_cross_check(p[1], false, false);
         }
         assert!(book.doubted().is_empty());
-        // Inconclusive disputes and failed audits are not confirmed misses: no doubt.
+        // Failed audits (all an inconclusive dispute records, `apply`) are not confirmed
+        // misses: no doubt.
         for _ in 0..20 {
             book.on_audit(p[2], false);
         }

@@ -201,8 +201,9 @@ impl Verdicts {
 }
 
 /// A gateway's announcement of its verdicts: no models, the peers it convicted (the latest
-/// [`limits::MAX_VERDICTS`](plexus_core::announce::limits::MAX_VERDICTS)) and doubts, its
-/// listen addresses.
+/// [`limits::MAX_VERDICTS`](plexus_core::announce::limits::MAX_VERDICTS)) and those it doubts
+/// (the first as many: [`crate::audit::AuditBook::doubted`] ranks the most suspicious
+/// first), its listen addresses.
 pub fn verdict_announcement(
     key: &plexus_core::keys::NodeKey,
     verdicts: &Verdicts,
@@ -283,10 +284,17 @@ impl NetworkClient {
                     Some((peer, bytes)) = keeper.described.recv() => keeper.admit(&bytes, Some(peer)).await,
                     _ = prune.tick() => keeper.prune(),
                     _ = verdicts.tick() => {
-                        let v = {
+                        let mut v = {
                             let book = book_.lock().unwrap_or_else(|e| e.into_inner());
                             Verdicts { convicted: book.verdicts(), doubted: book.doubted() }
                         };
+                        // Doubts of nodes gone from the directory move nobody: announce
+                        // those still there, the most suspicious first.
+                        v.doubted.retain(|p| keeper.directory().get(p).is_some());
+                        let limit = plexus_core::announce::limits::MAX_VERDICTS;
+                        if v.doubted.len() > limit {
+                            tracing::warn!(doubted = v.doubted.len(), announced = limit, "more nodes doubted than one announcement lists: the most suspicious are announced");
+                        }
                         let was = std::mem::replace(&mut announced, !v.is_empty());
                         if !v.is_empty() || was {
                             let listen = handle_.listen_addrs().await;

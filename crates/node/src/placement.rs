@@ -353,10 +353,11 @@ fn balance(nodes: &[&NodeCapacity], layers: usize) -> Option<Vec<Assignment>> {
     )
 }
 
-/// Leftover nodes copy stages. First, each spare not itself doubted goes beside a stage whose
-/// node is doubted (the costliest first, each span once; not a span a node not doubted also
-/// serves in another chain, nor one the spare cannot hold); the other spares copy the slowest
-/// stages of the first chain they can hold, in turn.
+/// Leftover nodes copy the slowest stages of the first chain they can hold, in turn. Then each
+/// span that only doubted nodes serve (in the chains and those copies; the costliest first)
+/// takes one spare that is not itself doubted and can hold it, from the copies least needed:
+/// the last spares first (they copy the cheapest stages), never the trusted copy of a doubted
+/// node's span. A doubt whose span has a trusted copy already changes nothing.
 fn replicate(
     chains: &[Vec<Assignment>],
     spare: &[NodeCapacity],
@@ -374,46 +375,62 @@ fn replicate(
     };
     let mut by_cost: Vec<&Assignment> = first.iter().collect();
     by_cost.sort_by(costliest);
-    let served_well: HashSet<(usize, usize)> = chains
-        .iter()
-        .flatten()
-        .filter(|a| !doubted.contains(&a.peer))
-        .map(span)
-        .collect();
-    let mut suspects: Vec<&Assignment> = chains
-        .iter()
-        .flatten()
-        .filter(|a| doubted.contains(&a.peer) && !served_well.contains(&span(a)))
-        .collect();
-    suspects.sort_by(costliest);
-    let mut seen = HashSet::new();
-    suspects.retain(|a| seen.insert(span(a)));
     let copy = |n: &NodeCapacity, (start, end): (usize, usize)| Assignment {
         peer: n.peer,
         start,
         end,
         seconds: (end - start) as f64 * n.decode_s_per_layer,
     };
-    let mut out = Vec::new();
-    for (turn, n) in spare.iter().enumerate() {
-        if !doubted.contains(&n.peer) {
-            if let Some(i) = suspects
+    let mut out: Vec<(&NodeCapacity, Assignment)> = spare
+        .iter()
+        .enumerate()
+        .filter_map(|(turn, n)| {
+            let fitting: Vec<&&Assignment> = by_cost
                 .iter()
-                .position(|a| a.end - a.start <= n.max_layers)
-            {
-                out.push(copy(n, span(suspects.remove(i))));
-                continue;
+                .filter(|a| a.end - a.start <= n.max_layers)
+                .collect();
+            let a = fitting.get(turn % fitting.len().max(1))?;
+            Some((n, copy(n, span(a))))
+        })
+        .collect();
+    if !doubted.is_empty() {
+        let doubted_spans: HashSet<(usize, usize)> = chains
+            .iter()
+            .flatten()
+            .filter(|a| doubted.contains(&a.peer))
+            .map(span)
+            .collect();
+        let served_well: HashSet<(usize, usize)> = chains
+            .iter()
+            .flatten()
+            .chain(out.iter().map(|(_, a)| a))
+            .filter(|a| !doubted.contains(&a.peer))
+            .map(span)
+            .collect();
+        let mut suspects: Vec<&Assignment> = chains
+            .iter()
+            .flatten()
+            .filter(|a| doubted.contains(&a.peer) && !served_well.contains(&span(a)))
+            .collect();
+        suspects.sort_by(costliest);
+        let mut seen = HashSet::new();
+        suspects.retain(|a| seen.insert(span(a)));
+        let mut moved = vec![false; out.len()];
+        for s in suspects {
+            let pick = (0..out.len()).rev().find(|&j| {
+                let (n, a) = &out[j];
+                !moved[j]
+                    && !doubted.contains(&n.peer)
+                    && s.end - s.start <= n.max_layers
+                    && !doubted_spans.contains(&span(a))
+            });
+            if let Some(j) = pick {
+                out[j].1 = copy(out[j].0, span(s));
+                moved[j] = true;
             }
         }
-        let fitting: Vec<&&Assignment> = by_cost
-            .iter()
-            .filter(|a| a.end - a.start <= n.max_layers)
-            .collect();
-        if let Some(a) = fitting.get(turn % fitting.len().max(1)) {
-            out.push(copy(n, span(a)));
-        }
     }
-    out
+    out.into_iter().map(|(_, a)| a).collect()
 }
 
 #[cfg(test)]
@@ -492,8 +509,30 @@ mod tests {
             assert!(!beside.is_empty(), "stage {stage}: {p}");
             assert!(beside.iter().all(|r| r.peer != doubted_node.peer));
         }
-        // A doubted spare is not what goes beside a doubted stage: the other spare is.
-        let (stage, spare) = (clear.chains[0][1].clone(), clear.replicas[0].peer);
+        // The spares copy 0..10 and 10..20. A doubt on 10..20, which has its trusted copy
+        // already, changes nothing; one on 20..30 takes the spare of the cheaper copy (10..20),
+        // and the costliest stage keeps its own.
+        let spans = |p: &Plan| -> Vec<(usize, usize)> {
+            p.replicas.iter().map(|r| (r.start, r.end)).collect()
+        };
+        assert_eq!(spans(&clear), vec![(0, 10), (10, 20)]);
+        let p = plan_doubting(
+            &nodes,
+            30,
+            Some(3),
+            &HashSet::from([clear.chains[0][1].peer]),
+        );
+        assert_eq!(p.unwrap(), clear);
+        let p = plan_doubting(
+            &nodes,
+            30,
+            Some(3),
+            &HashSet::from([clear.chains[0][2].peer]),
+        );
+        assert_eq!(spans(&p.unwrap()), vec![(0, 10), (20, 30)]);
+        // A doubted spare is not what goes beside a doubted stage: the other spare is, even
+        // when it copies the costliest stage.
+        let (stage, spare) = (clear.chains[0][2].clone(), clear.replicas[1].peer);
         let p = plan_doubting(&nodes, 30, Some(3), &HashSet::from([stage.peer, spare])).unwrap();
         let beside: Vec<PeerId> = p
             .replicas
@@ -501,7 +540,7 @@ mod tests {
             .filter(|r| (r.start, r.end) == (stage.start, stage.end))
             .map(|r| r.peer)
             .collect();
-        assert_eq!(beside, vec![clear.replicas[1].peer], "{p}");
+        assert_eq!(beside, vec![clear.replicas[0].peer], "{p}");
     }
 
     #[test]
@@ -676,6 +715,24 @@ mod tests {
             prop_assert_eq!(copying.len(), copying_set.len());
             prop_assert!(copying_set.is_disjoint(&chained));
             prop_assert!(clear.replicas.iter().all(|a| copying_set.contains(&a.peer)));
+            // A doubt whose span already has a trusted copy changes nothing.
+            let trusted_in_clear: HashSet<(usize, usize)> = clear
+                .chains
+                .iter()
+                .flatten()
+                .chain(&clear.replicas)
+                .filter(|a| !doubted.contains(&a.peer))
+                .map(|a| (a.start, a.end))
+                .collect();
+            if clear
+                .chains
+                .iter()
+                .flatten()
+                .filter(|a| doubted.contains(&a.peer))
+                .all(|a| trusted_in_clear.contains(&(a.start, a.end)))
+            {
+                prop_assert_eq!(&p, &clear);
+            }
             let span = |a: &Assignment| (a.start, a.end);
             let trusted_spans: HashSet<(usize, usize)> = p
                 .chains

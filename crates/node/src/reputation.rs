@@ -3,8 +3,9 @@
 //! how routing uses it.
 //!
 //! ```text
-//! score        = trust x availability x speed          (0 once convicted: never routed to)
+//! score        = trust x availability x speed x doubt  (0 once convicted: never routed to)
 //! trust        = (audits passed + 1) / (audits passed + 2 + 10 x audits missed)
+//! doubt        = 0.1 while this gateway doubts the node (`AuditBook::doubted`), else 1
 //! availability = (calls answered + 1) / (calls + 1)     (uptime as the gateway saw it)
 //! speed        = min(1, sqrt(reference / latency))
 //! latency      = the node's decode seconds per layer as this gateway timed them

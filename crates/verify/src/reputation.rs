@@ -1,14 +1,19 @@
 //! Reputation: one published number per node in `[0, 1]`, from what the gateway measured.
 //!
 //! ```text
-//! score = trust * availability * speed            (0 once convicted: the node is excluded)
+//! score = trust * availability * speed * doubt    (0 once convicted: the node is excluded)
 //! trust        = (passed + 1) / (passed + 2 + 10 * misses)
+//! doubt        = 0.1 while the gateway doubts the node, else 1
 //! availability = (answered + 1) / (calls + 1)
 //! speed        = min(1, sqrt(reference_latency / measured_latency))
 //! ```
 //!
 //! - `passed` / `misses`: audits of this node that passed / were tolerance misses; a marginal
 //!   miss costs as much trust as ten passes, so a node recovers only by a long honest run;
+//! - `doubt`: a node whose referee-confirmed misses are improbable for an honest node, short of
+//!   a conviction (`crate::stats::MissRecord::doubts`), weighs a tenth: with 100 audits passed
+//!   and 2 missed its trust is still 0.83, above a newcomer's 0.5, and routing would keep
+//!   preferring it to the spare placed beside it;
 //! - `answered` / `calls`: stage calls it answered in time (uptime as seen by the gateway);
 //! - latencies are what the gateway measured, never the node's own claims: in the network
 //!   (`plexus-node`'s `reputation`) a node's decode seconds per layer as the gateway timed its
@@ -32,10 +37,16 @@ pub struct Record {
     /// Median measured latency of its calls, seconds.
     pub latency: f64,
     pub convicted: bool,
+    /// The gateway doubts it ([`DOUBT_WEIGHT`]).
+    #[serde(default)]
+    pub doubted: bool,
 }
 
 /// The weight of one miss against passes.
 pub const MISS_WEIGHT: f64 = 10.0;
+
+/// What a doubted node's score is multiplied by.
+pub const DOUBT_WEIGHT: f64 = 0.1;
 
 impl Record {
     /// The published score (module docs), with `reference` the median latency of the span.
@@ -51,7 +62,8 @@ impl Record {
         } else {
             1.0
         };
-        trust * availability * speed
+        let doubt = if self.doubted { DOUBT_WEIGHT } else { 1.0 };
+        trust * availability * speed * doubt
     }
 }
 
@@ -82,6 +94,13 @@ mod tests {
             ..good
         };
         assert!(missed.score(0.1) < 0.91 && missed.score(0.1) > 0.89);
+        // Doubted: below a newcomer, whatever its record.
+        let doubted = Record {
+            audits_missed: 2,
+            doubted: true,
+            ..good
+        };
+        assert!(doubted.score(0.1) < new.score(0.1));
         assert_eq!(
             Record {
                 convicted: true,
@@ -95,13 +114,15 @@ mod tests {
     proptest! {
         #[test]
         fn bounded_and_monotone(p in 0u64..10_000, m in 0u64..100, c in 0u64..10_000, a in 0u64..10_000, lat in 0.0f64..10.0, reference in 0.001f64..10.0) {
-            let r = Record { audits_passed: p, audits_missed: m, calls: c, answered: a, latency: lat, convicted: false };
+            let r = Record { audits_passed: p, audits_missed: m, calls: c, answered: a, latency: lat, convicted: false, doubted: false };
             let s = r.score(reference);
             prop_assert!((0.0..=1.0).contains(&s));
             let more_passed = Record { audits_passed: p + 1, ..r }.score(reference);
             let more_missed = Record { audits_missed: m + 1, ..r }.score(reference);
             prop_assert!(more_passed >= s);
             prop_assert!(more_missed <= s);
+            let doubted = Record { doubted: true, ..r }.score(reference);
+            prop_assert!(doubted <= s * DOUBT_WEIGHT + 1e-12);
         }
     }
 }
