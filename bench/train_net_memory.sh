@@ -13,6 +13,8 @@
 #   MODEL   [../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf]
 #   CODEC   [f16]
 #   ROUNDS  [3]
+#   AUDIT_RATE [0]  the share of contributions re-executed by the other worker (and by their
+#           own worker, as a check of this build's determinism): 1 audits every one
 #   OUT     [a fresh temporary directory]   the spec and the workers' logs (their data
 #           directories, 3 GiB each at 135M with the per-round checkpoint, are removed at the
 #           end unless KEEP=1)
@@ -24,6 +26,7 @@ PLEXUS="$(realpath "${PLEXUS:-target/debug/plexus}")"
 MODEL="$(realpath "${MODEL:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}")"
 CODEC="${CODEC:-f16}"
 ROUNDS="${ROUNDS:-3}"
+AUDIT_RATE="${AUDIT_RATE:-0}"
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 OUT="$(realpath "$OUT")"
@@ -33,7 +36,7 @@ python3 "$REPO_ROOT/bench/words_text.py" words.txt
 
 "$PLEXUS" train spec --out spec.json --data-dir creator --checkpoint "$MODEL" --text words.txt \
   --seq-len 16 --rounds "$ROUNDS" --workers-min 2 --inner-steps 3 --batch-size 2 --lr 3e-4 \
-  --warmup 1 --codec "$CODEC" --audit-rate 0 --score-examples 4 --eval-examples 32 \
+  --warmup 1 --codec "$CODEC" --audit-rate "$AUDIT_RATE" --score-examples 4 --eval-examples 32 \
   --deadline-initial-ms 600000 --outer-momentum 0.5 > spec.log
 
 worker() { # NAME [--peer ADDR]

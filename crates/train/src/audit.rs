@@ -76,14 +76,15 @@ pub enum AuditError {
     Work(#[from] WorkError),
 }
 
-/// Re-executes `c` from `global` and the worker's start `state`.
+/// Re-executes `c` from `global` and the worker's start `state` (taken, not copied: the round
+/// runs in it).
 pub fn reexecute(
     cfg: &RoundConfig,
     model: &Arc<ModelConfig>,
     shard: &dyn Shard,
     c: &Commitment,
     global: &Params,
-    state: &WorkerState,
+    state: WorkerState,
 ) -> Result<Verdict, AuditError> {
     if c.run != cfg.run {
         return Err(AuditError::WrongRun {
@@ -118,7 +119,7 @@ pub fn reexecute(
             what: "hyperparameters",
         });
     }
-    let mut state = state.clone();
+    let mut state = state;
     let w = compute_round(cfg, model, shard, &c.worker, c.round, global, &mut state)?;
     let recomputed = Digest::of(&w.payload);
     Ok(if recomputed == c.payload {

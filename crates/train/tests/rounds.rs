@@ -425,23 +425,23 @@ fn reexecuting_a_round_from_its_commitment_reproduces_the_payload_bytes() {
     let cm = &c.signed.commitment;
     let (cfg, model, shard) = (&w.cfg, &w.model, w.shard.as_ref());
     assert_eq!(
-        reexecute(cfg, model, shard, cm, &global1, &before).unwrap(),
+        reexecute(cfg, model, shard, cm, &global1, before.clone()).unwrap(),
         Verdict::Match
     );
     // A worker that lies about its payload is caught.
     let mut lie = cm.clone();
     lie.payload = Digest::of(b"made up");
     assert!(matches!(
-        reexecute(cfg, model, shard, &lie, &global1, &before).unwrap(),
+        reexecute(cfg, model, shard, &lie, &global1, before.clone()).unwrap(),
         Verdict::Mismatch { .. }
     ));
     // Start state that is not the committed one is refused before any work.
     assert!(matches!(
-        reexecute(cfg, model, shard, cm, &global1, &w.states[0]),
+        reexecute(cfg, model, shard, cm, &global1, w.states[0].clone()),
         Err(AuditError::StartState { .. })
     ));
     assert!(matches!(
-        reexecute(cfg, model, shard, cm, &start, &before),
+        reexecute(cfg, model, shard, cm, &start, before.clone()),
         Err(AuditError::StartState { what: "weights" })
     ));
 }

@@ -41,15 +41,15 @@
 use super::shared::worker_name;
 use super::stake::Slashed;
 use super::{lock, Peers, Shared, Worker};
-use plexus_model::train::Params;
 use plexus_net::PeerId;
 use plexus_train::audit::{reexecute, AuditError, Verdict};
 use plexus_train::commit::{Commitment, Signed};
 use plexus_train::local::LocalData;
 use plexus_train::reveal::{committee, draw_key, drawn_revealed};
+use plexus_train::round::GlobalState;
 use plexus_train::worker::WorkerState;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Shortest wait for the round's audit nonces (when the round's deadline is nearer), ms.
@@ -97,7 +97,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         if rate < 1.0 || committee_k.is_some() {
             self.gather_reveals(peers, shared, round).await;
         }
-        let (chosen, global, own_start, key, members) = {
+        let (chosen, global, key, members) = {
             let s = lock(shared);
             let set = s.machine.held_set();
             let revealed = s.revealed(round);
@@ -109,16 +109,12 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 .filter(|(w, _)| rate >= 1.0 || drawn_revealed(set, &revealed, w, rate))
                 .map(|(_, c)| c.signed.clone())
                 .collect();
-            let own_start = s
-                .starts
-                .iter()
-                .find(|(r, _)| *r == round)
-                .map(|(_, st)| st.clone());
             let members: Vec<Vec<u8>> = s.held.keys().cloned().collect();
             (
                 chosen,
-                s.machine.state().params.clone(),
-                own_start,
+                // Shared, not copied: the machine steps it in place only at the close, after
+                // the audits.
+                s.machine.shared_state(),
                 draw_key(set, &revealed),
                 members,
             )
@@ -129,7 +125,15 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             let auditors = committee_k.map(|k| committee(key, &worker, &members, k));
             if worker == self.me {
                 if auditors.is_none() {
-                    self.check_own(&c, &global, own_start.clone()).await;
+                    // The start state it keeps for its auditors, read back from disk only
+                    // now (outside the lock): not held through the other audits.
+                    let reader = lock(shared).start(round).map(|f| f.reader());
+                    let own_start = reader.and_then(|r| {
+                        tokio::task::block_in_place(|| r.load())
+                            .map_err(|e| eprintln!("warning: its own start state of round {} could not be read back: {e:#}", round + 1))
+                            .ok()
+                    });
+                    self.check_own(&c, &global, own_start).await;
                 }
                 continue;
             }
@@ -162,7 +166,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         shared: &Mutex<Shared>,
         c: &Signed,
         round: u64,
-        global: &Params,
+        global: &Arc<GlobalState>,
         tally: &mut AuditTally,
     ) -> bool {
         let worker = c.commitment.worker.clone();
@@ -204,7 +208,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         peers: &Peers,
         shared: &Mutex<Shared>,
         round: u64,
-        global: &Params,
+        global: &Arc<GlobalState>,
         pending: Vec<(Signed, Vec<Vec<u8>>)>,
         train_ms: u64,
         tally: &mut AuditTally,
@@ -378,7 +382,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
 
     /// Re-executes this worker's own drawn contribution from the start state it kept, as its
     /// auditors do (same time spent); a difference is this build's non-determinism, said loudly.
-    async fn check_own(&self, c: &Signed, global: &Params, start: Option<WorkerState>) {
+    async fn check_own(&self, c: &Signed, global: &Arc<GlobalState>, start: Option<WorkerState>) {
         let Some(state) = start else { return };
         let verdict = self.rerun(&c.commitment, global, state).await;
         if !matches!(verdict, Ok(Ok(Verdict::Match))) {
@@ -388,22 +392,23 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         }
     }
 
-    /// [`reexecute`] of `cm` from `global` and `state`, off the async threads.
+    /// [`reexecute`] of `cm` from `global` and `state`, off the async threads (the weights
+    /// shared, the start state moved: no model-sized copy).
     async fn rerun(
         &self,
         cm: &Commitment,
-        global: &Params,
+        global: &Arc<GlobalState>,
         state: WorkerState,
     ) -> Result<Result<Verdict, AuditError>, tokio::task::JoinError> {
         let (cfg, model, shard, global, cm) = (
             self.cfg.clone(),
             self.model.clone(),
             self.shard.clone(),
-            global.clone(),
+            Arc::clone(global),
             cm.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            reexecute(&cfg, &model, shard.as_ref(), &cm, &global, &state)
+            reexecute(&cfg, &model, shard.as_ref(), &cm, &global.params, state)
         })
         .await
     }
@@ -414,7 +419,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         peers: &Peers,
         c: &Signed,
         round: u64,
-        global: &Params,
+        global: &Arc<GlobalState>,
     ) -> Result<(), Failed> {
         let cm = &c.commitment;
         let peer = PeerId::from_bytes(&cm.worker).map_err(|_| Failed {
@@ -422,7 +427,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             convict: false,
         })?;
         let state = peers
-            .start_state(peer, round, global.values.len())
+            .start_state(peer, round, global.params.values.len())
             .await
             .ok_or_else(|| Failed {
                 why: format!(

@@ -47,6 +47,7 @@ mod peers;
 mod shared;
 pub mod spec;
 mod stake;
+mod starts;
 mod sync;
 
 use crate::cli::TrainArgs;
@@ -77,6 +78,7 @@ use plexus_train::worker::{work_round, WorkerState};
 use plexus_train::{resume, RoundConfig};
 use shared::{worker_name, Shared};
 use stake::{RunLedger, StakeGate};
+use starts::StartFile;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -141,6 +143,8 @@ struct Worker<D: LocalData> {
     key: NodeKey,
     me: Vec<u8>,
     checkpoint: PathBuf,
+    /// Where this worker's kept start states go ([`starts`]).
+    starts: PathBuf,
     out: PathBuf,
     cheat: Option<Cheat>,
     epoch: Instant,
@@ -297,10 +301,17 @@ fn start<D: LocalData + Send + Sync + 'static>(
     let mut setup = setup;
     let (model, shard, init) = setup.prepare(cfg.seed)?;
     setup.release_weights();
+    // Start states a killed worker left are of rounds nobody audits any more.
+    let starts = data_dir.join("starts");
+    if starts.exists() {
+        std::fs::remove_dir_all(&starts)
+            .with_context(|| format!("cannot clear {}", starts.display()))?;
+    }
     let worker = Worker {
         me: key.peer_id().to_bytes(),
         out: a.out.clone().unwrap_or_else(|| data_dir.join("model")),
         checkpoint: data_dir.join(CHECKPOINT),
+        starts,
         spec,
         cfg,
         setup,
@@ -542,15 +553,19 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 break;
             }
             let began = Instant::now();
-            {
-                let mut s = lock(&shared);
-                // Start states are kept for auditors only (a model's optimizer state and
-                // residual: 12 bytes a parameter each).
-                if self.spec.spec.audit_rate() > 0.0 {
-                    s.keep_start(round, state.clone());
+            // Start states are kept for auditors only (a model's optimizer state and
+            // residual: 12 bytes a parameter each), on disk, written outside the lock.
+            if self.spec.spec.audit_rate() > 0.0 {
+                match tokio::task::block_in_place(|| StartFile::write(&self.starts, round, &state)) {
+                    Ok(file) => lock(&shared).keep_start(file),
+                    Err(e) => eprintln!(
+                        "warning: the start state of round {} could not be kept for the auditors ({}): they will drop this worker's contribution: {e}",
+                        round + 1,
+                        self.starts.display()
+                    ),
                 }
-                s.machine.start_clock(self.now());
             }
+            lock(&shared).machine.start_clock(self.now());
             let trained = Instant::now();
             let (c, train_loss, next) = self.train(round, start, state).await?;
             let train_ms = trained.elapsed().as_millis() as u64;

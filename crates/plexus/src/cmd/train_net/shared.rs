@@ -1,13 +1,15 @@
 //! What a worker's round loop and its inbound-message handler share: the round machine (pure;
 //! times are passed in), the raw contributions it accepted (to serve peers that miss them),
 //! the set of the round just closed, contributions that arrived a round early, the peers'
-//! last statuses, this worker's start states of its last two rounds (for its auditors), the
+//! last statuses, this worker's start states of its last two rounds (for its auditors, on
+//! disk: [`super::starts`]), the
 //! workers convicted by an audit, and the bytes of the state peers fetch ranges of. Every collection is bounded by the run's workers max,
 //! [`MAX_PEERS`] or [`KEPT_STARTS`], except the convicted, which grow by at most the run's
 //! workers max a round (only contributions a round held can be convicted).
 
 use super::offers::{Offered, Offers};
 use super::stake::StakeGate;
+use super::starts::StartFile;
 use plexus_core::Digest;
 use plexus_net::PeerId;
 use plexus_train::commit::{Commitment, Contribution, Signed};
@@ -17,8 +19,7 @@ use plexus_train::protocol::{
 };
 use plexus_train::reveal::sealed;
 use plexus_train::round::{GlobalState, Refusal, RoundMachine};
-use plexus_train::transfer::{start_len, start_slice, state_bytes, state_len, MAX_RANGE_BYTES};
-use plexus_train::worker::WorkerState;
+use plexus_train::transfer::{start_len, state_bytes, state_len, MAX_RANGE_BYTES};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -59,7 +60,7 @@ pub struct Shared {
     /// Contributions and messages refused so far.
     pub refused: u64,
     /// This worker's start state of its last rounds, oldest first.
-    pub starts: VecDeque<(u64, WorkerState)>,
+    pub starts: VecDeque<StartFile>,
     /// Workers convicted by an audit, with the round: their contributions are refused.
     pub convicted: BTreeMap<Vec<u8>, u64>,
     /// Test-only (`--cheat ahead`): the status and state this worker claims to peers.
@@ -258,13 +259,19 @@ impl Shared {
             .is_some_and(|since| self.machine.round() >= since + STUCK_ROUNDS)
     }
 
-    /// Keeps this worker's start state of `round` for its auditors.
-    pub fn keep_start(&mut self, round: u64, state: WorkerState) {
-        self.starts.retain(|(r, _)| *r != round);
-        self.starts.push_back((round, state));
+    /// Keeps this worker's start state of a round for its auditors (written to disk by the
+    /// caller, outside the lock); the oldest beyond [`KEPT_STARTS`] is deleted.
+    pub fn keep_start(&mut self, file: StartFile) {
+        self.starts.retain(|f| f.round != file.round);
+        self.starts.push_back(file);
         while self.starts.len() > KEPT_STARTS {
             self.starts.pop_front();
         }
+    }
+
+    /// This worker's kept start state of `round`, if any.
+    pub fn start(&self, round: u64) -> Option<&StartFile> {
+        self.starts.iter().find(|f| f.round == round)
     }
 
     /// Drops `worker`'s contribution to the current round after a failed audit; a convicted
@@ -756,15 +763,17 @@ impl Shared {
                 if other_run(run) {
                     return TrainResponse::Refused("another run".into());
                 }
-                match self.starts.iter().find(|(r, _)| *r == round) {
-                    Some((_, st))
-                        if start_len(st.opt.len()) + 4096 > plexus_core::wire::MAX_FRAME_BYTES =>
-                    {
+                match self.start(round) {
+                    Some(f) if start_len(f.n) + 4096 > plexus_core::wire::MAX_FRAME_BYTES => {
                         TrainResponse::Refused(
                             "the start state does not fit one message: ask for it in ranges".into(),
                         )
                     }
-                    Some((r, st)) => TrainResponse::StartState(WorkerStateTransfer::of(*r, st)),
+                    // Small enough for one message: read back whole.
+                    Some(f) => match f.load() {
+                        Ok(st) => TrainResponse::StartState(WorkerStateTransfer::of(round, &st)),
+                        Err(e) => TrainResponse::Refused(format!("its start state: {e}")),
+                    },
                     None => TrainResponse::NotHeld,
                 }
             }
@@ -777,14 +786,14 @@ impl Shared {
                 if other_run(run) {
                     return TrainResponse::Refused("another run".into());
                 }
-                let Some((_, st)) = self.starts.iter().find(|(r, _)| *r == round) else {
+                let Some(file) = self.start(round) else {
                     return TrainResponse::NotHeld;
                 };
-                let total = start_len(st.opt.len());
+                let total = start_len(file.n);
                 let end = offset.saturating_add(u64::from(len));
                 let range = usize::try_from(offset).unwrap_or(usize::MAX)
                     ..usize::try_from(end).unwrap_or(usize::MAX);
-                match start_slice(st, range) {
+                match file.slice(range) {
                     Some(bytes) => TrainResponse::StartRange {
                         round,
                         offset,
