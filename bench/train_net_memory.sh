@@ -16,8 +16,8 @@
 #   AUDIT_RATE [0]  the share of contributions re-executed by the other worker (and by their
 #           own worker, as a check of this build's determinism): 1 audits every one
 #   OUT     [a fresh temporary directory]   the spec and the workers' logs (their data
-#           directories, 3 GiB each at 135M with the per-round checkpoint, are removed at the
-#           end unless KEEP=1)
+#           directories, 3 GiB each at 135M with the per-round checkpoint, and 3.2 GB more
+#           while running with AUDIT_RATE > 0, are removed at the end unless KEEP=1)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -301,17 +301,11 @@ fn start<D: LocalData + Send + Sync + 'static>(
     let mut setup = setup;
     let (model, shard, init) = setup.prepare(cfg.seed)?;
     setup.release_weights();
-    // Start states a killed worker left are of rounds nobody audits any more.
-    let starts = data_dir.join("starts");
-    if starts.exists() {
-        std::fs::remove_dir_all(&starts)
-            .with_context(|| format!("cannot clear {}", starts.display()))?;
-    }
     let worker = Worker {
         me: key.peer_id().to_bytes(),
         out: a.out.clone().unwrap_or_else(|| data_dir.join("model")),
         checkpoint: data_dir.join(CHECKPOINT),
-        starts,
+        starts: data_dir.join("starts"),
         spec,
         cfg,
         setup,
@@ -556,6 +550,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             // Start states are kept for auditors only (a model's optimizer state and
             // residual: 12 bytes a parameter each), on disk, written outside the lock.
             if self.spec.spec.audit_rate() > 0.0 {
+                lock(&shared).make_room_for_start(round);
                 match tokio::task::block_in_place(|| StartFile::write(&self.starts, round, &state)) {
                     Ok(file) => lock(&shared).keep_start(file),
                     Err(e) => eprintln!(

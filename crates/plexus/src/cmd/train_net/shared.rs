@@ -259,8 +259,16 @@ impl Shared {
             .is_some_and(|since| self.machine.round() >= since + STUCK_ROUNDS)
     }
 
+    /// Drops the kept start states that will not be kept beside `round`'s (the caller does
+    /// this before writing that one, so no more than [`KEPT_STARTS`] are ever on disk).
+    pub fn make_room_for_start(&mut self, round: u64) {
+        let keep_from = round.saturating_sub(KEPT_STARTS as u64 - 1);
+        self.starts
+            .retain(|f| f.round >= keep_from && f.round < round);
+    }
+
     /// Keeps this worker's start state of a round for its auditors (written to disk by the
-    /// caller, outside the lock); the oldest beyond [`KEPT_STARTS`] is deleted.
+    /// caller, outside the lock); the oldest beyond [`KEPT_STARTS`] is dropped.
     pub fn keep_start(&mut self, file: StartFile) {
         self.starts.retain(|f| f.round != file.round);
         self.starts.push_back(file);
@@ -793,16 +801,22 @@ impl Shared {
                 let end = offset.saturating_add(u64::from(len));
                 let range = usize::try_from(offset).unwrap_or(usize::MAX)
                     ..usize::try_from(end).unwrap_or(usize::MAX);
+                // 1 MiB from the file, under the lock: from the page cache while the file is
+                // fresh (it was written this round or the last).
                 match file.slice(range) {
-                    Some(bytes) => TrainResponse::StartRange {
+                    Ok(Some(bytes)) => TrainResponse::StartRange {
                         round,
                         offset,
                         total: total as u64,
                         bytes,
                     },
-                    None => TrainResponse::Refused(format!(
+                    Ok(None) => TrainResponse::Refused(format!(
                         "bytes {offset}..{end} of a start state of {total} (ranges of at most {MAX_RANGE_BYTES})"
                     )),
+                    Err(e) => {
+                        tracing::warn!(round = round + 1, "the kept start state could not be read: {e}");
+                        TrainResponse::Refused(format!("its start state of round {} could not be read: {e}", round + 1))
+                    }
                 }
             }
             TrainRequest::Offer(signed) => {

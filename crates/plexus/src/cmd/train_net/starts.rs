@@ -2,29 +2,34 @@
 //! is the optimizer's moments and the error-feedback residual (12 bytes a parameter: 1.6 GB
 //! at 135M), and a worker of an audited run keeps two of them ([`super::shared::KEPT_STARTS`])
 //! beside its own, which in memory put an audited worker's peak near twice an unaudited one's.
-//! Each is one file in the transfer layout ([`start_len`]: step, then `m`, `v` and residual as
-//! little-endian f32), so a range an auditor asks is read from the file as it is sent
-//! ([`StartFile::slice`]), and the whole is read back only to re-execute this worker's own
-//! round ([`StartFile::load`]).
+//! Each is an anonymous file in the data directory (`tempfile::tempfile_in`: unlinked from
+//! the start, so the space returns when the entry is dropped, when a write fails half way or
+//! when the process dies, however it dies, and two workers never see each other's), in the
+//! transfer layout ([`start_len`]: step, then `m`, `v` and residual as little-endian f32): a
+//! range an auditor asks is read from the file as it is sent ([`StartFile::slice`]: 1 MiB,
+//! from the page cache while the file is fresh), and the whole is read back only to
+//! re-execute this worker's own round ([`StartReader::load`]). Not synced: nothing reads
+//! them after a restart.
 
 use plexus_train::transfer::{start_from_bytes, start_len, MAX_RANGE_BYTES};
 use plexus_train::worker::WorkerState;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
-/// One kept start state on disk; the file goes with it.
+/// One kept start state on disk; the space goes with the last of it and its readers.
 #[derive(Debug)]
 pub struct StartFile {
     pub round: u64,
     /// Parameters of the state.
     pub n: usize,
-    path: PathBuf,
+    file: Arc<File>,
 }
 
 impl StartFile {
-    /// Writes `state` as `dir/round-<round>.bin` (creating `dir`).
+    /// Writes `state` to an anonymous file in `dir` (created if missing).
     pub fn write(dir: &Path, round: u64, state: &WorkerState) -> std::io::Result<Self> {
         let n = state.opt.m.len();
         if state.opt.v.len() != n || state.feedback.residual.len() != n {
@@ -35,8 +40,7 @@ impl StartFile {
             )));
         }
         std::fs::create_dir_all(dir)?;
-        let path = dir.join(format!("round-{round}.bin"));
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&path)?);
+        let mut out = BufWriter::with_capacity(1 << 20, tempfile::tempfile_in(dir)?);
         out.write_all(&state.opt.step.to_le_bytes())?;
         let mut buf = Vec::with_capacity(1 << 20);
         for values in [&state.opt.m, &state.opt.v, &state.feedback.residual] {
@@ -46,22 +50,24 @@ impl StartFile {
                 out.write_all(&buf)?;
             }
         }
-        out.into_inner().map_err(|e| e.into_error())?.sync_data()?;
-        Ok(Self { round, n, path })
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        Ok(Self {
+            round,
+            n,
+            file: Arc::new(file),
+        })
     }
 
     /// Bytes `range` of the state ([`start_len`] in all), as
-    /// [`plexus_train::transfer::start_slice`] gives them from memory; `None` when the range
-    /// is empty, longer than [`MAX_RANGE_BYTES`] or past the end, or the file cannot be read.
-    pub fn slice(&self, range: std::ops::Range<usize>) -> Option<Vec<u8>> {
+    /// [`plexus_train::transfer::start_slice`] gives them from memory; `Ok(None)` when the
+    /// range is empty, longer than [`MAX_RANGE_BYTES`] or past the end.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> std::io::Result<Option<Vec<u8>>> {
         if range.is_empty() || range.len() > MAX_RANGE_BYTES || range.end > start_len(self.n) {
-            return None;
+            return Ok(None);
         }
         let mut out = vec![0; range.len()];
-        File::open(&self.path)
-            .and_then(|f| f.read_exact_at(&mut out, range.start as u64))
-            .ok()?;
-        Some(out)
+        self.file.read_exact_at(&mut out, range.start as u64)?;
+        Ok(Some(out))
     }
 
     /// The whole state, read back.
@@ -70,12 +76,12 @@ impl StartFile {
     }
 
     /// What reads the whole state back without holding this entry (so a caller can read it
-    /// outside the lock that holds the entry); it fails once the entry is gone.
+    /// outside the lock that holds the entry; the file lasts until it is done).
     pub fn reader(&self) -> StartReader {
         StartReader {
             round: self.round,
             n: self.n,
-            path: self.path.clone(),
+            file: Arc::clone(&self.file),
         }
     }
 }
@@ -85,19 +91,14 @@ impl StartFile {
 pub struct StartReader {
     round: u64,
     n: usize,
-    path: PathBuf,
+    file: Arc<File>,
 }
 
 impl StartReader {
     pub fn load(&self) -> anyhow::Result<WorkerState> {
-        let bytes = std::fs::read(&self.path)?;
+        let mut bytes = vec![0; start_len(self.n)];
+        self.file.read_exact_at(&mut bytes, 0)?;
         Ok(start_from_bytes(self.round, &bytes, self.n)?)
-    }
-}
-
-impl Drop for StartFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -107,7 +108,7 @@ mod tests {
     use plexus_train::transfer::start_slice;
 
     #[test]
-    fn a_start_file_serves_the_ranges_and_state_the_memory_did_and_goes_with_it() {
+    fn a_start_file_serves_the_ranges_and_state_the_memory_did_and_leaves_nothing() {
         let n = 1000;
         let mut state = WorkerState::new(n);
         state.opt.step = 7;
@@ -121,20 +122,30 @@ mod tests {
         let total = start_len(n);
         for range in [0..total, 0..5, 5..13, 8..4008, 4005..8011, total - 3..total] {
             assert_eq!(
-                file.slice(range.clone()),
+                file.slice(range.clone()).unwrap(),
                 start_slice(&state, range.clone()),
                 "{range:?}"
             );
         }
-        assert_eq!(file.slice(0..0), None);
-        assert_eq!(file.slice(total - 3..total + 1), None);
-        let back = file.load().unwrap();
+        assert_eq!(file.slice(0..0).unwrap(), None);
+        assert_eq!(file.slice(total - 3..total + 1).unwrap(), None);
+        let reader = file.reader();
+        drop(file);
+        // A reader taken before the entry went still reads the whole.
+        let back = reader.load().unwrap();
         assert_eq!(back.opt.step, 7);
         assert_eq!(back.opt.digest(), state.opt.digest());
         assert_eq!(back.residual_digest(), state.residual_digest());
-        let path = dir.path().join("round-3.bin");
-        assert!(path.exists());
-        drop(file);
-        assert!(!path.exists(), "the file goes with its entry");
+        // Nothing is ever named in the directory.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_malformed_state_is_refused_before_anything_is_written() {
+        let mut state = WorkerState::new(10);
+        state.feedback.residual.pop();
+        let dir = tempfile::tempdir().unwrap();
+        let e = StartFile::write(dir.path(), 0, &state).unwrap_err();
+        assert!(e.to_string().contains("residual of 9"), "{e}");
     }
 }
