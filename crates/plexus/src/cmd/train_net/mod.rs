@@ -67,8 +67,8 @@ use plexus_net::{NetConfig, NetEvent, NetHandle, PeerId};
 use plexus_train::commit::{Contribution, Signed};
 use plexus_train::local::LocalData;
 use plexus_train::outer::OuterState;
-use plexus_train::protocol::Reveal;
 use plexus_train::protocol::{choose_target, encode, travels_whole, wait_for_stragglers};
+use plexus_train::protocol::{Reveal, TrainResponse};
 use plexus_train::reveal::nonce;
 use plexus_train::round::{GlobalState, RoundMachine, RoundOutcome};
 use plexus_train::score::HeldOutScorer;
@@ -353,6 +353,22 @@ async fn serve(
                 request: Request::Train { msg },
                 reply,
             } => {
+                // A range of a kept start state: read from disk off this loop and the lock.
+                let range = lock(&shared).start_range(&msg);
+                if let Some((reader, offset, len)) = range {
+                    let handle = handle.clone();
+                    tokio::spawn(async move {
+                        let answer =
+                            tokio::task::spawn_blocking(move || reader.answer_range(offset, len))
+                                .await
+                                .unwrap_or_else(|e| {
+                                    TrainResponse::Refused(format!("the read failed: {e}"))
+                                });
+                        let msg = encode(&answer);
+                        handle.respond(reply, Response::Train { msg }).await;
+                    });
+                    continue;
+                }
                 let now = epoch.elapsed().as_millis() as u64;
                 let (answer, offered) = {
                     let mut s = lock(&shared);

@@ -9,7 +9,7 @@
 
 use super::offers::{Offered, Offers};
 use super::stake::StakeGate;
-use super::starts::StartFile;
+use super::starts::{StartFile, StartReader};
 use plexus_core::Digest;
 use plexus_net::PeerId;
 use plexus_train::commit::{Commitment, Contribution, Signed};
@@ -615,6 +615,21 @@ impl Shared {
         }
     }
 
+    /// When `msg` asks a range of a start state this worker keeps: what reads the answer
+    /// ([`StartReader::answer_range`]), for the serve loop to run off the lock and off the
+    /// loop (a disk read); `None` for every other message, which [`Self::handle`] answers.
+    pub fn start_range(&self, msg: &[u8]) -> Option<(StartReader, u64, u32)> {
+        match decode::<TrainRequest>(msg) {
+            Ok(TrainRequest::StartRange {
+                run,
+                round,
+                offset,
+                len,
+            }) if run == self.run => Some((self.start(round)?.reader(), offset, len)),
+            _ => None,
+        }
+    }
+
     /// Answers one message from `peer`.
     pub fn handle(&mut self, peer: PeerId, msg: &[u8], now_ms: u64) -> TrainResponse {
         let req = match decode::<TrainRequest>(msg) {
@@ -794,29 +809,11 @@ impl Shared {
                 if other_run(run) {
                     return TrainResponse::Refused("another run".into());
                 }
-                let Some(file) = self.start(round) else {
-                    return TrainResponse::NotHeld;
-                };
-                let total = start_len(file.n);
-                let end = offset.saturating_add(u64::from(len));
-                let range = usize::try_from(offset).unwrap_or(usize::MAX)
-                    ..usize::try_from(end).unwrap_or(usize::MAX);
-                // 1 MiB from the file, under the lock: from the page cache while the file is
-                // fresh (it was written this round or the last).
-                match file.slice(range) {
-                    Ok(Some(bytes)) => TrainResponse::StartRange {
-                        round,
-                        offset,
-                        total: total as u64,
-                        bytes,
-                    },
-                    Ok(None) => TrainResponse::Refused(format!(
-                        "bytes {offset}..{end} of a start state of {total} (ranges of at most {MAX_RANGE_BYTES})"
-                    )),
-                    Err(e) => {
-                        tracing::warn!(round = round + 1, "the kept start state could not be read: {e}");
-                        TrainResponse::Refused(format!("its start state of round {} could not be read: {e}", round + 1))
-                    }
+                match self.start(round) {
+                    // (The serve loop reads the ranges of kept states itself, off the lock:
+                    // [`Self::start_range`]; this answers the same when called directly.)
+                    Some(file) => file.reader().answer_range(offset, len),
+                    None => TrainResponse::NotHeld,
                 }
             }
             TrainRequest::Offer(signed) => {

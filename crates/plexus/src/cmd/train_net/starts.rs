@@ -6,11 +6,12 @@
 //! the start, so the space returns when the entry is dropped, when a write fails half way or
 //! when the process dies, however it dies, and two workers never see each other's), in the
 //! transfer layout ([`start_len`]: step, then `m`, `v` and residual as little-endian f32): a
-//! range an auditor asks is read from the file as it is sent ([`StartFile::slice`]: 1 MiB,
-//! from the page cache while the file is fresh), and the whole is read back only to
+//! range an auditor asks is read from the file as it is sent ([`StartReader::answer_range`]:
+//! 1 MiB, off the serve loop and the shared lock), and the whole is read back only to
 //! re-execute this worker's own round ([`StartReader::load`]). Not synced: nothing reads
 //! them after a restart.
 
+use plexus_train::protocol::TrainResponse;
 use plexus_train::transfer::{start_from_bytes, start_len, MAX_RANGE_BYTES};
 use plexus_train::worker::WorkerState;
 use std::fs::File;
@@ -58,18 +59,6 @@ impl StartFile {
         })
     }
 
-    /// Bytes `range` of the state ([`start_len`] in all), as
-    /// [`plexus_train::transfer::start_slice`] gives them from memory; `Ok(None)` when the
-    /// range is empty, longer than [`MAX_RANGE_BYTES`] or past the end.
-    pub fn slice(&self, range: std::ops::Range<usize>) -> std::io::Result<Option<Vec<u8>>> {
-        if range.is_empty() || range.len() > MAX_RANGE_BYTES || range.end > start_len(self.n) {
-            return Ok(None);
-        }
-        let mut out = vec![0; range.len()];
-        self.file.read_exact_at(&mut out, range.start as u64)?;
-        Ok(Some(out))
-    }
-
     /// The whole state, read back.
     pub fn load(&self) -> anyhow::Result<WorkerState> {
         self.reader().load()
@@ -95,6 +84,44 @@ pub struct StartReader {
 }
 
 impl StartReader {
+    /// Bytes `range` of the state ([`start_len`] in all), as
+    /// [`plexus_train::transfer::start_slice`] gives them from memory; `Ok(None)` when the
+    /// range is empty, longer than [`MAX_RANGE_BYTES`] or past the end.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> std::io::Result<Option<Vec<u8>>> {
+        if range.is_empty() || range.len() > MAX_RANGE_BYTES || range.end > start_len(self.n) {
+            return Ok(None);
+        }
+        let mut out = vec![0; range.len()];
+        self.file.read_exact_at(&mut out, range.start as u64)?;
+        Ok(Some(out))
+    }
+
+    /// The answer to a peer's ask for bytes `offset..offset + len` of this state.
+    pub fn answer_range(&self, offset: u64, len: u32) -> TrainResponse {
+        let (round, total) = (self.round, start_len(self.n));
+        let end = offset.saturating_add(u64::from(len));
+        let range = usize::try_from(offset).unwrap_or(usize::MAX)
+            ..usize::try_from(end).unwrap_or(usize::MAX);
+        match self.slice(range) {
+            Ok(Some(bytes)) => TrainResponse::StartRange {
+                round,
+                offset,
+                total: total as u64,
+                bytes,
+            },
+            Ok(None) => TrainResponse::Refused(format!(
+                "bytes {offset}..{end} of a start state of {total} (ranges of at most {MAX_RANGE_BYTES})"
+            )),
+            Err(e) => {
+                tracing::warn!(round = round + 1, "the kept start state could not be read: {e}");
+                TrainResponse::Refused(format!(
+                    "its start state of round {} could not be read: {e}",
+                    round + 1
+                ))
+            }
+        }
+    }
+
     pub fn load(&self) -> anyhow::Result<WorkerState> {
         let mut bytes = vec![0; start_len(self.n)];
         self.file.read_exact_at(&mut bytes, 0)?;
@@ -122,13 +149,13 @@ mod tests {
         let total = start_len(n);
         for range in [0..total, 0..5, 5..13, 8..4008, 4005..8011, total - 3..total] {
             assert_eq!(
-                file.slice(range.clone()).unwrap(),
+                file.reader().slice(range.clone()).unwrap(),
                 start_slice(&state, range.clone()),
                 "{range:?}"
             );
         }
-        assert_eq!(file.slice(0..0).unwrap(), None);
-        assert_eq!(file.slice(total - 3..total + 1).unwrap(), None);
+        assert_eq!(file.reader().slice(0..0).unwrap(), None);
+        assert_eq!(file.reader().slice(total - 3..total + 1).unwrap(), None);
         let reader = file.reader();
         drop(file);
         // A reader taken before the entry went still reads the whole.
@@ -138,6 +165,32 @@ mod tests {
         assert_eq!(back.residual_digest(), state.residual_digest());
         // Nothing is ever named in the directory.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn ranges_are_answered_as_the_protocol_says() {
+        let state = WorkerState::new(100);
+        let dir = tempfile::tempdir().unwrap();
+        let reader = StartFile::write(dir.path(), 4, &state).unwrap().reader();
+        let total = start_len(100);
+        match reader.answer_range(8, 400) {
+            TrainResponse::StartRange {
+                round,
+                offset,
+                total: t,
+                bytes,
+            } => {
+                assert_eq!((round, offset, t), (4, 8, total as u64));
+                assert_eq!(Some(bytes), start_slice(&state, 8..408));
+            }
+            other => panic!("{other:?}"),
+        }
+        for (offset, len) in [(total as u64 - 3, 4), (0, 0), (u64::MAX, 1)] {
+            assert!(
+                matches!(reader.answer_range(offset, len), TrainResponse::Refused(_)),
+                "{offset} {len}"
+            );
+        }
     }
 
     #[test]
