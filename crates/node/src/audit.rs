@@ -408,6 +408,16 @@ impl ChainAudits {
     }
 }
 
+/// The measured honest miss rate across builds of one comparison of sampled tokens (`token`)
+/// or of a call's activation rows.
+fn band_rate(token: bool) -> f64 {
+    if token {
+        plexus_verify::compare::CROSS_BUILD_TOKEN_FPR
+    } else {
+        plexus_verify::compare::CROSS_BUILD_ROWS_FPR
+    }
+}
+
 /// Most peers the gateway keeps an audit record of.
 const MAX_RECORDS: usize = 4096;
 
@@ -443,8 +453,7 @@ impl AuditBook {
         self.recent.iter().copied().collect()
     }
 
-    /// The peers this gateway doubts (at most
-    /// [`plexus_core::announce::limits::MAX_VERDICTS`]), not convicted: their cross-build
+    /// The peers this gateway doubts, not convicted: their cross-build
     /// misses, confirmed by referees, are improbable for an honest node but short of a
     /// conviction ([`MissRecord::doubts`], with hysteresis). Only referee-confirmed misses
     /// count: an inconclusive dispute doubts nobody, so an auditor cannot get an honest node
@@ -459,12 +468,7 @@ impl AuditBook {
             .iter()
             .filter(|(p, _)| !self.is_convicted(p))
             .map(|&(p, token)| {
-                let rate = if token {
-                    plexus_verify::compare::CROSS_BUILD_TOKEN_FPR
-                } else {
-                    plexus_verify::compare::CROSS_BUILD_ROWS_FPR
-                };
-                let tail = self.band_record(&p, token).honest_tail(rate);
+                let tail = self.band_record(&p, token).honest_tail(band_rate(token));
                 (tail, p)
             })
             .collect();
@@ -568,11 +572,7 @@ impl AuditBook {
         }
         let r = self.band.entry((peer, token)).or_default();
         r.record(missed);
-        let rate = if token {
-            plexus_verify::compare::CROSS_BUILD_TOKEN_FPR
-        } else {
-            plexus_verify::compare::CROSS_BUILD_ROWS_FPR
-        };
+        let rate = band_rate(token);
         let was = self.doubted.contains(&(peer, token));
         if r.doubts(rate, was) && !self.convicted.contains(&peer) {
             self.doubted.insert((peer, token));

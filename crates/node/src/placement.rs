@@ -68,6 +68,16 @@ impl Plan {
             .find(|a| &a.peer == peer)
     }
 
+    /// Every span the plan hands out (`start..end`): the chains' stages, then the replicas.
+    pub fn spans(&self) -> Vec<(usize, usize)> {
+        self.chains
+            .iter()
+            .flatten()
+            .chain(&self.replicas)
+            .map(|a| (a.start, a.end))
+            .collect()
+    }
+
     /// Expected compute seconds per token through the slowest chain (network time not
     /// included).
     pub fn seconds_per_token(&self) -> f64 {
@@ -550,13 +560,7 @@ mod tests {
         for _ in 0..16 {
             let nodes: Vec<NodeCapacity> = (0..3).map(|_| node(1e-3, 30)).collect();
             let clear = plan(&nodes, 30, Some(2)).unwrap();
-            let spans: Vec<(usize, usize)> = clear
-                .chains
-                .iter()
-                .flatten()
-                .chain(&clear.replicas)
-                .map(|a| (a.start, a.end))
-                .collect();
+            let spans = clear.spans();
             assert_eq!(spans, vec![(0, 15), (15, 30), (0, 15)]);
             // Held the other way round from the plan's labels: node 2 alone on 15..30.
             let current = vec![
@@ -568,13 +572,7 @@ mod tests {
             let hand_out = |current: &[(PeerId, (usize, usize))]| {
                 let mapped = doubts_by_span(&clear, current, &doubted);
                 let p = plan_doubting(&nodes, 30, Some(2), &mapped).unwrap();
-                let spans: Vec<(usize, usize)> = p
-                    .chains
-                    .iter()
-                    .flatten()
-                    .chain(&p.replicas)
-                    .map(|a| (a.start, a.end))
-                    .collect();
+                let spans = p.spans();
                 let mut handed = keep_spans(&spans, current);
                 handed.sort_by_key(|(p, _)| p.to_bytes());
                 handed

@@ -858,14 +858,7 @@ impl Node {
             plan = doubting;
         }
         let assigned = if auto.equal_speeds {
-            let spans: Vec<(usize, usize)> = plan
-                .chains
-                .iter()
-                .flatten()
-                .chain(&plan.replicas)
-                .map(|a| (a.start, a.end))
-                .collect();
-            keep_spans(&spans, &current)
+            keep_spans(&plan.spans(), &current)
                 .into_iter()
                 .find(|(p, _)| *p == me)
                 .map(|(_, s)| s)

@@ -353,8 +353,10 @@ async fn serve(
                 request: Request::Train { msg },
                 reply,
             } => {
+                let now = epoch.elapsed().as_millis() as u64;
+                let req = lock(&shared).decode(peer, &msg);
                 // A range of a kept start state: read from disk off this loop and the lock.
-                let range = lock(&shared).start_range(&msg);
+                let range = req.as_ref().ok().and_then(|r| lock(&shared).start_range(r));
                 if let Some((reader, offset, len)) = range {
                     let handle = handle.clone();
                     tokio::spawn(async move {
@@ -369,10 +371,13 @@ async fn serve(
                     });
                     continue;
                 }
-                let now = epoch.elapsed().as_millis() as u64;
                 let (answer, offered) = {
                     let mut s = lock(&shared);
-                    (s.handle(peer, &msg, now), s.offers.take_queue())
+                    let answer = match req {
+                        Ok(req) => s.answer(peer, req, now),
+                        Err(refused) => refused,
+                    };
+                    (answer, s.offers.take_queue())
                 };
                 for offer in offered {
                     let peers = Peers {

@@ -615,31 +615,41 @@ impl Shared {
         }
     }
 
-    /// When `msg` asks a range of a start state this worker keeps: what reads the answer
+    /// When `req` asks a range of a start state this worker keeps: what reads the answer
     /// ([`StartReader::answer_range`]), for the serve loop to run off the lock and off the
-    /// loop (a disk read); `None` for every other message, which [`Self::handle`] answers.
-    pub fn start_range(&self, msg: &[u8]) -> Option<(StartReader, u64, u32)> {
-        match decode::<TrainRequest>(msg) {
-            Ok(TrainRequest::StartRange {
+    /// loop (a disk read); `None` for every other request, which [`Self::answer`] answers.
+    pub fn start_range(&self, req: &TrainRequest) -> Option<(StartReader, u64, u32)> {
+        match *req {
+            TrainRequest::StartRange {
                 run,
                 round,
                 offset,
                 len,
-            }) if run == self.run => Some((self.start(round)?.reader(), offset, len)),
+            } if run == self.run => Some((self.start(round)?.reader(), offset, len)),
             _ => None,
         }
     }
 
     /// Answers one message from `peer`.
+    #[cfg(test)]
     pub fn handle(&mut self, peer: PeerId, msg: &[u8], now_ms: u64) -> TrainResponse {
-        let req = match decode::<TrainRequest>(msg) {
-            Ok(r) => r,
-            Err(e) => {
-                self.refused += 1;
-                eprintln!("refused a message from {peer}: {e}");
-                return TrainResponse::Refused(e.to_string());
-            }
-        };
+        match self.decode(peer, msg) {
+            Ok(req) => self.answer(peer, req, now_ms),
+            Err(refused) => refused,
+        }
+    }
+
+    /// Decodes a message from `peer`; one that does not decode is counted and refused.
+    pub fn decode(&mut self, peer: PeerId, msg: &[u8]) -> Result<TrainRequest, TrainResponse> {
+        decode::<TrainRequest>(msg).map_err(|e| {
+            self.refused += 1;
+            eprintln!("refused a message from {peer}: {e}");
+            TrainResponse::Refused(e.to_string())
+        })
+    }
+
+    /// Answers one decoded request from `peer`.
+    pub fn answer(&mut self, peer: PeerId, req: TrainRequest, now_ms: u64) -> TrainResponse {
         let other_run = |run: Digest| run != self.run;
         match req {
             TrainRequest::Hello(status) => {
