@@ -137,6 +137,8 @@ pub struct NetworkClient {
     book: Arc<Mutex<crate::audit::AuditBook>>,
     /// When each peer last connected (see [`Links`]).
     links: Arc<Mutex<Links>>,
+    /// Where the book is kept, once [`Self::keep_book`] was called.
+    kept: Arc<std::sync::OnceLock<Arc<crate::audit::BookFile>>>,
 }
 
 /// Connection sequence numbers: every new connection to a peer gets the next number. A chain
@@ -316,7 +318,81 @@ impl NetworkClient {
             scores: Arc::default(),
             book,
             links,
+            kept: Arc::default(),
         })
+    }
+
+    /// Keeps the audit book in `file` from now on (see [`crate::audit::book_file`]): `book`
+    /// (what [`crate::audit::BookFile::load`] read from it) replaces this client's (stakes
+    /// are kept), and a saver writes it back soon after every verdict and every
+    /// [`SAVE_RECORDS_EVERY`](crate::audit::book_file::SAVE_RECORDS_EVERY) for records;
+    /// [`Self::save_book`] saves it once more before the process stops. Call it before
+    /// serving: what the book learnt before is replaced.
+    pub fn keep_book(
+        &self,
+        file: crate::audit::BookFile,
+        mut book: crate::audit::AuditBook,
+    ) -> Result<(), crate::audit::BookFileError> {
+        let file = Arc::new(file);
+        if let Err(file) = self.kept.set(Arc::clone(&file)) {
+            return Err(crate::audit::BookFileError::AlreadyKept {
+                path: file.path().to_path_buf(),
+            });
+        }
+        {
+            let mut current = self.book();
+            book.set_stakes(std::mem::take(current.stakes_mut()));
+            *current = book;
+        }
+        let shared = Arc::clone(&self.book);
+        self.runtime.spawn(async move {
+            use crate::audit::book_file::{due, SAVE_CHECK_EVERY};
+            let mut tick = tokio::time::interval(SAVE_CHECK_EVERY);
+            let mut saved = shared.lock().unwrap_or_else(|e| e.into_inner()).changes();
+            let mut last = Instant::now();
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                let (now, snapshot) = {
+                    let book = shared.lock().unwrap_or_else(|e| e.into_inner());
+                    let now = book.changes();
+                    if !due(saved, now, last.elapsed()) {
+                        continue;
+                    }
+                    (now, book.snapshot())
+                };
+                let file = Arc::clone(&file);
+                match tokio::task::spawn_blocking(move || file.save(&snapshot)).await {
+                    Ok(Ok(())) => {
+                        (saved, last, failing) = (now, Instant::now(), false);
+                    }
+                    Ok(Err(e)) if !failing => {
+                        failing = true;
+                        tracing::warn!("{e}; retrying every second");
+                    }
+                    Ok(Err(_)) => {}
+                    Err(e) => tracing::warn!("the audit book saver failed: {e}"),
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Saves the audit book now, if it is kept ([`Self::keep_book`]): for a gateway that is
+    /// stopping.
+    pub async fn save_book(&self) -> Result<(), crate::audit::BookFileError> {
+        let Some(file) = self.kept.get().cloned() else {
+            return Ok(());
+        };
+        let (snapshot, path) = (self.book().snapshot(), file.path().to_path_buf());
+        tokio::task::spawn_blocking(move || file.save(&snapshot))
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::audit::BookFileError::Write {
+                    path,
+                    source: std::io::Error::other(e),
+                })
+            })
     }
 
     pub fn handle(&self) -> &NetHandle {

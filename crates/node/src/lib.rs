@@ -36,4 +36,4 @@ pub use service::{AutoPlacement, Node, NodeConfig, StartNodeError};
 
 // Dev-dependencies are for the integration tests in tests/.
 #[cfg(test)]
-use {futures as _, libp2p as _, tempfile as _, tracing_subscriber as _};
+use {futures as _, libp2p as _, tracing_subscriber as _};

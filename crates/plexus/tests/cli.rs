@@ -668,3 +668,31 @@ fn node_refuses_a_claimed_speed_announcements_cannot_carry() {
     ]);
     assert_clean_failure(&out, "--claim-decode-s-per-layer 0 is not a speed");
 }
+
+/// A network gateway whose audit book (`audits.json` in its data directory) is damaged
+/// refuses to start, naming the file: starting with an empty book would forgive every node
+/// it convicted.
+#[test]
+fn gateway_refuses_a_damaged_audit_book() {
+    let model = tiny("smollm2/model-f32.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let book = dir.path().join("audits.json");
+    std::fs::write(&book, br#"{"format": 1, "convicted": ["#).unwrap();
+    let out = plexus(&[
+        "gateway",
+        "--model",
+        model.to_str().unwrap(),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--ledger",
+        "none",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--bootstrap",
+        "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWHHzSeKaY8xuZVzkLbKFfvNgPPeKhFBGrMbNzbm5akpqu",
+        "--port",
+        "0",
+    ]);
+    assert_clean_failure(&out, &book.display().to_string());
+    assert_clean_failure(&out, "move it aside");
+}

@@ -491,36 +491,34 @@ fn http_get(url: &str, path: &str, key: &str) -> String {
 #[test]
 fn a_cheating_node_is_caught_excluded_and_slashed_while_streams_go_on_issue_11() {
     let cache = tempfile::tempdir().unwrap();
+    let args = [
+        "--nodes",
+        "3",
+        "--stages",
+        "1",
+        "--static-spans",
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--node-price",
+        "20000",
+        "--node-stake",
+        "100PLX",
+        "--audit-probability",
+        "1",
+        "--audit-referees",
+        "1",
+        "--cheat",
+        "random",
+    ];
     let Started {
         up,
         url,
         key,
         lines,
         ..
-    } = start_up(
-        &[
-            "--nodes",
-            "3",
-            "--stages",
-            "1",
-            "--static-spans",
-            "--port",
-            "0",
-            "--threads",
-            "1",
-            "--node-price",
-            "20000",
-            "--node-stake",
-            "100PLX",
-            "--audit-probability",
-            "1",
-            "--audit-referees",
-            "1",
-            "--cheat",
-            "random",
-        ],
-        cache.path(),
-    );
+    } = start_up(&args, cache.path());
     assert!(
         lines[0].contains("3 nodes") && lines[0].contains("0..30, 0..30, 0..30"),
         "{lines:?}"
@@ -641,6 +639,45 @@ fn a_cheating_node_is_caught_excluded_and_slashed_while_streams_go_on_issue_11()
         client["spent"].as_u64().unwrap(),
     );
     assert_eq!(available + spent, 100_000_000 + stake / 4, "{client}");
+
+    // Started again on the same directory, node 0 still cheating: the gateway read its audit
+    // book back, so the cheater is convicted before any request (reputation 0), never routed
+    // to, audited or staked again; the streams give the honest text with no dispute.
+    let book = std::fs::read_to_string(base.join("gateway/audits.json")).unwrap();
+    let book: serde_json::Value = serde_json::from_str(&book).unwrap();
+    assert_eq!(
+        book["convicted"].as_array().map(Vec::len),
+        Some(1),
+        "{book}"
+    );
+    let Started { up, url, key, .. } = start_up(&args, cache.path());
+    let zero = |metrics: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("plexus_node_reputation{"))
+            .filter(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) == Some(0.0))
+            .count()
+    };
+    // (Node 0 may announce a moment after the first full route.)
+    let started = Instant::now();
+    loop {
+        let metrics = http_get(&url, "/metrics", &key);
+        if zero(&metrics) == 1 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{metrics}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let again = audited_streams(&url, &key, 3, 0);
+    assert!(again.iter().all(|t| *t == texts[0]), "{again:?}");
+    let metrics = http_get(&url, "/metrics", &key);
+    let c = |name: &str| counter(&metrics, name);
+    assert_eq!(c("plexus_audit_disputes"), 0, "{metrics}");
+    assert_eq!(c("plexus_audit_convictions"), 0, "{metrics}");
+    assert!(c("plexus_audit_calls_passed") > 0, "{metrics}");
+    assert_eq!(zero(&metrics), 1, "{metrics}");
+    stop_up(up);
+    assert_eq!(mine(&status(&base, "node-0"))["staked"], 0);
 }
 
 /// Issue 11: `plexus up`'s default network, one node per span (three stages, no replica),

@@ -25,6 +25,7 @@
 //! ([`TieBook::forget`]).
 
 use crate::stats::{binomial_tail, CONVICTION_TAIL};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Honest near ties per compared token across builds, assumed: measured 16 of 288 (5.6%; 20
@@ -46,7 +47,7 @@ pub const MAX_PROVIDERS: usize = 4096;
 pub const MAX_CHECKERS: usize = 64;
 
 /// Compared tokens and the near ties among them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TieCounts {
     /// Tokens compared with a checker's draw (the same token or a near tie; misses and
     /// undecided tokens are judged elsewhere).
@@ -173,6 +174,28 @@ impl<P: Ord + Copy> TieBook<P> {
             let lower = (-(n as f64) * kl).exp() / (n as f64 + 1.0);
             lower < CONVICTION_TAIL && binomial_tail(n, k, q) < CONVICTION_TAIL
         })
+    }
+
+    /// Every observation: (provider, checker, counts), providers in order.
+    pub fn entries(&self) -> impl Iterator<Item = (P, P, TieCounts)> + '_ {
+        self.providers
+            .iter()
+            .flat_map(|(p, by)| by.iter().map(move |(c, counts)| (*p, *c, *counts)))
+    }
+
+    /// Puts back what [`Self::entries`] gave (a gateway's audit book read from disk), within
+    /// the book's bounds: beyond [`MAX_PROVIDERS`] providers or [`MAX_CHECKERS`] checkers of
+    /// one, the entry is refused (`false`).
+    pub fn restore(&mut self, provider: P, checker: P, counts: TieCounts) -> bool {
+        if !self.providers.contains_key(&provider) && self.providers.len() >= MAX_PROVIDERS {
+            return false;
+        }
+        let by = self.providers.entry(provider).or_default();
+        if !by.contains_key(&checker) && by.len() >= MAX_CHECKERS {
+            return false;
+        }
+        by.insert(checker, counts);
+        true
     }
 
     /// Drops everything recorded of `peer`, as a provider and as a checker (a convicted node:

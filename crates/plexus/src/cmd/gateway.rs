@@ -265,6 +265,27 @@ async fn listen_and_serve(
         .context("the server failed")
 }
 
+/// The gateway's audit book in its data directory (`plexus_node::audit::book_file`).
+pub const AUDIT_BOOK: &str = "audits.json";
+
+/// Reads the audit book at `path` (refusing a damaged one) and keeps `client`'s book there.
+pub fn keep_audit_book(
+    client: &plexus_node::client::NetworkClient,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let file = plexus_node::audit::BookFile::new(path);
+    let book = file.load()?;
+    let (convicted, doubted) = (book.verdicts().len(), book.doubted().len());
+    if convicted + doubted > 0 {
+        eprintln!(
+            "audit book {}: {convicted} node(s) convicted (latest), {doubted} doubted",
+            path.display()
+        );
+    }
+    client.keep_book(file, book)?;
+    Ok(())
+}
+
 fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
     use plexus_gateway::network::NetworkBackend;
     use plexus_node::client::{ClientConfig, NetworkClient};
@@ -290,6 +311,12 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
         client_config.wire = wire;
         a.routing.apply(&mut client_config)?;
         let client = NetworkClient::start(client_config)?;
+        let data_dir = a
+            .net
+            .data_dir
+            .clone()
+            .unwrap_or_else(super::net::default_data_dir);
+        keep_audit_book(&client, &data_dir.join(AUDIT_BOOK))?;
         let mut backend = NetworkBackend::new(client.clone());
         let cache = super::cache_dir();
         let entry = backend
@@ -304,7 +331,10 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
             client.handle().peer_id(),
             client.handle().peer_id()
         );
-        listen_and_serve(&a, Arc::new(backend), Some(client), &entry.id).await
+        let served = listen_and_serve(&a, Arc::new(backend), Some(client.clone()), &entry.id).await;
+        let saved = client.save_book().await;
+        served?;
+        saved.map_err(anyhow::Error::from)
     })?;
     runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())

@@ -451,17 +451,26 @@ async fn supervise(
 }
 
 /// Tops up the stake of each node's account (its key in `base/node-I`) to `stake`, from the
-/// local faucet.
+/// local faucet; not a node the gateway's audit book convicted (it was slashed for cheating).
 async fn stake_nodes(
     accounts: &plexus_gateway::accounts::Accounts,
     base: &Path,
     nodes: usize,
     stake: plexus_ledger::Amount,
+    audits: &plexus_node::audit::AuditBook,
 ) -> anyhow::Result<()> {
     for i in 0..nodes {
         let path = base.join(format!("node-{i}")).join("node.key");
         let key = NodeKey::load_or_create(&path)
             .with_context(|| format!("cannot load the node key {}", path.display()))?;
+        if audits.is_convicted(&key.peer_id()) {
+            eprintln!(
+                "node {i} ({}) was convicted by this gateway's audits: not staked again, never \
+                 routed to",
+                key.peer_id()
+            );
+            continue;
+        }
         let account = plexus_ledger::address_of(&key.public()).context("node key not secp256k1")?;
         let have = accounts.view(account).await.staked;
         let amount = stake.saturating_sub(have);
@@ -507,9 +516,14 @@ async fn serve(
         ),
         None => None,
     };
+    // The gateway's audit book, as a killed or stopped `plexus up` left it: the nodes it
+    // convicted stay excluded, and are not staked again.
+    let book_file =
+        plexus_node::audit::BookFile::new(base.join("gateway").join(super::gateway::AUDIT_BOOK));
+    let audit_book = book_file.load()?;
     if let Some(accounts) = &accounts {
         let stake = args.node_stake.unwrap_or(DEFAULT_NODE_STAKE);
-        stake_nodes(accounts, base, spans.len(), stake).await?;
+        stake_nodes(accounts, base, spans.len(), stake, &audit_book).await?;
     }
     let net = NetConfig::new(key)
         .with_listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
@@ -522,6 +536,7 @@ async fn serve(
         .context("bad --wire")?;
     args.routing.apply(&mut config)?;
     let client = NetworkClient::start(config)?;
+    client.keep_book(book_file, audit_book)?;
     let me = client.handle().peer_id();
     book.lock().unwrap_or_else(|e| e.into_inner()).gateway = client
         .handle()
@@ -605,7 +620,10 @@ async fn serve(
         .with_cors_origins(args.cors_origins.clone()),
         accounts,
     );
-    plexus_gateway::serve_state(listener, state, shutdown).await?;
+    let served = plexus_gateway::serve_state(listener, state, shutdown).await;
+    let saved = client.save_book().await;
+    served?;
+    saved?;
     eprintln!("stopping the nodes");
     Ok(())
 }
