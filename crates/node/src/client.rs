@@ -339,31 +339,36 @@ impl NetworkClient {
                 path: file.path().to_path_buf(),
             });
         }
-        {
+        let mut saved = {
             let mut current = self.book();
             book.set_stakes(std::mem::take(current.stakes_mut()));
             *current = book;
-        }
+            current.changes()
+        };
         let shared = Arc::clone(&self.book);
         self.runtime.spawn(async move {
             use crate::audit::book_file::{due, SAVE_CHECK_EVERY};
             let mut tick = tokio::time::interval(SAVE_CHECK_EVERY);
-            let mut saved = shared.lock().unwrap_or_else(|e| e.into_inner()).changes();
             let mut last = Instant::now();
             let mut failing = false;
             loop {
                 tick.tick().await;
-                let (now, snapshot) = {
+                // A copy under the lock (the maps only: peers are 38-byte ids); encoded and
+                // written off it.
+                let copy = {
                     let book = shared.lock().unwrap_or_else(|e| e.into_inner());
-                    let now = book.changes();
-                    if !due(saved, now, last.elapsed()) {
+                    if !due(saved, book.changes(), last.elapsed()) {
                         continue;
                     }
-                    (now, book.snapshot())
+                    book.clone()
                 };
+                let now = copy.changes();
                 let file = Arc::clone(&file);
-                match tokio::task::spawn_blocking(move || file.save(&snapshot)).await {
+                match tokio::task::spawn_blocking(move || file.save(&copy)).await {
                     Ok(Ok(())) => {
+                        if failing {
+                            tracing::info!("the audit book is saved again");
+                        }
                         (saved, last, failing) = (now, Instant::now(), false);
                     }
                     Ok(Err(e)) if !failing => {
@@ -384,8 +389,8 @@ impl NetworkClient {
         let Some(file) = self.kept.get().cloned() else {
             return Ok(());
         };
-        let (snapshot, path) = (self.book().snapshot(), file.path().to_path_buf());
-        tokio::task::spawn_blocking(move || file.save(&snapshot))
+        let (copy, path) = (self.book().clone(), file.path().to_path_buf());
+        tokio::task::spawn_blocking(move || file.save(&copy))
             .await
             .unwrap_or_else(|e| {
                 Err(crate::audit::BookFileError::Write {

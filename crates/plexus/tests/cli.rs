@@ -8,6 +8,7 @@ mod served;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn plexus(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_plexus"))
@@ -19,6 +20,30 @@ fn plexus(args: &[&str]) -> Output {
         .env("RUST_BACKTRACE", "0")
         .output()
         .expect("run plexus")
+}
+
+/// [`plexus`], killed (and the test failed) if it runs longer than `limit`.
+fn plexus_within(limit: Duration, args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args(args)
+        .env(
+            "PLEXUS_CACHE_DIR",
+            std::env::temp_dir().join("plexus-test-cache"),
+        )
+        .env("RUST_BACKTRACE", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run plexus");
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("plexus {args:?} still ran after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
 }
 
 fn tiny(name: &str) -> PathBuf {
@@ -678,21 +703,27 @@ fn gateway_refuses_a_damaged_audit_book() {
     let dir = tempfile::tempdir().unwrap();
     let book = dir.path().join("audits.json");
     std::fs::write(&book, br#"{"format": 1, "convicted": ["#).unwrap();
-    let out = plexus(&[
-        "gateway",
-        "--model",
-        model.to_str().unwrap(),
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--ledger",
-        "none",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--bootstrap",
-        "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWHHzSeKaY8xuZVzkLbKFfvNgPPeKhFBGrMbNzbm5akpqu",
-        "--port",
-        "0",
-    ]);
+    // (Bounded: a gateway that started anyway would serve until killed.)
+    let out = plexus_within(
+        Duration::from_secs(60),
+        &[
+            "gateway",
+            "--model",
+            model.to_str().unwrap(),
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--ledger",
+            "none",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWHHzSeKaY8xuZVzkLbKFfvNgPPeKhFBGrMbNzbm5akpqu",
+            "--port",
+            "0",
+        ],
+    );
     assert_clean_failure(&out, &book.display().to_string());
     assert_clean_failure(&out, "move it aside");
+    // Refused before it joins the network: nothing listens, no key is written.
+    assert!(!dir.path().join("node.key").exists());
 }

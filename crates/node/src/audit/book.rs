@@ -24,14 +24,23 @@ pub(crate) fn band_rate(token: bool) -> f64 {
 /// Most peers the gateway keeps an audit record of.
 pub(crate) const MAX_RECORDS: usize = 4096;
 
+/// Most convictions a gateway remembers; beyond them the oldest is forgotten (a conviction
+/// takes a dispute, with referees' replays, so this many cost a cheater far more than the
+/// stakes it lost).
+pub const MAX_CONVICTIONS: usize = 65_536;
+
+/// Largest count a restored record may hold (2^53): beyond it a file was not written by a
+/// gateway, and sums of counts could overflow.
+const MAX_COUNT: u64 = 1 << 53;
+
 /// What a gateway has learnt from audits, shared by its chains: convicted nodes (never routed
 /// to again), reputation records, and the stakes of accounts (for the audit probability).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct AuditBook {
     convicted: BTreeSet<PeerId>,
-    /// The latest convictions, oldest first (at most `MAX_VERDICTS`): what the gateway
-    /// announces ([`Self::verdicts`]).
-    recent: std::collections::VecDeque<PeerId>,
+    /// The same peers in the order they were convicted, oldest first (at most
+    /// [`MAX_CONVICTIONS`]); the gateway announces the latest ([`Self::verdicts`]).
+    order: std::collections::VecDeque<PeerId>,
     records: BTreeMap<PeerId, Record>,
     stakes: HashMap<Address, u64>,
     /// Cross-build comparisons of each node's answers and the misses referees confirmed, per
@@ -60,11 +69,18 @@ impl AuditBook {
         self.convicted.contains(peer)
     }
 
+    /// How many peers the book holds convicted.
+    pub fn convicted_count(&self) -> usize {
+        self.convicted.len()
+    }
+
     /// The latest peers convicted, oldest first, at most
     /// [`plexus_core::announce::limits::MAX_VERDICTS`]: the gateway announces them, and nodes
     /// that trust its verdicts plan placement without them.
     pub fn verdicts(&self) -> Vec<PeerId> {
-        self.recent.iter().copied().collect()
+        let n = self.order.len();
+        let latest = n.saturating_sub(plexus_core::announce::limits::MAX_VERDICTS);
+        self.order.range(latest..).copied().collect()
     }
 
     /// The peers this gateway doubts, not convicted: their cross-build
@@ -126,7 +142,7 @@ impl AuditBook {
             if let Some(victim) = self
                 .records
                 .iter()
-                .min_by_key(|(_, r)| r.calls + r.audits_passed)
+                .min_by_key(|(_, r)| r.calls.saturating_add(r.audits_passed))
                 .map(|(p, _)| *p)
             {
                 self.records.remove(&victim);
@@ -155,14 +171,13 @@ impl AuditBook {
     pub fn convict(&mut self, peer: PeerId) {
         self.changes.records += 1;
         self.changes.verdicts += 1;
-        if self.convicted.len() < MAX_RECORDS {
-            self.convicted.insert(peer);
-        }
-        if !self.recent.contains(&peer) {
-            if self.recent.len() >= plexus_core::announce::limits::MAX_VERDICTS {
-                self.recent.pop_front();
+        if self.convicted.insert(peer) {
+            if self.order.len() >= MAX_CONVICTIONS {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.convicted.remove(&oldest);
+                }
             }
-            self.recent.push_back(peer);
+            self.order.push_back(peer);
         }
         self.entry(peer).convicted = true;
         // What it reported of others as a checker is no longer evidence.
@@ -255,8 +270,7 @@ impl AuditBook {
         let peer = |p: &PeerId| p.to_string();
         Snapshot {
             format: Snapshot::FORMAT,
-            convicted: self.convicted.iter().map(peer).collect(),
-            recent: self.recent.iter().map(peer).collect(),
+            convicted: self.order.iter().map(peer).collect(),
             records: self.records.iter().map(|(p, r)| (peer(p), *r)).collect(),
             band: self
                 .band
@@ -281,7 +295,8 @@ impl AuditBook {
     }
 
     /// The book a [`Snapshot`] describes (no stakes), or what is wrong with it: another
-    /// format, a peer id that does not parse, more entries than a book keeps.
+    /// format, a peer id that does not parse, a peer listed twice, more entries than a book
+    /// keeps, counts no gateway could have recorded, evidence of a convicted node still kept.
     pub fn restore(s: &Snapshot) -> Result<Self, String> {
         if s.format != Snapshot::FORMAT {
             return Err(format!(
@@ -301,36 +316,78 @@ impl AuditBook {
                 Ok(())
             }
         };
-        at_most("convicted nodes", s.convicted.len(), MAX_RECORDS)?;
-        at_most(
-            "recent convictions",
-            s.recent.len(),
-            plexus_core::announce::limits::MAX_VERDICTS,
-        )?;
+        let counts = |what: &str, who: &str, ok: bool, values: &[u64]| {
+            if ok && values.iter().all(|v| *v <= MAX_COUNT) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what} of {who} are not counts a gateway records: {values:?}"
+                ))
+            }
+        };
+        at_most("convicted nodes", s.convicted.len(), MAX_CONVICTIONS)?;
         at_most("records", s.records.len(), MAX_RECORDS)?;
         at_most("band records", s.band.len(), MAX_RECORDS)?;
         let mut book = Self::default();
         for p in &s.convicted {
-            book.convicted.insert(peer(p)?);
-        }
-        for p in &s.recent {
-            book.recent.push_back(peer(p)?);
+            let id = peer(p)?;
+            if !book.convicted.insert(id) {
+                return Err(format!("{p} is convicted twice"));
+            }
+            book.order.push_back(id);
         }
         for (p, r) in &s.records {
-            book.records.insert(peer(p)?, *r);
+            let r = *r;
+            counts(
+                "the calls and audits",
+                p,
+                r.answered <= r.calls,
+                &[r.calls, r.answered, r.audits_passed, r.audits_missed],
+            )?;
+            book.records.insert(peer(p)?, r);
         }
         for b in &s.band {
             let p = peer(&b.peer)?;
-            book.band.insert((p, b.token), b.record);
+            let r = b.record;
+            counts(
+                "the cross-build comparisons",
+                &b.peer,
+                r.misses <= r.comparisons,
+                &[r.comparisons, r.misses],
+            )?;
+            if book.band.insert((p, b.token), r).is_some() {
+                return Err(format!(
+                    "two band records of {} (token {})",
+                    b.peer, b.token
+                ));
+            }
             if b.doubted && !book.convicted.contains(&p) {
                 book.doubted.insert((p, b.token));
             }
         }
+        let mut seen = BTreeSet::new();
         for t in &s.ties {
-            if !book
-                .ties
-                .restore(peer(&t.provider)?, peer(&t.checker)?, t.counts)
-            {
+            let (provider, checker) = (peer(&t.provider)?, peer(&t.checker)?);
+            let c = t.counts;
+            counts(
+                "the near ties",
+                &t.provider,
+                c.wide <= c.near_ties && c.near_ties <= c.tokens,
+                &[c.tokens, c.near_ties, c.wide],
+            )?;
+            if book.convicted.contains(&provider) || book.convicted.contains(&checker) {
+                return Err(format!(
+                    "near ties of {} checked by {}, one of them convicted (a conviction drops them)",
+                    t.provider, t.checker
+                ));
+            }
+            if !seen.insert((provider, checker)) {
+                return Err(format!(
+                    "two near-tie records of {} checked by {}",
+                    t.provider, t.checker
+                ));
+            }
+            if !book.ties.restore(provider, checker, c) {
                 return Err(format!(
                     "more near-tie records than a book keeps (at {} checked by {})",
                     t.provider, t.checker
@@ -347,9 +404,8 @@ impl AuditBook {
 pub struct Snapshot {
     /// [`Snapshot::FORMAT`].
     pub format: u32,
+    /// Convicted peers, oldest first.
     pub convicted: Vec<String>,
-    /// The latest convictions, oldest first (what the gateway announces).
-    pub recent: Vec<String>,
     pub records: BTreeMap<String, Record>,
     pub band: Vec<BandEntry>,
     pub ties: Vec<TieEntry>,
@@ -473,5 +529,26 @@ mod tests {
             book.on_call(PeerId::random(), true);
         }
         assert!(book.records.len() <= MAX_RECORDS);
+    }
+
+    /// Convictions are kept up to [`MAX_CONVICTIONS`], the oldest forgotten first; the
+    /// announced verdicts are the latest.
+    #[test]
+    fn convictions_are_bounded_and_the_oldest_go_first() {
+        let mut book = AuditBook::default();
+        let first = PeerId::random();
+        book.convict(first);
+        book.convict(first);
+        let p = peers(MAX_CONVICTIONS);
+        for q in &p {
+            book.convict(*q);
+        }
+        assert!(!book.is_convicted(&first));
+        assert!(p.iter().all(|q| book.is_convicted(q)));
+        let limit = plexus_core::announce::limits::MAX_VERDICTS;
+        assert_eq!(book.verdicts(), p[p.len() - limit..].to_vec());
+        let back = AuditBook::restore(&book.snapshot()).unwrap();
+        assert_eq!(back.verdicts(), book.verdicts());
+        assert!(!back.is_convicted(&first) && back.is_convicted(&p[0]));
     }
 }

@@ -19,6 +19,8 @@ use std::time::Duration;
 pub const SAVE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long changes of records alone (calls, audits passed) may wait to be saved.
 pub const SAVE_RECORDS_EVERY: Duration = Duration::from_secs(10);
+/// Largest book file read (a full book, every record and near tie, is a few tens of MB).
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BookFileError {
@@ -46,15 +48,16 @@ pub enum BookFileError {
 #[derive(Debug)]
 pub struct BookFile {
     path: PathBuf,
-    /// One write at a time (the saver and the final save at shutdown).
-    writing: Mutex<()>,
+    /// One write at a time (the saver and the final save at shutdown), and the changes of
+    /// the book last written: an older copy that comes later is not written over it.
+    written: Mutex<Option<Changes>>,
 }
 
 impl BookFile {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
-            writing: Mutex::new(()),
+            written: Mutex::new(None),
         }
     }
 
@@ -62,31 +65,76 @@ impl BookFile {
         &self.path
     }
 
-    /// The book the file holds; an empty one when there is no file yet.
+    /// The book the file holds; an empty one when there is no file yet. Removes temporary
+    /// files a killed writer left beside it.
     pub fn load(&self) -> Result<AuditBook, BookFileError> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AuditBook::default()),
-            Err(source) => {
-                return Err(BookFileError::Read {
-                    path: self.path.clone(),
-                    source,
-                })
-            }
-        };
+        self.remove_leftovers();
         let invalid = |message: String| BookFileError::Invalid {
             path: self.path.clone(),
             message,
         };
+        let read = |source| BookFileError::Read {
+            path: self.path.clone(),
+            source,
+        };
+        let file = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AuditBook::default()),
+            Err(source) => return Err(read(source)),
+        };
+        let len = file.metadata().map_err(read)?.len();
+        if len > MAX_FILE_BYTES {
+            return Err(invalid(format!(
+                "{len} bytes, a book is at most {MAX_FILE_BYTES}"
+            )));
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, MAX_FILE_BYTES + 1),
+            &mut bytes,
+        )
+        .map_err(read)?;
         let snapshot: Snapshot =
             serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
         AuditBook::restore(&snapshot).map_err(invalid)
     }
 
-    /// Replaces the file with `snapshot`, atomically (temporary file, sync, rename, sync of
-    /// the directory). Creates the directory if missing.
-    pub fn save(&self, snapshot: &Snapshot) -> Result<(), BookFileError> {
-        let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+    /// The prefix of this file's temporary files (in its directory).
+    fn temp_prefix(&self) -> String {
+        let name = self.path.file_name().unwrap_or_default().to_string_lossy();
+        format!(".{name}.")
+    }
+
+    fn remove_leftovers(&self) {
+        let (Some(dir), prefix) = (self.path.parent(), self.temp_prefix()) else {
+            return;
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Replaces the file with `book` (a copy taken under the book's lock), atomically
+    /// (temporary file, sync, rename, sync of the directory), unless a copy with as many
+    /// changes was written already (the saver's copy, taken before the final save's, may
+    /// come second). Creates the directory if missing.
+    pub fn save(&self, book: &AuditBook) -> Result<(), BookFileError> {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let changes = book.changes();
+        if written.is_some_and(|w| w.records >= changes.records && w.verdicts >= changes.verdicts) {
+            return Ok(());
+        }
+        let snapshot = book.snapshot();
         let write = |source| BookFileError::Write {
             path: self.path.clone(),
             source,
@@ -96,14 +144,19 @@ impl BookFile {
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&dir).map_err(write)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(write)?;
-        let json = serde_json::to_vec(snapshot).map_err(|e| write(std::io::Error::other(e)))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&self.temp_prefix())
+            .tempfile_in(&dir)
+            .map_err(write)?;
+        let json = serde_json::to_vec(&snapshot).map_err(|e| write(std::io::Error::other(e)))?;
         tmp.write_all(&json).map_err(write)?;
         tmp.as_file().sync_all().map_err(write)?;
         tmp.persist(&self.path).map_err(|e| write(e.error))?;
         std::fs::File::open(&dir)
             .and_then(|d| d.sync_all())
-            .map_err(write)
+            .map_err(write)?;
+        *written = Some(changes);
+        Ok(())
     }
 }
 
@@ -156,7 +209,7 @@ mod tests {
         );
         let (book, p) = busy_book();
         assert!(book.is_convicted(&p[1]) && book.is_doubted(&p[2]));
-        file.save(&book.snapshot()).unwrap();
+        file.save(&book).unwrap();
         let back = file.load().unwrap();
         assert_eq!(back.snapshot(), book.snapshot());
         assert!(back.is_convicted(&p[1]));
@@ -166,9 +219,18 @@ mod tests {
         assert_eq!(back.band_record(&p[2], false).misses, 2);
         assert_eq!(back.tie_counts(&p[3]), book.tie_counts(&p[3]));
         assert_eq!(back.tie_counts(&p[3]).near_ties, 1);
-        // Saving again replaces the file (no temporary files left beside it).
-        file.save(&AuditBook::default().snapshot()).unwrap();
-        assert!(!file.load().unwrap().is_convicted(&p[1]));
+        // A later copy replaces the file; an older one (the saver's, coming after the final
+        // save) does not. No temporary files are left beside it.
+        let mut later = book.clone();
+        later.convict(p[0]);
+        file.save(&later).unwrap();
+        file.save(&book).unwrap();
+        assert!(file.load().unwrap().is_convicted(&p[0]));
+        // A temporary file a killed writer left is removed at the next start.
+        std::fs::write(dir.path().join("gateway/.audits.json.left"), b"{").unwrap();
+        BookFile::new(dir.path().join("gateway/audits.json"))
+            .load()
+            .unwrap();
         let names: Vec<_> = std::fs::read_dir(dir.path().join("gateway"))
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -201,12 +263,24 @@ mod tests {
         bad.convicted.push("not-a-peer".into());
         let e = refused(&serde_json::to_vec(&bad).unwrap());
         assert!(e.contains("not-a-peer"), "{e}");
-        // More recent convictions than an announcement lists.
-        let mut long = book.snapshot();
-        long.recent = (0..=plexus_core::announce::limits::MAX_VERDICTS)
-            .map(|_| PeerId::random().to_string())
-            .collect();
-        refused(&serde_json::to_vec(&long).unwrap());
+        // A peer convicted twice.
+        let mut twice = book.snapshot();
+        twice.convicted.push(twice.convicted[0].clone());
+        let e = refused(&serde_json::to_vec(&twice).unwrap());
+        assert!(e.contains("convicted twice"), "{e}");
+        // Counts no gateway records: more misses than comparisons (its tail would be 0, a
+        // conviction at the next miss), or values that would overflow a sum.
+        let mut misses = book.snapshot();
+        misses.band[0].record.misses = misses.band[0].record.comparisons + 1;
+        refused(&serde_json::to_vec(&misses).unwrap());
+        let mut huge = book.snapshot();
+        huge.records.values_mut().next().unwrap().calls = u64::MAX;
+        refused(&serde_json::to_vec(&huge).unwrap());
+        // Near ties of a convicted node (a conviction drops them).
+        let mut ties = book.snapshot();
+        ties.convicted.push(ties.ties[0].provider.clone());
+        let e = refused(&serde_json::to_vec(&ties).unwrap());
+        assert!(e.contains("convicted"), "{e}");
     }
 
     #[test]

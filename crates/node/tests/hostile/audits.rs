@@ -244,3 +244,42 @@ async fn without_checks_a_sole_server_is_counted_unaudited_issue_11() {
         n.stop().await;
     }
 }
+
+/// The gateway's audit book reaches its file within seconds of a verdict, with no final save
+/// (a SIGKILLed gateway loses at most those seconds), and reads back as it was; a client keeps
+/// its book in one file only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verdict_reaches_the_audit_book_file_within_seconds_issue_11() {
+    use plexus_node::audit::{AuditBook, BookFile};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audits.json");
+    let net = NetConfig::new(NodeKey::generate()).with_listen(Vec::new());
+    let client = NetworkClient::start(ClientConfig::new(net)).unwrap();
+    let before = plexus_net::PeerId::random();
+    let mut kept = AuditBook::default();
+    kept.convict(before);
+    client.keep_book(BookFile::new(&path), kept).unwrap();
+    assert!(client.book().is_convicted(&before));
+    let peer = plexus_net::PeerId::random();
+    client.book().convict(peer);
+    let started = std::time::Instant::now();
+    loop {
+        let on_disk = BookFile::new(&path).load().unwrap();
+        if on_disk.is_convicted(&peer) {
+            assert!(on_disk.is_convicted(&before));
+            assert_eq!(on_disk.verdicts(), vec![before, peer]);
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the conviction was not saved"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(client
+        .keep_book(
+            BookFile::new(dir.path().join("other.json")),
+            AuditBook::default()
+        )
+        .is_err());
+}

@@ -268,22 +268,40 @@ async fn listen_and_serve(
 /// The gateway's audit book in its data directory (`plexus_node::audit::book_file`).
 pub const AUDIT_BOOK: &str = "audits.json";
 
-/// Reads the audit book at `path` (refusing a damaged one) and keeps `client`'s book there.
-pub fn keep_audit_book(
-    client: &plexus_node::client::NetworkClient,
+/// Reads the audit book at `path`, refusing a damaged one (before anything starts).
+pub fn read_audit_book(
     path: &std::path::Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(plexus_node::audit::BookFile, plexus_node::audit::AuditBook)> {
     let file = plexus_node::audit::BookFile::new(path);
     let book = file.load()?;
-    let (convicted, doubted) = (book.verdicts().len(), book.doubted().len());
+    let (convicted, doubted) = (book.convicted_count(), book.doubted().len());
     if convicted + doubted > 0 {
         eprintln!(
-            "audit book {}: {convicted} node(s) convicted (latest), {doubted} doubted",
+            "audit book {}: {convicted} node(s) convicted, {doubted} doubted (delete the file, \
+             with the gateway stopped, to forgive them)",
             path.display()
         );
     }
-    client.keep_book(file, book)?;
-    Ok(())
+    Ok((file, book))
+}
+
+/// Stops a network gateway: the audit book is saved once more, whether serving ended well
+/// (`served`) or not (then a failed save is said, and the serving error returned).
+pub async fn save_audit_book(
+    client: &plexus_node::client::NetworkClient,
+    served: anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let saved = client.save_book().await;
+    match (served, saved) {
+        (Err(e), Err(s)) => {
+            eprintln!("error: {s}");
+            Err(e)
+        }
+        (served, saved) => {
+            served?;
+            Ok(saved?)
+        }
+    }
 }
 
 fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
@@ -300,6 +318,13 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(anyhow::Error::msg)
         .context("bad --wire")?;
+    // The audit book first: a damaged one stops the gateway before it joins the network.
+    let data_dir = a
+        .net
+        .data_dir
+        .clone()
+        .unwrap_or_else(super::net::default_data_dir);
+    let (book_file, book) = read_audit_book(&data_dir.join(AUDIT_BOOK))?;
     let key = a.net.key()?;
     let mut net = a.net.config(key)?;
     if a.net.listen.is_empty() {
@@ -311,12 +336,7 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
         client_config.wire = wire;
         a.routing.apply(&mut client_config)?;
         let client = NetworkClient::start(client_config)?;
-        let data_dir = a
-            .net
-            .data_dir
-            .clone()
-            .unwrap_or_else(super::net::default_data_dir);
-        keep_audit_book(&client, &data_dir.join(AUDIT_BOOK))?;
+        client.keep_book(book_file, book)?;
         let mut backend = NetworkBackend::new(client.clone());
         let cache = super::cache_dir();
         let entry = backend
@@ -332,9 +352,7 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
             client.handle().peer_id()
         );
         let served = listen_and_serve(&a, Arc::new(backend), Some(client.clone()), &entry.id).await;
-        let saved = client.save_book().await;
-        served?;
-        saved.map_err(anyhow::Error::from)
+        save_audit_book(&client, served).await
     })?;
     runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())

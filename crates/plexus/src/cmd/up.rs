@@ -518,9 +518,8 @@ async fn serve(
     };
     // The gateway's audit book, as a killed or stopped `plexus up` left it: the nodes it
     // convicted stay excluded, and are not staked again.
-    let book_file =
-        plexus_node::audit::BookFile::new(base.join("gateway").join(super::gateway::AUDIT_BOOK));
-    let audit_book = book_file.load()?;
+    let (book_file, audit_book) =
+        super::gateway::read_audit_book(&base.join("gateway").join(super::gateway::AUDIT_BOOK))?;
     if let Some(accounts) = &accounts {
         let stake = args.node_stake.unwrap_or(DEFAULT_NODE_STAKE);
         stake_nodes(accounts, base, spans.len(), stake, &audit_book).await?;
@@ -621,9 +620,7 @@ async fn serve(
         accounts,
     );
     let served = plexus_gateway::serve_state(listener, state, shutdown).await;
-    let saved = client.save_book().await;
-    served?;
-    saved?;
+    super::gateway::save_audit_book(&client, served.map_err(anyhow::Error::from)).await?;
     eprintln!("stopping the nodes");
     Ok(())
 }
