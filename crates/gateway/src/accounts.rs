@@ -296,7 +296,12 @@ impl Accounts {
         usage: &Usage,
     ) -> Vec<SignedVoucher> {
         let streamed = !tab.vouched().is_empty();
-        let (split, raised) = tab.close(tokens, &usage.costs());
+        // Nodes the audits convicted (offenders, and referees that backed them) are paid
+        // nothing more for this request, as at every checkpoint.
+        let excluded = convicted_accounts(usage);
+        let mut costs = usage.costs();
+        costs.retain(|a, _| !excluded.contains(a));
+        let (split, raised) = tab.close(tokens, &costs);
         if split.shortfall > 0 {
             tracing::warn!(
                 %request,
@@ -436,11 +441,7 @@ impl Meter {
         if self.held == 0 || self.accounts.signer.is_none() {
             return Vec::new();
         }
-        let excluded: Vec<Address> = usage
-            .convictions
-            .iter()
-            .flat_map(|c| std::iter::once(c.offender).chain(c.colluders.iter().copied()))
-            .collect();
+        let excluded = convicted_accounts(usage);
         let raised = self.tab.checkpoint(sampled, &usage.costs(), &excluded);
         let vouchers = self.accounts.sign(self.request, &raised, now_ms());
         if vouchers.is_empty() {
@@ -596,6 +597,15 @@ pub(crate) async fn hold_for(
         )),
         _ => Ok(None),
     }
+}
+
+/// The accounts a request's audits convicted: offenders and the referees that backed them.
+fn convicted_accounts(usage: &Usage) -> Vec<Address> {
+    usage
+        .convictions
+        .iter()
+        .flat_map(|c| std::iter::once(c.offender).chain(c.colluders.iter().copied()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -561,6 +561,12 @@ impl Chain {
                     warn!(%peer, rows = hidden.rows, cols = hidden.cols, want_rows = rows, want_cols = self.config.hidden, "stage answered activations of the wrong shape");
                     return Err((true, ChainError::Protocol { peer }));
                 }
+                if hidden.dtype != self.config.wire {
+                    // Rows of another type than asked could not be joined to the next stage's
+                    // log, so its failover and referee replays would go without activations.
+                    warn!(%peer, got = ?hidden.dtype, want = ?self.config.wire, "stage answered activations of another type than asked");
+                    return Err((true, ChainError::Protocol { peer }));
+                }
                 Ok(Outcome::Hidden(hidden))
             }
             // Asked-for log-probabilities that are missing or malformed: a faulty stage.
@@ -1032,6 +1038,8 @@ mod tests {
         LoseReply,
         /// The callee answers activations one column too wide.
         WrongWidth,
+        /// The callee answers its activations in f16 where f32 was asked.
+        WrongType,
         /// The last stage answers the token after the one it sampled (outside the mask).
         OffMask,
         /// The callee refuses for lack of room (as a node whose KV budget is taken).
@@ -1141,6 +1149,13 @@ mod tests {
                         let (rows, cols) = (hidden.rows as usize, hidden.cols as usize + 1);
                         *hidden =
                             Activations::encode(&vec![0.0; rows * cols], rows, cols, DType::F32);
+                    }
+                    Ok(reply)
+                }
+                Some(Fault::WrongType) => {
+                    if let Response::Hidden { hidden, .. } = &mut reply {
+                        let (rows, cols) = (hidden.rows as usize, hidden.cols as usize);
+                        *hidden = Activations::encode(&hidden.to_f32(), rows, cols, DType::F16);
                     }
                     Ok(reply)
                 }
@@ -1648,8 +1663,8 @@ mod tests {
         let mut mem = Mem::new(fx, vec![(at, fault)]);
         let (got, c) = generate(&mut mem);
         let last_stage = at % fx.stages() == fx.stages() - 1;
-        if fault == Fault::WrongWidth && last_stage {
-            // The last stage answers a token; there is no width to get wrong.
+        if matches!(fault, Fault::WrongWidth | Fault::WrongType) && last_stage {
+            // The last stage answers a token; there is no width or type to get wrong.
             assert_eq!(c.failovers(), 0);
         } else {
             assert_eq!(c.failovers(), 1, "{fault:?} at call {at}");
@@ -1673,6 +1688,7 @@ mod tests {
             Fault::KillAfter,
             Fault::LoseReply,
             Fault::WrongWidth,
+            Fault::WrongType,
         ] {
             for at in 0..fx.stages() * STEPS {
                 check_single(&fx, &want, at, fault);

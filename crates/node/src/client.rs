@@ -925,6 +925,21 @@ impl Transport for NetTransport {
                     }
                     // Convicted while the call ran: not paid, not used.
                     (_, None) if client.book().is_convicted(&peer) => Err(convicted(&peer)),
+                    // Computed, without a receipt this chain accepted (none, a false one, or
+                    // from a peer whose announcement lapsed): nothing commits the node to it,
+                    // so no audit could check it. Not used: the call fails over (a node
+                    // could otherwise drop the receipt of any answer it altered, or of its
+                    // first call, and never be audited).
+                    (
+                        Response::Hidden { .. } | Response::Token { .. } | Response::Scored { .. },
+                        None,
+                    ) => Err(CallFailed {
+                        retryable: true,
+                        message: format!(
+                            "{peer} answered without a receipt this gateway accepts: not \
+                                 paid, and its answer, which no audit could check, not used"
+                        ),
+                    }),
                     (answer, None) => Ok(answer),
                 }
             }
