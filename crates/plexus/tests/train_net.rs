@@ -603,6 +603,52 @@ fn bucket(o: &std::process::Output, name: &str) -> u64 {
         .unwrap()
 }
 
+/// A worker that starts its rounds from optimizer moments of its own choosing (and commits to
+/// them, and serves them) could make an honest-looking round send any pseudo-gradient, and a
+/// re-execution from those moments reproduces it. The start check convicts it: its start
+/// state of round 2 is neither fresh nor where its signed contribution to round 1 ended. The
+/// honest workers are never dropped and end on the same state.
+#[test]
+fn a_worker_starting_from_moments_of_its_choosing_is_convicted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec_with(tmp.path(), 3, 3, 30_000, &["--audit-rate", "1"]);
+    let h0 = Worker::start("h0", &spec, tmp.path(), &[], &[]);
+    let h1 = Worker::start("h1", &spec, tmp.path(), &[&h0.addr], &[]);
+    let peers = [h0.addr.as_str(), h1.addr.as_str()];
+    let chooser = Worker::start(
+        "chooser",
+        &spec,
+        tmp.path(),
+        &peers,
+        &["--cheat", "chosen-start"],
+    );
+    let chooser_id = worker_id(&chooser);
+    let mut states = Vec::new();
+    for mut h in [h0, h1] {
+        let (_, _, state) = h.finish();
+        states.push(state);
+        let text = h.text();
+        let drops: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("dropped the contribution of"))
+            .collect();
+        assert!(
+            drops.iter().all(|l| l.contains(&chooser_id)),
+            "{}: an honest contribution was dropped:\n{text}",
+            h.name
+        );
+        assert!(
+            drops.iter().any(|l| l.contains("audit of round 2")
+                && l.contains("neither fresh nor where its signed contribution to round 1 ended")
+                && l.contains("refused for the rest of the run")),
+            "{}: the chooser was not convicted by the start check:\n{text}",
+            h.name
+        );
+    }
+    assert_eq!(states[0], states[1]);
+    drop(chooser);
+}
+
 /// Every contribution is audited (`--audit-rate 1`) and every worker stakes 2 PLX on the run's
 /// ledger (`--min-stake 2PLX`, a SQLite file all four share): every worker re-executes the
 /// others' rounds from their commitments before closing. A lazy worker (trained on another

@@ -1,8 +1,14 @@
 //! Re-executing a sampled round from its commitment: the auditor takes the start state the
 //! commitment names (global weights, the worker's optimizer state and residual, each checked
 //! against its digest), recomputes the example ids from the seed, runs the same inner loop and
-//! compares the payload digest. A mismatch drops the contribution; with settlement it is the
-//! evidence for a slash.
+//! compares the payload digest and the digests of the state the round ended in. A mismatch
+//! drops the contribution; with settlement it is the evidence for a slash.
+//!
+//! The start state itself is not the worker's to choose ([`check_start`]): it is a fresh one,
+//! or the state the worker's commitment to the round before ended in. Otherwise a worker could
+//! pick moments or a residual that make its honest-looking round send any pseudo-gradient it
+//! likes, and the re-execution would reproduce it. A claimed end state that its round did not
+//! compute is caught when that round is audited; one that it did compute binds the next round.
 //!
 //! [`drawn`] is the coin: whether a contribution is re-executed, from a key and the rate. The
 //! key is [`crate::reveal::draw_key`]: the digest of the round's whole set of commitments
@@ -15,6 +21,8 @@
 use crate::assign::{example_ids, ids_digest};
 use crate::commit::Commitment;
 use crate::config::RoundConfig;
+#[cfg(doc)]
+use crate::worker::fresh_digests;
 use crate::worker::{compute_round, WorkError, WorkerState};
 use plexus_core::{Digest, Sha256Stream};
 use plexus_model::train::{Params, Shard};
@@ -56,11 +64,63 @@ pub fn slash_request(run: Digest, round: u64, worker: &[u8]) -> [u8; 32] {
 pub enum Verdict {
     /// The recomputed payload has the committed digest.
     Match,
-    /// It does not: the contribution is dropped.
+    /// It does not (`what`: the pseudo-gradient, or the state the round ended in): the
+    /// contribution is dropped.
     Mismatch {
+        what: &'static str,
         committed: Digest,
         recomputed: Digest,
     },
+}
+
+/// What an auditor holds of the round before a commitment's.
+#[derive(Clone, Copy, Debug)]
+pub enum Before<'a> {
+    /// It did not close that round (it joined, caught up or restarted since): nothing to
+    /// check the start against.
+    Unknown,
+    /// It closed it on a set holding this commitment of the worker's (or none: `None`; also
+    /// for round 0, which has no round before).
+    Closed(Option<&'a Commitment>),
+}
+
+/// Whether a commitment's start state is one its worker may start from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartCheck {
+    /// A fresh state, or the one its commitment to the round before ended in.
+    Sound,
+    /// Not fresh, and this auditor did not close the round before: not checked.
+    Unchecked,
+    /// Not fresh, and the set this auditor closed the round before on holds no commitment of
+    /// the worker's: not proven (its view of that set may differ); the contribution is
+    /// dropped, the worker not convicted.
+    Unproven,
+    /// Neither fresh nor where the commitment it signed for the round before ended: a lie
+    /// (both commitments are signed by it).
+    Broken,
+}
+
+/// [`StartCheck`] of `c` against what the auditor holds of the round before; `fresh`: the
+/// digests of a fresh state of the model ([`fresh_digests`]).
+pub fn check_start(c: &Commitment, before: Before<'_>, fresh: (Digest, Digest)) -> StartCheck {
+    let start = (c.start_optimizer, c.start_residual);
+    if let Before::Closed(Some(prev)) = before {
+        if prev.worker == c.worker
+            && prev.run == c.run
+            && prev.round + 1 == c.round
+            && (prev.end_optimizer, prev.end_residual) == start
+        {
+            return StartCheck::Sound;
+        }
+    }
+    if start == fresh {
+        return StartCheck::Sound;
+    }
+    match before {
+        Before::Unknown => StartCheck::Unchecked,
+        Before::Closed(None) => StartCheck::Unproven,
+        Before::Closed(Some(_)) => StartCheck::Broken,
+    }
 }
 
 /// Why a round could not be re-executed (the inputs do not match the commitment).
@@ -122,13 +182,27 @@ pub fn reexecute(
     let mut state = state;
     let w = compute_round(cfg, model, shard, &c.worker, c.round, global, &mut state)?;
     let recomputed = Digest::of(&w.payload);
-    Ok(if recomputed == c.payload {
-        Verdict::Match
-    } else {
+    let w = &w.commitment;
+    Ok(if recomputed != c.payload {
         Verdict::Mismatch {
+            what: "pseudo-gradient",
             committed: c.payload,
             recomputed,
         }
+    } else if w.end_optimizer != c.end_optimizer {
+        Verdict::Mismatch {
+            what: "optimizer state it ended in",
+            committed: c.end_optimizer,
+            recomputed: w.end_optimizer,
+        }
+    } else if w.end_residual != c.end_residual {
+        Verdict::Mismatch {
+            what: "residual it ended in",
+            committed: c.end_residual,
+            recomputed: w.end_residual,
+        }
+    } else {
+        Verdict::Match
     })
 }
 

@@ -1,7 +1,7 @@
 //! Signed round commitments: what a worker binds itself to when it sends a pseudo-gradient, and
 //! all an auditor needs to re-execute the round and compare bytes.
 //!
-//! The signed bytes are `"plexus-train-commitment-v2" || postcard(commitment)`, signed with the
+//! The signed bytes are `"plexus-train-commitment-v3" || postcard(commitment)`, signed with the
 //! worker's node key (secp256k1, the same key as its libp2p identity). A commitment names its
 //! worker by peer id and carries the public key; [`Signed::verify`] checks that the key hashes
 //! to that peer id and that the signature holds, so a forged or altered commitment is refused.
@@ -11,7 +11,7 @@ use plexus_core::Digest;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-const DOMAIN: &[u8] = b"plexus-train-commitment-v2";
+const DOMAIN: &[u8] = b"plexus-train-commitment-v3";
 
 /// One worker's claims about one round.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,9 +23,12 @@ pub struct Commitment {
     pub worker: Vec<u8>,
     /// Digest of the global weights the round started from.
     pub start_weights: Digest,
-    /// Digest of the worker's inner optimizer state at the start.
+    /// Digest of the worker's inner optimizer state at the start: a fresh one
+    /// ([`crate::worker::fresh_digests`]), or the one its commitment to the round before ended
+    /// in ([`Self::end_optimizer`]): an auditor checks which ([`crate::audit::check_start`]).
     pub start_optimizer: Digest,
-    /// Digest of the worker's error-feedback residual at the start (zeros without feedback).
+    /// Digest of the worker's error-feedback residual at the start (zeros without feedback),
+    /// fresh or where its last round ended, as the optimizer state.
     pub start_residual: Digest,
     /// Digest of the example ids trained on, in order.
     pub examples: Digest,
@@ -39,6 +42,11 @@ pub struct Commitment {
     /// Digest and length of the encoded pseudo-gradient.
     pub payload: Digest,
     pub payload_len: u64,
+    /// Digests of the optimizer state and residual the round ended in: what the worker's
+    /// next round may start from. A re-execution checks them too, so a worker cannot claim
+    /// an end state (and then start its next round from it) that its round did not compute.
+    pub end_optimizer: Digest,
+    pub end_residual: Digest,
     /// The worker's sealed audit nonce for the round ([`crate::reveal::sealed`]), told only
     /// once the round's set is fixed.
     pub reveal: Digest,
@@ -133,6 +141,8 @@ mod tests {
             hyper: Digest::of(b"h"),
             payload: Digest::of(b"p"),
             payload_len: 1,
+            end_optimizer: Digest::of(b"eo"),
+            end_residual: Digest::of(b"er"),
             reveal: Digest::of(b"n"),
         }
     }

@@ -34,8 +34,19 @@ impl WorkerState {
 
     /// Digest of the residual, as a commitment names it.
     pub fn residual_digest(&self) -> Digest {
-        digest_f32s(b"plexus-residual-v1", &self.feedback.residual)
+        digest_f32s(RESIDUAL_TAG, &self.feedback.residual)
     }
+}
+
+const RESIDUAL_TAG: &[u8] = b"plexus-residual-v1";
+
+/// The digests a commitment names for a fresh state of `n` parameters (optimizer state,
+/// residual), computed without holding one.
+pub fn fresh_digests(n: usize) -> (Digest, Digest) {
+    (
+        AdamWState::fresh_digest(n),
+        plexus_model::train::params::digest_zero_f32s(RESIDUAL_TAG, n),
+    )
 }
 
 /// Why a round could not be computed.
@@ -97,6 +108,7 @@ pub fn compute_round(
         cfg.codec.encode(&delta)?
     };
     state.opt = opt;
+    let (end_optimizer, end_residual) = (state.opt.digest(), state.residual_digest());
     let commitment = Commitment {
         run: cfg.run,
         round,
@@ -112,6 +124,8 @@ pub fn compute_round(
         hyper: cfg.hyper_digest(),
         payload: Digest::of(&payload),
         payload_len: payload.len() as u64,
+        end_optimizer,
+        end_residual,
         reveal: Digest([0; 32]),
     };
     Ok(RoundWork {

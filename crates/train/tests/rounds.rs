@@ -8,14 +8,14 @@ use plexus_core::Digest;
 use plexus_model::train::task::Task;
 use plexus_model::train::{AdamWConfig, InnerConfig, Params, TaskShard};
 use plexus_model::ModelConfig;
-use plexus_train::audit::{reexecute, AuditError, Verdict};
+use plexus_train::audit::{check_start, reexecute, AuditError, Before, StartCheck, Verdict};
 use plexus_train::commit::{Contribution, Signed};
 use plexus_train::deadline::DeadlinePolicy;
 use plexus_train::local::{prepare, run_diloco, worker_key, TaskSetup};
 use plexus_train::outer::OuterState;
 use plexus_train::round::{GlobalState, Refusal, RoundMachine};
 use plexus_train::score::HeldOutScorer;
-use plexus_train::worker::{work_round, WorkerState};
+use plexus_train::worker::{fresh_digests, work_round, WorkerState};
 use plexus_train::{Codec, OuterConfig, RoundConfig, ScorePolicy};
 use std::sync::Arc;
 
@@ -413,11 +413,18 @@ fn reexecuting_a_round_from_its_commitment_reproduces_the_payload_bytes() {
     let mut w = world(cfg, 2);
     let mut m = w.machine();
     let start = w.global.params.clone();
+    let mut round0 = Vec::new();
     for i in 0..2 {
         let c = w.contribute(i, 0, &start);
         m.offer(&c, 1).unwrap();
+        round0.push(c.signed.commitment);
     }
     m.close(2, &mut w.scorer()).unwrap();
+    let fresh = fresh_digests(start.values.len());
+    // Round 0 starts fresh: sound however little the auditor holds.
+    for before in [Before::Unknown, Before::Closed(None)] {
+        assert_eq!(check_start(&round0[0], before, fresh), StartCheck::Sound);
+    }
     let global1 = m.state().params.clone();
     let before = w.states[0].clone();
     let c = w.contribute(0, 1, &global1);
@@ -428,13 +435,51 @@ fn reexecuting_a_round_from_its_commitment_reproduces_the_payload_bytes() {
         reexecute(cfg, model, shard, cm, &global1, before.clone()).unwrap(),
         Verdict::Match
     );
-    // A worker that lies about its payload is caught.
+    // A worker that lies about its payload is caught; so is one that claims another end
+    // state than its round computed (its next round could start from it).
     let mut lie = cm.clone();
     lie.payload = Digest::of(b"made up");
     assert!(matches!(
         reexecute(cfg, model, shard, &lie, &global1, before.clone()).unwrap(),
-        Verdict::Mismatch { .. }
+        Verdict::Mismatch {
+            what: "pseudo-gradient",
+            ..
+        }
     ));
+    for field in [0, 1] {
+        let mut lie = cm.clone();
+        *[&mut lie.end_optimizer, &mut lie.end_residual][field] = Digest::of(b"chosen");
+        assert!(matches!(
+            reexecute(cfg, model, shard, &lie, &global1, before.clone()).unwrap(),
+            Verdict::Mismatch { what, .. } if what.contains("ended in")
+        ));
+    }
+    // Round 1 starts where its worker's round 0 ended: sound against the set holding that;
+    // a start state of its own choosing is a lie against it, unproven against a set without
+    // it, unchecked by an auditor that did not close round 0.
+    assert_eq!(
+        check_start(cm, Before::Closed(Some(&round0[0])), fresh),
+        StartCheck::Sound
+    );
+    let mut chosen = cm.clone();
+    chosen.start_residual = Digest::of(b"a residual that sends anything");
+    assert_eq!(
+        check_start(&chosen, Before::Closed(Some(&round0[0])), fresh),
+        StartCheck::Broken
+    );
+    assert_eq!(
+        check_start(&chosen, Before::Closed(None), fresh),
+        StartCheck::Unproven
+    );
+    assert_eq!(
+        check_start(&chosen, Before::Unknown, fresh),
+        StartCheck::Unchecked
+    );
+    // Another worker's end state is not this worker's to start from.
+    assert_eq!(
+        check_start(cm, Before::Closed(Some(&round0[1])), fresh),
+        StartCheck::Broken
+    );
     // Start state that is not the committed one is refused before any work.
     assert!(matches!(
         reexecute(cfg, model, shard, cm, &global1, w.states[0].clone()),

@@ -117,6 +117,17 @@ impl AdamWState {
         h.finish()
     }
 
+    /// [`Self::digest`] of [`Self::new`]`(n)`, without holding it (gigabytes for a large
+    /// model).
+    pub fn fresh_digest(n: usize) -> Digest {
+        let mut h = Sha256Stream::new();
+        h.update(TAG);
+        h.update(&0u64.to_le_bytes());
+        super::params::hash_zero_f32s(&mut h, n);
+        super::params::hash_zero_f32s(&mut h, n);
+        h.finish()
+    }
+
     /// One AdamW step at learning rate `lr`.
     pub fn step(&mut self, cfg: &AdamWConfig, params: &mut [f32], grads: &[f32], lr: f64) {
         debug_assert_eq!(params.len(), self.m.len());
@@ -185,6 +196,20 @@ pub struct StepCoefficients {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fresh_states_digest_is_known_without_holding_it() {
+        for n in [0, 1, 4095, 4096, 4097, 10_000] {
+            assert_eq!(
+                AdamWState::fresh_digest(n),
+                AdamWState::new(n).digest(),
+                "{n}"
+            );
+        }
+        let mut moved = AdamWState::new(3);
+        moved.step = 1;
+        assert_ne!(AdamWState::fresh_digest(3), moved.digest());
+    }
 
     #[test]
     fn state_round_trips_and_refuses_bad_bytes() {

@@ -120,6 +120,26 @@ pub fn hash_f32s(h: &mut Sha256Stream, values: &[f32]) {
     }
 }
 
+/// Feeds `n` zero f32s to `h`, as [`hash_f32s`] would feed `n` zeros (without holding them).
+pub fn hash_zero_f32s(h: &mut Sha256Stream, n: usize) {
+    let zeros = vec![0u8; 4096 * 4];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(4096);
+        h.update(&zeros[..k * 4]);
+        left -= k;
+    }
+}
+
+/// Sha256 of `n` zero f32s as [`digest_f32s`] gives it, without holding them.
+pub fn digest_zero_f32s(tag: &[u8], n: usize) -> Digest {
+    let mut h = Sha256Stream::new();
+    h.update(tag);
+    h.update(&(n as u64).to_le_bytes());
+    hash_zero_f32s(&mut h, n);
+    h.finish()
+}
+
 /// Sha256 of a vector of f32 (little-endian bytes), with a domain tag.
 pub fn digest_f32s(tag: &[u8], values: &[f32]) -> Digest {
     let mut h = Sha256Stream::new();

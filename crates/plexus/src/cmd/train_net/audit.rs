@@ -42,12 +42,12 @@ use super::shared::worker_name;
 use super::stake::Slashed;
 use super::{lock, Peers, Shared, Worker};
 use plexus_net::PeerId;
-use plexus_train::audit::{reexecute, AuditError, Verdict};
+use plexus_train::audit::{check_start, reexecute, AuditError, Before, StartCheck, Verdict};
 use plexus_train::commit::{Commitment, Signed};
 use plexus_train::local::LocalData;
 use plexus_train::reveal::{committee, draw_key, drawn_revealed};
 use plexus_train::round::GlobalState;
-use plexus_train::worker::WorkerState;
+use plexus_train::worker::{fresh_digests, WorkerState};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -171,7 +171,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     ) -> bool {
         let worker = c.commitment.worker.clone();
         tally.audited += 1;
-        match self.reexecute(peers, c, round, global).await {
+        match self.reexecute(peers, shared, c, round, global).await {
             Ok(()) => {
                 tally.passed += 1;
                 true
@@ -239,8 +239,16 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 .filter_map(|a| PeerId::from_bytes(a).ok())
                 .map(|p| async move { (p.to_bytes(), peers.verdicts(p, round, timeout).await) });
             for (auditor, list) in futures::future::join_all(asks).await {
+                // Only verdicts this auditor was asked for: one per pending contribution
+                // whose committee names it (a peer answering with verdicts on made-up
+                // workers must not grow the map).
                 for v in list.into_iter().flatten() {
-                    heard.insert((v.worker, auditor.clone()), v.pass);
+                    let asked = pending
+                        .iter()
+                        .any(|(c, a)| c.commitment.worker == v.worker && a.contains(&auditor));
+                    if asked {
+                        heard.insert((v.worker, auditor.clone()), v.pass);
+                    }
                 }
             }
             if !pending.iter().all(|(c, a)| settled(&heard, c, a)) {
@@ -413,10 +421,58 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         .await
     }
 
-    /// Fetches the start state of `c`'s worker and re-executes its round from `global`.
+    /// Whether `cm`'s start state is fresh or where its worker's commitment to the round
+    /// before ended, as far as the set this worker closed that round on shows
+    /// ([`check_start`]).
+    fn check_start(
+        &self,
+        shared: &Mutex<Shared>,
+        cm: &plexus_train::commit::Commitment,
+        round: u64,
+    ) -> Result<(), Failed> {
+        let held = match round {
+            0 => Some(None),
+            r => lock(shared).closed_commitment(r - 1, &cm.worker),
+        };
+        let before = match &held {
+            None => Before::Unknown,
+            Some(c) => Before::Closed(c.as_ref()),
+        };
+        let fresh = *self
+            .fresh
+            .get_or_init(|| tokio::task::block_in_place(|| fresh_digests(self.n)));
+        match check_start(cm, before, fresh) {
+            StartCheck::Sound => Ok(()),
+            StartCheck::Unchecked => {
+                eprintln!(
+                    "audit of round {}: the start state of {} is not checked against its last round (this worker did not close round {})",
+                    round + 1,
+                    worker_name(&cm.worker),
+                    round
+                );
+                Ok(())
+            }
+            StartCheck::Unproven => Err(Failed {
+                why: format!(
+                    "its start state is not fresh, and the set this worker closed round {round} on holds no contribution of its to start from"
+                ),
+                convict: false,
+            }),
+            StartCheck::Broken => Err(Failed {
+                why: format!(
+                    "its start state is neither fresh nor where its signed contribution to round {round} ended"
+                ),
+                convict: true,
+            }),
+        }
+    }
+
+    /// Checks that `c`'s start state is one its worker may start from, fetches it and
+    /// re-executes its round from `global`.
     async fn reexecute(
         &self,
         peers: &Peers,
+        shared: &Mutex<Shared>,
         c: &Signed,
         round: u64,
         global: &Arc<GlobalState>,
@@ -426,6 +482,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             why: "its worker id is not a peer id".into(),
             convict: false,
         })?;
+        self.check_start(shared, cm, round)?;
         let state = peers
             .start_state(peer, round, global.params.values.len())
             .await
@@ -443,11 +500,12 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         match verdict {
             Ok(Verdict::Match) => Ok(()),
             Ok(Verdict::Mismatch {
+                what,
                 committed,
                 recomputed,
             }) => Err(Failed {
                 why: format!(
-                    "re-executed from its commitment, its pseudo-gradient has digest {}, not the committed {}",
+                    "re-executed from its commitment, its {what} has digest {}, not the committed {}",
                     recomputed.short(),
                     committed.short()
                 ),

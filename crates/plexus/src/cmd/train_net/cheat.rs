@@ -41,6 +41,17 @@ pub enum Cheat {
     /// Sends its contribution to one peer only (the first by peer id) and answers `Fetch` and
     /// payload ranges of no other: the others get it only as relayed by that peer.
     OneSided,
+    /// From its second round on, starts each round from optimizer moments of its own choosing
+    /// (its first moments x 1000: updates far larger than its data gives), trains honestly
+    /// from them, commits to them and serves them to its auditors: the re-execution
+    /// reproduces its pseudo-gradient; only the start check sees that the state is neither
+    /// fresh nor where its last round ended.
+    ChosenStart,
+}
+
+/// What a [`Cheat::ChosenStart`] worker does to its state before a round.
+pub fn choose_start(state: &mut WorkerState) {
+    state.opt.m.iter_mut().for_each(|m| *m *= 1000.0);
 }
 
 /// A lazy worker's round: trained on the examples assigned to another id, committed with the

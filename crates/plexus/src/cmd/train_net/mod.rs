@@ -54,7 +54,7 @@ use crate::cli::TrainArgs;
 use crate::cmd::net::{default_data_dir, parse_addrs};
 use anyhow::{bail, Context as _};
 use audit::AuditTally;
-use cheat::{lazy_round, made_up_ahead, Cheat};
+use cheat::{choose_start, lazy_round, made_up_ahead, Cheat};
 use peers::Peers;
 use plexus_core::keys::NodeKey;
 use plexus_core::wire::{ErrorCode, Request, Response};
@@ -129,6 +129,19 @@ impl std::fmt::Display for Closed {
 }
 
 /// One worker of a run on data `D`: a synthetic task or a text.
+/// Whether a worker goes on into `round` from the state its last round ended in: only when
+/// the set it closed `round - 1` on holds its own commitment to that round (`last_own`), so
+/// that every auditor holding that set sees its start state chain on. Otherwise (its
+/// contribution dropped or late, a catch-up to another state, a restart) it starts fresh,
+/// which every auditor accepts: an unproven start is dropped, and one that contradicts a
+/// commitment an auditor holds convicts.
+fn continues(s: &Shared, me: &[u8], round: u64, last_own: Option<Digest>) -> bool {
+    match s.closed_commitment(round - 1, me) {
+        Some(Some(c)) => last_own == Some(c.digest()),
+        _ => false,
+    }
+}
+
 struct Worker<D: LocalData> {
     spec: SignedSpec,
     cfg: RoundConfig,
@@ -154,6 +167,9 @@ struct Worker<D: LocalData> {
     ledger: Option<Arc<RunLedger>>,
     /// Slashes being recorded on the ledger (awaited before the worker ends).
     slashes: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The digests of a fresh optimizer state and residual of `n` parameters (computed once,
+    /// when first needed: hashing 12 bytes a parameter).
+    fresh: std::sync::OnceLock<(Digest, Digest)>,
 }
 
 pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
@@ -170,9 +186,10 @@ pub fn run(a: TrainArgs, spec_path: &Path) -> anyhow::Result<()> {
         Some("withhold") => Some(Cheat::Withhold),
         Some("bad-state") => Some(Cheat::BadState),
         Some("one-sided") => Some(Cheat::OneSided),
+        Some("chosen-start") => Some(Cheat::ChosenStart),
         Some(other) => {
             bail!(
-                "--cheat {other:?}: expected garbage, stale, lazy, ahead, behind, harmful, withhold, bad-state or one-sided"
+                "--cheat {other:?}: expected garbage, stale, lazy, ahead, behind, harmful, withhold, bad-state, one-sided or chosen-start"
             )
         }
     };
@@ -320,6 +337,7 @@ fn start<D: LocalData + Send + Sync + 'static>(
         ledger_url: a.ledger.clone(),
         ledger: None,
         slashes: Mutex::new(Vec::new()),
+        fresh: std::sync::OnceLock::new(),
     };
     let rt = super::net::runtime()?;
     let parent = a.parent_pid;
@@ -556,6 +574,8 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             examples: self.cfg.score.examples,
         };
         let rounds = self.spec.spec.rounds;
+        // This worker's own commitment to the round it trained last.
+        let mut last_own: Option<Digest> = None;
         loop {
             self.catch_up(&peers, &shared, &state).await;
             // Shared, not copied: dropped when the round's training ends, before the close
@@ -566,6 +586,24 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             };
             if round >= rounds {
                 break;
+            }
+            if round > 0 && !continues(&lock(&shared), &self.me, round, last_own) {
+                // Auditors accept only a fresh state or the end of this worker's commitment
+                // in the set they closed the round before on
+                // ([`plexus_train::audit::check_start`]).
+                if state.opt.step > 0 {
+                    println!(
+                        "round {}: this worker starts from a fresh optimizer state (its last round is not in the set it closed round {} on)",
+                        round + 1,
+                        round
+                    );
+                }
+                // The old state goes before the new one is made (12 bytes a parameter each).
+                drop(state);
+                state = WorkerState::new(self.n);
+            }
+            if self.cheat == Some(Cheat::ChosenStart) && round > 0 {
+                choose_start(&mut state);
             }
             let began = Instant::now();
             // Start states are kept for auditors only (a model's optimizer state and
@@ -584,6 +622,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             lock(&shared).machine.start_clock(self.now());
             let trained = Instant::now();
             let (c, train_loss, next) = self.train(round, start, state).await?;
+            last_own = Some(c.signed.commitment.digest());
             let train_ms = trained.elapsed().as_millis() as u64;
             state = next;
             self.contribute(&peers, &shared, c, round).await;
@@ -892,7 +931,10 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         };
         let c = match self.cheat {
             Some(Cheat::Behind) => return, // Says it is still catching up: holds nothing.
-            None | Some(Cheat::Lazy | Cheat::Ahead | Cheat::Withhold | Cheat::OneSided) => {
+            None
+            | Some(
+                Cheat::Lazy | Cheat::Ahead | Cheat::Withhold | Cheat::OneSided | Cheat::ChosenStart,
+            ) => {
                 let c = if self.cheat == Some(Cheat::Withhold) {
                     let mut cm = c.signed.commitment;
                     cm.reveal = Digest::of(&self.now().to_le_bytes());
@@ -950,7 +992,8 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             | Cheat::Behind
             | Cheat::Withhold
             | Cheat::BadState
-            | Cheat::OneSided => {}
+            | Cheat::OneSided
+            | Cheat::ChosenStart => {}
             Cheat::Garbage => {
                 for (i, b) in payload.iter_mut().enumerate() {
                     *b = (i as u8).wrapping_mul(151) ^ 0x5a;

@@ -149,6 +149,8 @@ mod tests {
             hyper: Digest::of(b"h"),
             payload: Digest::of(b"p"),
             payload_len: 1,
+            end_optimizer: Digest::of(b"eo"),
+            end_residual: Digest::of(b"er"),
             reveal: Digest::of(b"n"),
         };
         Offered {

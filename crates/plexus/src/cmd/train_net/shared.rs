@@ -382,6 +382,19 @@ impl Shared {
         self.release_closed();
     }
 
+    /// What this worker holds of `worker`'s commitment to `round`, for the start check of its
+    /// next round ([`plexus_train::audit::check_start`]): `None` when it did not close
+    /// `round` (it joined, caught up or restarted since), else the commitment in the set it
+    /// closed `round` on, if that set holds one.
+    pub fn closed_commitment(&self, round: u64, worker: &[u8]) -> Option<Option<Commitment>> {
+        match &self.closed {
+            Some((r, set)) if *r == round => {
+                Some(set.get(worker).map(|c| c.signed.commitment.clone()))
+            }
+            _ => None,
+        }
+    }
+
     /// Forgets the round closed last (this worker adopted another state).
     pub fn forget_closed(&mut self) {
         self.closed = None;
@@ -1046,6 +1059,8 @@ mod tests {
                     hyper: Digest([0; 32]),
                     payload: Digest([0; 32]),
                     payload_len: 0,
+                    end_optimizer: Digest([0; 32]),
+                    end_residual: Digest([0; 32]),
                     reveal,
                 },
             ),
