@@ -69,6 +69,15 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use tracing::{info, warn};
 
+/// What a dispute's referees said, beside the verdict: whether any was heard, and whether
+/// every one found both answers acceptable (across builds, both within the band of its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Heard {
+    Nobody,
+    BothAccepted,
+    Votes,
+}
+
 /// A verdict for the ledger: `offender` is slashed, `challenger` paid its share.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conviction {
@@ -263,6 +272,20 @@ pub fn vote(referee: Option<&Seen>, provider: &Seen, auditor: &Seen) -> Option<V
         (false, false) => Some(Vote::Neither),
         (true, true) if token => Some(Vote::Provider),
         (true, true) => None,
+    }
+}
+
+/// What the referees' `answers` say beside their votes ([`Heard`]).
+pub fn heard(answers: &[(PeerId, Option<Seen>)], provider: &Seen, auditor: &Seen) -> Heard {
+    if answers.iter().all(|(_, a)| a.is_none()) {
+        Heard::Nobody
+    } else if answers
+        .iter()
+        .all(|(_, a)| a.is_some() && vote(a.as_ref(), provider, auditor).is_none())
+    {
+        Heard::BothAccepted
+    } else {
+        Heard::Votes
     }
 }
 
@@ -603,15 +626,16 @@ impl NetTransport {
                 let Some(auditor_seen) = auditor_seen else {
                     return Ok(answer); // unreachable: a dispute has the auditor's answer
                 };
-                let verdict = self.dispute(peer, auditor, f, &provider_seen, &auditor_seen);
+                let (verdict, heard) =
+                    self.dispute(peer, auditor, f, &provider_seen, &auditor_seen);
                 self.end_audit(&peer);
                 self.audits.hops.insert(peer, HopAudit::Unaudited);
                 if provider_seen.cross_build(&auditor_seen) {
                     let check = cross_check(&provider_seen, &auditor_seen)
                         .unwrap_or(CrossCheck::INCOMPARABLE);
-                    self.apply_cross_build(verdict, peer, auditor, (f, &sent), check, answer)
+                    self.apply_cross_build(verdict, heard, peer, auditor, (f, &sent), check, answer)
                 } else {
-                    self.apply(verdict, peer, auditor, answer)
+                    self.apply(verdict, heard, peer, auditor, answer)
                 }
             }
         }
@@ -708,7 +732,12 @@ impl NetTransport {
         };
         let sent = checker_call(sent, cross_build);
         info!(provider = %peer, %auditor, "audit drawn: shadowing the provider's calls");
-        let reply = self.send(auditor, sent.clone());
+        // Bounded like every shadowed call, so a stalling auditor does not hold the stream; by
+        // the provider's time scaled to the positions the auditor is fed (a forked chain's
+        // auditor computes the shared prompt too).
+        let scale = (sent.tokens.len() / f.tokens.len().max(1)).max(1) as u32;
+        let limit = crate::client::auditor_grace(self.provider_took * scale);
+        let reply = self.send_within(auditor, sent.clone(), limit);
         self.audits.hops.insert(
             peer,
             HopAudit::Shadowed {
@@ -722,12 +751,19 @@ impl NetTransport {
         Some((auditor, sent, reply))
     }
 
-    /// One stage call, blocking.
-    pub(crate) fn send(&self, peer: PeerId, f: Forward) -> Result<Response, CallError> {
+    /// One stage call, blocking, given up (as a timeout) after `limit`.
+    fn send_within(
+        &self,
+        peer: PeerId,
+        f: Forward,
+        limit: std::time::Duration,
+    ) -> Result<Response, CallError> {
         let client = &self.client;
-        client
-            .runtime
-            .block_on(client.handle.call(peer, Request::Forward(f)))
+        client.runtime.block_on(async {
+            tokio::time::timeout(limit, client.handle.call(peer, Request::Forward(f)))
+                .await
+                .unwrap_or(Err(CallError::Timeout(peer)))
+        })
     }
 
     /// The build `peer` announces (empty when unknown).
@@ -769,9 +805,9 @@ impl NetTransport {
         f: &Forward,
         provider_answer: &Seen,
         auditor_answer: &Seen,
-    ) -> Verdict<PeerId> {
+    ) -> (Verdict<PeerId>, Heard) {
         let Some(HopAudit::Shadowed { log, .. }) = self.audits.hops.get(&peer) else {
-            return Verdict::Inconclusive;
+            return (Verdict::Inconclusive, Heard::Nobody);
         };
         let log = log.clone();
         let dir = self.client.directory();
@@ -800,7 +836,7 @@ impl NetTransport {
         );
         warn!(provider = %peer, %auditor, referees = referees.len(), "audit mismatch: asking referees");
         if referees.is_empty() {
-            return Verdict::Inconclusive;
+            return (Verdict::Inconclusive, Heard::Nobody);
         }
         let cross_build = provider_answer.cross_build(auditor_answer);
         let calls: Vec<(PeerId, Forward)> = referees
@@ -828,11 +864,17 @@ impl NetTransport {
         let mut answers = Vec::new();
         for ((referee, sent), reply) in calls.iter().zip(replies) {
             let seen = self.metered_seen(*referee, sent, reply);
+            if seen.is_none() {
+                // A referee that did not answer (or not with an answer it is paid for) is
+                // recorded like any call it failed.
+                self.client.book().on_call(*referee, false);
+            }
             answers.push((*referee, seen));
             self.close(*referee, sent.session);
         }
+        let heard = heard(&answers, provider_answer, auditor_answer);
         let now = crate::discovery::now_ms();
-        arbitrate(
+        let verdict = arbitrate(
             job,
             peer,
             auditor,
@@ -841,13 +883,15 @@ impl NetTransport {
             &answers,
             now,
         )
-        .unwrap_or(Verdict::Inconclusive)
+        .unwrap_or(Verdict::Inconclusive);
+        (verdict, heard)
     }
 
     /// Acts on a verdict: convictions for the ledger and routing, and what the chain gets.
     fn apply(
         &mut self,
         verdict: Verdict<PeerId>,
+        heard: Heard,
         provider: PeerId,
         auditor: PeerId,
         answer: Response,
@@ -868,6 +912,20 @@ impl NetTransport {
                 self.client.book().on_audit(provider, true);
                 Ok(answer)
             }
+            // Every referee answered and found both answers within the band of its own (across
+            // builds): the provider's answer is one an honest node gives; nobody is blamed.
+            Verdict::Inconclusive if heard == Heard::BothAccepted => {
+                let mut book = self.client.book();
+                book.on_audit(provider, true);
+                book.on_audit(auditor, true);
+                Ok(answer)
+            }
+            // No referee to ask, or none answered: nothing was learnt of either side (an
+            // auditor alone cannot lower an honest provider's record), but the answer is
+            // disputed: the call fails over.
+            Verdict::Inconclusive if heard == Heard::Nobody => Err(failed(format!(
+                "{provider}'s output is disputed and no referee could be heard"
+            ))),
             Verdict::Inconclusive => {
                 let mut book = self.client.book();
                 book.on_audit(provider, false);
@@ -889,9 +947,11 @@ impl NetTransport {
     /// as agreeing). Referees are never slashed for a vote across builds. An answer the
     /// referees reject is not used (the call fails over), so the client's text stays the
     /// majority's.
+    #[allow(clippy::too_many_arguments)]
     fn apply_cross_build(
         &mut self,
         verdict: Verdict<PeerId>,
+        heard: Heard,
         provider: PeerId,
         auditor: PeerId,
         (provider_call, auditor_call): (&Forward, &Forward),
@@ -905,7 +965,7 @@ impl NetTransport {
         let (off, fine) = match &verdict {
             Verdict::ProviderCheated { .. } => (provider, auditor),
             Verdict::FalseAccusation { .. } => (auditor, provider),
-            Verdict::Inconclusive => return self.apply(verdict, provider, auditor, answer),
+            Verdict::Inconclusive => return self.apply(verdict, heard, provider, auditor, answer),
         };
         let token = is_token(&answer);
         let m = &self.client.metrics;
@@ -1245,6 +1305,41 @@ mod tests {
         };
         assert!(!book.on_token_tie(p[0], p[1], &missed));
         assert_eq!(book.tie_counts(&p[0]).tokens, 3000);
+    }
+
+    /// Across builds two answers may each sit within the band of a referee's and not of each
+    /// other's: then the referees accept both (nobody is blamed); referees not heard at all
+    /// teach nothing of either side.
+    #[test]
+    fn referees_that_accept_both_sides_or_are_not_heard_are_told_apart() {
+        let p = peers(2);
+        let referee = hidden_answer("r", 0, 70, 0.0);
+        let e = (1..200)
+            .map(|i| i as f32 * 0.005)
+            .find(|&e| {
+                let (a, b) = (hidden_answer("a", 0, 70, e), hidden_answer("b", 0, 70, -e));
+                agree(&referee, &a) && agree(&referee, &b) && !agree(&a, &b)
+            })
+            .expect("two answers apart that a referee accepts both of");
+        let (provider, auditor) = (hidden_answer("a", 0, 70, e), hidden_answer("b", 0, 70, -e));
+        let both = [(p[0], Some(referee.clone())), (p[1], Some(referee.clone()))];
+        assert_eq!(heard(&both, &provider, &auditor), Heard::BothAccepted);
+        assert_eq!(
+            heard(&[(p[0], None), (p[1], None)], &provider, &auditor),
+            Heard::Nobody
+        );
+        assert_eq!(heard(&[], &provider, &auditor), Heard::Nobody);
+        // One accepting both and one silent: no majority, and not every referee accepted.
+        assert_eq!(
+            heard(&[(p[0], Some(referee)), (p[1], None)], &provider, &auditor),
+            Heard::Votes
+        );
+        // A referee far from both votes (neither).
+        let far = hidden_answer("c", 0, 70, 2.0);
+        assert_eq!(
+            heard(&[(p[0], Some(far))], &provider, &auditor),
+            Heard::Votes
+        );
     }
 
     #[test]

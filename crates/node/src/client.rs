@@ -175,6 +175,16 @@ impl Links {
     }
 }
 
+/// How long a shadowed call's auditor may answer after the provider did (`provider`: the
+/// provider's time): three times that, at least [`MIN_AUDITOR_GRACE`]. An honest auditor
+/// computes the same call at the same time; one of another build, or loading the span only to
+/// check it, may be slower, not by this much.
+pub fn auditor_grace(provider: Duration) -> Duration {
+    (provider * 3).max(MIN_AUDITOR_GRACE)
+}
+
+pub const MIN_AUDITOR_GRACE: Duration = Duration::from_secs(2);
+
 /// The failure of a call to a convicted node: the chain fails over.
 fn convicted(peer: &PeerId) -> CallFailed {
     CallFailed {
@@ -727,6 +737,8 @@ pub(crate) struct NetTransport {
     pub(crate) usage: Usage,
     /// The audits of this chain's providers.
     pub(crate) audits: crate::audit::ChainAudits,
+    /// How long the provider of the call being audited took ([`auditor_grace`]).
+    pub(crate) provider_took: Duration,
 }
 
 impl NetTransport {
@@ -739,6 +751,7 @@ impl NetTransport {
             moved: Vec::new(),
             usage: Usage::default(),
             audits,
+            provider_took: Duration::ZERO,
         }
     }
 
@@ -873,19 +886,38 @@ impl Transport for NetTransport {
         // A shadowed provider's call goes to its auditor too, at the same time.
         let planned = self.shadow_call(&peer, &f);
         let sent = f.clone();
-        let (result, shadow_reply) = client.runtime.block_on(async {
-            let audit = async {
-                match &planned {
-                    Some((a, g)) => Some(client.handle.call(*a, Request::Forward(g.clone())).await),
-                    None => None,
+        // The provider's own time is what it is measured by; the auditor gets a bounded wait
+        // after it (`auditor_grace`), so a slow or stalling auditor neither holds the stream
+        // nor is blamed on the provider: past it the audit is abandoned (`AuditorLost`).
+        let (result, shadow_reply, elapsed) = client.runtime.block_on(async {
+            let provider = client.handle.call(peer, Request::Forward(f));
+            let Some((a, g)) = &planned else {
+                let result = provider.await;
+                return (result, None, started.elapsed());
+            };
+            let audit = client.handle.call(*a, Request::Forward(g.clone()));
+            tokio::pin!(provider, audit);
+            let mut early = None;
+            let result = tokio::select! {
+                r = &mut provider => r,
+                reply = &mut audit => {
+                    early = Some(reply);
+                    provider.await
                 }
             };
-            tokio::join!(client.handle.call(peer, Request::Forward(f)), audit)
+            let elapsed = started.elapsed();
+            let reply = match early {
+                Some(reply) => reply,
+                None => tokio::time::timeout(auditor_grace(elapsed), audit)
+                    .await
+                    .unwrap_or(Err(CallError::Timeout(*a))),
+            };
+            (result, Some(reply), elapsed)
         });
         let shadow = planned
             .zip(shadow_reply)
             .map(|((a, g), reply)| (a, g, reply));
-        let elapsed = started.elapsed();
+        self.provider_took = elapsed;
         let m = &client.metrics;
         m.stage_calls.fetch_add(1, Ordering::Relaxed);
         m.stage_call_micros

@@ -283,3 +283,130 @@ async fn a_verdict_reaches_the_audit_book_file_within_seconds_issue_11() {
         )
         .is_err());
 }
+
+/// A peer announcing `span` of `model` on this build, priced far above the honest nodes (so
+/// routing never makes it a provider), that answers no stage call for a minute: an auditor
+/// the draw picks and that stalls.
+async fn stalling_checker(
+    model: plexus_core::Digest,
+    span: LayerSpan,
+) -> (plexus_net::PeerId, plexus_net::Multiaddr) {
+    use plexus_core::announce::ModelOffer;
+    use plexus_core::wire::{ErrorCode, Request, Response};
+    use plexus_net::NetEvent;
+    let key = NodeKey::generate();
+    let (handle, mut events, addr) = serving_peer(&key).await;
+    let peer = key.peer_id();
+    let mut a = announcement(&key);
+    a.addrs = vec![addr.to_string()];
+    a.price = 1_000_000;
+    a.version = plexus_node::engine::Arithmetic::Current.version();
+    a.models = vec![ModelOffer {
+        model,
+        name: "staller".into(),
+        num_layers: LAYERS as u32,
+        start: span.start as u32,
+        end: span.end as u32,
+        hidden: HIDDEN as u32,
+        decode_s_per_layer: 0.0,
+        prefill_s_per_layer: 0.0,
+        layer_bytes: 1,
+        kv_positions: 100_000,
+        kv_free_positions: 100_000,
+        check_layers: 0,
+    }];
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            let NetEvent::Request { request, reply, .. } = e else {
+                continue;
+            };
+            let (handle, a, key) = (handle.clone(), a.clone(), key.clone());
+            tokio::spawn(async move {
+                let response = match request {
+                    Request::Describe => {
+                        let mut a = a;
+                        a.issued_at_ms = plexus_node::discovery::now_ms();
+                        Response::Described(a.sign(&key).encode())
+                    }
+                    Request::Forward(_) => {
+                        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                        Response::Error {
+                            code: ErrorCode::Internal,
+                            message: "stalled".into(),
+                        }
+                    }
+                    Request::Close { .. } => Response::Closed,
+                    _ => Response::Error {
+                        code: ErrorCode::BadRequest,
+                        message: "not served".into(),
+                    },
+                };
+                handle.respond(reply, response).await;
+            });
+        }
+    });
+    (peer, addr.with_p2p(peer).unwrap())
+}
+
+/// An auditor that stalls (drawn for the last stage, every job audited) holds the stream for
+/// a bounded grace only, not for its minute: the audit is abandoned, the text is the honest
+/// one, and the staller's failed call is recorded against it, not the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalling_auditor_holds_the_stream_only_briefly_and_is_blamed_itself_issue_11() {
+    let first = start_node(Some(LayerSpan::new(0, 1)), |_| {}).await;
+    let last = start_node(Some(LayerSpan::new(1, 2)), |_| {}).await;
+    let (staller, staller_addr) = stalling_checker(first.model, LayerSpan::new(1, 2)).await;
+    let net = NetConfig::new(NodeKey::generate())
+        .with_listen(Vec::new())
+        .with_bootstrap(vec![first.addr.clone(), last.addr.clone(), staller_addr]);
+    let mut config = ClientConfig::new(net);
+    config.audit.probability = Some(1.0);
+    config.audit.referees = 1;
+    let client = NetworkClient::start(config).unwrap();
+    assert!(client.wait_for_route(&first.model, LAYERS, WAIT).await);
+    let started = std::time::Instant::now();
+    while client.directory().get(&staller).is_none() {
+        assert!(
+            started.elapsed() < WAIT,
+            "the client did not learn the staller"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let reference = Reference::load();
+    let tokenizer = reference.model.tokenizer.clone();
+    let (c, model) = (client.clone(), first.model);
+    let started = std::time::Instant::now();
+    // Well under the staller's minute (the grace is 2 s, or 3x the provider's time).
+    let tokens = within(
+        std::time::Duration::from_secs(30),
+        "a generation beside a stalling auditor",
+        tokio::task::spawn_blocking(move || {
+            let req = greedy_request();
+            let mut chain = c
+                .open_chain(model, LAYERS, CONTEXT, req.sampling.clone())
+                .unwrap();
+            generate_with(&mut chain, &tokenizer, &req, |_| Flow::Continue)
+                .unwrap()
+                .tokens
+        }),
+    )
+    .await
+    .unwrap();
+    eprintln!("generated beside the staller in {:?}", started.elapsed());
+    assert_eq!(tokens, reference.generate(&greedy_request()));
+    logs()
+        .wait_for(&[
+            "the auditor did not answer; audit abandoned",
+            &staller.to_string(),
+        ])
+        .await;
+    let (staller_record, last_record) = {
+        let book = client.book();
+        (book.record(&staller), book.record(&last.peer))
+    };
+    assert!(staller_record.calls >= 1, "{staller_record:?}");
+    assert_eq!(staller_record.answered, 0, "{staller_record:?}");
+    assert_eq!(last_record.answered, last_record.calls, "{last_record:?}");
+    first.stop().await;
+    last.stop().await;
+}

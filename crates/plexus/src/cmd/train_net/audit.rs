@@ -140,10 +140,14 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             match auditors {
                 Some(auditors) if !auditors.contains(&self.me) => delegated.push((c, auditors)),
                 _ => {
-                    let pass = self
+                    let checked = self
                         .audit_one(peers, shared, &c, round, &global, &mut tally)
                         .await;
                     if committee_k.is_some() {
+                        // A pass whose start this worker could not check (it did not close
+                        // the round before) is not one the others should take on its word:
+                        // told as a fail, it makes them re-execute it themselves.
+                        let pass = checked == Some(true);
                         lock(shared).record_verdict(round, worker, pass);
                     }
                 }
@@ -159,7 +163,8 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     }
 
     /// Re-executes `c` itself; drops (and, when it lied, convicts and slashes) what does not
-    /// match. Whether it passed.
+    /// match. `None` when it did not pass, else whether its start state was checked against
+    /// the worker's last round ([`Self::check_start`]).
     async fn audit_one(
         &self,
         peers: &Peers,
@@ -168,13 +173,13 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         round: u64,
         global: &Arc<GlobalState>,
         tally: &mut AuditTally,
-    ) -> bool {
+    ) -> Option<bool> {
         let worker = c.commitment.worker.clone();
         tally.audited += 1;
         match self.reexecute(peers, shared, c, round, global).await {
-            Ok(()) => {
+            Ok(checked) => {
                 tally.passed += 1;
-                true
+                Some(checked)
             }
             Err(f) => {
                 lock(shared).drop_audited(&worker, f.convict);
@@ -192,7 +197,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                         ""
                     }
                 );
-                false
+                None
             }
         }
     }
@@ -266,7 +271,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 continue;
             }
             let why = if said.contains(&false) {
-                "its delegated auditor found a different pseudo-gradient"
+                "its delegated auditor found a different pseudo-gradient, or could not check its start"
             } else {
                 "no verdict from its delegated auditors in time"
             };
@@ -277,7 +282,8 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             );
             let pass = self
                 .audit_one(peers, shared, &c, round, global, tally)
-                .await;
+                .await
+                .is_some();
             if said.contains(&false) && pass {
                 eprintln!(
                     "audit of round {}: the contribution of {} matched: its auditor's mismatch was not reproduced",
@@ -429,7 +435,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         shared: &Mutex<Shared>,
         cm: &plexus_train::commit::Commitment,
         round: u64,
-    ) -> Result<(), Failed> {
+    ) -> Result<bool, Failed> {
         let held = match round {
             0 => Some(None),
             r => lock(shared).closed_commitment(r - 1, &cm.worker),
@@ -442,7 +448,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             .fresh
             .get_or_init(|| tokio::task::block_in_place(|| fresh_digests(self.n)));
         match check_start(cm, before, fresh) {
-            StartCheck::Sound => Ok(()),
+            StartCheck::Sound => Ok(true),
             StartCheck::Unchecked => {
                 eprintln!(
                     "audit of round {}: the start state of {} is not checked against its last round (this worker did not close round {})",
@@ -450,7 +456,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                     worker_name(&cm.worker),
                     round
                 );
-                Ok(())
+                Ok(false)
             }
             StartCheck::Unproven => Err(Failed {
                 why: format!(
@@ -476,13 +482,13 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         c: &Signed,
         round: u64,
         global: &Arc<GlobalState>,
-    ) -> Result<(), Failed> {
+    ) -> Result<bool, Failed> {
         let cm = &c.commitment;
         let peer = PeerId::from_bytes(&cm.worker).map_err(|_| Failed {
             why: "its worker id is not a peer id".into(),
             convict: false,
         })?;
-        self.check_start(shared, cm, round)?;
+        let checked = self.check_start(shared, cm, round)?;
         let state = peers
             .start_state(peer, round, global.params.values.len())
             .await
@@ -498,7 +504,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             convict: false,
         })?;
         match verdict {
-            Ok(Verdict::Match) => Ok(()),
+            Ok(Verdict::Match) => Ok(checked),
             Ok(Verdict::Mismatch {
                 what,
                 committed,

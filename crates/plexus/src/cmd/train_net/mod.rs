@@ -128,20 +128,22 @@ impl std::fmt::Display for Closed {
     }
 }
 
-/// One worker of a run on data `D`: a synthetic task or a text.
-/// Whether a worker goes on into `round` from the state its last round ended in: only when
-/// the set it closed `round - 1` on holds its own commitment to that round (`last_own`), so
-/// that every auditor holding that set sees its start state chain on. Otherwise (its
-/// contribution dropped or late, a catch-up to another state, a restart) it starts fresh,
-/// which every auditor accepts: an unproven start is dropped, and one that contradicts a
-/// commitment an auditor holds convicts.
+/// Whether a worker goes on into the round after `round` from the state its round ended in
+/// (decided at the close, before the checkpoint, so that a restart resumes from exactly the
+/// start it would have had): only when the set it closed `round` on holds its own commitment
+/// to it (`last_own`), so that every auditor holding that set sees its start state chain on.
+/// Otherwise (its contribution dropped or late; and after a catch-up, [`Worker::adopt`]) it
+/// starts fresh, which every auditor accepts: an unproven start is dropped, and one that
+/// contradicts a commitment an auditor holds convicts
+/// ([`plexus_train::audit::check_start`]).
 fn continues(s: &Shared, me: &[u8], round: u64, last_own: Option<Digest>) -> bool {
-    match s.closed_commitment(round - 1, me) {
+    match s.closed_commitment(round, me) {
         Some(Some(c)) => last_own == Some(c.digest()),
         _ => false,
     }
 }
 
+/// One worker of a run on data `D`: a synthetic task or a text.
 struct Worker<D: LocalData> {
     spec: SignedSpec,
     cfg: RoundConfig,
@@ -574,10 +576,8 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             examples: self.cfg.score.examples,
         };
         let rounds = self.spec.spec.rounds;
-        // This worker's own commitment to the round it trained last.
-        let mut last_own: Option<Digest> = None;
         loop {
-            self.catch_up(&peers, &shared, &state).await;
+            self.catch_up(&peers, &shared, &mut state).await;
             // Shared, not copied: dropped when the round's training ends, before the close
             // steps the state in place.
             let (round, start) = {
@@ -586,21 +586,6 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             };
             if round >= rounds {
                 break;
-            }
-            if round > 0 && !continues(&lock(&shared), &self.me, round, last_own) {
-                // Auditors accept only a fresh state or the end of this worker's commitment
-                // in the set they closed the round before on
-                // ([`plexus_train::audit::check_start`]).
-                if state.opt.step > 0 {
-                    println!(
-                        "round {}: this worker starts from a fresh optimizer state (its last round is not in the set it closed round {} on)",
-                        round + 1,
-                        round
-                    );
-                }
-                // The old state goes before the new one is made (12 bytes a parameter each).
-                drop(state);
-                state = WorkerState::new(self.n);
             }
             if self.cheat == Some(Cheat::ChosenStart) && round > 0 {
                 choose_start(&mut state);
@@ -622,7 +607,9 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             lock(&shared).machine.start_clock(self.now());
             let trained = Instant::now();
             let (c, train_loss, next) = self.train(round, start, state).await?;
-            last_own = Some(c.signed.commitment.digest());
+            // This worker's own commitment to the round (what its set must hold for it to go
+            // on from this round's end state).
+            let last_own = Some(c.signed.commitment.digest());
             let train_ms = trained.elapsed().as_millis() as u64;
             state = next;
             self.contribute(&peers, &shared, c, round).await;
@@ -643,6 +630,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             // a large model's set takes seconds, and a peer may be fetching this worker's
             // payload).
             let closing = lock(&shared).machine.begin_close();
+            let mut goes_on = false;
             let scored = tokio::task::block_in_place(|| closing.score(&mut scorer))?;
             let (outcome, next) = tokio::task::block_in_place(|| {
                 let mut s = lock(&shared);
@@ -653,6 +641,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 }
                 let held = std::mem::take(&mut s.held);
                 s.keep_closed(round, held, &self.me);
+                goes_on = continues(&s, &self.me, round, last_own);
                 s.closing = None;
                 s.fixed_by.clear();
                 for (_, c) in std::mem::take(&mut s.early) {
@@ -666,7 +655,17 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 }
                 (outcome, s.machine.shared_state())
             });
-            // Written without holding it either (gigabytes for a large model).
+            if !goes_on {
+                // Auditors accept only a fresh state or the end of this worker's commitment
+                // in the set they closed this round on.
+                println!(
+                    "round {}: this worker starts the next round from a fresh optimizer state (its contribution is not in the set it closed this round on)",
+                    round + 1
+                );
+                self.start_fresh(&mut state);
+            }
+            // Written without holding it either (gigabytes for a large model): the state the
+            // next round starts from, exactly.
             tokio::task::block_in_place(|| self.save(&next, &state));
             // Released before the next close steps the state in place.
             drop(next);
@@ -749,7 +748,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     }
 
     /// Moves to the state the peers agree on if this worker is behind or outvoted.
-    async fn catch_up(&self, peers: &Peers, shared: &Mutex<Shared>, state: &WorkerState) {
+    async fn catch_up(&self, peers: &Peers, shared: &Mutex<Shared>, state: &mut WorkerState) {
         let (me, told) = {
             let s = lock(shared);
             (s.status(), s.told())
@@ -851,10 +850,14 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         &self,
         shared: &Mutex<Shared>,
         global: GlobalState,
-        state: &WorkerState,
+        state: &mut WorkerState,
         from: &str,
         digest: Digest,
     ) -> plexus_train::protocol::Status {
+        // The set of the round before is not this worker's: its next round starts fresh
+        // (auditors that hold its last contribution could not see it chain on otherwise), and
+        // the checkpoint below holds that.
+        self.start_fresh(state);
         let round = global.round;
         let mut s = lock(shared);
         let expected: Vec<Vec<u8>> = s
@@ -885,6 +888,12 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             digest.short()
         );
         s.told()
+    }
+
+    /// Replaces `state` with a fresh one (the old one goes first: 12 bytes a parameter each).
+    fn start_fresh(&self, state: &mut WorkerState) {
+        *state = WorkerState::new(0);
+        *state = WorkerState::new(self.n);
     }
 
     /// H inner steps off the async threads.
