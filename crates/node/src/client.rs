@@ -908,6 +908,8 @@ impl Transport for NetTransport {
             let elapsed = started.elapsed();
             let reply = match early {
                 Some(reply) => reply,
+                // The provider failed: its call fails over, nothing to compare.
+                None if result.is_err() => Err(CallError::Timeout(*a)),
                 None => tokio::time::timeout(auditor_grace(elapsed), audit)
                     .await
                     .unwrap_or(Err(CallError::Timeout(*a))),

@@ -349,7 +349,8 @@ async fn stalling_checker(
 }
 
 /// An auditor that stalls (drawn for the last stage, every job audited) holds the stream for
-/// a bounded grace only, not for its minute: the audit is abandoned, the text is the honest
+/// a bounded grace only (its first call: `first_check_wait`; later ones 3x the provider's
+/// time, at least 2 s), not for its minute: the audit is abandoned, the text is the honest
 /// one, and the staller's failed call is recorded against it, not the provider.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalling_auditor_holds_the_stream_only_briefly_and_is_blamed_itself_issue_11() {
@@ -362,6 +363,9 @@ async fn a_stalling_auditor_holds_the_stream_only_briefly_and_is_blamed_itself_i
     let mut config = ClientConfig::new(net);
     config.audit.probability = Some(1.0);
     config.audit.referees = 1;
+    // (The first drawn call's floor, 30 s by default, shortened: the bound under test is the
+    // same, with the test's minute well beyond it.)
+    config.audit.first_check_wait = std::time::Duration::from_secs(2);
     let client = NetworkClient::start(config).unwrap();
     assert!(client.wait_for_route(&first.model, LAYERS, WAIT).await);
     let started = std::time::Instant::now();

@@ -140,14 +140,12 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             match auditors {
                 Some(auditors) if !auditors.contains(&self.me) => delegated.push((c, auditors)),
                 _ => {
-                    let checked = self
+                    let pass = self
                         .audit_one(peers, shared, &c, round, &global, &mut tally)
                         .await;
                     if committee_k.is_some() {
-                        // A pass whose start this worker could not check (it did not close
-                        // the round before) is not one the others should take on its word:
-                        // told as a fail, it makes them re-execute it themselves.
-                        let pass = checked == Some(true);
+                        // (Whether its start chains on, those that take this verdict check
+                        // themselves against the set they closed: `take_verdicts`.)
                         lock(shared).record_verdict(round, worker, pass);
                     }
                 }
@@ -163,8 +161,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
     }
 
     /// Re-executes `c` itself; drops (and, when it lied, convicts and slashes) what does not
-    /// match. `None` when it did not pass, else whether its start state was checked against
-    /// the worker's last round ([`Self::check_start`]).
+    /// match. Whether it passed.
     async fn audit_one(
         &self,
         peers: &Peers,
@@ -173,33 +170,38 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         round: u64,
         global: &Arc<GlobalState>,
         tally: &mut AuditTally,
-    ) -> Option<bool> {
+    ) -> bool {
         let worker = c.commitment.worker.clone();
         tally.audited += 1;
         match self.reexecute(peers, shared, c, round, global).await {
-            Ok(checked) => {
+            Ok(()) => {
                 tally.passed += 1;
-                Some(checked)
+                true
             }
             Err(f) => {
-                lock(shared).drop_audited(&worker, f.convict);
-                if f.convict {
-                    self.slash(&worker, round);
-                }
-                eprintln!(
-                    "audit of round {}: dropped the contribution of {}: {}{}",
-                    round + 1,
-                    worker_name(&worker),
-                    f.why,
-                    if f.convict {
-                        "; the worker is refused for the rest of the run"
-                    } else {
-                        ""
-                    }
-                );
-                None
+                self.refuse(shared, &worker, round, f);
+                false
             }
         }
+    }
+
+    /// Drops `worker`'s contribution to `round` (and, when it lied, convicts and slashes it).
+    fn refuse(&self, shared: &Mutex<Shared>, worker: &[u8], round: u64, f: Failed) {
+        lock(shared).drop_audited(worker, f.convict);
+        if f.convict {
+            self.slash(worker, round);
+        }
+        eprintln!(
+            "audit of round {}: dropped the contribution of {}: {}{}",
+            round + 1,
+            worker_name(worker),
+            f.why,
+            if f.convict {
+                "; the worker is refused for the rest of the run"
+            } else {
+                ""
+            }
+        );
     }
 
     /// Takes the delegated auditors' verdicts on `pending` (each with its committee): a
@@ -267,11 +269,17 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 .filter_map(|m| heard.get(&(w.clone(), m.clone())).copied())
                 .collect();
             if !said.is_empty() && said.len() == a.len() && said.iter().all(|p| *p) {
-                tally.delegated += 1;
+                // The re-execution is taken on the committee's word; whether its start chains
+                // on is checked here, against the set this worker closed the round before on
+                // (a digest comparison; a committee member that did not close it could not).
+                match self.check_start(shared, &c.commitment, round) {
+                    Ok(_) => tally.delegated += 1,
+                    Err(f) => self.refuse(shared, &w, round, f),
+                }
                 continue;
             }
             let why = if said.contains(&false) {
-                "its delegated auditor found a different pseudo-gradient, or could not check its start"
+                "its delegated auditor found a different pseudo-gradient"
             } else {
                 "no verdict from its delegated auditors in time"
             };
@@ -282,8 +290,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             );
             let pass = self
                 .audit_one(peers, shared, &c, round, global, tally)
-                .await
-                .is_some();
+                .await;
             if said.contains(&false) && pass {
                 eprintln!(
                     "audit of round {}: the contribution of {} matched: its auditor's mismatch was not reproduced",
@@ -435,7 +442,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         shared: &Mutex<Shared>,
         cm: &plexus_train::commit::Commitment,
         round: u64,
-    ) -> Result<bool, Failed> {
+    ) -> Result<(), Failed> {
         let held = match round {
             0 => Some(None),
             r => lock(shared).closed_commitment(r - 1, &cm.worker),
@@ -448,7 +455,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             .fresh
             .get_or_init(|| tokio::task::block_in_place(|| fresh_digests(self.n)));
         match check_start(cm, before, fresh) {
-            StartCheck::Sound => Ok(true),
+            StartCheck::Sound => Ok(()),
             StartCheck::Unchecked => {
                 eprintln!(
                     "audit of round {}: the start state of {} is not checked against its last round (this worker did not close round {})",
@@ -456,7 +463,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                     worker_name(&cm.worker),
                     round
                 );
-                Ok(false)
+                Ok(())
             }
             StartCheck::Unproven => Err(Failed {
                 why: format!(
@@ -482,13 +489,13 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
         c: &Signed,
         round: u64,
         global: &Arc<GlobalState>,
-    ) -> Result<bool, Failed> {
+    ) -> Result<(), Failed> {
         let cm = &c.commitment;
         let peer = PeerId::from_bytes(&cm.worker).map_err(|_| Failed {
             why: "its worker id is not a peer id".into(),
             convict: false,
         })?;
-        let checked = self.check_start(shared, cm, round)?;
+        self.check_start(shared, cm, round)?;
         let state = peers
             .start_state(peer, round, global.params.values.len())
             .await
@@ -504,7 +511,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             convict: false,
         })?;
         match verdict {
-            Ok(Verdict::Match) => Ok(checked),
+            Ok(Verdict::Match) => Ok(()),
             Ok(Verdict::Mismatch {
                 what,
                 committed,

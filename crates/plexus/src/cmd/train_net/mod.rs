@@ -655,7 +655,7 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
                 }
                 (outcome, s.machine.shared_state())
             });
-            if !goes_on {
+            if !goes_on && round + 1 < rounds {
                 // Auditors accept only a fresh state or the end of this worker's commitment
                 // in the set they closed this round on.
                 println!(

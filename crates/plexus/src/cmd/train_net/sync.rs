@@ -13,7 +13,8 @@
 //!    (a worker it convicted) is asked for the rest. A (peer, worker) pair that failed is not
 //!    asked again this round, nor a worker for its own contribution after its offer failed.
 //! 3. It asks every peer which offers it is still fetching (`Pending`; a worker listing its
-//!    own is not believed); while one of them is a valid contribution this worker misses, or
+//!    own is not believed, nor one of a worker that is not a known peer of the run, and a run
+//!    whose payloads travel whole skips this step); while one of them is a valid contribution this worker misses, or
 //!    an offer made to this worker meanwhile is still being fetched, it waits and goes back
 //!    to 2 (that peer will hold it and close with it). Every fetch and wait ends within the
 //!    time a payload of the codec's largest size may take from when the sync began
@@ -183,8 +184,14 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
 
     /// Step 3 (module docs): whether a peer is still fetching a valid contribution to `round`
     /// that this worker misses (a worker listing its own offer as pending is not believed:
-    /// nobody fetches its own).
+    /// nobody fetches its own). Only for a run whose payloads are offered (too large for one
+    /// message: others are never fetched in ranges), and only a contribution of a worker this
+    /// one knows as a peer of the run: a listing of a commitment signed by a throwaway key
+    /// would otherwise hold every round's sync for a payload's time.
     async fn fetched_elsewhere(&self, peers: &Peers, shared: &Mutex<Shared>, round: u64) -> bool {
+        if plexus_train::protocol::travels_whole(self.cfg.codec.encoded_len(self.n)) {
+            return false;
+        }
         let lists = futures::future::join_all(
             self.sources(shared)
                 .into_iter()
@@ -208,7 +215,9 @@ impl<D: LocalData + Send + Sync + 'static> Worker<D> {
             })
             .any(|(_, signed)| {
                 let worker = signed.commitment.worker.clone();
-                !s.held.contains_key(&worker)
+                let known = PeerId::from_bytes(&worker).is_ok_and(|p| s.peers.contains_key(&p));
+                known
+                    && !s.held.contains_key(&worker)
                     && !s.excluded(&worker)
                     && s.check_relayed(&signed, &worker, round, at).is_ok()
             })
