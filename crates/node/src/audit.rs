@@ -496,6 +496,28 @@ fn checkers(
     out
 }
 
+/// The referees a dispute may ask ([`checkers`] of `version`), and whether they are of other
+/// builds because no other node of `version` can check the span: a dispute on one build
+/// (provider and auditor differ bit for bit) is then refereed within the band, rather than
+/// left without a referee (which would cost a cheater nothing more than a miss).
+pub fn referee_candidates(
+    dir: &Directory,
+    model: &Digest,
+    span: (u32, u32),
+    version: Option<&str>,
+    not: &[PeerId],
+    ok: impl Fn(&PeerId) -> bool,
+    wanted: usize,
+) -> (Vec<PeerId>, bool) {
+    let same = checkers(dir, model, span, version, not, &ok, wanted);
+    if !same.is_empty() || version.is_none() {
+        return (same, false);
+    }
+    let any = checkers(dir, model, span, None, not, &ok, wanted);
+    let fell_back = !any.is_empty();
+    (any, fell_back)
+}
+
 /// Whether an answer is a sampled token (a last stage's) rather than activation rows.
 fn is_token(answer: &Response) -> bool {
     matches!(answer, Response::Token { .. } | Response::Scored { .. })
@@ -828,7 +850,7 @@ impl NetTransport {
         let version = (!provider_answer.cross_build(auditor_answer))
             .then_some(provider_answer.version.as_str());
         let wanted = self.client.config.audit.referees;
-        let candidates: Vec<PeerId> = checkers(
+        let (candidates, fell_back) = referee_candidates(
             &dir,
             &f.model,
             (f.start, f.end),
@@ -849,7 +871,9 @@ impl NetTransport {
         if referees.is_empty() {
             return (Verdict::Inconclusive, Heard::Nobody);
         }
-        let cross_build = provider_answer.cross_build(auditor_answer);
+        // Referees of another build report what the near-tie check needs, and vote within
+        // the band (`vote` compares across builds by the answers' versions).
+        let cross_build = provider_answer.cross_build(auditor_answer) || fell_back;
         let calls: Vec<(PeerId, Forward)> = referees
             .iter()
             .map(|r| {
@@ -1130,6 +1154,54 @@ mod tests {
         assert_eq!(got(&not_replica, 1), [checker]);
         assert!(!got(&all, 5).contains(&no_checks));
         assert!(!got(&all, 5).contains(&too_small));
+    }
+
+    /// A dispute on one build whose provider and auditor are the only nodes of that build
+    /// able to check the span goes to referees of another build, not to none.
+    #[test]
+    fn a_dispute_with_no_referee_of_its_build_falls_back_to_other_builds() {
+        use plexus_core::announce::ModelOffer;
+        use plexus_core::keys::NodeKey;
+        let model = Digest([4; 32]);
+        let mut dir = Directory::default();
+        let node = |dir: &mut Directory, version: &str| {
+            let key = NodeKey::generate();
+            let mut a = crate::directory::tests::bare(&key, 1_000);
+            a.version = version.into();
+            a.models.push(ModelOffer {
+                model,
+                name: "m".into(),
+                num_layers: 30,
+                start: 0,
+                end: 10,
+                hidden: 64,
+                decode_s_per_layer: 1e-3,
+                prefill_s_per_layer: 1e-4,
+                layer_bytes: 1 << 20,
+                kv_positions: 1000,
+                kv_free_positions: 1000,
+                check_layers: 0,
+            });
+            dir.admit(&a.sign(&key).encode(), None, 1_000).unwrap();
+            key.peer_id()
+        };
+        let (provider, auditor) = (node(&mut dir, "a"), node(&mut dir, "a"));
+        let other = node(&mut dir, "b");
+        let all = |_: &PeerId| true;
+        let pair = [provider, auditor];
+        assert_eq!(
+            referee_candidates(&dir, &model, (0, 10), Some("a"), &pair, all, 3),
+            (vec![other], true)
+        );
+        // With a node of the build free to referee, only that build is asked.
+        let same = node(&mut dir, "a");
+        assert_eq!(
+            referee_candidates(&dir, &model, (0, 10), Some("a"), &pair, all, 1),
+            (vec![same], false)
+        );
+        // Across builds any build is asked anyway.
+        let (any, fell_back) = referee_candidates(&dir, &model, (0, 10), None, &pair, all, 3);
+        assert_eq!((any.len(), fell_back), (2, false));
     }
 
     /// An answer on build "v" committed to `c`.
