@@ -1104,35 +1104,50 @@ mod tests {
     use plexus_core::wire::DType;
     use std::collections::BTreeSet;
 
+    /// Admits to `dir` a fresh node serving `span` of `model` (of build `version`, if given),
+    /// loading up to `check_layers` more to check others; its peer id.
+    fn announce_span(
+        dir: &mut Directory,
+        model: Digest,
+        version: Option<&str>,
+        (start, end): (u32, u32),
+        check_layers: u32,
+    ) -> PeerId {
+        use plexus_core::announce::ModelOffer;
+        use plexus_core::keys::NodeKey;
+        let key = NodeKey::generate();
+        let mut a = crate::directory::tests::bare(&key, 1_000);
+        if let Some(v) = version {
+            a.version = v.into();
+        }
+        a.models.push(ModelOffer {
+            model,
+            name: "m".into(),
+            num_layers: 30,
+            start,
+            end,
+            hidden: 64,
+            decode_s_per_layer: 1e-3,
+            prefill_s_per_layer: 1e-4,
+            layer_bytes: 1 << 20,
+            kv_positions: 1000,
+            kv_free_positions: 1000,
+            check_layers,
+        });
+        dir.admit(&a.sign(&key).encode(), None, 1_000).unwrap();
+        key.peer_id()
+    }
+
     /// Issue 11: who checks a span. Its other servers first; nodes that load spans to check
     /// them when there are too few (a single server), counting only the ones `ok` accepts (a
     /// convicted other server does not leave the span unaudited); never a node that announces
     /// it checks nothing or fewer layers than the span has.
     #[test]
     fn a_span_is_checked_by_its_servers_then_by_nodes_that_load_it() {
-        use plexus_core::announce::ModelOffer;
-        use plexus_core::keys::NodeKey;
         let model = Digest([3; 32]);
         let mut dir = Directory::default();
-        let mut node = |start: u32, end: u32, check_layers: u32| {
-            let key = NodeKey::generate();
-            let mut a = crate::directory::tests::bare(&key, 1_000);
-            a.models.push(ModelOffer {
-                model,
-                name: "m".into(),
-                num_layers: 30,
-                start,
-                end,
-                hidden: 64,
-                decode_s_per_layer: 1e-3,
-                prefill_s_per_layer: 1e-4,
-                layer_bytes: 1 << 20,
-                kv_positions: 1000,
-                kv_free_positions: 1000,
-                check_layers,
-            });
-            dir.admit(&a.sign(&key).encode(), None, 1_000).unwrap();
-            key.peer_id()
+        let mut node = |start, end, check_layers| {
+            announce_span(&mut dir, model, None, (start, end), check_layers)
         };
         let provider = node(0, 10, 30);
         let replica = node(0, 10, 30);
@@ -1160,30 +1175,10 @@ mod tests {
     /// able to check the span goes to referees of another build, not to none.
     #[test]
     fn a_dispute_with_no_referee_of_its_build_falls_back_to_other_builds() {
-        use plexus_core::announce::ModelOffer;
-        use plexus_core::keys::NodeKey;
         let model = Digest([4; 32]);
         let mut dir = Directory::default();
         let node = |dir: &mut Directory, version: &str| {
-            let key = NodeKey::generate();
-            let mut a = crate::directory::tests::bare(&key, 1_000);
-            a.version = version.into();
-            a.models.push(ModelOffer {
-                model,
-                name: "m".into(),
-                num_layers: 30,
-                start: 0,
-                end: 10,
-                hidden: 64,
-                decode_s_per_layer: 1e-3,
-                prefill_s_per_layer: 1e-4,
-                layer_bytes: 1 << 20,
-                kv_positions: 1000,
-                kv_free_positions: 1000,
-                check_layers: 0,
-            });
-            dir.admit(&a.sign(&key).encode(), None, 1_000).unwrap();
-            key.peer_id()
+            announce_span(dir, model, Some(version), (0, 10), 0)
         };
         let (provider, auditor) = (node(&mut dir, "a"), node(&mut dir, "a"));
         let other = node(&mut dir, "b");

@@ -10,27 +10,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-fn plexus(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_plexus"))
-        .args(args)
+/// `plexus ARGS` with the tests' cache and no backtraces.
+fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_plexus"));
+    c.args(args)
         .env(
             "PLEXUS_CACHE_DIR",
             std::env::temp_dir().join("plexus-test-cache"),
         )
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("run plexus")
+        .env("RUST_BACKTRACE", "0");
+    c
+}
+
+fn plexus(args: &[&str]) -> Output {
+    command(args).output().expect("run plexus")
 }
 
 /// [`plexus`], killed (and the test failed) if it runs longer than `limit`.
 fn plexus_within(limit: Duration, args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_plexus"))
-        .args(args)
-        .env(
-            "PLEXUS_CACHE_DIR",
-            std::env::temp_dir().join("plexus-test-cache"),
-        )
-        .env("RUST_BACKTRACE", "0")
+    let mut child = command(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

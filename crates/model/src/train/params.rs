@@ -122,12 +122,9 @@ pub fn hash_f32s(h: &mut Sha256Stream, values: &[f32]) {
 
 /// Feeds `n` zero f32s to `h`, as [`hash_f32s`] would feed `n` zeros (without holding them).
 pub fn hash_zero_f32s(h: &mut Sha256Stream, n: usize) {
-    let zeros = vec![0u8; 4096 * 4];
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(4096);
-        h.update(&zeros[..k * 4]);
-        left -= k;
+    let zeros = [0.0f32; 4096];
+    for start in (0..n).step_by(zeros.len()) {
+        hash_f32s(h, &zeros[..(n - start).min(zeros.len())]);
     }
 }
 

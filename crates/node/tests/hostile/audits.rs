@@ -291,7 +291,6 @@ async fn stalling_checker(
     model: plexus_core::Digest,
     span: LayerSpan,
 ) -> (plexus_net::PeerId, plexus_net::Multiaddr) {
-    use plexus_core::announce::ModelOffer;
     use plexus_core::wire::{ErrorCode, Request, Response};
     use plexus_net::NetEvent;
     let key = NodeKey::generate();
@@ -301,20 +300,12 @@ async fn stalling_checker(
     a.addrs = vec![addr.to_string()];
     a.price = 1_000_000;
     a.version = plexus_node::engine::Arithmetic::Current.version();
-    a.models = vec![ModelOffer {
+    a.models = vec![scripted_offer(
         model,
-        name: "staller".into(),
-        num_layers: LAYERS as u32,
-        start: span.start as u32,
-        end: span.end as u32,
-        hidden: HIDDEN as u32,
-        decode_s_per_layer: 0.0,
-        prefill_s_per_layer: 0.0,
-        layer_bytes: 1,
-        kv_positions: 100_000,
-        kv_free_positions: 100_000,
-        check_layers: 0,
-    }];
+        "staller",
+        span.start as u32,
+        span.end as u32,
+    )];
     tokio::spawn(async move {
         while let Some(e) = events.recv().await {
             let NetEvent::Request { request, reply, .. } = e else {

@@ -2,7 +2,6 @@
 //! failed and go around it, so the user gets the right answer instead of an error.
 
 use crate::support::*;
-use plexus_core::announce::ModelOffer;
 use plexus_core::keys::NodeKey;
 use plexus_core::wire::{Activations, DType, ErrorCode, Request, Response};
 use plexus_model::generate::{generate_with, Flow};
@@ -18,20 +17,7 @@ async fn liar(model: plexus_core::Digest, width: usize) -> (PeerId, plexus_net::
     let peer = key.peer_id();
     let mut a = announcement(&key);
     a.addrs = vec![addr.to_string()];
-    a.models = vec![ModelOffer {
-        model,
-        name: "liar".into(),
-        num_layers: LAYERS as u32,
-        start: 0,
-        end: 1,
-        hidden: HIDDEN as u32,
-        decode_s_per_layer: 0.0,
-        prefill_s_per_layer: 0.0,
-        layer_bytes: 1,
-        kv_positions: 100_000,
-        kv_free_positions: 100_000,
-        check_layers: 0,
-    }];
+    a.models = vec![scripted_offer(model, "liar", 0, 1)];
     tokio::spawn(async move {
         while let Some(e) = events.recv().await {
             let NetEvent::Request { request, reply, .. } = e else {

@@ -3,7 +3,6 @@
 //! lie (more positions than it was sent, signed by itself) is not paid for them.
 
 use crate::support::*;
-use plexus_core::announce::ModelOffer;
 use plexus_core::keys::NodeKey;
 use plexus_core::receipt::{output_digest, Receipt};
 use plexus_core::wire::{ErrorCode, Request, Response};
@@ -115,20 +114,7 @@ async fn inflating_liar(model: Digest) -> (NodeKey, PeerId, plexus_net::Multiadd
     let mut a = announcement(&key);
     a.addrs = vec![addr.to_string()];
     a.price = 50;
-    a.models = vec![ModelOffer {
-        model,
-        name: "liar".into(),
-        num_layers: LAYERS as u32,
-        start: 1,
-        end: 2,
-        hidden: HIDDEN as u32,
-        decode_s_per_layer: 0.0,
-        prefill_s_per_layer: 0.0,
-        layer_bytes: 1,
-        kv_positions: 100_000,
-        kv_free_positions: 100_000,
-        check_layers: 0,
-    }];
+    a.models = vec![scripted_offer(model, "liar", 1, 2)];
     let me = key.clone();
     tokio::spawn(async move {
         while let Some(e) = events.recv().await {

@@ -832,6 +832,25 @@ pub async fn serving_peer(
     (handle, events, addr)
 }
 
+/// What a scripted peer (a liar, a staller) announces it serves: `start..end` of the test
+/// model `model`, claiming no compute time and room for any session.
+pub fn scripted_offer(model: Digest, name: &str, start: u32, end: u32) -> ModelOffer {
+    ModelOffer {
+        model,
+        name: name.into(),
+        num_layers: LAYERS as u32,
+        start,
+        end,
+        hidden: HIDDEN as u32,
+        decode_s_per_layer: 0.0,
+        prefill_s_per_layer: 0.0,
+        layer_bytes: 1,
+        kv_positions: 100_000,
+        kv_free_positions: 100_000,
+        check_layers: 0,
+    }
+}
+
 /// A well-formed announcement of `key`'s node, issued now.
 pub fn announcement(key: &NodeKey) -> Announcement {
     Announcement {

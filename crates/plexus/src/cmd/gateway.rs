@@ -165,11 +165,7 @@ impl GatewayArgs {
 
 pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
     super::model_path(Some(&a.model))?;
-    let data_dir = a
-        .net
-        .data_dir
-        .clone()
-        .unwrap_or_else(super::net::default_data_dir);
+    let data_dir = a.net.data_dir();
     super::ledger::check_auth(a.ledger.url(&data_dir)?.is_some(), a.api_key.as_deref())?;
     if !a.net.bootstrap.is_empty() || a.net.mdns {
         return run_network(a);
@@ -232,11 +228,7 @@ async fn listen_and_serve(
     let addr = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    let data_dir = a
-        .net
-        .data_dir
-        .clone()
-        .unwrap_or_else(super::net::default_data_dir);
+    let data_dir = a.net.data_dir();
     let accounts =
         super::ledger::open_accounts(&a.ledger, &a.rules, &data_dir, &a.net.key()?, a.price)
             .await?;
@@ -319,11 +311,7 @@ fn run_network(a: GatewayArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
         .context("bad --wire")?;
     // The audit book first: a damaged one stops the gateway before it joins the network.
-    let data_dir = a
-        .net
-        .data_dir
-        .clone()
-        .unwrap_or_else(super::net::default_data_dir);
+    let data_dir = a.net.data_dir();
     let (book_file, book) = read_audit_book(&data_dir.join(AUDIT_BOOK))?;
     let key = a.net.key()?;
     let mut net = a.net.config(key)?;

@@ -31,10 +31,14 @@ pub(crate) fn parse_addrs(addrs: &[String], what: &str) -> anyhow::Result<Vec<Mu
 }
 
 impl NetArgs {
+    /// `--data-dir`, or the default data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+
     /// The node key from the data directory (created on first start).
     pub fn key(&self) -> anyhow::Result<NodeKey> {
-        let dir = self.data_dir.clone().unwrap_or_else(default_data_dir);
-        let path = dir.join("node.key");
+        let path = self.data_dir().join("node.key");
         NodeKey::load_or_create(&path)
             .with_context(|| format!("cannot load the node key {}", path.display()))
     }
